@@ -1,0 +1,243 @@
+//! Applies batches of received messages to the database, one transaction a
+//! batch, on a thread of its own so SQLite's blocking calls never stall the
+//! broker connection.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use possync_sdk::{Envelope, HandlerError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::events;
+use crate::identity::LicenseKey;
+use crate::registry::{Registry, Route};
+use crate::store::{Database, Quarantined};
+
+/// A message taken from the terminal's queue, not yet settled.
+#[derive(Debug, Clone)]
+pub(crate) struct Inbound {
+    pub(crate) tag: u64,
+    pub(crate) routing_key: String,
+    pub(crate) body: Vec<u8>,
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    /// Written and committed.
+    Applied { message_type: String },
+    /// Its message id was applied before; nothing changed.
+    Duplicate,
+    /// Its handler is switched off in config; nothing changed.
+    Disabled { message_type: String },
+    /// It can never apply; recorded in the quarantine table.
+    DeadLetter { reason: String },
+    /// It may apply later; nothing changed.
+    Retry { reason: String },
+}
+
+impl Outcome {
+    pub(crate) fn settles_by_ack(&self) -> bool {
+        !matches!(self, Self::Retry { .. })
+    }
+}
+
+/// Applies batches; see [`ApplierHandle`] for the async side.
+pub(crate) struct Applier {
+    database: Database,
+    registry: Arc<Registry>,
+    license_key: LicenseKey,
+    max_message_bytes: usize,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier").field("license_key", &self.license_key).finish_non_exhaustive()
+    }
+}
+
+/// The whole batch failed to commit: nothing of it applied.
+#[derive(Debug, thiserror::Error)]
+#[error("the batch could not be committed: {0}")]
+pub(crate) struct BatchError(#[from] rusqlite::Error);
+
+impl Applier {
+    pub(crate) fn new(
+        database: Database,
+        registry: Arc<Registry>,
+        license_key: LicenseKey,
+        max_message_bytes: usize,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self { database, registry, license_key, max_message_bytes, runtime }
+    }
+
+    /// Applies `batch` in one transaction and returns one outcome per message.
+    pub(crate) fn apply(&mut self, batch: &[Inbound]) -> Result<Vec<Outcome>, BatchError> {
+        self.database.begin()?;
+        match self.apply_in_transaction(batch) {
+            Ok(outcomes) => match self.database.commit() {
+                Ok(()) => Ok(outcomes),
+                Err(err) => {
+                    self.database.rollback();
+                    Err(err.into())
+                }
+            },
+            Err(err) => {
+                self.database.rollback();
+                Err(err.into())
+            }
+        }
+    }
+
+    fn apply_in_transaction(&mut self, batch: &[Inbound]) -> Result<Vec<Outcome>, rusqlite::Error> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for inbound in batch {
+            let outcome = match self.check(inbound) {
+                Ok(envelope) => self.apply_one(inbound, &envelope)?,
+                Err(reason) => self.quarantine(inbound, None, reason)?,
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    /// Decodes and validates; the error is the reason to dead-letter.
+    fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
+        if inbound.body.len() > self.max_message_bytes {
+            return Err(format!(
+                "message is {} bytes, over the limit of {} (terminal.max_message_bytes)",
+                inbound.body.len(),
+                self.max_message_bytes
+            ));
+        }
+        let envelope: Envelope =
+            serde_json::from_slice(&inbound.body).map_err(|err| format!("not a valid envelope: {err}"))?;
+        if envelope.license_key != self.license_key.as_str() {
+            return Err(format!(
+                "envelope license_key {:?} is not this terminal's ({})",
+                envelope.license_key, self.license_key
+            ));
+        }
+        let mut words = inbound.routing_key.split('.');
+        if words.next() != Some("license") || words.next() != Some(self.license_key.as_str()) {
+            return Err(format!("routing key {:?} is not for this terminal's license", inbound.routing_key));
+        }
+        Ok(envelope)
+    }
+
+    fn apply_one(&mut self, inbound: &Inbound, envelope: &Envelope) -> Result<Outcome, rusqlite::Error> {
+        let handler = match self.registry.route(&envelope.message_type) {
+            Route::Handler(handler) => Arc::clone(handler),
+            Route::Disabled(plugin) => {
+                events::message_ignored(&envelope.message_type, plugin);
+                return Ok(Outcome::Disabled { message_type: envelope.message_type.clone() });
+            }
+            Route::Unknown => {
+                let reason = format!("unknown message type {:?}: no plugin handles it", envelope.message_type);
+                return self.quarantine(inbound, Some(envelope), reason);
+            }
+        };
+        self.database.savepoint()?;
+        if let Some(message_id) = &envelope.message_id
+            && !self.database.record_applied(message_id)? {
+                self.database.release()?;
+                return Ok(Outcome::Duplicate);
+            }
+        let result = {
+            let mut store = self.database.store();
+            let runtime = &self.runtime;
+            std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(handler.handle(envelope, &mut store))))
+        };
+        match result {
+            Ok(Ok(())) => {
+                self.database.release()?;
+                Ok(Outcome::Applied { message_type: envelope.message_type.clone() })
+            }
+            Ok(Err(HandlerError::Transient(reason))) => {
+                self.database.rollback_to_savepoint()?;
+                Ok(Outcome::Retry { reason })
+            }
+            Ok(Err(err)) => {
+                self.database.rollback_to_savepoint()?;
+                self.quarantine(inbound, Some(envelope), format!("{}: {err}", handler.name()))
+            }
+            Err(panic) => {
+                self.database.rollback_to_savepoint()?;
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                self.quarantine(inbound, Some(envelope), format!("handler {} panicked: {message}", handler.name()))
+            }
+        }
+    }
+
+    fn quarantine(
+        &mut self,
+        inbound: &Inbound,
+        envelope: Option<&Envelope>,
+        reason: String,
+    ) -> Result<Outcome, rusqlite::Error> {
+        events::message_quarantined(&inbound.routing_key, envelope.map(|e| e.message_type.as_str()), &reason);
+        self.database.record_quarantined(&Quarantined {
+            routing_key: inbound.routing_key.clone(),
+            message_type: envelope.map(|e| e.message_type.clone()),
+            message_id: envelope.and_then(|e| e.message_id.clone()),
+            reason: reason.clone(),
+            body: inbound.body.clone(),
+        })?;
+        Ok(Outcome::DeadLetter { reason })
+    }
+}
+
+type Job = (Vec<Inbound>, oneshot::Sender<(Vec<Inbound>, Result<Vec<Outcome>, BatchError>)>);
+
+/// The async side of an [`Applier`] running on its own thread.
+#[derive(Debug)]
+pub(crate) struct ApplierHandle {
+    jobs: mpsc::Sender<Job>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApplierHandle {
+    pub(crate) fn spawn(mut applier: Applier) -> std::io::Result<Self> {
+        let (jobs, mut receiver) = mpsc::channel::<Job>(1);
+        let thread = std::thread::Builder::new().name("possync-apply".into()).spawn(move || {
+            while let Some((batch, reply)) = receiver.blocking_recv() {
+                let result = applier.apply(&batch);
+                // The receiver is gone only when the terminal stopped waiting; nothing to tell.
+                let _ = reply.send((batch, result));
+            }
+        })?;
+        Ok(Self { jobs, thread: Some(thread) })
+    }
+
+    /// Applies `batch`; gives the batch back with the outcomes.
+    pub(crate) async fn apply(&self, batch: Vec<Inbound>) -> (Vec<Inbound>, Result<Vec<Outcome>, BatchError>) {
+        let (reply, response) = oneshot::channel();
+        if self.jobs.send((batch, reply)).await.is_err() {
+            unreachable_thread();
+        }
+        match response.await {
+            Ok(done) => done,
+            Err(_) => unreachable_thread(),
+        }
+    }
+
+    /// Stops the thread after the batch in progress.
+    pub(crate) fn shutdown(mut self) {
+        drop(self.jobs);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The apply thread only ends when its handle drops, and it catches handler
+/// panics, so a missing thread is a bug in possync itself.
+fn unreachable_thread() -> ! {
+    panic!("the apply thread stopped unexpectedly")
+}

@@ -1,0 +1,215 @@
+//! Configuration: built-in defaults, then a TOML file, then `POSSYNC_...`
+//! environment variables (`POSSYNC_TERMINAL__LICENSE_KEY` sets
+//! `terminal.license_key`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{LicenseKey, TerminalId};
+use crate::redact::redact_url;
+
+/// Everything possync can be configured with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How to reach the broker.
+    pub broker: BrokerConfig,
+    /// This terminal: which store, which database (only for `possync terminal`).
+    pub terminal: TerminalConfig,
+    /// Handlers switched on or off by name, for example `price = false`.
+    /// Handlers not named here are on.
+    pub plugins: BTreeMap<String, bool>,
+}
+
+/// The `[broker]` section.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// AMQP URL of the broker (`amqp://user:password@host:port/vhost`).
+    pub url: String,
+    /// The topic exchange that carries `license.<KEY>.<type>` messages.
+    pub exchange: String,
+    /// Seconds to wait for the broker to accept a connection.
+    pub connect_timeout_secs: u64,
+    /// Seconds to wait for the broker to confirm a published message.
+    pub confirm_timeout_secs: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "pos_license_events".into(),
+            connect_timeout_secs: 10,
+            confirm_timeout_secs: 30,
+        }
+    }
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("confirm_timeout_secs", &self.confirm_timeout_secs)
+            .finish()
+    }
+}
+
+/// The `[terminal]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TerminalConfig {
+    /// The store's license key; the terminal receives `license.<KEY>.#`.
+    pub license_key: Option<LicenseKey>,
+    /// This terminal's id, unique within the store; names its queue.
+    pub terminal_id: Option<TerminalId>,
+    /// Path of the SQLite database the POS app reads.
+    pub database: PathBuf,
+    /// Messages the broker may send ahead before they are acknowledged.
+    pub prefetch: u16,
+    /// Most messages applied in one database transaction.
+    pub batch_size: usize,
+    /// Days an unused terminal queue is kept before the broker deletes it.
+    pub queue_expiry_days: u32,
+    /// Bodies larger than this many bytes are dead-lettered unread.
+    pub max_message_bytes: usize,
+}
+
+impl Default for TerminalConfig {
+    fn default() -> Self {
+        Self {
+            license_key: None,
+            terminal_id: None,
+            database: PathBuf::from("possync.db"),
+            prefetch: 500,
+            batch_size: 250,
+            queue_expiry_days: 30,
+            max_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist or cannot be read.
+    #[error("config file {path} cannot be read: {source}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key is unknown, a value has the wrong type, or a value is refused.
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+    /// A value `possync terminal` needs is not set.
+    #[error("{key} is not set: set it in the [{section}] section of the config file or with the environment variable {env}")]
+    Missing {
+        /// The dotted key, for example `terminal.license_key`.
+        key: &'static str,
+        /// The config file section.
+        section: &'static str,
+        /// The environment variable that sets it.
+        env: &'static str,
+    },
+    /// A value is out of range.
+    #[error("{key} {problem}")]
+    OutOfRange {
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        Self::Invalid(Box::new(err))
+    }
+}
+
+/// A loaded configuration and where it came from.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// The values.
+    pub config: Config,
+    figment: Figment,
+}
+
+impl LoadedConfig {
+    /// Where a key's value came from (`"default"`, a file path, an environment variable).
+    pub fn source_of(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(metadata) => match &metadata.source {
+                Some(source) => format!("{} {source}", metadata.name),
+                None => metadata.name.to_string(),
+            },
+            None => "default".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the defaults, then `file` if given (it must exist), then the
+    /// environment. Unknown keys are errors that name the key and the file.
+    pub fn load(file: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // figment treats a missing file as empty; a typo in --config must not silently run on defaults.
+            std::fs::metadata(path)
+                .map_err(|source| ConfigError::Unreadable { path: path.to_owned(), source })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("POSSYNC_")
+                // Only sectioned variables are config; POSSYNC_LOG and friends are not.
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let config: Config = figment.extract()?;
+        config.check()?;
+        Ok(LoadedConfig { config, figment })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.terminal.prefetch == 0 {
+            return Err(ConfigError::OutOfRange { key: "terminal.prefetch", problem: "must be at least 1" });
+        }
+        if self.terminal.batch_size == 0 {
+            return Err(ConfigError::OutOfRange { key: "terminal.batch_size", problem: "must be at least 1" });
+        }
+        if self.terminal.queue_expiry_days == 0 {
+            return Err(ConfigError::OutOfRange { key: "terminal.queue_expiry_days", problem: "must be at least 1" });
+        }
+        if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
+            return Err(ConfigError::OutOfRange { key: "broker.*_timeout_secs", problem: "must be at least 1" });
+        }
+        Ok(())
+    }
+
+    /// The license key, or an error that says how to set it.
+    pub fn license_key(&self) -> Result<&LicenseKey, ConfigError> {
+        self.terminal.license_key.as_ref().ok_or(ConfigError::Missing {
+            key: "terminal.license_key",
+            section: "terminal",
+            env: "POSSYNC_TERMINAL__LICENSE_KEY",
+        })
+    }
+
+    /// The terminal id, or an error that says how to set it.
+    pub fn terminal_id(&self) -> Result<&TerminalId, ConfigError> {
+        self.terminal.terminal_id.as_ref().ok_or(ConfigError::Missing {
+            key: "terminal.terminal_id",
+            section: "terminal",
+            env: "POSSYNC_TERMINAL__TERMINAL_ID",
+        })
+    }
+}
+

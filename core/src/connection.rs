@@ -1,0 +1,128 @@
+//! Opening a connection to the broker, with errors that say what to do.
+
+use std::time::Duration;
+
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::{Connection, ConnectionProperties, ErrorKind};
+
+use crate::config::BrokerConfig;
+use crate::redact::redact_url;
+
+/// The broker could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Nothing answers at the address.
+    #[error("no broker answers at {url} ({detail}); is RabbitMQ running? (start it with `rabbitmq-server -detached`)")]
+    Unreachable {
+        /// The URL, password redacted.
+        url: String,
+        /// The underlying error.
+        detail: String,
+    },
+    /// The broker answered but refused the credentials or a permission.
+    #[error("the broker at {url} refused access: {detail}; check the user and password in broker.url and the user's permissions")]
+    AccessRefused {
+        /// The URL, password redacted.
+        url: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// A queue or exchange exists with settings other than the ones requested.
+    #[error("the broker refused to declare {what}: {detail}; it exists with other settings (an older version or another queue type?): delete it with `rabbitmqctl delete_queue NAME` or use the old settings")]
+    Conflict {
+        /// What was declared.
+        what: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// `broker.url` cannot be parsed.
+    #[error("broker.url {url} is not a valid AMQP URL: {detail}")]
+    InvalidUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The broker did not answer in time.
+    #[error("the broker did not answer within {seconds} s while {during}")]
+    Timeout {
+        /// What was waited for.
+        during: &'static str,
+        /// How long.
+        seconds: u64,
+    },
+    /// The broker ended the consumer, for example because the queue was deleted.
+    #[error("the broker cancelled the consumer (was the queue deleted?)")]
+    ConsumerCancelled,
+    /// Any other protocol or I/O failure.
+    #[error("{during}: {source}")]
+    Protocol {
+        /// What was being done.
+        during: &'static str,
+        /// The error.
+        source: lapin::Error,
+    },
+}
+
+impl BrokerError {
+    /// Whether retrying the same thing cannot help until someone changes
+    /// the config or the broker.
+    pub fn needs_operator(&self) -> bool {
+        matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. } | Self::InvalidUrl { .. })
+    }
+
+    pub(crate) fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {
+        match err.kind() {
+            ErrorKind::ProtocolError(amqp) => {
+                let detail = amqp.get_message().to_string();
+                match amqp.kind() {
+                    AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                        Self::AccessRefused { url: redact_url(url), detail }
+                    }
+                    AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Self::Conflict { what: during.into(), detail },
+                    _ => Self::Protocol { during, source: err },
+                }
+            }
+            ErrorKind::IOError(io) => Self::Unreachable { url: redact_url(url), detail: io.to_string() },
+            _ => Self::Protocol { during, source: err },
+        }
+    }
+}
+
+/// Connects to `url` (one of `broker.url`), naming the connection `name` in
+/// the broker's management UI.
+pub(crate) async fn connect(broker: &BrokerConfig, url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let seconds = broker.connect_timeout_secs;
+    match tokio::time::timeout(Duration::from_secs(seconds), Connection::connect(url, properties)).await {
+        Err(_) => Err(BrokerError::Timeout { during: "connecting", seconds }),
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(err)) => Err(classify_connect_error(url, err)),
+    }
+}
+
+fn classify_connect_error(url: &str, err: lapin::Error) -> BrokerError {
+    let text = err.to_string();
+    // The broker answers bad credentials by closing the socket during the handshake.
+    if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") || text.contains("authentication") {
+        return BrokerError::AccessRefused { url: redact_url(url), detail: text };
+    }
+    if text.contains("invalid") && text.contains("uri") || text.contains("Invalid") && text.contains("URI") {
+        return BrokerError::InvalidUrl { url: redact_url(url), detail: text };
+    }
+    BrokerError::from_lapin("connecting", url, err)
+}
+
+/// Waits at most `seconds` for a broker operation.
+pub(crate) async fn within<T>(
+    seconds: u64,
+    during: &'static str,
+    url: &str,
+    operation: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(Duration::from_secs(seconds), operation).await {
+        Err(_) => Err(BrokerError::Timeout { during, seconds }),
+        Ok(result) => result.map_err(|err| BrokerError::from_lapin(during, url, err)),
+    }
+}

@@ -1,0 +1,218 @@
+//! A terminal's subscription to its queue: receive, then settle each
+//! message as its outcome says.
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+
+use crate::applier::{Inbound, Outcome};
+use crate::config::BrokerConfig;
+use crate::connection::{self, BrokerError};
+use crate::events;
+use crate::topology::TerminalTopology;
+
+const PERSISTENT: u8 = 2;
+
+/// A live consumer on one terminal queue.
+pub(crate) struct Subscription {
+    connection: Connection,
+    channel: Channel,
+    consumer: Consumer,
+    dead_letters: Channel,
+    topology: TerminalTopology,
+    url: String,
+    timeout_secs: u64,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("queue", &self.topology.queue).finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// Connects, declares the topology and starts consuming.
+    pub(crate) async fn open(
+        broker: &BrokerConfig,
+        url: &str,
+        topology: &TerminalTopology,
+        prefetch: u16,
+        name: &str,
+    ) -> Result<Self, BrokerError> {
+        let timeout = broker.confirm_timeout_secs;
+        let connection = connection::connect(broker, url, name).await?;
+        let channel = connection::within(timeout, "opening a channel", url, connection.create_channel()).await?;
+        connection::within(timeout, "declaring the terminal's queue", url, topology.declare(&channel)).await?;
+        connection::within(timeout, "setting the prefetch", url, channel.basic_qos(prefetch, BasicQosOptions::default()))
+            .await?;
+        let dead_letters = connection::within(timeout, "opening a channel", url, connection.create_channel()).await?;
+        connection::within(
+            timeout,
+            "enabling publisher confirms",
+            url,
+            dead_letters.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        let consumer = connection::within(
+            timeout,
+            "starting the consumer",
+            url,
+            channel.basic_consume(
+                topology.queue.as_str().into(),
+                name.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(Self {
+            connection,
+            channel,
+            consumer,
+            dead_letters,
+            topology: topology.clone(),
+            url: url.to_owned(),
+            timeout_secs: timeout,
+        })
+    }
+
+    /// Waits for the next message; `None` when the broker ended the consumer.
+    pub(crate) async fn next(&mut self) -> Option<Result<Inbound, BrokerError>> {
+        let next = self.consumer.next().await?;
+        Some(self.convert(next))
+    }
+
+    /// The next message if one is already here.
+    pub(crate) fn try_next(&mut self) -> Option<Result<Inbound, BrokerError>> {
+        let next = self.consumer.next().now_or_never()??;
+        Some(self.convert(next))
+    }
+
+    fn convert(&self, delivery: lapin::Result<lapin::message::Delivery>) -> Result<Inbound, BrokerError> {
+        let delivery = delivery.map_err(|err| BrokerError::from_lapin("receiving", &self.url, err))?;
+        Ok(Inbound { tag: delivery.delivery_tag, routing_key: delivery.routing_key.to_string(), body: delivery.data })
+    }
+
+    /// Settles a batch after its commit: dead letters and retries first, one
+    /// by one, then one ack for the rest, because an ack with `multiple`
+    /// settles every earlier delivery still open.
+    pub(crate) async fn settle(&mut self, batch: &[Inbound], outcomes: &[Outcome]) -> Result<(), BrokerError> {
+        let mut ack_through = None;
+        let mut pending = Vec::new();
+        for (inbound, outcome) in batch.iter().zip(outcomes) {
+            if let Outcome::DeadLetter { reason } = outcome {
+                match self.publish_dead_letter(inbound, reason).await {
+                    Ok(confirm) => pending.push((inbound, confirm)),
+                    Err(err) => {
+                        events::dead_letter_fallback(&err.to_string());
+                        self.nack(inbound.tag, false).await?;
+                    }
+                }
+            }
+        }
+        let mut dead_lettered = std::collections::HashSet::new();
+        for (inbound, confirm) in pending {
+            let confirmed =
+                connection::within(self.timeout_secs, "dead-lettering a message", &self.url, confirm).await;
+            match confirmed {
+                Ok(confirmation) if confirmation.is_ack() => {
+                    dead_lettered.insert(inbound.tag);
+                }
+                Ok(_) => {
+                    events::dead_letter_fallback("the broker refused the dead letter");
+                    self.nack(inbound.tag, false).await?;
+                }
+                Err(err) => {
+                    events::dead_letter_fallback(&err.to_string());
+                    self.nack(inbound.tag, false).await?;
+                }
+            }
+        }
+        for (inbound, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Retry { reason } => {
+                    events::message_retry(&inbound.routing_key, reason);
+                    self.nack(inbound.tag, true).await?;
+                }
+                Outcome::DeadLetter { .. } if !dead_lettered.contains(&inbound.tag) => {}
+                _ => ack_through = Some(inbound.tag),
+            }
+        }
+        if let Some(tag) = ack_through {
+            connection::within(
+                self.timeout_secs,
+                "acknowledging",
+                &self.url,
+                self.channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Returns every message of a batch that could not be committed to the queue.
+    pub(crate) async fn requeue(&mut self, batch: &[Inbound]) -> Result<(), BrokerError> {
+        for inbound in batch {
+            self.nack(inbound.tag, true).await?;
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
+        connection::within(
+            self.timeout_secs,
+            "rejecting",
+            &self.url,
+            self.channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue }),
+        )
+        .await
+    }
+
+    async fn publish_dead_letter(
+        &self,
+        inbound: &Inbound,
+        reason: &str,
+    ) -> Result<lapin::PublisherConfirm, BrokerError> {
+        let mut headers = FieldTable::default();
+        headers.insert("x-possync-reason".into(), AMQPValue::LongString(reason.into()));
+        headers.insert("x-possync-routing-key".into(), AMQPValue::LongString(inbound.routing_key.as_str().into()));
+        headers.insert("x-possync-queue".into(), AMQPValue::LongString(self.topology.queue.as_str().into()));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        connection::within(
+            self.timeout_secs,
+            "dead-lettering a message",
+            &self.url,
+            self.dead_letters.basic_publish(
+                self.topology.dead_letter_exchange.as_str().into(),
+                self.topology.dead_letter_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &inbound.body,
+                properties,
+            ),
+        )
+        .await
+    }
+
+    /// Stops consuming and closes the connection; unacknowledged messages
+    /// return to the queue.
+    pub(crate) async fn close(self) {
+        let timeout = self.timeout_secs;
+        let tag = self.consumer.tag();
+        let _ = connection::within(
+            timeout,
+            "cancelling the consumer",
+            &self.url,
+            self.channel.basic_cancel(tag, BasicCancelOptions::default()),
+        )
+        .await;
+        let _ = connection::within(timeout, "closing the connection", &self.url, self.connection.close(200, "terminal stopping".into()))
+            .await;
+    }
+}

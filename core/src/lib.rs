@@ -1,0 +1,32 @@
+//! The possync runtime: configuration, the broker connection and topology,
+//! dispatch of messages to handlers, the SQLite store, and the publisher.
+//!
+//! The runtime knows nothing about prices or products: every message type is
+//! applied by a [`possync_sdk::MessageHandler`] found in the [`Registry`].
+
+mod applier;
+mod config;
+mod connection;
+mod consumer;
+mod events;
+mod identity;
+mod publisher;
+mod redact;
+mod registry;
+mod status;
+mod store;
+mod telemetry;
+mod terminal;
+mod topology;
+
+pub use config::{BrokerConfig, Config, ConfigError, LoadedConfig, TerminalConfig};
+pub use connection::BrokerError;
+pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
+pub use publisher::{PublishError, Published, Publisher};
+pub use redact::redact_url;
+pub use registry::{Origin, PluginInfo, Registry, RegistryError};
+pub use status::{State, Status};
+pub use store::{Database, DatabaseError, Quarantined};
+pub use telemetry::init_logging;
+pub use terminal::{Terminal, TerminalError};
+pub use topology::{TerminalTopology, routing_key};

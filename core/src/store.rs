@@ -1,0 +1,277 @@
+//! The terminal's SQLite database: the plugins' tables plus possync's own
+//! bookkeeping (migrations run, message ids applied, quarantined messages).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use possync_sdk::{Migration, Store, StoreError, Value};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, params};
+
+const BOOKKEEPING: &str = "
+    CREATE TABLE IF NOT EXISTS possync_migrations (
+        id         TEXT PRIMARY KEY NOT NULL,
+        applied_at INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS possync_applied (
+        message_id TEXT PRIMARY KEY NOT NULL,
+        applied_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS possync_applied_at ON possync_applied (applied_at);
+    CREATE TABLE IF NOT EXISTS possync_quarantine (
+        id           INTEGER PRIMARY KEY,
+        received_at  INTEGER NOT NULL,
+        routing_key  TEXT NOT NULL,
+        message_type TEXT,
+        message_id   TEXT,
+        reason       TEXT NOT NULL,
+        body         BLOB NOT NULL
+    );";
+
+/// A database that could not be opened or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// SQLite refused to open the file.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// A plugin's migration failed; the database is unchanged by it.
+    #[error("migration {id} failed: {source}")]
+    Migration {
+        /// The migration id.
+        id: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// Any other database failure.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// A message that will never apply, kept with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantined {
+    /// The routing key it arrived with.
+    pub routing_key: String,
+    /// The envelope `type`, if the envelope could be read.
+    pub message_type: Option<String>,
+    /// The envelope `message_id`, if any.
+    pub message_id: Option<String>,
+    /// Why it cannot apply.
+    pub reason: String,
+    /// The body as received.
+    pub body: Vec<u8>,
+}
+
+/// The terminal's database.
+#[derive(Debug)]
+pub struct Database {
+    connection: Connection,
+}
+
+impl Database {
+    /// Opens (or creates) the database at `path` and prepares possync's tables.
+    pub fn open(path: &Path) -> Result<Self, DatabaseError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|err| DatabaseError::Open {
+                path: path.to_owned(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(err)),
+            })?;
+        }
+        let connection = Connection::open(path)
+            .map_err(|source| DatabaseError::Open { path: path.to_owned(), source })?;
+        connection.busy_timeout(std::time::Duration::from_secs(10))?;
+        // WAL lets the POS app read while we write. synchronous=FULL because
+        // the broker ack follows the commit: with NORMAL the last commits may
+        // vanish on power loss after their messages were acked, which is a
+        // lost change. The cost is one fsync per batch, not per message.
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.set_prepared_statement_cache_capacity(128);
+        connection.execute_batch(BOOKKEEPING)?;
+        Ok(Self { connection })
+    }
+
+    /// Runs each migration not yet recorded, in order, each in its own
+    /// transaction. Returns the ids that ran now.
+    pub fn migrate<'a>(&mut self, migrations: impl IntoIterator<Item = &'a Migration>) -> Result<Vec<String>, DatabaseError> {
+        let mut ran = Vec::new();
+        for migration in migrations {
+            let done: Option<i64> = self
+                .connection
+                .query_row("SELECT 1 FROM possync_migrations WHERE id = ?1", [migration.id], |row| row.get(0))
+                .optional()?;
+            if done.is_some() {
+                continue;
+            }
+            let failed = |source| DatabaseError::Migration { id: migration.id.to_owned(), source };
+            let tx = self.connection.transaction().map_err(failed)?;
+            tx.execute_batch(migration.sql).map_err(failed)?;
+            tx.execute(
+                "INSERT INTO possync_migrations (id, applied_at) VALUES (?1, ?2)",
+                params![migration.id, unix_now()],
+            )
+            .map_err(failed)?;
+            tx.commit().map_err(failed)?;
+            ran.push(migration.id.to_owned());
+        }
+        Ok(ran)
+    }
+
+    /// Forgets applied message ids older than `max_age_secs`: the broker
+    /// cannot redeliver a message older than its queue's lifetime.
+    pub fn prune_applied(&mut self, max_age_secs: i64) -> Result<usize, DatabaseError> {
+        Ok(self
+            .connection
+            .execute("DELETE FROM possync_applied WHERE applied_at < ?1", [unix_now() - max_age_secs])?)
+    }
+
+    /// Quarantined messages, newest first.
+    pub fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, DatabaseError> {
+        let mut statement = self.connection.prepare(
+            "SELECT routing_key, message_type, message_id, reason, body
+             FROM possync_quarantine ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = statement.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+            Ok(Quarantined {
+                routing_key: row.get(0)?,
+                message_type: row.get(1)?,
+                message_id: row.get(2)?,
+                reason: row.get(3)?,
+                body: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub(crate) fn begin(&mut self) -> Result<(), rusqlite::Error> {
+        // IMMEDIATE takes the write lock now, so a busy POS reader shows up here, not mid-batch.
+        self.connection.execute_batch("BEGIN IMMEDIATE")
+    }
+
+    pub(crate) fn commit(&mut self) -> Result<(), rusqlite::Error> {
+        self.connection.execute_batch("COMMIT")
+    }
+
+    pub(crate) fn rollback(&mut self) {
+        // Fails only when no transaction is open, which is the state we want.
+        let _ = self.connection.execute_batch("ROLLBACK");
+    }
+
+    pub(crate) fn savepoint(&mut self) -> Result<(), rusqlite::Error> {
+        self.connection.execute_batch("SAVEPOINT message")
+    }
+
+    pub(crate) fn release(&mut self) -> Result<(), rusqlite::Error> {
+        self.connection.execute_batch("RELEASE message")
+    }
+
+    pub(crate) fn rollback_to_savepoint(&mut self) -> Result<(), rusqlite::Error> {
+        self.connection.execute_batch("ROLLBACK TO message; RELEASE message")
+    }
+
+    /// Records `message_id` as applied; false if it was applied before.
+    pub(crate) fn record_applied(&mut self, message_id: &str) -> Result<bool, rusqlite::Error> {
+        let mut statement = self
+            .connection
+            .prepare_cached("INSERT OR IGNORE INTO possync_applied (message_id, applied_at) VALUES (?1, ?2)")?;
+        Ok(statement.execute(params![message_id, unix_now()])? == 1)
+    }
+
+    pub(crate) fn record_quarantined(&mut self, message: &Quarantined) -> Result<(), rusqlite::Error> {
+        let mut statement = self.connection.prepare_cached(
+            "INSERT INTO possync_quarantine (received_at, routing_key, message_type, message_id, reason, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        statement.execute(params![
+            unix_now(),
+            message.routing_key,
+            message.message_type,
+            message.message_id,
+            message.reason,
+            message.body
+        ])?;
+        Ok(())
+    }
+
+    /// The handle a handler writes through, inside the current transaction.
+    pub(crate) fn store(&mut self) -> SqliteStore<'_> {
+        SqliteStore { connection: &mut self.connection }
+    }
+}
+
+/// [`Store`] over the terminal's connection. Holding the connection mutably
+/// keeps it `Send` (SQLite connections are not `Sync`) and exclusive.
+pub(crate) struct SqliteStore<'a> {
+    connection: &'a mut Connection,
+}
+
+struct Param<'a>(&'a Value);
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Integer(v) => ValueRef::Integer(*v),
+            Value::Real(v) => ValueRef::Real(*v),
+            Value::Text(v) => ValueRef::Text(v.as_bytes()),
+            Value::Blob(v) => ValueRef::Blob(v),
+        }))
+    }
+}
+
+fn to_value(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(v) => Value::Integer(v),
+        ValueRef::Real(v) => Value::Real(v),
+        ValueRef::Text(v) => Value::Text(String::from_utf8_lossy(v).into_owned()),
+        ValueRef::Blob(v) => Value::Blob(v.to_vec()),
+    }
+}
+
+pub(crate) fn store_error(err: rusqlite::Error) -> StoreError {
+    let transient = matches!(
+        err.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::OutOfMemory
+                | ErrorCode::CannotOpen
+        )
+    );
+    if transient { StoreError::transient(err.to_string()) } else { StoreError::permanent(err.to_string()) }
+}
+
+impl Store for SqliteStore<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError> {
+        let mut statement = self.connection.prepare_cached(sql).map_err(store_error)?;
+        statement.execute(rusqlite::params_from_iter(params.iter().map(Param))).map_err(store_error)
+    }
+
+    fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError> {
+        let mut statement = self.connection.prepare_cached(sql).map_err(store_error)?;
+        let columns = statement.column_count();
+        let mut rows = statement.query(rusqlite::params_from_iter(params.iter().map(Param))).map_err(store_error)?;
+        match rows.next().map_err(store_error)? {
+            Some(row) => {
+                let mut values = Vec::with_capacity(columns);
+                for i in 0..columns {
+                    values.push(to_value(row.get_ref(i).map_err(store_error)?));
+                }
+                Ok(Some(values))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,223 @@
+//! A terminal: keeps one store's catalog in the local database, live.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::applier::{Applier, ApplierHandle, Inbound, Outcome};
+use crate::config::{Config, ConfigError};
+use crate::connection::BrokerError;
+use crate::consumer::Subscription;
+use crate::events;
+use crate::redact::redact_url;
+use crate::registry::{Registry, RegistryError};
+use crate::status::{State, Status, StatusSender};
+use crate::store::{Database, DatabaseError};
+use crate::topology::TerminalTopology;
+
+/// A terminal that could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum TerminalError {
+    /// The configuration is incomplete or wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `[plugins]` is wrong.
+    #[error(transparent)]
+    Plugins(#[from] RegistryError),
+    /// The database cannot be used.
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    /// The broker refused this terminal; retrying will not help.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The apply thread could not start.
+    #[error("cannot start the apply thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// One terminal of one store, ready to run.
+#[derive(Debug)]
+pub struct Terminal {
+    config: Config,
+    topology: TerminalTopology,
+    registry: Arc<Registry>,
+    database: Database,
+    connection_name: String,
+    status: StatusSender,
+}
+
+enum SessionEnd {
+    /// Shutdown was asked for; the session settled everything and closed.
+    Stopped,
+    /// The connection failed; reconnect.
+    Lost(BrokerError),
+}
+
+impl Terminal {
+    /// Checks the config, opens the database and runs the plugins' migrations.
+    pub fn new(config: Config, registry: Registry) -> Result<Self, TerminalError> {
+        let license_key = config.license_key()?.clone();
+        let terminal_id = config.terminal_id()?.clone();
+        let topology = TerminalTopology::new(
+            &config.broker.exchange,
+            &license_key,
+            &terminal_id,
+            config.terminal.queue_expiry_days,
+        );
+        let mut database = Database::open(&config.terminal.database)?;
+        let ran = database.migrate(registry.migrations().iter())?;
+        events::migrations_ran(&ran);
+        database.prune_applied(i64::from(config.terminal.queue_expiry_days) * 24 * 3600)?;
+        let (status, _) = StatusSender::new();
+        Ok(Self {
+            status,
+            connection_name: format!("possync terminal {terminal_id} of {license_key}"),
+            config,
+            topology,
+            registry: Arc::new(registry),
+            database,
+        })
+    }
+
+    /// Follows the terminal's state and counters while it runs.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// The broker objects this terminal uses.
+    pub fn topology(&self) -> &TerminalTopology {
+        &self.topology
+    }
+
+    /// Runs until `shutdown` completes, reconnecting whenever the broker goes
+    /// away. On shutdown it stops taking messages, commits and acknowledges
+    /// what it applied, and closes the connection.
+    ///
+    /// Fails at once if the broker refuses the terminal on the first attempt
+    /// (wrong credentials, a conflicting queue): that needs an operator.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TerminalError> {
+        let Self { config, topology, registry, database, connection_name, status } = self;
+        let license_key = config.license_key()?.clone();
+        let applier = ApplierHandle::spawn(Applier::new(
+            database,
+            registry,
+            license_key,
+            config.terminal.max_message_bytes,
+            tokio::runtime::Handle::current(),
+        ))?;
+        let mut shutdown = pin!(shutdown);
+        let url = config.broker.url.clone();
+        let mut attempt: u32 = 0;
+        let mut ever_live = false;
+        let result = loop {
+            attempt += 1;
+            events::connecting(&redact_url(&url), attempt);
+            let opened = tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                opened = Subscription::open(&config.broker, &url, &topology, config.terminal.prefetch, &connection_name) => opened,
+            };
+            let reason = match opened {
+                Ok(subscription) => {
+                    ever_live = true;
+                    attempt = 0;
+                    events::live(&redact_url(&url), &topology.queue, &topology.binding_key);
+                    status.set_state(State::Live { since: SystemTime::now() });
+                    match consume(subscription, &applier, &status, config.terminal.batch_size, &mut shutdown).await {
+                        SessionEnd::Stopped => break Ok(()),
+                        SessionEnd::Lost(err) => err,
+                    }
+                }
+                Err(err) if err.needs_operator() && !ever_live => break Err(err.into()),
+                Err(err) => err,
+            };
+            let delay = backoff(attempt);
+            let reason = reason.to_string();
+            events::offline(&reason, delay.as_millis());
+            status.set_state(State::Offline { since: SystemTime::now(), reason });
+            tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+        };
+        applier.shutdown();
+        status.set_state(State::Stopped);
+        if result.is_ok() {
+            events::stopped();
+        }
+        result
+    }
+}
+
+/// Receives, applies and settles batches until shutdown or connection loss.
+async fn consume(
+    mut subscription: Subscription,
+    applier: &ApplierHandle,
+    status: &StatusSender,
+    batch_size: usize,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> SessionEnd {
+    loop {
+        let first = tokio::select! {
+            () = shutdown.as_mut() => {
+                events::stopping();
+                subscription.close().await;
+                return SessionEnd::Stopped;
+            }
+            next = subscription.next() => next,
+        };
+        let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
+        match first {
+            Some(Ok(inbound)) => batch.push(inbound),
+            Some(Err(err)) => return SessionEnd::Lost(err),
+            None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
+        }
+        let mut lost = None;
+        while batch.len() < batch_size {
+            match subscription.try_next() {
+                Some(Ok(inbound)) => batch.push(inbound),
+                Some(Err(err)) => {
+                    lost = Some(err);
+                    break;
+                }
+                None => break,
+            }
+        }
+        let started = Instant::now();
+        let size = batch.len();
+        let (batch, result) = applier.apply(batch).await;
+        match result {
+            Ok(outcomes) => {
+                let applied = outcomes.iter().filter(|o| matches!(o, Outcome::Applied { .. })).count();
+                let quarantined = outcomes.iter().filter(|o| matches!(o, Outcome::DeadLetter { .. })).count();
+                events::batch_applied(size, applied, started.elapsed().as_millis());
+                if outcomes.iter().any(|o| !o.settles_by_ack()) {
+                    // Give a passing problem (a locked database) a moment before the retry arrives.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let settled = subscription.settle(&batch, &outcomes).await;
+                // Counted once committed: a lost ack means a redelivery that changes nothing.
+                status.count(applied as u64, quarantined as u64);
+                if let Err(err) = settled {
+                    return SessionEnd::Lost(err);
+                }
+            }
+            Err(err) => {
+                events::batch_failed(&err.to_string());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(err) = subscription.requeue(&batch).await {
+                    return SessionEnd::Lost(err);
+                }
+            }
+        }
+        if let Some(err) = lost {
+            return SessionEnd::Lost(err);
+        }
+    }
+}
+
+/// Exponential backoff from 250 ms to 30 s, with full jitter so a fleet of
+/// terminals does not reconnect in lockstep after a broker restart.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling_ms = 250u64.saturating_mul(1 << attempt.min(7)).min(30_000);
+    Duration::from_millis(rand::random_range(ceiling_ms / 2..=ceiling_ms))
+}

@@ -1,0 +1,219 @@
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::HandlerError;
+
+/// One message as it travels on the wire: `{type, license_key, payload, timestamp}`.
+///
+/// The four fields of the original format are all a message needs. possync's
+/// publisher adds `message_id` (duplicates are dropped) and `version`
+/// (stale updates are dropped); messages from other publishers without them
+/// still apply. Fields this version does not know are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Envelope {
+    /// The message type, for example `price_update`; it selects the handler.
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The store this message is for.
+    pub license_key: String,
+    /// The type-specific body, decoded by the handler.
+    pub payload: serde_json::Value,
+    /// When the back office made the change (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// Unique per message; a message seen before is not applied again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Microseconds since the Unix epoch, strictly increasing for one
+    /// publisher: orders updates of the same entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+}
+
+/// Where an update stands in the order of changes to its entity.
+///
+/// An exact version (from possync's publisher) is unique per change, so a
+/// change with an equal version is a duplicate. A version derived from the
+/// legacy `timestamp` has second precision, so two different changes may
+/// share it; those apply in arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    /// Microseconds since the Unix epoch.
+    pub micros: i64,
+    /// Whether `micros` identifies this change uniquely.
+    pub exact: bool,
+}
+
+impl Version {
+    /// Whether a change at `self` should replace what is stored at `stored`.
+    pub fn supersedes(self, stored: i64) -> bool {
+        if self.exact {
+            self.micros > stored
+        } else {
+            self.micros >= stored
+        }
+    }
+}
+
+impl Envelope {
+    /// A new envelope with no timestamp, id or version.
+    pub fn new(
+        message_type: impl Into<String>,
+        license_key: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
+        Self {
+            message_type: message_type.into(),
+            license_key: license_key.into(),
+            payload,
+            timestamp: None,
+            message_id: None,
+            version: None,
+        }
+    }
+
+    /// Sets the timestamp (RFC 3339).
+    #[must_use]
+    pub fn with_timestamp(mut self, timestamp: impl Into<String>) -> Self {
+        self.timestamp = Some(timestamp.into());
+        self
+    }
+
+    /// Sets the message id.
+    #[must_use]
+    pub fn with_message_id(mut self, message_id: impl Into<String>) -> Self {
+        self.message_id = Some(message_id.into());
+        self
+    }
+
+    /// Sets the version (microseconds since the Unix epoch).
+    #[must_use]
+    pub fn with_version(mut self, version: i64) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    /// Decodes the payload into the handler's own type.
+    ///
+    /// A payload that does not fit is a message that can never apply, so the
+    /// error is [`HandlerError::Permanent`] and names the problem.
+    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        T::deserialize(&self.payload).map_err(|err| {
+            HandlerError::permanent(format!("invalid {} payload: {err}", self.message_type))
+        })
+    }
+
+    /// The order of this change: `version` if present, else `timestamp`.
+    ///
+    /// `None` when the message carries neither (or an unreadable timestamp):
+    /// such a message applies unconditionally, as in the original system.
+    pub fn order(&self) -> Option<Version> {
+        if let Some(micros) = self.version {
+            return Some(Version { micros, exact: true });
+        }
+        let timestamp = self.timestamp.as_deref()?;
+        parse_rfc3339_micros(timestamp).map(|micros| Version { micros, exact: false })
+    }
+}
+
+/// Parses the `YYYY-MM-DDTHH:MM:SS[.fff][Z|±HH:MM]` timestamps the back office
+/// sends, without pulling a date library into every plugin.
+fn parse_rfc3339_micros(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 19 || bytes[4] != b'-' || bytes[7] != b'-' || bytes[10] != b'T' && bytes[10] != b't' && bytes[10] != b' ' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        if part.bytes().all(|b| b.is_ascii_digit()) { part.parse().ok() } else { None }
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut micros = 0i64;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let mut scaled = 0i64;
+        for (i, b) in fraction.bytes().take(digits).enumerate() {
+            if i < 6 {
+                scaled = scaled * 10 + i64::from(b - b'0');
+            }
+        }
+        for _ in digits..6 {
+            scaled *= 10;
+        }
+        micros = scaled;
+        rest = &fraction[digits..];
+    }
+    let offset_secs = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let hours: i64 = rest.get(1..3)?.parse().ok()?;
+            let minutes: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (hours * 3600 + minutes * 60)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(seconds * 1_000_000 + micros)
+}
+
+/// Days since 1970-01-01 in the proleptic Gregorian calendar (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_index = (month + 9) % 12;
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_original_wire_format_and_ignores_unknown_fields() {
+        let json = r#"{"type":"price_update","license_key":"EXTRO-LIFE-ABC123",
+            "payload":{"product_id":"PROD-001","product_name":"Cappuccino","new_price":12.99},
+            "timestamp":"2025-11-27T10:30:00Z","something_new":[1,2]}"#;
+        let envelope: Envelope = serde_json::from_str(json).expect("decodes");
+        assert_eq!(envelope.message_type, "price_update");
+        assert_eq!(envelope.license_key, "EXTRO-LIFE-ABC123");
+        assert_eq!(envelope.message_id, None);
+        assert_eq!(
+            envelope.order(),
+            Some(Version { micros: 1_764_239_400_000_000, exact: false })
+        );
+    }
+
+    #[test]
+    fn a_version_orders_exactly_and_wins_over_the_timestamp() {
+        let envelope = Envelope::new("t", "K", serde_json::json!({}))
+            .with_timestamp("2025-11-27T10:30:00Z")
+            .with_version(42);
+        assert_eq!(envelope.order(), Some(Version { micros: 42, exact: true }));
+        assert!(!Version { micros: 42, exact: true }.supersedes(42));
+        assert!(Version { micros: 42, exact: false }.supersedes(42));
+    }
+
+    #[test]
+    fn timestamps_with_offsets_and_fractions_are_understood() {
+        let utc = parse_rfc3339_micros("2025-11-27T10:30:00.5Z");
+        let offset = parse_rfc3339_micros("2025-11-27T12:30:00.500+02:00");
+        assert_eq!(utc, offset);
+        assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339_micros("yesterday"), None);
+        assert_eq!(parse_rfc3339_micros("2025-13-27T10:30:00Z"), None);
+    }
+}

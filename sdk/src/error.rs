@@ -1,0 +1,67 @@
+/// Why a handler did not apply a message.
+///
+/// The runtime acts on the kind: a permanent error dead-letters the message
+/// at once (retrying cannot help), a transient one returns it to the queue to
+/// be tried again.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// The message can never apply: a payload that does not fit, a value out of range.
+    #[error("{0}")]
+    Permanent(String),
+    /// The message may apply later: a busy database, a full disk.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl HandlerError {
+    /// A message that can never apply, with the reason.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent(reason.into())
+    }
+
+    /// A message that may apply if tried again later, with the reason.
+    pub fn transient(reason: impl Into<String>) -> Self {
+        Self::Transient(reason.into())
+    }
+
+    /// Whether trying the same message again may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+/// A failed database operation, as reported through [`Store`](crate::Store).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("database: {message}")]
+pub struct StoreError {
+    message: String,
+    transient: bool,
+}
+
+impl StoreError {
+    /// An error that will recur on every try (bad SQL, a constraint).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { message: message.into(), transient: false }
+    }
+
+    /// An error that may pass (database busy or locked, disk full, I/O).
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { message: message.into(), transient: true }
+    }
+
+    /// Whether the same operation may succeed later.
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(err: StoreError) -> Self {
+        if err.is_transient() {
+            Self::Transient(err.to_string())
+        } else {
+            Self::Permanent(err.to_string())
+        }
+    }
+}

@@ -1,0 +1,16 @@
+/// One schema change: an id that never changes once released, and the SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    /// Unique across all plugins, for example `catalog/1`. The runtime
+    /// records which ids ran, so a migration runs once per database.
+    pub id: &'static str,
+    /// One or more SQL statements, run in one transaction.
+    pub sql: &'static str,
+}
+
+impl Migration {
+    /// A migration with the given id and SQL.
+    pub const fn new(id: &'static str, sql: &'static str) -> Self {
+        Self { id, sql }
+    }
+}

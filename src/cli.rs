@@ -1,0 +1,154 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use possync_core::{Config, LoadedConfig, Registry, Terminal};
+
+use crate::demo::{self, DemoArgs};
+use crate::publish::{self, PublishCommand};
+
+/// Keeps the local SQLite databases of point-of-sale terminals in sync with
+/// their back office, in real time, over RabbitMQ.
+///
+/// Configuration comes from built-in defaults, then the TOML file given with
+/// --config, then environment variables POSSYNC_<SECTION>__<KEY> (for example
+/// POSSYNC_TERMINAL__LICENSE_KEY). Set POSSYNC_LOG=debug for more detail.
+#[derive(Debug, Parser)]
+#[command(name = "possync", version, max_term_width = 100)]
+struct Cli {
+    /// TOML config file (see config/ for examples); optional: the
+    /// environment alone may configure everything.
+    #[arg(long, short, global = true, value_name = "FILE", env = "POSSYNC_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a terminal: apply this store's changes to the local database until
+    /// SIGINT or SIGTERM, then stop cleanly.
+    Terminal,
+    /// Publish changes to one or more stores; exits 0 only once the broker
+    /// confirmed every message.
+    #[command(subcommand)]
+    Publish(PublishCommand),
+    /// Show the handlers this binary has.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Show possync at work: a back office publishes to terminals of two
+    /// stores, and each store's terminals apply only that store's changes.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// Every handler: its name, message types, whether config enables it,
+    /// and where it comes from.
+    List,
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo and one-shot commands print their own results; only trouble should add to them.
+    possync_core::init_logging(if matches!(cli.command, Command::Terminal) { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Terminal => terminal(load(cli.config.as_deref())?).await,
+        Command::Publish(command) => publish::run(&load(cli.config.as_deref())?.config, command).await,
+        Command::Plugins(PluginsCommand::List) => plugins_list(&load(cli.config.as_deref())?.config),
+        Command::Demo(args) => demo::run(&load(cli.config.as_deref())?.config, args).await,
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<LoadedConfig> {
+    Ok(Config::load(path)?)
+}
+
+async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
+    let config = loaded.config;
+    let registry = Registry::built_in(&config.plugins)?;
+    let terminal = Terminal::new(config, registry)?;
+    terminal.run(shutdown_signal()).await.context("the terminal stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn plugins_list(config: &Config) -> anyhow::Result<ExitCode> {
+    let registry = Registry::built_in(&config.plugins)?;
+    let plugins = registry.plugins();
+    let rows: Vec<[String; 5]> = plugins
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                p.message_types.join(", "),
+                if p.enabled { "yes".into() } else { "no".into() },
+                p.origin.to_string(),
+                p.description.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "MESSAGE TYPES", "ENABLED", "FROM", "DESCRIPTION"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints rows under a header, columns padded to their widest cell.
+pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

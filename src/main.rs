@@ -1,0 +1,19 @@
+//! `possync`: the core runtime bundled with the built-in handlers.
+
+mod cli;
+mod demo;
+mod publish;
+
+// Referenced so the linker keeps their handler registrations.
+#[cfg(feature = "category")]
+use possync_plugin_category as _;
+#[cfg(feature = "price")]
+use possync_plugin_price as _;
+#[cfg(feature = "product")]
+use possync_plugin_product as _;
+#[cfg(feature = "product-delete")]
+use possync_plugin_product_delete as _;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

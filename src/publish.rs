@@ -1,0 +1,146 @@
+//! `possync publish ...`
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use possync_core::{Config, LicenseKey, Publisher};
+use possync_sdk::{Envelope, WireMessage};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PublishCommand {
+    /// Set a product's price (creates the product on terminals that lack it).
+    #[cfg(feature = "price")]
+    PriceUpdate {
+        #[command(flatten)]
+        to: Stores,
+        /// The product's id.
+        #[arg(long, value_name = "ID")]
+        product_id: String,
+        /// The new price.
+        #[arg(long)]
+        price: f64,
+        /// The product's name.
+        #[arg(long, value_name = "NAME")]
+        product_name: Option<String>,
+    },
+    /// Create or replace a product.
+    #[cfg(feature = "product")]
+    ProductUpdate {
+        #[command(flatten)]
+        to: Stores,
+        /// The product's id.
+        #[arg(long, value_name = "ID")]
+        product_id: String,
+        /// The product's name.
+        #[arg(long)]
+        name: String,
+        /// The price.
+        #[arg(long)]
+        price: f64,
+        /// The category's id.
+        #[arg(long, value_name = "ID")]
+        category_id: String,
+        /// The icon the POS shows.
+        #[arg(long, value_name = "NAME")]
+        icon_name: Option<String>,
+    },
+    /// Delete a product.
+    #[cfg(feature = "product-delete")]
+    ProductDelete {
+        #[command(flatten)]
+        to: Stores,
+        /// The product's id.
+        #[arg(long, value_name = "ID")]
+        product_id: String,
+    },
+    /// Create or replace a category.
+    #[cfg(feature = "category")]
+    CategoryUpdate {
+        #[command(flatten)]
+        to: Stores,
+        /// The category's id.
+        #[arg(long, value_name = "ID")]
+        category_id: String,
+        /// The category's name.
+        #[arg(long)]
+        name: String,
+        /// The icon the POS shows.
+        #[arg(long, value_name = "NAME")]
+        icon_name: Option<String>,
+    },
+    /// Publish a message of any type, with its payload as JSON.
+    Raw {
+        #[command(flatten)]
+        to: Stores,
+        /// The message type, for example `price_update`.
+        #[arg(long = "type", value_name = "TYPE")]
+        message_type: String,
+        /// The payload, a JSON object.
+        #[arg(long, value_name = "JSON")]
+        payload: String,
+    },
+}
+
+/// The stores a message goes to.
+#[derive(Debug, Args)]
+pub(crate) struct Stores {
+    /// A store's license key; repeat to publish to several stores.
+    #[arg(long = "license", value_name = "KEY", required = true)]
+    licenses: Vec<LicenseKey>,
+}
+
+fn envelopes<M: WireMessage>(to: &Stores, message: &M) -> anyhow::Result<Vec<Envelope>> {
+    to.licenses
+        .iter()
+        .map(|key| message.to_envelope(key.as_str()).context("cannot encode the message"))
+        .collect()
+}
+
+pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Result<ExitCode> {
+    let envelopes = match command {
+        #[cfg(feature = "price")]
+        PublishCommand::PriceUpdate { to, product_id, price, product_name } => envelopes(
+            &to,
+            &possync_plugin_price::PriceUpdate { product_id, new_price: price, product_name },
+        )?,
+        #[cfg(feature = "product")]
+        PublishCommand::ProductUpdate { to, product_id, name, price, category_id, icon_name } => envelopes(
+            &to,
+            &possync_plugin_product::ProductUpdate {
+                product_id,
+                product_name: name,
+                price,
+                category_id: Some(category_id),
+                icon_name,
+            },
+        )?,
+        #[cfg(feature = "product-delete")]
+        PublishCommand::ProductDelete { to, product_id } => {
+            envelopes(&to, &possync_plugin_product_delete::ProductDelete { product_id })?
+        }
+        #[cfg(feature = "category")]
+        PublishCommand::CategoryUpdate { to, category_id, name, icon_name } => envelopes(
+            &to,
+            &possync_plugin_category::CategoryUpdate { category_id, category_name: name, icon_name },
+        )?,
+        PublishCommand::Raw { to, message_type, payload } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            if !payload.is_object() {
+                anyhow::bail!("--payload must be a JSON object, like '{{\"product_id\": \"P1\"}}'");
+            }
+            to.licenses
+                .iter()
+                .map(|key| Envelope::new(message_type.clone(), key.as_str(), payload.clone()))
+                .collect()
+        }
+    };
+    let publisher = Publisher::connect(&config.broker).await?;
+    let published = publisher.publish_envelopes(envelopes).await;
+    publisher.close().await;
+    for message in published? {
+        println!("confirmed {} (message id {})", message.routing_key, message.message_id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
