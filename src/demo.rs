@@ -34,10 +34,11 @@ struct Running {
 pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let publisher = match Publisher::connect(&config.broker).await {
         Ok(publisher) => publisher,
-        Err(PublishError::Broker(err @ (BrokerError::Unreachable { .. } | BrokerError::Timeout { .. }))) => {
+        Err(PublishError::Broker(BrokerError::Unreachable { .. } | BrokerError::Timeout { .. })) => {
             eprintln!(
-                "possync demo needs RabbitMQ and none answers ({err}). Start it with `rabbitmq-server -detached` \
-                 (install: `apt-get install rabbitmq-server`), or point broker.url at one, then run the demo again."
+                "possync demo needs RabbitMQ, and none answers at {}: start it with `rabbitmq-server -detached` \
+                 (install it with `apt-get install rabbitmq-server`) or set broker.url, then run the demo again.",
+                possync_core::redact_url(&config.broker.url)
             );
             return Ok(ExitCode::FAILURE);
         }

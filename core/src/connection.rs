@@ -103,12 +103,11 @@ pub(crate) async fn connect(broker: &BrokerConfig, url: &str, name: &str) -> Res
 }
 
 fn classify_connect_error(url: &str, err: lapin::Error) -> BrokerError {
-    let text = err.to_string();
-    // The broker answers bad credentials by closing the socket during the handshake.
-    if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") || text.contains("authentication") {
-        return BrokerError::AccessRefused { url: redact_url(url), detail: text };
+    if matches!(err.kind(), ErrorKind::ProtocolError(_) | ErrorKind::IOError(_)) {
+        return BrokerError::from_lapin("connecting", url, err);
     }
-    if text.contains("invalid") && text.contains("uri") || text.contains("Invalid") && text.contains("URI") {
+    let text = err.to_string();
+    if text.to_lowercase().contains("uri") {
         return BrokerError::InvalidUrl { url: redact_url(url), detail: text };
     }
     BrokerError::from_lapin("connecting", url, err)

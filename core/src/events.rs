@@ -15,8 +15,13 @@ pub(crate) fn live(broker: &str, queue: &str, binding: &str) {
     info!(event = "live", %broker, %queue, %binding, "Live: receiving this store's changes");
 }
 
-pub(crate) fn offline(reason: &str, retry_in_ms: u128) {
-    warn!(event = "offline", %reason, retry_in_ms, "Offline: will reconnect");
+/// Logged at warn on the transition to Offline, then quietly per retry.
+pub(crate) fn offline(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(event = "offline", %reason, retry_in_ms, "Offline: will reconnect");
+    } else {
+        debug!(event = "offline", %reason, retry_in_ms, "still offline: will reconnect");
+    }
 }
 
 pub(crate) fn batch_applied(size: usize, applied: usize, elapsed_ms: u128) {

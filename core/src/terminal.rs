@@ -132,7 +132,7 @@ impl Terminal {
             };
             let delay = backoff(attempt);
             let reason = reason.to_string();
-            events::offline(&reason, delay.as_millis());
+            events::offline(&reason, delay.as_millis(), attempt <= 1);
             status.set_state(State::Offline { since: SystemTime::now(), reason });
             tokio::select! {
                 () = &mut shutdown => break Ok(()),

@@ -13,13 +13,14 @@
 //! #[derive(Debug, Default)]
 //! struct Greeting;
 //!
+//! const MIGRATIONS: &[Migration] =
+//!     &[Migration::new("greeting/1", "CREATE TABLE greetings (id TEXT PRIMARY KEY, text TEXT)")];
+//!
 //! #[async_trait]
 //! impl MessageHandler for Greeting {
 //!     fn name(&self) -> &str { "greeting" }
 //!     fn message_types(&self) -> &[&str] { &["greeting_update"] }
-//!     fn migrations(&self) -> &[Migration] {
-//!         &[Migration::new("greeting/1", "CREATE TABLE greetings (id TEXT PRIMARY KEY, text TEXT)")]
-//!     }
+//!     fn migrations(&self) -> &[Migration] { MIGRATIONS }
 //!     async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
 //!         #[derive(serde::Deserialize)]
 //!         struct Payload { id: String, text: String }
@@ -54,6 +55,11 @@ pub use store::{Store, Value};
 
 /// The SDK's version; dynamic plugins are checked against it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The README's handler example compiles as written.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
 
 #[doc(hidden)]
 pub mod __private {

@@ -1,0 +1,203 @@
+//! Shared helpers for the integration tests: a real RabbitMQ, real SQLite
+//! files, unique names per test so tests run in parallel.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use possync_core::{Config, LicenseKey, Registry, Status, Terminal, TerminalId, TerminalTopology};
+use tokio::sync::watch;
+
+// Linked so their handlers register in the test binaries, as in `possync`.
+use possync_plugin_category as _;
+use possync_plugin_price as _;
+use possync_plugin_product as _;
+use possync_plugin_product_delete as _;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The broker the tests use: `POSSYNC_TEST_AMQP_URL`, else the local default.
+pub fn amqp_url() -> String {
+    std::env::var("POSSYNC_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Connects to the test broker. Without one the test fails: a skipped
+/// broker test would hide a broken system.
+pub async fn broker() -> Connection {
+    match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        Ok(connection) => connection,
+        Err(err) => panic!(
+            "these tests need RabbitMQ at {} ({err}); start it with `rabbitmq-server -detached` or set POSSYNC_TEST_AMQP_URL",
+            possync_core::redact_url(&amqp_url())
+        ),
+    }
+}
+
+/// A license key no other test uses.
+pub fn unique_license(label: &str) -> LicenseKey {
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    LicenseKey::new(format!("T-{label}-{}", &suffix[20..])).expect("valid test license key")
+}
+
+/// A config for terminal `terminal` of `license`, its database under `dir`.
+pub fn terminal_config(dir: &Path, license: &LicenseKey, terminal: &str) -> Config {
+    let mut config = Config::default();
+    config.broker.url = amqp_url();
+    config.terminal.license_key = Some(license.clone());
+    config.terminal.terminal_id = Some(TerminalId::new(terminal).expect("valid terminal id"));
+    config.terminal.database = dir.join(format!("{license}-{terminal}.db"));
+    // Test queues vanish soon after the test.
+    config.terminal.queue_expiry_days = 1;
+    config
+}
+
+/// A terminal running in this process.
+pub struct RunningTerminal {
+    pub database: PathBuf,
+    pub topology: TerminalTopology,
+    pub status: watch::Receiver<Status>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), possync_core::TerminalError>>,
+}
+
+impl RunningTerminal {
+    /// Starts a terminal and waits until it is live.
+    pub async fn start(config: Config) -> Self {
+        let database = config.terminal.database.clone();
+        let registry = Registry::built_in(&config.plugins).expect("built-in plugins");
+        let terminal = Terminal::new(config, registry).expect("terminal starts");
+        let topology = terminal.topology().clone();
+        let mut status = terminal.status();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(terminal.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        tokio::time::timeout(WAIT, status.wait_for(Status::is_live))
+            .await
+            .expect("terminal goes live in time")
+            .expect("terminal status");
+        Self { database, topology, status, stop, task }
+    }
+
+    /// Waits until the terminal applied at least `count` messages.
+    pub async fn wait_applied(&mut self, count: u64) {
+        let reached = tokio::time::timeout(WAIT, self.status.wait_for(|s| s.applied >= count)).await.is_ok();
+        assert!(reached, "terminal applied {} of {count} messages in time", self.status.borrow().applied);
+    }
+
+    /// Waits until the terminal handled `applied` messages and quarantined `quarantined`.
+    pub async fn wait_settled(&mut self, applied: u64, quarantined: u64) {
+        let reached = tokio::time::timeout(
+            WAIT,
+            self.status.wait_for(|s| s.applied >= applied && s.quarantined >= quarantined),
+        )
+        .await
+        .is_ok();
+        let now = self.status.borrow().clone();
+        assert!(reached, "expected {applied} applied and {quarantined} quarantined, got {now:?}");
+    }
+
+    /// Stops the terminal cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.expect("terminal task").expect("terminal stops cleanly");
+    }
+
+    /// Opens the terminal's database to look at it.
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(&self.database).expect("open database")
+    }
+}
+
+/// Publishes `body` on the contract exchange with a plain AMQP client.
+pub async fn publish_raw(routing_key: &str, body: &[u8]) {
+    let connection = broker().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(Default::default()).await.expect("confirms");
+    let confirm = channel
+        .basic_publish(
+            "pos_license_events".into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// Messages waiting in `queue`.
+pub async fn queue_depth(queue: &str) -> u32 {
+    let connection = broker().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("queue exists");
+    let _ = connection.close(200, "bye".into()).await;
+    declared.message_count()
+}
+
+/// Takes up to `count` messages from `queue` (acknowledging them).
+pub async fn drain(queue: &str, count: usize) -> Vec<lapin::message::Delivery> {
+    let connection = broker().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(queue.into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("consume");
+    let mut taken = Vec::new();
+    while taken.len() < count {
+        match tokio::time::timeout(WAIT, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => taken.push(delivery),
+            _ => break,
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    taken
+}
+
+/// Runs the `possync` binary with the test broker configured.
+pub fn possync(args: &[&str]) -> Output {
+    possync_command(args).output().expect("run possync")
+}
+
+pub fn possync_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_possync"));
+    command.args(args).env("POSSYNC_BROKER__URL", amqp_url()).env_remove("POSSYNC_CONFIG");
+    command
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Polls `probe` until it returns true.
+pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !probe() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One row of `products`: (name, price, category_id, icon_name).
+pub fn product(db: &rusqlite::Connection, id: &str) -> Option<(String, f64, Option<String>, Option<String>)> {
+    db.query_row("SELECT name, price, category_id, icon_name FROM products WHERE id = ?1", [id], |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+    })
+    .ok()
+}
+
+pub fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
+    db.query_row(sql, [], |row| row.get(0)).expect("count query")
+}

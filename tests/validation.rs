@@ -1,0 +1,125 @@
+//! License keys, terminal ids and config are checked wherever they enter,
+//! with errors that say what is wrong and what to do.
+
+mod common;
+
+use common::*;
+use possync_core::{Config, Publisher};
+use possync_sdk::Envelope;
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("possync.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn config_refuses_license_keys_and_terminal_ids_that_would_widen_a_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (key, value) in [("license_key", "#"), ("license_key", "A.B"), ("terminal_id", "till*1"), ("license_key", "")] {
+        let path = write_config(dir.path(), &format!("[terminal]\n{key} = \"{value}\"\n"));
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        assert!(err.contains("is not valid"), "{err}");
+        assert!(err.contains(&format!("terminal.{key}")), "names the key: {err}");
+        assert!(err.contains("possync.toml"), "names the file: {err}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "[terminal]\nlicense_kee = \"ABC\"\n");
+    let err = Config::load(Some(&path)).expect_err("refused").to_string();
+    assert!(err.contains("license_kee"), "{err}");
+    assert!(err.contains("possync.toml"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_an_error_not_an_empty_config() {
+    let err = Config::load(Some(std::path::Path::new("/nonexistent/possync.toml"))).expect_err("refused");
+    assert!(err.to_string().contains("/nonexistent/possync.toml"), "{err}");
+}
+
+#[test]
+fn the_environment_overrides_the_file_and_is_checked_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "[terminal]\nlicense_key = \"FROM-FILE\"\nterminal_id = \"t1\"\n");
+    let output = possync_command(&["terminal", "--config", path.to_str().expect("utf-8 path")])
+        .env("POSSYNC_TERMINAL__LICENSE_KEY", "A.#")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("license key \"A.#\" is not valid"), "{stderr}");
+    assert!(stderr.contains("TERMINAL.LICENSE_KEY") && stderr.contains("`POSSYNC_` environment"), "names the variable: {stderr}");
+}
+
+#[test]
+fn a_terminal_without_a_license_key_says_how_to_set_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "[terminal]\nterminal_id = \"t1\"\n");
+    let output = possync(&["terminal", "--config", path.to_str().expect("utf-8 path")]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("terminal.license_key is not set"), "{stderr}");
+    assert!(stderr.contains("POSSYNC_TERMINAL__LICENSE_KEY"), "{stderr}");
+}
+
+#[test]
+fn the_cli_refuses_invalid_license_keys_before_publishing() {
+    for key in ["#", "A.B", "*", "store 1"] {
+        let output = possync(&["publish", "product-delete", "--license", key, "--product-id", "P1"]);
+        assert_eq!(output.status.code(), Some(2), "usage error for {key:?}");
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("is not valid"), "{stderr}");
+        assert!(stderr.contains("letters, digits"), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_publish_api_refuses_invalid_license_keys() {
+    let _broker = broker().await;
+    let mut config = Config::default();
+    config.broker.url = amqp_url();
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    for key in ["#", "license.#", "A.B", ""] {
+        let envelope = Envelope::new("price_update", key, serde_json::json!({"product_id": "P", "new_price": 1}));
+        let err = publisher.publish_envelope(envelope).await.expect_err("refused");
+        assert!(err.to_string().contains("is not valid"), "{err}");
+    }
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishing_to_a_store_without_terminals_is_an_error_not_a_silent_loss() {
+    let _broker = broker().await;
+    let store = unique_license("nobody");
+    let output = possync(&["publish", "product-delete", "--license", store.as_str(), "--product-id", "P1"]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("no terminal queue receives"), "{stderr}");
+}
+
+#[test]
+fn help_lists_every_command() {
+    let output = possync(&["--help"]);
+    assert!(output.status.success());
+    let help = text(&output.stdout);
+    for command in ["terminal", "publish", "plugins", "demo"] {
+        assert!(help.contains(command), "{help}");
+    }
+    let output = possync(&["publish", "--help"]);
+    let help = text(&output.stdout);
+    for command in ["price-update", "product-update", "product-delete", "category-update", "raw"] {
+        assert!(help.contains(command), "{help}");
+    }
+}
+
+#[test]
+fn the_example_configs_load() {
+    for file in ["config/terminal.toml", "config/backend.toml", "config/demo.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let loaded = Config::load(Some(&path)).unwrap_or_else(|err| panic!("{file}: {err}"));
+        assert_eq!(loaded.config.broker.exchange, "pos_license_events", "{file}");
+    }
+}
