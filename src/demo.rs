@@ -38,7 +38,7 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
             eprintln!(
                 "possync demo needs RabbitMQ, and none answers at {}: start it with `rabbitmq-server -detached` \
                  (install it with `apt-get install rabbitmq-server`) or set broker.url, then run the demo again.",
-                possync_core::redact_url(&config.broker.url)
+                config.broker.redacted_urls()
             );
             return Ok(ExitCode::FAILURE);
         }

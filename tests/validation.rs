@@ -80,7 +80,7 @@ fn the_cli_refuses_invalid_license_keys_before_publishing() {
 async fn the_publish_api_refuses_invalid_license_keys() {
     let _broker = broker().await;
     let mut config = Config::default();
-    config.broker.url = amqp_url();
+    config.broker.urls = vec![amqp_url()];
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     for key in ["#", "license.#", "A.B", ""] {
         let envelope = Envelope::new("price_update", key, serde_json::json!({"product_id": "P", "new_price": 1}));

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::events;
 use crate::identity::LicenseKey;
 use crate::registry::{Registry, Route};
-use crate::store::{Database, Quarantined};
+use crate::store::{Database, Quarantined, StateRecord};
 
 /// A message taken from the terminal's queue, not yet settled.
 #[derive(Debug, Clone)]
@@ -19,6 +19,23 @@ pub(crate) struct Inbound {
     pub(crate) tag: u64,
     pub(crate) routing_key: String,
     pub(crate) body: Vec<u8>,
+    /// The broker delivered it before (it may have failed a try).
+    pub(crate) redelivered: bool,
+}
+
+impl Inbound {
+    /// Identifies the message across deliveries: its id, else its body.
+    fn key(&self, envelope: &Envelope) -> String {
+        match &envelope.message_id {
+            Some(id) => format!("id:{id}"),
+            None => format!("body:{:016x}", fnv1a(&self.body)),
+        }
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a): the key must survive restarts and upgrades.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// What became of one message of a batch.
@@ -48,6 +65,7 @@ pub(crate) struct Applier {
     registry: Arc<Registry>,
     license_key: LicenseKey,
     max_message_bytes: usize,
+    max_attempts: u32,
     runtime: tokio::runtime::Handle,
 }
 
@@ -68,9 +86,17 @@ impl Applier {
         registry: Arc<Registry>,
         license_key: LicenseKey,
         max_message_bytes: usize,
+        max_attempts: u32,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { database, registry, license_key, max_message_bytes, runtime }
+        Self { database, registry, license_key, max_message_bytes, max_attempts, runtime }
+    }
+
+    /// Records a state change for `possync status`.
+    pub(crate) fn record_state(&mut self, record: &StateRecord) {
+        if let Err(err) = self.database.record_state(record) {
+            events::status_not_recorded(&err.to_string());
+        }
     }
 
     /// Applies `batch` in one transaction and returns one outcome per message.
@@ -93,13 +119,29 @@ impl Applier {
 
     fn apply_in_transaction(&mut self, batch: &[Inbound]) -> Result<Vec<Outcome>, rusqlite::Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
+        let (mut applied, mut quarantined, mut last_type) = (0, 0, None);
         for inbound in batch {
             let outcome = match self.check(inbound) {
-                Ok(envelope) => self.apply_one(inbound, &envelope)?,
+                Ok(envelope) => {
+                    let outcome = self.apply_one(inbound, &envelope)?;
+                    if inbound.redelivered && outcome.settles_by_ack() {
+                        self.database.forget_attempts(&inbound.key(&envelope))?;
+                    }
+                    outcome
+                }
                 Err(reason) => self.quarantine(inbound, None, reason)?,
             };
+            match &outcome {
+                Outcome::Applied { message_type } => {
+                    applied += 1;
+                    last_type = Some(message_type.clone());
+                }
+                Outcome::DeadLetter { .. } => quarantined += 1,
+                _ => {}
+            }
             outcomes.push(outcome);
         }
+        self.database.record_progress(applied, quarantined, last_type.as_deref())?;
         Ok(outcomes)
     }
 
@@ -157,7 +199,7 @@ impl Applier {
             }
             Ok(Err(HandlerError::Transient(reason))) => {
                 self.database.rollback_to_savepoint()?;
-                Ok(Outcome::Retry { reason })
+                self.failed_try(inbound, envelope, format!("{}: {reason}", handler.name()))
             }
             Ok(Err(err)) => {
                 self.database.rollback_to_savepoint()?;
@@ -170,9 +212,21 @@ impl Applier {
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "no message".into());
-                self.quarantine(inbound, Some(envelope), format!("handler {} panicked: {message}", handler.name()))
+                self.failed_try(inbound, envelope, format!("handler {} panicked: {message}", handler.name()))
             }
         }
+    }
+
+    /// A try that may succeed another time: retry, unless the message has
+    /// failed `max_attempts` times already (then it is a poison message).
+    fn failed_try(&mut self, inbound: &Inbound, envelope: &Envelope, reason: String) -> Result<Outcome, rusqlite::Error> {
+        let key = inbound.key(envelope);
+        let attempts = self.database.record_attempt(&key, &reason)?;
+        if attempts < self.max_attempts {
+            return Ok(Outcome::Retry { reason });
+        }
+        self.database.forget_attempts(&key)?;
+        self.quarantine(inbound, Some(envelope), format!("failed {attempts} times; last: {reason}"))
     }
 
     fn quarantine(
@@ -193,7 +247,12 @@ impl Applier {
     }
 }
 
-type Job = (Vec<Inbound>, oneshot::Sender<(Vec<Inbound>, Result<Vec<Outcome>, BatchError>)>);
+type Reply = oneshot::Sender<(Vec<Inbound>, Result<Vec<Outcome>, BatchError>)>;
+
+enum Job {
+    Apply(Vec<Inbound>, Reply),
+    RecordState(StateRecord),
+}
 
 /// The async side of an [`Applier`] running on its own thread.
 #[derive(Debug)]
@@ -206,10 +265,15 @@ impl ApplierHandle {
     pub(crate) fn spawn(mut applier: Applier) -> std::io::Result<Self> {
         let (jobs, mut receiver) = mpsc::channel::<Job>(1);
         let thread = std::thread::Builder::new().name("possync-apply".into()).spawn(move || {
-            while let Some((batch, reply)) = receiver.blocking_recv() {
-                let result = applier.apply(&batch);
-                // The receiver is gone only when the terminal stopped waiting; nothing to tell.
-                let _ = reply.send((batch, result));
+            while let Some(job) = receiver.blocking_recv() {
+                match job {
+                    Job::Apply(batch, reply) => {
+                        let result = applier.apply(&batch);
+                        // The receiver is gone only when the terminal stopped waiting; nothing to tell.
+                        let _ = reply.send((batch, result));
+                    }
+                    Job::RecordState(record) => applier.record_state(&record),
+                }
             }
         })?;
         Ok(Self { jobs, thread: Some(thread) })
@@ -218,12 +282,19 @@ impl ApplierHandle {
     /// Applies `batch`; gives the batch back with the outcomes.
     pub(crate) async fn apply(&self, batch: Vec<Inbound>) -> (Vec<Inbound>, Result<Vec<Outcome>, BatchError>) {
         let (reply, response) = oneshot::channel();
-        if self.jobs.send((batch, reply)).await.is_err() {
+        if self.jobs.send(Job::Apply(batch, reply)).await.is_err() {
             unreachable_thread();
         }
         match response.await {
             Ok(done) => done,
             Err(_) => unreachable_thread(),
+        }
+    }
+
+    /// Records a state change for `possync status`, in order with the batches.
+    pub(crate) async fn record_state(&self, record: StateRecord) {
+        if self.jobs.send(Job::RecordState(record)).await.is_err() {
+            unreachable_thread();
         }
     }
 

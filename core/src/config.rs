@@ -29,23 +29,32 @@ pub struct Config {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// AMQP URL of the broker (`amqp://user:password@host:port/vhost`).
-    pub url: String,
+    /// AMQP URL of the broker (`amqp://user:password@host:port/vhost`), or a
+    /// list of them (the nodes of a cluster), tried in turn.
+    #[serde(rename = "url", deserialize_with = "one_or_many")]
+    pub urls: Vec<String>,
     /// The topic exchange that carries `license.<KEY>.<type>` messages.
     pub exchange: String,
+    /// `classic` or `quorum` (replicated by a RabbitMQ cluster) terminal queues.
+    pub queue_type: QueueType,
     /// Seconds to wait for the broker to accept a connection.
     pub connect_timeout_secs: u64,
     /// Seconds to wait for the broker to confirm a published message.
     pub confirm_timeout_secs: u64,
+    /// Seconds a publish keeps reconnecting through a broker outage before
+    /// it fails.
+    pub publish_retry_secs: u64,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
             exchange: "pos_license_events".into(),
+            queue_type: QueueType::Classic,
             connect_timeout_secs: 10,
             confirm_timeout_secs: 30,
+            publish_retry_secs: 60,
         }
     }
 }
@@ -53,12 +62,49 @@ impl Default for BrokerConfig {
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerConfig")
-            .field("url", &redact_url(&self.url))
+            .field("urls", &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
             .field("exchange", &self.exchange)
+            .field("queue_type", &self.queue_type)
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("confirm_timeout_secs", &self.confirm_timeout_secs)
+            .field("publish_retry_secs", &self.publish_retry_secs)
             .finish()
     }
+}
+
+impl BrokerConfig {
+    /// The first broker URL, or the only one.
+    pub fn url(&self) -> &str {
+        self.urls.first().map_or("", String::as_str)
+    }
+
+    /// Every broker URL, passwords redacted, for messages.
+    pub fn redacted_urls(&self) -> String {
+        self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The kind of queue a terminal gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic durable queue on one node.
+    Classic,
+    /// A quorum queue, replicated across a cluster's nodes.
+    Quorum,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(url) => vec![url],
+        OneOrMany::Many(urls) => urls,
+    })
 }
 
 /// The `[terminal]` section.
@@ -79,6 +125,9 @@ pub struct TerminalConfig {
     pub queue_expiry_days: u32,
     /// Bodies larger than this many bytes are dead-lettered unread.
     pub max_message_bytes: usize,
+    /// Tries a message gets when its handler fails transiently or panics,
+    /// before it is dead-lettered.
+    pub max_attempts: u32,
 }
 
 impl Default for TerminalConfig {
@@ -91,6 +140,7 @@ impl Default for TerminalConfig {
             batch_size: 250,
             queue_expiry_days: 30,
             max_message_bytes: 1024 * 1024,
+            max_attempts: 5,
         }
     }
 }
@@ -187,6 +237,12 @@ impl Config {
         }
         if self.terminal.queue_expiry_days == 0 {
             return Err(ConfigError::OutOfRange { key: "terminal.queue_expiry_days", problem: "must be at least 1" });
+        }
+        if self.terminal.max_attempts == 0 {
+            return Err(ConfigError::OutOfRange { key: "terminal.max_attempts", problem: "must be at least 1" });
+        }
+        if self.broker.urls.is_empty() {
+            return Err(ConfigError::OutOfRange { key: "broker.url", problem: "must name at least one broker" });
         }
         if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
             return Err(ConfigError::OutOfRange { key: "broker.*_timeout_secs", problem: "must be at least 1" });

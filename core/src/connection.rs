@@ -54,6 +54,9 @@ pub enum BrokerError {
     /// The broker ended the consumer, for example because the queue was deleted.
     #[error("the broker cancelled the consumer (was the queue deleted?)")]
     ConsumerCancelled,
+    /// The connection is gone.
+    #[error("the connection to the broker was lost")]
+    ConnectionLost,
     /// Any other protocol or I/O failure.
     #[error("{during}: {source}")]
     Protocol {
@@ -69,6 +72,12 @@ impl BrokerError {
     /// the config or the broker.
     pub fn needs_operator(&self) -> bool {
         matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. } | Self::InvalidUrl { .. })
+    }
+
+    /// Whether a new connection may get past this failure.
+    pub(crate) fn is_connection_failure(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::ConnectionLost | Self::Protocol { .. } | Self::ConsumerCancelled)
+            || matches!(self, Self::Timeout { during, .. } if *during == "connecting")
     }
 
     pub(crate) fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {

@@ -94,7 +94,12 @@ impl Subscription {
 
     fn convert(&self, delivery: lapin::Result<lapin::message::Delivery>) -> Result<Inbound, BrokerError> {
         let delivery = delivery.map_err(|err| BrokerError::from_lapin("receiving", &self.url, err))?;
-        Ok(Inbound { tag: delivery.delivery_tag, routing_key: delivery.routing_key.to_string(), body: delivery.data })
+        Ok(Inbound {
+            tag: delivery.delivery_tag,
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            body: delivery.data,
+        })
     }
 
     /// Settles a batch after its commit: dead letters and retries first, one

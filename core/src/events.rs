@@ -67,3 +67,11 @@ pub(crate) fn stopping() {
 pub(crate) fn stopped() {
     info!(event = "stopped", "stopped cleanly");
 }
+
+pub(crate) fn publisher_reconnecting(reason: &str, unconfirmed: usize) {
+    warn!(event = "publisher_reconnecting", %reason, unconfirmed, "publisher lost the broker: reconnecting to send unconfirmed messages again");
+}
+
+pub(crate) fn status_not_recorded(reason: &str) {
+    warn!(event = "status_not_recorded", %reason, "could not record the terminal's state for `possync status`");
+}

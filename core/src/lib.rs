@@ -5,6 +5,7 @@
 //! applied by a [`possync_sdk::MessageHandler`] found in the [`Registry`].
 
 mod applier;
+mod backoff;
 mod config;
 mod connection;
 mod consumer;
@@ -19,7 +20,7 @@ mod telemetry;
 mod terminal;
 mod topology;
 
-pub use config::{BrokerConfig, Config, ConfigError, LoadedConfig, TerminalConfig};
+pub use config::{BrokerConfig, Config, ConfigError, LoadedConfig, QueueType, TerminalConfig};
 pub use connection::BrokerError;
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
 pub use publisher::{PublishError, Published, Publisher};

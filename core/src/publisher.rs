@@ -3,18 +3,19 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use possync_sdk::{Envelope, WireMessage};
 use time::OffsetDateTime;
+use tokio::sync::Mutex;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::BrokerConfig;
 use crate::connection::{self, BrokerError};
 use crate::identity::{InvalidId, LicenseKey};
-use crate::redact::redact_url;
+use crate::events;
 use crate::topology::{declare_exchange, routing_key};
 
 const PERSISTENT: u8 = 2;
@@ -61,42 +62,38 @@ pub struct Published {
     pub message_id: String,
 }
 
-/// Publishes to `pos_license_events` with confirms.
+/// Publishes to `pos_license_events` with confirms, reconnecting (and
+/// republishing what was not yet confirmed) when the connection drops.
 #[derive(Debug)]
 pub struct Publisher {
-    connection: Connection,
-    channel: Channel,
-    exchange: String,
-    url: String,
-    timeout_secs: u64,
+    broker: BrokerConfig,
+    session: Mutex<Option<Session>>,
     last_version: AtomicI64,
 }
 
+#[derive(Debug)]
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    url: String,
+}
+
+/// One message on its way: kept until confirmed, so it can be sent again
+/// on a new connection.
 struct Pending {
     routing_key: String,
     license_key: String,
     message_id: String,
-    confirm: PublisherConfirm,
+    message_type: String,
+    body: Vec<u8>,
+    confirm: Option<PublisherConfirm>,
 }
 
 impl Publisher {
     /// Connects and declares the exchange.
     pub async fn connect(broker: &BrokerConfig) -> Result<Self, PublishError> {
-        let url = broker.url.clone();
-        let timeout = broker.confirm_timeout_secs;
-        let connection = connection::connect(broker, &url, "possync publisher").await?;
-        let channel = connection::within(timeout, "opening a channel", &url, connection.create_channel()).await?;
-        connection::within(timeout, "enabling publisher confirms", &url, channel.confirm_select(ConfirmSelectOptions::default()))
-            .await?;
-        connection::within(timeout, "declaring the exchange", &url, declare_exchange(&channel, &broker.exchange)).await?;
-        Ok(Self {
-            connection,
-            channel,
-            exchange: broker.exchange.clone(),
-            url,
-            timeout_secs: timeout,
-            last_version: AtomicI64::new(0),
-        })
+        let session = Session::open(broker, 0).await?;
+        Ok(Self { broker: broker.clone(), session: Mutex::new(Some(session)), last_version: AtomicI64::new(0) })
     }
 
     /// Publishes `message` to every store in `license_keys`; returns once
@@ -120,28 +117,117 @@ impl Publisher {
     }
 
     /// Publishes many envelopes, keeping up to a window of them in flight;
-    /// returns once the broker confirmed them all, or at the first failure
-    /// (the messages before it are confirmed, those after it unknown).
+    /// returns once the broker confirmed them all, or at the first message
+    /// it refused (those before it are confirmed, those after it unknown).
+    ///
+    /// If the connection drops, the publisher reconnects and sends every
+    /// unconfirmed message again with its original `message_id`, so a
+    /// message the broker had in fact received applies only once.
     pub async fn publish_envelopes(
         &self,
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> Result<Vec<Published>, PublishError> {
-        let mut in_flight = VecDeque::new();
+        let mut guard = self.session.lock().await;
+        let mut in_flight: VecDeque<Pending> = VecDeque::new();
         let mut published = Vec::new();
+        let mut reconnects = Reconnects::new(&self.broker);
         for envelope in envelopes {
-            if in_flight.len() >= WINDOW
-                && let Some(pending) = in_flight.pop_front() {
-                    published.push(self.confirmed(pending).await?);
+            while in_flight.len() >= WINDOW {
+                self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects).await?;
+            }
+            let mut pending = self.prepare(envelope)?;
+            loop {
+                match send(&mut guard, &self.broker, &mut pending).await {
+                    Ok(()) => break,
+                    Err(err) => self.recover(&mut guard, &mut in_flight, &mut reconnects, err).await?,
                 }
-            in_flight.push_back(self.send(envelope).await?);
+            }
+            in_flight.push_back(pending);
         }
-        while let Some(pending) = in_flight.pop_front() {
-            published.push(self.confirmed(pending).await?);
+        while !in_flight.is_empty() {
+            self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects).await?;
         }
         Ok(published)
     }
 
-    async fn send(&self, mut envelope: Envelope) -> Result<Pending, PublishError> {
+    async fn settle_oldest(
+        &self,
+        session: &mut Option<Session>,
+        in_flight: &mut VecDeque<Pending>,
+        published: &mut Vec<Published>,
+        reconnects: &mut Reconnects,
+    ) -> Result<(), PublishError> {
+        let Some(oldest) = in_flight.front_mut() else { return Ok(()) };
+        let Some(confirm) = oldest.confirm.take() else {
+            // Sent on a connection that is gone: send everything again first.
+            let err = BrokerError::ConnectionLost;
+            return self.recover(session, in_flight, reconnects, err).await;
+        };
+        let url = session.as_ref().map_or("", |s| s.url.as_str()).to_owned();
+        let waited = connection::within(self.broker.confirm_timeout_secs, "waiting for the broker's confirm", &url, confirm).await;
+        match waited {
+            Ok(Confirmation::Ack(None)) => {
+                if let Some(done) = in_flight.pop_front() {
+                    published.push(Published { routing_key: done.routing_key, message_id: done.message_id });
+                }
+                Ok(())
+            }
+            Ok(Confirmation::Ack(Some(_returned))) => {
+                let done = in_flight.pop_front();
+                let (routing_key, license_key) = done.map(|d| (d.routing_key, d.license_key)).unwrap_or_default();
+                Err(PublishError::Unroutable { routing_key, license_key })
+            }
+            Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                let routing_key = in_flight.pop_front().map(|d| d.routing_key).unwrap_or_default();
+                Err(PublishError::Refused { routing_key })
+            }
+            Err(err) => self.recover(session, in_flight, reconnects, err).await,
+        }
+    }
+
+    /// After a connection failure: reconnect and send every unconfirmed
+    /// message again, or give up with the error when retrying cannot help
+    /// or the retry time is spent.
+    async fn recover(
+        &self,
+        session: &mut Option<Session>,
+        in_flight: &mut VecDeque<Pending>,
+        reconnects: &mut Reconnects,
+        err: BrokerError,
+    ) -> Result<(), PublishError> {
+        let mut err = err;
+        loop {
+            if !err.is_connection_failure() || !reconnects.may_retry() {
+                return Err(err.into());
+            }
+            events::publisher_reconnecting(&err.to_string(), in_flight.len());
+            if let Some(old) = session.take() {
+                old.close(1).await;
+            }
+            tokio::time::sleep(reconnects.next_delay()).await;
+            match Session::open(&self.broker, reconnects.attempt).await {
+                Ok(fresh) => *session = Some(fresh),
+                Err(PublishError::Broker(next)) => {
+                    err = next;
+                    continue;
+                }
+                Err(other) => return Err(other),
+            }
+            let mut failed = None;
+            for pending in in_flight.iter_mut() {
+                if let Err(next) = send(session, &self.broker, pending).await {
+                    failed = Some(next);
+                    break;
+                }
+            }
+            match failed {
+                None => return Ok(()),
+                Some(next) => err = next,
+            }
+        }
+    }
+
+    fn prepare(&self, mut envelope: Envelope) -> Result<Pending, PublishError> {
         let license_key = LicenseKey::new(envelope.license_key.clone())?;
         check_type(&envelope.message_type)?;
         let message_id = envelope.message_id.get_or_insert_with(|| uuid::Uuid::now_v7().to_string()).clone();
@@ -151,37 +237,14 @@ impl Publisher {
         if envelope.timestamp.is_none() {
             envelope.timestamp = OffsetDateTime::now_utc().format(&Rfc3339).ok();
         }
-        let routing_key = routing_key(&license_key, &envelope.message_type);
-        let body = serde_json::to_vec(&envelope)?;
-        let properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_content_type("application/json".into())
-            .with_message_id(message_id.as_str().into())
-            .with_type(envelope.message_type.as_str().into());
-        let confirm = connection::within(
-            self.timeout_secs,
-            "publishing",
-            &self.url,
-            self.channel.basic_publish(
-                self.exchange.as_str().into(),
-                routing_key.as_str().into(),
-                // mandatory: the broker tells us when no queue took the message.
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                &body,
-                properties,
-            ),
-        )
-        .await?;
-        Ok(Pending { routing_key, license_key: license_key.to_string(), message_id, confirm })
-    }
-
-    async fn confirmed(&self, pending: Pending) -> Result<Published, PublishError> {
-        let Pending { routing_key, license_key, message_id, confirm } = pending;
-        match connection::within(self.timeout_secs, "waiting for the broker's confirm", &self.url, confirm).await? {
-            Confirmation::Ack(None) => Ok(Published { routing_key, message_id }),
-            Confirmation::Ack(Some(_returned)) => Err(PublishError::Unroutable { routing_key, license_key }),
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Refused { routing_key }),
-        }
+        Ok(Pending {
+            routing_key: routing_key(&license_key, &envelope.message_type),
+            license_key: license_key.to_string(),
+            message_id,
+            body: serde_json::to_vec(&envelope)?,
+            message_type: envelope.message_type,
+            confirm: None,
+        })
     }
 
     /// Microseconds since the epoch, strictly increasing for this publisher
@@ -200,14 +263,80 @@ impl Publisher {
         }
     }
 
-    /// The broker URL, password redacted.
+    /// The broker URLs, passwords redacted.
     pub fn broker(&self) -> String {
-        redact_url(&self.url)
+        self.broker.redacted_urls()
     }
 
     /// Closes the connection.
     pub async fn close(self) {
-        let _ = connection::within(self.timeout_secs, "closing", &self.url, self.connection.close(200, "done".into())).await;
+        if let Some(session) = self.session.into_inner() {
+            session.close(self.broker.confirm_timeout_secs).await;
+        }
+    }
+}
+
+impl Session {
+    /// Connects to the broker URLs in turn, starting with the one `attempt` picks.
+    async fn open(broker: &BrokerConfig, attempt: u32) -> Result<Self, PublishError> {
+        let url = broker.urls[attempt as usize % broker.urls.len()].clone();
+        let timeout = broker.confirm_timeout_secs;
+        let connection = connection::connect(broker, &url, "possync publisher").await?;
+        let channel = connection::within(timeout, "opening a channel", &url, connection.create_channel()).await?;
+        connection::within(timeout, "enabling publisher confirms", &url, channel.confirm_select(ConfirmSelectOptions::default()))
+            .await?;
+        connection::within(timeout, "declaring the exchange", &url, declare_exchange(&channel, &broker.exchange)).await?;
+        Ok(Self { connection, channel, url })
+    }
+
+    async fn close(self, timeout_secs: u64) {
+        let _ = connection::within(timeout_secs, "closing", &self.url, self.connection.close(200, "done".into())).await;
+    }
+}
+
+async fn send(session: &mut Option<Session>, broker: &BrokerConfig, pending: &mut Pending) -> Result<(), BrokerError> {
+    let Some(session) = session.as_ref() else { return Err(BrokerError::ConnectionLost) };
+    let properties = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type("application/json".into())
+        .with_message_id(pending.message_id.as_str().into())
+        .with_type(pending.message_type.as_str().into());
+    let confirm = connection::within(
+        broker.confirm_timeout_secs,
+        "publishing",
+        &session.url,
+        session.channel.basic_publish(
+            broker.exchange.as_str().into(),
+            pending.routing_key.as_str().into(),
+            // mandatory: the broker tells us when no queue took the message.
+            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+            &pending.body,
+            properties,
+        ),
+    )
+    .await?;
+    pending.confirm = Some(confirm);
+    Ok(())
+}
+
+/// How long a publish keeps trying to get through a broker outage.
+struct Reconnects {
+    attempt: u32,
+    deadline: Instant,
+}
+
+impl Reconnects {
+    fn new(broker: &BrokerConfig) -> Self {
+        Self { attempt: 0, deadline: Instant::now() + Duration::from_secs(broker.publish_retry_secs) }
+    }
+
+    fn may_retry(&self) -> bool {
+        Instant::now() < self.deadline
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        self.attempt += 1;
+        crate::backoff::delay(self.attempt)
     }
 }
 

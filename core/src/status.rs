@@ -35,6 +35,8 @@ pub struct Status {
     pub applied: u64,
     /// Messages dead-lettered since start.
     pub quarantined: u64,
+    /// Redelivered messages that were applied before and changed nothing.
+    pub duplicates: u64,
     /// When the last message was applied.
     pub last_applied_at: Option<SystemTime>,
 }
@@ -55,6 +57,7 @@ impl StatusSender {
             state: State::Connecting,
             applied: 0,
             quarantined: 0,
+            duplicates: 0,
             last_applied_at: None,
         });
         (Self(sender), receiver)
@@ -64,13 +67,14 @@ impl StatusSender {
         self.0.send_modify(|status| status.state = state);
     }
 
-    pub(crate) fn count(&self, applied: u64, quarantined: u64) {
-        if applied == 0 && quarantined == 0 {
+    pub(crate) fn count(&self, applied: u64, quarantined: u64, duplicates: u64) {
+        if applied == 0 && quarantined == 0 && duplicates == 0 {
             return;
         }
         self.0.send_modify(|status| {
             status.applied += applied;
             status.quarantined += quarantined;
+            status.duplicates += duplicates;
             if applied > 0 {
                 status.last_applied_at = Some(SystemTime::now());
             }

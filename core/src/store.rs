@@ -18,6 +18,25 @@ const BOOKKEEPING: &str = "
         applied_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS possync_applied_at ON possync_applied (applied_at);
+    CREATE TABLE IF NOT EXISTS possync_attempts (
+        message_key TEXT PRIMARY KEY NOT NULL,
+        attempts    INTEGER NOT NULL,
+        last_error  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS possync_status (
+        id                INTEGER PRIMARY KEY CHECK (id = 1),
+        license_key       TEXT NOT NULL,
+        terminal_id       TEXT NOT NULL,
+        state             TEXT NOT NULL,
+        since_ms          INTEGER NOT NULL,
+        reason            TEXT,
+        broker            TEXT,
+        pid               INTEGER,
+        applied_total     INTEGER NOT NULL DEFAULT 0,
+        quarantined_total INTEGER NOT NULL DEFAULT 0,
+        last_applied_ms   INTEGER,
+        last_message_type TEXT
+    );
     CREATE TABLE IF NOT EXISTS possync_quarantine (
         id           INTEGER PRIMARY KEY,
         received_at  INTEGER NOT NULL,
@@ -67,6 +86,46 @@ pub struct Quarantined {
     pub body: Vec<u8>,
 }
 
+/// A state change, as stored for `possync status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StateRecord {
+    pub(crate) license_key: String,
+    pub(crate) terminal_id: String,
+    pub(crate) state: &'static str,
+    pub(crate) since_ms: i64,
+    pub(crate) reason: Option<String>,
+    pub(crate) broker: Option<String>,
+}
+
+/// A terminal's status as its database holds it, for `possync status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredStatus {
+    /// The store.
+    pub license_key: String,
+    /// The terminal.
+    pub terminal_id: String,
+    /// `connecting`, `live`, `offline` or `stopped`.
+    pub state: String,
+    /// Milliseconds since the epoch when that state began.
+    pub since_ms: i64,
+    /// Why it is offline.
+    pub reason: Option<String>,
+    /// The broker (password redacted).
+    pub broker: Option<String>,
+    /// The process that wrote it.
+    pub pid: Option<i64>,
+    /// Messages applied, all time.
+    pub applied_total: i64,
+    /// Messages dead-lettered, all time.
+    pub quarantined_total: i64,
+    /// When the last message was applied (ms since the epoch).
+    pub last_applied_ms: Option<i64>,
+    /// The type of the last message applied.
+    pub last_message_type: Option<String>,
+    /// Rows in `possync_quarantine`.
+    pub quarantine_rows: i64,
+}
+
 /// The terminal's database.
 #[derive(Debug)]
 pub struct Database {
@@ -93,6 +152,14 @@ impl Database {
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.set_prepared_statement_cache_capacity(128);
         connection.execute_batch(BOOKKEEPING)?;
+        Ok(Self { connection })
+    }
+
+    /// Opens an existing database read-only, to look at it while a terminal may run.
+    pub fn open_read_only(path: &Path) -> Result<Self, DatabaseError> {
+        let connection = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|source| DatabaseError::Open { path: path.to_owned(), source })?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Self { connection })
     }
 
@@ -198,6 +265,98 @@ impl Database {
         Ok(())
     }
 
+    /// Counts one more failed try of the message `key`; returns the tries so far.
+    pub(crate) fn record_attempt(&mut self, key: &str, error: &str) -> Result<u32, rusqlite::Error> {
+        let mut statement = self.connection.prepare_cached(
+            "INSERT INTO possync_attempts (message_key, attempts, last_error) VALUES (?1, 1, ?2)
+             ON CONFLICT (message_key) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error
+             RETURNING attempts",
+        )?;
+        statement.query_row(params![key, error], |row| row.get(0))
+    }
+
+    pub(crate) fn forget_attempts(&mut self, key: &str) -> Result<(), rusqlite::Error> {
+        let mut statement = self.connection.prepare_cached("DELETE FROM possync_attempts WHERE message_key = ?1")?;
+        statement.execute([key])?;
+        Ok(())
+    }
+
+    /// Records a state change for `possync status`.
+    pub(crate) fn record_state(&mut self, record: &StateRecord) -> Result<(), rusqlite::Error> {
+        self.connection.execute(
+            "INSERT INTO possync_status (id, license_key, terminal_id, state, since_ms, reason, broker, pid)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (id) DO UPDATE SET license_key = excluded.license_key, terminal_id = excluded.terminal_id,
+                 state = excluded.state, since_ms = excluded.since_ms, reason = excluded.reason,
+                 broker = excluded.broker, pid = excluded.pid",
+            params![
+                record.license_key,
+                record.terminal_id,
+                record.state,
+                record.since_ms,
+                record.reason,
+                record.broker,
+                std::process::id()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Adds a committed batch to the totals `possync status` shows.
+    pub(crate) fn record_progress(
+        &mut self,
+        applied: u64,
+        quarantined: u64,
+        last_message_type: Option<&str>,
+    ) -> Result<(), rusqlite::Error> {
+        if applied == 0 && quarantined == 0 {
+            return Ok(());
+        }
+        let mut statement = self.connection.prepare_cached(
+            "UPDATE possync_status SET applied_total = applied_total + ?1, quarantined_total = quarantined_total + ?2,
+                 last_applied_ms = CASE WHEN ?1 > 0 THEN ?3 ELSE last_applied_ms END,
+                 last_message_type = coalesce(?4, last_message_type)
+             WHERE id = 1",
+        )?;
+        statement.execute(params![
+            i64::try_from(applied).unwrap_or(i64::MAX),
+            i64::try_from(quarantined).unwrap_or(i64::MAX),
+            unix_now_ms(),
+            last_message_type
+        ])?;
+        Ok(())
+    }
+
+    /// What `possync status` shows, if the terminal ever ran on this database.
+    pub fn status_record(&self) -> Result<Option<StoredStatus>, DatabaseError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT license_key, terminal_id, state, since_ms, reason, broker, pid, applied_total,
+                        quarantined_total, last_applied_ms, last_message_type,
+                        (SELECT count(*) FROM possync_quarantine)
+                 FROM possync_status WHERE id = 1",
+                [],
+                |row| {
+                    Ok(StoredStatus {
+                        license_key: row.get(0)?,
+                        terminal_id: row.get(1)?,
+                        state: row.get(2)?,
+                        since_ms: row.get(3)?,
+                        reason: row.get(4)?,
+                        broker: row.get(5)?,
+                        pid: row.get(6)?,
+                        applied_total: row.get(7)?,
+                        quarantined_total: row.get(8)?,
+                        last_applied_ms: row.get(9)?,
+                        last_message_type: row.get(10)?,
+                        quarantine_rows: row.get(11)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     /// The handle a handler writes through, inside the current transaction.
     pub(crate) fn store(&mut self) -> SqliteStore<'_> {
         SqliteStore { connection: &mut self.connection }
@@ -270,6 +429,10 @@ impl Store for SqliteStore<'_> {
             None => Ok(None),
         }
     }
+}
+
+pub(crate) fn unix_now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 pub(crate) fn unix_now() -> i64 {

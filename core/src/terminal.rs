@@ -1,6 +1,6 @@
 //! A terminal: keeps one store's catalog in the local database, live.
 
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,7 +12,7 @@ use crate::events;
 use crate::redact::redact_url;
 use crate::registry::{Registry, RegistryError};
 use crate::status::{State, Status, StatusSender};
-use crate::store::{Database, DatabaseError};
+use crate::store::{Database, DatabaseError, StateRecord, unix_now_ms};
 use crate::topology::TerminalTopology;
 
 /// A terminal that could not start or had to stop.
@@ -58,12 +58,7 @@ impl Terminal {
     pub fn new(config: Config, registry: Registry) -> Result<Self, TerminalError> {
         let license_key = config.license_key()?.clone();
         let terminal_id = config.terminal_id()?.clone();
-        let topology = TerminalTopology::new(
-            &config.broker.exchange,
-            &license_key,
-            &terminal_id,
-            config.terminal.queue_expiry_days,
-        );
+        let topology = TerminalTopology::new(&config, &license_key, &terminal_id);
         let mut database = Database::open(&config.terminal.database)?;
         let ran = database.migrate(registry.migrations().iter())?;
         events::migrations_ran(&ran);
@@ -90,38 +85,44 @@ impl Terminal {
     }
 
     /// Runs until `shutdown` completes, reconnecting whenever the broker goes
-    /// away. On shutdown it stops taking messages, commits and acknowledges
-    /// what it applied, and closes the connection.
+    /// away (trying each of `broker.url` in turn). On shutdown it stops taking
+    /// messages, commits and acknowledges what it applied, and closes the
+    /// connection.
     ///
-    /// Fails at once if the broker refuses the terminal on the first attempt
-    /// (wrong credentials, a conflicting queue): that needs an operator.
+    /// Fails at once if the broker refuses the terminal before it was ever
+    /// live (wrong credentials, a conflicting queue): that needs an operator.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TerminalError> {
         let Self { config, topology, registry, database, connection_name, status } = self;
-        let license_key = config.license_key()?.clone();
+        let identity = (config.license_key()?.to_string(), config.terminal_id()?.to_string());
         let applier = ApplierHandle::spawn(Applier::new(
             database,
             registry,
-            license_key,
+            config.license_key()?.clone(),
             config.terminal.max_message_bytes,
+            config.terminal.max_attempts,
             tokio::runtime::Handle::current(),
         ))?;
+        let reporter = Reporter { applier: &applier, status: &status, identity };
+        reporter.set(State::Connecting, None).await;
         let mut shutdown = pin!(shutdown);
-        let url = config.broker.url.clone();
+        let urls = &config.broker.urls;
         let mut attempt: u32 = 0;
+        let mut failures: u32 = 0;
         let mut ever_live = false;
         let result = loop {
-            attempt += 1;
-            events::connecting(&redact_url(&url), attempt);
+            let url = &urls[attempt as usize % urls.len()];
+            attempt = attempt.wrapping_add(1);
+            events::connecting(&redact_url(url), failures + 1);
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                opened = Subscription::open(&config.broker, &url, &topology, config.terminal.prefetch, &connection_name) => opened,
+                opened = Subscription::open(&config.broker, url, &topology, config.terminal.prefetch, &connection_name) => opened,
             };
             let reason = match opened {
                 Ok(subscription) => {
                     ever_live = true;
-                    attempt = 0;
-                    events::live(&redact_url(&url), &topology.queue, &topology.binding_key);
-                    status.set_state(State::Live { since: SystemTime::now() });
+                    failures = 0;
+                    events::live(&redact_url(url), &topology.queue, &topology.binding_key);
+                    reporter.set(State::Live { since: SystemTime::now() }, Some(url)).await;
                     match consume(subscription, &applier, &status, config.terminal.batch_size, &mut shutdown).await {
                         SessionEnd::Stopped => break Ok(()),
                         SessionEnd::Lost(err) => err,
@@ -130,21 +131,53 @@ impl Terminal {
                 Err(err) if err.needs_operator() && !ever_live => break Err(err.into()),
                 Err(err) => err,
             };
-            let delay = backoff(attempt);
+            failures += 1;
+            let delay = crate::backoff::delay(failures);
             let reason = reason.to_string();
-            events::offline(&reason, delay.as_millis(), attempt <= 1);
-            status.set_state(State::Offline { since: SystemTime::now(), reason });
+            events::offline(&reason, delay.as_millis(), failures == 1);
+            if failures == 1 {
+                reporter.set(State::Offline { since: SystemTime::now(), reason }, Some(url)).await;
+            }
             tokio::select! {
                 () = &mut shutdown => break Ok(()),
                 () = tokio::time::sleep(delay) => {}
             }
         };
+        reporter.set(State::Stopped, None).await;
         applier.shutdown();
-        status.set_state(State::Stopped);
         if result.is_ok() {
             events::stopped();
         }
         result
+    }
+}
+
+/// Publishes state changes to watchers and to the database.
+struct Reporter<'a> {
+    applier: &'a ApplierHandle,
+    status: &'a StatusSender,
+    identity: (String, String),
+}
+
+impl Reporter<'_> {
+    async fn set(&self, state: State, broker: Option<&str>) {
+        let (name, reason) = match &state {
+            State::Connecting => ("connecting", None),
+            State::Live { .. } => ("live", None),
+            State::Offline { reason, .. } => ("offline", Some(reason.clone())),
+            State::Stopped => ("stopped", None),
+        };
+        self.applier
+            .record_state(StateRecord {
+                license_key: self.identity.0.clone(),
+                terminal_id: self.identity.1.clone(),
+                state: name,
+                since_ms: unix_now_ms(),
+                reason,
+                broker: broker.map(redact_url),
+            })
+            .await;
+        self.status.set_state(state);
     }
 }
 
@@ -154,7 +187,7 @@ async fn consume(
     applier: &ApplierHandle,
     status: &StatusSender,
     batch_size: usize,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
     loop {
         let first = tokio::select! {
@@ -187,16 +220,15 @@ async fn consume(
         let (batch, result) = applier.apply(batch).await;
         match result {
             Ok(outcomes) => {
-                let applied = outcomes.iter().filter(|o| matches!(o, Outcome::Applied { .. })).count();
-                let quarantined = outcomes.iter().filter(|o| matches!(o, Outcome::DeadLetter { .. })).count();
-                events::batch_applied(size, applied, started.elapsed().as_millis());
-                if outcomes.iter().any(|o| !o.settles_by_ack()) {
+                let tally = Tally::of(&outcomes);
+                events::batch_applied(size, tally.applied, started.elapsed().as_millis());
+                if tally.retries > 0 {
                     // Give a passing problem (a locked database) a moment before the retry arrives.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 let settled = subscription.settle(&batch, &outcomes).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
-                status.count(applied as u64, quarantined as u64);
+                status.count(tally.applied as u64, tally.quarantined as u64, tally.duplicates as u64);
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
                 }
@@ -215,9 +247,26 @@ async fn consume(
     }
 }
 
-/// Exponential backoff from 250 ms to 30 s, with full jitter so a fleet of
-/// terminals does not reconnect in lockstep after a broker restart.
-fn backoff(attempt: u32) -> Duration {
-    let ceiling_ms = 250u64.saturating_mul(1 << attempt.min(7)).min(30_000);
-    Duration::from_millis(rand::random_range(ceiling_ms / 2..=ceiling_ms))
+#[derive(Default)]
+struct Tally {
+    applied: usize,
+    quarantined: usize,
+    duplicates: usize,
+    retries: usize,
+}
+
+impl Tally {
+    fn of(outcomes: &[Outcome]) -> Self {
+        let mut tally = Self::default();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Applied { .. } => tally.applied += 1,
+                Outcome::DeadLetter { .. } => tally.quarantined += 1,
+                Outcome::Duplicate => tally.duplicates += 1,
+                Outcome::Retry { .. } => tally.retries += 1,
+                Outcome::Disabled { .. } => {}
+            }
+        }
+        tally
+    }
 }

@@ -4,6 +4,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
+use crate::config::{Config, QueueType};
 use crate::identity::{LicenseKey, TerminalId};
 
 /// The names and settings of one terminal's exchange, queue and dead-letter queue.
@@ -21,14 +22,24 @@ pub struct TerminalTopology {
     pub binding_key: String,
     /// Milliseconds an unused queue lives.
     pub expires_ms: u64,
+    /// Classic or quorum.
+    pub queue_type: QueueType,
+    /// For quorum queues: deliveries after which the broker dead-letters a
+    /// message itself, a second guard behind `terminal.max_attempts`.
+    pub delivery_limit: u32,
 }
 
 impl TerminalTopology {
     /// The topology of terminal `terminal_id` of store `license_key`.
-    pub fn new(exchange: &str, license_key: &LicenseKey, terminal_id: &TerminalId, expiry_days: u32) -> Self {
+    pub fn new(config: &Config, license_key: &LicenseKey, terminal_id: &TerminalId) -> Self {
+        let exchange = config.broker.exchange.as_str();
+        let expiry_days = config.terminal.queue_expiry_days;
         // Both ids are checked words without '.', so these names cannot collide across stores.
         let queue = format!("possync.{license_key}.{terminal_id}");
         Self {
+            queue_type: config.broker.queue_type,
+            // Our own count settles poison first; the broker's catches a crash loop.
+            delivery_limit: config.terminal.max_attempts.saturating_mul(4).max(20),
             exchange: exchange.to_owned(),
             dead_letter_exchange: format!("{exchange}.dead_letter"),
             dead_letter_queue: format!("{queue}.dead_letter"),
@@ -73,6 +84,10 @@ impl TerminalTopology {
         args.insert("x-expires".into(), long(self.expires_ms));
         args.insert("x-dead-letter-exchange".into(), string(&self.dead_letter_exchange));
         args.insert("x-dead-letter-routing-key".into(), string(&self.dead_letter_queue));
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), string("quorum"));
+            args.insert("x-delivery-limit".into(), long(u64::from(self.delivery_limit)));
+        }
         channel
             .queue_declare(
                 self.queue.as_str().into(),

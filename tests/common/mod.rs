@@ -47,7 +47,7 @@ pub fn unique_license(label: &str) -> LicenseKey {
 /// A config for terminal `terminal` of `license`, its database under `dir`.
 pub fn terminal_config(dir: &Path, license: &LicenseKey, terminal: &str) -> Config {
     let mut config = Config::default();
-    config.broker.url = amqp_url();
+    config.broker.urls = vec![amqp_url()];
     config.terminal.license_key = Some(license.clone());
     config.terminal.terminal_id = Some(TerminalId::new(terminal).expect("valid terminal id"));
     config.terminal.database = dir.join(format!("{license}-{terminal}.db"));
