@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use possync_core::{Config, LoadedConfig, Registry, Terminal};
+use possync_core::{Config, Database, LoadedConfig, Registry, StatusReport, Terminal};
 
 use crate::demo::{self, DemoArgs};
 use crate::publish::{self, PublishCommand};
@@ -37,6 +37,9 @@ enum Command {
     /// confirmed every message.
     #[command(subcommand)]
     Publish(PublishCommand),
+    /// Show whether the configured terminal is Live or Offline, since when,
+    /// and what it applied last; exits 0 only when it is live.
+    Status,
     /// Show the handlers this binary has.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -76,6 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Terminal => terminal(load(cli.config.as_deref())?).await,
         Command::Publish(command) => publish::run(&load(cli.config.as_deref())?.config, command).await,
+        Command::Status => status(&load(cli.config.as_deref())?.config),
         Command::Plugins(PluginsCommand::List) => plugins_list(&load(cli.config.as_deref())?.config),
         Command::Demo(args) => demo::run(&load(cli.config.as_deref())?.config, args).await,
     }
@@ -114,6 +118,25 @@ pub(crate) async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+fn status(config: &Config) -> anyhow::Result<ExitCode> {
+    let path = &config.terminal.database;
+    if !path.exists() {
+        anyhow::bail!(
+            "no terminal database at {}: has `possync terminal` run with this config? (terminal.database)",
+            path.display()
+        );
+    }
+    let database = Database::open_read_only(path)?;
+    let stored = database
+        .status_record()
+        .ok()
+        .flatten()
+        .with_context(|| format!("{} holds no terminal status: the terminal has not run on it yet", path.display()))?;
+    let report = StatusReport::new(&stored, possync_core::unix_now_ms());
+    print!("{}", report.text);
+    Ok(if report.live { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn plugins_list(config: &Config) -> anyhow::Result<ExitCode> {

@@ -54,11 +54,20 @@ async fn sigterm_mid_stream_settles_exactly_what_was_committed() {
         count(&db, "SELECT count(*) FROM products") >= 300
     })
     .await;
+    let status = possync(&["status", "--config", file.to_str().expect("utf-8")]);
+    assert!(status.status.success(), "`possync status` exits 0 while live: {}", text(&status.stdout));
+    let shown = text(&status.stdout);
+    assert!(shown.starts_with("Live since "), "{shown}");
+    assert!(shown.contains(&format!("store         {store} (terminal till-1)")), "{shown}");
+
     kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGTERM).expect("SIGTERM");
     let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
     let stderr = text(&output.stderr);
     assert!(output.status.success(), "exit 0 on SIGTERM: {stderr}");
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
+    let status = possync(&["status", "--config", file.to_str().expect("utf-8")]);
+    assert_eq!(status.status.code(), Some(1), "`possync status` exits 1 when not live");
+    assert!(text(&status.stdout).starts_with("Stopped since "), "{}", text(&status.stdout));
 
     let applied = usize::try_from(count(&db, "SELECT count(*) FROM products")).expect("count");
     assert!(applied < MESSAGES, "the terminal was stopped mid-stream ({applied} applied)");
@@ -91,4 +100,26 @@ fn a_terminal_the_broker_refuses_exits_non_zero_with_a_clear_message() {
     let stderr = text(&output.stderr);
     assert!(stderr.contains("refused access"), "{stderr}");
     assert!(!stderr.contains("wrong-password"), "the password is never printed: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_reconnecting_stops_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("nobroker");
+    let child = possync_command(&["terminal"])
+        .env("POSSYNC_BROKER__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+        .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+        .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = std::time::Instant::now();
+    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGTERM).expect("SIGTERM");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(3), "it does not wait out the backoff");
+    assert!(stderr.contains("Offline") && stderr.contains("stopped cleanly"), "{stderr}");
 }

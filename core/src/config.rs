@@ -84,6 +84,16 @@ impl BrokerConfig {
     }
 }
 
+/// How a terminal's queue outlives the terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// A durable queue: nothing is lost while the terminal is off.
+    Durable,
+    /// An exclusive, auto-deleted queue, as in the system possync replaces.
+    Transient,
+}
+
 /// The kind of queue a terminal gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,6 +131,11 @@ pub struct TerminalConfig {
     pub prefetch: u16,
     /// Most messages applied in one database transaction.
     pub batch_size: usize,
+    /// `durable`: a named durable queue that keeps changes while the
+    /// terminal is off. `transient`: the original behaviour, an exclusive
+    /// queue that lives only while the terminal is connected (changes made
+    /// meanwhile are lost).
+    pub delivery: Delivery,
     /// Days an unused terminal queue is kept before the broker deletes it.
     pub queue_expiry_days: u32,
     /// Bodies larger than this many bytes are dead-lettered unread.
@@ -138,6 +153,7 @@ impl Default for TerminalConfig {
             database: PathBuf::from("possync.db"),
             prefetch: 500,
             batch_size: 250,
+            delivery: Delivery::Durable,
             queue_expiry_days: 30,
             max_message_bytes: 1024 * 1024,
             max_attempts: 5,

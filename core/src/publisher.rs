@@ -92,7 +92,16 @@ struct Pending {
 impl Publisher {
     /// Connects and declares the exchange.
     pub async fn connect(broker: &BrokerConfig) -> Result<Self, PublishError> {
-        let session = Session::open(broker, 0).await?;
+        let mut session = Session::open(broker, 0).await;
+        for attempt in 1..broker.urls.len() {
+            match session {
+                Err(PublishError::Broker(ref err)) if err.is_connection_failure() => {
+                    session = Session::open(broker, u32::try_from(attempt).unwrap_or(0)).await;
+                }
+                _ => break,
+            }
+        }
+        let session = session?;
         Ok(Self { broker: broker.clone(), session: Mutex::new(Some(session)), last_version: AtomicI64::new(0) })
     }
 

@@ -85,3 +85,83 @@ impl StatusSender {
         self.0.subscribe()
     }
 }
+
+/// `possync status`: what a terminal's database says about it, and whether
+/// the process that wrote it still runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    /// Whether the terminal is live (the exit code of `possync status`).
+    pub live: bool,
+    /// Lines for a person.
+    pub text: String,
+}
+
+impl StatusReport {
+    /// Builds the report from the stored status, at `now_ms`.
+    pub fn new(stored: &crate::store::StoredStatus, now_ms: i64) -> Self {
+        let running = stored.pid.is_none_or(process_exists);
+        let state = match (stored.state.as_str(), running) {
+            ("stopped", _) => "Stopped".to_owned(),
+            (_, false) => format!(
+                "Stopped (process {} is gone without a clean stop; it was {})",
+                stored.pid.unwrap_or_default(),
+                stored.state
+            ),
+            ("live", true) => "Live".to_owned(),
+            ("offline", true) => "Offline".to_owned(),
+            (other, true) => capitalize(other),
+        };
+        let live = running && stored.state == "live";
+        let mut text = format!("{state} since {}\n", when(stored.since_ms, now_ms));
+        if let (Some(reason), "offline") = (&stored.reason, stored.state.as_str()) {
+            text.push_str(&format!("reason        {reason}\n"));
+        }
+        text.push_str(&format!("store         {} (terminal {})\n", stored.license_key, stored.terminal_id));
+        if let Some(broker) = &stored.broker {
+            text.push_str(&format!("broker        {broker}\n"));
+        }
+        match stored.last_applied_ms {
+            Some(ms) => text.push_str(&format!(
+                "last applied  {} at {}\n",
+                stored.last_message_type.as_deref().unwrap_or("a message"),
+                when(ms, now_ms)
+            )),
+            None => text.push_str("last applied  never\n"),
+        }
+        text.push_str(&format!(
+            "applied       {} messages; {} quarantined ({} kept in possync_quarantine)\n",
+            stored.applied_total, stored.quarantined_total, stored.quarantine_rows
+        ));
+        Self { live, text }
+    }
+}
+
+fn capitalize(word: &str) -> String {
+    let mut chars = word.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}
+
+fn when(ms: i64, now_ms: i64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC")).ok())
+        .unwrap_or_else(|| ms.to_string());
+    let ago = (now_ms - ms).max(0) / 1000;
+    let ago = match ago {
+        0..60 => format!("{ago} s ago"),
+        60..3600 => format!("{} min ago", ago / 60),
+        3600..86_400 => format!("{} h {} min ago", ago / 3600, ago % 3600 / 60),
+        _ => format!("{} days ago", ago / 86_400),
+    };
+    format!("{at} ({ago})")
+}
+
+/// Whether process `pid` exists on this machine.
+fn process_exists(pid: i64) -> bool {
+    if cfg!(target_os = "linux") {
+        std::path::Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        // Elsewhere we cannot tell cheaply; trust the stored state.
+        true
+    }
+}

@@ -288,7 +288,7 @@ impl Database {
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (id) DO UPDATE SET license_key = excluded.license_key, terminal_id = excluded.terminal_id,
                  state = excluded.state, since_ms = excluded.since_ms, reason = excluded.reason,
-                 broker = excluded.broker, pid = excluded.pid",
+                 broker = coalesce(excluded.broker, broker), pid = excluded.pid",
             params![
                 record.license_key,
                 record.terminal_id,
@@ -431,7 +431,8 @@ impl Store for SqliteStore<'_> {
     }
 }
 
-pub(crate) fn unix_now_ms() -> i64 {
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 

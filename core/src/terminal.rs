@@ -220,6 +220,7 @@ async fn consume(
         let (batch, result) = applier.apply(batch).await;
         match result {
             Ok(outcomes) => {
+                crate::failpoint::after_commit().await;
                 let tally = Tally::of(&outcomes);
                 events::batch_applied(size, tally.applied, started.elapsed().as_millis());
                 if tally.retries > 0 {

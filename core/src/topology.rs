@@ -4,7 +4,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::{Config, QueueType};
+use crate::config::{Config, Delivery, QueueType};
 use crate::identity::{LicenseKey, TerminalId};
 
 /// The names and settings of one terminal's exchange, queue and dead-letter queue.
@@ -24,6 +24,8 @@ pub struct TerminalTopology {
     pub expires_ms: u64,
     /// Classic or quorum.
     pub queue_type: QueueType,
+    /// Durable, or transient (exclusive and auto-deleted).
+    pub delivery: Delivery,
     /// For quorum queues: deliveries after which the broker dead-letters a
     /// message itself, a second guard behind `terminal.max_attempts`.
     pub delivery_limit: u32,
@@ -35,9 +37,14 @@ impl TerminalTopology {
         let exchange = config.broker.exchange.as_str();
         let expiry_days = config.terminal.queue_expiry_days;
         // Both ids are checked words without '.', so these names cannot collide across stores.
-        let queue = format!("possync.{license_key}.{terminal_id}");
+        let queue = match config.terminal.delivery {
+            Delivery::Durable => format!("possync.{license_key}.{terminal_id}"),
+            // Its own name, so switching modes never meets a queue declared with other settings.
+            Delivery::Transient => format!("possync.{license_key}.{terminal_id}.transient"),
+        };
         Self {
             queue_type: config.broker.queue_type,
+            delivery: config.terminal.delivery,
             // Our own count settles poison first; the broker's catches a crash loop.
             delivery_limit: config.terminal.max_attempts.saturating_mul(4).max(20),
             exchange: exchange.to_owned(),
@@ -81,20 +88,23 @@ impl TerminalTopology {
             )
             .await?;
         let mut args = FieldTable::default();
-        args.insert("x-expires".into(), long(self.expires_ms));
         args.insert("x-dead-letter-exchange".into(), string(&self.dead_letter_exchange));
         args.insert("x-dead-letter-routing-key".into(), string(&self.dead_letter_queue));
-        if self.queue_type == QueueType::Quorum {
-            args.insert("x-queue-type".into(), string("quorum"));
-            args.insert("x-delivery-limit".into(), long(u64::from(self.delivery_limit)));
-        }
-        channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
-                args,
-            )
-            .await?;
+        let options = match self.delivery {
+            Delivery::Durable => {
+                args.insert("x-expires".into(), long(self.expires_ms));
+                if self.queue_type == QueueType::Quorum {
+                    args.insert("x-queue-type".into(), string("quorum"));
+                    args.insert("x-delivery-limit".into(), long(u64::from(self.delivery_limit)));
+                }
+                QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }
+            }
+            // Gone with the connection, as in the original system.
+            Delivery::Transient => {
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() }
+            }
+        };
+        channel.queue_declare(self.queue.as_str().into(), options, args).await?;
         channel
             .queue_bind(
                 self.queue.as_str().into(),

@@ -102,6 +102,11 @@ impl RunningTerminal {
         assert!(reached, "expected {applied} applied and {quarantined} quarantined, got {now:?}");
     }
 
+    /// Waits until the status satisfies `done`; false after [`WAIT`].
+    pub async fn wait_for(&mut self, done: impl Fn(&Status) -> bool) -> bool {
+        tokio::time::timeout(WAIT, self.status.wait_for(|s| done(s))).await.is_ok()
+    }
+
     /// Stops the terminal cleanly.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -200,4 +205,71 @@ pub fn product(db: &rusqlite::Connection, id: &str) -> Option<(String, f64, Opti
 
 pub fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
     db.query_row(sql, [], |row| row.get(0)).expect("count query")
+}
+
+/// The catalog a sequence of changes must leave behind, computed without
+/// possync: each test compares the terminal's database against it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Model {
+    /// id -> (name, price, category_id)
+    pub products: std::collections::BTreeMap<String, (String, f64, Option<String>)>,
+}
+
+/// `count` random catalog changes for `store` over a few dozen products
+/// (updates, price changes, deletes), and the catalog they produce in order.
+pub fn catalog_changes(store: &LicenseKey, count: usize, seed: u64) -> (Vec<possync_sdk::Envelope>, Model) {
+    use possync_sdk::WireMessage;
+    let mut state = seed.max(1);
+    let mut next = move |bound: u64| {
+        // xorshift64: deterministic, no dependency.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let mut model = Model::default();
+    let mut envelopes = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = format!("P{:03}", next(60));
+        let envelope = match next(10) {
+            0..=4 => {
+                let name = format!("Product {id} v{i}");
+                let price = (next(10_000) as f64) / 100.0;
+                let category = format!("C{}", next(5));
+                model.products.insert(id.clone(), (name.clone(), price, Some(category.clone())));
+                possync_plugin_product::ProductUpdate { product_id: id, product_name: name, price, category_id: Some(category), icon_name: None }
+                    .to_envelope(store.as_str())
+            }
+            5..=7 => {
+                let price = (next(10_000) as f64) / 100.0;
+                let entry = model.products.entry(id.clone()).or_insert((String::new(), 0.0, None));
+                entry.1 = price;
+                possync_plugin_price::PriceUpdate { product_id: id, new_price: price, product_name: None }.to_envelope(store.as_str())
+            }
+            _ => {
+                model.products.remove(&id);
+                possync_plugin_product_delete::ProductDelete { product_id: id }.to_envelope(store.as_str())
+            }
+        };
+        envelopes.push(envelope.expect("envelope"));
+    }
+    (envelopes, model)
+}
+
+/// Asserts that the database holds exactly the model's products.
+pub fn assert_matches_model(db: &rusqlite::Connection, model: &Model) {
+    let mut statement = db.prepare("SELECT id, name, price, category_id FROM products ORDER BY id").expect("query");
+    let actual: std::collections::BTreeMap<String, (String, f64, Option<String>)> = statement
+        .query_map([], |row| Ok((row.get(0)?, (row.get(1)?, row.get(2)?, row.get(3)?))))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("products");
+    assert_eq!(actual.len(), model.products.len(), "number of products");
+    assert_eq!(actual, model.products, "the database equals the expected catalog");
+}
+
+/// Runs `rabbitmqctl` (the tests run as root on the broker's machine).
+pub fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", text(&output.stderr));
 }
