@@ -33,13 +33,7 @@ async fn malformed_unknown_and_foreign_messages_are_dead_lettered_and_the_rest_a
     let db = terminal.db();
     assert_eq!(count(&db, "SELECT count(*) FROM products WHERE id IN ('before', 'after')"), 2, "good messages apply");
     assert_eq!(count(&db, "SELECT count(*) FROM products"), 2, "nothing else was written");
-    let mut reasons: Vec<String> = db
-        .prepare("SELECT reason FROM possync_quarantine ORDER BY id")
-        .expect("query")
-        .query_map([], |r| r.get(0))
-        .expect("rows")
-        .collect::<Result<_, _>>()
-        .expect("reasons");
+    let mut reasons: Vec<String> = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 5);
 
     let dead = drain(&terminal.topology.dead_letter_queue, 5).await;

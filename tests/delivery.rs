@@ -145,13 +145,7 @@ async fn poison_is_quarantined(queue_type: QueueType) {
     terminal.wait_settled(201, 4).await;
     let db = terminal.db();
     assert_matches_model(&db, &model);
-    let reasons: Vec<String> = db
-        .prepare("SELECT reason FROM possync_quarantine ORDER BY id")
-        .expect("query")
-        .query_map([], |r| r.get(0))
-        .expect("rows")
-        .collect::<Result<_, _>>()
-        .expect("reasons");
+    let reasons: Vec<String> = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.starts_with("failed 3 times") && r.contains("panicked: fickle was told to panic")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.starts_with("failed 3 times") && r.contains("always busy")), "{reasons:?}");

@@ -273,3 +273,13 @@ pub fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
     assert!(output.status.success(), "rabbitmqctl {args:?}: {}", text(&output.stderr));
 }
+
+/// The reasons in `possync_quarantine`, oldest first.
+pub fn quarantine_reasons(db: &rusqlite::Connection) -> Vec<String> {
+    db.prepare("SELECT reason FROM possync_quarantine ORDER BY id")
+        .expect("query")
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("reasons")
+}
