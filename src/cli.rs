@@ -91,7 +91,7 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<LoadedConfig> {
 
 async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let config = loaded.config;
-    let registry = Registry::built_in(&config.plugins)?;
+    let registry = Registry::from_config(&config.plugins)?;
     let terminal = Terminal::new(config, registry)?;
     terminal.run(shutdown_signal()).await.context("the terminal stopped")?;
     Ok(ExitCode::SUCCESS)
@@ -140,21 +140,22 @@ fn status(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 fn plugins_list(config: &Config) -> anyhow::Result<ExitCode> {
-    let registry = Registry::built_in(&config.plugins)?;
+    let registry = Registry::from_config(&config.plugins)?;
     let plugins = registry.plugins();
-    let rows: Vec<[String; 5]> = plugins
+    let rows: Vec<[String; 6]> = plugins
         .iter()
         .map(|p| {
             [
                 p.name.clone(),
-                p.message_types.join(", "),
+                if p.message_types.is_empty() { "-".into() } else { p.message_types.join(", ") },
                 if p.enabled { "yes".into() } else { "no".into() },
+                p.version.clone(),
                 p.origin.to_string(),
                 p.description.clone(),
             ]
         })
         .collect();
-    print_table(&["NAME", "MESSAGE TYPES", "ENABLED", "FROM", "DESCRIPTION"], &rows);
+    print_table(&["NAME", "MESSAGE TYPES", "ENABLED", "VERSION", "FROM", "DESCRIPTION"], &rows);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -99,7 +99,7 @@ fn start_terminal(
     config.terminal.database = database.clone();
     // Demo queues should not outlive the demo by much.
     config.terminal.queue_expiry_days = 1;
-    let registry = Registry::built_in(&config.plugins)?;
+    let registry = Registry::from_config(&config.plugins)?;
     let terminal_runtime = Terminal::new(config, registry)?;
     let status = terminal_runtime.status();
     let task = tokio::spawn(terminal_runtime.run(async move {

@@ -69,6 +69,35 @@ pub(crate) enum PublishCommand {
         #[arg(long, value_name = "NAME")]
         icon_name: Option<String>,
     },
+    /// Set a product's picture from an image file (PNG, JPEG, WebP or GIF);
+    /// terminals need the product_images plugin.
+    ImageUpdate {
+        #[command(flatten)]
+        to: Stores,
+        /// The product's id.
+        #[arg(long, value_name = "ID")]
+        product_id: String,
+        /// The image file.
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
+    /// Remove a product's picture.
+    ImageDelete {
+        #[command(flatten)]
+        to: Stores,
+        /// The product's id.
+        #[arg(long, value_name = "ID")]
+        product_id: String,
+    },
+    /// Delete a modifier group (create or replace one with `raw --type
+    /// modifier_group_update`); terminals need the modifier_groups plugin.
+    ModifierGroupDelete {
+        #[command(flatten)]
+        to: Stores,
+        /// The group's id.
+        #[arg(long, value_name = "ID")]
+        group_id: String,
+    },
     /// Publish a message of any type, with its payload as JSON.
     Raw {
         #[command(flatten)]
@@ -124,6 +153,23 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             &to,
             &possync_plugin_category::CategoryUpdate { category_id, category_name: name, icon_name },
         )?,
+        PublishCommand::ImageUpdate { to, product_id, file } => {
+            let content_type = match file.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+                Some("png") => "image/png",
+                Some("jpg" | "jpeg") => "image/jpeg",
+                Some("webp") => "image/webp",
+                Some("gif") => "image/gif",
+                _ => anyhow::bail!("{}: name a .png, .jpg, .webp or .gif file", file.display()),
+            };
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            envelopes(&to, &possync_product_images_types::ImageUpdate::new(product_id, content_type, &bytes))?
+        }
+        PublishCommand::ImageDelete { to, product_id } => {
+            envelopes(&to, &possync_product_images_types::ImageDelete { product_id })?
+        }
+        PublishCommand::ModifierGroupDelete { to, group_id } => {
+            envelopes(&to, &possync_modifier_groups_types::ModifierGroupDelete { group_id })?
+        }
         PublishCommand::Raw { to, message_type, payload } => {
             let payload: serde_json::Value =
                 serde_json::from_str(&payload).context("--payload is not valid JSON")?;

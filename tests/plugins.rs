@@ -44,7 +44,7 @@ async fn messages_of_a_disabled_plugin_are_acknowledged_and_not_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("off");
     let mut config = terminal_config(dir.path(), &store, "till-1");
-    config.plugins.insert("price".into(), false);
+    config.plugins.insert("price".into(), possync_core::PluginSetting::Toggle(false));
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = possync_core::Publisher::connect(&config.broker).await.expect("publisher");
     let stores = [store.clone()];

@@ -123,3 +123,17 @@ fn the_example_configs_load() {
         assert_eq!(loaded.config.broker.exchange, "pos_license_events", "{file}");
     }
 }
+
+#[test]
+fn broker_urls_and_queue_expiry_are_checked_before_anything_connects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "[broker]\nurl = \"http://localhost\"\n");
+    let err = Config::load(Some(&path)).expect_err("refused").to_string();
+    assert!(err.contains("not a valid AMQP URL") && err.contains("amqp://user:password@host"), "{err}");
+    let path = write_config(dir.path(), "[broker]\nurl = \"amqp://u:secret@[bad\"\n");
+    let err = Config::load(Some(&path)).expect_err("refused").to_string();
+    assert!(!err.contains("secret"), "the password is not printed: {err}");
+    let path = write_config(dir.path(), "[terminal]\nqueue_expiry_days = 60\n");
+    let err = Config::load(Some(&path)).expect_err("refused").to_string();
+    assert!(err.contains("from 1 to 49"), "{err}");
+}

@@ -201,6 +201,10 @@ impl Applier {
                 self.database.rollback_to_savepoint()?;
                 self.failed_try(inbound, envelope, format!("{}: {reason}", handler.name()))
             }
+            Ok(Err(HandlerError::Panicked(message))) => {
+                self.database.rollback_to_savepoint()?;
+                self.failed_try(inbound, envelope, format!("handler {} panicked: {message}", handler.name()))
+            }
             Ok(Err(err)) => {
                 self.database.rollback_to_savepoint()?;
                 self.quarantine(inbound, Some(envelope), format!("{}: {err}", handler.name()))

@@ -20,9 +20,66 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// This terminal: which store, which database (only for `possync terminal`).
     pub terminal: TerminalConfig,
-    /// Handlers switched on or off by name, for example `price = false`.
-    /// Handlers not named here are on.
-    pub plugins: BTreeMap<String, bool>,
+    /// Built-in handlers switched on or off by name (`price = false`; those
+    /// not named are on), and dynamic plugins loaded from a path
+    /// (`[plugins.product_images] path = "..."`).
+    pub plugins: BTreeMap<String, PluginSetting>,
+}
+
+/// One entry of `[plugins]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum PluginSetting {
+    /// `name = true` or `false`: a built-in handler on or off.
+    Toggle(bool),
+    /// `[plugins.name]` with a `path`: a plugin library to load.
+    Dynamic(DynamicPlugin),
+}
+
+/// A dynamic plugin's `[plugins.<name>]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicPlugin {
+    /// Path of the plugin library (`.so`, `.dylib`, `.dll`), built against
+    /// the same possync-sdk with the same compiler as this possync.
+    pub path: PathBuf,
+    /// Whether its handlers apply messages; when off, its messages are
+    /// acknowledged and not applied.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    /// The plugin's own settings (`[plugins.<name>.settings]`), passed to it.
+    #[serde(default)]
+    pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+impl<'de> Deserialize<'de> for PluginSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PluginSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true or false (a built-in handler), or a table with `path` (a plugin library)")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<PluginSetting, E> {
+                Ok(PluginSetting::Toggle(on))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<PluginSetting, E> {
+                match text {
+                    "true" => Ok(PluginSetting::Toggle(true)),
+                    "false" => Ok(PluginSetting::Toggle(false)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(text), &self)),
+                }
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<PluginSetting, M::Error> {
+                DynamicPlugin::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(PluginSetting::Dynamic)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// The `[broker]` section.
@@ -185,6 +242,14 @@ pub enum ConfigError {
         /// The environment variable that sets it.
         env: &'static str,
     },
+    /// A broker URL cannot be parsed.
+    #[error("broker.url {url} is not a valid AMQP URL ({detail}); it looks like amqp://user:password@host:5672/vhost")]
+    InvalidUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        detail: String,
+    },
     /// A value is out of range.
     #[error("{key} {problem}")]
     OutOfRange {
@@ -251,14 +316,23 @@ impl Config {
         if self.terminal.batch_size == 0 {
             return Err(ConfigError::OutOfRange { key: "terminal.batch_size", problem: "must be at least 1" });
         }
-        if self.terminal.queue_expiry_days == 0 {
-            return Err(ConfigError::OutOfRange { key: "terminal.queue_expiry_days", problem: "must be at least 1" });
+        if !(1..=49).contains(&self.terminal.queue_expiry_days) {
+            // RabbitMQ takes at most 2^32-1 ms (49.7 days) for x-expires and x-message-ttl.
+            return Err(ConfigError::OutOfRange {
+                key: "terminal.queue_expiry_days",
+                problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry)",
+            });
         }
         if self.terminal.max_attempts == 0 {
             return Err(ConfigError::OutOfRange { key: "terminal.max_attempts", problem: "must be at least 1" });
         }
         if self.broker.urls.is_empty() {
             return Err(ConfigError::OutOfRange { key: "broker.url", problem: "must name at least one broker" });
+        }
+        for url in &self.broker.urls {
+            if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(ConfigError::InvalidUrl { url: redact_url(url), detail });
+            }
         }
         if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
             return Err(ConfigError::OutOfRange { key: "broker.*_timeout_secs", problem: "must be at least 1" });

@@ -35,14 +35,6 @@ pub enum BrokerError {
         /// What the broker said.
         detail: String,
     },
-    /// `broker.url` cannot be parsed.
-    #[error("broker.url {url} is not a valid AMQP URL: {detail}")]
-    InvalidUrl {
-        /// The URL, password redacted.
-        url: String,
-        /// Why.
-        detail: String,
-    },
     /// The broker did not answer in time.
     #[error("the broker did not answer within {seconds} s while {during}")]
     Timeout {
@@ -71,13 +63,17 @@ impl BrokerError {
     /// Whether retrying the same thing cannot help until someone changes
     /// the config or the broker.
     pub fn needs_operator(&self) -> bool {
-        matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. } | Self::InvalidUrl { .. })
+        matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. })
     }
 
     /// Whether a new connection may get past this failure.
     pub(crate) fn is_connection_failure(&self) -> bool {
-        matches!(self, Self::Unreachable { .. } | Self::ConnectionLost | Self::Protocol { .. } | Self::ConsumerCancelled)
-            || matches!(self, Self::Timeout { during, .. } if *during == "connecting")
+        // A timeout counts: a half-open link is noticed by heartbeats only
+        // after minutes, and a fresh connection gets past it at once.
+        matches!(
+            self,
+            Self::Unreachable { .. } | Self::ConnectionLost | Self::Protocol { .. } | Self::ConsumerCancelled | Self::Timeout { .. }
+        )
     }
 
     pub(crate) fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {
@@ -107,19 +103,8 @@ pub(crate) async fn connect(broker: &BrokerConfig, url: &str, name: &str) -> Res
     match tokio::time::timeout(Duration::from_secs(seconds), Connection::connect(url, properties)).await {
         Err(_) => Err(BrokerError::Timeout { during: "connecting", seconds }),
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(err)) => Err(classify_connect_error(url, err)),
+        Ok(Err(err)) => Err(BrokerError::from_lapin("connecting", url, err)),
     }
-}
-
-fn classify_connect_error(url: &str, err: lapin::Error) -> BrokerError {
-    if matches!(err.kind(), ErrorKind::ProtocolError(_) | ErrorKind::IOError(_)) {
-        return BrokerError::from_lapin("connecting", url, err);
-    }
-    let text = err.to_string();
-    if text.to_lowercase().contains("uri") {
-        return BrokerError::InvalidUrl { url: redact_url(url), detail: text };
-    }
-    BrokerError::from_lapin("connecting", url, err)
 }
 
 /// Waits at most `seconds` for a broker operation.

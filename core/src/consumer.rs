@@ -86,10 +86,14 @@ impl Subscription {
         Some(self.convert(next))
     }
 
-    /// The next message if one is already here.
+    /// The next message if one is already here. The end of the stream
+    /// (the broker cancelled the consumer) is reported as an error: lapin
+    /// sends that end once, so it must not be mistaken for "nothing yet".
     pub(crate) fn try_next(&mut self) -> Option<Result<Inbound, BrokerError>> {
-        let next = self.consumer.next().now_or_never()??;
-        Some(self.convert(next))
+        match self.consumer.next().now_or_never()? {
+            Some(next) => Some(self.convert(next)),
+            None => Some(Err(BrokerError::ConsumerCancelled)),
+        }
     }
 
     fn convert(&self, delivery: lapin::Result<lapin::message::Delivery>) -> Result<Inbound, BrokerError> {

@@ -11,7 +11,9 @@ mod connection;
 mod consumer;
 mod events;
 mod failpoint;
+mod host;
 mod identity;
+mod plugin_loader;
 mod publisher;
 mod redact;
 mod registry;
@@ -21,11 +23,14 @@ mod telemetry;
 mod terminal;
 mod topology;
 
-pub use config::{BrokerConfig, Config, ConfigError, Delivery, LoadedConfig, QueueType, TerminalConfig};
+pub use config::{
+    BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig, PluginSetting, QueueType, TerminalConfig,
+};
 pub use connection::BrokerError;
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
 pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;
+pub use plugin_loader::PluginLoadError;
 pub use registry::{Origin, PluginInfo, Registry, RegistryError};
 pub use status::{State, Status, StatusReport};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};

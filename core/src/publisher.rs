@@ -82,7 +82,6 @@ struct Session {
 /// on a new connection.
 struct Pending {
     routing_key: String,
-    license_key: String,
     message_id: String,
     message_type: String,
     body: Vec<u8>,
@@ -179,11 +178,14 @@ impl Publisher {
                 if let Some(done) = in_flight.pop_front() {
                     published.push(Published { routing_key: done.routing_key, message_id: done.message_id });
                 }
+                reconnects.reset();
                 Ok(())
             }
-            Ok(Confirmation::Ack(Some(_returned))) => {
-                let done = in_flight.pop_front();
-                let (routing_key, license_key) = done.map(|d| (d.routing_key, d.license_key)).unwrap_or_default();
+            Ok(Confirmation::Ack(Some(returned))) => {
+                // lapin may attach a returned message to another confirm of
+                // the same multiple-ack: name the message the broker returned.
+                let routing_key = returned.delivery.routing_key.to_string();
+                let license_key = routing_key.split('.').nth(1).unwrap_or_default().to_owned();
                 Err(PublishError::Unroutable { routing_key, license_key })
             }
             Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
@@ -248,7 +250,6 @@ impl Publisher {
         }
         Ok(Pending {
             routing_key: routing_key(&license_key, &envelope.message_type),
-            license_key: license_key.to_string(),
             message_id,
             body: serde_json::to_vec(&envelope)?,
             message_type: envelope.message_type,
@@ -331,12 +332,20 @@ async fn send(session: &mut Option<Session>, broker: &BrokerConfig, pending: &mu
 /// How long a publish keeps trying to get through a broker outage.
 struct Reconnects {
     attempt: u32,
+    budget: Duration,
     deadline: Instant,
 }
 
 impl Reconnects {
     fn new(broker: &BrokerConfig) -> Self {
-        Self { attempt: 0, deadline: Instant::now() + Duration::from_secs(broker.publish_retry_secs) }
+        let budget = Duration::from_secs(broker.publish_retry_secs);
+        Self { attempt: 0, budget, deadline: Instant::now() + budget }
+    }
+
+    /// A confirm arrived: the next outage gets the full retry time.
+    fn reset(&mut self) {
+        self.attempt = 0;
+        self.deadline = Instant::now() + self.budget;
     }
 
     fn may_retry(&self) -> bool {

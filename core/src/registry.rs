@@ -1,22 +1,29 @@
 //! The handlers this process knows, which are enabled, and which handles
 //! each message type.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use possync_sdk::{MessageHandler, Migration};
+
+use crate::config::PluginSetting;
+use crate::plugin_loader::{self, PluginLoadError};
 
 /// Where a handler comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// Compiled into this binary.
     BuiltIn,
+    /// Loaded from a plugin library.
+    Dynamic(PathBuf),
 }
 
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::BuiltIn => f.write_str("built-in"),
+            Self::Dynamic(path) => write!(f, "{}", path.display()),
         }
     }
 }
@@ -32,15 +39,17 @@ pub struct PluginInfo {
     pub enabled: bool,
     /// Where it comes from.
     pub origin: Origin,
-    /// What it does.
+    /// Its version.
+    pub version: String,
+    /// What it does, or why it could not be loaded.
     pub description: String,
 }
 
-/// Config names a handler that does not exist, or two handlers collide.
+/// Config names a handler that does not exist, or handlers collide.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
-    /// `[plugins]` names a handler this binary does not have.
-    #[error("[plugins] names {name:?}, but no such plugin is available; available: {available}")]
+    /// `[plugins]` names a built-in handler this binary does not have.
+    #[error("[plugins] names {name:?}, but no such plugin is available; available: {available} (a plugin library needs a table with `path`)")]
     UnknownPlugin {
         /// The name in config.
         name: String,
@@ -60,6 +69,9 @@ pub enum RegistryError {
     /// Two handlers register under one name.
     #[error("two plugins are named {0:?}")]
     DuplicateName(String),
+    /// An enabled plugin library could not be loaded.
+    #[error(transparent)]
+    Load(#[from] PluginLoadError),
 }
 
 #[derive(Debug)]
@@ -67,6 +79,7 @@ struct Entry {
     handler: Arc<dyn MessageHandler>,
     enabled: bool,
     origin: Origin,
+    version: String,
 }
 
 /// Where a message type goes.
@@ -84,40 +97,69 @@ pub(crate) enum Route<'a> {
 #[derive(Debug)]
 pub struct Registry {
     entries: Vec<Entry>,
+    unloaded: Vec<PluginInfo>,
     routes: HashMap<String, usize>,
 }
 
 impl Registry {
-    /// The handlers compiled into this binary, switched on or off by `toggles`
-    /// (handlers not named are on).
-    pub fn built_in(toggles: &BTreeMap<String, bool>) -> Result<Self, RegistryError> {
-        let handlers = possync_sdk::registered_handlers().map(|r| (Arc::from(r.make()), Origin::BuiltIn));
-        Self::new(handlers, toggles)
-    }
-
-    /// A registry of the given handlers.
-    pub fn new(
-        handlers: impl IntoIterator<Item = (Arc<dyn MessageHandler>, Origin)>,
-        toggles: &BTreeMap<String, bool>,
-    ) -> Result<Self, RegistryError> {
-        let mut entries: Vec<Entry> = handlers
-            .into_iter()
-            .map(|(handler, origin)| Entry {
-                enabled: toggles.get(handler.name()).copied().unwrap_or(true),
-                handler,
-                origin,
+    /// The handlers compiled into this binary plus the plugin libraries
+    /// named in `[plugins]`, each switched on or off as config says.
+    ///
+    /// An enabled library that cannot be loaded is an error; a disabled one
+    /// is listed with the reason and otherwise ignored.
+    pub fn from_config(plugins: &BTreeMap<String, PluginSetting>) -> Result<Self, RegistryError> {
+        crate::host::install();
+        let version = env!("CARGO_PKG_VERSION");
+        let mut entries: Vec<Entry> = possync_sdk::registered_handlers()
+            .map(|registration| {
+                let handler: Arc<dyn MessageHandler> = Arc::from(registration.make());
+                let enabled = match plugins.get(handler.name()) {
+                    Some(PluginSetting::Toggle(on)) => *on,
+                    _ => true,
+                };
+                Entry { handler, enabled, origin: Origin::BuiltIn, version: version.into() }
             })
             .collect();
+        let built_in: HashSet<String> = entries.iter().map(|e| e.handler.name().to_owned()).collect();
+        let mut unloaded = Vec::new();
+        for (name, setting) in plugins {
+            match setting {
+                PluginSetting::Toggle(_) if built_in.contains(name) => {}
+                PluginSetting::Toggle(_) => {
+                    let mut available: Vec<&str> = built_in.iter().map(String::as_str).collect();
+                    available.sort_unstable();
+                    return Err(RegistryError::UnknownPlugin { name: name.clone(), available: available.join(", ") });
+                }
+                PluginSetting::Dynamic(plugin) => {
+                    let settings = serde_json::Value::Object(plugin.settings.clone().into_iter().collect());
+                    match plugin_loader::load(name, &plugin.path, settings) {
+                        Ok(loaded) => entries.extend(loaded.handlers.into_iter().map(|handler| Entry {
+                            handler,
+                            enabled: plugin.enabled,
+                            origin: Origin::Dynamic(plugin.path.clone()),
+                            version: loaded.version.clone(),
+                        })),
+                        Err(err) if plugin.enabled => return Err(err.into()),
+                        Err(err) => unloaded.push(PluginInfo {
+                            name: name.clone(),
+                            message_types: Vec::new(),
+                            enabled: false,
+                            origin: Origin::Dynamic(plugin.path.clone()),
+                            version: "-".into(),
+                            description: format!("not loaded: {err}"),
+                        }),
+                    }
+                }
+            }
+        }
+        Self::new(entries, unloaded)
+    }
+
+    fn new(mut entries: Vec<Entry>, unloaded: Vec<PluginInfo>) -> Result<Self, RegistryError> {
         entries.sort_by(|a, b| a.handler.name().cmp(b.handler.name()));
         for pair in entries.windows(2) {
             if pair[0].handler.name() == pair[1].handler.name() {
                 return Err(RegistryError::DuplicateName(pair[0].handler.name().to_owned()));
-            }
-        }
-        for name in toggles.keys() {
-            if !entries.iter().any(|e| e.handler.name() == name) {
-                let available: Vec<&str> = entries.iter().map(|e| e.handler.name()).collect();
-                return Err(RegistryError::UnknownPlugin { name: name.clone(), available: available.join(", ") });
             }
         }
         let mut routes = HashMap::new();
@@ -139,10 +181,11 @@ impl Registry {
                 }
             }
         }
-        Ok(Self { entries, routes })
+        Ok(Self { entries, unloaded, routes })
     }
 
-    /// Every handler, enabled or not, by name.
+    /// Every handler, enabled or not, by name; then disabled plugin
+    /// libraries that could not be loaded.
     pub fn plugins(&self) -> Vec<PluginInfo> {
         self.entries
             .iter()
@@ -151,14 +194,16 @@ impl Registry {
                 message_types: e.handler.message_types().iter().map(|t| (*t).to_owned()).collect(),
                 enabled: e.enabled,
                 origin: e.origin.clone(),
+                version: e.version.clone(),
                 description: e.handler.description().to_owned(),
             })
+            .chain(self.unloaded.iter().cloned())
             .collect()
     }
 
     /// The migrations of the enabled handlers, each id once, in handler order.
     pub fn migrations(&self) -> Vec<Migration> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         self.entries
             .iter()
             .filter(|e| e.enabled)

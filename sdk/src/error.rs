@@ -12,6 +12,10 @@ pub enum HandlerError {
     /// The message may apply later: a busy database, a full disk.
     #[error("{0}")]
     Transient(String),
+    /// The handler panicked (caught). Retried a bounded number of times,
+    /// then dead-lettered like any message that fails every time.
+    #[error("panicked: {0}")]
+    Panicked(String),
 }
 
 impl HandlerError {
@@ -27,7 +31,7 @@ impl HandlerError {
 
     /// Whether trying the same message again may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_))
+        matches!(self, Self::Transient(_) | Self::Panicked(_))
     }
 }
 

@@ -39,8 +39,10 @@
 mod envelope;
 mod error;
 mod handler;
+pub mod host;
 mod message;
 mod migration;
+mod plugin;
 mod registration;
 mod store;
 
@@ -50,6 +52,10 @@ pub use error::{HandlerError, StoreError};
 pub use handler::MessageHandler;
 pub use message::WireMessage;
 pub use migration::Migration;
+pub use plugin::{
+    ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, InlineStr, PluginDeclaration, RegisterFn, Registrar,
+    run_registration,
+};
 pub use registration::{HandlerRegistration, registered_handlers};
 pub use store::{Store, Value};
 

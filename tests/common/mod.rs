@@ -69,7 +69,7 @@ impl RunningTerminal {
     /// Starts a terminal and waits until it is live.
     pub async fn start(config: Config) -> Self {
         let database = config.terminal.database.clone();
-        let registry = Registry::built_in(&config.plugins).expect("built-in plugins");
+        let registry = Registry::from_config(&config.plugins).expect("built-in plugins");
         let terminal = Terminal::new(config, registry).expect("terminal starts");
         let topology = terminal.topology().clone();
         let mut status = terminal.status();
@@ -282,4 +282,41 @@ pub fn quarantine_reasons(db: &rusqlite::Connection) -> Vec<String> {
         .expect("rows")
         .collect::<Result<_, _>>()
         .expect("reasons")
+}
+
+/// The plugin libraries the tests load, built on first use with the same
+/// compiler and profile as the tests (`cargo test` does not build cdylibs).
+pub fn plugin_library(package: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let packages = [
+            "possync-plugin-modifier-groups",
+            "possync-plugin-product-images",
+            "possync-fixture-panicky",
+            "possync-fixture-old-sdk",
+            "possync-fixture-old-format",
+            "possync-fixture-not-a-plugin",
+        ];
+        let mut command = Command::new(env!("CARGO"));
+        command.arg("build").current_dir(env!("CARGO_MANIFEST_DIR"));
+        for package in packages {
+            command.args(["-p", package]);
+        }
+        let output = command.output().expect("run cargo build for the plugins");
+        assert!(output.status.success(), "building the plugins failed:\n{}", text(&output.stderr));
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let file = format!("{}{}{}", std::env::consts::DLL_PREFIX, package.replace('-', "_"), std::env::consts::DLL_SUFFIX);
+    target.join("debug").join(file)
+}
+
+/// A `[plugins.<name>]` table for the library of `package`.
+pub fn dynamic_plugin(package: &str, settings: serde_json::Value) -> possync_core::PluginSetting {
+    let settings = match settings {
+        serde_json::Value::Object(map) => map.into_iter().collect(),
+        _ => Default::default(),
+    };
+    possync_core::PluginSetting::Dynamic(possync_core::DynamicPlugin { path: plugin_library(package), enabled: true, settings })
 }

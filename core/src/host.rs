@@ -1,0 +1,24 @@
+//! The host services handlers (built in or loaded) log through.
+
+use std::sync::Arc;
+
+use possync_sdk::host::{Host, Level};
+
+#[derive(Debug)]
+struct TracingHost;
+
+impl Host for TracingHost {
+    fn log(&self, level: Level, source: &str, message: &str) {
+        match level {
+            Level::Debug => tracing::debug!(event = "plugin_log", plugin = source, "{message}"),
+            Level::Info => tracing::info!(event = "plugin_log", plugin = source, "{message}"),
+            Level::Warn => tracing::warn!(event = "plugin_log", plugin = source, "{message}"),
+            Level::Error => tracing::error!(event = "plugin_log", plugin = source, "{message}"),
+        }
+    }
+}
+
+/// Connects the SDK's logging to this process's `tracing`.
+pub(crate) fn install() {
+    possync_sdk::host::install(Arc::new(TracingHost));
+}

@@ -1,0 +1,53 @@
+//! The payloads of `image_update` and `image_delete`.
+
+use base64::Engine;
+use possync_sdk::WireMessage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// `image_update`: a product's picture, whole, with its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageUpdate {
+    /// The product the picture shows.
+    #[serde(deserialize_with = "possync_catalog::id")]
+    pub product_id: String,
+    /// `image/png`, `image/jpeg`, `image/webp` or `image/gif`.
+    pub content_type: String,
+    /// SHA-256 of the decoded bytes, lowercase hex.
+    pub sha256: String,
+    /// The bytes, standard base64.
+    pub data_base64: String,
+}
+
+impl ImageUpdate {
+    /// The message for `bytes`, with the hash and encoding filled in.
+    pub fn new(product_id: impl Into<String>, content_type: impl Into<String>, bytes: &[u8]) -> Self {
+        Self {
+            product_id: product_id.into(),
+            content_type: content_type.into(),
+            sha256: sha256_hex(bytes),
+            data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+}
+
+impl WireMessage for ImageUpdate {
+    const TYPE: &'static str = "image_update";
+}
+
+/// `image_delete`: removes a product's picture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageDelete {
+    /// The product.
+    #[serde(deserialize_with = "possync_catalog::id")]
+    pub product_id: String,
+}
+
+impl WireMessage for ImageDelete {
+    const TYPE: &'static str = "image_delete";
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
