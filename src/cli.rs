@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use possync_core::{Config, Database, LoadedConfig, Registry, StatusReport, Terminal};
+use possync_core::{Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal, TerminalId};
 
 use crate::demo::{self, DemoArgs};
 use crate::publish::{self, PublishCommand};
@@ -43,9 +43,67 @@ enum Command {
     /// Show the handlers this binary has.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Provision and revoke broker users with the least permissions a
+    /// terminal or publisher needs (RabbitMQ management API; admin
+    /// credentials come from [admin] in config or POSSYNC_ADMIN__PASSWORD).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Show the effective configuration, passwords redacted.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show possync at work: a back office publishes to terminals of two
     /// stores, and each store's terminals apply only that store's changes.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create a broker user for one terminal that may read its own queue and
+    /// nothing else, declare and bind that queue, and write the terminal's
+    /// config file (mode 600; it holds the password, which is never printed).
+    ProvisionTerminal {
+        /// The store's license key.
+        #[arg(long = "license", value_name = "KEY")]
+        license: LicenseKey,
+        /// The terminal's id within the store.
+        #[arg(long, value_name = "ID")]
+        terminal_id: TerminalId,
+        /// Where to write the terminal's config (must not exist).
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+        /// The database path to put in that config.
+        #[arg(long, value_name = "PATH", default_value = "possync.db")]
+        database: PathBuf,
+    },
+    /// Create a broker user for a back office that may only publish
+    /// well-formed license.<KEY>.<type> messages, and write its config.
+    ProvisionPublisher {
+        /// A name for the publisher (letters, digits, '-', '_').
+        #[arg(long, value_name = "NAME")]
+        name: TerminalId,
+        /// Where to write the publisher's config (must not exist).
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Delete a terminal's broker user and close its connections.
+    RevokeTerminal {
+        /// The store's license key.
+        #[arg(long = "license", value_name = "KEY")]
+        license: LicenseKey,
+        /// The terminal's id within the store.
+        #[arg(long, value_name = "ID")]
+        terminal_id: TerminalId,
+        /// Delete its queue and dead-letter queue too.
+        #[arg(long)]
+        delete_queue: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the configuration possync would use, as TOML, with every
+    /// password replaced by ***.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +139,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish(command) => publish::run(&load(cli.config.as_deref())?.config, command).await,
         Command::Status => status(&load(cli.config.as_deref())?.config),
         Command::Plugins(PluginsCommand::List) => plugins_list(&load(cli.config.as_deref())?.config),
+        Command::Admin(command) => admin(load(cli.config.as_deref())?.config, command).await,
+        Command::Config(ConfigCommand::Show) => {
+            print!("{}", load(cli.config.as_deref())?.config.to_redacted_toml());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(args) => demo::run(&load(cli.config.as_deref())?.config, args).await,
     }
 }
@@ -118,6 +181,40 @@ pub(crate) async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<ExitCode> {
+    // The management API client blocks; keep it off the async workers.
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let admin = Admin::new(&config)?;
+        match command {
+            AdminCommand::ProvisionTerminal { license, terminal_id, output, database } => {
+                let done = admin.provision_terminal(&license, &terminal_id, &database, &output)?;
+                println!("created {}", done.summary);
+                println!("wrote {} (mode 600): start the terminal with `possync terminal --config {}`", output.display(), output.display());
+            }
+            AdminCommand::ProvisionPublisher { name, output } => {
+                let done = admin.provision_publisher(&name, &output)?;
+                println!("created {}", done.summary);
+                println!("wrote {} (mode 600): publish with `possync publish --config {} ...`", output.display(), output.display());
+            }
+            AdminCommand::RevokeTerminal { license, terminal_id, delete_queue } => {
+                let done = admin.revoke_terminal(&license, &terminal_id, delete_queue)?;
+                if done.existed {
+                    println!("deleted broker user {}; closed {} connection(s)", done.user, done.connections_closed);
+                } else {
+                    println!("broker user {} did not exist; closed {} connection(s)", done.user, done.connections_closed);
+                }
+                if done.queue_deleted {
+                    println!("deleted its queue and dead-letter queue");
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
+    .context("the admin task failed")??;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(config: &Config) -> anyhow::Result<ExitCode> {

@@ -145,28 +145,8 @@ impl Applier {
         Ok(outcomes)
     }
 
-    /// Decodes and validates; the error is the reason to dead-letter.
     fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
-        if inbound.body.len() > self.max_message_bytes {
-            return Err(format!(
-                "message is {} bytes, over the limit of {} (terminal.max_message_bytes)",
-                inbound.body.len(),
-                self.max_message_bytes
-            ));
-        }
-        let envelope: Envelope =
-            serde_json::from_slice(&inbound.body).map_err(|err| format!("not a valid envelope: {err}"))?;
-        if envelope.license_key != self.license_key.as_str() {
-            return Err(format!(
-                "envelope license_key {:?} is not this terminal's ({})",
-                envelope.license_key, self.license_key
-            ));
-        }
-        let mut words = inbound.routing_key.split('.');
-        if words.next() != Some("license") || words.next() != Some(self.license_key.as_str()) {
-            return Err(format!("routing key {:?} is not for this terminal's license", inbound.routing_key));
-        }
-        Ok(envelope)
+        check_envelope(&inbound.body, &inbound.routing_key, &self.license_key, self.max_message_bytes)
     }
 
     fn apply_one(&mut self, inbound: &Inbound, envelope: &Envelope) -> Result<Outcome, rusqlite::Error> {
@@ -251,6 +231,31 @@ impl Applier {
     }
 }
 
+/// Decodes and validates a body from the broker; the error is the reason
+/// to dead-letter it. Input from the network: it must never panic.
+pub(crate) fn check_envelope(
+    body: &[u8],
+    routing_key: &str,
+    license_key: &LicenseKey,
+    max_message_bytes: usize,
+) -> Result<Envelope, String> {
+    if body.len() > max_message_bytes {
+        return Err(format!(
+            "message is {} bytes, over the limit of {max_message_bytes} (terminal.max_message_bytes)",
+            body.len()
+        ));
+    }
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|err| format!("not a valid envelope: {err}"))?;
+    if envelope.license_key != license_key.as_str() {
+        return Err(format!("envelope license_key {:?} is not this terminal's ({license_key})", envelope.license_key));
+    }
+    let mut words = routing_key.split('.');
+    if words.next() != Some("license") || words.next() != Some(license_key.as_str()) {
+        return Err(format!("routing key {routing_key:?} is not for this terminal's license"));
+    }
+    Ok(envelope)
+}
+
 type Reply = oneshot::Sender<(Vec<Inbound>, Result<Vec<Outcome>, BatchError>)>;
 
 enum Job {
@@ -315,4 +320,90 @@ impl ApplierHandle {
 /// panics, so a missing thread is a bug in possync itself.
 fn unreachable_thread() -> ! {
     panic!("the apply thread stopped unexpectedly")
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key() -> LicenseKey {
+        LicenseKey::new("STORE-1").expect("valid")
+    }
+
+    const ROUTING: &str = "license.STORE-1.price_update";
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(".{0,12}", inner, 0..8)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = check_envelope(&body, ROUTING, &key(), 1 << 20);
+        }
+
+        #[test]
+        fn any_json_in_any_field_never_panics(
+            message_type in json(), license in json(), payload in json(), timestamp in json(), version in json()
+        ) {
+            let body = serde_json::json!({
+                "type": message_type, "license_key": license, "payload": payload,
+                "timestamp": timestamp, "version": version,
+            });
+            let bytes = serde_json::to_vec(&body).expect("encodes");
+            if let Ok(envelope) = check_envelope(&bytes, ROUTING, &key(), 1 << 20) {
+                let _ = envelope.order();
+            }
+        }
+
+        #[test]
+        fn any_routing_key_never_panics(routing_key in ".{0,80}") {
+            let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
+            let _ = check_envelope(body, &routing_key, &key(), 1 << 20);
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_with_a_reason() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let cases: Vec<Vec<u8>> = vec![
+            deep.into_bytes(),
+            br#"{"type":"price_update","license_key":"STORE-1","payload":{},"version":1e999999}"#.to_vec(),
+            br#"{"type":"price_update","license_key":"STORE-1","payload":{},"version":123456789012345678901234567890}"#.to_vec(),
+            br#"{"type":7,"license_key":"STORE-1","payload":{}}"#.to_vec(),
+            b"{\"type\":\"price_update\",\"license_key\":\"STORE-1\xff\",\"payload\":{}}".to_vec(),
+            vec![0xff, 0xfe, 0x00],
+            Vec::new(),
+        ];
+        for body in cases {
+            let reason = check_envelope(&body, ROUTING, &key(), 1 << 20).expect_err("refused");
+            assert!(reason.starts_with("not a valid envelope"), "{reason}");
+        }
+        let big = vec![b' '; 2048];
+        let reason = check_envelope(&big, ROUTING, &key(), 1024).expect_err("too large");
+        assert!(reason.contains("over the limit of 1024"), "{reason}");
+    }
+
+    #[test]
+    fn odd_timestamps_and_versions_only_change_the_order() {
+        for timestamp in ["", "9999-99-99T99:99:99Z", "2025-11-27T10:30:00+99:99", "\u{0}", "2025-11-27T10:30:00.99999999999999999999Z"] {
+            let envelope = Envelope::new("t", "STORE-1", serde_json::json!({})).with_timestamp(timestamp);
+            let _ = envelope.order();
+        }
+    }
 }

@@ -20,6 +20,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// This terminal: which store, which database (only for `possync terminal`).
     pub terminal: TerminalConfig,
+    /// The broker's management API, for `possync admin` only.
+    pub admin: AdminConfig,
     /// Built-in handlers switched on or off by name (`price = false`; those
     /// not named are on), and dynamic plugins loaded from a path
     /// (`[plugins.product_images] path = "..."`).
@@ -101,6 +103,18 @@ pub struct BrokerConfig {
     /// Seconds a publish keeps reconnecting through a broker outage before
     /// it fails.
     pub publish_retry_secs: u64,
+    /// Whether possync declares the exchange and queues itself. `false` for
+    /// users provisioned by `possync admin`, who may not: the objects exist
+    /// already, and dead letters go through the queue's dead-letter exchange
+    /// (the reason stays in `possync_quarantine`).
+    pub declare_topology: bool,
+    /// PEM file of the CA that signed the broker's certificate, for
+    /// `amqps://` URLs (default: the system's trusted CAs).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate, if the broker asks for one.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM file (PKCS#8) of the client certificate's private key.
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -112,6 +126,10 @@ impl Default for BrokerConfig {
             connect_timeout_secs: 10,
             confirm_timeout_secs: 30,
             publish_retry_secs: 60,
+            declare_topology: true,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
     }
 }
@@ -125,6 +143,10 @@ impl std::fmt::Debug for BrokerConfig {
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("confirm_timeout_secs", &self.confirm_timeout_secs)
             .field("publish_retry_secs", &self.publish_retry_secs)
+            .field("declare_topology", &self.declare_topology)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert_file", &self.tls_client_cert_file)
+            .field("tls_client_key_file", &self.tls_client_key_file)
             .finish()
     }
 }
@@ -138,6 +160,32 @@ impl BrokerConfig {
     /// Every broker URL, passwords redacted, for messages.
     pub fn redacted_urls(&self) -> String {
         self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The `[admin]` section: how `possync admin` reaches the RabbitMQ
+/// management API. Set the password here (in a file only its owner reads) or
+/// with `POSSYNC_ADMIN__PASSWORD`, never on the command line.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Base URL of the management API.
+    pub url: String,
+    /// An administrator of the broker.
+    pub user: String,
+    /// Their password.
+    pub password: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { url: "http://127.0.0.1:15672".into(), user: "guest".into(), password: "guest".into() }
+    }
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig").field("url", &self.url).field("user", &self.user).field("password", &"***").finish()
     }
 }
 
@@ -306,6 +354,9 @@ impl Config {
         );
         let config: Config = figment.extract()?;
         config.check()?;
+        if let Some(path) = file {
+            warn_if_secrets_are_readable(path);
+        }
         Ok(LoadedConfig { config, figment })
     }
 
@@ -340,6 +391,14 @@ impl Config {
         Ok(())
     }
 
+    /// This config as TOML, with every password replaced by `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.broker.urls = shown.broker.urls.iter().map(|u| redact_url(u)).collect();
+        shown.admin.password = "***".into();
+        toml::to_string_pretty(&shown).unwrap_or_else(|err| format!("# cannot show the config: {err}\n"))
+    }
+
     /// The license key, or an error that says how to set it.
     pub fn license_key(&self) -> Result<&LicenseKey, ConfigError> {
         self.terminal.license_key.as_ref().ok_or(ConfigError::Missing {
@@ -359,3 +418,31 @@ impl Config {
     }
 }
 
+
+/// Warns when a config file that holds a password can be read by users other
+/// than its owner: anyone on the machine could take the broker credentials.
+fn warn_if_secrets_are_readable(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(text) = std::fs::read_to_string(path) else { return };
+        let Ok(file) = text.parse::<toml::Table>() else { return };
+        let urls = match file.get("broker").and_then(|b| b.get("url")) {
+            Some(toml::Value::String(url)) => vec![url.clone()],
+            Some(toml::Value::Array(urls)) => urls.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect(),
+            _ => Vec::new(),
+        };
+        let holds_password = urls.iter().any(|u| redact_url(u) != *u)
+            || file.get("admin").and_then(|a| a.get("password")).is_some();
+        let Ok(metadata) = std::fs::metadata(path) else { return };
+        let mode = metadata.permissions().mode();
+        if holds_password && mode & 0o077 != 0 {
+            tracing::warn!(
+                event = "config_readable",
+                file = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the config file holds a password and others can read it: chmod 600 it"
+            );
+        }
+    }
+}

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
 use crate::config::BrokerConfig;
@@ -24,6 +25,31 @@ pub enum BrokerError {
     AccessRefused {
         /// The URL, password redacted.
         url: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// The TLS handshake failed: a certificate the CA does not vouch for, a
+    /// name that does not match, or a server that does not speak TLS.
+    #[error("TLS with {url} failed: {detail}; check broker.tls_ca_file (the CA that signed the broker's certificate) and the host name in broker.url")]
+    Tls {
+        /// The URL, password redacted.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// A TLS file named in config cannot be read.
+    #[error("cannot read {key} {path}: {detail}")]
+    TlsFile {
+        /// The config key.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// A queue or exchange this terminal expects does not exist.
+    #[error("{detail}: with broker.declare_topology = false the queue must exist already; provision it with `possync admin provision-terminal`")]
+    NotFound {
         /// What the broker said.
         detail: String,
     },
@@ -63,7 +89,7 @@ impl BrokerError {
     /// Whether retrying the same thing cannot help until someone changes
     /// the config or the broker.
     pub fn needs_operator(&self) -> bool {
-        matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. })
+        matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. } | Self::Tls { .. } | Self::TlsFile { .. } | Self::NotFound { .. })
     }
 
     /// Whether a new connection may get past this failure.
@@ -86,21 +112,68 @@ impl BrokerError {
                         Self::AccessRefused { url: redact_url(url), detail }
                     }
                     AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Self::Conflict { what: during.into(), detail },
+                    AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Self::NotFound { detail },
                     _ => Self::Protocol { during, source: err },
                 }
             }
+            ErrorKind::IOError(io) if is_tls_failure(io) => Self::Tls { url: redact_url(url), detail: io.to_string() },
             ErrorKind::IOError(io) => Self::Unreachable { url: redact_url(url), detail: io.to_string() },
             _ => Self::Protocol { during, source: err },
         }
     }
 }
 
+fn is_tls_failure(io: &std::io::Error) -> bool {
+    let text = io.to_string().to_lowercase();
+    ["certificate", "tls", "handshake", "alert", "unknownissuer", "corrupt message"].iter().any(|word| text.contains(word))
+}
+
+/// The TLS settings of `broker`, if any are set.
+fn tls_config(broker: &BrokerConfig) -> Result<Option<OwnedTLSConfig>, BrokerError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|err| BrokerError::TlsFile { key, path: path.to_owned(), detail: err.to_string() })
+    };
+    let cert_chain = match &broker.tls_ca_file {
+        Some(path) => Some(String::from_utf8_lossy(&read("broker.tls_ca_file", path)?).into_owned()),
+        None => None,
+    };
+    let identity = match (&broker.tls_client_cert_file, &broker.tls_client_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("broker.tls_client_cert_file", cert)?,
+            key: read("broker.tls_client_key_file", key)?,
+        }),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(BrokerError::TlsFile {
+                key: "broker.tls_client_cert_file",
+                path: broker.tls_client_cert_file.clone().or_else(|| broker.tls_client_key_file.clone()).unwrap_or_default(),
+                detail: "a client certificate needs both tls_client_cert_file and tls_client_key_file".into(),
+            });
+        }
+    };
+    if cert_chain.is_none() && identity.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(OwnedTLSConfig { identity, cert_chain }))
+}
+
 /// Connects to `url` (one of `broker.url`), naming the connection `name` in
-/// the broker's management UI.
+/// the broker's management UI. `amqps://` URLs always use TLS: a failed
+/// handshake is an error, never a fallback to clear text.
 pub(crate) async fn connect(broker: &BrokerConfig, url: &str, name: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let seconds = broker.connect_timeout_secs;
-    match tokio::time::timeout(Duration::from_secs(seconds), Connection::connect(url, properties)).await {
+    let tls = tls_config(broker)?;
+    let connecting = async {
+        match tls {
+            Some(tls) => {
+                let runtime = lapin::runtime::default_runtime()?;
+                Connection::connect_with_config(url, properties, tls, runtime).await
+            }
+            None => Connection::connect(url, properties).await,
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(seconds), connecting).await {
         Err(_) => Err(BrokerError::Timeout { during: "connecting", seconds }),
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(BrokerError::from_lapin("connecting", url, err)),

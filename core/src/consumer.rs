@@ -24,6 +24,10 @@ pub(crate) struct Subscription {
     consumer: Consumer,
     dead_letters: Channel,
     topology: TerminalTopology,
+    /// Publish dead letters ourselves, with the reason in a header. Users
+    /// provisioned without write rights reject to the queue's dead-letter
+    /// exchange instead.
+    reasons_in_dead_letters: bool,
     url: String,
     timeout_secs: u64,
 }
@@ -46,7 +50,9 @@ impl Subscription {
         let timeout = broker.confirm_timeout_secs;
         let connection = connection::connect(broker, url, name).await?;
         let channel = connection::within(timeout, "opening a channel", url, connection.create_channel()).await?;
-        connection::within(timeout, "declaring the terminal's queue", url, topology.declare(&channel)).await?;
+        if broker.declare_topology {
+            connection::within(timeout, "declaring the terminal's queue", url, topology.declare(&channel)).await?;
+        }
         connection::within(timeout, "setting the prefetch", url, channel.basic_qos(prefetch, BasicQosOptions::default()))
             .await?;
         let dead_letters = connection::within(timeout, "opening a channel", url, connection.create_channel()).await?;
@@ -75,6 +81,7 @@ impl Subscription {
             consumer,
             dead_letters,
             topology: topology.clone(),
+            reasons_in_dead_letters: broker.declare_topology,
             url: url.to_owned(),
             timeout_secs: timeout,
         })
@@ -114,6 +121,10 @@ impl Subscription {
         let mut pending = Vec::new();
         for (inbound, outcome) in batch.iter().zip(outcomes) {
             if let Outcome::DeadLetter { reason } = outcome {
+                if !self.reasons_in_dead_letters {
+                    self.nack(inbound.tag, false).await?;
+                    continue;
+                }
                 match self.publish_dead_letter(inbound, reason).await {
                     Ok(confirm) => pending.push((inbound, confirm)),
                     Err(err) => {

@@ -4,6 +4,7 @@
 //! The runtime knows nothing about prices or products: every message type is
 //! applied by a [`possync_sdk::MessageHandler`] found in the [`Registry`].
 
+mod admin;
 mod applier;
 mod backoff;
 mod config;
@@ -23,8 +24,9 @@ mod telemetry;
 mod terminal;
 mod topology;
 
+pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{
-    BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig, PluginSetting, QueueType, TerminalConfig,
+    AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig, PluginSetting, QueueType, TerminalConfig,
 };
 pub use connection::BrokerError;
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};

@@ -56,7 +56,7 @@ pub enum PluginLoadError {
         sdk: String,
     },
     /// Built with another SDK, compiler or target.
-    #[error("plugin {plugin}: {path} was built with {problems}; rebuild it against possync-sdk {sdk} with {rustc} for {target}")]
+    #[error("plugin {plugin}: {path} was built with {problems}; rebuild it against {expected}")]
     Incompatible {
         /// The name in config.
         plugin: String,
@@ -64,12 +64,8 @@ pub enum PluginLoadError {
         path: PathBuf,
         /// What differs.
         problems: String,
-        /// Our SDK version.
-        sdk: String,
-        /// Our compiler.
-        rustc: String,
-        /// Our target.
-        target: String,
+        /// What this possync was built with.
+        expected: String,
     },
     /// The plugin's registration reported an error or panicked.
     #[error("plugin {plugin} ({path}) failed to register: {reason}")]
@@ -134,9 +130,12 @@ pub(crate) fn load(plugin: &str, path: &Path, settings: serde_json::Value) -> Re
             plugin: plugin.into(),
             path: owned(path),
             problems,
-            sdk: ours.sdk_version.as_str().into(),
-            rustc: ours.rustc_version.as_str().into(),
-            target: ours.target.as_str().into(),
+            expected: format!(
+                "possync-sdk {} with {} for {}",
+                ours.sdk_version.as_str(),
+                ours.rustc_version.as_str(),
+                ours.target.as_str()
+            ),
         });
     }
     let mut registrar = Registrar::new(plugin, settings);

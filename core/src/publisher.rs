@@ -295,7 +295,9 @@ impl Session {
         let channel = connection::within(timeout, "opening a channel", &url, connection.create_channel()).await?;
         connection::within(timeout, "enabling publisher confirms", &url, channel.confirm_select(ConfirmSelectOptions::default()))
             .await?;
-        connection::within(timeout, "declaring the exchange", &url, declare_exchange(&channel, &broker.exchange)).await?;
+        if broker.declare_topology {
+            connection::within(timeout, "declaring the exchange", &url, declare_exchange(&channel, &broker.exchange)).await?;
+        }
         Ok(Self { connection, channel, url })
     }
 

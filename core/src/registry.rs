@@ -71,7 +71,7 @@ pub enum RegistryError {
     DuplicateName(String),
     /// An enabled plugin library could not be loaded.
     #[error(transparent)]
-    Load(#[from] PluginLoadError),
+    Load(Box<PluginLoadError>),
 }
 
 #[derive(Debug)]
@@ -139,7 +139,7 @@ impl Registry {
                             origin: Origin::Dynamic(plugin.path.clone()),
                             version: loaded.version.clone(),
                         })),
-                        Err(err) if plugin.enabled => return Err(err.into()),
+                        Err(err) if plugin.enabled => return Err(RegistryError::Load(Box::new(err))),
                         Err(err) => unloaded.push(PluginInfo {
                             name: name.clone(),
                             message_types: Vec::new(),

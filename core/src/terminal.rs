@@ -109,6 +109,7 @@ impl Terminal {
         let mut attempt: u32 = 0;
         let mut failures: u32 = 0;
         let mut ever_live = false;
+        let mut offline_since = SystemTime::now();
         let result = loop {
             let url = &urls[attempt as usize % urls.len()];
             attempt = attempt.wrapping_add(1);
@@ -136,8 +137,11 @@ impl Terminal {
             let reason = reason.to_string();
             events::offline(&reason, delay.as_millis(), failures == 1);
             if failures == 1 {
-                reporter.set(State::Offline { since: SystemTime::now(), reason }, Some(url)).await;
+                offline_since = SystemTime::now();
             }
+            // The latest reason is what an operator needs (why it cannot
+            // reconnect); `since` stays at the first failure.
+            reporter.set(State::Offline { since: offline_since, reason }, Some(url)).await;
             tokio::select! {
                 () = &mut shutdown => break Ok(()),
                 () = tokio::time::sleep(delay) => {}
@@ -161,18 +165,21 @@ struct Reporter<'a> {
 
 impl Reporter<'_> {
     async fn set(&self, state: State, broker: Option<&str>) {
-        let (name, reason) = match &state {
-            State::Connecting => ("connecting", None),
-            State::Live { .. } => ("live", None),
-            State::Offline { reason, .. } => ("offline", Some(reason.clone())),
-            State::Stopped => ("stopped", None),
+        let (name, reason, since) = match &state {
+            State::Connecting => ("connecting", None, None),
+            State::Live { since } => ("live", None, Some(*since)),
+            State::Offline { reason, since } => ("offline", Some(reason.clone()), Some(*since)),
+            State::Stopped => ("stopped", None, None),
         };
+        let since_ms = since
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or_else(unix_now_ms, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         self.applier
             .record_state(StateRecord {
                 license_key: self.identity.0.clone(),
                 terminal_id: self.identity.1.clone(),
                 state: name,
-                since_ms: unix_now_ms(),
+                since_ms,
                 reason,
                 broker: broker.map(redact_url),
             })

@@ -56,6 +56,29 @@ impl TerminalTopology {
         }
     }
 
+    /// The arguments of the terminal's queue; the same whether possync or
+    /// `possync admin` declares it, so either finds the other's queue equal.
+    pub(crate) fn queue_arguments(&self) -> Vec<(&'static str, Argument)> {
+        let mut args = vec![
+            ("x-dead-letter-exchange", Argument::Text(self.dead_letter_exchange.clone())),
+            ("x-dead-letter-routing-key", Argument::Text(self.dead_letter_queue.clone())),
+        ];
+        if self.delivery == Delivery::Durable {
+            args.push(("x-expires", Argument::Integer(saturate(self.expires_ms))));
+            if self.queue_type == QueueType::Quorum {
+                args.push(("x-queue-type", Argument::Text("quorum".into())));
+                args.push(("x-delivery-limit", Argument::Integer(i64::from(self.delivery_limit))));
+            }
+        }
+        args
+    }
+
+    /// The arguments of the dead-letter queue: dead letters are for people
+    /// to read, kept as long as an idle queue lives, and bounded.
+    pub(crate) fn dead_letter_arguments(&self) -> Vec<(&'static str, Argument)> {
+        vec![("x-message-ttl", Argument::Integer(saturate(self.expires_ms))), ("x-max-length", Argument::Integer(100_000))]
+    }
+
     /// Declares everything (idempotent) on `channel`.
     pub(crate) async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         declare_exchange(channel, &self.exchange).await?;
@@ -67,15 +90,11 @@ impl TerminalTopology {
                 FieldTable::default(),
             )
             .await?;
-        let mut dead_letter_args = FieldTable::default();
-        // Dead letters are for people to read; keep them as long as an idle queue lives.
-        dead_letter_args.insert("x-message-ttl".into(), long(self.expires_ms));
-        dead_letter_args.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
         channel
             .queue_declare(
                 self.dead_letter_queue.as_str().into(),
                 QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
-                dead_letter_args,
+                field_table(&self.dead_letter_arguments()),
             )
             .await?;
         channel
@@ -87,24 +106,14 @@ impl TerminalTopology {
                 FieldTable::default(),
             )
             .await?;
-        let mut args = FieldTable::default();
-        args.insert("x-dead-letter-exchange".into(), string(&self.dead_letter_exchange));
-        args.insert("x-dead-letter-routing-key".into(), string(&self.dead_letter_queue));
         let options = match self.delivery {
-            Delivery::Durable => {
-                args.insert("x-expires".into(), long(self.expires_ms));
-                if self.queue_type == QueueType::Quorum {
-                    args.insert("x-queue-type".into(), string("quorum"));
-                    args.insert("x-delivery-limit".into(), long(u64::from(self.delivery_limit)));
-                }
-                QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }
-            }
+            Delivery::Durable => QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
             // Gone with the connection, as in the original system.
             Delivery::Transient => {
                 QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() }
             }
         };
-        channel.queue_declare(self.queue.as_str().into(), options, args).await?;
+        channel.queue_declare(self.queue.as_str().into(), options, field_table(&self.queue_arguments())).await?;
         channel
             .queue_bind(
                 self.queue.as_str().into(),
@@ -134,11 +143,35 @@ pub fn routing_key(license_key: &LicenseKey, message_type: &str) -> String {
     format!("license.{license_key}.{message_type}")
 }
 
-fn long(value: u64) -> AMQPValue {
-    AMQPValue::LongLongInt(i64::try_from(value).unwrap_or(i64::MAX))
+/// A queue argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Argument {
+    Integer(i64),
+    Text(String),
 }
 
-fn string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(value.into())
+impl Argument {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::Integer(v) => serde_json::Value::from(*v),
+            Self::Text(v) => serde_json::Value::from(v.as_str()),
+        }
+    }
+}
+
+fn field_table(arguments: &[(&'static str, Argument)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in arguments {
+        let value = match value {
+            Argument::Integer(v) => AMQPValue::LongLongInt(*v),
+            Argument::Text(v) => AMQPValue::LongString(v.as_str().into()),
+        };
+        table.insert((*key).into(), value);
+    }
+    table
+}
+
+fn saturate(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 

@@ -85,14 +85,13 @@ impl MessageHandler for ModifierGroupsHandler {
         }
         for modifier in &update.modifiers {
             let owner = store.query_row("SELECT group_id FROM modifiers WHERE id = ?1", &[modifier.modifier_id.as_str().into()])?;
-            if let Some(Value::Text(other)) = owner.and_then(|row| row.into_iter().next()) {
-                if other != update.group_id {
+            if let Some(Value::Text(other)) = owner.and_then(|row| row.into_iter().next())
+                && other != update.group_id {
                     return Err(HandlerError::permanent(format!(
                         "modifier {} already belongs to group {other}; delete or update that group first",
                         modifier.modifier_id
                     )));
                 }
-            }
         }
         // The update replaces the group as a whole: old modifiers and links go.
         remove_group(store, &update.group_id)?;

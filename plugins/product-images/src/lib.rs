@@ -195,11 +195,10 @@ fn current_path(store: &mut dyn Store, product_id: &str) -> Result<Option<String
 /// share one picture, and so one file).
 fn remove_if_unused(store: &mut dyn Store, path: &str) -> Result<(), HandlerError> {
     let used = store.query_row("SELECT 1 FROM product_images WHERE path = ?1 LIMIT 1", &[path.into()])?;
-    if used.is_none() {
-        if let Err(err) = fs::remove_file(path) {
+    if used.is_none()
+        && let Err(err) = fs::remove_file(path) {
             host::log(Level::Warn, "product_images", &format!("could not remove unused image {path}: {err}"));
         }
-    }
     Ok(())
 }
 
