@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use possync_sdk::{Envelope, HandlerError};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events;
@@ -170,7 +171,14 @@ impl Applier {
         let result = {
             let mut store = self.database.store();
             let runtime = &self.runtime;
-            std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(handler.handle(envelope, &mut store))))
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                // Handlers rarely wait on anything: poll once before entering the runtime.
+                let mut future = handler.handle(envelope, &mut store);
+                match (&mut future).now_or_never() {
+                    Some(result) => result,
+                    None => runtime.block_on(future),
+                }
+            }))
         };
         match result {
             Ok(Ok(())) => {

@@ -229,16 +229,18 @@ impl Database {
         let _ = self.connection.execute_batch("ROLLBACK");
     }
 
+    // Savepoints run once per message: cached statements, not re-parsed SQL.
     pub(crate) fn savepoint(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.execute_batch("SAVEPOINT message")
+        self.connection.prepare_cached("SAVEPOINT message")?.execute([]).map(drop)
     }
 
     pub(crate) fn release(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.execute_batch("RELEASE message")
+        self.connection.prepare_cached("RELEASE message")?.execute([]).map(drop)
     }
 
     pub(crate) fn rollback_to_savepoint(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.execute_batch("ROLLBACK TO message; RELEASE message")
+        self.connection.prepare_cached("ROLLBACK TO message")?.execute([])?;
+        self.release()
     }
 
     /// Records `message_id` as applied; false if it was applied before.

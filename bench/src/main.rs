@@ -1,0 +1,375 @@
+//! `possync-bench`: possync against the local RabbitMQ, each scenario run
+//! twice in the same process: once with possync, once with a minimal
+//! consumer written directly on lapin that does the same SQLite writes
+//! (the baseline), so the ratio shows what the framework costs.
+//!
+//! cargo run --release -p possync-bench -- --help
+
+mod baseline;
+mod possync_side;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use possync_core::{Delivery, Publisher, QueueType};
+use possync_sdk::Envelope;
+use tokio::sync::watch;
+
+// Linked so their handlers register, as in `possync`.
+use possync_plugin_category as _;
+use possync_plugin_product as _;
+use possync_plugin_product_delete as _;
+
+use crate::baseline::BaselineQueue;
+use crate::workload::{license, price_update};
+
+/// Benchmarks possync end to end against the local RabbitMQ, side by side
+/// with a raw lapin baseline, and prints a table.
+#[derive(Debug, Parser)]
+#[command(max_term_width = 100)]
+struct Args {
+    /// The broker.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", env = "POSSYNC_BENCH_AMQP_URL")]
+    url: String,
+    /// Changes in the backlog-drain and live-throughput scenarios.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Seconds each latency rate runs.
+    #[arg(long, default_value_t = 5)]
+    latency_seconds: u64,
+    /// Terminals of the one store in the first fan-out scenario.
+    #[arg(long, default_value_t = 10)]
+    terminals_per_store: usize,
+    /// Stores (one terminal each) in the second fan-out scenario.
+    #[arg(long, default_value_t = 1000)]
+    stores: usize,
+    /// Scenarios to run: drain, live, latency, fanout (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// One line of the result table.
+struct Row {
+    scenario: String,
+    possync: String,
+    baseline: String,
+    ratio: String,
+}
+
+fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+fn rate_row(scenario: String, count: usize, possync: Duration, baseline: Duration) -> Row {
+    let (p, b) = (rate(count, possync), rate(count, baseline));
+    Row { scenario, possync: format!("{p:.0} msg/s"), baseline: format!("{b:.0} msg/s"), ratio: format!("{:.0}%", 100.0 * p / b) }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index] as f64 / 1000.0
+}
+
+fn latency_text(mut latencies: Vec<i64>) -> String {
+    latencies.sort_unstable();
+    format!(
+        "p50 {:.1} / p99 {:.1} / max {:.1} ms",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 1.0)
+    )
+}
+
+fn progress(text: &str) {
+    eprintln!("[bench] {text}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let dir = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    if wants("drain") {
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            rows.push(drain(&args, dir.path(), queue_type).await?);
+        }
+    }
+    if wants("live") {
+        for delivery in [Delivery::Durable, Delivery::Transient] {
+            rows.push(live(&args, dir.path(), delivery).await?);
+        }
+    }
+    if wants("latency") {
+        for per_second in [1000, 5000] {
+            rows.push(latency(&args, dir.path(), per_second).await?);
+        }
+    }
+    if wants("fanout") {
+        rows.extend(fanout(&args, dir.path()).await?);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let widths = [
+        rows.iter().map(|r| r.scenario.len()).max().unwrap_or(0).max(8),
+        rows.iter().map(|r| r.possync.len()).max().unwrap_or(0).max(7),
+        rows.iter().map(|r| r.baseline.len()).max().unwrap_or(0).max(13),
+    ];
+    println!("| {:<w0$} | {:<w1$} | {:<w2$} | possync / baseline |", "scenario", "possync", "lapin baseline", w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+    println!("|{}|{}|{}|---|", "-".repeat(widths[0] + 2), "-".repeat(widths[1] + 2), "-".repeat(widths[2] + 2));
+    for row in rows {
+        println!(
+            "| {:<w0$} | {:<w1$} | {:<w2$} | {} |",
+            row.scenario, row.possync, row.baseline, row.ratio,
+            w0 = widths[0], w1 = widths[1], w2 = widths[2]
+        );
+    }
+}
+
+fn baseline_kind(queue_type: QueueType) -> BaselineQueue {
+    match queue_type {
+        QueueType::Classic => BaselineQueue::Classic,
+        QueueType::Quorum => BaselineQueue::Quorum,
+    }
+}
+
+/// N changes wait in the queue; the consumer starts; time until all are
+/// applied and acknowledged.
+async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> anyhow::Result<Row> {
+    let n = args.messages;
+    let connection = workload::connect(&args.url).await?;
+    progress(&format!("backlog drain, {queue_type:?} queue: possync"));
+    let key = license("drain");
+    let config = possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
+    let declared = possync_side::start(config.clone()).await?;
+    let queues = vec![declared.queue.clone(), declared.dead_letter_queue.clone()];
+    declared.stop().await?;
+    workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 1000).await?;
+    let started = Instant::now();
+    let mut terminal = possync_side::start(config).await?;
+    terminal.wait_applied(n as u64).await?;
+    let possync_time = started.elapsed();
+    terminal.stop().await?;
+    workload::delete_queues(&connection, &queues).await;
+
+    progress(&format!("backlog drain, {queue_type:?} queue: baseline"));
+    let key = license("drain-base");
+    let queue = format!("bench.baseline.{key}");
+    baseline::declare(&connection, &queue, &key, baseline_kind(queue_type)).await?;
+    workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 1000).await?;
+    let consumer_connection = workload::connect(&args.url).await?;
+    let (stop, stopped) = watch::channel(false);
+    let started = Instant::now();
+    let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
+    consumer.applied.wait_for(|a| *a >= n as u64).await?;
+    let baseline_time = started.elapsed();
+    let _ = stop.send(true);
+    consumer.task.await??;
+    workload::delete_queues(&connection, &[queue]).await;
+    Ok(rate_row(format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(), n, possync_time, baseline_time))
+}
+
+/// A publisher with confirms publishes as fast as it can; time from the
+/// first publish until the terminal applied the last change.
+async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow::Result<Row> {
+    let n = args.messages;
+    progress(&format!("live throughput, {delivery:?}: possync"));
+    let key = license("live");
+    let config = possync_side::config(&args.url, dir, &key, "t1", QueueType::Classic, delivery);
+    let mut terminal = possync_side::start(config.clone()).await?;
+    let publisher = Publisher::connect(&config.broker).await?;
+    let envelopes: Vec<Envelope> = (0..n)
+        .map(|i| serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope"))
+        .collect();
+    let started = Instant::now();
+    publisher.publish_envelopes(envelopes).await?;
+    terminal.wait_applied(n as u64).await?;
+    let possync_time = started.elapsed();
+    publisher.close().await;
+    let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
+    terminal.stop().await?;
+    let connection = workload::connect(&args.url).await?;
+    workload::delete_queues(&connection, &queues).await;
+
+    progress(&format!("live throughput, {delivery:?}: baseline"));
+    let key = license("live-base");
+    let queue = format!("bench.baseline.{key}");
+    let consumer_connection = workload::connect(&args.url).await?;
+    let kind = if delivery == Delivery::Transient { BaselineQueue::Transient } else { BaselineQueue::Classic };
+    baseline::declare(&consumer_connection, &queue, &key, kind).await?;
+    let (stop, stopped) = watch::channel(false);
+    let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
+    let started = Instant::now();
+    workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 512).await?;
+    consumer.applied.wait_for(|a| *a >= n as u64).await?;
+    let baseline_time = started.elapsed();
+    let _ = stop.send(true);
+    consumer.task.await??;
+    workload::delete_queues(&connection, &[queue]).await;
+    Ok(rate_row(format!("live throughput, {n} changes, {delivery:?}").to_lowercase(), n, possync_time, baseline_time))
+}
+
+/// Publishes at a fixed rate; the time from publish to commit-and-ack.
+async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyhow::Result<Row> {
+    let total = per_second * usize::try_from(args.latency_seconds).unwrap_or(5);
+    progress(&format!("latency at {per_second}/s: possync"));
+    let key = license("latency");
+    let config = possync_side::config(&args.url, dir, &key, "t1", QueueType::Classic, Delivery::Durable);
+    let terminal = possync_side::start(config.clone()).await?;
+    let collector = tokio::spawn(possync_side::collect_latencies(terminal.status.clone(), total as u64));
+    let publisher = Publisher::connect(&config.broker).await?;
+    paced(per_second, total, |i| {
+        let envelope: Envelope = serde_json::from_slice(&price_update(&key, i, "bench_price_update")).expect("envelope");
+        let publisher = &publisher;
+        async move { publisher.publish_envelope(envelope).await.map(|_| ()).map_err(anyhow::Error::from) }
+    })
+    .await?;
+    let possync_latencies = tokio::time::timeout(Duration::from_secs(60), collector).await??;
+    publisher.close().await;
+    let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
+    terminal.stop().await?;
+    let connection = workload::connect(&args.url).await?;
+    workload::delete_queues(&connection, &queues).await;
+
+    progress(&format!("latency at {per_second}/s: baseline"));
+    let key = license("latency-base");
+    let queue = format!("bench.baseline.{key}");
+    baseline::declare(&connection, &queue, &key, BaselineQueue::Classic).await?;
+    let consumer_connection = workload::connect(&args.url).await?;
+    let (stop, stopped) = watch::channel(false);
+    let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    let routing_key = format!("license.{key}.price_update");
+    paced(per_second, total, |i| {
+        let body = price_update(&key, i, "price_update");
+        let (channel, routing_key) = (&channel, &routing_key);
+        async move {
+            let confirm = channel
+                .basic_publish(
+                    workload::EXCHANGE.into(),
+                    routing_key.as_str().into(),
+                    Default::default(),
+                    &body,
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            anyhow::ensure!(confirm.await?.is_ack(), "nack");
+            Ok(())
+        }
+    })
+    .await?;
+    consumer.applied.wait_for(|a| *a >= total as u64).await?;
+    let _ = stop.send(true);
+    consumer.task.await??;
+    let baseline_latencies = consumer.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+    workload::delete_queues(&connection, &[queue]).await;
+    Ok(Row {
+        scenario: format!("latency publish→commit+ack at {per_second}/s, persistent + confirms"),
+        possync: latency_text(possync_latencies),
+        baseline: latency_text(baseline_latencies),
+        ratio: "-".into(),
+    })
+}
+
+/// Calls `publish(i)` for i in 0..total, `per_second` a second, one
+/// millisecond tick at a time.
+async fn paced<F, Fut>(per_second: usize, total: usize, mut publish: F) -> anyhow::Result<()>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let started = Instant::now();
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / per_second as f64);
+        tokio::time::sleep_until(due.into()).await;
+        publish(i).await?;
+    }
+    Ok(())
+}
+
+/// Many terminals at once: one store with several terminals, then many
+/// stores with one terminal each, all in this process.
+async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> {
+    let per_terminal = 100usize;
+    let mut rows = Vec::new();
+    for (label, stores, per_store) in [("one store", 1usize, args.terminals_per_store), ("many stores", args.stores, 1usize)] {
+        let terminals = stores * per_store;
+        progress(&format!("fan-out, {label}: starting {terminals} possync terminals"));
+        let keys: Vec<_> = (0..stores).map(|_| license("fan")).collect();
+        let rss_before = workload::rss_kib();
+        let mut running = Vec::new();
+        for chunk in keys.iter().flat_map(|k| (0..per_store).map(move |t| (k.clone(), t))).collect::<Vec<_>>().chunks(50) {
+            let starts = chunk.iter().map(|(key, t)| {
+                possync_side::start(possync_side::config(&args.url, dir, key, &format!("t{t}"), QueueType::Classic, Delivery::Durable))
+            });
+            for started in futures_util::future::join_all(starts).await {
+                running.push(started?);
+            }
+        }
+        let possync_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
+        let connection = workload::connect(&args.url).await?;
+        progress(&format!("fan-out, {label}: publishing {per_terminal} changes per store"));
+        let started = Instant::now();
+        for key in &keys {
+            workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..per_terminal).map(|i| price_update(key, i, "price_update")), 512).await?;
+        }
+        for terminal in &mut running {
+            terminal.wait_applied(per_terminal as u64).await?;
+        }
+        let possync_time = started.elapsed();
+        let mut queues = Vec::new();
+        for terminal in running {
+            queues.push(terminal.queue.clone());
+            queues.push(terminal.dead_letter_queue.clone());
+            terminal.stop().await?;
+        }
+        workload::delete_queues(&connection, &queues).await;
+
+        progress(&format!("fan-out, {label}: starting {terminals} baseline consumers"));
+        let keys: Vec<_> = (0..stores).map(|_| license("fan-base")).collect();
+        let rss_before = workload::rss_kib();
+        let (stop, stopped) = watch::channel(false);
+        let mut consumers = Vec::new();
+        let mut connections = Vec::new();
+        let mut queues = Vec::new();
+        for key in &keys {
+            for t in 0..per_store {
+                let consumer_connection = workload::connect(&args.url).await?;
+                let queue = format!("bench.baseline.{key}.{t}");
+                baseline::declare(&consumer_connection, &queue, key, BaselineQueue::Classic).await?;
+                consumers.push(baseline::start(&consumer_connection, &queue, key, &dir.join(format!("{key}-{t}.db")), 500, 250, stopped.clone()).await?);
+                connections.push(consumer_connection);
+                queues.push(queue);
+            }
+        }
+        let baseline_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
+        let started = Instant::now();
+        for key in &keys {
+            workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..per_terminal).map(|i| price_update(key, i, "price_update")), 512).await?;
+        }
+        for consumer in &mut consumers {
+            consumer.applied.wait_for(|a| *a >= per_terminal as u64).await?;
+        }
+        let baseline_time = started.elapsed();
+        let _ = stop.send(true);
+        for consumer in consumers {
+            consumer.task.await??;
+        }
+        workload::delete_queues(&connection, &queues).await;
+        drop(connections);
+        let count = terminals * per_terminal;
+        let mut row = rate_row(format!("fan-out, {label}: {terminals} terminals × {per_terminal} changes"), count, possync_time, baseline_time);
+        row.possync = format!("{} ({possync_kib} KiB/terminal)", row.possync);
+        row.baseline = format!("{} ({baseline_kib} KiB/consumer)", row.baseline);
+        rows.push(row);
+    }
+    Ok(rows)
+}

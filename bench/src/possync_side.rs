@@ -1,0 +1,115 @@
+//! possync's side of each scenario: real terminals, in this process.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Mutex;
+
+use possync_core::{Config, Delivery, LicenseKey, QueueType, Registry, Status, Terminal, TerminalId};
+use possync_plugin_price::PriceHandler;
+use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, async_trait};
+use tokio::sync::watch;
+
+use crate::workload::now_micros;
+
+/// Publish times of messages handled and not yet counted as settled.
+static PROBED: Mutex<VecDeque<i64>> = Mutex::new(VecDeque::new());
+
+/// `bench_price_update`: the price handler, plus the message's publish time
+/// kept for the latency scenario.
+#[derive(Debug, Default)]
+struct LatencyProbe(PriceHandler);
+
+#[async_trait]
+impl MessageHandler for LatencyProbe {
+    fn name(&self) -> &str {
+        "bench_latency_probe"
+    }
+    fn message_types(&self) -> &[&str] {
+        &["bench_price_update"]
+    }
+    fn migrations(&self) -> &[Migration] {
+        self.0.migrations()
+    }
+    async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
+        self.0.handle(envelope, store).await?;
+        if let (Some(sent), Ok(mut probed)) = (envelope.payload["sent_at_us"].as_i64(), PROBED.lock()) {
+            probed.push_back(sent);
+        }
+        Ok(())
+    }
+}
+
+possync_sdk::register_handler!(LatencyProbe::default);
+
+/// A terminal running in this process.
+pub(crate) struct Running {
+    pub(crate) status: watch::Receiver<Status>,
+    pub(crate) queue: String,
+    pub(crate) dead_letter_queue: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), possync_core::TerminalError>>,
+}
+
+/// The settings every scenario shares.
+pub(crate) fn config(url: &str, dir: &Path, license: &LicenseKey, terminal: &str, queue_type: QueueType, delivery: Delivery) -> Config {
+    let mut config = Config::default();
+    config.broker.urls = vec![url.to_owned()];
+    config.broker.queue_type = queue_type;
+    config.terminal.license_key = Some(license.clone());
+    config.terminal.terminal_id = Some(TerminalId::new(terminal).expect("valid terminal id"));
+    config.terminal.database = dir.join(format!("{license}-{terminal}.db"));
+    config.terminal.delivery = delivery;
+    config.terminal.queue_expiry_days = 1;
+    config
+}
+
+pub(crate) async fn start(config: Config) -> anyhow::Result<Running> {
+    let registry = Registry::from_config(&config.plugins)?;
+    let terminal = Terminal::new(config, registry)?;
+    let queue = terminal.topology().queue.clone();
+    let dead_letter_queue = terminal.topology().dead_letter_queue.clone();
+    let mut status = terminal.status();
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(terminal.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    tokio::time::timeout(std::time::Duration::from_secs(60), status.wait_for(Status::is_live)).await??;
+    Ok(Running { status, queue, dead_letter_queue, stop, task })
+}
+
+impl Running {
+    pub(crate) async fn wait_applied(&mut self, count: u64) -> anyhow::Result<()> {
+        tokio::time::timeout(std::time::Duration::from_secs(600), self.status.wait_for(|s| s.applied >= count)).await??;
+        Ok(())
+    }
+
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Collects publish-to-ack latencies of `bench_price_update` messages
+/// until `count` were settled: each time the terminal reports a settled
+/// batch, the oldest probed publish times that many messages old are done.
+pub(crate) async fn collect_latencies(mut status: watch::Receiver<Status>, count: u64) -> Vec<i64> {
+    let mut seen = 0u64;
+    let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    while seen < count {
+        if status.changed().await.is_err() {
+            break;
+        }
+        let applied = status.borrow_and_update().applied;
+        let now = now_micros();
+        if let Ok(mut probed) = PROBED.lock() {
+            for _ in seen..applied {
+                if let Some(sent) = probed.pop_front() {
+                    latencies.push(now - sent);
+                }
+            }
+        }
+        seen = applied;
+    }
+    latencies
+}

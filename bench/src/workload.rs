@@ -1,0 +1,92 @@
+//! The messages both sides apply, and the broker chores around a run.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use possync_core::LicenseKey;
+
+pub(crate) const EXCHANGE: &str = "pos_license_events";
+/// Products the changes cycle over: updates hit existing rows, as in a store.
+const PRODUCTS: usize = 1000;
+
+pub(crate) fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// A `price_update` in the original wire format, with the time it was made.
+pub(crate) fn price_update(license: &LicenseKey, i: usize, message_type: &str) -> Vec<u8> {
+    format!(
+        r#"{{"type":"{message_type}","license_key":"{license}","payload":{{"product_id":"P{:04}","new_price":{}.{:02},"sent_at_us":{}}},"timestamp":"2025-11-27T10:30:00Z"}}"#,
+        i % PRODUCTS,
+        i % 100,
+        i % 100,
+        now_micros()
+    )
+    .into_bytes()
+}
+
+/// A license key no earlier run used.
+pub(crate) fn license(label: &str) -> LicenseKey {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    LicenseKey::new(format!("BENCH-{label}-{}", &id[20..])).expect("valid license key")
+}
+
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Connection> {
+    Ok(Connection::connect(url, ConnectionProperties::default()).await?)
+}
+
+/// Publishes `bodies` with confirms, keeping `window` in flight: the raw
+/// lapin publisher both sides' backlogs are filled with.
+pub(crate) async fn publish_raw(
+    connection: &Connection,
+    routing_key: &str,
+    bodies: impl Iterator<Item = Vec<u8>>,
+    window: usize,
+) -> anyhow::Result<usize> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut pending = std::collections::VecDeque::new();
+    let mut sent = 0;
+    for body in bodies {
+        if pending.len() >= window {
+            let confirm: lapin::PublisherConfirm = pending.pop_front().expect("non-empty");
+            anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a message");
+        }
+        let confirm = channel
+            .basic_publish(
+                EXCHANGE.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()),
+            )
+            .await?;
+        pending.push_back(confirm);
+        sent += 1;
+    }
+    for confirm in pending {
+        anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a message");
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(sent)
+}
+
+pub(crate) async fn delete_queues(connection: &Connection, queues: &[String]) {
+    if let Ok(channel) = connection.create_channel().await {
+        for queue in queues {
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = channel.close(200, "done".into()).await;
+    }
+}
+
+/// Resident memory of this process, in KiB (Linux).
+pub(crate) fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
