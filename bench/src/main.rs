@@ -47,6 +47,10 @@ struct Args {
     /// Scenarios to run: drain, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run only possync's side of the live scenario, then stop: for
+    /// profiling the framework alone (`perf record ... -- --profile-live`).
+    #[arg(long)]
+    profile_live: bool,
 }
 
 /// One line of the result table.
@@ -64,6 +68,34 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
 fn rate_row(scenario: String, count: usize, possync: Duration, baseline: Duration) -> Row {
     let (p, b) = (rate(count, possync), rate(count, baseline));
     Row { scenario, possync: format!("{p:.0} msg/s"), baseline: format!("{b:.0} msg/s"), ratio: format!("{:.0}%", 100.0 * p / b) }
+}
+
+/// A phase's wall time and the CPU this process spent in it.
+struct Measured {
+    elapsed: Duration,
+    cpu_us: u64,
+}
+
+struct Stopwatch {
+    started: Instant,
+    cpu: u64,
+}
+
+impl Stopwatch {
+    fn start() -> Self {
+        Self { started: Instant::now(), cpu: workload::cpu_micros() }
+    }
+    fn stop(&self) -> Measured {
+        Measured { elapsed: self.started.elapsed(), cpu_us: workload::cpu_micros().saturating_sub(self.cpu) }
+    }
+}
+
+fn measured_row(scenario: String, count: usize, possync: &Measured, baseline: &Measured) -> Row {
+    let mut row = rate_row(scenario, count, possync.elapsed, baseline.elapsed);
+    let per = |m: &Measured| m.cpu_us as f64 / count as f64;
+    row.possync = format!("{} · {:.0} µs CPU/msg", row.possync, per(possync));
+    row.baseline = format!("{} · {:.0} µs CPU/msg", row.baseline, per(baseline));
+    row
 }
 
 fn percentile(sorted: &[i64], p: f64) -> f64 {
@@ -94,6 +126,23 @@ async fn main() -> anyhow::Result<()> {
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
+    if args.profile_live {
+        let key = license("profile");
+        let config = possync_side::config(&args.url, dir.path(), &key, "t1", QueueType::Classic, Delivery::Durable);
+        let mut terminal = possync_side::start(config.clone()).await?;
+        let publisher = Publisher::connect(&config.broker).await?;
+        let envelopes: Vec<Envelope> = (0..args.messages)
+            .map(|i| serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope"))
+            .collect();
+        let watch = Stopwatch::start();
+        publisher.publish_envelopes(envelopes).await?;
+        terminal.wait_applied(args.messages as u64).await?;
+        let took = watch.stop();
+        println!("possync live: {:.0} msg/s, {} µs CPU/msg", rate(args.messages, took.elapsed), took.cpu_us / args.messages as u64);
+        publisher.close().await;
+        terminal.stop().await?;
+        return Ok(());
+    }
     if wants("drain") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
             rows.push(drain(&args, dir.path(), queue_type).await?);
@@ -152,10 +201,10 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let queues = vec![declared.queue.clone(), declared.dead_letter_queue.clone()];
     declared.stop().await?;
     workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 1000).await?;
-    let started = Instant::now();
+    let watch_possync = Stopwatch::start();
     let mut terminal = possync_side::start(config).await?;
     terminal.wait_applied(n as u64).await?;
-    let possync_time = started.elapsed();
+    let possync_time = watch_possync.stop();
     terminal.stop().await?;
     workload::delete_queues(&connection, &queues).await;
 
@@ -166,14 +215,14 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 1000).await?;
     let consumer_connection = workload::connect(&args.url).await?;
     let (stop, stopped) = watch::channel(false);
-    let started = Instant::now();
+    let watch_baseline = Stopwatch::start();
     let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
     consumer.applied.wait_for(|a| *a >= n as u64).await?;
-    let baseline_time = started.elapsed();
+    let baseline_time = watch_baseline.stop();
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
-    Ok(rate_row(format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(), n, possync_time, baseline_time))
+    Ok(measured_row(format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(), n, &possync_time, &baseline_time))
 }
 
 /// A publisher with confirms publishes as fast as it can; time from the
@@ -188,10 +237,10 @@ async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow:
     let envelopes: Vec<Envelope> = (0..n)
         .map(|i| serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope"))
         .collect();
-    let started = Instant::now();
+    let watch_possync = Stopwatch::start();
     publisher.publish_envelopes(envelopes).await?;
     terminal.wait_applied(n as u64).await?;
-    let possync_time = started.elapsed();
+    let possync_time = watch_possync.stop();
     publisher.close().await;
     let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
     terminal.stop().await?;
@@ -206,14 +255,14 @@ async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow:
     baseline::declare(&consumer_connection, &queue, &key, kind).await?;
     let (stop, stopped) = watch::channel(false);
     let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
-    let started = Instant::now();
+    let watch_baseline = Stopwatch::start();
     workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 512).await?;
     consumer.applied.wait_for(|a| *a >= n as u64).await?;
-    let baseline_time = started.elapsed();
+    let baseline_time = watch_baseline.stop();
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
-    Ok(rate_row(format!("live throughput, {n} changes, {delivery:?}").to_lowercase(), n, possync_time, baseline_time))
+    Ok(measured_row(format!("live throughput, {n} changes, {delivery:?}").to_lowercase(), n, &possync_time, &baseline_time))
 }
 
 /// Publishes at a fixed rate; the time from publish to commit-and-ack.

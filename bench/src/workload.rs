@@ -90,3 +90,14 @@ pub(crate) fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// CPU time (user + system) this process has used, in microseconds.
+pub(crate) fn cpu_micros() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0 };
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'; 100 ticks a second on Linux.
+    (ticks(11) + ticks(12)) * 10_000
+}

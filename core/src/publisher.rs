@@ -9,6 +9,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use possync_sdk::{Envelope, WireMessage};
 use time::OffsetDateTime;
+use futures_util::FutureExt;
 use tokio::sync::Mutex;
 use time::format_description::well_known::Rfc3339;
 
@@ -139,11 +140,13 @@ impl Publisher {
         let mut in_flight: VecDeque<Pending> = VecDeque::new();
         let mut published = Vec::new();
         let mut reconnects = Reconnects::new(&self.broker);
+        // One wall-clock stamp per call: the exact order travels in `version`.
+        let timestamp = OffsetDateTime::now_utc().format(&Rfc3339).ok();
         for envelope in envelopes {
             while in_flight.len() >= WINDOW {
                 self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects).await?;
             }
-            let mut pending = self.prepare(envelope)?;
+            let mut pending = self.prepare(envelope, timestamp.as_deref())?;
             loop {
                 match send(&mut guard, &self.broker, &mut pending).await {
                     Ok(()) => break,
@@ -171,8 +174,17 @@ impl Publisher {
             let err = BrokerError::ConnectionLost;
             return self.recover(session, in_flight, reconnects, err).await;
         };
-        let url = session.as_ref().map_or("", |s| s.url.as_str()).to_owned();
-        let waited = connection::within(self.broker.confirm_timeout_secs, "waiting for the broker's confirm", &url, confirm).await;
+        let mut confirm = confirm;
+        // Most confirms of a full window are in already: skip the timer then.
+        let waited = match (&mut confirm).now_or_never() {
+            Some(result) => {
+                result.map_err(|err| BrokerError::from_lapin("waiting for the broker's confirm", session_url(session), err))
+            }
+            None => {
+                let url = session_url(session).to_owned();
+                connection::within(self.broker.confirm_timeout_secs, "waiting for the broker's confirm", &url, confirm).await
+            }
+        };
         match waited {
             Ok(Confirmation::Ack(None)) => {
                 if let Some(done) = in_flight.pop_front() {
@@ -238,7 +250,7 @@ impl Publisher {
         }
     }
 
-    fn prepare(&self, mut envelope: Envelope) -> Result<Pending, PublishError> {
+    fn prepare(&self, mut envelope: Envelope, timestamp: Option<&str>) -> Result<Pending, PublishError> {
         let license_key = LicenseKey::new(envelope.license_key.clone())?;
         check_type(&envelope.message_type)?;
         let message_id = envelope.message_id.get_or_insert_with(|| uuid::Uuid::now_v7().to_string()).clone();
@@ -246,7 +258,7 @@ impl Publisher {
             envelope.version = Some(self.next_version());
         }
         if envelope.timestamp.is_none() {
-            envelope.timestamp = OffsetDateTime::now_utc().format(&Rfc3339).ok();
+            envelope.timestamp = timestamp.map(str::to_owned);
         }
         Ok(Pending {
             routing_key: routing_key(&license_key, &envelope.message_type),
@@ -306,6 +318,10 @@ impl Session {
     }
 }
 
+fn session_url(session: &Option<Session>) -> &str {
+    session.as_ref().map_or("", |s| s.url.as_str())
+}
+
 async fn send(session: &mut Option<Session>, broker: &BrokerConfig, pending: &mut Pending) -> Result<(), BrokerError> {
     let Some(session) = session.as_ref() else { return Err(BrokerError::ConnectionLost) };
     let properties = BasicProperties::default()
@@ -313,20 +329,19 @@ async fn send(session: &mut Option<Session>, broker: &BrokerConfig, pending: &mu
         .with_content_type("application/json".into())
         .with_message_id(pending.message_id.as_str().into())
         .with_type(pending.message_type.as_str().into());
-    let confirm = connection::within(
-        broker.confirm_timeout_secs,
-        "publishing",
-        &session.url,
-        session.channel.basic_publish(
-            broker.exchange.as_str().into(),
-            pending.routing_key.as_str().into(),
-            // mandatory: the broker tells us when no queue took the message.
-            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-            &pending.body,
-            properties,
-        ),
-    )
-    .await?;
+    let mut publishing = std::pin::pin!(session.channel.basic_publish(
+        broker.exchange.as_str().into(),
+        pending.routing_key.as_str().into(),
+        // mandatory: the broker tells us when no queue took the message.
+        BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+        &pending.body,
+        properties,
+    ));
+    // Usually queued at once; a timer only for a broker that pushes back (lapin #409).
+    let confirm = match publishing.as_mut().now_or_never() {
+        Some(result) => result.map_err(|err| BrokerError::from_lapin("publishing", &session.url, err))?,
+        None => connection::within(broker.confirm_timeout_secs, "publishing", &session.url, publishing).await?,
+    };
     pending.confirm = Some(confirm);
     Ok(())
 }

@@ -62,25 +62,45 @@ impl Entity {
     }
 }
 
+/// What to do with a change to one entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Older than what the database holds: change nothing.
+    Stale,
+    /// Apply it. `revives` says a tombstone must go (the entity was deleted
+    /// before this newer change).
+    Apply {
+        /// Whether a tombstone of the entity exists.
+        revives: bool,
+    },
+}
+
 /// Whether a change at `order` to entity `id` is newer than what the
 /// database holds (the row, or the tombstone of its deletion).
 ///
 /// A message without any order applies, as it did in the original system.
-pub fn is_newer(
-    store: &mut dyn Store,
-    entity: Entity,
-    id: &str,
-    order: Option<Version>,
-) -> Result<bool, StoreError> {
-    let Some(order) = order else { return Ok(true) };
+pub fn decide(store: &mut dyn Store, entity: Entity, id: &str, order: Option<Version>) -> Result<Decision, StoreError> {
     if let Some(row) = store.query_row(entity.version_query(), &[id.into()])? {
-        return Ok(order.supersedes(first_i64(&row)));
+        // An existing row has no tombstone: deletes remove the row.
+        let newer = order.is_none_or(|order| order.supersedes(first_i64(&row)));
+        return Ok(if newer { Decision::Apply { revives: false } } else { Decision::Stale });
     }
     let tombstone = store.query_row(
         "SELECT sync_version FROM catalog_tombstones WHERE entity = ?1 AND id = ?2",
         &[entity.table().into(), id.into()],
     )?;
-    Ok(tombstone.is_none_or(|row| order.supersedes(first_i64(&row))))
+    Ok(match (tombstone, order) {
+        (None, _) => Decision::Apply { revives: false },
+        (Some(_), None) => Decision::Apply { revives: true },
+        (Some(row), Some(order)) if order.supersedes(first_i64(&row)) => Decision::Apply { revives: true },
+        (Some(_), Some(_)) => Decision::Stale,
+    })
+}
+
+/// Whether a change at `order` to entity `id` is newer than what the
+/// database holds; see [`decide`].
+pub fn is_newer(store: &mut dyn Store, entity: Entity, id: &str, order: Option<Version>) -> Result<bool, StoreError> {
+    Ok(decide(store, entity, id, order)? != Decision::Stale)
 }
 
 /// Deletes entity `id` and records a tombstone at `order`, so updates older
@@ -103,8 +123,12 @@ pub fn delete(
     Ok(deleted > 0)
 }
 
-/// Clears the tombstone of an entity that a newer update brings back.
-pub fn clear_tombstone(store: &mut dyn Store, entity: Entity, id: &str) -> Result<(), StoreError> {
+/// Clears the tombstone of an entity that a newer update brings back, if
+/// `decision` says it has one.
+pub fn clear_tombstone(store: &mut dyn Store, entity: Entity, id: &str, decision: Decision) -> Result<(), StoreError> {
+    if decision != (Decision::Apply { revives: true }) {
+        return Ok(());
+    }
     store.execute(
         "DELETE FROM catalog_tombstones WHERE entity = ?1 AND id = ?2",
         &[entity.table().into(), id.into()],

@@ -1,6 +1,6 @@
 //! `category_update`: creates or replaces a category.
 
-use possync_catalog::{Entity, MIGRATIONS};
+use possync_catalog::{Decision, Entity, MIGRATIONS};
 use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +44,8 @@ impl MessageHandler for CategoryHandler {
         let update: CategoryUpdate = envelope.payload_as()?;
         possync_catalog::require_id("category_id", &update.category_id)?;
         let order = envelope.order();
-        if !possync_catalog::is_newer(store, Entity::Category, &update.category_id, order)? {
+        let decision = possync_catalog::decide(store, Entity::Category, &update.category_id, order)?;
+        if decision == Decision::Stale {
             return Ok(());
         }
         store.execute(
@@ -63,7 +64,7 @@ impl MessageHandler for CategoryHandler {
                 possync_catalog::version_value(order),
             ],
         )?;
-        possync_catalog::clear_tombstone(store, Entity::Category, &update.category_id)?;
+        possync_catalog::clear_tombstone(store, Entity::Category, &update.category_id, decision)?;
         Ok(())
     }
 }

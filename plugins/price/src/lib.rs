@@ -1,7 +1,7 @@
 //! `price_update`: sets a product's price, creating the product if the
 //! terminal does not have it yet.
 
-use possync_catalog::{Entity, MIGRATIONS};
+use possync_catalog::{Decision, Entity, MIGRATIONS};
 use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +46,8 @@ impl MessageHandler for PriceHandler {
         possync_catalog::require_id("product_id", &update.product_id)?;
         possync_catalog::require_price("new_price", update.new_price)?;
         let order = envelope.order();
-        if !possync_catalog::is_newer(store, Entity::Product, &update.product_id, order)? {
+        let decision = possync_catalog::decide(store, Entity::Product, &update.product_id, order)?;
+        if decision == Decision::Stale {
             return Ok(());
         }
         store.execute(
@@ -65,7 +66,7 @@ impl MessageHandler for PriceHandler {
                 possync_catalog::version_value(order),
             ],
         )?;
-        possync_catalog::clear_tombstone(store, Entity::Product, &update.product_id)?;
+        possync_catalog::clear_tombstone(store, Entity::Product, &update.product_id, decision)?;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! `product_update`: creates or replaces a product.
 
-use possync_catalog::{Entity, MIGRATIONS};
+use possync_catalog::{Decision, Entity, MIGRATIONS};
 use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +48,8 @@ impl MessageHandler for ProductHandler {
         possync_catalog::require_id("product_id", &update.product_id)?;
         possync_catalog::require_price("price", update.price)?;
         let order = envelope.order();
-        if !possync_catalog::is_newer(store, Entity::Product, &update.product_id, order)? {
+        let decision = possync_catalog::decide(store, Entity::Product, &update.product_id, order)?;
+        if decision == Decision::Stale {
             return Ok(());
         }
         store.execute(
@@ -71,7 +72,7 @@ impl MessageHandler for ProductHandler {
                 possync_catalog::version_value(order),
             ],
         )?;
-        possync_catalog::clear_tombstone(store, Entity::Product, &update.product_id)?;
+        possync_catalog::clear_tombstone(store, Entity::Product, &update.product_id, decision)?;
         Ok(())
     }
 }
