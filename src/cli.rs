@@ -24,8 +24,18 @@ struct Cli {
     #[arg(long, short, global = true, value_name = "FILE", env = "POSSYNC_CONFIG")]
     config: Option<PathBuf>,
 
+    /// Log lines as readable text or as JSON objects (one per line).
+    #[arg(long, global = true, value_enum, default_value = "human", env = "POSSYNC_LOG_FORMAT")]
+    log_format: LogFormatArg,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,7 +126,11 @@ enum PluginsCommand {
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and one-shot commands print their own results; only trouble should add to them.
-    possync_core::init_logging(if matches!(cli.command, Command::Terminal) { "info" } else { "warn" });
+    let format = match cli.log_format {
+        LogFormatArg::Human => possync_core::LogFormat::Human,
+        LogFormatArg::Json => possync_core::LogFormat::Json,
+    };
+    possync_core::init_logging(if matches!(cli.command, Command::Terminal) { "info" } else { "warn" }, format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

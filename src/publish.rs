@@ -98,6 +98,21 @@ pub(crate) enum PublishCommand {
         #[arg(long, value_name = "ID")]
         group_id: String,
     },
+    /// Publish a whole catalog from a file to one or more stores, with
+    /// progress and a summary. The file holds JSON lines
+    /// ({"type": "price_update", "payload": {...}}) or CSV with a `type`
+    /// column and one column per payload field. Bad lines are reported with
+    /// their number and skipped.
+    Bulk {
+        #[command(flatten)]
+        to: Stores,
+        /// The catalog: .jsonl or .csv.
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+        /// Publish nothing if any line is bad.
+        #[arg(long)]
+        stop_on_error: bool,
+    },
     /// Publish a message of any type, with its payload as JSON.
     Raw {
         #[command(flatten)]
@@ -128,6 +143,7 @@ fn envelopes<M: WireMessage>(to: &Stores, message: &M) -> anyhow::Result<Vec<Env
 
 pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Result<ExitCode> {
     let envelopes = match command {
+        PublishCommand::Bulk { to, file, stop_on_error } => return bulk(config, &to, &file, stop_on_error).await,
         #[cfg(feature = "price")]
         PublishCommand::PriceUpdate { to, product_id, price, product_name } => envelopes(
             &to,
@@ -189,4 +205,29 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
         println!("confirmed {} (message id {})", message.routing_key, message.message_id);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn bulk(config: &Config, to: &Stores, file: &std::path::Path, stop_on_error: bool) -> anyhow::Result<ExitCode> {
+    let (changes, bad) = crate::bulk::read_changes(file)?;
+    for line in &bad {
+        eprintln!("{}:{}: {}", file.display(), line.line, line.reason);
+    }
+    if stop_on_error && !bad.is_empty() {
+        anyhow::bail!("{} bad line(s) in {}; nothing was published (--stop-on-error)", bad.len(), file.display());
+    }
+    let publisher = Publisher::connect(&config.broker).await?;
+    let started = std::time::Instant::now();
+    let (confirmed, failed) = crate::bulk::publish(&publisher, &changes, &to.licenses).await;
+    publisher.close().await;
+    for (store, err) in &failed {
+        eprintln!("store {store}: {err}");
+    }
+    println!(
+        "published {confirmed} change(s) to {} store(s) in {:.1} s, all confirmed by the broker; {} bad line(s) skipped; {} store(s) failed",
+        to.licenses.len() - failed.len(),
+        started.elapsed().as_secs_f64(),
+        bad.len(),
+        failed.len()
+    );
+    Ok(if bad.is_empty() && failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -145,24 +145,32 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("drain") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
-            rows.push(drain(&args, dir.path(), queue_type).await?);
+            report(drain(&args, dir.path(), queue_type).await?, &mut rows);
         }
     }
     if wants("live") {
         for delivery in [Delivery::Durable, Delivery::Transient] {
-            rows.push(live(&args, dir.path(), delivery).await?);
+            report(live(&args, dir.path(), delivery).await?, &mut rows);
         }
     }
     if wants("latency") {
         for per_second in [1000, 5000] {
-            rows.push(latency(&args, dir.path(), per_second).await?);
+            report(latency(&args, dir.path(), per_second).await?, &mut rows);
         }
     }
     if wants("fanout") {
-        rows.extend(fanout(&args, dir.path()).await?);
+        for row in fanout(&args, dir.path()).await? {
+            report(row, &mut rows);
+        }
     }
     print_table(&rows);
     Ok(())
+}
+
+/// Prints a finished row at once, so a long run shows results as it goes.
+fn report(row: Row, rows: &mut Vec<Row>) {
+    eprintln!("[bench] {}: possync {} | baseline {} | {}", row.scenario, row.possync, row.baseline, row.ratio);
+    rows.push(row);
 }
 
 fn print_table(rows: &[Row]) {

@@ -22,6 +22,8 @@ pub struct Config {
     pub terminal: TerminalConfig,
     /// The broker's management API, for `possync admin` only.
     pub admin: AdminConfig,
+    /// The terminal's status endpoint and page.
+    pub status: StatusConfig,
     /// Built-in handlers switched on or off by name (`price = false`; those
     /// not named are on), and dynamic plugins loaded from a path
     /// (`[plugins.product_images] path = "..."`).
@@ -186,6 +188,27 @@ impl Default for AdminConfig {
 impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminConfig").field("url", &self.url).field("user", &self.user).field("password", &"***").finish()
+    }
+}
+
+/// The `[status]` section: an HTTP endpoint with `/` (a page a store
+/// manager reads at a glance), `/status` (JSON), `/healthz` and `/metrics`
+/// (Prometheus). Off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Whether a terminal serves it.
+    pub enabled: bool,
+    /// The address to listen on; loopback unless it must be reached from
+    /// another machine.
+    pub address: std::net::IpAddr,
+    /// The port.
+    pub port: u16,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self { enabled: false, address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), port: 9464 }
     }
 }
 

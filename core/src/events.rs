@@ -75,3 +75,7 @@ pub(crate) fn publisher_reconnecting(reason: &str, unconfirmed: usize) {
 pub(crate) fn status_not_recorded(reason: &str) {
     warn!(event = "status_not_recorded", %reason, "could not record the terminal's state for `possync status`");
 }
+
+pub(crate) fn status_page(address: &str) {
+    info!(event = "status_page", %address, "status page at http://{address}/ (also /status, /healthz, /metrics)");
+}

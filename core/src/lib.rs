@@ -19,6 +19,7 @@ mod publisher;
 mod redact;
 mod registry;
 mod status;
+mod status_server;
 mod store;
 mod telemetry;
 mod terminal;
@@ -26,7 +27,8 @@ mod topology;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{
-    AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig, PluginSetting, QueueType, TerminalConfig,
+    AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig, PluginSetting, QueueType,
+    StatusConfig, TerminalConfig,
 };
 pub use connection::BrokerError;
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
@@ -36,6 +38,6 @@ pub use plugin_loader::PluginLoadError;
 pub use registry::{Origin, PluginInfo, Registry, RegistryError};
 pub use status::{State, Status, StatusReport};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
-pub use telemetry::init_logging;
+pub use telemetry::{LogFormat, init_logging};
 pub use terminal::{Terminal, TerminalError};
 pub use topology::{TerminalTopology, routing_key};

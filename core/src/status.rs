@@ -37,6 +37,8 @@ pub struct Status {
     pub quarantined: u64,
     /// Redelivered messages that were applied before and changed nothing.
     pub duplicates: u64,
+    /// Messages applied since start, by envelope type.
+    pub applied_by_type: std::collections::BTreeMap<String, u64>,
     /// When the last message was applied.
     pub last_applied_at: Option<SystemTime>,
 }
@@ -58,6 +60,7 @@ impl StatusSender {
             applied: 0,
             quarantined: 0,
             duplicates: 0,
+            applied_by_type: std::collections::BTreeMap::new(),
             last_applied_at: None,
         });
         (Self(sender), receiver)
@@ -67,11 +70,14 @@ impl StatusSender {
         self.0.send_modify(|status| status.state = state);
     }
 
-    pub(crate) fn count(&self, applied: u64, quarantined: u64, duplicates: u64) {
+    pub(crate) fn count(&self, applied: u64, quarantined: u64, duplicates: u64, by_type: &[(String, u64)]) {
         if applied == 0 && quarantined == 0 && duplicates == 0 {
             return;
         }
         self.0.send_modify(|status| {
+            for (message_type, count) in by_type {
+                *status.applied_by_type.entry(message_type.clone()).or_default() += count;
+            }
             status.applied += applied;
             status.quarantined += quarantined;
             status.duplicates += duplicates;

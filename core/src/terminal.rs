@@ -30,6 +30,14 @@ pub enum TerminalError {
     /// The broker refused this terminal; retrying will not help.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The status endpoint cannot listen.
+    #[error("cannot serve the status page on {address}: {source}; change [status] port or address")]
+    StatusListen {
+        /// Where it tried.
+        address: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The apply thread could not start.
     #[error("cannot start the apply thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -94,6 +102,8 @@ impl Terminal {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TerminalError> {
         let Self { config, topology, registry, database, connection_name, status } = self;
         let identity = (config.license_key()?.to_string(), config.terminal_id()?.to_string());
+        let plugins = registry.plugins();
+        let mut server = None;
         let applier = ApplierHandle::spawn(Applier::new(
             database,
             registry,
@@ -102,6 +112,21 @@ impl Terminal {
             config.terminal.max_attempts,
             tokio::runtime::Handle::current(),
         ))?;
+        if config.status.enabled {
+            let address = std::net::SocketAddr::new(config.status.address, config.status.port);
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| TerminalError::StatusListen { address, source })?;
+            events::status_page(&address.to_string());
+            let view = crate::status_server::StatusView {
+                status: status.subscribe(),
+                license_key: identity.0.clone(),
+                terminal_id: identity.1.clone(),
+                database: config.terminal.database.clone(),
+                plugins,
+            };
+            server = Some(tokio::spawn(crate::status_server::serve(listener, Arc::new(view))));
+        }
         let reporter = Reporter { applier: &applier, status: &status, identity };
         reporter.set(State::Connecting, None).await;
         let mut shutdown = pin!(shutdown);
@@ -148,6 +173,9 @@ impl Terminal {
             }
         };
         reporter.set(State::Stopped, None).await;
+        if let Some(server) = server {
+            server.abort();
+        }
         applier.shutdown();
         if result.is_ok() {
             events::stopped();
@@ -236,7 +264,7 @@ async fn consume(
                 }
                 let settled = subscription.settle(&batch, &outcomes).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
-                status.count(tally.applied as u64, tally.quarantined as u64, tally.duplicates as u64);
+                status.count(tally.applied as u64, tally.quarantined as u64, tally.duplicates as u64, &tally.by_type);
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
                 }
@@ -257,6 +285,7 @@ async fn consume(
 
 #[derive(Default)]
 struct Tally {
+    by_type: Vec<(String, u64)>,
     applied: usize,
     quarantined: usize,
     duplicates: usize,
@@ -268,7 +297,13 @@ impl Tally {
         let mut tally = Self::default();
         for outcome in outcomes {
             match outcome {
-                Outcome::Applied { .. } => tally.applied += 1,
+                Outcome::Applied { message_type } => {
+                    tally.applied += 1;
+                    match tally.by_type.iter_mut().find(|(t, _)| t == message_type) {
+                        Some((_, count)) => *count += 1,
+                        None => tally.by_type.push((message_type.clone(), 1)),
+                    }
+                }
                 Outcome::DeadLetter { .. } => tally.quarantined += 1,
                 Outcome::Duplicate => tally.duplicates += 1,
                 Outcome::Retry { .. } => tally.retries += 1,

@@ -320,3 +320,28 @@ pub fn dynamic_plugin(package: &str, settings: serde_json::Value) -> possync_cor
     };
     possync_core::PluginSetting::Dynamic(possync_core::DynamicPlugin { path: plugin_library(package), enabled: true, settings })
 }
+
+/// A free loopback port for a status page.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// `GET path` on the status page at `port`: (status code, body).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the status page");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+/// A config whose terminal serves its status page on a free port.
+pub fn with_status_page(mut config: Config) -> (Config, u16) {
+    let port = free_port();
+    config.status.enabled = true;
+    config.status.port = port;
+    (config, port)
+}
