@@ -15,6 +15,9 @@ const NUMERIC_FIELDS: &[&str] = &["price", "new_price", "price_delta", "min_sele
 /// Messages confirmed between two progress updates.
 const CHUNK: usize = 500;
 
+/// A change read from the file: its line number, type and payload.
+pub(crate) type Change = (usize, String, serde_json::Value);
+
 /// One line that could not become a message.
 #[derive(Debug)]
 pub(crate) struct BadLine {
@@ -24,7 +27,7 @@ pub(crate) struct BadLine {
 
 /// The changes in `file`: JSON lines (`{"type": ..., "payload": {...}}`) or
 /// CSV with a `type` column and one column per payload field.
-pub(crate) fn read_changes(file: &Path) -> anyhow::Result<(Vec<(usize, String, serde_json::Value)>, Vec<BadLine>)> {
+pub(crate) fn read_changes(file: &Path) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
     let extension = file.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     match extension.as_deref() {
@@ -34,7 +37,7 @@ pub(crate) fn read_changes(file: &Path) -> anyhow::Result<(Vec<(usize, String, s
     }
 }
 
-fn read_json_lines(text: &str) -> (Vec<(usize, String, serde_json::Value)>, Vec<BadLine>) {
+fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
     let (mut changes, mut bad) = (Vec::new(), Vec::new());
     for (index, line) in text.lines().enumerate() {
         let number = index + 1;
@@ -58,7 +61,7 @@ fn read_json_lines(text: &str) -> (Vec<(usize, String, serde_json::Value)>, Vec<
     (changes, bad)
 }
 
-fn read_csv(text: &str) -> anyhow::Result<(Vec<(usize, String, serde_json::Value)>, Vec<BadLine>)> {
+fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
     let headers = reader.headers().context("the CSV file has no header row")?.clone();
     let type_column = headers.iter().position(|h| h == "type").context("the CSV header has no \"type\" column")?;
@@ -149,7 +152,7 @@ impl Progress {
 /// confirmed and the stores that failed.
 pub(crate) async fn publish(
     publisher: &Publisher,
-    changes: &[(usize, String, serde_json::Value)],
+    changes: &[Change],
     stores: &[LicenseKey],
 ) -> (usize, Vec<(LicenseKey, PublishError)>) {
     let mut progress = Progress::new((changes.len() * stores.len()) as u64);
