@@ -50,6 +50,12 @@ enum Command {
     /// Show whether the configured terminal is Live or Offline, since when,
     /// and what it applied last; exits 0 only when it is live.
     Status,
+    /// Check a terminal's setup, like the old settings screen's "Test
+    /// connection" and more: config (and where each value came from), the
+    /// broker, the exchange, the terminal's queue, the database and the
+    /// plugins; one line per check with a fix for each failure. Exits 0
+    /// only when all pass.
+    Doctor,
     /// Show the handlers this binary has.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -152,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Terminal => terminal(load(cli.config.as_deref())?).await,
         Command::Publish(command) => publish::run(&load(cli.config.as_deref())?.config, command).await,
         Command::Status => status(&load(cli.config.as_deref())?.config),
+        Command::Doctor => doctor(cli.config.as_deref()).await,
         Command::Plugins(PluginsCommand::List) => plugins_list(&load(cli.config.as_deref())?.config),
         Command::Admin(command) => admin(load(cli.config.as_deref())?.config, command).await,
         Command::Config(ConfigCommand::Show) => {
@@ -194,6 +201,36 @@ pub(crate) async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+async fn doctor(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let loaded = match Config::load(path) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            println!("FAIL config: {err}");
+            println!("     fix: correct the key the message names");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("ok   config: {}", path.map_or("environment and defaults only".into(), |p| p.display().to_string()));
+    for (key, value, source) in possync_core::config_sources(&loaded) {
+        println!("       {key} = {value}  ({source})");
+    }
+    let checks = possync_core::diagnose(&loaded.config).await;
+    for check in &checks {
+        println!("{} {}: {}", if check.ok { "ok  " } else { "FAIL" }, check.name, check.detail);
+        if let Some(fix) = &check.fix {
+            println!("     fix: {fix}");
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if failed == 0 {
+        println!("all {} checks passed", checks.len() + 1);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{failed} of {} checks failed", checks.len() + 1);
+        Ok(ExitCode::FAILURE)
     }
 }
 

@@ -101,16 +101,33 @@ impl Applier {
     }
 
     /// Applies `batch` in one transaction and returns one outcome per message.
+    ///
+    /// Most batches apply cleanly, so a batch first runs without a savepoint
+    /// per message; only if a handler fails does it run again with them, so
+    /// that the failure undoes that one message's writes.
     pub(crate) fn apply(&mut self, batch: &[Inbound]) -> Result<Vec<Outcome>, BatchError> {
+        if let Some(outcomes) = self.run(batch, false)? {
+            return Ok(outcomes);
+        }
+        Ok(self.run(batch, true)?.unwrap_or_default())
+    }
+
+    /// One attempt at the batch; `None` when a handler failed outside
+    /// `careful` mode (everything rolled back).
+    fn run(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Vec<Outcome>>, BatchError> {
         self.database.begin()?;
-        match self.apply_in_transaction(batch) {
-            Ok(outcomes) => match self.database.commit() {
-                Ok(()) => Ok(outcomes),
+        match self.apply_in_transaction(batch, careful) {
+            Ok(Some(outcomes)) => match self.database.commit() {
+                Ok(()) => Ok(Some(outcomes)),
                 Err(err) => {
                     self.database.rollback();
                     Err(err.into())
                 }
             },
+            Ok(None) => {
+                self.database.rollback();
+                Ok(None)
+            }
             Err(err) => {
                 self.database.rollback();
                 Err(err.into())
@@ -118,13 +135,13 @@ impl Applier {
         }
     }
 
-    fn apply_in_transaction(&mut self, batch: &[Inbound]) -> Result<Vec<Outcome>, rusqlite::Error> {
+    fn apply_in_transaction(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let (mut applied, mut quarantined, mut last_type) = (0, 0, None);
         for inbound in batch {
             let outcome = match self.check(inbound) {
                 Ok(envelope) => {
-                    let outcome = self.apply_one(inbound, &envelope)?;
+                    let Some(outcome) = self.apply_one(inbound, &envelope, careful)? else { return Ok(None) };
                     if inbound.redelivered && outcome.settles_by_ack() {
                         self.database.forget_attempts(&inbound.key(&envelope))?;
                     }
@@ -143,31 +160,38 @@ impl Applier {
             outcomes.push(outcome);
         }
         self.database.record_progress(applied, quarantined, last_type.as_deref())?;
-        Ok(outcomes)
+        Ok(Some(outcomes))
     }
 
     fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
         check_envelope(&inbound.body, &inbound.routing_key, &self.license_key, self.max_message_bytes)
     }
 
-    fn apply_one(&mut self, inbound: &Inbound, envelope: &Envelope) -> Result<Outcome, rusqlite::Error> {
+    /// Applies one message; `None` when its handler failed outside
+    /// `careful` mode (the batch must run again, carefully).
+    fn apply_one(&mut self, inbound: &Inbound, envelope: &Envelope, careful: bool) -> Result<Option<Outcome>, rusqlite::Error> {
         let handler = match self.registry.route(&envelope.message_type) {
             Route::Handler(handler) => Arc::clone(handler),
             Route::Disabled(plugin) => {
                 events::message_ignored(&envelope.message_type, plugin);
-                return Ok(Outcome::Disabled { message_type: envelope.message_type.clone() });
+                return Ok(Some(Outcome::Disabled { message_type: envelope.message_type.clone() }));
             }
             Route::Unknown => {
                 let reason = format!("unknown message type {:?}: no plugin handles it", envelope.message_type);
-                return self.quarantine(inbound, Some(envelope), reason);
+                return self.quarantine(inbound, Some(envelope), reason).map(Some);
             }
         };
-        self.database.savepoint()?;
+        if careful {
+            self.database.savepoint()?;
+        }
         if let Some(message_id) = &envelope.message_id
-            && !self.database.record_applied(message_id)? {
+            && !self.database.record_applied(message_id)?
+        {
+            if careful {
                 self.database.release()?;
-                return Ok(Outcome::Duplicate);
             }
+            return Ok(Some(Outcome::Duplicate));
+        }
         let result = {
             let mut store = self.database.store();
             let runtime = &self.runtime;
@@ -180,9 +204,14 @@ impl Applier {
                 }
             }))
         };
-        match result {
+        if !careful && !matches!(result, Ok(Ok(()))) {
+            return Ok(None);
+        }
+        let outcome = match result {
             Ok(Ok(())) => {
-                self.database.release()?;
+                if careful {
+                    self.database.release()?;
+                }
                 Ok(Outcome::Applied { message_type: envelope.message_type.clone() })
             }
             Ok(Err(HandlerError::Transient(reason))) => {
@@ -206,7 +235,8 @@ impl Applier {
                     .unwrap_or_else(|| "no message".into());
                 self.failed_try(inbound, envelope, format!("handler {} panicked: {message}", handler.name()))
             }
-        }
+        };
+        outcome.map(Some)
     }
 
     /// A try that may succeed another time: retry, unless the message has

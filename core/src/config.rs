@@ -349,6 +349,8 @@ impl LoadedConfig {
     /// Where a key's value came from (`"default"`, a file path, an environment variable).
     pub fn source_of(&self, key: &str) -> String {
         match self.figment.find_metadata(key) {
+            // Built-in defaults come from code.
+            Some(metadata) if matches!(metadata.source, Some(figment::Source::Code(_))) => "default".into(),
             Some(metadata) => match &metadata.source {
                 Some(source) => format!("{} {source}", metadata.name),
                 None => metadata.name.to_string(),

@@ -9,6 +9,7 @@ mod applier;
 mod backoff;
 mod config;
 mod connection;
+mod doctor;
 mod consumer;
 mod events;
 mod failpoint;
@@ -31,6 +32,7 @@ pub use config::{
     StatusConfig, TerminalConfig,
 };
 pub use connection::BrokerError;
+pub use doctor::{Check, config_sources, diagnose};
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
 pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;
