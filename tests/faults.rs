@@ -122,3 +122,49 @@ async fn stopping_and_starting_the_broker_mid_stream_the_terminal_recovers_and_c
     let _serial = SERIAL.lock().await;
     broker_restarted_mid_stream(QueueType::Quorum).await;
 }
+
+/// The status page as headless Chromium renders it.
+fn rendered_page(port: u16) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let output = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("this test needs Chromium (Debian: apt-get install chromium); .ci/run installs it");
+    text(&output.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_badge_turns_offline_when_the_broker_goes_and_live_when_it_returns() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("badge");
+    let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
+    let mut terminal = RunningTerminal::start(config).await;
+    let page = tokio::task::spawn_blocking(move || rendered_page(port)).await.expect("chromium");
+    assert!(page.contains("id=\"badge\">Live sync<"), "{page}");
+
+    let restarter = AppRestarter;
+    rabbitmqctl(&["stop_app"]);
+    assert!(terminal.wait_for(|s| matches!(s.state, State::Offline { .. })).await);
+    let page = tokio::task::spawn_blocking(move || rendered_page(port)).await.expect("chromium");
+    assert!(page.contains("id=\"badge\">Offline since "), "{page}");
+    rabbitmqctl(&["start_app"]);
+    drop(restarter);
+
+    assert!(terminal.wait_for(possync_core::Status::is_live).await, "the terminal recovers");
+    let page = tokio::task::spawn_blocking(move || rendered_page(port)).await.expect("chromium");
+    assert!(page.contains("id=\"badge\">Live sync<"), "{page}");
+    terminal.stop().await;
+}
