@@ -11,7 +11,13 @@ use possync_sdk::Envelope;
 
 /// Payload fields that are numbers on the wire; every other CSV cell is text
 /// (so that ids like `007` keep their zeros).
-const NUMERIC_FIELDS: &[&str] = &["price", "new_price", "price_delta", "min_select", "max_select"];
+const NUMERIC_FIELDS: &[&str] = &[
+    "price",
+    "new_price",
+    "price_delta",
+    "min_select",
+    "max_select",
+];
 /// Messages confirmed between two progress updates.
 const CHUNK: usize = 500;
 
@@ -28,8 +34,12 @@ pub(crate) struct BadLine {
 /// The changes in `file`: JSON lines (`{"type": ..., "payload": {...}}`) or
 /// CSV with a `type` column and one column per payload field.
 pub(crate) fn read_changes(file: &Path) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
-    let extension = file.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let extension = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     match extension.as_deref() {
         Some("jsonl" | "ndjson" | "json") => Ok(read_json_lines(&text)),
         Some("csv") => read_csv(&text),
@@ -45,39 +55,62 @@ fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
             continue;
         }
         let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
-        let change = parsed.map_err(|err| format!("not JSON: {err}")).and_then(|value| {
-            let message_type = value["type"].as_str().ok_or("no \"type\"")?.to_owned();
-            let payload = value.get("payload").cloned().ok_or("no \"payload\"")?;
-            if !payload.is_object() {
-                return Err("\"payload\" is not an object".to_owned());
-            }
-            Ok((message_type, payload))
-        });
+        let change = parsed
+            .map_err(|err| format!("not JSON: {err}"))
+            .and_then(|value| {
+                let message_type = value["type"].as_str().ok_or("no \"type\"")?.to_owned();
+                let payload = value.get("payload").cloned().ok_or("no \"payload\"")?;
+                if !payload.is_object() {
+                    return Err("\"payload\" is not an object".to_owned());
+                }
+                Ok((message_type, payload))
+            });
         match change {
             Ok((message_type, payload)) => changes.push((number, message_type, payload)),
-            Err(reason) => bad.push(BadLine { line: number, reason }),
+            Err(reason) => bad.push(BadLine {
+                line: number,
+                reason,
+            }),
         }
     }
     (changes, bad)
 }
 
 fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
-    let headers = reader.headers().context("the CSV file has no header row")?.clone();
-    let type_column = headers.iter().position(|h| h == "type").context("the CSV header has no \"type\" column")?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let headers = reader
+        .headers()
+        .context("the CSV file has no header row")?
+        .clone();
+    let type_column = headers
+        .iter()
+        .position(|h| h == "type")
+        .context("the CSV header has no \"type\" column")?;
     let (mut changes, mut bad) = (Vec::new(), Vec::new());
     for (index, record) in reader.records().enumerate() {
         let number = index + 2;
         let record = match record {
             Ok(record) => record,
             Err(err) => {
-                bad.push(BadLine { line: number, reason: format!("not CSV: {err}") });
+                bad.push(BadLine {
+                    line: number,
+                    reason: format!("not CSV: {err}"),
+                });
                 continue;
             }
         };
-        let message_type = record.get(type_column).unwrap_or_default().trim().to_owned();
+        let message_type = record
+            .get(type_column)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         if message_type.is_empty() {
-            bad.push(BadLine { line: number, reason: "the type column is empty".into() });
+            bad.push(BadLine {
+                line: number,
+                reason: "the type column is empty".into(),
+            });
             continue;
         }
         let mut payload = serde_json::Map::new();
@@ -87,7 +120,12 @@ fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
                 continue;
             }
             let value = if NUMERIC_FIELDS.contains(&header) {
-                match cell.trim().parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+                match cell
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                {
                     Some(number) => serde_json::Value::Number(number),
                     None => {
                         problem = Some(format!("{header} {cell:?} is not a number"));
@@ -100,7 +138,10 @@ fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
             payload.insert(header.to_owned(), value);
         }
         match problem {
-            Some(reason) => bad.push(BadLine { line: number, reason }),
+            Some(reason) => bad.push(BadLine {
+                line: number,
+                reason,
+            }),
             None => changes.push((number, message_type, serde_json::Value::Object(payload))),
         }
     }
@@ -126,14 +167,21 @@ impl Progress {
             }
             bar
         });
-        Self { bar, total, done: 0, last_line: Instant::now() }
+        Self {
+            bar,
+            total,
+            done: 0,
+            last_line: Instant::now(),
+        }
     }
 
     fn advance(&mut self, count: u64) {
         self.done += count;
         match &self.bar {
             Some(bar) => bar.inc(count),
-            None if self.last_line.elapsed() >= Duration::from_secs(2) || self.done == self.total => {
+            None if self.last_line.elapsed() >= Duration::from_secs(2)
+                || self.done == self.total =>
+            {
                 eprintln!("progress: {}/{} confirmed", self.done, self.total);
                 self.last_line = Instant::now();
             }
@@ -159,7 +207,9 @@ pub(crate) async fn publish(
     let (mut confirmed, mut failed) = (0, Vec::new());
     for store in stores {
         for chunk in changes.chunks(CHUNK) {
-            let envelopes = chunk.iter().map(|(_, message_type, payload)| Envelope::new(message_type.clone(), store.as_str(), payload.clone()));
+            let envelopes = chunk.iter().map(|(_, message_type, payload)| {
+                Envelope::new(message_type.clone(), store.as_str(), payload.clone())
+            });
             match publisher.publish_envelopes(envelopes).await {
                 Ok(published) => {
                     confirmed += published.len();

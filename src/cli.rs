@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use possync_core::{Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal, TerminalId};
+use possync_core::{
+    Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal, TerminalId,
+};
 
 use crate::demo::{self, DemoArgs};
 use crate::publish::{self, PublishCommand};
@@ -21,11 +23,23 @@ use crate::publish::{self, PublishCommand};
 struct Cli {
     /// TOML config file (see config/ for examples); optional: the
     /// environment alone may configure everything.
-    #[arg(long, short, global = true, value_name = "FILE", env = "POSSYNC_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        value_name = "FILE",
+        env = "POSSYNC_CONFIG"
+    )]
     config: Option<PathBuf>,
 
     /// Log lines as readable text or as JSON objects (one per line).
-    #[arg(long, global = true, value_enum, default_value = "human", env = "POSSYNC_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "POSSYNC_LOG_FORMAT"
+    )]
     log_format: LogFormatArg,
 
     #[command(subcommand)]
@@ -136,8 +150,18 @@ pub(crate) fn main() -> ExitCode {
         LogFormatArg::Human => possync_core::LogFormat::Human,
         LogFormatArg::Json => possync_core::LogFormat::Json,
     };
-    possync_core::init_logging(if matches!(cli.command, Command::Terminal) { "info" } else { "warn" }, format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    possync_core::init_logging(
+        if matches!(cli.command, Command::Terminal) {
+            "info"
+        } else {
+            "warn"
+        },
+        format,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -156,10 +180,14 @@ pub(crate) fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Terminal => terminal(load(cli.config.as_deref())?).await,
-        Command::Publish(command) => publish::run(&load(cli.config.as_deref())?.config, command).await,
+        Command::Publish(command) => {
+            publish::run(&load(cli.config.as_deref())?.config, command).await
+        }
         Command::Status => status(&load(cli.config.as_deref())?.config),
         Command::Doctor => doctor(cli.config.as_deref()).await,
-        Command::Plugins(PluginsCommand::List) => plugins_list(&load(cli.config.as_deref())?.config),
+        Command::Plugins(PluginsCommand::List) => {
+            plugins_list(&load(cli.config.as_deref())?.config)
+        }
         Command::Admin(command) => admin(load(cli.config.as_deref())?.config, command).await,
         Command::Config(ConfigCommand::Show) => {
             print!("{}", load(cli.config.as_deref())?.config.to_redacted_toml());
@@ -177,7 +205,10 @@ async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let config = loaded.config;
     let registry = Registry::from_config(&config.plugins)?;
     let terminal = Terminal::new(config, registry)?;
-    terminal.run(shutdown_signal()).await.context("the terminal stopped")?;
+    terminal
+        .run(shutdown_signal())
+        .await
+        .context("the terminal stopped")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -186,13 +217,14 @@ pub(crate) async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = interrupt.await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}
@@ -213,13 +245,23 @@ async fn doctor(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    println!("ok   config: {}", path.map_or("environment and defaults only".into(), |p| p.display().to_string()));
+    println!(
+        "ok   config: {}",
+        path.map_or("environment and defaults only".into(), |p| p
+            .display()
+            .to_string())
+    );
     for (key, value, source) in possync_core::config_sources(&loaded) {
         println!("       {key} = {value}  ({source})");
     }
     let checks = possync_core::diagnose(&loaded.config).await;
     for check in &checks {
-        println!("{} {}: {}", if check.ok { "ok  " } else { "FAIL" }, check.name, check.detail);
+        println!(
+            "{} {}: {}",
+            if check.ok { "ok  " } else { "FAIL" },
+            check.name,
+            check.detail
+        );
         if let Some(fix) = &check.fix {
             println!("     fix: {fix}");
         }
@@ -239,22 +281,45 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<ExitCode
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let admin = Admin::new(&config)?;
         match command {
-            AdminCommand::ProvisionTerminal { license, terminal_id, output, database } => {
+            AdminCommand::ProvisionTerminal {
+                license,
+                terminal_id,
+                output,
+                database,
+            } => {
                 let done = admin.provision_terminal(&license, &terminal_id, &database, &output)?;
                 println!("created {}", done.summary);
-                println!("wrote {} (mode 600): start the terminal with `possync terminal --config {}`", output.display(), output.display());
+                println!(
+                    "wrote {} (mode 600): start the terminal with `possync terminal --config {}`",
+                    output.display(),
+                    output.display()
+                );
             }
             AdminCommand::ProvisionPublisher { name, output } => {
                 let done = admin.provision_publisher(&name, &output)?;
                 println!("created {}", done.summary);
-                println!("wrote {} (mode 600): publish with `possync publish --config {} ...`", output.display(), output.display());
+                println!(
+                    "wrote {} (mode 600): publish with `possync publish --config {} ...`",
+                    output.display(),
+                    output.display()
+                );
             }
-            AdminCommand::RevokeTerminal { license, terminal_id, delete_queue } => {
+            AdminCommand::RevokeTerminal {
+                license,
+                terminal_id,
+                delete_queue,
+            } => {
                 let done = admin.revoke_terminal(&license, &terminal_id, delete_queue)?;
                 if done.existed {
-                    println!("deleted broker user {}; closed {} connection(s)", done.user, done.connections_closed);
+                    println!(
+                        "deleted broker user {}; closed {} connection(s)",
+                        done.user, done.connections_closed
+                    );
                 } else {
-                    println!("broker user {} did not exist; closed {} connection(s)", done.user, done.connections_closed);
+                    println!(
+                        "broker user {} did not exist; closed {} connection(s)",
+                        done.user, done.connections_closed
+                    );
                 }
                 if done.queue_deleted {
                     println!("deleted its queue and dead-letter queue");
@@ -277,14 +342,19 @@ fn status(config: &Config) -> anyhow::Result<ExitCode> {
         );
     }
     let database = Database::open_read_only(path)?;
-    let stored = database
-        .status_record()
-        .ok()
-        .flatten()
-        .with_context(|| format!("{} holds no terminal status: the terminal has not run on it yet", path.display()))?;
+    let stored = database.status_record().ok().flatten().with_context(|| {
+        format!(
+            "{} holds no terminal status: the terminal has not run on it yet",
+            path.display()
+        )
+    })?;
     let report = StatusReport::new(&stored, possync_core::unix_now_ms());
     print!("{}", report.text);
-    Ok(if report.live { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.live {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn plugins_list(config: &Config) -> anyhow::Result<ExitCode> {
@@ -295,7 +365,11 @@ fn plugins_list(config: &Config) -> anyhow::Result<ExitCode> {
         .map(|p| {
             [
                 p.name.clone(),
-                if p.message_types.is_empty() { "-".into() } else { p.message_types.join(", ") },
+                if p.message_types.is_empty() {
+                    "-".into()
+                } else {
+                    p.message_types.join(", ")
+                },
                 if p.enabled { "yes".into() } else { "no".into() },
                 p.version.clone(),
                 p.origin.to_string(),
@@ -303,7 +377,17 @@ fn plugins_list(config: &Config) -> anyhow::Result<ExitCode> {
             ]
         })
         .collect();
-    print_table(&["NAME", "MESSAGE TYPES", "ENABLED", "VERSION", "FROM", "DESCRIPTION"], &rows);
+    print_table(
+        &[
+            "NAME",
+            "MESSAGE TYPES",
+            "ENABLED",
+            "VERSION",
+            "FROM",
+            "DESCRIPTION",
+        ],
+        &rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -316,7 +400,11 @@ pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use possync_core::{BrokerError, Config, LicenseKey, PublishError, Publisher, Registry, Status, Terminal, TerminalId};
+use possync_core::{
+    BrokerError, Config, LicenseKey, PublishError, Publisher, Registry, Status, Terminal,
+    TerminalId,
+};
 use possync_sdk::{Envelope, WireMessage};
 use tokio::sync::watch;
 
@@ -34,7 +37,9 @@ struct Running {
 pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let publisher = match Publisher::connect(&config.broker).await {
         Ok(publisher) => publisher,
-        Err(PublishError::Broker(BrokerError::Unreachable { .. } | BrokerError::Timeout { .. })) => {
+        Err(PublishError::Broker(
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. },
+        )) => {
             eprintln!(
                 "possync demo needs RabbitMQ, and none answers at {}: start it with `rabbitmq-server -detached` \
                  (install it with `apt-get install rabbitmq-server`) or set broker.url, then run the demo again.",
@@ -44,12 +49,22 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
         }
         Err(err) => return Err(err).context("cannot publish the demo's changes"),
     };
-    println!("possync demo: broker {}, databases in {}/", publisher.broker(), args.dir.display());
+    println!(
+        "possync demo: broker {}, databases in {}/",
+        publisher.broker(),
+        args.dir.display()
+    );
 
     let (stop, stopped) = watch::channel(false);
     let mut terminals = Vec::new();
     for (license, terminal) in TERMINALS {
-        terminals.push(start_terminal(config, &args.dir, license, terminal, stopped.clone())?);
+        terminals.push(start_terminal(
+            config,
+            &args.dir,
+            license,
+            terminal,
+            stopped.clone(),
+        )?);
     }
     for running in &mut terminals {
         wait_for(&mut running.status, "to go live", Status::is_live).await?;
@@ -60,23 +75,40 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
     let mut per_store = std::collections::BTreeMap::new();
     for (license, envelopes) in [(CAFE, cafe_changes()?), (BAKERY, bakery_changes()?)] {
         per_store.insert(license, envelopes.len() as u64);
-        let published = publisher.publish_envelopes(envelopes).await.context("publishing the demo's changes")?;
-        println!("back office -> {license}: {} changes published and confirmed by the broker", published.len());
+        let published = publisher
+            .publish_envelopes(envelopes)
+            .await
+            .context("publishing the demo's changes")?;
+        println!(
+            "back office -> {license}: {} changes published and confirmed by the broker",
+            published.len()
+        );
     }
     publisher.close().await;
 
     for running in &mut terminals {
         let expected = per_store[running.license];
-        wait_for(&mut running.status, "to apply its store's changes", |s| s.applied >= expected).await?;
+        wait_for(&mut running.status, "to apply its store's changes", |s| {
+            s.applied >= expected
+        })
+        .await?;
     }
-    println!("all terminals applied their store's changes in {} ms\n", started.elapsed().as_millis());
+    println!(
+        "all terminals applied their store's changes in {} ms\n",
+        started.elapsed().as_millis()
+    );
 
     let _ = stop.send(true);
     for mut running in terminals {
-        (&mut running.task).await.context("a demo terminal failed")??;
+        (&mut running.task)
+            .await
+            .context("a demo terminal failed")??;
         show(&running)?;
     }
-    println!("Each store's terminals hold that store's catalog only. Inspect with: sqlite3 {}/<file> 'SELECT * FROM products'", args.dir.display());
+    println!(
+        "Each store's terminals hold that store's catalog only. Inspect with: sqlite3 {}/<file> 'SELECT * FROM products'",
+        args.dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -105,7 +137,13 @@ fn start_terminal(
     let task = tokio::spawn(terminal_runtime.run(async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     }));
-    Ok(Running { license, terminal, database, status, task })
+    Ok(Running {
+        license,
+        terminal,
+        database,
+        status,
+        task,
+    })
 }
 
 async fn wait_for(
@@ -113,9 +151,16 @@ async fn wait_for(
     what: &str,
     done: impl Fn(&Status) -> bool,
 ) -> anyhow::Result<()> {
-    let reached = matches!(tokio::time::timeout(WAIT, status.wait_for(|s| done(s))).await, Ok(Ok(_)));
+    let reached = matches!(
+        tokio::time::timeout(WAIT, status.wait_for(|s| done(s))).await,
+        Ok(Ok(_))
+    );
     if !reached {
-        bail!("a demo terminal did not manage {what} within {} s: {:?}", WAIT.as_secs(), status.borrow().state);
+        bail!(
+            "a demo terminal did not manage {what} within {} s: {:?}",
+            WAIT.as_secs(),
+            status.borrow().state
+        );
     }
     Ok(())
 }
@@ -125,25 +170,44 @@ fn envelope<M: WireMessage>(license: &str, message: M) -> anyhow::Result<Envelop
 }
 
 fn category(license: &str, id: &str, name: &str, icon: &str) -> anyhow::Result<Envelope> {
-    envelope(license, possync_plugin_category::CategoryUpdate {
-        category_id: id.into(),
-        category_name: name.into(),
-        icon_name: Some(icon.into()),
-    })
+    envelope(
+        license,
+        possync_plugin_category::CategoryUpdate {
+            category_id: id.into(),
+            category_name: name.into(),
+            icon_name: Some(icon.into()),
+        },
+    )
 }
 
-fn product(license: &str, id: &str, name: &str, price: f64, category: &str) -> anyhow::Result<Envelope> {
-    envelope(license, possync_plugin_product::ProductUpdate {
-        product_id: id.into(),
-        product_name: name.into(),
-        price,
-        category_id: Some(category.into()),
-        icon_name: None,
-    })
+fn product(
+    license: &str,
+    id: &str,
+    name: &str,
+    price: f64,
+    category: &str,
+) -> anyhow::Result<Envelope> {
+    envelope(
+        license,
+        possync_plugin_product::ProductUpdate {
+            product_id: id.into(),
+            product_name: name.into(),
+            price,
+            category_id: Some(category.into()),
+            icon_name: None,
+        },
+    )
 }
 
 fn price(license: &str, id: &str, new_price: f64) -> anyhow::Result<Envelope> {
-    envelope(license, possync_plugin_price::PriceUpdate { product_id: id.into(), new_price, product_name: None })
+    envelope(
+        license,
+        possync_plugin_price::PriceUpdate {
+            product_id: id.into(),
+            new_price,
+            product_name: None,
+        },
+    )
 }
 
 fn cafe_changes() -> anyhow::Result<Vec<Envelope>> {
@@ -154,7 +218,12 @@ fn cafe_changes() -> anyhow::Result<Vec<Envelope>> {
         product(CAFE, "LAT", "Latte", 3.50, "coffee")?,
         product(CAFE, "CRO", "Croissant", 2.10, "pastry")?,
         price(CAFE, "CAP", 3.40)?,
-        envelope(CAFE, possync_plugin_product_delete::ProductDelete { product_id: "LAT".into() })?,
+        envelope(
+            CAFE,
+            possync_plugin_product_delete::ProductDelete {
+                product_id: "LAT".into(),
+            },
+        )?,
     ])
 }
 
@@ -170,16 +239,32 @@ fn bakery_changes() -> anyhow::Result<Vec<Envelope>> {
 fn show(running: &Running) -> anyhow::Result<()> {
     let db = rusqlite::Connection::open(&running.database)
         .with_context(|| format!("cannot open {}", running.database.display()))?;
-    println!("{} {}  ({})", running.license, running.terminal, running.database.display());
+    println!(
+        "{} {}  ({})",
+        running.license,
+        running.terminal,
+        running.database.display()
+    );
     let mut statement = db.prepare(
         "SELECT p.id, p.name, p.price, coalesce(c.name, '-') FROM products p
          LEFT JOIN categories c ON c.id = p.category_id ORDER BY p.id",
     )?;
     let rows = statement.query_map([], |row| {
-        Ok([row.get::<_, String>(0)?, row.get::<_, String>(1)?, format!("{:.2}", row.get::<_, f64>(2)?), row.get::<_, String>(3)?])
+        Ok([
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            format!("{:.2}", row.get::<_, f64>(2)?),
+            row.get::<_, String>(3)?,
+        ])
     })?;
     let rows: Vec<[String; 4]> = rows.collect::<Result<_, _>>()?;
-    crate::cli::print_table(&["  ID", "NAME", "PRICE", "CATEGORY"], &rows.into_iter().map(|[a, b, c, d]| [format!("  {a}"), b, c, d]).collect::<Vec<_>>());
+    crate::cli::print_table(
+        &["  ID", "NAME", "PRICE", "CATEGORY"],
+        &rows
+            .into_iter()
+            .map(|[a, b, c, d]| [format!("  {a}"), b, c, d])
+            .collect::<Vec<_>>(),
+    );
     println!();
     Ok(())
 }

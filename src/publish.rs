@@ -137,20 +137,44 @@ pub(crate) struct Stores {
 fn envelopes<M: WireMessage>(to: &Stores, message: &M) -> anyhow::Result<Vec<Envelope>> {
     to.licenses
         .iter()
-        .map(|key| message.to_envelope(key.as_str()).context("cannot encode the message"))
+        .map(|key| {
+            message
+                .to_envelope(key.as_str())
+                .context("cannot encode the message")
+        })
         .collect()
 }
 
 pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Result<ExitCode> {
     let envelopes = match command {
-        PublishCommand::Bulk { to, file, stop_on_error } => return bulk(config, &to, &file, stop_on_error).await,
+        PublishCommand::Bulk {
+            to,
+            file,
+            stop_on_error,
+        } => return bulk(config, &to, &file, stop_on_error).await,
         #[cfg(feature = "price")]
-        PublishCommand::PriceUpdate { to, product_id, price, product_name } => envelopes(
+        PublishCommand::PriceUpdate {
+            to,
+            product_id,
+            price,
+            product_name,
+        } => envelopes(
             &to,
-            &possync_plugin_price::PriceUpdate { product_id, new_price: price, product_name },
+            &possync_plugin_price::PriceUpdate {
+                product_id,
+                new_price: price,
+                product_name,
+            },
         )?,
         #[cfg(feature = "product")]
-        PublishCommand::ProductUpdate { to, product_id, name, price, category_id, icon_name } => envelopes(
+        PublishCommand::ProductUpdate {
+            to,
+            product_id,
+            name,
+            price,
+            category_id,
+            icon_name,
+        } => envelopes(
             &to,
             &possync_plugin_product::ProductUpdate {
                 product_id,
@@ -161,32 +185,61 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             },
         )?,
         #[cfg(feature = "product-delete")]
-        PublishCommand::ProductDelete { to, product_id } => {
-            envelopes(&to, &possync_plugin_product_delete::ProductDelete { product_id })?
-        }
-        #[cfg(feature = "category")]
-        PublishCommand::CategoryUpdate { to, category_id, name, icon_name } => envelopes(
+        PublishCommand::ProductDelete { to, product_id } => envelopes(
             &to,
-            &possync_plugin_category::CategoryUpdate { category_id, category_name: name, icon_name },
+            &possync_plugin_product_delete::ProductDelete { product_id },
         )?,
-        PublishCommand::ImageUpdate { to, product_id, file } => {
-            let content_type = match file.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        #[cfg(feature = "category")]
+        PublishCommand::CategoryUpdate {
+            to,
+            category_id,
+            name,
+            icon_name,
+        } => envelopes(
+            &to,
+            &possync_plugin_category::CategoryUpdate {
+                category_id,
+                category_name: name,
+                icon_name,
+            },
+        )?,
+        PublishCommand::ImageUpdate {
+            to,
+            product_id,
+            file,
+        } => {
+            let content_type = match file
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
                 Some("png") => "image/png",
                 Some("jpg" | "jpeg") => "image/jpeg",
                 Some("webp") => "image/webp",
                 Some("gif") => "image/gif",
                 _ => anyhow::bail!("{}: name a .png, .jpg, .webp or .gif file", file.display()),
             };
-            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            envelopes(&to, &possync_product_images_types::ImageUpdate::new(product_id, content_type, &bytes))?
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            envelopes(
+                &to,
+                &possync_product_images_types::ImageUpdate::new(product_id, content_type, &bytes),
+            )?
         }
-        PublishCommand::ImageDelete { to, product_id } => {
-            envelopes(&to, &possync_product_images_types::ImageDelete { product_id })?
-        }
-        PublishCommand::ModifierGroupDelete { to, group_id } => {
-            envelopes(&to, &possync_modifier_groups_types::ModifierGroupDelete { group_id })?
-        }
-        PublishCommand::Raw { to, message_type, payload } => {
+        PublishCommand::ImageDelete { to, product_id } => envelopes(
+            &to,
+            &possync_product_images_types::ImageDelete { product_id },
+        )?,
+        PublishCommand::ModifierGroupDelete { to, group_id } => envelopes(
+            &to,
+            &possync_modifier_groups_types::ModifierGroupDelete { group_id },
+        )?,
+        PublishCommand::Raw {
+            to,
+            message_type,
+            payload,
+        } => {
             let payload: serde_json::Value =
                 serde_json::from_str(&payload).context("--payload is not valid JSON")?;
             if !payload.is_object() {
@@ -202,18 +255,30 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
     let published = publisher.publish_envelopes(envelopes).await;
     publisher.close().await;
     for message in published? {
-        println!("confirmed {} (message id {})", message.routing_key, message.message_id);
+        println!(
+            "confirmed {} (message id {})",
+            message.routing_key, message.message_id
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bulk(config: &Config, to: &Stores, file: &std::path::Path, stop_on_error: bool) -> anyhow::Result<ExitCode> {
+async fn bulk(
+    config: &Config,
+    to: &Stores,
+    file: &std::path::Path,
+    stop_on_error: bool,
+) -> anyhow::Result<ExitCode> {
     let (changes, bad) = crate::bulk::read_changes(file)?;
     for line in &bad {
         eprintln!("{}:{}: {}", file.display(), line.line, line.reason);
     }
     if stop_on_error && !bad.is_empty() {
-        anyhow::bail!("{} bad line(s) in {}; nothing was published (--stop-on-error)", bad.len(), file.display());
+        anyhow::bail!(
+            "{} bad line(s) in {}; nothing was published (--stop-on-error)",
+            bad.len(),
+            file.display()
+        );
     }
     let publisher = Publisher::connect(&config.broker).await?;
     let started = std::time::Instant::now();
@@ -229,5 +294,9 @@ async fn bulk(config: &Config, to: &Stores, file: &std::path::Path, stop_on_erro
         bad.len(),
         failed.len()
     );
-    Ok(if bad.is_empty() && failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if bad.is_empty() && failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -13,7 +13,9 @@ async fn malformed_unknown_and_foreign_messages_are_dead_lettered_and_the_rest_a
     let mut terminal = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
     let key = store.as_str();
     let good = |id: &str| {
-        format!(r#"{{"type":"price_update","license_key":"{key}","payload":{{"product_id":"{id}","new_price":1.0}}}}"#)
+        format!(
+            r#"{{"type":"price_update","license_key":"{key}","payload":{{"product_id":"{id}","new_price":1.0}}}}"#
+        )
     };
     let key_routing = format!("license.{key}.price_update");
     let cases: Vec<(String, String, &str)> = vec![
@@ -31,24 +33,54 @@ async fn malformed_unknown_and_foreign_messages_are_dead_lettered_and_the_rest_a
     terminal.wait_settled(2, 5).await;
 
     let db = terminal.db();
-    assert_eq!(count(&db, "SELECT count(*) FROM products WHERE id IN ('before', 'after')"), 2, "good messages apply");
-    assert_eq!(count(&db, "SELECT count(*) FROM products"), 2, "nothing else was written");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM products WHERE id IN ('before', 'after')"
+        ),
+        2,
+        "good messages apply"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM products"),
+        2,
+        "nothing else was written"
+    );
     let mut reasons: Vec<String> = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 5);
 
     let dead = drain(&terminal.topology.dead_letter_queue, 5).await;
-    assert_eq!(dead.len(), 5, "every bad message is in the dead-letter queue");
-    for (delivery, (_, body, expected)) in dead.iter().zip(cases.iter().filter(|c| !c.2.is_empty())) {
-        assert_eq!(String::from_utf8_lossy(&delivery.data), *body, "the body is kept as received");
+    assert_eq!(
+        dead.len(),
+        5,
+        "every bad message is in the dead-letter queue"
+    );
+    for (delivery, (_, body, expected)) in dead.iter().zip(cases.iter().filter(|c| !c.2.is_empty()))
+    {
+        assert_eq!(
+            String::from_utf8_lossy(&delivery.data),
+            *body,
+            "the body is kept as received"
+        );
         let headers = delivery.properties.headers().clone().expect("headers");
         let reason = match headers.inner().get("x-possync-reason") {
             Some(AMQPValue::LongString(reason)) => reason.to_string(),
             other => panic!("no reason header: {other:?}"),
         };
-        assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
+        assert!(
+            reason.contains(expected),
+            "{reason:?} should say {expected:?}"
+        );
         let local = reasons.remove(0);
-        assert_eq!(local, reason, "the local quarantine table holds the same reason");
+        assert_eq!(
+            local, reason,
+            "the local quarantine table holds the same reason"
+        );
     }
-    assert_eq!(queue_depth(&terminal.topology.queue).await, 0, "nothing is left unsettled");
+    assert_eq!(
+        queue_depth(&terminal.topology.queue).await,
+        0,
+        "nothing is left unsettled"
+    );
     terminal.stop().await;
 }

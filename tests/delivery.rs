@@ -23,7 +23,11 @@ impl MessageHandler for Fickle {
     fn message_types(&self) -> &[&str] {
         &["fickle"]
     }
-    async fn handle(&self, envelope: &Envelope, _store: &mut dyn Store) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        envelope: &Envelope,
+        _store: &mut dyn Store,
+    ) -> Result<(), HandlerError> {
         match envelope.payload["mode"].as_str() {
             Some("panic") => panic!("fickle was told to panic"),
             Some("transient") => Err(HandlerError::transient("the disk is always busy")),
@@ -35,7 +39,11 @@ impl MessageHandler for Fickle {
 
 possync_sdk::register_handler!(Fickle::default);
 
-fn config_for(dir: &std::path::Path, store: &possync_core::LicenseKey, queue_type: QueueType) -> possync_core::Config {
+fn config_for(
+    dir: &std::path::Path,
+    store: &possync_core::LicenseKey,
+    queue_type: QueueType,
+) -> possync_core::Config {
     let mut config = terminal_config(dir, store, "till-1");
     config.broker.queue_type = queue_type;
     config
@@ -49,7 +57,10 @@ async fn offline_terminal_catches_up(queue_type: QueueType) {
 
     let (changes, model) = catalog_changes(&store, 1000, 7);
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher.publish_envelopes(changes).await.expect("all confirmed while the terminal is off");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("all confirmed while the terminal is off");
     publisher.close().await;
 
     let mut terminal = RunningTerminal::start(config).await;
@@ -76,11 +87,18 @@ async fn killed_between_commit_and_ack(queue_type: QueueType) {
     RunningTerminal::start(config.clone()).await.stop().await;
     let (changes, model) = catalog_changes(&store, 500, 11);
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     publisher.close().await;
 
     let marker = dir.path().join("committed");
-    let queue_type_name = if queue_type == QueueType::Quorum { "quorum" } else { "classic" };
+    let queue_type_name = if queue_type == QueueType::Quorum {
+        "quorum"
+    } else {
+        "classic"
+    };
     let mut child = possync_command(&["terminal"])
         .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
         .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
@@ -93,19 +111,40 @@ async fn killed_between_commit_and_ack(queue_type: QueueType) {
         .spawn()
         .expect("start possync terminal");
     eventually("a committed, unacknowledged batch", || marker.exists()).await;
-    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGKILL).expect("SIGKILL");
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
     child.wait().expect("reap the killed terminal");
-    let status = possync_command(&["status"]).env("POSSYNC_TERMINAL__DATABASE", &config.terminal.database).output().expect("status");
-    assert!(text(&status.stdout).contains("gone without a clean stop"), "{}", text(&status.stdout));
-    let committed = count(&rusqlite::Connection::open(&config.terminal.database).expect("db"), "SELECT count(*) FROM possync_applied");
+    let status = possync_command(&["status"])
+        .env("POSSYNC_TERMINAL__DATABASE", &config.terminal.database)
+        .output()
+        .expect("status");
+    assert!(
+        text(&status.stdout).contains("gone without a clean stop"),
+        "{}",
+        text(&status.stdout)
+    );
+    let committed = count(
+        &rusqlite::Connection::open(&config.terminal.database).expect("db"),
+        "SELECT count(*) FROM possync_applied",
+    );
     assert!(committed > 0, "a batch was committed before the kill");
 
     let mut terminal = RunningTerminal::start(config).await;
     let redelivered = u64::try_from(committed).expect("count");
     terminal.wait_settled(500 - redelivered, 0).await;
-    eventually("the redelivered batch to be skipped", || terminal.status.borrow().duplicates >= redelivered).await;
+    eventually("the redelivered batch to be skipped", || {
+        terminal.status.borrow().duplicates >= redelivered
+    })
+    .await;
     let status = terminal.status.borrow().clone();
-    assert_eq!(status.applied, 500 - redelivered, "the redelivered messages were not applied again");
+    assert_eq!(
+        status.applied,
+        500 - redelivered,
+        "the redelivered messages were not applied again"
+    );
     assert_eq!(status.duplicates, redelivered);
     assert_matches_model(&terminal.db(), &model);
     terminal.stop().await;
@@ -129,17 +168,32 @@ async fn poison_is_quarantined(queue_type: QueueType) {
     config.terminal.max_message_bytes = 4096;
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let (all, model) = catalog_changes(&store, 200, 3);
-    let fickle = |mode: &str| Envelope::new("fickle", store.as_str(), serde_json::json!({ "mode": mode }));
+    let fickle = |mode: &str| {
+        Envelope::new(
+            "fickle",
+            store.as_str(),
+            serde_json::json!({ "mode": mode }),
+        )
+    };
     let oversize = Envelope::new(
         "product_update",
         store.as_str(),
         serde_json::json!({ "product_id": "BIG", "product_name": "x".repeat(5000), "price": 1.0 }),
     );
     let mut stream: Vec<Envelope> = all[..100].to_vec();
-    stream.extend([fickle("panic"), fickle("transient"), fickle("permanent"), oversize, fickle("fine")]);
+    stream.extend([
+        fickle("panic"),
+        fickle("transient"),
+        fickle("permanent"),
+        oversize,
+        fickle("fine"),
+    ]);
     stream.extend(all[100..].iter().cloned());
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher.publish_envelopes(stream).await.expect("confirmed");
+    publisher
+        .publish_envelopes(stream)
+        .await
+        .expect("confirmed");
     publisher.close().await;
 
     terminal.wait_settled(201, 4).await;
@@ -147,12 +201,36 @@ async fn poison_is_quarantined(queue_type: QueueType) {
     assert_matches_model(&db, &model);
     let reasons: Vec<String> = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 4, "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("failed 3 times") && r.contains("panicked: fickle was told to panic")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("failed 3 times") && r.contains("always busy")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("this can never work")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("over the limit of 4096")), "{reasons:?}");
-    assert!(terminal.status.borrow().is_live(), "a panicking handler never takes the terminal down");
-    assert_eq!(count(&db, "SELECT count(*) FROM possync_attempts"), 0, "settled messages leave no retry count");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("failed 3 times")
+                && r.contains("panicked: fickle was told to panic")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("failed 3 times") && r.contains("always busy")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("this can never work")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("over the limit of 4096")),
+        "{reasons:?}"
+    );
+    assert!(
+        terminal.status.borrow().is_live(),
+        "a panicking handler never takes the terminal down"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM possync_attempts"),
+        0,
+        "settled messages leave no retry count"
+    );
     let dead = drain(&terminal.topology.dead_letter_queue, 4).await;
     assert_eq!(dead.len(), 4);
     terminal.stop().await;
@@ -176,9 +254,14 @@ async fn terminals_and_publishers_try_each_broker_url_in_turn() {
     // A cluster node that is down, then one that answers.
     config.broker.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into(), amqp_url()];
     let mut terminal = RunningTerminal::start(config.clone()).await;
-    let publisher = Publisher::connect(&config.broker).await.expect("the publisher skips the dead node");
+    let publisher = Publisher::connect(&config.broker)
+        .await
+        .expect("the publisher skips the dead node");
     let (changes, model) = catalog_changes(&store, 20, 1);
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     terminal.wait_applied(20).await;
     assert_matches_model(&terminal.db(), &model);
     publisher.close().await;
@@ -194,13 +277,22 @@ async fn transient_mode_applies_live_changes_and_keeps_nothing_while_off() {
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let (changes, model) = catalog_changes(&store, 50, 9);
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     terminal.wait_applied(50).await;
     assert_matches_model(&terminal.db(), &model);
     terminal.stop().await;
 
     let (later, _) = catalog_changes(&store, 1, 10);
-    let err = publisher.publish_envelopes(later).await.expect_err("nobody receives it while the terminal is off");
-    assert!(matches!(err, possync_core::PublishError::Unroutable { .. }), "{err}");
+    let err = publisher
+        .publish_envelopes(later)
+        .await
+        .expect_err("nobody receives it while the terminal is off");
+    assert!(
+        matches!(err, possync_core::PublishError::Unroutable { .. }),
+        "{err}"
+    );
     publisher.close().await;
 }

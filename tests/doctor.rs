@@ -19,7 +19,10 @@ fn config_file(dir: &std::path::Path, store: &str, url: &str, extra: &str) -> st
 }
 
 fn doctor(file: &std::path::Path) -> (bool, String) {
-    let output = possync_command(&["doctor", "--config", file.to_str().expect("utf-8")]).env_remove("POSSYNC_BROKER__URL").output().expect("run");
+    let output = possync_command(&["doctor", "--config", file.to_str().expect("utf-8")])
+        .env_remove("POSSYNC_BROKER__URL")
+        .output()
+        .expect("run");
     (output.status.success(), text(&output.stdout))
 }
 
@@ -34,10 +37,22 @@ async fn a_good_setup_passes_every_check_and_says_where_values_came_from() {
     let (ok, out) = doctor(&file);
     assert!(ok, "{out}");
     assert!(out.contains("ok   terminal queue: possync."), "{out}");
-    assert!(out.contains(&format!("terminal.license_key = {store}  (TOML file")), "{out}");
-    assert!(out.contains("broker.exchange = pos_license_events  (default)"), "{out}");
-    assert!(out.contains("guest:***@"), "the password is redacted: {out}");
-    assert!(out.contains("all ") && out.contains("checks passed"), "{out}");
+    assert!(
+        out.contains(&format!("terminal.license_key = {store}  (TOML file")),
+        "{out}"
+    );
+    assert!(
+        out.contains("broker.exchange = pos_license_events  (default)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("guest:***@"),
+        "the password is redacted: {out}"
+    );
+    assert!(
+        out.contains("all ") && out.contains("checks passed"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -47,7 +62,10 @@ fn a_wrong_password_is_named_with_the_fix() {
     let file = config_file(dir.path(), "DOCTOR-PW", &url, "");
     let (ok, out) = doctor(&file);
     assert!(!ok);
-    assert!(out.contains("FAIL broker") && out.contains("refused access"), "{out}");
+    assert!(
+        out.contains("FAIL broker") && out.contains("refused access"),
+        "{out}"
+    );
     assert!(out.contains("fix: fix broker.url"), "{out}");
     assert!(!out.contains("not-the-password"), "{out}");
 }
@@ -59,14 +77,25 @@ fn a_missing_queue_says_how_to_get_one() {
     let file = config_file(dir.path(), store.as_str(), &amqp_url(), "");
     let (ok, out) = doctor(&file);
     assert!(!ok);
-    assert!(out.contains("FAIL terminal queue") && out.contains("start the terminal once"), "{out}");
+    assert!(
+        out.contains("FAIL terminal queue") && out.contains("start the terminal once"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_broken_plugin_path_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = config_file(dir.path(), "DOCTOR-PLUGIN", &amqp_url(), "\n[plugins.images]\npath = \"/nowhere/libimages.so\"\n");
+    let file = config_file(
+        dir.path(),
+        "DOCTOR-PLUGIN",
+        &amqp_url(),
+        "\n[plugins.images]\npath = \"/nowhere/libimages.so\"\n",
+    );
     let (ok, out) = doctor(&file);
     assert!(!ok);
-    assert!(out.contains("FAIL plugins") && out.contains("no file at /nowhere/libimages.so"), "{out}");
+    assert!(
+        out.contains("FAIL plugins") && out.contains("no file at /nowhere/libimages.so"),
+        "{out}"
+    );
 }

@@ -12,10 +12,16 @@ use possync_sdk::Envelope;
 
 fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Config {
     let mut config = terminal_config(dir, store, "till-1");
-    config.plugins.insert("modifier_groups".into(), dynamic_plugin("possync-plugin-modifier-groups", serde_json::json!({})));
+    config.plugins.insert(
+        "modifier_groups".into(),
+        dynamic_plugin("possync-plugin-modifier-groups", serde_json::json!({})),
+    );
     config.plugins.insert(
         "product_images".into(),
-        dynamic_plugin("possync-plugin-product-images", serde_json::json!({ "images_dir": dir.join("images"), "max_image_bytes": 2048 })),
+        dynamic_plugin(
+            "possync-plugin-product-images",
+            serde_json::json!({ "images_dir": dir.join("images"), "max_image_bytes": 2048 }),
+        ),
     );
     config
 }
@@ -28,7 +34,11 @@ fn milk(modifiers: &[(&str, &str, f64)], products: &[&str]) -> ModifierGroupUpda
         max_select: 1,
         modifiers: modifiers
             .iter()
-            .map(|(id, name, delta)| Modifier { modifier_id: (*id).into(), name: (*name).into(), price_delta: *delta })
+            .map(|(id, name, delta)| Modifier {
+                modifier_id: (*id).into(),
+                name: (*name).into(),
+                price_delta: *delta,
+            })
             .collect(),
         product_ids: products.iter().map(|p| (*p).to_string()).collect(),
     }
@@ -43,32 +53,83 @@ async fn modifier_groups_from_a_loaded_plugin_land_in_their_tables() {
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let stores = [store.clone()];
 
-    publisher.publish(&stores, &milk(&[("oat", "Oat", 0.5), ("soy", "Soy", 0.4)], &["CAP", "LAT"])).await.expect("confirmed");
+    publisher
+        .publish(
+            &stores,
+            &milk(&[("oat", "Oat", 0.5), ("soy", "Soy", 0.4)], &["CAP", "LAT"]),
+        )
+        .await
+        .expect("confirmed");
     terminal.wait_applied(1).await;
     let db = terminal.db();
-    assert_eq!(count(&db, "SELECT count(*) FROM modifier_groups WHERE id = 'milk' AND name = 'Milk' AND max_select = 1"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM modifiers WHERE group_id = 'milk'"), 2);
-    assert_eq!(count(&db, "SELECT count(*) FROM product_modifier_groups WHERE group_id = 'milk'"), 2);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM modifier_groups WHERE id = 'milk' AND name = 'Milk' AND max_select = 1"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM modifiers WHERE group_id = 'milk'"
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM product_modifier_groups WHERE group_id = 'milk'"
+        ),
+        2
+    );
 
     // An update replaces modifiers and links as a whole.
-    publisher.publish(&stores, &milk(&[("oat", "Oat milk", 0.6)], &["CAP"])).await.expect("confirmed");
+    publisher
+        .publish(&stores, &milk(&[("oat", "Oat milk", 0.6)], &["CAP"]))
+        .await
+        .expect("confirmed");
     terminal.wait_applied(2).await;
-    assert_eq!(count(&db, "SELECT count(*) FROM modifiers WHERE group_id = 'milk' AND id = 'oat' AND name = 'Oat milk'"), 1);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM modifiers WHERE group_id = 'milk' AND id = 'oat' AND name = 'Oat milk'"
+        ),
+        1
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM modifiers"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM product_modifier_groups"), 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM product_modifier_groups"),
+        1
+    );
 
-    publisher.publish(&stores, &ModifierGroupDelete { group_id: "milk".into() }).await.expect("confirmed");
+    publisher
+        .publish(
+            &stores,
+            &ModifierGroupDelete {
+                group_id: "milk".into(),
+            },
+        )
+        .await
+        .expect("confirmed");
     terminal.wait_applied(3).await;
     assert_eq!(count(&db, "SELECT count(*) FROM modifier_groups"), 0);
     assert_eq!(count(&db, "SELECT count(*) FROM modifiers"), 0);
-    assert_eq!(count(&db, "SELECT count(*) FROM product_modifier_groups"), 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM product_modifier_groups"),
+        0
+    );
 
     // min_select above max_select can never apply.
     let mut bad = milk(&[], &[]);
     bad.min_select = 3;
     publisher.publish(&stores, &bad).await.expect("confirmed");
     terminal.wait_settled(3, 1).await;
-    assert!(quarantine_reasons(&db).iter().any(|r| r.contains("min_select 3 is more than max_select 1")));
+    assert!(
+        quarantine_reasons(&db)
+            .iter()
+            .any(|r| r.contains("min_select 3 is more than max_select 1"))
+    );
     publisher.close().await;
     terminal.stop().await;
 }
@@ -83,31 +144,71 @@ async fn images_are_written_whole_and_bad_ones_never_reach_the_disk() {
     let stores = [store.clone()];
     let picture: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
 
-    publisher.publish(&stores, &ImageUpdate::new("CAP", "image/png", &picture)).await.expect("confirmed");
+    publisher
+        .publish(&stores, &ImageUpdate::new("CAP", "image/png", &picture))
+        .await
+        .expect("confirmed");
     terminal.wait_applied(1).await;
     let db = terminal.db();
     let (path, sha256): (String, String) = db
-        .query_row("SELECT path, sha256 FROM product_images WHERE product_id = 'CAP'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT path, sha256 FROM product_images WHERE product_id = 'CAP'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .expect("image row");
-    assert_eq!(std::fs::read(&path).expect("image file"), picture, "the file holds exactly the image");
+    assert_eq!(
+        std::fs::read(&path).expect("image file"),
+        picture,
+        "the file holds exactly the image"
+    );
     assert!(path.ends_with(&format!("{sha256}.png")), "{path}");
 
     let mut wrong_hash = ImageUpdate::new("LAT", "image/png", &picture);
     wrong_hash.sha256 = "0".repeat(64);
     let too_big = ImageUpdate::new("BIG", "image/jpeg", &vec![7u8; 4096]);
-    publisher.publish(&stores, &wrong_hash).await.expect("confirmed");
-    publisher.publish(&stores, &too_big).await.expect("confirmed");
+    publisher
+        .publish(&stores, &wrong_hash)
+        .await
+        .expect("confirmed");
+    publisher
+        .publish(&stores, &too_big)
+        .await
+        .expect("confirmed");
     terminal.wait_settled(1, 2).await;
     let reasons = quarantine_reasons(&db);
-    assert!(reasons.iter().any(|r| r.contains("sha256 mismatch")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("over the limit of 2048")), "{reasons:?}");
-    let files: Vec<_> = std::fs::read_dir(dir.path().join("images")).expect("images dir").collect();
-    assert_eq!(files.len(), 1, "only the good image was written, and no temporary file is left");
+    assert!(
+        reasons.iter().any(|r| r.contains("sha256 mismatch")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("over the limit of 2048")),
+        "{reasons:?}"
+    );
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("images"))
+        .expect("images dir")
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "only the good image was written, and no temporary file is left"
+    );
 
-    publisher.publish(&stores, &ImageDelete { product_id: "CAP".into() }).await.expect("confirmed");
+    publisher
+        .publish(
+            &stores,
+            &ImageDelete {
+                product_id: "CAP".into(),
+            },
+        )
+        .await
+        .expect("confirmed");
     terminal.wait_applied(2).await;
     assert_eq!(count(&db, "SELECT count(*) FROM product_images"), 0);
-    assert!(!std::path::Path::new(&path).exists(), "the file of a deleted image is removed");
+    assert!(
+        !std::path::Path::new(&path).exists(),
+        "the file of a deleted image is removed"
+    );
     publisher.close().await;
     terminal.stop().await;
 }
@@ -119,18 +220,52 @@ async fn the_cli_publishes_new_types_raw_and_lists_loaded_plugins() {
     let config = with_plugins(dir.path(), &store);
     let mut terminal = RunningTerminal::start(config).await;
     let payload = r#"{"group_id":"size","group_name":"Size","min_select":1,"max_select":1,"modifiers":[{"modifier_id":"L","name":"Large","price_delta":0.8}],"product_ids":["CAP"]}"#;
-    let output = possync(&["publish", "raw", "--license", store.as_str(), "--type", "modifier_group_update", "--payload", payload]);
+    let output = possync(&[
+        "publish",
+        "raw",
+        "--license",
+        store.as_str(),
+        "--type",
+        "modifier_group_update",
+        "--payload",
+        payload,
+    ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     terminal.wait_applied(1).await;
-    assert_eq!(count(&terminal.db(), "SELECT count(*) FROM modifiers WHERE id = 'L' AND group_id = 'size'"), 1);
+    assert_eq!(
+        count(
+            &terminal.db(),
+            "SELECT count(*) FROM modifiers WHERE id = 'L' AND group_id = 'size'"
+        ),
+        1
+    );
 
     let picture = dir.path().join("cappuccino.png");
     std::fs::write(&picture, b"\x89PNG pretend picture").expect("write picture");
-    let output = possync(&["publish", "image-update", "--license", store.as_str(), "--product-id", "CAP", "--file", picture.to_str().expect("utf-8")]);
+    let output = possync(&[
+        "publish",
+        "image-update",
+        "--license",
+        store.as_str(),
+        "--product-id",
+        "CAP",
+        "--file",
+        picture.to_str().expect("utf-8"),
+    ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     terminal.wait_applied(2).await;
-    let stored: String = terminal.db().query_row("SELECT path FROM product_images WHERE product_id = 'CAP'", [], |r| r.get(0)).expect("row");
-    assert_eq!(std::fs::read(stored).expect("file"), b"\x89PNG pretend picture");
+    let stored: String = terminal
+        .db()
+        .query_row(
+            "SELECT path FROM product_images WHERE product_id = 'CAP'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("row");
+    assert_eq!(
+        std::fs::read(stored).expect("file"),
+        b"\x89PNG pretend picture"
+    );
     terminal.stop().await;
 
     let library = plugin_library("possync-plugin-modifier-groups");
@@ -140,27 +275,61 @@ async fn the_cli_publishes_new_types_raw_and_lists_loaded_plugins() {
         .expect("run");
     assert!(output.status.success(), "{}", text(&output.stderr));
     let listing = text(&output.stdout);
-    let line = listing.lines().find(|l| l.starts_with("modifier_groups ")).unwrap_or_else(|| panic!("{listing}"));
-    for expected in ["modifier_group_update, modifier_group_delete", "yes", env!("CARGO_PKG_VERSION"), library.to_str().expect("utf-8")] {
-        assert!(line.contains(expected), "{expected:?} missing from {line:?}");
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("modifier_groups "))
+        .unwrap_or_else(|| panic!("{listing}"));
+    for expected in [
+        "modifier_group_update, modifier_group_delete",
+        "yes",
+        env!("CARGO_PKG_VERSION"),
+        library.to_str().expect("utf-8"),
+    ] {
+        assert!(
+            line.contains(expected),
+            "{expected:?} missing from {line:?}"
+        );
     }
 }
 
 fn load_error(name: &str, setting: PluginSetting) -> String {
     let mut plugins = std::collections::BTreeMap::new();
     plugins.insert(name.to_owned(), setting);
-    Registry::from_config(&plugins).expect_err("refused").to_string()
+    Registry::from_config(&plugins)
+        .expect_err("refused")
+        .to_string()
 }
 
 #[test]
 fn incompatible_or_broken_plugins_are_refused_with_a_message_that_says_what_to_do() {
-    let old_sdk = load_error("old", dynamic_plugin("possync-fixture-old-sdk", serde_json::json!({})));
-    assert!(old_sdk.contains("built with possync-sdk 0.0.1"), "{old_sdk}");
-    assert!(old_sdk.contains(&format!("rebuild it against possync-sdk {}", env!("CARGO_PKG_VERSION"))), "{old_sdk}");
-    assert!(old_sdk.contains("plugin old:"), "names the plugin: {old_sdk}");
+    let old_sdk = load_error(
+        "old",
+        dynamic_plugin("possync-fixture-old-sdk", serde_json::json!({})),
+    );
+    assert!(
+        old_sdk.contains("built with possync-sdk 0.0.1"),
+        "{old_sdk}"
+    );
+    assert!(
+        old_sdk.contains(&format!(
+            "rebuild it against possync-sdk {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{old_sdk}"
+    );
+    assert!(
+        old_sdk.contains("plugin old:"),
+        "names the plugin: {old_sdk}"
+    );
 
-    let old_format = load_error("future", dynamic_plugin("possync-fixture-old-format", serde_json::json!({})));
-    assert!(old_format.contains("uses plugin format 99") && old_format.contains("rebuild"), "{old_format}");
+    let old_format = load_error(
+        "future",
+        dynamic_plugin("possync-fixture-old-format", serde_json::json!({})),
+    );
+    assert!(
+        old_format.contains("uses plugin format 99") && old_format.contains("rebuild"),
+        "{old_format}"
+    );
 
     let missing = load_error(
         "ghost",
@@ -170,47 +339,102 @@ fn incompatible_or_broken_plugins_are_refused_with_a_message_that_says_what_to_d
             settings: Default::default(),
         }),
     );
-    assert!(missing.contains("no file at /nonexistent/libghost.so"), "{missing}");
+    assert!(
+        missing.contains("no file at /nonexistent/libghost.so"),
+        "{missing}"
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let text_file = dir.path().join("libtext.so");
     std::fs::write(&text_file, "not a library").expect("write");
     let garbage = load_error(
         "text",
-        PluginSetting::Dynamic(possync_core::DynamicPlugin { path: text_file, enabled: true, settings: Default::default() }),
+        PluginSetting::Dynamic(possync_core::DynamicPlugin {
+            path: text_file,
+            enabled: true,
+            settings: Default::default(),
+        }),
     );
     assert!(garbage.contains("is not a loadable library"), "{garbage}");
 
-    let foreign = load_error("foreign", dynamic_plugin("possync-fixture-not-a-plugin", serde_json::json!({})));
-    assert!(foreign.contains("not a possync plugin") && foreign.contains("declare_plugin!"), "{foreign}");
+    let foreign = load_error(
+        "foreign",
+        dynamic_plugin("possync-fixture-not-a-plugin", serde_json::json!({})),
+    );
+    assert!(
+        foreign.contains("not a possync plugin") && foreign.contains("declare_plugin!"),
+        "{foreign}"
+    );
 
-    let panics = load_error("panicky", dynamic_plugin("possync-fixture-panicky", serde_json::json!({ "panic_on_register": true })));
-    assert!(panics.contains("panicked during registration: registration blew up"), "{panics}");
+    let panics = load_error(
+        "panicky",
+        dynamic_plugin(
+            "possync-fixture-panicky",
+            serde_json::json!({ "panic_on_register": true }),
+        ),
+    );
+    assert!(
+        panics.contains("panicked during registration: registration blew up"),
+        "{panics}"
+    );
 
-    let fails = load_error("panicky", dynamic_plugin("possync-fixture-panicky", serde_json::json!({ "fail_on_register": true })));
-    assert!(fails.contains("failed to register: settings say fail"), "{fails}");
+    let fails = load_error(
+        "panicky",
+        dynamic_plugin(
+            "possync-fixture-panicky",
+            serde_json::json!({ "fail_on_register": true }),
+        ),
+    );
+    assert!(
+        fails.contains("failed to register: settings say fail"),
+        "{fails}"
+    );
 
-    let typo = load_error("panicky", dynamic_plugin("possync-fixture-panicky", serde_json::json!({ "panic_on_regsiter": true })));
-    assert!(typo.contains("[plugins.panicky.settings] is not valid") && typo.contains("panic_on_regsiter"), "{typo}");
+    let typo = load_error(
+        "panicky",
+        dynamic_plugin(
+            "possync-fixture-panicky",
+            serde_json::json!({ "panic_on_regsiter": true }),
+        ),
+    );
+    assert!(
+        typo.contains("[plugins.panicky.settings] is not valid")
+            && typo.contains("panic_on_regsiter"),
+        "{typo}"
+    );
 }
 
 #[test]
 fn a_refused_plugin_stops_the_cli_with_the_message_not_a_crash() {
     let output = possync_command(&["plugins", "list"])
-        .env("POSSYNC_PLUGINS__OLD__PATH", plugin_library("possync-fixture-old-sdk"))
+        .env(
+            "POSSYNC_PLUGINS__OLD__PATH",
+            plugin_library("possync-fixture-old-sdk"),
+        )
         .output()
         .expect("run");
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("built with possync-sdk 0.0.1"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("built with possync-sdk 0.0.1"),
+        "{}",
+        text(&output.stderr)
+    );
 
     // Disabled, it is listed with the reason instead.
     let output = possync_command(&["plugins", "list"])
-        .env("POSSYNC_PLUGINS__OLD__PATH", plugin_library("possync-fixture-old-sdk"))
+        .env(
+            "POSSYNC_PLUGINS__OLD__PATH",
+            plugin_library("possync-fixture-old-sdk"),
+        )
         .env("POSSYNC_PLUGINS__OLD__ENABLED", "false")
         .output()
         .expect("run");
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(text(&output.stdout).contains("not loaded: plugin old"), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stdout).contains("not loaded: plugin old"),
+        "{}",
+        text(&output.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -219,21 +443,38 @@ async fn a_handler_that_panics_in_a_plugin_is_quarantined_and_the_terminal_runs_
     let store = unique_license("panicky");
     let mut config = terminal_config(dir.path(), &store, "till-1");
     config.terminal.max_attempts = 2;
-    config.plugins.insert("panicky".into(), dynamic_plugin("possync-fixture-panicky", serde_json::json!({})));
+    config.plugins.insert(
+        "panicky".into(),
+        dynamic_plugin("possync-fixture-panicky", serde_json::json!({})),
+    );
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     publisher
         .publish_envelopes(vec![
-            Envelope::new("panicky_update", store.as_str(), serde_json::json!({ "n": 1 })),
-            Envelope::new("price_update", store.as_str(), serde_json::json!({ "product_id": "AFTER", "new_price": 1.0 })),
+            Envelope::new(
+                "panicky_update",
+                store.as_str(),
+                serde_json::json!({ "n": 1 }),
+            ),
+            Envelope::new(
+                "price_update",
+                store.as_str(),
+                serde_json::json!({ "product_id": "AFTER", "new_price": 1.0 }),
+            ),
         ])
         .await
         .expect("confirmed");
     terminal.wait_settled(1, 1).await;
     let db = terminal.db();
-    assert_eq!(count(&db, "SELECT count(*) FROM products WHERE id = 'AFTER'"), 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM products WHERE id = 'AFTER'"),
+        1
+    );
     let reasons = quarantine_reasons(&db);
-    assert!(reasons[0].contains("failed 2 times") && reasons[0].contains("panicky handler refuses"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("failed 2 times") && reasons[0].contains("panicky handler refuses"),
+        "{reasons:?}"
+    );
     assert!(terminal.status.borrow().is_live());
     publisher.close().await;
     terminal.stop().await;
@@ -250,11 +491,29 @@ async fn a_disabled_dynamic_plugin_acknowledges_its_messages_unapplied() {
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let stores = [store.clone()];
-    publisher.publish(&stores, &milk(&[("oat", "Oat", 0.5)], &["CAP"])).await.expect("confirmed");
-    publisher.publish(&stores, &ImageDelete { product_id: "X".into() }).await.expect("confirmed");
+    publisher
+        .publish(&stores, &milk(&[("oat", "Oat", 0.5)], &["CAP"]))
+        .await
+        .expect("confirmed");
+    publisher
+        .publish(
+            &stores,
+            &ImageDelete {
+                product_id: "X".into(),
+            },
+        )
+        .await
+        .expect("confirmed");
     terminal.wait_applied(1).await;
     let db = terminal.db();
-    assert_eq!(count(&db, "SELECT count(*) FROM sqlite_master WHERE name = 'modifier_groups'"), 0, "a disabled plugin's migrations do not run");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sqlite_master WHERE name = 'modifier_groups'"
+        ),
+        0,
+        "a disabled plugin's migrations do not run"
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM possync_quarantine"), 0);
     assert_eq!(queue_depth(&terminal.topology.queue).await, 0);
     publisher.close().await;

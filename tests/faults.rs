@@ -18,11 +18,17 @@ struct AppRestarter;
 
 impl Drop for AppRestarter {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
     }
 }
 
-fn config_for(dir: &std::path::Path, store: &possync_core::LicenseKey, queue_type: QueueType) -> possync_core::Config {
+fn config_for(
+    dir: &std::path::Path,
+    store: &possync_core::LicenseKey,
+    queue_type: QueueType,
+) -> possync_core::Config {
     let mut config = terminal_config(dir, store, "till-1");
     config.broker.queue_type = queue_type;
     config
@@ -42,10 +48,16 @@ async fn connections_closed_mid_stream(queue_type: QueueType) {
     });
 
     for threshold in [1_000, 4_000, 7_000] {
-        eventually("the stream to progress", || terminal.status.borrow().applied >= threshold).await;
+        eventually("the stream to progress", || {
+            terminal.status.borrow().applied >= threshold
+        })
+        .await;
         rabbitmqctl(&["close_all_connections", "possync fault test"]);
     }
-    let published = publishing.await.expect("publisher task").expect("every change confirmed despite the closes");
+    let published = publishing
+        .await
+        .expect("publisher task")
+        .expect("every change confirmed despite the closes");
     assert_eq!(published, CHANGES);
     terminal.wait_applied(CHANGES as u64).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -53,9 +65,16 @@ async fn connections_closed_mid_stream(queue_type: QueueType) {
     let live = terminal.wait_for(possync_core::Status::is_live).await;
     let status = terminal.status.borrow().clone();
     assert!(live, "the terminal ends Live: {:?}", status.state);
-    assert_eq!(status.applied, CHANGES as u64, "nothing applied twice (duplicates skipped: {})", status.duplicates);
+    assert_eq!(
+        status.applied, CHANGES as u64,
+        "nothing applied twice (duplicates skipped: {})",
+        status.duplicates
+    );
     assert_matches_model(&terminal.db(), &model);
-    assert_eq!(count(&terminal.db(), "SELECT count(*) FROM possync_applied"), CHANGES as i64);
+    assert_eq!(
+        count(&terminal.db(), "SELECT count(*) FROM possync_applied"),
+        CHANGES as i64
+    );
     if let Ok(publisher) = Arc::try_unwrap(publisher) {
         publisher.close().await;
     }
@@ -83,36 +102,60 @@ async fn broker_restarted_mid_stream(queue_type: QueueType) {
     let (changes, model) = catalog_changes(&store, CHANGES, 99);
     let (first, second) = changes.split_at(CHANGES / 2);
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher.publish_envelopes(first.to_vec()).await.expect("first half confirmed");
+    publisher
+        .publish_envelopes(first.to_vec())
+        .await
+        .expect("first half confirmed");
 
-    eventually("the stream to progress", || terminal.status.borrow().applied >= 200).await;
+    eventually("the stream to progress", || {
+        terminal.status.borrow().applied >= 200
+    })
+    .await;
     let restarter = AppRestarter;
     rabbitmqctl(&["stop_app"]);
-    let offline = terminal.wait_for(|s| matches!(s.state, State::Offline { .. })).await;
-    assert!(offline, "the terminal shows Offline while the broker is down");
-    let status = possync_command(&["status"]).env("POSSYNC_TERMINAL__DATABASE", &config.terminal.database).output().expect("status");
+    let offline = terminal
+        .wait_for(|s| matches!(s.state, State::Offline { .. }))
+        .await;
+    assert!(
+        offline,
+        "the terminal shows Offline while the broker is down"
+    );
+    let status = possync_command(&["status"])
+        .env("POSSYNC_TERMINAL__DATABASE", &config.terminal.database)
+        .output()
+        .expect("status");
     let shown = text(&status.stdout);
     assert_eq!(status.status.code(), Some(1), "{shown}");
-    assert!(shown.starts_with("Offline since ") && shown.contains("reason "), "{shown}");
+    assert!(
+        shown.starts_with("Offline since ") && shown.contains("reason "),
+        "{shown}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&["start_app"]);
     drop(restarter);
 
     let live = terminal.wait_for(possync_core::Status::is_live).await;
     assert!(live, "the terminal recovers by itself");
-    publisher.publish_envelopes(second.to_vec()).await.expect("second half confirmed after the restart");
+    publisher
+        .publish_envelopes(second.to_vec())
+        .await
+        .expect("second half confirmed after the restart");
     terminal.wait_applied(CHANGES as u64).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let status = terminal.status.borrow().clone();
-    assert_eq!(status.applied, CHANGES as u64, "nothing lost, nothing applied twice");
+    assert_eq!(
+        status.applied, CHANGES as u64,
+        "nothing lost, nothing applied twice"
+    );
     assert_matches_model(&terminal.db(), &model);
     publisher.close().await;
     terminal.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn stopping_and_starting_the_broker_mid_stream_the_terminal_recovers_and_catches_up_classic() {
+async fn stopping_and_starting_the_broker_mid_stream_the_terminal_recovers_and_catches_up_classic()
+{
     let _serial = SERIAL.lock().await;
     broker_restarted_mid_stream(QueueType::Classic).await;
 }
@@ -152,19 +195,32 @@ async fn the_status_page_badge_turns_offline_when_the_broker_goes_and_live_when_
     let store = unique_license("badge");
     let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
     let mut terminal = RunningTerminal::start(config).await;
-    let page = tokio::task::spawn_blocking(move || rendered_page(port)).await.expect("chromium");
+    let page = tokio::task::spawn_blocking(move || rendered_page(port))
+        .await
+        .expect("chromium");
     assert!(page.contains("id=\"badge\">Live sync<"), "{page}");
 
     let restarter = AppRestarter;
     rabbitmqctl(&["stop_app"]);
-    assert!(terminal.wait_for(|s| matches!(s.state, State::Offline { .. })).await);
-    let page = tokio::task::spawn_blocking(move || rendered_page(port)).await.expect("chromium");
+    assert!(
+        terminal
+            .wait_for(|s| matches!(s.state, State::Offline { .. }))
+            .await
+    );
+    let page = tokio::task::spawn_blocking(move || rendered_page(port))
+        .await
+        .expect("chromium");
     assert!(page.contains("id=\"badge\">Offline since "), "{page}");
     rabbitmqctl(&["start_app"]);
     drop(restarter);
 
-    assert!(terminal.wait_for(possync_core::Status::is_live).await, "the terminal recovers");
-    let page = tokio::task::spawn_blocking(move || rendered_page(port)).await.expect("chromium");
+    assert!(
+        terminal.wait_for(possync_core::Status::is_live).await,
+        "the terminal recovers"
+    );
+    let page = tokio::task::spawn_blocking(move || rendered_page(port))
+        .await
+        .expect("chromium");
     assert!(page.contains("id=\"badge\">Live sync<"), "{page}");
     terminal.stop().await;
 }

@@ -8,11 +8,19 @@ use possync_core::Publisher;
 use possync_sdk::Envelope;
 
 fn price(store: &str, id: &str, new_price: f64) -> Envelope {
-    Envelope::new("price_update", store, serde_json::json!({ "product_id": id, "new_price": new_price }))
+    Envelope::new(
+        "price_update",
+        store,
+        serde_json::json!({ "product_id": id, "new_price": new_price }),
+    )
 }
 
 fn delete(store: &str, id: &str) -> Envelope {
-    Envelope::new("product_delete", store, serde_json::json!({ "product_id": id }))
+    Envelope::new(
+        "product_delete",
+        store,
+        serde_json::json!({ "product_id": id }),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,28 +32,58 @@ async fn duplicates_stale_updates_and_late_updates_after_a_delete_change_nothing
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let sequence = vec![
-        price(key, "A", 5.0).with_version(100).with_message_id("m-1"),
+        price(key, "A", 5.0)
+            .with_version(100)
+            .with_message_id("m-1"),
         // The same message again (a publisher retry): skipped by id.
-        price(key, "A", 5.0).with_version(100).with_message_id("m-1"),
+        price(key, "A", 5.0)
+            .with_version(100)
+            .with_message_id("m-1"),
         // Older than what the row holds: dropped.
         price(key, "A", 1.0).with_version(50).with_message_id("m-2"),
-        price(key, "B", 2.0).with_version(100).with_message_id("m-3"),
+        price(key, "B", 2.0)
+            .with_version(100)
+            .with_message_id("m-3"),
         delete(key, "B").with_version(200).with_message_id("m-4"),
         // Written before the delete, arriving after it: must not resurrect B.
-        price(key, "B", 3.0).with_version(150).with_message_id("m-5"),
+        price(key, "B", 3.0)
+            .with_version(150)
+            .with_message_id("m-5"),
         // A change made after the delete brings it back.
-        price(key, "C", 1.0).with_version(100).with_message_id("m-6"),
+        price(key, "C", 1.0)
+            .with_version(100)
+            .with_message_id("m-6"),
         delete(key, "C").with_version(200).with_message_id("m-7"),
-        price(key, "C", 7.0).with_version(300).with_message_id("m-8"),
+        price(key, "C", 7.0)
+            .with_version(300)
+            .with_message_id("m-8"),
     ];
-    publisher.publish_envelopes(sequence).await.expect("confirmed");
+    publisher
+        .publish_envelopes(sequence)
+        .await
+        .expect("confirmed");
     terminal.wait_settled(8, 0).await;
-    eventually("the duplicate to be skipped", || terminal.status.borrow().duplicates == 1).await;
+    eventually("the duplicate to be skipped", || {
+        terminal.status.borrow().duplicates == 1
+    })
+    .await;
 
     let db = terminal.db();
-    assert_eq!(product(&db, "A").map(|p| p.1), Some(5.0), "a stale update changes nothing");
-    assert_eq!(product(&db, "B"), None, "a late update does not bring a deleted product back");
-    assert_eq!(product(&db, "C").map(|p| p.1), Some(7.0), "a newer update re-creates a deleted product");
+    assert_eq!(
+        product(&db, "A").map(|p| p.1),
+        Some(5.0),
+        "a stale update changes nothing"
+    );
+    assert_eq!(
+        product(&db, "B"),
+        None,
+        "a late update does not bring a deleted product back"
+    );
+    assert_eq!(
+        product(&db, "C").map(|p| p.1),
+        Some(7.0),
+        "a newer update re-creates a deleted product"
+    );
     publisher.close().await;
     terminal.stop().await;
 }

@@ -14,7 +14,11 @@ fn cargo_in_template(args: &[&str]) -> std::process::Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::process::Command::new(env!("CARGO"))
         .args(args)
-        .args(["--manifest-path", "examples/plugin-template/Cargo.toml", "--target-dir"])
+        .args([
+            "--manifest-path",
+            "examples/plugin-template/Cargo.toml",
+            "--target-dir",
+        ])
         .arg(root.join("target"))
         .current_dir(root)
         .output()
@@ -24,7 +28,11 @@ fn cargo_in_template(args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_plugin_template_builds_tests_loads_and_applies() {
     let tested = cargo_in_template(&["test"]);
-    assert!(tested.status.success(), "the template's own tests: {}", text(&tested.stderr));
+    assert!(
+        tested.status.success(),
+        "the template's own tests: {}",
+        text(&tested.stderr)
+    );
     let built = cargo_in_template(&["build"]);
     assert!(built.status.success(), "{}", text(&built.stderr));
     let library = plugin_library("possync-plugin-tables");
@@ -32,23 +40,50 @@ async fn the_plugin_template_builds_tests_loads_and_applies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("template");
     let mut config = terminal_config(dir.path(), &store, "till-1");
-    let settings = [("max_seats".to_owned(), serde_json::json!(8))].into_iter().collect();
-    config.plugins.insert("tables".into(), PluginSetting::Dynamic(DynamicPlugin { path: library, enabled: true, settings }));
+    let settings = [("max_seats".to_owned(), serde_json::json!(8))]
+        .into_iter()
+        .collect();
+    config.plugins.insert(
+        "tables".into(),
+        PluginSetting::Dynamic(DynamicPlugin {
+            path: library,
+            enabled: true,
+            settings,
+        }),
+    );
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let key = store.as_str();
     publisher
         .publish_envelopes(vec![
-            Envelope::new("table_update", key, serde_json::json!({ "table_id": "T1", "name": "Window", "seats": 4 })),
-            Envelope::new("table_update", key, serde_json::json!({ "table_id": "T2", "name": "Banquet", "seats": 20 })),
-            Envelope::new("table_update", key, serde_json::json!({ "table_id": "T3", "name": "Bar", "seats": 2 })),
+            Envelope::new(
+                "table_update",
+                key,
+                serde_json::json!({ "table_id": "T1", "name": "Window", "seats": 4 }),
+            ),
+            Envelope::new(
+                "table_update",
+                key,
+                serde_json::json!({ "table_id": "T2", "name": "Banquet", "seats": 20 }),
+            ),
+            Envelope::new(
+                "table_update",
+                key,
+                serde_json::json!({ "table_id": "T3", "name": "Bar", "seats": 2 }),
+            ),
             Envelope::new("table_delete", key, serde_json::json!({ "table_id": "T3" })),
         ])
         .await
         .expect("confirmed");
     terminal.wait_settled(3, 1).await;
     let db = terminal.db();
-    assert_eq!(count(&db, "SELECT count(*) FROM restaurant_tables WHERE id = 'T1' AND seats = 4"), 1);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM restaurant_tables WHERE id = 'T1' AND seats = 4"
+        ),
+        1
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM restaurant_tables"), 1);
     assert!(quarantine_reasons(&db)[0].contains("seats must be 1 to 8, not 20"));
     publisher.close().await;

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use possync_core::{Config, LicenseKey, Publisher, State};
@@ -18,30 +21,55 @@ fn provision_terminal(dir: &Path, store: &LicenseKey, terminal: &str) -> PathBuf
     let output_file = dir.join(format!("{store}-{terminal}.toml"));
     let database = dir.join(format!("{store}-{terminal}.db"));
     let output = possync(&[
-        "admin", "provision-terminal", "--license", store.as_str(), "--terminal-id", terminal,
-        "--output", output_file.to_str().expect("utf-8"), "--database", database.to_str().expect("utf-8"),
+        "admin",
+        "provision-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        terminal,
+        "--output",
+        output_file.to_str().expect("utf-8"),
+        "--database",
+        database.to_str().expect("utf-8"),
     ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let password = password_in(&output_file);
-    assert!(!text(&output.stdout).contains(&password) && !text(&output.stderr).contains(&password), "the password is never printed");
+    assert!(
+        !text(&output.stdout).contains(&password) && !text(&output.stderr).contains(&password),
+        "the password is never printed"
+    );
     output_file
 }
 
 /// The password in a provisioned config file.
 fn password_in(file: &Path) -> String {
-    let config = Config::load(Some(file)).expect("provisioned config loads").config;
+    let config = Config::load(Some(file))
+        .expect("provisioned config loads")
+        .config;
     let url = config.broker.url().to_owned();
-    let userinfo = url.split("://").nth(1).and_then(|rest| rest.split('@').next()).expect("userinfo");
+    let userinfo = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('@').next())
+        .expect("userinfo");
     userinfo.split(':').nth(1).expect("password").to_owned()
 }
 
 fn url_in(file: &Path) -> String {
-    Config::load(Some(file)).expect("config").config.broker.url().to_owned()
+    Config::load(Some(file))
+        .expect("config")
+        .config
+        .broker
+        .url()
+        .to_owned()
 }
 
 fn assert_refused<T: std::fmt::Debug>(what: &str, result: Result<T, lapin::Error>) {
     let err = result.expect_err(what).to_string();
-    assert!(err.contains("ACCESS_REFUSED") || err.contains("ACCESS-REFUSED"), "{what}: {err}");
+    assert!(
+        err.contains("ACCESS_REFUSED") || err.contains("ACCESS-REFUSED"),
+        "{what}: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,27 +81,55 @@ async fn a_provisioned_terminal_reads_its_own_store_and_the_broker_refuses_it_ev
     let my_queue = format!("possync.{mine}.till-1");
     let other_queue = format!("possync.{other}.till-1");
 
-    let connection = Connection::connect(&url_in(&my_file), ConnectionProperties::default()).await.expect("the terminal's user may connect");
-    for binding in ["license.#".to_owned(), "license.*.#".to_owned(), format!("license.{other}.#")] {
+    let connection = Connection::connect(&url_in(&my_file), ConnectionProperties::default())
+        .await
+        .expect("the terminal's user may connect");
+    for binding in [
+        "license.#".to_owned(),
+        "license.*.#".to_owned(),
+        format!("license.{other}.#"),
+    ] {
         let channel = connection.create_channel().await.expect("channel");
         let bound = channel
-            .queue_bind(my_queue.as_str().into(), "pos_license_events".into(), binding.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                my_queue.as_str().into(),
+                "pos_license_events".into(),
+                binding.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await;
         assert_refused(&format!("binding {binding}"), bound);
     }
     let channel = connection.create_channel().await.expect("channel");
-    let declared = channel.queue_declare("sneaky".into(), QueueDeclareOptions::default(), FieldTable::default()).await;
+    let declared = channel
+        .queue_declare(
+            "sneaky".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
     assert_refused("declaring a queue of its own", declared);
     let channel = connection.create_channel().await.expect("channel");
     let consumed = channel
-        .basic_consume(other_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            other_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await;
     assert_refused("consuming another terminal's queue", consumed);
     let channel = connection.create_channel().await.expect("channel");
-    let purged = channel.queue_purge(other_queue.as_str().into(), QueuePurgeOptions::default()).await;
+    let purged = channel
+        .queue_purge(other_queue.as_str().into(), QueuePurgeOptions::default())
+        .await;
     assert_refused("purging another terminal's queue", purged);
     let channel = connection.create_channel().await.expect("channel");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     let published = async {
         channel
             .basic_publish(
@@ -94,14 +150,23 @@ async fn a_provisioned_terminal_reads_its_own_store_and_the_broker_refuses_it_ev
     let mut config = Config::load(Some(&my_file)).expect("config").config;
     config.terminal.database = dir.path().join("mine.db");
     let mut terminal = RunningTerminal::start(config).await;
-    let publisher = Publisher::connect(&terminal_config(dir.path(), &mine, "x").broker).await.expect("publisher");
+    let publisher = Publisher::connect(&terminal_config(dir.path(), &mine, "x").broker)
+        .await
+        .expect("publisher");
     let (changes, model) = catalog_changes(&mine, 30, 4);
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     terminal.wait_applied(30).await;
     assert_matches_model(&terminal.db(), &model);
 
     // A message it can never apply still dead-letters without write rights.
-    publish_raw(&format!("license.{mine}.teleport"), format!(r#"{{"type":"teleport","license_key":"{mine}","payload":{{}}}}"#).as_bytes()).await;
+    publish_raw(
+        &format!("license.{mine}.teleport"),
+        format!(r#"{{"type":"teleport","license_key":"{mine}","payload":{{}}}}"#).as_bytes(),
+    )
+    .await;
     terminal.wait_settled(30, 1).await;
     eventually_async_depth(&terminal.topology.dead_letter_queue, 1).await;
     publisher.close().await;
@@ -125,26 +190,62 @@ async fn a_provisioned_publisher_may_only_publish_well_formed_keys() {
     let terminal_file = provision_terminal(dir.path(), &store, "till-1");
     let publisher_file = dir.path().join("publisher.toml");
     let name = format!("bo-{}", &store.as_str()[store.as_str().len() - 8..]);
-    let output = possync(&["admin", "provision-publisher", "--name", &name, "--output", publisher_file.to_str().expect("utf-8")]);
+    let output = possync(&[
+        "admin",
+        "provision-publisher",
+        "--name",
+        &name,
+        "--output",
+        publisher_file.to_str().expect("utf-8"),
+    ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
 
     let mut config = Config::load(Some(&terminal_file)).expect("config").config;
     config.terminal.database = dir.path().join("t.db");
     let mut terminal = RunningTerminal::start(config).await;
     let output = possync(&[
-        "publish", "--config", publisher_file.to_str().expect("utf-8"),
-        "price-update", "--license", store.as_str(), "--product-id", "P1", "--price", "2.5",
+        "publish",
+        "--config",
+        publisher_file.to_str().expect("utf-8"),
+        "price-update",
+        "--license",
+        store.as_str(),
+        "--product-id",
+        "P1",
+        "--price",
+        "2.5",
     ]);
-    assert!(output.status.success(), "a well-formed key is accepted: {}", text(&output.stderr));
+    assert!(
+        output.status.success(),
+        "a well-formed key is accepted: {}",
+        text(&output.stderr)
+    );
     terminal.wait_applied(1).await;
 
-    let connection = Connection::connect(&url_in(&publisher_file), ConnectionProperties::default()).await.expect("connect");
-    for key in ["license.#", &format!("license.{store}"), &format!("license.{store}.price_update.extra"), "license.*.price_update", "other.key"] {
+    let connection = Connection::connect(&url_in(&publisher_file), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    for key in [
+        "license.#",
+        &format!("license.{store}"),
+        &format!("license.{store}.price_update.extra"),
+        "license.*.price_update",
+        "other.key",
+    ] {
         let channel = connection.create_channel().await.expect("channel");
-        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
         let published = async {
             channel
-                .basic_publish("pos_license_events".into(), key.into(), BasicPublishOptions::default(), b"{}", BasicProperties::default())
+                .basic_publish(
+                    "pos_license_events".into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    b"{}",
+                    BasicProperties::default(),
+                )
                 .await?
                 .await
         }
@@ -153,7 +254,12 @@ async fn a_provisioned_publisher_may_only_publish_well_formed_keys() {
     }
     let channel = connection.create_channel().await.expect("channel");
     let consumed = channel
-        .basic_consume(format!("possync.{store}.till-1").as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            format!("possync.{store}.till-1").as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await;
     assert_refused("a publisher reading a terminal's queue", consumed);
     let _ = connection.close(200, "bye".into()).await;
@@ -169,15 +275,31 @@ async fn a_revoked_terminal_is_disconnected_and_cannot_come_back() {
     config.terminal.database = dir.path().join("t.db");
     let mut terminal = RunningTerminal::start(config).await;
 
-    let output = possync(&["admin", "revoke-terminal", "--license", store.as_str(), "--terminal-id", "till-1"]);
+    let output = possync(&[
+        "admin",
+        "revoke-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+    ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(text(&output.stdout).contains("deleted broker user"), "{}", text(&output.stdout));
-    let offline = terminal.wait_for(|s| matches!(s.state, State::Offline { .. })).await;
+    assert!(
+        text(&output.stdout).contains("deleted broker user"),
+        "{}",
+        text(&output.stdout)
+    );
+    let offline = terminal
+        .wait_for(|s| matches!(s.state, State::Offline { .. }))
+        .await;
     assert!(offline, "the terminal is cut off");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = terminal.status.borrow().clone();
     match &status.state {
-        State::Offline { reason, .. } => assert!(reason.contains("refused access"), "the reconnects are refused: {reason}"),
+        State::Offline { reason, .. } => assert!(
+            reason.contains("refused access"),
+            "the reconnects are refused: {reason}"
+        ),
         other => panic!("a revoked terminal came back: {other:?}"),
     }
     terminal.stop().await;
@@ -192,8 +314,13 @@ struct TlsFront {
 fn make_ca(dir: &Path, name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, PathBuf) {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, format!("possync test CA {name}"));
-    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("possync test CA {name}"));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.self_signed(&key).expect("CA");
     let path = dir.join(format!("{name}-ca.pem"));
@@ -205,7 +332,9 @@ async fn tls_front(dir: &Path) -> TlsFront {
     use tokio_rustls::rustls;
     let (issuer, ca_pem) = make_ca(dir, "good");
     let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    params.extended_key_usages.push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    params
+        .extended_key_usages
+        .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.signed_by(&key, &issuer).expect("server certificate");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -219,14 +348,20 @@ async fn tls_front(dir: &Path) -> TlsFront {
         )
         .expect("server config");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(client).await else { return };
-                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else { return };
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    return;
+                };
+                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    return;
+                };
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
             });
         }
@@ -245,9 +380,14 @@ async fn terminals_connect_over_tls_and_refuse_a_certificate_their_ca_did_not_si
     config.broker.urls = vec![tls_url.clone()];
     config.broker.tls_ca_file = Some(front.ca_pem.clone());
     let mut terminal = RunningTerminal::start(config).await;
-    let publisher = Publisher::connect(&terminal_config(dir.path(), &store, "x").broker).await.expect("publisher");
+    let publisher = Publisher::connect(&terminal_config(dir.path(), &store, "x").broker)
+        .await
+        .expect("publisher");
     let (changes, model) = catalog_changes(&store, 20, 8);
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     terminal.wait_applied(20).await;
     assert_matches_model(&terminal.db(), &model);
     publisher.close().await;
@@ -262,9 +402,15 @@ async fn terminals_connect_over_tls_and_refuse_a_certificate_their_ca_did_not_si
         .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("wrong.db"))
         .output()
         .expect("run");
-    assert!(!output.status.success(), "a certificate the CA did not sign is refused");
+    assert!(
+        !output.status.success(),
+        "a certificate the CA did not sign is refused"
+    );
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("TLS with amqps://guest:***@localhost"), "{stderr}");
+    assert!(
+        stderr.contains("TLS with amqps://guest:***@localhost"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("guest:guest"), "{stderr}");
 }
 
@@ -277,12 +423,24 @@ async fn passwords_appear_in_no_log_line_or_output() {
     let path = file.to_str().expect("utf-8");
 
     let mut outputs = Vec::new();
-    for args in [vec!["config", "show", "--config", path], vec!["plugins", "list", "--config", path], vec!["--help"]] {
+    for args in [
+        vec!["config", "show", "--config", path],
+        vec!["plugins", "list", "--config", path],
+        vec!["--help"],
+    ] {
         let output = possync(&args);
-        assert!(output.status.success(), "{args:?}: {}", text(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
         outputs.push((args.join(" "), text(&output.stdout) + &text(&output.stderr)));
     }
-    assert!(outputs[0].1.contains(":***@"), "config show redacts: {}", outputs[0].1);
+    assert!(
+        outputs[0].1.contains(":***@"),
+        "config show redacts: {}",
+        outputs[0].1
+    );
 
     // A terminal's own log, at debug level, while it connects and stops.
     let child = possync_command(&["terminal", "--config", path])
@@ -292,20 +450,38 @@ async fn passwords_appear_in_no_log_line_or_output() {
         .spawn()
         .expect("start");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
     let output = child.wait_with_output().expect("wait");
     let log = text(&output.stderr);
     assert!(log.contains("Live"), "{log}");
     outputs.push(("terminal".into(), log));
 
     // Revoked, the next start is refused: the error must not show it either.
-    possync(&["admin", "revoke-terminal", "--license", store.as_str(), "--terminal-id", "till-1", "--delete-queue"]);
-    let output = possync_command(&["terminal", "--config", path]).env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db")).output().expect("run");
+    possync(&[
+        "admin",
+        "revoke-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+        "--delete-queue",
+    ]);
+    let output = possync_command(&["terminal", "--config", path])
+        .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
+        .output()
+        .expect("run");
     assert!(!output.status.success());
     outputs.push(("refused terminal".into(), text(&output.stderr)));
 
     for (what, shown) in outputs {
-        assert!(!shown.contains(&password), "{what} shows the password:\n{shown}");
+        assert!(
+            !shown.contains(&password),
+            "{what} shows the password:\n{shown}"
+        );
     }
 }
 
@@ -314,7 +490,11 @@ fn a_config_file_with_a_password_that_others_can_read_draws_a_warning() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("open.toml");
-    std::fs::write(&file, "[broker]\nurl = \"amqp://shop:hunter2@127.0.0.1:5672/%2f\"\n").expect("write");
+    std::fs::write(
+        &file,
+        "[broker]\nurl = \"amqp://shop:hunter2@127.0.0.1:5672/%2f\"\n",
+    )
+    .expect("write");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let output = possync(&["plugins", "list", "--config", file.to_str().expect("utf-8")]);
     let stderr = text(&output.stderr);

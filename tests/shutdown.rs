@@ -33,7 +33,10 @@ async fn sigterm_mid_stream_settles_exactly_what_was_committed() {
         .to_envelope(store.as_str())
         .expect("envelope")
     });
-    publisher.publish_envelopes(envelopes).await.expect("all confirmed");
+    publisher
+        .publish_envelopes(envelopes)
+        .await
+        .expect("all confirmed");
     publisher.close().await;
 
     let file = dir.path().join("terminal.toml");
@@ -55,31 +58,67 @@ async fn sigterm_mid_stream_settles_exactly_what_was_committed() {
     })
     .await;
     let status = possync(&["status", "--config", file.to_str().expect("utf-8")]);
-    assert!(status.status.success(), "`possync status` exits 0 while live: {}", text(&status.stdout));
+    assert!(
+        status.status.success(),
+        "`possync status` exits 0 while live: {}",
+        text(&status.stdout)
+    );
     let shown = text(&status.stdout);
     assert!(shown.starts_with("Live since "), "{shown}");
-    assert!(shown.contains(&format!("store         {store} (terminal till-1)")), "{shown}");
+    assert!(
+        shown.contains(&format!("store         {store} (terminal till-1)")),
+        "{shown}"
+    );
 
-    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGTERM).expect("SIGTERM");
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
     let stderr = text(&output.stderr);
     assert!(output.status.success(), "exit 0 on SIGTERM: {stderr}");
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
     let status = possync(&["status", "--config", file.to_str().expect("utf-8")]);
-    assert_eq!(status.status.code(), Some(1), "`possync status` exits 1 when not live");
-    assert!(text(&status.stdout).starts_with("Stopped since "), "{}", text(&status.stdout));
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "`possync status` exits 1 when not live"
+    );
+    assert!(
+        text(&status.stdout).starts_with("Stopped since "),
+        "{}",
+        text(&status.stdout)
+    );
 
     let applied = usize::try_from(count(&db, "SELECT count(*) FROM products")).expect("count");
-    assert!(applied < MESSAGES, "the terminal was stopped mid-stream ({applied} applied)");
-    assert_eq!(count(&db, "SELECT count(*) FROM possync_applied"), applied as i64, "one applied id per row");
+    assert!(
+        applied < MESSAGES,
+        "the terminal was stopped mid-stream ({applied} applied)"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM possync_applied"),
+        applied as i64,
+        "one applied id per row"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let waiting = queue_depth(&format!("possync.{store}.till-1")).await as usize;
-    assert_eq!(applied + waiting, MESSAGES, "every message is either applied and acked, or unapplied and still queued");
+    assert_eq!(
+        applied + waiting,
+        MESSAGES,
+        "every message is either applied and acked, or unapplied and still queued"
+    );
 
     // The rest applies after a restart, and nothing applied before changes.
     let mut terminal = RunningTerminal::start(config).await;
     terminal.wait_applied(waiting as u64).await;
-    assert_eq!(count(&terminal.db(), "SELECT count(*) FROM products"), MESSAGES as i64);
+    assert_eq!(
+        count(&terminal.db(), "SELECT count(*) FROM products"),
+        MESSAGES as i64
+    );
     terminal.stop().await;
 }
 
@@ -99,7 +138,10 @@ fn a_terminal_the_broker_refuses_exits_non_zero_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(stderr.contains("refused access"), "{stderr}");
-    assert!(!stderr.contains("wrong-password"), "the password is never printed: {stderr}");
+    assert!(
+        !stderr.contains("wrong-password"),
+        "the password is never printed: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,10 +158,23 @@ async fn sigterm_while_reconnecting_stops_at_once() {
         .expect("start");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = std::time::Instant::now();
-    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGTERM).expect("SIGTERM");
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
     let stderr = text(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(3), "it does not wait out the backoff");
-    assert!(stderr.contains("Offline") && stderr.contains("stopped cleanly"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "it does not wait out the backoff"
+    );
+    assert!(
+        stderr.contains("Offline") && stderr.contains("stopped cleanly"),
+        "{stderr}"
+    );
 }

@@ -14,9 +14,16 @@ async fn the_status_endpoint_reports_state_counts_problems_and_metrics() {
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let (changes, _) = catalog_changes(&store, 40, 2);
-    publisher.publish_envelopes(changes).await.expect("confirmed");
     publisher
-        .publish_envelope(Envelope::new("teleport", store.as_str(), serde_json::json!({})))
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
+    publisher
+        .publish_envelope(Envelope::new(
+            "teleport",
+            store.as_str(),
+            serde_json::json!({}),
+        ))
         .await
         .expect("confirmed");
     terminal.wait_settled(40, 1).await;
@@ -29,15 +36,43 @@ async fn the_status_endpoint_reports_state_counts_problems_and_metrics() {
     assert_eq!(status["state"], "live");
     assert_eq!(status["license_key"], store.as_str());
     assert_eq!(status["applied"], 40);
-    assert!(status["applied_by_type"]["product_update"].as_u64().unwrap_or(0) > 0, "{status}");
-    assert!(status["latest_quarantined"][0]["reason"].as_str().unwrap_or("").contains("unknown message type"), "{status}");
-    assert!(status["plugins"].as_array().is_some_and(|p| p.len() >= 4), "{status}");
+    assert!(
+        status["applied_by_type"]["product_update"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{status}"
+    );
+    assert!(
+        status["latest_quarantined"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown message type"),
+        "{status}"
+    );
+    assert!(
+        status["plugins"].as_array().is_some_and(|p| p.len() >= 4),
+        "{status}"
+    );
     let (_, metrics) = http_get(port, "/metrics").await;
-    assert!(metrics.contains(&format!("possync_live{{license_key=\"{store}\",terminal_id=\"till-1\"}} 1")), "{metrics}");
-    assert!(metrics.contains("possync_messages_quarantined_total"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "possync_live{{license_key=\"{store}\",terminal_id=\"till-1\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("possync_messages_quarantined_total"),
+        "{metrics}"
+    );
     let (code, page) = http_get(port, "/").await;
     assert_eq!(code, 200);
-    assert!(page.contains("Live sync") && page.contains("unknown message type") && page.contains("http-equiv=\"refresh\""), "{page}");
+    assert!(
+        page.contains("Live sync")
+            && page.contains("unknown message type")
+            && page.contains("http-equiv=\"refresh\""),
+        "{page}"
+    );
     assert_eq!(http_get(port, "/nope").await.0, 404);
     publisher.close().await;
     terminal.stop().await;
@@ -47,5 +82,9 @@ async fn the_status_endpoint_reports_state_counts_problems_and_metrics() {
 async fn the_status_page_is_off_by_default() {
     let config = possync_core::Config::default();
     assert!(!config.status.enabled);
-    assert_eq!(config.status.address.to_string(), "127.0.0.1", "loopback when turned on");
+    assert_eq!(
+        config.status.address.to_string(),
+        "127.0.0.1",
+        "loopback when turned on"
+    );
 }

@@ -16,11 +16,19 @@ fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
 #[test]
 fn config_refuses_license_keys_and_terminal_ids_that_would_widen_a_binding() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (key, value) in [("license_key", "#"), ("license_key", "A.B"), ("terminal_id", "till*1"), ("license_key", "")] {
+    for (key, value) in [
+        ("license_key", "#"),
+        ("license_key", "A.B"),
+        ("terminal_id", "till*1"),
+        ("license_key", ""),
+    ] {
         let path = write_config(dir.path(), &format!("[terminal]\n{key} = \"{value}\"\n"));
         let err = Config::load(Some(&path)).expect_err("refused").to_string();
         assert!(err.contains("is not valid"), "{err}");
-        assert!(err.contains(&format!("terminal.{key}")), "names the key: {err}");
+        assert!(
+            err.contains(&format!("terminal.{key}")),
+            "names the key: {err}"
+        );
         assert!(err.contains("possync.toml"), "names the file: {err}");
     }
 }
@@ -36,22 +44,35 @@ fn unknown_keys_are_errors_that_name_the_key_and_the_file() {
 
 #[test]
 fn a_missing_config_file_is_an_error_not_an_empty_config() {
-    let err = Config::load(Some(std::path::Path::new("/nonexistent/possync.toml"))).expect_err("refused");
-    assert!(err.to_string().contains("/nonexistent/possync.toml"), "{err}");
+    let err =
+        Config::load(Some(std::path::Path::new("/nonexistent/possync.toml"))).expect_err("refused");
+    assert!(
+        err.to_string().contains("/nonexistent/possync.toml"),
+        "{err}"
+    );
 }
 
 #[test]
 fn the_environment_overrides_the_file_and_is_checked_too() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write_config(dir.path(), "[terminal]\nlicense_key = \"FROM-FILE\"\nterminal_id = \"t1\"\n");
+    let path = write_config(
+        dir.path(),
+        "[terminal]\nlicense_key = \"FROM-FILE\"\nterminal_id = \"t1\"\n",
+    );
     let output = possync_command(&["terminal", "--config", path.to_str().expect("utf-8 path")])
         .env("POSSYNC_TERMINAL__LICENSE_KEY", "A.#")
         .output()
         .expect("run");
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("license key \"A.#\" is not valid"), "{stderr}");
-    assert!(stderr.contains("TERMINAL.LICENSE_KEY") && stderr.contains("`POSSYNC_` environment"), "names the variable: {stderr}");
+    assert!(
+        stderr.contains("license key \"A.#\" is not valid"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("TERMINAL.LICENSE_KEY") && stderr.contains("`POSSYNC_` environment"),
+        "names the variable: {stderr}"
+    );
 }
 
 #[test]
@@ -61,14 +82,24 @@ fn a_terminal_without_a_license_key_says_how_to_set_one() {
     let output = possync(&["terminal", "--config", path.to_str().expect("utf-8 path")]);
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("terminal.license_key is not set"), "{stderr}");
+    assert!(
+        stderr.contains("terminal.license_key is not set"),
+        "{stderr}"
+    );
     assert!(stderr.contains("POSSYNC_TERMINAL__LICENSE_KEY"), "{stderr}");
 }
 
 #[test]
 fn the_cli_refuses_invalid_license_keys_before_publishing() {
     for key in ["#", "A.B", "*", "store 1"] {
-        let output = possync(&["publish", "product-delete", "--license", key, "--product-id", "P1"]);
+        let output = possync(&[
+            "publish",
+            "product-delete",
+            "--license",
+            key,
+            "--product-id",
+            "P1",
+        ]);
         assert_eq!(output.status.code(), Some(2), "usage error for {key:?}");
         let stderr = text(&output.stderr);
         assert!(stderr.contains("is not valid"), "{stderr}");
@@ -83,8 +114,15 @@ async fn the_publish_api_refuses_invalid_license_keys() {
     config.broker.urls = vec![amqp_url()];
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     for key in ["#", "license.#", "A.B", ""] {
-        let envelope = Envelope::new("price_update", key, serde_json::json!({"product_id": "P", "new_price": 1}));
-        let err = publisher.publish_envelope(envelope).await.expect_err("refused");
+        let envelope = Envelope::new(
+            "price_update",
+            key,
+            serde_json::json!({"product_id": "P", "new_price": 1}),
+        );
+        let err = publisher
+            .publish_envelope(envelope)
+            .await
+            .expect_err("refused");
         assert!(err.to_string().contains("is not valid"), "{err}");
     }
     publisher.close().await;
@@ -94,7 +132,14 @@ async fn the_publish_api_refuses_invalid_license_keys() {
 async fn publishing_to_a_store_without_terminals_is_an_error_not_a_silent_loss() {
     let _broker = broker().await;
     let store = unique_license("nobody");
-    let output = possync(&["publish", "product-delete", "--license", store.as_str(), "--product-id", "P1"]);
+    let output = possync(&[
+        "publish",
+        "product-delete",
+        "--license",
+        store.as_str(),
+        "--product-id",
+        "P1",
+    ]);
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(stderr.contains("no terminal queue receives"), "{stderr}");
@@ -110,17 +155,30 @@ fn help_lists_every_command() {
     }
     let output = possync(&["publish", "--help"]);
     let help = text(&output.stdout);
-    for command in ["price-update", "product-update", "product-delete", "category-update", "raw"] {
+    for command in [
+        "price-update",
+        "product-update",
+        "product-delete",
+        "category-update",
+        "raw",
+    ] {
         assert!(help.contains(command), "{help}");
     }
 }
 
 #[test]
 fn the_example_configs_load() {
-    for file in ["config/terminal.toml", "config/backend.toml", "config/demo.toml"] {
+    for file in [
+        "config/terminal.toml",
+        "config/backend.toml",
+        "config/demo.toml",
+    ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         let loaded = Config::load(Some(&path)).unwrap_or_else(|err| panic!("{file}: {err}"));
-        assert_eq!(loaded.config.broker.exchange, "pos_license_events", "{file}");
+        assert_eq!(
+            loaded.config.broker.exchange, "pos_license_events",
+            "{file}"
+        );
     }
 }
 
@@ -129,10 +187,16 @@ fn broker_urls_and_queue_expiry_are_checked_before_anything_connects() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config(dir.path(), "[broker]\nurl = \"http://localhost\"\n");
     let err = Config::load(Some(&path)).expect_err("refused").to_string();
-    assert!(err.contains("not a valid AMQP URL") && err.contains("amqp://user:password@host"), "{err}");
+    assert!(
+        err.contains("not a valid AMQP URL") && err.contains("amqp://user:password@host"),
+        "{err}"
+    );
     let path = write_config(dir.path(), "[broker]\nurl = \"amqp://u:secret@[bad\"\n");
     let err = Config::load(Some(&path)).expect_err("refused").to_string();
-    assert!(!err.contains("secret"), "the password is not printed: {err}");
+    assert!(
+        !err.contains("secret"),
+        "the password is not printed: {err}"
+    );
     let path = write_config(dir.path(), "[terminal]\nqueue_expiry_days = 60\n");
     let err = Config::load(Some(&path)).expect_err("refused").to_string();
     assert!(err.contains("from 1 to 49"), "{err}");

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{FutureExt, StreamExt};
+use lapin::Connection;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Connection;
 use possync_core::LicenseKey;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -39,20 +39,44 @@ pub(crate) enum BaselineQueue {
 }
 
 /// Declares and binds a baseline queue for `license`.
-pub(crate) async fn declare(connection: &Connection, queue: &str, license: &LicenseKey, kind: BaselineQueue) -> anyhow::Result<()> {
+pub(crate) async fn declare(
+    connection: &Connection,
+    queue: &str,
+    license: &LicenseKey,
+    kind: BaselineQueue,
+) -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let mut args = FieldTable::default();
     let options = match kind {
-        BaselineQueue::Classic => QueueDeclareOptions { durable: true, ..Default::default() },
+        BaselineQueue::Classic => QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         BaselineQueue::Quorum => {
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-            QueueDeclareOptions { durable: true, ..Default::default() }
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            }
         }
-        BaselineQueue::Transient => QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+        BaselineQueue::Transient => QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
     };
     channel.queue_declare(queue.into(), options, args).await?;
     channel
-        .queue_bind(queue.into(), EXCHANGE.into(), format!("license.{license}.#").as_str().into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            queue.into(),
+            EXCHANGE.into(),
+            format!("license.{license}.#").as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     if kind != BaselineQueue::Transient {
         let _ = channel.close(200, "done".into()).await;
@@ -78,8 +102,17 @@ pub(crate) async fn start(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Baseline> {
     let channel = connection.create_channel().await?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     let mut db = rusqlite::Connection::open(path)?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
@@ -116,18 +149,27 @@ pub(crate) async fn start(
                          ON CONFLICT (id) DO UPDATE SET price = excluded.price, updated_at = excluded.updated_at",
                     )?;
                     for delivery in &batch {
-                        let Ok(envelope) = serde_json::from_slice::<Envelope>(&delivery.data) else { continue };
+                        let Ok(envelope) = serde_json::from_slice::<Envelope>(&delivery.data)
+                        else {
+                            continue;
+                        };
                         if envelope.license_key != license {
                             continue;
                         }
-                        upsert.execute(rusqlite::params![envelope.payload.product_id, envelope.payload.new_price, "2025-11-27T10:30:00Z"])?;
+                        upsert.execute(rusqlite::params![
+                            envelope.payload.product_id,
+                            envelope.payload.new_price,
+                            "2025-11-27T10:30:00Z"
+                        ])?;
                         sent.push(envelope.payload.sent_at_us);
                     }
                 }
                 tx.commit()?;
             }
             if let Some(last) = batch.last() {
-                channel.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await?;
+                channel
+                    .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                    .await?;
             }
             let done = now_micros();
             if let Ok(mut all) = latencies.lock() {
@@ -139,5 +181,9 @@ pub(crate) async fn start(
         let _ = channel.close(200, "done".into()).await;
         Ok(())
     });
-    Ok(Baseline { applied, latencies_us, task })
+    Ok(Baseline {
+        applied,
+        latencies_us,
+        task,
+    })
 }

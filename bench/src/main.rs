@@ -30,7 +30,11 @@ use crate::workload::{license, price_update};
 #[command(max_term_width = 100)]
 struct Args {
     /// The broker.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", env = "POSSYNC_BENCH_AMQP_URL")]
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "POSSYNC_BENCH_AMQP_URL"
+    )]
     url: String,
     /// Changes in the backlog-drain and live-throughput scenarios.
     #[arg(long, default_value_t = 100_000)]
@@ -67,7 +71,12 @@ fn rate(count: usize, elapsed: Duration) -> f64 {
 
 fn rate_row(scenario: String, count: usize, possync: Duration, baseline: Duration) -> Row {
     let (p, b) = (rate(count, possync), rate(count, baseline));
-    Row { scenario, possync: format!("{p:.0} msg/s"), baseline: format!("{b:.0} msg/s"), ratio: format!("{:.0}%", 100.0 * p / b) }
+    Row {
+        scenario,
+        possync: format!("{p:.0} msg/s"),
+        baseline: format!("{b:.0} msg/s"),
+        ratio: format!("{:.0}%", 100.0 * p / b),
+    }
 }
 
 /// A phase's wall time and the CPU this process spent in it.
@@ -83,10 +92,16 @@ struct Stopwatch {
 
 impl Stopwatch {
     fn start() -> Self {
-        Self { started: Instant::now(), cpu: workload::cpu_micros() }
+        Self {
+            started: Instant::now(),
+            cpu: workload::cpu_micros(),
+        }
     }
     fn stop(&self) -> Measured {
-        Measured { elapsed: self.started.elapsed(), cpu_us: workload::cpu_micros().saturating_sub(self.cpu) }
+        Measured {
+            elapsed: self.started.elapsed(),
+            cpu_us: workload::cpu_micros().saturating_sub(self.cpu),
+        }
     }
 }
 
@@ -128,17 +143,30 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     if args.profile_live {
         let key = license("profile");
-        let config = possync_side::config(&args.url, dir.path(), &key, "t1", QueueType::Classic, Delivery::Durable);
+        let config = possync_side::config(
+            &args.url,
+            dir.path(),
+            &key,
+            "t1",
+            QueueType::Classic,
+            Delivery::Durable,
+        );
         let mut terminal = possync_side::start(config.clone()).await?;
         let publisher = Publisher::connect(&config.broker).await?;
         let envelopes: Vec<Envelope> = (0..args.messages)
-            .map(|i| serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope"))
+            .map(|i| {
+                serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope")
+            })
             .collect();
         let watch = Stopwatch::start();
         publisher.publish_envelopes(envelopes).await?;
         terminal.wait_applied(args.messages as u64).await?;
         let took = watch.stop();
-        println!("possync live: {:.0} msg/s, {} µs CPU/msg", rate(args.messages, took.elapsed), took.cpu_us / args.messages as u64);
+        println!(
+            "possync live: {:.0} msg/s, {} µs CPU/msg",
+            rate(args.messages, took.elapsed),
+            took.cpu_us / args.messages as u64
+        );
         publisher.close().await;
         terminal.stop().await?;
         return Ok(());
@@ -169,23 +197,56 @@ async fn main() -> anyhow::Result<()> {
 
 /// Prints a finished row at once, so a long run shows results as it goes.
 fn report(row: Row, rows: &mut Vec<Row>) {
-    eprintln!("[bench] {}: possync {} | baseline {} | {}", row.scenario, row.possync, row.baseline, row.ratio);
+    eprintln!(
+        "[bench] {}: possync {} | baseline {} | {}",
+        row.scenario, row.possync, row.baseline, row.ratio
+    );
     rows.push(row);
 }
 
 fn print_table(rows: &[Row]) {
     let widths = [
-        rows.iter().map(|r| r.scenario.len()).max().unwrap_or(0).max(8),
-        rows.iter().map(|r| r.possync.len()).max().unwrap_or(0).max(7),
-        rows.iter().map(|r| r.baseline.len()).max().unwrap_or(0).max(13),
+        rows.iter()
+            .map(|r| r.scenario.len())
+            .max()
+            .unwrap_or(0)
+            .max(8),
+        rows.iter()
+            .map(|r| r.possync.len())
+            .max()
+            .unwrap_or(0)
+            .max(7),
+        rows.iter()
+            .map(|r| r.baseline.len())
+            .max()
+            .unwrap_or(0)
+            .max(13),
     ];
-    println!("| {:<w0$} | {:<w1$} | {:<w2$} | possync / baseline |", "scenario", "possync", "lapin baseline", w0 = widths[0], w1 = widths[1], w2 = widths[2]);
-    println!("|{}|{}|{}|---|", "-".repeat(widths[0] + 2), "-".repeat(widths[1] + 2), "-".repeat(widths[2] + 2));
+    println!(
+        "| {:<w0$} | {:<w1$} | {:<w2$} | possync / baseline |",
+        "scenario",
+        "possync",
+        "lapin baseline",
+        w0 = widths[0],
+        w1 = widths[1],
+        w2 = widths[2]
+    );
+    println!(
+        "|{}|{}|{}|---|",
+        "-".repeat(widths[0] + 2),
+        "-".repeat(widths[1] + 2),
+        "-".repeat(widths[2] + 2)
+    );
     for row in rows {
         println!(
             "| {:<w0$} | {:<w1$} | {:<w2$} | {} |",
-            row.scenario, row.possync, row.baseline, row.ratio,
-            w0 = widths[0], w1 = widths[1], w2 = widths[2]
+            row.scenario,
+            row.possync,
+            row.baseline,
+            row.ratio,
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
         );
     }
 }
@@ -208,7 +269,13 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let declared = possync_side::start(config.clone()).await?;
     let queues = vec![declared.queue.clone(), declared.dead_letter_queue.clone()];
     declared.stop().await?;
-    workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 1000).await?;
+    workload::publish_raw(
+        &connection,
+        &format!("license.{key}.price_update"),
+        (0..n).map(|i| price_update(&key, i, "price_update")),
+        1000,
+    )
+    .await?;
     let watch_possync = Stopwatch::start();
     let mut terminal = possync_side::start(config).await?;
     terminal.wait_applied(n as u64).await?;
@@ -220,17 +287,37 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let key = license("drain-base");
     let queue = format!("bench.baseline.{key}");
     baseline::declare(&connection, &queue, &key, baseline_kind(queue_type)).await?;
-    workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 1000).await?;
+    workload::publish_raw(
+        &connection,
+        &format!("license.{key}.price_update"),
+        (0..n).map(|i| price_update(&key, i, "price_update")),
+        1000,
+    )
+    .await?;
     let consumer_connection = workload::connect(&args.url).await?;
     let (stop, stopped) = watch::channel(false);
     let watch_baseline = Stopwatch::start();
-    let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
+    let mut consumer = baseline::start(
+        &consumer_connection,
+        &queue,
+        &key,
+        &dir.join(format!("{key}.db")),
+        500,
+        250,
+        stopped,
+    )
+    .await?;
     consumer.applied.wait_for(|a| *a >= n as u64).await?;
     let baseline_time = watch_baseline.stop();
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
-    Ok(measured_row(format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(), n, &possync_time, &baseline_time))
+    Ok(measured_row(
+        format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(),
+        n,
+        &possync_time,
+        &baseline_time,
+    ))
 }
 
 /// A publisher with confirms publishes as fast as it can; time from the
@@ -259,18 +346,42 @@ async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow:
     let key = license("live-base");
     let queue = format!("bench.baseline.{key}");
     let consumer_connection = workload::connect(&args.url).await?;
-    let kind = if delivery == Delivery::Transient { BaselineQueue::Transient } else { BaselineQueue::Classic };
+    let kind = if delivery == Delivery::Transient {
+        BaselineQueue::Transient
+    } else {
+        BaselineQueue::Classic
+    };
     baseline::declare(&consumer_connection, &queue, &key, kind).await?;
     let (stop, stopped) = watch::channel(false);
-    let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
+    let mut consumer = baseline::start(
+        &consumer_connection,
+        &queue,
+        &key,
+        &dir.join(format!("{key}.db")),
+        500,
+        250,
+        stopped,
+    )
+    .await?;
     let watch_baseline = Stopwatch::start();
-    workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..n).map(|i| price_update(&key, i, "price_update")), 512).await?;
+    workload::publish_raw(
+        &connection,
+        &format!("license.{key}.price_update"),
+        (0..n).map(|i| price_update(&key, i, "price_update")),
+        512,
+    )
+    .await?;
     consumer.applied.wait_for(|a| *a >= n as u64).await?;
     let baseline_time = watch_baseline.stop();
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
-    Ok(measured_row(format!("live throughput, {n} changes, {delivery:?}").to_lowercase(), n, &possync_time, &baseline_time))
+    Ok(measured_row(
+        format!("live throughput, {n} changes, {delivery:?}").to_lowercase(),
+        n,
+        &possync_time,
+        &baseline_time,
+    ))
 }
 
 /// Publishes at a fixed rate; the time from publish to commit-and-ack.
@@ -278,14 +389,31 @@ async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyho
     let total = per_second * usize::try_from(args.latency_seconds).unwrap_or(5);
     progress(&format!("latency at {per_second}/s: possync"));
     let key = license("latency");
-    let config = possync_side::config(&args.url, dir, &key, "t1", QueueType::Classic, Delivery::Durable);
+    let config = possync_side::config(
+        &args.url,
+        dir,
+        &key,
+        "t1",
+        QueueType::Classic,
+        Delivery::Durable,
+    );
     let terminal = possync_side::start(config.clone()).await?;
-    let collector = tokio::spawn(possync_side::collect_latencies(terminal.status.clone(), total as u64));
+    let collector = tokio::spawn(possync_side::collect_latencies(
+        terminal.status.clone(),
+        total as u64,
+    ));
     let publisher = Publisher::connect(&config.broker).await?;
     paced(per_second, total, |i| {
-        let envelope: Envelope = serde_json::from_slice(&price_update(&key, i, "bench_price_update")).expect("envelope");
+        let envelope: Envelope =
+            serde_json::from_slice(&price_update(&key, i, "bench_price_update")).expect("envelope");
         let publisher = &publisher;
-        async move { publisher.publish_envelope(envelope).await.map(|_| ()).map_err(anyhow::Error::from) }
+        async move {
+            publisher
+                .publish_envelope(envelope)
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        }
     })
     .await?;
     let possync_latencies = tokio::time::timeout(Duration::from_secs(60), collector).await??;
@@ -301,7 +429,16 @@ async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyho
     baseline::declare(&connection, &queue, &key, BaselineQueue::Classic).await?;
     let consumer_connection = workload::connect(&args.url).await?;
     let (stop, stopped) = watch::channel(false);
-    let mut consumer = baseline::start(&consumer_connection, &queue, &key, &dir.join(format!("{key}.db")), 500, 250, stopped).await?;
+    let mut consumer = baseline::start(
+        &consumer_connection,
+        &queue,
+        &key,
+        &dir.join(format!("{key}.db")),
+        500,
+        250,
+        stopped,
+    )
+    .await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
     let routing_key = format!("license.{key}.price_update");
@@ -326,7 +463,11 @@ async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyho
     consumer.applied.wait_for(|a| *a >= total as u64).await?;
     let _ = stop.send(true);
     consumer.task.await??;
-    let baseline_latencies = consumer.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+    let baseline_latencies = consumer
+        .latencies_us
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
     workload::delete_queues(&connection, &[queue]).await;
     Ok(Row {
         scenario: format!("latency publish→commit+ack at {per_second}/s, persistent + confirms"),
@@ -357,15 +498,32 @@ where
 async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> {
     let per_terminal = 100usize;
     let mut rows = Vec::new();
-    for (label, stores, per_store) in [("one store", 1usize, args.terminals_per_store), ("many stores", args.stores, 1usize)] {
+    for (label, stores, per_store) in [
+        ("one store", 1usize, args.terminals_per_store),
+        ("many stores", args.stores, 1usize),
+    ] {
         let terminals = stores * per_store;
-        progress(&format!("fan-out, {label}: starting {terminals} possync terminals"));
+        progress(&format!(
+            "fan-out, {label}: starting {terminals} possync terminals"
+        ));
         let keys: Vec<_> = (0..stores).map(|_| license("fan")).collect();
         let rss_before = workload::rss_kib();
         let mut running = Vec::new();
-        for chunk in keys.iter().flat_map(|k| (0..per_store).map(move |t| (k.clone(), t))).collect::<Vec<_>>().chunks(50) {
+        for chunk in keys
+            .iter()
+            .flat_map(|k| (0..per_store).map(move |t| (k.clone(), t)))
+            .collect::<Vec<_>>()
+            .chunks(50)
+        {
             let starts = chunk.iter().map(|(key, t)| {
-                possync_side::start(possync_side::config(&args.url, dir, key, &format!("t{t}"), QueueType::Classic, Delivery::Durable))
+                possync_side::start(possync_side::config(
+                    &args.url,
+                    dir,
+                    key,
+                    &format!("t{t}"),
+                    QueueType::Classic,
+                    Delivery::Durable,
+                ))
             });
             for started in futures_util::future::join_all(starts).await {
                 running.push(started?);
@@ -373,10 +531,18 @@ async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> 
         }
         let possync_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
         let connection = workload::connect(&args.url).await?;
-        progress(&format!("fan-out, {label}: publishing {per_terminal} changes per store"));
+        progress(&format!(
+            "fan-out, {label}: publishing {per_terminal} changes per store"
+        ));
         let started = Instant::now();
         for key in &keys {
-            workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..per_terminal).map(|i| price_update(key, i, "price_update")), 512).await?;
+            workload::publish_raw(
+                &connection,
+                &format!("license.{key}.price_update"),
+                (0..per_terminal).map(|i| price_update(key, i, "price_update")),
+                512,
+            )
+            .await?;
         }
         for terminal in &mut running {
             terminal.wait_applied(per_terminal as u64).await?;
@@ -390,7 +556,9 @@ async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> 
         }
         workload::delete_queues(&connection, &queues).await;
 
-        progress(&format!("fan-out, {label}: starting {terminals} baseline consumers"));
+        progress(&format!(
+            "fan-out, {label}: starting {terminals} baseline consumers"
+        ));
         let keys: Vec<_> = (0..stores).map(|_| license("fan-base")).collect();
         let rss_before = workload::rss_kib();
         let (stop, stopped) = watch::channel(false);
@@ -401,8 +569,20 @@ async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> 
             for t in 0..per_store {
                 let consumer_connection = workload::connect(&args.url).await?;
                 let queue = format!("bench.baseline.{key}.{t}");
-                baseline::declare(&consumer_connection, &queue, key, BaselineQueue::Classic).await?;
-                consumers.push(baseline::start(&consumer_connection, &queue, key, &dir.join(format!("{key}-{t}.db")), 500, 250, stopped.clone()).await?);
+                baseline::declare(&consumer_connection, &queue, key, BaselineQueue::Classic)
+                    .await?;
+                consumers.push(
+                    baseline::start(
+                        &consumer_connection,
+                        &queue,
+                        key,
+                        &dir.join(format!("{key}-{t}.db")),
+                        500,
+                        250,
+                        stopped.clone(),
+                    )
+                    .await?,
+                );
                 connections.push(consumer_connection);
                 queues.push(queue);
             }
@@ -410,10 +590,19 @@ async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> 
         let baseline_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
         let started = Instant::now();
         for key in &keys {
-            workload::publish_raw(&connection, &format!("license.{key}.price_update"), (0..per_terminal).map(|i| price_update(key, i, "price_update")), 512).await?;
+            workload::publish_raw(
+                &connection,
+                &format!("license.{key}.price_update"),
+                (0..per_terminal).map(|i| price_update(key, i, "price_update")),
+                512,
+            )
+            .await?;
         }
         for consumer in &mut consumers {
-            consumer.applied.wait_for(|a| *a >= per_terminal as u64).await?;
+            consumer
+                .applied
+                .wait_for(|a| *a >= per_terminal as u64)
+                .await?;
         }
         let baseline_time = started.elapsed();
         let _ = stop.send(true);
@@ -423,7 +612,12 @@ async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> 
         workload::delete_queues(&connection, &queues).await;
         drop(connections);
         let count = terminals * per_terminal;
-        let mut row = rate_row(format!("fan-out, {label}: {terminals} terminals × {per_terminal} changes"), count, possync_time, baseline_time);
+        let mut row = rate_row(
+            format!("fan-out, {label}: {terminals} terminals × {per_terminal} changes"),
+            count,
+            possync_time,
+            baseline_time,
+        );
         row.possync = format!("{} ({possync_kib} KiB/terminal)", row.possync);
         row.baseline = format!("{} ({baseline_kib} KiB/consumer)", row.baseline);
         rows.push(row);

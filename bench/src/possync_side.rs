@@ -4,7 +4,9 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
 
-use possync_core::{Config, Delivery, LicenseKey, QueueType, Registry, Status, Terminal, TerminalId};
+use possync_core::{
+    Config, Delivery, LicenseKey, QueueType, Registry, Status, Terminal, TerminalId,
+};
 use possync_plugin_price::PriceHandler;
 use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, async_trait};
 use tokio::sync::watch;
@@ -32,7 +34,9 @@ impl MessageHandler for LatencyProbe {
     }
     async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
         self.0.handle(envelope, store).await?;
-        if let (Some(sent), Ok(mut probed)) = (envelope.payload["sent_at_us"].as_i64(), PROBED.lock()) {
+        if let (Some(sent), Ok(mut probed)) =
+            (envelope.payload["sent_at_us"].as_i64(), PROBED.lock())
+        {
             probed.push_back(sent);
         }
         Ok(())
@@ -51,7 +55,14 @@ pub(crate) struct Running {
 }
 
 /// The settings every scenario shares.
-pub(crate) fn config(url: &str, dir: &Path, license: &LicenseKey, terminal: &str, queue_type: QueueType, delivery: Delivery) -> Config {
+pub(crate) fn config(
+    url: &str,
+    dir: &Path,
+    license: &LicenseKey,
+    terminal: &str,
+    queue_type: QueueType,
+    delivery: Delivery,
+) -> Config {
     let mut config = Config::default();
     config.broker.urls = vec![url.to_owned()];
     config.broker.queue_type = queue_type;
@@ -73,13 +84,27 @@ pub(crate) async fn start(config: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(terminal.run(async move {
         let _ = stopped.wait_for(|s| *s).await;
     }));
-    tokio::time::timeout(std::time::Duration::from_secs(60), status.wait_for(Status::is_live)).await??;
-    Ok(Running { status, queue, dead_letter_queue, stop, task })
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        status.wait_for(Status::is_live),
+    )
+    .await??;
+    Ok(Running {
+        status,
+        queue,
+        dead_letter_queue,
+        stop,
+        task,
+    })
 }
 
 impl Running {
     pub(crate) async fn wait_applied(&mut self, count: u64) -> anyhow::Result<()> {
-        tokio::time::timeout(std::time::Duration::from_secs(600), self.status.wait_for(|s| s.applied >= count)).await??;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(600),
+            self.status.wait_for(|s| s.applied >= count),
+        )
+        .await??;
         Ok(())
     }
 

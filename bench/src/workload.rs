@@ -11,7 +11,9 @@ pub(crate) const EXCHANGE: &str = "pos_license_events";
 const PRODUCTS: usize = 1000;
 
 pub(crate) fn now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// A `price_update` in the original wire format, with the time it was made.
@@ -45,7 +47,9 @@ pub(crate) async fn publish_raw(
     window: usize,
 ) -> anyhow::Result<usize> {
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut pending = std::collections::VecDeque::new();
     let mut sent = 0;
     for body in bodies {
@@ -59,7 +63,9 @@ pub(crate) async fn publish_raw(
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 &body,
-                BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into()),
             )
             .await?;
         pending.push_back(confirm);
@@ -75,7 +81,9 @@ pub(crate) async fn publish_raw(
 pub(crate) async fn delete_queues(connection: &Connection, queues: &[String]) {
     if let Ok(channel) = connection.create_channel().await {
         for queue in queues {
-            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
         let _ = channel.close(200, "done".into()).await;
     }
@@ -86,18 +94,30 @@ pub(crate) fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
-            status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
 
 /// CPU time (user + system) this process has used, in microseconds.
 pub(crate) fn cpu_micros() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0 };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
     // Fields after the command name (which may hold spaces) start at ')'.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else { return 0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return 0;
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'; 100 ticks a second on Linux.
     (ticks(11) + ticks(12)) * 10_000
 }

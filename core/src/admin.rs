@@ -24,7 +24,9 @@ use crate::topology::TerminalTopology;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The management API does not answer.
-    #[error("cannot reach the RabbitMQ management API at {url} ({detail}); enable it with `rabbitmq-plugins enable rabbitmq_management` or set admin.url")]
+    #[error(
+        "cannot reach the RabbitMQ management API at {url} ({detail}); enable it with `rabbitmq-plugins enable rabbitmq_management` or set admin.url"
+    )]
     Unreachable {
         /// The API's URL.
         url: String,
@@ -32,7 +34,9 @@ pub enum AdminError {
         detail: String,
     },
     /// The API refused the admin credentials.
-    #[error("the management API refused admin user {user:?} (HTTP {status}); set admin.user and admin.password (or POSSYNC_ADMIN__PASSWORD) to an administrator's")]
+    #[error(
+        "the management API refused admin user {user:?} (HTTP {status}); set admin.user and admin.password (or POSSYNC_ADMIN__PASSWORD) to an administrator's"
+    )]
     Unauthorized {
         /// The user.
         user: String,
@@ -113,7 +117,9 @@ impl Admin {
     /// A client for the API in `config.admin`, acting on the vhost of `broker.url`.
     pub fn new(config: &Config) -> Result<Self, AdminError> {
         let url = config.broker.url();
-        let uri: lapin::uri::AMQPUri = url.parse().map_err(|err| AdminError::BrokerUrl(redact_url(url), err))?;
+        let uri: lapin::uri::AMQPUri = url
+            .parse()
+            .map_err(|err| AdminError::BrokerUrl(redact_url(url), err))?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
             .http_status_as_error(false)
@@ -124,7 +130,10 @@ impl Admin {
             agent,
             base: config.admin.url.trim_end_matches('/').to_owned(),
             admin_user: config.admin.user.clone(),
-            authorization: format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(credentials)),
+            authorization: format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(credentials)
+            ),
             vhost: uri.vhost,
             config: config.clone(),
         })
@@ -157,7 +166,11 @@ impl Admin {
         )?;
         self.request(
             "PUT",
-            &format!("/api/topic-permissions/{}/{}", self.vhost_path(), encode(&user)),
+            &format!(
+                "/api/topic-permissions/{}/{}",
+                self.vhost_path(),
+                encode(&user)
+            ),
             Some(json!({
                 "exchange": topology.exchange,
                 "write": "^$",
@@ -201,7 +214,11 @@ impl Admin {
 
     /// Creates a publisher's user, which may only publish well-formed
     /// `license.<KEY>.<type>` keys to the exchange, and writes its config.
-    pub fn provision_publisher(&self, name: &TerminalId, output: &Path) -> Result<Provisioned, AdminError> {
+    pub fn provision_publisher(
+        &self,
+        name: &TerminalId,
+        output: &Path,
+    ) -> Result<Provisioned, AdminError> {
         let user = publisher_user(name);
         let exchange = self.config.broker.exchange.clone();
         self.request(
@@ -220,7 +237,11 @@ impl Admin {
         )?;
         self.request(
             "PUT",
-            &format!("/api/topic-permissions/{}/{}", self.vhost_path(), encode(&user)),
+            &format!(
+                "/api/topic-permissions/{}/{}",
+                self.vhost_path(),
+                encode(&user)
+            ),
             Some(json!({
                 "exchange": exchange,
                 "write": format!("^license\\.[A-Za-z0-9_-]{{1,{MAX_ID_LEN}}}\\.[a-z0-9_]{{1,64}}$"),
@@ -267,7 +288,11 @@ impl Admin {
         // Deleting a user does not end the connections it already has. This
         // listing asks the connections themselves, not the statistics (which
         // lag by seconds).
-        let (status, body) = self.call("GET", &format!("/api/connections/username/{}", encode(&user)), None)?;
+        let (status, body) = self.call(
+            "GET",
+            &format!("/api/connections/username/{}", encode(&user)),
+            None,
+        )?;
         if !(200..=299).contains(&status) {
             return Err(self.failure("listing connections", status, body));
         }
@@ -275,7 +300,11 @@ impl Admin {
         let mut connections_closed = 0;
         for connection in &connections {
             if let Some(name) = connection["name"].as_str() {
-                let (status, _) = self.call("DELETE", &format!("/api/connections/{}", encode(name)), None)?;
+                let (status, _) = self.call(
+                    "DELETE",
+                    &format!("/api/connections/{}", encode(name)),
+                    None,
+                )?;
                 if (200..=299).contains(&status) || status == 404 {
                     connections_closed += 1;
                 }
@@ -287,20 +316,33 @@ impl Admin {
             config.terminal.delivery = Delivery::Durable;
             let topology = TerminalTopology::new(&config, license_key, terminal_id);
             for queue in [&topology.queue, &topology.dead_letter_queue] {
-                let (status, body) = self.call("DELETE", &format!("/api/queues/{}/{}", self.vhost_path(), encode(queue)), None)?;
+                let (status, body) = self.call(
+                    "DELETE",
+                    &format!("/api/queues/{}/{}", self.vhost_path(), encode(queue)),
+                    None,
+                )?;
                 if !(200..=299).contains(&status) && status != 404 {
                     return Err(self.failure("deleting the terminal's queue", status, body));
                 }
             }
             queue_deleted = true;
         }
-        Ok(Revoked { user, existed, connections_closed, queue_deleted })
+        Ok(Revoked {
+            user,
+            existed,
+            connections_closed,
+            queue_deleted,
+        })
     }
 
     fn declare_terminal_topology(&self, topology: &TerminalTopology) -> Result<(), AdminError> {
         let vhost = self.vhost_path();
         let arguments = |list: Vec<(&'static str, crate::topology::Argument)>| {
-            serde_json::Value::Object(list.into_iter().map(|(k, v)| (k.to_owned(), v.to_json())).collect())
+            serde_json::Value::Object(
+                list.into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_json()))
+                    .collect(),
+            )
         };
         self.request(
             "PUT",
@@ -310,7 +352,10 @@ impl Admin {
         )?;
         self.request(
             "PUT",
-            &format!("/api/exchanges/{vhost}/{}", encode(&topology.dead_letter_exchange)),
+            &format!(
+                "/api/exchanges/{vhost}/{}",
+                encode(&topology.dead_letter_exchange)
+            ),
             Some(json!({ "type": "direct", "durable": true })),
             "declaring the dead-letter exchange",
         )?;
@@ -322,7 +367,11 @@ impl Admin {
         )?;
         self.request(
             "POST",
-            &format!("/api/bindings/{vhost}/e/{}/q/{}", encode(&topology.dead_letter_exchange), encode(&topology.dead_letter_queue)),
+            &format!(
+                "/api/bindings/{vhost}/e/{}/q/{}",
+                encode(&topology.dead_letter_exchange),
+                encode(&topology.dead_letter_queue)
+            ),
             Some(json!({ "routing_key": topology.dead_letter_queue })),
             "binding the dead-letter queue",
         )?;
@@ -334,7 +383,11 @@ impl Admin {
         )?;
         self.request(
             "POST",
-            &format!("/api/bindings/{vhost}/e/{}/q/{}", encode(&topology.exchange), encode(&topology.queue)),
+            &format!(
+                "/api/bindings/{vhost}/e/{}/q/{}",
+                encode(&topology.exchange),
+                encode(&topology.queue)
+            ),
             Some(json!({ "routing_key": topology.binding_key })),
             "binding the terminal's queue",
         )?;
@@ -354,28 +407,74 @@ impl Admin {
         encode(&self.vhost)
     }
 
-    fn request(&self, method: &str, path: &str, body: Option<serde_json::Value>, what: &str) -> Result<(), AdminError> {
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        what: &str,
+    ) -> Result<(), AdminError> {
         let (status, text) = self.call(method, path, body)?;
-        if (200..=299).contains(&status) { Ok(()) } else { Err(self.failure(what, status, text)) }
+        if (200..=299).contains(&status) {
+            Ok(())
+        } else {
+            Err(self.failure(what, status, text))
+        }
     }
 
     fn failure(&self, what: &str, status: u16, body: String) -> AdminError {
         if status == 401 {
-            AdminError::Unauthorized { user: self.admin_user.clone(), status }
+            AdminError::Unauthorized {
+                user: self.admin_user.clone(),
+                status,
+            }
         } else {
-            AdminError::Api { what: what.to_owned(), status, body }
+            AdminError::Api {
+                what: what.to_owned(),
+                status,
+                body,
+            }
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<(u16, String), AdminError> {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, String), AdminError> {
         let url = format!("{}{path}", self.base);
-        let unreachable = |err: ureq::Error| AdminError::Unreachable { url: self.base.clone(), detail: err.to_string() };
+        let unreachable = |err: ureq::Error| AdminError::Unreachable {
+            url: self.base.clone(),
+            detail: err.to_string(),
+        };
         let response = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &self.authorization).call(),
-            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &self.authorization).header("X-Reason", "revoked by possync admin").call(),
-            ("POST", Some(body)) => self.agent.post(&url).header("Authorization", &self.authorization).send_json(&body),
-            (_, Some(body)) => self.agent.put(&url).header("Authorization", &self.authorization).send_json(&body),
-            (_, None) => self.agent.put(&url).header("Authorization", &self.authorization).send_empty(),
+            ("GET", _) => self
+                .agent
+                .get(&url)
+                .header("Authorization", &self.authorization)
+                .call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &self.authorization)
+                .header("X-Reason", "revoked by possync admin")
+                .call(),
+            ("POST", Some(body)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &self.authorization)
+                .send_json(&body),
+            (_, Some(body)) => self
+                .agent
+                .put(&url)
+                .header("Authorization", &self.authorization)
+                .send_json(&body),
+            (_, None) => self
+                .agent
+                .put(&url)
+                .header("Authorization", &self.authorization)
+                .send_empty(),
         };
         let mut response = response.map_err(unreachable)?;
         let status = response.status().as_u16();
@@ -386,18 +485,31 @@ impl Admin {
 
 /// 32 random letters and digits: 190 bits, and nothing a URL must escape.
 fn generate_password() -> String {
-    rand::rng().sample_iter(&rand::distr::Alphanumeric).take(32).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
 }
 
 /// `url` with its user and password replaced.
 fn with_credentials(url: &str, user: &str, password: &str) -> Result<String, AdminError> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| AdminError::BrokerUrl(redact_url(url), "it has no scheme (amqp:// or amqps://)".into()))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        AdminError::BrokerUrl(
+            redact_url(url),
+            "it has no scheme (amqp:// or amqps://)".into(),
+        )
+    })?;
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    Ok(format!("{scheme}://{}:{password}@{host}{}", encode(user), &rest[authority_end..]))
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    Ok(format!(
+        "{scheme}://{}:{password}@{host}{}",
+        encode(user),
+        &rest[authority_end..]
+    ))
 }
 
 /// Escapes `text` for a regular expression of RabbitMQ's permissions:
@@ -429,7 +541,10 @@ fn encode(text: &str) -> String {
 
 /// Writes a file only its owner can read: it holds a password.
 fn write_private(path: &Path, contents: &str) -> Result<(), AdminError> {
-    let failed = |err: std::io::Error| AdminError::Output { path: path.display().to_string(), detail: err.to_string() };
+    let failed = |err: std::io::Error| AdminError::Output {
+        path: path.display().to_string(),
+        detail: err.to_string(),
+    };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -439,7 +554,10 @@ fn write_private(path: &Path, contents: &str) -> Result<(), AdminError> {
     }
     let mut file = options.open(path).map_err(|err| {
         if err.kind() == std::io::ErrorKind::AlreadyExists {
-            AdminError::Output { path: path.display().to_string(), detail: "it exists; remove it or choose another --output".into() }
+            AdminError::Output {
+                path: path.display().to_string(),
+                detail: "it exists; remove it or choose another --output".into(),
+            }
         } else {
             failed(err)
         }
@@ -460,9 +578,17 @@ mod tests {
     #[test]
     fn new_credentials_replace_the_old_and_keep_host_and_vhost() {
         assert_eq!(
-            with_credentials("amqp://guest:guest@10.0.0.1:5672/%2f", "possync.terminal.K.t", "pw").expect("url"),
+            with_credentials(
+                "amqp://guest:guest@10.0.0.1:5672/%2f",
+                "possync.terminal.K.t",
+                "pw"
+            )
+            .expect("url"),
             "amqp://possync.terminal.K.t:pw@10.0.0.1:5672/%2f"
         );
-        assert_eq!(with_credentials("amqps://host", "u", "p").expect("url"), "amqps://u:p@host");
+        assert_eq!(
+            with_credentials("amqps://host", "u", "p").expect("url"),
+            "amqps://u:p@host"
+        );
     }
 }

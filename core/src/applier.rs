@@ -5,8 +5,8 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use possync_sdk::{Envelope, HandlerError};
 use futures_util::FutureExt;
+use possync_sdk::{Envelope, HandlerError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events;
@@ -36,7 +36,9 @@ impl Inbound {
 
 /// A stable 64-bit hash (FNV-1a): the key must survive restarts and upgrades.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// What became of one message of a batch.
@@ -72,7 +74,9 @@ pub(crate) struct Applier {
 
 impl std::fmt::Debug for Applier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Applier").field("license_key", &self.license_key).finish_non_exhaustive()
+        f.debug_struct("Applier")
+            .field("license_key", &self.license_key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,7 +94,14 @@ impl Applier {
         max_attempts: u32,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { database, registry, license_key, max_message_bytes, max_attempts, runtime }
+        Self {
+            database,
+            registry,
+            license_key,
+            max_message_bytes,
+            max_attempts,
+            runtime,
+        }
     }
 
     /// Records a state change for `possync status`.
@@ -114,7 +125,11 @@ impl Applier {
 
     /// One attempt at the batch; `None` when a handler failed outside
     /// `careful` mode (everything rolled back).
-    fn run(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Vec<Outcome>>, BatchError> {
+    fn run(
+        &mut self,
+        batch: &[Inbound],
+        careful: bool,
+    ) -> Result<Option<Vec<Outcome>>, BatchError> {
         self.database.begin()?;
         match self.apply_in_transaction(batch, careful) {
             Ok(Some(outcomes)) => match self.database.commit() {
@@ -135,13 +150,19 @@ impl Applier {
         }
     }
 
-    fn apply_in_transaction(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
+    fn apply_in_transaction(
+        &mut self,
+        batch: &[Inbound],
+        careful: bool,
+    ) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let (mut applied, mut quarantined, mut last_type) = (0, 0, None);
         for inbound in batch {
             let outcome = match self.check(inbound) {
                 Ok(envelope) => {
-                    let Some(outcome) = self.apply_one(inbound, &envelope, careful)? else { return Ok(None) };
+                    let Some(outcome) = self.apply_one(inbound, &envelope, careful)? else {
+                        return Ok(None);
+                    };
                     if inbound.redelivered && outcome.settles_by_ack() {
                         self.database.forget_attempts(&inbound.key(&envelope))?;
                     }
@@ -159,25 +180,41 @@ impl Applier {
             }
             outcomes.push(outcome);
         }
-        self.database.record_progress(applied, quarantined, last_type.as_deref())?;
+        self.database
+            .record_progress(applied, quarantined, last_type.as_deref())?;
         Ok(Some(outcomes))
     }
 
     fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
-        check_envelope(&inbound.body, &inbound.routing_key, &self.license_key, self.max_message_bytes)
+        check_envelope(
+            &inbound.body,
+            &inbound.routing_key,
+            &self.license_key,
+            self.max_message_bytes,
+        )
     }
 
     /// Applies one message; `None` when its handler failed outside
     /// `careful` mode (the batch must run again, carefully).
-    fn apply_one(&mut self, inbound: &Inbound, envelope: &Envelope, careful: bool) -> Result<Option<Outcome>, rusqlite::Error> {
+    fn apply_one(
+        &mut self,
+        inbound: &Inbound,
+        envelope: &Envelope,
+        careful: bool,
+    ) -> Result<Option<Outcome>, rusqlite::Error> {
         let handler = match self.registry.route(&envelope.message_type) {
             Route::Handler(handler) => Arc::clone(handler),
             Route::Disabled(plugin) => {
                 events::message_ignored(&envelope.message_type, plugin);
-                return Ok(Some(Outcome::Disabled { message_type: envelope.message_type.clone() }));
+                return Ok(Some(Outcome::Disabled {
+                    message_type: envelope.message_type.clone(),
+                }));
             }
             Route::Unknown => {
-                let reason = format!("unknown message type {:?}: no plugin handles it", envelope.message_type);
+                let reason = format!(
+                    "unknown message type {:?}: no plugin handles it",
+                    envelope.message_type
+                );
                 return self.quarantine(inbound, Some(envelope), reason).map(Some);
             }
         };
@@ -212,7 +249,9 @@ impl Applier {
                 if careful {
                     self.database.release()?;
                 }
-                Ok(Outcome::Applied { message_type: envelope.message_type.clone() })
+                Ok(Outcome::Applied {
+                    message_type: envelope.message_type.clone(),
+                })
             }
             Ok(Err(HandlerError::Transient(reason))) => {
                 self.database.rollback_to_savepoint()?;
@@ -220,11 +259,19 @@ impl Applier {
             }
             Ok(Err(HandlerError::Panicked(message))) => {
                 self.database.rollback_to_savepoint()?;
-                self.failed_try(inbound, envelope, format!("handler {} panicked: {message}", handler.name()))
+                self.failed_try(
+                    inbound,
+                    envelope,
+                    format!("handler {} panicked: {message}", handler.name()),
+                )
             }
             Ok(Err(err)) => {
                 self.database.rollback_to_savepoint()?;
-                self.quarantine(inbound, Some(envelope), format!("{}: {err}", handler.name()))
+                self.quarantine(
+                    inbound,
+                    Some(envelope),
+                    format!("{}: {err}", handler.name()),
+                )
             }
             Err(panic) => {
                 self.database.rollback_to_savepoint()?;
@@ -233,7 +280,11 @@ impl Applier {
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "no message".into());
-                self.failed_try(inbound, envelope, format!("handler {} panicked: {message}", handler.name()))
+                self.failed_try(
+                    inbound,
+                    envelope,
+                    format!("handler {} panicked: {message}", handler.name()),
+                )
             }
         };
         outcome.map(Some)
@@ -241,14 +292,23 @@ impl Applier {
 
     /// A try that may succeed another time: retry, unless the message has
     /// failed `max_attempts` times already (then it is a poison message).
-    fn failed_try(&mut self, inbound: &Inbound, envelope: &Envelope, reason: String) -> Result<Outcome, rusqlite::Error> {
+    fn failed_try(
+        &mut self,
+        inbound: &Inbound,
+        envelope: &Envelope,
+        reason: String,
+    ) -> Result<Outcome, rusqlite::Error> {
         let key = inbound.key(envelope);
         let attempts = self.database.record_attempt(&key, &reason)?;
         if attempts < self.max_attempts {
             return Ok(Outcome::Retry { reason });
         }
         self.database.forget_attempts(&key)?;
-        self.quarantine(inbound, Some(envelope), format!("failed {attempts} times; last: {reason}"))
+        self.quarantine(
+            inbound,
+            Some(envelope),
+            format!("failed {attempts} times; last: {reason}"),
+        )
     }
 
     fn quarantine(
@@ -257,7 +317,11 @@ impl Applier {
         envelope: Option<&Envelope>,
         reason: String,
     ) -> Result<Outcome, rusqlite::Error> {
-        events::message_quarantined(&inbound.routing_key, envelope.map(|e| e.message_type.as_str()), &reason);
+        events::message_quarantined(
+            &inbound.routing_key,
+            envelope.map(|e| e.message_type.as_str()),
+            &reason,
+        );
         self.database.record_quarantined(&Quarantined {
             routing_key: inbound.routing_key.clone(),
             message_type: envelope.map(|e| e.message_type.clone()),
@@ -283,13 +347,19 @@ pub(crate) fn check_envelope(
             body.len()
         ));
     }
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|err| format!("not a valid envelope: {err}"))?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|err| format!("not a valid envelope: {err}"))?;
     if envelope.license_key != license_key.as_str() {
-        return Err(format!("envelope license_key {:?} is not this terminal's ({license_key})", envelope.license_key));
+        return Err(format!(
+            "envelope license_key {:?} is not this terminal's ({license_key})",
+            envelope.license_key
+        ));
     }
     let mut words = routing_key.split('.');
     if words.next() != Some("license") || words.next() != Some(license_key.as_str()) {
-        return Err(format!("routing key {routing_key:?} is not for this terminal's license"));
+        return Err(format!(
+            "routing key {routing_key:?} is not for this terminal's license"
+        ));
     }
     Ok(envelope)
 }
@@ -309,7 +379,10 @@ pub(crate) enum Job {
 #[derive(Debug)]
 pub(crate) enum ApplierHandle {
     Inline(std::sync::Mutex<Applier>),
-    Thread { jobs: mpsc::Sender<Job>, thread: Option<std::thread::JoinHandle<()>> },
+    Thread {
+        jobs: mpsc::Sender<Job>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
 }
 
 impl ApplierHandle {
@@ -318,23 +391,31 @@ impl ApplierHandle {
             return Ok(Self::Inline(std::sync::Mutex::new(applier)));
         }
         let (jobs, mut receiver) = mpsc::channel::<Job>(1);
-        let thread = std::thread::Builder::new().name("possync-apply".into()).spawn(move || {
-            while let Some(job) = receiver.blocking_recv() {
-                match job {
-                    Job::Apply(batch, reply) => {
-                        let result = applier.apply(&batch);
-                        // The receiver is gone only when the terminal stopped waiting; nothing to tell.
-                        let _ = reply.send((batch, result));
+        let thread = std::thread::Builder::new()
+            .name("possync-apply".into())
+            .spawn(move || {
+                while let Some(job) = receiver.blocking_recv() {
+                    match job {
+                        Job::Apply(batch, reply) => {
+                            let result = applier.apply(&batch);
+                            // The receiver is gone only when the terminal stopped waiting; nothing to tell.
+                            let _ = reply.send((batch, result));
+                        }
+                        Job::RecordState(record) => applier.record_state(&record),
                     }
-                    Job::RecordState(record) => applier.record_state(&record),
                 }
-            }
-        })?;
-        Ok(Self::Thread { jobs, thread: Some(thread) })
+            })?;
+        Ok(Self::Thread {
+            jobs,
+            thread: Some(thread),
+        })
     }
 
     /// Applies `batch`; gives the batch back with the outcomes.
-    pub(crate) async fn apply(&self, batch: Vec<Inbound>) -> (Vec<Inbound>, Result<Vec<Outcome>, BatchError>) {
+    pub(crate) async fn apply(
+        &self,
+        batch: Vec<Inbound>,
+    ) -> (Vec<Inbound>, Result<Vec<Outcome>, BatchError>) {
         match self {
             Self::Inline(applier) => {
                 let result = tokio::task::block_in_place(|| match applier.lock() {
@@ -468,8 +549,15 @@ mod tests {
 
     #[test]
     fn odd_timestamps_and_versions_only_change_the_order() {
-        for timestamp in ["", "9999-99-99T99:99:99Z", "2025-11-27T10:30:00+99:99", "\u{0}", "2025-11-27T10:30:00.99999999999999999999Z"] {
-            let envelope = Envelope::new("t", "STORE-1", serde_json::json!({})).with_timestamp(timestamp);
+        for timestamp in [
+            "",
+            "9999-99-99T99:99:99Z",
+            "2025-11-27T10:30:00+99:99",
+            "\u{0}",
+            "2025-11-27T10:30:00.99999999999999999999Z",
+        ] {
+            let envelope =
+                Envelope::new("t", "STORE-1", serde_json::json!({})).with_timestamp(timestamp);
             let _ = envelope.order();
         }
     }

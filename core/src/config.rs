@@ -66,7 +66,9 @@ impl<'de> Deserialize<'de> for PluginSetting {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = PluginSetting;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("true or false (a built-in handler), or a table with `path` (a plugin library)")
+                f.write_str(
+                    "true or false (a built-in handler), or a table with `path` (a plugin library)",
+                )
             }
             fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<PluginSetting, E> {
                 Ok(PluginSetting::Toggle(on))
@@ -78,8 +80,12 @@ impl<'de> Deserialize<'de> for PluginSetting {
                     _ => Err(E::invalid_value(serde::de::Unexpected::Str(text), &self)),
                 }
             }
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<PluginSetting, M::Error> {
-                DynamicPlugin::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(PluginSetting::Dynamic)
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                map: M,
+            ) -> Result<PluginSetting, M::Error> {
+                DynamicPlugin::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PluginSetting::Dynamic)
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -139,7 +145,10 @@ impl Default for BrokerConfig {
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerConfig")
-            .field("urls", &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
             .field("exchange", &self.exchange)
             .field("queue_type", &self.queue_type)
             .field("connect_timeout_secs", &self.connect_timeout_secs)
@@ -161,7 +170,11 @@ impl BrokerConfig {
 
     /// Every broker URL, passwords redacted, for messages.
     pub fn redacted_urls(&self) -> String {
-        self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(", ")
+        self.urls
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -181,13 +194,21 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { url: "http://127.0.0.1:15672".into(), user: "guest".into(), password: "guest".into() }
+        Self {
+            url: "http://127.0.0.1:15672".into(),
+            user: "guest".into(),
+            password: "guest".into(),
+        }
     }
 }
 
 impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminConfig").field("url", &self.url).field("user", &self.user).field("password", &"***").finish()
+        f.debug_struct("AdminConfig")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
     }
 }
 
@@ -208,7 +229,11 @@ pub struct StatusConfig {
 
 impl Default for StatusConfig {
     fn default() -> Self {
-        Self { enabled: false, address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), port: 9464 }
+        Self {
+            enabled: false,
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port: 9464,
+        }
     }
 }
 
@@ -304,7 +329,9 @@ pub enum ConfigError {
     #[error("invalid configuration: {0}")]
     Invalid(Box<figment::Error>),
     /// A value `possync terminal` needs is not set.
-    #[error("{key} is not set: set it in the [{section}] section of the config file or with the environment variable {env}")]
+    #[error(
+        "{key} is not set: set it in the [{section}] section of the config file or with the environment variable {env}"
+    )]
     Missing {
         /// The dotted key, for example `terminal.license_key`.
         key: &'static str,
@@ -314,7 +341,9 @@ pub enum ConfigError {
         env: &'static str,
     },
     /// A broker URL cannot be parsed.
-    #[error("broker.url {url} is not a valid AMQP URL ({detail}); it looks like amqp://user:password@host:5672/vhost")]
+    #[error(
+        "broker.url {url} is not a valid AMQP URL ({detail}); it looks like amqp://user:password@host:5672/vhost"
+    )]
     InvalidUrl {
         /// The URL, password redacted.
         url: String,
@@ -350,7 +379,9 @@ impl LoadedConfig {
     pub fn source_of(&self, key: &str) -> String {
         match self.figment.find_metadata(key) {
             // Built-in defaults come from code.
-            Some(metadata) if matches!(metadata.source, Some(figment::Source::Code(_))) => "default".into(),
+            Some(metadata) if matches!(metadata.source, Some(figment::Source::Code(_))) => {
+                "default".into()
+            }
             Some(metadata) => match &metadata.source {
                 Some(source) => format!("{} {source}", metadata.name),
                 None => metadata.name.to_string(),
@@ -367,8 +398,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             // figment treats a missing file as empty; a typo in --config must not silently run on defaults.
-            std::fs::metadata(path)
-                .map_err(|source| ConfigError::Unreadable { path: path.to_owned(), source })?;
+            std::fs::metadata(path).map_err(|source| ConfigError::Unreadable {
+                path: path.to_owned(),
+                source,
+            })?;
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(
@@ -387,10 +420,16 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         if self.terminal.prefetch == 0 {
-            return Err(ConfigError::OutOfRange { key: "terminal.prefetch", problem: "must be at least 1" });
+            return Err(ConfigError::OutOfRange {
+                key: "terminal.prefetch",
+                problem: "must be at least 1",
+            });
         }
         if self.terminal.batch_size == 0 {
-            return Err(ConfigError::OutOfRange { key: "terminal.batch_size", problem: "must be at least 1" });
+            return Err(ConfigError::OutOfRange {
+                key: "terminal.batch_size",
+                problem: "must be at least 1",
+            });
         }
         if !(1..=49).contains(&self.terminal.queue_expiry_days) {
             // RabbitMQ takes at most 2^32-1 ms (49.7 days) for x-expires and x-message-ttl.
@@ -400,18 +439,30 @@ impl Config {
             });
         }
         if self.terminal.max_attempts == 0 {
-            return Err(ConfigError::OutOfRange { key: "terminal.max_attempts", problem: "must be at least 1" });
+            return Err(ConfigError::OutOfRange {
+                key: "terminal.max_attempts",
+                problem: "must be at least 1",
+            });
         }
         if self.broker.urls.is_empty() {
-            return Err(ConfigError::OutOfRange { key: "broker.url", problem: "must name at least one broker" });
+            return Err(ConfigError::OutOfRange {
+                key: "broker.url",
+                problem: "must name at least one broker",
+            });
         }
         for url in &self.broker.urls {
             if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
-                return Err(ConfigError::InvalidUrl { url: redact_url(url), detail });
+                return Err(ConfigError::InvalidUrl {
+                    url: redact_url(url),
+                    detail,
+                });
             }
         }
         if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
-            return Err(ConfigError::OutOfRange { key: "broker.*_timeout_secs", problem: "must be at least 1" });
+            return Err(ConfigError::OutOfRange {
+                key: "broker.*_timeout_secs",
+                problem: "must be at least 1",
+            });
         }
         Ok(())
     }
@@ -421,28 +472,34 @@ impl Config {
         let mut shown = self.clone();
         shown.broker.urls = shown.broker.urls.iter().map(|u| redact_url(u)).collect();
         shown.admin.password = "***".into();
-        toml::to_string_pretty(&shown).unwrap_or_else(|err| format!("# cannot show the config: {err}\n"))
+        toml::to_string_pretty(&shown)
+            .unwrap_or_else(|err| format!("# cannot show the config: {err}\n"))
     }
 
     /// The license key, or an error that says how to set it.
     pub fn license_key(&self) -> Result<&LicenseKey, ConfigError> {
-        self.terminal.license_key.as_ref().ok_or(ConfigError::Missing {
-            key: "terminal.license_key",
-            section: "terminal",
-            env: "POSSYNC_TERMINAL__LICENSE_KEY",
-        })
+        self.terminal
+            .license_key
+            .as_ref()
+            .ok_or(ConfigError::Missing {
+                key: "terminal.license_key",
+                section: "terminal",
+                env: "POSSYNC_TERMINAL__LICENSE_KEY",
+            })
     }
 
     /// The terminal id, or an error that says how to set it.
     pub fn terminal_id(&self) -> Result<&TerminalId, ConfigError> {
-        self.terminal.terminal_id.as_ref().ok_or(ConfigError::Missing {
-            key: "terminal.terminal_id",
-            section: "terminal",
-            env: "POSSYNC_TERMINAL__TERMINAL_ID",
-        })
+        self.terminal
+            .terminal_id
+            .as_ref()
+            .ok_or(ConfigError::Missing {
+                key: "terminal.terminal_id",
+                section: "terminal",
+                env: "POSSYNC_TERMINAL__TERMINAL_ID",
+            })
     }
 }
-
 
 /// Warns when a config file that holds a password can be read by users other
 /// than its owner: anyone on the machine could take the broker credentials.
@@ -450,16 +507,25 @@ fn warn_if_secrets_are_readable(path: &Path) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let Ok(text) = std::fs::read_to_string(path) else { return };
-        let Ok(file) = text.parse::<toml::Table>() else { return };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        let Ok(file) = text.parse::<toml::Table>() else {
+            return;
+        };
         let urls = match file.get("broker").and_then(|b| b.get("url")) {
             Some(toml::Value::String(url)) => vec![url.clone()],
-            Some(toml::Value::Array(urls)) => urls.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect(),
+            Some(toml::Value::Array(urls)) => urls
+                .iter()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect(),
             _ => Vec::new(),
         };
         let holds_password = urls.iter().any(|u| redact_url(u) != *u)
             || file.get("admin").and_then(|a| a.get("password")).is_some();
-        let Ok(metadata) = std::fs::metadata(path) else { return };
+        let Ok(metadata) = std::fs::metadata(path) else {
+            return;
+        };
         let mode = metadata.permissions().mode();
         if holds_password && mode & 0o077 != 0 {
             tracing::warn!(

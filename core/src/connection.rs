@@ -13,7 +13,9 @@ use crate::redact::redact_url;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// Nothing answers at the address.
-    #[error("no broker answers at {url} ({detail}); is RabbitMQ running? (start it with `rabbitmq-server -detached`)")]
+    #[error(
+        "no broker answers at {url} ({detail}); is RabbitMQ running? (start it with `rabbitmq-server -detached`)"
+    )]
     Unreachable {
         /// The URL, password redacted.
         url: String,
@@ -21,7 +23,9 @@ pub enum BrokerError {
         detail: String,
     },
     /// The broker answered but refused the credentials or a permission.
-    #[error("the broker at {url} refused access: {detail}; check the user and password in broker.url and the user's permissions")]
+    #[error(
+        "the broker at {url} refused access: {detail}; check the user and password in broker.url and the user's permissions"
+    )]
     AccessRefused {
         /// The URL, password redacted.
         url: String,
@@ -30,7 +34,9 @@ pub enum BrokerError {
     },
     /// The TLS handshake failed: a certificate the CA does not vouch for, a
     /// name that does not match, or a server that does not speak TLS.
-    #[error("TLS with {url} failed: {detail}; check broker.tls_ca_file (the CA that signed the broker's certificate) and the host name in broker.url")]
+    #[error(
+        "TLS with {url} failed: {detail}; check broker.tls_ca_file (the CA that signed the broker's certificate) and the host name in broker.url"
+    )]
     Tls {
         /// The URL, password redacted.
         url: String,
@@ -48,13 +54,17 @@ pub enum BrokerError {
         detail: String,
     },
     /// A queue or exchange this terminal expects does not exist.
-    #[error("{detail}: with broker.declare_topology = false the queue must exist already; provision it with `possync admin provision-terminal`")]
+    #[error(
+        "{detail}: with broker.declare_topology = false the queue must exist already; provision it with `possync admin provision-terminal`"
+    )]
     NotFound {
         /// What the broker said.
         detail: String,
     },
     /// A queue or exchange exists with settings other than the ones requested.
-    #[error("the broker refused to declare {what}: {detail}; it exists with other settings (an older version or another queue type?): delete it with `rabbitmqctl delete_queue NAME` or use the old settings")]
+    #[error(
+        "the broker refused to declare {what}: {detail}; it exists with other settings (an older version or another queue type?): delete it with `rabbitmqctl delete_queue NAME` or use the old settings"
+    )]
     Conflict {
         /// What was declared.
         what: String,
@@ -89,7 +99,14 @@ impl BrokerError {
     /// Whether retrying the same thing cannot help until someone changes
     /// the config or the broker.
     pub fn needs_operator(&self) -> bool {
-        matches!(self, Self::AccessRefused { .. } | Self::Conflict { .. } | Self::Tls { .. } | Self::TlsFile { .. } | Self::NotFound { .. })
+        matches!(
+            self,
+            Self::AccessRefused { .. }
+                | Self::Conflict { .. }
+                | Self::Tls { .. }
+                | Self::TlsFile { .. }
+                | Self::NotFound { .. }
+        )
     }
 
     /// Whether a new connection may get past this failure.
@@ -98,7 +115,11 @@ impl BrokerError {
         // after minutes, and a fresh connection gets past it at once.
         matches!(
             self,
-            Self::Unreachable { .. } | Self::ConnectionLost | Self::Protocol { .. } | Self::ConsumerCancelled | Self::Timeout { .. }
+            Self::Unreachable { .. }
+                | Self::ConnectionLost
+                | Self::Protocol { .. }
+                | Self::ConsumerCancelled
+                | Self::Timeout { .. }
         )
     }
 
@@ -108,33 +129,64 @@ impl BrokerError {
                 let detail = amqp.get_message().to_string();
                 match amqp.kind() {
                     AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
-                        Self::AccessRefused { url: redact_url(url), detail }
-                    }
-                    AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Self::Conflict { what: during.into(), detail },
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Self::AccessRefused {
+                        url: redact_url(url),
+                        detail,
+                    },
+                    AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Self::Conflict {
+                        what: during.into(),
+                        detail,
+                    },
                     AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Self::NotFound { detail },
-                    _ => Self::Protocol { during, source: err },
+                    _ => Self::Protocol {
+                        during,
+                        source: err,
+                    },
                 }
             }
-            ErrorKind::IOError(io) if is_tls_failure(io) => Self::Tls { url: redact_url(url), detail: io.to_string() },
-            ErrorKind::IOError(io) => Self::Unreachable { url: redact_url(url), detail: io.to_string() },
-            _ => Self::Protocol { during, source: err },
+            ErrorKind::IOError(io) if is_tls_failure(io) => Self::Tls {
+                url: redact_url(url),
+                detail: io.to_string(),
+            },
+            ErrorKind::IOError(io) => Self::Unreachable {
+                url: redact_url(url),
+                detail: io.to_string(),
+            },
+            _ => Self::Protocol {
+                during,
+                source: err,
+            },
         }
     }
 }
 
 fn is_tls_failure(io: &std::io::Error) -> bool {
     let text = io.to_string().to_lowercase();
-    ["certificate", "tls", "handshake", "alert", "unknownissuer", "corrupt message"].iter().any(|word| text.contains(word))
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "alert",
+        "unknownissuer",
+        "corrupt message",
+    ]
+    .iter()
+    .any(|word| text.contains(word))
 }
 
 /// The TLS settings of `broker`, if any are set.
 fn tls_config(broker: &BrokerConfig) -> Result<Option<OwnedTLSConfig>, BrokerError> {
     let read = |key: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|err| BrokerError::TlsFile { key, path: path.to_owned(), detail: err.to_string() })
+        std::fs::read(path).map_err(|err| BrokerError::TlsFile {
+            key,
+            path: path.to_owned(),
+            detail: err.to_string(),
+        })
     };
     let cert_chain = match &broker.tls_ca_file {
-        Some(path) => Some(String::from_utf8_lossy(&read("broker.tls_ca_file", path)?).into_owned()),
+        Some(path) => {
+            Some(String::from_utf8_lossy(&read("broker.tls_ca_file", path)?).into_owned())
+        }
         None => None,
     };
     let identity = match (&broker.tls_client_cert_file, &broker.tls_client_key_file) {
@@ -146,21 +198,34 @@ fn tls_config(broker: &BrokerConfig) -> Result<Option<OwnedTLSConfig>, BrokerErr
         (Some(_), None) | (None, Some(_)) => {
             return Err(BrokerError::TlsFile {
                 key: "broker.tls_client_cert_file",
-                path: broker.tls_client_cert_file.clone().or_else(|| broker.tls_client_key_file.clone()).unwrap_or_default(),
-                detail: "a client certificate needs both tls_client_cert_file and tls_client_key_file".into(),
+                path: broker
+                    .tls_client_cert_file
+                    .clone()
+                    .or_else(|| broker.tls_client_key_file.clone())
+                    .unwrap_or_default(),
+                detail:
+                    "a client certificate needs both tls_client_cert_file and tls_client_key_file"
+                        .into(),
             });
         }
     };
     if cert_chain.is_none() && identity.is_none() {
         return Ok(None);
     }
-    Ok(Some(OwnedTLSConfig { identity, cert_chain }))
+    Ok(Some(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    }))
 }
 
 /// Connects to `url` (one of `broker.url`), naming the connection `name` in
 /// the broker's management UI. `amqps://` URLs always use TLS: a failed
 /// handshake is an error, never a fallback to clear text.
-pub(crate) async fn connect(broker: &BrokerConfig, url: &str, name: &str) -> Result<Connection, BrokerError> {
+pub(crate) async fn connect(
+    broker: &BrokerConfig,
+    url: &str,
+    name: &str,
+) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let seconds = broker.connect_timeout_secs;
     let tls = tls_config(broker)?;
@@ -174,7 +239,10 @@ pub(crate) async fn connect(broker: &BrokerConfig, url: &str, name: &str) -> Res
         }
     };
     match tokio::time::timeout(Duration::from_secs(seconds), connecting).await {
-        Err(_) => Err(BrokerError::Timeout { during: "connecting", seconds }),
+        Err(_) => Err(BrokerError::Timeout {
+            during: "connecting",
+            seconds,
+        }),
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(BrokerError::from_lapin("connecting", url, err)),
     }

@@ -3,8 +3,8 @@
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -34,7 +34,9 @@ pub(crate) struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("queue", &self.topology.queue).finish_non_exhaustive()
+        f.debug_struct("Subscription")
+            .field("queue", &self.topology.queue)
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,13 +51,36 @@ impl Subscription {
     ) -> Result<Self, BrokerError> {
         let timeout = broker.confirm_timeout_secs;
         let connection = connection::connect(broker, url, name).await?;
-        let channel = connection::within(timeout, "opening a channel", url, connection.create_channel()).await?;
+        let channel = connection::within(
+            timeout,
+            "opening a channel",
+            url,
+            connection.create_channel(),
+        )
+        .await?;
         if broker.declare_topology {
-            connection::within(timeout, "declaring the terminal's queue", url, topology.declare(&channel)).await?;
-        }
-        connection::within(timeout, "setting the prefetch", url, channel.basic_qos(prefetch, BasicQosOptions::default()))
+            connection::within(
+                timeout,
+                "declaring the terminal's queue",
+                url,
+                topology.declare(&channel),
+            )
             .await?;
-        let dead_letters = connection::within(timeout, "opening a channel", url, connection.create_channel()).await?;
+        }
+        connection::within(
+            timeout,
+            "setting the prefetch",
+            url,
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let dead_letters = connection::within(
+            timeout,
+            "opening a channel",
+            url,
+            connection.create_channel(),
+        )
+        .await?;
         connection::within(
             timeout,
             "enabling publisher confirms",
@@ -103,8 +128,12 @@ impl Subscription {
         }
     }
 
-    fn convert(&self, delivery: lapin::Result<lapin::message::Delivery>) -> Result<Inbound, BrokerError> {
-        let delivery = delivery.map_err(|err| BrokerError::from_lapin("receiving", &self.url, err))?;
+    fn convert(
+        &self,
+        delivery: lapin::Result<lapin::message::Delivery>,
+    ) -> Result<Inbound, BrokerError> {
+        let delivery =
+            delivery.map_err(|err| BrokerError::from_lapin("receiving", &self.url, err))?;
         Ok(Inbound {
             tag: delivery.delivery_tag,
             routing_key: delivery.routing_key.to_string(),
@@ -116,7 +145,11 @@ impl Subscription {
     /// Settles a batch after its commit: dead letters and retries first, one
     /// by one, then one ack for the rest, because an ack with `multiple`
     /// settles every earlier delivery still open.
-    pub(crate) async fn settle(&mut self, batch: &[Inbound], outcomes: &[Outcome]) -> Result<(), BrokerError> {
+    pub(crate) async fn settle(
+        &mut self,
+        batch: &[Inbound],
+        outcomes: &[Outcome],
+    ) -> Result<(), BrokerError> {
         let mut ack_through = None;
         let mut pending = Vec::new();
         for (inbound, outcome) in batch.iter().zip(outcomes) {
@@ -136,8 +169,13 @@ impl Subscription {
         }
         let mut dead_lettered = std::collections::HashSet::new();
         for (inbound, confirm) in pending {
-            let confirmed =
-                connection::within(self.timeout_secs, "dead-lettering a message", &self.url, confirm).await;
+            let confirmed = connection::within(
+                self.timeout_secs,
+                "dead-lettering a message",
+                &self.url,
+                confirm,
+            )
+            .await;
             match confirmed {
                 Ok(confirmation) if confirmation.is_ack() => {
                     dead_lettered.insert(inbound.tag);
@@ -167,7 +205,8 @@ impl Subscription {
                 self.timeout_secs,
                 "acknowledging",
                 &self.url,
-                self.channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+                self.channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true }),
             )
             .await?;
         }
@@ -187,7 +226,13 @@ impl Subscription {
             self.timeout_secs,
             "rejecting",
             &self.url,
-            self.channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue }),
+            self.channel.basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue,
+                },
+            ),
         )
         .await
     }
@@ -198,9 +243,18 @@ impl Subscription {
         reason: &str,
     ) -> Result<lapin::PublisherConfirm, BrokerError> {
         let mut headers = FieldTable::default();
-        headers.insert("x-possync-reason".into(), AMQPValue::LongString(reason.into()));
-        headers.insert("x-possync-routing-key".into(), AMQPValue::LongString(inbound.routing_key.as_str().into()));
-        headers.insert("x-possync-queue".into(), AMQPValue::LongString(self.topology.queue.as_str().into()));
+        headers.insert(
+            "x-possync-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-possync-routing-key".into(),
+            AMQPValue::LongString(inbound.routing_key.as_str().into()),
+        );
+        headers.insert(
+            "x-possync-queue".into(),
+            AMQPValue::LongString(self.topology.queue.as_str().into()),
+        );
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())
@@ -229,10 +283,16 @@ impl Subscription {
             timeout,
             "cancelling the consumer",
             &self.url,
-            self.channel.basic_cancel(tag, BasicCancelOptions::default()),
+            self.channel
+                .basic_cancel(tag, BasicCancelOptions::default()),
         )
         .await;
-        let _ = connection::within(timeout, "closing the connection", &self.url, self.connection.close(200, "terminal stopping".into()))
-            .await;
+        let _ = connection::within(
+            timeout,
+            "closing the connection",
+            &self.url,
+            self.connection.close(200, "terminal stopping".into()),
+        )
+        .await;
     }
 }

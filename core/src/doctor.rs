@@ -2,9 +2,9 @@
 //! this replaces, and more: each check on one line, with what to do when it
 //! fails.
 
+use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::ExchangeKind;
 
 use crate::config::{Config, LoadedConfig};
 use crate::connection;
@@ -28,11 +28,21 @@ pub struct Check {
 
 impl Check {
     fn pass(name: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self { name: name.into(), ok: true, detail: detail.into(), fix: None }
+        Self {
+            name: name.into(),
+            ok: true,
+            detail: detail.into(),
+            fix: None,
+        }
     }
 
     fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { name: name.into(), ok: false, detail: detail.into(), fix: Some(fix.into()) }
+        Self {
+            name: name.into(),
+            ok: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 }
 
@@ -43,12 +53,38 @@ pub fn config_sources(loaded: &LoadedConfig) -> Vec<(String, String, String)> {
     vec![
         show("broker.url", config.broker.redacted_urls()),
         show("broker.exchange", config.broker.exchange.clone()),
-        show("broker.queue_type", format!("{:?}", config.broker.queue_type).to_lowercase()),
-        show("broker.declare_topology", config.broker.declare_topology.to_string()),
-        show("terminal.license_key", config.terminal.license_key.as_ref().map_or("(not set)".into(), ToString::to_string)),
-        show("terminal.terminal_id", config.terminal.terminal_id.as_ref().map_or("(not set)".into(), ToString::to_string)),
-        show("terminal.database", config.terminal.database.display().to_string()),
-        show("terminal.delivery", format!("{:?}", config.terminal.delivery).to_lowercase()),
+        show(
+            "broker.queue_type",
+            format!("{:?}", config.broker.queue_type).to_lowercase(),
+        ),
+        show(
+            "broker.declare_topology",
+            config.broker.declare_topology.to_string(),
+        ),
+        show(
+            "terminal.license_key",
+            config
+                .terminal
+                .license_key
+                .as_ref()
+                .map_or("(not set)".into(), ToString::to_string),
+        ),
+        show(
+            "terminal.terminal_id",
+            config
+                .terminal
+                .terminal_id
+                .as_ref()
+                .map_or("(not set)".into(), ToString::to_string),
+        ),
+        show(
+            "terminal.database",
+            config.terminal.database.display().to_string(),
+        ),
+        show(
+            "terminal.delivery",
+            format!("{:?}", config.terminal.delivery).to_lowercase(),
+        ),
     ]
 }
 
@@ -57,11 +93,18 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
     let mut checks = Vec::new();
     let identity = match (config.license_key(), config.terminal_id()) {
         (Ok(key), Ok(id)) => {
-            checks.push(Check::pass("identity", format!("terminal {id} of store {key}")));
+            checks.push(Check::pass(
+                "identity",
+                format!("terminal {id} of store {key}"),
+            ));
             Some((key.clone(), id.clone()))
         }
         (Err(err), _) | (_, Err(err)) => {
-            checks.push(Check::fail("identity", err.to_string(), "set terminal.license_key and terminal.terminal_id"));
+            checks.push(Check::fail(
+                "identity",
+                err.to_string(),
+                "set terminal.license_key and terminal.terminal_id",
+            ));
             None
         }
     };
@@ -69,9 +112,23 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
     match Registry::from_config(&config.plugins) {
         Ok(registry) => {
             let plugins = registry.plugins();
-            let enabled: Vec<String> = plugins.iter().filter(|p| p.enabled).map(|p| p.name.clone()).collect();
-            checks.push(Check::pass("plugins", format!("{} available, enabled: {}", plugins.len(), enabled.join(", "))));
-            for unloaded in plugins.iter().filter(|p| p.message_types.is_empty() && !p.enabled) {
+            let enabled: Vec<String> = plugins
+                .iter()
+                .filter(|p| p.enabled)
+                .map(|p| p.name.clone())
+                .collect();
+            checks.push(Check::pass(
+                "plugins",
+                format!(
+                    "{} available, enabled: {}",
+                    plugins.len(),
+                    enabled.join(", ")
+                ),
+            ));
+            for unloaded in plugins
+                .iter()
+                .filter(|p| p.message_types.is_empty() && !p.enabled)
+            {
                 checks.push(Check::fail(
                     format!("plugin {}", unloaded.name),
                     unloaded.description.clone(),
@@ -79,7 +136,11 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
                 ));
             }
         }
-        Err(err) => checks.push(Check::fail("plugins", err.to_string(), "fix [plugins] as the message says")),
+        Err(err) => checks.push(Check::fail(
+            "plugins",
+            err.to_string(),
+            "fix [plugins] as the message says",
+        )),
     }
 
     checks.push(database_check(config));
@@ -92,7 +153,11 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
                 connection
             }
             Err(err) => {
-                checks.push(Check::fail(&name, err.to_string(), "fix broker.url (host, port, user, password) or start the broker"));
+                checks.push(Check::fail(
+                    &name,
+                    err.to_string(),
+                    "fix broker.url (host, port, user, password) or start the broker",
+                ));
                 continue;
             }
         };
@@ -109,7 +174,10 @@ async fn topology_checks(
     identity: Option<&(crate::LicenseKey, crate::TerminalId)>,
 ) -> Vec<Check> {
     let mut checks = Vec::new();
-    let passive = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
     // A failed passive declare closes its channel: one channel per probe.
     match connection.create_channel().await {
         Ok(channel) => match channel
@@ -125,7 +193,9 @@ async fn topology_checks(
         },
         Err(err) => checks.push(Check::fail("exchange", err.to_string(), "check the user's permissions on the vhost")),
     }
-    let Some((key, id)) = identity else { return checks };
+    let Some((key, id)) = identity else {
+        return checks;
+    };
     let topology = TerminalTopology::new(config, key, id);
     match connection.create_channel().await {
         Ok(channel) => match channel
@@ -164,19 +234,44 @@ async fn topology_checks(
 fn database_check(config: &Config) -> Check {
     let path = &config.terminal.database;
     if !path.exists() {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
         return if parent.is_dir() {
-            Check::pass("database", format!("{} will be created at the terminal's first start", path.display()))
+            Check::pass(
+                "database",
+                format!(
+                    "{} will be created at the terminal's first start",
+                    path.display()
+                ),
+            )
         } else {
-            Check::fail("database", format!("{}: its folder does not exist", path.display()), "create the folder or fix terminal.database")
+            Check::fail(
+                "database",
+                format!("{}: its folder does not exist", path.display()),
+                "create the folder or fix terminal.database",
+            )
         };
     }
     match Database::open_read_only(path).and_then(|db| db.status_record()) {
         Ok(Some(status)) => Check::pass(
             "database",
-            format!("{}: {} messages applied all time, {} quarantined", path.display(), status.applied_total, status.quarantined_total),
+            format!(
+                "{}: {} messages applied all time, {} quarantined",
+                path.display(),
+                status.applied_total,
+                status.quarantined_total
+            ),
         ),
-        Ok(None) => Check::pass("database", format!("{} opens; no terminal has run on it yet", path.display())),
-        Err(err) => Check::fail("database", err.to_string(), "check the file's permissions, or move a damaged file aside"),
+        Ok(None) => Check::pass(
+            "database",
+            format!("{} opens; no terminal has run on it yet", path.display()),
+        ),
+        Err(err) => Check::fail(
+            "database",
+            err.to_string(),
+            "check the file's permissions, or move a damaged file aside",
+        ),
     }
 }

@@ -25,7 +25,10 @@ pub(crate) fn offline(reason: &str, retry_in_ms: u128, first: bool) {
 }
 
 pub(crate) fn batch_applied(size: usize, applied: usize, elapsed_ms: u128) {
-    debug!(event = "batch_applied", size, applied, elapsed_ms, "batch committed");
+    debug!(
+        event = "batch_applied",
+        size, applied, elapsed_ms, "batch committed"
+    );
 }
 
 pub(crate) fn message_quarantined(routing_key: &str, message_type: Option<&str>, reason: &str) {
@@ -61,7 +64,10 @@ pub(crate) fn migrations_ran(ids: &[String]) {
 }
 
 pub(crate) fn stopping() {
-    info!(event = "stopping", "stopping: finishing the batch in progress");
+    info!(
+        event = "stopping",
+        "stopping: finishing the batch in progress"
+    );
 }
 
 pub(crate) fn stopped() {

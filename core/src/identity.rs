@@ -21,21 +21,33 @@ pub struct InvalidId {
 }
 
 fn check(what: &'static str, value: &str) -> Result<(), InvalidId> {
-    let refuse = |reason: String| InvalidId { what, value: value.to_owned(), reason };
+    let refuse = |reason: String| InvalidId {
+        what,
+        value: value.to_owned(),
+        reason,
+    };
     if value.is_empty() {
         return Err(refuse("it is empty".into()));
     }
     if value.len() > MAX_ID_LEN {
-        return Err(refuse(format!("it is {} characters long; at most {MAX_ID_LEN} are allowed", value.len())));
+        return Err(refuse(format!(
+            "it is {} characters long; at most {MAX_ID_LEN} are allowed",
+            value.len()
+        )));
     }
-    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
         let why = match bad {
             '.' | '*' | '#' => format!(
                 "{bad:?} has a meaning in routing keys and would let it match other stores' messages"
             ),
             _ => format!("{bad:?} is not allowed"),
         };
-        return Err(refuse(format!("{why}; use only letters, digits, '-' and '_'")));
+        return Err(refuse(format!(
+            "{why}; use only letters, digits, '-' and '_'"
+        )));
     }
     Ok(())
 }
@@ -113,7 +125,17 @@ mod tests {
 
     #[test]
     fn refuses_anything_that_could_widen_a_binding() {
-        for key in ["", "#", "*", "A.B", "ABC.price", "a b", "ä", "x/y", &"K".repeat(MAX_ID_LEN + 1)] {
+        for key in [
+            "",
+            "#",
+            "*",
+            "A.B",
+            "ABC.price",
+            "a b",
+            "ä",
+            "x/y",
+            &"K".repeat(MAX_ID_LEN + 1),
+        ] {
             assert!(LicenseKey::new(key).is_err(), "{key:?} was accepted");
             assert!(TerminalId::new(key).is_err(), "{key:?} was accepted");
         }

@@ -9,8 +9,8 @@ mod applier;
 mod backoff;
 mod config;
 mod connection;
-mod doctor;
 mod consumer;
+mod doctor;
 mod events;
 mod failpoint;
 mod host;
@@ -28,15 +28,15 @@ mod topology;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{
-    AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig, PluginSetting, QueueType,
-    StatusConfig, TerminalConfig,
+    AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig,
+    PluginSetting, QueueType, StatusConfig, TerminalConfig,
 };
 pub use connection::BrokerError;
 pub use doctor::{Check, config_sources, diagnose};
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
+pub use plugin_loader::PluginLoadError;
 pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;
-pub use plugin_loader::PluginLoadError;
 pub use registry::{Origin, PluginInfo, Registry, RegistryError};
 pub use status::{State, Status, StatusReport};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};

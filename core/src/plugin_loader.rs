@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use libloading::Library;
 use possync_sdk::{
-    ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, Envelope, HandlerError, MessageHandler, Migration,
-    PluginDeclaration, Registrar, Store,
+    ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, Envelope, HandlerError,
+    MessageHandler, Migration, PluginDeclaration, Registrar, Store,
 };
 
 /// A dynamic plugin that could not be loaded. Each message says which
@@ -16,7 +16,9 @@ use possync_sdk::{
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PluginLoadError {
     /// The file does not exist.
-    #[error("plugin {plugin}: no file at {path}; build it (cargo build --release -p <crate>) or fix [plugins.{plugin}] path")]
+    #[error(
+        "plugin {plugin}: no file at {path}; build it (cargo build --release -p <crate>) or fix [plugins.{plugin}] path"
+    )]
     Missing {
         /// The name in config.
         plugin: String,
@@ -24,7 +26,9 @@ pub enum PluginLoadError {
         path: PathBuf,
     },
     /// The file is not a loadable library.
-    #[error("plugin {plugin}: {path} is not a loadable library ({detail}); point [plugins.{plugin}] path at the plugin's .so/.dylib/.dll")]
+    #[error(
+        "plugin {plugin}: {path} is not a loadable library ({detail}); point [plugins.{plugin}] path at the plugin's .so/.dylib/.dll"
+    )]
     NotALibrary {
         /// The name in config.
         plugin: String,
@@ -34,7 +38,9 @@ pub enum PluginLoadError {
         detail: String,
     },
     /// The library does not export a possync declaration.
-    #[error("plugin {plugin}: {path} is a library but not a possync plugin (it exports no POSSYNC_PLUGIN); plugins declare themselves with possync_sdk::declare_plugin!")]
+    #[error(
+        "plugin {plugin}: {path} is a library but not a possync plugin (it exports no POSSYNC_PLUGIN); plugins declare themselves with possync_sdk::declare_plugin!"
+    )]
     NotAPlugin {
         /// The name in config.
         plugin: String,
@@ -42,7 +48,9 @@ pub enum PluginLoadError {
         path: PathBuf,
     },
     /// Built with another declaration format.
-    #[error("plugin {plugin}: {path} uses plugin format {found}, this possync reads format {expected}; rebuild the plugin against possync-sdk {sdk}")]
+    #[error(
+        "plugin {plugin}: {path} uses plugin format {found}, this possync reads format {expected}; rebuild the plugin against possync-sdk {sdk}"
+    )]
     FormatMismatch {
         /// The name in config.
         plugin: String,
@@ -88,10 +96,17 @@ pub(crate) struct LoadedPlugin {
 
 /// Loads the plugin at `path`, known in config as `plugin`, and registers
 /// its handlers with `settings`.
-pub(crate) fn load(plugin: &str, path: &Path, settings: serde_json::Value) -> Result<LoadedPlugin, PluginLoadError> {
+pub(crate) fn load(
+    plugin: &str,
+    path: &Path,
+    settings: serde_json::Value,
+) -> Result<LoadedPlugin, PluginLoadError> {
     let owned = |p: &Path| p.to_owned();
     if !path.exists() {
-        return Err(PluginLoadError::Missing { plugin: plugin.into(), path: owned(path) });
+        return Err(PluginLoadError::Missing {
+            plugin: plugin.into(),
+            path: owned(path),
+        });
     }
     // SAFETY: loading runs the library's initializers. The path is named by
     // the operator in config (never found by scanning), which is the trust
@@ -107,14 +122,25 @@ pub(crate) fn load(plugin: &str, path: &Path, settings: serde_json::Value) -> Re
     let declaration: &PluginDeclaration = unsafe {
         let symbol = library
             .get::<*const PluginDeclaration>(DECLARATION_SYMBOL)
-            .map_err(|_| PluginLoadError::NotAPlugin { plugin: plugin.into(), path: owned(path) })?;
+            .map_err(|_| PluginLoadError::NotAPlugin {
+                plugin: plugin.into(),
+                path: owned(path),
+            })?;
         let pointer: *const PluginDeclaration = *symbol;
-        pointer.as_ref().ok_or_else(|| PluginLoadError::NotAPlugin { plugin: plugin.into(), path: owned(path) })?
+        pointer
+            .as_ref()
+            .ok_or_else(|| PluginLoadError::NotAPlugin {
+                plugin: plugin.into(),
+                path: owned(path),
+            })?
     };
     let ours = AbiHeader::CURRENT;
     let header = &declaration.header;
     if header.magic != ABI_MAGIC {
-        return Err(PluginLoadError::NotAPlugin { plugin: plugin.into(), path: owned(path) });
+        return Err(PluginLoadError::NotAPlugin {
+            plugin: plugin.into(),
+            path: owned(path),
+        });
     }
     if header.format_version != ABI_FORMAT_VERSION {
         return Err(PluginLoadError::FormatMismatch {
@@ -143,14 +169,23 @@ pub(crate) fn load(plugin: &str, path: &Path, settings: serde_json::Value) -> Re
     // cross from its standard library into ours) and never unwinds.
     if !(declaration.register)(&mut registrar) {
         let reason = registrar.failure().unwrap_or("no reason given").to_owned();
-        return Err(PluginLoadError::Registration { plugin: plugin.into(), path: owned(path), reason });
+        return Err(PluginLoadError::Registration {
+            plugin: plugin.into(),
+            path: owned(path),
+            reason,
+        });
     }
     let version = declaration.version.as_str().to_owned();
     let library = Arc::new(library);
     let handlers = registrar
         .take_handlers()
         .into_iter()
-        .map(|inner| Arc::new(DynamicHandler { inner, _library: Arc::clone(&library) }) as Arc<dyn MessageHandler>)
+        .map(|inner| {
+            Arc::new(DynamicHandler {
+                inner,
+                _library: Arc::clone(&library),
+            }) as Arc<dyn MessageHandler>
+        })
         .collect();
     Ok(LoadedPlugin { version, handlers })
 }

@@ -5,18 +5,18 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use possync_sdk::{Envelope, WireMessage};
 use time::OffsetDateTime;
-use futures_util::FutureExt;
-use tokio::sync::Mutex;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::Mutex;
 
 use crate::config::BrokerConfig;
 use crate::connection::{self, BrokerError};
-use crate::identity::{InvalidId, LicenseKey};
 use crate::events;
+use crate::identity::{InvalidId, LicenseKey};
 use crate::topology::{declare_exchange, routing_key};
 
 const PERSISTENT: u8 = 2;
@@ -45,7 +45,9 @@ pub enum PublishError {
         routing_key: String,
     },
     /// No queue is bound for the store: no terminal of it has ever started.
-    #[error("no terminal queue receives {routing_key}: no terminal of license {license_key} has started yet, so the broker dropped the message; start a terminal of that store first")]
+    #[error(
+        "no terminal queue receives {routing_key}: no terminal of license {license_key} has started yet, so the broker dropped the message; start a terminal of that store first"
+    )]
     Unroutable {
         /// The message's routing key.
         routing_key: String,
@@ -102,7 +104,11 @@ impl Publisher {
             }
         }
         let session = session?;
-        Ok(Self { broker: broker.clone(), session: Mutex::new(Some(session)), last_version: AtomicI64::new(0) })
+        Ok(Self {
+            broker: broker.clone(),
+            session: Mutex::new(Some(session)),
+            last_version: AtomicI64::new(0),
+        })
     }
 
     /// Publishes `message` to every store in `license_keys`; returns once
@@ -144,19 +150,24 @@ impl Publisher {
         let timestamp = OffsetDateTime::now_utc().format(&Rfc3339).ok();
         for envelope in envelopes {
             while in_flight.len() >= WINDOW {
-                self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects).await?;
+                self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects)
+                    .await?;
             }
             let mut pending = self.prepare(envelope, timestamp.as_deref())?;
             loop {
                 match send(&mut guard, &self.broker, &mut pending).await {
                     Ok(()) => break,
-                    Err(err) => self.recover(&mut guard, &mut in_flight, &mut reconnects, err).await?,
+                    Err(err) => {
+                        self.recover(&mut guard, &mut in_flight, &mut reconnects, err)
+                            .await?
+                    }
                 }
             }
             in_flight.push_back(pending);
         }
         while !in_flight.is_empty() {
-            self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects).await?;
+            self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects)
+                .await?;
         }
         Ok(published)
     }
@@ -168,7 +179,9 @@ impl Publisher {
         published: &mut Vec<Published>,
         reconnects: &mut Reconnects,
     ) -> Result<(), PublishError> {
-        let Some(oldest) = in_flight.front_mut() else { return Ok(()) };
+        let Some(oldest) = in_flight.front_mut() else {
+            return Ok(());
+        };
         let Some(confirm) = oldest.confirm.take() else {
             // Sent on a connection that is gone: send everything again first.
             let err = BrokerError::ConnectionLost;
@@ -177,18 +190,31 @@ impl Publisher {
         let mut confirm = confirm;
         // Most confirms of a full window are in already: skip the timer then.
         let waited = match (&mut confirm).now_or_never() {
-            Some(result) => {
-                result.map_err(|err| BrokerError::from_lapin("waiting for the broker's confirm", session_url(session), err))
-            }
+            Some(result) => result.map_err(|err| {
+                BrokerError::from_lapin(
+                    "waiting for the broker's confirm",
+                    session_url(session),
+                    err,
+                )
+            }),
             None => {
                 let url = session_url(session).to_owned();
-                connection::within(self.broker.confirm_timeout_secs, "waiting for the broker's confirm", &url, confirm).await
+                connection::within(
+                    self.broker.confirm_timeout_secs,
+                    "waiting for the broker's confirm",
+                    &url,
+                    confirm,
+                )
+                .await
             }
         };
         match waited {
             Ok(Confirmation::Ack(None)) => {
                 if let Some(done) = in_flight.pop_front() {
-                    published.push(Published { routing_key: done.routing_key, message_id: done.message_id });
+                    published.push(Published {
+                        routing_key: done.routing_key,
+                        message_id: done.message_id,
+                    });
                 }
                 reconnects.reset();
                 Ok(())
@@ -198,10 +224,16 @@ impl Publisher {
                 // the same multiple-ack: name the message the broker returned.
                 let routing_key = returned.delivery.routing_key.to_string();
                 let license_key = routing_key.split('.').nth(1).unwrap_or_default().to_owned();
-                Err(PublishError::Unroutable { routing_key, license_key })
+                Err(PublishError::Unroutable {
+                    routing_key,
+                    license_key,
+                })
             }
             Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
-                let routing_key = in_flight.pop_front().map(|d| d.routing_key).unwrap_or_default();
+                let routing_key = in_flight
+                    .pop_front()
+                    .map(|d| d.routing_key)
+                    .unwrap_or_default();
                 Err(PublishError::Refused { routing_key })
             }
             Err(err) => self.recover(session, in_flight, reconnects, err).await,
@@ -250,10 +282,17 @@ impl Publisher {
         }
     }
 
-    fn prepare(&self, mut envelope: Envelope, timestamp: Option<&str>) -> Result<Pending, PublishError> {
+    fn prepare(
+        &self,
+        mut envelope: Envelope,
+        timestamp: Option<&str>,
+    ) -> Result<Pending, PublishError> {
         let license_key = LicenseKey::new(envelope.license_key.clone())?;
         check_type(&envelope.message_type)?;
-        let message_id = envelope.message_id.get_or_insert_with(|| uuid::Uuid::now_v7().to_string()).clone();
+        let message_id = envelope
+            .message_id
+            .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
+            .clone();
         if envelope.version.is_none() {
             envelope.version = Some(self.next_version());
         }
@@ -278,7 +317,12 @@ impl Publisher {
         let mut last = self.last_version.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);
-            match self.last_version.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            match self.last_version.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return next,
                 Err(actual) => last = actual,
             }
@@ -304,17 +348,44 @@ impl Session {
         let url = broker.urls[attempt as usize % broker.urls.len()].clone();
         let timeout = broker.confirm_timeout_secs;
         let connection = connection::connect(broker, &url, "possync publisher").await?;
-        let channel = connection::within(timeout, "opening a channel", &url, connection.create_channel()).await?;
-        connection::within(timeout, "enabling publisher confirms", &url, channel.confirm_select(ConfirmSelectOptions::default()))
-            .await?;
+        let channel = connection::within(
+            timeout,
+            "opening a channel",
+            &url,
+            connection.create_channel(),
+        )
+        .await?;
+        connection::within(
+            timeout,
+            "enabling publisher confirms",
+            &url,
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         if broker.declare_topology {
-            connection::within(timeout, "declaring the exchange", &url, declare_exchange(&channel, &broker.exchange)).await?;
+            connection::within(
+                timeout,
+                "declaring the exchange",
+                &url,
+                declare_exchange(&channel, &broker.exchange),
+            )
+            .await?;
         }
-        Ok(Self { connection, channel, url })
+        Ok(Self {
+            connection,
+            channel,
+            url,
+        })
     }
 
     async fn close(self, timeout_secs: u64) {
-        let _ = connection::within(timeout_secs, "closing", &self.url, self.connection.close(200, "done".into())).await;
+        let _ = connection::within(
+            timeout_secs,
+            "closing",
+            &self.url,
+            self.connection.close(200, "done".into()),
+        )
+        .await;
     }
 }
 
@@ -322,8 +393,14 @@ fn session_url(session: &Option<Session>) -> &str {
     session.as_ref().map_or("", |s| s.url.as_str())
 }
 
-async fn send(session: &mut Option<Session>, broker: &BrokerConfig, pending: &mut Pending) -> Result<(), BrokerError> {
-    let Some(session) = session.as_ref() else { return Err(BrokerError::ConnectionLost) };
+async fn send(
+    session: &mut Option<Session>,
+    broker: &BrokerConfig,
+    pending: &mut Pending,
+) -> Result<(), BrokerError> {
+    let Some(session) = session.as_ref() else {
+        return Err(BrokerError::ConnectionLost);
+    };
     let properties = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
         .with_content_type("application/json".into())
@@ -333,14 +410,27 @@ async fn send(session: &mut Option<Session>, broker: &BrokerConfig, pending: &mu
         broker.exchange.as_str().into(),
         pending.routing_key.as_str().into(),
         // mandatory: the broker tells us when no queue took the message.
-        BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+        BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        },
         &pending.body,
         properties,
     ));
     // Usually queued at once; a timer only for a broker that pushes back (lapin #409).
     let confirm = match publishing.as_mut().now_or_never() {
-        Some(result) => result.map_err(|err| BrokerError::from_lapin("publishing", &session.url, err))?,
-        None => connection::within(broker.confirm_timeout_secs, "publishing", &session.url, publishing).await?,
+        Some(result) => {
+            result.map_err(|err| BrokerError::from_lapin("publishing", &session.url, err))?
+        }
+        None => {
+            connection::within(
+                broker.confirm_timeout_secs,
+                "publishing",
+                &session.url,
+                publishing,
+            )
+            .await?
+        }
     };
     pending.confirm = Some(confirm);
     Ok(())
@@ -356,7 +446,11 @@ struct Reconnects {
 impl Reconnects {
     fn new(broker: &BrokerConfig) -> Self {
         let budget = Duration::from_secs(broker.publish_retry_secs);
-        Self { attempt: 0, budget, deadline: Instant::now() + budget }
+        Self {
+            attempt: 0,
+            budget,
+            deadline: Instant::now() + budget,
+        }
     }
 
     /// A confirm arrived: the next outage gets the full retry time.
@@ -378,6 +472,12 @@ impl Reconnects {
 fn check_type(message_type: &str) -> Result<(), PublishError> {
     let valid = !message_type.is_empty()
         && message_type.len() <= 64
-        && message_type.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid { Ok(()) } else { Err(PublishError::InvalidType(message_type.to_owned())) }
+        && message_type
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(PublishError::InvalidType(message_type.to_owned()))
+    }
 }

@@ -49,7 +49,9 @@ pub struct PluginInfo {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// `[plugins]` names a built-in handler this binary does not have.
-    #[error("[plugins] names {name:?}, but no such plugin is available; available: {available} (a plugin library needs a table with `path`)")]
+    #[error(
+        "[plugins] names {name:?}, but no such plugin is available; available: {available} (a plugin library needs a table with `path`)"
+    )]
     UnknownPlugin {
         /// The name in config.
         name: String,
@@ -57,7 +59,9 @@ pub enum RegistryError {
         available: String,
     },
     /// Two enabled handlers claim the same message type.
-    #[error("message type {message_type:?} is handled by both {first:?} and {second:?}; disable one of them in [plugins]")]
+    #[error(
+        "message type {message_type:?} is handled by both {first:?} and {second:?}; disable one of them in [plugins]"
+    )]
     Conflict {
         /// The type.
         message_type: String,
@@ -117,10 +121,18 @@ impl Registry {
                     Some(PluginSetting::Toggle(on)) => *on,
                     _ => true,
                 };
-                Entry { handler, enabled, origin: Origin::BuiltIn, version: version.into() }
+                Entry {
+                    handler,
+                    enabled,
+                    origin: Origin::BuiltIn,
+                    version: version.into(),
+                }
             })
             .collect();
-        let built_in: HashSet<String> = entries.iter().map(|e| e.handler.name().to_owned()).collect();
+        let built_in: HashSet<String> = entries
+            .iter()
+            .map(|e| e.handler.name().to_owned())
+            .collect();
         let mut unloaded = Vec::new();
         for (name, setting) in plugins {
             match setting {
@@ -128,18 +140,26 @@ impl Registry {
                 PluginSetting::Toggle(_) => {
                     let mut available: Vec<&str> = built_in.iter().map(String::as_str).collect();
                     available.sort_unstable();
-                    return Err(RegistryError::UnknownPlugin { name: name.clone(), available: available.join(", ") });
+                    return Err(RegistryError::UnknownPlugin {
+                        name: name.clone(),
+                        available: available.join(", "),
+                    });
                 }
                 PluginSetting::Dynamic(plugin) => {
-                    let settings = serde_json::Value::Object(plugin.settings.clone().into_iter().collect());
+                    let settings =
+                        serde_json::Value::Object(plugin.settings.clone().into_iter().collect());
                     match plugin_loader::load(name, &plugin.path, settings) {
-                        Ok(loaded) => entries.extend(loaded.handlers.into_iter().map(|handler| Entry {
-                            handler,
-                            enabled: plugin.enabled,
-                            origin: Origin::Dynamic(plugin.path.clone()),
-                            version: loaded.version.clone(),
-                        })),
-                        Err(err) if plugin.enabled => return Err(RegistryError::Load(Box::new(err))),
+                        Ok(loaded) => {
+                            entries.extend(loaded.handlers.into_iter().map(|handler| Entry {
+                                handler,
+                                enabled: plugin.enabled,
+                                origin: Origin::Dynamic(plugin.path.clone()),
+                                version: loaded.version.clone(),
+                            }))
+                        }
+                        Err(err) if plugin.enabled => {
+                            return Err(RegistryError::Load(Box::new(err)));
+                        }
                         Err(err) => unloaded.push(PluginInfo {
                             name: name.clone(),
                             message_types: Vec::new(),
@@ -159,7 +179,9 @@ impl Registry {
         entries.sort_by(|a, b| a.handler.name().cmp(b.handler.name()));
         for pair in entries.windows(2) {
             if pair[0].handler.name() == pair[1].handler.name() {
-                return Err(RegistryError::DuplicateName(pair[0].handler.name().to_owned()));
+                return Err(RegistryError::DuplicateName(
+                    pair[0].handler.name().to_owned(),
+                ));
             }
         }
         let mut routes = HashMap::new();
@@ -181,7 +203,11 @@ impl Registry {
                 }
             }
         }
-        Ok(Self { entries, unloaded, routes })
+        Ok(Self {
+            entries,
+            unloaded,
+            routes,
+        })
     }
 
     /// Every handler, enabled or not, by name; then disabled plugin
@@ -191,7 +217,12 @@ impl Registry {
             .iter()
             .map(|e| PluginInfo {
                 name: e.handler.name().to_owned(),
-                message_types: e.handler.message_types().iter().map(|t| (*t).to_owned()).collect(),
+                message_types: e
+                    .handler
+                    .message_types()
+                    .iter()
+                    .map(|t| (*t).to_owned())
+                    .collect(),
                 enabled: e.enabled,
                 origin: e.origin.clone(),
                 version: e.version.clone(),

@@ -70,13 +70,22 @@ impl StatusSender {
         self.0.send_modify(|status| status.state = state);
     }
 
-    pub(crate) fn count(&self, applied: u64, quarantined: u64, duplicates: u64, by_type: &[(String, u64)]) {
+    pub(crate) fn count(
+        &self,
+        applied: u64,
+        quarantined: u64,
+        duplicates: u64,
+        by_type: &[(String, u64)],
+    ) {
         if applied == 0 && quarantined == 0 && duplicates == 0 {
             return;
         }
         self.0.send_modify(|status| {
             for (message_type, count) in by_type {
-                *status.applied_by_type.entry(message_type.clone()).or_default() += count;
+                *status
+                    .applied_by_type
+                    .entry(message_type.clone())
+                    .or_default() += count;
             }
             status.applied += applied;
             status.quarantined += quarantined;
@@ -122,7 +131,10 @@ impl StatusReport {
         if let (Some(reason), "offline") = (&stored.reason, stored.state.as_str()) {
             text.push_str(&format!("reason        {reason}\n"));
         }
-        text.push_str(&format!("store         {} (terminal {})\n", stored.license_key, stored.terminal_id));
+        text.push_str(&format!(
+            "store         {} (terminal {})\n",
+            stored.license_key, stored.terminal_id
+        ));
         if let Some(broker) = &stored.broker {
             text.push_str(&format!("broker        {broker}\n"));
         }
@@ -144,13 +156,21 @@ impl StatusReport {
 
 fn capitalize(word: &str) -> String {
     let mut chars = word.chars();
-    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 fn when(ms: i64, now_ms: i64) -> String {
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC")).ok())
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
+            ))
+            .ok()
+        })
         .unwrap_or_else(|| ms.to_string());
     let ago = (now_ms - ms).max(0) / 1000;
     let ago = match ago {

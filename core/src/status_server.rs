@@ -59,7 +59,11 @@ async fn respond(mut stream: TcpStream, view: &StatusView) -> std::io::Result<()
         ("GET", "/status") => (200, "application/json", status_json(view, &status)),
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics(view, &status)),
         ("GET", "/") => (200, "text/html; charset=utf-8", page(view, &status)),
-        ("GET", _) => (404, "text/plain", "not found: try /, /status, /healthz or /metrics\n".to_owned()),
+        ("GET", _) => (
+            404,
+            "text/plain",
+            "not found: try /, /status, /healthz or /metrics\n".to_owned(),
+        ),
         _ => (405, "text/plain", "only GET\n".to_owned()),
     };
     let reason = match code {
@@ -77,7 +81,8 @@ async fn respond(mut stream: TcpStream, view: &StatusView) -> std::io::Result<()
 }
 
 fn seconds(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -85,7 +90,10 @@ fn rfc3339(time: SystemTime) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::try_from(nanos).unwrap_or(0))
         .ok()
         .and_then(|t| t.replace_nanosecond(0).ok())
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -100,8 +108,14 @@ fn state_parts(state: &State) -> (&'static str, Option<SystemTime>, Option<&str>
 
 fn quarantined(view: &StatusView) -> (usize, Vec<Quarantined>) {
     // The terminal writes the database; a read-only look does not disturb it.
-    let Ok(database) = Database::open_read_only(&view.database) else { return (0, Vec::new()) };
-    let total = database.status_record().ok().flatten().map_or(0, |s| usize::try_from(s.quarantine_rows).unwrap_or(0));
+    let Ok(database) = Database::open_read_only(&view.database) else {
+        return (0, Vec::new());
+    };
+    let total = database
+        .status_record()
+        .ok()
+        .flatten()
+        .map_or(0, |s| usize::try_from(s.quarantine_rows).unwrap_or(0));
     (total, database.quarantined(10).unwrap_or_default())
 }
 
@@ -132,45 +146,104 @@ fn status_json(view: &StatusView, status: &Status) -> String {
 }
 
 fn metrics(view: &StatusView, status: &Status) -> String {
-    let labels = format!("license_key=\"{}\",terminal_id=\"{}\"", view.license_key, view.terminal_id);
+    let labels = format!(
+        "license_key=\"{}\",terminal_id=\"{}\"",
+        view.license_key, view.terminal_id
+    );
     let (_, since, _) = state_parts(&status.state);
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP possync_live 1 when the terminal is connected and consuming.\n# TYPE possync_live gauge");
-    let _ = writeln!(out, "possync_live{{{labels}}} {}", u8::from(status.is_live()));
-    let _ = writeln!(out, "# HELP possync_state_since_seconds When the current state began (Unix time).\n# TYPE possync_state_since_seconds gauge");
-    let _ = writeln!(out, "possync_state_since_seconds{{{labels}}} {}", since.map_or(0.0, seconds));
-    let _ = writeln!(out, "# HELP possync_messages_applied_total Messages applied since start, by type.\n# TYPE possync_messages_applied_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP possync_live 1 when the terminal is connected and consuming.\n# TYPE possync_live gauge"
+    );
+    let _ = writeln!(
+        out,
+        "possync_live{{{labels}}} {}",
+        u8::from(status.is_live())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP possync_state_since_seconds When the current state began (Unix time).\n# TYPE possync_state_since_seconds gauge"
+    );
+    let _ = writeln!(
+        out,
+        "possync_state_since_seconds{{{labels}}} {}",
+        since.map_or(0.0, seconds)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP possync_messages_applied_total Messages applied since start, by type.\n# TYPE possync_messages_applied_total counter"
+    );
     for (message_type, count) in &status.applied_by_type {
-        let _ = writeln!(out, "possync_messages_applied_total{{{labels},type=\"{message_type}\"}} {count}");
+        let _ = writeln!(
+            out,
+            "possync_messages_applied_total{{{labels},type=\"{message_type}\"}} {count}"
+        );
     }
-    let _ = writeln!(out, "# HELP possync_messages_quarantined_total Messages dead-lettered since start.\n# TYPE possync_messages_quarantined_total counter");
-    let _ = writeln!(out, "possync_messages_quarantined_total{{{labels}}} {}", status.quarantined);
-    let _ = writeln!(out, "# HELP possync_messages_duplicate_total Redelivered messages skipped since start.\n# TYPE possync_messages_duplicate_total counter");
-    let _ = writeln!(out, "possync_messages_duplicate_total{{{labels}}} {}", status.duplicates);
-    let _ = writeln!(out, "# HELP possync_last_applied_seconds When the last message was applied (Unix time).\n# TYPE possync_last_applied_seconds gauge");
-    let _ = writeln!(out, "possync_last_applied_seconds{{{labels}}} {}", status.last_applied_at.map_or(0.0, seconds));
+    let _ = writeln!(
+        out,
+        "# HELP possync_messages_quarantined_total Messages dead-lettered since start.\n# TYPE possync_messages_quarantined_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "possync_messages_quarantined_total{{{labels}}} {}",
+        status.quarantined
+    );
+    let _ = writeln!(
+        out,
+        "# HELP possync_messages_duplicate_total Redelivered messages skipped since start.\n# TYPE possync_messages_duplicate_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "possync_messages_duplicate_total{{{labels}}} {}",
+        status.duplicates
+    );
+    let _ = writeln!(
+        out,
+        "# HELP possync_last_applied_seconds When the last message was applied (Unix time).\n# TYPE possync_last_applied_seconds gauge"
+    );
+    let _ = writeln!(
+        out,
+        "possync_last_applied_seconds{{{labels}}} {}",
+        status.last_applied_at.map_or(0.0, seconds)
+    );
     out
 }
 
 fn escape_html(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn page(view: &StatusView, status: &Status) -> String {
     let (state, since, reason) = state_parts(&status.state);
     let since = since.map(rfc3339).unwrap_or_default();
     let badge = match state {
-        "live" => format!(r#"<div class="badge live" id="badge">Live sync</div><p class="since">since {since}</p>"#),
+        "live" => format!(
+            r#"<div class="badge live" id="badge">Live sync</div><p class="since">since {since}</p>"#
+        ),
         "offline" => format!(
             r#"<div class="badge offline" id="badge">Offline since {since}</div><p class="since">{}</p>"#,
             escape_html(reason.unwrap_or(""))
         ),
-        other => format!(r#"<div class="badge offline" id="badge">{}</div>"#, escape_html(&other.to_uppercase())),
+        other => format!(
+            r#"<div class="badge offline" id="badge">{}</div>"#,
+            escape_html(&other.to_uppercase())
+        ),
     };
-    let last = status.last_applied_at.map_or_else(|| "no change applied since start".to_owned(), |t| format!("last change applied {}", rfc3339(t)));
+    let last = status.last_applied_at.map_or_else(
+        || "no change applied since start".to_owned(),
+        |t| format!("last change applied {}", rfc3339(t)),
+    );
     let mut counts = String::new();
     for (message_type, count) in &status.applied_by_type {
-        let _ = write!(counts, "<tr><td>{}</td><td>{count}</td></tr>", escape_html(message_type));
+        let _ = write!(
+            counts,
+            "<tr><td>{}</td><td>{count}</td></tr>",
+            escape_html(message_type)
+        );
     }
     if counts.is_empty() {
         counts.push_str("<tr><td colspan=2>none yet</td></tr>");

@@ -141,8 +141,10 @@ impl Database {
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(err)),
             })?;
         }
-        let connection = Connection::open(path)
-            .map_err(|source| DatabaseError::Open { path: path.to_owned(), source })?;
+        let connection = Connection::open(path).map_err(|source| DatabaseError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         connection.busy_timeout(std::time::Duration::from_secs(10))?;
         // WAL lets the POS app read while we write. synchronous=FULL because
         // the broker ack follows the commit: with NORMAL the last commits may
@@ -157,25 +159,40 @@ impl Database {
 
     /// Opens an existing database read-only, to look at it while a terminal may run.
     pub fn open_read_only(path: &Path) -> Result<Self, DatabaseError> {
-        let connection = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|source| DatabaseError::Open { path: path.to_owned(), source })?;
+        let connection =
+            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+                |source| DatabaseError::Open {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Self { connection })
     }
 
     /// Runs each migration not yet recorded, in order, each in its own
     /// transaction. Returns the ids that ran now.
-    pub fn migrate<'a>(&mut self, migrations: impl IntoIterator<Item = &'a Migration>) -> Result<Vec<String>, DatabaseError> {
+    pub fn migrate<'a>(
+        &mut self,
+        migrations: impl IntoIterator<Item = &'a Migration>,
+    ) -> Result<Vec<String>, DatabaseError> {
         let mut ran = Vec::new();
         for migration in migrations {
             let done: Option<i64> = self
                 .connection
-                .query_row("SELECT 1 FROM possync_migrations WHERE id = ?1", [migration.id], |row| row.get(0))
+                .query_row(
+                    "SELECT 1 FROM possync_migrations WHERE id = ?1",
+                    [migration.id],
+                    |row| row.get(0),
+                )
                 .optional()?;
             if done.is_some() {
                 continue;
             }
-            let failed = |source| DatabaseError::Migration { id: migration.id.to_owned(), source };
+            let failed = |source| DatabaseError::Migration {
+                id: migration.id.to_owned(),
+                source,
+            };
             let tx = self.connection.transaction().map_err(failed)?;
             tx.execute_batch(migration.sql).map_err(failed)?;
             tx.execute(
@@ -192,9 +209,10 @@ impl Database {
     /// Forgets applied message ids older than `max_age_secs`: the broker
     /// cannot redeliver a message older than its queue's lifetime.
     pub fn prune_applied(&mut self, max_age_secs: i64) -> Result<usize, DatabaseError> {
-        Ok(self
-            .connection
-            .execute("DELETE FROM possync_applied WHERE applied_at < ?1", [unix_now() - max_age_secs])?)
+        Ok(self.connection.execute(
+            "DELETE FROM possync_applied WHERE applied_at < ?1",
+            [unix_now() - max_age_secs],
+        )?)
     }
 
     /// Quarantined messages, newest first.
@@ -231,27 +249,38 @@ impl Database {
 
     // Savepoints run once per message: cached statements, not re-parsed SQL.
     pub(crate) fn savepoint(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.prepare_cached("SAVEPOINT message")?.execute([]).map(drop)
+        self.connection
+            .prepare_cached("SAVEPOINT message")?
+            .execute([])
+            .map(drop)
     }
 
     pub(crate) fn release(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.prepare_cached("RELEASE message")?.execute([]).map(drop)
+        self.connection
+            .prepare_cached("RELEASE message")?
+            .execute([])
+            .map(drop)
     }
 
     pub(crate) fn rollback_to_savepoint(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.prepare_cached("ROLLBACK TO message")?.execute([])?;
+        self.connection
+            .prepare_cached("ROLLBACK TO message")?
+            .execute([])?;
         self.release()
     }
 
     /// Records `message_id` as applied; false if it was applied before.
     pub(crate) fn record_applied(&mut self, message_id: &str) -> Result<bool, rusqlite::Error> {
-        let mut statement = self
-            .connection
-            .prepare_cached("INSERT OR IGNORE INTO possync_applied (message_id, applied_at) VALUES (?1, ?2)")?;
+        let mut statement = self.connection.prepare_cached(
+            "INSERT OR IGNORE INTO possync_applied (message_id, applied_at) VALUES (?1, ?2)",
+        )?;
         Ok(statement.execute(params![message_id, unix_now()])? == 1)
     }
 
-    pub(crate) fn record_quarantined(&mut self, message: &Quarantined) -> Result<(), rusqlite::Error> {
+    pub(crate) fn record_quarantined(
+        &mut self,
+        message: &Quarantined,
+    ) -> Result<(), rusqlite::Error> {
         let mut statement = self.connection.prepare_cached(
             "INSERT INTO possync_quarantine (received_at, routing_key, message_type, message_id, reason, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -268,7 +297,11 @@ impl Database {
     }
 
     /// Counts one more failed try of the message `key`; returns the tries so far.
-    pub(crate) fn record_attempt(&mut self, key: &str, error: &str) -> Result<u32, rusqlite::Error> {
+    pub(crate) fn record_attempt(
+        &mut self,
+        key: &str,
+        error: &str,
+    ) -> Result<u32, rusqlite::Error> {
         let mut statement = self.connection.prepare_cached(
             "INSERT INTO possync_attempts (message_key, attempts, last_error) VALUES (?1, 1, ?2)
              ON CONFLICT (message_key) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error
@@ -278,7 +311,9 @@ impl Database {
     }
 
     pub(crate) fn forget_attempts(&mut self, key: &str) -> Result<(), rusqlite::Error> {
-        let mut statement = self.connection.prepare_cached("DELETE FROM possync_attempts WHERE message_key = ?1")?;
+        let mut statement = self
+            .connection
+            .prepare_cached("DELETE FROM possync_attempts WHERE message_key = ?1")?;
         statement.execute([key])?;
         Ok(())
     }
@@ -361,7 +396,9 @@ impl Database {
 
     /// The handle a handler writes through, inside the current transaction.
     pub(crate) fn store(&mut self) -> SqliteStore<'_> {
-        SqliteStore { connection: &mut self.connection }
+        SqliteStore {
+            connection: &mut self.connection,
+        }
     }
 }
 
@@ -407,19 +444,27 @@ pub(crate) fn store_error(err: rusqlite::Error) -> StoreError {
                 | ErrorCode::CannotOpen
         )
     );
-    if transient { StoreError::transient(err.to_string()) } else { StoreError::permanent(err.to_string()) }
+    if transient {
+        StoreError::transient(err.to_string())
+    } else {
+        StoreError::permanent(err.to_string())
+    }
 }
 
 impl Store for SqliteStore<'_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError> {
         let mut statement = self.connection.prepare_cached(sql).map_err(store_error)?;
-        statement.execute(rusqlite::params_from_iter(params.iter().map(Param))).map_err(store_error)
+        statement
+            .execute(rusqlite::params_from_iter(params.iter().map(Param)))
+            .map_err(store_error)
     }
 
     fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError> {
         let mut statement = self.connection.prepare_cached(sql).map_err(store_error)?;
         let columns = statement.column_count();
-        let mut rows = statement.query(rusqlite::params_from_iter(params.iter().map(Param))).map_err(store_error)?;
+        let mut rows = statement
+            .query(rusqlite::params_from_iter(params.iter().map(Param)))
+            .map_err(store_error)?;
         match rows.next().map_err(store_error)? {
             Some(row) => {
                 let mut values = Vec::with_capacity(columns);
@@ -435,9 +480,13 @@ impl Store for SqliteStore<'_> {
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 pub(crate) fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

@@ -20,7 +20,10 @@ pub fn init_logging(default_level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_env("POSSYNC_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},lapin=off")));
     // A second init (in tests) keeps the first subscriber.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -100,8 +100,18 @@ impl Terminal {
     /// Fails at once if the broker refuses the terminal before it was ever
     /// live (wrong credentials, a conflicting queue): that needs an operator.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TerminalError> {
-        let Self { config, topology, registry, database, connection_name, status } = self;
-        let identity = (config.license_key()?.to_string(), config.terminal_id()?.to_string());
+        let Self {
+            config,
+            topology,
+            registry,
+            database,
+            connection_name,
+            status,
+        } = self;
+        let identity = (
+            config.license_key()?.to_string(),
+            config.terminal_id()?.to_string(),
+        );
         let plugins = registry.plugins();
         let mut server = None;
         let applier = ApplierHandle::spawn(Applier::new(
@@ -125,9 +135,16 @@ impl Terminal {
                 database: config.terminal.database.clone(),
                 plugins,
             };
-            server = Some(tokio::spawn(crate::status_server::serve(listener, Arc::new(view))));
+            server = Some(tokio::spawn(crate::status_server::serve(
+                listener,
+                Arc::new(view),
+            )));
         }
-        let reporter = Reporter { applier: &applier, status: &status, identity };
+        let reporter = Reporter {
+            applier: &applier,
+            status: &status,
+            identity,
+        };
         reporter.set(State::Connecting, None).await;
         let mut shutdown = pin!(shutdown);
         let urls = &config.broker.urls;
@@ -148,8 +165,23 @@ impl Terminal {
                     ever_live = true;
                     failures = 0;
                     events::live(&redact_url(url), &topology.queue, &topology.binding_key);
-                    reporter.set(State::Live { since: SystemTime::now() }, Some(url)).await;
-                    match consume(subscription, &applier, &status, config.terminal.batch_size, &mut shutdown).await {
+                    reporter
+                        .set(
+                            State::Live {
+                                since: SystemTime::now(),
+                            },
+                            Some(url),
+                        )
+                        .await;
+                    match consume(
+                        subscription,
+                        &applier,
+                        &status,
+                        config.terminal.batch_size,
+                        &mut shutdown,
+                    )
+                    .await
+                    {
                         SessionEnd::Stopped => break Ok(()),
                         SessionEnd::Lost(err) => err,
                     }
@@ -166,7 +198,15 @@ impl Terminal {
             }
             // The latest reason is what an operator needs (why it cannot
             // reconnect); `since` stays at the first failure.
-            reporter.set(State::Offline { since: offline_since, reason }, Some(url)).await;
+            reporter
+                .set(
+                    State::Offline {
+                        since: offline_since,
+                        reason,
+                    },
+                    Some(url),
+                )
+                .await;
             tokio::select! {
                 () = &mut shutdown => break Ok(()),
                 () = tokio::time::sleep(delay) => {}
@@ -201,7 +241,9 @@ impl Reporter<'_> {
         };
         let since_ms = since
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or_else(unix_now_ms, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            .map_or_else(unix_now_ms, |d| {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            });
         self.applier
             .record_state(StateRecord {
                 license_key: self.identity.0.clone(),
@@ -264,7 +306,12 @@ async fn consume(
                 }
                 let settled = subscription.settle(&batch, &outcomes).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
-                status.count(tally.applied as u64, tally.quarantined as u64, tally.duplicates as u64, &tally.by_type);
+                status.count(
+                    tally.applied as u64,
+                    tally.quarantined as u64,
+                    tally.duplicates as u64,
+                    &tally.by_type,
+                );
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
                 }

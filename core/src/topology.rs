@@ -60,14 +60,23 @@ impl TerminalTopology {
     /// `possync admin` declares it, so either finds the other's queue equal.
     pub(crate) fn queue_arguments(&self) -> Vec<(&'static str, Argument)> {
         let mut args = vec![
-            ("x-dead-letter-exchange", Argument::Text(self.dead_letter_exchange.clone())),
-            ("x-dead-letter-routing-key", Argument::Text(self.dead_letter_queue.clone())),
+            (
+                "x-dead-letter-exchange",
+                Argument::Text(self.dead_letter_exchange.clone()),
+            ),
+            (
+                "x-dead-letter-routing-key",
+                Argument::Text(self.dead_letter_queue.clone()),
+            ),
         ];
         if self.delivery == Delivery::Durable {
             args.push(("x-expires", Argument::Integer(saturate(self.expires_ms))));
             if self.queue_type == QueueType::Quorum {
                 args.push(("x-queue-type", Argument::Text("quorum".into())));
-                args.push(("x-delivery-limit", Argument::Integer(i64::from(self.delivery_limit))));
+                args.push((
+                    "x-delivery-limit",
+                    Argument::Integer(i64::from(self.delivery_limit)),
+                ));
             }
         }
         args
@@ -76,7 +85,13 @@ impl TerminalTopology {
     /// The arguments of the dead-letter queue: dead letters are for people
     /// to read, kept as long as an idle queue lives, and bounded.
     pub(crate) fn dead_letter_arguments(&self) -> Vec<(&'static str, Argument)> {
-        vec![("x-message-ttl", Argument::Integer(saturate(self.expires_ms))), ("x-max-length", Argument::Integer(100_000))]
+        vec![
+            (
+                "x-message-ttl",
+                Argument::Integer(saturate(self.expires_ms)),
+            ),
+            ("x-max-length", Argument::Integer(100_000)),
+        ]
     }
 
     /// Declares everything (idempotent) on `channel`.
@@ -86,14 +101,20 @@ impl TerminalTopology {
             .exchange_declare(
                 self.dead_letter_exchange.as_str().into(),
                 ExchangeKind::Direct,
-                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await?;
         channel
             .queue_declare(
                 self.dead_letter_queue.as_str().into(),
-                QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
                 field_table(&self.dead_letter_arguments()),
             )
             .await?;
@@ -107,13 +128,24 @@ impl TerminalTopology {
             )
             .await?;
         let options = match self.delivery {
-            Delivery::Durable => QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+            Delivery::Durable => QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
             // Gone with the connection, as in the original system.
-            Delivery::Transient => {
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() }
-            }
+            Delivery::Transient => QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
         };
-        channel.queue_declare(self.queue.as_str().into(), options, field_table(&self.queue_arguments())).await?;
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                options,
+                field_table(&self.queue_arguments()),
+            )
+            .await?;
         channel
             .queue_bind(
                 self.queue.as_str().into(),
@@ -132,7 +164,10 @@ pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin
         .exchange_declare(
             exchange.into(),
             ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -174,4 +209,3 @@ fn field_table(arguments: &[(&'static str, Argument)]) -> FieldTable {
 fn saturate(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
-

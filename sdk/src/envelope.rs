@@ -110,10 +110,16 @@ impl Envelope {
     /// such a message applies unconditionally, as in the original system.
     pub fn order(&self) -> Option<Version> {
         if let Some(micros) = self.version {
-            return Some(Version { micros, exact: true });
+            return Some(Version {
+                micros,
+                exact: true,
+            });
         }
         let timestamp = self.timestamp.as_deref()?;
-        parse_rfc3339_micros(timestamp).map(|micros| Version { micros, exact: false })
+        parse_rfc3339_micros(timestamp).map(|micros| Version {
+            micros,
+            exact: false,
+        })
     }
 }
 
@@ -121,16 +127,29 @@ impl Envelope {
 /// sends, without pulling a date library into every plugin.
 fn parse_rfc3339_micros(text: &str) -> Option<i64> {
     let bytes = text.as_bytes();
-    if bytes.len() < 19 || bytes[4] != b'-' || bytes[7] != b'-' || bytes[10] != b'T' && bytes[10] != b't' && bytes[10] != b' ' {
+    if bytes.len() < 19
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || bytes[10] != b'T' && bytes[10] != b't' && bytes[10] != b' '
+    {
         return None;
     }
     let num = |range: std::ops::Range<usize>| -> Option<i64> {
         let part = text.get(range)?;
-        if part.bytes().all(|b| b.is_ascii_digit()) { part.parse().ok() } else { None }
+        if part.bytes().all(|b| b.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let mut rest = &text[19..];
@@ -154,7 +173,10 @@ fn parse_rfc3339_micros(text: &str) -> Option<i64> {
     }
     let offset_secs = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+        _ if rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && &rest[3..4] == ":" =>
+        {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
             let hours: i64 = rest.get(1..3)?.parse().ok()?;
             let minutes: i64 = rest.get(4..6)?.parse().ok()?;
@@ -193,7 +215,10 @@ mod tests {
         assert_eq!(envelope.message_id, None);
         assert_eq!(
             envelope.order(),
-            Some(Version { micros: 1_764_239_400_000_000, exact: false })
+            Some(Version {
+                micros: 1_764_239_400_000_000,
+                exact: false
+            })
         );
     }
 
@@ -202,9 +227,27 @@ mod tests {
         let envelope = Envelope::new("t", "K", serde_json::json!({}))
             .with_timestamp("2025-11-27T10:30:00Z")
             .with_version(42);
-        assert_eq!(envelope.order(), Some(Version { micros: 42, exact: true }));
-        assert!(!Version { micros: 42, exact: true }.supersedes(42));
-        assert!(Version { micros: 42, exact: false }.supersedes(42));
+        assert_eq!(
+            envelope.order(),
+            Some(Version {
+                micros: 42,
+                exact: true
+            })
+        );
+        assert!(
+            !Version {
+                micros: 42,
+                exact: true
+            }
+            .supersedes(42)
+        );
+        assert!(
+            Version {
+                micros: 42,
+                exact: false
+            }
+            .supersedes(42)
+        );
     }
 
     #[test]

@@ -46,12 +46,18 @@ pub struct StoreError {
 impl StoreError {
     /// An error that will recur on every try (bad SQL, a constraint).
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { message: message.into(), transient: false }
+        Self {
+            message: message.into(),
+            transient: false,
+        }
     }
 
     /// An error that may pass (database busy or locked, disk full, I/O).
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { message: message.into(), transient: true }
+        Self {
+            message: message.into(),
+            transient: true,
+        }
     }
 
     /// Whether the same operation may succeed later.

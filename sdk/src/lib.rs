@@ -53,8 +53,8 @@ pub use handler::MessageHandler;
 pub use message::WireMessage;
 pub use migration::Migration;
 pub use plugin::{
-    ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, InlineStr, PluginDeclaration, RegisterFn, Registrar,
-    run_registration,
+    ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, InlineStr, PluginDeclaration,
+    RegisterFn, Registrar, run_registration,
 };
 pub use registration::{HandlerRegistration, registered_handlers};
 pub use store::{Store, Value};

@@ -10,6 +10,10 @@ pub trait WireMessage: Serialize {
 
     /// The envelope that carries this payload to the store `license_key`.
     fn to_envelope(&self, license_key: &str) -> Result<Envelope, serde_json::Error> {
-        Ok(Envelope::new(Self::TYPE, license_key, serde_json::to_value(self)?))
+        Ok(Envelope::new(
+            Self::TYPE,
+            license_key,
+            serde_json::to_value(self)?,
+        ))
     }
 }

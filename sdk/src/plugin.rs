@@ -51,7 +51,11 @@ impl InlineStr {
 
     /// The text (up to the first NUL); invalid UTF-8 shows as `?`.
     pub fn as_str(&self) -> &str {
-        let end = self.bytes.iter().position(|b| *b == 0).unwrap_or(self.bytes.len());
+        let end = self
+            .bytes
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.bytes.len());
         std::str::from_utf8(&self.bytes[..end]).unwrap_or("?")
     }
 }
@@ -119,10 +123,18 @@ impl AbiHeader {
             ));
         }
         if self.rustc_version != expected.rustc_version {
-            problems.push(format!("{} (this possync: {})", self.rustc_version.as_str(), expected.rustc_version.as_str()));
+            problems.push(format!(
+                "{} (this possync: {})",
+                self.rustc_version.as_str(),
+                expected.rustc_version.as_str()
+            ));
         }
         if self.target != expected.target {
-            problems.push(format!("target {} (this possync: {})", self.target.as_str(), expected.target.as_str()));
+            problems.push(format!(
+                "target {} (this possync: {})",
+                self.target.as_str(),
+                expected.target.as_str()
+            ));
         }
         if self.panic_unwind != 1 {
             problems.push("panic = \"abort\" (plugins must unwind)".into());
@@ -133,7 +145,11 @@ impl AbiHeader {
                 self.layout, expected.layout
             ));
         }
-        if problems.is_empty() { None } else { Some(problems.join(", ")) }
+        if problems.is_empty() {
+            None
+        } else {
+            Some(problems.join(", "))
+        }
     }
 }
 
@@ -163,8 +179,18 @@ impl PluginDeclaration {
 
     /// A declaration with any header; for testing the host's checks.
     #[doc(hidden)]
-    pub const fn with_header(header: AbiHeader, name: &str, version: &str, register: RegisterFn) -> Self {
-        Self { header, name: InlineStr::new(name), version: InlineStr::new(version), register }
+    pub const fn with_header(
+        header: AbiHeader,
+        name: &str,
+        version: &str,
+        register: RegisterFn,
+    ) -> Self {
+        Self {
+            header,
+            name: InlineStr::new(name),
+            version: InlineStr::new(version),
+            register,
+        }
     }
 }
 
@@ -183,7 +209,13 @@ impl Registrar {
     /// A registrar for plugin `plugin` with its config `settings`.
     #[doc(hidden)]
     pub fn new(plugin: &str, settings: serde_json::Value) -> Self {
-        Self { plugin: plugin.to_owned(), settings, host: crate::host::current(), handlers: Vec::new(), failure: None }
+        Self {
+            plugin: plugin.to_owned(),
+            settings,
+            host: crate::host::current(),
+            handlers: Vec::new(),
+            failure: None,
+        }
     }
 
     /// The name config knows the plugin by.
@@ -220,7 +252,10 @@ impl Registrar {
 /// Runs a plugin's registration function on the plugin's side of the
 /// boundary: connects its SDK copy to the host and catches every panic.
 #[doc(hidden)]
-pub fn run_registration(registrar: &mut Registrar, register: fn(&mut Registrar) -> Result<(), String>) -> bool {
+pub fn run_registration(
+    registrar: &mut Registrar,
+    register: fn(&mut Registrar) -> Result<(), String>,
+) -> bool {
     if let Some(host) = registrar.host.clone() {
         crate::host::install(host);
     }
@@ -231,7 +266,10 @@ pub fn run_registration(registrar: &mut Registrar, register: fn(&mut Registrar) 
             false
         }
         Err(panic) => {
-            registrar.failure = Some(format!("panicked during registration: {}", panic_message(panic.as_ref())));
+            registrar.failure = Some(format!(
+                "panicked during registration: {}",
+                panic_message(panic.as_ref())
+            ));
             false
         }
     }

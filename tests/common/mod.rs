@@ -23,7 +23,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// The broker the tests use: `POSSYNC_TEST_AMQP_URL`, else the local default.
 pub fn amqp_url() -> String {
-    std::env::var("POSSYNC_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("POSSYNC_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Connects to the test broker. Without one the test fails: a skipped
@@ -81,36 +82,57 @@ impl RunningTerminal {
             .await
             .expect("terminal goes live in time")
             .expect("terminal status");
-        Self { database, topology, status, stop, task }
+        Self {
+            database,
+            topology,
+            status,
+            stop,
+            task,
+        }
     }
 
     /// Waits until the terminal applied at least `count` messages.
     pub async fn wait_applied(&mut self, count: u64) {
-        let reached = tokio::time::timeout(WAIT, self.status.wait_for(|s| s.applied >= count)).await.is_ok();
-        assert!(reached, "terminal applied {} of {count} messages in time", self.status.borrow().applied);
+        let reached = tokio::time::timeout(WAIT, self.status.wait_for(|s| s.applied >= count))
+            .await
+            .is_ok();
+        assert!(
+            reached,
+            "terminal applied {} of {count} messages in time",
+            self.status.borrow().applied
+        );
     }
 
     /// Waits until the terminal handled `applied` messages and quarantined `quarantined`.
     pub async fn wait_settled(&mut self, applied: u64, quarantined: u64) {
         let reached = tokio::time::timeout(
             WAIT,
-            self.status.wait_for(|s| s.applied >= applied && s.quarantined >= quarantined),
+            self.status
+                .wait_for(|s| s.applied >= applied && s.quarantined >= quarantined),
         )
         .await
         .is_ok();
         let now = self.status.borrow().clone();
-        assert!(reached, "expected {applied} applied and {quarantined} quarantined, got {now:?}");
+        assert!(
+            reached,
+            "expected {applied} applied and {quarantined} quarantined, got {now:?}"
+        );
     }
 
     /// Waits until the status satisfies `done`; false after [`WAIT`].
     pub async fn wait_for(&mut self, done: impl Fn(&Status) -> bool) -> bool {
-        tokio::time::timeout(WAIT, self.status.wait_for(|s| done(s))).await.is_ok()
+        tokio::time::timeout(WAIT, self.status.wait_for(|s| done(s)))
+            .await
+            .is_ok()
     }
 
     /// Stops the terminal cleanly.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        self.task.await.expect("terminal task").expect("terminal stops cleanly");
+        self.task
+            .await
+            .expect("terminal task")
+            .expect("terminal stops cleanly");
     }
 
     /// Opens the terminal's database to look at it.
@@ -123,14 +145,19 @@ impl RunningTerminal {
 pub async fn publish_raw(routing_key: &str, body: &[u8]) {
     let connection = broker().await;
     let channel = connection.create_channel().await.expect("channel");
-    channel.confirm_select(Default::default()).await.expect("confirms");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
     let confirm = channel
         .basic_publish(
             "pos_license_events".into(),
             routing_key.into(),
             BasicPublishOptions::default(),
             body,
-            BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
         )
         .await
         .expect("publish")
@@ -145,7 +172,14 @@ pub async fn queue_depth(queue: &str) -> u32 {
     let connection = broker().await;
     let channel = connection.create_channel().await.expect("channel");
     let declared = channel
-        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .expect("queue exists");
     let _ = connection.close(200, "bye".into()).await;
@@ -157,7 +191,15 @@ pub async fn drain(queue: &str, count: usize) -> Vec<lapin::message::Delivery> {
     let connection = broker().await;
     let channel = connection.create_channel().await.expect("channel");
     let mut consumer = channel
-        .basic_consume(queue.into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
     let mut taken = Vec::new();
@@ -178,7 +220,10 @@ pub fn possync(args: &[&str]) -> Output {
 
 pub fn possync_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_possync"));
-    command.args(args).env("POSSYNC_BROKER__URL", amqp_url()).env_remove("POSSYNC_CONFIG");
+    command
+        .args(args)
+        .env("POSSYNC_BROKER__URL", amqp_url())
+        .env_remove("POSSYNC_CONFIG");
     command
 }
 
@@ -196,15 +241,21 @@ pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
 }
 
 /// One row of `products`: (name, price, category_id, icon_name).
-pub fn product(db: &rusqlite::Connection, id: &str) -> Option<(String, f64, Option<String>, Option<String>)> {
-    db.query_row("SELECT name, price, category_id, icon_name FROM products WHERE id = ?1", [id], |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-    })
+pub fn product(
+    db: &rusqlite::Connection,
+    id: &str,
+) -> Option<(String, f64, Option<String>, Option<String>)> {
+    db.query_row(
+        "SELECT name, price, category_id, icon_name FROM products WHERE id = ?1",
+        [id],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+    )
     .ok()
 }
 
 pub fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
-    db.query_row(sql, [], |row| row.get(0)).expect("count query")
+    db.query_row(sql, [], |row| row.get(0))
+        .expect("count query")
 }
 
 /// The catalog a sequence of changes must leave behind, computed without
@@ -217,7 +268,11 @@ pub struct Model {
 
 /// `count` random catalog changes for `store` over a few dozen products
 /// (updates, price changes, deletes), and the catalog they produce in order.
-pub fn catalog_changes(store: &LicenseKey, count: usize, seed: u64) -> (Vec<possync_sdk::Envelope>, Model) {
+pub fn catalog_changes(
+    store: &LicenseKey,
+    count: usize,
+    seed: u64,
+) -> (Vec<possync_sdk::Envelope>, Model) {
     use possync_sdk::WireMessage;
     let mut state = seed.max(1);
     let mut next = move |bound: u64| {
@@ -236,19 +291,36 @@ pub fn catalog_changes(store: &LicenseKey, count: usize, seed: u64) -> (Vec<poss
                 let name = format!("Product {id} v{i}");
                 let price = (next(10_000) as f64) / 100.0;
                 let category = format!("C{}", next(5));
-                model.products.insert(id.clone(), (name.clone(), price, Some(category.clone())));
-                possync_plugin_product::ProductUpdate { product_id: id, product_name: name, price, category_id: Some(category), icon_name: None }
-                    .to_envelope(store.as_str())
+                model
+                    .products
+                    .insert(id.clone(), (name.clone(), price, Some(category.clone())));
+                possync_plugin_product::ProductUpdate {
+                    product_id: id,
+                    product_name: name,
+                    price,
+                    category_id: Some(category),
+                    icon_name: None,
+                }
+                .to_envelope(store.as_str())
             }
             5..=7 => {
                 let price = (next(10_000) as f64) / 100.0;
-                let entry = model.products.entry(id.clone()).or_insert((String::new(), 0.0, None));
+                let entry = model
+                    .products
+                    .entry(id.clone())
+                    .or_insert((String::new(), 0.0, None));
                 entry.1 = price;
-                possync_plugin_price::PriceUpdate { product_id: id, new_price: price, product_name: None }.to_envelope(store.as_str())
+                possync_plugin_price::PriceUpdate {
+                    product_id: id,
+                    new_price: price,
+                    product_name: None,
+                }
+                .to_envelope(store.as_str())
             }
             _ => {
                 model.products.remove(&id);
-                possync_plugin_product_delete::ProductDelete { product_id: id }.to_envelope(store.as_str())
+                possync_plugin_product_delete::ProductDelete { product_id: id }
+                    .to_envelope(store.as_str())
             }
         };
         envelopes.push(envelope.expect("envelope"));
@@ -258,20 +330,34 @@ pub fn catalog_changes(store: &LicenseKey, count: usize, seed: u64) -> (Vec<poss
 
 /// Asserts that the database holds exactly the model's products.
 pub fn assert_matches_model(db: &rusqlite::Connection, model: &Model) {
-    let mut statement = db.prepare("SELECT id, name, price, category_id FROM products ORDER BY id").expect("query");
+    let mut statement = db
+        .prepare("SELECT id, name, price, category_id FROM products ORDER BY id")
+        .expect("query");
     let actual: std::collections::BTreeMap<String, (String, f64, Option<String>)> = statement
-        .query_map([], |row| Ok((row.get(0)?, (row.get(1)?, row.get(2)?, row.get(3)?))))
+        .query_map([], |row| {
+            Ok((row.get(0)?, (row.get(1)?, row.get(2)?, row.get(3)?)))
+        })
         .expect("rows")
         .collect::<Result<_, _>>()
         .expect("products");
     assert_eq!(actual.len(), model.products.len(), "number of products");
-    assert_eq!(actual, model.products, "the database equals the expected catalog");
+    assert_eq!(
+        actual, model.products,
+        "the database equals the expected catalog"
+    );
 }
 
 /// Runs `rabbitmqctl` (the tests run as root on the broker's machine).
 pub fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl").args(args).output().expect("run rabbitmqctl");
-    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", text(&output.stderr));
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        text(&output.stderr)
+    );
 }
 
 /// The reasons in `possync_quarantine`, oldest first.
@@ -303,12 +389,21 @@ pub fn plugin_library(package: &str) -> PathBuf {
             command.args(["-p", package]);
         }
         let output = command.output().expect("run cargo build for the plugins");
-        assert!(output.status.success(), "building the plugins failed:\n{}", text(&output.stderr));
+        assert!(
+            output.status.success(),
+            "building the plugins failed:\n{}",
+            text(&output.stderr)
+        );
     });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let file = format!("{}{}{}", std::env::consts::DLL_PREFIX, package.replace('-', "_"), std::env::consts::DLL_SUFFIX);
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
     target.join("debug").join(file)
 }
 
@@ -318,23 +413,45 @@ pub fn dynamic_plugin(package: &str, settings: serde_json::Value) -> possync_cor
         serde_json::Value::Object(map) => map.into_iter().collect(),
         _ => Default::default(),
     };
-    possync_core::PluginSetting::Dynamic(possync_core::DynamicPlugin { path: plugin_library(package), enabled: true, settings })
+    possync_core::PluginSetting::Dynamic(possync_core::DynamicPlugin {
+        path: plugin_library(package),
+        enabled: true,
+        settings,
+    })
 }
 
 /// A free loopback port for a status page.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// `GET path` on the status page at `port`: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the status page");
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.expect("request");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the status page");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (code, body)
 }
 

@@ -79,11 +79,20 @@ pub enum Decision {
 /// database holds (the row, or the tombstone of its deletion).
 ///
 /// A message without any order applies, as it did in the original system.
-pub fn decide(store: &mut dyn Store, entity: Entity, id: &str, order: Option<Version>) -> Result<Decision, StoreError> {
+pub fn decide(
+    store: &mut dyn Store,
+    entity: Entity,
+    id: &str,
+    order: Option<Version>,
+) -> Result<Decision, StoreError> {
     if let Some(row) = store.query_row(entity.version_query(), &[id.into()])? {
         // An existing row has no tombstone: deletes remove the row.
         let newer = order.is_none_or(|order| order.supersedes(first_i64(&row)));
-        return Ok(if newer { Decision::Apply { revives: false } } else { Decision::Stale });
+        return Ok(if newer {
+            Decision::Apply { revives: false }
+        } else {
+            Decision::Stale
+        });
     }
     let tombstone = store.query_row(
         "SELECT sync_version FROM catalog_tombstones WHERE entity = ?1 AND id = ?2",
@@ -92,14 +101,21 @@ pub fn decide(store: &mut dyn Store, entity: Entity, id: &str, order: Option<Ver
     Ok(match (tombstone, order) {
         (None, _) => Decision::Apply { revives: false },
         (Some(_), None) => Decision::Apply { revives: true },
-        (Some(row), Some(order)) if order.supersedes(first_i64(&row)) => Decision::Apply { revives: true },
+        (Some(row), Some(order)) if order.supersedes(first_i64(&row)) => {
+            Decision::Apply { revives: true }
+        }
         (Some(_), Some(_)) => Decision::Stale,
     })
 }
 
 /// Whether a change at `order` to entity `id` is newer than what the
 /// database holds; see [`decide`].
-pub fn is_newer(store: &mut dyn Store, entity: Entity, id: &str, order: Option<Version>) -> Result<bool, StoreError> {
+pub fn is_newer(
+    store: &mut dyn Store,
+    entity: Entity,
+    id: &str,
+    order: Option<Version>,
+) -> Result<bool, StoreError> {
     Ok(decide(store, entity, id, order)? != Decision::Stale)
 }
 
@@ -125,7 +141,12 @@ pub fn delete(
 
 /// Clears the tombstone of an entity that a newer update brings back, if
 /// `decision` says it has one.
-pub fn clear_tombstone(store: &mut dyn Store, entity: Entity, id: &str, decision: Decision) -> Result<(), StoreError> {
+pub fn clear_tombstone(
+    store: &mut dyn Store,
+    entity: Entity,
+    id: &str,
+    decision: Decision,
+) -> Result<(), StoreError> {
     if decision != (Decision::Apply { revives: true }) {
         return Ok(());
     }
@@ -144,7 +165,9 @@ pub fn version_value(order: Option<Version>) -> Value {
 /// Rejects an empty identifier, which no POS row can be found by.
 pub fn require_id(field: &str, id: &str) -> Result<(), HandlerError> {
     if id.trim().is_empty() {
-        return Err(HandlerError::permanent(format!("{field} must not be empty")));
+        return Err(HandlerError::permanent(format!(
+            "{field} must not be empty"
+        )));
     }
     Ok(())
 }
@@ -152,7 +175,9 @@ pub fn require_id(field: &str, id: &str) -> Result<(), HandlerError> {
 /// Rejects a price that is not a finite number.
 pub fn require_price(field: &str, price: f64) -> Result<(), HandlerError> {
     if !price.is_finite() {
-        return Err(HandlerError::permanent(format!("{field} must be a finite number")));
+        return Err(HandlerError::permanent(format!(
+            "{field} must be a finite number"
+        )));
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `category_update`: creates or replaces a category.
 
 use possync_catalog::{Decision, Entity, MIGRATIONS};
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
+use possync_sdk::{
+    Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait,
+};
 use serde::{Deserialize, Serialize};
 
 /// Applies `category_update` messages to `categories`.
@@ -44,7 +46,8 @@ impl MessageHandler for CategoryHandler {
         let update: CategoryUpdate = envelope.payload_as()?;
         possync_catalog::require_id("category_id", &update.category_id)?;
         let order = envelope.order();
-        let decision = possync_catalog::decide(store, Entity::Category, &update.category_id, order)?;
+        let decision =
+            possync_catalog::decide(store, Entity::Category, &update.category_id, order)?;
         if decision == Decision::Stale {
             return Ok(());
         }

@@ -11,7 +11,8 @@
 
 use possync_modifier_groups_types::{ModifierGroupDelete, ModifierGroupUpdate};
 use possync_sdk::{
-    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, Version, WireMessage, async_trait,
+    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, Version,
+    WireMessage, async_trait,
 };
 
 const MIGRATIONS: &[Migration] = &[Migration::new(
@@ -84,14 +85,18 @@ impl MessageHandler for ModifierGroupsHandler {
             return Ok(());
         }
         for modifier in &update.modifiers {
-            let owner = store.query_row("SELECT group_id FROM modifiers WHERE id = ?1", &[modifier.modifier_id.as_str().into()])?;
+            let owner = store.query_row(
+                "SELECT group_id FROM modifiers WHERE id = ?1",
+                &[modifier.modifier_id.as_str().into()],
+            )?;
             if let Some(Value::Text(other)) = owner.and_then(|row| row.into_iter().next())
-                && other != update.group_id {
-                    return Err(HandlerError::permanent(format!(
-                        "modifier {} already belongs to group {other}; delete or update that group first",
-                        modifier.modifier_id
-                    )));
-                }
+                && other != update.group_id
+            {
+                return Err(HandlerError::permanent(format!(
+                    "modifier {} already belongs to group {other}; delete or update that group first",
+                    modifier.modifier_id
+                )));
+            }
         }
         // The update replaces the group as a whole: old modifiers and links go.
         remove_group(store, &update.group_id)?;
@@ -122,7 +127,10 @@ impl MessageHandler for ModifierGroupsHandler {
                 &[product_id.as_str().into(), update.group_id.as_str().into()],
             )?;
         }
-        store.execute("DELETE FROM modifier_group_tombstones WHERE id = ?1", &[update.group_id.into()])?;
+        store.execute(
+            "DELETE FROM modifier_group_tombstones WHERE id = ?1",
+            &[update.group_id.into()],
+        )?;
         Ok(())
     }
 }
@@ -143,24 +151,43 @@ fn check(update: &ModifierGroupUpdate) -> Result<(), HandlerError> {
             return Err(HandlerError::permanent("a modifier_id is empty"));
         }
         if !seen.insert(modifier.modifier_id.as_str()) {
-            return Err(HandlerError::permanent(format!("modifier {} appears twice", modifier.modifier_id)));
+            return Err(HandlerError::permanent(format!(
+                "modifier {} appears twice",
+                modifier.modifier_id
+            )));
         }
         if !modifier.price_delta.is_finite() {
-            return Err(HandlerError::permanent(format!("modifier {}: price_delta is not a number", modifier.modifier_id)));
+            return Err(HandlerError::permanent(format!(
+                "modifier {}: price_delta is not a number",
+                modifier.modifier_id
+            )));
         }
     }
     Ok(())
 }
 
 fn remove_group(store: &mut dyn Store, group_id: &str) -> Result<(), HandlerError> {
-    store.execute("DELETE FROM modifiers WHERE group_id = ?1", &[group_id.into()])?;
-    store.execute("DELETE FROM product_modifier_groups WHERE group_id = ?1", &[group_id.into()])?;
-    store.execute("DELETE FROM modifier_groups WHERE id = ?1", &[group_id.into()])?;
+    store.execute(
+        "DELETE FROM modifiers WHERE group_id = ?1",
+        &[group_id.into()],
+    )?;
+    store.execute(
+        "DELETE FROM product_modifier_groups WHERE group_id = ?1",
+        &[group_id.into()],
+    )?;
+    store.execute(
+        "DELETE FROM modifier_groups WHERE id = ?1",
+        &[group_id.into()],
+    )?;
     Ok(())
 }
 
 /// Whether a change at `order` is newer than the group or its deletion.
-fn is_newer(store: &mut dyn Store, group_id: &str, order: Option<Version>) -> Result<bool, HandlerError> {
+fn is_newer(
+    store: &mut dyn Store,
+    group_id: &str,
+    order: Option<Version>,
+) -> Result<bool, HandlerError> {
     let Some(order) = order else { return Ok(true) };
     for sql in [
         "SELECT sync_version FROM modifier_groups WHERE id = ?1",

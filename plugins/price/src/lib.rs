@@ -2,7 +2,9 @@
 //! terminal does not have it yet.
 
 use possync_catalog::{Decision, Entity, MIGRATIONS};
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
+use possync_sdk::{
+    Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait,
+};
 use serde::{Deserialize, Serialize};
 
 /// Applies `price_update` messages to `products`.

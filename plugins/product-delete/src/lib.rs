@@ -2,7 +2,9 @@
 //! so that a late update does not bring it back.
 
 use possync_catalog::{Entity, MIGRATIONS};
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
+use possync_sdk::{
+    Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait,
+};
 use serde::{Deserialize, Serialize};
 
 /// Applies `product_delete` messages to `products`.

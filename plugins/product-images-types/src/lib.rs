@@ -21,7 +21,11 @@ pub struct ImageUpdate {
 
 impl ImageUpdate {
     /// The message for `bytes`, with the hash and encoding filled in.
-    pub fn new(product_id: impl Into<String>, content_type: impl Into<String>, bytes: &[u8]) -> Self {
+    pub fn new(
+        product_id: impl Into<String>,
+        content_type: impl Into<String>,
+        bytes: &[u8],
+    ) -> Self {
         Self {
             product_id: product_id.into(),
             content_type: content_type.into(),
@@ -49,5 +53,8 @@ impl WireMessage for ImageDelete {
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

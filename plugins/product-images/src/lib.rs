@@ -22,7 +22,8 @@ use base64::Engine;
 use possync_product_images_types::{ImageDelete, ImageUpdate, sha256_hex};
 use possync_sdk::host::{self, Level};
 use possync_sdk::{
-    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, Version, WireMessage, async_trait,
+    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, Version,
+    WireMessage, async_trait,
 };
 use serde::Deserialize;
 
@@ -87,7 +88,10 @@ impl MessageHandler for ProductImagesHandler {
             let delete: ImageDelete = envelope.payload_as()?;
             if is_newer(store, &delete.product_id, order)? {
                 let old = current_path(store, &delete.product_id)?;
-                store.execute("DELETE FROM product_images WHERE product_id = ?1", &[delete.product_id.as_str().into()])?;
+                store.execute(
+                    "DELETE FROM product_images WHERE product_id = ?1",
+                    &[delete.product_id.as_str().into()],
+                )?;
                 store.execute(
                     "INSERT INTO product_image_tombstones (product_id, sync_version) VALUES (?1, ?2)
                      ON CONFLICT (product_id) DO UPDATE SET sync_version = max(sync_version, excluded.sync_version)",
@@ -103,11 +107,16 @@ impl MessageHandler for ProductImagesHandler {
         let extension = extension(&image.content_type)?;
         // Refuse before decoding: base64 is 4 bytes for every 3.
         if image.data_base64.len() / 4 * 3 > self.max_image_bytes + 3 {
-            return Err(too_large(image.data_base64.len() / 4 * 3, self.max_image_bytes));
+            return Err(too_large(
+                image.data_base64.len() / 4 * 3,
+                self.max_image_bytes,
+            ));
         }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(image.data_base64.as_bytes())
-            .map_err(|err| HandlerError::permanent(format!("data_base64 is not valid base64: {err}")))?;
+            .map_err(|err| {
+                HandlerError::permanent(format!("data_base64 is not valid base64: {err}"))
+            })?;
         if bytes.len() > self.max_image_bytes {
             return Err(too_large(bytes.len(), self.max_image_bytes));
         }
@@ -137,7 +146,10 @@ impl MessageHandler for ProductImagesHandler {
                 version(order),
             ],
         )?;
-        store.execute("DELETE FROM product_image_tombstones WHERE product_id = ?1", &[image.product_id.into()])?;
+        store.execute(
+            "DELETE FROM product_image_tombstones WHERE product_id = ?1",
+            &[image.product_id.into()],
+        )?;
         if let Some(old) = old.filter(|old| *old != path_text) {
             remove_if_unused(store, &old)?;
         }
@@ -146,7 +158,9 @@ impl MessageHandler for ProductImagesHandler {
 }
 
 fn too_large(size: usize, limit: usize) -> HandlerError {
-    HandlerError::permanent(format!("image is {size} bytes, over the limit of {limit} (settings.max_image_bytes)"))
+    HandlerError::permanent(format!(
+        "image is {size} bytes, over the limit of {limit} (settings.max_image_bytes)"
+    ))
 }
 
 fn extension(content_type: &str) -> Result<&'static str, HandlerError> {
@@ -169,7 +183,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
         // Named by content: the same bytes are already there.
         return Ok(());
     }
-    let failed = |err: std::io::Error| HandlerError::transient(format!("cannot write {}: {err}", path.display()));
+    let failed = |err: std::io::Error| {
+        HandlerError::transient(format!("cannot write {}: {err}", path.display()))
+    };
     let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut file = File::create(&temporary).map_err(failed)?;
     file.write_all(bytes).map_err(failed)?;
@@ -178,31 +194,50 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
     fs::rename(&temporary, path).map_err(failed)?;
     if let Some(folder) = path.parent() {
         // The rename itself must reach the disk before the commit that points at it.
-        File::open(folder).and_then(|dir| dir.sync_all()).map_err(failed)?;
+        File::open(folder)
+            .and_then(|dir| dir.sync_all())
+            .map_err(failed)?;
     }
     Ok(())
 }
 
 fn current_path(store: &mut dyn Store, product_id: &str) -> Result<Option<String>, HandlerError> {
-    let row = store.query_row("SELECT path FROM product_images WHERE product_id = ?1", &[product_id.into()])?;
-    Ok(row.and_then(|r| r.into_iter().next()).and_then(|v| match v {
-        Value::Text(path) => Some(path),
-        _ => None,
-    }))
+    let row = store.query_row(
+        "SELECT path FROM product_images WHERE product_id = ?1",
+        &[product_id.into()],
+    )?;
+    Ok(row
+        .and_then(|r| r.into_iter().next())
+        .and_then(|v| match v {
+            Value::Text(path) => Some(path),
+            _ => None,
+        }))
 }
 
 /// Removes an image file no product refers to any more (two products may
 /// share one picture, and so one file).
 fn remove_if_unused(store: &mut dyn Store, path: &str) -> Result<(), HandlerError> {
-    let used = store.query_row("SELECT 1 FROM product_images WHERE path = ?1 LIMIT 1", &[path.into()])?;
+    let used = store.query_row(
+        "SELECT 1 FROM product_images WHERE path = ?1 LIMIT 1",
+        &[path.into()],
+    )?;
     if used.is_none()
-        && let Err(err) = fs::remove_file(path) {
-            host::log(Level::Warn, "product_images", &format!("could not remove unused image {path}: {err}"));
-        }
+        && let Err(err) = fs::remove_file(path)
+    {
+        host::log(
+            Level::Warn,
+            "product_images",
+            &format!("could not remove unused image {path}: {err}"),
+        );
+    }
     Ok(())
 }
 
-fn is_newer(store: &mut dyn Store, product_id: &str, order: Option<Version>) -> Result<bool, HandlerError> {
+fn is_newer(
+    store: &mut dyn Store,
+    product_id: &str,
+    order: Option<Version>,
+) -> Result<bool, HandlerError> {
     let Some(order) = order else { return Ok(true) };
     for sql in [
         "SELECT sync_version FROM product_images WHERE product_id = ?1",
@@ -222,10 +257,20 @@ fn version(order: Option<Version>) -> Value {
 fn register(registrar: &mut Registrar) -> Result<(), String> {
     let settings: Settings = registrar.settings()?;
     fs::create_dir_all(&settings.images_dir).map_err(|err| {
-        format!("cannot create images_dir {}: {err}", settings.images_dir.display())
+        format!(
+            "cannot create images_dir {}: {err}",
+            settings.images_dir.display()
+        )
     })?;
-    host::log(Level::Info, "product_images", &format!("images go to {}", settings.images_dir.display()));
-    registrar.register(ProductImagesHandler { images_dir: settings.images_dir, max_image_bytes: settings.max_image_bytes });
+    host::log(
+        Level::Info,
+        "product_images",
+        &format!("images go to {}", settings.images_dir.display()),
+    );
+    registrar.register(ProductImagesHandler {
+        images_dir: settings.images_dir,
+        max_image_bytes: settings.max_image_bytes,
+    });
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! `product_update`: creates or replaces a product.
 
 use possync_catalog::{Decision, Entity, MIGRATIONS};
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait};
+use possync_sdk::{
+    Envelope, HandlerError, MessageHandler, Migration, Store, WireMessage, async_trait,
+};
 use serde::{Deserialize, Serialize};
 
 /// Applies `product_update` messages to `products`.
@@ -15,7 +17,11 @@ pub struct ProductUpdate {
     pub product_id: String,
     pub product_name: String,
     pub price: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "possync_catalog::optional_id")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "possync_catalog::optional_id"
+    )]
     pub category_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icon_name: Option<String>,
