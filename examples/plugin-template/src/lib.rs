@@ -9,7 +9,9 @@
 //! ```
 
 use possync_sdk::host::{self, Level};
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, async_trait};
+use possync_sdk::{
+    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, async_trait,
+};
 use serde::Deserialize;
 
 /// The plugin's tables. Never change a released migration; add a new one
@@ -62,7 +64,10 @@ impl TablesHandler {
             return Err(HandlerError::permanent("table_id must not be empty"));
         }
         if table.seats == 0 || table.seats > self.max_seats {
-            return Err(HandlerError::permanent(format!("seats must be 1 to {}, not {}", self.max_seats, table.seats)));
+            return Err(HandlerError::permanent(format!(
+                "seats must be 1 to {}, not {}",
+                self.max_seats, table.seats
+            )));
         }
         Ok(())
     }
@@ -91,14 +96,20 @@ impl MessageHandler for TablesHandler {
         let version = envelope.order();
         if envelope.message_type == "table_delete" {
             let delete: TableDelete = envelope.payload_as()?;
-            store.execute("DELETE FROM restaurant_tables WHERE id = ?1", &[delete.table_id.into()])?;
+            store.execute(
+                "DELETE FROM restaurant_tables WHERE id = ?1",
+                &[delete.table_id.into()],
+            )?;
             return Ok(());
         }
         let table: TableUpdate = envelope.payload_as()?;
         self.check(&table)?;
         if let (Some(version), Some(row)) = (
             version,
-            store.query_row("SELECT sync_version FROM restaurant_tables WHERE id = ?1", &[table.table_id.as_str().into()])?,
+            store.query_row(
+                "SELECT sync_version FROM restaurant_tables WHERE id = ?1",
+                &[table.table_id.as_str().into()],
+            )?,
         ) {
             if !version.supersedes(row.first().and_then(Value::as_i64).unwrap_or(0)) {
                 return Ok(());
@@ -122,8 +133,14 @@ impl MessageHandler for TablesHandler {
 /// Called once when possync loads the library.
 fn register(registrar: &mut Registrar) -> Result<(), String> {
     let settings: Settings = registrar.settings()?;
-    host::log(Level::Info, "tables", &format!("tables of up to {} seats", settings.max_seats));
-    registrar.register(TablesHandler { max_seats: settings.max_seats });
+    host::log(
+        Level::Info,
+        "tables",
+        &format!("tables of up to {} seats", settings.max_seats),
+    );
+    registrar.register(TablesHandler {
+        max_seats: settings.max_seats,
+    });
     Ok(())
 }
 
@@ -136,7 +153,11 @@ mod tests {
     #[test]
     fn a_table_needs_an_id_and_a_sensible_number_of_seats() {
         let handler = TablesHandler { max_seats: 8 };
-        let table = |id: &str, seats| TableUpdate { table_id: id.into(), name: "Window".into(), seats };
+        let table = |id: &str, seats| TableUpdate {
+            table_id: id.into(),
+            name: "Window".into(),
+            seats,
+        };
         assert!(handler.check(&table("T1", 4)).is_ok());
         assert!(handler.check(&table("", 4)).is_err());
         assert!(handler.check(&table("T1", 0)).is_err());
