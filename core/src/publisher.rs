@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use possync_sdk::{Envelope, WireMessage};
@@ -187,27 +186,14 @@ impl Publisher {
             let err = BrokerError::ConnectionLost;
             return self.recover(session, in_flight, reconnects, err).await;
         };
-        let mut confirm = confirm;
-        // Most confirms of a full window are in already: skip the timer then.
-        let waited = match (&mut confirm).now_or_never() {
-            Some(result) => result.map_err(|err| {
-                BrokerError::from_lapin(
-                    "waiting for the broker's confirm",
-                    session_url(session),
-                    err,
-                )
-            }),
-            None => {
-                let url = session_url(session).to_owned();
-                connection::within(
-                    self.broker.confirm_timeout_secs,
-                    "waiting for the broker's confirm",
-                    &url,
-                    confirm,
-                )
-                .await
-            }
-        };
+        let url = session.as_ref().map_or("", |s| s.url.as_str());
+        let waited = connection::within(
+            self.broker.confirm_timeout_secs,
+            "waiting for the broker's confirm",
+            url,
+            confirm,
+        )
+        .await;
         match waited {
             Ok(Confirmation::Ack(None)) => {
                 if let Some(done) = in_flight.pop_front() {
@@ -389,10 +375,6 @@ impl Session {
     }
 }
 
-fn session_url(session: &Option<Session>) -> &str {
-    session.as_ref().map_or("", |s| s.url.as_str())
-}
-
 async fn send(
     session: &mut Option<Session>,
     broker: &BrokerConfig,
@@ -406,7 +388,7 @@ async fn send(
         .with_content_type("application/json".into())
         .with_message_id(pending.message_id.as_str().into())
         .with_type(pending.message_type.as_str().into());
-    let mut publishing = std::pin::pin!(session.channel.basic_publish(
+    let publishing = session.channel.basic_publish(
         broker.exchange.as_str().into(),
         pending.routing_key.as_str().into(),
         // mandatory: the broker tells us when no queue took the message.
@@ -416,22 +398,15 @@ async fn send(
         },
         &pending.body,
         properties,
-    ));
-    // Usually queued at once; a timer only for a broker that pushes back (lapin #409).
-    let confirm = match publishing.as_mut().now_or_never() {
-        Some(result) => {
-            result.map_err(|err| BrokerError::from_lapin("publishing", &session.url, err))?
-        }
-        None => {
-            connection::within(
-                broker.confirm_timeout_secs,
-                "publishing",
-                &session.url,
-                publishing,
-            )
-            .await?
-        }
-    };
+    );
+    // A broker that pushes back can hold a publish (lapin #409): bounded too.
+    let confirm = connection::within(
+        broker.confirm_timeout_secs,
+        "publishing",
+        &session.url,
+        publishing,
+    )
+    .await?;
     pending.confirm = Some(confirm);
     Ok(())
 }
