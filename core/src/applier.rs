@@ -62,6 +62,41 @@ impl Outcome {
     }
 }
 
+/// What a batch's outcomes add up to, for the status and the database.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    pub(crate) by_type: Vec<(String, u64)>,
+    pub(crate) applied: u64,
+    pub(crate) quarantined: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) retries: u64,
+    /// The type of the last message applied.
+    pub(crate) last_type: Option<String>,
+}
+
+impl Tally {
+    pub(crate) fn of(outcomes: &[Outcome]) -> Self {
+        let mut tally = Self::default();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Applied { message_type } => {
+                    tally.applied += 1;
+                    tally.last_type = Some(message_type.clone());
+                    match tally.by_type.iter_mut().find(|(t, _)| t == message_type) {
+                        Some((_, count)) => *count += 1,
+                        None => tally.by_type.push((message_type.clone(), 1)),
+                    }
+                }
+                Outcome::DeadLetter { .. } => tally.quarantined += 1,
+                Outcome::Duplicate => tally.duplicates += 1,
+                Outcome::Retry { .. } => tally.retries += 1,
+                Outcome::Disabled { .. } => {}
+            }
+        }
+        tally
+    }
+}
+
 /// Applies batches; see [`ApplierHandle`] for the async side.
 pub(crate) struct Applier {
     database: Database,
@@ -156,7 +191,6 @@ impl Applier {
         careful: bool,
     ) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
-        let (mut applied, mut quarantined, mut last_type) = (0, 0, None);
         for inbound in batch {
             let outcome = match self.check(inbound) {
                 Ok(envelope) => {
@@ -170,18 +204,14 @@ impl Applier {
                 }
                 Err(reason) => self.quarantine(inbound, None, reason)?,
             };
-            match &outcome {
-                Outcome::Applied { message_type } => {
-                    applied += 1;
-                    last_type = Some(message_type.clone());
-                }
-                Outcome::DeadLetter { .. } => quarantined += 1,
-                _ => {}
-            }
             outcomes.push(outcome);
         }
-        self.database
-            .record_progress(applied, quarantined, last_type.as_deref())?;
+        let tally = Tally::of(&outcomes);
+        self.database.record_progress(
+            tally.applied,
+            tally.quarantined,
+            tally.last_type.as_deref(),
+        )?;
         Ok(Some(outcomes))
     }
 

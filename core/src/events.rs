@@ -24,7 +24,7 @@ pub(crate) fn offline(reason: &str, retry_in_ms: u128, first: bool) {
     }
 }
 
-pub(crate) fn batch_applied(size: usize, applied: usize, elapsed_ms: u128) {
+pub(crate) fn batch_applied(size: usize, applied: u64, elapsed_ms: u128) {
     debug!(
         event = "batch_applied",
         size, applied, elapsed_ms, "batch committed"

@@ -4,7 +4,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::applier::{Applier, ApplierHandle, Inbound, Outcome};
+use crate::applier::{Applier, ApplierHandle, Inbound, Tally};
 use crate::config::{Config, ConfigError};
 use crate::connection::BrokerError;
 use crate::consumer::Subscription;
@@ -307,9 +307,9 @@ async fn consume(
                 let settled = subscription.settle(&batch, &outcomes).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
                 status.count(
-                    tally.applied as u64,
-                    tally.quarantined as u64,
-                    tally.duplicates as u64,
+                    tally.applied,
+                    tally.quarantined,
+                    tally.duplicates,
                     &tally.by_type,
                 );
                 if let Err(err) = settled {
@@ -327,36 +327,5 @@ async fn consume(
         if let Some(err) = lost {
             return SessionEnd::Lost(err);
         }
-    }
-}
-
-#[derive(Default)]
-struct Tally {
-    by_type: Vec<(String, u64)>,
-    applied: usize,
-    quarantined: usize,
-    duplicates: usize,
-    retries: usize,
-}
-
-impl Tally {
-    fn of(outcomes: &[Outcome]) -> Self {
-        let mut tally = Self::default();
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Applied { message_type } => {
-                    tally.applied += 1;
-                    match tally.by_type.iter_mut().find(|(t, _)| t == message_type) {
-                        Some((_, count)) => *count += 1,
-                        None => tally.by_type.push((message_type.clone(), 1)),
-                    }
-                }
-                Outcome::DeadLetter { .. } => tally.quarantined += 1,
-                Outcome::Duplicate => tally.duplicates += 1,
-                Outcome::Retry { .. } => tally.retries += 1,
-                Outcome::Disabled { .. } => {}
-            }
-        }
-        tally
     }
 }
