@@ -305,11 +305,7 @@ impl Applier {
             }
             Err(panic) => {
                 self.database.rollback_to_savepoint()?;
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
+                let message = possync_sdk::panic_message(panic.as_ref());
                 self.failed_try(
                     inbound,
                     envelope,

@@ -54,7 +54,7 @@ pub use message::WireMessage;
 pub use migration::Migration;
 pub use plugin::{
     ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, InlineStr, PluginDeclaration,
-    RegisterFn, Registrar, run_registration,
+    RegisterFn, Registrar, panic_message, run_registration,
 };
 pub use registration::{HandlerRegistration, registered_handlers};
 pub use store::{Store, Value};
