@@ -46,6 +46,12 @@ pub struct Version {
 }
 
 impl Version {
+    /// What a `sync_version` column stores for a change at `order`: its
+    /// microseconds, or 0 for a message that carries no order.
+    pub fn column(order: Option<Version>) -> crate::Value {
+        crate::Value::Integer(order.map_or(0, |v| v.micros))
+    }
+
     /// Whether a change at `self` should replace what is stored at `stored`.
     pub fn supersedes(self, stored: i64) -> bool {
         if self.exact {

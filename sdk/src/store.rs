@@ -76,3 +76,22 @@ pub trait Store: Send {
     /// Runs a query and returns its first row, if any.
     fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError>;
 }
+
+/// Whether a change at `order` to entity `id` is newer than what the
+/// database holds. Each of `queries` selects a stored version by `?1` (the
+/// entity's row, then its tombstone, say); the first that finds a row
+/// decides. A message without an order, or an entity never seen, applies.
+pub fn is_newer(
+    store: &mut dyn Store,
+    queries: &[&str],
+    id: &str,
+    order: Option<crate::Version>,
+) -> Result<bool, StoreError> {
+    let Some(order) = order else { return Ok(true) };
+    for sql in queries {
+        if let Some(row) = store.query_row(sql, &[id.into()])? {
+            return Ok(order.supersedes(row.first().and_then(Value::as_i64).unwrap_or(0)));
+        }
+    }
+    Ok(true)
+}

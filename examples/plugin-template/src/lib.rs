@@ -10,7 +10,7 @@
 
 use possync_sdk::host::{self, Level};
 use possync_sdk::{
-    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, async_trait,
+    Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Version, async_trait,
 };
 use serde::Deserialize;
 
@@ -104,16 +104,9 @@ impl MessageHandler for TablesHandler {
         }
         let table: TableUpdate = envelope.payload_as()?;
         self.check(&table)?;
-        if let (Some(version), Some(row)) = (
-            version,
-            store.query_row(
-                "SELECT sync_version FROM restaurant_tables WHERE id = ?1",
-                &[table.table_id.as_str().into()],
-            )?,
-        ) {
-            if !version.supersedes(row.first().and_then(Value::as_i64).unwrap_or(0)) {
-                return Ok(());
-            }
+        let stored = ["SELECT sync_version FROM restaurant_tables WHERE id = ?1"];
+        if !possync_sdk::is_newer(store, &stored, &table.table_id, version)? {
+            return Ok(());
         }
         store.execute(
             "INSERT INTO restaurant_tables (id, name, seats, sync_version) VALUES (?1, ?2, ?3, ?4)
@@ -123,7 +116,7 @@ impl MessageHandler for TablesHandler {
                 table.table_id.into(),
                 table.name.into(),
                 i64::from(table.seats).into(),
-                version.map_or(0, |v| v.micros).into(),
+                Version::column(version),
             ],
         )?;
         Ok(())

@@ -159,7 +159,7 @@ pub fn clear_tombstone(
 
 /// The value to store in `sync_version` for a change at `order`.
 pub fn version_value(order: Option<Version>) -> Value {
-    Value::Integer(order.map_or(0, |v| v.micros))
+    Version::column(order)
 }
 
 /// Rejects an empty identifier, which no POS row can be found by.

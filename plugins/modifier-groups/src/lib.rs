@@ -69,19 +69,19 @@ impl MessageHandler for ModifierGroupsHandler {
         let order = envelope.order();
         if envelope.message_type == ModifierGroupDelete::TYPE {
             let delete: ModifierGroupDelete = envelope.payload_as()?;
-            if is_newer(store, &delete.group_id, order)? {
+            if possync_sdk::is_newer(store, VERSION_QUERIES, &delete.group_id, order)? {
                 remove_group(store, &delete.group_id)?;
                 store.execute(
                     "INSERT INTO modifier_group_tombstones (id, sync_version) VALUES (?1, ?2)
                      ON CONFLICT (id) DO UPDATE SET sync_version = max(sync_version, excluded.sync_version)",
-                    &[delete.group_id.into(), version(order)],
+                    &[delete.group_id.into(), Version::column(order)],
                 )?;
             }
             return Ok(());
         }
         let update: ModifierGroupUpdate = envelope.payload_as()?;
         check(&update)?;
-        if !is_newer(store, &update.group_id, order)? {
+        if !possync_sdk::is_newer(store, VERSION_QUERIES, &update.group_id, order)? {
             return Ok(());
         }
         for modifier in &update.modifiers {
@@ -107,7 +107,7 @@ impl MessageHandler for ModifierGroupsHandler {
                 update.group_name.as_str().into(),
                 i64::from(update.min_select).into(),
                 i64::from(update.max_select).into(),
-                version(order),
+                Version::column(order),
             ],
         )?;
         for modifier in &update.modifiers {
@@ -182,28 +182,11 @@ fn remove_group(store: &mut dyn Store, group_id: &str) -> Result<(), HandlerErro
     Ok(())
 }
 
-/// Whether a change at `order` is newer than the group or its deletion.
-fn is_newer(
-    store: &mut dyn Store,
-    group_id: &str,
-    order: Option<Version>,
-) -> Result<bool, HandlerError> {
-    let Some(order) = order else { return Ok(true) };
-    for sql in [
-        "SELECT sync_version FROM modifier_groups WHERE id = ?1",
-        "SELECT sync_version FROM modifier_group_tombstones WHERE id = ?1",
-    ] {
-        if let Some(row) = store.query_row(sql, &[group_id.into()])? {
-            let stored = row.first().and_then(Value::as_i64).unwrap_or(0);
-            return Ok(order.supersedes(stored));
-        }
-    }
-    Ok(true)
-}
-
-fn version(order: Option<Version>) -> Value {
-    Value::Integer(order.map_or(0, |v| v.micros))
-}
+/// Where a stored version is found: the row, then its tombstone.
+const VERSION_QUERIES: &[&str] = &[
+    "SELECT sync_version FROM modifier_groups WHERE id = ?1",
+    "SELECT sync_version FROM modifier_group_tombstones WHERE id = ?1",
+];
 
 fn register(registrar: &mut Registrar) -> Result<(), String> {
     registrar.register(ModifierGroupsHandler);

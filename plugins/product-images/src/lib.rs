@@ -86,7 +86,7 @@ impl MessageHandler for ProductImagesHandler {
         let order = envelope.order();
         if envelope.message_type == ImageDelete::TYPE {
             let delete: ImageDelete = envelope.payload_as()?;
-            if is_newer(store, &delete.product_id, order)? {
+            if possync_sdk::is_newer(store, VERSION_QUERIES, &delete.product_id, order)? {
                 let old = current_path(store, &delete.product_id)?;
                 store.execute(
                     "DELETE FROM product_images WHERE product_id = ?1",
@@ -95,7 +95,7 @@ impl MessageHandler for ProductImagesHandler {
                 store.execute(
                     "INSERT INTO product_image_tombstones (product_id, sync_version) VALUES (?1, ?2)
                      ON CONFLICT (product_id) DO UPDATE SET sync_version = max(sync_version, excluded.sync_version)",
-                    &[delete.product_id.into(), version(order)],
+                    &[delete.product_id.into(), Version::column(order)],
                 )?;
                 if let Some(old) = old {
                     remove_if_unused(store, &old)?;
@@ -127,7 +127,7 @@ impl MessageHandler for ProductImagesHandler {
                 image.sha256
             )));
         }
-        if !is_newer(store, &image.product_id, order)? {
+        if !possync_sdk::is_newer(store, VERSION_QUERIES, &image.product_id, order)? {
             return Ok(());
         }
         let path = self.images_dir.join(format!("{actual}.{extension}"));
@@ -143,7 +143,7 @@ impl MessageHandler for ProductImagesHandler {
                 path_text.as_str().into(),
                 actual.into(),
                 image.content_type.into(),
-                version(order),
+                Version::column(order),
             ],
         )?;
         store.execute(
@@ -233,26 +233,11 @@ fn remove_if_unused(store: &mut dyn Store, path: &str) -> Result<(), HandlerErro
     Ok(())
 }
 
-fn is_newer(
-    store: &mut dyn Store,
-    product_id: &str,
-    order: Option<Version>,
-) -> Result<bool, HandlerError> {
-    let Some(order) = order else { return Ok(true) };
-    for sql in [
-        "SELECT sync_version FROM product_images WHERE product_id = ?1",
-        "SELECT sync_version FROM product_image_tombstones WHERE product_id = ?1",
-    ] {
-        if let Some(row) = store.query_row(sql, &[product_id.into()])? {
-            return Ok(order.supersedes(row.first().and_then(Value::as_i64).unwrap_or(0)));
-        }
-    }
-    Ok(true)
-}
-
-fn version(order: Option<Version>) -> Value {
-    Value::Integer(order.map_or(0, |v| v.micros))
-}
+/// Where a stored version is found: the row, then its tombstone.
+const VERSION_QUERIES: &[&str] = &[
+    "SELECT sync_version FROM product_images WHERE product_id = ?1",
+    "SELECT sync_version FROM product_image_tombstones WHERE product_id = ?1",
+];
 
 fn register(registrar: &mut Registrar) -> Result<(), String> {
     let settings: Settings = registrar.settings()?;
