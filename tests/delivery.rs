@@ -39,20 +39,10 @@ impl MessageHandler for Fickle {
 
 possync_sdk::register_handler!(Fickle::default);
 
-fn config_for(
-    dir: &std::path::Path,
-    store: &possync_core::LicenseKey,
-    queue_type: QueueType,
-) -> possync_core::Config {
-    let mut config = terminal_config(dir, store, "till-1");
-    config.broker.queue_type = queue_type;
-    config
-}
-
 async fn offline_terminal_catches_up(queue_type: QueueType) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("offline");
-    let config = config_for(dir.path(), &store, queue_type);
+    let config = queue_config(dir.path(), &store, queue_type);
     RunningTerminal::start(config.clone()).await.stop().await;
 
     let (changes, model) = catalog_changes(&store, 1000, 7);
@@ -83,7 +73,7 @@ async fn an_offline_terminal_applies_every_change_when_it_returns_quorum() {
 async fn killed_between_commit_and_ack(queue_type: QueueType) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("kill");
-    let config = config_for(dir.path(), &store, queue_type);
+    let config = queue_config(dir.path(), &store, queue_type);
     RunningTerminal::start(config.clone()).await.stop().await;
     let (changes, model) = catalog_changes(&store, 500, 11);
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
@@ -163,7 +153,7 @@ async fn a_terminal_killed_between_commit_and_ack_applies_nothing_twice_quorum()
 async fn poison_is_quarantined(queue_type: QueueType) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("poison");
-    let mut config = config_for(dir.path(), &store, queue_type);
+    let mut config = queue_config(dir.path(), &store, queue_type);
     config.terminal.max_attempts = 3;
     config.terminal.max_message_bytes = 4096;
     let mut terminal = RunningTerminal::start(config.clone()).await;

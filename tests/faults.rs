@@ -24,21 +24,11 @@ impl Drop for AppRestarter {
     }
 }
 
-fn config_for(
-    dir: &std::path::Path,
-    store: &possync_core::LicenseKey,
-    queue_type: QueueType,
-) -> possync_core::Config {
-    let mut config = terminal_config(dir, store, "till-1");
-    config.broker.queue_type = queue_type;
-    config
-}
-
 async fn connections_closed_mid_stream(queue_type: QueueType) {
     const CHANGES: usize = 10_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("closed");
-    let config = config_for(dir.path(), &store, queue_type);
+    let config = queue_config(dir.path(), &store, queue_type);
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let (changes, model) = catalog_changes(&store, CHANGES, 42);
     let publisher = Arc::new(Publisher::connect(&config.broker).await.expect("publisher"));
@@ -97,7 +87,7 @@ async fn broker_restarted_mid_stream(queue_type: QueueType) {
     const CHANGES: usize = 4_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("restart");
-    let config = config_for(dir.path(), &store, queue_type);
+    let config = queue_config(dir.path(), &store, queue_type);
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let (changes, model) = catalog_changes(&store, CHANGES, 99);
     let (first, second) = changes.split_at(CHANGES / 2);

@@ -353,3 +353,23 @@ async fn two_terminals_of_one_store_both_get_every_change() {
     first.stop().await;
     second.stop().await;
 }
+
+/// On a current-thread runtime the applier cannot borrow the consumer's
+/// worker, so it runs on a thread of its own; the result is the same.
+#[tokio::test(flavor = "current_thread")]
+async fn a_terminal_on_a_current_thread_runtime_applies_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("single");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let (changes, model) = catalog_changes(&store, 200, 12);
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
+    terminal.wait_applied(200).await;
+    assert_matches_model(&terminal.db(), &model);
+    publisher.close().await;
+    terminal.stop().await;
+}

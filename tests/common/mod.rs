@@ -57,6 +57,13 @@ pub fn terminal_config(dir: &Path, license: &LicenseKey, terminal: &str) -> Conf
     config
 }
 
+/// [`terminal_config`] for terminal `till-1` with a queue of `queue_type`.
+pub fn queue_config(dir: &Path, store: &LicenseKey, queue_type: possync_core::QueueType) -> Config {
+    let mut config = terminal_config(dir, store, "till-1");
+    config.broker.queue_type = queue_type;
+    config
+}
+
 /// A terminal running in this process.
 pub struct RunningTerminal {
     pub database: PathBuf,
