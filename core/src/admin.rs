@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::config::{Config, Delivery};
 use crate::identity::{LicenseKey, MAX_ID_LEN, TerminalId};
-use crate::redact::redact_url;
+use crate::redact::{UrlParts, redact_url, url_parts};
 use crate::topology::TerminalTopology;
 
 /// An administrative action that failed.
@@ -494,21 +494,17 @@ fn generate_password() -> String {
 
 /// `url` with its user and password replaced.
 fn with_credentials(url: &str, user: &str, password: &str) -> Result<String, AdminError> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+    let UrlParts {
+        scheme, host, path, ..
+    } = url_parts(url).ok_or_else(|| {
         AdminError::BrokerUrl(
             redact_url(url),
             "it has no scheme (amqp:// or amqps://)".into(),
         )
     })?;
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
     Ok(format!(
-        "{scheme}://{}:{password}@{host}{}",
-        encode(user),
-        &rest[authority_end..]
+        "{scheme}://{}:{password}@{host}{path}",
+        encode(user)
     ))
 }
 
