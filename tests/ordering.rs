@@ -41,6 +41,10 @@ async fn duplicates_stale_updates_and_late_updates_after_a_delete_change_nothing
             .with_message_id("m-1"),
         // Older than what the row holds: dropped.
         price(key, "A", 1.0).with_version(50).with_message_id("m-2"),
+        // Another change at the same exact version: not newer, dropped.
+        price(key, "A", 9.0)
+            .with_version(100)
+            .with_message_id("m-2b"),
         price(key, "B", 2.0)
             .with_version(100)
             .with_message_id("m-3"),
@@ -62,7 +66,7 @@ async fn duplicates_stale_updates_and_late_updates_after_a_delete_change_nothing
         .publish_envelopes(sequence)
         .await
         .expect("confirmed");
-    terminal.wait_settled(8, 0).await;
+    terminal.wait_settled(9, 0).await;
     eventually("the duplicate to be skipped", || {
         terminal.status.borrow().duplicates == 1
     })

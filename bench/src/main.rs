@@ -51,10 +51,20 @@ struct Args {
     /// Scenarios to run: drain, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Run only possync's side of the live scenario, then stop: for
-    /// profiling the framework alone (`perf record ... -- --profile-live`).
-    #[arg(long)]
-    profile_live: bool,
+    /// Run one consumer of the live scenario, fed by the raw publisher,
+    /// then stop: for profiling one side alone
+    /// (`perf record ... -- --profile-live possync`).
+    #[arg(long, value_name = "SIDE")]
+    profile_live: Option<Side>,
+}
+
+/// Which consumer a profiling run measures.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Side {
+    /// possync's terminal.
+    Possync,
+    /// The raw lapin baseline.
+    Baseline,
 }
 
 /// One line of the result table.
@@ -141,35 +151,8 @@ async fn main() -> anyhow::Result<()> {
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
-    if args.profile_live {
-        let key = license("profile");
-        let config = possync_side::config(
-            &args.url,
-            dir.path(),
-            &key,
-            "t1",
-            QueueType::Classic,
-            Delivery::Durable,
-        );
-        let mut terminal = possync_side::start(config.clone()).await?;
-        let publisher = Publisher::connect(&config.broker).await?;
-        let envelopes: Vec<Envelope> = (0..args.messages)
-            .map(|i| {
-                serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope")
-            })
-            .collect();
-        let watch = Stopwatch::start();
-        publisher.publish_envelopes(envelopes).await?;
-        terminal.wait_applied(args.messages as u64).await?;
-        let took = watch.stop();
-        println!(
-            "possync live: {:.0} msg/s, {} µs CPU/msg",
-            rate(args.messages, took.elapsed),
-            took.cpu_us / args.messages as u64
-        );
-        publisher.close().await;
-        terminal.stop().await?;
-        return Ok(());
+    if let Some(side) = args.profile_live {
+        return profile_live(&args, dir.path(), side).await;
     }
     if wants("drain") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
@@ -177,8 +160,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if wants("live") {
-        for delivery in [Delivery::Durable, Delivery::Transient] {
-            report(live(&args, dir.path(), delivery).await?, &mut rows);
+        for feed in [Feed::Possync, Feed::Raw] {
+            for delivery in [Delivery::Durable, Delivery::Transient] {
+                report(live(&args, dir.path(), delivery, feed).await?, &mut rows);
+            }
         }
     }
     if wants("latency") {
@@ -192,6 +177,60 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     print_table(&rows);
+    Ok(())
+}
+
+/// The live scenario for one side, fed by the raw publisher; prints its rate.
+async fn profile_live(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Result<()> {
+    let n = args.messages;
+    let key = license("profile");
+    let connection = workload::connect(&args.url).await?;
+    let routing_key = format!("license.{key}.price_update");
+    let bodies = (0..n).map(|i| price_update(&key, i, "price_update"));
+    let took = match side {
+        Side::Possync => {
+            let config = possync_side::config(
+                &args.url,
+                dir,
+                &key,
+                "t1",
+                QueueType::Classic,
+                Delivery::Durable,
+            );
+            let mut terminal = possync_side::start(config).await?;
+            let watch = Stopwatch::start();
+            workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+            terminal.wait_applied(n as u64).await?;
+            let took = watch.stop();
+            let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
+            terminal.stop().await?;
+            workload::delete_queues(&connection, &queues).await;
+            took
+        }
+        Side::Baseline => {
+            let queue = format!("bench.baseline.{key}");
+            let consumer_connection = workload::connect(&args.url).await?;
+            baseline::declare(&consumer_connection, &queue, &key, BaselineQueue::Classic).await?;
+            let (stop, stopped) = watch::channel(false);
+            let path = dir.join(format!("{key}.db"));
+            let mut consumer =
+                baseline::start(&consumer_connection, &queue, &key, &path, 500, 250, stopped)
+                    .await?;
+            let watch = Stopwatch::start();
+            workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+            consumer.applied.wait_for(|a| *a >= n as u64).await?;
+            let took = watch.stop();
+            let _ = stop.send(true);
+            consumer.task.await??;
+            workload::delete_queues(&connection, &[queue]).await;
+            took
+        }
+    };
+    println!(
+        "{side:?}, live: {:.0} msg/s, {} µs CPU/msg",
+        rate(n, took.elapsed),
+        took.cpu_us / n as u64
+    );
     Ok(())
 }
 
@@ -322,9 +361,26 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
 
 /// A publisher with confirms publishes as fast as it can; time from the
 /// first publish until the terminal applied the last change.
-async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow::Result<Row> {
+/// What publishes to possync's terminal in the live scenario.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    /// possync's publisher: the whole framework, end to end.
+    Possync,
+    /// The baseline's raw lapin publisher: the terminal alone.
+    Raw,
+}
+
+/// A publisher with confirms publishes as fast as it can to one terminal.
+async fn live(
+    args: &Args,
+    dir: &std::path::Path,
+    delivery: Delivery,
+    feed: Feed,
+) -> anyhow::Result<Row> {
     let n = args.messages;
-    progress(&format!("live throughput, {delivery:?}: possync"));
+    progress(&format!(
+        "live throughput, {delivery:?}, {feed:?} publisher: possync"
+    ));
     let key = license("live");
     let config = possync_side::config(&args.url, dir, &key, "t1", QueueType::Classic, delivery);
     let mut terminal = possync_side::start(config.clone()).await?;
@@ -333,7 +389,17 @@ async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow:
         .map(|i| serde_json::from_slice(&price_update(&key, i, "price_update")).expect("envelope"))
         .collect();
     let watch_possync = Stopwatch::start();
-    publisher.publish_envelopes(envelopes).await?;
+    match feed {
+        Feed::Possync => {
+            publisher.publish_envelopes(envelopes).await?;
+        }
+        Feed::Raw => {
+            let bodies = (0..n).map(|i| price_update(&key, i, "price_update"));
+            let routing_key = format!("license.{key}.price_update");
+            let connection = workload::connect(&args.url).await?;
+            workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+        }
+    }
     terminal.wait_applied(n as u64).await?;
     let possync_time = watch_possync.stop();
     publisher.close().await;
@@ -342,7 +408,9 @@ async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow:
     let connection = workload::connect(&args.url).await?;
     workload::delete_queues(&connection, &queues).await;
 
-    progress(&format!("live throughput, {delivery:?}: baseline"));
+    progress(&format!(
+        "live throughput, {delivery:?}, {feed:?} publisher: baseline"
+    ));
     let key = license("live-base");
     let queue = format!("bench.baseline.{key}");
     let consumer_connection = workload::connect(&args.url).await?;
@@ -376,8 +444,12 @@ async fn live(args: &Args, dir: &std::path::Path, delivery: Delivery) -> anyhow:
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
+    let scenario = match feed {
+        Feed::Possync => format!("live throughput, {n} changes, {delivery:?}"),
+        Feed::Raw => format!("live, terminal alone (raw publisher), {n} changes, {delivery:?}"),
+    };
     Ok(measured_row(
-        format!("live throughput, {n} changes, {delivery:?}").to_lowercase(),
+        scenario.to_lowercase(),
         n,
         &possync_time,
         &baseline_time,

@@ -17,11 +17,14 @@ pub(crate) fn now_micros() -> i64 {
 }
 
 /// A `price_update` in the original wire format, with the time it was made.
+/// Each change sets a price no earlier change set: SQLite skips writing a
+/// row that an update leaves as it was, so repeated prices would spare the
+/// baseline its commits' disk writes and fsyncs.
 pub(crate) fn price_update(license: &LicenseKey, i: usize, message_type: &str) -> Vec<u8> {
     format!(
         r#"{{"type":"{message_type}","license_key":"{license}","payload":{{"product_id":"P{:04}","new_price":{}.{:02},"sent_at_us":{}}},"timestamp":"2025-11-27T10:30:00Z"}}"#,
         i % PRODUCTS,
-        i % 100,
+        i / 100,
         i % 100,
         now_micros()
     )

@@ -2,9 +2,12 @@
 //! and an error for anything the broker did not take responsibility for.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use possync_sdk::{Envelope, WireMessage};
@@ -86,9 +89,24 @@ struct Pending {
     routing_key: String,
     message_id: String,
     message_type: String,
-    body: Vec<u8>,
-    confirm: Option<PublisherConfirm>,
+    body: Arc<[u8]>,
+    progress: Progress,
 }
+
+/// Where a pending message stands on the current connection.
+enum Progress {
+    /// Not sent on the current connection: send it (again) first.
+    Unsent,
+    /// Handed to lapin, in order; its frames may not be written yet.
+    Sending(Sending),
+    /// Written; the broker's confirm is awaited.
+    Sent(PublisherConfirm),
+}
+
+/// A publish whose frames lapin queued at its first poll. Waiting for each
+/// write before queueing the next would cost a round trip to lapin's I/O
+/// thread per message.
+type Sending = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
 
 impl Publisher {
     /// Connects and declares the exchange.
@@ -154,7 +172,7 @@ impl Publisher {
             }
             let mut pending = self.prepare(envelope, timestamp.as_deref())?;
             loop {
-                match send(&mut guard, &self.broker, &mut pending).await {
+                match send(&mut guard, &self.broker, &mut pending) {
                     Ok(()) => break,
                     Err(err) => {
                         self.recover(&mut guard, &mut in_flight, &mut reconnects, err)
@@ -181,12 +199,23 @@ impl Publisher {
         let Some(oldest) = in_flight.front_mut() else {
             return Ok(());
         };
-        let Some(confirm) = oldest.confirm.take() else {
-            // Sent on a connection that is gone: send everything again first.
-            let err = BrokerError::ConnectionLost;
-            return self.recover(session, in_flight, reconnects, err).await;
-        };
         let url = session.as_ref().map_or("", |s| s.url.as_str());
+        let confirm = match std::mem::replace(&mut oldest.progress, Progress::Unsent) {
+            Progress::Sent(confirm) => confirm,
+            // A broker that pushes back can hold a publish (lapin #409): bounded too.
+            Progress::Sending(sending) => {
+                let timeout = self.broker.confirm_timeout_secs;
+                match connection::within(timeout, "publishing", url, sending).await {
+                    Ok(confirm) => confirm,
+                    Err(err) => return self.recover(session, in_flight, reconnects, err).await,
+                }
+            }
+            Progress::Unsent => {
+                // Sent on a connection that is gone: send everything again first.
+                let err = BrokerError::ConnectionLost;
+                return self.recover(session, in_flight, reconnects, err).await;
+            }
+        };
         let waited = connection::within(
             self.broker.confirm_timeout_secs,
             "waiting for the broker's confirm",
@@ -256,7 +285,7 @@ impl Publisher {
             }
             let mut failed = None;
             for pending in in_flight.iter_mut() {
-                if let Err(next) = send(session, &self.broker, pending).await {
+                if let Err(next) = send(session, &self.broker, pending) {
                     failed = Some(next);
                     break;
                 }
@@ -288,9 +317,9 @@ impl Publisher {
         Ok(Pending {
             routing_key: routing_key(&license_key, &envelope.message_type),
             message_id,
-            body: serde_json::to_vec(&envelope)?,
+            body: serde_json::to_vec(&envelope)?.into(),
             message_type: envelope.message_type,
-            confirm: None,
+            progress: Progress::Unsent,
         })
     }
 
@@ -375,7 +404,10 @@ impl Session {
     }
 }
 
-async fn send(
+/// Queues `pending` on the current connection without waiting for the
+/// write: lapin queues a publish's frames at its first poll, so the order
+/// of `send` calls is the order on the wire.
+fn send(
     session: &mut Option<Session>,
     broker: &BrokerConfig,
     pending: &mut Pending,
@@ -388,26 +420,30 @@ async fn send(
         .with_content_type("application/json".into())
         .with_message_id(pending.message_id.as_str().into())
         .with_type(pending.message_type.as_str().into());
-    let publishing = session.channel.basic_publish(
-        broker.exchange.as_str().into(),
-        pending.routing_key.as_str().into(),
-        // mandatory: the broker tells us when no queue took the message.
-        BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        },
-        &pending.body,
-        properties,
-    );
-    // A broker that pushes back can hold a publish (lapin #409): bounded too.
-    let confirm = connection::within(
-        broker.confirm_timeout_secs,
-        "publishing",
-        &session.url,
-        publishing,
-    )
-    .await?;
-    pending.confirm = Some(confirm);
+    let channel = session.channel.clone();
+    let exchange = broker.exchange.as_str().into();
+    let routing_key = pending.routing_key.as_str().into();
+    let body = Arc::clone(&pending.body);
+    let mut sending: Sending = Box::pin(async move {
+        channel
+            .basic_publish(
+                exchange,
+                routing_key,
+                // mandatory: the broker tells us when no queue took the message.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await
+    });
+    pending.progress = match (&mut sending).now_or_never() {
+        Some(Ok(confirm)) => Progress::Sent(confirm),
+        Some(Err(err)) => return Err(BrokerError::from_lapin("publishing", &session.url, err)),
+        None => Progress::Sending(sending),
+    };
     Ok(())
 }
 

@@ -38,6 +38,12 @@ impl From<i64> for Value {
         Self::Integer(v)
     }
 }
+/// SQLite has no boolean type: `true` is 1 and `false` is 0.
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Self::Integer(i64::from(v))
+    }
+}
 impl From<f64> for Value {
     fn from(v: f64) -> Self {
         Self::Real(v)

@@ -48,6 +48,30 @@ impl MessageHandler for PriceHandler {
         possync_catalog::require_id("product_id", &update.product_id)?;
         possync_catalog::require_price("new_price", update.new_price)?;
         let order = envelope.order();
+        // Most price updates change a product the terminal has, with a newer
+        // version: one statement. A new, stale or deleted product takes the
+        // full path below (an existing row never has a tombstone).
+        let updated = store.execute(
+            "UPDATE products SET
+                 name = coalesce(?2, name),
+                 price = ?3,
+                 updated_at = ?4,
+                 sync_version = ?5
+             WHERE id = ?1
+               AND (?6 OR sync_version < ?5 OR (?7 AND sync_version = ?5))",
+            &[
+                update.product_id.as_str().into(),
+                update.product_name.clone().into(),
+                update.new_price.into(),
+                possync_catalog::updated_at(envelope),
+                possync_catalog::version_value(order),
+                order.is_none().into(),
+                order.is_some_and(|o| !o.exact).into(),
+            ],
+        )?;
+        if updated > 0 {
+            return Ok(());
+        }
         let decision = possync_catalog::decide(store, Entity::Product, &update.product_id, order)?;
         if decision == Decision::Stale {
             return Ok(());
