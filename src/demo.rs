@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use possync_core::{
-    BrokerError, Config, LicenseKey, PublishError, Publisher, Registry, Status, Terminal,
-    TerminalId,
+    BrokerError, Config, InProcessBroker, LicenseKey, PublishError, Published, Publisher, Registry,
+    Status, Terminal, TerminalId,
 };
 use possync_sdk::{Envelope, WireMessage};
 use tokio::sync::watch;
@@ -34,32 +34,54 @@ struct Running {
     task: tokio::task::JoinHandle<Result<(), possync_core::TerminalError>>,
 }
 
+/// What carries the demo's messages.
+enum Transport {
+    Broker(Box<Publisher>),
+    /// No broker answered: possync's in-process stand-in.
+    InProcess(InProcessBroker),
+}
+
+impl Transport {
+    async fn publish(&self, envelopes: Vec<Envelope>) -> Result<Vec<Published>, PublishError> {
+        match self {
+            Self::Broker(publisher) => publisher.publish_envelopes(envelopes).await,
+            Self::InProcess(broker) => broker.publish_envelopes(envelopes),
+        }
+    }
+}
+
 pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let publisher = match Publisher::connect(&config.broker).await {
-        Ok(publisher) => publisher,
+    let transport = match Publisher::connect(&config.broker).await {
+        Ok(publisher) => {
+            println!(
+                "possync demo: broker {}, databases in {}/",
+                publisher.broker(),
+                args.dir.display()
+            );
+            Transport::Broker(Box::new(publisher))
+        }
         Err(PublishError::Broker(
             BrokerError::Unreachable { .. } | BrokerError::Timeout { .. },
         )) => {
-            eprintln!(
-                "possync demo needs RabbitMQ, and none answers at {}: start it with `rabbitmq-server -detached` \
-                 (install it with `apt-get install rabbitmq-server`) or set broker.url, then run the demo again.",
-                config.broker.redacted_urls()
+            println!(
+                "possync demo: no broker answers at {}, so the demo runs on possync's in-process \
+                 transport: the same topic routing (license.<KEY>.<type>), inside this process, \
+                 kept in memory only. Start RabbitMQ (`rabbitmq-server -detached`) and run the \
+                 demo again to sync through the broker.\npossync demo: databases in {}/",
+                config.broker.redacted_urls(),
+                args.dir.display()
             );
-            return Ok(ExitCode::FAILURE);
+            Transport::InProcess(InProcessBroker::new())
         }
         Err(err) => return Err(err).context("cannot publish the demo's changes"),
     };
-    println!(
-        "possync demo: broker {}, databases in {}/",
-        publisher.broker(),
-        args.dir.display()
-    );
 
     let (stop, stopped) = watch::channel(false);
     let mut terminals = Vec::new();
     for (license, terminal) in TERMINALS {
         terminals.push(start_terminal(
             config,
+            &transport,
             &args.dir,
             license,
             terminal,
@@ -75,16 +97,22 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
     let mut per_store = std::collections::BTreeMap::new();
     for (license, envelopes) in [(CAFE, cafe_changes()?), (BAKERY, bakery_changes()?)] {
         per_store.insert(license, envelopes.len() as u64);
-        let published = publisher
-            .publish_envelopes(envelopes)
+        let published = transport
+            .publish(envelopes)
             .await
             .context("publishing the demo's changes")?;
+        let confirmed = match transport {
+            Transport::Broker(_) => "published and confirmed by the broker",
+            Transport::InProcess(_) => "published in-process",
+        };
         println!(
-            "back office -> {license}: {} changes published and confirmed by the broker",
+            "back office -> {license}: {} changes {confirmed}",
             published.len()
         );
     }
-    publisher.close().await;
+    if let Transport::Broker(publisher) = transport {
+        publisher.close().await;
+    }
 
     for running in &mut terminals {
         let expected = per_store[running.license];
@@ -114,6 +142,7 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
 
 fn start_terminal(
     config: &Config,
+    transport: &Transport,
     dir: &Path,
     license: &'static str,
     terminal: &'static str,
@@ -134,9 +163,16 @@ fn start_terminal(
     let registry = Registry::from_config(&config.plugins)?;
     let terminal_runtime = Terminal::new(config, registry)?;
     let status = terminal_runtime.status();
-    let task = tokio::spawn(terminal_runtime.run(async move {
+    let shutdown = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
-    }));
+    };
+    let task = match transport {
+        Transport::Broker(_) => tokio::spawn(terminal_runtime.run(shutdown)),
+        Transport::InProcess(broker) => {
+            let broker = broker.clone();
+            tokio::spawn(async move { terminal_runtime.run_in_process(&broker, shutdown).await })
+        }
+    };
     Ok(Running {
         license,
         terminal,

@@ -214,3 +214,25 @@ async fn the_status_page_badge_turns_offline_when_the_broker_goes_and_live_when_
     assert!(page.contains("id=\"badge\">Live sync<"), "{page}");
     terminal.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_broker_stopped_the_demo_runs_in_process_and_says_so() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let restarter = AppRestarter;
+    rabbitmqctl(&["stop_app"]);
+    let mut demo = possync_command(&["demo", "--dir"]);
+    demo.arg(dir.path());
+    let output = tokio::task::spawn_blocking(move || demo.output())
+        .await
+        .expect("demo task")
+        .expect("run the demo");
+    rabbitmqctl(&["start_app"]);
+    drop(restarter);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    assert!(stdout.contains("no broker answers at amqp://"), "{stdout}");
+    assert!(stdout.contains("in-process transport"), "{stdout}");
+    assert!(stdout.contains("published in-process"), "{stdout}");
+    assert_demo_databases(dir.path());
+}

@@ -88,3 +88,50 @@ async fn the_status_page_is_off_by_default() {
         "loopback when turned on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_counts_the_changes_waiting_in_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("depth");
+    let (mut config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
+    // One message in flight at a time, so the rest wait in the queue.
+    config.terminal.prefetch = 1;
+    let mut first_run = config.clone();
+    first_run.status.enabled = false;
+    RunningTerminal::start(first_run).await.stop().await;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let (changes, _) = catalog_changes(&store, 300, 3);
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
+
+    // Counted as the terminal goes live, again every few seconds.
+    let mut terminal = RunningTerminal::start(config).await;
+    assert!(
+        terminal
+            .wait_for(|s| s.queue_depth.is_some_and(|d| d >= 200))
+            .await,
+        "{:?}",
+        terminal.status.borrow()
+    );
+    let (_, body) = http_get(port, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        status["queue_depth"].as_u64().is_some_and(|d| d >= 200),
+        "{status}"
+    );
+    let (_, metrics) = http_get(port, "/metrics").await;
+    assert!(metrics.contains("possync_queue_depth{"), "{metrics}");
+    let (_, page) = http_get(port, "/").await;
+    assert!(page.contains("changes waiting in the queue"), "{page}");
+
+    terminal.wait_applied(300).await;
+    assert!(
+        terminal.wait_for(|s| s.queue_depth == Some(0)).await,
+        "{:?}",
+        terminal.status.borrow()
+    );
+    publisher.close().await;
+    terminal.stop().await;
+}

@@ -48,6 +48,10 @@ struct Args {
     /// Stores (one terminal each) in the second fan-out scenario.
     #[arg(long, default_value_t = 1000)]
     stores: usize,
+    /// Rounds of each drain and live scenario; the table shows the round
+    /// with the median ratio and the range over all rounds.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Scenarios to run: drain, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -115,11 +119,53 @@ impl Stopwatch {
     }
 }
 
-fn measured_row(scenario: String, count: usize, possync: &Measured, baseline: &Measured) -> Row {
-    let mut row = rate_row(scenario, count, possync.elapsed, baseline.elapsed);
+/// One round of a throughput scenario: both sides, same work.
+struct Trial {
+    scenario: String,
+    count: usize,
+    possync: Measured,
+    baseline: Measured,
+}
+
+impl Trial {
+    fn ratio(&self) -> f64 {
+        self.baseline.elapsed.as_secs_f64() / self.possync.elapsed.as_secs_f64()
+    }
+}
+
+/// The round with the median ratio, and the range of the ratio over all
+/// rounds: one round on a shared two-core machine can be off by 15%.
+fn median_row(mut trials: Vec<Trial>) -> Row {
+    trials.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+    let low = trials.first().map_or(f64::NAN, Trial::ratio);
+    let high = trials.last().map_or(f64::NAN, Trial::ratio);
+    let rounds = trials.len();
+    let Some(median) = trials.into_iter().nth(rounds / 2) else {
+        return Row {
+            scenario: "no rounds".into(),
+            possync: String::new(),
+            baseline: String::new(),
+            ratio: String::new(),
+        };
+    };
+    let count = median.count;
+    let mut row = rate_row(
+        median.scenario,
+        count,
+        median.possync.elapsed,
+        median.baseline.elapsed,
+    );
     let per = |m: &Measured| m.cpu_us as f64 / count as f64;
-    row.possync = format!("{} · {:.0} µs CPU/msg", row.possync, per(possync));
-    row.baseline = format!("{} · {:.0} µs CPU/msg", row.baseline, per(baseline));
+    row.possync = format!("{} · {:.0} µs CPU/msg", row.possync, per(&median.possync));
+    row.baseline = format!("{} · {:.0} µs CPU/msg", row.baseline, per(&median.baseline));
+    if rounds > 1 {
+        row.ratio = format!(
+            "{} ({:.0}–{:.0}% in {rounds} rounds)",
+            row.ratio,
+            100.0 * low,
+            100.0 * high
+        );
+    }
     row
 }
 
@@ -156,13 +202,21 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("drain") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
-            report(drain(&args, dir.path(), queue_type).await?, &mut rows);
+            let mut trials = Vec::new();
+            for _ in 0..args.rounds {
+                trials.push(drain(&args, dir.path(), queue_type).await?);
+            }
+            report(median_row(trials), &mut rows);
         }
     }
     if wants("live") {
         for feed in [Feed::Possync, Feed::Raw] {
             for delivery in [Delivery::Durable, Delivery::Transient] {
-                report(live(&args, dir.path(), delivery, feed).await?, &mut rows);
+                let mut trials = Vec::new();
+                for _ in 0..args.rounds {
+                    trials.push(live(&args, dir.path(), delivery, feed).await?);
+                }
+                report(median_row(trials), &mut rows);
             }
         }
     }
@@ -299,7 +353,7 @@ fn baseline_kind(queue_type: QueueType) -> BaselineQueue {
 
 /// N changes wait in the queue; the consumer starts; time until all are
 /// applied and acknowledged.
-async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> anyhow::Result<Row> {
+async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> anyhow::Result<Trial> {
     let n = args.messages;
     let connection = workload::connect(&args.url).await?;
     progress(&format!("backlog drain, {queue_type:?} queue: possync"));
@@ -351,12 +405,12 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
-    Ok(measured_row(
-        format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(),
-        n,
-        &possync_time,
-        &baseline_time,
-    ))
+    Ok(Trial {
+        scenario: format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(),
+        count: n,
+        possync: possync_time,
+        baseline: baseline_time,
+    })
 }
 
 /// A publisher with confirms publishes as fast as it can; time from the
@@ -376,7 +430,7 @@ async fn live(
     dir: &std::path::Path,
     delivery: Delivery,
     feed: Feed,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<Trial> {
     let n = args.messages;
     progress(&format!(
         "live throughput, {delivery:?}, {feed:?} publisher: possync"
@@ -448,12 +502,12 @@ async fn live(
         Feed::Possync => format!("live throughput, {n} changes, {delivery:?}"),
         Feed::Raw => format!("live, terminal alone (raw publisher), {n} changes, {delivery:?}"),
     };
-    Ok(measured_row(
-        scenario.to_lowercase(),
-        n,
-        &possync_time,
-        &baseline_time,
-    ))
+    Ok(Trial {
+        scenario: scenario.to_lowercase(),
+        count: n,
+        possync: possync_time,
+        baseline: baseline_time,
+    })
 }
 
 /// Publishes at a fixed rate; the time from publish to commit-and-ack.

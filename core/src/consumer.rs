@@ -4,7 +4,7 @@
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -13,6 +13,7 @@ use crate::applier::{Inbound, Outcome};
 use crate::config::BrokerConfig;
 use crate::connection::{self, BrokerError};
 use crate::events;
+use crate::in_process::InProcessInbox;
 use crate::topology::TerminalTopology;
 
 const PERSISTENT: u8 = 2;
@@ -30,6 +31,85 @@ pub(crate) struct Subscription {
     reasons_in_dead_letters: bool,
     url: String,
     timeout_secs: u64,
+    /// For counting the queue's messages; a failed count closes its
+    /// channel, so it is not one anything else uses.
+    probe: Probe,
+}
+
+#[derive(Debug)]
+enum Probe {
+    NotOpen,
+    Open(Channel),
+    /// A count failed: not asked again this session (logged once).
+    GaveUp,
+}
+
+/// Where a terminal's messages come from: its RabbitMQ queue, or an
+/// in-process queue (the demo without a broker, handler tests).
+#[derive(Debug)]
+pub(crate) enum Inbox {
+    Broker(Box<Subscription>),
+    InProcess(InProcessInbox),
+}
+
+impl Inbox {
+    /// Waits for the next message; `None` when the broker ended the consumer.
+    pub(crate) async fn next(&mut self) -> Option<Result<Inbound, BrokerError>> {
+        match self {
+            Self::Broker(subscription) => subscription.next().await,
+            Self::InProcess(inbox) => Some(Ok(inbox.next().await)),
+        }
+    }
+
+    /// The next message if one is already here.
+    pub(crate) fn try_next(&mut self) -> Option<Result<Inbound, BrokerError>> {
+        match self {
+            Self::Broker(subscription) => subscription.try_next(),
+            Self::InProcess(inbox) => inbox.try_next().map(Ok),
+        }
+    }
+
+    /// Settles a batch after its commit.
+    pub(crate) async fn settle(
+        &mut self,
+        batch: &[Inbound],
+        outcomes: &[Outcome],
+    ) -> Result<(), BrokerError> {
+        match self {
+            Self::Broker(subscription) => subscription.settle(batch, outcomes).await,
+            Self::InProcess(inbox) => {
+                inbox.settle(batch, outcomes);
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns a batch that could not be committed to the queue.
+    pub(crate) async fn requeue(&mut self, batch: &[Inbound]) -> Result<(), BrokerError> {
+        match self {
+            Self::Broker(subscription) => subscription.requeue(batch).await,
+            Self::InProcess(inbox) => {
+                inbox.requeue(batch);
+                Ok(())
+            }
+        }
+    }
+
+    /// Messages waiting in the queue, not yet delivered; `None` when the
+    /// broker would not say.
+    pub(crate) async fn queue_depth(&mut self) -> Option<u64> {
+        match self {
+            Self::Broker(subscription) => subscription.queue_depth().await,
+            Self::InProcess(inbox) => Some(inbox.depth()),
+        }
+    }
+
+    /// Stops consuming; unacknowledged messages return to the queue.
+    pub(crate) async fn close(self) {
+        if let Self::Broker(subscription) = self {
+            subscription.close().await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Subscription {
@@ -109,7 +189,54 @@ impl Subscription {
             reasons_in_dead_letters: broker.declare_topology,
             url: url.to_owned(),
             timeout_secs: timeout,
+            probe: Probe::NotOpen,
         })
+    }
+
+    /// The queue's ready messages, by a passive declare on a channel of its
+    /// own; after a failure it stops asking for the rest of the session.
+    async fn queue_depth(&mut self) -> Option<u64> {
+        if matches!(self.probe, Probe::NotOpen) {
+            let opened = connection::within(
+                self.timeout_secs,
+                "opening a channel",
+                &self.url,
+                self.connection.create_channel(),
+            )
+            .await;
+            self.probe = match opened {
+                Ok(channel) => Probe::Open(channel),
+                Err(err) => {
+                    events::queue_depth_unknown(&err.to_string());
+                    Probe::GaveUp
+                }
+            };
+        }
+        let Probe::Open(probe) = &self.probe else {
+            return None;
+        };
+        let declared = connection::within(
+            self.timeout_secs,
+            "counting the queue's messages",
+            &self.url,
+            probe.queue_declare(
+                self.topology.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(queue) => Some(u64::from(queue.message_count())),
+            Err(err) => {
+                events::queue_depth_unknown(&err.to_string());
+                self.probe = Probe::GaveUp;
+                None
+            }
+        }
     }
 
     /// Waits for the next message; `None` when the broker ended the consumer.

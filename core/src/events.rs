@@ -57,6 +57,10 @@ pub(crate) fn dead_letter_fallback(reason: &str) {
     warn!(event = "dead_letter_fallback", %reason, "could not publish to the dead-letter queue with a reason; rejected to it without one");
 }
 
+pub(crate) fn queue_depth_unknown(reason: &str) {
+    warn!(event = "queue_depth_unknown", %reason, "cannot count the messages waiting in the queue; the status shows no queue depth until the next connection");
+}
+
 pub(crate) fn migrations_ran(ids: &[String]) {
     if !ids.is_empty() {
         info!(event = "migrations_ran", ids = %ids.join(", "), "database schema updated");

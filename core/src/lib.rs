@@ -15,6 +15,7 @@ mod events;
 mod failpoint;
 mod host;
 mod identity;
+mod in_process;
 mod plugin_loader;
 mod publisher;
 mod redact;
@@ -34,6 +35,7 @@ pub use config::{
 pub use connection::BrokerError;
 pub use doctor::{Check, config_sources, diagnose};
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
+pub use in_process::{DeadLetter, InProcessBroker};
 pub use plugin_loader::PluginLoadError;
 pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;

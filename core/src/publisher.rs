@@ -73,7 +73,7 @@ pub struct Published {
 pub struct Publisher {
     broker: BrokerConfig,
     session: Mutex<Option<Session>>,
-    last_version: AtomicI64,
+    versions: VersionClock,
 }
 
 #[derive(Debug)]
@@ -124,7 +124,7 @@ impl Publisher {
         Ok(Self {
             broker: broker.clone(),
             session: Mutex::new(Some(session)),
-            last_version: AtomicI64::new(0),
+            versions: VersionClock::default(),
         })
     }
 
@@ -164,7 +164,7 @@ impl Publisher {
         let mut published = Vec::new();
         let mut reconnects = Reconnects::new(&self.broker);
         // One wall-clock stamp per call: the exact order travels in `version`.
-        let timestamp = OffsetDateTime::now_utc().format(&Rfc3339).ok();
+        let timestamp = now_rfc3339();
         for envelope in envelopes {
             while in_flight.len() >= WINDOW {
                 self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects)
@@ -299,49 +299,17 @@ impl Publisher {
 
     fn prepare(
         &self,
-        mut envelope: Envelope,
+        envelope: Envelope,
         timestamp: Option<&str>,
     ) -> Result<Pending, PublishError> {
-        let license_key = LicenseKey::new(envelope.license_key.clone())?;
-        check_type(&envelope.message_type)?;
-        let message_id = envelope
-            .message_id
-            .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
-            .clone();
-        if envelope.version.is_none() {
-            envelope.version = Some(self.next_version());
-        }
-        if envelope.timestamp.is_none() {
-            envelope.timestamp = timestamp.map(str::to_owned);
-        }
+        let encoded = encode(envelope, &self.versions, timestamp)?;
         Ok(Pending {
-            routing_key: routing_key(&license_key, &envelope.message_type),
-            message_id,
-            body: serde_json::to_vec(&envelope)?.into(),
-            message_type: envelope.message_type,
+            routing_key: encoded.routing_key,
+            message_id: encoded.message_id,
+            message_type: encoded.message_type,
+            body: encoded.body,
             progress: Progress::Unsent,
         })
-    }
-
-    /// Microseconds since the epoch, strictly increasing for this publisher
-    /// even if two messages fall in the same microsecond.
-    fn next_version(&self) -> i64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-        let mut last = self.last_version.load(Ordering::Relaxed);
-        loop {
-            let next = now.max(last + 1);
-            match self.last_version.compare_exchange_weak(
-                last,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return next,
-                Err(actual) => last = actual,
-            }
-        }
     }
 
     /// The broker URLs, passwords redacted.
@@ -401,6 +369,70 @@ impl Session {
             self.connection.close(200, "done".into()),
         )
         .await;
+    }
+}
+
+/// An envelope ready to go out.
+pub(crate) struct Encoded {
+    pub(crate) routing_key: String,
+    pub(crate) message_id: String,
+    pub(crate) message_type: String,
+    pub(crate) body: Arc<[u8]>,
+}
+
+/// Checks an envelope's license key and type, fills in what the publisher
+/// stamps (message id, version, timestamp) and serializes it.
+pub(crate) fn encode(
+    mut envelope: Envelope,
+    versions: &VersionClock,
+    timestamp: Option<&str>,
+) -> Result<Encoded, PublishError> {
+    let license_key = LicenseKey::new(envelope.license_key.clone())?;
+    check_type(&envelope.message_type)?;
+    let message_id = envelope
+        .message_id
+        .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
+        .clone();
+    if envelope.version.is_none() {
+        envelope.version = Some(versions.next());
+    }
+    if envelope.timestamp.is_none() {
+        envelope.timestamp = timestamp.map(str::to_owned);
+    }
+    Ok(Encoded {
+        routing_key: routing_key(&license_key, &envelope.message_type),
+        message_id,
+        body: serde_json::to_vec(&envelope)?.into(),
+        message_type: envelope.message_type,
+    })
+}
+
+/// The wall-clock stamp of a publish call; the exact order travels in `version`.
+pub(crate) fn now_rfc3339() -> Option<String> {
+    OffsetDateTime::now_utc().format(&Rfc3339).ok()
+}
+
+/// Versions for one publisher: microseconds since the epoch, strictly
+/// increasing even if two messages fall in the same microsecond.
+#[derive(Debug, Default)]
+pub(crate) struct VersionClock(AtomicI64);
+
+impl VersionClock {
+    fn next(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let mut last = self.0.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self
+                .0
+                .compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(actual) => last = actual,
+            }
+        }
     }
 }
 

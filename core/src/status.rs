@@ -41,6 +41,10 @@ pub struct Status {
     pub applied_by_type: std::collections::BTreeMap<String, u64>,
     /// When the last message was applied.
     pub last_applied_at: Option<SystemTime>,
+    /// Messages waiting in the terminal's queue, not yet delivered to it,
+    /// as last counted (every few seconds while live); `None` before the
+    /// first count or when the broker would not say.
+    pub queue_depth: Option<u64>,
 }
 
 impl Status {
@@ -62,12 +66,21 @@ impl StatusSender {
             duplicates: 0,
             applied_by_type: std::collections::BTreeMap::new(),
             last_applied_at: None,
+            queue_depth: None,
         });
         (Self(sender), receiver)
     }
 
     pub(crate) fn set_state(&self, state: State) {
         self.0.send_modify(|status| status.state = state);
+    }
+
+    pub(crate) fn set_queue_depth(&self, depth: Option<u64>) {
+        self.0.send_if_modified(|status| {
+            let changed = status.queue_depth != depth;
+            status.queue_depth = depth;
+            changed
+        });
     }
 
     pub(crate) fn count(

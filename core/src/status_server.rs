@@ -133,6 +133,7 @@ fn status_json(view: &StatusView, status: &Status) -> String {
         "applied_by_type": status.applied_by_type,
         "quarantined": status.quarantined,
         "duplicates": status.duplicates,
+        "queue_depth": status.queue_depth,
         "quarantine_table_rows": quarantine_total,
         "latest_quarantined": latest.iter().map(|q| serde_json::json!({
             "routing_key": q.routing_key, "message_type": q.message_type, "reason": q.reason,
@@ -198,6 +199,13 @@ fn metrics(view: &StatusView, status: &Status) -> String {
         "possync_messages_duplicate_total{{{labels}}} {}",
         status.duplicates
     );
+    if let Some(depth) = status.queue_depth {
+        let _ = writeln!(
+            out,
+            "# HELP possync_queue_depth Messages waiting in the terminal's queue, not yet delivered.\n# TYPE possync_queue_depth gauge"
+        );
+        let _ = writeln!(out, "possync_queue_depth{{{labels}}} {depth}");
+    }
     let _ = writeln!(
         out,
         "# HELP possync_last_applied_seconds When the last message was applied (Unix time).\n# TYPE possync_last_applied_seconds gauge"
@@ -233,10 +241,18 @@ fn page(view: &StatusView, status: &Status) -> String {
             escape_html(&other.to_uppercase())
         ),
     };
-    let last = status.last_applied_at.map_or_else(
+    let mut last = status.last_applied_at.map_or_else(
         || "no change applied since start".to_owned(),
         |t| format!("last change applied {}", rfc3339(t)),
     );
+    match status.queue_depth {
+        Some(0) => last.push_str(" · nothing waiting in the queue"),
+        Some(1) => last.push_str(" · 1 change waiting in the queue"),
+        Some(depth) => {
+            let _ = write!(last, " · {depth} changes waiting in the queue");
+        }
+        None => {}
+    }
     let mut counts = String::new();
     for (message_type, count) in &status.applied_by_type {
         let _ = write!(

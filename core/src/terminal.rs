@@ -7,8 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::applier::{Applier, ApplierHandle, Inbound, Tally};
 use crate::config::{Config, ConfigError};
 use crate::connection::BrokerError;
-use crate::consumer::Subscription;
+use crate::consumer::{Inbox, Subscription};
 use crate::events;
+use crate::in_process::InProcessBroker;
 use crate::redact::redact_url;
 use crate::registry::{Registry, RegistryError};
 use crate::status::{State, Status, StatusSender};
@@ -52,6 +53,19 @@ pub struct Terminal {
     database: Database,
     connection_name: String,
     status: StatusSender,
+}
+
+/// How often a live terminal counts the messages waiting in its queue.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
+
+/// What the status shows as the broker of an in-process terminal.
+const IN_PROCESS: &str = "in-process (no broker)";
+
+/// Where a terminal takes its messages from.
+#[derive(Clone, Copy)]
+enum Transport<'a> {
+    Broker,
+    InProcess(&'a InProcessBroker),
 }
 
 enum SessionEnd {
@@ -100,6 +114,25 @@ impl Terminal {
     /// Fails at once if the broker refuses the terminal before it was ever
     /// live (wrong credentials, a conflicting queue): that needs an operator.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TerminalError> {
+        self.run_on(Transport::Broker, shutdown).await
+    }
+
+    /// Runs as [`Terminal::run`] does, but on a queue of an in-process
+    /// `broker` instead of RabbitMQ: for the demo on a machine without a
+    /// broker, and for unit tests of handlers. Messages live in memory only.
+    pub async fn run_in_process(
+        self,
+        broker: &InProcessBroker,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), TerminalError> {
+        self.run_on(Transport::InProcess(broker), shutdown).await
+    }
+
+    async fn run_on(
+        self,
+        transport: Transport<'_>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), TerminalError> {
         let Self {
             config,
             topology,
@@ -153,12 +186,15 @@ impl Terminal {
         let mut ever_live = false;
         let mut offline_since = SystemTime::now();
         let result = loop {
-            let url = &urls[attempt as usize % urls.len()];
+            let url = match transport {
+                Transport::Broker => urls[attempt as usize % urls.len()].as_str(),
+                Transport::InProcess(_) => IN_PROCESS,
+            };
             attempt = attempt.wrapping_add(1);
             events::connecting(&redact_url(url), failures + 1);
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                opened = Subscription::open(&config.broker, url, &topology, config.terminal.prefetch, &connection_name) => opened,
+                opened = open(transport, &config, url, &topology, &connection_name) => opened,
             };
             let reason = match opened {
                 Ok(subscription) => {
@@ -190,6 +226,7 @@ impl Terminal {
                 Err(err) => err,
             };
             failures += 1;
+            status.set_queue_depth(None);
             let delay = crate::backoff::delay(failures);
             let reason = reason.to_string();
             events::offline(&reason, delay.as_millis(), failures == 1);
@@ -258,15 +295,38 @@ impl Reporter<'_> {
     }
 }
 
+async fn open(
+    transport: Transport<'_>,
+    config: &Config,
+    url: &str,
+    topology: &TerminalTopology,
+    connection_name: &str,
+) -> Result<Inbox, BrokerError> {
+    match transport {
+        Transport::Broker => {
+            let prefetch = config.terminal.prefetch;
+            Subscription::open(&config.broker, url, topology, prefetch, connection_name)
+                .await
+                .map(|subscription| Inbox::Broker(Box::new(subscription)))
+        }
+        Transport::InProcess(broker) => Ok(Inbox::InProcess(broker.subscribe(topology))),
+    }
+}
+
 /// Receives, applies and settles batches until shutdown or connection loss.
 async fn consume(
-    mut subscription: Subscription,
+    mut subscription: Inbox,
     applier: &ApplierHandle,
     status: &StatusSender,
     batch_size: usize,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
+    let mut depth_due = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= depth_due {
+            status.set_queue_depth(subscription.queue_depth().await);
+            depth_due = tokio::time::Instant::now() + QUEUE_DEPTH_EVERY;
+        }
         let first = tokio::select! {
             () = shutdown.as_mut() => {
                 events::stopping();
@@ -274,6 +334,8 @@ async fn consume(
                 return SessionEnd::Stopped;
             }
             next = subscription.next() => next,
+            // Idle: count the queue again when due (taking the next message is cancel-safe).
+            () = tokio::time::sleep_until(depth_due) => continue,
         };
         let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
         match first {

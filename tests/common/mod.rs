@@ -10,7 +10,9 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use possync_core::{Config, LicenseKey, Registry, Status, Terminal, TerminalId, TerminalTopology};
+use possync_core::{
+    Config, InProcessBroker, LicenseKey, Registry, Status, Terminal, TerminalId, TerminalTopology,
+};
 use tokio::sync::watch;
 
 // Linked so their handlers register in the test binaries, as in `possync`.
@@ -76,15 +78,30 @@ pub struct RunningTerminal {
 impl RunningTerminal {
     /// Starts a terminal and waits until it is live.
     pub async fn start(config: Config) -> Self {
+        Self::start_on(config, None).await
+    }
+
+    /// Starts a terminal on `broker`'s in-process queues instead of RabbitMQ.
+    pub async fn start_in_process(config: Config, broker: &InProcessBroker) -> Self {
+        Self::start_on(config, Some(broker.clone())).await
+    }
+
+    async fn start_on(config: Config, in_process: Option<InProcessBroker>) -> Self {
         let database = config.terminal.database.clone();
         let registry = Registry::from_config(&config.plugins).expect("built-in plugins");
         let terminal = Terminal::new(config, registry).expect("terminal starts");
         let topology = terminal.topology().clone();
         let mut status = terminal.status();
         let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(terminal.run(async move {
+        let shutdown = async move {
             let _ = stopped.wait_for(|s| *s).await;
-        }));
+        };
+        let task = match in_process {
+            None => tokio::spawn(terminal.run(shutdown)),
+            Some(broker) => {
+                tokio::spawn(async move { terminal.run_in_process(&broker, shutdown).await })
+            }
+        };
         tokio::time::timeout(WAIT, status.wait_for(Status::is_live))
             .await
             .expect("terminal goes live in time")
@@ -468,4 +485,21 @@ pub fn with_status_page(mut config: Config) -> (Config, u16) {
     config.status.enabled = true;
     config.status.port = port;
     (config, port)
+}
+
+/// Checks what `possync demo --dir DIR` left: each store's terminals hold
+/// that store's catalog, with the demo's later changes applied, and nothing
+/// of the other store.
+pub fn assert_demo_databases(dir: &Path) {
+    for till in ["demo-cafe-till-1.db", "demo-cafe-till-2.db"] {
+        let db = rusqlite::Connection::open(dir.join(till)).expect("open demo database");
+        assert_eq!(product(&db, "CAP").map(|p| p.1), Some(3.40), "{till}");
+        assert_eq!(product(&db, "LAT"), None, "{till}: the latte was deleted");
+        assert_eq!(count(&db, "SELECT count(*) FROM products"), 2, "{till}");
+        assert_eq!(product(&db, "SOU"), None, "{till}: no bakery product");
+    }
+    let db = rusqlite::Connection::open(dir.join("demo-bakery-till-1.db")).expect("open");
+    assert_eq!(product(&db, "BAG").map(|p| p.1), Some(2.50));
+    assert_eq!(count(&db, "SELECT count(*) FROM products"), 2);
+    assert_eq!(product(&db, "CAP"), None, "no cafe product");
 }
