@@ -132,6 +132,16 @@ async fn the_status_counts_the_changes_waiting_in_the_queue() {
         "{:?}",
         terminal.status.borrow()
     );
+    // `possync status` reads the counters from the database: a busy terminal
+    // writes them once a second, an idle one when it counts its queue.
+    let db = possync_core::Database::open_read_only(&terminal.database).expect("db");
+    eventually("the counters in the database", || {
+        db.status_record()
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.applied_total == 300)
+    })
+    .await;
     publisher.close().await;
     terminal.stop().await;
 }

@@ -622,13 +622,15 @@ where
 /// Many terminals at once: one store with several terminals, then many
 /// stores with one terminal each, all in this process.
 async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> {
-    let per_terminal = 100usize;
     let mut rows = Vec::new();
     for (label, stores, per_store) in [
         ("one store", 1usize, args.terminals_per_store),
         ("many stores", args.stores, 1usize),
     ] {
         let terminals = stores * per_store;
+        // About `--messages` deliveries in all, so that a run lasts long
+        // enough to measure; at least 100 changes per store.
+        let per_terminal = (args.messages / terminals).max(100);
         progress(&format!(
             "fan-out, {label}: starting {terminals} possync terminals"
         ));

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::events;
 use crate::identity::LicenseKey;
 use crate::registry::{Registry, Route};
-use crate::store::{Database, Quarantined, StateRecord};
+use crate::store::{Database, ProgressRecord, Quarantined, StateRecord, unix_now_ms};
 
 /// A message taken from the terminal's queue, not yet settled.
 #[derive(Debug, Clone)]
@@ -97,6 +97,54 @@ impl Tally {
     }
 }
 
+/// How often the counters of `possync status` are written: a batch that
+/// wrote them would dirty one more page of the database per commit.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Counters committed to the catalog but not yet to `possync_status`.
+#[derive(Debug, Clone)]
+struct Progress {
+    counts: ProgressRecord,
+    written_at: std::time::Instant,
+    /// The transaction in progress writes the counters.
+    writing: bool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            counts: ProgressRecord::default(),
+            written_at: std::time::Instant::now(),
+            writing: false,
+        }
+    }
+}
+
+impl Progress {
+    /// The counters with a batch's added, as of now.
+    fn with(&self, tally: &Tally) -> ProgressRecord {
+        let mut counts = self.counts.clone();
+        counts.applied += tally.applied;
+        counts.quarantined += tally.quarantined;
+        if tally.applied > 0 {
+            counts.last_applied_ms = Some(unix_now_ms());
+        }
+        if tally.last_type.is_some() {
+            counts.last_type.clone_from(&tally.last_type);
+        }
+        counts
+    }
+
+    /// A batch committed, and the counters with it if it wrote them.
+    fn committed(&mut self, tally: &Tally) {
+        if self.writing {
+            *self = Self::default();
+        } else {
+            self.counts = self.with(tally);
+        }
+    }
+}
+
 /// Applies batches; see [`ApplierHandle`] for the async side.
 pub(crate) struct Applier {
     database: Database,
@@ -105,6 +153,7 @@ pub(crate) struct Applier {
     max_message_bytes: usize,
     max_attempts: u32,
     runtime: tokio::runtime::Handle,
+    progress: Progress,
 }
 
 impl std::fmt::Debug for Applier {
@@ -136,13 +185,24 @@ impl Applier {
             max_message_bytes,
             max_attempts,
             runtime,
+            progress: Progress::default(),
         }
     }
 
-    /// Records a state change for `possync status`.
+    /// Records a state change for `possync status`, with the counters
+    /// not yet written.
     pub(crate) fn record_state(&mut self, record: &StateRecord) {
+        self.flush_progress();
         if let Err(err) = self.database.record_state(record) {
             events::status_not_recorded(&err.to_string());
+        }
+    }
+
+    /// Writes the counters not yet written, for `possync status`.
+    pub(crate) fn flush_progress(&mut self) {
+        match self.database.record_progress(&self.progress.counts) {
+            Ok(()) => self.progress = Progress::default(),
+            Err(err) => events::status_not_recorded(&err.to_string()),
         }
     }
 
@@ -168,7 +228,10 @@ impl Applier {
         self.database.begin()?;
         match self.apply_in_transaction(batch, careful) {
             Ok(Some(outcomes)) => match self.database.commit() {
-                Ok(()) => Ok(Some(outcomes)),
+                Ok(()) => {
+                    self.progress.committed(&Tally::of(&outcomes));
+                    Ok(Some(outcomes))
+                }
                 Err(err) => {
                     self.database.rollback();
                     Err(err.into())
@@ -206,12 +269,11 @@ impl Applier {
             };
             outcomes.push(outcome);
         }
-        let tally = Tally::of(&outcomes);
-        self.database.record_progress(
-            tally.applied,
-            tally.quarantined,
-            tally.last_type.as_deref(),
-        )?;
+        self.progress.writing = self.progress.written_at.elapsed() >= PROGRESS_EVERY;
+        if self.progress.writing {
+            let counts = self.progress.with(&Tally::of(&outcomes));
+            self.database.record_progress(&counts)?;
+        }
         Ok(Some(outcomes))
     }
 
@@ -395,6 +457,7 @@ type Reply = oneshot::Sender<(Vec<Inbound>, Result<Vec<Outcome>, BatchError>)>;
 pub(crate) enum Job {
     Apply(Vec<Inbound>, Reply),
     RecordState(StateRecord),
+    FlushProgress,
 }
 
 /// The async side of an [`Applier`]. On a multi-threaded runtime the
@@ -404,7 +467,7 @@ pub(crate) enum Job {
 /// tasks.
 #[derive(Debug)]
 pub(crate) enum ApplierHandle {
-    Inline(std::sync::Mutex<Applier>),
+    Inline(Box<std::sync::Mutex<Applier>>),
     Thread {
         jobs: mpsc::Sender<Job>,
         thread: Option<std::thread::JoinHandle<()>>,
@@ -414,7 +477,7 @@ pub(crate) enum ApplierHandle {
 impl ApplierHandle {
     pub(crate) fn spawn(mut applier: Applier) -> std::io::Result<Self> {
         if applier.runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            return Ok(Self::Inline(std::sync::Mutex::new(applier)));
+            return Ok(Self::Inline(Box::new(std::sync::Mutex::new(applier))));
         }
         let (jobs, mut receiver) = mpsc::channel::<Job>(1);
         let thread = std::thread::Builder::new()
@@ -428,6 +491,7 @@ impl ApplierHandle {
                             let _ = reply.send((batch, result));
                         }
                         Job::RecordState(record) => applier.record_state(&record),
+                        Job::FlushProgress => applier.flush_progress(),
                     }
                 }
             })?;
@@ -473,6 +537,22 @@ impl ApplierHandle {
             }),
             Self::Thread { jobs, .. } => {
                 if jobs.send(Job::RecordState(record)).await.is_err() {
+                    unreachable_thread();
+                }
+            }
+        }
+    }
+
+    /// Writes the counters `possync status` shows, when the terminal is idle.
+    pub(crate) async fn flush_progress(&self) {
+        match self {
+            Self::Inline(applier) => tokio::task::block_in_place(|| {
+                if let Ok(mut applier) = applier.lock() {
+                    applier.flush_progress();
+                }
+            }),
+            Self::Thread { jobs, .. } => {
+                if jobs.send(Job::FlushProgress).await.is_err() {
                     unreachable_thread();
                 }
             }

@@ -340,26 +340,25 @@ impl Database {
     }
 
     /// Adds a committed batch to the totals `possync status` shows.
+    /// Adds to the counters `possync status` shows.
     pub(crate) fn record_progress(
         &mut self,
-        applied: u64,
-        quarantined: u64,
-        last_message_type: Option<&str>,
+        counts: &ProgressRecord,
     ) -> Result<(), rusqlite::Error> {
-        if applied == 0 && quarantined == 0 {
+        if counts.applied == 0 && counts.quarantined == 0 {
             return Ok(());
         }
         let mut statement = self.connection.prepare_cached(
             "UPDATE possync_status SET applied_total = applied_total + ?1, quarantined_total = quarantined_total + ?2,
-                 last_applied_ms = CASE WHEN ?1 > 0 THEN ?3 ELSE last_applied_ms END,
+                 last_applied_ms = coalesce(?3, last_applied_ms),
                  last_message_type = coalesce(?4, last_message_type)
              WHERE id = 1",
         )?;
         statement.execute(params![
-            i64::try_from(applied).unwrap_or(i64::MAX),
-            i64::try_from(quarantined).unwrap_or(i64::MAX),
-            unix_now_ms(),
-            last_message_type
+            i64::try_from(counts.applied).unwrap_or(i64::MAX),
+            i64::try_from(counts.quarantined).unwrap_or(i64::MAX),
+            counts.last_applied_ms,
+            counts.last_type
         ])?;
         Ok(())
     }
@@ -476,6 +475,15 @@ impl Store for SqliteStore<'_> {
             None => Ok(None),
         }
     }
+}
+
+/// Counts to add to `possync_status`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProgressRecord {
+    pub(crate) applied: u64,
+    pub(crate) quarantined: u64,
+    pub(crate) last_applied_ms: Option<i64>,
+    pub(crate) last_type: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch.

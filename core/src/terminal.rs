@@ -334,8 +334,12 @@ async fn consume(
                 return SessionEnd::Stopped;
             }
             next = subscription.next() => next,
-            // Idle: count the queue again when due (taking the next message is cancel-safe).
-            () = tokio::time::sleep_until(depth_due) => continue,
+            // Idle: count the queue again when due, and write the counters
+            // `possync status` shows (taking the next message is cancel-safe).
+            () = tokio::time::sleep_until(depth_due) => {
+                applier.flush_progress().await;
+                continue;
+            }
         };
         let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
         match first {
