@@ -200,7 +200,10 @@ impl Applier {
 
     /// Writes the counters not yet written, for `possync status`.
     pub(crate) fn flush_progress(&mut self) {
-        match self.database.record_progress(&self.progress.counts) {
+        match self
+            .database
+            .record_progress_unsynced(&self.progress.counts)
+        {
             Ok(()) => self.progress = Progress::default(),
             Err(err) => events::status_not_recorded(&err.to_string()),
         }

@@ -339,7 +339,6 @@ impl Database {
         Ok(())
     }
 
-    /// Adds a committed batch to the totals `possync status` shows.
     /// Adds to the counters `possync status` shows.
     pub(crate) fn record_progress(
         &mut self,
@@ -361,6 +360,22 @@ impl Database {
             counts.last_type
         ])?;
         Ok(())
+    }
+
+    /// [`Database::record_progress`] without waiting for the disk: the
+    /// counters are for people, and the next batch's commit syncs them.
+    pub(crate) fn record_progress_unsynced(
+        &mut self,
+        counts: &ProgressRecord,
+    ) -> Result<(), rusqlite::Error> {
+        if counts.applied == 0 && counts.quarantined == 0 {
+            return Ok(());
+        }
+        self.connection
+            .pragma_update(None, "synchronous", "NORMAL")?;
+        let written = self.record_progress(counts);
+        let restored = self.connection.pragma_update(None, "synchronous", "FULL");
+        written.and(restored)
     }
 
     /// What `possync status` shows, if the terminal ever ran on this database.

@@ -322,8 +322,10 @@ async fn consume(
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
     let mut depth_due = tokio::time::Instant::now();
+    let mut idle = false;
     loop {
-        if tokio::time::Instant::now() >= depth_due {
+        // Counted on connecting and every few seconds while busy.
+        if !idle && tokio::time::Instant::now() >= depth_due {
             status.set_queue_depth(subscription.queue_depth().await);
             depth_due = tokio::time::Instant::now() + QUEUE_DEPTH_EVERY;
         }
@@ -333,11 +335,18 @@ async fn consume(
                 subscription.close().await;
                 return SessionEnd::Stopped;
             }
-            next = subscription.next() => next,
-            // Idle: count the queue again when due, and write the counters
-            // `possync status` shows (taking the next message is cancel-safe).
-            () = tokio::time::sleep_until(depth_due) => {
+            next = subscription.next() => {
+                idle = false;
+                next
+            }
+            // Idle with every delivery settled: the broker delivers whatever
+            // arrives at once, so nothing waits, and there is time to write
+            // the counters `possync status` shows. (Waiting for the next
+            // message is cancel-safe.)
+            () = tokio::time::sleep_until(depth_due), if !idle => {
+                status.set_queue_depth(Some(0));
                 applier.flush_progress().await;
+                idle = true;
                 continue;
             }
         };
