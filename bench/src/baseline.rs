@@ -97,10 +97,11 @@ pub(crate) async fn start(
     queue: &str,
     license: &LicenseKey,
     path: &Path,
-    prefetch: u16,
-    batch_size: usize,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Baseline> {
+    // The same prefetch and batch size as a possync terminal's defaults.
+    let defaults = possync_core::Config::default().terminal;
+    let (prefetch, batch_size) = (defaults.prefetch, defaults.batch_size);
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())

@@ -256,9 +256,7 @@ async fn profile_live(args: &Args, dir: &std::path::Path, side: Side) -> anyhow:
             workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
             terminal.wait_applied(n as u64).await?;
             let took = watch.stop();
-            let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
-            terminal.stop().await?;
-            workload::delete_queues(&connection, &queues).await;
+            terminal.stop_and_delete(&connection).await?;
             took
         }
         Side::Baseline => {
@@ -268,8 +266,7 @@ async fn profile_live(args: &Args, dir: &std::path::Path, side: Side) -> anyhow:
             let (stop, stopped) = watch::channel(false);
             let path = dir.join(format!("{key}.db"));
             let mut consumer =
-                baseline::start(&consumer_connection, &queue, &key, &path, 500, 250, stopped)
-                    .await?;
+                baseline::start(&consumer_connection, &queue, &key, &path, stopped).await?;
             let watch = Stopwatch::start();
             workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
             consumer.applied.wait_for(|a| *a >= n as u64).await?;
@@ -359,9 +356,8 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     progress(&format!("backlog drain, {queue_type:?} queue: possync"));
     let key = license("drain");
     let config = possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
-    let declared = possync_side::start(config.clone()).await?;
-    let queues = vec![declared.queue.clone(), declared.dead_letter_queue.clone()];
-    declared.stop().await?;
+    // Started once so that its queue exists and keeps what is published.
+    possync_side::start(config.clone()).await?.stop().await?;
     workload::publish_raw(
         &connection,
         &format!("license.{key}.price_update"),
@@ -373,8 +369,7 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let mut terminal = possync_side::start(config).await?;
     terminal.wait_applied(n as u64).await?;
     let possync_time = watch_possync.stop();
-    terminal.stop().await?;
-    workload::delete_queues(&connection, &queues).await;
+    terminal.stop_and_delete(&connection).await?;
 
     progress(&format!("backlog drain, {queue_type:?} queue: baseline"));
     let key = license("drain-base");
@@ -395,8 +390,6 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
         &queue,
         &key,
         &dir.join(format!("{key}.db")),
-        500,
-        250,
         stopped,
     )
     .await?;
@@ -457,10 +450,8 @@ async fn live(
     terminal.wait_applied(n as u64).await?;
     let possync_time = watch_possync.stop();
     publisher.close().await;
-    let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
-    terminal.stop().await?;
     let connection = workload::connect(&args.url).await?;
-    workload::delete_queues(&connection, &queues).await;
+    terminal.stop_and_delete(&connection).await?;
 
     progress(&format!(
         "live throughput, {delivery:?}, {feed:?} publisher: baseline"
@@ -480,8 +471,6 @@ async fn live(
         &queue,
         &key,
         &dir.join(format!("{key}.db")),
-        500,
-        250,
         stopped,
     )
     .await?;
@@ -544,10 +533,8 @@ async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyho
     .await?;
     let possync_latencies = tokio::time::timeout(Duration::from_secs(60), collector).await??;
     publisher.close().await;
-    let queues = vec![terminal.queue.clone(), terminal.dead_letter_queue.clone()];
-    terminal.stop().await?;
     let connection = workload::connect(&args.url).await?;
-    workload::delete_queues(&connection, &queues).await;
+    terminal.stop_and_delete(&connection).await?;
 
     progress(&format!("latency at {per_second}/s: baseline"));
     let key = license("latency-base");
@@ -560,8 +547,6 @@ async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyho
         &queue,
         &key,
         &dir.join(format!("{key}.db")),
-        500,
-        250,
         stopped,
     )
     .await?;
@@ -705,8 +690,6 @@ async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> 
                         &queue,
                         key,
                         &dir.join(format!("{key}-{t}.db")),
-                        500,
-                        250,
                         stopped.clone(),
                     )
                     .await?,

@@ -113,6 +113,17 @@ impl Running {
         self.task.await??;
         Ok(())
     }
+
+    /// Stops the terminal and deletes its queues, so runs leave nothing behind.
+    pub(crate) async fn stop_and_delete(
+        self,
+        connection: &lapin::Connection,
+    ) -> anyhow::Result<()> {
+        let queues = [self.queue.clone(), self.dead_letter_queue.clone()];
+        self.stop().await?;
+        crate::workload::delete_queues(connection, &queues).await;
+        Ok(())
+    }
 }
 
 /// Collects publish-to-ack latencies of `bench_price_update` messages
