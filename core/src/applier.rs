@@ -198,6 +198,18 @@ impl Applier {
         }
     }
 
+    fn perform(&mut self, job: Job) {
+        match job {
+            Job::Apply(batch, reply) => {
+                let result = self.apply(&batch);
+                // The receiver is gone only when the terminal stopped waiting; nothing to tell.
+                let _ = reply.send((batch, result));
+            }
+            Job::RecordState(record) => self.record_state(&record),
+            Job::FlushProgress => self.flush_progress(),
+        }
+    }
+
     /// Writes the counters not yet written, for `possync status`.
     pub(crate) fn flush_progress(&mut self) {
         match self
@@ -487,15 +499,7 @@ impl ApplierHandle {
             .name("possync-apply".into())
             .spawn(move || {
                 while let Some(job) = receiver.blocking_recv() {
-                    match job {
-                        Job::Apply(batch, reply) => {
-                            let result = applier.apply(&batch);
-                            // The receiver is gone only when the terminal stopped waiting; nothing to tell.
-                            let _ = reply.send((batch, result));
-                        }
-                        Job::RecordState(record) => applier.record_state(&record),
-                        Job::FlushProgress => applier.flush_progress(),
-                    }
+                    applier.perform(job);
                 }
             })?;
         Ok(Self::Thread {
@@ -532,30 +536,24 @@ impl ApplierHandle {
 
     /// Records a state change for `possync status`, in order with the batches.
     pub(crate) async fn record_state(&self, record: StateRecord) {
-        match self {
-            Self::Inline(applier) => tokio::task::block_in_place(|| {
-                if let Ok(mut applier) = applier.lock() {
-                    applier.record_state(&record);
-                }
-            }),
-            Self::Thread { jobs, .. } => {
-                if jobs.send(Job::RecordState(record)).await.is_err() {
-                    unreachable_thread();
-                }
-            }
-        }
+        self.submit(Job::RecordState(record)).await;
     }
 
     /// Writes the counters `possync status` shows, when the terminal is idle.
     pub(crate) async fn flush_progress(&self) {
+        self.submit(Job::FlushProgress).await;
+    }
+
+    /// Carries out a job that answers nothing, in order with the batches.
+    async fn submit(&self, job: Job) {
         match self {
             Self::Inline(applier) => tokio::task::block_in_place(|| {
                 if let Ok(mut applier) = applier.lock() {
-                    applier.flush_progress();
+                    applier.perform(job);
                 }
             }),
             Self::Thread { jobs, .. } => {
-                if jobs.send(Job::FlushProgress).await.is_err() {
+                if jobs.send(job).await.is_err() {
                     unreachable_thread();
                 }
             }
