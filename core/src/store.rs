@@ -344,7 +344,7 @@ impl Database {
         &mut self,
         counts: &ProgressRecord,
     ) -> Result<(), rusqlite::Error> {
-        if counts.applied == 0 && counts.quarantined == 0 {
+        if counts.is_empty() {
             return Ok(());
         }
         let mut statement = self.connection.prepare_cached(
@@ -368,7 +368,7 @@ impl Database {
         &mut self,
         counts: &ProgressRecord,
     ) -> Result<(), rusqlite::Error> {
-        if counts.applied == 0 && counts.quarantined == 0 {
+        if counts.is_empty() {
             return Ok(());
         }
         self.connection
@@ -499,6 +499,13 @@ pub(crate) struct ProgressRecord {
     pub(crate) quarantined: u64,
     pub(crate) last_applied_ms: Option<i64>,
     pub(crate) last_type: Option<String>,
+}
+
+impl ProgressRecord {
+    /// Nothing to add.
+    fn is_empty(&self) -> bool {
+        self.applied == 0 && self.quarantined == 0
+    }
 }
 
 /// Milliseconds since the Unix epoch.
