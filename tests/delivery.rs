@@ -28,7 +28,8 @@ impl MessageHandler for Fickle {
         envelope: &Envelope,
         _store: &mut dyn Store,
     ) -> Result<(), HandlerError> {
-        match envelope.payload["mode"].as_str() {
+        let payload: serde_json::Value = envelope.payload_as()?;
+        match payload["mode"].as_str() {
             Some("panic") => panic!("fickle was told to panic"),
             Some("transient") => Err(HandlerError::transient("the disk is always busy")),
             Some("permanent") => Err(HandlerError::permanent("this can never work")),

@@ -55,11 +55,14 @@ struct Args {
     /// Scenarios to run: drain, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Run one consumer of the live scenario, fed by the raw publisher,
-    /// then stop: for profiling one side alone
-    /// (`perf record ... -- --profile-live possync`).
+    /// Run one side of one scenario, once, then stop: for profiling one
+    /// consumer alone. The scenario is the one `--only` names: `drain`
+    /// (the default) or `live` (fed by the raw publisher). The measured
+    /// phase starts and ends with a call to `phase_boundary`, so
+    /// `valgrind --tool=callgrind --dump-before='*phase_boundary*'` writes
+    /// it to a file of its own.
     #[arg(long, value_name = "SIDE")]
-    profile_live: Option<Side>,
+    profile: Option<Side>,
 }
 
 /// Which consumer a profiling run measures.
@@ -197,8 +200,8 @@ async fn main() -> anyhow::Result<()> {
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
-    if let Some(side) = args.profile_live {
-        return profile_live(&args, dir.path(), side).await;
+    if let Some(side) = args.profile {
+        return profile(&args, dir.path(), side).await;
     }
     if wants("drain") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
@@ -234,13 +237,38 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The live scenario for one side, fed by the raw publisher; prints its rate.
-async fn profile_live(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Result<()> {
+/// Which scenario a profiling run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profiled {
+    Drain,
+    Live,
+}
+
+/// Marks where the measured phase of a profiling run starts and ends.
+#[inline(never)]
+fn phase_boundary() {
+    std::hint::black_box(());
+}
+
+/// One side of the drain or live scenario, alone; prints its rate.
+async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Result<()> {
+    let scenario = match args.only.as_slice() {
+        [] => Profiled::Drain,
+        [only] if only == "drain" => Profiled::Drain,
+        [only] if only == "live" => Profiled::Live,
+        other => anyhow::bail!(
+            "--profile measures one scenario: pass --only drain or --only live (got --only {})",
+            other.join(",")
+        ),
+    };
     let n = args.messages;
     let key = license("profile");
     let connection = workload::connect(&args.url).await?;
     let routing_key = format!("license.{key}.price_update");
-    let bodies = (0..n).map(|i| price_update(&key, i, "price_update"));
+    let publish = || {
+        let bodies = (0..n).map(|i| price_update(&key, i, "price_update"));
+        workload::publish_raw(&connection, &routing_key, bodies, 512)
+    };
     let took = match side {
         Side::Possync => {
             let config = possync_side::config(
@@ -251,26 +279,41 @@ async fn profile_live(args: &Args, dir: &std::path::Path, side: Side) -> anyhow:
                 QueueType::Classic,
                 Delivery::Durable,
             );
-            let mut terminal = possync_side::start(config).await?;
+            if scenario == Profiled::Drain {
+                possync_side::start(config.clone()).await?.stop().await?;
+                publish().await?;
+            }
+            phase_boundary();
             let watch = Stopwatch::start();
-            workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+            let mut terminal = possync_side::start(config).await?;
+            if scenario == Profiled::Live {
+                publish().await?;
+            }
             terminal.wait_applied(n as u64).await?;
             let took = watch.stop();
+            phase_boundary();
             terminal.stop_and_delete(&connection).await?;
             took
         }
         Side::Baseline => {
             let queue = format!("bench.baseline.{key}");
+            baseline::declare(&connection, &queue, &key, BaselineQueue::Classic).await?;
+            if scenario == Profiled::Drain {
+                publish().await?;
+            }
+            phase_boundary();
+            let watch = Stopwatch::start();
             let consumer_connection = workload::connect(&args.url).await?;
-            baseline::declare(&consumer_connection, &queue, &key, BaselineQueue::Classic).await?;
             let (stop, stopped) = watch::channel(false);
             let path = dir.join(format!("{key}.db"));
             let mut consumer =
                 baseline::start(&consumer_connection, &queue, &key, &path, stopped).await?;
-            let watch = Stopwatch::start();
-            workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+            if scenario == Profiled::Live {
+                publish().await?;
+            }
             consumer.applied.wait_for(|a| *a >= n as u64).await?;
             let took = watch.stop();
+            phase_boundary();
             let _ = stop.send(true);
             consumer.task.await??;
             workload::delete_queues(&connection, &[queue]).await;
@@ -278,7 +321,7 @@ async fn profile_live(args: &Args, dir: &std::path::Path, side: Side) -> anyhow:
         }
     };
     println!(
-        "{side:?}, live: {:.0} msg/s, {} µs CPU/msg",
+        "{side:?}, {scenario:?}: {:.0} msg/s, {} µs CPU/msg",
         rate(n, took.elapsed),
         took.cpu_us / n as u64
     );
@@ -406,8 +449,6 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     })
 }
 
-/// A publisher with confirms publishes as fast as it can; time from the
-/// first publish until the terminal applied the last change.
 /// What publishes to possync's terminal in the live scenario.
 #[derive(Debug, Clone, Copy)]
 enum Feed {

@@ -34,13 +34,17 @@ impl MessageHandler for LatencyProbe {
     }
     async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
         self.0.handle(envelope, store).await?;
-        if let (Some(sent), Ok(mut probed)) =
-            (envelope.payload["sent_at_us"].as_i64(), PROBED.lock())
-        {
-            probed.push_back(sent);
+        if let (Ok(sent), Ok(mut probed)) = (envelope.payload_as::<SentAt>(), PROBED.lock()) {
+            probed.push_back(sent.sent_at_us);
         }
         Ok(())
     }
+}
+
+/// The part of a benchmark payload the latency probe reads.
+#[derive(serde::Deserialize)]
+struct SentAt {
+    sent_at_us: i64,
 }
 
 possync_sdk::register_handler!(LatencyProbe::default);

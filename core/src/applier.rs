@@ -77,11 +77,12 @@ pub(crate) struct Tally {
 impl Tally {
     pub(crate) fn of(outcomes: &[Outcome]) -> Self {
         let mut tally = Self::default();
+        let mut last_type = None;
         for outcome in outcomes {
             match outcome {
                 Outcome::Applied { message_type } => {
                     tally.applied += 1;
-                    tally.last_type = Some(message_type.clone());
+                    last_type = Some(message_type);
                     match tally.by_type.iter_mut().find(|(t, _)| t == message_type) {
                         Some((_, count)) => *count += 1,
                         None => tally.by_type.push((message_type.clone(), 1)),
@@ -93,6 +94,7 @@ impl Tally {
                 Outcome::Disabled { .. } => {}
             }
         }
+        tally.last_type = last_type.cloned();
         tally
     }
 }

@@ -1,5 +1,6 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::HandlerError;
 
@@ -9,7 +10,10 @@ use crate::HandlerError;
 /// publisher adds `message_id` (duplicates are dropped) and `version`
 /// (stale updates are dropped); messages from other publishers without them
 /// still apply. Fields this version does not know are ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Two envelopes are equal when their fields are, the payload compared as
+/// JSON text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Envelope {
     /// The message type, for example `price_update`; it selects the handler.
@@ -17,8 +21,10 @@ pub struct Envelope {
     pub message_type: String,
     /// The store this message is for.
     pub license_key: String,
-    /// The type-specific body, decoded by the handler.
-    pub payload: serde_json::Value,
+    /// The type-specific body, as the JSON text it arrived in: the handler
+    /// decodes it once, straight into its own type, with
+    /// [`payload_as`](Self::payload_as).
+    pub payload: Box<RawValue>,
     /// When the back office made the change (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
@@ -62,12 +68,34 @@ impl Version {
     }
 }
 
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.message_type == other.message_type
+            && self.license_key == other.license_key
+            && self.payload.get() == other.payload.get()
+            && self.timestamp == other.timestamp
+            && self.message_id == other.message_id
+            && self.version == other.version
+    }
+}
+
 impl Envelope {
     /// A new envelope with no timestamp, id or version.
     pub fn new(
         message_type: impl Into<String>,
         license_key: impl Into<String>,
         payload: serde_json::Value,
+    ) -> Self {
+        let payload = serde_json::value::to_raw_value(&payload)
+            .expect("a serde_json::Value always serializes");
+        Self::with_raw_payload(message_type, license_key, payload)
+    }
+
+    /// A new envelope around a payload that is JSON text already.
+    pub fn with_raw_payload(
+        message_type: impl Into<String>,
+        license_key: impl Into<String>,
+        payload: Box<RawValue>,
     ) -> Self {
         Self {
             message_type: message_type.into(),
@@ -105,7 +133,7 @@ impl Envelope {
     /// A payload that does not fit is a message that can never apply, so the
     /// error is [`HandlerError::Permanent`] and names the problem.
     pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        T::deserialize(&self.payload).map_err(|err| {
+        serde_json::from_str(self.payload.get()).map_err(|err| {
             HandlerError::permanent(format!("invalid {} payload: {err}", self.message_type))
         })
     }

@@ -10,10 +10,10 @@ pub trait WireMessage: Serialize {
 
     /// The envelope that carries this payload to the store `license_key`.
     fn to_envelope(&self, license_key: &str) -> Result<Envelope, serde_json::Error> {
-        Ok(Envelope::new(
+        Ok(Envelope::with_raw_payload(
             Self::TYPE,
             license_key,
-            serde_json::to_value(self)?,
+            serde_json::value::to_raw_value(self)?,
         ))
     }
 }
