@@ -128,6 +128,9 @@ struct Trial {
     count: usize,
     possync: Measured,
     baseline: Measured,
+    /// Resident memory per terminal, possync and baseline, in KiB: for the
+    /// fan-out scenarios, where it is what the row reports beside the rate.
+    memory_kib: Option<(u64, u64)>,
 }
 
 impl Trial {
@@ -161,6 +164,10 @@ fn median_row(mut trials: Vec<Trial>) -> Row {
     let per = |m: &Measured| m.cpu_us as f64 / count as f64;
     row.possync = format!("{} · {:.0} µs CPU/msg", row.possync, per(&median.possync));
     row.baseline = format!("{} · {:.0} µs CPU/msg", row.baseline, per(&median.baseline));
+    if let Some((possync_kib, baseline_kib)) = median.memory_kib {
+        row.possync = format!("{} · {possync_kib} KiB/terminal", row.possync);
+        row.baseline = format!("{} · {baseline_kib} KiB/consumer", row.baseline);
+    }
     if rounds > 1 {
         row.ratio = format!(
             "{} ({:.0}–{:.0}% in {rounds} rounds)",
@@ -229,9 +236,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if wants("fanout") {
-        for row in fanout(&args, dir.path()).await? {
-            report(row, &mut rows);
+        let mut one_store = Vec::new();
+        let mut many_stores = Vec::new();
+        for _ in 0..args.rounds {
+            one_store.push(fanout(&args, dir.path(), 1, args.terminals_per_store).await?);
+            many_stores.push(fanout(&args, dir.path(), args.stores, 1).await?);
         }
+        report(median_row(one_store), &mut rows);
+        report(median_row(many_stores), &mut rows);
     }
     print_table(&rows);
     Ok(())
@@ -284,13 +296,13 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
                 publish().await?;
             }
             phase_boundary();
-            let watch = Stopwatch::start();
+            let stopwatch = Stopwatch::start();
             let mut terminal = possync_side::start(config).await?;
             if scenario == Profiled::Live {
                 publish().await?;
             }
             terminal.wait_applied(n as u64).await?;
-            let took = watch.stop();
+            let took = stopwatch.stop();
             phase_boundary();
             terminal.stop_and_delete(&connection).await?;
             took
@@ -302,7 +314,7 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
                 publish().await?;
             }
             phase_boundary();
-            let watch = Stopwatch::start();
+            let stopwatch = Stopwatch::start();
             let consumer_connection = workload::connect(&args.url).await?;
             let (stop, stopped) = watch::channel(false);
             let path = dir.join(format!("{key}.db"));
@@ -312,7 +324,7 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
                 publish().await?;
             }
             consumer.applied.wait_for(|a| *a >= n as u64).await?;
-            let took = watch.stop();
+            let took = stopwatch.stop();
             phase_boundary();
             let _ = stop.send(true);
             consumer.task.await??;
@@ -446,6 +458,7 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
         count: n,
         possync: possync_time,
         baseline: baseline_time,
+        memory_kib: None,
     })
 }
 
@@ -537,6 +550,7 @@ async fn live(
         count: n,
         possync: possync_time,
         baseline: baseline_time,
+        memory_kib: None,
     })
 }
 
@@ -645,134 +659,133 @@ where
     Ok(())
 }
 
-/// Many terminals at once: one store with several terminals, then many
-/// stores with one terminal each, all in this process.
-async fn fanout(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    for (label, stores, per_store) in [
-        ("one store", 1usize, args.terminals_per_store),
-        ("many stores", args.stores, 1usize),
-    ] {
-        let terminals = stores * per_store;
-        // About `--messages` deliveries in all, so that a run lasts long
-        // enough to measure; at least 100 changes per store.
-        let per_terminal = (args.messages / terminals).max(100);
-        progress(&format!(
-            "fan-out, {label}: starting {terminals} possync terminals"
-        ));
-        let keys: Vec<_> = (0..stores).map(|_| license("fan")).collect();
-        let rss_before = workload::rss_kib();
-        let mut running = Vec::new();
-        for chunk in keys
-            .iter()
-            .flat_map(|k| (0..per_store).map(move |t| (k.clone(), t)))
-            .collect::<Vec<_>>()
-            .chunks(50)
-        {
-            let starts = chunk.iter().map(|(key, t)| {
-                possync_side::start(possync_side::config(
-                    &args.url,
-                    dir,
-                    key,
-                    &format!("t{t}"),
-                    QueueType::Classic,
-                    Delivery::Durable,
-                ))
-            });
-            for started in futures_util::future::join_all(starts).await {
-                running.push(started?);
-            }
+/// Many terminals at once, all in this process: `stores` stores with
+/// `per_store` terminals each.
+async fn fanout(
+    args: &Args,
+    dir: &std::path::Path,
+    stores: usize,
+    per_store: usize,
+) -> anyhow::Result<Trial> {
+    let label = if stores == 1 {
+        "one store"
+    } else {
+        "many stores"
+    };
+    let terminals = stores * per_store;
+    // About `--messages` deliveries in all, so that a run lasts long
+    // enough to measure; at least 100 changes per store.
+    let per_terminal = (args.messages / terminals).max(100);
+    progress(&format!(
+        "fan-out, {label}: starting {terminals} possync terminals"
+    ));
+    let keys: Vec<_> = (0..stores).map(|_| license("fan")).collect();
+    let rss_before = workload::rss_kib();
+    let mut running = Vec::new();
+    for chunk in keys
+        .iter()
+        .flat_map(|k| (0..per_store).map(move |t| (k.clone(), t)))
+        .collect::<Vec<_>>()
+        .chunks(50)
+    {
+        let starts = chunk.iter().map(|(key, t)| {
+            possync_side::start(possync_side::config(
+                &args.url,
+                dir,
+                key,
+                &format!("t{t}"),
+                QueueType::Classic,
+                Delivery::Durable,
+            ))
+        });
+        for started in futures_util::future::join_all(starts).await {
+            running.push(started?);
         }
-        let possync_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
-        let connection = workload::connect(&args.url).await?;
-        progress(&format!(
-            "fan-out, {label}: publishing {per_terminal} changes per store"
-        ));
-        let started = Instant::now();
-        for key in &keys {
-            workload::publish_raw(
-                &connection,
-                &format!("license.{key}.price_update"),
-                (0..per_terminal).map(|i| price_update(key, i, "price_update")),
-                512,
-            )
-            .await?;
-        }
-        for terminal in &mut running {
-            terminal.wait_applied(per_terminal as u64).await?;
-        }
-        let possync_time = started.elapsed();
-        let mut queues = Vec::new();
-        for terminal in running {
-            queues.push(terminal.queue.clone());
-            queues.push(terminal.dead_letter_queue.clone());
-            terminal.stop().await?;
-        }
-        workload::delete_queues(&connection, &queues).await;
-
-        progress(&format!(
-            "fan-out, {label}: starting {terminals} baseline consumers"
-        ));
-        let keys: Vec<_> = (0..stores).map(|_| license("fan-base")).collect();
-        let rss_before = workload::rss_kib();
-        let (stop, stopped) = watch::channel(false);
-        let mut consumers = Vec::new();
-        let mut connections = Vec::new();
-        let mut queues = Vec::new();
-        for key in &keys {
-            for t in 0..per_store {
-                let consumer_connection = workload::connect(&args.url).await?;
-                let queue = format!("bench.baseline.{key}.{t}");
-                baseline::declare(&consumer_connection, &queue, key, BaselineQueue::Classic)
-                    .await?;
-                consumers.push(
-                    baseline::start(
-                        &consumer_connection,
-                        &queue,
-                        key,
-                        &dir.join(format!("{key}-{t}.db")),
-                        stopped.clone(),
-                    )
-                    .await?,
-                );
-                connections.push(consumer_connection);
-                queues.push(queue);
-            }
-        }
-        let baseline_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
-        let started = Instant::now();
-        for key in &keys {
-            workload::publish_raw(
-                &connection,
-                &format!("license.{key}.price_update"),
-                (0..per_terminal).map(|i| price_update(key, i, "price_update")),
-                512,
-            )
-            .await?;
-        }
-        for consumer in &mut consumers {
-            consumer
-                .applied
-                .wait_for(|a| *a >= per_terminal as u64)
-                .await?;
-        }
-        let baseline_time = started.elapsed();
-        let _ = stop.send(true);
-        for consumer in consumers {
-            consumer.task.await??;
-        }
-        workload::delete_queues(&connection, &queues).await;
-        drop(connections);
-        let count = terminals * per_terminal;
-        let mut row = rate_row(
-            format!("fan-out, {label}: {terminals} terminals × {per_terminal} changes"),
-            count,
-            possync_time,
-            baseline_time,
-        );
-        row.possync = format!("{} ({possync_kib} KiB/terminal)", row.possync);
-        row.baseline = format!("{} ({baseline_kib} KiB/consumer)", row.baseline);
-        rows.push(row);
     }
-    Ok(rows)
+    let possync_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
+    let connection = workload::connect(&args.url).await?;
+    progress(&format!(
+        "fan-out, {label}: publishing {per_terminal} changes per store"
+    ));
+    let stopwatch = Stopwatch::start();
+    for key in &keys {
+        workload::publish_raw(
+            &connection,
+            &format!("license.{key}.price_update"),
+            (0..per_terminal).map(|i| price_update(key, i, "price_update")),
+            512,
+        )
+        .await?;
+    }
+    for terminal in &mut running {
+        terminal.wait_applied(per_terminal as u64).await?;
+    }
+    let possync_time = stopwatch.stop();
+    let mut queues = Vec::new();
+    for terminal in running {
+        queues.push(terminal.queue.clone());
+        queues.push(terminal.dead_letter_queue.clone());
+        terminal.stop().await?;
+    }
+    workload::delete_queues(&connection, &queues).await;
+
+    progress(&format!(
+        "fan-out, {label}: starting {terminals} baseline consumers"
+    ));
+    let keys: Vec<_> = (0..stores).map(|_| license("fan-base")).collect();
+    let rss_before = workload::rss_kib();
+    let (stop, stopped) = watch::channel(false);
+    let mut consumers = Vec::new();
+    let mut connections = Vec::new();
+    let mut queues = Vec::new();
+    for key in &keys {
+        for t in 0..per_store {
+            let consumer_connection = workload::connect(&args.url).await?;
+            let queue = format!("bench.baseline.{key}.{t}");
+            baseline::declare(&consumer_connection, &queue, key, BaselineQueue::Classic).await?;
+            consumers.push(
+                baseline::start(
+                    &consumer_connection,
+                    &queue,
+                    key,
+                    &dir.join(format!("{key}-{t}.db")),
+                    stopped.clone(),
+                )
+                .await?,
+            );
+            connections.push(consumer_connection);
+            queues.push(queue);
+        }
+    }
+    let baseline_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
+    let stopwatch = Stopwatch::start();
+    for key in &keys {
+        workload::publish_raw(
+            &connection,
+            &format!("license.{key}.price_update"),
+            (0..per_terminal).map(|i| price_update(key, i, "price_update")),
+            512,
+        )
+        .await?;
+    }
+    for consumer in &mut consumers {
+        consumer
+            .applied
+            .wait_for(|a| *a >= per_terminal as u64)
+            .await?;
+    }
+    let baseline_time = stopwatch.stop();
+    let _ = stop.send(true);
+    for consumer in consumers {
+        consumer.task.await??;
+    }
+    workload::delete_queues(&connection, &queues).await;
+    drop(connections);
+    Ok(Trial {
+        scenario: format!("fan-out, {label}: {terminals} terminals × {per_terminal} changes"),
+        count: terminals * per_terminal,
+        possync: possync_time,
+        baseline: baseline_time,
+        memory_kib: Some((possync_kib, baseline_kib)),
+    })
 }
