@@ -242,6 +242,12 @@ async fn main() -> anyhow::Result<()> {
             one_store.push(fanout(&args, dir.path(), 1, args.terminals_per_store).await?);
             many_stores.push(fanout(&args, dir.path(), args.stores, 1).await?);
         }
+        // Memory from the first round: later rounds reuse what the
+        // allocator kept from earlier ones, so their growth understates it.
+        for trials in [&mut one_store, &mut many_stores] {
+            let first = trials.first().and_then(|t| t.memory_kib);
+            trials.iter_mut().for_each(|t| t.memory_kib = first);
+        }
         report(median_row(one_store), &mut rows);
         report(median_row(many_stores), &mut rows);
     }
@@ -329,9 +335,11 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
             let _ = stop.send(true);
             consumer.task.await??;
             workload::delete_queues(&connection, &[queue]).await;
+            workload::close([consumer_connection]).await;
             took
         }
     };
+    workload::close([connection]).await;
     println!(
         "{side:?}, {scenario:?}: {:.0} msg/s, {} µs CPU/msg",
         rate(n, took.elapsed),
@@ -453,6 +461,7 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
+    workload::close([connection, consumer_connection]).await;
     Ok(Trial {
         scenario: format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(),
         count: n,
@@ -499,6 +508,7 @@ async fn live(
             let routing_key = format!("license.{key}.price_update");
             let connection = workload::connect(&args.url).await?;
             workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+            workload::close([connection]).await;
         }
     }
     terminal.wait_applied(n as u64).await?;
@@ -541,6 +551,7 @@ async fn live(
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
+    workload::close([connection, consumer_connection]).await;
     let scenario = match feed {
         Feed::Possync => format!("live throughput, {n} changes, {delivery:?}"),
         Feed::Raw => format!("live, terminal alone (raw publisher), {n} changes, {delivery:?}"),
@@ -635,6 +646,7 @@ async fn latency(args: &Args, dir: &std::path::Path, per_second: usize) -> anyho
         .map(|l| l.clone())
         .unwrap_or_default();
     workload::delete_queues(&connection, &[queue]).await;
+    workload::close([connection, consumer_connection]).await;
     Ok(Row {
         scenario: format!("latency publish→commit+ack at {per_second}/s, persistent + confirms"),
         possync: latency_text(possync_latencies),
@@ -780,7 +792,8 @@ async fn fanout(
         consumer.task.await??;
     }
     workload::delete_queues(&connection, &queues).await;
-    drop(connections);
+    connections.push(connection);
+    workload::close(connections).await;
     Ok(Trial {
         scenario: format!("fan-out, {label}: {terminals} terminals × {per_terminal} changes"),
         count: terminals * per_terminal,
