@@ -23,7 +23,8 @@ pub struct Envelope {
     pub license_key: String,
     /// The type-specific body, as the JSON text it arrived in: the handler
     /// decodes it once, straight into its own type, with
-    /// [`payload_as`](Self::payload_as).
+    /// [`payload_as`](Self::payload_as). A message without one carries `null`.
+    #[serde(default = "null_payload")]
     pub payload: Box<RawValue>,
     /// When the back office made the change (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,6 +67,10 @@ impl Version {
             self.micros >= stored
         }
     }
+}
+
+fn null_payload() -> Box<RawValue> {
+    RawValue::NULL.to_owned()
 }
 
 impl PartialEq for Envelope {
@@ -254,6 +259,25 @@ mod tests {
                 exact: false
             })
         );
+    }
+
+    #[test]
+    fn the_payload_is_kept_as_sent_and_decoded_on_demand() {
+        let json = r#"{"type":"t","license_key":"K","payload":{"b":1, "a":[true]}}"#;
+        let envelope: Envelope = serde_json::from_str(json).expect("decodes");
+        assert_eq!(envelope.payload.get(), r#"{"b":1, "a":[true]}"#);
+        let value: serde_json::Value = envelope.payload_as().expect("any JSON");
+        assert_eq!(value["a"][0], true);
+        let err = envelope.payload_as::<Vec<i64>>().expect_err("not a list");
+        assert!(err.to_string().contains("invalid t payload"), "{err}");
+    }
+
+    #[test]
+    fn a_message_without_a_payload_carries_null() {
+        let envelope: Envelope =
+            serde_json::from_str(r#"{"type":"t","license_key":"K"}"#).expect("decodes");
+        assert_eq!(envelope.payload.get(), "null");
+        assert_eq!(envelope, Envelope::new("t", "K", serde_json::Value::Null));
     }
 
     #[test]
