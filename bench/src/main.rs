@@ -48,7 +48,7 @@ struct Args {
     /// Stores (one terminal each) in the second fan-out scenario.
     #[arg(long, default_value_t = 1000)]
     stores: usize,
-    /// Rounds of each drain and live scenario; the table shows the round
+    /// Rounds of each drain, live and fan-out scenario; the table shows the round
     /// with the median ratio and the range over all rounds.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,

@@ -23,8 +23,7 @@ pub struct Envelope {
     pub license_key: String,
     /// The type-specific body, as the JSON text it arrived in: the handler
     /// decodes it once, straight into its own type, with
-    /// [`payload_as`](Self::payload_as). A message without one carries `null`.
-    #[serde(default = "null_payload")]
+    /// [`payload_as`](Self::payload_as).
     pub payload: Box<RawValue>,
     /// When the back office made the change (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,10 +66,6 @@ impl Version {
             self.micros >= stored
         }
     }
-}
-
-fn null_payload() -> Box<RawValue> {
-    RawValue::NULL.to_owned()
 }
 
 impl PartialEq for Envelope {
@@ -273,11 +268,10 @@ mod tests {
     }
 
     #[test]
-    fn a_message_without_a_payload_carries_null() {
-        let envelope: Envelope =
-            serde_json::from_str(r#"{"type":"t","license_key":"K"}"#).expect("decodes");
-        assert_eq!(envelope.payload.get(), "null");
-        assert_eq!(envelope, Envelope::new("t", "K", serde_json::Value::Null));
+    fn a_message_without_a_payload_is_not_an_envelope() {
+        let err = serde_json::from_str::<Envelope>(r#"{"type":"t","license_key":"K"}"#)
+            .expect_err("the payload is part of the wire format");
+        assert!(err.to_string().contains("missing field `payload`"), "{err}");
     }
 
     #[test]
