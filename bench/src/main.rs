@@ -282,11 +282,7 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
     let n = args.messages;
     let key = license("profile");
     let connection = workload::connect(&args.url).await?;
-    let routing_key = format!("license.{key}.price_update");
-    let publish = || {
-        let bodies = (0..n).map(|i| price_update(&key, i, "price_update"));
-        workload::publish_raw(&connection, &routing_key, bodies, 512)
-    };
+    let publish = || workload::publish_price_updates(&connection, &key, n, 512);
     let took = match side {
         Side::Possync => {
             let config = possync_side::config(
@@ -421,13 +417,7 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let config = possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
     // Started once so that its queue exists and keeps what is published.
     possync_side::start(config.clone()).await?.stop().await?;
-    workload::publish_raw(
-        &connection,
-        &format!("license.{key}.price_update"),
-        (0..n).map(|i| price_update(&key, i, "price_update")),
-        1000,
-    )
-    .await?;
+    workload::publish_price_updates(&connection, &key, n, 1000).await?;
     let watch_possync = Stopwatch::start();
     let mut terminal = possync_side::start(config).await?;
     terminal.wait_applied(n as u64).await?;
@@ -438,13 +428,7 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let key = license("drain-base");
     let queue = format!("bench.baseline.{key}");
     baseline::declare(&connection, &queue, &key, baseline_kind(queue_type)).await?;
-    workload::publish_raw(
-        &connection,
-        &format!("license.{key}.price_update"),
-        (0..n).map(|i| price_update(&key, i, "price_update")),
-        1000,
-    )
-    .await?;
+    workload::publish_price_updates(&connection, &key, n, 1000).await?;
     let consumer_connection = workload::connect(&args.url).await?;
     let (stop, stopped) = watch::channel(false);
     let watch_baseline = Stopwatch::start();
@@ -504,10 +488,8 @@ async fn live(
             publisher.publish_envelopes(envelopes).await?;
         }
         Feed::Raw => {
-            let bodies = (0..n).map(|i| price_update(&key, i, "price_update"));
-            let routing_key = format!("license.{key}.price_update");
             let connection = workload::connect(&args.url).await?;
-            workload::publish_raw(&connection, &routing_key, bodies, 512).await?;
+            workload::publish_price_updates(&connection, &key, n, 512).await?;
             workload::close([connection]).await;
         }
     }
@@ -539,13 +521,7 @@ async fn live(
     )
     .await?;
     let watch_baseline = Stopwatch::start();
-    workload::publish_raw(
-        &connection,
-        &format!("license.{key}.price_update"),
-        (0..n).map(|i| price_update(&key, i, "price_update")),
-        512,
-    )
-    .await?;
+    workload::publish_price_updates(&connection, &key, n, 512).await?;
     consumer.applied.wait_for(|a| *a >= n as u64).await?;
     let baseline_time = watch_baseline.stop();
     let _ = stop.send(true);
@@ -721,13 +697,7 @@ async fn fanout(
     ));
     let stopwatch = Stopwatch::start();
     for key in &keys {
-        workload::publish_raw(
-            &connection,
-            &format!("license.{key}.price_update"),
-            (0..per_terminal).map(|i| price_update(key, i, "price_update")),
-            512,
-        )
-        .await?;
+        workload::publish_price_updates(&connection, key, per_terminal, 512).await?;
     }
     for terminal in &mut running {
         terminal.wait_applied(per_terminal as u64).await?;
@@ -772,13 +742,7 @@ async fn fanout(
     let baseline_kib = (workload::rss_kib().saturating_sub(rss_before)) / terminals as u64;
     let stopwatch = Stopwatch::start();
     for key in &keys {
-        workload::publish_raw(
-            &connection,
-            &format!("license.{key}.price_update"),
-            (0..per_terminal).map(|i| price_update(key, i, "price_update")),
-            512,
-        )
-        .await?;
+        workload::publish_price_updates(&connection, key, per_terminal, 512).await?;
     }
     for consumer in &mut consumers {
         consumer

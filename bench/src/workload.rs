@@ -41,6 +41,24 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Connection> {
     Ok(Connection::connect(url, ConnectionProperties::default()).await?)
 }
 
+/// Publishes `count` price changes to the store `license` with the raw
+/// publisher: the workload every throughput scenario feeds its consumers.
+pub(crate) async fn publish_price_updates(
+    connection: &Connection,
+    license: &LicenseKey,
+    count: usize,
+    window: usize,
+) -> anyhow::Result<usize> {
+    let bodies = (0..count).map(|i| price_update(license, i, "price_update"));
+    publish_raw(
+        connection,
+        &format!("license.{license}.price_update"),
+        bodies,
+        window,
+    )
+    .await
+}
+
 /// Publishes `bodies` with confirms, keeping `window` in flight: the raw
 /// lapin publisher both sides' backlogs are filled with.
 pub(crate) async fn publish_raw(
