@@ -13,6 +13,7 @@ use crate::events;
 use crate::identity::LicenseKey;
 use crate::registry::{Registry, Route};
 use crate::store::{Database, ProgressRecord, Quarantined, StateRecord, unix_now_ms};
+use crate::transaction::Transaction;
 
 /// A message taken from the terminal's queue, not yet settled.
 #[derive(Debug, Clone)]
@@ -242,31 +243,22 @@ impl Applier {
         batch: &[Inbound],
         careful: bool,
     ) -> Result<Option<Vec<Outcome>>, BatchError> {
-        self.database.begin()?;
-        match self.apply_in_transaction(batch, careful) {
-            Ok(Some(outcomes)) => match self.database.commit() {
-                Ok(()) => {
-                    self.progress.committed(&Tally::of(&outcomes));
-                    Ok(Some(outcomes))
-                }
-                Err(err) => {
-                    self.database.rollback();
-                    Err(err.into())
-                }
-            },
-            Ok(None) => {
-                self.database.rollback();
-                Ok(None)
-            }
-            Err(err) => {
-                self.database.rollback();
-                Err(err.into())
-            }
+        let mut transaction = self.database.begin()?;
+        let Some(outcomes) = self.apply_in_transaction(&mut transaction, batch, careful)? else {
+            return Ok(None);
+        };
+        self.progress.writing = self.progress.written_at.elapsed() >= PROGRESS_EVERY;
+        if self.progress.writing {
+            transaction.record_progress(&self.progress.with(&Tally::of(&outcomes)))?;
         }
+        transaction.commit()?;
+        self.progress.committed(&Tally::of(&outcomes));
+        Ok(Some(outcomes))
     }
 
     fn apply_in_transaction(
-        &mut self,
+        &self,
+        transaction: &mut Transaction<'_>,
         batch: &[Inbound],
         careful: bool,
     ) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
@@ -274,22 +266,18 @@ impl Applier {
         for inbound in batch {
             let outcome = match self.check(inbound) {
                 Ok(envelope) => {
-                    let Some(outcome) = self.apply_one(inbound, &envelope, careful)? else {
+                    let Some(outcome) = self.apply_one(transaction, inbound, &envelope, careful)?
+                    else {
                         return Ok(None);
                     };
                     if inbound.redelivered && outcome.settles_by_ack() {
-                        self.database.forget_attempts(&inbound.key(&envelope))?;
+                        transaction.forget_attempts(&inbound.key(&envelope))?;
                     }
                     outcome
                 }
-                Err(reason) => self.quarantine(inbound, None, reason)?,
+                Err(reason) => self.quarantine(transaction, inbound, None, reason)?,
             };
             outcomes.push(outcome);
-        }
-        self.progress.writing = self.progress.written_at.elapsed() >= PROGRESS_EVERY;
-        if self.progress.writing {
-            let counts = self.progress.with(&Tally::of(&outcomes));
-            self.database.record_progress(&counts)?;
         }
         Ok(Some(outcomes))
     }
@@ -306,7 +294,8 @@ impl Applier {
     /// Applies one message; `None` when its handler failed outside
     /// `careful` mode (the batch must run again, carefully).
     fn apply_one(
-        &mut self,
+        &self,
+        transaction: &mut Transaction<'_>,
         inbound: &Inbound,
         envelope: &Envelope,
         careful: bool,
@@ -324,22 +313,24 @@ impl Applier {
                     "unknown message type {:?}: no plugin handles it",
                     envelope.message_type
                 );
-                return self.quarantine(inbound, Some(envelope), reason).map(Some);
+                return self
+                    .quarantine(transaction, inbound, Some(envelope), reason)
+                    .map(Some);
             }
         };
         if careful {
-            self.database.savepoint()?;
+            transaction.savepoint()?;
         }
         if let Some(message_id) = &envelope.message_id
-            && !self.database.record_applied(message_id)?
+            && !transaction.record_applied(message_id)?
         {
             if careful {
-                self.database.release()?;
+                transaction.release()?;
             }
             return Ok(Some(Outcome::Duplicate));
         }
         let result = {
-            let mut store = self.database.store();
+            let mut store = transaction.store();
             let runtime = &self.runtime;
             std::panic::catch_unwind(AssertUnwindSafe(|| {
                 // Handlers rarely wait on anything: poll once before entering the runtime.
@@ -356,36 +347,44 @@ impl Applier {
         let outcome = match result {
             Ok(Ok(())) => {
                 if careful {
-                    self.database.release()?;
+                    transaction.release()?;
                 }
                 Ok(Outcome::Applied {
                     message_type: envelope.message_type.clone(),
                 })
             }
             Ok(Err(HandlerError::Transient(reason))) => {
-                self.database.rollback_to_savepoint()?;
-                self.failed_try(inbound, envelope, format!("{}: {reason}", handler.name()))
+                transaction.rollback_to_savepoint()?;
+                self.failed_try(
+                    transaction,
+                    inbound,
+                    envelope,
+                    format!("{}: {reason}", handler.name()),
+                )
             }
             Ok(Err(HandlerError::Panicked(message))) => {
-                self.database.rollback_to_savepoint()?;
+                transaction.rollback_to_savepoint()?;
                 self.failed_try(
+                    transaction,
                     inbound,
                     envelope,
                     format!("handler {} panicked: {message}", handler.name()),
                 )
             }
             Ok(Err(err)) => {
-                self.database.rollback_to_savepoint()?;
+                transaction.rollback_to_savepoint()?;
                 self.quarantine(
+                    transaction,
                     inbound,
                     Some(envelope),
                     format!("{}: {err}", handler.name()),
                 )
             }
             Err(panic) => {
-                self.database.rollback_to_savepoint()?;
+                transaction.rollback_to_savepoint()?;
                 let message = possync_sdk::panic_message(panic.as_ref());
                 self.failed_try(
+                    transaction,
                     inbound,
                     envelope,
                     format!("handler {} panicked: {message}", handler.name()),
@@ -398,18 +397,20 @@ impl Applier {
     /// A try that may succeed another time: retry, unless the message has
     /// failed `max_attempts` times already (then it is a poison message).
     fn failed_try(
-        &mut self,
+        &self,
+        transaction: &mut Transaction<'_>,
         inbound: &Inbound,
         envelope: &Envelope,
         reason: String,
     ) -> Result<Outcome, rusqlite::Error> {
         let key = inbound.key(envelope);
-        let attempts = self.database.record_attempt(&key, &reason)?;
+        let attempts = transaction.record_attempt(&key, &reason)?;
         if attempts < self.max_attempts {
             return Ok(Outcome::Retry { reason });
         }
-        self.database.forget_attempts(&key)?;
+        transaction.forget_attempts(&key)?;
         self.quarantine(
+            transaction,
             inbound,
             Some(envelope),
             format!("failed {attempts} times; last: {reason}"),
@@ -417,7 +418,8 @@ impl Applier {
     }
 
     fn quarantine(
-        &mut self,
+        &self,
+        transaction: &mut Transaction<'_>,
         inbound: &Inbound,
         envelope: Option<&Envelope>,
         reason: String,
@@ -427,7 +429,7 @@ impl Applier {
             envelope.map(|e| e.message_type.as_str()),
             &reason,
         );
-        self.database.record_quarantined(&Quarantined {
+        transaction.record_quarantined(&Quarantined {
             routing_key: inbound.routing_key.clone(),
             message_type: envelope.map(|e| e.message_type.clone()),
             message_id: envelope.and_then(|e| e.message_id.clone()),

@@ -26,6 +26,7 @@ mod store;
 mod telemetry;
 mod terminal;
 mod topology;
+mod transaction;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use possync_sdk::{Migration, Store, StoreError, Value};
-use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, params};
+use possync_sdk::Migration;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::transaction::Transaction;
 
 const BOOKKEEPING: &str = "
     CREATE TABLE IF NOT EXISTS possync_migrations (
@@ -233,89 +234,9 @@ impl Database {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub(crate) fn begin(&mut self) -> Result<(), rusqlite::Error> {
-        // IMMEDIATE takes the write lock now, so a busy POS reader shows up here, not mid-batch.
-        self.connection.execute_batch("BEGIN IMMEDIATE")
-    }
-
-    pub(crate) fn commit(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection.execute_batch("COMMIT")
-    }
-
-    pub(crate) fn rollback(&mut self) {
-        // Fails only when no transaction is open, which is the state we want.
-        let _ = self.connection.execute_batch("ROLLBACK");
-    }
-
-    // Savepoints run once per message: cached statements, not re-parsed SQL.
-    pub(crate) fn savepoint(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection
-            .prepare_cached("SAVEPOINT message")?
-            .execute([])
-            .map(drop)
-    }
-
-    pub(crate) fn release(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection
-            .prepare_cached("RELEASE message")?
-            .execute([])
-            .map(drop)
-    }
-
-    pub(crate) fn rollback_to_savepoint(&mut self) -> Result<(), rusqlite::Error> {
-        self.connection
-            .prepare_cached("ROLLBACK TO message")?
-            .execute([])?;
-        self.release()
-    }
-
-    /// Records `message_id` as applied; false if it was applied before.
-    pub(crate) fn record_applied(&mut self, message_id: &str) -> Result<bool, rusqlite::Error> {
-        let mut statement = self.connection.prepare_cached(
-            "INSERT OR IGNORE INTO possync_applied (message_id, applied_at) VALUES (?1, ?2)",
-        )?;
-        Ok(statement.execute(params![message_id, unix_now()])? == 1)
-    }
-
-    pub(crate) fn record_quarantined(
-        &mut self,
-        message: &Quarantined,
-    ) -> Result<(), rusqlite::Error> {
-        let mut statement = self.connection.prepare_cached(
-            "INSERT INTO possync_quarantine (received_at, routing_key, message_type, message_id, reason, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        statement.execute(params![
-            unix_now(),
-            message.routing_key,
-            message.message_type,
-            message.message_id,
-            message.reason,
-            message.body
-        ])?;
-        Ok(())
-    }
-
-    /// Counts one more failed try of the message `key`; returns the tries so far.
-    pub(crate) fn record_attempt(
-        &mut self,
-        key: &str,
-        error: &str,
-    ) -> Result<u32, rusqlite::Error> {
-        let mut statement = self.connection.prepare_cached(
-            "INSERT INTO possync_attempts (message_key, attempts, last_error) VALUES (?1, 1, ?2)
-             ON CONFLICT (message_key) DO UPDATE SET attempts = attempts + 1, last_error = excluded.last_error
-             RETURNING attempts",
-        )?;
-        statement.query_row(params![key, error], |row| row.get(0))
-    }
-
-    pub(crate) fn forget_attempts(&mut self, key: &str) -> Result<(), rusqlite::Error> {
-        let mut statement = self
-            .connection
-            .prepare_cached("DELETE FROM possync_attempts WHERE message_key = ?1")?;
-        statement.execute([key])?;
-        Ok(())
+    /// Begins the transaction a batch applies in.
+    pub(crate) fn begin(&self) -> Result<Transaction<'_>, rusqlite::Error> {
+        Transaction::begin(&self.connection)
     }
 
     /// Records a state change for `possync status`.
@@ -339,31 +260,9 @@ impl Database {
         Ok(())
     }
 
-    /// Adds to the counters `possync status` shows.
-    pub(crate) fn record_progress(
-        &mut self,
-        counts: &ProgressRecord,
-    ) -> Result<(), rusqlite::Error> {
-        if counts.is_empty() {
-            return Ok(());
-        }
-        let mut statement = self.connection.prepare_cached(
-            "UPDATE possync_status SET applied_total = applied_total + ?1, quarantined_total = quarantined_total + ?2,
-                 last_applied_ms = coalesce(?3, last_applied_ms),
-                 last_message_type = coalesce(?4, last_message_type)
-             WHERE id = 1",
-        )?;
-        statement.execute(params![
-            i64::try_from(counts.applied).unwrap_or(i64::MAX),
-            i64::try_from(counts.quarantined).unwrap_or(i64::MAX),
-            counts.last_applied_ms,
-            counts.last_type
-        ])?;
-        Ok(())
-    }
-
-    /// [`Database::record_progress`] without waiting for the disk: the
-    /// counters are for people, and the next batch's commit syncs them.
+    /// Adds to the counters `possync status` shows, without waiting for
+    /// the disk: the counters are for people, and the next batch's commit
+    /// syncs them.
     pub(crate) fn record_progress_unsynced(
         &mut self,
         counts: &ProgressRecord,
@@ -373,7 +272,7 @@ impl Database {
         }
         self.connection
             .pragma_update(None, "synchronous", "NORMAL")?;
-        let written = self.record_progress(counts);
+        let written = add_progress(&self.connection, counts);
         let restored = self.connection.pragma_update(None, "synchronous", "FULL");
         written.and(restored)
     }
@@ -408,87 +307,9 @@ impl Database {
             .optional()?)
     }
 
-    /// The handle a handler writes through, inside the current transaction.
-    pub(crate) fn store(&mut self) -> SqliteStore<'_> {
-        SqliteStore {
-            connection: &mut self.connection,
-        }
-    }
-}
-
-/// [`Store`] over the terminal's connection. Holding the connection mutably
-/// keeps it `Send` (SQLite connections are not `Sync`) and exclusive.
-pub(crate) struct SqliteStore<'a> {
-    connection: &'a mut Connection,
-}
-
-struct Param<'a>(&'a Value);
-
-impl ToSql for Param<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self.0 {
-            Value::Null => ValueRef::Null,
-            Value::Integer(v) => ValueRef::Integer(*v),
-            Value::Real(v) => ValueRef::Real(*v),
-            Value::Text(v) => ValueRef::Text(v.as_bytes()),
-            Value::Blob(v) => ValueRef::Blob(v),
-        }))
-    }
-}
-
-fn to_value(value: ValueRef<'_>) -> Value {
-    match value {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(v) => Value::Integer(v),
-        ValueRef::Real(v) => Value::Real(v),
-        ValueRef::Text(v) => Value::Text(String::from_utf8_lossy(v).into_owned()),
-        ValueRef::Blob(v) => Value::Blob(v.to_vec()),
-    }
-}
-
-pub(crate) fn store_error(err: rusqlite::Error) -> StoreError {
-    let transient = matches!(
-        err.sqlite_error_code(),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::OutOfMemory
-                | ErrorCode::CannotOpen
-        )
-    );
-    if transient {
-        StoreError::transient(err.to_string())
-    } else {
-        StoreError::permanent(err.to_string())
-    }
-}
-
-impl Store for SqliteStore<'_> {
-    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError> {
-        let mut statement = self.connection.prepare_cached(sql).map_err(store_error)?;
-        statement
-            .execute(rusqlite::params_from_iter(params.iter().map(Param)))
-            .map_err(store_error)
-    }
-
-    fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError> {
-        let mut statement = self.connection.prepare_cached(sql).map_err(store_error)?;
-        let columns = statement.column_count();
-        let mut rows = statement
-            .query(rusqlite::params_from_iter(params.iter().map(Param)))
-            .map_err(store_error)?;
-        match rows.next().map_err(store_error)? {
-            Some(row) => {
-                let mut values = Vec::with_capacity(columns);
-                for i in 0..columns {
-                    values.push(to_value(row.get_ref(i).map_err(store_error)?));
-                }
-                Ok(Some(values))
-            }
-            None => Ok(None),
-        }
+    #[cfg(test)]
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.connection
     }
 }
 
@@ -506,6 +327,29 @@ impl ProgressRecord {
     fn is_empty(&self) -> bool {
         self.applied == 0 && self.quarantined == 0
     }
+}
+
+/// Adds `counts` to the counters `possync status` shows.
+pub(crate) fn add_progress(
+    connection: &Connection,
+    counts: &ProgressRecord,
+) -> Result<(), rusqlite::Error> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let mut statement = connection.prepare_cached(
+        "UPDATE possync_status SET applied_total = applied_total + ?1, quarantined_total = quarantined_total + ?2,
+             last_applied_ms = coalesce(?3, last_applied_ms),
+             last_message_type = coalesce(?4, last_message_type)
+         WHERE id = 1",
+    )?;
+    statement.execute(params![
+        i64::try_from(counts.applied).unwrap_or(i64::MAX),
+        i64::try_from(counts.quarantined).unwrap_or(i64::MAX),
+        counts.last_applied_ms,
+        counts.last_type
+    ])?;
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch.
