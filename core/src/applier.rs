@@ -100,6 +100,13 @@ impl Tally {
     }
 }
 
+/// A committed batch: one outcome per message, and what they add up to.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    pub(crate) outcomes: Vec<Outcome>,
+    pub(crate) tally: Tally,
+}
+
 /// How often the counters of `possync status` are written: a batch that
 /// wrote them would dirty one more page of the database per commit.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -224,36 +231,34 @@ impl Applier {
         }
     }
 
-    /// Applies `batch` in one transaction and returns one outcome per message.
+    /// Applies `batch` in one transaction and returns one outcome per
+    /// message, with their tally.
     ///
     /// Most batches apply cleanly, so a batch first runs without a savepoint
     /// per message; only if a handler fails does it run again with them, so
     /// that the failure undoes that one message's writes.
-    pub(crate) fn apply(&mut self, batch: &[Inbound]) -> Result<Vec<Outcome>, BatchError> {
-        if let Some(outcomes) = self.run(batch, false)? {
-            return Ok(outcomes);
+    pub(crate) fn apply(&mut self, batch: &[Inbound]) -> Result<Applied, BatchError> {
+        if let Some(applied) = self.run(batch, false)? {
+            return Ok(applied);
         }
         Ok(self.run(batch, true)?.unwrap_or_default())
     }
 
     /// One attempt at the batch; `None` when a handler failed outside
     /// `careful` mode (everything rolled back).
-    fn run(
-        &mut self,
-        batch: &[Inbound],
-        careful: bool,
-    ) -> Result<Option<Vec<Outcome>>, BatchError> {
+    fn run(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Applied>, BatchError> {
         let mut transaction = self.database.begin()?;
         let Some(outcomes) = self.apply_in_transaction(&mut transaction, batch, careful)? else {
             return Ok(None);
         };
+        let tally = Tally::of(&outcomes);
         self.progress.writing = self.progress.written_at.elapsed() >= PROGRESS_EVERY;
         if self.progress.writing {
-            transaction.record_progress(&self.progress.with(&Tally::of(&outcomes)))?;
+            transaction.record_progress(&self.progress.with(&tally))?;
         }
         transaction.commit()?;
-        self.progress.committed(&Tally::of(&outcomes));
-        Ok(Some(outcomes))
+        self.progress.committed(&tally);
+        Ok(Some(Applied { outcomes, tally }))
     }
 
     fn apply_in_transaction(
@@ -471,7 +476,7 @@ pub(crate) fn check_envelope(
     Ok(envelope)
 }
 
-type Reply = oneshot::Sender<(Vec<Inbound>, Result<Vec<Outcome>, BatchError>)>;
+type Reply = oneshot::Sender<(Vec<Inbound>, Result<Applied, BatchError>)>;
 
 pub(crate) enum Job {
     Apply(Vec<Inbound>, Reply),
@@ -516,7 +521,7 @@ impl ApplierHandle {
     pub(crate) async fn apply(
         &self,
         batch: Vec<Inbound>,
-    ) -> (Vec<Inbound>, Result<Vec<Outcome>, BatchError>) {
+    ) -> (Vec<Inbound>, Result<Applied, BatchError>) {
         match self {
             Self::Inline(applier) => {
                 let result = tokio::task::block_in_place(|| match applier.lock() {

@@ -4,7 +4,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::applier::{Applier, ApplierHandle, Inbound, Tally};
+use crate::applier::{Applied, Applier, ApplierHandle, Inbound};
 use crate::config::{Config, ConfigError};
 use crate::connection::BrokerError;
 use crate::consumer::{Inbox, Subscription};
@@ -371,9 +371,8 @@ async fn consume(
         let size = batch.len();
         let (batch, result) = applier.apply(batch).await;
         match result {
-            Ok(outcomes) => {
+            Ok(Applied { outcomes, tally }) => {
                 crate::failpoint::after_commit().await;
-                let tally = Tally::of(&outcomes);
                 events::batch_applied(size, tally.applied, started.elapsed().as_millis());
                 if tally.retries > 0 {
                     // Give a passing problem (a locked database) a moment before the retry arrives.
