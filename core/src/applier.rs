@@ -158,20 +158,26 @@ impl Progress {
 /// Applies batches; see [`ApplierHandle`] for the async side.
 pub(crate) struct Applier {
     database: Database,
-    registry: Arc<Registry>,
-    license_key: LicenseKey,
-    max_message_bytes: usize,
-    max_attempts: u32,
-    runtime: tokio::runtime::Handle,
+    dispatch: Dispatch,
     progress: Progress,
 }
 
 impl std::fmt::Debug for Applier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Applier")
-            .field("license_key", &self.license_key)
+            .field("license_key", &self.dispatch.license_key)
             .finish_non_exhaustive()
     }
+}
+
+/// Checks each message of a batch and hands it to its handler, inside the
+/// batch's transaction.
+struct Dispatch {
+    registry: Arc<Registry>,
+    license_key: LicenseKey,
+    max_message_bytes: usize,
+    max_attempts: u32,
+    runtime: tokio::runtime::Handle,
 }
 
 /// The whole batch failed to commit: nothing of it applied.
@@ -190,11 +196,13 @@ impl Applier {
     ) -> Self {
         Self {
             database,
-            registry,
-            license_key,
-            max_message_bytes,
-            max_attempts,
-            runtime,
+            dispatch: Dispatch {
+                registry,
+                license_key,
+                max_message_bytes,
+                max_attempts,
+                runtime,
+            },
             progress: Progress::default(),
         }
     }
@@ -248,7 +256,10 @@ impl Applier {
     /// `careful` mode (everything rolled back).
     fn run(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Applied>, BatchError> {
         let mut transaction = self.database.begin()?;
-        let Some(outcomes) = self.apply_in_transaction(&mut transaction, batch, careful)? else {
+        let Some(outcomes) =
+            self.dispatch
+                .apply_in_transaction(&mut transaction, batch, careful)?
+        else {
             return Ok(None);
         };
         let tally = Tally::of(&outcomes);
@@ -260,7 +271,9 @@ impl Applier {
         self.progress.committed(&tally);
         Ok(Some(Applied { outcomes, tally }))
     }
+}
 
+impl Dispatch {
     fn apply_in_transaction(
         &self,
         transaction: &mut Transaction<'_>,
@@ -500,7 +513,7 @@ pub(crate) enum ApplierHandle {
 
 impl ApplierHandle {
     pub(crate) fn spawn(mut applier: Applier) -> std::io::Result<Self> {
-        if applier.runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        if applier.dispatch.runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
             return Ok(Self::Inline(Box::new(std::sync::Mutex::new(applier))));
         }
         let (jobs, mut receiver) = mpsc::channel::<Job>(1);

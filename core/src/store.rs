@@ -235,8 +235,8 @@ impl Database {
     }
 
     /// Begins the transaction a batch applies in.
-    pub(crate) fn begin(&self) -> Result<Transaction<'_>, rusqlite::Error> {
-        Transaction::begin(&self.connection)
+    pub(crate) fn begin(&mut self) -> Result<Transaction<'_>, rusqlite::Error> {
+        Transaction::begin(&mut self.connection)
     }
 
     /// Records a state change for `possync status`.

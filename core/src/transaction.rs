@@ -19,6 +19,9 @@ const KEPT_STATEMENTS: usize = 16;
 /// every use; a batch runs the same few statements for every message, so
 /// it takes each from the cache once and keeps it until the end.
 pub(crate) struct Transaction<'c> {
+    /// Shared with the kept statements, but borrowed from an exclusive
+    /// borrow: nothing outside this transaction reaches the connection
+    /// while it is open.
     connection: &'c Connection,
     /// By SQL text, in the order first used. A short list is faster to
     /// search than a hash map is to hash into.
@@ -37,7 +40,8 @@ impl std::fmt::Debug for Transaction<'_> {
 impl<'c> Transaction<'c> {
     /// Begins a transaction that takes the write lock now, so a busy POS
     /// reader shows up here, not in the middle of a batch.
-    pub(crate) fn begin(connection: &'c Connection) -> rusqlite::Result<Self> {
+    pub(crate) fn begin(connection: &'c mut Connection) -> rusqlite::Result<Self> {
+        let connection: &'c Connection = connection;
         connection.execute_batch("BEGIN IMMEDIATE")?;
         Ok(Self {
             connection,
@@ -46,7 +50,7 @@ impl<'c> Transaction<'c> {
         })
     }
 
-    /// Commits; on error the transaction is rolled back.
+    /// Commits. If that fails, dropping the transaction rolls it back.
     pub(crate) fn commit(mut self) -> rusqlite::Result<()> {
         self.statements.clear();
         self.connection.execute_batch("COMMIT")?;
@@ -56,6 +60,8 @@ impl<'c> Transaction<'c> {
 
     /// The statement for `sql`, prepared once per transaction.
     fn statement(&mut self, sql: &str) -> rusqlite::Result<&mut CachedStatement<'c>> {
+        // The connection's cache ignores surrounding white space too.
+        let sql = sql.trim();
         let index = match self.statements.iter().position(|(kept, _)| **kept == *sql) {
             Some(index) => index,
             None => {
@@ -143,7 +149,7 @@ impl<'c> Transaction<'c> {
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         if !self.committed {
-            // Statements still running would keep the rollback from finishing.
+            // Every statement was reset after its use; hand them back first.
             self.statements.clear();
             // Fails only when no transaction is open, which is the state we want.
             let _ = self.connection.execute_batch("ROLLBACK");
@@ -156,12 +162,13 @@ pub(crate) struct SqliteStore<'t, 'c> {
     transaction: &'t mut Transaction<'c>,
 }
 
-// SAFETY: a rusqlite `Connection` is `Send` but not `Sync`, so the
-// connection must never be used from two threads at once. While a store
-// lives it is the only way to the connection: it borrows the transaction,
-// which holds the statements, exclusively, and the applier does nothing
-// with the database until the handler returns. Sending the store to
-// another thread therefore moves every use of the connection with it.
+// SAFETY: a rusqlite `Connection` is `Send` but not `Sync`: it must never
+// be used from two threads at once. A transaction is made from an
+// exclusive borrow of the connection, so for its whole life it is the only
+// way to the connection; a store borrows the transaction exclusively, so
+// while the store lives it is the only way. Sending it to another thread
+// moves every use of the connection with it, as sending the
+// `&mut Connection` the transaction was made from would.
 #[allow(unsafe_code)]
 unsafe impl Send for SqliteStore<'_, '_> {}
 
@@ -251,73 +258,140 @@ mod tests {
         (dir, database)
     }
 
-    fn count(database: &Database) -> i64 {
-        database
+    fn applied_ids(database: &Database) -> Vec<String> {
+        let mut statement = database
             .connection()
-            .query_row("SELECT count(*) FROM possync_applied", [], |row| row.get(0))
-            .expect("counts")
+            .prepare("SELECT message_id FROM possync_applied ORDER BY message_id")
+            .expect("prepares");
+        statement
+            .query_map([], |row| row.get(0))
+            .expect("queries")
+            .collect::<Result<_, _>>()
+            .expect("reads")
     }
+
+    const INSERT: &str = "INSERT INTO possync_applied (message_id, applied_at) VALUES (?1, ?2)";
+    const READ: &str = "SELECT message_id, applied_at FROM possync_applied WHERE message_id = ?1";
 
     #[test]
     fn a_transaction_dropped_without_commit_changes_nothing() {
-        let (_dir, database) = database();
+        let (_dir, mut database) = database();
         let mut transaction = database.begin().expect("begins");
         assert!(transaction.record_applied("m-1").expect("records"));
         drop(transaction);
-        assert_eq!(count(&database), 0);
+        assert!(applied_ids(&database).is_empty());
     }
 
     #[test]
     fn a_committed_transaction_keeps_its_writes() {
-        let (_dir, database) = database();
+        let (_dir, mut database) = database();
         let mut transaction = database.begin().expect("begins");
         assert!(transaction.record_applied("m-1").expect("records"));
         assert!(!transaction.record_applied("m-1").expect("records"));
         transaction.commit().expect("commits");
-        assert_eq!(count(&database), 1);
+        assert_eq!(applied_ids(&database), ["m-1"]);
     }
 
     #[test]
-    fn a_handler_building_sql_per_message_keeps_working() {
-        let (_dir, database) = database();
+    fn rolling_back_to_the_savepoint_undoes_that_message_only() {
+        let (_dir, mut database) = database();
         let mut transaction = database.begin().expect("begins");
+        for (id, keep) in [("m-1", true), ("m-2", false), ("m-3", true), ("m-4", false)] {
+            transaction.savepoint().expect("savepoint");
+            transaction.record_applied(id).expect("records");
+            if keep {
+                transaction.release().expect("releases");
+            } else {
+                transaction.rollback_to_savepoint().expect("rolls back");
+            }
+        }
+        transaction.commit().expect("commits");
+        assert_eq!(applied_ids(&database), ["m-1", "m-3"]);
+    }
+
+    #[test]
+    fn a_kept_statement_runs_with_the_values_of_each_call() {
+        let (_dir, mut database) = database();
+        let mut transaction = database.begin().expect("begins");
+        let mut store = transaction.store();
+        for (id, at) in [("m-1", 10), ("m-2", 20)] {
+            store
+                .execute(INSERT, &[id.into(), Value::Integer(at)])
+                .expect("inserts");
+        }
+        let short = store.execute(INSERT, &["m-3".into()]);
+        assert!(!short.expect_err("one value short").is_transient());
+        let long = store.execute(INSERT, &["m-3".into(), Value::Integer(30), Value::Null]);
+        assert!(!long.expect_err("one value too many").is_transient());
+        for (id, at) in [("m-1", 10), ("m-2", 20)] {
+            let row = store.query_row(READ, &[id.into()]).expect("reads");
+            assert_eq!(row, Some(vec![id.into(), Value::Integer(at)]));
+        }
+        assert_eq!(store.query_row(READ, &["m-3".into()]).expect("reads"), None);
+    }
+
+    #[test]
+    fn a_handler_building_sql_per_message_keeps_working_and_evicts_only_its_own() {
+        let (_dir, mut database) = database();
+        let mut transaction = database.begin().expect("begins");
+        let count = "SELECT count(*) FROM possync_applied";
         let mut store = transaction.store();
         for i in 0..(KEPT_STATEMENTS * 3) {
             let sql = format!(
-                "INSERT INTO possync_applied (message_id, applied_at) VALUES ('m-{i}', ?1)"
+                "INSERT INTO possync_applied (message_id, applied_at) VALUES ('m-{i:02}', ?1)"
             );
             assert_eq!(
                 store.execute(&sql, &[Value::Integer(0)]).expect("inserts"),
                 1
             );
-            let again = store
-                .query_row("SELECT count(*) FROM possync_applied", &[])
-                .expect("counts");
-            assert_eq!(
-                again,
-                Some(vec![Value::Integer(i64::try_from(i).expect("small") + 1)])
-            );
+            let counted = store.query_row(count, &[]).expect("counts");
+            let expected = i64::try_from(i + 1).expect("small");
+            assert_eq!(counted, Some(vec![Value::Integer(expected)]));
         }
-        assert!(transaction.statements.len() <= KEPT_STATEMENTS);
-        transaction.commit().expect("commits");
-        assert_eq!(
-            count(&database),
-            i64::try_from(KEPT_STATEMENTS * 3).expect("small")
+        assert_eq!(transaction.statements.len(), KEPT_STATEMENTS);
+        assert!(
+            transaction
+                .statements
+                .iter()
+                .any(|(sql, _)| &**sql == count)
         );
+        transaction.commit().expect("commits");
+        assert_eq!(applied_ids(&database).len(), KEPT_STATEMENTS * 3);
     }
 
     #[test]
-    fn a_statement_given_the_wrong_number_of_values_is_refused() {
-        let (_dir, database) = database();
+    fn sql_differing_only_in_surrounding_space_is_one_statement() {
+        let (_dir, mut database) = database();
         let mut transaction = database.begin().expect("begins");
         let mut store = transaction.store();
-        let sql = "INSERT INTO possync_applied (message_id, applied_at) VALUES (?1, ?2)";
         store
-            .execute(sql, &["m-1".into(), Value::Integer(0)])
+            .execute(INSERT, &["m-1".into(), Value::Integer(0)])
             .expect("inserts");
-        let err = store
-            .execute(sql, &["m-2".into()])
-            .expect_err("one value short");
-        assert!(!err.is_transient(), "{err}");
+        store
+            .execute(
+                &format!("\n    {INSERT}  \n"),
+                &["m-2".into(), Value::Integer(0)],
+            )
+            .expect("inserts");
+        assert_eq!(transaction.statements.len(), 1);
+    }
+
+    #[test]
+    fn a_handler_may_use_its_store_from_a_thread_of_its_own() {
+        let (_dir, mut database) = database();
+        let mut transaction = database.begin().expect("begins");
+        let mut store = transaction.store();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                store
+                    .execute(INSERT, &["m-1".into(), Value::Integer(0)])
+                    .expect("inserts");
+            });
+        });
+        store
+            .execute(INSERT, &["m-2".into(), Value::Integer(0)])
+            .expect("inserts");
+        transaction.commit().expect("commits");
+        assert_eq!(applied_ids(&database), ["m-1", "m-2"]);
     }
 }
