@@ -49,8 +49,9 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     stores: usize,
     /// Rounds of each drain, live and fan-out scenario; the table shows the round
-    /// with the median ratio and the range over all rounds.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    /// with the median ratio and the range over all rounds. A drain lasts
+    /// seconds, so one round is easily off by 15% or more.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Scenarios to run: drain, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
@@ -429,9 +430,11 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     let queue = format!("bench.baseline.{key}");
     baseline::declare(&connection, &queue, &key, baseline_kind(queue_type)).await?;
     workload::publish_price_updates(&connection, &key, n, 1000).await?;
-    let consumer_connection = workload::connect(&args.url).await?;
     let (stop, stopped) = watch::channel(false);
+    // Both sides start from nothing: possync's terminal connects within its
+    // stopwatch, so the baseline does too.
     let watch_baseline = Stopwatch::start();
+    let consumer_connection = workload::connect(&args.url).await?;
     let mut consumer = baseline::start(
         &consumer_connection,
         &queue,

@@ -319,7 +319,7 @@ impl Dispatch {
         careful: bool,
     ) -> Result<Option<Outcome>, rusqlite::Error> {
         let handler = match self.registry.route(&envelope.message_type) {
-            Route::Handler(handler) => Arc::clone(handler),
+            Route::Handler(handler) => handler,
             Route::Disabled(plugin) => {
                 events::message_ignored(&envelope.message_type, plugin);
                 return Ok(Some(Outcome::Disabled {
@@ -480,8 +480,12 @@ pub(crate) fn check_envelope(
             envelope.license_key
         ));
     }
-    let mut words = routing_key.split('.');
-    if words.next() != Some("license") || words.next() != Some(license_key.as_str()) {
+    // A license key holds no '.', so its word is exactly what follows "license.".
+    let for_this_license = routing_key
+        .strip_prefix("license.")
+        .and_then(|rest| rest.strip_prefix(license_key.as_str()))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+    if !for_this_license {
         return Err(format!(
             "routing key {routing_key:?} is not for this terminal's license"
         ));
@@ -674,6 +678,36 @@ mod tests {
         let big = vec![b' '; 2048];
         let reason = check_envelope(&big, ROUTING, &key(), 1024).expect_err("too large");
         assert!(reason.contains("over the limit of 1024"), "{reason}");
+    }
+
+    #[test]
+    fn only_routing_keys_of_this_license_pass() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
+        for routing_key in [
+            "license.STORE-1.price_update",
+            "license.STORE-1",
+            "license.STORE-1.a.b",
+        ] {
+            assert!(
+                check_envelope(body, routing_key, &key(), 1 << 20).is_ok(),
+                "{routing_key}"
+            );
+        }
+        for routing_key in [
+            "license.STORE-10.price_update",
+            "license.STORE-.price_update",
+            "license.STORE-1x",
+            "licence.STORE-1.price_update",
+            "license..STORE-1",
+            "STORE-1.license.price_update",
+            "",
+        ] {
+            let reason = check_envelope(body, routing_key, &key(), 1 << 20).expect_err("refused");
+            assert!(
+                reason.contains("is not for this terminal's license"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

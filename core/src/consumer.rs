@@ -263,7 +263,7 @@ impl Subscription {
             delivery.map_err(|err| BrokerError::from_lapin("receiving", &self.url, err))?;
         Ok(Inbound {
             tag: delivery.delivery_tag,
-            routing_key: delivery.routing_key.as_str().to_owned(),
+            routing_key: delivery.routing_key.into(),
             redelivered: delivery.redelivered,
             body: delivery.data,
         })

@@ -1,7 +1,7 @@
 //! The handlers this process knows, which are enabled, and which handles
 //! each message type.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -102,7 +102,9 @@ pub(crate) enum Route<'a> {
 pub struct Registry {
     entries: Vec<Entry>,
     unloaded: Vec<PluginInfo>,
-    routes: HashMap<String, usize>,
+    /// A plugin handles a few types: finding one by comparing a few
+    /// strings is cheaper than hashing its name with SipHash.
+    routes: BTreeMap<String, usize>,
 }
 
 impl Registry {
@@ -184,7 +186,7 @@ impl Registry {
                 ));
             }
         }
-        let mut routes = HashMap::new();
+        let mut routes = BTreeMap::new();
         for (index, entry) in entries.iter().enumerate() {
             for message_type in entry.handler.message_types() {
                 match routes.get(*message_type).map(|&i: &usize| &entries[i]) {
