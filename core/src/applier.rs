@@ -49,6 +49,8 @@ pub(crate) enum Outcome {
     Applied { message_type: String },
     /// Its message id was applied before; nothing changed.
     Duplicate,
+    /// Its entity holds a newer change; nothing changed.
+    Stale { message_type: String },
     /// Its handler is switched off in config; nothing changed.
     Disabled { message_type: String },
     /// It can never apply; recorded in the quarantine table.
@@ -67,6 +69,8 @@ impl Outcome {
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
     pub(crate) by_type: Vec<(String, u64)>,
+    /// Messages that changed nothing because their entity held a newer change.
+    pub(crate) stale_by_type: Vec<(String, u64)>,
     pub(crate) applied: u64,
     pub(crate) quarantined: u64,
     pub(crate) duplicates: u64,
@@ -84,10 +88,10 @@ impl Tally {
                 Outcome::Applied { message_type } => {
                     tally.applied += 1;
                     last_type = Some(message_type);
-                    match tally.by_type.iter_mut().find(|(t, _)| t == message_type) {
-                        Some((_, count)) => *count += 1,
-                        None => tally.by_type.push((message_type.clone(), 1)),
-                    }
+                    count_type(&mut tally.by_type, message_type);
+                }
+                Outcome::Stale { message_type } => {
+                    count_type(&mut tally.stale_by_type, message_type);
                 }
                 Outcome::DeadLetter { .. } => tally.quarantined += 1,
                 Outcome::Duplicate => tally.duplicates += 1,
@@ -97,6 +101,13 @@ impl Tally {
         }
         tally.last_type = last_type.cloned();
         tally
+    }
+}
+
+fn count_type(counts: &mut Vec<(String, u64)>, message_type: &str) {
+    match counts.iter_mut().find(|(t, _)| t == message_type) {
+        Some((_, count)) => *count += 1,
+        None => counts.push((message_type.to_owned(), 1)),
     }
 }
 

@@ -5,6 +5,8 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use crate::applier::Tally;
+
 /// The connection state, as the POS top bar showed it: Live or Offline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
@@ -22,8 +24,48 @@ pub enum State {
         /// Why, password redacted.
         reason: String,
     },
+    /// Connected, but the database refuses the batch in hand (locked by
+    /// another program, disk full, ...): the terminal holds the batch, takes
+    /// no new messages and tries the same batch again until it commits.
+    Stalled {
+        /// Since when.
+        since: SystemTime,
+        /// Why the batch cannot commit.
+        reason: String,
+    },
     /// Shut down.
     Stopped,
+}
+
+impl State {
+    /// The state's name, as `possync status`, `/status` and the logs spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Live { .. } => "live",
+            Self::Offline { .. } => "offline",
+            Self::Stalled { .. } => "stalled",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// Since when the state holds, if it says.
+    pub fn since(&self) -> Option<SystemTime> {
+        match self {
+            Self::Live { since } | Self::Offline { since, .. } | Self::Stalled { since, .. } => {
+                Some(*since)
+            }
+            Self::Connecting | Self::Stopped => None,
+        }
+    }
+
+    /// Why the terminal is not live, if it says.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Offline { reason, .. } | Self::Stalled { reason, .. } => Some(reason),
+            Self::Connecting | Self::Live { .. } | Self::Stopped => None,
+        }
+    }
 }
 
 /// A terminal's state and counters.
@@ -39,6 +81,10 @@ pub struct Status {
     pub duplicates: u64,
     /// Messages applied since start, by envelope type.
     pub applied_by_type: std::collections::BTreeMap<String, u64>,
+    /// Messages since start that changed nothing because the database held
+    /// a newer change of their entity, by envelope type. A publisher whose
+    /// clock runs behind shows up here.
+    pub stale_by_type: std::collections::BTreeMap<String, u64>,
     /// When the last message was applied.
     pub last_applied_at: Option<SystemTime>,
     /// Messages waiting in the terminal's queue, not yet delivered to it,
@@ -65,6 +111,7 @@ impl StatusSender {
             quarantined: 0,
             duplicates: 0,
             applied_by_type: std::collections::BTreeMap::new(),
+            stale_by_type: std::collections::BTreeMap::new(),
             last_applied_at: None,
             queue_depth: None,
         });
@@ -83,27 +130,22 @@ impl StatusSender {
         });
     }
 
-    pub(crate) fn count(
-        &self,
-        applied: u64,
-        quarantined: u64,
-        duplicates: u64,
-        by_type: &[(String, u64)],
-    ) {
-        if applied == 0 && quarantined == 0 && duplicates == 0 {
+    /// Adds a committed batch's outcomes to the counters.
+    pub(crate) fn count(&self, tally: &Tally) {
+        if tally.applied == 0
+            && tally.quarantined == 0
+            && tally.duplicates == 0
+            && tally.stale_by_type.is_empty()
+        {
             return;
         }
         self.0.send_modify(|status| {
-            for (message_type, count) in by_type {
-                *status
-                    .applied_by_type
-                    .entry(message_type.clone())
-                    .or_default() += count;
-            }
-            status.applied += applied;
-            status.quarantined += quarantined;
-            status.duplicates += duplicates;
-            if applied > 0 {
+            add_by_type(&mut status.applied_by_type, &tally.by_type);
+            add_by_type(&mut status.stale_by_type, &tally.stale_by_type);
+            status.applied += tally.applied;
+            status.quarantined += tally.quarantined;
+            status.duplicates += tally.duplicates;
+            if tally.applied > 0 {
                 status.last_applied_at = Some(SystemTime::now());
             }
         });
@@ -111,6 +153,12 @@ impl StatusSender {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Status> {
         self.0.subscribe()
+    }
+}
+
+fn add_by_type(counts: &mut std::collections::BTreeMap<String, u64>, by_type: &[(String, u64)]) {
+    for (message_type, count) in by_type {
+        *counts.entry(message_type.clone()).or_default() += count;
     }
 }
 
@@ -135,13 +183,11 @@ impl StatusReport {
                 stored.pid.unwrap_or_default(),
                 stored.state
             ),
-            ("live", true) => "Live".to_owned(),
-            ("offline", true) => "Offline".to_owned(),
             (other, true) => capitalize(other),
         };
         let live = running && stored.state == "live";
         let mut text = format!("{state} since {}\n", when(stored.since_ms, now_ms));
-        if let (Some(reason), "offline") = (&stored.reason, stored.state.as_str()) {
+        if let (Some(reason), "offline" | "stalled") = (&stored.reason, stored.state.as_str()) {
             text.push_str(&format!("reason        {reason}\n"));
         }
         text.push_str(&format!(

@@ -98,12 +98,7 @@ fn rfc3339(time: SystemTime) -> String {
 }
 
 fn state_parts(state: &State) -> (&'static str, Option<SystemTime>, Option<&str>) {
-    match state {
-        State::Connecting => ("connecting", None, None),
-        State::Live { since } => ("live", Some(*since), None),
-        State::Offline { since, reason } => ("offline", Some(*since), Some(reason.as_str())),
-        State::Stopped => ("stopped", None, None),
-    }
+    (state.name(), state.since(), state.reason())
 }
 
 fn quarantined(view: &StatusView) -> (usize, Vec<Quarantined>) {
@@ -234,6 +229,10 @@ fn page(view: &StatusView, status: &Status) -> String {
         ),
         "offline" => format!(
             r#"<div class="badge offline" id="badge">Offline since {since}</div><p class="since">{}</p>"#,
+            escape_html(reason.unwrap_or(""))
+        ),
+        "stalled" => format!(
+            r#"<div class="badge offline" id="badge">Stalled since {since}</div><p class="since">{}</p>"#,
             escape_html(reason.unwrap_or(""))
         ),
         other => format!(

@@ -270,13 +270,8 @@ struct Reporter<'a> {
 
 impl Reporter<'_> {
     async fn set(&self, state: State, broker: Option<&str>) {
-        let (name, reason, since) = match &state {
-            State::Connecting => ("connecting", None, None),
-            State::Live { since } => ("live", None, Some(*since)),
-            State::Offline { reason, since } => ("offline", Some(reason.clone()), Some(*since)),
-            State::Stopped => ("stopped", None, None),
-        };
-        let since_ms = since
+        let since_ms = state
+            .since()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or_else(unix_now_ms, |d| {
                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -285,9 +280,9 @@ impl Reporter<'_> {
             .record_state(StateRecord {
                 license_key: self.identity.0.clone(),
                 terminal_id: self.identity.1.clone(),
-                state: name,
+                state: state.name(),
                 since_ms,
-                reason,
+                reason: state.reason().map(str::to_owned),
                 broker: broker.map(redact_url),
             })
             .await;
@@ -380,12 +375,7 @@ async fn consume(
                 }
                 let settled = subscription.settle(&batch, &outcomes).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
-                status.count(
-                    tally.applied,
-                    tally.quarantined,
-                    tally.duplicates,
-                    &tally.by_type,
-                );
+                status.count(&tally);
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
                 }
