@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use possync_sdk::{Envelope, HandlerError};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::TerminalConfig;
 use crate::events;
 use crate::identity::LicenseKey;
 use crate::registry::{Registry, Route};
@@ -171,7 +172,12 @@ pub(crate) struct Applier {
     database: Database,
     dispatch: Dispatch,
     progress: Progress,
+    pruned_at: std::time::Instant,
 }
+
+/// How often a busy terminal prunes its bookkeeping; an idle one prunes
+/// each time it goes idle.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl std::fmt::Debug for Applier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,9 +192,32 @@ impl std::fmt::Debug for Applier {
 struct Dispatch {
     registry: Arc<Registry>,
     license_key: LicenseKey,
-    max_message_bytes: usize,
-    max_attempts: u32,
+    limits: Limits,
     runtime: tokio::runtime::Handle,
+}
+
+/// What the terminal's config bounds while applying.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_message_bytes: usize,
+    pub(crate) max_attempts: u32,
+    pub(crate) quarantine_max_rows: u32,
+    pub(crate) quarantine_max_age_secs: i64,
+    /// Applied message ids are kept as long as the broker may redeliver.
+    pub(crate) applied_ids_max_age_secs: i64,
+}
+
+impl Limits {
+    pub(crate) fn of(config: &TerminalConfig) -> Self {
+        const DAY: i64 = 24 * 3600;
+        Self {
+            max_message_bytes: config.max_message_bytes,
+            max_attempts: config.max_attempts,
+            quarantine_max_rows: config.quarantine_max_rows,
+            quarantine_max_age_secs: i64::from(config.quarantine_max_days) * DAY,
+            applied_ids_max_age_secs: i64::from(config.queue_expiry_days) * DAY,
+        }
+    }
 }
 
 /// The whole batch failed to commit: nothing of it applied.
@@ -201,8 +230,7 @@ impl Applier {
         database: Database,
         registry: Arc<Registry>,
         license_key: LicenseKey,
-        max_message_bytes: usize,
-        max_attempts: u32,
+        limits: Limits,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
@@ -210,11 +238,11 @@ impl Applier {
             dispatch: Dispatch {
                 registry,
                 license_key,
-                max_message_bytes,
-                max_attempts,
+                limits,
                 runtime,
             },
             progress: Progress::default(),
+            pruned_at: std::time::Instant::now(),
         }
     }
 
@@ -233,9 +261,36 @@ impl Applier {
                 let result = self.apply(&batch);
                 // The receiver is gone only when the terminal stopped waiting; nothing to tell.
                 let _ = reply.send((batch, result));
+                if self.pruned_at.elapsed() >= PRUNE_EVERY {
+                    self.prune();
+                }
             }
             Job::RecordState(record) => self.record_state(&record),
-            Job::FlushProgress => self.flush_progress(),
+            Job::FlushProgress => {
+                self.flush_progress();
+                self.prune();
+            }
+        }
+    }
+
+    /// Forgets applied message ids the broker can no longer redeliver and
+    /// quarantined messages past their time, so the database stays bounded
+    /// on a terminal that runs for months.
+    fn prune(&mut self) {
+        self.pruned_at = std::time::Instant::now();
+        let limits = &self.dispatch.limits;
+        let pruned = self
+            .database
+            .prune_applied(limits.applied_ids_max_age_secs)
+            .and_then(|ids| {
+                let rows = self
+                    .database
+                    .prune_quarantine(limits.quarantine_max_age_secs)?;
+                Ok((ids, rows))
+            });
+        match pruned {
+            Ok((ids, rows)) => events::pruned(ids, rows),
+            Err(err) => events::prune_failed(&err.to_string()),
         }
     }
 
@@ -293,6 +348,7 @@ impl Dispatch {
     ) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for inbound in batch {
+            transaction.begin_message();
             let outcome = match self.check(inbound) {
                 Ok(envelope) => {
                     let Some(outcome) = self.apply_one(transaction, inbound, &envelope, careful)?
@@ -306,7 +362,12 @@ impl Dispatch {
                 }
                 Err(reason) => self.quarantine(transaction, inbound, None, reason)?,
             };
+            let retry = !outcome.settles_by_ack();
             outcomes.push(outcome);
+            if retry {
+                // The messages behind it wait for it, so that order holds.
+                break;
+            }
         }
         Ok(Some(outcomes))
     }
@@ -316,7 +377,7 @@ impl Dispatch {
             &inbound.body,
             &inbound.routing_key,
             &self.license_key,
-            self.max_message_bytes,
+            self.limits.max_message_bytes,
         )
     }
 
@@ -370,6 +431,10 @@ impl Dispatch {
                 }
             }))
         };
+        if let Some(fault) = transaction.take_fault() {
+            // The database itself failed: no message of this batch can commit.
+            return Err(fault);
+        }
         if !careful && !matches!(result, Ok(Ok(()))) {
             return Ok(None);
         }
@@ -378,8 +443,23 @@ impl Dispatch {
                 if careful {
                     transaction.release()?;
                 }
-                Ok(Outcome::Applied {
-                    message_type: envelope.message_type.clone(),
+                let stale = transaction.take_stale();
+                for entity in &stale {
+                    events::message_stale(
+                        &envelope.message_type,
+                        &entity.id,
+                        entity.incoming.micros,
+                        entity.stored,
+                    );
+                }
+                Ok(if stale.is_empty() {
+                    Outcome::Applied {
+                        message_type: envelope.message_type.clone(),
+                    }
+                } else {
+                    Outcome::Stale {
+                        message_type: envelope.message_type.clone(),
+                    }
                 })
             }
             Ok(Err(HandlerError::Transient(reason))) => {
@@ -434,7 +514,7 @@ impl Dispatch {
     ) -> Result<Outcome, rusqlite::Error> {
         let key = inbound.key(envelope);
         let attempts = transaction.record_attempt(&key, &reason)?;
-        if attempts < self.max_attempts {
+        if attempts < self.limits.max_attempts {
             return Ok(Outcome::Retry { reason });
         }
         transaction.forget_attempts(&key)?;
@@ -458,13 +538,16 @@ impl Dispatch {
             envelope.map(|e| e.message_type.as_str()),
             &reason,
         );
-        transaction.record_quarantined(&Quarantined {
-            routing_key: inbound.routing_key.clone(),
-            message_type: envelope.map(|e| e.message_type.clone()),
-            message_id: envelope.and_then(|e| e.message_id.clone()),
-            reason: reason.clone(),
-            body: inbound.body.clone(),
-        })?;
+        transaction.record_quarantined(
+            &Quarantined::new(
+                &inbound.routing_key,
+                envelope.map(|e| e.message_type.as_str()),
+                envelope.and_then(|e| e.message_id.as_deref()),
+                reason.clone(),
+                &inbound.body,
+            ),
+            self.limits.quarantine_max_rows,
+        )?;
         Ok(Outcome::DeadLetter { reason })
     }
 }
@@ -492,16 +575,25 @@ pub(crate) fn check_envelope(
         ));
     }
     // A license key holds no '.', so its word is exactly what follows "license.".
-    let for_this_license = routing_key
+    let routed_type = routing_key
         .strip_prefix("license.")
         .and_then(|rest| rest.strip_prefix(license_key.as_str()))
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
-    if !for_this_license {
-        return Err(format!(
+        .and_then(|rest| match rest {
+            "" => Some(None),
+            _ => rest.strip_prefix('.').map(Some),
+        });
+    match routed_type {
+        None => Err(format!(
             "routing key {routing_key:?} is not for this terminal's license"
-        ));
+        )),
+        // A publisher that routes by one type and sends another is confused;
+        // applying the body would bypass whatever the key was bound for.
+        Some(Some(routed)) if routed != envelope.message_type => Err(format!(
+            "routing key {routing_key:?} says type {routed:?} but the body says {:?}",
+            envelope.message_type
+        )),
+        Some(_) => Ok(envelope),
     }
-    Ok(envelope)
 }
 
 type Reply = oneshot::Sender<(Vec<Inbound>, Result<Applied, BatchError>)>;
@@ -694,11 +786,7 @@ mod tests {
     #[test]
     fn only_routing_keys_of_this_license_pass() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
-        for routing_key in [
-            "license.STORE-1.price_update",
-            "license.STORE-1",
-            "license.STORE-1.a.b",
-        ] {
+        for routing_key in ["license.STORE-1.price_update", "license.STORE-1"] {
             assert!(
                 check_envelope(body, routing_key, &key(), 1 << 20).is_ok(),
                 "{routing_key}"
@@ -717,6 +805,22 @@ mod tests {
             assert!(
                 reason.contains("is not for this terminal's license"),
                 "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_routing_key_whose_type_differs_from_the_body_is_refused_with_both_types() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
+        for routing_key in [
+            "license.STORE-1.product_delete",
+            "license.STORE-1.a.b",
+            "license.STORE-1.",
+        ] {
+            let reason = check_envelope(body, routing_key, &key(), 1 << 20).expect_err("refused");
+            assert!(
+                reason.contains("but the body says \"price_update\""),
+                "{routing_key}: {reason}"
             );
         }
     }

@@ -294,8 +294,14 @@ pub struct TerminalConfig {
     /// Bodies larger than this many bytes are dead-lettered unread.
     pub max_message_bytes: usize,
     /// Tries a message gets when its handler fails transiently or panics,
-    /// before it is dead-lettered.
+    /// before it is dead-lettered. The messages behind it wait meanwhile,
+    /// so that changes apply in order.
     pub max_attempts: u32,
+    /// Most rows kept in `possync_quarantine`; the oldest go first. Every
+    /// quarantined message is also in the terminal's dead-letter queue.
+    pub quarantine_max_rows: u32,
+    /// Days a row is kept in `possync_quarantine`.
+    pub quarantine_max_days: u32,
 }
 
 impl Default for TerminalConfig {
@@ -310,6 +316,8 @@ impl Default for TerminalConfig {
             queue_expiry_days: 30,
             max_message_bytes: 1024 * 1024,
             max_attempts: 5,
+            quarantine_max_rows: 1000,
+            quarantine_max_days: 30,
         }
     }
 }

@@ -72,6 +72,15 @@ pub enum BrokerError {
         /// What the broker said.
         detail: String,
     },
+    /// Another process consumes this terminal's queue: a second copy of the
+    /// terminal (a cloned disk, a copied config).
+    #[error(
+        "another process is already running as this terminal: the broker refused a second consumer on queue {queue}. Stop the other process, or give this one its own terminal.terminal_id. (If the other one just lost power, the broker notices within two heartbeats and then lets this one in.)"
+    )]
+    AlreadyRunning {
+        /// The terminal's queue.
+        queue: String,
+    },
     /// The broker did not answer in time.
     #[error("the broker did not answer within {seconds} s while {during}")]
     Timeout {
@@ -103,6 +112,7 @@ impl BrokerError {
         matches!(
             self,
             Self::AccessRefused { .. }
+                | Self::AlreadyRunning { .. }
                 | Self::Conflict { .. }
                 | Self::Tls { .. }
                 | Self::TlsFile { .. }

@@ -84,17 +84,6 @@ impl Inbox {
         }
     }
 
-    /// Returns a batch that could not be committed to the queue.
-    pub(crate) async fn requeue(&mut self, batch: &[Inbound]) -> Result<(), BrokerError> {
-        match self {
-            Self::Broker(subscription) => subscription.requeue(batch).await,
-            Self::InProcess(inbox) => {
-                inbox.requeue(batch);
-                Ok(())
-            }
-        }
-    }
-
     /// Messages waiting in the queue, not yet delivered; `None` when the
     /// broker would not say.
     pub(crate) async fn queue_depth(&mut self) -> Option<u64> {
@@ -104,11 +93,27 @@ impl Inbox {
         }
     }
 
-    /// Stops consuming; unacknowledged messages return to the queue.
-    pub(crate) async fn close(self) {
-        if let Self::Broker(subscription) = self {
-            subscription.close().await;
+    /// Stops consuming; `unsettled` (taken, not yet settled) and every
+    /// other unacknowledged message return to the queue, in their order.
+    pub(crate) async fn close(self, unsettled: &[Inbound]) {
+        match self {
+            // The broker returns every unacknowledged delivery of a closed channel.
+            Self::Broker(subscription) => subscription.close().await,
+            Self::InProcess(mut inbox) => inbox.requeue(unsettled),
         }
+    }
+}
+
+/// The broker's refusal of a second consumer, as the operator needs to read it.
+fn already_running(err: BrokerError, topology: &TerminalTopology) -> BrokerError {
+    match err {
+        BrokerError::AccessRefused { detail, .. } if detail.contains("exclusive") => {
+            events::already_running(&topology.queue);
+            BrokerError::AlreadyRunning {
+                queue: topology.queue.clone(),
+            }
+        }
+        other => other,
     }
 }
 
@@ -168,6 +173,8 @@ impl Subscription {
             dead_letters.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
+        // Exclusive: a second process with this terminal's identity (a cloned
+        // disk, a copied config) is refused instead of taking half the stream.
         let consumer = connection::within(
             timeout,
             "starting the consumer",
@@ -175,11 +182,15 @@ impl Subscription {
             channel.basic_consume(
                 topology.queue.as_str().into(),
                 name.into(),
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
                 FieldTable::default(),
             ),
         )
-        .await?;
+        .await
+        .map_err(|err| already_running(err, topology))?;
         Ok(Self {
             connection,
             channel,
@@ -269,9 +280,10 @@ impl Subscription {
         })
     }
 
-    /// Settles a batch after its commit: dead letters and retries first, one
-    /// by one, then one ack for the rest, because an ack with `multiple`
-    /// settles every earlier delivery still open.
+    /// Settles a batch after its commit: dead letters first, one by one,
+    /// then one ack for the rest, because an ack with `multiple` settles
+    /// every earlier delivery still open. Messages to try again are not in
+    /// `batch`: the terminal holds them.
     pub(crate) async fn settle(
         &mut self,
         batch: &[Inbound],
@@ -319,10 +331,6 @@ impl Subscription {
         }
         for (inbound, outcome) in batch.iter().zip(outcomes) {
             match outcome {
-                Outcome::Retry { reason } => {
-                    events::message_retry(&inbound.routing_key, reason);
-                    self.nack(inbound.tag, true).await?;
-                }
                 Outcome::DeadLetter { .. } if !dead_lettered.contains(&inbound.tag) => {}
                 _ => ack_through = Some(inbound.tag),
             }
@@ -336,14 +344,6 @@ impl Subscription {
                     .basic_ack(tag, BasicAckOptions { multiple: true }),
             )
             .await?;
-        }
-        Ok(())
-    }
-
-    /// Returns every message of a batch that could not be committed to the queue.
-    pub(crate) async fn requeue(&mut self, batch: &[Inbound]) -> Result<(), BrokerError> {
-        for inbound in batch {
-            self.nack(inbound.tag, true).await?;
         }
         Ok(())
     }

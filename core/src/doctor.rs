@@ -206,16 +206,19 @@ async fn topology_checks(
             )
             .await
         {
-            Ok(queue) => checks.push(Check::pass(
-                "terminal queue",
-                format!(
-                    "{} exists: {} message(s) waiting, {} consumer(s) (binding {})",
-                    topology.queue,
-                    queue.message_count(),
-                    queue.consumer_count(),
-                    topology.binding_key
-                ),
-            )),
+            Ok(queue) => {
+                checks.push(Check::pass(
+                    "terminal queue",
+                    format!(
+                        "{} exists: {} message(s) waiting, {} consumer(s) (binding {})",
+                        topology.queue,
+                        queue.message_count(),
+                        queue.consumer_count(),
+                        topology.binding_key
+                    ),
+                ));
+                checks.push(running_check(config, queue.consumer_count()));
+            }
             Err(err) => checks.push(Check::fail(
                 "terminal queue",
                 format!("{}: {err}", topology.queue),
@@ -229,6 +232,33 @@ async fn topology_checks(
         Err(err) => checks.push(Check::fail("terminal queue", err.to_string(), "check the user's permissions")),
     }
     checks
+}
+
+/// Whether a process already runs as this terminal, here or elsewhere: the
+/// broker lets only one consume the terminal's queue.
+fn running_check(config: &Config, consumers: u32) -> Check {
+    const NAME: &str = "terminal process";
+    if consumers == 0 {
+        return Check::pass(NAME, "no process runs as this terminal; it may start");
+    }
+    let here = Database::open_read_only(&config.terminal.database)
+        .and_then(|db| db.status_record())
+        .ok()
+        .flatten()
+        .filter(|status| status.state != "stopped")
+        .and_then(|status| status.pid)
+        .filter(|pid| crate::status::process_exists(*pid));
+    match here {
+        Some(pid) => Check::pass(
+            NAME,
+            format!("running here as process {pid}; a second process as this terminal would be refused"),
+        ),
+        None => Check::fail(
+            NAME,
+            "another process is already running as this terminal (its queue has a consumer, and no live terminal on this machine wrote this database): starting one here will be refused",
+            "stop the other process, or give this one its own terminal.terminal_id (a cloned disk or a copied config keeps the old one)",
+        ),
+    }
 }
 
 fn database_check(config: &Config) -> Check {

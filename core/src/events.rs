@@ -45,12 +45,58 @@ pub(crate) fn message_ignored(message_type: &str, plugin: &str) {
     debug!(event = "message_ignored", %message_type, %plugin, "plugin is disabled in [plugins]; message acknowledged unapplied");
 }
 
-pub(crate) fn message_retry(routing_key: &str, reason: &str) {
-    warn!(event = "message_retry", %routing_key, %reason, "message will be tried again");
+pub(crate) fn message_retry(routing_key: &str, reason: &str, retry_in_ms: u128) {
+    warn!(event = "message_retry", %routing_key, %reason, retry_in_ms, "message will be tried again; the messages behind it wait");
 }
 
-pub(crate) fn batch_failed(reason: &str) {
-    error!(event = "batch_failed", %reason, "batch rolled back; its messages return to the queue");
+/// A message that changed nothing because its entity holds a newer change:
+/// a publisher whose clock runs behind shows up here.
+pub(crate) fn message_stale(message_type: &str, entity: &str, incoming: i64, stored: i64) {
+    debug!(
+        event = "message_stale",
+        %message_type,
+        %entity,
+        incoming_version = incoming,
+        stored_version = stored,
+        "message is older than what the database holds for its entity; nothing changed"
+    );
+}
+
+/// Logged at error on entering the Stalled state, then quietly per retry.
+pub(crate) fn stalled(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        error!(event = "stalled", %reason, retry_in_ms, "Stalled: the database refuses the batch; holding it and trying again, taking no new messages");
+    } else {
+        debug!(event = "stalled", %reason, retry_in_ms, "still stalled: trying the same batch again");
+    }
+}
+
+pub(crate) fn stall_cleared(stalled_ms: u128, attempts: u32) {
+    info!(
+        event = "stall_cleared",
+        stalled_ms, attempts, "the held batch committed; the stream goes on"
+    );
+}
+
+pub(crate) fn effect_panicked(message: &str) {
+    error!(event = "effect_panicked", %message, "a handler's effect outside the database panicked; the others still ran");
+}
+
+pub(crate) fn already_running(queue: &str) {
+    error!(event = "already_running", %queue, "another process is already running as this terminal: the broker refused a second consumer on its queue");
+}
+
+pub(crate) fn pruned(applied_ids: usize, quarantined: usize) {
+    if applied_ids + quarantined > 0 {
+        debug!(
+            event = "pruned",
+            applied_ids, quarantined, "old bookkeeping rows removed"
+        );
+    }
+}
+
+pub(crate) fn prune_failed(reason: &str) {
+    warn!(event = "prune_failed", %reason, "could not prune old bookkeeping rows; will try again later");
 }
 
 pub(crate) fn dead_letter_fallback(reason: &str) {

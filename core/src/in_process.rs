@@ -167,25 +167,19 @@ impl InProcessInbox {
         Some(inbound)
     }
 
-    /// Settles a committed batch: retries go back to the head of the queue
-    /// in their order, dead letters to the broker's list, the rest are done.
+    /// Settles a committed batch: dead letters go to the broker's list, the
+    /// rest are done.
     pub(crate) fn settle(&mut self, batch: &[Inbound], outcomes: &[Outcome]) {
-        let mut retries = Vec::new();
         for (inbound, outcome) in batch.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Retry { .. } => retries.push(inbound.clone()),
-                Outcome::DeadLetter { reason } => {
-                    self.broker.exchange().dead_letters.push(DeadLetter {
-                        queue: self.name.clone(),
-                        routing_key: inbound.routing_key.clone(),
-                        reason: reason.clone(),
-                        body: inbound.body.clone(),
-                    });
-                }
-                _ => {}
+            if let Outcome::DeadLetter { reason } = outcome {
+                self.broker.exchange().dead_letters.push(DeadLetter {
+                    queue: self.name.clone(),
+                    routing_key: inbound.routing_key.clone(),
+                    reason: reason.clone(),
+                    body: inbound.body.clone(),
+                });
             }
         }
-        self.requeue(&retries);
     }
 
     /// Puts messages back at the head of the queue, in their order.

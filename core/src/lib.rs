@@ -10,6 +10,7 @@ mod backoff;
 mod config;
 mod connection;
 mod consumer;
+mod effects;
 mod doctor;
 mod events;
 mod failpoint;

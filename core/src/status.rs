@@ -242,7 +242,7 @@ fn when(ms: i64, now_ms: i64) -> String {
 }
 
 /// Whether process `pid` exists on this machine.
-fn process_exists(pid: i64) -> bool {
+pub(crate) fn process_exists(pid: i64) -> bool {
     if cfg!(target_os = "linux") {
         std::path::Path::new("/proc").join(pid.to_string()).exists()
     } else {

@@ -48,6 +48,18 @@ const BOOKKEEPING: &str = "
         body         BLOB NOT NULL
     );";
 
+/// Changes to possync's own tables, run like the plugins' migrations.
+const BOOKKEEPING_MIGRATIONS: &[Migration] = &[Migration::new(
+    "possync/quarantine-digest",
+    "ALTER TABLE possync_quarantine ADD COLUMN body_bytes INTEGER;
+     ALTER TABLE possync_quarantine ADD COLUMN body_sha256 TEXT;
+     CREATE INDEX IF NOT EXISTS possync_quarantine_received ON possync_quarantine (received_at);",
+)];
+
+/// How much of a quarantined body is kept: enough to read what went wrong,
+/// not enough for a flood of large messages to fill the disk.
+pub(crate) const QUARANTINE_BODY_BYTES: usize = 64 * 1024;
+
 /// A database that could not be opened or prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
@@ -83,8 +95,36 @@ pub struct Quarantined {
     pub message_id: Option<String>,
     /// Why it cannot apply.
     pub reason: String,
-    /// The body as received.
+    /// The body as received, cut after its first 64 KiB.
     pub body: Vec<u8>,
+    /// The size of the whole body as received.
+    pub body_bytes: u64,
+    /// The SHA-256 of the whole body (hex), to match it with the copy in
+    /// the dead-letter queue. Empty for rows kept before it was recorded.
+    pub body_sha256: String,
+}
+
+impl Quarantined {
+    /// A message to keep: the first part of `body` and a digest of all of it.
+    pub(crate) fn new(
+        routing_key: &str,
+        message_type: Option<&str>,
+        message_id: Option<&str>,
+        reason: String,
+        body: &[u8],
+    ) -> Self {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(body);
+        Self {
+            routing_key: routing_key.to_owned(),
+            message_type: message_type.map(str::to_owned),
+            message_id: message_id.map(str::to_owned),
+            reason,
+            body: body[..body.len().min(QUARANTINE_BODY_BYTES)].to_vec(),
+            body_bytes: body.len() as u64,
+            body_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
 }
 
 /// A state change, as stored for `possync status`.
@@ -146,7 +186,10 @@ impl Database {
             path: path.to_owned(),
             source,
         })?;
-        connection.busy_timeout(std::time::Duration::from_secs(10))?;
+        // A POS app's own writes are short; a lock held longer stalls the
+        // batch, which the terminal shows and retries, instead of waiting
+        // here unseen.
+        connection.busy_timeout(std::time::Duration::from_secs(3))?;
         // WAL lets the POS app read while we write. synchronous=FULL because
         // the broker ack follows the commit: with NORMAL the last commits may
         // vanish on power loss after their messages were acked, which is a
@@ -155,7 +198,9 @@ impl Database {
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.set_prepared_statement_cache_capacity(128);
         connection.execute_batch(BOOKKEEPING)?;
-        Ok(Self { connection })
+        let mut database = Self { connection };
+        database.migrate(BOOKKEEPING_MIGRATIONS)?;
+        Ok(database)
     }
 
     /// Opens an existing database read-only, to look at it while a terminal may run.
@@ -216,10 +261,20 @@ impl Database {
         )?)
     }
 
+    /// Forgets quarantined messages older than `max_age_secs`; their
+    /// copies stay in the dead-letter queue.
+    pub(crate) fn prune_quarantine(&mut self, max_age_secs: i64) -> Result<usize, DatabaseError> {
+        Ok(self.connection.execute(
+            "DELETE FROM possync_quarantine WHERE received_at < ?1",
+            [unix_now() - max_age_secs],
+        )?)
+    }
+
     /// Quarantined messages, newest first.
     pub fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, DatabaseError> {
         let mut statement = self.connection.prepare(
-            "SELECT routing_key, message_type, message_id, reason, body
+            "SELECT routing_key, message_type, message_id, reason, body,
+                    coalesce(body_bytes, length(body)), coalesce(body_sha256, '')
              FROM possync_quarantine ORDER BY id DESC LIMIT ?1",
         )?;
         let rows = statement.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
@@ -229,6 +284,8 @@ impl Database {
                 message_id: row.get(2)?,
                 reason: row.get(3)?,
                 body: row.get(4)?,
+                body_bytes: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+                body_sha256: row.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -4,7 +4,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::applier::{Applied, Applier, ApplierHandle, Inbound};
+use crate::applier::{Applied, Applier, ApplierHandle, Inbound, Limits, Outcome};
 use crate::config::{Config, ConfigError};
 use crate::connection::BrokerError;
 use crate::consumer::{Inbox, Subscription};
@@ -151,8 +151,7 @@ impl Terminal {
             database,
             registry,
             config.license_key()?.clone(),
-            config.terminal.max_message_bytes,
-            config.terminal.max_attempts,
+            Limits::of(&config.terminal),
             tokio::runtime::Handle::current(),
         ))?;
         if config.status.enabled {
@@ -212,7 +211,7 @@ impl Terminal {
                     match consume(
                         subscription,
                         &applier,
-                        &status,
+                        &reporter,
                         config.terminal.batch_size,
                         &mut shutdown,
                     )
@@ -227,7 +226,7 @@ impl Terminal {
             };
             failures += 1;
             status.set_queue_depth(None);
-            let delay = crate::backoff::delay(failures);
+            let delay = crate::backoff::delay(failures, crate::backoff::RECONNECT);
             let reason = reason.to_string();
             events::offline(&reason, delay.as_millis(), failures == 1);
             if failures == 1 {
@@ -276,6 +275,9 @@ impl Reporter<'_> {
             .map_or_else(unix_now_ms, |d| {
                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
             });
+        // Watchers first: recording waits for the database, which may be
+        // the very thing that is stuck.
+        self.status.set_state(state.clone());
         self.applier
             .record_state(StateRecord {
                 license_key: self.identity.0.clone(),
@@ -286,7 +288,6 @@ impl Reporter<'_> {
                 broker: broker.map(redact_url),
             })
             .await;
-        self.status.set_state(state);
     }
 }
 
@@ -309,87 +310,163 @@ async fn open(
 }
 
 /// Receives, applies and settles batches until shutdown or connection loss.
+///
+/// A batch the database refuses (locked, full) is held and tried again in
+/// place, never handed back to the broker: that would reorder it and count
+/// against the queue's delivery limit. A message whose handler fails for
+/// now is held the same way, with the messages behind it.
 async fn consume(
     mut subscription: Inbox,
     applier: &ApplierHandle,
-    status: &StatusSender,
+    reporter: &Reporter<'_>,
     batch_size: usize,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
+    let status = reporter.status;
     let mut depth_due = tokio::time::Instant::now();
     let mut idle = false;
+    // Deliveries taken but not settled, to try again before anything else.
+    let mut held: Vec<Inbound> = Vec::new();
+    let mut stall: Option<Stall> = None;
+    let mut handler_retries: u32 = 0;
     loop {
-        // Counted on connecting and every few seconds while busy.
-        if !idle && tokio::time::Instant::now() >= depth_due {
-            status.set_queue_depth(subscription.queue_depth().await);
-            depth_due = tokio::time::Instant::now() + QUEUE_DEPTH_EVERY;
-        }
-        let first = tokio::select! {
-            () = shutdown.as_mut() => {
-                events::stopping();
-                subscription.close().await;
-                return SessionEnd::Stopped;
-            }
-            next = subscription.next() => {
-                idle = false;
-                next
-            }
-            // Idle with every delivery settled: the broker delivers whatever
-            // arrives at once, so nothing waits, and there is time to write
-            // the counters `possync status` shows. (Waiting for the next
-            // message is cancel-safe.)
-            () = tokio::time::sleep_until(depth_due), if !idle => {
-                status.set_queue_depth(Some(0));
-                applier.flush_progress().await;
-                idle = true;
-                continue;
-            }
-        };
-        let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
-        match first {
-            Some(Ok(inbound)) => batch.push(inbound),
-            Some(Err(err)) => return SessionEnd::Lost(err),
-            None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
-        }
         let mut lost = None;
-        while batch.len() < batch_size {
-            match subscription.try_next() {
-                Some(Ok(inbound)) => batch.push(inbound),
-                Some(Err(err)) => {
-                    lost = Some(err);
-                    break;
-                }
-                None => break,
+        let batch = if held.is_empty() {
+            // Counted on connecting and every few seconds while busy.
+            if !idle && tokio::time::Instant::now() >= depth_due {
+                status.set_queue_depth(subscription.queue_depth().await);
+                depth_due = tokio::time::Instant::now() + QUEUE_DEPTH_EVERY;
             }
-        }
+            let first = tokio::select! {
+                () = shutdown.as_mut() => {
+                    events::stopping();
+                    subscription.close(&[]).await;
+                    return SessionEnd::Stopped;
+                }
+                next = subscription.next() => {
+                    idle = false;
+                    next
+                }
+                // Idle with every delivery settled: the broker delivers whatever
+                // arrives at once, so nothing waits, and there is time to write
+                // the counters `possync status` shows. (Waiting for the next
+                // message is cancel-safe.)
+                () = tokio::time::sleep_until(depth_due), if !idle => {
+                    status.set_queue_depth(Some(0));
+                    applier.flush_progress().await;
+                    idle = true;
+                    continue;
+                }
+            };
+            let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
+            match first {
+                Some(Ok(inbound)) => batch.push(inbound),
+                Some(Err(err)) => return SessionEnd::Lost(err),
+                None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
+            }
+            while batch.len() < batch_size {
+                match subscription.try_next() {
+                    Some(Ok(inbound)) => batch.push(inbound),
+                    Some(Err(err)) => {
+                        lost = Some(err);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            batch
+        } else {
+            std::mem::take(&mut held)
+        };
         let started = Instant::now();
         let size = batch.len();
-        let (batch, result) = applier.apply(batch).await;
-        match result {
+        let (mut batch, result) = applier.apply(batch).await;
+        let wait = match result {
             Ok(Applied { outcomes, tally }) => {
+                if let Some(cleared) = stall.take() {
+                    events::stall_cleared(cleared.since.elapsed().as_millis(), cleared.attempts);
+                    reporter.set(State::Live { since: SystemTime::now() }, None).await;
+                }
                 crate::failpoint::after_commit().await;
                 events::batch_applied(size, tally.applied, started.elapsed().as_millis());
-                if tally.retries > 0 {
-                    // Give a passing problem (a locked database) a moment before the retry arrives.
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                let retry = match outcomes.last() {
+                    Some(Outcome::Retry { reason }) => Some(reason.clone()),
+                    _ => None,
+                };
+                if retry.is_some() {
+                    // The message to retry and everything behind it stay here.
+                    held = batch.split_off(outcomes.len() - 1);
+                    for inbound in &mut held {
+                        inbound.redelivered = true;
+                    }
                 }
-                let settled = subscription.settle(&batch, &outcomes).await;
+                let settled = subscription.settle(&batch, &outcomes[..batch.len()]).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
                 status.count(&tally);
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
                 }
-            }
-            Err(err) => {
-                events::batch_failed(&err.to_string());
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Err(err) = subscription.requeue(&batch).await {
-                    return SessionEnd::Lost(err);
+                match (retry, held.first()) {
+                    (Some(reason), Some(first)) => {
+                        handler_retries += 1;
+                        let delay = crate::backoff::delay(handler_retries, crate::backoff::HANDLER_RETRY);
+                        events::message_retry(&first.routing_key, &reason, delay.as_millis());
+                        Some(delay)
+                    }
+                    _ => {
+                        handler_retries = 0;
+                        None
+                    }
                 }
             }
-        }
+            Err(err) => {
+                held = batch;
+                let reason = err.to_string();
+                let stalled = stall.get_or_insert_with(Stall::new);
+                stalled.attempts += 1;
+                let delay = crate::backoff::delay(stalled.attempts, crate::backoff::STALLED_BATCH);
+                let first = stalled.attempts == 1;
+                events::stalled(&reason, delay.as_millis(), first);
+                if first || stalled.reason != reason {
+                    stalled.reason.clone_from(&reason);
+                    reporter
+                        .set(State::Stalled { since: stalled.at, reason }, None)
+                        .await;
+                }
+                Some(delay)
+            }
+        };
         if let Some(err) = lost {
             return SessionEnd::Lost(err);
+        }
+        if let Some(delay) = wait {
+            tokio::select! {
+                () = shutdown.as_mut() => {
+                    events::stopping();
+                    subscription.close(&held).await;
+                    return SessionEnd::Stopped;
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// A batch the database keeps refusing.
+struct Stall {
+    since: Instant,
+    at: SystemTime,
+    attempts: u32,
+    reason: String,
+}
+
+impl Stall {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            at: SystemTime::now(),
+            attempts: 0,
+            reason: String::new(),
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The transaction one batch applies in: the statements it runs, kept
 //! prepared until it ends, and possync's bookkeeping written inside it.
 
-use possync_sdk::{Store, StoreError, Value};
+use possync_sdk::{Effect, Store, StoreError, Value, Version};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{CachedStatement, Connection, ErrorCode, ToSql, params};
 
+use crate::effects::Effects;
 use crate::store::{ProgressRecord, Quarantined, add_progress, unix_now};
 
 /// How many statements a transaction keeps at hand. A batch runs a few
@@ -27,6 +28,20 @@ pub(crate) struct Transaction<'c> {
     /// search than a hash map is to hash into.
     statements: Vec<(Box<str>, CachedStatement<'c>)>,
     committed: bool,
+    effects: Effects,
+    /// Entities the current message found newer than itself.
+    stale: Vec<StaleEntity>,
+    /// A failure of the database itself that a handler ran into: the batch
+    /// cannot commit, whatever the handler made of it.
+    fault: Option<rusqlite::Error>,
+}
+
+/// An entity that holds a newer change than the message that would change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StaleEntity {
+    pub(crate) id: String,
+    pub(crate) incoming: Version,
+    pub(crate) stored: i64,
 }
 
 impl std::fmt::Debug for Transaction<'_> {
@@ -47,15 +62,36 @@ impl<'c> Transaction<'c> {
             connection,
             statements: Vec::with_capacity(KEPT_STATEMENTS),
             committed: false,
+            effects: Effects::default(),
+            stale: Vec::new(),
+            fault: None,
         })
     }
 
-    /// Commits. If that fails, dropping the transaction rolls it back.
+    /// Commits, then runs the handlers' after-commit effects. If the commit
+    /// fails, dropping the transaction rolls it back.
     pub(crate) fn commit(mut self) -> rusqlite::Result<()> {
         self.statements.clear();
         self.connection.execute_batch("COMMIT")?;
         self.committed = true;
+        self.effects.committed();
         Ok(())
+    }
+
+    /// The next message begins.
+    pub(crate) fn begin_message(&mut self) {
+        self.effects.begin_message();
+        self.stale.clear();
+    }
+
+    /// The entities the current message found newer than itself.
+    pub(crate) fn take_stale(&mut self) -> Vec<StaleEntity> {
+        std::mem::take(&mut self.stale)
+    }
+
+    /// The failure of the database itself that a handler ran into, if any.
+    pub(crate) fn take_fault(&mut self) -> Option<rusqlite::Error> {
+        self.fault.take()
     }
 
     /// The statement for `sql`, prepared once per transaction.
@@ -92,6 +128,7 @@ impl<'c> Transaction<'c> {
 
     pub(crate) fn rollback_to_savepoint(&mut self) -> rusqlite::Result<()> {
         self.run("ROLLBACK TO message", [])?;
+        self.effects.roll_back_message();
         self.release()
     }
 
@@ -104,18 +141,30 @@ impl<'c> Transaction<'c> {
         Ok(inserted == 1)
     }
 
-    pub(crate) fn record_quarantined(&mut self, message: &Quarantined) -> rusqlite::Result<()> {
+    /// Keeps a message that can never apply, and forgets the oldest ones
+    /// beyond the newest `keep_rows`.
+    pub(crate) fn record_quarantined(
+        &mut self,
+        message: &Quarantined,
+        keep_rows: u32,
+    ) -> rusqlite::Result<()> {
         self.run(
-            "INSERT INTO possync_quarantine (received_at, routing_key, message_type, message_id, reason, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO possync_quarantine (received_at, routing_key, message_type, message_id, reason, body, body_bytes, body_sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 unix_now(),
                 message.routing_key,
                 message.message_type,
                 message.message_id,
                 message.reason,
-                message.body
+                message.body,
+                i64::try_from(message.body_bytes).unwrap_or(i64::MAX),
+                message.body_sha256
             ],
+        )?;
+        self.run(
+            "DELETE FROM possync_quarantine WHERE id <= last_insert_rowid() - ?1",
+            [keep_rows],
         )
         .map(drop)
     }
@@ -153,6 +202,7 @@ impl Drop for Transaction<'_> {
             self.statements.clear();
             // Fails only when no transaction is open, which is the state we want.
             let _ = self.connection.execute_batch("ROLLBACK");
+            self.effects.rolled_back();
         }
     }
 }
@@ -202,8 +252,11 @@ fn to_value(value: ValueRef<'_>) -> Value {
     }
 }
 
-fn store_error(err: rusqlite::Error) -> StoreError {
-    let transient = matches!(
+/// Whether `err` is a failure of the database itself (locked, full,
+/// unreadable), not of the statement: it would fail any message, so it
+/// stalls the batch instead of counting against one message.
+pub(crate) fn is_store_level(err: &rusqlite::Error) -> bool {
+    matches!(
         err.sqlite_error_code(),
         Some(
             ErrorCode::DatabaseBusy
@@ -212,12 +265,43 @@ fn store_error(err: rusqlite::Error) -> StoreError {
                 | ErrorCode::SystemIoFailure
                 | ErrorCode::OutOfMemory
                 | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::PermissionDenied
+                | ErrorCode::DatabaseCorrupt
+                | ErrorCode::NotADatabase
+                | ErrorCode::FileLockingProtocolFailed
+                | ErrorCode::NoLargeFileSupport
+                | ErrorCode::InternalMalfunction
         )
-    );
-    if transient {
-        StoreError::transient(err.to_string())
-    } else {
-        StoreError::permanent(err.to_string())
+    )
+}
+
+impl SqliteStore<'_, '_> {
+    /// The handler's view of `err`; a failure of the database itself is
+    /// also kept for the runtime, which stalls the batch on it.
+    fn failed(&mut self, err: rusqlite::Error) -> StoreError {
+        if !is_store_level(&err) {
+            return StoreError::permanent(err.to_string());
+        }
+        let seen = StoreError::transient(err.to_string());
+        self.transaction.fault.get_or_insert(err);
+        seen
+    }
+
+    fn first_row(&mut self, sql: &str, params: &[Value]) -> rusqlite::Result<Option<Vec<Value>>> {
+        let statement = self.transaction.statement(sql)?;
+        let columns = statement.column_count();
+        let mut rows = statement.query(rusqlite::params_from_iter(params.iter().map(Param)))?;
+        match rows.next()? {
+            Some(row) => {
+                let mut values = Vec::with_capacity(columns);
+                for i in 0..columns {
+                    values.push(to_value(row.get_ref(i)?));
+                }
+                Ok(Some(values))
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -225,25 +309,27 @@ impl Store for SqliteStore<'_, '_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError> {
         self.transaction
             .run(sql, rusqlite::params_from_iter(params.iter().map(Param)))
-            .map_err(store_error)
+            .map_err(|err| self.failed(err))
     }
 
     fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError> {
-        let statement = self.transaction.statement(sql).map_err(store_error)?;
-        let columns = statement.column_count();
-        let mut rows = statement
-            .query(rusqlite::params_from_iter(params.iter().map(Param)))
-            .map_err(store_error)?;
-        match rows.next().map_err(store_error)? {
-            Some(row) => {
-                let mut values = Vec::with_capacity(columns);
-                for i in 0..columns {
-                    values.push(to_value(row.get_ref(i).map_err(store_error)?));
-                }
-                Ok(Some(values))
-            }
-            None => Ok(None),
-        }
+        self.first_row(sql, params).map_err(|err| self.failed(err))
+    }
+
+    fn after_commit(&mut self, effect: Effect) {
+        self.transaction.effects.after_commit(effect);
+    }
+
+    fn on_rollback(&mut self, effect: Effect) {
+        self.transaction.effects.on_rollback(effect);
+    }
+
+    fn stale(&mut self, id: &str, incoming: Version, stored: i64) {
+        self.transaction.stale.push(StaleEntity {
+            id: id.to_owned(),
+            incoming,
+            stored,
+        });
     }
 }
 

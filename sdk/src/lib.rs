@@ -57,7 +57,7 @@ pub use plugin::{
     RegisterFn, Registrar, panic_message, run_registration,
 };
 pub use registration::{HandlerRegistration, registered_handlers};
-pub use store::{Store, Value, is_newer};
+pub use store::{Effect, Store, Value, is_newer};
 
 /// The SDK's version; dynamic plugins are checked against it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");

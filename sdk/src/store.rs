@@ -1,4 +1,4 @@
-use crate::StoreError;
+use crate::{StoreError, Version};
 
 /// A value bound to or read from SQL.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,33 +70,64 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     }
 }
 
+/// Work outside the database, such as writing or removing a file, that
+/// must share the fate of a message's writes.
+pub type Effect = Box<dyn FnOnce() + Send>;
+
 /// The terminal's database, as a handler sees it: inside the transaction
 /// of the message being applied.
 ///
 /// SQL uses SQLite's dialect and numbered parameters (`?1`, `?2`, ...).
 /// Statements are prepared once and cached by the runtime.
+///
+/// A failure of the database itself (locked by another program, disk full)
+/// is the runtime's to handle: it holds the whole batch and tries it again
+/// until it commits, whatever the handler returns.
 pub trait Store: Send {
     /// Runs one statement; returns the number of rows changed.
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError>;
 
     /// Runs a query and returns its first row, if any.
     fn query_row(&mut self, sql: &str, params: &[Value]) -> Result<Option<Vec<Value>>, StoreError>;
+
+    /// Runs `effect` once this message's writes are committed, and never if
+    /// they are rolled back: for removing a file the database no longer
+    /// refers to. Effects run in the order they were added.
+    fn after_commit(&mut self, effect: Effect);
+
+    /// Runs `effect` if this message's writes are rolled back: for undoing
+    /// work done ahead of the commit, such as a file written so that the
+    /// committed row never points at a missing one. Effects run in the
+    /// reverse order they were added.
+    fn on_rollback(&mut self, effect: Effect);
+
+    /// Tells the runtime that the message changes nothing because entity
+    /// `id` holds a newer change: stored at `stored`, the message at
+    /// `incoming`. The runtime counts such messages by type and logs them,
+    /// so a publisher whose clock runs behind is seen, not silently ignored.
+    fn stale(&mut self, id: &str, incoming: Version, stored: i64);
 }
 
 /// Whether a change at `order` to entity `id` is newer than what the
 /// database holds. Each of `queries` selects a stored version by `?1` (the
 /// entity's row, then its tombstone, say); the first that finds a row
 /// decides. A message without an order, or an entity never seen, applies.
+/// A stale one is reported through [`Store::stale`].
 pub fn is_newer(
     store: &mut dyn Store,
     queries: &[&str],
     id: &str,
-    order: Option<crate::Version>,
+    order: Option<Version>,
 ) -> Result<bool, StoreError> {
     let Some(order) = order else { return Ok(true) };
     for sql in queries {
         if let Some(row) = store.query_row(sql, &[id.into()])? {
-            return Ok(order.supersedes(row.first().and_then(Value::as_i64).unwrap_or(0)));
+            let stored = row.first().and_then(Value::as_i64).unwrap_or(0);
+            let newer = order.supersedes(stored);
+            if !newer {
+                store.stale(id, order, stored);
+            }
+            return Ok(newer);
         }
     }
     Ok(true)

@@ -87,11 +87,12 @@ pub fn decide(
 ) -> Result<Decision, StoreError> {
     if let Some(row) = store.query_row(entity.version_query(), &[id.into()])? {
         // An existing row has no tombstone: deletes remove the row.
-        let newer = order.is_none_or(|order| order.supersedes(first_i64(&row)));
-        return Ok(if newer {
-            Decision::Apply { revives: false }
-        } else {
-            Decision::Stale
+        return Ok(match order {
+            Some(order) if !order.supersedes(first_i64(&row)) => {
+                store.stale(id, order, first_i64(&row));
+                Decision::Stale
+            }
+            _ => Decision::Apply { revives: false },
         });
     }
     let tombstone = store.query_row(
@@ -104,7 +105,10 @@ pub fn decide(
         (Some(row), Some(order)) if order.supersedes(first_i64(&row)) => {
             Decision::Apply { revives: true }
         }
-        (Some(_), Some(_)) => Decision::Stale,
+        (Some(row), Some(order)) => {
+            store.stale(id, order, first_i64(&row));
+            Decision::Stale
+        }
     })
 }
 

@@ -13,10 +13,17 @@
 //! `<sha256>.<ext>` through a temporary file and a rename (so no reader ever
 //! sees half an image), and recorded in
 //! `product_images(product_id, path, sha256, content_type)`.
+//!
+//! Files follow the database: a new file is written before the commit (so a
+//! committed row never points at a missing file) and removed again if the
+//! writes roll back; a file no row refers to any more is removed only after
+//! the commit.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use possync_product_images_types::{ImageDelete, ImageUpdate, sha256_hex};
@@ -62,6 +69,49 @@ fn default_max_image_bytes() -> usize {
 pub struct ProductImagesHandler {
     images_dir: PathBuf,
     max_image_bytes: usize,
+    removals: Removals,
+}
+
+/// Files to remove once the transaction commits. A later message of the
+/// same batch that refers to one again takes it off the list.
+#[derive(Debug, Clone, Default)]
+struct Removals(Arc<Mutex<HashSet<String>>>);
+
+impl Removals {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // A panic while holding the lock leaves a plain set behind: still usable.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Removes `path` after the commit, unless something refers to it again by then.
+    fn schedule(&self, store: &mut dyn Store, path: String) {
+        if !self.set().insert(path.clone()) {
+            return;
+        }
+        let undo = self.clone();
+        let undone = path.clone();
+        store.on_rollback(Box::new(move || {
+            undo.set().remove(&undone);
+        }));
+        let removals = self.clone();
+        store.after_commit(Box::new(move || {
+            if removals.set().remove(&path) {
+                remove_file(&path);
+            }
+        }));
+    }
+
+    /// `path` is referred to again: keep it.
+    fn keep(&self, store: &mut dyn Store, path: &str) {
+        if !self.set().remove(path) {
+            return;
+        }
+        let redo = self.clone();
+        let path = path.to_owned();
+        store.on_rollback(Box::new(move || {
+            redo.set().insert(path);
+        }));
+    }
 }
 
 #[async_trait]
@@ -98,7 +148,7 @@ impl MessageHandler for ProductImagesHandler {
                     &[delete.product_id.into(), Version::column(order)],
                 )?;
                 if let Some(old) = old {
-                    remove_if_unused(store, &old)?;
+                    self.remove_if_unused(store, old)?;
                 }
             }
             return Ok(());
@@ -131,8 +181,14 @@ impl MessageHandler for ProductImagesHandler {
             return Ok(());
         }
         let path = self.images_dir.join(format!("{actual}.{extension}"));
-        write_atomically(&path, &bytes)?;
         let path_text = path.to_string_lossy().into_owned();
+        self.removals.keep(store, &path_text);
+        // Named by content: if the file is there, it holds these bytes.
+        if !path.exists() {
+            let written = path_text.clone();
+            store.on_rollback(Box::new(move || remove_file(&written)));
+            write_atomically(&path, &bytes)?;
+        }
         let old = current_path(store, &image.product_id)?;
         store.execute(
             "INSERT INTO product_images (product_id, path, sha256, content_type, sync_version) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -151,9 +207,36 @@ impl MessageHandler for ProductImagesHandler {
             &[image.product_id.into()],
         )?;
         if let Some(old) = old.filter(|old| *old != path_text) {
-            remove_if_unused(store, &old)?;
+            self.remove_if_unused(store, old)?;
         }
         Ok(())
+    }
+}
+
+impl ProductImagesHandler {
+    /// Removes an image file no product refers to any more (two products
+    /// may share one picture, and so one file), once the commit is done.
+    fn remove_if_unused(&self, store: &mut dyn Store, path: String) -> Result<(), HandlerError> {
+        let used = store.query_row(
+            "SELECT 1 FROM product_images WHERE path = ?1 LIMIT 1",
+            &[path.as_str().into()],
+        )?;
+        if used.is_none() {
+            self.removals.schedule(store, path);
+        }
+        Ok(())
+    }
+}
+
+fn remove_file(path: &str) {
+    if let Err(err) = fs::remove_file(path)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        host::log(
+            Level::Warn,
+            "product_images",
+            &format!("could not remove unused image {path}: {err}"),
+        );
     }
 }
 
@@ -179,19 +262,18 @@ fn extension(content_type: &str) -> Result<&'static str, HandlerError> {
 /// new one, never a part: a temporary file in the same folder, flushed to
 /// disk, then renamed over the target.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
-    if path.exists() {
-        // Named by content: the same bytes are already there.
-        return Ok(());
-    }
     let failed = |err: std::io::Error| {
         HandlerError::transient(format!("cannot write {}: {err}", path.display()))
     };
     let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut file = File::create(&temporary).map_err(failed)?;
-    file.write_all(bytes).map_err(failed)?;
-    file.sync_all().map_err(failed)?;
-    drop(file);
-    fs::rename(&temporary, path).map_err(failed)?;
+    let written = File::create(&temporary).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(err) = written.and_then(|()| fs::rename(&temporary, path)) {
+        let _ = fs::remove_file(&temporary);
+        return Err(failed(err));
+    }
     if let Some(folder) = path.parent() {
         // The rename itself must reach the disk before the commit that points at it.
         File::open(folder)
@@ -212,25 +294,6 @@ fn current_path(store: &mut dyn Store, product_id: &str) -> Result<Option<String
             Value::Text(path) => Some(path),
             _ => None,
         }))
-}
-
-/// Removes an image file no product refers to any more (two products may
-/// share one picture, and so one file).
-fn remove_if_unused(store: &mut dyn Store, path: &str) -> Result<(), HandlerError> {
-    let used = store.query_row(
-        "SELECT 1 FROM product_images WHERE path = ?1 LIMIT 1",
-        &[path.into()],
-    )?;
-    if used.is_none()
-        && let Err(err) = fs::remove_file(path)
-    {
-        host::log(
-            Level::Warn,
-            "product_images",
-            &format!("could not remove unused image {path}: {err}"),
-        );
-    }
-    Ok(())
 }
 
 /// Where a stored version is found: the row, then its tombstone.
@@ -255,6 +318,7 @@ fn register(registrar: &mut Registrar) -> Result<(), String> {
     registrar.register(ProductImagesHandler {
         images_dir: settings.images_dir,
         max_image_bytes: settings.max_image_bytes,
+        removals: Removals::default(),
     });
     Ok(())
 }
