@@ -191,6 +191,37 @@ pub async fn publish_raw(routing_key: &str, body: &[u8]) {
     let _ = connection.close(200, "bye".into()).await;
 }
 
+/// Publishes each `(routing key, body)` in order on one channel, as another
+/// back office would, and waits for every confirm.
+pub async fn publish_raw_many(messages: &[(String, Vec<u8>)]) {
+    let connection = broker().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (routing_key, body) in messages {
+        let confirm = channel
+            .basic_publish(
+                "pos_license_events".into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        assert!(confirm.await.expect("confirm").is_ack());
+    }
+    let _ = connection.close(200, "bye".into()).await;
+}
+
 /// Messages waiting in `queue`.
 pub async fn queue_depth(queue: &str) -> u32 {
     let connection = broker().await;

@@ -1,0 +1,378 @@
+//! Faults a real shop brings, against a real broker and real files: a second
+//! process with the same identity, the POS app holding the database's write
+//! lock, a full disk. In each the till's catalog ends right, in publish
+//! order, with nothing dead-lettered, or the terminal says loudly that it
+//! is not right yet.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use possync_core::{LicenseKey, Publisher, QueueType, State, Status};
+use possync_product_images_types::ImageUpdate;
+use possync_sdk::WireMessage;
+
+/// Products the legacy stream spreads its changes over.
+const PRODUCTS: usize = 50;
+
+/// `count` price changes in the original back office's format (no
+/// `message_id`, no `version`, timestamps to the second, several changes
+/// of a product within one second), and the price each product must end
+/// on: the last one published.
+fn legacy_price_changes(store: &LicenseKey, count: usize) -> (Vec<(String, Vec<u8>)>, Vec<f64>) {
+    let mut last = vec![0.0; PRODUCTS];
+    let messages = (0..count)
+        .map(|i| {
+            let product = i % PRODUCTS;
+            let price = 1.0 + i as f64 / 100.0;
+            last[product] = price;
+            let body = serde_json::json!({
+                "type": "price_update",
+                "license_key": store.as_str(),
+                "payload": {"product_id": format!("P{product:02}"), "new_price": price},
+                "timestamp": format!("2026-12-01T10:00:{:02}Z", i / 10 % 60),
+            });
+            (
+                format!("license.{store}.price_update"),
+                serde_json::to_vec(&body).expect("encodes"),
+            )
+        })
+        .collect();
+    (messages, last)
+}
+
+fn assert_prices(db: &rusqlite::Connection, expected: &[f64]) {
+    for (product, price) in expected.iter().enumerate() {
+        let id = format!("P{product:02}");
+        assert_eq!(
+            product_price(db, &id),
+            Some(*price),
+            "{id} ends on the last price published"
+        );
+    }
+}
+
+fn product_price(db: &rusqlite::Connection, id: &str) -> Option<f64> {
+    product(db, id).map(|p| p.1)
+}
+
+async fn wait_stalled(terminal: &mut RunningTerminal) -> String {
+    let stalled = terminal
+        .wait_for(|s| matches!(s.state, State::Stalled { .. }))
+        .await;
+    let status = terminal.status.borrow().clone();
+    assert!(stalled, "the terminal says Stalled: {:?}", status.state);
+    status.state.reason().unwrap_or_default().to_owned()
+}
+
+/// Nothing of a stream went to the quarantine table or the dead-letter queue.
+async fn assert_nothing_dead_lettered(terminal: &RunningTerminal) {
+    assert_eq!(quarantine_reasons(&terminal.db()), Vec::<String>::new());
+    assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applies_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("twin");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let mut first = RunningTerminal::start(config.clone()).await;
+
+    // A cloned disk: same store and terminal id, its own database file.
+    let clone_db = dir.path().join("clone.db");
+    let mut twin = possync_command(&["terminal"])
+        .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+        .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+        .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
+        .env("POSSYNC_TERMINAL__DATABASE", &clone_db)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the twin");
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(exit) = twin.try_wait().expect("twin state") {
+            break exit;
+        }
+        if Instant::now() > deadline {
+            let _ = twin.kill();
+            panic!("the twin kept running beside the first terminal");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let output = twin.wait_with_output().expect("twin output");
+    let said = text(&output.stderr);
+    assert!(!exit.success(), "the twin is refused: {said}");
+    assert!(
+        said.contains("another process is already running as this terminal"),
+        "the twin says why: {said}"
+    );
+    assert!(
+        !said.contains("guest:guest"),
+        "no password in the message: {said}"
+    );
+
+    let doctor = possync_command(&["doctor"])
+        .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+        .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+        .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
+        .env("POSSYNC_TERMINAL__DATABASE", &clone_db)
+        .output()
+        .expect("doctor");
+    let report = text(&doctor.stdout);
+    assert!(
+        report.contains("another process is already running as this terminal"),
+        "doctor on the clone says so: {report}"
+    );
+
+    let (changes, model) = catalog_changes(&store, 50, 7);
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    publisher.publish_envelopes(changes).await.expect("confirmed");
+    first.wait_applied(50).await;
+    assert_matches_model(&first.db(), &model);
+    assert!(first.status.borrow().is_live());
+    publisher.close().await;
+    first.stop().await;
+}
+
+/// Holds the database's write lock, as a POS app in a long transaction does.
+fn hold_write_lock(database: PathBuf, locked: std::sync::mpsc::Sender<()>, hold: Duration) {
+    let connection = rusqlite::Connection::open(database).expect("open");
+    connection
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("take the write lock");
+    let _ = locked.send(());
+    std::thread::sleep(hold);
+    connection.execute_batch("COMMIT").expect("release");
+}
+
+async fn stream_while_the_pos_app_holds_the_lock(queue_type: QueueType) {
+    const CHANGES: usize = 300;
+    const HOLD: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("lock");
+    let mut terminal = RunningTerminal::start(queue_config(dir.path(), &store, queue_type)).await;
+    let (messages, last) = legacy_price_changes(&store, CHANGES);
+
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn({
+        let database = terminal.database.clone();
+        move || hold_write_lock(database, locked, HOLD)
+    });
+    lock_taken
+        .recv_timeout(WAIT)
+        .expect("the lock is taken in time");
+    publish_raw_many(&messages).await;
+
+    let reason = wait_stalled(&mut terminal).await;
+    assert!(reason.contains("locked"), "the reason names the lock: {reason}");
+    assert_eq!(
+        product_price(&terminal.db(), "P00"),
+        None,
+        "nothing applied while the lock is held"
+    );
+    tokio::task::spawn_blocking(move || holder.join())
+        .await
+        .expect("join")
+        .expect("lock holder");
+
+    terminal.wait_applied(CHANGES as u64).await;
+    assert!(
+        terminal.wait_for(Status::is_live).await,
+        "Live again once the lock is gone"
+    );
+    assert_prices(&terminal.db(), &last);
+    assert_nothing_dead_lettered(&terminal).await;
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_database_stalls_the_stream_in_place_and_keeps_publish_order_classic() {
+    stream_while_the_pos_app_holds_the_lock(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_database_stalls_the_stream_in_place_and_keeps_publish_order_quorum() {
+    stream_while_the_pos_app_holds_the_lock(QueueType::Quorum).await;
+}
+
+/// A small file system of the test's own, mounted at a temporary folder.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            output.status.success(),
+            "the disk-full test mounts a small tmpfs (it runs as root): {}",
+            text(&output.stderr)
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills what is left with one file; returns it.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.flush();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_returns() {
+    const CHANGES: usize = 300;
+    let disk = SmallDisk::mount(8 << 20);
+    let images = tempfile::tempdir().expect("images dir");
+    let store = unique_license("full");
+    let mut config = terminal_config(disk.path(), &store, "till-1");
+    config.plugins.insert(
+        "product_images".into(),
+        dynamic_plugin(
+            "possync-plugin-product-images",
+            serde_json::json!({ "images_dir": images.path() }),
+        ),
+    );
+    let mut terminal = RunningTerminal::start(config).await;
+    // Every commit must now grow the write-ahead log.
+    terminal
+        .db()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .expect("checkpoint");
+    let filler = disk.fill();
+
+    let picture = vec![7u8; 3000];
+    let image = ImageUpdate::new("P00", "image/png", &picture)
+        .to_envelope(store.as_str())
+        .expect("envelope");
+    let (mut messages, last) = legacy_price_changes(&store, CHANGES);
+    messages.insert(
+        0,
+        (
+            format!("license.{store}.{}", ImageUpdate::TYPE),
+            serde_json::to_vec(&image).expect("encodes"),
+        ),
+    );
+    publish_raw_many(&messages).await;
+
+    let reason = wait_stalled(&mut terminal).await;
+    assert!(
+        reason.contains("full"),
+        "the reason names the full disk: {reason}"
+    );
+    eventually("no image file without a committed row", || {
+        std::fs::read_dir(images.path())
+            .expect("images dir")
+            .next()
+            .is_none()
+    })
+    .await;
+
+    std::fs::remove_file(filler).expect("free the space");
+    terminal.wait_applied(messages.len() as u64).await;
+    assert!(terminal.wait_for(Status::is_live).await, "Live again");
+    let db = terminal.db();
+    assert_prices(&db, &last);
+    let path: String = db
+        .query_row(
+            "SELECT path FROM product_images WHERE product_id = 'P00'",
+            [],
+            |row| row.get(0),
+        )
+        .expect("the image row committed");
+    assert_eq!(std::fs::read(&path).expect("its file"), picture);
+    assert_nothing_dead_lettered(&terminal).await;
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_older_than_the_stored_one_is_counted_as_stale_by_type() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("stale");
+    let mut terminal = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let change = |price: f64, timestamp: &str| {
+        let body = serde_json::json!({
+            "type": "price_update",
+            "license_key": store.as_str(),
+            "payload": {"product_id": "P1", "new_price": price},
+            "timestamp": timestamp,
+        });
+        (
+            format!("license.{store}.price_update"),
+            serde_json::to_vec(&body).expect("encodes"),
+        )
+    };
+    // A second back office whose clock runs ten minutes behind.
+    publish_raw_many(&[
+        change(5.0, "2026-12-01T10:10:00Z"),
+        change(4.0, "2026-12-01T10:00:00Z"),
+    ])
+    .await;
+    let counted = terminal
+        .wait_for(|s| s.stale_by_type.get("price_update") == Some(&1))
+        .await;
+    let status = terminal.status.borrow().clone();
+    assert!(counted, "one stale price_update counted: {status:?}");
+    assert_eq!(status.applied, 1, "the stale change is not counted as applied");
+    assert_eq!(product_price(&terminal.db(), "P1"), Some(5.0));
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn old_bookkeeping_is_pruned_while_the_terminal_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("prune");
+    let mut terminal = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    terminal
+        .db()
+        .execute_batch(
+            "INSERT INTO possync_applied (message_id, applied_at) VALUES ('long-ago', 0);
+             INSERT INTO possync_quarantine (received_at, routing_key, reason, body)
+                 VALUES (0, 'license.x.y', 'long ago', x'00');",
+        )
+        .expect("old rows");
+    let (changes, _) = catalog_changes(&store, 5, 3);
+    let publisher = Publisher::connect(&terminal_config(dir.path(), &store, "x").broker)
+        .await
+        .expect("publisher");
+    publisher.publish_envelopes(changes).await.expect("confirmed");
+    terminal.wait_applied(5).await;
+    eventually("old rows to be pruned", || {
+        let db = terminal.db();
+        count(&db, "SELECT count(*) FROM possync_applied WHERE applied_at = 0") == 0
+            && count(&db, "SELECT count(*) FROM possync_quarantine WHERE received_at = 0") == 0
+    })
+    .await;
+    assert_eq!(
+        count(&terminal.db(), "SELECT count(*) FROM possync_applied"),
+        5,
+        "recent ids are kept"
+    );
+    publisher.close().await;
+    terminal.stop().await;
+}
