@@ -23,6 +23,14 @@ fn delete(store: &str, id: &str) -> Envelope {
     )
 }
 
+fn stale(status: &possync_core::Status, message_type: &str) -> u64 {
+    status
+        .stale_by_type
+        .get(message_type)
+        .copied()
+        .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicates_stale_updates_and_late_updates_after_a_delete_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -66,11 +74,14 @@ async fn duplicates_stale_updates_and_late_updates_after_a_delete_change_nothing
         .publish_envelopes(sequence)
         .await
         .expect("confirmed");
-    terminal.wait_settled(9, 0).await;
-    eventually("the duplicate to be skipped", || {
-        terminal.status.borrow().duplicates == 1
-    })
-    .await;
+    let settled = terminal
+        .wait_for(|s| s.applied == 6 && s.duplicates == 1 && stale(s, "price_update") == 3)
+        .await;
+    let status = terminal.status.borrow().clone();
+    assert!(
+        settled,
+        "6 applied, 1 duplicate, 3 stale price updates: {status:?}"
+    );
 
     let db = terminal.db();
     assert_eq!(
@@ -109,7 +120,10 @@ async fn messages_without_version_or_id_are_ordered_by_their_timestamp() {
     publish_raw(&routing, legacy(2.0, "2025-11-27T10:30:00Z").as_bytes()).await;
     // Older: dropped.
     publish_raw(&routing, legacy(0.5, "2025-11-27T10:29:59Z").as_bytes()).await;
-    terminal.wait_settled(3, 0).await;
+    let settled = terminal
+        .wait_for(|s| s.applied == 2 && stale(s, "price_update") == 1)
+        .await;
+    assert!(settled, "two applied, the older one counted as stale");
     assert_eq!(product(&terminal.db(), "L").map(|p| p.1), Some(2.0));
     terminal.stop().await;
 }
