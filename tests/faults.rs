@@ -158,24 +158,7 @@ async fn stopping_and_starting_the_broker_mid_stream_the_terminal_recovers_and_c
 
 /// The status page as headless Chromium renders it.
 fn rendered_page(port: u16) -> String {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let output = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .expect("this test needs Chromium (Debian: apt-get install chromium); .ci/run installs it");
-    text(&output.stdout)
+    rendered_url(&format!("http://127.0.0.1:{port}/"), &[])
 }
 
 #[tokio::test(flavor = "multi_thread")]

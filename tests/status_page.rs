@@ -89,6 +89,28 @@ async fn the_status_page_is_off_by_default() {
     );
 }
 
+#[test]
+fn names_the_status_page_answers_for_are_set_in_the_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("terminal.toml");
+    std::fs::write(
+        &file,
+        "[status]\nenabled = true\nallowed_hosts = [\"till-3.store.lan\"]\n",
+    )
+    .expect("write config");
+    let config = possync_core::Config::load(Some(&file))
+        .expect("config")
+        .config;
+    assert_eq!(config.status.allowed_hosts, ["till-3.store.lan"]);
+    assert!(
+        possync_core::Config::default()
+            .status
+            .allowed_hosts
+            .is_empty(),
+        "none beyond localhost and IP addresses unless configured"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_counts_the_changes_waiting_in_the_queue() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -143,5 +165,35 @@ async fn the_status_counts_the_changes_waiting_in_the_queue() {
     })
     .await;
     publisher.close().await;
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_reads_the_page_by_address_but_not_through_a_name_pointed_at_it() {
+    // DNS rebinding: a web page on evil.example points its name at
+    // 127.0.0.1, and the browser then sends `Host: evil.example` to the
+    // terminal. The endpoint must tell it nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("rebind");
+    let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
+    let terminal = RunningTerminal::start(config).await;
+
+    let page = tokio::task::spawn_blocking(move || {
+        rendered_url(&format!("http://127.0.0.1:{port}/"), &[])
+    })
+    .await
+    .expect("chromium");
+    assert!(page.contains("id=\"badge\">Live sync<"), "{page}");
+
+    let rebound = tokio::task::spawn_blocking(move || {
+        rendered_url(
+            &format!("http://evil.example:{port}/status"),
+            &["--host-resolver-rules=MAP evil.example 127.0.0.1"],
+        )
+    })
+    .await
+    .expect("chromium");
+    assert!(rebound.contains("allowed_hosts"), "{rebound}");
+    assert!(!rebound.contains(store.as_str()), "{rebound}");
     terminal.stop().await;
 }

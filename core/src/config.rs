@@ -225,6 +225,14 @@ pub struct StatusConfig {
     pub address: std::net::IpAddr,
     /// The port.
     pub port: u16,
+    /// Names, besides `localhost` and IP addresses, that a request may give
+    /// in its `Host` header: a name the terminal has on the LAN
+    /// (`till-3.store.lan`, taken with the status port or without one), or a
+    /// `name:port` taken exactly (`localhost:8080` through an SSH tunnel).
+    /// A request for any other name is refused, so that a web page cannot
+    /// read the status through a name of its own pointed at this machine
+    /// (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for StatusConfig {
@@ -233,6 +241,7 @@ impl Default for StatusConfig {
             enabled: false,
             address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             port: 9464,
+            allowed_hosts: Vec::new(),
         }
     }
 }

@@ -135,3 +135,24 @@ pub(crate) fn status_not_recorded(reason: &str) {
 pub(crate) fn status_page(address: &str) {
     info!(event = "status_page", %address, "status page at http://{address}/ (also /status, /healthz, /metrics)");
 }
+
+/// Logged at warn when accepting starts failing (out of file descriptors,
+/// say), then quietly while it goes on.
+pub(crate) fn status_accept_failed(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(event = "status_accept_failed", %reason, retry_in_ms, "the status page cannot accept a connection: trying again");
+    } else {
+        debug!(event = "status_accept_failed", %reason, retry_in_ms, "the status page still cannot accept a connection");
+    }
+}
+
+/// Logged at warn the first time, then quietly: a web page trying to read
+/// the status through a name of its own (DNS rebinding) may try again and
+/// again. The reason quotes the host it named, escaped.
+pub(crate) fn status_request_refused(reason: &str, first: bool) {
+    if first {
+        warn!(event = "status_request_refused", %reason, "status page request refused");
+    } else {
+        debug!(event = "status_request_refused", %reason, "status page request refused");
+    }
+}

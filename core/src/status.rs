@@ -38,6 +38,10 @@ pub enum State {
 }
 
 impl State {
+    /// Every state's name, as [`State::name`] spells it: the `/metrics`
+    /// endpoint shows one series per state, so that a dashboard sees each.
+    pub const NAMES: [&'static str; 5] = ["connecting", "live", "offline", "stalled", "stopped"];
+
     /// The state's name, as `possync status`, `/status` and the logs spell it.
     pub fn name(&self) -> &'static str {
         match self {
@@ -248,5 +252,31 @@ pub(crate) fn process_exists(pid: i64) -> bool {
     } else {
         // Elsewhere we cannot tell cheaply; trust the stored state.
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::State;
+
+    #[test]
+    fn every_state_name_is_among_the_names_a_dashboard_sees() {
+        let every = [
+            State::Connecting,
+            State::Live { since: UNIX_EPOCH },
+            State::Offline {
+                since: UNIX_EPOCH,
+                reason: String::new(),
+            },
+            State::Stalled {
+                since: UNIX_EPOCH,
+                reason: String::new(),
+            },
+            State::Stopped,
+        ];
+        let names = every.map(|state| state.name());
+        assert_eq!(names, State::NAMES);
     }
 }

@@ -167,10 +167,14 @@ impl Terminal {
                 database: config.terminal.database.clone(),
                 plugins,
             };
-            server = Some(tokio::spawn(crate::status_server::serve(
+            let endpoint = crate::status_server::StatusServer::new(
                 listener,
-                Arc::new(view),
-            )));
+                view,
+                &config.status.allowed_hosts,
+                crate::status_server::Limits::default(),
+            )
+            .map_err(|source| TerminalError::StatusListen { address, source })?;
+            server = Some(tokio::spawn(endpoint.run()));
         }
         let reporter = Reporter {
             applier: &applier,

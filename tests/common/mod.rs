@@ -534,3 +534,27 @@ pub fn assert_demo_databases(dir: &Path) {
     assert_eq!(count(&db, "SELECT count(*) FROM products"), 2);
     assert_eq!(product(&db, "CAP"), None, "no cafe product");
 }
+
+/// `url` as headless Chromium renders it (the DOM after loading), with
+/// `flags` added to its command line.
+pub fn rendered_url(url: &str, flags: &[&str]) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let output = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("this test needs Chromium (Debian: apt-get install chromium); .ci/run installs it");
+    text(&output.stdout)
+}

@@ -1,0 +1,84 @@
+//! `/`: the page a store manager reads at a glance. It refreshes itself.
+
+use std::fmt::Write as _;
+
+use super::StatusView;
+use super::snapshot::{Snapshot, rfc3339};
+use crate::status::State;
+
+pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
+    let status = &snapshot.status;
+    let state = &status.state;
+    let since = state.since().map(rfc3339).unwrap_or_default();
+    let reason = escape_html(state.reason().unwrap_or(""));
+    let badge = match state {
+        State::Live { .. } => format!(
+            r#"<div class="badge live" id="badge">Live sync</div><p class="since">since {since}</p>"#
+        ),
+        State::Offline { .. } => format!(
+            r#"<div class="badge offline" id="badge">Offline since {since}</div><p class="since">{reason}</p>"#
+        ),
+        State::Stalled { .. } => format!(
+            r#"<div class="badge stalled" id="badge">Stalled since {since}</div><p class="since">{reason}</p>"#
+        ),
+        State::Connecting | State::Stopped => format!(
+            r#"<div class="badge offline" id="badge">{}</div>"#,
+            state.name().to_uppercase()
+        ),
+    };
+    let mut last = status.last_applied_at.map_or_else(
+        || "no change applied since start".to_owned(),
+        |t| format!("last change applied {}", rfc3339(t)),
+    );
+    match status.queue_depth {
+        Some(0) => last.push_str(" · nothing waiting in the queue"),
+        Some(1) => last.push_str(" · 1 change waiting in the queue"),
+        Some(depth) => {
+            let _ = write!(last, " · {depth} changes waiting in the queue");
+        }
+        None => {}
+    }
+    let mut counts = String::new();
+    for (message_type, count) in &status.applied_by_type {
+        let _ = write!(
+            counts,
+            "<tr><td>{}</td><td>{count}</td></tr>",
+            escape_html(message_type)
+        );
+    }
+    if counts.is_empty() {
+        counts.push_str("<tr><td colspan=2>none yet</td></tr>");
+    }
+    let mut problems = String::new();
+    for q in &snapshot.latest {
+        let _ = write!(
+            problems,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            escape_html(q.message_type.as_deref().unwrap_or("?")),
+            escape_html(&q.reason)
+        );
+    }
+    if problems.is_empty() {
+        problems.push_str("<tr><td colspan=2>none</td></tr>");
+    }
+    format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<title>possync: {license} {terminal}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}.badge{{display:inline-block;padding:.6em 1.2em;border-radius:1.5em;font-size:1.6em;font-weight:600;color:#fff}}
+.live{{background:#1f9d55}}.offline{{background:#e07b00}}.stalled{{background:#c0392b}}.since{{color:#555}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em 1em .3em 0;text-align:left}}</style>
+</head><body><h1>Store {license} · terminal {terminal}</h1>{badge}<p>{last}</p>
+<h2>Changes applied since start</h2><table><tr><th>type</th><th>count</th></tr>{counts}</table>
+<h2>Messages that could not apply ({total} kept)</h2><table><tr><th>type</th><th>reason</th></tr>{problems}</table>
+<p class="since">This page refreshes every 2 seconds. JSON at <a href="/status">/status</a>, metrics at <a href="/metrics">/metrics</a>.</p></body></html>"#,
+        license = escape_html(&view.license_key),
+        terminal = escape_html(&view.terminal_id),
+        total = snapshot.quarantine_total,
+    )
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,58 @@
+//! What `/` and `/status` show, read once per request: the terminal's
+//! status, and the messages that could not apply, from its database.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::StatusView;
+use crate::status::Status;
+use crate::store::{Database, Quarantined};
+
+/// How many of the latest messages that could not apply are shown.
+const LATEST: usize = 10;
+
+#[derive(Debug)]
+pub(super) struct Snapshot {
+    pub(super) status: Status,
+    /// Rows in the quarantine table.
+    pub(super) quarantine_total: usize,
+    /// The latest of them.
+    pub(super) latest: Vec<Quarantined>,
+}
+
+impl Snapshot {
+    /// Reads the database, so it blocks: call it off the async runtime.
+    pub(super) fn take(view: &StatusView) -> Self {
+        let status = view.status.borrow().clone();
+        // The terminal writes the database; a read-only look does not disturb it.
+        let Ok(database) = Database::open_read_only(&view.database) else {
+            return Self {
+                status,
+                quarantine_total: 0,
+                latest: Vec::new(),
+            };
+        };
+        let quarantine_total = database
+            .status_record()
+            .ok()
+            .flatten()
+            .map_or(0, |s| usize::try_from(s.quarantine_rows).unwrap_or(0));
+        Self {
+            status,
+            quarantine_total,
+            latest: database.quarantined(LATEST).unwrap_or_default(),
+        }
+    }
+}
+
+/// `time` as RFC 3339 in UTC, to the second.
+pub(super) fn rfc3339(time: SystemTime) -> String {
+    let nanos = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::try_from(nanos).unwrap_or(0))
+        .ok()
+        .and_then(|t| t.replace_nanosecond(0).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
