@@ -214,6 +214,57 @@ async fn images_are_written_whole_and_bad_ones_never_reach_the_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_picture_two_products_share_survives_one_of_them_moving_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("shared");
+    let config = with_plugins(dir.path(), &store);
+    let terminal = RunningTerminal::start(config.clone()).await;
+    let topology = terminal.topology.clone();
+    terminal.stop().await;
+    let first: Vec<u8> = vec![1; 1000];
+    let second: Vec<u8> = vec![2; 1000];
+    let messages = [
+        ImageUpdate::new("CAP", "image/png", &first),
+        // CAP moves on to another picture while LAT takes the first one:
+        // waiting in the queue together, these usually apply in one batch.
+        ImageUpdate::new("CAP", "image/png", &second),
+        ImageUpdate::new("LAT", "image/png", &first),
+    ];
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    for message in &messages {
+        publisher
+            .publish(&[store.clone()], message)
+            .await
+            .expect("confirmed");
+    }
+    assert_eq!(queue_depth(&topology.queue).await, 3);
+    let mut terminal = RunningTerminal::start(config).await;
+    terminal.wait_applied(3).await;
+
+    let db = terminal.db();
+    for (product, picture) in [("CAP", &second), ("LAT", &first)] {
+        let path: String = db
+            .query_row(
+                "SELECT path FROM product_images WHERE product_id = ?1",
+                [product],
+                |row| row.get(0),
+            )
+            .expect("image row");
+        assert_eq!(
+            &std::fs::read(&path).expect("the file a row refers to exists"),
+            picture,
+            "{product}"
+        );
+    }
+    let files = std::fs::read_dir(dir.path().join("images"))
+        .expect("images dir")
+        .count();
+    assert_eq!(files, 2, "one file per picture, no orphan");
+    publisher.close().await;
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_cli_publishes_new_types_raw_and_lists_loaded_plugins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("raw");

@@ -129,7 +129,10 @@ async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applie
 
     let (changes, model) = catalog_changes(&store, 50, 7);
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     first.wait_applied(50).await;
     assert_matches_model(&first.db(), &model);
     assert!(first.status.borrow().is_live());
@@ -167,7 +170,10 @@ async fn stream_while_the_pos_app_holds_the_lock(queue_type: QueueType) {
     publish_raw_many(&messages).await;
 
     let reason = wait_stalled(&mut terminal).await;
-    assert!(reason.contains("locked"), "the reason names the lock: {reason}");
+    assert!(
+        reason.contains("locked"),
+        "the reason names the lock: {reason}"
+    );
     assert_eq!(
         product_price(&terminal.db(), "P00"),
         None,
@@ -259,25 +265,36 @@ async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_return
         ),
     );
     let mut terminal = RunningTerminal::start(config).await;
+    let image = |product: &str, picture: &[u8]| {
+        let envelope = ImageUpdate::new(product, "image/png", picture)
+            .to_envelope(store.as_str())
+            .expect("envelope");
+        (
+            format!("license.{store}.{}", ImageUpdate::TYPE),
+            serde_json::to_vec(&envelope).expect("encodes"),
+        )
+    };
+    let (before, after, new) = (vec![1u8; 3000], vec![2u8; 3000], vec![3u8; 3000]);
+    publish_raw_many(&[image("P01", &before)]).await;
+    terminal.wait_applied(1).await;
+    let files = || -> Vec<Vec<u8>> {
+        let mut files: Vec<Vec<u8>> = std::fs::read_dir(images.path())
+            .expect("images dir")
+            .map(|entry| std::fs::read(entry.expect("entry").path()).unwrap_or_default())
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(files(), [before.clone()]);
+
     // Every commit must now grow the write-ahead log.
     terminal
         .db()
         .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
         .expect("checkpoint");
     let filler = disk.fill();
-
-    let picture = vec![7u8; 3000];
-    let image = ImageUpdate::new("P00", "image/png", &picture)
-        .to_envelope(store.as_str())
-        .expect("envelope");
     let (mut messages, last) = legacy_price_changes(&store, CHANGES);
-    messages.insert(
-        0,
-        (
-            format!("license.{store}.{}", ImageUpdate::TYPE),
-            serde_json::to_vec(&image).expect("encodes"),
-        ),
-    );
+    messages.splice(0..0, [image("P00", &new), image("P01", &after)]);
     publish_raw_many(&messages).await;
 
     let reason = wait_stalled(&mut terminal).await;
@@ -285,27 +302,33 @@ async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_return
         reason.contains("full"),
         "the reason names the full disk: {reason}"
     );
-    eventually("no image file without a committed row", || {
-        std::fs::read_dir(images.path())
-            .expect("images dir")
-            .next()
-            .is_none()
+    // Each try writes the new pictures and removes them again when its
+    // commit fails; the picture P01 still shows is never removed.
+    eventually("the files of the committed rows only", || {
+        files() == [before.clone()]
     })
     .await;
 
     std::fs::remove_file(filler).expect("free the space");
-    terminal.wait_applied(messages.len() as u64).await;
+    terminal.wait_applied(1 + messages.len() as u64).await;
     assert!(terminal.wait_for(Status::is_live).await, "Live again");
     let db = terminal.db();
     assert_prices(&db, &last);
-    let path: String = db
-        .query_row(
-            "SELECT path FROM product_images WHERE product_id = 'P00'",
-            [],
-            |row| row.get(0),
-        )
-        .expect("the image row committed");
-    assert_eq!(std::fs::read(&path).expect("its file"), picture);
+    for (product, picture) in [("P00", &new), ("P01", &after)] {
+        let path: String = db
+            .query_row(
+                "SELECT path FROM product_images WHERE product_id = ?1",
+                [product],
+                |row| row.get(0),
+            )
+            .expect("the image row committed");
+        assert_eq!(&std::fs::read(&path).expect("its file"), picture);
+    }
+    assert_eq!(
+        files(),
+        [before, after, new][1..].to_vec(),
+        "the picture no row refers to any more is removed after the commit"
+    );
     assert_nothing_dead_lettered(&terminal).await;
     terminal.stop().await;
 }
@@ -338,7 +361,10 @@ async fn a_change_older_than_the_stored_one_is_counted_as_stale_by_type() {
         .await;
     let status = terminal.status.borrow().clone();
     assert!(counted, "one stale price_update counted: {status:?}");
-    assert_eq!(status.applied, 1, "the stale change is not counted as applied");
+    assert_eq!(
+        status.applied, 1,
+        "the stale change is not counted as applied"
+    );
     assert_eq!(product_price(&terminal.db(), "P1"), Some(5.0));
     terminal.stop().await;
 }
@@ -360,12 +386,21 @@ async fn old_bookkeeping_is_pruned_while_the_terminal_runs() {
     let publisher = Publisher::connect(&terminal_config(dir.path(), &store, "x").broker)
         .await
         .expect("publisher");
-    publisher.publish_envelopes(changes).await.expect("confirmed");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
     terminal.wait_applied(5).await;
     eventually("old rows to be pruned", || {
         let db = terminal.db();
-        count(&db, "SELECT count(*) FROM possync_applied WHERE applied_at = 0") == 0
-            && count(&db, "SELECT count(*) FROM possync_quarantine WHERE received_at = 0") == 0
+        count(
+            &db,
+            "SELECT count(*) FROM possync_applied WHERE applied_at = 0",
+        ) == 0
+            && count(
+                &db,
+                "SELECT count(*) FROM possync_quarantine WHERE received_at = 0",
+            ) == 0
     })
     .await;
     assert_eq!(

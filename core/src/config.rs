@@ -461,6 +461,12 @@ impl Config {
                 problem: "must be at least 1",
             });
         }
+        if self.terminal.quarantine_max_rows == 0 || self.terminal.quarantine_max_days == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "terminal.quarantine_max_rows and terminal.quarantine_max_days",
+                problem: "must be at least 1: the quarantine table is where an operator reads why a message was dead-lettered",
+            });
+        }
         if self.broker.urls.is_empty() {
             return Err(ConfigError::OutOfRange {
                 key: "broker.url",

@@ -251,7 +251,9 @@ fn running_check(config: &Config, consumers: u32) -> Check {
     match here {
         Some(pid) => Check::pass(
             NAME,
-            format!("running here as process {pid}; a second process as this terminal would be refused"),
+            format!(
+                "running here as process {pid}; a second process as this terminal would be refused"
+            ),
         ),
         None => Check::fail(
             NAME,

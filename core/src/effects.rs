@@ -75,7 +75,10 @@ mod tests {
 
     use super::*;
 
-    fn recorder() -> (Arc<Mutex<Vec<&'static str>>>, impl Fn(&'static str) -> Effect) {
+    fn recorder() -> (
+        Arc<Mutex<Vec<&'static str>>>,
+        impl Fn(&'static str) -> Effect,
+    ) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let make = {
             let log = Arc::clone(&log);

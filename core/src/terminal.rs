@@ -389,7 +389,14 @@ async fn consume(
             Ok(Applied { outcomes, tally }) => {
                 if let Some(cleared) = stall.take() {
                     events::stall_cleared(cleared.since.elapsed().as_millis(), cleared.attempts);
-                    reporter.set(State::Live { since: SystemTime::now() }, None).await;
+                    reporter
+                        .set(
+                            State::Live {
+                                since: SystemTime::now(),
+                            },
+                            None,
+                        )
+                        .await;
                 }
                 crate::failpoint::after_commit().await;
                 events::batch_applied(size, tally.applied, started.elapsed().as_millis());
@@ -413,7 +420,8 @@ async fn consume(
                 match (retry, held.first()) {
                     (Some(reason), Some(first)) => {
                         handler_retries += 1;
-                        let delay = crate::backoff::delay(handler_retries, crate::backoff::HANDLER_RETRY);
+                        let delay =
+                            crate::backoff::delay(handler_retries, crate::backoff::HANDLER_RETRY);
                         events::message_retry(&first.routing_key, &reason, delay.as_millis());
                         Some(delay)
                     }
@@ -434,7 +442,13 @@ async fn consume(
                 if first || stalled.reason != reason {
                     stalled.reason.clone_from(&reason);
                     reporter
-                        .set(State::Stalled { since: stalled.at, reason }, None)
+                        .set(
+                            State::Stalled {
+                                since: stalled.at,
+                                reason,
+                            },
+                            None,
+                        )
                         .await;
                 }
                 Some(delay)

@@ -463,6 +463,49 @@ mod tests {
     }
 
     #[test]
+    fn the_quarantine_keeps_a_bounded_body_with_the_size_and_hash_of_the_whole() {
+        let (_dir, mut database) = database();
+        let body = vec![b'x'; crate::store::QUARANTINE_BODY_BYTES * 3];
+        let mut transaction = database.begin().expect("begins");
+        let message = Quarantined::new("license.K.t", Some("t"), None, "why".into(), &body);
+        transaction
+            .record_quarantined(&message, 10)
+            .expect("records");
+        transaction.commit().expect("commits");
+        let kept = database.quarantined(10).expect("reads");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].body.len(), crate::store::QUARANTINE_BODY_BYTES);
+        assert_eq!(kept[0].body_bytes, body.len() as u64);
+        assert_eq!(kept[0].body_sha256.len(), 64, "{}", kept[0].body_sha256);
+        let small = Quarantined::new("license.K.t", None, None, "why".into(), b"abc");
+        assert_eq!(
+            small.body_sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(small.body, b"abc");
+    }
+
+    #[test]
+    fn the_quarantine_forgets_its_oldest_rows_beyond_the_bound() {
+        let (_dir, mut database) = database();
+        let mut transaction = database.begin().expect("begins");
+        for i in 0..7 {
+            let message = Quarantined::new("license.K.t", None, None, format!("reason {i}"), b"{}");
+            transaction
+                .record_quarantined(&message, 3)
+                .expect("records");
+        }
+        transaction.commit().expect("commits");
+        let reasons: Vec<String> = database
+            .quarantined(100)
+            .expect("reads")
+            .into_iter()
+            .map(|q| q.reason)
+            .collect();
+        assert_eq!(reasons, ["reason 6", "reason 5", "reason 4"]);
+    }
+
+    #[test]
     fn a_handler_may_use_its_store_from_a_thread_of_its_own() {
         let (_dir, mut database) = database();
         let mut transaction = database.begin().expect("begins");

@@ -80,7 +80,9 @@ struct Removals(Arc<Mutex<HashSet<String>>>);
 impl Removals {
     fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         // A panic while holding the lock leaves a plain set behind: still usable.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Removes `path` after the commit, unless something refers to it again by then.
