@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use possync_core::{LicenseKey, Publisher, QueueType, State, Status};
+use possync_core::{Delivery, LicenseKey, Publisher, QueueType, State, Status};
 use possync_product_images_types::ImageUpdate;
 use possync_sdk::WireMessage;
 
@@ -73,16 +73,18 @@ async fn assert_nothing_dead_lettered(terminal: &RunningTerminal) {
     assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applies_everything() {
+async fn twin_is_refused(delivery: Delivery) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("twin");
-    let config = terminal_config(dir.path(), &store, "till-1");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.terminal.delivery = delivery;
+    let delivery_name = format!("{delivery:?}").to_lowercase();
     let mut first = RunningTerminal::start(config.clone()).await;
 
     // A cloned disk: same store and terminal id, its own database file.
     let clone_db = dir.path().join("clone.db");
     let mut twin = possync_command(&["terminal"])
+        .env("POSSYNC_TERMINAL__DELIVERY", &delivery_name)
         .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
         .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
         .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
@@ -114,6 +116,11 @@ async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applie
         "no password in the message: {said}"
     );
 
+    if delivery == Delivery::Transient {
+        // The queue of a transient terminal is its connection's own; doctor
+        // cannot look into it from another connection.
+        return finish_twin(first, &config, &store).await;
+    }
     let doctor = possync_command(&["doctor"])
         .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
         .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
@@ -126,8 +133,16 @@ async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applie
         report.contains("another process is already running as this terminal"),
         "doctor on the clone says so: {report}"
     );
+    finish_twin(first, &config, &store).await;
+}
 
-    let (changes, model) = catalog_changes(&store, 50, 7);
+/// The first terminal still gets every change.
+async fn finish_twin(
+    mut first: RunningTerminal,
+    config: &possync_core::Config,
+    store: &LicenseKey,
+) {
+    let (changes, model) = catalog_changes(store, 50, 7);
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     publisher
         .publish_envelopes(changes)
@@ -138,6 +153,16 @@ async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applie
     assert!(first.status.borrow().is_live());
     publisher.close().await;
     first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applies_everything() {
+    twin_is_refused(Delivery::Durable).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_transient_process_with_the_same_identity_is_refused_too() {
+    twin_is_refused(Delivery::Transient).await;
 }
 
 /// Holds the database's write lock, as a POS app in a long transaction does.

@@ -104,16 +104,25 @@ impl Inbox {
     }
 }
 
-/// The broker's refusal of a second consumer, as the operator needs to read it.
+/// The broker's refusal of a second consumer (or, in transient mode, of a
+/// second declaration of the connection's own queue), as the operator
+/// needs to read it.
 fn already_running(err: BrokerError, topology: &TerminalTopology) -> BrokerError {
-    match err {
-        BrokerError::AccessRefused { detail, .. } if detail.contains("exclusive") => {
-            events::already_running(&topology.queue);
-            BrokerError::AlreadyRunning {
-                queue: topology.queue.clone(),
-            }
-        }
-        other => other,
+    let refused = match &err {
+        BrokerError::AccessRefused { detail, .. } => detail.contains("exclusive"),
+        BrokerError::Protocol { source, .. } => matches!(
+            source.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if amqp.kind() == &lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::RESOURCELOCKED)
+        ),
+        _ => false,
+    };
+    if !refused {
+        return err;
+    }
+    events::already_running(&topology.queue);
+    BrokerError::AlreadyRunning {
+        queue: topology.queue.clone(),
     }
 }
 
@@ -150,7 +159,8 @@ impl Subscription {
                 url,
                 topology.declare(&channel),
             )
-            .await?;
+            .await
+            .map_err(|err| already_running(err, topology))?;
         }
         connection::within(
             timeout,
