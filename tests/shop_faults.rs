@@ -392,6 +392,20 @@ async fn a_change_older_than_the_stored_one_is_counted_as_stale_by_type() {
     );
     assert_eq!(product_price(&terminal.db(), "P1"), Some(5.0));
     terminal.stop().await;
+    let shown = possync_command(&["status"])
+        .env(
+            "POSSYNC_TERMINAL__DATABASE",
+            &terminal_config(dir.path(), &store, "till-1")
+                .terminal
+                .database,
+        )
+        .output()
+        .expect("status");
+    let shown = text(&shown.stdout);
+    assert!(
+        shown.contains("stale         1 changes older"),
+        "possync status counts it: {shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

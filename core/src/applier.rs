@@ -148,6 +148,7 @@ impl Progress {
         let mut counts = self.counts.clone();
         counts.applied += tally.applied;
         counts.quarantined += tally.quarantined;
+        counts.stale += tally.stale_by_type.iter().map(|(_, n)| n).sum::<u64>();
         if tally.applied > 0 {
             counts.last_applied_ms = Some(unix_now_ms());
         }

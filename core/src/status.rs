@@ -213,6 +213,12 @@ impl StatusReport {
             "applied       {} messages; {} quarantined ({} kept in possync_quarantine)\n",
             stored.applied_total, stored.quarantined_total, stored.quarantine_rows
         ));
+        if stored.stale_total > 0 {
+            text.push_str(&format!(
+                "stale         {} changes older than what the database held, not applied (a publisher's clock behind? by type in /status)\n",
+                stored.stale_total
+            ));
+        }
         Self { live, text }
     }
 }

@@ -49,12 +49,18 @@ const BOOKKEEPING: &str = "
     );";
 
 /// Changes to possync's own tables, run like the plugins' migrations.
-const BOOKKEEPING_MIGRATIONS: &[Migration] = &[Migration::new(
-    "possync/quarantine-digest",
-    "ALTER TABLE possync_quarantine ADD COLUMN body_bytes INTEGER;
+const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
+    Migration::new(
+        "possync/quarantine-digest",
+        "ALTER TABLE possync_quarantine ADD COLUMN body_bytes INTEGER;
      ALTER TABLE possync_quarantine ADD COLUMN body_sha256 TEXT;
      CREATE INDEX IF NOT EXISTS possync_quarantine_received ON possync_quarantine (received_at);",
-)];
+    ),
+    Migration::new(
+        "possync/stale-total",
+        "ALTER TABLE possync_status ADD COLUMN stale_total INTEGER NOT NULL DEFAULT 0;",
+    ),
+];
 
 /// How much of a quarantined body is kept: enough to read what went wrong,
 /// not enough for a flood of large messages to fill the disk.
@@ -159,6 +165,9 @@ pub struct StoredStatus {
     pub applied_total: i64,
     /// Messages dead-lettered, all time.
     pub quarantined_total: i64,
+    /// Messages that changed nothing because their entity held a newer
+    /// change, all time.
+    pub stale_total: i64,
     /// When the last message was applied (ms since the epoch).
     pub last_applied_ms: Option<i64>,
     /// The type of the last message applied.
@@ -336,31 +345,39 @@ impl Database {
 
     /// What `possync status` shows, if the terminal ever ran on this database.
     pub fn status_record(&self) -> Result<Option<StoredStatus>, DatabaseError> {
+        // A database the terminal has not opened since an upgrade lacks
+        // the newer columns; `possync status` reads it all the same.
+        let has_stale_total: bool = self.connection.query_row(
+            "SELECT count(*) FROM pragma_table_info('possync_status') WHERE name = 'stale_total'",
+            [],
+            |row| row.get(0),
+        )?;
+        let stale_total = if has_stale_total { "stale_total" } else { "0" };
+        let sql = format!(
+            "SELECT license_key, terminal_id, state, since_ms, reason, broker, pid, applied_total,
+                    quarantined_total, last_applied_ms, last_message_type,
+                    (SELECT count(*) FROM possync_quarantine), {stale_total}
+             FROM possync_status WHERE id = 1"
+        );
         Ok(self
             .connection
-            .query_row(
-                "SELECT license_key, terminal_id, state, since_ms, reason, broker, pid, applied_total,
-                        quarantined_total, last_applied_ms, last_message_type,
-                        (SELECT count(*) FROM possync_quarantine)
-                 FROM possync_status WHERE id = 1",
-                [],
-                |row| {
-                    Ok(StoredStatus {
-                        license_key: row.get(0)?,
-                        terminal_id: row.get(1)?,
-                        state: row.get(2)?,
-                        since_ms: row.get(3)?,
-                        reason: row.get(4)?,
-                        broker: row.get(5)?,
-                        pid: row.get(6)?,
-                        applied_total: row.get(7)?,
-                        quarantined_total: row.get(8)?,
-                        last_applied_ms: row.get(9)?,
-                        last_message_type: row.get(10)?,
-                        quarantine_rows: row.get(11)?,
-                    })
-                },
-            )
+            .query_row(&sql, [], |row| {
+                Ok(StoredStatus {
+                    license_key: row.get(0)?,
+                    terminal_id: row.get(1)?,
+                    state: row.get(2)?,
+                    since_ms: row.get(3)?,
+                    reason: row.get(4)?,
+                    broker: row.get(5)?,
+                    pid: row.get(6)?,
+                    applied_total: row.get(7)?,
+                    quarantined_total: row.get(8)?,
+                    last_applied_ms: row.get(9)?,
+                    last_message_type: row.get(10)?,
+                    quarantine_rows: row.get(11)?,
+                    stale_total: row.get(12)?,
+                })
+            })
             .optional()?)
     }
 
@@ -375,6 +392,7 @@ impl Database {
 pub(crate) struct ProgressRecord {
     pub(crate) applied: u64,
     pub(crate) quarantined: u64,
+    pub(crate) stale: u64,
     pub(crate) last_applied_ms: Option<i64>,
     pub(crate) last_type: Option<String>,
 }
@@ -382,7 +400,7 @@ pub(crate) struct ProgressRecord {
 impl ProgressRecord {
     /// Nothing to add.
     fn is_empty(&self) -> bool {
-        self.applied == 0 && self.quarantined == 0
+        self.applied == 0 && self.quarantined == 0 && self.stale == 0
     }
 }
 
@@ -396,6 +414,7 @@ pub(crate) fn add_progress(
     }
     let mut statement = connection.prepare_cached(
         "UPDATE possync_status SET applied_total = applied_total + ?1, quarantined_total = quarantined_total + ?2,
+             stale_total = stale_total + ?5,
              last_applied_ms = coalesce(?3, last_applied_ms),
              last_message_type = coalesce(?4, last_message_type)
          WHERE id = 1",
@@ -404,7 +423,8 @@ pub(crate) fn add_progress(
         i64::try_from(counts.applied).unwrap_or(i64::MAX),
         i64::try_from(counts.quarantined).unwrap_or(i64::MAX),
         counts.last_applied_ms,
-        counts.last_type
+        counts.last_type,
+        i64::try_from(counts.stale).unwrap_or(i64::MAX)
     ])?;
     Ok(())
 }
