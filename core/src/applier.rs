@@ -262,9 +262,6 @@ impl Applier {
                 let result = self.apply(&batch);
                 // The receiver is gone only when the terminal stopped waiting; nothing to tell.
                 let _ = reply.send((batch, result));
-                if self.pruned_at.elapsed() >= PRUNE_EVERY {
-                    self.prune();
-                }
             }
             Job::RecordState(record) => self.record_state(&record),
             Job::FlushProgress => {
@@ -313,6 +310,9 @@ impl Applier {
     /// per message; only if a handler fails does it run again with them, so
     /// that the failure undoes that one message's writes.
     pub(crate) fn apply(&mut self, batch: &[Inbound]) -> Result<Applied, BatchError> {
+        if self.pruned_at.elapsed() >= PRUNE_EVERY {
+            self.prune();
+        }
         if let Some(applied) = self.run(batch, false)? {
             return Ok(applied);
         }

@@ -75,7 +75,7 @@ pub enum BrokerError {
     /// Another process consumes this terminal's queue: a second copy of the
     /// terminal (a cloned disk, a copied config).
     #[error(
-        "another process is already running as this terminal: the broker refused a second consumer on queue {queue}. Stop the other process, or give this one its own terminal.terminal_id. (If the other one just lost power, the broker notices within two heartbeats and then lets this one in.)"
+        "another process is already running as this terminal: the broker refused a second consumer on queue {queue}. Stop the other process, or give this one its own terminal.terminal_id. (A till that just lost power may still hold the queue: the broker drops it within three minutes, and a terminal starting meanwhile keeps trying that long before it gives up.)"
     )]
     AlreadyRunning {
         /// The terminal's queue.

@@ -245,7 +245,8 @@ fn running_check(config: &Config, consumers: u32) -> Check {
         .and_then(|db| db.status_record())
         .ok()
         .flatten()
-        .filter(|status| status.state != "stopped")
+        // Only a live (or stalled) terminal holds the queue's consumer.
+        .filter(|status| matches!(status.state.as_str(), "live" | "stalled"))
         .and_then(|status| status.pid)
         .filter(|pid| crate::status::process_exists(*pid));
     match here {

@@ -156,3 +156,14 @@ pub(crate) fn status_request_refused(reason: &str, first: bool) {
         debug!(event = "status_request_refused", %reason, "status page request refused");
     }
 }
+
+pub(crate) fn database_locked_at_start() {
+    warn!(
+        event = "database_locked_at_start",
+        "the database is locked by another program (the POS app?); waiting for it, up to 2 minutes"
+    );
+}
+
+pub(crate) fn startup_prune_failed(reason: &str) {
+    warn!(event = "startup_prune_failed", %reason, "could not prune old message ids at start; the running terminal tries again");
+}

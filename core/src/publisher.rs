@@ -508,7 +508,7 @@ impl Reconnects {
 
     fn next_delay(&mut self) -> Duration {
         self.attempt += 1;
-        crate::backoff::delay(self.attempt, crate::backoff::RECONNECT)
+        crate::backoff::RECONNECT.delay(self.attempt)
     }
 }
 

@@ -62,6 +62,10 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     ),
 ];
 
+/// How long a batch waits for another program's lock before the terminal
+/// says Stalled: longer than a POS app's own short writes.
+const BATCH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How much of a quarantined body is kept: enough to read what went wrong,
 /// not enough for a flood of large messages to fill the disk.
 pub(crate) const QUARANTINE_BODY_BYTES: usize = 64 * 1024;
@@ -180,6 +184,7 @@ pub struct StoredStatus {
 #[derive(Debug)]
 pub struct Database {
     connection: Connection,
+    path: PathBuf,
 }
 
 impl Database {
@@ -195,10 +200,7 @@ impl Database {
             path: path.to_owned(),
             source,
         })?;
-        // A POS app's own writes are short; a lock held longer stalls the
-        // batch, which the terminal shows and retries, instead of waiting
-        // here unseen.
-        connection.busy_timeout(std::time::Duration::from_secs(3))?;
+        connection.busy_handler(Some(wait_for_lock_patiently))?;
         // WAL lets the POS app read while we write. synchronous=FULL because
         // the broker ack follows the commit: with NORMAL the last commits may
         // vanish on power loss after their messages were acked, which is a
@@ -207,9 +209,19 @@ impl Database {
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.set_prepared_statement_cache_capacity(128);
         connection.execute_batch(BOOKKEEPING)?;
-        let mut database = Self { connection };
+        let mut database = Self {
+            connection,
+            path: path.to_owned(),
+        };
         database.migrate(BOOKKEEPING_MIGRATIONS)?;
         Ok(database)
+    }
+
+    /// From now on a lock held longer than a POS app's own short writes
+    /// fails the batch at once, which the terminal shows (Stalled) and
+    /// retries, instead of waiting inside SQLite unseen.
+    pub(crate) fn wait_briefly_for_locks(&self) -> Result<(), DatabaseError> {
+        Ok(self.connection.busy_timeout(BATCH_LOCK_WAIT)?)
     }
 
     /// Opens an existing database read-only, to look at it while a terminal may run.
@@ -222,7 +234,10 @@ impl Database {
                 },
             )?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Self { connection })
+        Ok(Self {
+            connection,
+            path: path.to_owned(),
+        })
     }
 
     /// Runs each migration not yet recorded, in order, each in its own
@@ -305,9 +320,13 @@ impl Database {
         Transaction::begin(&mut self.connection)
     }
 
-    /// Records a state change for `possync status`.
+    /// Records a state change for `possync status`, without waiting for a
+    /// lock: the database may be the very thing that is stuck (a Stalled
+    /// terminal). What it cannot record goes to a small file beside it,
+    /// which `possync status` reads too, until a later state is recorded.
     pub(crate) fn record_state(&mut self, record: &StateRecord) -> Result<(), rusqlite::Error> {
-        self.connection.execute(
+        self.connection.busy_timeout(std::time::Duration::ZERO)?;
+        let recorded = self.connection.execute(
             "INSERT INTO possync_status (id, license_key, terminal_id, state, since_ms, reason, broker, pid)
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (id) DO UPDATE SET license_key = excluded.license_key, terminal_id = excluded.terminal_id,
@@ -322,8 +341,49 @@ impl Database {
                 record.broker,
                 std::process::id()
             ],
-        )?;
-        Ok(())
+        );
+        self.connection.busy_timeout(BATCH_LOCK_WAIT)?;
+        let aside = state_file(&self.path);
+        match recorded {
+            Ok(_) => {
+                if let Err(err) = std::fs::remove_file(&aside)
+                    && err.kind() != std::io::ErrorKind::NotFound
+                {
+                    crate::events::status_not_recorded(&format!("{}: {err}", aside.display()));
+                }
+                Ok(())
+            }
+            Err(err) => {
+                let kept = serde_json::json!({
+                    "state": record.state,
+                    "since_ms": record.since_ms,
+                    "reason": record.reason,
+                    "pid": std::process::id(),
+                });
+                let temporary = aside.with_extension("tmp");
+                let written = std::fs::write(&temporary, kept.to_string())
+                    .and_then(|()| std::fs::rename(&temporary, &aside));
+                if let Err(io) = written {
+                    crate::events::status_not_recorded(&format!("{}: {io}", aside.display()));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// The state a terminal could not record in the database, if it is newer.
+    fn state_aside(&self, recorded_since_ms: i64) -> Option<(String, i64, Option<String>, i64)> {
+        let text = std::fs::read_to_string(state_file(&self.path)).ok()?;
+        let kept: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let since_ms = kept["since_ms"].as_i64()?;
+        (since_ms >= recorded_since_ms).then(|| {
+            (
+                kept["state"].as_str().unwrap_or("unknown").to_owned(),
+                since_ms,
+                kept["reason"].as_str().map(str::to_owned),
+                kept["pid"].as_i64().unwrap_or_default(),
+            )
+        })
     }
 
     /// Adds to the counters `possync status` shows, without waiting for
@@ -336,11 +396,14 @@ impl Database {
         if counts.is_empty() {
             return Ok(());
         }
+        // Nor for a lock: the counters can wait for the next chance.
+        self.connection.busy_timeout(std::time::Duration::ZERO)?;
         self.connection
             .pragma_update(None, "synchronous", "NORMAL")?;
         let written = add_progress(&self.connection, counts);
         let restored = self.connection.pragma_update(None, "synchronous", "FULL");
-        written.and(restored)
+        let waiting = self.connection.busy_timeout(BATCH_LOCK_WAIT);
+        written.and(restored).and(waiting)
     }
 
     /// What `possync status` shows, if the terminal ever ran on this database.
@@ -378,7 +441,16 @@ impl Database {
                     stale_total: row.get(12)?,
                 })
             })
-            .optional()?)
+            .optional()?
+            .map(|mut stored| {
+                if let Some((state, since_ms, reason, pid)) = self.state_aside(stored.since_ms) {
+                    stored.state = state;
+                    stored.since_ms = since_ms;
+                    stored.reason = reason;
+                    stored.pid = Some(pid);
+                }
+                stored
+            }))
     }
 
     #[cfg(test)]
@@ -427,6 +499,27 @@ pub(crate) fn add_progress(
         i64::try_from(counts.stale).unwrap_or(i64::MAX)
     ])?;
     Ok(())
+}
+
+/// Where a state the database could not take is kept: beside it, named
+/// like SQLite's own `-wal` and `-shm` files.
+fn state_file(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-possync-state");
+    PathBuf::from(name)
+}
+
+/// While a database opens and migrates, nothing else can happen: wait for
+/// another program's lock for up to two minutes, saying so after a second.
+fn wait_for_lock_patiently(retries: i32) -> bool {
+    const STEP: std::time::Duration = std::time::Duration::from_millis(50);
+    const SAY_AFTER: i32 = 20;
+    const GIVE_UP_AFTER: i32 = 2400;
+    if retries == SAY_AFTER {
+        crate::events::database_locked_at_start();
+    }
+    std::thread::sleep(STEP);
+    retries < GIVE_UP_AFTER
 }
 
 /// Milliseconds since the Unix epoch.

@@ -58,6 +58,11 @@ pub struct Terminal {
 /// How often a live terminal counts the messages waiting in its queue.
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 
+/// How long a terminal that has not been live yet keeps trying while another
+/// consumer holds its queue, before it gives up: three of RabbitMQ's default
+/// 60 s heartbeats, after which the broker has dropped a dead connection.
+const ALREADY_RUNNING_GRACE: Duration = Duration::from_secs(180);
+
 /// What the status shows as the broker of an in-process terminal.
 const IN_PROCESS: &str = "in-process (no broker)";
 
@@ -84,7 +89,12 @@ impl Terminal {
         let mut database = Database::open(&config.terminal.database)?;
         let ran = database.migrate(registry.migrations().iter())?;
         events::migrations_ran(&ran);
-        database.prune_applied(i64::from(config.terminal.queue_expiry_days) * 24 * 3600)?;
+        if let Err(err) =
+            database.prune_applied(i64::from(config.terminal.queue_expiry_days) * 24 * 3600)
+        {
+            events::startup_prune_failed(&err.to_string());
+        }
+        database.wait_briefly_for_locks()?;
         let (status, _) = StatusSender::new();
         Ok(Self {
             status,
@@ -187,6 +197,7 @@ impl Terminal {
         let mut attempt: u32 = 0;
         let mut failures: u32 = 0;
         let mut ever_live = false;
+        let mut twin_since: Option<Instant> = None;
         let mut offline_since = SystemTime::now();
         let result = loop {
             let url = match transport {
@@ -225,12 +236,21 @@ impl Terminal {
                         SessionEnd::Lost(err) => err,
                     }
                 }
+                Err(err @ BrokerError::AlreadyRunning { .. }) if !ever_live => {
+                    // The other consumer may be this till before a power cut,
+                    // which the broker drops only when its heartbeats stop.
+                    let refused_since = *twin_since.get_or_insert_with(Instant::now);
+                    if refused_since.elapsed() >= ALREADY_RUNNING_GRACE {
+                        break Err(err.into());
+                    }
+                    err
+                }
                 Err(err) if err.needs_operator() && !ever_live => break Err(err.into()),
                 Err(err) => err,
             };
             failures += 1;
             status.set_queue_depth(None);
-            let delay = crate::backoff::delay(failures, crate::backoff::RECONNECT);
+            let delay = crate::backoff::RECONNECT.delay(failures);
             let reason = reason.to_string();
             events::offline(&reason, delay.as_millis(), failures == 1);
             if failures == 1 {
@@ -333,6 +353,7 @@ async fn consume(
     let mut held: Vec<Inbound> = Vec::new();
     let mut stall: Option<Stall> = None;
     let mut handler_retries: u32 = 0;
+    let mut retrying_tag: Option<u64> = None;
     loop {
         let mut lost = None;
         let batch = if held.is_empty() {
@@ -419,14 +440,18 @@ async fn consume(
                 }
                 match (retry, held.first()) {
                     (Some(reason), Some(first)) => {
+                        // Another message failing starts its own count.
+                        if retrying_tag != Some(first.tag) {
+                            retrying_tag = Some(first.tag);
+                            handler_retries = 0;
+                        }
                         handler_retries += 1;
-                        let delay =
-                            crate::backoff::delay(handler_retries, crate::backoff::HANDLER_RETRY);
+                        let delay = crate::backoff::HANDLER_RETRY.delay(handler_retries);
                         events::message_retry(&first.routing_key, &reason, delay.as_millis());
                         Some(delay)
                     }
                     _ => {
-                        handler_retries = 0;
+                        retrying_tag = None;
                         None
                     }
                 }
@@ -436,7 +461,7 @@ async fn consume(
                 let reason = err.to_string();
                 let stalled = stall.get_or_insert_with(Stall::new);
                 stalled.attempts += 1;
-                let delay = crate::backoff::delay(stalled.attempts, crate::backoff::STALLED_BATCH);
+                let delay = crate::backoff::STALLED_BATCH.delay(stalled.attempts);
                 let first = stalled.attempts == 1;
                 events::stalled(&reason, delay.as_millis(), first);
                 if first || stalled.reason != reason {
