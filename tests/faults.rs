@@ -6,10 +6,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
-use possync_core::{Publisher, QueueType, State};
+use possync_core::{LicenseKey, Publisher, QueueType, State};
+use possync_sdk::WireMessage;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -50,25 +50,61 @@ async fn connections_closed_mid_stream(queue_type: QueueType) {
         .expect("every change confirmed despite the closes");
     assert_eq!(published, CHANGES);
     terminal.wait_applied(CHANGES as u64).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    apply_last_marker(&publisher, &terminal, &store).await;
 
     let live = terminal.wait_for(possync_core::Status::is_live).await;
-    let status = terminal.status.borrow().clone();
-    assert!(live, "the terminal ends Live: {:?}", status.state);
-    assert_eq!(
-        status.applied, CHANGES as u64,
-        "nothing applied twice (duplicates skipped: {})",
-        status.duplicates
+    assert!(
+        live,
+        "the terminal ends Live: {:?}",
+        terminal.status.borrow().state
     );
-    assert_matches_model(&terminal.db(), &model);
-    assert_eq!(
-        count(&terminal.db(), "SELECT count(*) FROM possync_applied"),
-        CHANGES as i64
-    );
+    let db = terminal.db();
     if let Ok(publisher) = Arc::try_unwrap(publisher) {
         publisher.close().await;
     }
-    terminal.stop().await;
+    let status = terminal.stop().await;
+    assert_eq!(
+        status.applied,
+        CHANGES as u64 + 1,
+        "the changes and the marker, nothing applied twice (duplicates skipped: {})",
+        status.duplicates
+    );
+    assert_matches_model(&db, &model);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM possync_applied"),
+        CHANGES as i64 + 1
+    );
+}
+
+/// Publishes one last change, which changes nothing in `products`, and waits
+/// until the terminal has applied it. The queue delivers in order,
+/// redeliveries first, so by then every message ahead of it (redeliveries of
+/// what a lost connection left unacknowledged, messages the publisher sent
+/// again) has been delivered and handled: the counters the terminal stops
+/// with are final. Counts as one applied message.
+async fn apply_last_marker(publisher: &Publisher, terminal: &RunningTerminal, store: &LicenseKey) {
+    let id = format!("{store}-last");
+    let marker = possync_plugin_product_delete::ProductDelete {
+        product_id: "LAST".into(),
+    }
+    .to_envelope(store.as_str())
+    .expect("envelope")
+    .with_message_id(id.clone());
+    publisher
+        .publish_envelopes([marker])
+        .await
+        .expect("the marker confirmed");
+    let db = terminal.db();
+    eventually("the last marker to be applied", || {
+        db.query_row(
+            "SELECT count(*) FROM possync_applied WHERE message_id = ?1",
+            [&id],
+            |row| row.get::<_, i64>(0),
+        )
+        .expect("query")
+            == 1
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,7 +156,13 @@ async fn broker_restarted_mid_stream(queue_type: QueueType) {
         shown.starts_with("Offline since ") && shown.contains("reason "),
         "{shown}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Down until a reconnect has failed: the recovery below follows failed
+    // attempts, as after a real outage.
+    let retried = terminal.next_report().await;
+    assert!(
+        matches!(retried, State::Offline { .. }),
+        "no reconnect succeeds while the broker is down: {retried:?}"
+    );
     rabbitmqctl(&["start_app"]);
     drop(restarter);
 
@@ -131,16 +173,17 @@ async fn broker_restarted_mid_stream(queue_type: QueueType) {
         .await
         .expect("second half confirmed after the restart");
     terminal.wait_applied(CHANGES as u64).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    apply_last_marker(&publisher, &terminal, &store).await;
 
-    let status = terminal.status.borrow().clone();
-    assert_eq!(
-        status.applied, CHANGES as u64,
-        "nothing lost, nothing applied twice"
-    );
-    assert_matches_model(&terminal.db(), &model);
+    let db = terminal.db();
     publisher.close().await;
-    terminal.stop().await;
+    let status = terminal.stop().await;
+    assert_eq!(
+        status.applied,
+        CHANGES as u64 + 1,
+        "the changes and the marker: nothing lost, nothing applied twice"
+    );
+    assert_matches_model(&db, &model);
 }
 
 #[tokio::test(flavor = "multi_thread")]

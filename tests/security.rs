@@ -174,13 +174,14 @@ async fn a_provisioned_terminal_reads_its_own_store_and_the_broker_refuses_it_ev
 }
 
 async fn eventually_async_depth(queue: &str, depth: u32) {
-    for _ in 0..100 {
-        if queue_depth(queue).await == depth {
-            return;
-        }
+    let deadline = std::time::Instant::now() + WAIT;
+    while queue_depth(queue).await != depth {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue} never held {depth} messages"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{queue} never held {depth} messages");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -293,9 +294,8 @@ async fn a_revoked_terminal_is_disconnected_and_cannot_come_back() {
         .wait_for(|s| matches!(s.state, State::Offline { .. }))
         .await;
     assert!(offline, "the terminal is cut off");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let status = terminal.status.borrow().clone();
-    match &status.state {
+    // The attempt after the cut: it tries again, and is refused.
+    match terminal.next_report().await {
         State::Offline { reason, .. } => assert!(
             reason.contains("refused access"),
             "the reconnects are refused: {reason}"
@@ -443,21 +443,15 @@ async fn passwords_appear_in_no_log_line_or_output() {
     );
 
     // A terminal's own log, at debug level, while it connects and stops.
-    let child = possync_command(&["terminal", "--config", path])
-        .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
-        .env("POSSYNC_LOG", "debug")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let output = child.wait_with_output().expect("wait");
-    let log = text(&output.stderr);
-    assert!(log.contains("Live"), "{log}");
+    let mut child = ChildLog::spawn(
+        possync_command(&["terminal", "--config", path])
+            .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
+            .env("POSSYNC_LOG", "debug"),
+    );
+    child.wait_for_line("Live").await;
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    let (exit, log) = child.exit().await;
+    assert!(exit.success(), "{log}");
     outputs.push(("terminal".into(), log));
 
     // Revoked, the next start is refused: the error must not show it either.

@@ -2,8 +2,9 @@
 //! files, unique names per test so tests run in parallel.
 #![allow(dead_code, unreachable_pub)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -11,7 +12,8 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use possync_core::{
-    Config, InProcessBroker, LicenseKey, Registry, Status, Terminal, TerminalId, TerminalTopology,
+    Config, InProcessBroker, LicenseKey, Registry, State, Status, Terminal, TerminalId,
+    TerminalTopology,
 };
 use tokio::sync::watch;
 
@@ -150,13 +152,28 @@ impl RunningTerminal {
             .is_ok()
     }
 
-    /// Stops the terminal cleanly.
-    pub async fn stop(self) {
+    /// Waits for the next status update after the last one seen and returns
+    /// its state. While the terminal is offline only its connection attempts
+    /// update the status, each reporting its outcome anew (Offline with the
+    /// latest reason, even an unchanged one, or Live): so this is the next
+    /// attempt's outcome.
+    pub async fn next_report(&mut self) -> State {
+        let changed = tokio::time::timeout(WAIT, self.status.changed())
+            .await
+            .expect("the terminal reports again in time");
+        changed.expect("terminal status");
+        self.status.borrow_and_update().state.clone()
+    }
+
+    /// Stops the terminal cleanly and returns its final status: every
+    /// message it acknowledged is counted in it.
+    pub async fn stop(self) -> Status {
         let _ = self.stop.send(true);
         self.task
             .await
             .expect("terminal task")
             .expect("terminal stops cleanly");
+        self.status.borrow().clone()
     }
 
     /// Opens the terminal's database to look at it.
@@ -241,6 +258,71 @@ pub async fn queue_depth(queue: &str) -> u32 {
     declared.message_count()
 }
 
+/// `queue` as the broker itself counts it: a passive declare shows neither
+/// the unacknowledged deliveries nor, after a consumer's connection closed,
+/// whether they went back to the queue yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub ready: u64,
+    pub unacknowledged: u64,
+    pub consumers: u64,
+}
+
+/// The counts of `queue` from `rabbitmqctl list_queues`: exact for a classic
+/// queue; a quorum queue's are refreshed only every few seconds.
+pub fn queue_counts(queue: &str) -> QueueCounts {
+    let output = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ])
+        .output()
+        .expect("run rabbitmqctl");
+    let listed = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "rabbitmqctl list_queues: {}",
+        text(&output.stderr)
+    );
+    let row = listed
+        .lines()
+        .map(|line| line.split('\t').collect::<Vec<_>>())
+        .find(|fields| fields.first() == Some(&queue))
+        .unwrap_or_else(|| panic!("rabbitmqctl lists no queue {queue}:\n{listed}"));
+    let number = |i: usize| -> u64 {
+        row.get(i)
+            .and_then(|field| field.trim().parse().ok())
+            .unwrap_or_else(|| panic!("rabbitmqctl row for {queue}: {row:?}"))
+    };
+    QueueCounts {
+        ready: number(1),
+        unacknowledged: number(2),
+        consumers: number(3),
+    }
+}
+
+/// Polls the counts of `queue` until `done` holds, and returns them.
+pub async fn wait_for_queue(
+    queue: &str,
+    what: &str,
+    done: impl Fn(&QueueCounts) -> bool,
+) -> QueueCounts {
+    let mut last = None;
+    eventually(what, || {
+        let counts = queue_counts(queue);
+        let reached = done(&counts);
+        last = Some(counts);
+        reached
+    })
+    .await;
+    last.expect("counted at least once")
+}
+
 /// Takes up to `count` messages from `queue` (acknowledging them).
 pub async fn drain(queue: &str, count: usize) -> Vec<lapin::message::Delivery> {
     let connection = broker().await;
@@ -280,6 +362,112 @@ pub fn possync_command(args: &[&str]) -> Command {
         .env("POSSYNC_BROKER__URL", amqp_url())
         .env_remove("POSSYNC_CONFIG");
     command
+}
+
+/// A child process whose stderr is read line by line as it is written, so
+/// that a test can wait for the log line that proves a state (Live, Offline,
+/// ...) before acting, and still see the whole log afterwards.
+pub struct ChildLog {
+    child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl ChildLog {
+    /// Starts `command` with its stderr piped here.
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the child process");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
+        // A thread, so that reading never blocks the test's runtime; it ends
+        // when the process closes its stderr, which closes the channel.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).split(b'\n') {
+                let Ok(line) = line else { break };
+                if sender.send(text(&line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send the signal");
+    }
+
+    /// Waits until the process logs a line containing `needle`; returns it.
+    pub async fn wait_for_line(&mut self, needle: &str) -> String {
+        self.wait_for_line_where(&format!("a line with {needle:?}"), |line| {
+            line.contains(needle)
+        })
+        .await
+    }
+
+    /// Waits until the process logs a line for which `found` holds; returns it.
+    pub async fn wait_for_line_where(
+        &mut self,
+        what: &str,
+        found: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    self.seen.push(line.clone());
+                    if found(&line) {
+                        return line;
+                    }
+                }
+                Ok(None) => panic!(
+                    "the process closed its log without {what}:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(_) => panic!(
+                    "no {what} logged within {WAIT:?}:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit status and the whole
+    /// log, the lines already waited for included.
+    pub async fn exit(mut self) -> (ExitStatus, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => self.seen.push(line),
+                Ok(None) => break,
+                Err(_) => panic!(
+                    "the process did not exit within {WAIT:?}:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        // Its stderr closed: the process has exited (possync keeps it open).
+        let status = self.child.wait().expect("reap the process");
+        (status, self.seen.join("\n"))
+    }
+}
+
+impl Drop for ChildLog {
+    /// A test that fails half-way leaves no process behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 pub fn text(bytes: &[u8]) -> String {
