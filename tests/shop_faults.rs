@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use possync_core::{Delivery, LicenseKey, Publisher, QueueType, State, Status};
@@ -79,26 +79,23 @@ async fn twin_is_refused(delivery: Delivery) {
     let mut config = terminal_config(dir.path(), &store, "till-1");
     config.terminal.delivery = delivery;
     let delivery_name = format!("{delivery:?}").to_lowercase();
-    let mut first = RunningTerminal::start(config.clone()).await;
+    let first = RunningTerminal::start(config.clone()).await;
 
     // A cloned disk: same store and terminal id, its own database file.
     let clone_db = dir.path().join("clone.db");
-    let mut twin = possync_command(&["terminal"])
-        .env("POSSYNC_TERMINAL__DELIVERY", &delivery_name)
-        .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
-        .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
-        .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
-        .env("POSSYNC_TERMINAL__DATABASE", &clone_db)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the twin");
+    let mut twin = ChildLog::spawn(
+        possync_command(&["terminal"])
+            .env("POSSYNC_TERMINAL__DELIVERY", &delivery_name)
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+            .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+            .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
+            .env("POSSYNC_TERMINAL__DATABASE", &clone_db),
+    );
     // It keeps trying (the other consumer may be this till before a power
     // cut), saying why, while the first terminal goes on.
-    let said = wait_for_line(
-        twin.stderr.take().expect("stderr"),
-        "another process is already running as this terminal",
-    );
+    let said = twin
+        .wait_for_line("another process is already running as this terminal")
+        .await;
     assert!(
         !said.contains("guest:guest"),
         "no password in the message: {said}"
@@ -108,7 +105,7 @@ async fn twin_is_refused(delivery: Delivery) {
         // The queue of a transient terminal is its connection's own; doctor
         // cannot look into it from another connection.
         finish_twin(first, &config, &store).await;
-        return stop_twin(twin, &clone_db);
+        return stop_twin(twin, &clone_db).await;
     }
     let doctor = possync_command(&["doctor"])
         .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
@@ -123,47 +120,14 @@ async fn twin_is_refused(delivery: Delivery) {
         "doctor on the clone says so: {report}"
     );
     finish_twin(first, &config, &store).await;
-    stop_twin(twin, &clone_db);
-}
-
-/// Reads `stream` until a line holds `needle`; returns what it read. The
-/// rest of the stream is drained in the background so the writer never blocks.
-fn wait_for_line(stream: impl std::io::Read + Send + 'static, needle: &str) -> String {
-    use std::io::BufRead;
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if lines.send(line).is_err() {
-                // Nobody listens any more: keep draining.
-                continue;
-            }
-        }
-    });
-    let deadline = Instant::now() + WAIT;
-    let mut read = String::new();
-    while !read.contains(needle) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match received.recv_timeout(left) {
-            Ok(line) => {
-                read.push_str(&line);
-                read.push('\n');
-            }
-            Err(_) => panic!("no line with {needle:?} in time; read:\n{read}"),
-        }
-    }
-    read
+    stop_twin(twin, &clone_db).await;
 }
 
 /// Stops the refused twin; it never applied anything.
-fn stop_twin(twin: std::process::Child, clone_db: &Path) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(twin.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let output = twin.wait_with_output().expect("twin exits");
-    assert!(output.status.success(), "the twin stops cleanly on SIGTERM");
+async fn stop_twin(twin: ChildLog, clone_db: &Path) {
+    twin.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, log) = twin.exit().await;
+    assert!(status.success(), "the twin stops cleanly on SIGTERM: {log}");
     let db = rusqlite::Connection::open(clone_db).expect("clone database");
     assert_eq!(
         count(&db, "SELECT count(*) FROM products"),
@@ -263,6 +227,84 @@ async fn a_locked_database_stalls_the_stream_in_place_and_keeps_publish_order_cl
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_database_stalls_the_stream_in_place_and_keeps_publish_order_quorum() {
     stream_while_the_pos_app_holds_the_lock(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_started_while_the_pos_app_holds_the_lock_waits_for_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("bootlock");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn({
+        let database = config.terminal.database.clone();
+        move || hold_write_lock(database, locked, Duration::from_secs(6))
+    });
+    lock_taken
+        .recv_timeout(WAIT)
+        .expect("the lock is taken in time");
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let (changes, model) = catalog_changes(&store, 20, 11);
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
+    terminal.wait_applied(20).await;
+    assert_matches_model(&terminal.db(), &model);
+    tokio::task::spawn_blocking(move || holder.join())
+        .await
+        .expect("join")
+        .expect("lock holder");
+    publisher.close().await;
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_till_restarted_while_the_broker_still_holds_its_old_consumer_gets_in_when_it_is_dropped()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("reboot");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    // Declares the queue; then a connection the broker still thinks alive
+    // (a till before a power cut) holds it.
+    let first_run = RunningTerminal::start(config.clone()).await;
+    let topology = first_run.topology.clone();
+    first_run.stop().await;
+    let ghost = broker().await;
+    let channel = ghost.create_channel().await.expect("channel");
+    let _consumer = channel
+        .basic_consume(
+            topology.queue.as_str().into(),
+            "ghost".into(),
+            lapin::options::BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the ghost consumes");
+    let starting = tokio::spawn(RunningTerminal::start(config.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await; // the ghost's remaining life, a fault duration
+    assert!(
+        !starting.is_finished(),
+        "refused while the ghost holds the queue"
+    );
+    ghost
+        .close(200, "power cut noticed".into())
+        .await
+        .expect("close");
+    let mut terminal = starting.await.expect("the restarted till goes live");
+    let (changes, model) = catalog_changes(&store, 10, 5);
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
+    terminal.wait_applied(10).await;
+    assert_matches_model(&terminal.db(), &model);
+    publisher.close().await;
+    terminal.stop().await;
 }
 
 /// A small file system of the test's own, mounted at a temporary folder.

@@ -62,12 +62,13 @@ pub(crate) fn message_stale(message_type: &str, entity: &str, incoming: i64, sto
     );
 }
 
-/// Logged at error on entering the Stalled state, then quietly per retry.
-pub(crate) fn stalled(reason: &str, retry_in_ms: u128, first: bool) {
-    if first {
-        error!(event = "stalled", %reason, retry_in_ms, "Stalled: the database refuses the batch; holding it and trying again, taking no new messages");
+/// Logged at error on entering the Stalled state and every few minutes
+/// while it lasts, quietly per retry in between.
+pub(crate) fn stalled(reason: &str, retry_in_ms: u128, loud: bool, stalled_secs: u64) {
+    if loud {
+        error!(event = "stalled", %reason, retry_in_ms, stalled_secs, "Stalled: the database refuses the batch; holding it and trying again, taking no new messages");
     } else {
-        debug!(event = "stalled", %reason, retry_in_ms, "still stalled: trying the same batch again");
+        debug!(event = "stalled", %reason, retry_in_ms, stalled_secs, "still stalled: trying the same batch again");
     }
 }
 

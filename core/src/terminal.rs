@@ -463,7 +463,18 @@ async fn consume(
                 stalled.attempts += 1;
                 let delay = crate::backoff::STALLED_BATCH.delay(stalled.attempts);
                 let first = stalled.attempts == 1;
-                events::stalled(&reason, delay.as_millis(), first);
+                // Loud at first and every few minutes, so a stall that never
+                // ends is not one line lost in the night's log.
+                let loud = first || stalled.said_at.elapsed() >= STALL_REMINDER_EVERY;
+                if loud {
+                    stalled.said_at = Instant::now();
+                }
+                events::stalled(
+                    &reason,
+                    delay.as_millis(),
+                    loud,
+                    stalled.since.elapsed().as_secs(),
+                );
                 if first || stalled.reason != reason {
                     stalled.reason.clone_from(&reason);
                     reporter
@@ -501,11 +512,17 @@ struct Stall {
     at: SystemTime,
     attempts: u32,
     reason: String,
+    /// When the log last said so at error level.
+    said_at: Instant,
 }
+
+/// How often a stall that goes on is logged at error level again.
+const STALL_REMINDER_EVERY: Duration = Duration::from_secs(300);
 
 impl Stall {
     fn new() -> Self {
         Self {
+            said_at: Instant::now(),
             since: Instant::now(),
             at: SystemTime::now(),
             attempts: 0,
