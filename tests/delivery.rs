@@ -23,14 +23,24 @@ impl MessageHandler for Fickle {
     fn message_types(&self) -> &[&str] {
         &["fickle"]
     }
-    async fn handle(
-        &self,
-        envelope: &Envelope,
-        _store: &mut dyn Store,
-    ) -> Result<(), HandlerError> {
+    async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
         let payload: serde_json::Value = envelope.payload_as()?;
         match payload["mode"].as_str() {
             Some("panic") => panic!("fickle was told to panic"),
+            // Fails its first try; on the next it checks that the change
+            // published after it has not overtaken it.
+            Some("transient-once") => {
+                if !FAILED_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return Err(HandlerError::transient("busy, just this once"));
+                }
+                let after = payload["before"].as_str().unwrap_or_default();
+                match store
+                    .query_row("SELECT price FROM products WHERE id = ?1", &[after.into()])?
+                {
+                    Some(_) => Err(HandlerError::permanent("a later change applied first")),
+                    None => Ok(()),
+                }
+            }
             Some("transient") => Err(HandlerError::transient("the disk is always busy")),
             Some("permanent") => Err(HandlerError::permanent("this can never work")),
             _ => Ok(()),
@@ -39,6 +49,9 @@ impl MessageHandler for Fickle {
 }
 
 possync_sdk::register_handler!(Fickle::default);
+
+/// The `transient-once` message has had its failure.
+static FAILED_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn offline_terminal_catches_up(queue_type: QueueType) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -235,6 +248,47 @@ async fn poison_messages_are_quarantined_and_the_stream_flows_on_classic() {
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_quarantined_and_the_stream_flows_on_quorum() {
     poison_is_quarantined(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_fails_for_now_is_tried_again_before_the_changes_behind_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("retry");
+    let mut terminal = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let publisher = Publisher::connect(&terminal_config(dir.path(), &store, "x").broker)
+        .await
+        .expect("publisher");
+    let stream = vec![
+        Envelope::new(
+            "fickle",
+            store.as_str(),
+            serde_json::json!({ "mode": "transient-once", "before": "BEHIND" }),
+        ),
+        Envelope::new(
+            "price_update",
+            store.as_str(),
+            serde_json::json!({ "product_id": "BEHIND", "new_price": 2.5 }),
+        ),
+    ];
+    publisher
+        .publish_envelopes(stream)
+        .await
+        .expect("confirmed");
+    terminal.wait_applied(2).await;
+    let db = terminal.db();
+    assert_eq!(
+        quarantine_reasons(&db),
+        Vec::<String>::new(),
+        "in order, nothing dead-lettered"
+    );
+    assert_eq!(product(&db, "BEHIND").map(|p| p.1), Some(2.5));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM possync_attempts"),
+        0,
+        "the retry count is gone once it applied"
+    );
+    publisher.close().await;
+    terminal.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
