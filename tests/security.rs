@@ -443,22 +443,13 @@ async fn passwords_appear_in_no_log_line_or_output() {
     );
 
     // A terminal's own log, at debug level, while it connects and stops.
-    let child = possync_command(&["terminal", "--config", path])
+    let mut command = possync_command(&["terminal", "--config", path]);
+    command
         .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
-        .env("POSSYNC_LOG", "debug")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let output = child.wait_with_output().expect("wait");
-    let log = text(&output.stderr);
-    assert!(log.contains("Live"), "{log}");
-    outputs.push(("terminal".into(), log));
+        .env("POSSYNC_LOG", "debug");
+    let terminal = TerminalProcess::start(command);
+    terminal.wait_for_log("Live").await;
+    outputs.push(("terminal".into(), terminal.stop()));
 
     // Revoked, the next start is refused: the error must not show it either.
     possync(&[
@@ -504,4 +495,190 @@ fn a_config_file_with_a_password_that_others_can_read_draws_a_warning() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let output = possync(&["plugins", "list", "--config", file.to_str().expect("utf-8")]);
     assert!(!text(&output.stderr).contains("chmod 600"));
+}
+
+/// Passwords that a URL parser or figment's environment syntax would read as
+/// something other than a password.
+const AWKWARD_PASSWORDS: &[&str] = &[
+    "98765432109",
+    "true",
+    "-42.5",
+    "pa/ss-W0rd",
+    "p@ss:W0rd",
+    "pa%2Fss-W0rd",
+    "p#ss?W0rd",
+    "pässwörd€-W0rd",
+    "[W0rd]",
+];
+
+/// `text` with every byte but letters and digits percent-encoded.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Asserts that `shown` holds `password` in none of the ways it could be spelled.
+fn assert_hidden(what: &str, password: &str, shown: &str) {
+    if password == "true" {
+        // Printed config holds `true` anyway: this one is checked for loading only.
+        return;
+    }
+    let decoded = password.replace("%2F", "/");
+    for spelling in [password, &percent_encoded(password), &decoded] {
+        assert!(
+            !shown.contains(spelling),
+            "{what} shows the password {password:?}:\n{shown}"
+        );
+    }
+}
+
+#[test]
+fn awkward_passwords_in_the_environment_appear_in_no_error_or_printed_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("awkward");
+    let run = |args: &[&str], variable: &str, value: &str| {
+        let output = possync_command(args)
+            .env(variable, value)
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+            .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+            .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
+            .output()
+            .expect("run possync");
+        let shown = text(&output.stdout) + &text(&output.stderr);
+        (output.status.success(), shown)
+    };
+    for &password in AWKWARD_PASSWORDS {
+        let (ok, shown) = run(&["config", "show"], "POSSYNC_ADMIN__PASSWORD", password);
+        assert!(ok, "{password:?} is a password like any other:\n{shown}");
+        assert!(shown.contains("password = \"***\""), "{shown}");
+        assert_hidden("config show", password, &shown);
+        let (_, shown) = run(&["doctor"], "POSSYNC_ADMIN__PASSWORD", password);
+        assert_hidden("doctor", password, &shown);
+
+        // As typed into the URL, and percent-encoded as it should be; the
+        // broker has no such user, so the connection is refused.
+        for url in [
+            format!("amqp://possync-nobody:{password}@127.0.0.1:5672/%2f"),
+            format!(
+                "amqp://possync-nobody:{}@127.0.0.1:5672/%2f",
+                percent_encoded(password)
+            ),
+        ] {
+            for args in [&["config", "show"][..], &["doctor"], &["terminal"]] {
+                let (_, shown) = run(args, "POSSYNC_BROKER__URL", &url);
+                assert_hidden(&format!("{args:?} with {url}"), password, &shown);
+            }
+        }
+    }
+}
+
+/// A running `possync terminal`, its log collected as it comes.
+struct TerminalProcess {
+    child: std::process::Child,
+    log: Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl TerminalProcess {
+    fn start(mut command: std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start possync terminal");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut log) = sink.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        Self { child, log, reader }
+    }
+
+    async fn wait_for_log(&self, needle: &str) {
+        let log = Arc::clone(&self.log);
+        eventually(&format!("{needle:?} in the terminal's log"), || {
+            log.lock().is_ok_and(|log| log.contains(needle))
+        })
+        .await;
+    }
+
+    /// Stops it with SIGTERM and returns its whole log.
+    fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid")),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        self.child.wait().expect("wait");
+        self.reader.join().expect("log reader");
+        self.log.lock().map(|log| log.clone()).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_with_an_awkward_password_shows_it_in_no_log_status_or_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("awkward-live");
+    let user = format!("possync-test-{store}");
+    let password = "p@ss:w/rd%2F€-98765";
+    rabbitmqctl(&["add_user", &user, password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let url = format!(
+        "amqp://{user}:{}@127.0.0.1:5672/%2f",
+        percent_encoded(password)
+    );
+    let (port, database) = (free_port(), dir.path().join("t.db"));
+    let configure = |args: &[&str]| {
+        let mut command = possync_command(args);
+        command
+            .env("POSSYNC_BROKER__URL", &url)
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+            .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+            .env("POSSYNC_TERMINAL__DATABASE", &database)
+            .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
+            .env("POSSYNC_STATUS__ENABLED", "true")
+            .env("POSSYNC_STATUS__PORT", port.to_string());
+        command
+    };
+
+    let mut terminal = configure(&["terminal"]);
+    terminal.env("POSSYNC_LOG", "trace");
+    let terminal = TerminalProcess::start(terminal);
+    terminal.wait_for_log("Live").await;
+    let mut shown = Vec::new();
+    for path in ["/", "/status", "/metrics"] {
+        shown.push((format!("status page {path}"), http_get(port, path).await.1));
+    }
+    for args in [&["status"][..], &["doctor"], &["config", "show"]] {
+        let output = configure(args).output().expect("run possync");
+        // Whether doctor passes is not this test's business; what it prints is.
+        assert!(
+            output.status.success() || args == ["doctor"],
+            "{args:?}: {}",
+            text(&output.stdout)
+        );
+        shown.push((
+            format!("{args:?}"),
+            text(&output.stdout) + &text(&output.stderr),
+        ));
+    }
+    shown.push(("terminal log".into(), terminal.stop()));
+    rabbitmqctl(&["delete_user", &user]);
+    for (what, shown) in shown {
+        assert_hidden(&what, password, &shown);
+    }
 }

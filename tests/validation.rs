@@ -201,3 +201,39 @@ fn broker_urls_and_queue_expiry_are_checked_before_anything_connects() {
     let err = Config::load(Some(&path)).expect_err("refused").to_string();
     assert!(err.contains("from 1 to 49"), "{err}");
 }
+
+#[test]
+fn a_secret_of_the_wrong_type_in_a_config_file_is_named_but_never_shown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for text in [
+        "[admin]\npassword = 98765432109\n",
+        "[admin]\npassword = 9876.54321\n",
+        "[admin]\npassword = true\n",
+        "[broker]\nurl = 98765432109\n",
+        "[broker]\nurl = [\"amqp://shop:98765432109@host\", 98765432109]\n",
+    ] {
+        let path = write_config(dir.path(), text);
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        for secret in ["98765432109", "9876.54321", "true"] {
+            assert!(!err.contains(secret), "{text}: {err}");
+        }
+        assert!(err.contains("possync.toml"), "names the file: {err}");
+    }
+}
+
+#[test]
+fn a_broker_url_that_cannot_be_read_is_refused_without_its_password_in_any_spelling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for url in [
+        "amqp://shop:pa/ss-W0rd@127.0.0.1:5672/%2f",
+        "amqp://shop:p#ss?W0rd@127.0.0.1:5672/%2f",
+        "amqp://shop:p@ss:W0rd@127.0.0.1:99999/%2f",
+        "amqp:shop:pa55-W0rd@127.0.0.1",
+        "amqp://shop:pa%2Fss-W0rd@[bad",
+    ] {
+        let path = write_config(dir.path(), &format!("[broker]\nurl = {url:?}\n"));
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        assert!(err.contains("not a valid AMQP URL"), "{url}: {err}");
+        assert!(!err.contains("W0rd"), "{url}: {err}");
+    }
+}

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::config::{Config, Delivery};
 use crate::identity::{LicenseKey, MAX_ID_LEN, TerminalId};
-use crate::redact::{UrlParts, redact_url, url_parts};
+use crate::redact::{UrlParts, redact_secrets, redact_url, url_parts};
 use crate::topology::TerminalTopology;
 
 /// An administrative action that failed.
@@ -117,9 +117,9 @@ impl Admin {
     /// A client for the API in `config.admin`, acting on the vhost of `broker.url`.
     pub fn new(config: &Config) -> Result<Self, AdminError> {
         let url = config.broker.url();
-        let uri: lapin::uri::AMQPUri = url
-            .parse()
-            .map_err(|err| AdminError::BrokerUrl(redact_url(url), err))?;
+        let uri: lapin::uri::AMQPUri = url.parse().map_err(|err: String| {
+            AdminError::BrokerUrl(redact_url(url), redact_secrets(&err, url))
+        })?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
             .http_status_as_error(false)

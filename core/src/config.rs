@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::config_env::EnvText;
 use crate::identity::{LicenseKey, TerminalId};
-use crate::redact::redact_url;
+use crate::redact::{redact_config_error, redact_secrets, redact_url};
 
 /// Everything possync can be configured with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -362,7 +363,7 @@ pub enum ConfigError {
 
 impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
-        Self::Invalid(Box::new(err))
+        Self::Invalid(Box::new(redact_config_error(err)))
     }
 }
 
@@ -404,13 +405,9 @@ impl Config {
             })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(
-            Env::prefixed("POSSYNC_")
-                // Only sectioned variables are config; POSSYNC_LOG and friends are not.
-                .filter(|key| key.as_str().contains("__"))
-                .split("__"),
-        );
-        let config: Config = figment.extract()?;
+        figment = figment.merge(EnvText::new());
+        // Lossy: a number or boolean setting reads the text the environment holds.
+        let config: Config = figment.extract_lossy()?;
         config.check()?;
         if let Some(path) = file {
             warn_if_secrets_are_readable(path);
@@ -454,7 +451,8 @@ impl Config {
             if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
                 return Err(ConfigError::InvalidUrl {
                     url: redact_url(url),
-                    detail,
+                    // The parser quotes a URL it cannot read, password and all.
+                    detail: redact_secrets(&detail, url),
                 });
             }
         }

@@ -8,7 +8,7 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
 use crate::config::BrokerConfig;
-use crate::redact::redact_url;
+use crate::redact::{redact_secrets, redact_url};
 
 /// The broker could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,7 @@ impl BrokerError {
     pub(crate) fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {
         match err.kind() {
             ErrorKind::ProtocolError(amqp) => {
-                let detail = amqp.get_message().to_string();
+                let detail = redact_secrets(amqp.get_message().as_str(), url);
                 match amqp.kind() {
                     AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
                     | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Self::AccessRefused {
@@ -145,13 +145,14 @@ impl BrokerError {
                     },
                 }
             }
+            // lapin reports a URL it cannot parse as an I/O error that quotes it whole.
             ErrorKind::IOError(io) if is_tls_failure(io) => Self::Tls {
                 url: redact_url(url),
-                detail: io.to_string(),
+                detail: redact_secrets(&io.to_string(), url),
             },
             ErrorKind::IOError(io) => Self::Unreachable {
                 url: redact_url(url),
-                detail: io.to_string(),
+                detail: redact_secrets(&io.to_string(), url),
             },
             _ => Self::Protocol {
                 during,

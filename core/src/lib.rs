@@ -8,6 +8,7 @@ mod admin;
 mod applier;
 mod backoff;
 mod config;
+mod config_env;
 mod connection;
 mod consumer;
 mod doctor;
