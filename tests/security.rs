@@ -415,6 +415,36 @@ async fn terminals_connect_over_tls_and_refuse_a_certificate_their_ca_did_not_si
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_tls_setting_with_an_amqp_url_never_connects_in_clear_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, ca) = make_ca(dir.path(), "clear");
+    let store = unique_license("clear");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.broker.tls_ca_file = Some(ca);
+    // Built in code, this config never went through `Config::load`'s checks.
+    let err = Publisher::connect(&config.broker)
+        .await
+        .expect_err("no clear-text connection")
+        .to_string();
+    assert!(
+        err.contains("broker.tls_ca_file") && err.contains("amqps://"),
+        "{err}"
+    );
+    assert!(!err.contains("guest:guest"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_shown_for_debugging_hides_its_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = terminal_config(dir.path(), &unique_license("debug"), "x");
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let shown = format!("{publisher:?}");
+    assert!(shown.contains("guest:***@"), "{shown}");
+    assert!(!shown.contains("guest:guest"), "{shown}");
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn passwords_appear_in_no_log_line_or_output() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("secret");

@@ -237,3 +237,26 @@ fn a_broker_url_that_cannot_be_read_is_refused_without_its_password_in_any_spell
         assert!(!err.contains("W0rd"), "{url}: {err}");
     }
 }
+
+#[test]
+fn a_tls_setting_with_an_amqp_url_is_an_error_that_names_both_not_clear_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in ["tls_ca_file", "tls_client_cert_file", "tls_client_key_file"] {
+        let path = write_config(
+            dir.path(),
+            &format!(
+                "[broker]\nurl = [\"amqps://shop:s3cret-W0rd@node-1:5671/%2f\", \"amqp://shop:s3cret-W0rd@node-2:5672/%2f\"]\n{key} = \"/etc/possync/x.pem\"\n"
+            ),
+        );
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        assert!(err.contains(&format!("broker.{key}")), "{err}");
+        assert!(err.contains("amqp://shop:***@node-2"), "{err}");
+        assert!(err.contains("amqps://"), "says what to use: {err}");
+        assert!(!err.contains("W0rd"), "{err}");
+    }
+    let path = write_config(
+        dir.path(),
+        "[broker]\nurl = \"AMQPS://shop:pw@node-1:5671/%2f\"\ntls_ca_file = \"/etc/possync/ca.pem\"\n",
+    );
+    Config::load(Some(&path)).expect("amqps:// with a CA is what TLS looks like");
+}

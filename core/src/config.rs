@@ -118,9 +118,11 @@ pub struct BrokerConfig {
     /// (the reason stays in `possync_quarantine`).
     pub declare_topology: bool,
     /// PEM file of the CA that signed the broker's certificate, for
-    /// `amqps://` URLs (default: the system's trusted CAs).
+    /// `amqps://` URLs (default: the system's trusted CAs). Beside an
+    /// `amqp://` URL it is an error: that URL never uses TLS.
     pub tls_ca_file: Option<PathBuf>,
-    /// PEM file of a client certificate, if the broker asks for one.
+    /// PEM file of a client certificate, if the broker asks for one
+    /// (`amqps://` URLs only, like every TLS setting).
     pub tls_client_cert_file: Option<PathBuf>,
     /// PEM file (PKCS#8) of the client certificate's private key.
     pub tls_client_key_file: Option<PathBuf>,
@@ -163,7 +165,46 @@ impl std::fmt::Debug for BrokerConfig {
     }
 }
 
+/// A TLS file is configured for a URL that never uses TLS.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{key} is set, but broker.url {url} starts with amqp://, which connects in clear text and never uses it: write amqps:// (port 5671) to connect over TLS, or remove {key}"
+)]
+pub struct TlsNeedsAmqps {
+    /// The TLS setting, for example `broker.tls_ca_file`.
+    pub key: &'static str,
+    /// The URL, password redacted.
+    pub url: String,
+}
+
 impl BrokerConfig {
+    /// Refuses TLS settings beside an `amqp://` URL: lapin would connect in
+    /// clear text and ignore them, and the operator would believe the link
+    /// encrypted.
+    pub fn check_tls(&self) -> Result<(), TlsNeedsAmqps> {
+        let key = [
+            ("broker.tls_ca_file", &self.tls_ca_file),
+            ("broker.tls_client_cert_file", &self.tls_client_cert_file),
+            ("broker.tls_client_key_file", &self.tls_client_key_file),
+        ]
+        .into_iter()
+        .find_map(|(key, path)| path.is_some().then_some(key));
+        let Some(key) = key else {
+            return Ok(());
+        };
+        let clear = self.urls.iter().find(|url| {
+            !url.split_once("://")
+                .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("amqps"))
+        });
+        match clear {
+            Some(url) => Err(TlsNeedsAmqps {
+                key,
+                url: redact_url(url),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The first broker URL, or the only one.
     pub fn url(&self) -> &str {
         self.urls.first().map_or("", String::as_str)
@@ -351,6 +392,9 @@ pub enum ConfigError {
         /// Why.
         detail: String,
     },
+    /// A TLS setting beside an `amqp://` URL.
+    #[error(transparent)]
+    TlsNeedsAmqps(#[from] TlsNeedsAmqps),
     /// A value is out of range.
     #[error("{key} {problem}")]
     OutOfRange {
@@ -456,6 +500,7 @@ impl Config {
                 });
             }
         }
+        self.broker.check_tls()?;
         if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
             return Err(ConfigError::OutOfRange {
                 key: "broker.*_timeout_secs",

@@ -7,7 +7,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, TlsNeedsAmqps};
 use crate::redact::{redact_secrets, redact_url};
 
 /// The broker could not be used.
@@ -54,6 +54,9 @@ pub enum BrokerError {
         /// Why.
         detail: String,
     },
+    /// A TLS file is configured for an `amqp://` URL.
+    #[error(transparent)]
+    TlsNeedsAmqps(#[from] TlsNeedsAmqps),
     /// A queue or exchange this terminal expects does not exist.
     #[error(
         "{detail}: with broker.declare_topology = false the queue must exist already; provision it with `possync admin provision-terminal`"
@@ -106,6 +109,7 @@ impl BrokerError {
                 | Self::Conflict { .. }
                 | Self::Tls { .. }
                 | Self::TlsFile { .. }
+                | Self::TlsNeedsAmqps(_)
                 | Self::NotFound { .. }
         )
     }
@@ -230,6 +234,8 @@ pub(crate) async fn connect(
 ) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let seconds = broker.connect_timeout_secs;
+    // Checked here too: a BrokerConfig made in code skips `Config::load`.
+    broker.check_tls()?;
     let tls = tls_config(broker)?;
     let connecting = async {
         match tls {

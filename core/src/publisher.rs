@@ -19,6 +19,7 @@ use crate::config::BrokerConfig;
 use crate::connection::{self, BrokerError};
 use crate::events;
 use crate::identity::{InvalidId, LicenseKey};
+use crate::redact::redact_url;
 use crate::topology::{declare_exchange, routing_key};
 
 const PERSISTENT: u8 = 2;
@@ -76,11 +77,18 @@ pub struct Publisher {
     versions: VersionClock,
 }
 
-#[derive(Debug)]
 struct Session {
     connection: Connection,
     channel: Channel,
     url: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 /// One message on its way: kept until confirmed, so it can be sent again
