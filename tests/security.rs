@@ -183,6 +183,126 @@ async fn eventually_async_depth(queue: &str, depth: u32) {
     panic!("{queue} never held {depth} messages");
 }
 
+/// `possync admin provision-terminal` for `store`'s till-1, writing `output`.
+fn provision_to(store: &LicenseKey, output: &Path) -> std::process::Output {
+    possync(&[
+        "admin",
+        "provision-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+        "--output",
+        output.to_str().expect("utf-8"),
+    ])
+}
+
+/// Deletes the broker user of `store`'s till-1, and its queues with `delete_queue`.
+fn revoke_till_1(store: &LicenseKey, delete_queue: bool) -> std::process::Output {
+    let mut args = vec![
+        "admin",
+        "revoke-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+    ];
+    if delete_queue {
+        args.push("--delete-queue");
+    }
+    possync(&args)
+}
+
+async fn assert_can_connect(what: &str, url: &str) {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|err| panic!("{what}: the terminal's password still works: {err}"));
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioning_again_refuses_an_unusable_output_before_it_changes_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("again");
+    let file = provision_terminal(dir.path(), &store, "till-1");
+    let url = url_in(&file);
+    let written = std::fs::read_to_string(&file).expect("config");
+
+    let output = provision_to(&store, &file);
+    assert!(!output.status.success(), "an existing file is not replaced");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("it exists"), "{stderr}");
+    assert_can_connect("after a re-run onto the same file", &url).await;
+    assert_eq!(std::fs::read_to_string(&file).expect("config"), written);
+
+    let missing = dir.path().join("no-such-folder").join("till-1.toml");
+    let output = provision_to(&store, &missing);
+    assert!(!output.status.success(), "a missing folder is refused");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("no-such-folder"), "{stderr}");
+    assert_can_connect("after a re-run into a missing folder", &url).await;
+
+    let fresh = dir.path().join("fresh.toml");
+    let output = provision_to(&store, &fresh);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_ne!(url_in(&fresh), url, "a new file gets a new password");
+    revoke_till_1(&store, true);
+}
+
+#[test]
+fn a_provisioned_config_holds_every_broker_url_and_the_tls_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("cluster");
+    let admin_config = dir.path().join("admin.toml");
+    std::fs::write(
+        &admin_config,
+        "[broker]\n\
+         url = [\"amqps://guest:guest@node-1.example:5671/%2f\", \"amqps://guest:guest@node-2.example:5671/%2f\"]\n\
+         tls_ca_file = \"/etc/possync/ca.pem\"\n\
+         tls_client_cert_file = \"/etc/possync/till \u{e9}.pem\"\n\
+         tls_client_key_file = \"/etc/possync/till.key\"\n",
+    )
+    .expect("write");
+    let output_file = dir.path().join("till-1.toml");
+    let output = possync_command(&[
+        "admin",
+        "provision-terminal",
+        "--config",
+        admin_config.to_str().expect("utf-8"),
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+        "--output",
+        output_file.to_str().expect("utf-8"),
+    ])
+    .env_remove("POSSYNC_BROKER__URL")
+    .output()
+    .expect("run");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let broker = Config::load(Some(&output_file))
+        .expect("the provisioned config loads")
+        .config
+        .broker;
+    let user = format!("possync.terminal.{store}.till-1");
+    assert_eq!(broker.urls.len(), 2, "{:?}", broker.urls);
+    for (url, host) in broker.urls.iter().zip(["node-1.example", "node-2.example"]) {
+        assert!(url.starts_with(&format!("amqps://{user}:")), "{url}");
+        assert!(url.ends_with(&format!("@{host}:5671/%2f")), "{url}");
+    }
+    assert_eq!(broker.urls[0], broker.urls[1].replace("node-2", "node-1"));
+    assert_eq!(broker.tls_ca_file, Some("/etc/possync/ca.pem".into()));
+    assert_eq!(
+        broker.tls_client_cert_file,
+        Some("/etc/possync/till \u{e9}.pem".into())
+    );
+    assert_eq!(
+        broker.tls_client_key_file,
+        Some("/etc/possync/till.key".into())
+    );
+    revoke_till_1(&store, true);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_provisioned_publisher_may_only_publish_well_formed_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -275,14 +395,7 @@ async fn a_revoked_terminal_is_disconnected_and_cannot_come_back() {
     config.terminal.database = dir.path().join("t.db");
     let mut terminal = RunningTerminal::start(config).await;
 
-    let output = possync(&[
-        "admin",
-        "revoke-terminal",
-        "--license",
-        store.as_str(),
-        "--terminal-id",
-        "till-1",
-    ]);
+    let output = revoke_till_1(&store, false);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
         text(&output.stdout).contains("deleted broker user"),
@@ -482,15 +595,7 @@ async fn passwords_appear_in_no_log_line_or_output() {
     outputs.push(("terminal".into(), terminal.stop()));
 
     // Revoked, the next start is refused: the error must not show it either.
-    possync(&[
-        "admin",
-        "revoke-terminal",
-        "--license",
-        store.as_str(),
-        "--terminal-id",
-        "till-1",
-        "--delete-queue",
-    ]);
+    revoke_till_1(&store, true);
     let output = possync_command(&["terminal", "--config", path])
         .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
         .output()
