@@ -260,3 +260,82 @@ fn a_tls_setting_with_an_amqp_url_is_an_error_that_names_both_not_clear_text() {
     );
     Config::load(Some(&path)).expect("amqps:// with a CA is what TLS looks like");
 }
+
+#[test]
+fn the_cli_refuses_a_price_that_is_not_a_finite_amount_of_zero_or_more() {
+    for price in [
+        "NaN", "nan", "inf", "-inf", "infinity", "1e999", "-1", "-0.01",
+    ] {
+        for command in [
+            &["price-update", "--product-id", "P1"][..],
+            &[
+                "product-update",
+                "--product-id",
+                "P1",
+                "--name",
+                "Tea",
+                "--category-id",
+                "C1",
+            ],
+        ] {
+            let mut args = vec!["publish"];
+            args.extend_from_slice(command);
+            args.extend_from_slice(&["--license", "STORE-1", "--price", price]);
+            let output = possync(&args);
+            let stderr = text(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("a price must be a finite number of 0 or more"),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bulk_file_with_prices_that_are_not_finite_amounts_of_zero_or_more_names_each_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("catalog.csv");
+    std::fs::write(
+        &csv,
+        "type,product_id,new_price,price\nprice_update,P1,NaN,\nprice_update,P2,-1,\nproduct_update,P3,,inf\nprice_update,P4,2.5,\n",
+    )
+    .expect("write");
+    let jsonl = dir.path().join("catalog.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"type\":\"price_update\",\"payload\":{\"product_id\":\"P1\",\"new_price\":-0.5}}\n{\"type\":\"product_update\",\"payload\":{\"product_id\":\"P2\",\"price\":-3}}\n{\"type\":\"price_update\",\"payload\":{\"product_id\":\"P3\",\"new_price\":1}}\n",
+    )
+    .expect("write");
+    for (file, bad) in [(&csv, &[2, 3, 4][..]), (&jsonl, &[1, 2])] {
+        let path = file.to_str().expect("utf-8");
+        let output = possync(&[
+            "publish",
+            "bulk",
+            "--stop-on-error",
+            "--file",
+            path,
+            "--license",
+            "STORE-1",
+        ]);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        for line in bad {
+            assert!(
+                stderr.contains(&format!("{path}:{line}: ")),
+                "line {line}: {stderr}"
+            );
+        }
+        assert_eq!(
+            stderr
+                .matches("must be a finite number of 0 or more")
+                .count(),
+            bad.len(),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("{} bad line(s)", bad.len())),
+            "{stderr}"
+        );
+    }
+}
