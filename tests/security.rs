@@ -303,6 +303,95 @@ fn a_provisioned_config_holds_every_broker_url_and_the_tls_settings() {
     revoke_till_1(&store, true);
 }
 
+/// The arguments RabbitMQ holds for `queue`, as `rabbitmqctl` lists them.
+fn queue_arguments(queue: &str) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "arguments",
+        ])
+        .output()
+        .expect("run rabbitmqctl");
+    text(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no queue {queue}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provisioned_dead_letter_queue_expires_like_its_queue_and_an_old_one_without_stops_nothing()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fresh = unique_license("dlq-new");
+    provision_terminal(dir.path(), &fresh, "till-1");
+    let thirty_days = "2592000000";
+    let arguments = queue_arguments(&format!("possync.{fresh}.till-1.dead_letter"));
+    assert!(
+        arguments.contains(&format!("{{\"x-expires\",{thirty_days}}}")),
+        "{arguments}"
+    );
+    assert!(
+        queue_arguments(&format!("possync.{fresh}.till-1"))
+            .contains(&format!("{{\"x-expires\",{thirty_days}}}")),
+        "the same expiry as its terminal queue"
+    );
+
+    // A dead-letter queue as possync declared it before it had an expiry.
+    let old = unique_license("dlq-old");
+    let dead_letters = format!("possync.{old}.till-1.dead_letter");
+    let connection = broker().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut limits = FieldTable::default();
+    limits.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(2_592_000_000),
+    );
+    limits.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(100_000),
+    );
+    channel
+        .queue_declare(
+            dead_letters.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            limits,
+        )
+        .await
+        .expect("an old-style dead-letter queue");
+    let _ = connection.close(200, "bye".into()).await;
+    let output_file = dir.path().join("old.toml");
+    let output = provision_to(&old, &output_file);
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "rabbitmqctl delete_queue {dead_letters} --if-empty"
+        )),
+        "says how to give it an expiry: {stderr}"
+    );
+    assert!(!queue_arguments(&dead_letters).contains("x-expires"));
+
+    let mut config = Config::load(Some(&output_file)).expect("config").config;
+    config.terminal.database = dir.path().join("old.db");
+    let mut terminal = RunningTerminal::start(config).await;
+    publish_raw(
+        &format!("license.{old}.teleport"),
+        format!(r#"{{"type":"teleport","license_key":"{old}","payload":{{}}}}"#).as_bytes(),
+    )
+    .await;
+    terminal.wait_settled(0, 1).await;
+    eventually_async_depth(&dead_letters, 1).await;
+    terminal.stop().await;
+    revoke_till_1(&fresh, true);
+    revoke_till_1(&old, true);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_provisioned_publisher_may_only_publish_well_formed_keys() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -16,6 +16,7 @@ use rand::Rng;
 use serde_json::json;
 
 use crate::config::{Config, Delivery};
+use crate::events;
 use crate::identity::{LicenseKey, MAX_ID_LEN, TerminalId};
 use crate::redact::{UrlParts, redact_secrets, redact_url, url_parts};
 use crate::topology::TerminalTopology;
@@ -360,12 +361,19 @@ impl Admin {
             Some(json!({ "type": "direct", "durable": true })),
             "declaring the dead-letter exchange",
         )?;
-        self.request(
+        let (status, body) = self.call(
             "PUT",
             &format!("/api/queues/{vhost}/{}", encode(&topology.dead_letter_queue)),
             Some(json!({ "durable": true, "arguments": arguments(topology.dead_letter_arguments()) })),
-            "declaring the dead-letter queue",
         )?;
+        match status {
+            200..=299 => {}
+            // Made before dead-letter queues had an expiry: use it as it is.
+            400 if body.contains("inequivalent arg") => {
+                events::dead_letter_queue_kept(&topology.dead_letter_queue, &body);
+            }
+            _ => return Err(self.failure("declaring the dead-letter queue", status, body)),
+        }
         self.request(
             "POST",
             &format!(

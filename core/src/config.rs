@@ -331,7 +331,8 @@ pub struct TerminalConfig {
     /// queue that lives only while the terminal is connected (changes made
     /// meanwhile are lost).
     pub delivery: Delivery,
-    /// Days an unused terminal queue is kept before the broker deletes it.
+    /// Days an unused terminal queue, and its dead-letter queue, is kept
+    /// before the broker deletes it.
     pub queue_expiry_days: u32,
     /// Bodies larger than this many bytes are dead-lettered unread.
     pub max_message_bytes: usize,
