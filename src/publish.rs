@@ -273,7 +273,9 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
                 .collect()
         }
     };
-    let publisher = Publisher::connect(&config.broker).await?;
+    let publisher = Publisher::connect(&config.broker)
+        .await?
+        .with_max_message_bytes(config.terminal.max_message_bytes);
     let published = publisher.publish_envelopes(envelopes).await;
     publisher.close().await;
     for message in published? {
@@ -302,7 +304,9 @@ async fn bulk(
             file.display()
         );
     }
-    let publisher = Publisher::connect(&config.broker).await?;
+    let publisher = Publisher::connect(&config.broker)
+        .await?
+        .with_max_message_bytes(config.terminal.max_message_bytes);
     let started = std::time::Instant::now();
     let (confirmed, failed) = crate::bulk::publish(&publisher, &changes, &to.licenses).await;
     publisher.close().await;

@@ -334,7 +334,14 @@ pub struct TerminalConfig {
     /// Days an unused terminal queue, and its dead-letter queue, is kept
     /// before the broker deletes it.
     pub queue_expiry_days: u32,
-    /// Bodies larger than this many bytes are dead-lettered unread.
+    /// Bodies larger than this many bytes are dead-lettered unread, and a
+    /// publisher with this config refuses to send them. The default, 8 MiB,
+    /// holds an image of the product_images plugin's default
+    /// `max_image_bytes` (5 MiB, sent base64-encoded: 6.7 MiB) with its
+    /// envelope, and stays under RabbitMQ's own `max_message_size` (16 MiB
+    /// since 4.0, 128 MiB before). Raise it together with `max_image_bytes`,
+    /// on the terminals and the publisher alike; the broker may hold up to
+    /// `prefetch` messages of this size in a terminal's memory.
     pub max_message_bytes: usize,
     /// Tries a message gets when its handler fails transiently or panics,
     /// before it is dead-lettered.
@@ -351,7 +358,7 @@ impl Default for TerminalConfig {
             batch_size: 250,
             delivery: Delivery::Durable,
             queue_expiry_days: 30,
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 8 * 1024 * 1024,
             max_attempts: 5,
         }
     }
