@@ -9,6 +9,8 @@ use anyhow::Context;
 use possync_core::{LicenseKey, PublishError, Publisher};
 use possync_sdk::Envelope;
 
+use crate::publish::check_price;
+
 /// Payload fields that are numbers on the wire; every other CSV cell is text
 /// (so that ids like `007` keep their zeros).
 const NUMERIC_FIELDS: &[&str] = &[
@@ -18,6 +20,8 @@ const NUMERIC_FIELDS: &[&str] = &[
     "min_select",
     "max_select",
 ];
+/// Payload fields that are prices: finite and 0 or more (see [`check_price`]).
+const PRICE_FIELDS: &[&str] = &["price", "new_price"];
 /// Messages confirmed between two progress updates.
 const CHUNK: usize = 500;
 
@@ -63,6 +67,7 @@ fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
                 if !payload.is_object() {
                     return Err("\"payload\" is not an object".to_owned());
                 }
+                check_prices(&payload)?;
                 Ok((message_type, payload))
             });
         match change {
@@ -74,6 +79,16 @@ fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
         }
     }
     (changes, bad)
+}
+
+/// Refuses a payload whose price fields are not prices.
+fn check_prices(payload: &serde_json::Value) -> Result<(), String> {
+    for field in PRICE_FIELDS {
+        if let Some(value) = payload.get(field).and_then(serde_json::Value::as_f64) {
+            check_price(value).map_err(|rule| format!("{field} {value}: {rule}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
@@ -120,15 +135,20 @@ fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
                 continue;
             }
             let value = if NUMERIC_FIELDS.contains(&header) {
-                match cell
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(serde_json::Number::from_f64)
-                {
-                    Some(number) => serde_json::Value::Number(number),
-                    None => {
-                        problem = Some(format!("{header} {cell:?} is not a number"));
+                let parsed = match cell.trim().parse::<f64>() {
+                    Ok(number) if PRICE_FIELDS.contains(&header) => {
+                        check_price(number).map_err(|rule| format!("{header} {cell:?}: {rule}"))
+                    }
+                    Ok(number) => Ok(number),
+                    Err(_) => Err(format!("{header} {cell:?} is not a number")),
+                };
+                match parsed.and_then(|number| {
+                    serde_json::Number::from_f64(number)
+                        .ok_or_else(|| format!("{header} {cell:?} is not a finite number"))
+                }) {
+                    Ok(number) => serde_json::Value::Number(number),
+                    Err(reason) => {
+                        problem = Some(reason);
                         break;
                     }
                 }

@@ -98,7 +98,8 @@ enum AdminCommand {
         /// The terminal's id within the store.
         #[arg(long, value_name = "ID")]
         terminal_id: TerminalId,
-        /// Where to write the terminal's config (must not exist).
+        /// Where to write the terminal's config; it must not exist, and is
+        /// checked before anything changes on the broker.
         #[arg(long, value_name = "FILE")]
         output: PathBuf,
         /// The database path to put in that config.
@@ -111,7 +112,8 @@ enum AdminCommand {
         /// A name for the publisher (letters, digits, '-', '_').
         #[arg(long, value_name = "NAME")]
         name: TerminalId,
-        /// Where to write the publisher's config (must not exist).
+        /// Where to write the publisher's config; it must not exist, and is
+        /// checked before anything changes on the broker.
         #[arg(long, value_name = "FILE")]
         output: PathBuf,
     },

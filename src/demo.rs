@@ -58,7 +58,9 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
                 publisher.broker(),
                 args.dir.display()
             );
-            Transport::Broker(Box::new(publisher))
+            Transport::Broker(Box::new(
+                publisher.with_max_message_bytes(config.terminal.max_message_bytes),
+            ))
         }
         Err(PublishError::Broker(
             BrokerError::Unreachable { .. } | BrokerError::Timeout { .. },

@@ -17,8 +17,8 @@ pub(crate) enum PublishCommand {
         /// The product's id.
         #[arg(long, value_name = "ID")]
         product_id: String,
-        /// The new price.
-        #[arg(long)]
+        /// The new price: a finite number of 0 or more.
+        #[arg(long, value_parser = price, allow_hyphen_values = true)]
         price: f64,
         /// The product's name.
         #[arg(long, value_name = "NAME")]
@@ -35,8 +35,8 @@ pub(crate) enum PublishCommand {
         /// The product's name.
         #[arg(long)]
         name: String,
-        /// The price.
-        #[arg(long)]
+        /// The price: a finite number of 0 or more.
+        #[arg(long, value_parser = price, allow_hyphen_values = true)]
         price: f64,
         /// The category's id.
         #[arg(long, value_name = "ID")]
@@ -132,6 +132,28 @@ pub(crate) struct Stores {
     /// A store's license key; repeat to publish to several stores.
     #[arg(long = "license", value_name = "KEY", required = true)]
     licenses: Vec<LicenseKey>,
+}
+
+/// Reads a price given on the command line.
+fn price(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{PRICE_RULE}; {text:?} is not a number"))?;
+    check_price(value)
+}
+
+const PRICE_RULE: &str = "a price must be a finite number of 0 or more, like 12.99";
+
+/// `value` if it is a price: NaN and infinity have no JSON form (they would
+/// go out as `null`) and a negative price is a slip of the keyboard, so
+/// both are refused before anything is sent.
+pub(crate) fn check_price(value: f64) -> Result<f64, String> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(format!("{PRICE_RULE}, not {value}"))
+    }
 }
 
 fn envelopes<M: WireMessage>(to: &Stores, message: &M) -> anyhow::Result<Vec<Envelope>> {
@@ -251,7 +273,9 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
                 .collect()
         }
     };
-    let publisher = Publisher::connect(&config.broker).await?;
+    let publisher = Publisher::connect(&config.broker)
+        .await?
+        .with_max_message_bytes(config.terminal.max_message_bytes);
     let published = publisher.publish_envelopes(envelopes).await;
     publisher.close().await;
     for message in published? {
@@ -280,7 +304,9 @@ async fn bulk(
             file.display()
         );
     }
-    let publisher = Publisher::connect(&config.broker).await?;
+    let publisher = Publisher::connect(&config.broker)
+        .await?
+        .with_max_message_bytes(config.terminal.max_message_bytes);
     let started = std::time::Instant::now();
     let (confirmed, failed) = crate::bulk::publish(&publisher, &changes, &to.licenses).await;
     publisher.close().await;

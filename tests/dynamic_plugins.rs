@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use possync_core::{Config, PluginSetting, Publisher, Registry};
 use possync_modifier_groups_types::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
-use possync_product_images_types::{ImageDelete, ImageUpdate};
-use possync_sdk::Envelope;
+use possync_product_images_types::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
+use possync_sdk::{Envelope, WireMessage};
 
 fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Config {
     let mut config = terminal_config(dir, store, "till-1");
@@ -24,6 +24,34 @@ fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Conf
         ),
     );
     config
+}
+
+/// `possync publish image-update` of `file` as `product`'s picture.
+fn image_update(
+    store: &possync_core::LicenseKey,
+    product: &str,
+    file: &std::path::Path,
+) -> std::process::Command {
+    possync_command(&[
+        "publish",
+        "image-update",
+        "--license",
+        store.as_str(),
+        "--product-id",
+        product,
+        "--file",
+        file.to_str().expect("utf-8"),
+    ])
+}
+
+/// Where `product`'s picture is, as `product_images` records it.
+fn image_path(db: &rusqlite::Connection, product: &str) -> String {
+    db.query_row(
+        "SELECT path FROM product_images WHERE product_id = ?1",
+        [product],
+        |r| r.get(0),
+    )
+    .expect("image row")
 }
 
 fn milk(modifiers: &[(&str, &str, f64)], products: &[&str]) -> ModifierGroupUpdate {
@@ -293,28 +321,11 @@ async fn the_cli_publishes_new_types_raw_and_lists_loaded_plugins() {
 
     let picture = dir.path().join("cappuccino.png");
     std::fs::write(&picture, b"\x89PNG pretend picture").expect("write picture");
-    let output = possync(&[
-        "publish",
-        "image-update",
-        "--license",
-        store.as_str(),
-        "--product-id",
-        "CAP",
-        "--file",
-        picture.to_str().expect("utf-8"),
-    ]);
+    let output = image_update(&store, "CAP", &picture).output().expect("run");
     assert!(output.status.success(), "{}", text(&output.stderr));
     terminal.wait_applied(2).await;
-    let stored: String = terminal
-        .db()
-        .query_row(
-            "SELECT path FROM product_images WHERE product_id = 'CAP'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("row");
     assert_eq!(
-        std::fs::read(stored).expect("file"),
+        std::fs::read(image_path(&terminal.db(), "CAP")).expect("file"),
         b"\x89PNG pretend picture"
     );
     terminal.stop().await;
@@ -568,5 +579,88 @@ async fn a_disabled_dynamic_plugin_acknowledges_its_messages_unapplied() {
     assert_eq!(count(&db, "SELECT count(*) FROM possync_quarantine"), 0);
     assert_eq!(queue_depth(&terminal.topology.queue).await, 0);
     publisher.close().await;
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_mebibyte_image_publishes_and_applies_with_the_default_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("big-image");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.plugins.insert(
+        "product_images".into(),
+        dynamic_plugin(
+            "possync-plugin-product-images",
+            serde_json::json!({ "images_dir": dir.path().join("images") }),
+        ),
+    );
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let picture: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let file = dir.path().join("big.png");
+    std::fs::write(&file, &picture).expect("write image");
+
+    let output = image_update(&store, "CAP", &file).output().expect("run");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    terminal.wait_applied(1).await;
+    assert!(
+        std::fs::read(image_path(&terminal.db(), "CAP")).expect("image file") == picture,
+        "the file holds exactly the image"
+    );
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_terminals_limit_is_refused_before_it_is_sent_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("too-big");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+
+    // The largest image the plugin takes by default fits the default limit.
+    let largest = vec![7u8; DEFAULT_MAX_IMAGE_BYTES];
+    let fits = ImageUpdate::new("CAP", "image/png", &largest)
+        .to_envelope(store.as_str())
+        .expect("envelope");
+    assert!(
+        serde_json::to_vec(&fits).expect("json").len() + 1024 < config.terminal.max_message_bytes,
+        "an image of the plugin's default max_image_bytes fits terminal.max_message_bytes"
+    );
+
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let too_big = ImageUpdate::new("BIG", "image/png", &vec![7u8; 7 * 1024 * 1024]);
+    let err = publisher
+        .publish(std::slice::from_ref(&store), &too_big)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("terminal.max_message_bytes"), "{err}");
+    publisher.close().await;
+
+    // The CLI takes the limit from its config.
+    let picture = dir.path().join("small.png");
+    std::fs::write(&picture, vec![7u8; 4096]).expect("write image");
+    let output = image_update(&store, "CAP", &picture)
+        .env("POSSYNC_TERMINAL__MAX_MESSAGE_BYTES", "2048")
+        .output()
+        .expect("run");
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("over the terminals' limit of 2048 bytes (terminal.max_message_bytes)"),
+        "{stderr}"
+    );
+
+    // Neither reached the terminal: a small message after them is the first it sees.
+    publish_raw(
+        &format!("license.{store}.teleport"),
+        format!(r#"{{"type":"teleport","license_key":"{store}","payload":{{}}}}"#).as_bytes(),
+    )
+    .await;
+    terminal.wait_settled(0, 1).await;
+    assert_eq!(
+        quarantine_reasons(&terminal.db()).len(),
+        1,
+        "only the small message arrived"
+    );
     terminal.stop().await;
 }

@@ -184,6 +184,215 @@ async fn eventually_async_depth(queue: &str, depth: u32) {
     }
 }
 
+/// `possync admin provision-terminal` for `store`'s till-1, writing `output`.
+fn provision_to(store: &LicenseKey, output: &Path) -> std::process::Output {
+    possync(&[
+        "admin",
+        "provision-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+        "--output",
+        output.to_str().expect("utf-8"),
+    ])
+}
+
+/// Deletes the broker user of `store`'s till-1, and its queues with `delete_queue`.
+fn revoke_till_1(store: &LicenseKey, delete_queue: bool) -> std::process::Output {
+    let mut args = vec![
+        "admin",
+        "revoke-terminal",
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+    ];
+    if delete_queue {
+        args.push("--delete-queue");
+    }
+    possync(&args)
+}
+
+async fn assert_can_connect(what: &str, url: &str) {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|err| panic!("{what}: the terminal's password still works: {err}"));
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioning_again_refuses_an_unusable_output_before_it_changes_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("again");
+    let file = provision_terminal(dir.path(), &store, "till-1");
+    let url = url_in(&file);
+    let written = std::fs::read_to_string(&file).expect("config");
+
+    let output = provision_to(&store, &file);
+    assert!(!output.status.success(), "an existing file is not replaced");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("it exists"), "{stderr}");
+    assert_can_connect("after a re-run onto the same file", &url).await;
+    assert_eq!(std::fs::read_to_string(&file).expect("config"), written);
+
+    let missing = dir.path().join("no-such-folder").join("till-1.toml");
+    let output = provision_to(&store, &missing);
+    assert!(!output.status.success(), "a missing folder is refused");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("no-such-folder"), "{stderr}");
+    assert_can_connect("after a re-run into a missing folder", &url).await;
+
+    let fresh = dir.path().join("fresh.toml");
+    let output = provision_to(&store, &fresh);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_ne!(url_in(&fresh), url, "a new file gets a new password");
+    revoke_till_1(&store, true);
+}
+
+#[test]
+fn a_provisioned_config_holds_every_broker_url_and_the_tls_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("cluster");
+    let admin_config = dir.path().join("admin.toml");
+    std::fs::write(
+        &admin_config,
+        "[broker]\n\
+         url = [\"amqps://guest:guest@node-1.example:5671/%2f\", \"amqps://guest:guest@node-2.example:5671/%2f\"]\n\
+         tls_ca_file = \"/etc/possync/ca.pem\"\n\
+         tls_client_cert_file = \"/etc/possync/till \u{e9}.pem\"\n\
+         tls_client_key_file = \"/etc/possync/till.key\"\n",
+    )
+    .expect("write");
+    let output_file = dir.path().join("till-1.toml");
+    let output = possync_command(&[
+        "admin",
+        "provision-terminal",
+        "--config",
+        admin_config.to_str().expect("utf-8"),
+        "--license",
+        store.as_str(),
+        "--terminal-id",
+        "till-1",
+        "--output",
+        output_file.to_str().expect("utf-8"),
+    ])
+    .env_remove("POSSYNC_BROKER__URL")
+    .output()
+    .expect("run");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let broker = Config::load(Some(&output_file))
+        .expect("the provisioned config loads")
+        .config
+        .broker;
+    let user = format!("possync.terminal.{store}.till-1");
+    assert_eq!(broker.urls.len(), 2, "{:?}", broker.urls);
+    for (url, host) in broker.urls.iter().zip(["node-1.example", "node-2.example"]) {
+        assert!(url.starts_with(&format!("amqps://{user}:")), "{url}");
+        assert!(url.ends_with(&format!("@{host}:5671/%2f")), "{url}");
+    }
+    assert_eq!(broker.urls[0], broker.urls[1].replace("node-2", "node-1"));
+    assert_eq!(broker.tls_ca_file, Some("/etc/possync/ca.pem".into()));
+    assert_eq!(
+        broker.tls_client_cert_file,
+        Some("/etc/possync/till \u{e9}.pem".into())
+    );
+    assert_eq!(
+        broker.tls_client_key_file,
+        Some("/etc/possync/till.key".into())
+    );
+    revoke_till_1(&store, true);
+}
+
+/// The arguments RabbitMQ holds for `queue`, as `rabbitmqctl` lists them.
+fn queue_arguments(queue: &str) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "arguments",
+        ])
+        .output()
+        .expect("run rabbitmqctl");
+    text(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no queue {queue}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provisioned_dead_letter_queue_expires_like_its_queue_and_an_old_one_without_stops_nothing()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fresh = unique_license("dlq-new");
+    provision_terminal(dir.path(), &fresh, "till-1");
+    let thirty_days = "2592000000";
+    let arguments = queue_arguments(&format!("possync.{fresh}.till-1.dead_letter"));
+    assert!(
+        arguments.contains(&format!("{{\"x-expires\",{thirty_days}}}")),
+        "{arguments}"
+    );
+    assert!(
+        queue_arguments(&format!("possync.{fresh}.till-1"))
+            .contains(&format!("{{\"x-expires\",{thirty_days}}}")),
+        "the same expiry as its terminal queue"
+    );
+
+    // A dead-letter queue as possync declared it before it had an expiry.
+    let old = unique_license("dlq-old");
+    let dead_letters = format!("possync.{old}.till-1.dead_letter");
+    let connection = broker().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut limits = FieldTable::default();
+    limits.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(2_592_000_000),
+    );
+    limits.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(100_000),
+    );
+    channel
+        .queue_declare(
+            dead_letters.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            limits,
+        )
+        .await
+        .expect("an old-style dead-letter queue");
+    let _ = connection.close(200, "bye".into()).await;
+    let output_file = dir.path().join("old.toml");
+    let output = provision_to(&old, &output_file);
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "rabbitmqctl delete_queue {dead_letters} --if-empty"
+        )),
+        "says how to give it an expiry: {stderr}"
+    );
+    assert!(!queue_arguments(&dead_letters).contains("x-expires"));
+
+    let mut config = Config::load(Some(&output_file)).expect("config").config;
+    config.terminal.database = dir.path().join("old.db");
+    let mut terminal = RunningTerminal::start(config).await;
+    publish_raw(
+        &format!("license.{old}.teleport"),
+        format!(r#"{{"type":"teleport","license_key":"{old}","payload":{{}}}}"#).as_bytes(),
+    )
+    .await;
+    terminal.wait_settled(0, 1).await;
+    eventually_async_depth(&dead_letters, 1).await;
+    terminal.stop().await;
+    revoke_till_1(&fresh, true);
+    revoke_till_1(&old, true);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_provisioned_publisher_may_only_publish_well_formed_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -276,14 +485,7 @@ async fn a_revoked_terminal_is_disconnected_and_cannot_come_back() {
     config.terminal.database = dir.path().join("t.db");
     let mut terminal = RunningTerminal::start(config).await;
 
-    let output = possync(&[
-        "admin",
-        "revoke-terminal",
-        "--license",
-        store.as_str(),
-        "--terminal-id",
-        "till-1",
-    ]);
+    let output = revoke_till_1(&store, false);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
         text(&output.stdout).contains("deleted broker user"),
@@ -415,6 +617,36 @@ async fn terminals_connect_over_tls_and_refuse_a_certificate_their_ca_did_not_si
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_tls_setting_with_an_amqp_url_never_connects_in_clear_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, ca) = make_ca(dir.path(), "clear");
+    let store = unique_license("clear");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.broker.tls_ca_file = Some(ca);
+    // Built in code, this config never went through `Config::load`'s checks.
+    let err = Publisher::connect(&config.broker)
+        .await
+        .expect_err("no clear-text connection")
+        .to_string();
+    assert!(
+        err.contains("broker.tls_ca_file") && err.contains("amqps://"),
+        "{err}"
+    );
+    assert!(!err.contains("guest:guest"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_shown_for_debugging_hides_its_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = terminal_config(dir.path(), &unique_license("debug"), "x");
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let shown = format!("{publisher:?}");
+    assert!(shown.contains("guest:***@"), "{shown}");
+    assert!(!shown.contains("guest:guest"), "{shown}");
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn passwords_appear_in_no_log_line_or_output() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("secret");
@@ -455,15 +687,7 @@ async fn passwords_appear_in_no_log_line_or_output() {
     outputs.push(("terminal".into(), log));
 
     // Revoked, the next start is refused: the error must not show it either.
-    possync(&[
-        "admin",
-        "revoke-terminal",
-        "--license",
-        store.as_str(),
-        "--terminal-id",
-        "till-1",
-        "--delete-queue",
-    ]);
+    revoke_till_1(&store, true);
     let output = possync_command(&["terminal", "--config", path])
         .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
         .output()
@@ -498,4 +722,142 @@ fn a_config_file_with_a_password_that_others_can_read_draws_a_warning() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let output = possync(&["plugins", "list", "--config", file.to_str().expect("utf-8")]);
     assert!(!text(&output.stderr).contains("chmod 600"));
+}
+
+/// Passwords that a URL parser or figment's environment syntax would read as
+/// something other than a password.
+const AWKWARD_PASSWORDS: &[&str] = &[
+    "98765432109",
+    "true",
+    "-42.5",
+    "pa/ss-W0rd",
+    "p@ss:W0rd",
+    "pa%2Fss-W0rd",
+    "p#ss?W0rd",
+    "pässwörd€-W0rd",
+    "[W0rd]",
+];
+
+/// `text` with every byte but letters and digits percent-encoded.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Asserts that `shown` holds `password` in none of the ways it could be spelled.
+fn assert_hidden(what: &str, password: &str, shown: &str) {
+    if password == "true" {
+        // Printed config holds `true` anyway: this one is checked for loading only.
+        return;
+    }
+    let decoded = password.replace("%2F", "/");
+    for spelling in [password, &percent_encoded(password), &decoded] {
+        assert!(
+            !shown.contains(spelling),
+            "{what} shows the password {password:?}:\n{shown}"
+        );
+    }
+}
+
+#[test]
+fn awkward_passwords_in_the_environment_appear_in_no_error_or_printed_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("awkward");
+    let run = |args: &[&str], variable: &str, value: &str| {
+        let output = possync_command(args)
+            .env(variable, value)
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+            .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+            .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
+            .output()
+            .expect("run possync");
+        let shown = text(&output.stdout) + &text(&output.stderr);
+        (output.status.success(), shown)
+    };
+    for &password in AWKWARD_PASSWORDS {
+        let (ok, shown) = run(&["config", "show"], "POSSYNC_ADMIN__PASSWORD", password);
+        assert!(ok, "{password:?} is a password like any other:\n{shown}");
+        assert!(shown.contains("password = \"***\""), "{shown}");
+        assert_hidden("config show", password, &shown);
+        let (_, shown) = run(&["doctor"], "POSSYNC_ADMIN__PASSWORD", password);
+        assert_hidden("doctor", password, &shown);
+
+        // As typed into the URL, and percent-encoded as it should be; the
+        // broker has no such user, so the connection is refused.
+        for url in [
+            format!("amqp://possync-nobody:{password}@127.0.0.1:5672/%2f"),
+            format!(
+                "amqp://possync-nobody:{}@127.0.0.1:5672/%2f",
+                percent_encoded(password)
+            ),
+        ] {
+            for args in [&["config", "show"][..], &["doctor"], &["terminal"]] {
+                let (_, shown) = run(args, "POSSYNC_BROKER__URL", &url);
+                assert_hidden(&format!("{args:?} with {url}"), password, &shown);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_with_an_awkward_password_shows_it_in_no_log_status_or_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("awkward-live");
+    let user = format!("possync-test-{store}");
+    let password = "p@ss:w/rd%2F€-98765";
+    rabbitmqctl(&["add_user", &user, password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let url = format!(
+        "amqp://{user}:{}@127.0.0.1:5672/%2f",
+        percent_encoded(password)
+    );
+    let (port, database) = (free_port(), dir.path().join("t.db"));
+    let configure = |args: &[&str]| {
+        let mut command = possync_command(args);
+        command
+            .env("POSSYNC_BROKER__URL", &url)
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+            .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+            .env("POSSYNC_TERMINAL__DATABASE", &database)
+            .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
+            .env("POSSYNC_STATUS__ENABLED", "true")
+            .env("POSSYNC_STATUS__PORT", port.to_string());
+        command
+    };
+
+    let mut terminal = configure(&["terminal"]);
+    terminal.env("POSSYNC_LOG", "trace");
+    let mut terminal = ChildLog::spawn(&mut terminal);
+    terminal.wait_for_line("Live").await;
+    let mut shown = Vec::new();
+    for path in ["/", "/status", "/metrics"] {
+        shown.push((format!("status page {path}"), http_get(port, path).await.1));
+    }
+    for args in [&["status"][..], &["doctor"], &["config", "show"]] {
+        let output = configure(args).output().expect("run possync");
+        // Whether doctor passes is not this test's business; what it prints is.
+        assert!(
+            output.status.success() || args == ["doctor"],
+            "{args:?}: {}",
+            text(&output.stdout)
+        );
+        shown.push((
+            format!("{args:?}"),
+            text(&output.stdout) + &text(&output.stderr),
+        ));
+    }
+    terminal.signal(nix::sys::signal::Signal::SIGTERM);
+    let (_, log) = terminal.exit().await;
+    shown.push(("terminal log".into(), log));
+    rabbitmqctl(&["delete_user", &user]);
+    for (what, shown) in shown {
+        assert_hidden(&what, password, &shown);
+    }
 }

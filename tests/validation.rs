@@ -201,3 +201,141 @@ fn broker_urls_and_queue_expiry_are_checked_before_anything_connects() {
     let err = Config::load(Some(&path)).expect_err("refused").to_string();
     assert!(err.contains("from 1 to 49"), "{err}");
 }
+
+#[test]
+fn a_secret_of_the_wrong_type_in_a_config_file_is_named_but_never_shown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for text in [
+        "[admin]\npassword = 98765432109\n",
+        "[admin]\npassword = 9876.54321\n",
+        "[admin]\npassword = true\n",
+        "[broker]\nurl = 98765432109\n",
+        "[broker]\nurl = [\"amqp://shop:98765432109@host\", 98765432109]\n",
+    ] {
+        let path = write_config(dir.path(), text);
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        for secret in ["98765432109", "9876.54321", "true"] {
+            assert!(!err.contains(secret), "{text}: {err}");
+        }
+        assert!(err.contains("possync.toml"), "names the file: {err}");
+    }
+}
+
+#[test]
+fn a_broker_url_that_cannot_be_read_is_refused_without_its_password_in_any_spelling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for url in [
+        "amqp://shop:pa/ss-W0rd@127.0.0.1:5672/%2f",
+        "amqp://shop:p#ss?W0rd@127.0.0.1:5672/%2f",
+        "amqp://shop:p@ss:W0rd@127.0.0.1:99999/%2f",
+        "amqp:shop:pa55-W0rd@127.0.0.1",
+        "amqp://shop:pa%2Fss-W0rd@[bad",
+    ] {
+        let path = write_config(dir.path(), &format!("[broker]\nurl = {url:?}\n"));
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        assert!(err.contains("not a valid AMQP URL"), "{url}: {err}");
+        assert!(!err.contains("W0rd"), "{url}: {err}");
+    }
+}
+
+#[test]
+fn a_tls_setting_with_an_amqp_url_is_an_error_that_names_both_not_clear_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in ["tls_ca_file", "tls_client_cert_file", "tls_client_key_file"] {
+        let path = write_config(
+            dir.path(),
+            &format!(
+                "[broker]\nurl = [\"amqps://shop:s3cret-W0rd@node-1:5671/%2f\", \"amqp://shop:s3cret-W0rd@node-2:5672/%2f\"]\n{key} = \"/etc/possync/x.pem\"\n"
+            ),
+        );
+        let err = Config::load(Some(&path)).expect_err("refused").to_string();
+        assert!(err.contains(&format!("broker.{key}")), "{err}");
+        assert!(err.contains("amqp://shop:***@node-2"), "{err}");
+        assert!(err.contains("amqps://"), "says what to use: {err}");
+        assert!(!err.contains("W0rd"), "{err}");
+    }
+    let path = write_config(
+        dir.path(),
+        "[broker]\nurl = \"AMQPS://shop:pw@node-1:5671/%2f\"\ntls_ca_file = \"/etc/possync/ca.pem\"\n",
+    );
+    Config::load(Some(&path)).expect("amqps:// with a CA is what TLS looks like");
+}
+
+#[test]
+fn the_cli_refuses_a_price_that_is_not_a_finite_amount_of_zero_or_more() {
+    for price in [
+        "NaN", "nan", "inf", "-inf", "infinity", "1e999", "-1", "-0.01",
+    ] {
+        for command in [
+            &["price-update", "--product-id", "P1"][..],
+            &[
+                "product-update",
+                "--product-id",
+                "P1",
+                "--name",
+                "Tea",
+                "--category-id",
+                "C1",
+            ],
+        ] {
+            let mut args = vec!["publish"];
+            args.extend_from_slice(command);
+            args.extend_from_slice(&["--license", "STORE-1", "--price", price]);
+            let output = possync(&args);
+            let stderr = text(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("a price must be a finite number of 0 or more"),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bulk_file_with_prices_that_are_not_finite_amounts_of_zero_or_more_names_each_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("catalog.csv");
+    std::fs::write(
+        &csv,
+        "type,product_id,new_price,price\nprice_update,P1,NaN,\nprice_update,P2,-1,\nproduct_update,P3,,inf\nprice_update,P4,2.5,\n",
+    )
+    .expect("write");
+    let jsonl = dir.path().join("catalog.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"type\":\"price_update\",\"payload\":{\"product_id\":\"P1\",\"new_price\":-0.5}}\n{\"type\":\"product_update\",\"payload\":{\"product_id\":\"P2\",\"price\":-3}}\n{\"type\":\"price_update\",\"payload\":{\"product_id\":\"P3\",\"new_price\":1}}\n",
+    )
+    .expect("write");
+    for (file, bad) in [(&csv, &[2, 3, 4][..]), (&jsonl, &[1, 2])] {
+        let path = file.to_str().expect("utf-8");
+        let output = possync(&[
+            "publish",
+            "bulk",
+            "--stop-on-error",
+            "--file",
+            path,
+            "--license",
+            "STORE-1",
+        ]);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        for line in bad {
+            assert!(
+                stderr.contains(&format!("{path}:{line}: ")),
+                "line {line}: {stderr}"
+            );
+        }
+        assert_eq!(
+            stderr
+                .matches("must be a finite number of 0 or more")
+                .count(),
+            bad.len(),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("{} bad line(s)", bad.len())),
+            "{stderr}"
+        );
+    }
+}

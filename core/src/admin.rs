@@ -16,8 +16,9 @@ use rand::Rng;
 use serde_json::json;
 
 use crate::config::{Config, Delivery};
+use crate::events;
 use crate::identity::{LicenseKey, MAX_ID_LEN, TerminalId};
-use crate::redact::{UrlParts, redact_url, url_parts};
+use crate::redact::{UrlParts, redact_secrets, redact_url, url_parts};
 use crate::topology::TerminalTopology;
 
 /// An administrative action that failed.
@@ -117,9 +118,9 @@ impl Admin {
     /// A client for the API in `config.admin`, acting on the vhost of `broker.url`.
     pub fn new(config: &Config) -> Result<Self, AdminError> {
         let url = config.broker.url();
-        let uri: lapin::uri::AMQPUri = url
-            .parse()
-            .map_err(|err| AdminError::BrokerUrl(redact_url(url), err))?;
+        let uri: lapin::uri::AMQPUri = url.parse().map_err(|err: String| {
+            AdminError::BrokerUrl(redact_url(url), redact_secrets(&err, url))
+        })?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
             .http_status_as_error(false)
@@ -140,7 +141,10 @@ impl Admin {
     }
 
     /// Creates the terminal's user, its permissions and its queue, and
-    /// writes a ready terminal config (mode 0600) to `output`.
+    /// writes a ready terminal config (mode 0600) to `output`: every broker
+    /// URL of the list with the new credentials, and the TLS settings.
+    /// `output` is created first, so a path that cannot be written stops
+    /// this before a live terminal's password changes.
     pub fn provision_terminal(
         &self,
         license_key: &LicenseKey,
@@ -148,6 +152,7 @@ impl Admin {
         database: &Path,
         output: &Path,
     ) -> Result<Provisioned, AdminError> {
+        let output = ReservedOutput::create(output)?;
         let user = terminal_user(license_key, terminal_id);
         let mut config = self.config.clone();
         config.terminal.license_key = Some(license_key.clone());
@@ -178,31 +183,29 @@ impl Admin {
             })),
             "setting the terminal's topic permissions",
         )?;
-        let url = with_credentials(self.config.broker.url(), &user, &password)?;
         let file = format!(
             "# Written by `possync admin provision-terminal` for terminal {terminal_id} of store {license_key}.\n\
              # It holds the terminal's broker password: keep it readable by its owner only.\n\n\
              [broker]\n\
-             url = {url:?}\n\
-             exchange = {exchange:?}\n\
-             queue_type = {queue_type:?}\n\
+             {broker}\
+             queue_type = {queue_type}\n\
              # The administrator declared the queue; this user may only read it.\n\
              declare_topology = false\n\n\
              [terminal]\n\
-             license_key = {license_key:?}\n\
-             terminal_id = {terminal_id:?}\n\
-             database = {database:?}\n\
+             license_key = {license_key_text}\n\
+             terminal_id = {terminal_id_text}\n\
+             database = {database}\n\
              queue_expiry_days = {days}\n\
              max_attempts = {attempts}\n",
-            exchange = topology.exchange,
-            queue_type = format!("{:?}", config.broker.queue_type).to_lowercase(),
-            license_key = license_key.as_str(),
-            terminal_id = terminal_id.as_str(),
-            database = database.display().to_string(),
+            broker = self.broker_lines(&user, &password)?,
+            queue_type = quoted(&format!("{:?}", config.broker.queue_type).to_lowercase()),
+            license_key_text = quoted(license_key.as_str()),
+            terminal_id_text = quoted(terminal_id.as_str()),
+            database = quoted(&database.display().to_string()),
             days = config.terminal.queue_expiry_days,
             attempts = config.terminal.max_attempts,
         );
-        write_private(output, &file)?;
+        output.fill(&file)?;
         Ok(Provisioned {
             summary: format!(
                 "broker user {user}: may read queue {} only (bound to {}); may not configure, publish or bind",
@@ -219,6 +222,7 @@ impl Admin {
         name: &TerminalId,
         output: &Path,
     ) -> Result<Provisioned, AdminError> {
+        let output = ReservedOutput::create(output)?;
         let user = publisher_user(name);
         let exchange = self.config.broker.exchange.clone();
         self.request(
@@ -249,18 +253,16 @@ impl Admin {
             })),
             "setting the publisher's topic permissions",
         )?;
-        let url = with_credentials(self.config.broker.url(), &user, &password)?;
         let file = format!(
             "# Written by `possync admin provision-publisher` for publisher {name}.\n\
              # It holds the publisher's broker password: keep it readable by its owner only.\n\n\
              [broker]\n\
-             url = {url:?}\n\
-             exchange = {exchange:?}\n\
+             {broker}\
              # The administrator declared the exchange; this user may only publish to it.\n\
              declare_topology = false\n",
-            exchange = self.config.broker.exchange,
+            broker = self.broker_lines(&user, &password)?,
         );
-        write_private(output, &file)?;
+        output.fill(&file)?;
         Ok(Provisioned {
             summary: format!(
                 "broker user {user}: may publish to {} with keys license.<KEY>.<type> only; may not read, bind or configure",
@@ -359,12 +361,19 @@ impl Admin {
             Some(json!({ "type": "direct", "durable": true })),
             "declaring the dead-letter exchange",
         )?;
-        self.request(
+        let (status, body) = self.call(
             "PUT",
             &format!("/api/queues/{vhost}/{}", encode(&topology.dead_letter_queue)),
             Some(json!({ "durable": true, "arguments": arguments(topology.dead_letter_arguments()) })),
-            "declaring the dead-letter queue",
         )?;
+        match status {
+            200..=299 => {}
+            // Made before dead-letter queues had an expiry: use it as it is.
+            400 if body.contains("inequivalent arg") => {
+                events::dead_letter_queue_kept(&topology.dead_letter_queue, &body);
+            }
+            _ => return Err(self.failure("declaring the dead-letter queue", status, body)),
+        }
         self.request(
             "POST",
             &format!(
@@ -392,6 +401,35 @@ impl Admin {
             "binding the terminal's queue",
         )?;
         Ok(())
+    }
+
+    /// The `[broker]` lines of a provisioned config: every broker URL of
+    /// the list with the new credentials, the exchange, and the TLS files.
+    fn broker_lines(&self, user: &str, password: &str) -> Result<String, AdminError> {
+        let broker = &self.config.broker;
+        let urls = broker
+            .urls
+            .iter()
+            .map(|url| with_credentials(url, user, password).map(toml::Value::String))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut lines = format!(
+            "url = {}\nexchange = {}\n",
+            toml::Value::Array(urls),
+            quoted(&broker.exchange)
+        );
+        for (key, path) in [
+            ("tls_ca_file", &broker.tls_ca_file),
+            ("tls_client_cert_file", &broker.tls_client_cert_file),
+            ("tls_client_key_file", &broker.tls_client_key_file),
+        ] {
+            if let Some(path) = path {
+                lines.push_str(&format!(
+                    "{key} = {}\n",
+                    quoted(&path.display().to_string())
+                ));
+            }
+        }
+        Ok(lines)
     }
 
     fn put_user(&self, user: &str, password: &str) -> Result<(), AdminError> {
@@ -535,31 +573,78 @@ fn encode(text: &str) -> String {
     out
 }
 
-/// Writes a file only its owner can read: it holds a password.
-fn write_private(path: &Path, contents: &str) -> Result<(), AdminError> {
-    let failed = |err: std::io::Error| AdminError::Output {
-        path: path.display().to_string(),
-        detail: err.to_string(),
-    };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(|err| {
-        if err.kind() == std::io::ErrorKind::AlreadyExists {
-            AdminError::Output {
-                path: path.display().to_string(),
-                detail: "it exists; remove it or choose another --output".into(),
-            }
-        } else {
-            failed(err)
+/// `text` as a TOML string, quoted and escaped.
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+/// The output file, created empty (mode 0600: it will hold a password)
+/// before anything changes on the broker: a path that cannot be written
+/// stops provisioning before a live till's password is rotated. Removed
+/// again if provisioning fails before it is filled.
+struct ReservedOutput {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl ReservedOutput {
+    fn create(path: &Path) -> Result<Self, AdminError> {
+        let refused = |detail: String| AdminError::Output {
+            path: path.display().to_string(),
+            detail,
+        };
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
         }
-    })?;
-    file.write_all(contents.as_bytes()).map_err(failed)?;
-    file.sync_all().map_err(failed)
+        let file = options.open(path).map_err(|err| match err.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                refused("it exists; remove it or choose another --output".into())
+            }
+            std::io::ErrorKind::NotFound => refused(format!(
+                "its folder {} does not exist; create it or choose another --output",
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .display()
+            )),
+            _ => refused(err.to_string()),
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: Some(file),
+        })
+    }
+
+    /// Writes the config; the broker user exists by now, so a failure says so.
+    fn fill(mut self, contents: &str) -> Result<(), AdminError> {
+        let Some(mut file) = self.file.take() else {
+            return Ok(());
+        };
+        let written = file
+            .write_all(contents.as_bytes())
+            .and_then(|()| file.sync_all());
+        written.map_err(|err| {
+            let _ = std::fs::remove_file(&self.path);
+            AdminError::Output {
+                path: self.path.display().to_string(),
+                detail: format!(
+                    "{err}; the broker user's new password is lost with it: run the command again with a writable --output"
+                ),
+            }
+        })
+    }
+}
+
+impl Drop for ReservedOutput {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 #[cfg(test)]

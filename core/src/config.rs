@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::config_env::EnvText;
 use crate::identity::{LicenseKey, TerminalId};
-use crate::redact::redact_url;
+use crate::redact::{redact_config_error, redact_secrets, redact_url};
 
 /// Everything possync can be configured with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -117,9 +118,11 @@ pub struct BrokerConfig {
     /// (the reason stays in `possync_quarantine`).
     pub declare_topology: bool,
     /// PEM file of the CA that signed the broker's certificate, for
-    /// `amqps://` URLs (default: the system's trusted CAs).
+    /// `amqps://` URLs (default: the system's trusted CAs). Beside an
+    /// `amqp://` URL it is an error: that URL never uses TLS.
     pub tls_ca_file: Option<PathBuf>,
-    /// PEM file of a client certificate, if the broker asks for one.
+    /// PEM file of a client certificate, if the broker asks for one
+    /// (`amqps://` URLs only, like every TLS setting).
     pub tls_client_cert_file: Option<PathBuf>,
     /// PEM file (PKCS#8) of the client certificate's private key.
     pub tls_client_key_file: Option<PathBuf>,
@@ -162,7 +165,46 @@ impl std::fmt::Debug for BrokerConfig {
     }
 }
 
+/// A TLS file is configured for a URL that never uses TLS.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{key} is set, but broker.url {url} starts with amqp://, which connects in clear text and never uses it: write amqps:// (port 5671) to connect over TLS, or remove {key}"
+)]
+pub struct TlsNeedsAmqps {
+    /// The TLS setting, for example `broker.tls_ca_file`.
+    pub key: &'static str,
+    /// The URL, password redacted.
+    pub url: String,
+}
+
 impl BrokerConfig {
+    /// Refuses TLS settings beside an `amqp://` URL: lapin would connect in
+    /// clear text and ignore them, and the operator would believe the link
+    /// encrypted.
+    pub fn check_tls(&self) -> Result<(), TlsNeedsAmqps> {
+        let key = [
+            ("broker.tls_ca_file", &self.tls_ca_file),
+            ("broker.tls_client_cert_file", &self.tls_client_cert_file),
+            ("broker.tls_client_key_file", &self.tls_client_key_file),
+        ]
+        .into_iter()
+        .find_map(|(key, path)| path.is_some().then_some(key));
+        let Some(key) = key else {
+            return Ok(());
+        };
+        let clear = self.urls.iter().find(|url| {
+            !url.split_once("://")
+                .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("amqps"))
+        });
+        match clear {
+            Some(url) => Err(TlsNeedsAmqps {
+                key,
+                url: redact_url(url),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The first broker URL, or the only one.
     pub fn url(&self) -> &str {
         self.urls.first().map_or("", String::as_str)
@@ -298,9 +340,17 @@ pub struct TerminalConfig {
     /// queue that lives only while the terminal is connected (changes made
     /// meanwhile are lost).
     pub delivery: Delivery,
-    /// Days an unused terminal queue is kept before the broker deletes it.
+    /// Days an unused terminal queue, and its dead-letter queue, is kept
+    /// before the broker deletes it.
     pub queue_expiry_days: u32,
-    /// Bodies larger than this many bytes are dead-lettered unread.
+    /// Bodies larger than this many bytes are dead-lettered unread, and a
+    /// publisher with this config refuses to send them. The default, 8 MiB,
+    /// holds an image of the product_images plugin's default
+    /// `max_image_bytes` (5 MiB, sent base64-encoded: 6.7 MiB) with its
+    /// envelope, and stays under RabbitMQ's own `max_message_size` (16 MiB
+    /// since 4.0, 128 MiB before). Raise it together with `max_image_bytes`,
+    /// on the terminals and the publisher alike; the broker may hold up to
+    /// `prefetch` messages of this size in a terminal's memory.
     pub max_message_bytes: usize,
     /// Tries a message gets when its handler fails transiently or panics,
     /// before it is dead-lettered. The messages behind it wait meanwhile,
@@ -323,7 +373,7 @@ impl Default for TerminalConfig {
             batch_size: 250,
             delivery: Delivery::Durable,
             queue_expiry_days: 30,
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 8 * 1024 * 1024,
             max_attempts: 5,
             quarantine_max_rows: 1000,
             quarantine_max_days: 30,
@@ -367,6 +417,9 @@ pub enum ConfigError {
         /// Why.
         detail: String,
     },
+    /// A TLS setting beside an `amqp://` URL.
+    #[error(transparent)]
+    TlsNeedsAmqps(#[from] TlsNeedsAmqps),
     /// A value is out of range.
     #[error("{key} {problem}")]
     OutOfRange {
@@ -379,7 +432,7 @@ pub enum ConfigError {
 
 impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
-        Self::Invalid(Box::new(err))
+        Self::Invalid(Box::new(redact_config_error(err)))
     }
 }
 
@@ -421,13 +474,9 @@ impl Config {
             })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(
-            Env::prefixed("POSSYNC_")
-                // Only sectioned variables are config; POSSYNC_LOG and friends are not.
-                .filter(|key| key.as_str().contains("__"))
-                .split("__"),
-        );
-        let config: Config = figment.extract()?;
+        figment = figment.merge(EnvText::new());
+        // Lossy: a number or boolean setting reads the text the environment holds.
+        let config: Config = figment.extract_lossy()?;
         config.check()?;
         if let Some(path) = file {
             warn_if_secrets_are_readable(path);
@@ -477,10 +526,12 @@ impl Config {
             if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
                 return Err(ConfigError::InvalidUrl {
                     url: redact_url(url),
-                    detail,
+                    // The parser quotes a URL it cannot read, password and all.
+                    detail: redact_secrets(&detail, url),
                 });
             }
         }
+        self.broker.check_tls()?;
         if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
             return Err(ConfigError::OutOfRange {
                 key: "broker.*_timeout_secs",

@@ -7,8 +7,8 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
-use crate::config::BrokerConfig;
-use crate::redact::redact_url;
+use crate::config::{BrokerConfig, TlsNeedsAmqps};
+use crate::redact::{redact_secrets, redact_url};
 
 /// The broker could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,9 @@ pub enum BrokerError {
         /// Why.
         detail: String,
     },
+    /// A TLS file is configured for an `amqp://` URL.
+    #[error(transparent)]
+    TlsNeedsAmqps(#[from] TlsNeedsAmqps),
     /// A queue or exchange this terminal expects does not exist.
     #[error(
         "{detail}: with broker.declare_topology = false the queue must exist already; provision it with `possync admin provision-terminal`"
@@ -116,6 +119,7 @@ impl BrokerError {
                 | Self::Conflict { .. }
                 | Self::Tls { .. }
                 | Self::TlsFile { .. }
+                | Self::TlsNeedsAmqps(_)
                 | Self::NotFound { .. }
         )
     }
@@ -137,7 +141,7 @@ impl BrokerError {
     pub(crate) fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {
         match err.kind() {
             ErrorKind::ProtocolError(amqp) => {
-                let detail = amqp.get_message().to_string();
+                let detail = redact_secrets(amqp.get_message().as_str(), url);
                 match amqp.kind() {
                     AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
                     | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Self::AccessRefused {
@@ -155,13 +159,14 @@ impl BrokerError {
                     },
                 }
             }
+            // lapin reports a URL it cannot parse as an I/O error that quotes it whole.
             ErrorKind::IOError(io) if is_tls_failure(io) => Self::Tls {
                 url: redact_url(url),
-                detail: io.to_string(),
+                detail: redact_secrets(&io.to_string(), url),
             },
             ErrorKind::IOError(io) => Self::Unreachable {
                 url: redact_url(url),
-                detail: io.to_string(),
+                detail: redact_secrets(&io.to_string(), url),
             },
             _ => Self::Protocol {
                 during,
@@ -239,6 +244,8 @@ pub(crate) async fn connect(
 ) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let seconds = broker.connect_timeout_secs;
+    // Checked here too: a BrokerConfig made in code skips `Config::load`.
+    broker.check_tls()?;
     let tls = tls_config(broker)?;
     let connecting = async {
         match tls {

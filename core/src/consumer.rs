@@ -93,6 +93,13 @@ impl Inbox {
         }
     }
 
+    /// Keeps the dead-letter queue from expiring while the terminal runs.
+    pub(crate) async fn renew_dead_letter_queue(&mut self) {
+        if let Self::Broker(subscription) = self {
+            subscription.renew_dead_letter_queue().await;
+        }
+    }
+
     /// Stops consuming; `unsettled` (taken, not yet settled) and every
     /// other unacknowledged message return to the queue, in their order.
     pub(crate) async fn close(self, unsettled: &[Inbound]) {
@@ -157,7 +164,7 @@ impl Subscription {
                 timeout,
                 "declaring the terminal's queue",
                 url,
-                topology.declare(&channel),
+                topology.declare_on(&connection),
             )
             .await
             .map_err(|err| already_running(err, topology))?;
@@ -214,9 +221,25 @@ impl Subscription {
         })
     }
 
-    /// The queue's ready messages, by a passive declare on a channel of its
-    /// own; after a failure it stops asking for the rest of the session.
+    /// The queue's ready messages.
     async fn queue_depth(&mut self) -> Option<u64> {
+        let queue = self.topology.queue.clone();
+        self.look_at(&queue, "counting the queue's messages")
+            .await
+            .map(u64::from)
+    }
+
+    /// Keeps the dead-letter queue from expiring while this terminal lives:
+    /// nothing consumes from it, and a declare renews its lease.
+    async fn renew_dead_letter_queue(&mut self) {
+        let queue = self.topology.dead_letter_queue.clone();
+        self.look_at(&queue, "renewing the dead-letter queue").await;
+    }
+
+    /// A passive declare of `queue` on a channel of its own: its ready
+    /// messages. A failure closes that channel, so after one it stops
+    /// asking for the rest of the session (logged once).
+    async fn look_at(&mut self, queue: &str, during: &'static str) -> Option<u32> {
         if matches!(self.probe, Probe::NotOpen) {
             let opened = connection::within(
                 self.timeout_secs,
@@ -228,7 +251,7 @@ impl Subscription {
             self.probe = match opened {
                 Ok(channel) => Probe::Open(channel),
                 Err(err) => {
-                    events::queue_depth_unknown(&err.to_string());
+                    events::queue_probe_failed(&err.to_string());
                     Probe::GaveUp
                 }
             };
@@ -238,10 +261,10 @@ impl Subscription {
         };
         let declared = connection::within(
             self.timeout_secs,
-            "counting the queue's messages",
+            during,
             &self.url,
             probe.queue_declare(
-                self.topology.queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
@@ -251,9 +274,9 @@ impl Subscription {
         )
         .await;
         match declared {
-            Ok(queue) => Some(u64::from(queue.message_count())),
+            Ok(queue) => Some(queue.message_count()),
             Err(err) => {
-                events::queue_depth_unknown(&err.to_string());
+                events::queue_probe_failed(&err.to_string());
                 self.probe = Probe::GaveUp;
                 None
             }

@@ -162,7 +162,14 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
             }
         };
         checks.extend(topology_checks(config, &connection, identity.as_ref()).await);
-        let _ = connection.close(200, "doctor done".into()).await;
+        // A close can hang when the broker is gone (lapin #409): bounded too.
+        let _ = connection::within(
+            config.broker.confirm_timeout_secs,
+            "closing",
+            url,
+            connection.close(200, "doctor done".into()),
+        )
+        .await;
         break;
     }
     checks
@@ -173,63 +180,76 @@ async fn topology_checks(
     connection: &lapin::Connection,
     identity: Option<&(crate::LicenseKey, crate::TerminalId)>,
 ) -> Vec<Check> {
+    let seconds = config.broker.confirm_timeout_secs;
     let mut checks = Vec::new();
     let passive = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
     };
     // A failed passive declare closes its channel: one channel per probe.
-    match connection.create_channel().await {
-        Ok(channel) => match channel
-            .exchange_declare(config.broker.exchange.as_str().into(), ExchangeKind::Topic, passive, FieldTable::default())
-            .await
-        {
-            Ok(()) => checks.push(Check::pass("exchange", format!("{} exists", config.broker.exchange))),
-            Err(err) => checks.push(Check::fail(
-                "exchange",
-                format!("{}: {err}", config.broker.exchange),
-                "start a terminal or publisher once (they declare it), or provision with `possync admin`",
-            )),
-        },
-        Err(err) => checks.push(Check::fail("exchange", err.to_string(), "check the user's permissions on the vhost")),
+    let exchange = async {
+        let channel = bounded(seconds, connection.create_channel()).await?;
+        bounded(
+            seconds,
+            channel.exchange_declare(
+                config.broker.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await
+    };
+    match exchange.await {
+        Ok(()) => checks.push(Check::pass("exchange", format!("{} exists", config.broker.exchange))),
+        Err(err) => checks.push(Check::fail(
+            "exchange",
+            format!("{}: {err}", config.broker.exchange),
+            "start a terminal or publisher once (they declare it), or provision with `possync admin`",
+        )),
     }
     let Some((key, id)) = identity else {
         return checks;
     };
     let topology = TerminalTopology::new(config, key, id);
-    match connection.create_channel().await {
-        Ok(channel) => match channel
-            .queue_declare(
+    let queue = async {
+        let channel = bounded(seconds, connection.create_channel()).await?;
+        bounded(
+            seconds,
+            channel.queue_declare(
                 topology.queue.as_str().into(),
-                QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(queue) => {
-                checks.push(Check::pass(
-                    "terminal queue",
-                    format!(
-                        "{} exists: {} message(s) waiting, {} consumer(s) (binding {})",
-                        topology.queue,
-                        queue.message_count(),
-                        queue.consumer_count(),
-                        topology.binding_key
-                    ),
-                ));
-                checks.push(running_check(config, queue.consumer_count()));
-            }
-            Err(err) => checks.push(Check::fail(
-                "terminal queue",
-                format!("{}: {err}", topology.queue),
-                if config.broker.declare_topology {
-                    "start the terminal once: it declares and binds its queue (changes published before that are not kept)"
-                } else {
-                    "provision it with `possync admin provision-terminal`"
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
                 },
-            )),
-        },
-        Err(err) => checks.push(Check::fail("terminal queue", err.to_string(), "check the user's permissions")),
+                FieldTable::default(),
+            ),
+        )
+        .await
+    };
+    match queue.await {
+        Ok(queue) => {
+            checks.push(Check::pass(
+                "terminal queue",
+                format!(
+                    "{} exists: {} message(s) waiting, {} consumer(s) (binding {})",
+                    topology.queue,
+                    queue.message_count(),
+                    queue.consumer_count(),
+                    topology.binding_key
+                ),
+            ));
+            checks.push(running_check(config, queue.consumer_count()));
+        }
+        Err(err) => checks.push(Check::fail(
+            "terminal queue",
+            format!("{}: {err}", topology.queue),
+            if config.broker.declare_topology {
+                "start the terminal once: it declares and binds its queue (changes published before that are not kept)"
+            } else {
+                "provision it with `possync admin provision-terminal`"
+            },
+        )),
     }
     checks
 }
@@ -261,6 +281,17 @@ fn running_check(config: &Config, consumers: u32) -> Check {
             "another process is already running as this terminal (its queue has a consumer, and no live terminal on this machine wrote this database): starting one here will be refused",
             "stop the other process, or give this one its own terminal.terminal_id (a cloned disk or a copied config keeps the old one)",
         ),
+    }
+}
+
+/// The broker's answer, or why there was none within `seconds`.
+async fn bounded<T>(
+    seconds: u64,
+    operation: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(std::time::Duration::from_secs(seconds), operation).await {
+        Ok(answer) => answer.map_err(|err| err.to_string()),
+        Err(_) => Err(format!("the broker did not answer within {seconds} s")),
     }
 }
 

@@ -104,8 +104,17 @@ pub(crate) fn dead_letter_fallback(reason: &str) {
     warn!(event = "dead_letter_fallback", %reason, "could not publish to the dead-letter queue with a reason; rejected to it without one");
 }
 
-pub(crate) fn queue_depth_unknown(reason: &str) {
-    warn!(event = "queue_depth_unknown", %reason, "cannot count the messages waiting in the queue; the status shows no queue depth until the next connection");
+pub(crate) fn dead_letter_queue_kept(queue: &str, reason: &str) {
+    warn!(
+        event = "dead_letter_queue_kept",
+        %queue,
+        %reason,
+        "the dead-letter queue exists with other arguments (made by an older possync: no expiry), so it is used as it is and never expires; to give it one, delete it once it is empty (`rabbitmqctl delete_queue {queue} --if-empty`): whoever declares it next (the terminal at its start, or `possync admin provision-terminal`) gives it the expiry"
+    );
+}
+
+pub(crate) fn queue_probe_failed(reason: &str) {
+    warn!(event = "queue_probe_failed", %reason, "cannot look at the terminal's queues: the status shows no queue depth, and the dead-letter queue's expiry is renewed only at the next connection");
 }
 
 pub(crate) fn migrations_ran(ids: &[String]) {

@@ -8,6 +8,7 @@ mod admin;
 mod applier;
 mod backoff;
 mod config;
+mod config_env;
 mod connection;
 mod consumer;
 mod doctor;
@@ -32,7 +33,7 @@ mod transaction;
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{
     AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig,
-    PluginSetting, QueueType, StatusConfig, TerminalConfig,
+    PluginSetting, QueueType, StatusConfig, TerminalConfig, TlsNeedsAmqps,
 };
 pub use connection::BrokerError;
 pub use doctor::{Check, config_sources, diagnose};

@@ -15,10 +15,11 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Mutex;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, TerminalConfig};
 use crate::connection::{self, BrokerError};
 use crate::events;
 use crate::identity::{InvalidId, LicenseKey};
+use crate::redact::redact_url;
 use crate::topology::{declare_exchange, routing_key};
 
 const PERSISTENT: u8 = 2;
@@ -45,6 +46,21 @@ pub enum PublishError {
     Refused {
         /// The message's routing key.
         routing_key: String,
+    },
+    /// The body is larger than the terminals take: they would dead-letter it
+    /// unread, so it is not sent.
+    #[error(
+        "the {message_type} message for {routing_key} is {size} bytes, over the terminals' limit of {limit} bytes (terminal.max_message_bytes); it was not sent: send a smaller one, or raise terminal.max_message_bytes on the terminals and in this publisher's config (and RabbitMQ's max_message_size above it)"
+    )]
+    TooLarge {
+        /// The message's type.
+        message_type: String,
+        /// The message's routing key.
+        routing_key: String,
+        /// The encoded body's size.
+        size: usize,
+        /// `terminal.max_message_bytes`.
+        limit: usize,
     },
     /// No queue is bound for the store: no terminal of it has ever started.
     #[error(
@@ -74,13 +90,21 @@ pub struct Publisher {
     broker: BrokerConfig,
     session: Mutex<Option<Session>>,
     versions: VersionClock,
+    max_message_bytes: usize,
 }
 
-#[derive(Debug)]
 struct Session {
     connection: Connection,
     channel: Channel,
     url: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 /// One message on its way: kept until confirmed, so it can be sent again
@@ -125,7 +149,16 @@ impl Publisher {
             broker: broker.clone(),
             session: Mutex::new(Some(session)),
             versions: VersionClock::default(),
+            max_message_bytes: TerminalConfig::default().max_message_bytes,
         })
+    }
+
+    /// Refuses, before sending, a body larger than `bytes`: the terminals'
+    /// `terminal.max_message_bytes` (the default is theirs by default).
+    #[must_use]
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
     }
 
     /// Publishes `message` to every store in `license_keys`; returns once
@@ -170,7 +203,22 @@ impl Publisher {
                 self.settle_oldest(&mut guard, &mut in_flight, &mut published, &mut reconnects)
                     .await?;
             }
-            let mut pending = self.prepare(envelope, timestamp.as_deref())?;
+            let mut pending = match self.prepare(envelope, timestamp.as_deref()) {
+                Ok(pending) => pending,
+                Err(err) => {
+                    // Those before it are confirmed, as for a message the broker refused.
+                    while !in_flight.is_empty() {
+                        self.settle_oldest(
+                            &mut guard,
+                            &mut in_flight,
+                            &mut published,
+                            &mut reconnects,
+                        )
+                        .await?;
+                    }
+                    return Err(err);
+                }
+            };
             loop {
                 match send(&mut guard, &self.broker, &mut pending) {
                     Ok(()) => break,
@@ -303,6 +351,14 @@ impl Publisher {
         timestamp: Option<&str>,
     ) -> Result<Pending, PublishError> {
         let encoded = encode(envelope, &self.versions, timestamp)?;
+        if encoded.body.len() > self.max_message_bytes {
+            return Err(PublishError::TooLarge {
+                message_type: encoded.message_type,
+                routing_key: encoded.routing_key,
+                size: encoded.body.len(),
+                limit: self.max_message_bytes,
+            });
+        }
         Ok(Pending {
             routing_key: encoded.routing_key,
             message_id: encoded.message_id,

@@ -55,6 +55,10 @@ pub struct Terminal {
     status: StatusSender,
 }
 
+/// How often a connected terminal renews its dead-letter queue's lease:
+/// well within the shortest expiry (one day).
+const RENEW_DEAD_LETTER_QUEUE_EVERY: Duration = Duration::from_secs(3600);
+
 /// How often a live terminal counts the messages waiting in its queue.
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 
@@ -348,6 +352,7 @@ async fn consume(
 ) -> SessionEnd {
     let status = reporter.status;
     let mut depth_due = tokio::time::Instant::now();
+    let mut renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
     let mut idle = false;
     // Deliveries taken but not settled, to try again before anything else.
     let mut held: Vec<Inbound> = Vec::new();
@@ -371,6 +376,11 @@ async fn consume(
                 next = subscription.next() => {
                     idle = false;
                     next
+                }
+                () = tokio::time::sleep_until(renew_due) => {
+                    subscription.renew_dead_letter_queue().await;
+                    renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
+                    continue;
                 }
                 // Idle with every delivery settled: the broker delivers whatever
                 // arrives at once, so nothing waits, and there is time to write

@@ -1,10 +1,12 @@
 //! The broker objects a terminal uses, and their names.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{Config, Delivery, QueueType};
+use crate::events;
 use crate::identity::{LicenseKey, TerminalId};
 
 /// The names and settings of one terminal's exchange, queue and dead-letter queue.
@@ -82,9 +84,9 @@ impl TerminalTopology {
         args
     }
 
-    /// The arguments of the dead-letter queue: dead letters are for people
-    /// to read, kept as long as an idle queue lives, and bounded.
-    pub(crate) fn dead_letter_arguments(&self) -> Vec<(&'static str, Argument)> {
+    /// How much the dead-letter queue keeps: dead letters are for people to
+    /// read, kept as long as an idle queue lives, and bounded.
+    fn dead_letter_limits(&self) -> Vec<(&'static str, Argument)> {
         vec![
             (
                 "x-message-ttl",
@@ -94,8 +96,58 @@ impl TerminalTopology {
         ]
     }
 
-    /// Declares everything (idempotent) on `channel`.
-    pub(crate) async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// The arguments of the dead-letter queue: its limits, and the expiry of
+    /// the queue it belongs to, so an abandoned terminal's dead letters do
+    /// not pile up forever. A queue expires only when unused: a terminal
+    /// renews it by declaring it (a passive declare counts) within every
+    /// expiry period, as nothing consumes from it.
+    pub(crate) fn dead_letter_arguments(&self) -> Vec<(&'static str, Argument)> {
+        let mut arguments = self.dead_letter_limits();
+        arguments.push(("x-expires", Argument::Integer(saturate(self.expires_ms))));
+        arguments
+    }
+
+    /// Declares everything (idempotent) on channels of its own on
+    /// `connection`, the dead-letter queue with an expiry.
+    ///
+    /// RabbitMQ refuses to declare an existing queue with other arguments,
+    /// and dead-letter queues made before they had an expiry have none: such
+    /// a queue is used as it is (a passive declare) and logged with how to
+    /// renew it, so a terminal upgraded in the field keeps working.
+    pub(crate) async fn declare_on(&self, connection: &Connection) -> lapin::Result<()> {
+        let mut channel = connection.create_channel().await?;
+        self.declare_exchanges(&channel).await?;
+        let declared = channel
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                durable(),
+                field_table(&self.dead_letter_arguments()),
+            )
+            .await;
+        match declared {
+            Ok(_) => {}
+            Err(err) if is_precondition_failed(&err) => {
+                // The refusal closed that channel.
+                channel = connection.create_channel().await?;
+                channel
+                    .queue_declare(
+                        self.dead_letter_queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                events::dead_letter_queue_kept(&self.dead_letter_queue, &err.to_string());
+            }
+            Err(err) => return Err(err),
+        }
+        self.declare_rest(&channel).await?;
+        channel.close(200, "declared".into()).await
+    }
+
+    async fn declare_exchanges(&self, channel: &Channel) -> lapin::Result<()> {
         declare_exchange(channel, &self.exchange).await?;
         channel
             .exchange_declare(
@@ -107,17 +159,11 @@ impl TerminalTopology {
                 },
                 FieldTable::default(),
             )
-            .await?;
-        channel
-            .queue_declare(
-                self.dead_letter_queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                field_table(&self.dead_letter_arguments()),
-            )
-            .await?;
+            .await
+    }
+
+    /// After the dead-letter queue: its binding, the terminal's queue and its binding.
+    async fn declare_rest(&self, channel: &Channel) -> lapin::Result<()> {
         channel
             .queue_bind(
                 self.dead_letter_queue.as_str().into(),
@@ -128,10 +174,7 @@ impl TerminalTopology {
             )
             .await?;
         let options = match self.delivery {
-            Delivery::Durable => QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
+            Delivery::Durable => durable(),
             // Gone with the connection, as in the original system.
             Delivery::Transient => QueueDeclareOptions {
                 exclusive: true,
@@ -156,6 +199,22 @@ impl TerminalTopology {
             )
             .await
     }
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Whether the broker refused a declare because the object exists with other settings.
+pub(crate) fn is_precondition_failed(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+    )
 }
 
 /// Declares the durable topic exchange of the wire contract.
@@ -208,4 +267,104 @@ fn field_table(arguments: &[(&'static str, Argument)]) -> FieldTable {
 
 fn saturate(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::ConnectionProperties;
+
+    use super::*;
+
+    /// The broker the tests use, as in the integration tests.
+    async fn broker() -> Connection {
+        let url = std::env::var("POSSYNC_TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|err| panic!("these tests need RabbitMQ ({err})"))
+    }
+
+    fn topology(label: &str) -> TerminalTopology {
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let key = LicenseKey::new(format!("T-{label}-{}", &suffix[20..])).expect("valid");
+        let mut config = Config::default();
+        config.terminal.queue_expiry_days = 1;
+        TerminalTopology::new(&config, &key, &TerminalId::new("till-1").expect("valid"))
+    }
+
+    /// Declares the dead-letter queue with `arguments` on a fresh channel.
+    async fn redeclare(
+        connection: &Connection,
+        topology: &TerminalTopology,
+        arguments: &[(&'static str, Argument)],
+    ) -> lapin::Result<()> {
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                topology.dead_letter_queue.as_str().into(),
+                durable(),
+                field_table(arguments),
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn delete_queues(connection: &Connection, topology: &TerminalTopology) {
+        let channel = connection.create_channel().await.expect("channel");
+        for queue in [&topology.queue, &topology.dead_letter_queue] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_queue_gets_the_expiry_of_its_terminal_queue() {
+        let connection = broker().await;
+        let topology = topology("dlq-expiry");
+        topology.declare_on(&connection).await.expect("declared");
+        // The broker holds a queue to the arguments it was made with.
+        redeclare(&connection, &topology, &topology.dead_letter_arguments())
+            .await
+            .expect("declared with its expiry");
+        let err = redeclare(&connection, &topology, &topology.dead_letter_limits())
+            .await
+            .expect_err("it has an x-expires");
+        assert!(err.to_string().contains("x-expires"), "{err}");
+        assert!(
+            topology
+                .dead_letter_arguments()
+                .contains(&("x-expires", Argument::Integer(86_400_000)))
+        );
+        delete_queues(&connection, &topology).await;
+    }
+
+    #[tokio::test]
+    async fn an_old_dead_letter_queue_without_an_expiry_is_used_as_it_is() {
+        let connection = broker().await;
+        let topology = topology("dlq-old");
+        redeclare(&connection, &topology, &topology.dead_letter_limits())
+            .await
+            .expect("an old-style dead-letter queue");
+        topology
+            .declare_on(&connection)
+            .await
+            .expect("the terminal's topology is declared all the same");
+        let channel = connection.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                topology.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(queue.is_ok(), "the terminal's queue exists: {queue:?}");
+        redeclare(&connection, &topology, &topology.dead_letter_limits())
+            .await
+            .expect("the old queue is left as it was");
+        delete_queues(&connection, &topology).await;
+    }
 }

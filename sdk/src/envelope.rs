@@ -158,26 +158,23 @@ impl Envelope {
 }
 
 /// Parses the `YYYY-MM-DDTHH:MM:SS[.fff][Z|±HH:MM]` timestamps the back office
-/// sends, without pulling a date library into every plugin.
+/// sends, without pulling a date library into every plugin. A timestamp
+/// without an offset is UTC, as the original back office meant it.
+///
+/// It reads bytes, never slices the text: a timestamp comes off the wire, and
+/// a multi-byte character where a digit belongs must be refused, not panic.
 fn parse_rfc3339_micros(text: &str) -> Option<i64> {
     let bytes = text.as_bytes();
-    if bytes.len() < 19
-        || bytes[4] != b'-'
-        || bytes[7] != b'-'
-        || bytes[10] != b'T' && bytes[10] != b't' && bytes[10] != b' '
+    let (date_time, rest) = bytes.split_at_checked(19)?;
+    let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if separators.iter().any(|&(at, byte)| date_time[at] != byte)
+        || !matches!(date_time[10], b'T' | b't' | b' ')
     {
         return None;
     }
-    let num = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = text.get(range)?;
-        if part.bytes().all(|b| b.is_ascii_digit()) {
-            part.parse().ok()
-        } else {
-            None
-        }
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let number = |at: usize, len: usize| digits(date_time.get(at..at + len)?);
+    let (year, month, day) = (number(0, 4)?, number(5, 2)?, number(8, 2)?);
+    let (hour, minute, second) = (number(11, 2)?, number(14, 2)?, number(17, 2)?);
     if !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
         || hour > 23
@@ -186,41 +183,40 @@ fn parse_rfc3339_micros(text: &str) -> Option<i64> {
     {
         return None;
     }
-    let mut rest = &text[19..];
-    let mut micros = 0i64;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let mut scaled = 0i64;
-        for (i, b) in fraction.bytes().take(digits).enumerate() {
-            if i < 6 {
-                scaled = scaled * 10 + i64::from(b - b'0');
+    let (micros, rest) = match rest.split_first() {
+        Some((b'.', fraction)) => {
+            let count = fraction.iter().take_while(|b| b.is_ascii_digit()).count();
+            if count == 0 {
+                return None;
             }
+            // Digits past microseconds are dropped, not rounded.
+            let kept = digits(&fraction[..count.min(6)])?;
+            let scale = 10i64.pow(u32::try_from(6 - count.min(6)).ok()?);
+            (kept * scale, &fraction[count..])
         }
-        for _ in digits..6 {
-            scaled *= 10;
-        }
-        micros = scaled;
-        rest = &fraction[digits..];
-    }
+        _ => (0, rest),
+    };
     let offset_secs = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && &rest[3..4] == ":" =>
-        {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let hours: i64 = rest.get(1..3)?.parse().ok()?;
-            let minutes: i64 = rest.get(4..6)?.parse().ok()?;
-            sign * (hours * 3600 + minutes * 60)
+        [] | [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let magnitude = digits(&[*h1, *h2])? * 3600 + digits(&[*m1, *m2])? * 60;
+            if *sign == b'-' { -magnitude } else { magnitude }
         }
         _ => return None,
     };
     let days = days_from_civil(year, month, day);
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     Some(seconds * 1_000_000 + micros)
+}
+
+/// The value of a run of ASCII digits; `None` if any byte is not one.
+fn digits(bytes: &[u8]) -> Option<i64> {
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0i64, |value, &b| {
+        b.is_ascii_digit().then(|| value * 10 + i64::from(b - b'0'))
+    })
 }
 
 /// Days since 1970-01-01 in the proleptic Gregorian calendar (Howard Hinnant's algorithm).
@@ -310,5 +306,77 @@ mod tests {
         assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339_micros("yesterday"), None);
         assert_eq!(parse_rfc3339_micros("2025-13-27T10:30:00Z"), None);
+    }
+
+    #[test]
+    fn a_timestamp_with_non_ascii_bytes_is_unreadable_not_a_panic() {
+        for text in [
+            "2025-11-27T10:30:00+\u{20ac}00",
+            "2025-11-27T10:30:00-\u{e9}:0",
+            "2025-11-27T10:30:00.\u{20ac}",
+            "2025-11-27T10:30:00\u{20ac}",
+            "2025-11-27T1\u{e9}30:00Z",
+            "\u{20ac}025-11-27T10:30:00Z",
+            "2025-11-27T10:30:00+01\u{e9}0",
+        ] {
+            assert_eq!(parse_rfc3339_micros(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_time_of_day_must_be_separated_by_colons() {
+        assert_eq!(parse_rfc3339_micros("2025-11-27T10-30-00Z"), None);
+        assert_eq!(parse_rfc3339_micros("2025-11-27T10:30x00Z"), None);
+        assert_eq!(parse_rfc3339_micros("2025-11-27T10x30:00Z"), None);
+        assert_eq!(parse_rfc3339_micros("2025-11-27T10:30:00+0100"), None);
+    }
+
+    #[test]
+    fn a_timestamp_without_an_offset_is_utc() {
+        assert_eq!(
+            parse_rfc3339_micros("2025-11-27T10:30:00"),
+            parse_rfc3339_micros("2025-11-27T10:30:00Z")
+        );
+        assert_eq!(
+            parse_rfc3339_micros("2025-11-27T10:30:00.250"),
+            parse_rfc3339_micros("2025-11-27T10:30:00.25Z")
+        );
+        assert_eq!(
+            parse_rfc3339_micros("2025-11-27T10:30:00"),
+            Some(1_764_239_400_000_000)
+        );
+        assert_eq!(parse_rfc3339_micros("2025-11-27T10:30:00."), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_as_a_timestamp_never_panics(text in "\\PC{0,40}") {
+            let _ = parse_rfc3339_micros(&text);
+        }
+
+        #[test]
+        fn a_valid_prefix_with_any_suffix_never_panics(suffix in "\\PC{0,12}", fraction in "[0-9]{0,9}") {
+            let _ = parse_rfc3339_micros(&format!("2025-11-27T10:30:00{suffix}"));
+            let _ = parse_rfc3339_micros(&format!("2025-11-27T10:30:00.{fraction}{suffix}"));
+            let _ = parse_rfc3339_micros(&format!("2025-11-27T10:30:00+{suffix}"));
+        }
+
+        #[test]
+        fn a_timestamp_with_any_character_spliced_in_never_panics(
+            at in 0usize..26, c in proptest::char::any()
+        ) {
+            let mut text = String::from("2025-11-27T10:30:00.5+02:00");
+            text.insert(at, c);
+            let _ = parse_rfc3339_micros(&text);
+            let mut replaced: Vec<char> = "2025-11-27T10:30:00.5+02:00".chars().collect();
+            replaced[at] = c;
+            let _ = parse_rfc3339_micros(&replaced.into_iter().collect::<String>());
+        }
+
+        #[test]
+        fn an_envelope_with_any_timestamp_never_panics_when_ordered(text in "\\PC{0,40}") {
+            let envelope = Envelope::new("t", "K", serde_json::json!({})).with_timestamp(text);
+            let _ = envelope.order();
+        }
     }
 }

@@ -5,6 +5,11 @@ use possync_sdk::WireMessage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The largest image the plugin takes unless `max_image_bytes` says
+/// otherwise. Sent base64-encoded (4 bytes for every 3) inside JSON, it fits
+/// the terminals' default `terminal.max_message_bytes`.
+pub const DEFAULT_MAX_IMAGE_BYTES: usize = 5 * 1024 * 1024;
+
 /// `image_update`: a product's picture, whole, with its hash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageUpdate {

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use possync_product_images_types::{ImageDelete, ImageUpdate, sha256_hex};
+use possync_product_images_types::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate, sha256_hex};
 use possync_sdk::host::{self, Level};
 use possync_sdk::{
     Envelope, HandlerError, MessageHandler, Migration, Registrar, Store, Value, Version,
@@ -61,7 +61,7 @@ struct Settings {
 }
 
 fn default_max_image_bytes() -> usize {
-    5 * 1024 * 1024
+    DEFAULT_MAX_IMAGE_BYTES
 }
 
 /// Applies image messages.
