@@ -375,7 +375,7 @@ fn incompatible_or_broken_plugins_are_refused_with_a_message_that_says_what_to_d
     assert!(
         old_sdk.contains(&format!(
             "rebuild it against possync-sdk {}",
-            env!("CARGO_PKG_VERSION")
+            possync_sdk::SDK_VERSION
         )),
         "{old_sdk}"
     );
