@@ -261,7 +261,7 @@ async fn a_picture_two_products_share_survives_one_of_them_moving_on() {
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     for message in &messages {
         publisher
-            .publish(&[store.clone()], message)
+            .publish(std::slice::from_ref(&store), message)
             .await
             .expect("confirmed");
     }

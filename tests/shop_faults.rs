@@ -104,7 +104,7 @@ async fn twin_is_refused(delivery: Delivery) {
     if delivery == Delivery::Transient {
         // The queue of a transient terminal is its connection's own; doctor
         // cannot look into it from another connection.
-        finish_twin(first, &config, &store).await;
+        finish_twin(first, &store).await;
         return stop_twin(twin, &clone_db).await;
     }
     let doctor = possync_command(&["doctor"])
@@ -119,7 +119,7 @@ async fn twin_is_refused(delivery: Delivery) {
         report.contains("another process is already running as this terminal"),
         "doctor on the clone says so: {report}"
     );
-    finish_twin(first, &config, &store).await;
+    finish_twin(first, &store).await;
     stop_twin(twin, &clone_db).await;
 }
 
@@ -137,21 +137,9 @@ async fn stop_twin(twin: ChildLog, clone_db: &Path) {
 }
 
 /// The first terminal still gets every change.
-async fn finish_twin(
-    mut first: RunningTerminal,
-    config: &possync_core::Config,
-    store: &LicenseKey,
-) {
-    let (changes, model) = catalog_changes(store, 50, 7);
-    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher
-        .publish_envelopes(changes)
-        .await
-        .expect("confirmed");
-    first.wait_applied(50).await;
-    assert_matches_model(&first.db(), &model);
+async fn finish_twin(mut first: RunningTerminal, store: &LicenseKey) {
+    sync_and_check(&mut first, store, 50, 7).await;
     assert!(first.status.borrow().is_live());
-    publisher.close().await;
     first.stop().await;
 }
 
@@ -295,15 +283,7 @@ async fn a_till_restarted_while_the_broker_still_holds_its_old_consumer_gets_in_
         .await
         .expect("close");
     let mut terminal = starting.await.expect("the restarted till goes live");
-    let (changes, model) = catalog_changes(&store, 10, 5);
-    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher
-        .publish_envelopes(changes)
-        .await
-        .expect("confirmed");
-    terminal.wait_applied(10).await;
-    assert_matches_model(&terminal.db(), &model);
-    publisher.close().await;
+    sync_and_check(&mut terminal, &store, 10, 5).await;
     terminal.stop().await;
 }
 
@@ -388,7 +368,7 @@ async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_return
         files.sort();
         files
     };
-    assert_eq!(files(), [before.clone()]);
+    assert_eq!(files(), std::slice::from_ref(&before));
 
     // Every commit must now grow the write-ahead log.
     terminal

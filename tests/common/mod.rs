@@ -184,28 +184,7 @@ impl RunningTerminal {
 
 /// Publishes `body` on the contract exchange with a plain AMQP client.
 pub async fn publish_raw(routing_key: &str, body: &[u8]) {
-    let connection = broker().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let confirm = channel
-        .basic_publish(
-            "pos_license_events".into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
-    let _ = connection.close(200, "bye".into()).await;
+    publish_raw_many(&[(routing_key.to_owned(), body.to_vec())]).await;
 }
 
 /// Publishes each `(routing key, body)` in order on one channel, as another
@@ -237,6 +216,29 @@ pub async fn publish_raw_many(messages: &[(String, Vec<u8>)]) {
         assert!(confirm.await.expect("confirm").is_ack());
     }
     let _ = connection.close(200, "bye".into()).await;
+}
+
+/// Publishes `count` random catalog changes to `store` with possync's
+/// publisher and checks that `terminal` ends holding exactly their catalog.
+pub async fn sync_and_check(
+    terminal: &mut RunningTerminal,
+    store: &LicenseKey,
+    count: usize,
+    seed: u64,
+) {
+    let (changes, model) = catalog_changes(store, count, seed);
+    let mut config = Config::default();
+    config.broker.urls = vec![amqp_url()];
+    let publisher = possync_core::Publisher::connect(&config.broker)
+        .await
+        .expect("publisher");
+    publisher
+        .publish_envelopes(changes)
+        .await
+        .expect("confirmed");
+    terminal.wait_applied(count as u64).await;
+    assert_matches_model(&terminal.db(), &model);
+    publisher.close().await;
 }
 
 /// Messages waiting in `queue`.
