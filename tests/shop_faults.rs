@@ -73,11 +73,12 @@ async fn assert_nothing_dead_lettered(terminal: &RunningTerminal) {
     assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
 }
 
-async fn twin_is_refused(delivery: Delivery) {
+async fn twin_is_refused(delivery: Delivery, queue_type: QueueType) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("twin");
-    let mut config = terminal_config(dir.path(), &store, "till-1");
+    let mut config = queue_config(dir.path(), &store, queue_type);
     config.terminal.delivery = delivery;
+    let queue_type_name = format!("{queue_type:?}").to_lowercase();
     let delivery_name = format!("{delivery:?}").to_lowercase();
     let first = RunningTerminal::start(config.clone()).await;
 
@@ -86,6 +87,7 @@ async fn twin_is_refused(delivery: Delivery) {
     let mut twin = ChildLog::spawn(
         possync_command(&["terminal"])
             .env("POSSYNC_TERMINAL__DELIVERY", &delivery_name)
+            .env("POSSYNC_BROKER__QUEUE_TYPE", &queue_type_name)
             .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
             .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
             .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
@@ -108,6 +110,7 @@ async fn twin_is_refused(delivery: Delivery) {
         return stop_twin(twin, &clone_db).await;
     }
     let doctor = possync_command(&["doctor"])
+        .env("POSSYNC_BROKER__QUEUE_TYPE", &queue_type_name)
         .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
         .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
         .env("POSSYNC_TERMINAL__QUEUE_EXPIRY_DAYS", "1")
@@ -145,12 +148,17 @@ async fn finish_twin(mut first: RunningTerminal, store: &LicenseKey) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_process_with_the_same_identity_is_refused_and_the_first_applies_everything() {
-    twin_is_refused(Delivery::Durable).await;
+    twin_is_refused(Delivery::Durable, QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_a_quorum_queue_is_refused_although_quorum_queues_ignore_exclusivity() {
+    twin_is_refused(Delivery::Durable, QueueType::Quorum).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_transient_process_with_the_same_identity_is_refused_too() {
-    twin_is_refused(Delivery::Transient).await;
+    twin_is_refused(Delivery::Transient, QueueType::Classic).await;
 }
 
 /// Holds the database's write lock, as a POS app in a long transaction does.
@@ -335,16 +343,38 @@ impl Drop for SmallDisk {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_returns() {
+    stream_onto_a_full_disk(ImagesOn::AnotherDisk).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_that_cannot_be_written_stall_the_stream_instead_of_being_dead_lettered() {
+    stream_onto_a_full_disk(ImagesOn::TheFullDisk).await;
+}
+
+/// Where the product-images plugin writes its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImagesOn {
+    /// The database's commits fail; image files can be written.
+    AnotherDisk,
+    /// Image files cannot be written either.
+    TheFullDisk,
+}
+
+async fn stream_onto_a_full_disk(images_on: ImagesOn) {
     const CHANGES: usize = 300;
     let disk = SmallDisk::mount(8 << 20);
-    let images = tempfile::tempdir().expect("images dir");
+    let other_disk = tempfile::tempdir().expect("images dir");
+    let images = match images_on {
+        ImagesOn::AnotherDisk => other_disk.path().to_owned(),
+        ImagesOn::TheFullDisk => disk.path().join("images"),
+    };
     let store = unique_license("full");
     let mut config = terminal_config(disk.path(), &store, "till-1");
     config.plugins.insert(
         "product_images".into(),
         dynamic_plugin(
             "possync-plugin-product-images",
-            serde_json::json!({ "images_dir": images.path() }),
+            serde_json::json!({ "images_dir": images }),
         ),
     );
     let mut terminal = RunningTerminal::start(config).await;
@@ -361,7 +391,7 @@ async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_return
     publish_raw_many(&[image("P01", &before)]).await;
     terminal.wait_applied(1).await;
     let files = || -> Vec<Vec<u8>> {
-        let mut files: Vec<Vec<u8>> = std::fs::read_dir(images.path())
+        let mut files: Vec<Vec<u8>> = std::fs::read_dir(&images)
             .expect("images dir")
             .map(|entry| std::fs::read(entry.expect("entry").path()).unwrap_or_default())
             .collect();
@@ -382,7 +412,7 @@ async fn a_full_disk_stalls_the_stream_in_place_and_it_resumes_when_space_return
 
     let reason = wait_stalled(&mut terminal).await;
     assert!(
-        reason.contains("full"),
+        reason.contains("full") || reason.contains("No space left"),
         "the reason names the full disk: {reason}"
     );
     // Each try writes the new pictures and removes them again when its

@@ -221,10 +221,17 @@ impl Limits {
     }
 }
 
-/// The whole batch failed to commit: nothing of it applied.
+/// The whole batch failed: nothing of it applied, and it is held to be
+/// tried again.
 #[derive(Debug, thiserror::Error)]
-#[error("the batch could not be committed: {0}")]
-pub(crate) struct BatchError(#[from] rusqlite::Error);
+pub(crate) enum BatchError {
+    /// The database refused it (locked, full, read-only, ...).
+    #[error("the batch could not be committed: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A handler's storage outside the database cannot take writes now.
+    #[error("the batch could not be applied: {handler}: {reason}")]
+    Storage { handler: String, reason: String },
+}
 
 impl Applier {
     pub(crate) fn new(
@@ -346,7 +353,7 @@ impl Dispatch {
         transaction: &mut Transaction<'_>,
         batch: &[Inbound],
         careful: bool,
-    ) -> Result<Option<Vec<Outcome>>, rusqlite::Error> {
+    ) -> Result<Option<Vec<Outcome>>, BatchError> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for inbound in batch {
             transaction.begin_message();
@@ -390,7 +397,7 @@ impl Dispatch {
         inbound: &Inbound,
         envelope: &Envelope,
         careful: bool,
-    ) -> Result<Option<Outcome>, rusqlite::Error> {
+    ) -> Result<Option<Outcome>, BatchError> {
         let handler = match self.registry.route(&envelope.message_type) {
             Route::Handler(handler) => handler,
             Route::Disabled(plugin) => {
@@ -404,9 +411,12 @@ impl Dispatch {
                     "unknown message type {:?}: no plugin handles it",
                     envelope.message_type
                 );
-                return self
-                    .quarantine(transaction, inbound, Some(envelope), reason)
-                    .map(Some);
+                return Ok(Some(self.quarantine(
+                    transaction,
+                    inbound,
+                    Some(envelope),
+                    reason,
+                )?));
             }
         };
         if careful {
@@ -434,7 +444,13 @@ impl Dispatch {
         };
         if let Some(fault) = transaction.take_fault() {
             // The database itself failed: no message of this batch can commit.
-            return Err(fault);
+            return Err(fault.into());
+        }
+        if let Ok(Err(HandlerError::Storage(reason))) = result {
+            return Err(BatchError::Storage {
+                handler: handler.name().to_owned(),
+                reason,
+            });
         }
         if !careful && !matches!(result, Ok(Ok(()))) {
             return Ok(None);
@@ -501,7 +517,7 @@ impl Dispatch {
                 )
             }
         };
-        outcome.map(Some)
+        Ok(Some(outcome?))
     }
 
     /// A try that may succeed another time: retry, unless the message has

@@ -127,10 +127,45 @@ fn already_running(err: BrokerError, topology: &TerminalTopology) -> BrokerError
     if !refused {
         return err;
     }
+    already_running_as(topology)
+}
+
+fn already_running_as(topology: &TerminalTopology) -> BrokerError {
     events::already_running(&topology.queue);
     BrokerError::AlreadyRunning {
         queue: topology.queue.clone(),
     }
+}
+
+/// The consumers of `queue`, by a passive declare on a channel of its own;
+/// `None` when the broker would not say (the exclusive consumer still
+/// guards a classic queue).
+async fn consumers(connection: &Connection, timeout: u64, url: &str, queue: &str) -> Option<u32> {
+    let channel = connection::within(
+        timeout,
+        "opening a channel",
+        url,
+        connection.create_channel(),
+    )
+    .await
+    .ok()?;
+    let declared = connection::within(
+        timeout,
+        "counting the queue's consumers",
+        url,
+        channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .ok()?;
+    let _ = channel.close(200, "counted".into()).await;
+    Some(declared.consumer_count())
 }
 
 impl std::fmt::Debug for Subscription {
@@ -190,8 +225,14 @@ impl Subscription {
             dead_letters.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        // Exclusive: a second process with this terminal's identity (a cloned
-        // disk, a copied config) is refused instead of taking half the stream.
+        // One process per terminal: a second one with this identity (a
+        // cloned disk, a copied config) must not take half the stream. An
+        // exclusive consumer does that on a classic queue; a quorum queue
+        // ignores exclusivity, so the consumers are also counted, before
+        // (a twin already there) and after (one that started the same moment).
+        if consumers(&connection, timeout, url, &topology.queue).await > Some(0) {
+            return Err(already_running_as(topology));
+        }
         let consumer = connection::within(
             timeout,
             "starting the consumer",
@@ -208,6 +249,13 @@ impl Subscription {
         )
         .await
         .map_err(|err| already_running(err, topology))?;
+        if consumers(&connection, timeout, url, &topology.queue).await > Some(1) {
+            // Closing returns whatever was delivered here, unacknowledged.
+            let _ = connection
+                .close(200, "another process runs as this terminal".into())
+                .await;
+            return Err(already_running_as(topology));
+        }
         Ok(Self {
             connection,
             channel,

@@ -16,6 +16,12 @@ pub enum HandlerError {
     /// then dead-lettered like any message that fails every time.
     #[error("panicked: {0}")]
     Panicked(String),
+    /// The terminal's own storage cannot take the handler's writes now (a
+    /// full disk, a read-only file system): any message would fail. The
+    /// runtime holds the whole batch and tries it again until it can, and
+    /// never dead-letters a message for it.
+    #[error("{0}")]
+    Storage(String),
 }
 
 impl HandlerError {
@@ -29,9 +35,18 @@ impl HandlerError {
         Self::Transient(reason.into())
     }
 
+    /// Storage outside the database (files) that cannot take writes now,
+    /// with the reason: the batch waits until it can.
+    pub fn storage(reason: impl Into<String>) -> Self {
+        Self::Storage(reason.into())
+    }
+
     /// Whether trying the same message again may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_) | Self::Panicked(_))
+        matches!(
+            self,
+            Self::Transient(_) | Self::Panicked(_) | Self::Storage(_)
+        )
     }
 }
 

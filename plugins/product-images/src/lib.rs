@@ -264,8 +264,9 @@ fn extension(content_type: &str) -> Result<&'static str, HandlerError> {
 /// new one, never a part: a temporary file in the same folder, flushed to
 /// disk, then renamed over the target.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
+    // The images folder, not the message, is at fault: hold the batch.
     let failed = |err: std::io::Error| {
-        HandlerError::transient(format!("cannot write {}: {err}", path.display()))
+        HandlerError::storage(format!("cannot write {}: {err}", path.display()))
     };
     let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
     let written = File::create(&temporary).and_then(|mut file| {
