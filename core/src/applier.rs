@@ -550,22 +550,22 @@ impl Dispatch {
         envelope: Option<&Envelope>,
         reason: String,
     ) -> Result<Outcome, rusqlite::Error> {
-        events::message_quarantined(
+        let message = Quarantined::new(
             &inbound.routing_key,
             envelope.map(|e| e.message_type.as_str()),
-            &reason,
+            envelope.and_then(|e| e.message_id.as_deref()),
+            reason,
+            &inbound.body,
         );
-        transaction.record_quarantined(
-            &Quarantined::new(
-                &inbound.routing_key,
-                envelope.map(|e| e.message_type.as_str()),
-                envelope.and_then(|e| e.message_id.as_deref()),
-                reason.clone(),
-                &inbound.body,
-            ),
-            self.limits.quarantine_max_rows,
-        )?;
-        Ok(Outcome::DeadLetter { reason })
+        events::message_quarantined(
+            &message.routing_key,
+            message.message_type.as_deref(),
+            &message.reason,
+        );
+        transaction.record_quarantined(&message, self.limits.quarantine_max_rows)?;
+        Ok(Outcome::DeadLetter {
+            reason: message.reason,
+        })
     }
 }
 

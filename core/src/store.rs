@@ -62,6 +62,19 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     ),
 ];
 
+/// How much of a quarantined message's words (routing key, type, id) and
+/// of its reason is kept and logged: they may quote hostile input.
+const QUARANTINE_FIELD_CHARS: usize = 256;
+const QUARANTINE_REASON_CHARS: usize = 1024;
+
+/// `text`, cut after `chars` characters with a mark that says so.
+fn bounded(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}... ({} bytes in all)", &text[..end], text.len()),
+    }
+}
+
 /// How long a batch waits for another program's lock before the terminal
 /// says Stalled: longer than a POS app's own short writes.
 const BATCH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -97,7 +110,8 @@ pub enum DatabaseError {
 /// A message that will never apply, kept with the reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quarantined {
-    /// The routing key it arrived with.
+    /// The routing key it arrived with (these words and the reason are cut
+    /// after a few hundred characters).
     pub routing_key: String,
     /// The envelope `type`, if the envelope could be read.
     pub message_type: Option<String>,
@@ -126,10 +140,11 @@ impl Quarantined {
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(body);
         Self {
-            routing_key: routing_key.to_owned(),
-            message_type: message_type.map(str::to_owned),
-            message_id: message_id.map(str::to_owned),
-            reason,
+            routing_key: bounded(routing_key, QUARANTINE_FIELD_CHARS),
+            message_type: message_type.map(|t| bounded(t, QUARANTINE_FIELD_CHARS)),
+            message_id: message_id.map(|id| bounded(id, QUARANTINE_FIELD_CHARS)),
+            // A reason may quote the input (a type, a decoding error).
+            reason: bounded(&reason, QUARANTINE_REASON_CHARS),
             body: body[..body.len().min(QUARANTINE_BODY_BYTES)].to_vec(),
             body_bytes: body.len() as u64,
             body_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
@@ -360,7 +375,8 @@ impl Database {
                     "reason": record.reason,
                     "pid": std::process::id(),
                 });
-                let temporary = aside.with_extension("tmp");
+                let mut temporary = aside.clone().into_os_string();
+                temporary.push(".tmp");
                 let written = std::fs::write(&temporary, kept.to_string())
                     .and_then(|()| std::fs::rename(&temporary, &aside));
                 if let Err(io) = written {
@@ -372,7 +388,10 @@ impl Database {
     }
 
     /// The state a terminal could not record in the database, if it is newer.
-    fn state_aside(&self, recorded_since_ms: i64) -> Option<(String, i64, Option<String>, i64)> {
+    fn state_aside(
+        &self,
+        recorded_since_ms: i64,
+    ) -> Option<(String, i64, Option<String>, Option<i64>)> {
         let text = std::fs::read_to_string(state_file(&self.path)).ok()?;
         let kept: serde_json::Value = serde_json::from_str(&text).ok()?;
         let since_ms = kept["since_ms"].as_i64()?;
@@ -381,7 +400,7 @@ impl Database {
                 kept["state"].as_str().unwrap_or("unknown").to_owned(),
                 since_ms,
                 kept["reason"].as_str().map(str::to_owned),
-                kept["pid"].as_i64().unwrap_or_default(),
+                kept["pid"].as_i64(),
             )
         })
     }
@@ -447,7 +466,7 @@ impl Database {
                     stored.state = state;
                     stored.since_ms = since_ms;
                     stored.reason = reason;
-                    stored.pid = Some(pid);
+                    stored.pid = pid;
                 }
                 stored
             }))
@@ -533,4 +552,88 @@ pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// possync's tables as the release before the quarantine digest and the
+    /// stale counter made them.
+    const EARLIER_BOOKKEEPING: &str = "
+        CREATE TABLE possync_migrations (id TEXT PRIMARY KEY NOT NULL, applied_at INTEGER NOT NULL);
+        CREATE TABLE possync_status (
+            id INTEGER PRIMARY KEY CHECK (id = 1), license_key TEXT NOT NULL, terminal_id TEXT NOT NULL,
+            state TEXT NOT NULL, since_ms INTEGER NOT NULL, reason TEXT, broker TEXT, pid INTEGER,
+            applied_total INTEGER NOT NULL DEFAULT 0, quarantined_total INTEGER NOT NULL DEFAULT 0,
+            last_applied_ms INTEGER, last_message_type TEXT);
+        CREATE TABLE possync_quarantine (
+            id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, routing_key TEXT NOT NULL,
+            message_type TEXT, message_id TEXT, reason TEXT NOT NULL, body BLOB NOT NULL);
+        INSERT INTO possync_status (id, license_key, terminal_id, state, since_ms, applied_total)
+            VALUES (1, 'K', 'till-1', 'stopped', 0, 41);
+        INSERT INTO possync_quarantine (received_at, routing_key, reason, body)
+            VALUES (0, 'license.K.t', 'old', x'7b7d');";
+
+    #[test]
+    fn a_database_of_the_earlier_release_is_read_before_and_after_it_is_upgraded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pos.db");
+        Connection::open(&path)
+            .and_then(|c| c.execute_batch(EARLIER_BOOKKEEPING))
+            .expect("earlier database");
+
+        let before = Database::open_read_only(&path).expect("opens");
+        let status = before.status_record().expect("reads").expect("a record");
+        assert_eq!((status.applied_total, status.stale_total), (41, 0));
+        drop(before);
+
+        let upgraded = Database::open(&path).expect("upgrades");
+        let status = upgraded.status_record().expect("reads").expect("a record");
+        assert_eq!((status.applied_total, status.stale_total), (41, 0));
+        let kept = upgraded.quarantined(10).expect("reads");
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].body_bytes, kept[0].body_sha256.as_str()), (2, ""));
+        drop(upgraded);
+        Database::open(&path).expect("opens again without running a migration twice");
+    }
+
+    #[test]
+    fn a_state_the_database_could_not_take_is_read_from_beside_it_until_a_later_one_is_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pos.db");
+        let mut database = Database::open(&path).expect("opens");
+        let record = |state: &'static str, since_ms: i64| StateRecord {
+            license_key: "K".into(),
+            terminal_id: "till-1".into(),
+            state,
+            since_ms,
+            reason: Some(format!("{state} reason")),
+            broker: None,
+        };
+        database
+            .record_state(&record("live", 10))
+            .expect("recorded");
+        let locker = Connection::open(&path).expect("opens");
+        locker.execute_batch("BEGIN EXCLUSIVE").expect("locks");
+        database
+            .record_state(&record("stalled", 20))
+            .expect_err("the database is locked");
+        let shown = Database::open_read_only(&path)
+            .and_then(|db| db.status_record())
+            .expect("reads")
+            .expect("a record");
+        assert_eq!((shown.state.as_str(), shown.since_ms), ("stalled", 20));
+        assert_eq!(shown.reason.as_deref(), Some("stalled reason"));
+        locker.execute_batch("COMMIT").expect("unlocks");
+        database
+            .record_state(&record("live", 30))
+            .expect("recorded");
+        assert!(
+            !state_file(&path).exists(),
+            "the file goes once the database took a state"
+        );
+        let shown = database.status_record().expect("reads").expect("a record");
+        assert_eq!((shown.state.as_str(), shown.since_ms), ("live", 30));
+    }
 }

@@ -352,7 +352,9 @@ async fn consume(
 ) -> SessionEnd {
     let status = reporter.status;
     let mut depth_due = tokio::time::Instant::now();
-    let mut renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
+    // Renewed at once too: a provisioned terminal declares nothing on
+    // connecting, and its sessions may be short.
+    let mut renew_due = tokio::time::Instant::now();
     let mut idle = false;
     // Deliveries taken but not settled, to try again before anything else.
     let mut held: Vec<Inbound> = Vec::new();

@@ -483,6 +483,23 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(small.body, b"abc");
+        let huge_type = "t€".repeat(100_000);
+        let hostile = Quarantined::new(
+            &huge_type,
+            Some(&huge_type),
+            Some(&huge_type),
+            format!("unknown message type {huge_type:?}"),
+            b"{}",
+        );
+        for field in [
+            &hostile.routing_key,
+            hostile.message_type.as_ref().expect("type"),
+            hostile.message_id.as_ref().expect("id"),
+            &hostile.reason,
+        ] {
+            assert!(field.len() < 4096, "{} bytes kept", field.len());
+            assert!(field.ends_with(" bytes in all)"), "says it was cut");
+        }
     }
 
     #[test]
