@@ -238,20 +238,12 @@ async fn a_terminal_started_while_the_pos_app_holds_the_lock_waits_for_it() {
     lock_taken
         .recv_timeout(WAIT)
         .expect("the lock is taken in time");
-    let mut terminal = RunningTerminal::start(config.clone()).await;
-    let (changes, model) = catalog_changes(&store, 20, 11);
-    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    publisher
-        .publish_envelopes(changes)
-        .await
-        .expect("confirmed");
-    terminal.wait_applied(20).await;
-    assert_matches_model(&terminal.db(), &model);
+    let mut terminal = RunningTerminal::start(config).await;
+    sync_and_check(&mut terminal, &store, 20, 11).await;
     tokio::task::spawn_blocking(move || holder.join())
         .await
         .expect("join")
         .expect("lock holder");
-    publisher.close().await;
     terminal.stop().await;
 }
 

@@ -149,9 +149,30 @@ async fn consumers(connection: &Connection, timeout: u64, url: &str, queue: &str
     )
     .await
     .ok()?;
-    let declared = connection::within(
+    let declared = passive_declare(
+        &channel,
+        queue,
         timeout,
+        url,
         "counting the queue's consumers",
+    )
+    .await
+    .ok()?;
+    let _ = channel.close(200, "counted".into()).await;
+    Some(declared.consumer_count())
+}
+
+/// What the broker says of `queue` (messages, consumers), without declaring it.
+async fn passive_declare(
+    channel: &Channel,
+    queue: &str,
+    timeout: u64,
+    url: &str,
+    during: &'static str,
+) -> Result<lapin::Queue, BrokerError> {
+    connection::within(
+        timeout,
+        during,
         url,
         channel.queue_declare(
             queue.into(),
@@ -163,9 +184,6 @@ async fn consumers(connection: &Connection, timeout: u64, url: &str, queue: &str
         ),
     )
     .await
-    .ok()?;
-    let _ = channel.close(200, "counted".into()).await;
-    Some(declared.consumer_count())
 }
 
 impl std::fmt::Debug for Subscription {
@@ -307,21 +325,7 @@ impl Subscription {
         let Probe::Open(probe) = &self.probe else {
             return None;
         };
-        let declared = connection::within(
-            self.timeout_secs,
-            during,
-            &self.url,
-            probe.queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
-        match declared {
+        match passive_declare(probe, queue, self.timeout_secs, &self.url, during).await {
             Ok(queue) => Some(queue.message_count()),
             Err(err) => {
                 events::queue_probe_failed(&err.to_string());

@@ -340,8 +340,8 @@ impl Database {
     /// terminal). What it cannot record goes to a small file beside it,
     /// which `possync status` reads too, until a later state is recorded.
     pub(crate) fn record_state(&mut self, record: &StateRecord) -> Result<(), rusqlite::Error> {
-        self.connection.busy_timeout(std::time::Duration::ZERO)?;
-        let recorded = self.connection.execute(
+        let recorded = self.without_waiting(|connection| {
+            connection.execute(
             "INSERT INTO possync_status (id, license_key, terminal_id, state, since_ms, reason, broker, pid)
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (id) DO UPDATE SET license_key = excluded.license_key, terminal_id = excluded.terminal_id,
@@ -356,8 +356,8 @@ impl Database {
                 record.broker,
                 std::process::id()
             ],
-        );
-        self.connection.busy_timeout(BATCH_LOCK_WAIT)?;
+            )
+        });
         let aside = state_file(&self.path);
         match recorded {
             Ok(_) => {
@@ -416,13 +416,25 @@ impl Database {
             return Ok(());
         }
         // Nor for a lock: the counters can wait for the next chance.
+        self.without_waiting(|connection| {
+            connection.pragma_update(None, "synchronous", "NORMAL")?;
+            let written = add_progress(connection, counts);
+            let restored = connection.pragma_update(None, "synchronous", "FULL");
+            written.and(restored)
+        })
+    }
+
+    /// Runs `write` failing at once on another program's lock, then waits
+    /// for locks as batches do again.
+    fn without_waiting<T>(
+        &self,
+        write: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
         self.connection.busy_timeout(std::time::Duration::ZERO)?;
-        self.connection
-            .pragma_update(None, "synchronous", "NORMAL")?;
-        let written = add_progress(&self.connection, counts);
-        let restored = self.connection.pragma_update(None, "synchronous", "FULL");
+        let written = write(&self.connection);
         let waiting = self.connection.busy_timeout(BATCH_LOCK_WAIT);
-        written.and(restored).and(waiting)
+        let written = written?;
+        waiting.map(|()| written)
     }
 
     /// What `possync status` shows, if the terminal ever ran on this database.
