@@ -14,7 +14,7 @@ use crate::events;
 use crate::identity::LicenseKey;
 use crate::registry::{Registry, Route};
 use crate::store::{Database, ProgressRecord, Quarantined, StateRecord, unix_now_ms};
-use crate::transaction::Transaction;
+use crate::transaction::{StaleEntity, Transaction};
 
 /// A message taken from the terminal's queue, not yet settled.
 #[derive(Debug, Clone)]
@@ -51,11 +51,17 @@ pub(crate) enum Outcome {
     /// Its message id was applied before; nothing changed.
     Duplicate,
     /// Its entity holds a newer change; nothing changed.
-    Stale { message_type: String },
+    Stale {
+        message_type: String,
+        entities: Vec<StaleEntity>,
+    },
     /// Its handler is switched off in config; nothing changed.
     Disabled { message_type: String },
     /// It can never apply; recorded in the quarantine table.
-    DeadLetter { reason: String },
+    DeadLetter {
+        reason: String,
+        message_type: Option<String>,
+    },
     /// It may apply later; nothing changed.
     Retry { reason: String },
 }
@@ -91,7 +97,7 @@ impl Tally {
                     last_type = Some(message_type);
                     count_type(&mut tally.by_type, message_type);
                 }
-                Outcome::Stale { message_type } => {
+                Outcome::Stale { message_type, .. } => {
                     count_type(&mut tally.stale_by_type, message_type);
                 }
                 Outcome::DeadLetter { .. } => tally.quarantined += 1,
@@ -343,7 +349,36 @@ impl Applier {
         }
         transaction.commit()?;
         self.progress.committed(&tally);
+        log_committed(batch, &outcomes);
         Ok(Some(Applied { outcomes, tally }))
+    }
+}
+
+/// Logs what a committed batch dead-lettered or found stale: once, and
+/// only for what took effect (a pass that rolled back or a stalled try
+/// logs nothing).
+fn log_committed(batch: &[Inbound], outcomes: &[Outcome]) {
+    for (inbound, outcome) in batch.iter().zip(outcomes) {
+        match outcome {
+            Outcome::DeadLetter {
+                reason,
+                message_type,
+            } => events::message_quarantined(&inbound.routing_key, message_type.as_deref(), reason),
+            Outcome::Stale {
+                message_type,
+                entities,
+            } => {
+                for entity in entities {
+                    events::message_stale(
+                        message_type,
+                        &entity.id,
+                        entity.incoming.micros,
+                        entity.stored,
+                    );
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -461,14 +496,6 @@ impl Dispatch {
                     transaction.release()?;
                 }
                 let stale = transaction.take_stale();
-                for entity in &stale {
-                    events::message_stale(
-                        &envelope.message_type,
-                        &entity.id,
-                        entity.incoming.micros,
-                        entity.stored,
-                    );
-                }
                 Ok(if stale.is_empty() {
                     Outcome::Applied {
                         message_type: envelope.message_type.clone(),
@@ -476,6 +503,7 @@ impl Dispatch {
                 } else {
                     Outcome::Stale {
                         message_type: envelope.message_type.clone(),
+                        entities: stale,
                     }
                 })
             }
@@ -557,14 +585,10 @@ impl Dispatch {
             reason,
             &inbound.body,
         );
-        events::message_quarantined(
-            &message.routing_key,
-            message.message_type.as_deref(),
-            &message.reason,
-        );
         transaction.record_quarantined(&message, self.limits.quarantine_max_rows)?;
         Ok(Outcome::DeadLetter {
             reason: message.reason,
+            message_type: message.message_type,
         })
     }
 }

@@ -377,7 +377,7 @@ impl Subscription {
         let mut ack_through = None;
         let mut pending = Vec::new();
         for (inbound, outcome) in batch.iter().zip(outcomes) {
-            if let Outcome::DeadLetter { reason } = outcome {
+            if let Outcome::DeadLetter { reason, .. } = outcome {
                 if !self.reasons_in_dead_letters {
                     self.nack(inbound.tag, false).await?;
                     continue;

@@ -171,7 +171,7 @@ impl InProcessInbox {
     /// rest are done.
     pub(crate) fn settle(&mut self, batch: &[Inbound], outcomes: &[Outcome]) {
         for (inbound, outcome) in batch.iter().zip(outcomes) {
-            if let Outcome::DeadLetter { reason } = outcome {
+            if let Outcome::DeadLetter { reason, .. } = outcome {
                 self.broker.exchange().dead_letters.push(DeadLetter {
                     queue: self.name.clone(),
                     routing_key: inbound.routing_key.clone(),
