@@ -359,9 +359,13 @@ async fn consume(
     // Deliveries taken but not settled, to try again before anything else.
     let mut held: Vec<Inbound> = Vec::new();
     let mut stall: Option<Stall> = None;
-    let mut handler_retries: u32 = 0;
-    let mut retrying_tag: Option<u64> = None;
+    // The delivery tag of the message being tried again, and its tries.
+    let mut retrying: Option<(u64, u32)> = None;
     loop {
+        if tokio::time::Instant::now() >= renew_due {
+            subscription.renew_dead_letter_queue().await;
+            renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
+        }
         let mut lost = None;
         let batch = if held.is_empty() {
             // Counted on connecting and every few seconds while busy.
@@ -379,11 +383,8 @@ async fn consume(
                     idle = false;
                     next
                 }
-                () = tokio::time::sleep_until(renew_due) => {
-                    subscription.renew_dead_letter_queue().await;
-                    renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
-                    continue;
-                }
+                // A busy terminal renews at the top of the loop; this wakes an idle one.
+                () = tokio::time::sleep_until(renew_due), if idle => continue,
                 // Idle with every delivery settled: the broker delivers whatever
                 // arrives at once, so nothing waits, and there is time to write
                 // the counters `possync status` shows. (Waiting for the next
@@ -453,17 +454,17 @@ async fn consume(
                 match (retry, held.first()) {
                     (Some(reason), Some(first)) => {
                         // Another message failing starts its own count.
-                        if retrying_tag != Some(first.tag) {
-                            retrying_tag = Some(first.tag);
-                            handler_retries = 0;
-                        }
-                        handler_retries += 1;
-                        let delay = crate::backoff::HANDLER_RETRY.delay(handler_retries);
+                        let tries = match retrying {
+                            Some((tag, tries)) if tag == first.tag => tries + 1,
+                            _ => 1,
+                        };
+                        retrying = Some((first.tag, tries));
+                        let delay = crate::backoff::HANDLER_RETRY.delay(tries);
                         events::message_retry(&first.routing_key, &reason, delay.as_millis());
                         Some(delay)
                     }
                     _ => {
-                        retrying_tag = None;
+                        retrying = None;
                         None
                     }
                 }
