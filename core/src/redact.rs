@@ -23,8 +23,17 @@ pub(crate) fn url_parts(url: &str) -> Option<UrlParts<'_>> {
 /// Where the password of `url` is: the byte range between the first `:` of
 /// the userinfo and the last `@`. Text without `scheme://` counts from its
 /// start, so `amqp:user:pw@host`, which no URL parser takes, hides `user:pw`.
+/// Without any `@`, `amqp://user:pw` (the host forgotten) hides what
+/// follows the `:` unless it reads as a port.
 fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
-    let at = url.rfind('@')?;
+    let Some(at) = url.rfind('@') else {
+        let start = url.find("://")? + 3;
+        let colon = start + url[start..].find(':')?;
+        let end = url[colon..].find('/').map_or(url.len(), |i| colon + i);
+        let after = &url[colon + 1..end];
+        let port = after.len() <= 5 && after.parse::<u16>().is_ok();
+        return (!port && !after.is_empty()).then_some(colon + 1..end);
+    };
     let start = url.find("://").map_or(0, |i| i + 3).min(at);
     let colon = start + url[start..at].find(':')?;
     Some(colon + 1..at)
@@ -166,6 +175,19 @@ mod tests {
                 "amqp://shop:***@broker.example:5672/%2f",
                 "{password}"
             );
+        }
+    }
+
+    #[test]
+    fn a_password_in_a_url_whose_host_was_forgotten_is_hidden() {
+        for (url, shown) in [
+            ("amqp://shop:s3cretPW", "amqp://shop:***"),
+            ("amqp://shop:s3cret/PW/%2f", "amqp://shop:***/PW/%2f"),
+            ("amqps://shop:pw€", "amqps://shop:***"),
+            ("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f"),
+            ("amqp://localhost", "amqp://localhost"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
     }
 
