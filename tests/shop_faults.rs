@@ -26,7 +26,7 @@ fn legacy_price_changes(store: &LicenseKey, count: usize) -> (Vec<(String, Vec<u
     let messages = (0..count)
         .map(|i| {
             let product = i % PRODUCTS;
-            let price = 1.0 + i as f64 / 100.0;
+            let price = (100 + i) as f64 / 100.0;
             last[product] = price;
             let body = serde_json::json!({
                 "type": "price_update",
@@ -223,6 +223,64 @@ async fn a_locked_database_stalls_the_stream_in_place_and_keeps_publish_order_cl
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_database_stalls_the_stream_in_place_and_keeps_publish_order_quorum() {
     stream_while_the_pos_app_holds_the_lock(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_terminal_whose_connection_is_closed_says_offline_and_loses_nothing() {
+    const CHANGES: usize = 50;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("stallgone");
+    let mut terminal = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let (messages, last) = legacy_price_changes(&store, CHANGES);
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn({
+        let database = terminal.database.clone();
+        move || hold_write_lock(database, locked, Duration::from_secs(20))
+    });
+    lock_taken
+        .recv_timeout(WAIT)
+        .expect("the lock is taken in time");
+    publish_raw_many(&messages).await;
+    wait_stalled(&mut terminal).await;
+
+    // Only this terminal's connection: the broker takes back what it holds.
+    let name = format!("possync terminal till-1 of {store}");
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("list connections");
+    let pid = text(&listed.stdout)
+        .lines()
+        .find(|line| line.contains(&name))
+        .and_then(|line| line.split('\t').next())
+        .map(str::to_owned)
+        .expect("the terminal's connection is listed");
+    rabbitmqctl(&[
+        "close_connection",
+        &pid,
+        "possync test: connection lost while stalled",
+    ]);
+    let offline = terminal
+        .wait_for(|s| matches!(s.state, State::Offline { .. }))
+        .await;
+    assert!(offline, "Offline, not Stalled, once the connection is gone");
+    assert!(
+        !holder.is_finished(),
+        "it noticed while the lock was still held, not only once its batch committed"
+    );
+
+    tokio::task::spawn_blocking(move || holder.join())
+        .await
+        .expect("join")
+        .expect("lock holder");
+    assert!(terminal.wait_for(Status::is_live).await, "Live again");
+    eventually("every change applied", || {
+        product_price(&terminal.db(), "P49") == Some(last[49])
+    })
+    .await;
+    assert_prices(&terminal.db(), &last);
+    assert_nothing_dead_lettered(&terminal).await;
+    terminal.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -93,6 +93,18 @@ impl Inbox {
         }
     }
 
+    /// Whether the connection still stands; a terminal holding deliveries
+    /// (stalled, or waiting to retry one) reads no stream that would say.
+    pub(crate) fn is_connected(&self) -> bool {
+        match self {
+            Self::Broker(subscription) => {
+                subscription.connection.status().connected()
+                    && subscription.channel.status().connected()
+            }
+            Self::InProcess(_) => true,
+        }
+    }
+
     /// Keeps the dead-letter queue from expiring while the terminal runs.
     pub(crate) async fn renew_dead_letter_queue(&mut self) {
         if let Self::Broker(subscription) = self {

@@ -421,17 +421,6 @@ async fn consume(
         let (mut batch, result) = applier.apply(batch).await;
         let wait = match result {
             Ok(Applied { outcomes, tally }) => {
-                if let Some(cleared) = stall.take() {
-                    events::stall_cleared(cleared.since.elapsed().as_millis(), cleared.attempts);
-                    reporter
-                        .set(
-                            State::Live {
-                                since: SystemTime::now(),
-                            },
-                            None,
-                        )
-                        .await;
-                }
                 crate::failpoint::after_commit().await;
                 events::batch_applied(size, tally.applied, started.elapsed().as_millis());
                 let retry = match outcomes.last() {
@@ -450,6 +439,18 @@ async fn consume(
                 status.count(&tally);
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
+                }
+                // Live again only once the broker took the settlement too.
+                if let Some(cleared) = stall.take() {
+                    events::stall_cleared(cleared.since.elapsed().as_millis(), cleared.attempts);
+                    reporter
+                        .set(
+                            State::Live {
+                                since: SystemTime::now(),
+                            },
+                            None,
+                        )
+                        .await;
                 }
                 match (retry, held.first()) {
                     (Some(reason), Some(first)) => {
@@ -514,6 +515,11 @@ async fn consume(
                     return SessionEnd::Stopped;
                 }
                 () = tokio::time::sleep(delay) => {}
+            }
+            // The broker takes back what was held once the connection is
+            // gone (or the consumer timed out): say Offline, not Stalled.
+            if !subscription.is_connected() {
+                return SessionEnd::Lost(BrokerError::ConnectionLost);
             }
         }
     }
