@@ -1,71 +1,72 @@
 //! Write message handlers for possync.
 //!
-//! A handler turns one kind of message (`price_update`, `image_update`, ...)
-//! into writes on the terminal's local database. It sees the decoded
-//! [`Envelope`] and a [`Store`]; the runtime owns the broker, the SQLite
-//! connection, the transaction and the acknowledgement, so a handler is a
-//! small, synchronous-looking piece of code that third parties can write
-//! without depending on lapin, tokio or SQLite.
+//! A plugin adds message types to possync without touching its core. Each
+//! type is a [`Payload`] (a struct that names its wire `type` once) and a
+//! handler: a plain function of that payload, the message's [`Context`]
+//! and the terminal's [`Store`]. The runtime owns the broker, the SQLite
+//! connection, the transaction, deduplication and acknowledgement; a handler
+//! only writes rows.
 //!
 //! ```
-//! use possync_sdk::{async_trait, Envelope, HandlerError, MessageHandler, Migration, Store};
+//! use possync_sdk::{Context, HandlerError, Migration, Payload, Plugin, Settings, Store};
 //!
-//! #[derive(Debug, Default)]
-//! struct Greeting;
+//! #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+//! struct GreetingUpdate { id: String, text: String }
 //!
-//! const MIGRATIONS: &[Migration] =
-//!     &[Migration::new("greeting/1", "CREATE TABLE greetings (id TEXT PRIMARY KEY, text TEXT)")];
+//! impl Payload for GreetingUpdate { const TYPE: &'static str = "greeting_update"; }
 //!
-//! #[async_trait]
-//! impl MessageHandler for Greeting {
-//!     fn name(&self) -> &str { "greeting" }
-//!     fn message_types(&self) -> &[&str] { &["greeting_update"] }
-//!     fn migrations(&self) -> &[Migration] { MIGRATIONS }
-//!     async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
-//!         #[derive(serde::Deserialize)]
-//!         struct Payload { id: String, text: String }
-//!         let p: Payload = envelope.payload_as()?;
-//!         store.execute(
-//!             "INSERT OR REPLACE INTO greetings (id, text) VALUES (?1, ?2)",
-//!             &[p.id.into(), p.text.into()],
-//!         )?;
-//!         Ok(())
-//!     }
+//! fn apply(greeting: GreetingUpdate, _: &Context, store: &mut dyn Store) -> Result<(), HandlerError> {
+//!     store.execute("INSERT OR REPLACE INTO greetings (id, text) VALUES (?1, ?2)",
+//!                   &[greeting.id.into(), greeting.text.into()])?;
+//!     Ok(())
 //! }
 //!
-//! possync_sdk::register_handler!(Greeting::default);
+//! pub fn plugin(_: &Settings) -> Result<Plugin, String> {
+//!     Ok(Plugin::new("greetings")
+//!         .migrations(&[Migration::new("greetings/1", "CREATE TABLE greetings (id TEXT PRIMARY KEY, text TEXT)")])
+//!         .on::<GreetingUpdate>(apply))
+//! }
+//!
+//! possync_sdk::export_plugin!(plugin);
 //! ```
+//!
+//! A plugin is built as a `cdylib` and named in the terminal's config
+//! (`[plugins.greetings] path = "..."`), or linked into a binary of your own
+//! with [`register_builtin!`]. Test it without a broker with the
+//! `possync-testkit` crate.
 
+mod context;
 mod envelope;
 mod error;
-mod handler;
-pub mod host;
-mod message;
+pub mod ids;
+pub mod log;
 mod migration;
+mod payload;
 mod plugin;
-mod registration;
 mod store;
+mod versioned;
 
-pub use async_trait::async_trait;
+pub use context::Context;
 pub use envelope::{Envelope, Version};
 pub use error::{HandlerError, StoreError};
-pub use handler::MessageHandler;
-pub use message::WireMessage;
 pub use migration::Migration;
-pub use plugin::{
-    ABI_FORMAT_VERSION, ABI_MAGIC, AbiHeader, DECLARATION_SYMBOL, InlineStr, PluginDeclaration,
-    RegisterFn, Registrar, panic_message, run_registration,
-};
-pub use registration::{HandlerRegistration, registered_handlers};
-pub use store::{Effect, Store, Value, is_newer};
+pub use payload::Payload;
+pub use plugin::{Plugin, PluginFn, Settings};
+pub use store::{Effect, Store, Value};
+pub use versioned::{Decision, TOMBSTONES, Versioned};
 
-/// The SDK's version; dynamic plugins are checked against it.
+/// The SDK's version: a dynamic plugin records the one it was built with,
+/// and a host loads it only if its own is compatible.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The README's handler example compiles as written.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeExamples;
+
+#[doc(hidden)]
+#[path = "hosting.rs"]
+pub mod __host;
 
 #[doc(hidden)]
 pub mod __private {

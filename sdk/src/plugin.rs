@@ -1,220 +1,149 @@
-//! Dynamic plugins: a `cdylib` that exports one [`PluginDeclaration`] with
-//! [`declare_plugin!`](crate::declare_plugin), loaded by the host from a
-//! path named in config.
-//!
-//! A plugin and its host exchange Rust types (trait objects, `String`,
-//! `serde_json::Value`), which is only sound when both were built from the
-//! same SDK with the same compiler for the same target. The declaration
-//! starts with an [`AbiHeader`] that the host checks before it calls
-//! anything in the plugin.
-
-use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
 use serde::de::DeserializeOwned;
 
-use crate::host::Host;
-use crate::{Envelope, HandlerError, MessageHandler, Migration, Store, Value};
+use crate::{Context, HandlerError, Migration, Payload, Store};
 
-/// Changes whenever the layout of [`PluginDeclaration`] changes.
-pub const ABI_FORMAT_VERSION: u32 = 1;
-
-/// The first bytes of every declaration.
-pub const ABI_MAGIC: [u8; 8] = *b"POSSYNC\0";
-
-/// The symbol a plugin exports.
-pub const DECLARATION_SYMBOL: &[u8] = b"POSSYNC_PLUGIN\0";
-
-/// A short string stored inline, so the header holds no pointers and can be
-/// read before trusting anything else in the library.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(C)]
-pub struct InlineStr {
-    bytes: [u8; 120],
+/// A plugin: its name, its tables, and a handler for each message type.
+///
+/// A handler is a plain function of the decoded payload, the message's
+/// [`Context`] and the [`Store`]; the runtime decodes the payload into the
+/// handler's type, checks it with [`Payload::validate`], routes by
+/// [`Payload::TYPE`], runs the handler inside the message's transaction, and
+/// contains its errors and panics.
+///
+/// ```
+/// use possync_sdk::{Context, HandlerError, Migration, Payload, Plugin, Settings, Store};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+/// struct GreetingUpdate { id: String, text: String }
+///
+/// impl Payload for GreetingUpdate {
+///     const TYPE: &'static str = "greeting_update";
+/// }
+///
+/// fn apply(greeting: GreetingUpdate, _: &Context, store: &mut dyn Store) -> Result<(), HandlerError> {
+///     store.execute("INSERT OR REPLACE INTO greetings (id, text) VALUES (?1, ?2)",
+///                   &[greeting.id.into(), greeting.text.into()])?;
+///     Ok(())
+/// }
+///
+/// pub fn plugin(_: &Settings) -> Result<Plugin, String> {
+///     Ok(Plugin::new("greetings")
+///         .describe("greetings shown on the till")
+///         .migrations(&[Migration::new("greetings/1",
+///             "CREATE TABLE greetings (id TEXT PRIMARY KEY, text TEXT)")])
+///         .on::<GreetingUpdate>(apply))
+/// }
+/// ```
+pub struct Plugin {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) migrations: Vec<Migration>,
+    pub(crate) routes: Vec<Route>,
 }
 
-impl InlineStr {
-    /// `text`, cut at 120 bytes.
-    pub const fn new(text: &str) -> Self {
-        let source = text.as_bytes();
-        let mut bytes = [0u8; 120];
-        let mut i = 0;
-        while i < source.len() && i < bytes.len() {
-            bytes[i] = source[i];
-            i += 1;
-        }
-        Self { bytes }
-    }
-
-    /// The text (up to the first NUL); invalid UTF-8 shows as `?`.
-    pub fn as_str(&self) -> &str {
-        let end = self
-            .bytes
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(self.bytes.len());
-        std::str::from_utf8(&self.bytes[..end]).unwrap_or("?")
-    }
+/// One message type of a plugin: how to decode, check and apply it.
+pub(crate) struct Route {
+    pub(crate) message_type: &'static str,
+    pub(crate) schema: fn() -> serde_json::Value,
+    pub(crate) check: fn(&str) -> Result<(), HandlerError>,
+    pub(crate) apply: Box<Apply>,
 }
 
-impl std::fmt::Debug for InlineStr {
+type Apply = dyn Fn(&str, &Context<'_>, &mut dyn Store) -> Result<(), HandlerError> + Send + Sync;
+
+impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field(
+                "message_types",
+                &self.routes.iter().map(|r| r.message_type).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
     }
 }
 
-/// What a plugin was built with. `magic` and `format_version` come first in
-/// every format, so a host can always read them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(C)]
-pub struct AbiHeader {
-    /// [`ABI_MAGIC`].
-    pub magic: [u8; 8],
-    /// [`ABI_FORMAT_VERSION`] of the SDK that built the plugin.
-    pub format_version: u32,
-    /// Whether panics unwind (they must, to be caught).
-    pub panic_unwind: u32,
-    /// The SDK's version.
-    pub sdk_version: InlineStr,
-    /// `rustc --version` of the compiler.
-    pub rustc_version: InlineStr,
-    /// The target triple.
-    pub target: InlineStr,
-    /// Sizes of the types that cross the boundary: a cheap guard against
-    /// dependencies built with other features on either side.
-    pub layout: [u32; 6],
-}
-
-const fn size(bytes: usize) -> u32 {
-    bytes as u32
-}
-
-impl AbiHeader {
-    /// The header of this SDK copy, as compiled.
-    pub const CURRENT: Self = Self {
-        magic: ABI_MAGIC,
-        format_version: ABI_FORMAT_VERSION,
-        panic_unwind: cfg!(panic = "unwind") as u32,
-        sdk_version: InlineStr::new(env!("CARGO_PKG_VERSION")),
-        rustc_version: InlineStr::new(env!("POSSYNC_SDK_RUSTC")),
-        target: InlineStr::new(env!("POSSYNC_SDK_TARGET")),
-        layout: [
-            size(size_of::<Envelope>()),
-            size(size_of::<serde_json::Value>()),
-            size(size_of::<Value>()),
-            size(size_of::<HandlerError>()),
-            size(size_of::<Registrar>()),
-            size(size_of::<Migration>()),
-        ],
-    };
-
-    /// Why a plugin with this header cannot be loaded by a host with
-    /// `expected`, or `None` when it can.
-    pub fn mismatch(&self, expected: &AbiHeader) -> Option<String> {
-        let mut problems = Vec::new();
-        if self.sdk_version != expected.sdk_version {
-            problems.push(format!(
-                "possync-sdk {} (this possync has {})",
-                self.sdk_version.as_str(),
-                expected.sdk_version.as_str()
-            ));
-        }
-        if self.rustc_version != expected.rustc_version {
-            problems.push(format!(
-                "{} (this possync: {})",
-                self.rustc_version.as_str(),
-                expected.rustc_version.as_str()
-            ));
-        }
-        if self.target != expected.target {
-            problems.push(format!(
-                "target {} (this possync: {})",
-                self.target.as_str(),
-                expected.target.as_str()
-            ));
-        }
-        if self.panic_unwind != 1 {
-            problems.push("panic = \"abort\" (plugins must unwind)".into());
-        }
-        if problems.is_empty() && self.layout != expected.layout {
-            problems.push(format!(
-                "other type layouts {:?} (this possync: {:?}); were its dependencies built with other features?",
-                self.layout, expected.layout
-            ));
-        }
-        if problems.is_empty() {
-            None
-        } else {
-            Some(problems.join(", "))
+impl Plugin {
+    /// A plugin named `name`: the name config enables it by
+    /// (`[plugins] name = false`). Letters, digits and `_`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            migrations: Vec::new(),
+            routes: Vec::new(),
         }
     }
-}
 
-/// Registers a plugin's handlers; `false` if registration failed (the
-/// reason is in the registrar). Never unwinds.
-pub type RegisterFn = extern "C" fn(&mut Registrar) -> bool;
-
-/// What a plugin exports under [`DECLARATION_SYMBOL`].
-#[derive(Debug)]
-#[repr(C)]
-pub struct PluginDeclaration {
-    /// Checked first.
-    pub header: AbiHeader,
-    /// The plugin's crate name.
-    pub name: InlineStr,
-    /// The plugin's crate version.
-    pub version: InlineStr,
-    /// Called once, after the header was checked.
-    pub register: RegisterFn,
-}
-
-impl PluginDeclaration {
-    /// A declaration with this SDK's header. Use [`declare_plugin!`](crate::declare_plugin).
-    pub const fn new(name: &str, version: &str, register: RegisterFn) -> Self {
-        Self::with_header(AbiHeader::CURRENT, name, version, register)
+    /// A one-line description for `possync plugins list`.
+    #[must_use]
+    pub fn describe(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
     }
 
-    /// A declaration with any header; for testing the host's checks.
-    #[doc(hidden)]
-    pub const fn with_header(
-        header: AbiHeader,
-        name: &str,
-        version: &str,
-        register: RegisterFn,
+    /// Schema changes the plugin needs, run once each, in order, at startup.
+    /// Several plugins may list the same migration (same id); it runs once.
+    #[must_use]
+    pub fn migrations(mut self, migrations: &[Migration]) -> Self {
+        self.migrations.extend_from_slice(migrations);
+        self
+    }
+
+    /// Applies messages of type `T::TYPE` with `handler`.
+    ///
+    /// A payload that does not decode into `T`, or that `T::validate`
+    /// refuses, never reaches the handler: it is dead-lettered with the
+    /// reason. What the handler writes through the store is committed with
+    /// the message, or rolled back if it returns an error or panics.
+    #[must_use]
+    pub fn on<T: Payload>(
+        mut self,
+        handler: impl Fn(T, &Context<'_>, &mut dyn Store) -> Result<(), HandlerError>
+        + Send
+        + Sync
+        + 'static,
     ) -> Self {
-        Self {
-            header,
-            name: InlineStr::new(name),
-            version: InlineStr::new(version),
-            register,
-        }
+        self.routes.retain(|route| route.message_type != T::TYPE);
+        self.routes.push(Route {
+            message_type: T::TYPE,
+            schema: schema_of::<T>,
+            check: |payload| decode::<T>(payload).map(drop),
+            apply: Box::new(move |payload, message, store| {
+                handler(decode::<T>(payload)?, message, store)
+            }),
+        });
+        self
     }
 }
 
-/// Handed to a plugin's registration function: its settings from config,
-/// and where its handlers go.
-#[derive(Debug)]
-pub struct Registrar {
-    plugin: String,
-    settings: serde_json::Value,
-    host: Option<Arc<dyn Host>>,
-    handlers: Vec<Box<dyn MessageHandler>>,
-    failure: Option<String>,
+fn schema_of<T: Payload>() -> serde_json::Value {
+    serde_json::Value::from(schemars::schema_for!(T))
 }
 
-impl Registrar {
-    /// A registrar for plugin `plugin` with its config `settings`.
-    #[doc(hidden)]
-    pub fn new(plugin: &str, settings: serde_json::Value) -> Self {
+/// The payload as `T`, checked; the error says what is wrong with it.
+fn decode<T: Payload>(payload: &str) -> Result<T, HandlerError> {
+    let value: T = serde_json::from_str(payload)
+        .map_err(|err| HandlerError::permanent(format!("invalid {} payload: {err}", T::TYPE)))?;
+    value
+        .validate()
+        .map_err(|reason| HandlerError::permanent(format!("invalid {} payload: {reason}", T::TYPE)))?;
+    Ok(value)
+}
+
+/// A plugin's `settings` table from config, as its plugin function gets it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    plugin: String,
+    values: serde_json::Value,
+}
+
+impl Settings {
+    /// The settings `values` of the plugin config knows as `plugin`.
+    pub fn new(plugin: impl Into<String>, values: serde_json::Value) -> Self {
         Self {
-            plugin: plugin.to_owned(),
-            settings,
-            host: crate::host::current(),
-            handlers: Vec::new(),
-            failure: None,
+            plugin: plugin.into(),
+            values,
         }
     }
 
@@ -223,136 +152,19 @@ impl Registrar {
         &self.plugin
     }
 
-    /// The plugin's `settings` table from config, decoded. Use
-    /// `#[serde(deny_unknown_fields)]` so typos are errors.
-    pub fn settings<T: DeserializeOwned>(&self) -> Result<T, String> {
-        T::deserialize(&self.settings)
+    /// The settings, decoded; the error names the table and the problem.
+    /// Use `#[serde(deny_unknown_fields)]` so that a typo is an error, and
+    /// `#[serde(default)]` so that a plugin without settings starts.
+    pub fn get<T: DeserializeOwned>(&self) -> Result<T, String> {
+        let values = match &self.values {
+            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+            other => other.clone(),
+        };
+        T::deserialize(values)
             .map_err(|err| format!("[plugins.{}.settings] is not valid: {err}", self.plugin))
     }
-
-    /// Adds a handler. Its panics are caught inside the plugin, where they
-    /// happen, and reported to the host as [`HandlerError::Panicked`].
-    pub fn register(&mut self, handler: impl MessageHandler + 'static) {
-        self.handlers.push(Box::new(Guarded(handler)));
-    }
-
-    /// The handlers registered; the host takes them after registration.
-    #[doc(hidden)]
-    pub fn take_handlers(&mut self) -> Vec<Box<dyn MessageHandler>> {
-        std::mem::take(&mut self.handlers)
-    }
-
-    /// Why registration failed, if it did.
-    #[doc(hidden)]
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.as_deref()
-    }
 }
 
-/// Runs a plugin's registration function on the plugin's side of the
-/// boundary: connects its SDK copy to the host and catches every panic.
-#[doc(hidden)]
-pub fn run_registration(
-    registrar: &mut Registrar,
-    register: fn(&mut Registrar) -> Result<(), String>,
-) -> bool {
-    if let Some(host) = registrar.host.clone() {
-        crate::host::install(host);
-    }
-    match catch_unwind(AssertUnwindSafe(|| register(registrar))) {
-        Ok(Ok(())) => true,
-        Ok(Err(reason)) => {
-            registrar.failure = Some(reason);
-            false
-        }
-        Err(panic) => {
-            registrar.failure = Some(format!(
-                "panicked during registration: {}",
-                panic_message(panic.as_ref())
-            ));
-            false
-        }
-    }
-}
-
-/// The message a caught panic carried (`panic!("...")`), or `no message`.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into())
-}
-
-/// A handler whose panics are caught where they happen: a panic cannot
-/// unwind from a plugin's copy of the standard library into the host's.
-#[derive(Debug)]
-struct Guarded<H>(H);
-
-#[async_trait::async_trait]
-impl<H: MessageHandler> MessageHandler for Guarded<H> {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-
-    fn message_types(&self) -> &[&str] {
-        self.0.message_types()
-    }
-
-    fn description(&self) -> &str {
-        self.0.description()
-    }
-
-    fn migrations(&self) -> &[Migration] {
-        self.0.migrations()
-    }
-
-    async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
-        CatchUnwind(self.0.handle(envelope, store)).await
-    }
-}
-
-struct CatchUnwind<F>(F);
-
-impl<F: Future<Output = Result<(), HandlerError>> + Unpin> Future for CatchUnwind<F> {
-    type Output = Result<(), HandlerError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &mut self.0;
-        match catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => Poll::Ready(Err(HandlerError::Panicked(panic_message(panic.as_ref())))),
-        }
-    }
-}
-
-/// Exports a dynamic plugin's declaration. The argument is a function
-/// `fn(&mut Registrar) -> Result<(), String>` that registers the plugin's
-/// handlers (and may read its settings).
-///
-/// ```ignore
-/// possync_sdk::declare_plugin!(register);
-///
-/// fn register(registrar: &mut possync_sdk::Registrar) -> Result<(), String> {
-///     registrar.register(MyHandler::default());
-///     Ok(())
-/// }
-/// ```
-#[macro_export]
-macro_rules! declare_plugin {
-    ($register:path) => {
-        #[doc(hidden)]
-        #[allow(unsafe_code)]
-        #[unsafe(no_mangle)]
-        pub static POSSYNC_PLUGIN: $crate::PluginDeclaration = $crate::PluginDeclaration::new(
-            env!("CARGO_PKG_NAME"),
-            env!("CARGO_PKG_VERSION"),
-            __possync_register,
-        );
-
-        #[allow(improper_ctypes_definitions)]
-        extern "C" fn __possync_register(registrar: &mut $crate::Registrar) -> bool {
-            $crate::run_registration(registrar, $register)
-        }
-    };
-}
+/// A plugin's function: builds the plugin from its settings, or says why
+/// it cannot.
+pub type PluginFn = fn(&Settings) -> Result<Plugin, String>;

@@ -1,5 +1,6 @@
 use crate::{StoreError, Version};
 
+
 /// A value bound to or read from SQL.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -72,7 +73,7 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 
 /// Work outside the database, such as writing or removing a file, that
 /// must share the fate of a message's writes.
-pub type Effect = Box<dyn FnOnce() + Send>;
+pub type Effect = Box<dyn FnOnce()>;
 
 /// The terminal's database, as a handler sees it: inside the transaction
 /// of the message being applied.
@@ -83,7 +84,7 @@ pub type Effect = Box<dyn FnOnce() + Send>;
 /// A failure of the database itself (locked by another program, disk full)
 /// is the runtime's to handle: it holds the whole batch and tries it again
 /// until it commits, whatever the handler returns.
-pub trait Store: Send {
+pub trait Store {
     /// Runs one statement; returns the number of rows changed.
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError>;
 
@@ -106,29 +107,4 @@ pub trait Store: Send {
     /// `incoming`. The runtime counts such messages by type and logs them,
     /// so a publisher whose clock runs behind is seen, not silently ignored.
     fn stale(&mut self, id: &str, incoming: Version, stored: i64);
-}
-
-/// Whether a change at `order` to entity `id` is newer than what the
-/// database holds. Each of `queries` selects a stored version by `?1` (the
-/// entity's row, then its tombstone, say); the first that finds a row
-/// decides. A message without an order, or an entity never seen, applies.
-/// A stale one is reported through [`Store::stale`].
-pub fn is_newer(
-    store: &mut dyn Store,
-    queries: &[&str],
-    id: &str,
-    order: Option<Version>,
-) -> Result<bool, StoreError> {
-    let Some(order) = order else { return Ok(true) };
-    for sql in queries {
-        if let Some(row) = store.query_row(sql, &[id.into()])? {
-            let stored = row.first().and_then(Value::as_i64).unwrap_or(0);
-            let newer = order.supersedes(stored);
-            if !newer {
-                store.stale(id, order, stored);
-            }
-            return Ok(newer);
-        }
-    }
-    Ok(true)
 }

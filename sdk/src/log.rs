@@ -20,6 +20,7 @@ pub enum Level {
 }
 
 /// Services the host process provides to handlers.
+#[doc(hidden)]
 pub trait Host: Send + Sync + std::fmt::Debug {
     /// Writes one log line on behalf of `source` (a handler or plugin name).
     fn log(&self, level: Level, source: &str, message: &str);
@@ -43,6 +44,7 @@ pub fn log(level: Level, source: &str, message: &str) {
     }
 }
 
-pub(crate) fn current() -> Option<Arc<dyn Host>> {
+#[doc(hidden)]
+pub fn current() -> Option<Arc<dyn Host>> {
     HOST.get().cloned()
 }
