@@ -2,11 +2,9 @@
 //! batch, on a thread of its own so SQLite's blocking calls never stall the
 //! broker connection.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use futures_util::FutureExt;
-use possync_sdk::{Envelope, HandlerError};
+use possync_sdk::{Context, Envelope, HandlerError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::TerminalConfig;
@@ -200,7 +198,6 @@ struct Dispatch {
     registry: Arc<Registry>,
     license_key: LicenseKey,
     limits: Limits,
-    runtime: tokio::runtime::Handle,
 }
 
 /// What the terminal's config bounds while applying.
@@ -245,7 +242,6 @@ impl Applier {
         registry: Arc<Registry>,
         license_key: LicenseKey,
         limits: Limits,
-        runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
             database,
@@ -253,7 +249,6 @@ impl Applier {
                 registry,
                 license_key,
                 limits,
-                runtime,
             },
             progress: Progress::default(),
             pruned_at: std::time::Instant::now(),
@@ -465,33 +460,26 @@ impl Dispatch {
             }
             return Ok(Some(Outcome::Duplicate));
         }
-        let result = {
-            let mut store = transaction.store();
-            let runtime = &self.runtime;
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                // Handlers rarely wait on anything: poll once before entering the runtime.
-                let mut future = handler.handle(envelope, &mut store);
-                match (&mut future).now_or_never() {
-                    Some(result) => result,
-                    None => runtime.block_on(future),
-                }
-            }))
-        };
+        let result = handler.handle(
+            envelope.payload.get(),
+            &Context::of(envelope),
+            &mut transaction.store(),
+        );
         if let Some(fault) = transaction.take_fault() {
             // The database itself failed: no message of this batch can commit.
             return Err(fault.into());
         }
-        if let Ok(Err(HandlerError::Storage(reason))) = result {
+        if let Err(HandlerError::Storage(reason)) = result {
             return Err(BatchError::Storage {
                 handler: handler.name().to_owned(),
                 reason,
             });
         }
-        if !careful && !matches!(result, Ok(Ok(()))) {
+        if !careful && result.is_err() {
             return Ok(None);
         }
         let outcome = match result {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 if careful {
                     transaction.release()?;
                 }
@@ -507,7 +495,7 @@ impl Dispatch {
                     }
                 })
             }
-            Ok(Err(HandlerError::Transient(reason))) => {
+            Err(HandlerError::Transient(reason)) => {
                 transaction.rollback_to_savepoint()?;
                 self.failed_try(
                     transaction,
@@ -516,7 +504,7 @@ impl Dispatch {
                     format!("{}: {reason}", handler.name()),
                 )
             }
-            Ok(Err(HandlerError::Panicked(message))) => {
+            Err(HandlerError::Panicked(message)) => {
                 transaction.rollback_to_savepoint()?;
                 self.failed_try(
                     transaction,
@@ -525,23 +513,13 @@ impl Dispatch {
                     format!("handler {} panicked: {message}", handler.name()),
                 )
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 transaction.rollback_to_savepoint()?;
                 self.quarantine(
                     transaction,
                     inbound,
                     Some(envelope),
                     format!("{}: {err}", handler.name()),
-                )
-            }
-            Err(panic) => {
-                transaction.rollback_to_savepoint()?;
-                let message = possync_sdk::panic_message(panic.as_ref());
-                self.failed_try(
-                    transaction,
-                    inbound,
-                    envelope,
-                    format!("handler {} panicked: {message}", handler.name()),
                 )
             }
         };
@@ -661,7 +639,9 @@ pub(crate) enum ApplierHandle {
 
 impl ApplierHandle {
     pub(crate) fn spawn(mut applier: Applier) -> std::io::Result<Self> {
-        if applier.dispatch.runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
             return Ok(Self::Inline(Box::new(std::sync::Mutex::new(applier))));
         }
         let (jobs, mut receiver) = mpsc::channel::<Job>(1);

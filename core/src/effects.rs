@@ -64,7 +64,7 @@ impl Effects {
 fn run_all(effects: impl Iterator<Item = Effect>) {
     for effect in effects {
         if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(effect)) {
-            events::effect_panicked(&possync_sdk::panic_message(panic.as_ref()));
+            events::effect_panicked(&possync_sdk::__host::panic_message(panic.as_ref()));
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use possync_sdk::host::{Host, Level};
+use possync_sdk::log::{Host, Level};
 
 #[derive(Debug)]
 struct TracingHost;
@@ -20,5 +20,5 @@ impl Host for TracingHost {
 
 /// Connects the SDK's logging to this process's `tracing`.
 pub(crate) fn install() {
-    possync_sdk::host::install(Arc::new(TracingHost));
+    possync_sdk::log::install(Arc::new(TracingHost));
 }

@@ -42,7 +42,7 @@ pub use in_process::{DeadLetter, InProcessBroker};
 pub use plugin_loader::PluginLoadError;
 pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;
-pub use registry::{Origin, PluginInfo, Registry, RegistryError};
+pub use registry::{CheckError, Origin, PluginInfo, Registry, RegistryError};
 pub use status::{State, Status, StatusReport};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
 pub use telemetry::{LogFormat, init_logging};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
-use possync_sdk::{Envelope, WireMessage};
+use possync_sdk::{Envelope, Payload};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Mutex;
@@ -163,7 +163,7 @@ impl Publisher {
 
     /// Publishes `message` to every store in `license_keys`; returns once
     /// the broker confirmed them all.
-    pub async fn publish<M: WireMessage>(
+    pub async fn publish<M: Payload>(
         &self,
         license_keys: &[LicenseKey],
         message: &M,

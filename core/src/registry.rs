@@ -3,12 +3,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use possync_sdk::{MessageHandler, Migration};
+use possync_sdk::{Context, HandlerError, Migration, Settings, Store};
 
 use crate::config::PluginSetting;
-use crate::plugin_loader::{self, PluginLoadError};
+use crate::plugin_loader::{self, DynamicPlugin, PluginLoadError};
 
 /// Where a handler comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,14 +72,103 @@ pub enum RegistryError {
     /// Two handlers register under one name.
     #[error("two plugins are named {0:?}")]
     DuplicateName(String),
+    /// A built-in plugin refused to start (its function failed or panicked).
+    #[error("built-in plugin {plugin}: {reason}")]
+    BuiltIn {
+        /// Which one.
+        plugin: String,
+        /// What it said.
+        reason: String,
+    },
     /// An enabled plugin library could not be loaded.
     #[error(transparent)]
     Load(Box<PluginLoadError>),
 }
 
+/// A plugin as the runtime runs it, wherever it comes from.
+#[derive(Debug)]
+pub(crate) enum Plugin {
+    BuiltIn {
+        plugin: possync_sdk::Plugin,
+        message_types: Vec<String>,
+    },
+    Dynamic(DynamicPlugin),
+}
+
+impl Plugin {
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Self::BuiltIn { plugin, .. } => possync_sdk::__host::name(plugin),
+            Self::Dynamic(plugin) => plugin.name(),
+        }
+    }
+
+    fn description(&self) -> &str {
+        match self {
+            Self::BuiltIn { plugin, .. } => possync_sdk::__host::description(plugin),
+            Self::Dynamic(plugin) => plugin.description(),
+        }
+    }
+
+    fn migrations(&self) -> &[Migration] {
+        match self {
+            Self::BuiltIn { plugin, .. } => possync_sdk::__host::migrations(plugin),
+            Self::Dynamic(plugin) => plugin.migrations(),
+        }
+    }
+
+    fn message_types(&self) -> &[String] {
+        match self {
+            Self::BuiltIn { message_types, .. } => message_types,
+            Self::Dynamic(plugin) => plugin.message_types(),
+        }
+    }
+
+    fn schema(&self, message_type: &str) -> Option<serde_json::Value> {
+        match self {
+            Self::BuiltIn { plugin, .. } => possync_sdk::__host::schema(plugin, message_type),
+            Self::Dynamic(plugin) => plugin.schema(message_type),
+        }
+    }
+
+    fn check(&self, message_type: &str, payload: &str) -> Result<(), HandlerError> {
+        match self {
+            Self::BuiltIn { plugin, .. } => {
+                contained(|| possync_sdk::__host::check(plugin, message_type, payload))
+            }
+            Self::Dynamic(plugin) => plugin.check(message_type, payload),
+        }
+    }
+
+    /// Applies one message; a panic comes back as [`HandlerError::Panicked`].
+    pub(crate) fn handle(
+        &self,
+        payload: &str,
+        message: &Context<'_>,
+        store: &mut dyn Store,
+    ) -> Result<(), HandlerError> {
+        match self {
+            Self::BuiltIn { plugin, .. } => {
+                contained(|| possync_sdk::__host::handle(plugin, payload, message, store))
+            }
+            Self::Dynamic(plugin) => plugin.handle(payload, message, store),
+        }
+    }
+}
+
+/// Runs a built-in plugin's code, turning a panic into an error: a bug in
+/// one plugin must not stop the terminal.
+fn contained(run: impl FnOnce() -> Result<(), HandlerError>) -> Result<(), HandlerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+        Err(HandlerError::Panicked(possync_sdk::__host::panic_message(
+            panic.as_ref(),
+        )))
+    })
+}
+
 #[derive(Debug)]
 struct Entry {
-    handler: Arc<dyn MessageHandler>,
+    plugin: Plugin,
     enabled: bool,
     origin: Origin,
     version: String,
@@ -89,8 +177,8 @@ struct Entry {
 /// Where a message type goes.
 #[derive(Debug)]
 pub(crate) enum Route<'a> {
-    /// To this enabled handler.
-    Handler(&'a Arc<dyn MessageHandler>),
+    /// To this enabled plugin.
+    Handler(&'a Plugin),
     /// Its handler exists but config turned it off.
     Disabled(&'a str),
     /// No handler knows the type.
@@ -116,25 +204,28 @@ impl Registry {
     pub fn from_config(plugins: &BTreeMap<String, PluginSetting>) -> Result<Self, RegistryError> {
         crate::host::install();
         let version = env!("CARGO_PKG_VERSION");
-        let mut entries: Vec<Entry> = possync_sdk::registered_handlers()
-            .map(|registration| {
-                let handler: Arc<dyn MessageHandler> = Arc::from(registration.make());
-                let enabled = match plugins.get(handler.name()) {
-                    Some(PluginSetting::Toggle(on)) => *on,
-                    _ => true,
-                };
-                Entry {
-                    handler,
-                    enabled,
-                    origin: Origin::BuiltIn,
-                    version: version.into(),
-                }
-            })
-            .collect();
-        let built_in: HashSet<String> = entries
-            .iter()
-            .map(|e| e.handler.name().to_owned())
-            .collect();
+        let mut entries = Vec::new();
+        for built_in in possync_sdk::__host::built_in() {
+            let plugin = build_built_in(built_in.plugin_fn())?;
+            let enabled = match plugins.get(possync_sdk::__host::name(&plugin)) {
+                Some(PluginSetting::Toggle(on)) => *on,
+                _ => true,
+            };
+            let message_types = possync_sdk::__host::message_types(&plugin)
+                .map(str::to_owned)
+                .collect();
+            entries.push(Entry {
+                plugin: Plugin::BuiltIn {
+                    plugin,
+                    message_types,
+                },
+                enabled,
+                origin: Origin::BuiltIn,
+                version: version.into(),
+            });
+        }
+        let built_in: HashSet<String> =
+            entries.iter().map(|e| e.plugin.name().to_owned()).collect();
         let mut unloaded = Vec::new();
         for (name, setting) in plugins {
             match setting {
@@ -151,14 +242,12 @@ impl Registry {
                     let settings =
                         serde_json::Value::Object(plugin.settings.clone().into_iter().collect());
                     match plugin_loader::load(name, &plugin.path, settings) {
-                        Ok(loaded) => {
-                            entries.extend(loaded.handlers.into_iter().map(|handler| Entry {
-                                handler,
-                                enabled: plugin.enabled,
-                                origin: Origin::Dynamic(plugin.path.clone()),
-                                version: loaded.version.clone(),
-                            }))
-                        }
+                        Ok(loaded) => entries.push(Entry {
+                            version: loaded.version().to_owned(),
+                            plugin: Plugin::Dynamic(loaded),
+                            enabled: plugin.enabled,
+                            origin: Origin::Dynamic(plugin.path.clone()),
+                        }),
                         Err(err) if plugin.enabled => {
                             return Err(RegistryError::Load(Box::new(err)));
                         }
@@ -178,29 +267,29 @@ impl Registry {
     }
 
     fn new(mut entries: Vec<Entry>, unloaded: Vec<PluginInfo>) -> Result<Self, RegistryError> {
-        entries.sort_by(|a, b| a.handler.name().cmp(b.handler.name()));
+        entries.sort_by(|a, b| a.plugin.name().cmp(b.plugin.name()));
         for pair in entries.windows(2) {
-            if pair[0].handler.name() == pair[1].handler.name() {
+            if pair[0].plugin.name() == pair[1].plugin.name() {
                 return Err(RegistryError::DuplicateName(
-                    pair[0].handler.name().to_owned(),
+                    pair[0].plugin.name().to_owned(),
                 ));
             }
         }
         let mut routes = BTreeMap::new();
         for (index, entry) in entries.iter().enumerate() {
-            for message_type in entry.handler.message_types() {
-                match routes.get(*message_type).map(|&i: &usize| &entries[i]) {
+            for message_type in entry.plugin.message_types() {
+                match routes.get(message_type).map(|&i: &usize| &entries[i]) {
                     Some(other) if other.enabled && entry.enabled => {
                         return Err(RegistryError::Conflict {
-                            message_type: (*message_type).to_owned(),
-                            first: other.handler.name().to_owned(),
-                            second: entry.handler.name().to_owned(),
+                            message_type: message_type.clone(),
+                            first: other.plugin.name().to_owned(),
+                            second: entry.plugin.name().to_owned(),
                         });
                     }
                     // An enabled handler wins the route over a disabled one.
                     Some(other) if other.enabled => {}
                     _ => {
-                        routes.insert((*message_type).to_owned(), index);
+                        routes.insert(message_type.clone(), index);
                     }
                 }
             }
@@ -218,17 +307,12 @@ impl Registry {
         self.entries
             .iter()
             .map(|e| PluginInfo {
-                name: e.handler.name().to_owned(),
-                message_types: e
-                    .handler
-                    .message_types()
-                    .iter()
-                    .map(|t| (*t).to_owned())
-                    .collect(),
+                name: e.plugin.name().to_owned(),
+                message_types: e.plugin.message_types().to_vec(),
                 enabled: e.enabled,
                 origin: e.origin.clone(),
                 version: e.version.clone(),
-                description: e.handler.description().to_owned(),
+                description: e.plugin.description().to_owned(),
             })
             .chain(self.unloaded.iter().cloned())
             .collect()
@@ -240,16 +324,67 @@ impl Registry {
         self.entries
             .iter()
             .filter(|e| e.enabled)
-            .flat_map(|e| e.handler.migrations().iter().copied())
+            .flat_map(|e| e.plugin.migrations().iter().copied())
             .filter(|m| seen.insert(m.id))
             .collect()
     }
 
     pub(crate) fn route(&self, message_type: &str) -> Route<'_> {
         match self.routes.get(message_type).map(|&i| &self.entries[i]) {
-            Some(entry) if entry.enabled => Route::Handler(&entry.handler),
-            Some(entry) => Route::Disabled(entry.handler.name()),
+            Some(entry) if entry.enabled => Route::Handler(&entry.plugin),
+            Some(entry) => Route::Disabled(entry.plugin.name()),
             None => Route::Unknown,
         }
     }
+
+    /// The JSON Schema of a message type's payload, from the enabled plugin
+    /// that handles it.
+    pub fn schema(&self, message_type: &str) -> Option<serde_json::Value> {
+        match self.route(message_type) {
+            Route::Handler(plugin) => plugin.schema(message_type),
+            _ => None,
+        }
+    }
+
+    /// Whether `payload` is a valid payload of `message_type` as the enabled
+    /// plugin that handles it decodes and checks it: what a terminal would
+    /// dead-letter is refused before it is sent.
+    pub fn check(&self, message_type: &str, payload: &str) -> Result<(), CheckError> {
+        match self.route(message_type) {
+            Route::Handler(plugin) => plugin
+                .check(message_type, payload)
+                .map_err(|err| CheckError::Invalid(err.to_string())),
+            Route::Disabled(plugin) => Err(CheckError::Disabled(plugin.to_owned())),
+            Route::Unknown => Err(CheckError::Unknown),
+        }
+    }
+}
+
+/// Why a payload is refused before it is sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// No plugin knows the type.
+    #[error("no plugin handles this type; name its plugin library in [plugins]")]
+    Unknown,
+    /// Its plugin is switched off in config.
+    #[error("its plugin {0:?} is disabled in [plugins]")]
+    Disabled(String),
+    /// The plugin refuses the payload.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Builds a built-in plugin with no settings (built-ins have none).
+fn build_built_in(make: possync_sdk::PluginFn) -> Result<possync_sdk::Plugin, RegistryError> {
+    let settings = Settings::new("built-in", serde_json::Value::Null);
+    let made = std::panic::catch_unwind(|| make(&settings)).unwrap_or_else(|panic| {
+        Err(format!(
+            "panicked: {}",
+            possync_sdk::__host::panic_message(panic.as_ref())
+        ))
+    });
+    made.map_err(|reason| RegistryError::BuiltIn {
+        plugin: format!("{make:p}"),
+        reason,
+    })
 }

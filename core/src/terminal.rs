@@ -166,7 +166,6 @@ impl Terminal {
             registry,
             config.license_key()?.clone(),
             Limits::of(&config.terminal),
-            tokio::runtime::Handle::current(),
         ))?;
         if config.status.enabled {
             let address = std::net::SocketAddr::new(config.status.address, config.status.port);

@@ -212,16 +212,6 @@ pub(crate) struct SqliteStore<'t, 'c> {
     transaction: &'t mut Transaction<'c>,
 }
 
-// SAFETY: a rusqlite `Connection` is `Send` but not `Sync`: it must never
-// be used from two threads at once. A transaction is made from an
-// exclusive borrow of the connection, so for its whole life it is the only
-// way to the connection; a store borrows the transaction exclusively, so
-// while the store lives it is the only way. Sending it to another thread
-// moves every use of the connection with it, as sending the
-// `&mut Connection` the transaction was made from would.
-#[allow(unsafe_code)]
-unsafe impl Send for SqliteStore<'_, '_> {}
-
 impl std::fmt::Debug for SqliteStore<'_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").finish_non_exhaustive()
@@ -520,24 +510,5 @@ mod tests {
             .map(|q| q.reason)
             .collect();
         assert_eq!(reasons, ["reason 6", "reason 5", "reason 4"]);
-    }
-
-    #[test]
-    fn a_handler_may_use_its_store_from_a_thread_of_its_own() {
-        let (_dir, mut database) = database();
-        let mut transaction = database.begin().expect("begins");
-        let mut store = transaction.store();
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                store
-                    .execute(INSERT, &["m-1".into(), Value::Integer(0)])
-                    .expect("inserts");
-            });
-        });
-        store
-            .execute(INSERT, &["m-2".into(), Value::Integer(0)])
-            .expect("inserts");
-        transaction.commit().expect("commits");
-        assert_eq!(applied_ids(&database), ["m-1", "m-2"]);
     }
 }

@@ -57,7 +57,11 @@ impl std::fmt::Debug for Plugin {
             .field("name", &self.name)
             .field(
                 "message_types",
-                &self.routes.iter().map(|r| r.message_type).collect::<Vec<_>>(),
+                &self
+                    .routes
+                    .iter()
+                    .map(|r| r.message_type)
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -125,9 +129,9 @@ fn schema_of<T: Payload>() -> serde_json::Value {
 fn decode<T: Payload>(payload: &str) -> Result<T, HandlerError> {
     let value: T = serde_json::from_str(payload)
         .map_err(|err| HandlerError::permanent(format!("invalid {} payload: {err}", T::TYPE)))?;
-    value
-        .validate()
-        .map_err(|reason| HandlerError::permanent(format!("invalid {} payload: {reason}", T::TYPE)))?;
+    value.validate().map_err(|reason| {
+        HandlerError::permanent(format!("invalid {} payload: {reason}", T::TYPE))
+    })?;
     Ok(value)
 }
 

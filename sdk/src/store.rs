@@ -1,6 +1,5 @@
 use crate::{StoreError, Version};
 
-
 /// A value bound to or read from SQL.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
