@@ -79,6 +79,12 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         self.transient
     }
+
+    /// What the database said, without the `database:` its display adds.
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl From<StoreError> for HandlerError {

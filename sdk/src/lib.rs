@@ -68,6 +68,12 @@ struct ReadmeExamples;
 #[path = "hosting.rs"]
 pub mod __host;
 
+/// The boundary with dynamic plugins: the C ABI [`export_plugin!`] exports
+/// and possync's loader reads. Authors never name it.
+#[doc(hidden)]
+#[path = "ffi/mod.rs"]
+pub mod __ffi;
+
 #[doc(hidden)]
 pub mod __private {
     pub use inventory;
