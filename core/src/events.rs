@@ -83,6 +83,16 @@ pub(crate) fn effect_panicked(message: &str) {
     error!(event = "effect_panicked", %message, "a handler's effect outside the database panicked; the others still ran");
 }
 
+/// A plugin library whose plugin calls itself by another name than the one
+/// config gives it: config's name is the one used.
+pub(crate) fn plugin_renamed(config_name: &str, own_name: &str, path: &str) {
+    warn!(event = "plugin_renamed", plugin = config_name, own_name, %path, "the plugin library calls its plugin by another name than [plugins] does; the name in [plugins] is used");
+}
+
+pub(crate) fn plugin_drop_panicked(plugin: &str, message: &str) {
+    error!(event = "plugin_drop_panicked", %plugin, %message, "a plugin panicked while being dropped; the panic was contained");
+}
+
 pub(crate) fn already_running(queue: &str) {
     error!(event = "already_running", %queue, "another process is already running as this terminal: the broker refused a second consumer on its queue");
 }

@@ -351,9 +351,15 @@ impl Registry {
     /// dead-letter is refused before it is sent.
     pub fn check(&self, message_type: &str, payload: &str) -> Result<(), CheckError> {
         match self.route(message_type) {
-            Route::Handler(plugin) => plugin
-                .check(message_type, payload)
-                .map_err(|err| CheckError::Invalid(err.to_string())),
+            Route::Handler(plugin) => plugin.check(message_type, payload).map_err(|err| {
+                CheckError::Invalid(match err {
+                    HandlerError::Panicked(message) => format!(
+                        "plugin {} panicked checking the payload: {message}",
+                        plugin.name()
+                    ),
+                    err => err.to_string(),
+                })
+            }),
             Route::Disabled(plugin) => Err(CheckError::Disabled(plugin.to_owned())),
             Route::Unknown => Err(CheckError::Unknown),
         }
