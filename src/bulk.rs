@@ -6,22 +6,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use possync_core::{LicenseKey, PublishError, Publisher};
+use possync_core::{LicenseKey, PublishError, Publisher, Registry};
 use possync_sdk::Envelope;
 
-use crate::publish::check_price;
+use crate::fields::{self, Field};
 
-/// Payload fields that are numbers on the wire; every other CSV cell is text
-/// (so that ids like `007` keep their zeros).
-const NUMERIC_FIELDS: &[&str] = &[
-    "price",
-    "new_price",
-    "price_delta",
-    "min_select",
-    "max_select",
-];
-/// Payload fields that are prices: finite and 0 or more (see [`check_price`]).
-const PRICE_FIELDS: &[&str] = &["price", "new_price"];
 /// Messages confirmed between two progress updates.
 const CHUNK: usize = 500;
 
@@ -36,8 +25,12 @@ pub(crate) struct BadLine {
 }
 
 /// The changes in `file`: JSON lines (`{"type": ..., "payload": {...}}`) or
-/// CSV with a `type` column and one column per payload field.
-pub(crate) fn read_changes(file: &Path) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
+/// CSV with a `type` column and one column per payload field. Each is
+/// checked by the plugin that handles its type, as a terminal would.
+pub(crate) fn read_changes(
+    registry: &Registry,
+    file: &Path,
+) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
     let extension = file
         .extension()
         .and_then(|e| e.to_str())
@@ -45,13 +38,55 @@ pub(crate) fn read_changes(file: &Path) -> anyhow::Result<(Vec<Change>, Vec<BadL
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     match extension.as_deref() {
-        Some("jsonl" | "ndjson" | "json") => Ok(read_json_lines(&text)),
-        Some("csv") => read_csv(&text),
+        Some("jsonl" | "ndjson" | "json") => Ok(read_json_lines(&mut Types::new(registry), &text)),
+        Some("csv") => read_csv(&mut Types::new(registry), &text),
         _ => anyhow::bail!("{}: name a .jsonl or .csv file", file.display()),
     }
 }
 
-fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
+/// The fields of each message type met so far, from the registry.
+struct Types<'r> {
+    registry: &'r Registry,
+    fields: std::collections::HashMap<String, Vec<Field>>,
+}
+
+impl<'r> Types<'r> {
+    fn new(registry: &'r Registry) -> Self {
+        Self {
+            registry,
+            fields: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The fields of `message_type`, or why no plugin here can check it.
+    fn fields(&mut self, message_type: &str) -> Result<&[Field], String> {
+        if !self.fields.contains_key(message_type) {
+            let schema = self.registry.schema(message_type).ok_or_else(|| {
+                format!(
+                    "no plugin here handles message type {message_type:?}; name its plugin library in [plugins]"
+                )
+            })?;
+            self.fields
+                .insert(message_type.to_owned(), fields::of_schema(&schema));
+        }
+        Ok(self.fields.get(message_type).map(Vec::as_slice).unwrap_or_default())
+    }
+
+    /// Checks `payload` as the plugin of `message_type` would on a terminal.
+    fn check(
+        &mut self,
+        message_type: &str,
+        payload: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        fields::check_bounds(self.fields(message_type)?, payload)?;
+        let text = serde_json::Value::Object(payload.clone()).to_string();
+        self.registry
+            .check(message_type, &text)
+            .map_err(|err| err.to_string())
+    }
+}
+
+fn read_json_lines(types: &mut Types<'_>, text: &str) -> (Vec<Change>, Vec<BadLine>) {
     let (mut changes, mut bad) = (Vec::new(), Vec::new());
     for (index, line) in text.lines().enumerate() {
         let number = index + 1;
@@ -63,12 +98,12 @@ fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
             .map_err(|err| format!("not JSON: {err}"))
             .and_then(|value| {
                 let message_type = value["type"].as_str().ok_or("no \"type\"")?.to_owned();
-                let payload = value.get("payload").cloned().ok_or("no \"payload\"")?;
-                if !payload.is_object() {
+                let payload = value.get("payload").ok_or("no \"payload\"")?;
+                let Some(object) = payload.as_object() else {
                     return Err("\"payload\" is not an object".to_owned());
-                }
-                check_prices(&payload)?;
-                Ok((message_type, payload))
+                };
+                types.check(&message_type, object)?;
+                Ok((message_type, payload.clone()))
             });
         match change {
             Ok((message_type, payload)) => changes.push((number, message_type, payload)),
@@ -81,17 +116,7 @@ fn read_json_lines(text: &str) -> (Vec<Change>, Vec<BadLine>) {
     (changes, bad)
 }
 
-/// Refuses a payload whose price fields are not prices.
-fn check_prices(payload: &serde_json::Value) -> Result<(), String> {
-    for field in PRICE_FIELDS {
-        if let Some(value) = payload.get(field).and_then(serde_json::Value::as_f64) {
-            check_price(value).map_err(|rule| format!("{field} {value}: {rule}"))?;
-        }
-    }
-    Ok(())
-}
-
-fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
+fn read_csv(types: &mut Types<'_>, text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_reader(text.as_bytes());
@@ -128,44 +153,42 @@ fn read_csv(text: &str) -> anyhow::Result<(Vec<Change>, Vec<BadLine>)> {
             });
             continue;
         }
-        let mut payload = serde_json::Map::new();
-        let mut problem = None;
-        for (header, cell) in headers.iter().zip(record.iter()) {
-            if header == "type" || cell.is_empty() {
-                continue;
-            }
-            let value = if NUMERIC_FIELDS.contains(&header) {
-                let parsed = match cell.trim().parse::<f64>() {
-                    Ok(number) if PRICE_FIELDS.contains(&header) => {
-                        check_price(number).map_err(|rule| format!("{header} {cell:?}: {rule}"))
-                    }
-                    Ok(number) => Ok(number),
-                    Err(_) => Err(format!("{header} {cell:?} is not a number")),
-                };
-                match parsed.and_then(|number| {
-                    serde_json::Number::from_f64(number)
-                        .ok_or_else(|| format!("{header} {cell:?} is not a finite number"))
-                }) {
-                    Ok(number) => serde_json::Value::Number(number),
-                    Err(reason) => {
-                        problem = Some(reason);
-                        break;
-                    }
-                }
-            } else {
-                serde_json::Value::String(cell.to_owned())
-            };
-            payload.insert(header.to_owned(), value);
-        }
-        match problem {
-            Some(reason) => bad.push(BadLine {
+        match csv_payload(types, &message_type, &headers, &record) {
+            Ok(payload) => changes.push((number, message_type, serde_json::Value::Object(payload))),
+            Err(reason) => bad.push(BadLine {
                 line: number,
                 reason,
             }),
-            None => changes.push((number, message_type, serde_json::Value::Object(payload))),
         }
     }
     Ok((changes, bad))
+}
+
+/// The payload of one CSV record: each non-empty cell typed by its
+/// field's schema (a column the type does not have stays text, for its
+/// plugin to refuse), then checked.
+fn csv_payload(
+    types: &mut Types<'_>,
+    message_type: &str,
+    headers: &csv::StringRecord,
+    record: &csv::StringRecord,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let fields = types.fields(message_type)?;
+    let mut payload = serde_json::Map::new();
+    for (header, cell) in headers.iter().zip(record.iter()) {
+        if header == "type" || cell.is_empty() {
+            continue;
+        }
+        let value = match fields.iter().find(|f| f.name == header) {
+            Some(field) => field
+                .parse(cell)
+                .map_err(|reason| format!("{header} {reason}"))?,
+            None => serde_json::Value::String(cell.to_owned()),
+        };
+        payload.insert(header.to_owned(), value);
+    }
+    types.check(message_type, &payload)?;
+    Ok(payload)
 }
 
 /// Progress on a terminal as a bar, elsewhere as a plain line now and then.

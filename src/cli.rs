@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use possync_core::{
     Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal, TerminalId,
 };
@@ -146,7 +146,12 @@ enum PluginsCommand {
 }
 
 pub(crate) fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `publish --help` lists the message types the built-in plugins know;
+    // a plugin library adds its own (`possync publish types`).
+    let command = Cli::command().mut_subcommand("publish", |publish| {
+        publish.after_help(publish_help())
+    });
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|err| err.exit());
     // The demo and one-shot commands print their own results; only trouble should add to them.
     let format = match cli.log_format {
         LogFormatArg::Human => possync_core::LogFormat::Human,
@@ -196,6 +201,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(&load(cli.config.as_deref())?.config, args).await,
+    }
+}
+
+/// The message types of the built-in plugins, for `possync publish --help`.
+fn publish_help() -> String {
+    match Registry::from_config(&Default::default()) {
+        Ok(registry) => format!(
+            "Message types (possync publish <TYPE> --help shows one; possync publish types adds those of plugin libraries in [plugins]):\n{}",
+            publish::types_help(&registry)
+        ),
+        Err(err) => format!("The built-in plugins did not load: {err}"),
     }
 }
 

@@ -11,7 +11,7 @@ use possync_core::{
     BrokerError, Config, InProcessBroker, LicenseKey, PublishError, Published, Publisher, Registry,
     Status, Terminal, TerminalId,
 };
-use possync_sdk::{Envelope, WireMessage};
+use possync_sdk::{Envelope, Payload};
 use tokio::sync::watch;
 
 #[derive(Debug, Args)]
@@ -203,7 +203,7 @@ async fn wait_for(
     Ok(())
 }
 
-fn envelope<M: WireMessage>(license: &str, message: M) -> anyhow::Result<Envelope> {
+fn envelope<M: Payload>(license: &str, message: M) -> anyhow::Result<Envelope> {
     Ok(message.to_envelope(license)?)
 }
 

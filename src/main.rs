@@ -3,6 +3,7 @@
 mod bulk;
 mod cli;
 mod demo;
+mod fields;
 mod publish;
 
 // Referenced so the linker keeps their handler registrations.

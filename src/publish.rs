@@ -3,106 +3,20 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
-use possync_core::{Config, LicenseKey, Publisher};
-use possync_sdk::{Envelope, WireMessage};
+use clap::{Arg, ArgAction, Args, Subcommand};
+use possync_core::{Config, LicenseKey, Publisher, Registry};
+use possync_sdk::Envelope;
+
+use crate::fields::{self, Field};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PublishCommand {
-    /// Set a product's price (creates the product on terminals that lack it).
-    #[cfg(feature = "price")]
-    PriceUpdate {
-        #[command(flatten)]
-        to: Stores,
-        /// The product's id.
-        #[arg(long, value_name = "ID")]
-        product_id: String,
-        /// The new price: a finite number of 0 or more.
-        #[arg(long, value_parser = price, allow_hyphen_values = true)]
-        price: f64,
-        /// The product's name.
-        #[arg(long, value_name = "NAME")]
-        product_name: Option<String>,
-    },
-    /// Create or replace a product.
-    #[cfg(feature = "product")]
-    ProductUpdate {
-        #[command(flatten)]
-        to: Stores,
-        /// The product's id.
-        #[arg(long, value_name = "ID")]
-        product_id: String,
-        /// The product's name.
-        #[arg(long)]
-        name: String,
-        /// The price: a finite number of 0 or more.
-        #[arg(long, value_parser = price, allow_hyphen_values = true)]
-        price: f64,
-        /// The category's id.
-        #[arg(long, value_name = "ID")]
-        category_id: String,
-        /// The icon the POS shows.
-        #[arg(long, value_name = "NAME")]
-        icon_name: Option<String>,
-    },
-    /// Delete a product.
-    #[cfg(feature = "product-delete")]
-    ProductDelete {
-        #[command(flatten)]
-        to: Stores,
-        /// The product's id.
-        #[arg(long, value_name = "ID")]
-        product_id: String,
-    },
-    /// Create or replace a category.
-    #[cfg(feature = "category")]
-    CategoryUpdate {
-        #[command(flatten)]
-        to: Stores,
-        /// The category's id.
-        #[arg(long, value_name = "ID")]
-        category_id: String,
-        /// The category's name.
-        #[arg(long)]
-        name: String,
-        /// The icon the POS shows.
-        #[arg(long, value_name = "NAME")]
-        icon_name: Option<String>,
-    },
-    /// Set a product's picture from an image file (PNG, JPEG, WebP or GIF);
-    /// terminals need the product_images plugin.
-    ImageUpdate {
-        #[command(flatten)]
-        to: Stores,
-        /// The product's id.
-        #[arg(long, value_name = "ID")]
-        product_id: String,
-        /// The image file.
-        #[arg(long, value_name = "FILE")]
-        file: std::path::PathBuf,
-    },
-    /// Remove a product's picture.
-    ImageDelete {
-        #[command(flatten)]
-        to: Stores,
-        /// The product's id.
-        #[arg(long, value_name = "ID")]
-        product_id: String,
-    },
-    /// Delete a modifier group (create or replace one with `raw --type
-    /// modifier_group_update`); terminals need the modifier_groups plugin.
-    ModifierGroupDelete {
-        #[command(flatten)]
-        to: Stores,
-        /// The group's id.
-        #[arg(long, value_name = "ID")]
-        group_id: String,
-    },
     /// Publish a whole catalog from a file to one or more stores, with
     /// progress and a summary. The file holds JSON lines
     /// ({"type": "price_update", "payload": {...}}) or CSV with a `type`
-    /// column and one column per payload field. Bad lines are reported with
-    /// their number and skipped.
+    /// column and one column per payload field. Each line is checked by the
+    /// plugin that handles its type; bad lines are reported with their
+    /// number and skipped.
     Bulk {
         #[command(flatten)]
         to: Stores,
@@ -113,7 +27,8 @@ pub(crate) enum PublishCommand {
         #[arg(long)]
         stop_on_error: bool,
     },
-    /// Publish a message of any type, with its payload as JSON.
+    /// Publish a message of any type, with its payload as JSON, unchecked:
+    /// for a type only the terminals' plugins know.
     Raw {
         #[command(flatten)]
         to: Stores,
@@ -124,6 +39,13 @@ pub(crate) enum PublishCommand {
         #[arg(long, value_name = "JSON")]
         payload: String,
     },
+    /// List the message types this possync can check and publish, with
+    /// their fields.
+    Types,
+    /// A message of a type a plugin handles: `possync publish <TYPE> --help`
+    /// shows its fields.
+    #[command(external_subcommand)]
+    Typed(Vec<String>),
 }
 
 /// The stores a message goes to.
@@ -134,129 +56,24 @@ pub(crate) struct Stores {
     licenses: Vec<LicenseKey>,
 }
 
-/// Reads a price given on the command line.
-fn price(text: &str) -> Result<f64, String> {
-    let value: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{PRICE_RULE}; {text:?} is not a number"))?;
-    check_price(value)
-}
-
-const PRICE_RULE: &str = "a price must be a finite number of 0 or more, like 12.99";
-
-/// `value` if it is a price: NaN and infinity have no JSON form (they would
-/// go out as `null`) and a negative price is a slip of the keyboard, so
-/// both are refused before anything is sent.
-pub(crate) fn check_price(value: f64) -> Result<f64, String> {
-    if value.is_finite() && value >= 0.0 {
-        Ok(value)
-    } else {
-        Err(format!("{PRICE_RULE}, not {value}"))
-    }
-}
-
-fn envelopes<M: WireMessage>(to: &Stores, message: &M) -> anyhow::Result<Vec<Envelope>> {
-    to.licenses
-        .iter()
-        .map(|key| {
-            message
-                .to_envelope(key.as_str())
-                .context("cannot encode the message")
-        })
-        .collect()
-}
-
 pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Result<ExitCode> {
     let envelopes = match command {
         PublishCommand::Bulk {
             to,
             file,
             stop_on_error,
-        } => return bulk(config, &to, &file, stop_on_error).await,
-        #[cfg(feature = "price")]
-        PublishCommand::PriceUpdate {
-            to,
-            product_id,
-            price,
-            product_name,
-        } => envelopes(
-            &to,
-            &possync_plugin_price::PriceUpdate {
-                product_id,
-                new_price: price,
-                product_name,
-            },
-        )?,
-        #[cfg(feature = "product")]
-        PublishCommand::ProductUpdate {
-            to,
-            product_id,
-            name,
-            price,
-            category_id,
-            icon_name,
-        } => envelopes(
-            &to,
-            &possync_plugin_product::ProductUpdate {
-                product_id,
-                product_name: name,
-                price,
-                category_id: Some(category_id),
-                icon_name,
-            },
-        )?,
-        #[cfg(feature = "product-delete")]
-        PublishCommand::ProductDelete { to, product_id } => envelopes(
-            &to,
-            &possync_plugin_product_delete::ProductDelete { product_id },
-        )?,
-        #[cfg(feature = "category")]
-        PublishCommand::CategoryUpdate {
-            to,
-            category_id,
-            name,
-            icon_name,
-        } => envelopes(
-            &to,
-            &possync_plugin_category::CategoryUpdate {
-                category_id,
-                category_name: name,
-                icon_name,
-            },
-        )?,
-        PublishCommand::ImageUpdate {
-            to,
-            product_id,
-            file,
-        } => {
-            let content_type = match file
-                .extension()
-                .and_then(|e| e.to_str())
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-            {
-                Some("png") => "image/png",
-                Some("jpg" | "jpeg") => "image/jpeg",
-                Some("webp") => "image/webp",
-                Some("gif") => "image/gif",
-                _ => anyhow::bail!("{}: name a .png, .jpg, .webp or .gif file", file.display()),
-            };
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            envelopes(
-                &to,
-                &possync_product_images_types::ImageUpdate::new(product_id, content_type, &bytes),
-            )?
+        } => return bulk(config, &registry(config)?, &to, &file, stop_on_error).await,
+        PublishCommand::Types => {
+            print!("{}", types_help(&registry(config)?));
+            return Ok(ExitCode::SUCCESS);
         }
-        PublishCommand::ImageDelete { to, product_id } => envelopes(
-            &to,
-            &possync_product_images_types::ImageDelete { product_id },
-        )?,
-        PublishCommand::ModifierGroupDelete { to, group_id } => envelopes(
-            &to,
-            &possync_modifier_groups_types::ModifierGroupDelete { group_id },
-        )?,
+        PublishCommand::Typed(args) => match typed(&registry(config)?, &args)? {
+            Ok(envelopes) => envelopes,
+            Err(refused) => {
+                eprintln!("{refused}");
+                return Ok(ExitCode::from(2));
+            }
+        },
         PublishCommand::Raw {
             to,
             message_type,
@@ -289,11 +106,12 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
 
 async fn bulk(
     config: &Config,
+    registry: &Registry,
     to: &Stores,
     file: &std::path::Path,
     stop_on_error: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (changes, bad) = crate::bulk::read_changes(file)?;
+    let (changes, bad) = crate::bulk::read_changes(registry, file)?;
     for line in &bad {
         eprintln!("{}:{}: {}", file.display(), line.line, line.reason);
     }
@@ -325,4 +143,146 @@ async fn bulk(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The plugins this publisher knows: the built-in ones and the libraries
+/// named in `[plugins]`, so a back office checks what its terminals apply.
+fn registry(config: &Config) -> anyhow::Result<Registry> {
+    Ok(Registry::from_config(&config.plugins)?)
+}
+
+/// The message types `registry` knows, one per line with their fields, for
+/// `possync publish types` and `possync publish --help`.
+pub(crate) fn types_help(registry: &Registry) -> String {
+    let mut text = String::new();
+    for plugin in registry.plugins().iter().filter(|p| p.enabled) {
+        for message_type in &plugin.message_types {
+            let fields = registry
+                .schema(message_type)
+                .map(|schema| fields::of_schema(&schema))
+                .unwrap_or_default();
+            let names: Vec<String> = fields
+                .iter()
+                .map(|f| {
+                    let flag = format!("--{} {}", kebab(&f.name), f.kind.value_name());
+                    if f.required { flag } else { format!("[{flag}]") }
+                })
+                .collect();
+            text.push_str(&format!(
+                "  {} {}\n      ({}: {})\n",
+                kebab(message_type),
+                names.join(" "),
+                plugin.name,
+                plugin.description
+            ));
+        }
+    }
+    text
+}
+
+/// `price_update` as a command: `price-update`.
+fn kebab(name: &str) -> String {
+    name.replace('_', "-")
+}
+
+/// A publish command of a type some plugin handles, parsed by the fields
+/// its schema gives: the envelopes for every store, or why the payload is
+/// refused. `--help` and argument errors exit here, as clap does.
+fn typed(
+    registry: &Registry,
+    args: &[String],
+) -> anyhow::Result<Result<Vec<Envelope>, String>> {
+    let Some(named) = args.first() else {
+        anyhow::bail!("name a message type: possync publish <TYPE> ...");
+    };
+    let message_type = named.replace('-', "_");
+    let Some(schema) = registry.schema(&message_type) else {
+        let known = registry
+            .plugins()
+            .into_iter()
+            .filter(|p| p.enabled)
+            .flat_map(|p| p.message_types)
+            .map(|t| kebab(&t))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Ok(Err(format!(
+            "error: no plugin here handles message type {named:?} (known: {known}); name its plugin library in [plugins], or send it unchecked with `possync publish raw --type {message_type} ...`"
+        )));
+    };
+    let fields = fields::of_schema(&schema);
+    let matches = command_for(named, &schema, &fields)
+        .try_get_matches_from(args)
+        .unwrap_or_else(|err| err.exit());
+    let payload = match matches.get_one::<String>("payload") {
+        Some(json) => match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(serde_json::Value::Object(map)) => {
+                if let Err(reason) = fields::check_bounds(&fields, &map) {
+                    return Ok(Err(format!("error: {reason}")));
+                }
+                map
+            }
+            _ => return Ok(Err("error: --payload must be a JSON object".into())),
+        },
+        None => fields
+            .iter()
+            .filter_map(|f| {
+                let value = matches.get_one::<serde_json::Value>(&f.name)?;
+                Some((f.name.clone(), value.clone()))
+            })
+            .collect(),
+    };
+    let payload = serde_json::Value::Object(payload);
+    if let Err(err) = registry.check(&message_type, &payload.to_string()) {
+        return Ok(Err(format!("error: {message_type}: {err}")));
+    }
+    let licenses = matches
+        .get_many::<LicenseKey>("license")
+        .into_iter()
+        .flatten();
+    Ok(Ok(licenses
+        .map(|key| Envelope::new(message_type.clone(), key.as_str(), payload.clone()))
+        .collect()))
+}
+
+/// The command line of one message type, from its schema.
+fn command_for(named: &str, schema: &serde_json::Value, fields: &[Field]) -> clap::Command {
+    let about = schema["description"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("Publish a {} message.", named.replace('-', "_")));
+    let mut command = clap::Command::new(named.to_owned())
+        .bin_name(format!("possync publish {named}"))
+        .about(about)
+        .arg(
+            Arg::new("license")
+                .long("license")
+                .value_name("KEY")
+                .required(true)
+                .action(ArgAction::Append)
+                .value_parser(|text: &str| text.parse::<LicenseKey>().map_err(|e| e.to_string()))
+                .help("A store's license key; repeat to publish to several stores."),
+        )
+        .arg(
+            Arg::new("payload")
+                .long("payload")
+                .value_name("JSON")
+                .help("The whole payload as a JSON object, instead of one option per field."),
+        );
+    for field in fields {
+        let parser = field.clone();
+        let mut arg = Arg::new(field.name.clone())
+            .long(kebab(&field.name))
+            .value_name(field.kind.value_name())
+            .allow_hyphen_values(true)
+            .conflicts_with("payload")
+            .value_parser(move |text: &str| parser.parse(text));
+        if let Some(description) = &field.description {
+            arg = arg.help(description.clone());
+        }
+        if field.required {
+            arg = arg.required_unless_present("payload");
+        }
+        command = command.arg(arg);
+    }
+    command
 }

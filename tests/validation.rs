@@ -267,25 +267,27 @@ fn the_cli_refuses_a_price_that_is_not_a_finite_amount_of_zero_or_more() {
         "NaN", "nan", "inf", "-inf", "infinity", "1e999", "-1", "-0.01",
     ] {
         for command in [
-            &["price-update", "--product-id", "P1"][..],
+            &["price-update", "--product-id", "P1", "--new-price", price][..],
             &[
                 "product-update",
                 "--product-id",
                 "P1",
-                "--name",
+                "--product-name",
                 "Tea",
                 "--category-id",
                 "C1",
+                "--price",
+                price,
             ],
         ] {
             let mut args = vec!["publish"];
             args.extend_from_slice(command);
-            args.extend_from_slice(&["--license", "STORE-1", "--price", price]);
+            args.extend_from_slice(&["--license", "STORE-1"]);
             let output = possync(&args);
             let stderr = text(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
             assert!(
-                stderr.contains("a price must be a finite number of 0 or more"),
+                stderr.contains("must be a finite number of 0 or more"),
                 "{args:?}: {stderr}"
             );
         }
