@@ -46,7 +46,8 @@ pub enum PluginSetting {
 #[serde(deny_unknown_fields)]
 pub struct DynamicPlugin {
     /// Path of the plugin library (`.so`, `.dylib`, `.dll`), built against
-    /// the same possync-sdk with the same compiler as this possync.
+    /// a possync-sdk compatible with this possync's: the same 0.x minor
+    /// (or major), no newer (docs/plugin-boundary.md).
     pub path: PathBuf,
     /// Whether its handlers apply messages; when off, its messages are
     /// acknowledged and not applied.

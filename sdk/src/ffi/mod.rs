@@ -637,6 +637,9 @@ pub struct Declaration {
 }
 
 /// What a plugin says about itself, as JSON through [`DescribeFn`].
+///
+/// A host reads the descriptions of plugins built with older SDKs of its
+/// line: a field added within a line must be optional (`#[serde(default)]`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Description {
     /// The plugin's own name.
