@@ -1,6 +1,7 @@
 //! Plugins for real: libraries built as cdylibs, loaded from config, checked
 //! before anything in them runs, applying messages that came through the
-//! broker.
+//! broker; a panic in any of a plugin's entry points contained and reported
+//! with the plugin's name.
 
 mod common;
 
@@ -8,7 +9,8 @@ use common::*;
 use possync_core::{Config, PluginSetting, Publisher, Registry};
 use possync_modifier_groups_types::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
 use possync_product_images_types::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
-use possync_sdk::{Envelope, WireMessage};
+use possync_sdk::__ffi::SdkVersion;
+use possync_sdk::{Envelope, Payload};
 
 fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Config {
     let mut config = terminal_config(dir, store, "till-1");
@@ -362,34 +364,83 @@ fn load_error(name: &str, setting: PluginSetting) -> String {
         .to_string()
 }
 
+/// The registry with the `panicky` fixture, panicking in `stage`.
+fn panicky(stage: &str) -> PluginSetting {
+    dynamic_plugin(
+        "possync-fixture-panicky",
+        serde_json::json!({ "panic_in": stage }),
+    )
+}
+
+/// The fixtures refused here abort the process if anything of theirs is
+/// called: each refusal happens before any of the plugin's code runs.
 #[test]
-fn incompatible_or_broken_plugins_are_refused_with_a_message_that_says_what_to_do() {
-    let old_sdk = load_error(
+fn a_plugin_built_with_an_incompatible_sdk_is_refused_naming_both_versions_and_what_to_rebuild() {
+    let ours = possync_sdk::SDK_VERSION;
+    let line = SdkVersion::CURRENT.line();
+
+    let older = load_error(
         "old",
         dynamic_plugin("possync-fixture-old-sdk", serde_json::json!({})),
     );
     assert!(
-        old_sdk.contains("built with possync-sdk 0.0.1"),
-        "{old_sdk}"
+        older.starts_with("plugin old: "),
+        "names the plugin: {older}"
     );
     assert!(
-        old_sdk.contains(&format!(
-            "rebuild it against possync-sdk {}",
-            possync_sdk::SDK_VERSION
+        older.contains(&format!(
+            "was built with possync-sdk 0.2.0, this possync has {ours}: rebuild it against possync-sdk {line}"
         )),
-        "{old_sdk}"
-    );
-    assert!(
-        old_sdk.contains("plugin old:"),
-        "names the plugin: {old_sdk}"
+        "{older}"
     );
 
+    let newer_version = SdkVersion::CURRENT.next_breaking().to_string();
+    let newer = load_error(
+        "new",
+        dynamic_plugin("possync-fixture-newer-sdk", serde_json::json!({})),
+    );
+    assert!(
+        newer.starts_with("plugin new: "),
+        "names the plugin: {newer}"
+    );
+    assert!(
+        newer.contains(&format!(
+            "was built with possync-sdk {newer_version}, this possync has {ours}: rebuild it against possync-sdk {line}"
+        )) && newer.contains(&format!("or upgrade possync to one whose possync-sdk is {newer_version} or newer")),
+        "{newer}"
+    );
+}
+
+#[test]
+fn a_plugin_whose_boundary_types_are_laid_out_differently_is_refused() {
+    let changed = load_error(
+        "changed",
+        dynamic_plugin("possync-fixture-layout-changed", serde_json::json!({})),
+    );
+    assert!(
+        changed.starts_with("plugin changed: ")
+            && changed.contains("laid out differently (layout fingerprint ")
+            && changed.contains(&format!(
+                "rebuild it against possync-sdk {}",
+                possync_sdk::SDK_VERSION
+            )),
+        "{changed}"
+    );
+}
+
+#[test]
+fn libraries_that_are_not_possync_plugins_of_this_format_are_refused_with_a_message_that_says_what_to_do()
+ {
     let old_format = load_error(
         "future",
         dynamic_plugin("possync-fixture-old-format", serde_json::json!({})),
     );
     assert!(
-        old_format.contains("uses plugin format 99") && old_format.contains("rebuild"),
+        old_format.contains("uses plugin format 99")
+            && old_format.contains(&format!(
+                "rebuild the plugin against possync-sdk {}",
+                SdkVersion::CURRENT.line()
+            )),
         "{old_format}"
     );
 
@@ -424,27 +475,33 @@ fn incompatible_or_broken_plugins_are_refused_with_a_message_that_says_what_to_d
         dynamic_plugin("possync-fixture-not-a-plugin", serde_json::json!({})),
     );
     assert!(
-        foreign.contains("not a possync plugin") && foreign.contains("declare_plugin!"),
+        foreign.contains("not a possync plugin") && foreign.contains("export_plugin!"),
         "{foreign}"
     );
+}
 
-    let panics = load_error(
-        "panicky",
-        dynamic_plugin(
-            "possync-fixture-panicky",
-            serde_json::json!({ "panic_on_register": true }),
-        ),
-    );
+#[test]
+fn a_plugin_that_panics_or_fails_while_loading_is_refused_with_its_name() {
+    let registration = load_error("panicky", panicky("registration"));
     assert!(
-        panics.contains("panicked during registration: registration blew up"),
-        "{panics}"
+        registration.starts_with("plugin panicky (")
+            && registration.contains("panicked during registration: registration blew up"),
+        "{registration}"
+    );
+
+    let describe = load_error("panicky", panicky("describe"));
+    assert!(
+        describe.starts_with("plugin panicky (")
+            && describe.contains("panicked while describing itself")
+            && describe.contains("schema blew up"),
+        "{describe}"
     );
 
     let fails = load_error(
         "panicky",
         dynamic_plugin(
             "possync-fixture-panicky",
-            serde_json::json!({ "fail_on_register": true }),
+            serde_json::json!({ "fail_to_register": true }),
         ),
     );
     assert!(
@@ -456,12 +513,11 @@ fn incompatible_or_broken_plugins_are_refused_with_a_message_that_says_what_to_d
         "panicky",
         dynamic_plugin(
             "possync-fixture-panicky",
-            serde_json::json!({ "panic_on_regsiter": true }),
+            serde_json::json!({ "panic_inn": "handle" }),
         ),
     );
     assert!(
-        typo.contains("[plugins.panicky.settings] is not valid")
-            && typo.contains("panic_on_regsiter"),
+        typo.contains("[plugins.panicky.settings] is not valid") && typo.contains("panic_inn"),
         "{typo}"
     );
 }
@@ -477,7 +533,7 @@ fn a_refused_plugin_stops_the_cli_with_the_message_not_a_crash() {
         .expect("run");
     assert_eq!(output.status.code(), Some(1));
     assert!(
-        text(&output.stderr).contains("built with possync-sdk 0.0.1"),
+        text(&output.stderr).contains("built with possync-sdk 0.2.0"),
         "{}",
         text(&output.stderr)
     );
@@ -500,46 +556,244 @@ fn a_refused_plugin_stops_the_cli_with_the_message_not_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_handler_that_panics_in_a_plugin_is_quarantined_and_the_terminal_runs_on() {
+async fn a_plugin_built_with_an_older_compatible_sdk_loads_and_applies_through_a_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = unique_license("panicky");
+    let store = unique_license("compatible");
     let mut config = terminal_config(dir.path(), &store, "till-1");
-    config.terminal.max_attempts = 2;
     config.plugins.insert(
-        "panicky".into(),
-        dynamic_plugin("possync-fixture-panicky", serde_json::json!({})),
+        "notes".into(),
+        dynamic_plugin("possync-fixture-compatible", serde_json::json!({})),
     );
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     publisher
         .publish_envelopes(vec![
             Envelope::new(
-                "panicky_update",
+                "note_update",
                 store.as_str(),
-                serde_json::json!({ "n": 1 }),
-            ),
+                serde_json::json!({ "product_id": "CAP", "text": "with oat milk" }),
+            )
+            .with_message_id("note-1")
+            .with_version(42)
+            .with_timestamp("2026-11-25T13:52:22Z"),
             Envelope::new(
-                "price_update",
+                "note_update",
                 store.as_str(),
-                serde_json::json!({ "product_id": "AFTER", "new_price": 1.0 }),
+                serde_json::json!({ "product_id": "", "text": "no product" }),
             ),
         ])
         .await
         .expect("confirmed");
     terminal.wait_settled(1, 1).await;
     let db = terminal.db();
+    let note: (String, String, String, i64, String) = db
+        .query_row(
+            "SELECT text, license_key, message_id, sync_version, updated_at
+             FROM notes WHERE product_id = 'CAP'",
+            [],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )
+        .expect("the note the plugin wrote");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM products WHERE id = 'AFTER'"),
-        1
+        note,
+        (
+            "with oat milk".to_owned(),
+            store.as_str().to_owned(),
+            "note-1".to_owned(),
+            42,
+            "2026-11-25T13:52:22Z".to_owned()
+        ),
+        "the payload and the message's context crossed intact"
     );
     let reasons = quarantine_reasons(&db);
     assert!(
-        reasons[0].contains("failed 2 times") && reasons[0].contains("panicky handler refuses"),
+        reasons[0].contains("invalid note_update payload: product_id is empty"),
+        "the plugin's own check dead-letters: {reasons:?}"
+    );
+    publisher.close().await;
+    terminal.stop().await;
+
+    // Listed by the name config gives it, which is not the plugin's own.
+    let output = possync_command(&["plugins", "list"])
+        .env(
+            "POSSYNC_PLUGINS__NOTES__PATH",
+            plugin_library("possync-fixture-compatible"),
+        )
+        .output()
+        .expect("run");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let listing = text(&output.stdout);
+    let line = listing
+        .lines()
+        .find(|line| line.starts_with("notes "))
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert!(
+        line.contains("note_update") && line.contains(env!("CARGO_PKG_VERSION")),
+        "{line}"
+    );
+    assert!(
+        text(&output.stderr).contains("plugin_renamed"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+/// A terminal with the `panicky` fixture panicking in `stage` (two tries
+/// a message), to which `messages` (type and payload) have been published.
+async fn panicky_terminal(
+    dir: &std::path::Path,
+    stage: &str,
+    messages: &[(&str, serde_json::Value)],
+) -> (Config, RunningTerminal, Publisher) {
+    let store = unique_license(&format!("panicky-{stage}"));
+    let mut config = terminal_config(dir, &store, "till-1");
+    config.terminal.max_attempts = 2;
+    config.plugins.insert("panicky".into(), panicky(stage));
+    let terminal = RunningTerminal::start(config.clone()).await;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    publisher
+        .publish_envelopes(messages.iter().map(|(message_type, payload)| {
+            Envelope::new(*message_type, store.as_str(), payload.clone())
+        }))
+        .await
+        .expect("confirmed");
+    (config, terminal, publisher)
+}
+
+/// The terminal applied one message and dead-lettered one after two tries,
+/// with a reason that names the plugin and says `panic`; it is still live.
+async fn one_applied_one_dead_lettered(
+    mut terminal: RunningTerminal,
+    publisher: Publisher,
+    panic: &str,
+) {
+    terminal.wait_settled(1, 1).await;
+    let reasons = quarantine_reasons(&terminal.db());
+    assert!(
+        reasons[0].contains("failed 2 times")
+            && reasons[0].contains("panicky")
+            && reasons[0].contains(panic),
         "{reasons:?}"
     );
     assert!(terminal.status.borrow().is_live());
     publisher.close().await;
     terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_that_panics_in_a_plugin_is_quarantined_and_the_terminal_runs_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, terminal, publisher) = panicky_terminal(
+        dir.path(),
+        "handle",
+        &[
+            ("panicky_update", serde_json::json!({ "n": 1 })),
+            (
+                "price_update",
+                serde_json::json!({ "product_id": "AFTER", "new_price": 1.0 }),
+            ),
+        ],
+    )
+    .await;
+    let db = terminal.db();
+    one_applied_one_dead_lettered(terminal, publisher, "panicky handler refuses 1").await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM products WHERE id = 'AFTER'"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_that_panics_in_a_plugin_is_reported_with_its_name_and_its_message_quarantined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, terminal, publisher) = panicky_terminal(
+        dir.path(),
+        "check",
+        &[
+            ("panicky_check", serde_json::json!({ "n": 7 })),
+            ("panicky_update", serde_json::json!({ "n": 8 })),
+        ],
+    )
+    .await;
+    // On a terminal the check runs before the handler.
+    let db = terminal.db();
+    one_applied_one_dead_lettered(terminal, publisher, "validation blew up on 7").await;
+    assert_eq!(count(&db, "SELECT count(*) FROM panicky WHERE n = 8"), 1);
+
+    // A publisher checking the payload first is told which plugin panicked.
+    let refused = Registry::from_config(&config.plugins)
+        .expect("loads")
+        .check("panicky_check", r#"{"n": 7}"#)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        refused.contains("plugin panicky panicked checking the payload: validation blew up on 7"),
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_effect_that_panics_in_a_plugin_is_contained_and_its_message_stays_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, mut terminal, publisher) = panicky_terminal(
+        dir.path(),
+        "effect",
+        &[
+            ("panicky_update", serde_json::json!({ "n": 1 })),
+            ("panicky_update", serde_json::json!({ "n": 2 })),
+        ],
+    )
+    .await;
+    terminal.wait_applied(2).await;
+    let db = terminal.db();
+    assert_eq!(count(&db, "SELECT count(*) FROM panicky"), 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM possync_quarantine"), 0);
+    assert!(terminal.status.borrow().is_live());
+    publisher.close().await;
+    terminal.stop().await;
+}
+
+#[test]
+fn a_plugin_that_panics_when_dropped_is_logged_not_fatal_and_its_log_reaches_possyncs() {
+    // In this process: the registry goes, the plugin's Drop panics in the
+    // plugin, and the process goes on.
+    let mut plugins = std::collections::BTreeMap::new();
+    plugins.insert("panicky".to_owned(), panicky("drop"));
+    drop(Registry::from_config(&plugins).expect("loads"));
+
+    // Through the CLI, the plugin's own log line and the contained panic
+    // are in possync's log.
+    let output = possync_command(&["plugins", "list"])
+        .env(
+            "POSSYNC_PLUGINS__PANICKY__PATH",
+            plugin_library("possync-fixture-panicky"),
+        )
+        .env("POSSYNC_PLUGINS__PANICKY__SETTINGS__PANIC_IN", "drop")
+        .output()
+        .expect("run");
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        text(&output.stdout).contains("panicky_update"),
+        "{}",
+        text(&output.stdout)
+    );
+    assert!(
+        stderr.contains("plugin_log") && stderr.contains("will panic in Drop"),
+        "the plugin's log line went through possync's log: {stderr}"
+    );
+    assert!(
+        stderr.contains("plugin_drop_panicked") && stderr.contains("drop blew up"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -617,6 +617,13 @@ pub fn quarantine_reasons(db: &rusqlite::Connection) -> Vec<String> {
 
 /// The plugin libraries the tests load, built on first use with the same
 /// compiler and profile as the tests (`cargo test` does not build cdylibs).
+///
+/// The plugins export themselves only with their feature `dynamic` (their
+/// rlibs, linked into the tests for their payload types, must not).
+/// `possync-fixture-layout-changed` is built on its own, with its feature
+/// that turns on the SDK's test-only layout change: cargo unifies features
+/// across the packages of one build, so built beside the others it would
+/// change their layout too.
 pub fn plugin_library(package: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| {
@@ -625,20 +632,39 @@ pub fn plugin_library(package: &str) -> PathBuf {
             "possync-plugin-product-images",
             "possync-fixture-panicky",
             "possync-fixture-old-sdk",
+            "possync-fixture-newer-sdk",
             "possync-fixture-old-format",
             "possync-fixture-not-a-plugin",
+            "possync-fixture-compatible",
         ];
-        let mut command = Command::new(env!("CARGO"));
-        command.arg("build").current_dir(env!("CARGO_MANIFEST_DIR"));
+        let mut together = Command::new(env!("CARGO"));
+        together.arg("build");
         for package in packages {
-            command.args(["-p", package]);
+            together.args(["-p", package]);
         }
-        let output = command.output().expect("run cargo build for the plugins");
-        assert!(
-            output.status.success(),
-            "building the plugins failed:\n{}",
-            text(&output.stderr)
-        );
+        together.args([
+            "--features",
+            "possync-plugin-modifier-groups/dynamic,possync-plugin-product-images/dynamic",
+        ]);
+        let mut alone = Command::new(env!("CARGO"));
+        alone.args([
+            "build",
+            "-p",
+            "possync-fixture-layout-changed",
+            "--features",
+            "possync-fixture-layout-changed/changed",
+        ]);
+        for mut command in [together, alone] {
+            let output = command
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .expect("run cargo build for the plugins");
+            assert!(
+                output.status.success(),
+                "building the plugins failed:\n{}",
+                text(&output.stderr)
+            );
+        }
     });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
