@@ -333,16 +333,11 @@ async fn the_cli_publishes_new_types_raw_and_lists_loaded_plugins() {
     terminal.stop().await;
 
     let library = plugin_library("possync-plugin-modifier-groups");
-    let output = possync_command(&["plugins", "list"])
-        .env("POSSYNC_PLUGINS__MODIFIER_GROUPS__PATH", &library)
-        .output()
-        .expect("run");
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    let listing = text(&output.stdout);
-    let line = listing
-        .lines()
-        .find(|l| l.starts_with("modifier_groups "))
-        .unwrap_or_else(|| panic!("{listing}"));
+    let (line, _) = listed(
+        "modifier_groups",
+        "POSSYNC_PLUGINS__MODIFIER_GROUPS__PATH",
+        &library,
+    );
     for expected in [
         "modifier_group_update, modifier_group_delete",
         "yes",
@@ -354,6 +349,24 @@ async fn the_cli_publishes_new_types_raw_and_lists_loaded_plugins() {
             "{expected:?} missing from {line:?}"
         );
     }
+}
+
+/// `possync plugins list` with the library at `path` as `[plugins.<name>]`
+/// (`variable` is its path's environment variable): the plugin's line and
+/// the log.
+fn listed(name: &str, variable: &str, path: &std::path::Path) -> (String, String) {
+    let output = possync_command(&["plugins", "list"])
+        .env(variable, path)
+        .output()
+        .expect("run");
+    let log = text(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let listing = text(&output.stdout);
+    let line = listing
+        .lines()
+        .find(|line| line.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} not in {listing}"));
+    (line.to_owned(), log)
 }
 
 fn load_error(name: &str, setting: PluginSetting) -> String {
@@ -622,28 +635,16 @@ async fn a_plugin_built_with_an_older_compatible_sdk_loads_and_applies_through_a
     terminal.stop().await;
 
     // Listed by the name config gives it, which is not the plugin's own.
-    let output = possync_command(&["plugins", "list"])
-        .env(
-            "POSSYNC_PLUGINS__NOTES__PATH",
-            plugin_library("possync-fixture-compatible"),
-        )
-        .output()
-        .expect("run");
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    let listing = text(&output.stdout);
-    let line = listing
-        .lines()
-        .find(|line| line.starts_with("notes "))
-        .unwrap_or_else(|| panic!("{listing}"));
+    let (line, log) = listed(
+        "notes",
+        "POSSYNC_PLUGINS__NOTES__PATH",
+        &plugin_library("possync-fixture-compatible"),
+    );
     assert!(
         line.contains("note_update") && line.contains(env!("CARGO_PKG_VERSION")),
         "{line}"
     );
-    assert!(
-        text(&output.stderr).contains("plugin_renamed"),
-        "{}",
-        text(&output.stderr)
-    );
+    assert!(log.contains("plugin_renamed"), "{log}");
 }
 
 /// A terminal with the `panicky` fixture panicking in `stage` (two tries
