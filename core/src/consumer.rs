@@ -9,11 +9,12 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 
-use crate::applier::{Inbound, Outcome};
 use crate::config::BrokerConfig;
 use crate::connection::{self, BrokerError};
+use crate::dispatch::Outcome;
 use crate::events;
 use crate::in_process::InProcessInbox;
+use crate::inbound::Inbound;
 use crate::topology::TerminalTopology;
 
 const PERSISTENT: u8 = 2;

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::applier::Tally;
+use crate::progress::Tally;
 
 /// The connection state, as the POS top bar showed it: Live or Offline.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,12 +4,14 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::applier::{Applied, Applier, ApplierHandle, Inbound, Limits, Outcome};
+use crate::applier::{Applied, Applier, ApplierHandle, Limits};
 use crate::config::{Config, ConfigError};
 use crate::connection::BrokerError;
 use crate::consumer::{Inbox, Subscription};
+use crate::dispatch::Outcome;
 use crate::events;
 use crate::in_process::InProcessBroker;
+use crate::inbound::Inbound;
 use crate::redact::redact_url;
 use crate::registry::{Registry, RegistryError};
 use crate::status::{State, Status, StatusSender};

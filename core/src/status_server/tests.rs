@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::accept::{self, Incoming};
 use super::allowed_hosts::AllowedHosts;
 use super::{Limits, StatusServer, StatusView, routes};
-use crate::applier::Tally;
+use crate::progress::Tally;
 use crate::status::{State, StatusSender};
 
 /// Longest any exchange in these tests may take before it counts as hung.
