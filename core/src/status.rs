@@ -5,7 +5,10 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use crate::applier::ApplierHandle;
 use crate::progress::Tally;
+use crate::redact::redact_url;
+use crate::store::{StateRecord, unix_now_ms};
 
 /// The connection state, as the POS top bar showed it: Live or Offline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +160,55 @@ impl StatusSender {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Status> {
         self.0.subscribe()
+    }
+}
+
+/// Publishes state changes to watchers and to the database.
+pub(crate) struct Reporter<'a> {
+    applier: &'a ApplierHandle,
+    status: &'a StatusSender,
+    identity: (String, String),
+}
+
+impl<'a> Reporter<'a> {
+    pub(crate) fn new(
+        applier: &'a ApplierHandle,
+        status: &'a StatusSender,
+        identity: (String, String),
+    ) -> Self {
+        Self {
+            applier,
+            status,
+            identity,
+        }
+    }
+
+    /// Where the state and counters go to watchers.
+    pub(crate) fn status(&self) -> &StatusSender {
+        self.status
+    }
+
+    /// Says `state` to watchers, then records it for `possync status`.
+    pub(crate) async fn set(&self, state: State, broker: Option<&str>) {
+        let since_ms = state
+            .since()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or_else(unix_now_ms, |d| {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            });
+        // Watchers first: recording waits for the database, which may be
+        // the very thing that is stuck.
+        self.status.set_state(state.clone());
+        self.applier
+            .record_state(StateRecord {
+                license_key: self.identity.0.clone(),
+                terminal_id: self.identity.1.clone(),
+                state: state.name(),
+                since_ms,
+                reason: state.reason().map(str::to_owned),
+                broker: broker.map(redact_url),
+            })
+            .await;
     }
 }
 
