@@ -10,6 +10,7 @@ use crate::config::{Config, LoadedConfig};
 use crate::connection;
 use crate::redact::redact_url;
 use crate::registry::Registry;
+use crate::status::State;
 use crate::store::Database;
 use crate::topology::TerminalTopology;
 
@@ -266,7 +267,7 @@ fn running_check(config: &Config, consumers: u32) -> Check {
         .ok()
         .flatten()
         // Only a live (or stalled) terminal holds the queue's consumer.
-        .filter(|status| matches!(status.state.as_str(), "live" | "stalled"))
+        .filter(|status| matches!(status.state, State::Live { .. } | State::Stalled { .. }))
         .and_then(|status| status.pid)
         .filter(|pid| crate::status::process_exists(*pid));
     match here {

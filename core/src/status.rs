@@ -41,11 +41,42 @@ pub enum State {
 }
 
 impl State {
+    /// One state of each kind, with `since` and `reason` where the kind has
+    /// them: every list of states is made from this one.
+    fn each(since: SystemTime, reason: &str) -> [Self; 5] {
+        // A new kind of state goes here too, or it has no series on
+        // `/metrics` and cannot be read back from the database.
+        [
+            Self::Connecting,
+            Self::Live { since },
+            Self::Offline {
+                since,
+                reason: reason.to_owned(),
+            },
+            Self::Stalled {
+                since,
+                reason: reason.to_owned(),
+            },
+            Self::Stopped,
+        ]
+    }
+
     /// Every state's name, as [`State::name`] spells it: the `/metrics`
     /// endpoint shows one series per state, so that a dashboard sees each.
-    pub const NAMES: [&'static str; 5] = ["connecting", "live", "offline", "stalled", "stopped"];
+    pub fn names() -> [&'static str; 5] {
+        Self::each(SystemTime::UNIX_EPOCH, "").map(|state| state.name())
+    }
 
-    /// The state's name, as `possync status`, `/status` and the logs spell it.
+    /// The state [`State::name`] calls `name`, with `since` and `reason`
+    /// where it has them: a state read back from the database.
+    pub(crate) fn named(name: &str, since: SystemTime, reason: &str) -> Option<Self> {
+        Self::each(since, reason)
+            .into_iter()
+            .find(|state| state.name() == name)
+    }
+
+    /// The state's name, as `possync status`, `/status`, `/metrics` and the
+    /// database spell it; the only place they are spelled.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Connecting => "connecting",
@@ -203,9 +234,8 @@ impl<'a> Reporter<'a> {
             .record_state(StateRecord {
                 license_key: self.identity.0.clone(),
                 terminal_id: self.identity.1.clone(),
-                state: state.name(),
+                state,
                 since_ms,
-                reason: state.reason().map(str::to_owned),
                 broker: broker.map(redact_url),
             })
             .await;
@@ -232,18 +262,18 @@ impl StatusReport {
     /// Builds the report from the stored status, at `now_ms`.
     pub fn new(stored: &crate::store::StoredStatus, now_ms: i64) -> Self {
         let running = stored.pid.is_none_or(process_exists);
-        let state = match (stored.state.as_str(), running) {
-            ("stopped", _) => "Stopped".to_owned(),
-            (_, false) => format!(
+        let state = match (&stored.state, running) {
+            (State::Stopped, _) => "Stopped".to_owned(),
+            (state, false) => format!(
                 "Stopped (process {} is gone without a clean stop; it was {})",
                 stored.pid.unwrap_or_default(),
-                stored.state
+                state.name()
             ),
-            (other, true) => capitalize(other),
+            (state, true) => capitalize(state.name()),
         };
-        let live = running && stored.state == "live";
+        let live = running && matches!(stored.state, State::Live { .. });
         let mut text = format!("{state} since {}\n", when(stored.since_ms, now_ms));
-        if let (Some(reason), "offline" | "stalled") = (&stored.reason, stored.state.as_str()) {
+        if let Some(reason) = stored.state.reason().filter(|reason| !reason.is_empty()) {
             text.push_str(&format!("reason        {reason}\n"));
         }
         text.push_str(&format!(
@@ -320,21 +350,16 @@ mod tests {
     use super::State;
 
     #[test]
-    fn every_state_name_is_among_the_names_a_dashboard_sees() {
-        let every = [
-            State::Connecting,
-            State::Live { since: UNIX_EPOCH },
-            State::Offline {
-                since: UNIX_EPOCH,
-                reason: String::new(),
-            },
-            State::Stalled {
-                since: UNIX_EPOCH,
-                reason: String::new(),
-            },
-            State::Stopped,
-        ];
-        let names = every.map(|state| state.name());
-        assert_eq!(names, State::NAMES);
+    fn every_state_has_a_name_of_its_own_and_reads_back_from_it() {
+        let since = UNIX_EPOCH + std::time::Duration::from_secs(7);
+        let names = State::names();
+        for (i, name) in names.iter().enumerate() {
+            assert!(!names[..i].contains(name), "{name} named twice");
+            let state = State::named(name, since, "why").expect("reads back");
+            assert_eq!(state.name(), *name);
+            assert!(state.since().is_none_or(|at| at == since), "{name}");
+            assert!(state.reason().is_none_or(|why| why == "why"), "{name}");
+        }
+        assert_eq!(State::named("unknown", since, "why"), None);
     }
 }

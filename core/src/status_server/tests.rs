@@ -275,7 +275,7 @@ async fn metrics_parse_as_prometheus_text_and_show_stale_changes_and_a_stall() {
         by_type("possync_messages_applied_total", "price_update"),
         5.0
     );
-    for state in State::NAMES {
+    for state in State::names() {
         let expected = if state == "stalled" { 1.0 } else { 0.0 };
         assert_eq!(
             value(&format!("possync_state{{{LABELS},state=\"{state}\"}}")),
