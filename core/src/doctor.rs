@@ -6,7 +6,7 @@ use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use crate::config::{Config, LoadedConfig};
+use crate::config::{Config, LoadedConfig, TerminalSettings};
 use crate::connection;
 use crate::redact::redact_url;
 use crate::registry::Registry;
@@ -92,15 +92,19 @@ pub fn config_sources(loaded: &LoadedConfig) -> Vec<(String, String, String)> {
 /// Runs every check for the terminal `config` describes.
 pub async fn diagnose(config: &Config) -> Vec<Check> {
     let mut checks = Vec::new();
-    let identity = match (config.license_key(), config.terminal_id()) {
-        (Ok(key), Ok(id)) => {
+    let terminal = match TerminalSettings::from_config(config.clone()) {
+        Ok(terminal) => {
             checks.push(Check::pass(
                 "identity",
-                format!("terminal {id} of store {key}"),
+                format!(
+                    "terminal {} of store {}",
+                    terminal.terminal_id(),
+                    terminal.license_key()
+                ),
             ));
-            Some((key.clone(), id.clone()))
+            Some(terminal)
         }
-        (Err(err), _) | (_, Err(err)) => {
+        Err(err) => {
             checks.push(Check::fail(
                 "identity",
                 err.to_string(),
@@ -162,7 +166,7 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
                 continue;
             }
         };
-        checks.extend(topology_checks(config, &connection, identity.as_ref()).await);
+        checks.extend(topology_checks(config, &connection, terminal.as_ref()).await);
         // A close can hang when the broker is gone (lapin #409): bounded too.
         let _ = connection::within(
             config.broker.confirm_timeout_secs,
@@ -179,7 +183,7 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
 async fn topology_checks(
     config: &Config,
     connection: &lapin::Connection,
-    identity: Option<&(crate::LicenseKey, crate::TerminalId)>,
+    terminal: Option<&TerminalSettings>,
 ) -> Vec<Check> {
     let seconds = config.broker.confirm_timeout_secs;
     let mut checks = Vec::new();
@@ -209,10 +213,10 @@ async fn topology_checks(
             "start a terminal or publisher once (they declare it), or provision with `possync admin`",
         )),
     }
-    let Some((key, id)) = identity else {
+    let Some(terminal) = terminal else {
         return checks;
     };
-    let topology = TerminalTopology::new(config, key, id);
+    let topology = TerminalTopology::new(config, terminal.license_key(), terminal.terminal_id());
     let queue = async {
         let channel = bounded(seconds, connection.create_channel()).await?;
         bounded(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::applier::{Applier, ApplierHandle, Limits};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, TerminalSettings};
 use crate::connection::BrokerError;
 use crate::consumer::{Inbox, SessionEnd, Subscription, consume};
 use crate::events;
@@ -21,9 +21,6 @@ use crate::topology::TerminalTopology;
 /// A terminal that could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {
-    /// The configuration is incomplete or wrong.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// `[plugins]` is wrong.
     #[error(transparent)]
     Plugins(#[from] RegistryError),
@@ -49,7 +46,7 @@ pub enum TerminalError {
 /// One terminal of one store, ready to run.
 #[derive(Debug)]
 pub struct Terminal {
-    config: Config,
+    settings: TerminalSettings,
     topology: TerminalTopology,
     registry: Arc<Registry>,
     database: Database,
@@ -73,11 +70,11 @@ enum Transport<'a> {
 }
 
 impl Terminal {
-    /// Checks the config, opens the database and runs the plugins' migrations.
-    pub fn new(config: Config, registry: Registry) -> Result<Self, TerminalError> {
-        let license_key = config.license_key()?.clone();
-        let terminal_id = config.terminal_id()?.clone();
-        let topology = TerminalTopology::new(&config, &license_key, &terminal_id);
+    /// Opens the database and runs the plugins' migrations.
+    pub fn new(settings: TerminalSettings, registry: Registry) -> Result<Self, TerminalError> {
+        let config = settings.config();
+        let (license_key, terminal_id) = (settings.license_key(), settings.terminal_id());
+        let topology = TerminalTopology::new(config, license_key, terminal_id);
         let mut database = Database::open(&config.terminal.database)?;
         let ran = database.migrate(registry.migrations().iter())?;
         events::migrations_ran(&ran);
@@ -91,10 +88,10 @@ impl Terminal {
         Ok(Self {
             status,
             connection_name: format!("possync terminal {terminal_id} of {license_key}"),
-            config,
             topology,
             registry: Arc::new(registry),
             database,
+            settings,
         })
     }
 
@@ -136,23 +133,24 @@ impl Terminal {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), TerminalError> {
         let Self {
-            config,
+            settings,
             topology,
             registry,
             database,
             connection_name,
             status,
         } = self;
+        let config = settings.config();
         let identity = (
-            config.license_key()?.to_string(),
-            config.terminal_id()?.to_string(),
+            settings.license_key().to_string(),
+            settings.terminal_id().to_string(),
         );
         let plugins = registry.plugins();
         let mut server = None;
         let applier = ApplierHandle::spawn(Applier::new(
             database,
             registry,
-            config.license_key()?.clone(),
+            settings.license_key().clone(),
             Limits::of(&config.terminal),
         ))?;
         if config.status.enabled {
@@ -195,7 +193,7 @@ impl Terminal {
             events::connecting(&redact_url(url), failures + 1);
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                opened = open(transport, &config, url, &topology, &connection_name) => opened,
+                opened = open(transport, config, url, &topology, &connection_name) => opened,
             };
             let reason = match opened {
                 Ok(subscription) => {
