@@ -1,8 +1,9 @@
-//! The possync runtime: configuration, the broker connection and topology,
-//! dispatch of messages to handlers, the SQLite store, and the publisher.
+//! The possync runtime: configuration, the broker connection, topology and
+//! reconnect, routing and dispatch of messages to plugins, the terminal's
+//! SQLite database, and the publisher.
 //!
 //! The runtime knows nothing about prices or products: every message type is
-//! applied by a [`possync_sdk::MessageHandler`] found in the [`Registry`].
+//! applied by a [`possync_sdk::Plugin`]'s handler, found in the [`Registry`].
 
 mod admin;
 mod applier;
