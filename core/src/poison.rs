@@ -79,3 +79,98 @@ impl Poison {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Database;
+
+    const POISON: Poison = Poison {
+        max_attempts: 3,
+        quarantine_max_rows: 10,
+    };
+
+    fn database() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database = Database::open(&dir.path().join("terminal.db")).expect("opens");
+        (dir, database)
+    }
+
+    fn message(redelivered: bool) -> (Inbound, Envelope) {
+        let envelope =
+            Envelope::new("price_update", "STORE-1", serde_json::json!({})).with_message_id("m-1");
+        let inbound = Inbound {
+            tag: 1,
+            routing_key: "license.STORE-1.price_update".into(),
+            body: serde_json::to_vec(&envelope).expect("encodes"),
+            redelivered,
+        };
+        (inbound, envelope)
+    }
+
+    fn count(database: &Database, table: &str) -> i64 {
+        database
+            .connection()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+                row.get(0)
+            })
+            .expect("counts")
+    }
+
+    #[test]
+    fn a_failing_message_is_tried_again_then_quarantined_with_the_last_reason() {
+        let (_dir, mut database) = database();
+        let (inbound, envelope) = message(true);
+        for try_number in 1..=3 {
+            let mut transaction = database.begin().expect("begins");
+            let outcome = POISON
+                .failed_try(
+                    &mut transaction,
+                    &inbound,
+                    &envelope,
+                    format!("busy {try_number}"),
+                )
+                .expect("recorded");
+            transaction.commit().expect("commits");
+            let expected = if try_number < 3 {
+                Outcome::Retry {
+                    reason: format!("busy {try_number}"),
+                }
+            } else {
+                Outcome::DeadLetter {
+                    reason: "failed 3 times; last: busy 3".into(),
+                    message_type: Some("price_update".into()),
+                }
+            };
+            assert_eq!(outcome, expected);
+        }
+        assert_eq!(count(&database, "possync_attempts"), 0, "tries forgotten");
+        assert_eq!(count(&database, "possync_quarantine"), 1);
+    }
+
+    #[test]
+    fn a_message_that_settles_forgets_its_failed_tries_if_it_was_delivered_before() {
+        let (_dir, mut database) = database();
+        let (first, envelope) = message(false);
+        let mut transaction = database.begin().expect("begins");
+        POISON
+            .failed_try(&mut transaction, &first, &envelope, "busy".into())
+            .expect("recorded");
+        POISON
+            .settled(&mut transaction, &first, &envelope)
+            .expect("settles");
+        transaction.commit().expect("commits");
+        assert_eq!(
+            count(&database, "possync_attempts"),
+            1,
+            "a first delivery has no tries to forget"
+        );
+        let (again, envelope) = message(true);
+        let mut transaction = database.begin().expect("begins");
+        POISON
+            .settled(&mut transaction, &again, &envelope)
+            .expect("settles");
+        transaction.commit().expect("commits");
+        assert_eq!(count(&database, "possync_attempts"), 0);
+    }
+}

@@ -111,3 +111,67 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transaction::StaleEntity;
+
+    #[test]
+    fn a_tally_counts_each_outcome_and_remembers_the_last_type_applied() {
+        let applied = |t: &str| Outcome::Applied {
+            message_type: t.into(),
+        };
+        let outcomes = [
+            applied("price_update"),
+            Outcome::Duplicate,
+            applied("category_update"),
+            applied("price_update"),
+            Outcome::Stale {
+                message_type: "price_update".into(),
+                entities: Vec::<StaleEntity>::new(),
+            },
+            Outcome::Disabled {
+                message_type: "product_images".into(),
+            },
+            Outcome::DeadLetter {
+                reason: "bad".into(),
+                message_type: None,
+            },
+            Outcome::Retry {
+                reason: "busy".into(),
+            },
+        ];
+        let tally = Tally::of(&outcomes);
+        assert_eq!(
+            tally.by_type,
+            [("price_update".into(), 2), ("category_update".into(), 1)]
+        );
+        assert_eq!(tally.stale_by_type, [("price_update".into(), 1)]);
+        assert_eq!(
+            (
+                tally.applied,
+                tally.quarantined,
+                tally.duplicates,
+                tally.retries
+            ),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(tally.last_type.as_deref(), Some("price_update"));
+    }
+
+    #[test]
+    fn counters_not_yet_written_add_up_until_a_batch_writes_them() {
+        let tally = Tally::of(&[Outcome::Applied {
+            message_type: "price_update".into(),
+        }]);
+        let mut progress = Progress::default();
+        progress.committed(&tally);
+        progress.committed(&tally);
+        assert_eq!(progress.unwritten().applied, 2);
+        assert_eq!(progress.with(&tally).applied, 3);
+        progress.writing = true;
+        progress.committed(&tally);
+        assert_eq!(progress.unwritten().applied, 0, "the batch wrote them");
+    }
+}
