@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use possync_core::{
-    Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal, TerminalId,
+    Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal,
+    TerminalId, TerminalSettings,
 };
 
 use crate::demo::{self, DemoArgs};
@@ -220,9 +221,9 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<LoadedConfig> {
 }
 
 async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
-    let config = loaded.config;
-    let registry = Registry::from_config(&config.plugins)?;
-    let terminal = Terminal::new(config, registry)?;
+    let settings = TerminalSettings::from_config(loaded.config)?;
+    let registry = Registry::from_config(&settings.config().plugins)?;
+    let terminal = Terminal::new(settings, registry)?;
     terminal
         .run(shutdown_signal())
         .await

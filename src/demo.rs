@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use possync_core::{
     BrokerError, Config, InProcessBroker, LicenseKey, PublishError, Published, Publisher, Registry,
-    Status, Terminal, TerminalId,
+    Status, Terminal, TerminalId, TerminalSettings,
 };
 use possync_sdk::{Envelope, Payload};
 use tokio::sync::watch;
@@ -157,13 +157,16 @@ fn start_terminal(
         let _ = std::fs::remove_file(path);
     }
     let mut config = config.clone();
-    config.terminal.license_key = Some(LicenseKey::new(license)?);
-    config.terminal.terminal_id = Some(TerminalId::new(terminal)?);
     config.terminal.database = database.clone();
     // Demo queues should not outlive the demo by much.
     config.terminal.queue_expiry_days = 1;
     let registry = Registry::from_config(&config.plugins)?;
-    let terminal_runtime = Terminal::new(config, registry)?;
+    let settings = TerminalSettings::new(
+        LicenseKey::new(license)?,
+        TerminalId::new(terminal)?,
+        config,
+    );
+    let terminal_runtime = Terminal::new(settings, registry)?;
     let status = terminal_runtime.status();
     let shutdown = async move {
         let _ = stopped.wait_for(|stop| *stop).await;

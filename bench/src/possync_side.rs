@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use possync_core::{
     Config, Delivery, LicenseKey, QueueType, Registry, Status, Terminal, TerminalId,
+    TerminalSettings,
 };
 use possync_plugin_price::PriceHandler;
 use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, async_trait};
@@ -80,7 +81,7 @@ pub(crate) fn config(
 
 pub(crate) async fn start(config: Config) -> anyhow::Result<Running> {
     let registry = Registry::from_config(&config.plugins)?;
-    let terminal = Terminal::new(config, registry)?;
+    let terminal = Terminal::new(TerminalSettings::from_config(config)?, registry)?;
     let queue = terminal.topology().queue.clone();
     let dead_letter_queue = terminal.topology().dead_letter_queue.clone();
     let mut status = terminal.status();

@@ -327,8 +327,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
 #[serde(deny_unknown_fields, default)]
 pub struct TerminalConfig {
     /// The store's license key; the terminal receives `license.<KEY>.#`.
+    /// A terminal needs it; a publisher does not.
     pub license_key: Option<LicenseKey>,
-    /// This terminal's id, unique within the store; names its queue.
+    /// This terminal's id, unique within the store; names its queue. A
+    /// terminal needs it; a publisher does not.
     pub terminal_id: Option<TerminalId>,
     /// Path of the SQLite database the POS app reads.
     pub database: PathBuf,
@@ -396,7 +398,7 @@ pub enum ConfigError {
     /// A key is unknown, a value has the wrong type, or a value is refused.
     #[error("invalid configuration: {0}")]
     Invalid(Box<figment::Error>),
-    /// A value `possync terminal` needs is not set.
+    /// A value a terminal needs is not set.
     #[error(
         "{key} is not set: set it in the [{section}] section of the config file or with the environment variable {env}"
     )]
@@ -550,29 +552,81 @@ impl Config {
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|err| format!("# cannot show the config: {err}\n"))
     }
+}
 
-    /// The license key, or an error that says how to set it.
-    pub fn license_key(&self) -> Result<&LicenseKey, ConfigError> {
-        self.terminal
+/// What a terminal runs with: a configuration with the license key and the
+/// terminal id a terminal cannot run without. A publisher needs neither, so
+/// [`Config`] may lack them; these settings are made from it once, when a
+/// terminal's config is loaded, and nothing checks them again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerminalSettings {
+    license_key: LicenseKey,
+    terminal_id: TerminalId,
+    config: Config,
+}
+
+impl TerminalSettings {
+    /// Settings for terminal `terminal_id` of store `license_key`, the rest
+    /// from `config`.
+    pub fn new(license_key: LicenseKey, terminal_id: TerminalId, mut config: Config) -> Self {
+        config.terminal.license_key = Some(license_key.clone());
+        config.terminal.terminal_id = Some(terminal_id.clone());
+        Self {
+            license_key,
+            terminal_id,
+            config,
+        }
+    }
+
+    /// The settings of the terminal `config` describes, or an error that
+    /// says how to set what it lacks.
+    pub fn from_config(config: Config) -> Result<Self, ConfigError> {
+        let license_key = config
+            .terminal
             .license_key
-            .as_ref()
+            .clone()
             .ok_or(ConfigError::Missing {
                 key: "terminal.license_key",
                 section: "terminal",
                 env: "POSSYNC_TERMINAL__LICENSE_KEY",
-            })
-    }
-
-    /// The terminal id, or an error that says how to set it.
-    pub fn terminal_id(&self) -> Result<&TerminalId, ConfigError> {
-        self.terminal
+            })?;
+        let terminal_id = config
+            .terminal
             .terminal_id
-            .as_ref()
+            .clone()
             .ok_or(ConfigError::Missing {
                 key: "terminal.terminal_id",
                 section: "terminal",
                 env: "POSSYNC_TERMINAL__TERMINAL_ID",
-            })
+            })?;
+        Ok(Self {
+            license_key,
+            terminal_id,
+            config,
+        })
+    }
+
+    /// The store's license key.
+    pub fn license_key(&self) -> &LicenseKey {
+        &self.license_key
+    }
+
+    /// This terminal's id within the store.
+    pub fn terminal_id(&self) -> &TerminalId {
+        &self.terminal_id
+    }
+
+    /// The whole configuration, these two included.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl TryFrom<Config> for TerminalSettings {
+    type Error = ConfigError;
+
+    fn try_from(config: Config) -> Result<Self, ConfigError> {
+        Self::from_config(config)
     }
 }
 
@@ -610,5 +664,61 @@ fn warn_if_secrets_are_readable(path: &Path) {
                 "the config file holds a password and others can read it: chmod 600 it"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(text: &str) -> Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("possync.toml");
+        std::fs::write(&path, text).expect("writes");
+        Config::load(Some(&path)).expect("loads").config
+    }
+
+    #[test]
+    fn a_config_without_a_terminal_identity_loads_for_a_publisher_and_says_what_a_terminal_lacks() {
+        for (text, key, env) in [
+            (
+                "[broker]\nexchange = \"pos_license_events\"\n",
+                "terminal.license_key",
+                "POSSYNC_TERMINAL__LICENSE_KEY",
+            ),
+            (
+                "[terminal]\nlicense_key = \"STORE-1\"\n",
+                "terminal.terminal_id",
+                "POSSYNC_TERMINAL__TERMINAL_ID",
+            ),
+        ] {
+            let err = TerminalSettings::from_config(loaded(text))
+                .expect_err("no terminal without it")
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "{key} is not set: set it in the [terminal] section of the config file or with the environment variable {env}"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_terminal_config_gives_its_license_key_and_id_as_they_are() {
+        let config = loaded("[terminal]\nlicense_key = \"STORE-1\"\nterminal_id = \"till-1\"\n");
+        let settings = TerminalSettings::from_config(config.clone()).expect("a terminal");
+        assert_eq!(settings.license_key().as_str(), "STORE-1");
+        assert_eq!(settings.terminal_id().as_str(), "till-1");
+        assert_eq!(settings.config(), &config);
+        let made = TerminalSettings::new(
+            settings.license_key().clone(),
+            settings.terminal_id().clone(),
+            Config::default(),
+        );
+        assert_eq!(
+            made.config().terminal.license_key,
+            config.terminal.license_key
+        );
     }
 }

@@ -1,5 +1,9 @@
-//! A terminal's subscription to its queue: receive, then settle each
-//! message as its outcome says.
+//! Consuming: the loop that takes a terminal's deliveries, applies them in
+//! batches, settles each message as its outcome says, and holds what must
+//! be tried again; and the subscription to its queue it reads from.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
@@ -9,14 +13,245 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 
-use crate::applier::{Inbound, Outcome};
+use crate::applier::{Applied, ApplierHandle};
 use crate::config::BrokerConfig;
 use crate::connection::{self, BrokerError};
+use crate::dispatch::Outcome;
 use crate::events;
 use crate::in_process::InProcessInbox;
+use crate::inbound::Inbound;
+use crate::status::{Reporter, State};
 use crate::topology::TerminalTopology;
 
 const PERSISTENT: u8 = 2;
+
+/// How often a connected terminal renews its dead-letter queue's lease:
+/// well within the shortest expiry (one day).
+const RENEW_DEAD_LETTER_QUEUE_EVERY: Duration = Duration::from_secs(3600);
+
+/// How often a live terminal counts the messages waiting in its queue.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
+
+/// How a consuming session ended.
+pub(crate) enum SessionEnd {
+    /// Shutdown was asked for; the session settled everything and closed.
+    Stopped,
+    /// The connection failed; reconnect.
+    Lost(BrokerError),
+}
+
+/// Receives, applies and settles batches until shutdown or connection loss.
+///
+/// A batch the database refuses (locked, full) is held and tried again in
+/// place, never handed back to the broker: that would reorder it and count
+/// against the queue's delivery limit. A message whose handler fails for
+/// now is held the same way, with the messages behind it.
+pub(crate) async fn consume(
+    mut subscription: Inbox,
+    applier: &ApplierHandle,
+    reporter: &Reporter<'_>,
+    batch_size: usize,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> SessionEnd {
+    let status = reporter.status();
+    let mut depth_due = tokio::time::Instant::now();
+    // Renewed at once too: a provisioned terminal declares nothing on
+    // connecting, and its sessions may be short.
+    let mut renew_due = tokio::time::Instant::now();
+    let mut idle = false;
+    // Deliveries taken but not settled, to try again before anything else.
+    let mut held: Vec<Inbound> = Vec::new();
+    let mut stall: Option<Stall> = None;
+    // The delivery tag of the message being tried again, and its tries.
+    let mut retrying: Option<(u64, u32)> = None;
+    loop {
+        if tokio::time::Instant::now() >= renew_due {
+            subscription.renew_dead_letter_queue().await;
+            renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
+        }
+        let mut lost = None;
+        let batch = if held.is_empty() {
+            // Counted on connecting and every few seconds while busy.
+            if !idle && tokio::time::Instant::now() >= depth_due {
+                status.set_queue_depth(subscription.queue_depth().await);
+                depth_due = tokio::time::Instant::now() + QUEUE_DEPTH_EVERY;
+            }
+            let first = tokio::select! {
+                () = shutdown.as_mut() => {
+                    events::stopping();
+                    subscription.close(&[]).await;
+                    return SessionEnd::Stopped;
+                }
+                next = subscription.next() => {
+                    idle = false;
+                    next
+                }
+                // A busy terminal renews at the top of the loop; this wakes an idle one.
+                () = tokio::time::sleep_until(renew_due), if idle => continue,
+                // Idle with every delivery settled: the broker delivers whatever
+                // arrives at once, so nothing waits, and there is time to write
+                // the counters `possync status` shows. (Waiting for the next
+                // message is cancel-safe.)
+                () = tokio::time::sleep_until(depth_due), if !idle => {
+                    status.set_queue_depth(Some(0));
+                    applier.flush_progress().await;
+                    idle = true;
+                    continue;
+                }
+            };
+            let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
+            match first {
+                Some(Ok(inbound)) => batch.push(inbound),
+                Some(Err(err)) => return SessionEnd::Lost(err),
+                None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
+            }
+            while batch.len() < batch_size {
+                match subscription.try_next() {
+                    Some(Ok(inbound)) => batch.push(inbound),
+                    Some(Err(err)) => {
+                        lost = Some(err);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            batch
+        } else {
+            std::mem::take(&mut held)
+        };
+        let started = Instant::now();
+        let size = batch.len();
+        let (mut batch, result) = applier.apply(batch).await;
+        let wait = match result {
+            Ok(Applied { outcomes, tally }) => {
+                crate::failpoint::after_commit().await;
+                events::batch_applied(size, tally.applied, started.elapsed().as_millis());
+                let retry = match outcomes.last() {
+                    Some(Outcome::Retry { reason }) => Some(reason.clone()),
+                    _ => None,
+                };
+                if retry.is_some() {
+                    // The message to retry and everything behind it stay here.
+                    held = batch.split_off(outcomes.len() - 1);
+                    for inbound in &mut held {
+                        inbound.redelivered = true;
+                    }
+                }
+                let settled = subscription.settle(&batch, &outcomes[..batch.len()]).await;
+                // Counted once committed: a lost ack means a redelivery that changes nothing.
+                status.count(&tally);
+                if let Err(err) = settled {
+                    return SessionEnd::Lost(err);
+                }
+                // Live again only once the broker took the settlement too.
+                if let Some(cleared) = stall.take() {
+                    events::stall_cleared(cleared.since.elapsed().as_millis(), cleared.attempts);
+                    reporter
+                        .set(
+                            State::Live {
+                                since: SystemTime::now(),
+                            },
+                            None,
+                        )
+                        .await;
+                }
+                match (retry, held.first()) {
+                    (Some(reason), Some(first)) => {
+                        // Another message failing starts its own count.
+                        let tries = match retrying {
+                            Some((tag, tries)) if tag == first.tag => tries + 1,
+                            _ => 1,
+                        };
+                        retrying = Some((first.tag, tries));
+                        let delay = crate::backoff::HANDLER_RETRY.delay(tries);
+                        events::message_retry(&first.routing_key, &reason, delay.as_millis());
+                        Some(delay)
+                    }
+                    _ => {
+                        retrying = None;
+                        None
+                    }
+                }
+            }
+            Err(err) => {
+                held = batch;
+                let reason = err.to_string();
+                let stalled = stall.get_or_insert_with(Stall::new);
+                stalled.attempts += 1;
+                let delay = crate::backoff::STALLED_BATCH.delay(stalled.attempts);
+                let first = stalled.attempts == 1;
+                // Loud at first and every few minutes, so a stall that never
+                // ends is not one line lost in the night's log.
+                let loud = first || stalled.said_at.elapsed() >= STALL_REMINDER_EVERY;
+                if loud {
+                    stalled.said_at = Instant::now();
+                }
+                events::stalled(
+                    &reason,
+                    delay.as_millis(),
+                    loud,
+                    stalled.since.elapsed().as_secs(),
+                );
+                if first || stalled.reason != reason {
+                    stalled.reason.clone_from(&reason);
+                    reporter
+                        .set(
+                            State::Stalled {
+                                since: stalled.at,
+                                reason,
+                            },
+                            None,
+                        )
+                        .await;
+                }
+                Some(delay)
+            }
+        };
+        if let Some(err) = lost {
+            return SessionEnd::Lost(err);
+        }
+        if let Some(delay) = wait {
+            tokio::select! {
+                () = shutdown.as_mut() => {
+                    events::stopping();
+                    subscription.close(&held).await;
+                    return SessionEnd::Stopped;
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+            // The broker takes back what was held once the connection is
+            // gone (or the consumer timed out): say Offline, not Stalled.
+            if !subscription.is_connected() {
+                return SessionEnd::Lost(BrokerError::ConnectionLost);
+            }
+        }
+    }
+}
+
+/// A batch the database keeps refusing.
+struct Stall {
+    since: Instant,
+    at: SystemTime,
+    attempts: u32,
+    reason: String,
+    /// When the log last said so at error level.
+    said_at: Instant,
+}
+
+/// How often a stall that goes on is logged at error level again.
+const STALL_REMINDER_EVERY: Duration = Duration::from_secs(300);
+
+impl Stall {
+    fn new() -> Self {
+        Self {
+            said_at: Instant::now(),
+            since: Instant::now(),
+            at: SystemTime::now(),
+            attempts: 0,
+            reason: String::new(),
+        }
+    }
+}
 
 /// A live consumer on one terminal queue.
 pub(crate) struct Subscription {

@@ -6,10 +6,11 @@ use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use crate::config::{Config, LoadedConfig};
+use crate::config::{Config, LoadedConfig, TerminalSettings};
 use crate::connection;
 use crate::redact::redact_url;
 use crate::registry::Registry;
+use crate::status::State;
 use crate::store::Database;
 use crate::topology::TerminalTopology;
 
@@ -91,15 +92,19 @@ pub fn config_sources(loaded: &LoadedConfig) -> Vec<(String, String, String)> {
 /// Runs every check for the terminal `config` describes.
 pub async fn diagnose(config: &Config) -> Vec<Check> {
     let mut checks = Vec::new();
-    let identity = match (config.license_key(), config.terminal_id()) {
-        (Ok(key), Ok(id)) => {
+    let terminal = match TerminalSettings::from_config(config.clone()) {
+        Ok(terminal) => {
             checks.push(Check::pass(
                 "identity",
-                format!("terminal {id} of store {key}"),
+                format!(
+                    "terminal {} of store {}",
+                    terminal.terminal_id(),
+                    terminal.license_key()
+                ),
             ));
-            Some((key.clone(), id.clone()))
+            Some(terminal)
         }
-        (Err(err), _) | (_, Err(err)) => {
+        Err(err) => {
             checks.push(Check::fail(
                 "identity",
                 err.to_string(),
@@ -161,7 +166,7 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
                 continue;
             }
         };
-        checks.extend(topology_checks(config, &connection, identity.as_ref()).await);
+        checks.extend(topology_checks(config, &connection, terminal.as_ref()).await);
         // A close can hang when the broker is gone (lapin #409): bounded too.
         let _ = connection::within(
             config.broker.confirm_timeout_secs,
@@ -178,7 +183,7 @@ pub async fn diagnose(config: &Config) -> Vec<Check> {
 async fn topology_checks(
     config: &Config,
     connection: &lapin::Connection,
-    identity: Option<&(crate::LicenseKey, crate::TerminalId)>,
+    terminal: Option<&TerminalSettings>,
 ) -> Vec<Check> {
     let seconds = config.broker.confirm_timeout_secs;
     let mut checks = Vec::new();
@@ -208,10 +213,10 @@ async fn topology_checks(
             "start a terminal or publisher once (they declare it), or provision with `possync admin`",
         )),
     }
-    let Some((key, id)) = identity else {
+    let Some(terminal) = terminal else {
         return checks;
     };
-    let topology = TerminalTopology::new(config, key, id);
+    let topology = TerminalTopology::new(config, terminal.license_key(), terminal.terminal_id());
     let queue = async {
         let channel = bounded(seconds, connection.create_channel()).await?;
         bounded(
@@ -266,7 +271,7 @@ fn running_check(config: &Config, consumers: u32) -> Check {
         .ok()
         .flatten()
         // Only a live (or stalled) terminal holds the queue's consumer.
-        .filter(|status| matches!(status.state.as_str(), "live" | "stalled"))
+        .filter(|status| matches!(status.state, State::Live { .. } | State::Stalled { .. }))
         .and_then(|status| status.pid)
         .filter(|pid| crate::status::process_exists(*pid));
     match here {

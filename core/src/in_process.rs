@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use possync_sdk::Envelope;
 use tokio::sync::Notify;
 
-use crate::applier::{Inbound, Outcome};
+use crate::dispatch::Outcome;
+use crate::inbound::Inbound;
 use crate::publisher::{PublishError, Published, VersionClock, encode};
 use crate::topology::TerminalTopology;
 

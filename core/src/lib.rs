@@ -1,8 +1,9 @@
-//! The possync runtime: configuration, the broker connection and topology,
-//! dispatch of messages to handlers, the SQLite store, and the publisher.
+//! The possync runtime: configuration, the broker connection, topology and
+//! reconnect, routing and dispatch of messages to plugins, the terminal's
+//! SQLite database, and the publisher.
 //!
 //! The runtime knows nothing about prices or products: every message type is
-//! applied by a [`possync_sdk::MessageHandler`] found in the [`Registry`].
+//! applied by a [`possync_sdk::Plugin`]'s handler, found in the [`Registry`].
 
 mod admin;
 mod applier;
@@ -11,6 +12,7 @@ mod config;
 mod config_env;
 mod connection;
 mod consumer;
+mod dispatch;
 mod doctor;
 mod effects;
 mod events;
@@ -18,7 +20,10 @@ mod failpoint;
 mod host;
 mod identity;
 mod in_process;
+mod inbound;
 mod plugin_loader;
+mod poison;
+mod progress;
 mod publisher;
 mod redact;
 mod registry;
@@ -33,7 +38,7 @@ mod transaction;
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{
     AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig,
-    PluginSetting, QueueType, StatusConfig, TerminalConfig, TlsNeedsAmqps,
+    PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings, TlsNeedsAmqps,
 };
 pub use connection::BrokerError;
 pub use doctor::{Check, config_sources, diagnose};

@@ -5,7 +5,10 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::applier::Tally;
+use crate::applier::ApplierHandle;
+use crate::progress::Tally;
+use crate::redact::redact_url;
+use crate::store::{StateRecord, unix_now_ms};
 
 /// The connection state, as the POS top bar showed it: Live or Offline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +41,42 @@ pub enum State {
 }
 
 impl State {
+    /// One state of each kind, with `since` and `reason` where the kind has
+    /// them: every list of states is made from this one.
+    fn each(since: SystemTime, reason: &str) -> [Self; 5] {
+        // A new kind of state goes here too, or it has no series on
+        // `/metrics` and cannot be read back from the database.
+        [
+            Self::Connecting,
+            Self::Live { since },
+            Self::Offline {
+                since,
+                reason: reason.to_owned(),
+            },
+            Self::Stalled {
+                since,
+                reason: reason.to_owned(),
+            },
+            Self::Stopped,
+        ]
+    }
+
     /// Every state's name, as [`State::name`] spells it: the `/metrics`
     /// endpoint shows one series per state, so that a dashboard sees each.
-    pub const NAMES: [&'static str; 5] = ["connecting", "live", "offline", "stalled", "stopped"];
+    pub fn names() -> [&'static str; 5] {
+        Self::each(SystemTime::UNIX_EPOCH, "").map(|state| state.name())
+    }
 
-    /// The state's name, as `possync status`, `/status` and the logs spell it.
+    /// The state [`State::name`] calls `name`, with `since` and `reason`
+    /// where it has them: a state read back from the database.
+    pub(crate) fn named(name: &str, since: SystemTime, reason: &str) -> Option<Self> {
+        Self::each(since, reason)
+            .into_iter()
+            .find(|state| state.name() == name)
+    }
+
+    /// The state's name, as `possync status`, `/status`, `/metrics` and the
+    /// database spell it; the only place they are spelled.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Connecting => "connecting",
@@ -160,6 +194,54 @@ impl StatusSender {
     }
 }
 
+/// Publishes state changes to watchers and to the database.
+pub(crate) struct Reporter<'a> {
+    applier: &'a ApplierHandle,
+    status: &'a StatusSender,
+    identity: (String, String),
+}
+
+impl<'a> Reporter<'a> {
+    pub(crate) fn new(
+        applier: &'a ApplierHandle,
+        status: &'a StatusSender,
+        identity: (String, String),
+    ) -> Self {
+        Self {
+            applier,
+            status,
+            identity,
+        }
+    }
+
+    /// Where the state and counters go to watchers.
+    pub(crate) fn status(&self) -> &StatusSender {
+        self.status
+    }
+
+    /// Says `state` to watchers, then records it for `possync status`.
+    pub(crate) async fn set(&self, state: State, broker: Option<&str>) {
+        let since_ms = state
+            .since()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or_else(unix_now_ms, |d| {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            });
+        // Watchers first: recording waits for the database, which may be
+        // the very thing that is stuck.
+        self.status.set_state(state.clone());
+        self.applier
+            .record_state(StateRecord {
+                license_key: self.identity.0.clone(),
+                terminal_id: self.identity.1.clone(),
+                state,
+                since_ms,
+                broker: broker.map(redact_url),
+            })
+            .await;
+    }
+}
+
 fn add_by_type(counts: &mut std::collections::BTreeMap<String, u64>, by_type: &[(String, u64)]) {
     for (message_type, count) in by_type {
         *counts.entry(message_type.clone()).or_default() += count;
@@ -180,18 +262,18 @@ impl StatusReport {
     /// Builds the report from the stored status, at `now_ms`.
     pub fn new(stored: &crate::store::StoredStatus, now_ms: i64) -> Self {
         let running = stored.pid.is_none_or(process_exists);
-        let state = match (stored.state.as_str(), running) {
-            ("stopped", _) => "Stopped".to_owned(),
-            (_, false) => format!(
+        let state = match (&stored.state, running) {
+            (State::Stopped, _) => "Stopped".to_owned(),
+            (state, false) => format!(
                 "Stopped (process {} is gone without a clean stop; it was {})",
                 stored.pid.unwrap_or_default(),
-                stored.state
+                state.name()
             ),
-            (other, true) => capitalize(other),
+            (state, true) => capitalize(state.name()),
         };
-        let live = running && stored.state == "live";
+        let live = running && matches!(stored.state, State::Live { .. });
         let mut text = format!("{state} since {}\n", when(stored.since_ms, now_ms));
-        if let (Some(reason), "offline" | "stalled") = (&stored.reason, stored.state.as_str()) {
+        if let Some(reason) = stored.state.reason().filter(|reason| !reason.is_empty()) {
             text.push_str(&format!("reason        {reason}\n"));
         }
         text.push_str(&format!(
@@ -268,21 +350,16 @@ mod tests {
     use super::State;
 
     #[test]
-    fn every_state_name_is_among_the_names_a_dashboard_sees() {
-        let every = [
-            State::Connecting,
-            State::Live { since: UNIX_EPOCH },
-            State::Offline {
-                since: UNIX_EPOCH,
-                reason: String::new(),
-            },
-            State::Stalled {
-                since: UNIX_EPOCH,
-                reason: String::new(),
-            },
-            State::Stopped,
-        ];
-        let names = every.map(|state| state.name());
-        assert_eq!(names, State::NAMES);
+    fn every_state_has_a_name_of_its_own_and_reads_back_from_it() {
+        let since = UNIX_EPOCH + std::time::Duration::from_secs(7);
+        let names = State::names();
+        for (i, name) in names.iter().enumerate() {
+            assert!(!names[..i].contains(name), "{name} named twice");
+            let state = State::named(name, since, "why").expect("reads back");
+            assert_eq!(state.name(), *name);
+            assert!(state.since().is_none_or(|at| at == since), "{name}");
+            assert!(state.reason().is_none_or(|why| why == "why"), "{name}");
+        }
+        assert_eq!(State::named("unknown", since, "why"), None);
     }
 }

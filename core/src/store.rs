@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use possync_sdk::Migration;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::status::State;
 use crate::transaction::Transaction;
 
 const BOOKKEEPING: &str = "
@@ -157,9 +158,9 @@ impl Quarantined {
 pub(crate) struct StateRecord {
     pub(crate) license_key: String,
     pub(crate) terminal_id: String,
-    pub(crate) state: &'static str,
+    pub(crate) state: State,
+    /// When it began; now for a state that does not say.
     pub(crate) since_ms: i64,
-    pub(crate) reason: Option<String>,
     pub(crate) broker: Option<String>,
 }
 
@@ -170,12 +171,10 @@ pub struct StoredStatus {
     pub license_key: String,
     /// The terminal.
     pub terminal_id: String,
-    /// `connecting`, `live`, `offline` or `stopped`.
-    pub state: String,
+    /// Its state, with the reason for an Offline or Stalled one.
+    pub state: State,
     /// Milliseconds since the epoch when that state began.
     pub since_ms: i64,
-    /// Why it is offline.
-    pub reason: Option<String>,
     /// The broker (password redacted).
     pub broker: Option<String>,
     /// The process that wrote it.
@@ -350,9 +349,9 @@ impl Database {
             params![
                 record.license_key,
                 record.terminal_id,
-                record.state,
+                record.state.name(),
                 record.since_ms,
-                record.reason,
+                record.state.reason(),
                 record.broker,
                 std::process::id()
             ],
@@ -370,9 +369,9 @@ impl Database {
             }
             Err(err) => {
                 let kept = serde_json::json!({
-                    "state": record.state,
+                    "state": record.state.name(),
                     "since_ms": record.since_ms,
-                    "reason": record.reason,
+                    "reason": record.state.reason(),
                     "pid": std::process::id(),
                 });
                 let mut temporary = aside.clone().into_os_string();
@@ -388,21 +387,19 @@ impl Database {
     }
 
     /// The state a terminal could not record in the database, if it is newer.
-    fn state_aside(
-        &self,
-        recorded_since_ms: i64,
-    ) -> Option<(String, i64, Option<String>, Option<i64>)> {
+    fn state_aside(&self, recorded_since_ms: i64) -> Option<(State, i64, Option<i64>)> {
         let text = std::fs::read_to_string(state_file(&self.path)).ok()?;
         let kept: serde_json::Value = serde_json::from_str(&text).ok()?;
         let since_ms = kept["since_ms"].as_i64()?;
-        (since_ms >= recorded_since_ms).then(|| {
-            (
-                kept["state"].as_str().unwrap_or("unknown").to_owned(),
-                since_ms,
-                kept["reason"].as_str().map(str::to_owned),
-                kept["pid"].as_i64(),
-            )
-        })
+        if since_ms < recorded_since_ms {
+            return None;
+        }
+        let state = State::named(
+            kept["state"].as_str()?,
+            system_time(since_ms),
+            kept["reason"].as_str().unwrap_or_default(),
+        )?;
+        Some((state, since_ms, kept["pid"].as_i64()))
     }
 
     /// Adds to the counters `possync status` shows, without waiting for
@@ -456,12 +453,26 @@ impl Database {
         Ok(self
             .connection
             .query_row(&sql, [], |row| {
+                let name: String = row.get(2)?;
+                let since_ms = row.get(3)?;
+                let reason: Option<String> = row.get(4)?;
+                let state =
+                    State::named(&name, system_time(since_ms), reason.as_deref().unwrap_or(""))
+                        .ok_or_else(|| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                2,
+                                rusqlite::types::Type::Text,
+                                format!(
+                                    "possync_status holds the state {name:?}, which this possync does not know"
+                                )
+                                .into(),
+                            )
+                        })?;
                 Ok(StoredStatus {
                     license_key: row.get(0)?,
                     terminal_id: row.get(1)?,
-                    state: row.get(2)?,
-                    since_ms: row.get(3)?,
-                    reason: row.get(4)?,
+                    state,
+                    since_ms,
                     broker: row.get(5)?,
                     pid: row.get(6)?,
                     applied_total: row.get(7)?,
@@ -474,10 +485,9 @@ impl Database {
             })
             .optional()?
             .map(|mut stored| {
-                if let Some((state, since_ms, reason, pid)) = self.state_aside(stored.since_ms) {
+                if let Some((state, since_ms, pid)) = self.state_aside(stored.since_ms) {
                     stored.state = state;
                     stored.since_ms = since_ms;
-                    stored.reason = reason;
                     stored.pid = pid;
                 }
                 stored
@@ -560,6 +570,11 @@ pub fn unix_now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The time `ms` milliseconds after the epoch.
+fn system_time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -615,12 +630,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pos.db");
         let mut database = Database::open(&path).expect("opens");
-        let record = |state: &'static str, since_ms: i64| StateRecord {
+        let record = |state: &str, since_ms: i64| StateRecord {
             license_key: "K".into(),
             terminal_id: "till-1".into(),
-            state,
+            state: State::named(state, UNIX_EPOCH, &format!("{state} reason")).expect("a state"),
             since_ms,
-            reason: Some(format!("{state} reason")),
             broker: None,
         };
         database
@@ -635,8 +649,8 @@ mod tests {
             .and_then(|db| db.status_record())
             .expect("reads")
             .expect("a record");
-        assert_eq!((shown.state.as_str(), shown.since_ms), ("stalled", 20));
-        assert_eq!(shown.reason.as_deref(), Some("stalled reason"));
+        assert_eq!((shown.state.name(), shown.since_ms), ("stalled", 20));
+        assert_eq!(shown.state.reason(), Some("stalled reason"));
         locker.execute_batch("COMMIT").expect("unlocks");
         database
             .record_state(&record("live", 30))
@@ -646,6 +660,6 @@ mod tests {
             "the file goes once the database took a state"
         );
         let shown = database.status_record().expect("reads").expect("a record");
-        assert_eq!((shown.state.as_str(), shown.since_ms), ("live", 30));
+        assert_eq!((shown.state.name(), shown.since_ms), ("live", 30));
     }
 }

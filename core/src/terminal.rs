@@ -1,27 +1,26 @@
-//! A terminal: keeps one store's catalog in the local database, live.
+//! A terminal: keeps one store's catalog in the local database, live. This
+//! is its lifecycle (open the database, connect and declare the topology,
+//! start, reconnect, stop); consuming is the consumer's.
 
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::applier::{Applied, Applier, ApplierHandle, Inbound, Limits, Outcome};
-use crate::config::{Config, ConfigError};
+use crate::applier::{Applier, ApplierHandle, Limits};
+use crate::config::{Config, TerminalSettings};
 use crate::connection::BrokerError;
-use crate::consumer::{Inbox, Subscription};
+use crate::consumer::{Inbox, SessionEnd, Subscription, consume};
 use crate::events;
 use crate::in_process::InProcessBroker;
 use crate::redact::redact_url;
 use crate::registry::{Registry, RegistryError};
-use crate::status::{State, Status, StatusSender};
-use crate::store::{Database, DatabaseError, StateRecord, unix_now_ms};
+use crate::status::{Reporter, State, Status, StatusSender};
+use crate::store::{Database, DatabaseError};
 use crate::topology::TerminalTopology;
 
 /// A terminal that could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {
-    /// The configuration is incomplete or wrong.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// `[plugins]` is wrong.
     #[error(transparent)]
     Plugins(#[from] RegistryError),
@@ -47,20 +46,13 @@ pub enum TerminalError {
 /// One terminal of one store, ready to run.
 #[derive(Debug)]
 pub struct Terminal {
-    config: Config,
+    settings: TerminalSettings,
     topology: TerminalTopology,
     registry: Arc<Registry>,
     database: Database,
     connection_name: String,
     status: StatusSender,
 }
-
-/// How often a connected terminal renews its dead-letter queue's lease:
-/// well within the shortest expiry (one day).
-const RENEW_DEAD_LETTER_QUEUE_EVERY: Duration = Duration::from_secs(3600);
-
-/// How often a live terminal counts the messages waiting in its queue.
-const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a terminal that has not been live yet keeps trying while another
 /// consumer holds its queue, before it gives up: three of RabbitMQ's default
@@ -77,19 +69,12 @@ enum Transport<'a> {
     InProcess(&'a InProcessBroker),
 }
 
-enum SessionEnd {
-    /// Shutdown was asked for; the session settled everything and closed.
-    Stopped,
-    /// The connection failed; reconnect.
-    Lost(BrokerError),
-}
-
 impl Terminal {
-    /// Checks the config, opens the database and runs the plugins' migrations.
-    pub fn new(config: Config, registry: Registry) -> Result<Self, TerminalError> {
-        let license_key = config.license_key()?.clone();
-        let terminal_id = config.terminal_id()?.clone();
-        let topology = TerminalTopology::new(&config, &license_key, &terminal_id);
+    /// Opens the database and runs the plugins' migrations.
+    pub fn new(settings: TerminalSettings, registry: Registry) -> Result<Self, TerminalError> {
+        let config = settings.config();
+        let (license_key, terminal_id) = (settings.license_key(), settings.terminal_id());
+        let topology = TerminalTopology::new(config, license_key, terminal_id);
         let mut database = Database::open(&config.terminal.database)?;
         let ran = database.migrate(registry.migrations().iter())?;
         events::migrations_ran(&ran);
@@ -103,10 +88,10 @@ impl Terminal {
         Ok(Self {
             status,
             connection_name: format!("possync terminal {terminal_id} of {license_key}"),
-            config,
             topology,
             registry: Arc::new(registry),
             database,
+            settings,
         })
     }
 
@@ -148,23 +133,24 @@ impl Terminal {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), TerminalError> {
         let Self {
-            config,
+            settings,
             topology,
             registry,
             database,
             connection_name,
             status,
         } = self;
+        let config = settings.config();
         let identity = (
-            config.license_key()?.to_string(),
-            config.terminal_id()?.to_string(),
+            settings.license_key().to_string(),
+            settings.terminal_id().to_string(),
         );
         let plugins = registry.plugins();
         let mut server = None;
         let applier = ApplierHandle::spawn(Applier::new(
             database,
             registry,
-            config.license_key()?.clone(),
+            settings.license_key().clone(),
             Limits::of(&config.terminal),
         ))?;
         if config.status.enabled {
@@ -189,11 +175,7 @@ impl Terminal {
             .map_err(|source| TerminalError::StatusListen { address, source })?;
             server = Some(tokio::spawn(endpoint.run()));
         }
-        let reporter = Reporter {
-            applier: &applier,
-            status: &status,
-            identity,
-        };
+        let reporter = Reporter::new(&applier, &status, identity);
         reporter.set(State::Connecting, None).await;
         let mut shutdown = pin!(shutdown);
         let urls = &config.broker.urls;
@@ -211,7 +193,7 @@ impl Terminal {
             events::connecting(&redact_url(url), failures + 1);
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                opened = open(transport, &config, url, &topology, &connection_name) => opened,
+                opened = open(transport, config, url, &topology, &connection_name) => opened,
             };
             let reason = match opened {
                 Ok(subscription) => {
@@ -287,37 +269,6 @@ impl Terminal {
     }
 }
 
-/// Publishes state changes to watchers and to the database.
-struct Reporter<'a> {
-    applier: &'a ApplierHandle,
-    status: &'a StatusSender,
-    identity: (String, String),
-}
-
-impl Reporter<'_> {
-    async fn set(&self, state: State, broker: Option<&str>) {
-        let since_ms = state
-            .since()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or_else(unix_now_ms, |d| {
-                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-            });
-        // Watchers first: recording waits for the database, which may be
-        // the very thing that is stuck.
-        self.status.set_state(state.clone());
-        self.applier
-            .record_state(StateRecord {
-                license_key: self.identity.0.clone(),
-                terminal_id: self.identity.1.clone(),
-                state: state.name(),
-                since_ms,
-                reason: state.reason().map(str::to_owned),
-                broker: broker.map(redact_url),
-            })
-            .await;
-    }
-}
-
 async fn open(
     transport: Transport<'_>,
     config: &Config,
@@ -333,218 +284,5 @@ async fn open(
                 .map(|subscription| Inbox::Broker(Box::new(subscription)))
         }
         Transport::InProcess(broker) => Ok(Inbox::InProcess(broker.subscribe(topology))),
-    }
-}
-
-/// Receives, applies and settles batches until shutdown or connection loss.
-///
-/// A batch the database refuses (locked, full) is held and tried again in
-/// place, never handed back to the broker: that would reorder it and count
-/// against the queue's delivery limit. A message whose handler fails for
-/// now is held the same way, with the messages behind it.
-async fn consume(
-    mut subscription: Inbox,
-    applier: &ApplierHandle,
-    reporter: &Reporter<'_>,
-    batch_size: usize,
-    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
-) -> SessionEnd {
-    let status = reporter.status;
-    let mut depth_due = tokio::time::Instant::now();
-    // Renewed at once too: a provisioned terminal declares nothing on
-    // connecting, and its sessions may be short.
-    let mut renew_due = tokio::time::Instant::now();
-    let mut idle = false;
-    // Deliveries taken but not settled, to try again before anything else.
-    let mut held: Vec<Inbound> = Vec::new();
-    let mut stall: Option<Stall> = None;
-    // The delivery tag of the message being tried again, and its tries.
-    let mut retrying: Option<(u64, u32)> = None;
-    loop {
-        if tokio::time::Instant::now() >= renew_due {
-            subscription.renew_dead_letter_queue().await;
-            renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
-        }
-        let mut lost = None;
-        let batch = if held.is_empty() {
-            // Counted on connecting and every few seconds while busy.
-            if !idle && tokio::time::Instant::now() >= depth_due {
-                status.set_queue_depth(subscription.queue_depth().await);
-                depth_due = tokio::time::Instant::now() + QUEUE_DEPTH_EVERY;
-            }
-            let first = tokio::select! {
-                () = shutdown.as_mut() => {
-                    events::stopping();
-                    subscription.close(&[]).await;
-                    return SessionEnd::Stopped;
-                }
-                next = subscription.next() => {
-                    idle = false;
-                    next
-                }
-                // A busy terminal renews at the top of the loop; this wakes an idle one.
-                () = tokio::time::sleep_until(renew_due), if idle => continue,
-                // Idle with every delivery settled: the broker delivers whatever
-                // arrives at once, so nothing waits, and there is time to write
-                // the counters `possync status` shows. (Waiting for the next
-                // message is cancel-safe.)
-                () = tokio::time::sleep_until(depth_due), if !idle => {
-                    status.set_queue_depth(Some(0));
-                    applier.flush_progress().await;
-                    idle = true;
-                    continue;
-                }
-            };
-            let mut batch: Vec<Inbound> = Vec::with_capacity(batch_size);
-            match first {
-                Some(Ok(inbound)) => batch.push(inbound),
-                Some(Err(err)) => return SessionEnd::Lost(err),
-                None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
-            }
-            while batch.len() < batch_size {
-                match subscription.try_next() {
-                    Some(Ok(inbound)) => batch.push(inbound),
-                    Some(Err(err)) => {
-                        lost = Some(err);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            batch
-        } else {
-            std::mem::take(&mut held)
-        };
-        let started = Instant::now();
-        let size = batch.len();
-        let (mut batch, result) = applier.apply(batch).await;
-        let wait = match result {
-            Ok(Applied { outcomes, tally }) => {
-                crate::failpoint::after_commit().await;
-                events::batch_applied(size, tally.applied, started.elapsed().as_millis());
-                let retry = match outcomes.last() {
-                    Some(Outcome::Retry { reason }) => Some(reason.clone()),
-                    _ => None,
-                };
-                if retry.is_some() {
-                    // The message to retry and everything behind it stay here.
-                    held = batch.split_off(outcomes.len() - 1);
-                    for inbound in &mut held {
-                        inbound.redelivered = true;
-                    }
-                }
-                let settled = subscription.settle(&batch, &outcomes[..batch.len()]).await;
-                // Counted once committed: a lost ack means a redelivery that changes nothing.
-                status.count(&tally);
-                if let Err(err) = settled {
-                    return SessionEnd::Lost(err);
-                }
-                // Live again only once the broker took the settlement too.
-                if let Some(cleared) = stall.take() {
-                    events::stall_cleared(cleared.since.elapsed().as_millis(), cleared.attempts);
-                    reporter
-                        .set(
-                            State::Live {
-                                since: SystemTime::now(),
-                            },
-                            None,
-                        )
-                        .await;
-                }
-                match (retry, held.first()) {
-                    (Some(reason), Some(first)) => {
-                        // Another message failing starts its own count.
-                        let tries = match retrying {
-                            Some((tag, tries)) if tag == first.tag => tries + 1,
-                            _ => 1,
-                        };
-                        retrying = Some((first.tag, tries));
-                        let delay = crate::backoff::HANDLER_RETRY.delay(tries);
-                        events::message_retry(&first.routing_key, &reason, delay.as_millis());
-                        Some(delay)
-                    }
-                    _ => {
-                        retrying = None;
-                        None
-                    }
-                }
-            }
-            Err(err) => {
-                held = batch;
-                let reason = err.to_string();
-                let stalled = stall.get_or_insert_with(Stall::new);
-                stalled.attempts += 1;
-                let delay = crate::backoff::STALLED_BATCH.delay(stalled.attempts);
-                let first = stalled.attempts == 1;
-                // Loud at first and every few minutes, so a stall that never
-                // ends is not one line lost in the night's log.
-                let loud = first || stalled.said_at.elapsed() >= STALL_REMINDER_EVERY;
-                if loud {
-                    stalled.said_at = Instant::now();
-                }
-                events::stalled(
-                    &reason,
-                    delay.as_millis(),
-                    loud,
-                    stalled.since.elapsed().as_secs(),
-                );
-                if first || stalled.reason != reason {
-                    stalled.reason.clone_from(&reason);
-                    reporter
-                        .set(
-                            State::Stalled {
-                                since: stalled.at,
-                                reason,
-                            },
-                            None,
-                        )
-                        .await;
-                }
-                Some(delay)
-            }
-        };
-        if let Some(err) = lost {
-            return SessionEnd::Lost(err);
-        }
-        if let Some(delay) = wait {
-            tokio::select! {
-                () = shutdown.as_mut() => {
-                    events::stopping();
-                    subscription.close(&held).await;
-                    return SessionEnd::Stopped;
-                }
-                () = tokio::time::sleep(delay) => {}
-            }
-            // The broker takes back what was held once the connection is
-            // gone (or the consumer timed out): say Offline, not Stalled.
-            if !subscription.is_connected() {
-                return SessionEnd::Lost(BrokerError::ConnectionLost);
-            }
-        }
-    }
-}
-
-/// A batch the database keeps refusing.
-struct Stall {
-    since: Instant,
-    at: SystemTime,
-    attempts: u32,
-    reason: String,
-    /// When the log last said so at error level.
-    said_at: Instant,
-}
-
-/// How often a stall that goes on is logged at error level again.
-const STALL_REMINDER_EVERY: Duration = Duration::from_secs(300);
-
-impl Stall {
-    fn new() -> Self {
-        Self {
-            said_at: Instant::now(),
-            since: Instant::now(),
-            at: SystemTime::now(),
-            attempts: 0,
-            reason: String::new(),
-        }
     }
 }

@@ -13,7 +13,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use possync_core::{
     Config, InProcessBroker, LicenseKey, Registry, State, Status, Terminal, TerminalId,
-    TerminalTopology,
+    TerminalSettings, TerminalTopology,
 };
 use tokio::sync::watch;
 
@@ -91,7 +91,8 @@ impl RunningTerminal {
     async fn start_on(config: Config, in_process: Option<InProcessBroker>) -> Self {
         let database = config.terminal.database.clone();
         let registry = Registry::from_config(&config.plugins).expect("built-in plugins");
-        let terminal = Terminal::new(config, registry).expect("terminal starts");
+        let settings = TerminalSettings::from_config(config).expect("a terminal's config");
+        let terminal = Terminal::new(settings, registry).expect("terminal starts");
         let topology = terminal.topology().clone();
         let mut status = terminal.status();
         let (stop, mut stopped) = watch::channel(false);

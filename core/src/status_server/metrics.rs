@@ -70,7 +70,7 @@ impl Collector for StatusMetrics {
             None,
             MetricType::Gauge,
         )?;
-        for name in State::NAMES {
+        for name in State::names() {
             ConstGauge::new(i64::from(name == state.name()))
                 .encode(states.encode_family(&[("state", name)])?)?;
         }

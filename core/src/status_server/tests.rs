@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::accept::{self, Incoming};
 use super::allowed_hosts::AllowedHosts;
 use super::{Limits, StatusServer, StatusView, routes};
-use crate::applier::Tally;
+use crate::progress::Tally;
 use crate::status::{State, StatusSender};
 
 /// Longest any exchange in these tests may take before it counts as hung.
@@ -275,7 +275,7 @@ async fn metrics_parse_as_prometheus_text_and_show_stale_changes_and_a_stall() {
         by_type("possync_messages_applied_total", "price_update"),
         5.0
     );
-    for state in State::NAMES {
+    for state in State::names() {
         let expected = if state == "stalled" { 1.0 } else { 0.0 };
         assert_eq!(
             value(&format!("possync_state{{{LABELS},state=\"{state}\"}}")),

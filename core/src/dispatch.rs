@@ -1,0 +1,231 @@
+//! Dispatch: each message of a batch, checked, goes to the plugin of its
+//! type inside the batch's transaction, and comes out as an [`Outcome`].
+
+use std::sync::Arc;
+
+use possync_sdk::{Context, Envelope, HandlerError};
+
+use crate::events;
+use crate::identity::LicenseKey;
+use crate::inbound::{Inbound, check_envelope};
+use crate::poison::Poison;
+use crate::registry::{Registry, Route};
+use crate::transaction::{StaleEntity, Transaction};
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    /// Written and committed.
+    Applied { message_type: String },
+    /// Its message id was applied before; nothing changed.
+    Duplicate,
+    /// Its entity holds a newer change; nothing changed.
+    Stale {
+        message_type: String,
+        entities: Vec<StaleEntity>,
+    },
+    /// Its handler is switched off in config; nothing changed.
+    Disabled { message_type: String },
+    /// It can never apply; recorded in the quarantine table.
+    DeadLetter {
+        reason: String,
+        message_type: Option<String>,
+    },
+    /// It may apply later; nothing changed.
+    Retry { reason: String },
+}
+
+impl Outcome {
+    pub(crate) fn settles_by_ack(&self) -> bool {
+        !matches!(self, Self::Retry { .. })
+    }
+}
+
+/// The whole batch failed: nothing of it applied, and it is held to be
+/// tried again.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BatchError {
+    /// The database refused it (locked, full, read-only, ...).
+    #[error("the batch could not be committed: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A handler's storage outside the database cannot take writes now.
+    #[error("the batch could not be applied: {handler}: {reason}")]
+    Storage { handler: String, reason: String },
+}
+
+/// Checks each message of a batch and hands it to its handler, inside the
+/// batch's transaction.
+#[derive(Debug)]
+pub(crate) struct Dispatch {
+    registry: Arc<Registry>,
+    license_key: LicenseKey,
+    max_message_bytes: usize,
+    poison: Poison,
+}
+
+impl Dispatch {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        license_key: LicenseKey,
+        max_message_bytes: usize,
+        poison: Poison,
+    ) -> Self {
+        Self {
+            registry,
+            license_key,
+            max_message_bytes,
+            poison,
+        }
+    }
+
+    /// Checks and applies each message of `batch` in `transaction`, in
+    /// order, up to the first one to try again; `None` when a handler
+    /// failed outside `careful` mode (the batch must run again, carefully).
+    pub(crate) fn apply_in_transaction(
+        &self,
+        transaction: &mut Transaction<'_>,
+        batch: &[Inbound],
+        careful: bool,
+    ) -> Result<Option<Vec<Outcome>>, BatchError> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for inbound in batch {
+            transaction.begin_message();
+            let outcome = match self.check(inbound) {
+                Ok(envelope) => {
+                    let Some(outcome) = self.apply_one(transaction, inbound, &envelope, careful)?
+                    else {
+                        return Ok(None);
+                    };
+                    if outcome.settles_by_ack() {
+                        self.poison.settled(transaction, inbound, &envelope)?;
+                    }
+                    outcome
+                }
+                Err(reason) => self.poison.quarantine(transaction, inbound, None, reason)?,
+            };
+            let retry = !outcome.settles_by_ack();
+            outcomes.push(outcome);
+            if retry {
+                // The messages behind it wait for it, so that order holds.
+                break;
+            }
+        }
+        Ok(Some(outcomes))
+    }
+
+    fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
+        check_envelope(
+            &inbound.body,
+            &inbound.routing_key,
+            &self.license_key,
+            self.max_message_bytes,
+        )
+    }
+
+    /// Applies one message; `None` when its handler failed outside
+    /// `careful` mode (the batch must run again, carefully).
+    fn apply_one(
+        &self,
+        transaction: &mut Transaction<'_>,
+        inbound: &Inbound,
+        envelope: &Envelope,
+        careful: bool,
+    ) -> Result<Option<Outcome>, BatchError> {
+        let handler = match self.registry.route(&envelope.message_type) {
+            Route::Handler(handler) => handler,
+            Route::Disabled(plugin) => {
+                events::message_ignored(&envelope.message_type, plugin);
+                return Ok(Some(Outcome::Disabled {
+                    message_type: envelope.message_type.clone(),
+                }));
+            }
+            Route::Unknown => {
+                let reason = format!(
+                    "unknown message type {:?}: no plugin handles it",
+                    envelope.message_type
+                );
+                return Ok(Some(self.poison.quarantine(
+                    transaction,
+                    inbound,
+                    Some(envelope),
+                    reason,
+                )?));
+            }
+        };
+        if careful {
+            transaction.savepoint()?;
+        }
+        if let Some(message_id) = &envelope.message_id
+            && !transaction.record_applied(message_id)?
+        {
+            if careful {
+                transaction.release()?;
+            }
+            return Ok(Some(Outcome::Duplicate));
+        }
+        let result = handler.handle(
+            envelope.payload.get(),
+            &Context::of(envelope),
+            &mut transaction.store(),
+        );
+        if let Some(fault) = transaction.take_fault() {
+            // The database itself failed: no message of this batch can commit.
+            return Err(fault.into());
+        }
+        if let Err(HandlerError::Storage(reason)) = result {
+            return Err(BatchError::Storage {
+                handler: handler.name().to_owned(),
+                reason,
+            });
+        }
+        if !careful && result.is_err() {
+            return Ok(None);
+        }
+        let outcome = match result {
+            Ok(()) => {
+                if careful {
+                    transaction.release()?;
+                }
+                let stale = transaction.take_stale();
+                Ok(if stale.is_empty() {
+                    Outcome::Applied {
+                        message_type: envelope.message_type.clone(),
+                    }
+                } else {
+                    Outcome::Stale {
+                        message_type: envelope.message_type.clone(),
+                        entities: stale,
+                    }
+                })
+            }
+            Err(HandlerError::Transient(reason)) => {
+                transaction.rollback_to_savepoint()?;
+                self.poison.failed_try(
+                    transaction,
+                    inbound,
+                    envelope,
+                    format!("{}: {reason}", handler.name()),
+                )
+            }
+            Err(HandlerError::Panicked(message)) => {
+                transaction.rollback_to_savepoint()?;
+                self.poison.failed_try(
+                    transaction,
+                    inbound,
+                    envelope,
+                    format!("handler {} panicked: {message}", handler.name()),
+                )
+            }
+            Err(err) => {
+                transaction.rollback_to_savepoint()?;
+                self.poison.quarantine(
+                    transaction,
+                    inbound,
+                    Some(envelope),
+                    format!("{}: {err}", handler.name()),
+                )
+            }
+        };
+        Ok(Some(outcome?))
+    }
+}

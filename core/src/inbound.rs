@@ -1,0 +1,212 @@
+//! What arrives from the terminal's queue, and the checks it passes before
+//! any handler sees it: size, envelope, license key, routing key.
+
+use possync_sdk::Envelope;
+
+use crate::identity::LicenseKey;
+
+/// A message taken from the terminal's queue, not yet settled.
+#[derive(Debug, Clone)]
+pub(crate) struct Inbound {
+    pub(crate) tag: u64,
+    pub(crate) routing_key: String,
+    pub(crate) body: Vec<u8>,
+    /// The broker delivered it before (it may have failed a try).
+    pub(crate) redelivered: bool,
+}
+
+impl Inbound {
+    /// Identifies the message across deliveries: its id, else its body.
+    pub(crate) fn key(&self, envelope: &Envelope) -> String {
+        match &envelope.message_id {
+            Some(id) => format!("id:{id}"),
+            None => format!("body:{:016x}", fnv1a(&self.body)),
+        }
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a): the key must survive restarts and upgrades.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Decodes and validates a body from the broker; the error is the reason
+/// to dead-letter it. Input from the network: it must never panic.
+pub(crate) fn check_envelope(
+    body: &[u8],
+    routing_key: &str,
+    license_key: &LicenseKey,
+    max_message_bytes: usize,
+) -> Result<Envelope, String> {
+    if body.len() > max_message_bytes {
+        return Err(format!(
+            "message is {} bytes, over the limit of {max_message_bytes} (terminal.max_message_bytes)",
+            body.len()
+        ));
+    }
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|err| format!("not a valid envelope: {err}"))?;
+    if envelope.license_key != license_key.as_str() {
+        return Err(format!(
+            "envelope license_key {:?} is not this terminal's ({license_key})",
+            envelope.license_key
+        ));
+    }
+    // A license key holds no '.', so its word is exactly what follows "license.".
+    let routed_type = routing_key
+        .strip_prefix("license.")
+        .and_then(|rest| rest.strip_prefix(license_key.as_str()))
+        .and_then(|rest| match rest {
+            "" => Some(None),
+            _ => rest.strip_prefix('.').map(Some),
+        });
+    match routed_type {
+        None => Err(format!(
+            "routing key {routing_key:?} is not for this terminal's license"
+        )),
+        // A publisher that routes by one type and sends another is confused;
+        // applying the body would bypass whatever the key was bound for.
+        Some(Some(routed)) if routed != envelope.message_type => Err(format!(
+            "routing key {routing_key:?} says type {routed:?} but the body says {:?}",
+            envelope.message_type
+        )),
+        Some(_) => Ok(envelope),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key() -> LicenseKey {
+        LicenseKey::new("STORE-1").expect("valid")
+    }
+
+    const ROUTING: &str = "license.STORE-1.price_update";
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(".{0,12}", inner, 0..8)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = check_envelope(&body, ROUTING, &key(), 1 << 20);
+        }
+
+        #[test]
+        fn any_json_in_any_field_never_panics(
+            message_type in json(), license in json(), payload in json(), timestamp in json(), version in json()
+        ) {
+            let body = serde_json::json!({
+                "type": message_type, "license_key": license, "payload": payload,
+                "timestamp": timestamp, "version": version,
+            });
+            let bytes = serde_json::to_vec(&body).expect("encodes");
+            if let Ok(envelope) = check_envelope(&bytes, ROUTING, &key(), 1 << 20) {
+                let _ = envelope.order();
+            }
+        }
+
+        #[test]
+        fn any_routing_key_never_panics(routing_key in ".{0,80}") {
+            let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
+            let _ = check_envelope(body, &routing_key, &key(), 1 << 20);
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_with_a_reason() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let cases: Vec<Vec<u8>> = vec![
+            deep.into_bytes(),
+            br#"{"type":"price_update","license_key":"STORE-1","payload":{},"version":1e999999}"#.to_vec(),
+            br#"{"type":"price_update","license_key":"STORE-1","payload":{},"version":123456789012345678901234567890}"#.to_vec(),
+            br#"{"type":7,"license_key":"STORE-1","payload":{}}"#.to_vec(),
+            b"{\"type\":\"price_update\",\"license_key\":\"STORE-1\xff\",\"payload\":{}}".to_vec(),
+            vec![0xff, 0xfe, 0x00],
+            Vec::new(),
+        ];
+        for body in cases {
+            let reason = check_envelope(&body, ROUTING, &key(), 1 << 20).expect_err("refused");
+            assert!(reason.starts_with("not a valid envelope"), "{reason}");
+        }
+        let big = vec![b' '; 2048];
+        let reason = check_envelope(&big, ROUTING, &key(), 1024).expect_err("too large");
+        assert!(reason.contains("over the limit of 1024"), "{reason}");
+    }
+
+    #[test]
+    fn only_routing_keys_of_this_license_pass() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
+        for routing_key in ["license.STORE-1.price_update", "license.STORE-1"] {
+            assert!(
+                check_envelope(body, routing_key, &key(), 1 << 20).is_ok(),
+                "{routing_key}"
+            );
+        }
+        for routing_key in [
+            "license.STORE-10.price_update",
+            "license.STORE-.price_update",
+            "license.STORE-1x",
+            "licence.STORE-1.price_update",
+            "license..STORE-1",
+            "STORE-1.license.price_update",
+            "",
+        ] {
+            let reason = check_envelope(body, routing_key, &key(), 1 << 20).expect_err("refused");
+            assert!(
+                reason.contains("is not for this terminal's license"),
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_routing_key_whose_type_differs_from_the_body_is_refused_with_both_types() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
+        for routing_key in [
+            "license.STORE-1.product_delete",
+            "license.STORE-1.a.b",
+            "license.STORE-1.",
+        ] {
+            let reason = check_envelope(body, routing_key, &key(), 1 << 20).expect_err("refused");
+            assert!(
+                reason.contains("but the body says \"price_update\""),
+                "{routing_key}: {reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn odd_timestamps_and_versions_only_change_the_order() {
+        for timestamp in [
+            "",
+            "9999-99-99T99:99:99Z",
+            "2025-11-27T10:30:00+99:99",
+            "\u{0}",
+            "2025-11-27T10:30:00.99999999999999999999Z",
+        ] {
+            let envelope =
+                Envelope::new("t", "STORE-1", serde_json::json!({})).with_timestamp(timestamp);
+            let _ = envelope.order();
+        }
+    }
+}
