@@ -133,21 +133,26 @@ impl Bytes {
 /// What one side hands back to the other: the callee calls `write` with
 /// bytes of its own, borrowed for that call, and the caller copies them.
 /// Writing several times appends.
+///
+/// Its fields are private: a sink is made by [`collect`] on one side and
+/// reaches the other as an argument of the call `collect` makes, so
+/// [`Sink::put`] always writes into a live buffer.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct Sink {
     /// The caller's buffer, opaque to the callee.
-    pub ctx: *mut c_void,
+    ctx: *mut c_void,
     /// Appends `bytes` to the buffer. Never unwinds.
-    pub write: WriteFn,
+    write: WriteFn,
 }
 
 impl Sink {
     /// Writes `text` into the sink.
     pub fn put(self, text: &str) {
-        // SAFETY: a sink is only ever handed to the callee of the call that
-        // created it (see `collect`), so `ctx` is that call's live buffer;
-        // `write` catches its own panics.
+        // SAFETY: a sink is only made by `collect` and handed to the callee
+        // of the call `collect` makes (its fields are private to this
+        // module), so `ctx` is that call's live buffer while the callee
+        // runs; `write` catches its own panics.
         unsafe { (self.write)(self.ctx, Bytes::of_str(text)) }
     }
 }
