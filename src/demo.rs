@@ -11,7 +11,7 @@ use possync_core::{
     BrokerError, Config, InProcessBroker, LicenseKey, PublishError, Published, Publisher, Registry,
     Status, Terminal, TerminalId,
 };
-use possync_sdk::{Envelope, WireMessage};
+use possync_sdk::{Envelope, Payload};
 use tokio::sync::watch;
 
 #[derive(Debug, Args)]
@@ -203,14 +203,14 @@ async fn wait_for(
     Ok(())
 }
 
-fn envelope<M: WireMessage>(license: &str, message: M) -> anyhow::Result<Envelope> {
+fn envelope<M: Payload>(license: &str, message: M) -> anyhow::Result<Envelope> {
     Ok(message.to_envelope(license)?)
 }
 
 fn category(license: &str, id: &str, name: &str, icon: &str) -> anyhow::Result<Envelope> {
     envelope(
         license,
-        possync_plugin_category::CategoryUpdate {
+        possync_catalog::CategoryUpdate {
             category_id: id.into(),
             category_name: name.into(),
             icon_name: Some(icon.into()),
@@ -227,7 +227,7 @@ fn product(
 ) -> anyhow::Result<Envelope> {
     envelope(
         license,
-        possync_plugin_product::ProductUpdate {
+        possync_catalog::ProductUpdate {
             product_id: id.into(),
             product_name: name.into(),
             price,
@@ -240,7 +240,7 @@ fn product(
 fn price(license: &str, id: &str, new_price: f64) -> anyhow::Result<Envelope> {
     envelope(
         license,
-        possync_plugin_price::PriceUpdate {
+        possync_catalog::PriceUpdate {
             product_id: id.into(),
             new_price,
             product_name: None,
@@ -258,7 +258,7 @@ fn cafe_changes() -> anyhow::Result<Vec<Envelope>> {
         price(CAFE, "CAP", 3.40)?,
         envelope(
             CAFE,
-            possync_plugin_product_delete::ProductDelete {
+            possync_catalog::ProductDelete {
                 product_id: "LAT".into(),
             },
         )?,

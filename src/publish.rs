@@ -5,12 +5,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use possync_core::{Config, LicenseKey, Publisher};
-use possync_sdk::{Envelope, WireMessage};
+use possync_sdk::{Envelope, Payload};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PublishCommand {
     /// Set a product's price (creates the product on terminals that lack it).
-    #[cfg(feature = "price")]
+    #[cfg(feature = "catalog")]
     PriceUpdate {
         #[command(flatten)]
         to: Stores,
@@ -25,7 +25,7 @@ pub(crate) enum PublishCommand {
         product_name: Option<String>,
     },
     /// Create or replace a product.
-    #[cfg(feature = "product")]
+    #[cfg(feature = "catalog")]
     ProductUpdate {
         #[command(flatten)]
         to: Stores,
@@ -46,7 +46,7 @@ pub(crate) enum PublishCommand {
         icon_name: Option<String>,
     },
     /// Delete a product.
-    #[cfg(feature = "product-delete")]
+    #[cfg(feature = "catalog")]
     ProductDelete {
         #[command(flatten)]
         to: Stores,
@@ -55,7 +55,7 @@ pub(crate) enum PublishCommand {
         product_id: String,
     },
     /// Create or replace a category.
-    #[cfg(feature = "category")]
+    #[cfg(feature = "catalog")]
     CategoryUpdate {
         #[command(flatten)]
         to: Stores,
@@ -156,7 +156,7 @@ pub(crate) fn check_price(value: f64) -> Result<f64, String> {
     }
 }
 
-fn envelopes<M: WireMessage>(to: &Stores, message: &M) -> anyhow::Result<Vec<Envelope>> {
+fn envelopes<M: Payload>(to: &Stores, message: &M) -> anyhow::Result<Vec<Envelope>> {
     to.licenses
         .iter()
         .map(|key| {
@@ -174,7 +174,7 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             file,
             stop_on_error,
         } => return bulk(config, &to, &file, stop_on_error).await,
-        #[cfg(feature = "price")]
+        #[cfg(feature = "catalog")]
         PublishCommand::PriceUpdate {
             to,
             product_id,
@@ -182,13 +182,13 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             product_name,
         } => envelopes(
             &to,
-            &possync_plugin_price::PriceUpdate {
+            &possync_catalog::PriceUpdate {
                 product_id,
                 new_price: price,
                 product_name,
             },
         )?,
-        #[cfg(feature = "product")]
+        #[cfg(feature = "catalog")]
         PublishCommand::ProductUpdate {
             to,
             product_id,
@@ -198,7 +198,7 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             icon_name,
         } => envelopes(
             &to,
-            &possync_plugin_product::ProductUpdate {
+            &possync_catalog::ProductUpdate {
                 product_id,
                 product_name: name,
                 price,
@@ -206,12 +206,11 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
                 icon_name,
             },
         )?,
-        #[cfg(feature = "product-delete")]
-        PublishCommand::ProductDelete { to, product_id } => envelopes(
-            &to,
-            &possync_plugin_product_delete::ProductDelete { product_id },
-        )?,
-        #[cfg(feature = "category")]
+        #[cfg(feature = "catalog")]
+        PublishCommand::ProductDelete { to, product_id } => {
+            envelopes(&to, &possync_catalog::ProductDelete { product_id })?
+        }
+        #[cfg(feature = "catalog")]
         PublishCommand::CategoryUpdate {
             to,
             category_id,
@@ -219,7 +218,7 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             icon_name,
         } => envelopes(
             &to,
-            &possync_plugin_category::CategoryUpdate {
+            &possync_catalog::CategoryUpdate {
                 category_id,
                 category_name: name,
                 icon_name,
@@ -246,16 +245,16 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             envelopes(
                 &to,
-                &possync_product_images_types::ImageUpdate::new(product_id, content_type, &bytes),
+                &possync_plugin_product_images::ImageUpdate::new(product_id, content_type, &bytes),
             )?
         }
         PublishCommand::ImageDelete { to, product_id } => envelopes(
             &to,
-            &possync_product_images_types::ImageDelete { product_id },
+            &possync_plugin_product_images::ImageDelete { product_id },
         )?,
         PublishCommand::ModifierGroupDelete { to, group_id } => envelopes(
             &to,
-            &possync_modifier_groups_types::ModifierGroupDelete { group_id },
+            &possync_plugin_modifier_groups::ModifierGroupDelete { group_id },
         )?,
         PublishCommand::Raw {
             to,
