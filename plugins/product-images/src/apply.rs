@@ -9,7 +9,7 @@ use crate::files::{self, Removals};
 use crate::{ImageDelete, ImageUpdate, sha256_hex};
 
 /// The plugin's schema. Released migrations never change.
-pub(crate) const MIGRATIONS: &[Migration] = &[
+pub const MIGRATIONS: &[Migration] = &[
     TOMBSTONES,
     Migration::new(
         "product_images/1",

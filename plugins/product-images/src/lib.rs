@@ -32,6 +32,7 @@ mod apply;
 mod files;
 mod payload;
 
+pub use apply::MIGRATIONS;
 pub use payload::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate, sha256_hex};
 
 use std::path::PathBuf;
