@@ -44,6 +44,11 @@
 mod store;
 mod terminal;
 
+/// The plugin guide's examples compile as written.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/writing-a-plugin.md")]
+struct GuideExamples;
+
 pub use terminal::{Applied, Error, Stale, TestTerminal};
 
 use possync_sdk::{Envelope, Payload};
