@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use possync_core::{Config, PluginSetting, Publisher, Registry};
-use possync_modifier_groups_types::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
-use possync_product_images_types::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
-use possync_sdk::{Envelope, WireMessage};
+use possync_plugin_modifier_groups::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
+use possync_plugin_product_images::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
+use possync_sdk::{Envelope, Payload};
 
 fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Config {
     let mut config = terminal_config(dir, store, "till-1");

@@ -72,3 +72,14 @@ pub mod __host;
 pub mod __private {
     pub use inventory;
 }
+
+// TEMPORARY until the ffi branch lands: it replaces this with the macro that
+// exports the plugin across the C ABI. Until then it only checks that its
+// argument is a plugin function, so plugin crates compile.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:path) => {
+        const _: $crate::PluginFn = $plugin;
+    };
+}

@@ -17,11 +17,8 @@ use possync_core::{
 };
 use tokio::sync::watch;
 
-// Linked so their handlers register in the test binaries, as in `possync`.
-use possync_plugin_category as _;
-use possync_plugin_price as _;
-use possync_plugin_product as _;
-use possync_plugin_product_delete as _;
+// Linked so its plugins register in the test binaries, as in `possync`.
+use possync_catalog as _;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -519,7 +516,7 @@ pub fn catalog_changes(
     count: usize,
     seed: u64,
 ) -> (Vec<possync_sdk::Envelope>, Model) {
-    use possync_sdk::WireMessage;
+    use possync_sdk::Payload;
     let mut state = seed.max(1);
     let mut next = move |bound: u64| {
         // xorshift64: deterministic, no dependency.
@@ -540,7 +537,7 @@ pub fn catalog_changes(
                 model
                     .products
                     .insert(id.clone(), (name.clone(), price, Some(category.clone())));
-                possync_plugin_product::ProductUpdate {
+                possync_catalog::ProductUpdate {
                     product_id: id,
                     product_name: name,
                     price,
@@ -556,7 +553,7 @@ pub fn catalog_changes(
                     .entry(id.clone())
                     .or_insert((String::new(), 0.0, None));
                 entry.1 = price;
-                possync_plugin_price::PriceUpdate {
+                possync_catalog::PriceUpdate {
                     product_id: id,
                     new_price: price,
                     product_name: None,
@@ -565,8 +562,7 @@ pub fn catalog_changes(
             }
             _ => {
                 model.products.remove(&id);
-                possync_plugin_product_delete::ProductDelete { product_id: id }
-                    .to_envelope(store.as_str())
+                possync_catalog::ProductDelete { product_id: id }.to_envelope(store.as_str())
             }
         };
         envelopes.push(envelope.expect("envelope"));
@@ -617,7 +613,8 @@ pub fn quarantine_reasons(db: &rusqlite::Connection) -> Vec<String> {
 }
 
 /// The plugin libraries the tests load, built on first use with the same
-/// compiler and profile as the tests (`cargo test` does not build cdylibs).
+/// compiler and profile as the tests (`cargo test` does not build them
+/// with the `dynamic` feature that exports a plugin, nor the fixtures).
 pub fn plugin_library(package: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| {
@@ -634,6 +631,11 @@ pub fn plugin_library(package: &str) -> PathBuf {
         for package in packages {
             command.args(["-p", package]);
         }
+        // possync's own plugins export themselves only with this feature.
+        command.args([
+            "--features",
+            "possync-plugin-modifier-groups/dynamic,possync-plugin-product-images/dynamic",
+        ]);
         let output = command.output().expect("run cargo build for the plugins");
         assert!(
             output.status.success(),

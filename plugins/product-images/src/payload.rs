@@ -1,7 +1,7 @@
 //! The payloads of `image_update` and `image_delete`.
 
 use base64::Engine;
-use possync_sdk::WireMessage;
+use possync_sdk::Payload;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -11,10 +11,10 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_MAX_IMAGE_BYTES: usize = 5 * 1024 * 1024;
 
 /// `image_update`: a product's picture, whole, with its hash.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ImageUpdate {
-    /// The product the picture shows.
-    #[serde(deserialize_with = "possync_catalog::id")]
+    /// The product the picture shows (a string, or an integer on the wire).
+    #[serde(deserialize_with = "possync_sdk::ids::id")]
     pub product_id: String,
     /// `image/png`, `image/jpeg`, `image/webp` or `image/gif`.
     pub content_type: String,
@@ -38,21 +38,40 @@ impl ImageUpdate {
             data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
         }
     }
+
+    /// The file extension of the image's content type.
+    pub(crate) fn extension(&self) -> Result<&'static str, String> {
+        match self.content_type.as_str() {
+            "image/png" => Ok("png"),
+            "image/jpeg" => Ok("jpg"),
+            "image/webp" => Ok("webp"),
+            "image/gif" => Ok("gif"),
+            other => Err(format!(
+                "content_type {other:?} is not an image type the POS shows (image/png, image/jpeg, image/webp, image/gif)"
+            )),
+        }
+    }
 }
 
-impl WireMessage for ImageUpdate {
+impl Payload for ImageUpdate {
     const TYPE: &'static str = "image_update";
+
+    /// The content type; the bytes are checked against the hash and the
+    /// terminal's size limit when the image is applied.
+    fn validate(&self) -> Result<(), String> {
+        self.extension().map(drop)
+    }
 }
 
 /// `image_delete`: removes a product's picture.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ImageDelete {
-    /// The product.
-    #[serde(deserialize_with = "possync_catalog::id")]
+    /// The product (a string, or an integer on the wire).
+    #[serde(deserialize_with = "possync_sdk::ids::id")]
     pub product_id: String,
 }
 
-impl WireMessage for ImageDelete {
+impl Payload for ImageDelete {
     const TYPE: &'static str = "image_delete";
 }
 
