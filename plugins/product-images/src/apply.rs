@@ -77,10 +77,11 @@ impl Images {
             return Err(self.too_large(bytes.len()));
         }
         let actual = sha256_hex(&bytes);
-        if actual != image.sha256.to_ascii_lowercase() {
+        if let Some(sent) = &image.sha256
+            && *sent.to_ascii_lowercase() != actual
+        {
             return Err(HandlerError::permanent(format!(
-                "sha256 mismatch: the message says {}, the data hashes to {actual}",
-                image.sha256
+                "sha256 mismatch: the message says {sent}, the data hashes to {actual}"
             )));
         }
         let order = message.order();

@@ -18,9 +18,11 @@ pub struct ImageUpdate {
     pub product_id: String,
     /// `image/png`, `image/jpeg`, `image/webp` or `image/gif`.
     pub content_type: String,
-    /// SHA-256 of the decoded bytes, lowercase hex.
-    pub sha256: String,
-    /// The bytes, standard base64.
+    /// SHA-256 of the decoded bytes, lowercase hex: checked when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The bytes, standard base64 (`possync publish` reads `@FILE`).
+    #[schemars(extend("contentEncoding" = "base64"))]
     pub data_base64: String,
 }
 
@@ -34,7 +36,7 @@ impl ImageUpdate {
         Self {
             product_id: product_id.into(),
             content_type: content_type.into(),
-            sha256: sha256_hex(bytes),
+            sha256: Some(sha256_hex(bytes)),
             data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
         }
     }

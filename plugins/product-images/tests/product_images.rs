@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use possync_plugin_product_images::{ImageDelete, ImageUpdate, MIGRATIONS, plugin};
+use possync_plugin_product_images::{ImageDelete, ImageUpdate, MIGRATIONS, plugin, sha256_hex};
 use possync_sdk::{HandlerError, Migration, Plugin, Settings};
 use possync_testkit::{Applied, Error, TestTerminal, message};
 use serde_json::json;
@@ -36,7 +36,10 @@ fn an_image_is_written_whole_under_its_hash_and_its_file_goes_with_its_delete() 
     let update = ImageUpdate::new("CAP", "image/png", &picture);
     assert_eq!(till.apply(message(&update)), Ok(Applied::Changed));
     let path = image_path(&till, "CAP");
-    assert!(path.ends_with(&format!("{}.png", update.sha256)), "{path}");
+    assert!(
+        path.ends_with(&format!("{}.png", sha256_hex(&picture))),
+        "{path}"
+    );
     assert_eq!(std::fs::read(&path).expect("the file"), picture);
     let delete = ImageDelete {
         product_id: "CAP".into(),
@@ -50,7 +53,7 @@ fn a_wrong_hash_a_large_image_or_an_unknown_type_never_reaches_the_disk() {
     let folder = tempfile::tempdir().expect("tempdir");
     let mut till = till(folder.path());
     let mut wrong_hash = ImageUpdate::new("LAT", "image/png", &[1; 100]);
-    wrong_hash.sha256 = "0".repeat(64);
+    wrong_hash.sha256 = Some("0".repeat(64));
     let too_big = ImageUpdate::new("BIG", "image/jpeg", &[7; 4096]);
     let not_an_image = ImageUpdate::new("PDF", "application/pdf", &[1; 10]);
     for (image, reason) in [
@@ -154,5 +157,20 @@ fn an_older_database_keeps_its_tombstones_in_the_shared_table() {
         till.query("SELECT entity, id, sync_version FROM possync_tombstones")
             .expect("reads"),
         [json!(["product_images", "CAP", 20])]
+    );
+}
+
+#[test]
+fn an_image_sent_without_its_hash_is_hashed_on_arrival() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    let mut till = till(folder.path());
+    let picture = b"\x89PNG not really".to_vec();
+    let mut update = ImageUpdate::new("TEA", "image/png", &picture);
+    update.sha256 = None;
+    assert_eq!(till.apply(message(&update)), Ok(Applied::Changed));
+    let path = image_path(&till, "TEA");
+    assert!(
+        path.ends_with(&format!("{}.png", sha256_hex(&picture))),
+        "{path}"
     );
 }
