@@ -69,7 +69,11 @@ impl<'r> Types<'r> {
             self.fields
                 .insert(message_type.to_owned(), fields::of_schema(&schema));
         }
-        Ok(self.fields.get(message_type).map(Vec::as_slice).unwrap_or_default())
+        Ok(self
+            .fields
+            .get(message_type)
+            .map(Vec::as_slice)
+            .unwrap_or_default())
     }
 
     /// Checks `payload` as the plugin of `message_type` would on a terminal.

@@ -213,7 +213,7 @@ fn envelope<M: Payload>(license: &str, message: M) -> anyhow::Result<Envelope> {
 fn category(license: &str, id: &str, name: &str, icon: &str) -> anyhow::Result<Envelope> {
     envelope(
         license,
-        possync_plugin_category::CategoryUpdate {
+        possync_catalog::CategoryUpdate {
             category_id: id.into(),
             category_name: name.into(),
             icon_name: Some(icon.into()),
@@ -230,7 +230,7 @@ fn product(
 ) -> anyhow::Result<Envelope> {
     envelope(
         license,
-        possync_plugin_product::ProductUpdate {
+        possync_catalog::ProductUpdate {
             product_id: id.into(),
             product_name: name.into(),
             price,
@@ -243,7 +243,7 @@ fn product(
 fn price(license: &str, id: &str, new_price: f64) -> anyhow::Result<Envelope> {
     envelope(
         license,
-        possync_plugin_price::PriceUpdate {
+        possync_catalog::PriceUpdate {
             product_id: id.into(),
             new_price,
             product_name: None,
@@ -261,7 +261,7 @@ fn cafe_changes() -> anyhow::Result<Vec<Envelope>> {
         price(CAFE, "CAP", 3.40)?,
         envelope(
             CAFE,
-            possync_plugin_product_delete::ProductDelete {
+            possync_catalog::ProductDelete {
                 product_id: "LAT".into(),
             },
         )?,

@@ -11,6 +11,9 @@ pub(crate) struct Field {
     pub(crate) kind: Kind,
     pub(crate) required: bool,
     pub(crate) description: Option<String>,
+    /// Text that carries bytes as base64 (`contentEncoding`): given as
+    /// `@FILE`, the file's bytes are read and encoded.
+    base64: bool,
     minimum: Option<f64>,
     maximum: Option<f64>,
 }
@@ -28,7 +31,7 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// The placeholder `--help` shows.
-    pub(crate) fn value_name(self) -> &'static str {
+    fn value_name(self) -> &'static str {
         match self {
             Self::Text => "TEXT",
             Self::Integer => "INTEGER",
@@ -56,6 +59,7 @@ pub(crate) fn of_schema(schema: &Value) -> Vec<Field> {
             kind: kind_of(property),
             required: required.contains(&name.as_str()),
             description: property["description"].as_str().map(str::to_owned),
+            base64: property["contentEncoding"] == "base64",
             minimum: property["minimum"].as_f64(),
             maximum: property["maximum"].as_f64(),
         })
@@ -83,9 +87,27 @@ fn kind_of(property: &Value) -> Kind {
 }
 
 impl Field {
+    /// The placeholder `--help` shows.
+    pub(crate) fn value_name(&self) -> &'static str {
+        if self.base64 {
+            "@FILE|BASE64"
+        } else {
+            self.kind.value_name()
+        }
+    }
+
     /// The JSON value of `text` typed on a command line or in a CSV cell.
     pub(crate) fn parse(&self, text: &str) -> Result<Value, String> {
         let value = match self.kind {
+            Kind::Text if self.base64 && text.starts_with('@') => {
+                use base64::Engine;
+                let path = &text[1..];
+                let bytes =
+                    std::fs::read(path).map_err(|err| format!("cannot read {path}: {err}"))?;
+                return Ok(Value::String(
+                    base64::engine::general_purpose::STANDARD.encode(bytes),
+                ));
+            }
             Kind::Text => return Ok(Value::String(text.to_owned())),
             Kind::Integer => text
                 .trim()
@@ -162,6 +184,7 @@ mod tests {
             "type": "object",
             "properties": {
                 "id": {"type": "string", "description": "The id."},
+                "data": {"type": "string", "contentEncoding": "base64"},
                 "price": {"type": "number", "minimum": 0},
                 "seats": {"type": ["integer", "null"], "minimum": 1, "maximum": 20},
                 "open": {"type": "boolean"},
@@ -171,42 +194,87 @@ mod tests {
         }))
     }
 
+    fn field(name: &str) -> Field {
+        fields()
+            .into_iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no field {name}"))
+    }
+
     #[test]
     fn fields_take_their_kind_and_bounds_from_the_schema() {
-        let fields = fields();
-        let kinds: Vec<_> = fields.iter().map(|f| (f.name.as_str(), f.kind)).collect();
+        let kinds: Vec<_> = ["id", "data", "price", "seats", "open", "lines"]
+            .map(|name| field(name).kind)
+            .to_vec();
         assert_eq!(
             kinds,
             [
-                ("id", Kind::Text),
-                ("price", Kind::Number),
-                ("seats", Kind::Integer),
-                ("open", Kind::Boolean),
-                ("lines", Kind::Json)
+                Kind::Text,
+                Kind::Text,
+                Kind::Number,
+                Kind::Integer,
+                Kind::Boolean,
+                Kind::Json
             ]
         );
-        assert!(fields[0].required && fields[1].required && !fields[2].required);
-        assert_eq!(fields[0].description.as_deref(), Some("The id."));
+        assert!(field("id").required && field("price").required && !field("seats").required);
+        assert_eq!(field("id").description.as_deref(), Some("The id."));
+        assert_eq!(field("data").value_name(), "@FILE|BASE64");
     }
 
     #[test]
     fn text_stays_text_and_numbers_are_numbers_within_their_bounds() {
-        let fields = fields();
-        assert_eq!(fields[0].parse("007").expect("text"), "007");
-        assert_eq!(fields[1].parse(" 2.50 ").expect("number"), 2.5);
-        assert_eq!(fields[2].parse("4").expect("integer"), 4);
-        assert_eq!(fields[3].parse("true").expect("boolean"), true);
-        assert_eq!(fields[4].parse("[1]").expect("json"), serde_json::json!([1]));
+        assert_eq!(field("id").parse("007").expect("text"), "007");
+        assert_eq!(field("id").parse("@x").expect("text"), "@x");
+        assert_eq!(field("price").parse(" 2.50 ").expect("number"), 2.5);
+        assert_eq!(field("seats").parse("4").expect("integer"), 4);
+        assert_eq!(field("open").parse("true").expect("boolean"), true);
+        assert_eq!(
+            field("lines").parse("[1]").expect("json"),
+            serde_json::json!([1])
+        );
         for bad in ["NaN", "inf", "-1", "1e999", "-0.01"] {
-            let err = fields[1].parse(bad).expect_err(bad);
+            let err = field("price").parse(bad).expect_err(bad);
             assert!(
                 err.ends_with("must be a finite number of 0 or more"),
                 "{err}"
             );
         }
-        assert!(fields[1].parse("cheap").expect_err("text").contains("is not a number"));
-        assert!(fields[2].parse("21").expect_err("above").contains("from 1 to 20"));
-        assert!(fields[2].parse("2.5").expect_err("fraction").contains("whole number"));
+        assert!(
+            field("price")
+                .parse("cheap")
+                .expect_err("text")
+                .contains("is not a number")
+        );
+        assert!(
+            field("seats")
+                .parse("21")
+                .expect_err("above")
+                .contains("from 1 to 20")
+        );
+        assert!(
+            field("seats")
+                .parse("2.5")
+                .expect_err("fraction")
+                .contains("whole number")
+        );
+    }
+
+    #[test]
+    fn bytes_given_as_a_file_are_read_and_encoded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("logo.png");
+        std::fs::write(&file, b"\x89PNG").expect("write");
+        let value = field("data")
+            .parse(&format!("@{}", file.display()))
+            .expect("reads the file");
+        assert_eq!(value, "iVBORw==");
+        assert_eq!(
+            field("data").parse("iVBORw==").expect("base64 as is"),
+            "iVBORw=="
+        );
+        let err = field("data").parse("@/no/such/file").expect_err("missing");
+        assert!(err.starts_with("cannot read /no/such/file"), "{err}");
     }
 
     #[test]

@@ -164,8 +164,12 @@ pub(crate) fn types_help(registry: &Registry) -> String {
             let names: Vec<String> = fields
                 .iter()
                 .map(|f| {
-                    let flag = format!("--{} {}", kebab(&f.name), f.kind.value_name());
-                    if f.required { flag } else { format!("[{flag}]") }
+                    let flag = format!("--{} {}", kebab(&f.name), f.value_name());
+                    if f.required {
+                        flag
+                    } else {
+                        format!("[{flag}]")
+                    }
                 })
                 .collect();
             text.push_str(&format!(
@@ -188,10 +192,7 @@ fn kebab(name: &str) -> String {
 /// A publish command of a type some plugin handles, parsed by the fields
 /// its schema gives: the envelopes for every store, or why the payload is
 /// refused. `--help` and argument errors exit here, as clap does.
-fn typed(
-    registry: &Registry,
-    args: &[String],
-) -> anyhow::Result<Result<Vec<Envelope>, String>> {
+fn typed(registry: &Registry, args: &[String]) -> anyhow::Result<Result<Vec<Envelope>, String>> {
     let Some(named) = args.first() else {
         anyhow::bail!("name a message type: possync publish <TYPE> ...");
     };
@@ -233,7 +234,7 @@ fn typed(
     };
     let payload = serde_json::Value::Object(payload);
     if let Err(err) = registry.check(&message_type, &payload.to_string()) {
-        return Ok(Err(format!("error: {message_type}: {err}")));
+        return Ok(Err(format!("error: {err}")));
     }
     let licenses = matches
         .get_many::<LicenseKey>("license")
@@ -272,7 +273,7 @@ fn command_for(named: &str, schema: &serde_json::Value, fields: &[Field]) -> cla
         let parser = field.clone();
         let mut arg = Arg::new(field.name.clone())
             .long(kebab(&field.name))
-            .value_name(field.kind.value_name())
+            .value_name(field.value_name())
             .allow_hyphen_values(true)
             .conflicts_with("payload")
             .value_parser(move |text: &str| parser.parse(text));

@@ -9,46 +9,52 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use possync_core::{Publisher, QueueType};
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Store, async_trait};
+use possync_sdk::{Context, Envelope, HandlerError, Payload, Plugin, Settings, Store};
 
-/// A handler that fails as its payload says, to make poison messages.
-#[derive(Debug, Default)]
-struct Fickle;
+/// A message that fails as it says, to make poison messages.
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct Fickle {
+    #[serde(default)]
+    mode: String,
+    /// With `transient-once`: the product whose change was published after it.
+    #[serde(default)]
+    before: String,
+}
 
-#[async_trait]
-impl MessageHandler for Fickle {
-    fn name(&self) -> &str {
-        "fickle"
-    }
-    fn message_types(&self) -> &[&str] {
-        &["fickle"]
-    }
-    async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
-        let payload: serde_json::Value = envelope.payload_as()?;
-        match payload["mode"].as_str() {
-            Some("panic") => panic!("fickle was told to panic"),
-            // Fails its first try; on the next it checks that the change
-            // published after it has not overtaken it.
-            Some("transient-once") => {
-                if !FAILED_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    return Err(HandlerError::transient("busy, just this once"));
-                }
-                let after = payload["before"].as_str().unwrap_or_default();
-                match store
-                    .query_row("SELECT price FROM products WHERE id = ?1", &[after.into()])?
-                {
-                    Some(_) => Err(HandlerError::permanent("a later change applied first")),
-                    None => Ok(()),
-                }
+impl Payload for Fickle {
+    const TYPE: &'static str = "fickle";
+}
+
+fn apply_fickle(
+    fickle: Fickle,
+    _: &Context<'_>,
+    store: &mut dyn Store,
+) -> Result<(), HandlerError> {
+    match fickle.mode.as_str() {
+        "panic" => panic!("fickle was told to panic"),
+        // Fails its first try; on the next it checks that the change
+        // published after it has not overtaken it.
+        "transient-once" => {
+            if !FAILED_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(HandlerError::transient("busy, just this once"));
             }
-            Some("transient") => Err(HandlerError::transient("the disk is always busy")),
-            Some("permanent") => Err(HandlerError::permanent("this can never work")),
-            _ => Ok(()),
+            let after = fickle.before.as_str();
+            match store.query_row("SELECT price FROM products WHERE id = ?1", &[after.into()])? {
+                Some(_) => Err(HandlerError::permanent("a later change applied first")),
+                None => Ok(()),
+            }
         }
+        "transient" => Err(HandlerError::transient("the disk is always busy")),
+        "permanent" => Err(HandlerError::permanent("this can never work")),
+        _ => Ok(()),
     }
 }
 
-possync_sdk::register_handler!(Fickle::default);
+fn fickle_plugin(_: &Settings) -> Result<Plugin, String> {
+    Ok(Plugin::new("fickle").on::<Fickle>(apply_fickle))
+}
+
+possync_sdk::register_builtin!(fickle_plugin);
 
 /// The `transient-once` message has had its failure.
 static FAILED_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use possync_core::{Config, PluginSetting, Publisher, Registry};
-use possync_modifier_groups_types::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
-use possync_product_images_types::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
+use possync_plugin_modifier_groups::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
+use possync_plugin_product_images::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
 use possync_sdk::__ffi::SdkVersion;
 use possync_sdk::{Envelope, Payload};
 
@@ -195,7 +195,7 @@ async fn images_are_written_whole_and_bad_ones_never_reach_the_disk() {
     assert!(path.ends_with(&format!("{sha256}.png")), "{path}");
 
     let mut wrong_hash = ImageUpdate::new("LAT", "image/png", &picture);
-    wrong_hash.sha256 = "0".repeat(64);
+    wrong_hash.sha256 = Some("0".repeat(64));
     let too_big = ImageUpdate::new("BIG", "image/jpeg", &vec![7u8; 4096]);
     publisher
         .publish(&stores, &wrong_hash)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use possync_core::{LicenseKey, Publisher, QueueType, State};
-use possync_sdk::WireMessage;
+use possync_sdk::Payload;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -84,7 +84,7 @@ async fn connections_closed_mid_stream(queue_type: QueueType) {
 /// with are final. Counts as one applied message.
 async fn apply_last_marker(publisher: &Publisher, terminal: &RunningTerminal, store: &LicenseKey) {
     let id = format!("{store}-last");
-    let marker = possync_plugin_product_delete::ProductDelete {
+    let marker = possync_catalog::ProductDelete {
         product_id: "LAST".into(),
     }
     .to_envelope(store.as_str())

@@ -6,9 +6,9 @@
 mod common;
 
 use common::*;
+use possync_catalog::PriceUpdate;
 use possync_core::{InProcessBroker, PublishError};
-use possync_plugin_price::PriceUpdate;
-use possync_sdk::{Envelope, WireMessage};
+use possync_sdk::{Envelope, Payload};
 
 fn price(store: &str, id: &str, new_price: f64) -> Envelope {
     PriceUpdate {

@@ -3,8 +3,7 @@
 mod common;
 
 use common::*;
-use possync_plugin_price::PriceUpdate;
-use possync_plugin_product_delete::ProductDelete;
+use possync_catalog::{PriceUpdate, ProductDelete};
 
 #[test]
 fn the_binary_has_every_built_in_handler_registered() {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use possync_core::{Delivery, LicenseKey, Publisher, QueueType, State, Status};
-use possync_product_images_types::ImageUpdate;
-use possync_sdk::WireMessage;
+use possync_plugin_product_images::ImageUpdate;
+use possync_sdk::Payload;
 
 /// Products the legacy stream spreads its changes over.
 const PRODUCTS: usize = 50;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 use possync_core::Publisher;
-use possync_sdk::WireMessage;
+use possync_sdk::Payload;
 
 const MESSAGES: usize = 5000;
 
@@ -21,7 +21,7 @@ async fn sigterm_mid_stream_settles_exactly_what_was_committed() {
     RunningTerminal::start(config.clone()).await.stop().await;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let envelopes = (0..MESSAGES).map(|i| {
-        possync_plugin_product::ProductUpdate {
+        possync_catalog::ProductUpdate {
             product_id: format!("P{i:05}"),
             product_name: format!("Product {i}"),
             price: 1.0,

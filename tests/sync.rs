@@ -4,11 +4,8 @@
 mod common;
 
 use common::*;
+use possync_catalog::{CategoryUpdate, PriceUpdate, ProductDelete, ProductUpdate};
 use possync_core::{Publisher, routing_key};
-use possync_plugin_category::CategoryUpdate;
-use possync_plugin_price::PriceUpdate;
-use possync_plugin_product::ProductUpdate;
-use possync_plugin_product_delete::ProductDelete;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_core_type_published_with_the_library_lands_in_sqlite() {
@@ -322,7 +319,7 @@ async fn two_terminals_of_one_store_both_get_every_change() {
 
     let updates: Vec<_> = (0..50)
         .map(|i| {
-            possync_sdk::WireMessage::to_envelope(
+            possync_sdk::Payload::to_envelope(
                 &PriceUpdate {
                     product_id: format!("P{i}"),
                     new_price: f64::from(i) / 4.0,

@@ -59,7 +59,11 @@ fn unsafe_code_is_only_in_the_plugin_boundary() {
                 .map(move |(number, line)| format!("{path}:{}: {}", number + 1, line.trim()))
         })
         .collect();
-    assert!(outside.is_empty(), "unsafe outside {BOUNDARY}:\n{}", outside.join("\n"));
+    assert!(
+        outside.is_empty(),
+        "unsafe outside {BOUNDARY}:\n{}",
+        outside.join("\n")
+    );
 }
 
 #[test]

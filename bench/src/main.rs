@@ -16,10 +16,8 @@ use possync_core::{Delivery, Publisher, QueueType};
 use possync_sdk::Envelope;
 use tokio::sync::watch;
 
-// Linked so their handlers register, as in `possync`.
-use possync_plugin_category as _;
-use possync_plugin_product as _;
-use possync_plugin_product_delete as _;
+// Linked so its plugins register, as in `possync`.
+use possync_catalog as _;
 
 use crate::baseline::BaselineQueue;
 use crate::workload::{license, price_update};

@@ -4,12 +4,12 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
 
+use possync_catalog::PriceUpdate;
 use possync_core::{
     Config, Delivery, LicenseKey, QueueType, Registry, Status, Terminal, TerminalId,
     TerminalSettings,
 };
-use possync_plugin_price::PriceHandler;
-use possync_sdk::{Envelope, HandlerError, MessageHandler, Migration, Store, async_trait};
+use possync_sdk::{Context, HandlerError, Payload, Plugin, Settings, Store};
 use tokio::sync::watch;
 
 use crate::workload::now_micros;
@@ -17,38 +17,62 @@ use crate::workload::now_micros;
 /// Publish times of messages handled and not yet counted as settled.
 static PROBED: Mutex<VecDeque<i64>> = Mutex::new(VecDeque::new());
 
-/// `bench_price_update`: the price handler, plus the message's publish time
-/// kept for the latency scenario.
-#[derive(Debug, Default)]
-struct LatencyProbe(PriceHandler);
-
-#[async_trait]
-impl MessageHandler for LatencyProbe {
-    fn name(&self) -> &str {
-        "bench_latency_probe"
-    }
-    fn message_types(&self) -> &[&str] {
-        &["bench_price_update"]
-    }
-    fn migrations(&self) -> &[Migration] {
-        self.0.migrations()
-    }
-    async fn handle(&self, envelope: &Envelope, store: &mut dyn Store) -> Result<(), HandlerError> {
-        self.0.handle(envelope, store).await?;
-        if let (Ok(sent), Ok(mut probed)) = (envelope.payload_as::<SentAt>(), PROBED.lock()) {
-            probed.push_back(sent.sent_at_us);
-        }
-        Ok(())
-    }
-}
-
-/// The part of a benchmark payload the latency probe reads.
-#[derive(serde::Deserialize)]
-struct SentAt {
+/// `bench_price_update`: a `price_update` with the time it was published,
+/// for the latency scenario.
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct ProbedPriceUpdate {
+    #[serde(deserialize_with = "possync_sdk::ids::id")]
+    product_id: String,
+    new_price: f64,
+    #[serde(default)]
+    product_name: Option<String>,
     sent_at_us: i64,
 }
 
-possync_sdk::register_handler!(LatencyProbe::default);
+impl ProbedPriceUpdate {
+    fn price(self) -> PriceUpdate {
+        PriceUpdate {
+            product_id: self.product_id,
+            new_price: self.new_price,
+            product_name: self.product_name,
+        }
+    }
+}
+
+impl Payload for ProbedPriceUpdate {
+    const TYPE: &'static str = "bench_price_update";
+
+    fn validate(&self) -> Result<(), String> {
+        PriceUpdate {
+            product_id: self.product_id.clone(),
+            new_price: self.new_price,
+            product_name: None,
+        }
+        .validate()
+    }
+}
+
+/// The price handler, then the publish time kept.
+fn apply_probed(
+    update: ProbedPriceUpdate,
+    message: &Context<'_>,
+    store: &mut dyn Store,
+) -> Result<(), HandlerError> {
+    let sent_at_us = update.sent_at_us;
+    possync_catalog::apply_price(update.price(), message, store)?;
+    if let Ok(mut probed) = PROBED.lock() {
+        probed.push_back(sent_at_us);
+    }
+    Ok(())
+}
+
+fn latency_probe(_: &Settings) -> Result<Plugin, String> {
+    Ok(Plugin::new("bench_latency_probe")
+        .migrations(possync_catalog::MIGRATIONS)
+        .on::<ProbedPriceUpdate>(apply_probed))
+}
+
+possync_sdk::register_builtin!(latency_probe);
 
 /// A terminal running in this process.
 pub(crate) struct Running {

@@ -17,11 +17,8 @@ use possync_core::{
 };
 use tokio::sync::watch;
 
-// Linked so their handlers register in the test binaries, as in `possync`.
-use possync_plugin_category as _;
-use possync_plugin_price as _;
-use possync_plugin_product as _;
-use possync_plugin_product_delete as _;
+// Linked so its plugins register in the test binaries, as in `possync`.
+use possync_catalog as _;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -519,7 +516,7 @@ pub fn catalog_changes(
     count: usize,
     seed: u64,
 ) -> (Vec<possync_sdk::Envelope>, Model) {
-    use possync_sdk::WireMessage;
+    use possync_sdk::Payload;
     let mut state = seed.max(1);
     let mut next = move |bound: u64| {
         // xorshift64: deterministic, no dependency.
@@ -540,7 +537,7 @@ pub fn catalog_changes(
                 model
                     .products
                     .insert(id.clone(), (name.clone(), price, Some(category.clone())));
-                possync_plugin_product::ProductUpdate {
+                possync_catalog::ProductUpdate {
                     product_id: id,
                     product_name: name,
                     price,
@@ -556,7 +553,7 @@ pub fn catalog_changes(
                     .entry(id.clone())
                     .or_insert((String::new(), 0.0, None));
                 entry.1 = price;
-                possync_plugin_price::PriceUpdate {
+                possync_catalog::PriceUpdate {
                     product_id: id,
                     new_price: price,
                     product_name: None,
@@ -565,8 +562,7 @@ pub fn catalog_changes(
             }
             _ => {
                 model.products.remove(&id);
-                possync_plugin_product_delete::ProductDelete { product_id: id }
-                    .to_envelope(store.as_str())
+                possync_catalog::ProductDelete { product_id: id }.to_envelope(store.as_str())
             }
         };
         envelopes.push(envelope.expect("envelope"));

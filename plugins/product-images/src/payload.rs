@@ -1,0 +1,86 @@
+//! The payloads of `image_update` and `image_delete`.
+
+use base64::Engine;
+use possync_sdk::Payload;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The largest image the plugin takes unless `max_image_bytes` says
+/// otherwise. Sent base64-encoded (4 bytes for every 3) inside JSON, it fits
+/// the terminals' default `terminal.max_message_bytes`.
+pub const DEFAULT_MAX_IMAGE_BYTES: usize = 5 * 1024 * 1024;
+
+/// `image_update`: a product's picture, whole, with its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ImageUpdate {
+    /// The product the picture shows (a string, or an integer on the wire).
+    #[serde(deserialize_with = "possync_sdk::ids::id")]
+    pub product_id: String,
+    /// `image/png`, `image/jpeg`, `image/webp` or `image/gif`.
+    pub content_type: String,
+    /// SHA-256 of the decoded bytes, lowercase hex: checked when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The bytes, standard base64 (`possync publish` reads `@FILE`).
+    #[schemars(extend("contentEncoding" = "base64"))]
+    pub data_base64: String,
+}
+
+impl ImageUpdate {
+    /// The message for `bytes`, with the hash and encoding filled in.
+    pub fn new(
+        product_id: impl Into<String>,
+        content_type: impl Into<String>,
+        bytes: &[u8],
+    ) -> Self {
+        Self {
+            product_id: product_id.into(),
+            content_type: content_type.into(),
+            sha256: Some(sha256_hex(bytes)),
+            data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+
+    /// The file extension of the image's content type.
+    pub(crate) fn extension(&self) -> Result<&'static str, String> {
+        match self.content_type.as_str() {
+            "image/png" => Ok("png"),
+            "image/jpeg" => Ok("jpg"),
+            "image/webp" => Ok("webp"),
+            "image/gif" => Ok("gif"),
+            other => Err(format!(
+                "content_type {other:?} is not an image type the POS shows (image/png, image/jpeg, image/webp, image/gif)"
+            )),
+        }
+    }
+}
+
+impl Payload for ImageUpdate {
+    const TYPE: &'static str = "image_update";
+
+    /// The content type; the bytes are checked against the hash and the
+    /// terminal's size limit when the image is applied.
+    fn validate(&self) -> Result<(), String> {
+        self.extension().map(drop)
+    }
+}
+
+/// `image_delete`: removes a product's picture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ImageDelete {
+    /// The product (a string, or an integer on the wire).
+    #[serde(deserialize_with = "possync_sdk::ids::id")]
+    pub product_id: String,
+}
+
+impl Payload for ImageDelete {
+    const TYPE: &'static str = "image_delete";
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
