@@ -206,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The message types of the built-in plugins, for `possync publish --help`.
 fn publish_help() -> String {
-    match Registry::from_config(&Default::default()) {
+    match Registry::for_publishing(&Default::default()) {
         Ok(registry) => format!(
             "Message types (possync publish <TYPE> --help shows one; possync publish types adds those of plugin libraries in [plugins]):\n{}",
             publish::types_help(&registry)

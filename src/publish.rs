@@ -148,7 +148,7 @@ async fn bulk(
 /// The plugins this publisher knows: the built-in ones and the libraries
 /// named in `[plugins]`, so a back office checks what its terminals apply.
 fn registry(config: &Config) -> anyhow::Result<Registry> {
-    Ok(Registry::from_config(&config.plugins)?)
+    Ok(Registry::for_publishing(&config.plugins)?)
 }
 
 /// The message types `registry` knows, one per line with their fields, for

@@ -28,22 +28,31 @@ fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Conf
     config
 }
 
-/// `possync publish image-update` of `file` as `product`'s picture.
+/// `possync publish image-update` of `file` as `product`'s picture, by a
+/// publisher whose config names the images plugin (it checks the payload
+/// with it, and needs no images folder for that).
 fn image_update(
     store: &possync_core::LicenseKey,
     product: &str,
     file: &std::path::Path,
 ) -> std::process::Command {
-    possync_command(&[
+    let mut command = possync_command(&[
         "publish",
         "image-update",
         "--license",
         store.as_str(),
         "--product-id",
         product,
-        "--file",
-        file.to_str().expect("utf-8"),
-    ])
+        "--content-type",
+        "image/png",
+        "--data-base64",
+        &format!("@{}", file.to_str().expect("utf-8")),
+    ]);
+    command.env(
+        "POSSYNC_PLUGINS__PRODUCT_IMAGES__PATH",
+        plugin_library("possync-plugin-product-images"),
+    );
+    command
 }
 
 /// Where `product`'s picture is, as `product_images` records it.

@@ -242,6 +242,7 @@ pub(crate) fn load(
     plugin: &str,
     path: &Path,
     settings: serde_json::Value,
+    applies: bool,
 ) -> Result<DynamicPlugin, PluginLoadError> {
     if !path.exists() {
         return Err(PluginLoadError::Missing {
@@ -249,8 +250,8 @@ pub(crate) fn load(
             path: path.to_owned(),
         });
     }
-    let loaded =
-        LoadedPlugin::load(path, plugin, &settings).map_err(|err| load_error(plugin, path, err))?;
+    let loaded = LoadedPlugin::load(path, plugin, &settings, applies)
+        .map_err(|err| load_error(plugin, path, err))?;
     if loaded.name() != plugin {
         events::plugin_renamed(plugin, loaded.name(), &path.display().to_string());
     }

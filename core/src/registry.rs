@@ -202,11 +202,27 @@ impl Registry {
     /// An enabled library that cannot be loaded is an error; a disabled one
     /// is listed with the reason and otherwise ignored.
     pub fn from_config(plugins: &BTreeMap<String, PluginSetting>) -> Result<Self, RegistryError> {
+        Self::build(plugins, true)
+    }
+
+    /// The same plugins, loaded only to describe and check payloads (by a
+    /// publisher): each plugin is told, so it need not prepare what only
+    /// applying needs (see `possync_sdk::Settings::applies`).
+    pub fn for_publishing(
+        plugins: &BTreeMap<String, PluginSetting>,
+    ) -> Result<Self, RegistryError> {
+        Self::build(plugins, false)
+    }
+
+    fn build(
+        plugins: &BTreeMap<String, PluginSetting>,
+        applies: bool,
+    ) -> Result<Self, RegistryError> {
         crate::host::install();
         let version = env!("CARGO_PKG_VERSION");
         let mut entries = Vec::new();
         for built_in in possync_sdk::__host::built_in() {
-            let plugin = build_built_in(built_in.plugin_fn())?;
+            let plugin = build_built_in(built_in.plugin_fn(), applies)?;
             let enabled = match plugins.get(possync_sdk::__host::name(&plugin)) {
                 Some(PluginSetting::Toggle(on)) => *on,
                 _ => true,
@@ -241,7 +257,7 @@ impl Registry {
                 PluginSetting::Dynamic(plugin) => {
                     let settings =
                         serde_json::Value::Object(plugin.settings.clone().into_iter().collect());
-                    match plugin_loader::load(name, &plugin.path, settings) {
+                    match plugin_loader::load(name, &plugin.path, settings, applies) {
                         Ok(loaded) => entries.push(Entry {
                             version: loaded.version().to_owned(),
                             plugin: Plugin::Dynamic(loaded),
@@ -381,8 +397,14 @@ pub enum CheckError {
 }
 
 /// Builds a built-in plugin with no settings (built-ins have none).
-fn build_built_in(make: possync_sdk::PluginFn) -> Result<possync_sdk::Plugin, RegistryError> {
-    let settings = Settings::new("built-in", serde_json::Value::Null);
+fn build_built_in(
+    make: possync_sdk::PluginFn,
+    applies: bool,
+) -> Result<possync_sdk::Plugin, RegistryError> {
+    let mut settings = Settings::new("built-in", serde_json::Value::Null);
+    if !applies {
+        settings = settings.checking_only();
+    }
     let made = std::panic::catch_unwind(|| make(&settings)).unwrap_or_else(|panic| {
         Err(format!(
             "panicked: {}",

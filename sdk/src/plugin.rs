@@ -140,15 +140,35 @@ fn decode<T: Payload>(payload: &str) -> Result<T, HandlerError> {
 pub struct Settings {
     plugin: String,
     values: serde_json::Value,
+    applies: bool,
 }
 
 impl Settings {
-    /// The settings `values` of the plugin config knows as `plugin`.
+    /// The settings `values` of the plugin config knows as `plugin`, for a
+    /// plugin that applies messages.
     pub fn new(plugin: impl Into<String>, values: serde_json::Value) -> Self {
         Self {
             plugin: plugin.into(),
             values,
+            applies: true,
         }
+    }
+
+    /// The same settings for a plugin loaded only to describe and check
+    /// payloads (see [`applies`](Self::applies)).
+    #[must_use]
+    pub fn checking_only(mut self) -> Self {
+        self.applies = false;
+        self
+    }
+
+    /// Whether the plugin will apply messages (on a terminal), or is only
+    /// asked to describe and check payloads (by `possync publish` in a back
+    /// office). A plugin that needs a folder, a device or a service to apply
+    /// its messages should require and prepare them only when this is true,
+    /// so that a publisher can check its payloads without them.
+    pub fn applies(&self) -> bool {
+        self.applies
     }
 
     /// The name config knows the plugin by.

@@ -47,8 +47,9 @@ use crate::apply::Images;
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImageSettings {
-    /// Where image files go; created if missing.
-    images_dir: PathBuf,
+    /// Where image files go; created if missing. Required on a terminal; a
+    /// publisher, which only checks payloads, needs none.
+    images_dir: Option<PathBuf>,
     /// Larger images are refused (dead-lettered), never written.
     #[serde(default = "default_max_image_bytes")]
     max_image_bytes: usize,
@@ -60,19 +61,29 @@ fn default_max_image_bytes() -> usize {
 
 /// The `product_images` plugin, with its settings.
 pub fn plugin(settings: &Settings) -> Result<Plugin, String> {
+    let applies = settings.applies();
     let settings: ImageSettings = settings.get()?;
-    std::fs::create_dir_all(&settings.images_dir).map_err(|err| {
-        format!(
-            "cannot create images_dir {}: {err}",
-            settings.images_dir.display()
-        )
-    })?;
-    log::log(
-        Level::Info,
-        "product_images",
-        &format!("images go to {}", settings.images_dir.display()),
-    );
-    let images = Arc::new(Images::new(settings.images_dir, settings.max_image_bytes));
+    let images_dir = match settings.images_dir {
+        Some(dir) if applies => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|err| format!("cannot create images_dir {}: {err}", dir.display()))?;
+            log::log(
+                Level::Info,
+                "product_images",
+                &format!("images go to {}", dir.display()),
+            );
+            dir
+        }
+        None if applies => {
+            return Err(
+                "[plugins.product_images.settings] needs images_dir, the folder image files go to"
+                    .into(),
+            );
+        }
+        // Only checking payloads: no image is ever written.
+        _ => PathBuf::new(),
+    };
+    let images = Arc::new(Images::new(images_dir, settings.max_image_bytes));
     let deletes = Arc::clone(&images);
     Ok(Plugin::new("product_images")
         .describe("product pictures, written as files and recorded in product_images")

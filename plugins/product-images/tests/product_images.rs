@@ -174,3 +174,10 @@ fn an_image_sent_without_its_hash_is_hashed_on_arrival() {
         "{path}"
     );
 }
+
+#[test]
+fn a_publisher_checking_payloads_needs_no_images_folder() {
+    let settings = Settings::new("product_images", json!({})).checking_only();
+    let plugin = plugin(&settings).expect("builds without images_dir");
+    assert!(format!("{plugin:?}").contains("image_update"), "{plugin:?}");
+}

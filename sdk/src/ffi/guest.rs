@@ -94,6 +94,7 @@ unsafe fn hosted<'a>(instance: *const Instance) -> &'a Hosted {
 unsafe extern "C" fn create<E: Export>(
     name: Bytes,
     settings: Bytes,
+    applies: u32,
     host: *const HostServices,
     instance: *mut *mut Instance,
     message: Sink,
@@ -116,7 +117,11 @@ unsafe extern "C" fn create<E: Export>(
                 .map_err(|err| HandlerError::permanent(format!("settings: {err}")))?,
             None => serde_json::Value::Null,
         };
-        let plugin = (E::PLUGIN)(&Settings::new(name, values)).map_err(HandlerError::Permanent)?;
+        let mut settings = Settings::new(name, values);
+        if applies == 0 {
+            settings = settings.checking_only();
+        }
+        let plugin = (E::PLUGIN)(&settings).map_err(HandlerError::Permanent)?;
         let made = Box::into_raw(Box::new(Hosted { plugin }));
         // SAFETY: `instance` is writable (the host's local).
         unsafe { instance.write(made.cast()) };

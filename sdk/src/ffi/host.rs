@@ -162,6 +162,7 @@ impl LoadedPlugin {
         path: &Path,
         config_name: &str,
         settings: &serde_json::Value,
+        applies: bool,
     ) -> Result<Self, LoadError> {
         // SAFETY: opening a library runs its initializers, which possync
         // cannot check. The path is one the operator named in config (never
@@ -190,6 +191,7 @@ impl LoadedPlugin {
                 create(
                     Bytes::of_str(config_name),
                     Bytes::of_str(&settings),
+                    u32::from(applies),
                     &SERVICES,
                     &mut instance,
                     sink,

@@ -595,6 +595,7 @@ signatures! {
     pub type CreateFn = unsafe extern "C" fn(
         name: Bytes,
         settings: Bytes,
+        applies: u32,
         host: *const HostServices,
         instance: *mut *mut Instance,
         message: Sink,
