@@ -341,3 +341,96 @@ fn a_bulk_file_with_prices_that_are_not_finite_amounts_of_zero_or_more_names_eac
         );
     }
 }
+
+#[test]
+fn a_typed_publish_command_shows_the_fields_its_plugin_describes() {
+    let output = possync(&["publish", "price-update", "--help"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let help = text(&output.stdout);
+    for option in [
+        "--license <KEY>",
+        "--product-id <TEXT>",
+        "--new-price <NUMBER>",
+        "--product-name <TEXT>",
+    ] {
+        assert!(help.contains(option), "{option} in:\n{help}");
+    }
+    assert!(
+        help.contains("The new price."),
+        "field docs are the help:\n{help}"
+    );
+    let output = possync(&["publish", "types"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("product-delete --product-id TEXT"));
+}
+
+#[test]
+fn a_payload_its_plugin_refuses_is_not_sent_and_says_why() {
+    for (args, reason) in [
+        (
+            &["price-update", "--product-id", " ", "--new-price", "1"][..],
+            "invalid price_update payload: product_id must not be empty",
+        ),
+        (
+            &["product-update", "--product-id", "P1", "--price", "1"],
+            "--product-name <TEXT>",
+        ),
+        (
+            &[
+                "price-update",
+                "--payload",
+                r#"{"product_id":"P1","new_price":-2}"#,
+            ],
+            "new_price -2: must be a finite number of 0 or more",
+        ),
+        (
+            &["no-such-type", "--product-id", "P1"],
+            "no plugin here handles message type \"no-such-type\"",
+        ),
+    ] {
+        let mut command = vec!["publish"];
+        command.extend_from_slice(args);
+        command.extend_from_slice(&["--license", "STORE-1"]);
+        // No broker is named: a refused payload never gets as far as connecting.
+        let output = possync_command(&command)
+            .env("POSSYNC_BROKER__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+            .output()
+            .expect("run possync");
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(stderr.contains(reason), "{command:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_bulk_line_of_a_type_no_plugin_knows_or_that_its_plugin_refuses_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("catalog.jsonl");
+    std::fs::write(
+        &file,
+        "{\"type\":\"table_update\",\"payload\":{\"table_id\":\"T1\"}}\n{\"type\":\"price_update\",\"payload\":{\"product_id\":\"\",\"new_price\":1}}\n{\"type\":\"category_update\",\"payload\":{\"category_id\":\"C1\"}}\n",
+    )
+    .expect("write");
+    let path = file.to_str().expect("utf-8");
+    let output = possync(&[
+        "publish",
+        "bulk",
+        "--stop-on-error",
+        "--file",
+        path,
+        "--license",
+        "STORE-1",
+    ]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    for (line, reason) in [
+        (1, "no plugin here handles message type \"table_update\""),
+        (2, "product_id must not be empty"),
+        (3, "missing field `category_name`"),
+    ] {
+        assert!(
+            stderr.contains(&format!("{path}:{line}: ")) && stderr.contains(reason),
+            "line {line}: {stderr}"
+        );
+    }
+}
