@@ -13,6 +13,17 @@ use crate::HandlerError;
 ///
 /// Two envelopes are equal when their fields are, the payload compared as
 /// JSON text.
+///
+/// ```
+/// use possync_sdk::Envelope;
+///
+/// let wire = r#"{"type":"price_update","license_key":"STORE-1",
+///                "payload":{"product_id":"P1","new_price":2.5},
+///                "timestamp":"2025-11-27T10:30:00Z"}"#;
+/// let envelope: Envelope = serde_json::from_str(wire).unwrap();
+/// assert_eq!(envelope.message_type, "price_update");
+/// assert_eq!(envelope.message_id, None); // the original back office sends none
+/// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Envelope {
@@ -43,6 +54,15 @@ pub struct Envelope {
 /// change with an equal version is a duplicate. A version derived from the
 /// legacy `timestamp` has second precision, so two different changes may
 /// share it; those apply in arrival order.
+///
+/// ```
+/// use possync_sdk::Version;
+///
+/// let exact = Version { micros: 42, exact: true };
+/// assert!(!exact.supersedes(42)); // the same change again
+/// let legacy = Version { micros: 42, exact: false };
+/// assert!(legacy.supersedes(42)); // another change in the same second
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Version {
     /// Microseconds since the Unix epoch.

@@ -3,6 +3,19 @@
 /// The runtime acts on the kind: a permanent error dead-letters the message
 /// at once (retrying cannot help), a transient one returns it to the queue to
 /// be tried again.
+///
+/// ```
+/// use possync_sdk::HandlerError;
+///
+/// fn seats(count: i64) -> Result<i64, HandlerError> {
+///     if count < 1 {
+///         return Err(HandlerError::permanent(format!("seats {count}: must be 1 or more")));
+///     }
+///     Ok(count)
+/// }
+/// assert!(!seats(0).unwrap_err().is_transient());
+/// assert!(HandlerError::transient("the printer is busy").is_transient());
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum HandlerError {
@@ -51,6 +64,16 @@ impl HandlerError {
 }
 
 /// A failed database operation, as reported through [`Store`](crate::Store).
+/// `?` turns it into a [`HandlerError`] of the same kind.
+///
+/// ```
+/// use possync_sdk::{HandlerError, StoreError};
+///
+/// let locked = StoreError::transient("database is locked");
+/// assert!(HandlerError::from(locked).is_transient());
+/// let bad_sql = StoreError::permanent("no such table: tabels");
+/// assert!(!HandlerError::from(bad_sql).is_transient());
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("database: {message}")]
 pub struct StoreError {

@@ -103,6 +103,17 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// plugin's function, `fn(&Settings) -> Result<Plugin, String>`; the crate
 /// must be linked into the binary (referenced from it), or the linker may
 /// drop the registration.
+///
+/// ```
+/// use possync_sdk::{Plugin, Settings};
+///
+/// pub fn tables(_: &Settings) -> Result<Plugin, String> {
+///     Ok(Plugin::new("tables"))
+/// }
+/// possync_sdk::register_builtin!(tables);
+/// ```
+///
+/// and in the binary's `main.rs`: `use my_tables_plugin as _;`.
 #[macro_export]
 macro_rules! register_builtin {
     ($plugin:path) => {

@@ -20,6 +20,18 @@ pub fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error
 
 /// Like [`id`], for an optional field (`null` or absent is `None`; add
 /// `#[serde(default)]`).
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Product {
+///     #[serde(default, deserialize_with = "possync_sdk::ids::optional_id")]
+///     category_id: Option<String>,
+/// }
+/// let product: Product = serde_json::from_str(r#"{"category_id": 7}"#).unwrap();
+/// assert_eq!(product.category_id.as_deref(), Some("7"));
+/// let product: Product = serde_json::from_str("{}").unwrap();
+/// assert_eq!(product.category_id, None);
+/// ```
 pub fn optional_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
     struct Wrapped(#[serde(deserialize_with = "id")] String);

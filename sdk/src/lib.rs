@@ -56,7 +56,12 @@ pub use store::{Effect, Store, Value};
 pub use versioned::{Decision, TOMBSTONES, Versioned};
 
 /// The SDK's version: a dynamic plugin records the one it was built with,
-/// and a host loads it only if its own is compatible.
+/// and a host loads it only if its own is compatible (same major version,
+/// for 0.x the same minor, and not older than the plugin's).
+///
+/// ```
+/// assert!(possync_sdk::SDK_VERSION.starts_with("0."));
+/// ```
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The README's handler example compiles as written.

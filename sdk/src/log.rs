@@ -5,7 +5,13 @@
 
 use std::sync::{Arc, OnceLock};
 
-/// How serious a log line is.
+/// How serious a log line is: the level of the terminal's log line.
+///
+/// ```
+/// use possync_sdk::log::{self, Level};
+///
+/// log::log(Level::Warn, "tables", "table T9 has no seats; showing it closed");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Level {
@@ -37,6 +43,10 @@ pub fn install(host: Arc<dyn Host>) {
 
 /// Logs `message` through the host, attributed to `source`. Without a host
 /// (in a handler's own unit tests) it goes to stderr.
+///
+/// ```
+/// possync_sdk::log::log(possync_sdk::log::Level::Info, "tables", "12 tables loaded");
+/// ```
 pub fn log(level: Level, source: &str, message: &str) {
     match HOST.get() {
         Some(host) => host.log(level, source, message),

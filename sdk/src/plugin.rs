@@ -136,6 +136,22 @@ fn decode<T: Payload>(payload: &str) -> Result<T, HandlerError> {
 }
 
 /// A plugin's `settings` table from config, as its plugin function gets it.
+///
+/// ```
+/// use possync_sdk::Settings;
+///
+/// #[derive(serde::Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct TableSettings { max_seats: u32 }
+///
+/// // [plugins.tables.settings] max_seats = 12
+/// let settings = Settings::new("tables", serde_json::json!({ "max_seats": 12 }));
+/// assert_eq!(settings.get::<TableSettings>().unwrap().max_seats, 12);
+///
+/// let typo = Settings::new("tables", serde_json::json!({ "max_seat": 12 }));
+/// let err = typo.get::<TableSettings>().err().unwrap();
+/// assert!(err.starts_with("[plugins.tables.settings] is not valid"));
+/// ```
 #[derive(Debug, Clone)]
 pub struct Settings {
     plugin: String,
@@ -190,5 +206,19 @@ impl Settings {
 }
 
 /// A plugin's function: builds the plugin from its settings, or says why
-/// it cannot.
+/// it cannot. The error stops the terminal at startup with the reason.
+///
+/// ```
+/// use possync_sdk::{Plugin, PluginFn, Settings};
+///
+/// fn tables(settings: &Settings) -> Result<Plugin, String> {
+///     let max_seats: u32 = settings.get::<Option<u32>>()?.unwrap_or(20);
+///     if max_seats == 0 {
+///         return Err("max_seats must be 1 or more".into());
+///     }
+///     Ok(Plugin::new("tables"))
+/// }
+/// let plugin: PluginFn = tables;
+/// assert!(plugin(&Settings::new("tables", serde_json::json!(0))).is_err());
+/// ```
 pub type PluginFn = fn(&Settings) -> Result<Plugin, String>;

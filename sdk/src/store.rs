@@ -1,6 +1,14 @@
 use crate::{StoreError, Version};
 
-/// A value bound to or read from SQL.
+/// A value bound to or read from SQL. Most Rust values convert with `into()`.
+///
+/// ```
+/// use possync_sdk::Value;
+///
+/// let params: [Value; 4] = ["T1".into(), 4_i64.into(), true.into(), None::<String>.into()];
+/// assert_eq!(params[2], Value::Integer(1)); // SQLite has no boolean
+/// assert_eq!(params[3], Value::Null);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     /// SQL NULL.
@@ -72,6 +80,17 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 
 /// Work outside the database, such as writing or removing a file, that
 /// must share the fate of a message's writes.
+///
+/// ```
+/// use possync_sdk::{HandlerError, Store};
+///
+/// fn forget_picture(store: &mut dyn Store, path: String) -> Result<(), HandlerError> {
+///     store.execute("DELETE FROM pictures WHERE path = ?1", &[path.as_str().into()])?;
+///     // The file goes only if the row's removal is committed.
+///     store.after_commit(Box::new(move || { let _ = std::fs::remove_file(path); }));
+///     Ok(())
+/// }
+/// ```
 pub type Effect = Box<dyn FnOnce()>;
 
 /// The terminal's database, as a handler sees it: inside the transaction
@@ -83,6 +102,15 @@ pub type Effect = Box<dyn FnOnce()>;
 /// A failure of the database itself (locked by another program, disk full)
 /// is the runtime's to handle: it holds the whole batch and tries it again
 /// until it commits, whatever the handler returns.
+///
+/// ```
+/// use possync_sdk::{HandlerError, Store, Value};
+///
+/// fn seats(store: &mut dyn Store, table: &str) -> Result<Option<i64>, HandlerError> {
+///     let row = store.query_row("SELECT seats FROM restaurant_tables WHERE id = ?1", &[table.into()])?;
+///     Ok(row.and_then(|columns| columns.first().and_then(Value::as_i64)))
+/// }
+/// ```
 pub trait Store {
     /// Runs one statement; returns the number of rows changed.
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, StoreError>;

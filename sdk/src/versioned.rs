@@ -2,6 +2,16 @@ use crate::{Migration, Store, StoreError, Value, Version};
 
 /// The table where deletes of every [`Versioned`] table leave their
 /// tombstones. List it in your plugin's migrations before your own.
+///
+/// ```
+/// use possync_sdk::{Migration, TOMBSTONES};
+///
+/// const MIGRATIONS: &[Migration] = &[
+///     TOMBSTONES,
+///     Migration::new("tables/1", "CREATE TABLE restaurant_tables (
+///         id TEXT PRIMARY KEY, seats INTEGER, sync_version INTEGER NOT NULL DEFAULT 0)"),
+/// ];
+/// ```
 pub const TOMBSTONES: Migration = Migration::new(
     "possync/tombstones/1",
     "CREATE TABLE IF NOT EXISTS possync_tombstones (
@@ -35,6 +45,24 @@ pub struct Versioned {
 }
 
 /// What to do with a change to one row of a [`Versioned`] table.
+///
+/// ```
+/// # use possync_sdk::{Context, Decision, HandlerError, Store, Versioned};
+/// const TABLES: Versioned = Versioned::new("restaurant_tables", "id");
+///
+/// fn set_seats(id: &str, seats: i64, message: &Context, store: &mut dyn Store) -> Result<(), HandlerError> {
+///     let decision = TABLES.decide(store, id, message.order())?;
+///     if decision == Decision::Stale {
+///         return Ok(()); // a newer change is already here
+///     }
+///     store.execute(
+///         "INSERT OR REPLACE INTO restaurant_tables (id, seats, sync_version) VALUES (?1, ?2, ?3)",
+///         &[id.into(), seats.into(), possync_sdk::Version::column(message.order())],
+///     )?;
+///     TABLES.revive(store, id, decision)?; // it may have been deleted before
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Older than what the database holds: change nothing. The runtime was
