@@ -46,7 +46,7 @@ async fn the_plugin_template_builds_tests_loads_and_applies() {
     config.plugins.insert(
         "tables".into(),
         PluginSetting::Dynamic(DynamicPlugin {
-            path: library,
+            path: library.clone(),
             enabled: true,
             settings,
         }),
@@ -87,5 +87,40 @@ async fn the_plugin_template_builds_tests_loads_and_applies() {
     assert_eq!(count(&db, "SELECT count(*) FROM restaurant_tables"), 1);
     assert!(quarantine_reasons(&db)[0].contains("seats must be 1 to 8, not 20"));
     publisher.close().await;
+
+    // The binary knows nothing of tables: the plugin named in config gives
+    // `possync publish` the command, its options and its checks.
+    let publish = |args: &[&str]| {
+        let mut full = vec!["publish", "table-update", "--license", key];
+        full.extend_from_slice(args);
+        possync_command(&full)
+            .env("POSSYNC_PLUGINS__TABLES__PATH", &library)
+            .output()
+            .expect("run possync publish")
+    };
+    let help = publish(&["--help"]);
+    assert!(
+        text(&help.stdout).contains("--seats <INTEGER>")
+            && text(&help.stdout).contains("How many guests it seats."),
+        "{}",
+        text(&help.stdout)
+    );
+    let refused = publish(&["--table-id", "T4", "--name", "Door", "--seats", "0"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("--seats"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let sent = publish(&["--table-id", "0042", "--name", "Door", "--seats", "3"]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    terminal.wait_settled(4, 1).await;
+    assert_eq!(
+        count(
+            &terminal.db(),
+            "SELECT count(*) FROM restaurant_tables WHERE id = '0042' AND seats = 3"
+        ),
+        1
+    );
     terminal.stop().await;
 }
