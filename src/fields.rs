@@ -11,9 +11,15 @@ pub(crate) struct Field {
     pub(crate) kind: Kind,
     pub(crate) required: bool,
     pub(crate) description: Option<String>,
-    /// Text that carries bytes as base64 (`contentEncoding`): given as
-    /// `@FILE`, the file's bytes are read and encoded.
-    base64: bool,
+    /// Text that carries bytes as base64 (`contentEncoding`): on the
+    /// command line, `@FILE` reads and encodes a file.
+    pub(crate) base64: bool,
+    /// Other option names for the field (`x-possync-aliases`): the names a
+    /// plugin's publish command had before, say.
+    pub(crate) aliases: Vec<String>,
+    /// An option that reads the field from a file (`x-possync-file-option`),
+    /// such as `--file PICTURE` for an image's bytes.
+    pub(crate) file_option: Option<String>,
     minimum: Option<f64>,
     maximum: Option<f64>,
 }
@@ -27,6 +33,8 @@ pub(crate) enum Kind {
     Boolean,
     /// Arrays, objects, or anything the schema leaves open: given as JSON.
     Json,
+    /// Only while reading a schema: the `null` of an optional field.
+    Null,
 }
 
 impl Kind {
@@ -37,7 +45,7 @@ impl Kind {
             Self::Integer => "INTEGER",
             Self::Number => "NUMBER",
             Self::Boolean => "true|false",
-            Self::Json => "JSON",
+            Self::Json | Self::Null => "JSON",
         }
     }
 }
@@ -52,36 +60,85 @@ pub(crate) fn of_schema(schema: &Value) -> Vec<Field> {
     let Some(properties) = schema["properties"].as_object() else {
         return Vec::new();
     };
+    let words = |key: &str, property: &Value| -> Vec<String> {
+        property[key]
+            .as_array()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     properties
         .iter()
         .map(|(name, property)| Field {
             name: name.clone(),
-            kind: kind_of(property),
+            kind: kind_of(property, schema, 0),
             required: required.contains(&name.as_str()),
             description: property["description"].as_str().map(str::to_owned),
             base64: property["contentEncoding"] == "base64",
+            aliases: words("x-possync-aliases", property),
+            file_option: property["x-possync-file-option"]
+                .as_str()
+                .map(str::to_owned),
             minimum: property["minimum"].as_f64(),
             maximum: property["maximum"].as_f64(),
         })
         .collect()
 }
 
-/// A property's kind from its `type` (`"number"`, `["string", "null"]`).
-fn kind_of(property: &Value) -> Kind {
-    let types: Vec<&str> = match &property["type"] {
-        Value::String(one) => vec![one.as_str()],
-        Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
-        _ => Vec::new(),
+/// A property's kind from its `type` (`"number"`, `["string", "null"]`),
+/// following `$ref`s into the schema's `$defs` (an enum of names is text)
+/// and the alternatives of `anyOf`/`oneOf` (an `Option<Enum>`).
+fn kind_of(property: &Value, root: &Value, depth: u8) -> Kind {
+    if depth > 8 {
+        return Kind::Json;
+    }
+    if let Some(reference) = property["$ref"].as_str() {
+        let target = reference
+            .strip_prefix("#/")
+            .map(|path| path.split('/').fold(root, |node, key| &node[key]));
+        return target.map_or(Kind::Json, |def| kind_of(def, root, depth + 1));
+    }
+    let mut kinds: Vec<Kind> = match &property["type"] {
+        Value::String(one) => vec![kind_named(one)],
+        Value::Array(many) => many
+            .iter()
+            .filter_map(Value::as_str)
+            .map(kind_named)
+            .collect(),
+        _ => ["anyOf", "oneOf", "allOf"]
+            .iter()
+            .filter_map(|key| property[*key].as_array())
+            .flatten()
+            .filter(|member| member["type"] != "null")
+            .map(|member| kind_of(member, root, depth + 1))
+            .collect(),
     };
-    let mut kinds = types.iter().filter(|t| **t != "null").map(|t| match *t {
+    kinds.retain(|kind| *kind != Kind::Null);
+    if kinds.is_empty()
+        && property["enum"]
+            .as_array()
+            .is_some_and(|names| names.iter().all(Value::is_string))
+    {
+        return Kind::Text;
+    }
+    match kinds.as_slice() {
+        [kind] => *kind,
+        _ => Kind::Json,
+    }
+}
+
+fn kind_named(name: &str) -> Kind {
+    match name {
         "string" => Kind::Text,
         "integer" => Kind::Integer,
         "number" => Kind::Number,
         "boolean" => Kind::Boolean,
-        _ => Kind::Json,
-    });
-    match (kinds.next(), kinds.next()) {
-        (Some(kind), None) => kind,
+        "null" => Kind::Null,
         _ => Kind::Json,
     }
 }
@@ -99,15 +156,6 @@ impl Field {
     /// The JSON value of `text` typed on a command line or in a CSV cell.
     pub(crate) fn parse(&self, text: &str) -> Result<Value, String> {
         let value = match self.kind {
-            Kind::Text if self.base64 && text.starts_with('@') => {
-                use base64::Engine;
-                let path = &text[1..];
-                let bytes =
-                    std::fs::read(path).map_err(|err| format!("cannot read {path}: {err}"))?;
-                return Ok(Value::String(
-                    base64::engine::general_purpose::STANDARD.encode(bytes),
-                ));
-            }
             Kind::Text => return Ok(Value::String(text.to_owned())),
             Kind::Integer => text
                 .trim()
@@ -128,7 +176,7 @@ impl Field {
                 "false" => Value::Bool(false),
                 _ => return Err(format!("{text:?} is not true or false")),
             },
-            Kind::Json => {
+            Kind::Json | Kind::Null => {
                 serde_json::from_str(text).map_err(|err| format!("{text:?} is not JSON: {err}"))?
             }
         };
@@ -162,6 +210,25 @@ impl Field {
     }
 }
 
+/// The bytes of the file at `path`, base64-encoded, for a field that
+/// carries bytes; only a file named on the command line is read, and none
+/// larger than `limit` (a message could not carry it).
+pub(crate) fn read_base64_file(path: &str, limit: usize) -> Result<Value, String> {
+    use base64::Engine;
+    let size = std::fs::metadata(path)
+        .map_err(|err| format!("cannot read {path}: {err}"))?
+        .len();
+    if size > limit as u64 {
+        return Err(format!(
+            "{path} is {size} bytes, over the terminals' limit of {limit} bytes (terminal.max_message_bytes)"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|err| format!("cannot read {path}: {err}"))?;
+    Ok(Value::String(
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    ))
+}
+
 /// Checks the bounds of every field `payload` has (a JSON payload written
 /// by hand or a program): the same rules as typed values.
 pub(crate) fn check_bounds(fields: &[Field], payload: &Map<String, Value>) -> Result<(), String> {
@@ -184,13 +251,21 @@ mod tests {
             "type": "object",
             "properties": {
                 "id": {"type": "string", "description": "The id."},
-                "data": {"type": "string", "contentEncoding": "base64"},
+                "data": {"type": "string", "contentEncoding": "base64",
+                         "x-possync-file-option": "file", "x-possync-aliases": ["bytes"]},
+                "level": {"$ref": "#/$defs/Level"},
+                "maybe_level": {"anyOf": [{"$ref": "#/$defs/Level"}, {"type": "null"}]},
+                "line": {"$ref": "#/$defs/Line"},
                 "price": {"type": "number", "minimum": 0},
                 "seats": {"type": ["integer", "null"], "minimum": 1, "maximum": 20},
                 "open": {"type": "boolean"},
                 "lines": {"type": "array", "items": {"$ref": "#/$defs/Line"}}
             },
-            "required": ["id", "price"]
+            "required": ["id", "price"],
+            "$defs": {
+                "Level": {"type": "string", "enum": ["Low", "High"]},
+                "Line": {"type": "object", "properties": {"n": {"type": "integer"}}}
+            }
         }))
     }
 
@@ -220,6 +295,16 @@ mod tests {
         assert!(field("id").required && field("price").required && !field("seats").required);
         assert_eq!(field("id").description.as_deref(), Some("The id."));
         assert_eq!(field("data").value_name(), "@FILE|BASE64");
+        assert_eq!(field("data").aliases, ["bytes"]);
+        assert_eq!(field("data").file_option.as_deref(), Some("file"));
+    }
+
+    #[test]
+    fn referenced_names_are_text_and_referenced_structures_are_json() {
+        assert_eq!(field("level").kind, Kind::Text);
+        assert_eq!(field("maybe_level").kind, Kind::Text);
+        assert_eq!(field("line").kind, Kind::Json);
+        assert_eq!(field("level").parse("Low").expect("a name"), "Low");
     }
 
     #[test]
@@ -261,20 +346,27 @@ mod tests {
     }
 
     #[test]
-    fn bytes_given_as_a_file_are_read_and_encoded() {
+    fn a_file_is_read_only_when_asked_and_only_up_to_the_message_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("logo.png");
         std::fs::write(&file, b"\x89PNG").expect("write");
-        let value = field("data")
-            .parse(&format!("@{}", file.display()))
-            .expect("reads the file");
-        assert_eq!(value, "iVBORw==");
+        let path = file.to_str().expect("utf-8");
         assert_eq!(
-            field("data").parse("iVBORw==").expect("base64 as is"),
+            read_base64_file(path, 100).expect("reads the file"),
             "iVBORw=="
         );
-        let err = field("data").parse("@/no/such/file").expect_err("missing");
+        let err = read_base64_file(path, 3).expect_err("too large");
+        assert!(
+            err.contains("limit of 3 bytes (terminal.max_message_bytes)"),
+            "{err}"
+        );
+        let err = read_base64_file("/no/such/file", 100).expect_err("missing");
         assert!(err.starts_with("cannot read /no/such/file"), "{err}");
+        // A value (a CSV cell, say) is never taken for a file name.
+        assert_eq!(
+            field("data").parse(&format!("@{path}")).expect("text"),
+            format!("@{path}")
+        );
     }
 
     #[test]

@@ -67,13 +67,23 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             print!("{}", types_help(&registry(config)?));
             return Ok(ExitCode::SUCCESS);
         }
-        PublishCommand::Typed(args) => match typed(&registry(config)?, &args)? {
-            Ok(envelopes) => envelopes,
-            Err(refused) => {
-                eprintln!("{refused}");
-                return Ok(ExitCode::from(2));
-            }
-        },
+        PublishCommand::Typed(mut args) => {
+            // `--config` after the type names the config to use, as before it.
+            let chosen = match take_option(&mut args, "config", Some("-c")) {
+                Some(path) => Some(Config::load(Some(std::path::Path::new(&path)))?.config),
+                None => None,
+            };
+            let _ = take_option(&mut args, "log-format", None);
+            let config = chosen.as_ref().unwrap_or(config);
+            let limit = config.terminal.max_message_bytes;
+            return match typed(&registry(config)?, &args, limit)? {
+                Ok(envelopes) => send(config, envelopes).await,
+                Err(refused) => {
+                    eprintln!("{refused}");
+                    Ok(ExitCode::from(2))
+                }
+            };
+        }
         PublishCommand::Raw {
             to,
             message_type,
@@ -90,6 +100,11 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
                 .collect()
         }
     };
+    send(config, envelopes).await
+}
+
+/// Publishes `envelopes` and prints each confirm.
+async fn send(config: &Config, envelopes: Vec<Envelope>) -> anyhow::Result<ExitCode> {
     let publisher = Publisher::connect(&config.broker)
         .await?
         .with_max_message_bytes(config.terminal.max_message_bytes);
@@ -192,7 +207,11 @@ fn kebab(name: &str) -> String {
 /// A publish command of a type some plugin handles, parsed by the fields
 /// its schema gives: the envelopes for every store, or why the payload is
 /// refused. `--help` and argument errors exit here, as clap does.
-fn typed(registry: &Registry, args: &[String]) -> anyhow::Result<Result<Vec<Envelope>, String>> {
+fn typed(
+    registry: &Registry,
+    args: &[String],
+    max_file_bytes: usize,
+) -> anyhow::Result<Result<Vec<Envelope>, String>> {
     let Some(named) = args.first() else {
         anyhow::bail!("name a message type: possync publish <TYPE> ...");
     };
@@ -211,7 +230,7 @@ fn typed(registry: &Registry, args: &[String]) -> anyhow::Result<Result<Vec<Enve
         )));
     };
     let fields = fields::of_schema(&schema);
-    let matches = command_for(named, &schema, &fields)
+    let matches = command_for(named, &schema, &fields, max_file_bytes)
         .try_get_matches_from(args)
         .unwrap_or_else(|err| err.exit());
     let payload = match matches.get_one::<String>("payload") {
@@ -227,7 +246,16 @@ fn typed(registry: &Registry, args: &[String]) -> anyhow::Result<Result<Vec<Enve
         None => fields
             .iter()
             .filter_map(|f| {
-                let value = matches.get_one::<serde_json::Value>(&f.name)?;
+                let value = matches
+                    .try_get_one::<serde_json::Value>(&f.name)
+                    .ok()
+                    .flatten()
+                    .or_else(|| {
+                        matches
+                            .try_get_one::<serde_json::Value>(&format!("{}@file", f.name))
+                            .ok()
+                            .flatten()
+                    })?;
                 Some((f.name.clone(), value.clone()))
             })
             .collect(),
@@ -245,8 +273,17 @@ fn typed(registry: &Registry, args: &[String]) -> anyhow::Result<Result<Vec<Enve
         .collect()))
 }
 
+/// The options of a publish command itself; a field by one of these names
+/// is given through `--payload`.
+const OWN_OPTIONS: &[&str] = &["license", "payload", "help", "config", "log-format"];
+
 /// The command line of one message type, from its schema.
-fn command_for(named: &str, schema: &serde_json::Value, fields: &[Field]) -> clap::Command {
+fn command_for(
+    named: &str,
+    schema: &serde_json::Value,
+    fields: &[Field],
+    max_file_bytes: usize,
+) -> clap::Command {
     let about = schema["description"]
         .as_str()
         .map(str::to_owned)
@@ -269,21 +306,130 @@ fn command_for(named: &str, schema: &serde_json::Value, fields: &[Field]) -> cla
                 .value_name("JSON")
                 .help("The whole payload as a JSON object, instead of one option per field."),
         );
+    let mut taken: Vec<String> = OWN_OPTIONS.iter().map(|o| (*o).to_owned()).collect();
+    let mut only_in_payload = Vec::new();
     for field in fields {
+        let long = kebab(&field.name);
+        if taken.contains(&long) {
+            only_in_payload.push(field.name.clone());
+            continue;
+        }
+        taken.push(long.clone());
         let parser = field.clone();
         let mut arg = Arg::new(field.name.clone())
-            .long(kebab(&field.name))
+            .long(long)
             .value_name(field.value_name())
             .allow_hyphen_values(true)
             .conflicts_with("payload")
-            .value_parser(move |text: &str| parser.parse(text));
+            .value_parser(move |text: &str| match text.strip_prefix('@') {
+                Some(path) if parser.base64 => fields::read_base64_file(path, max_file_bytes),
+                _ => parser.parse(text),
+            });
+        for alias in field.aliases.iter().map(|a| kebab(a)) {
+            if !taken.contains(&alias) {
+                taken.push(alias.clone());
+                arg = arg.visible_alias(alias);
+            }
+        }
         if let Some(description) = &field.description {
             arg = arg.help(description.clone());
         }
-        if field.required {
+        let file_option = field
+            .file_option
+            .as_deref()
+            .map(kebab)
+            .filter(|option| !taken.contains(option));
+        if let Some(option) = file_option {
+            taken.push(option.clone());
+            let id = format!("{}@file", field.name);
+            command = command.arg(
+                Arg::new(id.clone())
+                    .long(option)
+                    .value_name("FILE")
+                    .conflicts_with_all(["payload".to_owned(), field.name.clone()])
+                    .value_parser(move |path: &str| fields::read_base64_file(path, max_file_bytes))
+                    .help(format!("Reads {} from a file.", field.name)),
+            );
+            if field.required {
+                arg = arg.required_unless_present_any(["payload".to_owned(), id]);
+            }
+        } else if field.required {
             arg = arg.required_unless_present("payload");
         }
         command = command.arg(arg);
     }
+    if !only_in_payload.is_empty() {
+        command = command.after_help(format!(
+            "Give {} in --payload: the name is one of this command's own options.",
+            only_in_payload.join(", ")
+        ));
+    }
     command
+}
+
+/// A global option given after the message type (`possync publish TYPE
+/// --config FILE ...`): taken out of `args`, as clap would have taken it
+/// before the type.
+fn take_option(args: &mut Vec<String>, long: &str, short: Option<&str>) -> Option<String> {
+    let prefix = format!("--{long}=");
+    let index = args.iter().position(|arg| {
+        arg == &format!("--{long}") || short.is_some_and(|s| arg == s) || arg.starts_with(&prefix)
+    })?;
+    let arg = args.remove(index);
+    match arg.strip_prefix(&prefix) {
+        Some(value) => Some(value.to_owned()),
+        None if index < args.len() => Some(args.remove(index)),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_field_named_like_an_own_option_is_given_in_the_payload() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "license": {"type": "string"},
+                "payload": {"type": "string"},
+                "table_id": {"type": "string", "x-possync-aliases": ["license", "id"]}
+            },
+            "required": ["license", "table_id"]
+        });
+        let fields = fields::of_schema(&schema);
+        let command = command_for("table-update", &schema, &fields, 1024);
+        command.clone().debug_assert();
+        let matches = command
+            .try_get_matches_from(["table-update", "--license", "S1", "--id", "T1"])
+            .expect("the alias works and the colliding names are left out");
+        assert_eq!(
+            matches.get_one::<serde_json::Value>("table_id"),
+            Some(&serde_json::json!("T1"))
+        );
+    }
+
+    #[test]
+    fn global_options_after_the_type_are_taken_out() {
+        let mut args: Vec<String> = [
+            "price-update",
+            "--config=a.toml",
+            "-c",
+            "b.toml",
+            "--license",
+            "S",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        assert_eq!(
+            take_option(&mut args, "config", Some("-c")).as_deref(),
+            Some("a.toml")
+        );
+        assert_eq!(
+            take_option(&mut args, "config", Some("-c")).as_deref(),
+            Some("b.toml")
+        );
+        assert_eq!(args, ["price-update", "--license", "S"]);
+    }
 }

@@ -30,7 +30,8 @@ fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Conf
 
 /// `possync publish image-update` of `file` as `product`'s picture, by a
 /// publisher whose config names the images plugin (it checks the payload
-/// with it, and needs no images folder for that).
+/// with it, and needs no images folder for that); the content type is told
+/// from the picture's first bytes.
 fn image_update(
     store: &possync_core::LicenseKey,
     product: &str,
@@ -43,10 +44,8 @@ fn image_update(
         store.as_str(),
         "--product-id",
         product,
-        "--content-type",
-        "image/png",
-        "--data-base64",
-        &format!("@{}", file.to_str().expect("utf-8")),
+        "--file",
+        file.to_str().expect("utf-8"),
     ]);
     command.env(
         "POSSYNC_PLUGINS__PRODUCT_IMAGES__PATH",
@@ -859,7 +858,8 @@ async fn a_one_mebibyte_image_publishes_and_applies_with_the_default_limits() {
         ),
     );
     let mut terminal = RunningTerminal::start(config.clone()).await;
-    let picture: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let mut picture = b"\x89PNG\r\n\x1a\n".to_vec();
+    picture.extend((8..1024 * 1024u32).map(|i| (i % 253) as u8));
     let file = dir.path().join("big.png");
     std::fs::write(&file, &picture).expect("write image");
 

@@ -422,7 +422,7 @@ async fn a_provisioned_publisher_may_only_publish_well_formed_keys() {
         store.as_str(),
         "--product-id",
         "P1",
-        "--new-price",
+        "--price",
         "2.5",
     ]);
     assert!(

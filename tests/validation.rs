@@ -267,12 +267,15 @@ fn the_cli_refuses_a_price_that_is_not_a_finite_amount_of_zero_or_more() {
         "NaN", "nan", "inf", "-inf", "infinity", "1e999", "-1", "-0.01",
     ] {
         for command in [
-            &["price-update", "--product-id", "P1", "--new-price", price][..],
+            // `--price` is the name price-update's option had before its
+            // options came from the plugin's schema; it still works.
+            &["price-update", "--product-id", "P1", "--price", price][..],
+            &["price-update", "--product-id", "P1", "--new-price", price],
             &[
                 "product-update",
                 "--product-id",
                 "P1",
-                "--product-name",
+                "--name",
                 "Tea",
                 "--category-id",
                 "C1",
@@ -433,4 +436,23 @@ fn a_bulk_line_of_a_type_no_plugin_knows_or_that_its_plugin_refuses_is_named() {
             "line {line}: {stderr}"
         );
     }
+}
+
+#[test]
+fn a_config_named_after_the_message_type_is_the_one_used() {
+    let output = possync(&[
+        "publish",
+        "price-update",
+        "--license",
+        "STORE-1",
+        "--config",
+        "/no/such/backend.toml",
+        "--product-id",
+        "P1",
+        "--price",
+        "1",
+    ]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("/no/such/backend.toml"), "{stderr}");
 }

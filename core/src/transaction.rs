@@ -245,6 +245,7 @@ fn to_value(value: ValueRef<'_>) -> Value {
 /// Whether `err` is a failure of the database itself (locked, full,
 /// unreadable), not of the statement: it would fail any message, so it
 /// stalls the batch instead of counting against one message.
+// possync-testkit keeps the same list (sdk/testkit/src/store.rs): keep both alike.
 pub(crate) fn is_store_level(err: &rusqlite::Error) -> bool {
     matches!(
         err.sqlite_error_code(),

@@ -12,6 +12,7 @@ pub struct CategoryUpdate {
     #[serde(deserialize_with = "possync_sdk::ids::id")]
     pub category_id: String,
     /// What the POS shows.
+    #[schemars(extend("x-possync-aliases" = ["name"]))]
     pub category_name: String,
     /// The icon the POS shows.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -13,7 +13,7 @@ pub struct PriceUpdate {
     #[serde(deserialize_with = "possync_sdk::ids::id")]
     pub product_id: String,
     /// The new price.
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0), extend("x-possync-aliases" = ["price"]))]
     pub new_price: f64,
     /// The product's name, if it changes too.
     #[serde(default, skip_serializing_if = "Option::is_none")]

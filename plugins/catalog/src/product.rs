@@ -12,6 +12,7 @@ pub struct ProductUpdate {
     #[serde(deserialize_with = "possync_sdk::ids::id")]
     pub product_id: String,
     /// What the POS shows.
+    #[schemars(extend("x-possync-aliases" = ["name"]))]
     pub product_name: String,
     /// The price.
     #[schemars(range(min = 0))]

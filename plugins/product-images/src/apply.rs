@@ -63,7 +63,10 @@ impl Images {
         message: &Context<'_>,
         store: &mut dyn Store,
     ) -> Result<(), HandlerError> {
-        let extension = image.extension().map_err(HandlerError::permanent)?;
+        let (content_type, extension) = image
+            .kind()
+            .map(|(content_type, extension)| (content_type.to_owned(), extension))
+            .map_err(HandlerError::permanent)?;
         // Refuse before decoding: base64 is 4 bytes for every 3.
         if image.data_base64.len() / 4 * 3 > self.max_image_bytes + 3 {
             return Err(self.too_large(image.data_base64.len() / 4 * 3));
@@ -107,7 +110,7 @@ impl Images {
                 image.product_id.as_str().into(),
                 path_text.as_str().into(),
                 actual.into(),
-                image.content_type.into(),
+                content_type.into(),
                 Version::column(order),
             ],
         )?;

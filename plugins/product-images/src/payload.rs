@@ -16,13 +16,16 @@ pub struct ImageUpdate {
     /// The product the picture shows (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]
     pub product_id: String,
-    /// `image/png`, `image/jpeg`, `image/webp` or `image/gif`.
-    pub content_type: String,
+    /// `image/png`, `image/jpeg`, `image/webp` or `image/gif`; when absent,
+    /// told from the image's first bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
     /// SHA-256 of the decoded bytes, lowercase hex: checked when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// The bytes, standard base64 (`possync publish` reads `@FILE`).
-    #[schemars(extend("contentEncoding" = "base64"))]
+    /// The bytes, standard base64 (`possync publish` reads them from a file
+    /// with `--file PICTURE` or `--data-base64 @PICTURE`).
+    #[schemars(extend("contentEncoding" = "base64", "x-possync-file-option" = "file"))]
     pub data_base64: String,
 }
 
@@ -35,23 +38,33 @@ impl ImageUpdate {
     ) -> Self {
         Self {
             product_id: product_id.into(),
-            content_type: content_type.into(),
+            content_type: Some(content_type.into()),
             sha256: Some(sha256_hex(bytes)),
             data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
         }
     }
 
-    /// The file extension of the image's content type.
-    pub(crate) fn extension(&self) -> Result<&'static str, String> {
-        match self.content_type.as_str() {
-            "image/png" => Ok("png"),
-            "image/jpeg" => Ok("jpg"),
-            "image/webp" => Ok("webp"),
-            "image/gif" => Ok("gif"),
-            other => Err(format!(
-                "content_type {other:?} is not an image type the POS shows (image/png, image/jpeg, image/webp, image/gif)"
-            )),
-        }
+    /// The image's content type and file extension: as sent, or told from
+    /// its first bytes.
+    pub(crate) fn kind(&self) -> Result<(&str, &'static str), String> {
+        let content_type = match &self.content_type {
+            Some(sent) => sent.as_str(),
+            None => sniff(&self.data_base64).ok_or(
+                "content_type is missing and the data is not a PNG, JPEG, WebP or GIF image",
+            )?,
+        };
+        let extension = match content_type {
+            "image/png" => "png",
+            "image/jpeg" => "jpg",
+            "image/webp" => "webp",
+            "image/gif" => "gif",
+            other => {
+                return Err(format!(
+                    "content_type {other:?} is not an image type the POS shows (image/png, image/jpeg, image/webp, image/gif)"
+                ));
+            }
+        };
+        Ok((content_type, extension))
     }
 }
 
@@ -61,7 +74,7 @@ impl Payload for ImageUpdate {
     /// The content type; the bytes are checked against the hash and the
     /// terminal's size limit when the image is applied.
     fn validate(&self) -> Result<(), String> {
-        self.extension().map(drop)
+        self.kind().map(drop)
     }
 }
 
@@ -83,4 +96,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The content type of base64 `data` by its first bytes (the formats' magic
+/// numbers), decoding only the first few.
+fn sniff(data: &str) -> Option<&'static str> {
+    let head = data.get(..16).unwrap_or(data);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(head)
+        .ok()?;
+    match bytes.as_slice() {
+        [0x89, b'P', b'N', b'G', ..] => Some("image/png"),
+        [0xff, 0xd8, 0xff, ..] => Some("image/jpeg"),
+        [b'G', b'I', b'F', b'8', ..] => Some("image/gif"),
+        [
+            b'R',
+            b'I',
+            b'F',
+            b'F',
+            _,
+            _,
+            _,
+            _,
+            b'W',
+            b'E',
+            b'B',
+            b'P',
+            ..,
+        ] => Some("image/webp"),
+        _ => None,
+    }
 }

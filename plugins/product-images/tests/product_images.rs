@@ -181,3 +181,22 @@ fn a_publisher_checking_payloads_needs_no_images_folder() {
     let plugin = plugin(&settings).expect("builds without images_dir");
     assert!(format!("{plugin:?}").contains("image_update"), "{plugin:?}");
 }
+
+#[test]
+fn an_image_sent_without_its_content_type_is_known_by_its_first_bytes() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    let mut till = till(folder.path());
+    let mut jpeg = ImageUpdate::new("CAKE", "image/jpeg", b"\xff\xd8\xff\xe0 a cake");
+    jpeg.content_type = None;
+    assert_eq!(till.apply(message(&jpeg)), Ok(Applied::Changed));
+    assert!(image_path(&till, "CAKE").ends_with(".jpg"));
+    let mut text = ImageUpdate::new("NOTE", "image/png", b"just some words");
+    text.content_type = None;
+    let refused = till.apply(message(&text)).expect_err("not an image");
+    assert!(
+        refused
+            .to_string()
+            .contains("not a PNG, JPEG, WebP or GIF image"),
+        "{refused}"
+    );
+}

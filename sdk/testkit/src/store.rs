@@ -31,11 +31,20 @@ impl<'t> TestStore<'t> {
         let store_level = matches!(
             err.sqlite_error_code(),
             Some(
+                // The terminal's list (possync-core's transaction.rs): keep both alike.
                 ErrorCode::DatabaseBusy
                     | ErrorCode::DatabaseLocked
                     | ErrorCode::DiskFull
                     | ErrorCode::SystemIoFailure
+                    | ErrorCode::OutOfMemory
+                    | ErrorCode::CannotOpen
                     | ErrorCode::ReadOnly
+                    | ErrorCode::PermissionDenied
+                    | ErrorCode::DatabaseCorrupt
+                    | ErrorCode::NotADatabase
+                    | ErrorCode::FileLockingProtocolFailed
+                    | ErrorCode::NoLargeFileSupport
+                    | ErrorCode::InternalMalfunction
             )
         );
         if !store_level {
