@@ -473,7 +473,7 @@ unsafe fn host_store<'a>(ctx: *mut c_void) -> &'a mut HostStore<'a> {
 
 /// Runs a store call for the plugin: its error goes to `error`, a panic is
 /// caught.
-fn store_call(error: Sink, body: impl FnOnce() -> Result<(), StoreError>) -> Status {
+fn store_call(error: Sink<'_>, body: impl FnOnce() -> Result<(), StoreError>) -> Status {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => Status::OK,
         Ok(Err(err)) => {
@@ -519,7 +519,7 @@ unsafe extern "C" fn execute(
     params: *const super::Value,
     count: usize,
     changed: *mut u64,
-    error: Sink,
+    error: Sink<'_>,
 ) -> Status {
     store_call(error, || {
         // SAFETY: by this function's contract.
@@ -540,7 +540,7 @@ unsafe extern "C" fn query_row(
     params: *const super::Value,
     count: usize,
     row: RowSink,
-    error: Sink,
+    error: Sink<'_>,
 ) -> Status {
     store_call(error, || {
         // SAFETY: by this function's contract.

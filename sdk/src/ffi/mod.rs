@@ -22,6 +22,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 pub mod guest;
@@ -134,25 +135,38 @@ impl Bytes {
 /// bytes of its own, borrowed for that call, and the caller copies them.
 /// Writing several times appends.
 ///
-/// Its fields are private: a sink is made by [`collect`] on one side and
-/// reaches the other as an argument of the call `collect` makes, so
-/// [`Sink::put`] always writes into a live buffer.
+/// A sink borrows the buffer of the [`collect`] call that made it for
+/// `'a`, which ends when that call's callee returns. Its fields are
+/// private, so only `collect` makes one: this side's, or the other side's,
+/// which hands it over as an argument of the call it makes (every function
+/// type of the boundary takes a `Sink<'_>`, so the callee may use it only
+/// until it returns). `collect` takes a callee that works for any `'a`, so
+/// no sink outlives its call (see `collect`'s examples). A sink is neither
+/// `Send` nor `Sync`: it stays on the callee's thread.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct Sink {
+pub struct Sink<'a> {
     /// The caller's buffer, opaque to the callee.
     ctx: *mut c_void,
     /// Appends `bytes` to the buffer. Never unwinds.
     write: WriteFn,
+    /// The buffer `ctx` points at, borrowed for as long as the sink lives.
+    buffer: PhantomData<&'a mut Vec<u8>>,
 }
 
-impl Sink {
+impl Sink<'_> {
     /// Writes `text` into the sink.
     pub fn put(self, text: &str) {
-        // SAFETY: a sink is only made by `collect` and handed to the callee
-        // of the call `collect` makes (its fields are private to this
-        // module), so `ctx` is that call's live buffer while the callee
-        // runs; `write` catches its own panics.
+        // SAFETY: only `collect` makes a sink (its fields are private to
+        // this module), this side's or the other side's (which hands it
+        // over as an argument of the call it makes), so `ctx` is the
+        // `Vec<u8>` of a `collect` call and `write` is the `append` of the
+        // same SDK copy. That call is still running: the sink's lifetime
+        // ends when its callee returns, and `collect` accepts only callees
+        // that work for any lifetime, so none keeps the sink longer. Until
+        // then only its sinks touch the vector, all on this thread (a sink
+        // is neither `Send` nor `Sync`), one write at a time. `write`
+        // catches its own panics; `text` is borrowed for the call.
         unsafe { (self.write)(self.ctx, Bytes::of_str(text)) }
     }
 }
@@ -160,21 +174,55 @@ impl Sink {
 /// Runs `call` with a sink that collects what the callee writes, and
 /// returns the call's result with the text written (lossy UTF-8: the other
 /// side's text is shown, never trusted).
-pub fn collect<R>(call: impl FnOnce(Sink) -> R) -> (R, String) {
+///
+/// ```
+/// use possync_sdk::__ffi::collect;
+///
+/// let (n, text) = collect(|sink| {
+///     sink.put("written ");
+///     sink.put("twice");
+///     2
+/// });
+/// assert_eq!((n, text.as_str()), (2, "written twice"));
+/// ```
+///
+/// The sink lives only as long as the call: it cannot be returned ...
+///
+/// ```compile_fail
+/// let (sink, _) = possync_sdk::__ffi::collect(|sink| sink);
+/// sink.put("into a buffer that is gone");
+/// ```
+///
+/// ... nor kept anywhere that outlives it.
+///
+/// ```compile_fail
+/// let mut kept = None;
+/// possync_sdk::__ffi::collect(|sink| kept = Some(sink));
+/// kept.unwrap().put("into a buffer that is gone");
+/// ```
+pub fn collect<R>(call: impl for<'a> FnOnce(Sink<'a>) -> R) -> (R, String) {
     let mut buffer: Vec<u8> = Vec::new();
     let sink = Sink {
         ctx: std::ptr::from_mut(&mut buffer).cast(),
         write: append,
+        buffer: PhantomData,
     };
     let result = call(sink);
     (result, String::from_utf8_lossy(&buffer).into_owned())
 }
 
+/// The `write` of every sink.
+///
+/// # Safety
+///
+/// `ctx` is the buffer of the sink whose `write` this is, and that sink is
+/// live (see [`Sink`]); `bytes` is borrowed for the call.
 unsafe extern "C" fn append(ctx: *mut c_void, bytes: Bytes) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `ctx` is the `Vec<u8>` of the `collect` call that made
-        // this sink, alive and not otherwise borrowed while its callee runs;
-        // `bytes` is borrowed for this call.
+        // SAFETY: by this function's contract, `ctx` is the `Vec<u8>` of a
+        // `collect` call whose callee is running (see `Sink::put`), touched
+        // by nothing else during this write; `bytes` is borrowed for this
+        // call.
         let (buffer, bytes) = unsafe { (&mut *ctx.cast::<Vec<u8>>(), bytes.as_slice()) };
         buffer.extend_from_slice(bytes);
     }));
@@ -563,7 +611,7 @@ signatures! {
     /// See [`RowSink`].
     pub type RowFn = unsafe extern "C" fn(ctx: *mut c_void, values: *const Value, count: usize);
     /// See [`Effect`].
-    pub type EffectFn = unsafe extern "C" fn(data: *mut c_void, message: Sink) -> Status;
+    pub type EffectFn = unsafe extern "C" fn(data: *mut c_void, message: Sink<'_>) -> Status;
     /// See [`StoreApi::execute`].
     pub type ExecuteFn = unsafe extern "C" fn(
         ctx: *mut c_void,
@@ -571,7 +619,7 @@ signatures! {
         params: *const Value,
         count: usize,
         changed: *mut u64,
-        error: Sink,
+        error: Sink<'_>,
     ) -> Status;
     /// See [`StoreApi::query_row`].
     pub type QueryRowFn = unsafe extern "C" fn(
@@ -580,7 +628,7 @@ signatures! {
         params: *const Value,
         count: usize,
         row: RowSink,
-        error: Sink,
+        error: Sink<'_>,
     ) -> Status;
     /// See [`StoreApi::after_commit`].
     pub type TakeEffectFn = unsafe extern "C" fn(ctx: *mut c_void, effect: Effect);
@@ -598,16 +646,16 @@ signatures! {
         applies: u32,
         host: *const HostServices,
         instance: *mut *mut Instance,
-        message: Sink,
+        message: Sink<'_>,
     ) -> Status;
     /// Writes the instance's [`Description`] as JSON to `out`.
-    pub type DescribeFn = unsafe extern "C" fn(instance: *const Instance, out: Sink) -> Status;
+    pub type DescribeFn = unsafe extern "C" fn(instance: *const Instance, out: Sink<'_>) -> Status;
     /// Checks that `payload` decodes and validates as `message_type`.
     pub type CheckFn = unsafe extern "C" fn(
         instance: *const Instance,
         message_type: Bytes,
         payload: Bytes,
-        message: Sink,
+        message: Sink<'_>,
     ) -> Status;
     /// Applies one message through `store`.
     pub type HandleFn = unsafe extern "C" fn(
@@ -615,11 +663,11 @@ signatures! {
         context: *const MessageContext,
         payload: Bytes,
         store: *const StoreApi,
-        message: Sink,
+        message: Sink<'_>,
     ) -> Status;
     /// Drops the instance; a panic in the plugin's `Drop` is reported as
     /// [`Status::PANICKED`].
-    pub type DestroyFn = unsafe extern "C" fn(instance: *mut Instance, message: Sink) -> Status;
+    pub type DestroyFn = unsafe extern "C" fn(instance: *mut Instance, message: Sink<'_>) -> Status;
 }
 
 /// What a plugin library exports under [`SYMBOL`].
