@@ -662,12 +662,12 @@ impl Drop for ForeignEffect {
 /// The bytes are borrowed for the call.
 unsafe extern "C" fn log(level: u32, source: Bytes, message: Bytes) {
     let _ = catch_unwind(|| {
-        let level = match level {
-            0 => Level::Debug,
-            1 => Level::Info,
-            2 => Level::Warn,
-            _ => Level::Error,
-        };
+        // A level crosses as `as u32` (the fingerprint covers the numbers);
+        // one this side does not know reads as an error.
+        let level = [Level::Debug, Level::Info, Level::Warn]
+            .into_iter()
+            .find(|known| *known as u32 == level)
+            .unwrap_or(Level::Error);
         // SAFETY: by this function's contract.
         let (source, message) = unsafe { (source.as_slice(), message.as_slice()) };
         crate::log::log(

@@ -14,9 +14,10 @@
 //! below ([`layout::FINGERPRINT`]), the target and whether panics unwind.
 //! The host calls nothing in a library whose header it refuses.
 //!
-//! Changing a type or a signature here changes the fingerprint; changing
-//! what the JSON of [`Description`] holds, or what a function means,
-//! requires a new [`FORMAT`].
+//! Changing a type (a field added, removed, moved, renamed or retyped), a
+//! signature, a status code, a value kind or the numbering of log levels
+//! changes the fingerprint; changing what the JSON of [`Description`]
+//! holds, or what a function means, requires a new [`FORMAT`].
 //!
 //! This module is the only one of possync's crates with `unsafe` code.
 #![allow(unsafe_code)]
@@ -41,6 +42,22 @@ macro_rules! signatures {
         /// The text of every function type that crosses (its white space
         /// is not part of the fingerprint).
         pub(crate) const SIGNATURES: &str = concat!($(stringify!($name = $sig;)),*);
+    };
+}
+
+/// Declares the numbered constants of a type that cross as numbers (a
+/// status, a value's kind) as `$owner`'s associated constants of type
+/// `$ty`, and lists each one with its name in `$owner::$list` for
+/// [`layout::FINGERPRINT`]: a code added, removed or renumbered changes
+/// the fingerprint, and none can be left out of it.
+macro_rules! codes {
+    ($owner:ident::$list:ident: $ty:ty = [$($(#[$meta:meta])* $name:ident = $value:expr,)*]) => {
+        impl $owner {
+            $($(#[$meta])* pub const $name: $ty = $value;)*
+            /// Every code above with its name, for the layout fingerprint.
+            pub(crate) const $list: &'static [(&'static str, $ty)] =
+                &[$((stringify!($name), Self::$name)),*];
+        }
     };
 }
 
@@ -234,19 +251,23 @@ unsafe extern "C" fn append(ctx: *mut c_void, bytes: Bytes) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status(pub u32);
 
-impl Status {
-    /// Done.
-    pub const OK: Self = Self(0);
-    /// Can never succeed: a payload that does not fit, a plugin function
-    /// that refused its settings, bad SQL.
-    pub const PERMANENT: Self = Self(1);
-    /// May succeed later.
-    pub const TRANSIENT: Self = Self(2);
-    /// The callee panicked; the panic was caught on its side.
-    pub const PANICKED: Self = Self(3);
-    /// The terminal's storage outside the database cannot take writes now.
-    pub const STORAGE: Self = Self(4);
+codes! {
+    Status::CODES: Self = [
+        /// Done.
+        OK = Self(0),
+        /// Can never succeed: a payload that does not fit, a plugin function
+        /// that refused its settings, bad SQL.
+        PERMANENT = Self(1),
+        /// May succeed later.
+        TRANSIENT = Self(2),
+        /// The callee panicked; the panic was caught on its side.
+        PANICKED = Self(3),
+        /// The terminal's storage outside the database cannot take writes now.
+        STORAGE = Self(4),
+    ]
+}
 
+impl Status {
     /// The status and message that carry `result` across.
     pub fn of(result: Result<(), crate::HandlerError>) -> (Self, String) {
         use crate::HandlerError;
@@ -295,18 +316,22 @@ pub struct Value {
     pub bytes: Bytes,
 }
 
-impl Value {
-    /// SQL NULL.
-    pub const NULL: u32 = 0;
-    /// `integer`.
-    pub const INTEGER: u32 = 1;
-    /// `real`.
-    pub const REAL: u32 = 2;
-    /// `bytes`, UTF-8.
-    pub const TEXT: u32 = 3;
-    /// `bytes`.
-    pub const BLOB: u32 = 4;
+codes! {
+    Value::KINDS: u32 = [
+        /// SQL NULL.
+        NULL = 0,
+        /// `integer`.
+        INTEGER = 1,
+        /// `real`.
+        REAL = 2,
+        /// `bytes`, UTF-8.
+        TEXT = 3,
+        /// `bytes`.
+        BLOB = 4,
+    ]
+}
 
+impl Value {
     /// `value`, borrowed for a call.
     pub fn of(value: &crate::Value) -> Self {
         let blank = Self {
