@@ -10,6 +10,7 @@ use possync_core::{Config, PluginSetting, Publisher, Registry};
 use possync_plugin_modifier_groups::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
 use possync_plugin_product_images::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
 use possync_sdk::__ffi::SdkVersion;
+use possync_sdk::__ffi::host::LoadedPlugin;
 use possync_sdk::{Envelope, Payload};
 
 fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Config {
@@ -427,9 +428,32 @@ fn a_plugin_built_with_an_incompatible_sdk_is_refused_naming_both_versions_and_w
     );
     assert!(
         newer.contains(&format!(
-            "was built with possync-sdk {newer_version}, this possync has {ours}: rebuild it against possync-sdk {line}"
-        )) && newer.contains(&format!("or upgrade possync to one whose possync-sdk is {newer_version} or newer")),
+            "was built with possync-sdk {newer_version}, this possync has {ours}: rebuild it against possync-sdk {line}, or upgrade possync to one whose possync-sdk is {}",
+            SdkVersion::CURRENT.next_breaking().line()
+        )),
         "{newer}"
+    );
+}
+
+/// The fixture aborts the process if anything of it is called.
+#[test]
+fn a_plugin_built_with_a_pre_release_of_the_sdk_is_refused_unless_possync_has_that_very_version() {
+    let ours = possync_sdk::SDK_VERSION;
+    assert!(
+        !ours.contains('-'),
+        "this possync's SDK is a release; the fixture claims a pre-release of it"
+    );
+    let pre_release = load_error(
+        "alpha",
+        dynamic_plugin("possync-fixture-prerelease-sdk", serde_json::json!({})),
+    );
+    assert!(
+        pre_release.starts_with("plugin alpha: ")
+            && pre_release.contains(&format!(
+                "was built with possync-sdk {ours}-alpha.1, this possync has {ours}: a plugin built with a pre-release of possync-sdk loads only in a possync with that very version; rebuild it against a release of possync-sdk {}",
+                SdkVersion::CURRENT.line()
+            )),
+        "names both versions and what to rebuild: {pre_release}"
     );
 }
 
@@ -578,7 +602,20 @@ fn a_refused_plugin_stops_the_cli_with_the_message_not_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_plugin_built_with_an_older_compatible_sdk_loads_and_applies_through_a_terminal() {
+async fn a_plugin_built_with_a_newer_sdk_of_the_same_line_loads_and_applies_through_a_terminal() {
+    // The fixture claims a newer patch than this possync's SDK.
+    let claimed = SdkVersion::CURRENT.with_patch(SdkVersion::CURRENT.patch + 9);
+    let loaded = LoadedPlugin::load(
+        &plugin_library("possync-fixture-compatible"),
+        "notes",
+        &serde_json::json!({}),
+        false,
+    )
+    .expect("loads");
+    assert_eq!(loaded.sdk_version(), claimed.to_string());
+    assert_ne!(loaded.sdk_version(), possync_sdk::SDK_VERSION);
+    drop(loaded);
+
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("compatible");
     let mut config = terminal_config(dir.path(), &store, "till-1");

@@ -396,8 +396,9 @@ unsafe extern "C" fn drop_effect(data: *mut c_void, message: Sink<'_>) -> Status
 /// The argument is the plugin's function, `fn(&Settings) -> Result<Plugin,
 /// String>`. The library then carries a header with the SDK version it was
 /// built with, which possync checks before it runs anything of the plugin:
-/// it loads plugins built with a compatible SDK (the same 0.x minor, no
-/// newer than its own).
+/// it loads plugins built with an SDK of its own line (the same 0.x minor,
+/// older or newer than its own; a pre-release only if it is possync's very
+/// version).
 ///
 /// ```
 /// use possync_sdk::{Context, HandlerError, Payload, Plugin, Settings, Store};

@@ -16,7 +16,7 @@ use super::version::Mismatch;
 use super::{
     Bytes, CheckFn, Declaration, Description, DestroyFn, Effect, FORMAT, HandleFn, Header,
     HostServices, Instance, MAGIC, MessageContext, MessageType, MigrationText, Order, RowSink,
-    SYMBOL, SdkVersion, Sink, Status, StoreApi, collect, read_inline,
+    SYMBOL, SdkVersion, Semver, Sink, Status, StoreApi, collect, read_inline,
 };
 use crate::log::Level;
 use crate::{Context, HandlerError, Store, StoreError, Version};
@@ -49,7 +49,8 @@ pub enum LoadError {
         found: String,
         /// This host's.
         expected: String,
-        /// Older (rebuild it) or newer (rebuild it, or upgrade the host).
+        /// Of an older or a newer line, a pre-release other than the host's
+        /// version, or unreadable.
         mismatch: Mismatch,
         /// This host's line of compatible SDKs, as a Cargo requirement
         /// (`0.3`).
@@ -432,9 +433,13 @@ fn check(header: &Header) -> Result<(), LoadError> {
             expected: read_inline(&ours.target),
         });
     }
-    if let Err(mismatch) = header.sdk.loads_in(SdkVersion::CURRENT) {
+    let text = read_inline(&header.sdk_text);
+    let found = Semver::parse(&text)
+        .filter(|found| found.numbers == header.sdk)
+        .ok_or(Mismatch::Unreadable);
+    if let Err(mismatch) = found.and_then(|found| found.loads_in(&Semver::current())) {
         return Err(LoadError::Sdk {
-            found: read_inline(&header.sdk_text),
+            found: text,
             expected: crate::SDK_VERSION.to_owned(),
             mismatch,
             line: SdkVersion::CURRENT.line(),

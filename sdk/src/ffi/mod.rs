@@ -32,7 +32,7 @@ pub mod host;
 pub mod layout;
 pub mod version;
 
-pub use version::SdkVersion;
+pub use version::{SdkVersion, Semver};
 
 /// Declares the function types that cross, and records their text for
 /// [`layout::FINGERPRINT`]: a changed signature changes the fingerprint.
@@ -615,9 +615,17 @@ impl Header {
     /// plugin never uses it.
     #[doc(hidden)]
     pub const fn claiming_sdk(self, version: SdkVersion) -> Self {
+        self.claiming_prerelease(version, "")
+    }
+
+    /// Test-only: this header claiming the pre-release `pre` of SDK
+    /// `version` (`0.3.0-alpha.1` for 0.3.0 and `alpha.1`), for the fixture
+    /// that checks the host refuses a pre-release other than its own.
+    #[doc(hidden)]
+    pub const fn claiming_prerelease(self, version: SdkVersion, pre: &str) -> Self {
         Self {
             sdk: version,
-            sdk_text: version.inline(),
+            sdk_text: version.inline(pre),
             ..self
         }
     }
@@ -717,8 +725,9 @@ pub struct Declaration {
 
 /// What a plugin says about itself, as JSON through [`DescribeFn`].
 ///
-/// A host reads the descriptions of plugins built with older SDKs of its
-/// line: a field added within a line must be optional (`#[serde(default)]`).
+/// A host reads the descriptions of plugins built with older and newer SDKs
+/// of its line: a field added within a line must be optional
+/// (`#[serde(default)]`), and one a host does not know is ignored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Description {
     /// The plugin's own name.
