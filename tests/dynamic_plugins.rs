@@ -478,11 +478,11 @@ fn a_plugin_whose_boundary_types_are_laid_out_differently_is_refused() {
 fn libraries_that_are_not_possync_plugins_of_this_format_are_refused_with_a_message_that_says_what_to_do()
  {
     let old_format = load_error(
-        "future",
+        "old",
         dynamic_plugin("possync-fixture-old-format", serde_json::json!({})),
     );
     assert!(
-        old_format.contains("uses plugin format 99")
+        old_format.contains("uses plugin format 1, this possync reads format 2")
             && old_format.contains(&format!(
                 "rebuild the plugin against possync-sdk {}",
                 SdkVersion::CURRENT.line()
