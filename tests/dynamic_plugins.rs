@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use possync_core::{Config, PluginSetting, Publisher, Registry};
+use possync_core::{Config, PluginSetting, Publisher, Registry, State, Status};
 use possync_plugin_modifier_groups::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
 use possync_plugin_product_images::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
 use possync_sdk::__ffi::SdkVersion;
@@ -804,6 +804,73 @@ async fn an_effect_that_panics_in_a_plugin_is_contained_and_its_message_stays_ap
     assert_eq!(count(&db, "SELECT count(*) FROM panicky"), 2);
     assert_eq!(count(&db, "SELECT count(*) FROM possync_quarantine"), 0);
     assert!(terminal.status.borrow().is_live());
+    publisher.close().await;
+    terminal.stop().await;
+}
+
+/// A storage error crosses the boundary as one: the terminal holds the
+/// batch and says Stalled with the plugin's reason, never dead-letters the
+/// message however often it fails, and applies it once the plugin's
+/// storage takes writes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storage_error_from_a_plugin_stalls_the_terminal_until_it_passes_and_dead_letters_nothing()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = dir.path().join("disk-full");
+    std::fs::write(&full, b"").expect("mark the disk full");
+    let tries = || std::fs::read(dir.path().join("disk-full.tries")).map_or(0, |t| t.len());
+    let store = unique_license("storage");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.terminal.max_attempts = 2;
+    config.plugins.insert(
+        "panicky".into(),
+        dynamic_plugin("possync-fixture-panicky", serde_json::json!({})),
+    );
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    publisher
+        .publish_envelopes([
+            Envelope::new(
+                "panicky_update",
+                store.as_str(),
+                serde_json::json!({ "n": 1, "storage_full_while": full }),
+            ),
+            Envelope::new(
+                "price_update",
+                store.as_str(),
+                serde_json::json!({ "product_id": "AFTER", "new_price": 1.0 }),
+            ),
+        ])
+        .await
+        .expect("confirmed");
+
+    let stalled = terminal
+        .wait_for(|s| matches!(s.state, State::Stalled { .. }))
+        .await;
+    let state = terminal.status.borrow().state.clone();
+    assert!(stalled, "the terminal says Stalled: {state:?}");
+    let reason = state.reason().unwrap_or_default();
+    assert!(
+        reason.contains("panicky") && reason.contains("panicky's disk is full while"),
+        "the reason is the plugin's: {reason}"
+    );
+    // More tries than max_attempts, and still nothing dead-lettered.
+    eventually("more tries than max_attempts", || tries() > 2).await;
+    let db = terminal.db();
+    assert_eq!(quarantine_reasons(&db), Vec::<String>::new());
+    assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM panicky"), 0);
+
+    std::fs::remove_file(&full).expect("free the disk");
+    terminal.wait_applied(2).await;
+    assert!(terminal.wait_for(Status::is_live).await, "Live again");
+    assert_eq!(count(&db, "SELECT count(*) FROM panicky WHERE n = 1"), 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM products WHERE id = 'AFTER'"),
+        1
+    );
+    assert_eq!(quarantine_reasons(&db), Vec::<String>::new());
+    assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
     publisher.close().await;
     terminal.stop().await;
 }
