@@ -424,6 +424,11 @@ unsafe extern "C" fn drop_effect(data: *mut c_void, message: Sink<'_>) -> Status
 /// crate-type = ["cdylib"]
 /// ```
 ///
+/// Any thread the plugin starts must have ended when its plugin value is
+/// dropped (join it in the `Drop` of a value its handlers hold): possync
+/// unloads the library after destroying the instance, and code of it that
+/// still runs then crashes the process.
+///
 /// A crate exports one plugin. To link a plugin into a binary instead, use
 /// [`register_builtin!`](crate::register_builtin).
 #[macro_export]

@@ -110,7 +110,8 @@ struct Entry {
 
 /// A plugin instance in a loaded library. Dropping it destroys the
 /// instance, then lets the library go (it stays loaded while an effect of
-/// the plugin is pending).
+/// the plugin is pending): the threads the plugin started must have ended
+/// with its instance.
 pub struct LoadedPlugin {
     instance: *mut Instance,
     entry: Entry,
