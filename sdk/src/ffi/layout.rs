@@ -9,8 +9,8 @@
 //!   say) does not compile; each field is read as the type listed, so a
 //!   listed type that is not the field's does not compile either;
 //! - the size and alignment of [`Status`];
-//! - every status code and value kind by name and number ([`Status::CODES`],
-//!   [`Value::KINDS`], each declared with the list that holds it);
+//! - every status code and value kind by name and number (`Status::CODES`,
+//!   `Value::KINDS`, each declared with the list that holds it);
 //! - every log level by name and the number it crosses as (an exhaustive
 //!   `match` in a never-called function, so a level left out does not
 //!   compile);
