@@ -435,9 +435,7 @@ fn check(header: &Header) -> Result<(), LoadError> {
         });
     }
     let text = read_inline(&header.sdk_text);
-    let found = Semver::parse(&text)
-        .filter(|found| found.numbers == header.sdk)
-        .ok_or(Mismatch::Unreadable);
+    let found = Semver::claimed(header.sdk, &text);
     if let Err(mismatch) = found.and_then(|found| found.loads_in(&Semver::current())) {
         return Err(LoadError::Sdk {
             found: text,

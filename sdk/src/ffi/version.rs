@@ -180,6 +180,14 @@ impl Semver {
         })
     }
 
+    /// The version a header claims with `numbers` and `text`: the text read
+    /// by semver, which must say the same numbers.
+    pub fn claimed(numbers: SdkVersion, text: &str) -> Result<Self, Mismatch> {
+        Self::parse(text)
+            .filter(|claimed| claimed.numbers == numbers)
+            .ok_or(Mismatch::Unreadable)
+    }
+
     /// Whether this is a pre-release.
     pub fn is_prerelease(&self) -> bool {
         !self.pre.is_empty()
@@ -364,6 +372,17 @@ mod tests {
         ] {
             assert_eq!(Semver::parse(text), None, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_header_whose_text_is_not_a_version_or_says_other_numbers_is_unreadable() {
+        let numbers = SdkVersion::new(0, 3, 0);
+        assert_eq!(
+            Semver::claimed(numbers, "0.3.0-alpha.1"),
+            Ok(v("0.3.0-alpha.1"))
+        );
+        assert_eq!(Semver::claimed(numbers, "0.3.9"), Err(Mismatch::Unreadable));
+        assert_eq!(Semver::claimed(numbers, ""), Err(Mismatch::Unreadable));
     }
 
     #[test]
