@@ -6,10 +6,11 @@
 mod common;
 
 use common::*;
-use possync_core::{Config, PluginSetting, Publisher, Registry};
+use possync_core::{Config, PluginSetting, Publisher, Registry, State, Status};
 use possync_plugin_modifier_groups::{Modifier, ModifierGroupDelete, ModifierGroupUpdate};
 use possync_plugin_product_images::{DEFAULT_MAX_IMAGE_BYTES, ImageDelete, ImageUpdate};
 use possync_sdk::__ffi::SdkVersion;
+use possync_sdk::__ffi::host::LoadedPlugin;
 use possync_sdk::{Envelope, Payload};
 
 fn with_plugins(dir: &std::path::Path, store: &possync_core::LicenseKey) -> Config {
@@ -426,9 +427,32 @@ fn a_plugin_built_with_an_incompatible_sdk_is_refused_naming_both_versions_and_w
     );
     assert!(
         newer.contains(&format!(
-            "was built with possync-sdk {newer_version}, this possync has {ours}: rebuild it against possync-sdk {line}"
-        )) && newer.contains(&format!("or upgrade possync to one whose possync-sdk is {newer_version} or newer")),
+            "was built with possync-sdk {newer_version}, this possync has {ours}: rebuild it against possync-sdk {line}, or upgrade possync to one whose possync-sdk is {}",
+            SdkVersion::CURRENT.next_breaking().line()
+        )),
         "{newer}"
+    );
+}
+
+/// The fixture aborts the process if anything of it is called.
+#[test]
+fn a_plugin_built_with_a_pre_release_of_the_sdk_is_refused_unless_possync_has_that_very_version() {
+    let ours = possync_sdk::SDK_VERSION;
+    assert!(
+        !ours.contains('-'),
+        "this possync's SDK is a release; the fixture claims a pre-release of it"
+    );
+    let pre_release = load_error(
+        "alpha",
+        dynamic_plugin("possync-fixture-prerelease-sdk", serde_json::json!({})),
+    );
+    assert!(
+        pre_release.starts_with("plugin alpha: ")
+            && pre_release.contains(&format!(
+                "was built with possync-sdk {ours}-alpha.1, this possync has {ours}: a plugin built with a pre-release of possync-sdk loads only in a possync with that very version; rebuild it against a release of possync-sdk {}",
+                SdkVersion::CURRENT.line()
+            )),
+        "names both versions and what to rebuild: {pre_release}"
     );
 }
 
@@ -453,11 +477,11 @@ fn a_plugin_whose_boundary_types_are_laid_out_differently_is_refused() {
 fn libraries_that_are_not_possync_plugins_of_this_format_are_refused_with_a_message_that_says_what_to_do()
  {
     let old_format = load_error(
-        "future",
+        "old",
         dynamic_plugin("possync-fixture-old-format", serde_json::json!({})),
     );
     assert!(
-        old_format.contains("uses plugin format 99")
+        old_format.contains("uses plugin format 1, this possync reads format 2")
             && old_format.contains(&format!(
                 "rebuild the plugin against possync-sdk {}",
                 SdkVersion::CURRENT.line()
@@ -577,7 +601,20 @@ fn a_refused_plugin_stops_the_cli_with_the_message_not_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_plugin_built_with_an_older_compatible_sdk_loads_and_applies_through_a_terminal() {
+async fn a_plugin_built_with_a_newer_sdk_of_the_same_line_loads_and_applies_through_a_terminal() {
+    // The fixture claims a newer patch than this possync's SDK.
+    let claimed = SdkVersion::CURRENT.with_patch(SdkVersion::CURRENT.patch + 9);
+    let loaded = LoadedPlugin::load(
+        &plugin_library("possync-fixture-compatible"),
+        "notes",
+        &serde_json::json!({}),
+        false,
+    )
+    .expect("loads");
+    assert_eq!(loaded.sdk_version(), claimed.to_string());
+    assert_ne!(loaded.sdk_version(), possync_sdk::SDK_VERSION);
+    drop(loaded);
+
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("compatible");
     let mut config = terminal_config(dir.path(), &store, "till-1");
@@ -766,6 +803,73 @@ async fn an_effect_that_panics_in_a_plugin_is_contained_and_its_message_stays_ap
     assert_eq!(count(&db, "SELECT count(*) FROM panicky"), 2);
     assert_eq!(count(&db, "SELECT count(*) FROM possync_quarantine"), 0);
     assert!(terminal.status.borrow().is_live());
+    publisher.close().await;
+    terminal.stop().await;
+}
+
+/// A storage error crosses the boundary as one: the terminal holds the
+/// batch and says Stalled with the plugin's reason, never dead-letters the
+/// message however often it fails, and applies it once the plugin's
+/// storage takes writes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storage_error_from_a_plugin_stalls_the_terminal_until_it_passes_and_dead_letters_nothing()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = dir.path().join("disk-full");
+    std::fs::write(&full, b"").expect("mark the disk full");
+    let tries = || std::fs::read(dir.path().join("disk-full.tries")).map_or(0, |t| t.len());
+    let store = unique_license("storage");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.terminal.max_attempts = 2;
+    config.plugins.insert(
+        "panicky".into(),
+        dynamic_plugin("possync-fixture-panicky", serde_json::json!({})),
+    );
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    publisher
+        .publish_envelopes([
+            Envelope::new(
+                "panicky_update",
+                store.as_str(),
+                serde_json::json!({ "n": 1, "storage_full_while": full }),
+            ),
+            Envelope::new(
+                "price_update",
+                store.as_str(),
+                serde_json::json!({ "product_id": "AFTER", "new_price": 1.0 }),
+            ),
+        ])
+        .await
+        .expect("confirmed");
+
+    let stalled = terminal
+        .wait_for(|s| matches!(s.state, State::Stalled { .. }))
+        .await;
+    let state = terminal.status.borrow().state.clone();
+    assert!(stalled, "the terminal says Stalled: {state:?}");
+    let reason = state.reason().unwrap_or_default();
+    assert!(
+        reason.contains("panicky") && reason.contains("panicky's disk is full while"),
+        "the reason is the plugin's: {reason}"
+    );
+    // More tries than max_attempts, and still nothing dead-lettered.
+    eventually("more tries than max_attempts", || tries() > 2).await;
+    let db = terminal.db();
+    assert_eq!(quarantine_reasons(&db), Vec::<String>::new());
+    assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM panicky"), 0);
+
+    std::fs::remove_file(&full).expect("free the disk");
+    terminal.wait_applied(2).await;
+    assert!(terminal.wait_for(Status::is_live).await, "Live again");
+    assert_eq!(count(&db, "SELECT count(*) FROM panicky WHERE n = 1"), 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM products WHERE id = 'AFTER'"),
+        1
+    );
+    assert_eq!(quarantine_reasons(&db), Vec::<String>::new());
+    assert_eq!(queue_depth(&terminal.topology.dead_letter_queue).await, 0);
     publisher.close().await;
     terminal.stop().await;
 }

@@ -46,8 +46,8 @@ pub enum PluginSetting {
 #[serde(deny_unknown_fields)]
 pub struct DynamicPlugin {
     /// Path of the plugin library (`.so`, `.dylib`, `.dll`), built against
-    /// a possync-sdk compatible with this possync's: the same 0.x minor
-    /// (or major), no newer (docs/plugin-boundary.md).
+    /// a possync-sdk of this possync's line: the same 0.x minor (or major),
+    /// older or newer (docs/plugin-boundary.md).
     pub path: PathBuf,
     /// Whether its handlers apply messages; when off, its messages are
     /// acknowledged and not applied.

@@ -5,9 +5,10 @@
 //! checks, the calls into the library) is `possync_sdk::__ffi`; see
 //! docs/plugin-boundary.md. A library is accepted when its header has
 //! possync's magic bytes, the declaration format this possync reads, the
-//! same target, an SDK version compatible by semver (the same 0.x minor, no
-//! newer than this possync's), the same layout fingerprint of every type
-//! that crosses, and panics that unwind. Only then does its plugin function
+//! same target, an SDK version of this possync's line (the same major; for
+//! 0.x the same minor; older or newer within it; a pre-release only if it
+//! is this possync's very version), the same layout fingerprint of every
+//! type that crosses, and panics that unwind. Only then does its plugin function
 //! run, with the plugin's settings; then the plugin describes itself (its
 //! name, migrations, message types and their schemas), once.
 //!
@@ -18,9 +19,9 @@
 
 use std::path::{Path, PathBuf};
 
-use possync_sdk::__ffi::SdkVersion;
 use possync_sdk::__ffi::host::{LoadError, LoadedPlugin};
 use possync_sdk::__ffi::version::Mismatch;
+use possync_sdk::__ffi::{SdkVersion, Semver};
 use possync_sdk::{Context, HandlerError, Migration, Store};
 
 use crate::events;
@@ -310,9 +311,18 @@ fn load_error(plugin: &str, path: &Path, err: LoadError) -> PluginLoadError {
             line,
         } => {
             let advice = match mismatch {
-                Mismatch::Older => format!("rebuild it against possync-sdk {line}"),
+                Mismatch::Older | Mismatch::Unreadable => {
+                    format!("rebuild it against possync-sdk {line}")
+                }
                 Mismatch::Newer => format!(
-                    "rebuild it against possync-sdk {line} ({expected} or older), or upgrade possync to one whose possync-sdk is {found} or newer"
+                    "rebuild it against possync-sdk {line}, or upgrade possync to one whose possync-sdk is {}",
+                    Semver::parse(&found).map_or(found.clone(), |found| found.numbers.line())
+                ),
+                Mismatch::PreRelease if Semver::current().is_prerelease() => format!(
+                    "this possync's possync-sdk is a pre-release, which loads only plugins built with that very version; rebuild it against possync-sdk ={expected}"
+                ),
+                Mismatch::PreRelease => format!(
+                    "a plugin built with a pre-release of possync-sdk loads only in a possync with that very version; rebuild it against a release of possync-sdk {line}"
                 ),
             };
             PluginLoadError::Sdk {

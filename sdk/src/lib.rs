@@ -56,8 +56,9 @@ pub use store::{Effect, Store, Value};
 pub use versioned::{Decision, TOMBSTONES, Versioned};
 
 /// The SDK's version: a dynamic plugin records the one it was built with,
-/// and a host loads it only if its own is compatible (same major version,
-/// for 0.x the same minor, and not older than the plugin's).
+/// and a host loads it only if its own is of the same line (the same major
+/// version; for 0.x the same minor), older or newer, and, if either is a
+/// pre-release, exactly the same.
 ///
 /// ```
 /// assert!(possync_sdk::SDK_VERSION.starts_with("0."));

@@ -633,6 +633,7 @@ pub fn plugin_library(package: &str) -> PathBuf {
             "possync-fixture-old-format",
             "possync-fixture-not-a-plugin",
             "possync-fixture-compatible",
+            "possync-fixture-prerelease-sdk",
         ];
         let mut together = Command::new(env!("CARGO"));
         together.arg("build");

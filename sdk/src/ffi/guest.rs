@@ -51,7 +51,7 @@ const _: () = {
 };
 
 /// Runs `body`, a panic included, and reports how it went through `message`.
-fn contained(message: Sink, body: impl FnOnce() -> Result<(), HandlerError>) -> Status {
+fn contained(message: Sink<'_>, body: impl FnOnce() -> Result<(), HandlerError>) -> Status {
     let result = catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|panic| {
         Err(HandlerError::Panicked(hosting::panic_message(
             panic.as_ref(),
@@ -97,7 +97,7 @@ unsafe extern "C" fn create<E: Export>(
     applies: u32,
     host: *const HostServices,
     instance: *mut *mut Instance,
-    message: Sink,
+    message: Sink<'_>,
 ) -> Status {
     contained(message, || {
         // SAFETY: the host's services are a static of the host, which
@@ -132,7 +132,7 @@ unsafe extern "C" fn create<E: Export>(
 /// # Safety
 ///
 /// `instance` is live (see [`hosted`]).
-unsafe extern "C" fn describe(instance: *const Instance, out: Sink) -> Status {
+unsafe extern "C" fn describe(instance: *const Instance, out: Sink<'_>) -> Status {
     contained(out, || {
         // SAFETY: live, by this function's contract.
         let plugin = &unsafe { hosted(instance) }.plugin;
@@ -167,7 +167,7 @@ unsafe extern "C" fn check(
     instance: *const Instance,
     message_type: Bytes,
     payload: Bytes,
-    message: Sink,
+    message: Sink<'_>,
 ) -> Status {
     contained(message, || {
         // SAFETY: by this function's contract.
@@ -191,7 +191,7 @@ unsafe extern "C" fn handle(
     context: *const MessageContext,
     payload: Bytes,
     store: *const StoreApi,
-    message: Sink,
+    message: Sink<'_>,
 ) -> Status {
     contained(message, || {
         // SAFETY: by this function's contract.
@@ -220,7 +220,7 @@ unsafe extern "C" fn handle(
 /// # Safety
 ///
 /// `instance` came from [`create`]; the host calls this once, last.
-unsafe extern "C" fn destroy(instance: *mut Instance, message: Sink) -> Status {
+unsafe extern "C" fn destroy(instance: *mut Instance, message: Sink<'_>) -> Status {
     if instance.is_null() {
         return Status::OK;
     }
@@ -369,7 +369,7 @@ fn export_effect(effect: crate::Effect) -> Effect {
 /// # Safety
 ///
 /// `data` came from [`export_effect`] and neither function ran on it yet.
-unsafe extern "C" fn run_effect(data: *mut c_void, message: Sink) -> Status {
+unsafe extern "C" fn run_effect(data: *mut c_void, message: Sink<'_>) -> Status {
     // SAFETY: made by `Box::into_raw` in `export_effect`, taken back once.
     let effect = unsafe { Box::from_raw(data.cast::<crate::Effect>()) };
     contained(message, move || {
@@ -381,7 +381,7 @@ unsafe extern "C" fn run_effect(data: *mut c_void, message: Sink) -> Status {
 /// # Safety
 ///
 /// As [`run_effect`].
-unsafe extern "C" fn drop_effect(data: *mut c_void, message: Sink) -> Status {
+unsafe extern "C" fn drop_effect(data: *mut c_void, message: Sink<'_>) -> Status {
     // SAFETY: as in `run_effect`.
     let effect = unsafe { Box::from_raw(data.cast::<crate::Effect>()) };
     contained(message, move || {
@@ -396,8 +396,9 @@ unsafe extern "C" fn drop_effect(data: *mut c_void, message: Sink) -> Status {
 /// The argument is the plugin's function, `fn(&Settings) -> Result<Plugin,
 /// String>`. The library then carries a header with the SDK version it was
 /// built with, which possync checks before it runs anything of the plugin:
-/// it loads plugins built with a compatible SDK (the same 0.x minor, no
-/// newer than its own).
+/// it loads plugins built with an SDK of its own line (the same 0.x minor,
+/// older or newer than its own; a pre-release only if it is possync's very
+/// version).
 ///
 /// ```
 /// use possync_sdk::{Context, HandlerError, Payload, Plugin, Settings, Store};
@@ -422,6 +423,11 @@ unsafe extern "C" fn drop_effect(data: *mut c_void, message: Sink) -> Status {
 /// [lib]
 /// crate-type = ["cdylib"]
 /// ```
+///
+/// Any thread the plugin starts must have ended when its plugin value is
+/// dropped (join it in the `Drop` of a value its handlers hold): possync
+/// unloads the library after destroying the instance, and code of it that
+/// still runs then crashes the process.
 ///
 /// A crate exports one plugin. To link a plugin into a binary instead, use
 /// [`register_builtin!`](crate::register_builtin).

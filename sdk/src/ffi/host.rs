@@ -16,7 +16,7 @@ use super::version::Mismatch;
 use super::{
     Bytes, CheckFn, Declaration, Description, DestroyFn, Effect, FORMAT, HandleFn, Header,
     HostServices, Instance, MAGIC, MessageContext, MessageType, MigrationText, Order, RowSink,
-    SYMBOL, SdkVersion, Sink, Status, StoreApi, collect, read_inline,
+    SYMBOL, SdkVersion, Semver, Sink, Status, StoreApi, collect, read_inline,
 };
 use crate::log::Level;
 use crate::{Context, HandlerError, Store, StoreError, Version};
@@ -49,7 +49,8 @@ pub enum LoadError {
         found: String,
         /// This host's.
         expected: String,
-        /// Older (rebuild it) or newer (rebuild it, or upgrade the host).
+        /// Of an older or a newer line, a pre-release other than the host's
+        /// version, or unreadable.
         mismatch: Mismatch,
         /// This host's line of compatible SDKs, as a Cargo requirement
         /// (`0.3`).
@@ -109,7 +110,8 @@ struct Entry {
 
 /// A plugin instance in a loaded library. Dropping it destroys the
 /// instance, then lets the library go (it stays loaded while an effect of
-/// the plugin is pending).
+/// the plugin is pending): the threads the plugin started must have ended
+/// with its instance.
 pub struct LoadedPlugin {
     instance: *mut Instance,
     entry: Entry,
@@ -432,9 +434,11 @@ fn check(header: &Header) -> Result<(), LoadError> {
             expected: read_inline(&ours.target),
         });
     }
-    if let Err(mismatch) = header.sdk.loads_in(SdkVersion::CURRENT) {
+    let text = read_inline(&header.sdk_text);
+    let found = Semver::claimed(header.sdk, &text);
+    if let Err(mismatch) = found.and_then(|found| found.loads_in(&Semver::current())) {
         return Err(LoadError::Sdk {
-            found: read_inline(&header.sdk_text),
+            found: text,
             expected: crate::SDK_VERSION.to_owned(),
             mismatch,
             line: SdkVersion::CURRENT.line(),
@@ -473,7 +477,7 @@ unsafe fn host_store<'a>(ctx: *mut c_void) -> &'a mut HostStore<'a> {
 
 /// Runs a store call for the plugin: its error goes to `error`, a panic is
 /// caught.
-fn store_call(error: Sink, body: impl FnOnce() -> Result<(), StoreError>) -> Status {
+fn store_call(error: Sink<'_>, body: impl FnOnce() -> Result<(), StoreError>) -> Status {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => Status::OK,
         Ok(Err(err)) => {
@@ -519,7 +523,7 @@ unsafe extern "C" fn execute(
     params: *const super::Value,
     count: usize,
     changed: *mut u64,
-    error: Sink,
+    error: Sink<'_>,
 ) -> Status {
     store_call(error, || {
         // SAFETY: by this function's contract.
@@ -540,7 +544,7 @@ unsafe extern "C" fn query_row(
     params: *const super::Value,
     count: usize,
     row: RowSink,
-    error: Sink,
+    error: Sink<'_>,
 ) -> Status {
     store_call(error, || {
         // SAFETY: by this function's contract.
@@ -662,12 +666,12 @@ impl Drop for ForeignEffect {
 /// The bytes are borrowed for the call.
 unsafe extern "C" fn log(level: u32, source: Bytes, message: Bytes) {
     let _ = catch_unwind(|| {
-        let level = match level {
-            0 => Level::Debug,
-            1 => Level::Info,
-            2 => Level::Warn,
-            _ => Level::Error,
-        };
+        // A level crosses as `as u32` (the fingerprint covers the numbers);
+        // one this side does not know reads as an error.
+        let level = [Level::Debug, Level::Info, Level::Warn]
+            .into_iter()
+            .find(|known| *known as u32 == level)
+            .unwrap_or(Level::Error);
         // SAFETY: by this function's contract.
         let (source, message) = unsafe { (source.as_slice(), message.as_slice()) };
         crate::log::log(

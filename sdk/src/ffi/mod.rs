@@ -14,14 +14,16 @@
 //! below ([`layout::FINGERPRINT`]), the target and whether panics unwind.
 //! The host calls nothing in a library whose header it refuses.
 //!
-//! Changing a type or a signature here changes the fingerprint; changing
-//! what the JSON of [`Description`] holds, or what a function means,
-//! requires a new [`FORMAT`].
+//! Changing a type (a field added, removed, moved, renamed or retyped), a
+//! signature, a status code, a value kind or the numbering of log levels
+//! changes the fingerprint; changing what the JSON of [`Description`]
+//! holds, or what a function means, requires a new [`FORMAT`].
 //!
 //! This module is the only one of possync's crates with `unsafe` code.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 pub mod guest;
@@ -30,7 +32,7 @@ pub mod host;
 pub mod layout;
 pub mod version;
 
-pub use version::SdkVersion;
+pub use version::{SdkVersion, Semver};
 
 /// Declares the function types that cross, and records their text for
 /// [`layout::FINGERPRINT`]: a changed signature changes the fingerprint.
@@ -40,6 +42,22 @@ macro_rules! signatures {
         /// The text of every function type that crosses (its white space
         /// is not part of the fingerprint).
         pub(crate) const SIGNATURES: &str = concat!($(stringify!($name = $sig;)),*);
+    };
+}
+
+/// Declares the numbered constants of a type that cross as numbers (a
+/// status, a value's kind) as `$owner`'s associated constants of type
+/// `$ty`, and lists each one with its name in `$owner::$list` for
+/// [`layout::FINGERPRINT`]: a code added, removed or renumbered changes
+/// the fingerprint, and none can be left out of it.
+macro_rules! codes {
+    ($owner:ident::$list:ident: $ty:ty = [$($(#[$meta:meta])* $name:ident = $value:expr,)*]) => {
+        impl $owner {
+            $($(#[$meta])* pub const $name: $ty = $value;)*
+            /// Every code above with its name, for the layout fingerprint.
+            pub(crate) const $list: &'static [(&'static str, $ty)] =
+                &[$((stringify!($name), Self::$name)),*];
+        }
     };
 }
 
@@ -134,25 +152,38 @@ impl Bytes {
 /// bytes of its own, borrowed for that call, and the caller copies them.
 /// Writing several times appends.
 ///
-/// Its fields are private: a sink is made by [`collect`] on one side and
-/// reaches the other as an argument of the call `collect` makes, so
-/// [`Sink::put`] always writes into a live buffer.
+/// A sink borrows the buffer of the [`collect`] call that made it for
+/// `'a`, which ends when that call's callee returns. Its fields are
+/// private, so only `collect` makes one: this side's, or the other side's,
+/// which hands it over as an argument of the call it makes (every function
+/// type of the boundary takes a `Sink<'_>`, so the callee may use it only
+/// until it returns). `collect` takes a callee that works for any `'a`, so
+/// no sink outlives its call (see `collect`'s examples). A sink is neither
+/// `Send` nor `Sync`: it stays on the callee's thread.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub struct Sink {
+pub struct Sink<'a> {
     /// The caller's buffer, opaque to the callee.
     ctx: *mut c_void,
     /// Appends `bytes` to the buffer. Never unwinds.
     write: WriteFn,
+    /// The buffer `ctx` points at, borrowed for as long as the sink lives.
+    buffer: PhantomData<&'a mut Vec<u8>>,
 }
 
-impl Sink {
+impl Sink<'_> {
     /// Writes `text` into the sink.
     pub fn put(self, text: &str) {
-        // SAFETY: a sink is only made by `collect` and handed to the callee
-        // of the call `collect` makes (its fields are private to this
-        // module), so `ctx` is that call's live buffer while the callee
-        // runs; `write` catches its own panics.
+        // SAFETY: only `collect` makes a sink (its fields are private to
+        // this module), this side's or the other side's (which hands it
+        // over as an argument of the call it makes), so `ctx` is the
+        // `Vec<u8>` of a `collect` call and `write` is the `append` of the
+        // same SDK copy. That call is still running: the sink's lifetime
+        // ends when its callee returns, and `collect` accepts only callees
+        // that work for any lifetime, so none keeps the sink longer. Until
+        // then only its sinks touch the vector, all on this thread (a sink
+        // is neither `Send` nor `Sync`), one write at a time. `write`
+        // catches its own panics; `text` is borrowed for the call.
         unsafe { (self.write)(self.ctx, Bytes::of_str(text)) }
     }
 }
@@ -160,21 +191,55 @@ impl Sink {
 /// Runs `call` with a sink that collects what the callee writes, and
 /// returns the call's result with the text written (lossy UTF-8: the other
 /// side's text is shown, never trusted).
-pub fn collect<R>(call: impl FnOnce(Sink) -> R) -> (R, String) {
+///
+/// ```
+/// use possync_sdk::__ffi::collect;
+///
+/// let (n, text) = collect(|sink| {
+///     sink.put("written ");
+///     sink.put("twice");
+///     2
+/// });
+/// assert_eq!((n, text.as_str()), (2, "written twice"));
+/// ```
+///
+/// The sink lives only as long as the call: it cannot be returned ...
+///
+/// ```compile_fail
+/// let (sink, _) = possync_sdk::__ffi::collect(|sink| sink);
+/// sink.put("into a buffer that is gone");
+/// ```
+///
+/// ... nor kept anywhere that outlives it.
+///
+/// ```compile_fail
+/// let mut kept = None;
+/// possync_sdk::__ffi::collect(|sink| kept = Some(sink));
+/// kept.unwrap().put("into a buffer that is gone");
+/// ```
+pub fn collect<R>(call: impl for<'a> FnOnce(Sink<'a>) -> R) -> (R, String) {
     let mut buffer: Vec<u8> = Vec::new();
     let sink = Sink {
         ctx: std::ptr::from_mut(&mut buffer).cast(),
         write: append,
+        buffer: PhantomData,
     };
     let result = call(sink);
     (result, String::from_utf8_lossy(&buffer).into_owned())
 }
 
+/// The `write` of every sink.
+///
+/// # Safety
+///
+/// `ctx` is the buffer of the sink whose `write` this is, and that sink is
+/// live (see [`Sink`]); `bytes` is borrowed for the call.
 unsafe extern "C" fn append(ctx: *mut c_void, bytes: Bytes) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `ctx` is the `Vec<u8>` of the `collect` call that made
-        // this sink, alive and not otherwise borrowed while its callee runs;
-        // `bytes` is borrowed for this call.
+        // SAFETY: by this function's contract, `ctx` is the `Vec<u8>` of a
+        // `collect` call whose callee is running (see `Sink::put`), touched
+        // by nothing else during this write; `bytes` is borrowed for this
+        // call.
         let (buffer, bytes) = unsafe { (&mut *ctx.cast::<Vec<u8>>(), bytes.as_slice()) };
         buffer.extend_from_slice(bytes);
     }));
@@ -186,19 +251,23 @@ unsafe extern "C" fn append(ctx: *mut c_void, bytes: Bytes) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status(pub u32);
 
-impl Status {
-    /// Done.
-    pub const OK: Self = Self(0);
-    /// Can never succeed: a payload that does not fit, a plugin function
-    /// that refused its settings, bad SQL.
-    pub const PERMANENT: Self = Self(1);
-    /// May succeed later.
-    pub const TRANSIENT: Self = Self(2);
-    /// The callee panicked; the panic was caught on its side.
-    pub const PANICKED: Self = Self(3);
-    /// The terminal's storage outside the database cannot take writes now.
-    pub const STORAGE: Self = Self(4);
+codes! {
+    Status::CODES: Self = [
+        /// Done.
+        OK = Self(0),
+        /// Can never succeed: a payload that does not fit, a plugin function
+        /// that refused its settings, bad SQL.
+        PERMANENT = Self(1),
+        /// May succeed later.
+        TRANSIENT = Self(2),
+        /// The callee panicked; the panic was caught on its side.
+        PANICKED = Self(3),
+        /// The terminal's storage outside the database cannot take writes now.
+        STORAGE = Self(4),
+    ]
+}
 
+impl Status {
     /// The status and message that carry `result` across.
     pub fn of(result: Result<(), crate::HandlerError>) -> (Self, String) {
         use crate::HandlerError;
@@ -247,18 +316,22 @@ pub struct Value {
     pub bytes: Bytes,
 }
 
-impl Value {
-    /// SQL NULL.
-    pub const NULL: u32 = 0;
-    /// `integer`.
-    pub const INTEGER: u32 = 1;
-    /// `real`.
-    pub const REAL: u32 = 2;
-    /// `bytes`, UTF-8.
-    pub const TEXT: u32 = 3;
-    /// `bytes`.
-    pub const BLOB: u32 = 4;
+codes! {
+    Value::KINDS: u32 = [
+        /// SQL NULL.
+        NULL = 0,
+        /// `integer`.
+        INTEGER = 1,
+        /// `real`.
+        REAL = 2,
+        /// `bytes`, UTF-8.
+        TEXT = 3,
+        /// `bytes`.
+        BLOB = 4,
+    ]
+}
 
+impl Value {
     /// `value`, borrowed for a call.
     pub fn of(value: &crate::Value) -> Self {
         let blank = Self {
@@ -542,9 +615,17 @@ impl Header {
     /// plugin never uses it.
     #[doc(hidden)]
     pub const fn claiming_sdk(self, version: SdkVersion) -> Self {
+        self.claiming_prerelease(version, "")
+    }
+
+    /// Test-only: this header claiming the pre-release `pre` of SDK
+    /// `version` (`0.3.0-alpha.1` for 0.3.0 and `alpha.1`), for the fixture
+    /// that checks the host refuses a pre-release other than its own.
+    #[doc(hidden)]
+    pub const fn claiming_prerelease(self, version: SdkVersion, pre: &str) -> Self {
         Self {
             sdk: version,
-            sdk_text: version.inline(),
+            sdk_text: version.inline(pre),
             ..self
         }
     }
@@ -563,7 +644,7 @@ signatures! {
     /// See [`RowSink`].
     pub type RowFn = unsafe extern "C" fn(ctx: *mut c_void, values: *const Value, count: usize);
     /// See [`Effect`].
-    pub type EffectFn = unsafe extern "C" fn(data: *mut c_void, message: Sink) -> Status;
+    pub type EffectFn = unsafe extern "C" fn(data: *mut c_void, message: Sink<'_>) -> Status;
     /// See [`StoreApi::execute`].
     pub type ExecuteFn = unsafe extern "C" fn(
         ctx: *mut c_void,
@@ -571,7 +652,7 @@ signatures! {
         params: *const Value,
         count: usize,
         changed: *mut u64,
-        error: Sink,
+        error: Sink<'_>,
     ) -> Status;
     /// See [`StoreApi::query_row`].
     pub type QueryRowFn = unsafe extern "C" fn(
@@ -580,7 +661,7 @@ signatures! {
         params: *const Value,
         count: usize,
         row: RowSink,
-        error: Sink,
+        error: Sink<'_>,
     ) -> Status;
     /// See [`StoreApi::after_commit`].
     pub type TakeEffectFn = unsafe extern "C" fn(ctx: *mut c_void, effect: Effect);
@@ -598,16 +679,16 @@ signatures! {
         applies: u32,
         host: *const HostServices,
         instance: *mut *mut Instance,
-        message: Sink,
+        message: Sink<'_>,
     ) -> Status;
     /// Writes the instance's [`Description`] as JSON to `out`.
-    pub type DescribeFn = unsafe extern "C" fn(instance: *const Instance, out: Sink) -> Status;
+    pub type DescribeFn = unsafe extern "C" fn(instance: *const Instance, out: Sink<'_>) -> Status;
     /// Checks that `payload` decodes and validates as `message_type`.
     pub type CheckFn = unsafe extern "C" fn(
         instance: *const Instance,
         message_type: Bytes,
         payload: Bytes,
-        message: Sink,
+        message: Sink<'_>,
     ) -> Status;
     /// Applies one message through `store`.
     pub type HandleFn = unsafe extern "C" fn(
@@ -615,11 +696,11 @@ signatures! {
         context: *const MessageContext,
         payload: Bytes,
         store: *const StoreApi,
-        message: Sink,
+        message: Sink<'_>,
     ) -> Status;
     /// Drops the instance; a panic in the plugin's `Drop` is reported as
     /// [`Status::PANICKED`].
-    pub type DestroyFn = unsafe extern "C" fn(instance: *mut Instance, message: Sink) -> Status;
+    pub type DestroyFn = unsafe extern "C" fn(instance: *mut Instance, message: Sink<'_>) -> Status;
 }
 
 /// What a plugin library exports under [`SYMBOL`].
@@ -644,8 +725,9 @@ pub struct Declaration {
 
 /// What a plugin says about itself, as JSON through [`DescribeFn`].
 ///
-/// A host reads the descriptions of plugins built with older SDKs of its
-/// line: a field added within a line must be optional (`#[serde(default)]`).
+/// A host reads the descriptions of plugins built with older and newer SDKs
+/// of its line: a field added within a line must be optional
+/// (`#[serde(default)]`), and one a host does not know is ignored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Description {
     /// The plugin's own name.
