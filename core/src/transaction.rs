@@ -1,9 +1,9 @@
 //! The transaction one batch applies in: the statements it runs, kept
 //! prepared until it ends, and possync's bookkeeping written inside it.
 
+use possync_sdk::__sqlite::{Param, is_store_level, to_value};
 use possync_sdk::{Effect, Store, StoreError, Value, Version};
-use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{CachedStatement, Connection, ErrorCode, ToSql, params};
+use rusqlite::{CachedStatement, Connection, params};
 
 use crate::effects::Effects;
 use crate::store::{ProgressRecord, Quarantined, add_progress, unix_now};
@@ -216,55 +216,6 @@ impl std::fmt::Debug for SqliteStore<'_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").finish_non_exhaustive()
     }
-}
-
-struct Param<'a>(&'a Value);
-
-impl ToSql for Param<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self.0 {
-            Value::Null => ValueRef::Null,
-            Value::Integer(v) => ValueRef::Integer(*v),
-            Value::Real(v) => ValueRef::Real(*v),
-            Value::Text(v) => ValueRef::Text(v.as_bytes()),
-            Value::Blob(v) => ValueRef::Blob(v),
-        }))
-    }
-}
-
-fn to_value(value: ValueRef<'_>) -> Value {
-    match value {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(v) => Value::Integer(v),
-        ValueRef::Real(v) => Value::Real(v),
-        ValueRef::Text(v) => Value::Text(String::from_utf8_lossy(v).into_owned()),
-        ValueRef::Blob(v) => Value::Blob(v.to_vec()),
-    }
-}
-
-/// Whether `err` is a failure of the database itself (locked, full,
-/// unreadable), not of the statement: it would fail any message, so it
-/// stalls the batch instead of counting against one message.
-// possync-testkit keeps the same list (sdk/testkit/src/store.rs): keep both alike.
-pub(crate) fn is_store_level(err: &rusqlite::Error) -> bool {
-    matches!(
-        err.sqlite_error_code(),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::OutOfMemory
-                | ErrorCode::CannotOpen
-                | ErrorCode::ReadOnly
-                | ErrorCode::PermissionDenied
-                | ErrorCode::DatabaseCorrupt
-                | ErrorCode::NotADatabase
-                | ErrorCode::FileLockingProtocolFailed
-                | ErrorCode::NoLargeFileSupport
-                | ErrorCode::InternalMalfunction
-        )
-    )
 }
 
 impl SqliteStore<'_, '_> {

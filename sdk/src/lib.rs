@@ -80,6 +80,12 @@ pub mod __host;
 #[path = "ffi/mod.rs"]
 pub mod __ffi;
 
+/// The store over SQLite, as the runtimes that give handlers one share it.
+#[cfg(feature = "sqlite")]
+#[doc(hidden)]
+#[path = "sqlite.rs"]
+pub mod __sqlite;
+
 #[doc(hidden)]
 pub mod __private {
     pub use inventory;

@@ -1,9 +1,9 @@
 //! The [`Store`] a handler writes through in a test: the open transaction,
 //! and what the handler asked to happen after it.
 
+use possync_sdk::__sqlite::{Param, is_store_level, to_value};
 use possync_sdk::{Effect, Store, StoreError, Value, Version};
-use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, ErrorCode, ToSql};
+use rusqlite::Connection;
 
 use crate::Stale;
 
@@ -28,25 +28,7 @@ impl<'t> TestStore<'t> {
     }
 
     fn failed(&mut self, err: rusqlite::Error) -> StoreError {
-        let store_level = matches!(
-            err.sqlite_error_code(),
-            Some(
-                // The terminal's list (possync-core's transaction.rs): keep both alike.
-                ErrorCode::DatabaseBusy
-                    | ErrorCode::DatabaseLocked
-                    | ErrorCode::DiskFull
-                    | ErrorCode::SystemIoFailure
-                    | ErrorCode::OutOfMemory
-                    | ErrorCode::CannotOpen
-                    | ErrorCode::ReadOnly
-                    | ErrorCode::PermissionDenied
-                    | ErrorCode::DatabaseCorrupt
-                    | ErrorCode::NotADatabase
-                    | ErrorCode::FileLockingProtocolFailed
-                    | ErrorCode::NoLargeFileSupport
-                    | ErrorCode::InternalMalfunction
-            )
-        );
+        let store_level = is_store_level(&err);
         if !store_level {
             return StoreError::permanent(err.to_string());
         }
@@ -127,29 +109,5 @@ fn run_all(effects: impl IntoIterator<Item = Effect>) {
                 possync_sdk::__host::panic_message(panic.as_ref())
             );
         }
-    }
-}
-
-struct Param<'a>(&'a Value);
-
-impl ToSql for Param<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self.0 {
-            Value::Null => ValueRef::Null,
-            Value::Integer(v) => ValueRef::Integer(*v),
-            Value::Real(v) => ValueRef::Real(*v),
-            Value::Text(v) => ValueRef::Text(v.as_bytes()),
-            Value::Blob(v) => ValueRef::Blob(v),
-        }))
-    }
-}
-
-fn to_value(value: ValueRef<'_>) -> Value {
-    match value {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(v) => Value::Integer(v),
-        ValueRef::Real(v) => Value::Real(v),
-        ValueRef::Text(v) => Value::Text(String::from_utf8_lossy(v).into_owned()),
-        ValueRef::Blob(v) => Value::Blob(v.to_vec()),
     }
 }
