@@ -83,7 +83,7 @@ impl<'r> Types<'r> {
         payload: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), String> {
         fields::check_bounds(self.fields(message_type)?, payload)?;
-        let text = serde_json::Value::Object(payload.clone()).to_string();
+        let text = serde_json::to_string(payload).map_err(|err| err.to_string())?;
         self.registry
             .check(message_type, &text)
             .map_err(|err| err.to_string())

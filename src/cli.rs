@@ -147,10 +147,13 @@ enum PluginsCommand {
 }
 
 pub(crate) fn main() -> ExitCode {
-    // `publish --help` lists the message types the built-in plugins know;
-    // a plugin library adds its own (`possync publish types`).
-    let command =
-        Cli::command().mut_subcommand("publish", |publish| publish.after_help(publish_help()));
+    // `publish --help` lists the message types the built-in plugins know (a
+    // plugin library adds its own: `possync publish types`). Listing them
+    // builds the plugins and their schemas, so only a publish command does.
+    let mut command = Cli::command();
+    if std::env::args_os().any(|arg| arg == "publish") {
+        command = command.mut_subcommand("publish", |publish| publish.after_help(publish_help()));
+    }
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|err| err.exit());
     // The demo and one-shot commands print their own results; only trouble should add to them.
     let format = match cli.log_format {
