@@ -222,7 +222,7 @@ impl Registry {
         let version = env!("CARGO_PKG_VERSION");
         let mut entries = Vec::new();
         for built_in in possync_sdk::__host::built_in() {
-            let plugin = build_built_in(built_in.plugin_fn(), applies)?;
+            let plugin = build_built_in(built_in, applies)?;
             let enabled = match plugins.get(possync_sdk::__host::name(&plugin)) {
                 Some(PluginSetting::Toggle(on)) => *on,
                 _ => true,
@@ -398,13 +398,14 @@ pub enum CheckError {
 
 /// Builds a built-in plugin with no settings (built-ins have none).
 fn build_built_in(
-    make: possync_sdk::PluginFn,
+    built_in: &possync_sdk::__host::BuiltIn,
     applies: bool,
 ) -> Result<possync_sdk::Plugin, RegistryError> {
     let mut settings = Settings::new("built-in", serde_json::Value::Null);
     if !applies {
         settings = settings.checking_only();
     }
+    let make = built_in.plugin_fn();
     let made = std::panic::catch_unwind(|| make(&settings)).unwrap_or_else(|panic| {
         Err(format!(
             "panicked: {}",
@@ -412,7 +413,7 @@ fn build_built_in(
         ))
     });
     made.map_err(|reason| RegistryError::BuiltIn {
-        plugin: format!("{make:p}"),
+        plugin: built_in.origin().to_owned(),
         reason,
     })
 }

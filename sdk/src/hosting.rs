@@ -9,17 +9,26 @@ use crate::{Context, HandlerError, Migration, Store};
 #[derive(Debug)]
 pub struct BuiltIn {
     make: PluginFn,
+    /// The function's path as registered, to name the plugin before it
+    /// has a name of its own (when building it fails).
+    origin: &'static str,
 }
 
 impl BuiltIn {
-    /// A registration that builds the plugin with `make`.
-    pub const fn new(make: PluginFn) -> Self {
-        Self { make }
+    /// A registration that builds the plugin with `make`, registered as
+    /// `origin`.
+    pub const fn new(make: PluginFn, origin: &'static str) -> Self {
+        Self { make, origin }
     }
 
     /// The plugin's function.
     pub fn plugin_fn(&self) -> PluginFn {
         self.make
+    }
+
+    /// Where the plugin was registered: its function's path.
+    pub fn origin(&self) -> &'static str {
+        self.origin
     }
 }
 
@@ -118,7 +127,7 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 macro_rules! register_builtin {
     ($plugin:path) => {
         $crate::__private::inventory::submit! {
-            $crate::__host::BuiltIn::new($plugin)
+            $crate::__host::BuiltIn::new($plugin, concat!(module_path!(), "::", stringify!($plugin)))
         }
     };
 }
