@@ -135,7 +135,8 @@ enum AdminCommand {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the configuration possync would use, as TOML, with every
-    /// password replaced by ***.
+    /// password replaced by *** (and plugin settings whose names say
+    /// password, secret, token or key).
     Show,
 }
 

@@ -215,15 +215,20 @@ impl Field {
 /// larger than `limit` (a message could not carry it).
 pub(crate) fn read_base64_file(path: &str, limit: usize) -> Result<Value, String> {
     use base64::Engine;
-    let size = std::fs::metadata(path)
-        .map_err(|err| format!("cannot read {path}: {err}"))?
-        .len();
-    if size > limit as u64 {
+    use std::io::Read;
+    let cannot = |err: std::io::Error| format!("cannot read {path}: {err}");
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    // Read at most one byte past the limit: a pipe or a device says nothing
+    // of its size beforehand.
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() > limit {
         return Err(format!(
-            "{path} is {size} bytes, over the terminals' limit of {limit} bytes (terminal.max_message_bytes)"
+            "{path} is over the terminals' limit of {limit} bytes (terminal.max_message_bytes)"
         ));
     }
-    let bytes = std::fs::read(path).map_err(|err| format!("cannot read {path}: {err}"))?;
     Ok(Value::String(
         base64::engine::general_purpose::STANDARD.encode(bytes),
     ))
@@ -360,6 +365,8 @@ mod tests {
             err.contains("limit of 3 bytes (terminal.max_message_bytes)"),
             "{err}"
         );
+        let err = read_base64_file("/dev/zero", 1000).expect_err("endless");
+        assert!(err.contains("limit of 1000 bytes"), "{err}");
         let err = read_base64_file("/no/such/file", 100).expect_err("missing");
         assert!(err.starts_with("cannot read /no/such/file"), "{err}");
         // A value (a CSV cell, say) is never taken for a file name.

@@ -789,20 +789,63 @@ async fn a_check_that_panics_in_a_plugin_is_reported_with_its_name_and_its_messa
 #[tokio::test(flavor = "multi_thread")]
 async fn an_effect_that_panics_in_a_plugin_is_contained_and_its_message_stays_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let ran = dir.path().join("effects-ran");
     let (_, mut terminal, publisher) = panicky_terminal(
         dir.path(),
         "effect",
         &[
-            ("panicky_update", serde_json::json!({ "n": 1 })),
-            ("panicky_update", serde_json::json!({ "n": 2 })),
+            (
+                "panicky_update",
+                serde_json::json!({ "n": 1, "effect_ran": ran }),
+            ),
+            (
+                "panicky_update",
+                serde_json::json!({ "n": 2, "effect_ran": ran }),
+            ),
         ],
     )
     .await;
     terminal.wait_applied(2).await;
+    // Each message's effect ran once, after its commit, and panicked.
+    let runs = || std::fs::read(&ran).map_or(0, |bytes| bytes.len());
+    eventually("both effects to run", || runs() >= 2).await;
+    assert_eq!(runs(), 2);
     let db = terminal.db();
     assert_eq!(count(&db, "SELECT count(*) FROM panicky"), 2);
     assert_eq!(count(&db, "SELECT count(*) FROM possync_quarantine"), 0);
     assert!(terminal.status.borrow().is_live());
+    publisher.close().await;
+    terminal.stop().await;
+}
+
+/// A batch in which one message fails runs again with a savepoint per
+/// message: the effects of the first pass, rolled back, never run; those of
+/// the pass that commits run once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_run_again_after_a_failed_message_runs_each_effect_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ran = dir.path().join("effects-ran");
+    let (_, mut terminal, publisher) = panicky_terminal(
+        dir.path(),
+        "effect",
+        &[
+            (
+                "panicky_update",
+                serde_json::json!({ "n": 1, "effect_ran": ran }),
+            ),
+            ("panicky_update", serde_json::json!({ "n": "not a number" })),
+            (
+                "panicky_update",
+                serde_json::json!({ "n": 3, "effect_ran": ran }),
+            ),
+        ],
+    )
+    .await;
+    terminal.wait_settled(2, 1).await;
+    let runs = || std::fs::read(&ran).map_or(0, |bytes| bytes.len());
+    eventually("both effects to run", || runs() >= 2).await;
+    assert_eq!(runs(), 2);
+    assert_eq!(count(&terminal.db(), "SELECT count(*) FROM panicky"), 2);
     publisher.close().await;
     terminal.stop().await;
 }

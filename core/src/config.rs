@@ -549,8 +549,34 @@ impl Config {
         let mut shown = self.clone();
         shown.broker.urls = shown.broker.urls.iter().map(|u| redact_url(u)).collect();
         shown.admin.password = "***".into();
+        for plugin in shown.plugins.values_mut() {
+            if let PluginSetting::Dynamic(dynamic) = plugin {
+                for (key, value) in &mut dynamic.settings {
+                    hide_secret_setting(key, value);
+                }
+            }
+        }
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|err| format!("# cannot show the config: {err}\n"))
+    }
+}
+
+/// Replaces with `***` a plugin setting whose name says it holds a secret
+/// (`password`, `secret`, `token`, `key`), in tables within it too: possync
+/// cannot know a plugin's settings, only their names.
+fn hide_secret_setting(key: &str, value: &mut serde_json::Value) {
+    let name = key.to_ascii_lowercase();
+    if ["password", "secret", "token", "key"]
+        .iter()
+        .any(|word| name.contains(word))
+    {
+        *value = serde_json::Value::String("***".into());
+        return;
+    }
+    if let serde_json::Value::Object(table) = value {
+        for (key, value) in table.iter_mut() {
+            hide_secret_setting(key, value);
+        }
     }
 }
 
@@ -676,6 +702,22 @@ mod tests {
         let path = dir.path().join("possync.toml");
         std::fs::write(&path, text).expect("writes");
         Config::load(Some(&path)).expect("loads").config
+    }
+
+    #[test]
+    fn config_show_hides_plugin_settings_named_as_secrets() {
+        let config = loaded(
+            "[plugins.upload]\npath = \"/opt/libupload.so\"\n\n[plugins.upload.settings]\napi_password = \"AnotherSecret456\"\nfolder = \"/var/lib/pos\"\n\n[plugins.upload.settings.remote]\nToken = \"tok-789\"\n",
+        );
+        let shown = config.to_redacted_toml();
+        assert!(
+            !shown.contains("AnotherSecret456") && !shown.contains("tok-789"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("/var/lib/pos"),
+            "other settings stay readable: {shown}"
+        );
     }
 
     #[test]

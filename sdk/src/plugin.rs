@@ -192,17 +192,55 @@ impl Settings {
         &self.plugin
     }
 
-    /// The settings, decoded; the error names the table and the problem.
-    /// Use `#[serde(deny_unknown_fields)]` so that a typo is an error, and
+    /// The settings, decoded; the error names the table, the key and the
+    /// problem, never the value (a setting may be a password). Use
+    /// `#[serde(deny_unknown_fields)]` so that a typo is an error, and
     /// `#[serde(default)]` so that a plugin without settings starts.
     pub fn get<T: DeserializeOwned>(&self) -> Result<T, String> {
         let values = match &self.values {
             serde_json::Value::Null => serde_json::Value::Object(Default::default()),
             other => other.clone(),
         };
-        T::deserialize(values)
-            .map_err(|err| format!("[plugins.{}.settings] is not valid: {err}", self.plugin))
+        serde_path_to_error::deserialize(values).map_err(|err| {
+            let path = err.path().to_string();
+            let problem = without_values(&err.into_inner().to_string());
+            // "unknown field `x`" and "missing field `x`" name their key.
+            let key = if path == "." || problem.contains(" field `") {
+                String::new()
+            } else {
+                format!(" {path}")
+            };
+            format!(
+                "[plugins.{}.settings]{key} is not valid: {problem}",
+                self.plugin
+            )
+        })
     }
+}
+
+/// A serde error's message with the value it quotes left out: `invalid
+/// type: string "hunter2", expected usize` becomes `invalid type: string,
+/// expected usize`. Keys (`unknown field `x``) stay: they are the config's
+/// own words.
+fn without_values(message: &str) -> String {
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(lead)
+            && let Some((unexpected, expected)) = rest.split_once(", expected ")
+        {
+            let kind = unexpected
+                .split(['"', '`'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            return format!("{lead}{kind}, expected {expected}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ")
+        && let Some((_, expected)) = rest.split_once(", expected ")
+    {
+        return format!("unknown variant, expected {expected}");
+    }
+    message.to_owned()
 }
 
 /// A plugin's function: builds the plugin from its settings, or says why
@@ -222,3 +260,53 @@ impl Settings {
 /// assert!(plugin(&Settings::new("tables", serde_json::json!(0))).is_err());
 /// ```
 pub type PluginFn = fn(&Settings) -> Result<Plugin, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Upload {
+        max_bytes: usize,
+        mode: Mode,
+        #[serde(default)]
+        token: Option<u32>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    enum Mode {
+        Fast,
+    }
+
+    fn refused(values: serde_json::Value) -> String {
+        Settings::new("upload", values)
+            .get::<Upload>()
+            .expect_err("refused")
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_kind_is_named_by_its_key_never_shown() {
+        let err = refused(serde_json::json!({"max_bytes": "TopSecret123", "mode": "Fast"}));
+        assert_eq!(
+            err,
+            "[plugins.upload.settings] max_bytes is not valid: invalid type: string, expected usize"
+        );
+        let err = refused(serde_json::json!({"max_bytes": 1, "mode": "Fast", "token": -77123}));
+        assert!(!err.contains("77123") && err.contains("token"), "{err}");
+        let err = refused(serde_json::json!({"max_bytes": 1, "mode": "Secret-Mode"}));
+        assert!(
+            !err.contains("Secret-Mode") && err.contains("mode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_or_missing_key_is_named() {
+        let err = refused(serde_json::json!({"max_byte": 1, "mode": "Fast"}));
+        assert!(err.contains("unknown field `max_byte`"), "{err}");
+        let err = refused(serde_json::json!({"mode": "Fast"}));
+        assert!(err.contains("missing field `max_bytes`"), "{err}");
+    }
+}
