@@ -15,6 +15,7 @@ mod consumer;
 mod dispatch;
 mod doctor;
 mod effects;
+mod entity;
 mod events;
 mod failpoint;
 mod host;
@@ -42,6 +43,7 @@ pub use config::{
 };
 pub use connection::BrokerError;
 pub use doctor::{Check, config_sources, diagnose};
+pub use entity::{ChangeKind, ENTITY_KEYWORD, EntityChange, EntityError, EntityRule};
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
 pub use in_process::{DeadLetter, InProcessBroker};
 pub use plugin_loader::PluginLoadError;

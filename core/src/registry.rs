@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use possync_sdk::{Context, HandlerError, Migration, Settings, Store};
 
 use crate::config::PluginSetting;
+use crate::entity::EntityRule;
 use crate::plugin_loader::{self, DynamicPlugin, PluginLoadError};
 
 /// Where a handler comes from.
@@ -72,6 +73,9 @@ pub enum RegistryError {
     /// Two handlers register under one name.
     #[error("two plugins are named {0:?}")]
     DuplicateName(String),
+    /// A plugin declares its entity in a way the core cannot read.
+    #[error("{0}; fix the plugin's payload schema")]
+    Entity(String),
     /// A built-in plugin refused to start (its function failed or panicked).
     #[error("built-in plugin {plugin}: {reason}")]
     BuiltIn {
@@ -193,6 +197,8 @@ pub struct Registry {
     /// A plugin handles a few types: finding one by comparing a few
     /// strings is cheaper than hashing its name with SipHash.
     routes: BTreeMap<String, usize>,
+    /// The entity each enabled type changes, as its schema declares.
+    entities: BTreeMap<String, EntityRule>,
 }
 
 impl Registry {
@@ -310,10 +316,25 @@ impl Registry {
                 }
             }
         }
+        let mut entities = BTreeMap::new();
+        for (message_type, &index) in &routes {
+            let entry = &entries[index];
+            if !entry.enabled {
+                continue;
+            }
+            if let Some(schema) = entry.plugin.schema(message_type) {
+                if let Some(rule) = EntityRule::from_schema(message_type, &schema)
+                    .map_err(|err| RegistryError::Entity(err.to_string()))?
+                {
+                    entities.insert(message_type.clone(), rule);
+                }
+            }
+        }
         Ok(Self {
             entries,
             unloaded,
             routes,
+            entities,
         })
     }
 
@@ -360,6 +381,12 @@ impl Registry {
             Route::Handler(plugin) => plugin.schema(message_type),
             _ => None,
         }
+    }
+
+    /// The entity a message type changes and how, if its plugin declares it
+    /// (see [`EntityRule`]).
+    pub fn entity_rule(&self, message_type: &str) -> Option<&EntityRule> {
+        self.entities.get(message_type)
     }
 
     /// Whether `payload` is a valid payload of `message_type` as the enabled

@@ -46,6 +46,20 @@ pub struct Envelope {
     /// publisher: orders updates of the same entity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i64>,
+    /// The store's sequence number, given by `possync backend` (per store,
+    /// gapless, from 1): when present it orders the store's changes and
+    /// clocks order nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    /// Which publisher connection sent the message (possync's publisher
+    /// names each of its connections uniquely).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher_id: Option<String>,
+    /// The message's number among those of `publisher_id`, from 1: a
+    /// terminal drops a message numbered at or below the last it applied
+    /// from that publisher, without a record per message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher_seq: Option<i64>,
 }
 
 /// Where an update stands in the order of changes to its entity.
@@ -96,6 +110,9 @@ impl PartialEq for Envelope {
             && self.timestamp == other.timestamp
             && self.message_id == other.message_id
             && self.version == other.version
+            && self.seq == other.seq
+            && self.publisher_id == other.publisher_id
+            && self.publisher_seq == other.publisher_seq
     }
 }
 
@@ -124,6 +141,9 @@ impl Envelope {
             timestamp: None,
             message_id: None,
             version: None,
+            seq: None,
+            publisher_id: None,
+            publisher_seq: None,
         }
     }
 
@@ -145,6 +165,21 @@ impl Envelope {
     #[must_use]
     pub fn with_version(mut self, version: i64) -> Self {
         self.version = Some(version);
+        self
+    }
+
+    /// Sets the store's sequence number.
+    #[must_use]
+    pub fn with_seq(mut self, seq: i64) -> Self {
+        self.seq = Some(seq);
+        self
+    }
+
+    /// Sets the publisher connection's id and the message's number on it.
+    #[must_use]
+    pub fn with_publisher_seq(mut self, publisher_id: impl Into<String>, seq: i64) -> Self {
+        self.publisher_id = Some(publisher_id.into());
+        self.publisher_seq = Some(seq);
         self
     }
 

@@ -7,6 +7,7 @@ use crate::tables::{self, CATEGORIES, MIGRATIONS};
 
 /// The payload of `category_update`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "category", "id": "category_id", "change": "replace"}))]
 pub struct CategoryUpdate {
     /// The category's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]

@@ -7,6 +7,7 @@ use crate::tables::{self, MIGRATIONS, PRODUCTS};
 
 /// The payload of `product_update`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "product", "id": "product_id", "change": "replace"}))]
 pub struct ProductUpdate {
     /// The product's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]

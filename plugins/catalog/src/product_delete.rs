@@ -8,6 +8,7 @@ use crate::tables::{self, MIGRATIONS, PRODUCTS};
 
 /// The payload of `product_delete`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "product", "id": "product_id", "change": "delete"}))]
 pub struct ProductDelete {
     /// The product's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]

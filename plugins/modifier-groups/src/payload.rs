@@ -17,6 +17,7 @@ pub struct Modifier {
 
 /// `modifier_group_update`: creates or replaces a group as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "modifier_group", "id": "group_id", "change": "replace"}))]
 pub struct ModifierGroupUpdate {
     /// The group's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]
@@ -69,6 +70,7 @@ impl Payload for ModifierGroupUpdate {
 
 /// `modifier_group_delete`: removes a group, its modifiers and its links.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "modifier_group", "id": "group_id", "change": "delete"}))]
 pub struct ModifierGroupDelete {
     /// The group's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]

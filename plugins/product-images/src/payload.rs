@@ -12,6 +12,7 @@ pub const DEFAULT_MAX_IMAGE_BYTES: usize = 5 * 1024 * 1024;
 
 /// `image_update`: a product's picture, whole, with its hash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "product_image", "id": "product_id", "change": "replace"}))]
 pub struct ImageUpdate {
     /// The product the picture shows (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]
@@ -80,6 +81,7 @@ impl Payload for ImageUpdate {
 
 /// `image_delete`: removes a product's picture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "product_image", "id": "product_id", "change": "delete"}))]
 pub struct ImageDelete {
     /// The product (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]

@@ -1,0 +1,267 @@
+//! Which entity a message changes, and how: declared by a plugin in its
+//! payload's JSON Schema, read by the core without knowing any type.
+//!
+//! A payload schema may carry, at its root,
+//!
+//! ```json
+//! "x-possync-entity": {"entity": "product", "id": "product_id",
+//!                      "change": "merge", "fields": {"new_price": "price"}}
+//! ```
+//!
+//! `entity` names the kind of row, `id` the payload field that identifies
+//! it, `change` whether the payload replaces the entity's state, merges into
+//! it (only the fields it carries change) or deletes it, and `fields`
+//! renames payload fields to the entity's field names (so that a
+//! `price_update`'s `new_price` and a `product_update`'s `price` are one
+//! field). The backend keeps each entity's state from these declarations;
+//! a terminal uses them to skip changes a later one in the same batch
+//! overwrites. A type without a declaration is still sequenced, published
+//! and applied; it only has no state in the backend's catalog.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The schema keyword of the declaration.
+pub const ENTITY_KEYWORD: &str = "x-possync-entity";
+
+/// How a message type changes its entity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityRule {
+    /// The kind of entity, for example `product`.
+    pub entity: String,
+    /// The payload field holding the entity's id (a string or an integer).
+    pub id: String,
+    /// Replace, merge into, or delete the entity.
+    pub change: ChangeKind,
+    /// Payload field → entity field, for fields named differently.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// What a message does to its entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// The payload is the entity's whole state.
+    Replace,
+    /// The payload's fields replace those fields of the state; the others
+    /// stay. An entity that does not exist yet is created from them.
+    Merge,
+    /// The entity is gone.
+    Delete,
+}
+
+/// One message's change to one entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityChange {
+    /// The kind of entity.
+    pub entity: String,
+    /// Its id.
+    pub id: String,
+    /// What happens to it.
+    pub kind: ChangeKind,
+    /// The payload's fields under their entity names (empty for a delete).
+    /// A field that is `null` or absent is not part of the change.
+    pub fields: Map<String, Value>,
+}
+
+/// A declaration that does not describe a payload of its type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntityError {
+    /// The declaration itself is malformed.
+    #[error("the {ENTITY_KEYWORD} declaration of {message_type} is invalid: {reason}")]
+    Declaration {
+        /// The message type.
+        message_type: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A payload lacks the declared id, or is not an object.
+    #[error("{0}")]
+    Payload(String),
+}
+
+impl EntityRule {
+    /// The rule a payload schema declares, if any.
+    pub fn from_schema(message_type: &str, schema: &Value) -> Result<Option<Self>, EntityError> {
+        let Some(declared) = schema.get(ENTITY_KEYWORD) else {
+            return Ok(None);
+        };
+        let rule: Self =
+            serde_json::from_value(declared.clone()).map_err(|err| EntityError::Declaration {
+                message_type: message_type.to_owned(),
+                reason: err.to_string(),
+            })?;
+        if rule.entity.is_empty() || rule.id.is_empty() {
+            return Err(EntityError::Declaration {
+                message_type: message_type.to_owned(),
+                reason: "`entity` and `id` must not be empty".into(),
+            });
+        }
+        Ok(Some(rule))
+    }
+
+    /// The change a payload (JSON text) makes.
+    pub fn change(&self, payload: &str) -> Result<EntityChange, EntityError> {
+        let object: Map<String, Value> = serde_json::from_str(payload)
+            .map_err(|err| EntityError::Payload(format!("the payload is not an object: {err}")))?;
+        let id = match object.get(&self.id) {
+            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+            Some(Value::Number(id)) => id.to_string(),
+            _ => {
+                return Err(EntityError::Payload(format!(
+                    "the payload has no {} (the {}'s id)",
+                    self.id, self.entity
+                )));
+            }
+        };
+        let fields = match self.change {
+            ChangeKind::Delete => Map::new(),
+            ChangeKind::Replace | ChangeKind::Merge => object
+                .into_iter()
+                .filter(|(_, value)| !value.is_null())
+                .map(|(field, value)| {
+                    let name = self.fields.get(&field).cloned().unwrap_or(field);
+                    (name, value)
+                })
+                .collect(),
+        };
+        Ok(EntityChange {
+            entity: self.entity.clone(),
+            id,
+            kind: self.change,
+            fields,
+        })
+    }
+}
+
+impl EntityChange {
+    /// The entity's state after this change, from its state before
+    /// (`None`: it does not exist). `None` after: it is deleted.
+    pub fn apply(&self, before: Option<Map<String, Value>>) -> Option<Map<String, Value>> {
+        match self.kind {
+            ChangeKind::Delete => None,
+            ChangeKind::Replace => Some(self.fields.clone()),
+            ChangeKind::Merge => {
+                let mut state = before.unwrap_or_default();
+                for (field, value) in &self.fields {
+                    state.insert(field.clone(), value.clone());
+                }
+                Some(state)
+            }
+        }
+    }
+
+    /// Whether this change, applied after `earlier`, leaves nothing of
+    /// `earlier` behind: the same entity, and a replace or delete, or a
+    /// merge of every field `earlier` merged.
+    pub fn overwrites(&self, earlier: &EntityChange) -> bool {
+        if self.entity != earlier.entity || self.id != earlier.id {
+            return false;
+        }
+        match (self.kind, earlier.kind) {
+            (ChangeKind::Replace | ChangeKind::Delete, _) => true,
+            (ChangeKind::Merge, ChangeKind::Merge) => {
+                earlier.fields.keys().all(|k| self.fields.contains_key(k))
+            }
+            (ChangeKind::Merge, _) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rule(change: &str) -> EntityRule {
+        let schema = json!({ ENTITY_KEYWORD: {
+            "entity": "product", "id": "product_id", "change": change,
+            "fields": {"new_price": "price"}
+        }});
+        EntityRule::from_schema("t", &schema)
+            .expect("valid")
+            .expect("declared")
+    }
+
+    #[test]
+    fn a_schema_without_a_declaration_has_no_rule() {
+        assert_eq!(
+            EntityRule::from_schema("t", &json!({"type": "object"})),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_malformed_declaration_names_the_type() {
+        let schema =
+            json!({ ENTITY_KEYWORD: {"entity": "product", "id": "id", "change": "upsert"}});
+        let err = EntityRule::from_schema("thing_update", &schema).expect_err("unknown change");
+        assert!(err.to_string().contains("thing_update"), "{err}");
+    }
+
+    #[test]
+    fn a_merge_renames_fields_and_keeps_the_others() {
+        let change = rule("merge")
+            .change(r#"{"product_id": 7, "new_price": 2.5, "product_name": null}"#)
+            .expect("valid");
+        assert_eq!(change.id, "7");
+        let before = json!({"product_id": "7", "price": 1.0, "product_name": "Tea"});
+        let after = change.apply(before.as_object().cloned()).expect("exists");
+        assert_eq!(
+            Value::Object(after),
+            json!({"product_id": 7, "price": 2.5, "product_name": "Tea"})
+        );
+    }
+
+    #[test]
+    fn a_replace_drops_fields_it_does_not_carry_and_a_delete_removes() {
+        let replace = rule("replace")
+            .change(r#"{"product_id": "P", "price": 3}"#)
+            .expect("valid");
+        let before = json!({"product_id": "P", "price": 1, "icon_name": "cup"});
+        assert_eq!(
+            replace
+                .apply(before.as_object().cloned())
+                .map(Value::Object),
+            Some(json!({"product_id": "P", "price": 3}))
+        );
+        let delete = rule("delete")
+            .change(r#"{"product_id": "P"}"#)
+            .expect("valid");
+        assert_eq!(delete.apply(before.as_object().cloned()), None);
+    }
+
+    #[test]
+    fn a_payload_without_its_id_is_refused() {
+        let err = rule("merge")
+            .change(r#"{"new_price": 1}"#)
+            .expect_err("no id");
+        assert!(err.to_string().contains("product_id"), "{err}");
+    }
+
+    #[test]
+    fn only_a_change_leaving_nothing_of_the_earlier_one_overwrites_it() {
+        let merge = rule("merge");
+        let price = merge
+            .change(r#"{"product_id": "P", "new_price": 1}"#)
+            .expect("valid");
+        let price_and_name = merge
+            .change(r#"{"product_id": "P", "new_price": 2, "product_name": "Tea"}"#)
+            .expect("valid");
+        let other = merge
+            .change(r#"{"product_id": "Q", "new_price": 1}"#)
+            .expect("valid");
+        let replace = rule("replace")
+            .change(r#"{"product_id": "P", "price": 1}"#)
+            .expect("valid");
+        assert!(price_and_name.overwrites(&price));
+        assert!(!price.overwrites(&price_and_name));
+        assert!(!other.overwrites(&price));
+        assert!(replace.overwrites(&price_and_name));
+        assert!(!price.overwrites(&replace));
+    }
+}
