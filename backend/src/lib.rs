@@ -6,7 +6,10 @@
 //! gapless, from 1); the caller is answered after that commit. A relay
 //! publishes the outbox in sequence order with publisher confirms.
 
+mod catalog;
 mod storage;
+
+pub use catalog::{Catalog, ChangeRequest, SubmitError};
 
 pub use storage::{
     Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, Storage,
