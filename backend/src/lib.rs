@@ -6,8 +6,10 @@
 //! gapless, from 1); the caller is answered after that commit. A relay
 //! publishes the outbox in sequence order with publisher confirms.
 
+pub mod api;
 mod catalog;
 mod storage;
+pub mod token;
 
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
 
