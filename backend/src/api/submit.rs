@@ -41,7 +41,7 @@ const MAX_MESSAGE_ID_LEN: usize = 128;
     tag = "changes",
     params(
         ("store" = String, Path, description = "The store's license key.", pattern = r"^[A-Za-z0-9_-]{1,64}$"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422.", min_length = 1, max_length = 255),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422.", min_length = 1, max_length = 255, pattern = r"^[!-~]{1,255}$"),
     ),
     request_body(content = ChangeBody, description = "The change."),
     responses(
@@ -84,7 +84,7 @@ pub(super) async fn submit_one(
     path = "/v1/changes",
     tag = "changes",
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422. Use one key per batch.", min_length = 1, max_length = 255),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422. Use one key per batch.", min_length = 1, max_length = 255, pattern = r"^[!-~]{1,255}$"),
     ),
     request_body(content = BatchBody, description = "The changes, at most 1000."),
     responses(
