@@ -9,6 +9,7 @@ use anyhow::Context;
 use possync_core::{LicenseKey, PublishError, Publisher, Registry};
 use possync_sdk::Envelope;
 
+use crate::backend_client::{BackendClient, MAX_BATCH, Outgoing};
 use crate::fields::{self, Field};
 
 /// Messages confirmed between two progress updates.
@@ -241,6 +242,74 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// What `possync publish bulk` did through the backend.
+#[derive(Debug, Default)]
+pub(crate) struct Submitted {
+    /// Changes given a sequence number.
+    pub(crate) sequenced: usize,
+    /// Changes older than what the catalog held: nothing changed.
+    pub(crate) stale: usize,
+    /// Each store's last sequence number given to these changes.
+    pub(crate) heads: Vec<(LicenseKey, i64)>,
+    /// The stores that failed, and why; their earlier batches stay applied.
+    pub(crate) failed: Vec<(LicenseKey, anyhow::Error)>,
+}
+
+/// Submits every good change for every store through the backend, in
+/// batches of [`CHUNK`] changes (one transaction each) with an idempotency
+/// key per batch, so that the client's retries never apply a batch twice.
+pub(crate) fn submit(
+    client: &BackendClient,
+    changes: &[Change],
+    stores: &[LicenseKey],
+) -> Submitted {
+    let mut progress = Progress::new((changes.len() * stores.len()) as u64);
+    let run = uuid::Uuid::now_v7();
+    let mut submitted = Submitted::default();
+    for store in stores {
+        let mut head = None;
+        for (index, chunk) in changes.chunks(CHUNK.min(MAX_BATCH)).enumerate() {
+            let batch: Result<Vec<Outgoing>, _> = chunk
+                .iter()
+                .map(|(_, message_type, payload)| {
+                    Ok::<_, serde_json::Error>(Outgoing {
+                        store: store.as_str().to_owned(),
+                        message_type: message_type.clone(),
+                        payload: serde_json::value::to_raw_value(payload)?,
+                    })
+                })
+                .collect();
+            let key = format!("bulk-{run}-{store}-{index}");
+            match batch
+                .map_err(anyhow::Error::from)
+                .and_then(|batch| client.submit(&batch, &key))
+            {
+                Ok(answered) => {
+                    for change in &answered {
+                        match change.seq {
+                            Some(seq) => {
+                                submitted.sequenced += 1;
+                                head = Some(seq);
+                            }
+                            None => submitted.stale += 1,
+                        }
+                    }
+                    progress.advance(answered.len() as u64);
+                }
+                Err(err) => {
+                    submitted.failed.push((store.clone(), err));
+                    break;
+                }
+            }
+        }
+        if let Some(head) = head {
+            submitted.heads.push((store.clone(), head));
+        }
+    }
+    progress.finish();
+    submitted
 }
 
 /// Publishes every good change to every store; returns how many were

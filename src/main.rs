@@ -1,5 +1,6 @@
 //! `possync`: the core runtime bundled with the built-in handlers.
 
+mod backend_client;
 mod bulk;
 mod cli;
 mod demo;

@@ -7,6 +7,7 @@ use clap::{Arg, ArgAction, Args, Subcommand};
 use possync_core::{Config, LicenseKey, Publisher, Registry};
 use possync_sdk::Envelope;
 
+use crate::backend_client::{BackendClient, Outgoing};
 use crate::fields::{self, Field};
 
 #[derive(Debug, Subcommand)]
@@ -103,8 +104,27 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
     send(config, envelopes).await
 }
 
-/// Publishes `envelopes` and prints each confirm.
+/// Publishes `envelopes` through the backend when one is configured, else
+/// straight to the broker, and prints each change's fate and its path.
 async fn send(config: &Config, envelopes: Vec<Envelope>) -> anyhow::Result<ExitCode> {
+    if let Some(link) = &config.backend {
+        let client = BackendClient::new(link);
+        let changes = envelopes
+            .into_iter()
+            .map(|envelope| Outgoing {
+                store: envelope.license_key,
+                message_type: envelope.message_type,
+                payload: envelope.payload,
+            })
+            .collect::<Vec<_>>();
+        // One key for the command: its retries apply the changes once.
+        let key = format!("publish-{}", uuid::Uuid::now_v7());
+        let answered = tokio::task::block_in_place(|| client.submit(&changes, &key))?;
+        for change in answered {
+            println!("via backend {}: {change}", client.url());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let publisher = Publisher::connect(&config.broker)
         .await?
         .with_max_message_bytes(config.terminal.max_message_bytes);
@@ -112,7 +132,7 @@ async fn send(config: &Config, envelopes: Vec<Envelope>) -> anyhow::Result<ExitC
     publisher.close().await;
     for message in published? {
         println!(
-            "confirmed {} (message id {})",
+            "directly to the broker: confirmed {} (message id {})",
             message.routing_key, message.message_id
         );
     }
@@ -137,23 +157,59 @@ async fn bulk(
             file.display()
         );
     }
-    let publisher = Publisher::connect(&config.broker)
-        .await?
-        .with_max_message_bytes(config.terminal.max_message_bytes);
     let started = std::time::Instant::now();
-    let (confirmed, failed) = crate::bulk::publish(&publisher, &changes, &to.licenses).await;
-    publisher.close().await;
-    for (store, err) in &failed {
-        eprintln!("store {store}: {err}");
-    }
-    println!(
-        "published {confirmed} change(s) to {} store(s) in {:.1} s, all confirmed by the broker; {} bad line(s) skipped; {} store(s) failed",
-        to.licenses.len() - failed.len(),
-        started.elapsed().as_secs_f64(),
-        bad.len(),
-        failed.len()
-    );
-    Ok(if bad.is_empty() && failed.is_empty() {
+    let failed = match &config.backend {
+        Some(link) => {
+            let client = BackendClient::new(link);
+            let sent = tokio::task::block_in_place(|| {
+                crate::bulk::submit(&client, &changes, &to.licenses)
+            });
+            for (store, err) in &sent.failed {
+                eprintln!("store {store}: {err:#}");
+            }
+            let heads: Vec<String> = sent
+                .heads
+                .iter()
+                .map(|(store, seq)| format!("store {store} seq {seq}"))
+                .collect();
+            println!(
+                "published {} change(s) to {} store(s) via backend {} in {:.1} s, each durable in the catalog of record ({} stale); {}; {} bad line(s) skipped; {} store(s) failed",
+                sent.sequenced + sent.stale,
+                to.licenses.len() - sent.failed.len(),
+                client.url(),
+                started.elapsed().as_secs_f64(),
+                sent.stale,
+                if heads.is_empty() {
+                    "no store's head moved".to_owned()
+                } else {
+                    heads.join(", ")
+                },
+                bad.len(),
+                sent.failed.len()
+            );
+            sent.failed.len()
+        }
+        None => {
+            let publisher = Publisher::connect(&config.broker)
+                .await?
+                .with_max_message_bytes(config.terminal.max_message_bytes);
+            let (confirmed, failed) =
+                crate::bulk::publish(&publisher, &changes, &to.licenses).await;
+            publisher.close().await;
+            for (store, err) in &failed {
+                eprintln!("store {store}: {err}");
+            }
+            println!(
+                "published {confirmed} change(s) to {} store(s) directly to the broker in {:.1} s, all confirmed by the broker; {} bad line(s) skipped; {} store(s) failed",
+                to.licenses.len() - failed.len(),
+                started.elapsed().as_secs_f64(),
+                bad.len(),
+                failed.len()
+            );
+            failed.len()
+        }
+    };
+    Ok(if bad.is_empty() && failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

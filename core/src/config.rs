@@ -29,6 +29,33 @@ pub struct Config {
     /// not named are on), and dynamic plugins loaded from a path
     /// (`[plugins.product_images] path = "..."`).
     pub plugins: BTreeMap<String, PluginSetting>,
+    /// A `possync backend` that `possync publish` submits through, so that
+    /// the catalog of record sequences every change; without it, publish
+    /// sends straight to the broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendLink>,
+}
+
+/// The `[backend]` section of a publisher: the backend's HTTP API and the
+/// bearer token to call it with (from `possync backend token create NAME`).
+/// Keep the token out of files others can read, or set it with
+/// `POSSYNC_BACKEND__TOKEN`; it is never printed.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendLink {
+    /// The API's base URL, `http://127.0.0.1:8480`.
+    pub url: String,
+    /// The bearer token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for BackendLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendLink")
+            .field("url", &redact_url(&self.url))
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 /// One entry of `[plugins]`.
@@ -535,6 +562,22 @@ impl Config {
             }
         }
         self.broker.check_tls()?;
+        if let Some(backend) = &self.backend {
+            let scheme = backend.url.split_once("://").map(|(scheme, _)| scheme);
+            if !matches!(scheme, Some("http" | "https")) {
+                return Err(ConfigError::OutOfRange {
+                    key: "backend.url",
+                    problem: "must be the backend API's http:// or https:// URL, like http://127.0.0.1:8480",
+                });
+            }
+            if backend.token.trim().is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "backend.token",
+                    section: "backend",
+                    env: "POSSYNC_BACKEND__TOKEN",
+                });
+            }
+        }
         if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
             return Err(ConfigError::OutOfRange {
                 key: "broker.*_timeout_secs",
@@ -549,6 +592,10 @@ impl Config {
         let mut shown = self.clone();
         shown.broker.urls = shown.broker.urls.iter().map(|u| redact_url(u)).collect();
         shown.admin.password = "***".into();
+        if let Some(backend) = &mut shown.backend {
+            backend.url = redact_url(&backend.url);
+            backend.token = "***".into();
+        }
         for plugin in shown.plugins.values_mut() {
             if let PluginSetting::Dynamic(dynamic) = plugin {
                 for (key, value) in &mut dynamic.settings {
@@ -702,6 +749,45 @@ mod tests {
         let path = dir.path().join("possync.toml");
         std::fs::write(&path, text).expect("writes");
         Config::load(Some(&path)).expect("loads").config
+    }
+
+    #[test]
+    fn a_publisher_backend_section_is_read_and_its_token_never_shown() {
+        let config = loaded(
+            "[backend]\nurl = \"http://127.0.0.1:8480\"\ntoken = \"possync_SecretToken123\"\n",
+        );
+        let backend = config.backend.clone().expect("the [backend] section");
+        assert_eq!(backend.url, "http://127.0.0.1:8480");
+        assert_eq!(backend.token, "possync_SecretToken123");
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("SecretToken123"), "{shown}");
+        assert!(shown.contains("http://127.0.0.1:8480"), "{shown}");
+        assert!(!format!("{config:?}").contains("SecretToken123"));
+        assert_eq!(
+            loaded("").backend,
+            None,
+            "no section: straight to the broker"
+        );
+    }
+
+    #[test]
+    fn a_backend_section_needs_an_http_url_and_a_token() {
+        for (text, says) in [
+            (
+                "[backend]\nurl = \"amqp://127.0.0.1\"\ntoken = \"t\"\n",
+                "backend.url must be",
+            ),
+            (
+                "[backend]\nurl = \"http://127.0.0.1:8480\"\ntoken = \" \"\n",
+                "POSSYNC_BACKEND__TOKEN",
+            ),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("possync.toml");
+            std::fs::write(&path, text).expect("writes");
+            let err = Config::load(Some(&path)).expect_err("refused").to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -38,8 +38,9 @@ mod transaction;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use config::{
-    AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig,
-    PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings, TlsNeedsAmqps,
+    AdminConfig, BackendLink, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin,
+    LoadedConfig, PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings,
+    TlsNeedsAmqps,
 };
 pub use connection::BrokerError;
 pub use doctor::{Check, config_sources, diagnose};
