@@ -169,6 +169,15 @@ fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     // IMMEDIATE: two processes opening a new file migrate one after the other.
     let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let applied: usize = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if applied > MIGRATIONS.len() {
+        return Err(rusqlite::Error::ToSqlConversionFailure(
+            format!(
+                "its schema is version {applied}, newer than this possync knows ({}); upgrade possync",
+                MIGRATIONS.len()
+            )
+            .into(),
+        ));
+    }
     for migration in MIGRATIONS.iter().skip(applied) {
         tx.execute_batch(migration)?;
     }
