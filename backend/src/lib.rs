@@ -12,6 +12,6 @@ mod storage;
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
 
 pub use storage::{
-    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, Storage,
-    StorageError, StoreHead, Submitted, TokenRecord,
+    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, PostgresStorage,
+    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TokenRecord,
 };
