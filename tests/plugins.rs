@@ -108,3 +108,54 @@ async fn messages_of_a_disabled_plugin_are_acknowledged_and_not_applied() {
     publisher.close().await;
     terminal.stop().await;
 }
+
+#[test]
+fn every_shipped_type_declares_the_entity_it_changes() {
+    use possync_core::{ChangeKind, EntityRule, Registry};
+    use possync_plugin_modifier_groups::{ModifierGroupDelete, ModifierGroupUpdate};
+    use possync_plugin_product_images::{ImageDelete, ImageUpdate};
+
+    let registry = Registry::for_publishing(&Default::default()).expect("built-ins build");
+    let declared = |message_type: &str| {
+        registry
+            .entity_rule(message_type)
+            .map(|rule| (rule.entity.clone(), rule.id.clone(), rule.change))
+    };
+    let product = |change| Some(("product".to_owned(), "product_id".to_owned(), change));
+    assert_eq!(declared("price_update"), product(ChangeKind::Merge));
+    assert_eq!(declared("product_update"), product(ChangeKind::Replace));
+    assert_eq!(declared("product_delete"), product(ChangeKind::Delete));
+    assert_eq!(
+        declared("category_update"),
+        Some(("category".into(), "category_id".into(), ChangeKind::Replace))
+    );
+    let price = registry.entity_rule("price_update").expect("declared");
+    assert_eq!(
+        price.fields.get("new_price").map(String::as_str),
+        Some("price")
+    );
+
+    fn rule<T: schemars::JsonSchema>(message_type: &str) -> (String, ChangeKind) {
+        let schema = serde_json::to_value(schemars::schema_for!(T)).expect("a schema is JSON");
+        let rule = EntityRule::from_schema(message_type, &schema)
+            .expect("valid declaration")
+            .expect("declared");
+        (rule.entity, rule.change)
+    }
+    assert_eq!(
+        rule::<ModifierGroupUpdate>("modifier_group_update"),
+        ("modifier_group".into(), ChangeKind::Replace)
+    );
+    assert_eq!(
+        rule::<ModifierGroupDelete>("modifier_group_delete"),
+        ("modifier_group".into(), ChangeKind::Delete)
+    );
+    assert_eq!(
+        rule::<ImageUpdate>("image_update"),
+        ("product_image".into(), ChangeKind::Replace)
+    );
+    assert_eq!(
+        rule::<ImageDelete>("image_delete"),
+        ("product_image".into(), ChangeKind::Delete)
+    );
+}

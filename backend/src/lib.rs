@@ -14,6 +14,6 @@ pub mod token;
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
 
 pub use storage::{
-    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, SqliteStorage,
-    Storage, StorageError, StoreHead, Submitted, TokenRecord,
+    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, PostgresStorage,
+    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TokenRecord,
 };

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use possync_backend::{
-    Accepted, IdempotencyKey, NewChange, Outcome, SqliteStorage, Storage, StorageError, StoreHead,
-    TokenRecord,
+    Accepted, IdempotencyKey, NewChange, Outcome, PostgresStorage, SqliteStorage, Storage,
+    StorageError, StoreHead, TokenRecord,
 };
 use possync_core::{ChangeKind, EntityChange};
 use possync_sdk::Version;
@@ -25,6 +25,10 @@ trait Harness: Sized {
     async fn fresh() -> Self;
     /// A storage on it; may be called again for a second one.
     async fn open(&self) -> Self::S;
+    /// Opens a storage on it, expecting an error.
+    async fn open_err(&self) -> StorageError;
+    /// Marks its schema as made by a later version of possync.
+    async fn mark_schema_newer(&self);
 }
 
 struct Sqlite {
@@ -45,6 +49,124 @@ impl Harness for Sqlite {
             .await
             .expect("the SQLite database opens")
     }
+
+    async fn open_err(&self) -> StorageError {
+        SqliteStorage::open(self.dir.path().join("backend.db"))
+            .await
+            .expect_err("the SQLite database is refused")
+    }
+
+    async fn mark_schema_newer(&self) {
+        rusqlite::Connection::open(self.dir.path().join("backend.db"))
+            .and_then(|db| db.pragma_update(None, "user_version", 99))
+            .expect("the schema version is set");
+    }
+}
+
+/// A database of its own on the test server, dropped with this value.
+struct Postgres {
+    name: String,
+    url: String,
+}
+
+fn postgres_admin_url() -> String {
+    std::env::var("POSSYNC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The admin URL with its database replaced by `name`.
+fn postgres_url_of(name: &str) -> String {
+    let admin = postgres_admin_url();
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let (server, _) = base
+        .rsplit_once('/')
+        .filter(|(server, _)| server.contains("//"))
+        .unwrap_or((base, ""));
+    if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    }
+}
+
+async fn postgres_admin() -> tokio_postgres::Client {
+    let url = postgres_admin_url();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|err| {
+            let cause = std::error::Error::source(&err).map_or(String::new(), |s| format!(": {s}"));
+            panic!(
+                "PostgreSQL does not answer at POSSYNC_TEST_POSTGRES_URL ({}): {err}{cause}; \
+                 start it (.ci/run does) or point the variable at one",
+                possync_core::redact_url(&url)
+            )
+        });
+    tokio::spawn(connection);
+    client
+}
+
+impl Harness for Postgres {
+    type S = PostgresStorage;
+
+    async fn fresh() -> Self {
+        let name = format!("possync_test_{}", uuid::Uuid::now_v7().simple());
+        postgres_admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("a test database is created");
+        Self {
+            url: postgres_url_of(&name),
+            name,
+        }
+    }
+
+    async fn open(&self) -> PostgresStorage {
+        PostgresStorage::connect(&self.url)
+            .await
+            .expect("PostgreSQL storage connects")
+    }
+
+    async fn open_err(&self) -> StorageError {
+        PostgresStorage::connect(&self.url)
+            .await
+            .expect_err("the PostgreSQL database is refused")
+    }
+
+    async fn mark_schema_newer(&self) {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("the test database answers");
+        tokio::spawn(connection);
+        client
+            .batch_execute("INSERT INTO possync_schema (version) VALUES (99)")
+            .await
+            .expect("the schema version is set");
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Drop is not async: drop the database from a runtime of its own,
+        // whether the test passed or panicked.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                postgres_admin()
+                    .await
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+        })
+        .join();
+        if let Ok(Err(err)) = dropped {
+            eprintln!("cannot drop test database {}: {err}", self.name);
+        }
+    }
 }
 
 /// Runs each listed test on each implementation.
@@ -55,6 +177,14 @@ macro_rules! on_every_storage {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test::<super::Sqlite>().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<super::Postgres>().await;
                 }
             )*
         }
@@ -79,6 +209,7 @@ on_every_storage!(
     what_was_answered_is_there_after_reopening,
     concurrent_submitters_get_every_seq_exactly_once,
     two_storages_on_one_database_never_share_a_seq,
+    a_schema_from_a_later_possync_is_refused,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -719,4 +850,22 @@ async fn two_storages_on_one_database_never_share_a_seq<H: Harness>() {
     let db = H::fresh().await;
     let storages = [Arc::new(db.open().await), Arc::new(db.open().await)];
     submit_concurrently(&storages, 8, 25).await;
+}
+
+/// Two backend processes on one PostgreSQL database, each with its pool,
+/// submitting at once: each store's sequence is still 1..=N.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_postgres_instances_starting_together_share_one_gapless_sequence() {
+    let db = Postgres::fresh().await;
+    // Both migrate the new database at the same moment.
+    let (one, two) = tokio::join!(db.open(), db.open());
+    submit_concurrently(&[Arc::new(one), Arc::new(two)], 8, 50).await;
+}
+
+async fn a_schema_from_a_later_possync_is_refused<H: Harness>() {
+    let db = H::fresh().await;
+    drop(db.open().await);
+    db.mark_schema_newer().await;
+    let err = db.open_err().await;
+    assert!(err.to_string().contains("upgrade possync"), "{err}");
 }

@@ -322,12 +322,13 @@ impl Registry {
             if !entry.enabled {
                 continue;
             }
-            if let Some(schema) = entry.plugin.schema(message_type) {
-                if let Some(rule) = EntityRule::from_schema(message_type, &schema)
-                    .map_err(|err| RegistryError::Entity(err.to_string()))?
-                {
-                    entities.insert(message_type.clone(), rule);
-                }
+            let Some(schema) = entry.plugin.schema(message_type) else {
+                continue;
+            };
+            if let Some(rule) = EntityRule::from_schema(message_type, &schema)
+                .map_err(|err| RegistryError::Entity(err.to_string()))?
+            {
+                entities.insert(message_type.clone(), rule);
             }
         }
         Ok(Self {

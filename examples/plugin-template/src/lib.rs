@@ -38,6 +38,9 @@ const TABLES: Versioned = Versioned::new("restaurant_tables", "id");
 
 /// `table_update`: creates or replaces a table.
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+// The entity it changes: the backend keeps its state, and a terminal
+// draining a backlog skips updates a later one overwrites.
+#[schemars(extend("x-possync-entity" = {"entity": "restaurant_table", "id": "table_id", "change": "replace"}))]
 pub struct TableUpdate {
     /// The table's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]
@@ -67,6 +70,7 @@ impl Payload for TableUpdate {
 
 /// `table_delete`: removes a table.
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("x-possync-entity" = {"entity": "restaurant_table", "id": "table_id", "change": "delete"}))]
 pub struct TableDelete {
     /// The table's id (a string, or an integer on the wire).
     #[serde(deserialize_with = "possync_sdk::ids::id")]
