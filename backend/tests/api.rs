@@ -1,13 +1,16 @@
 //! The HTTP API's guarantees, checked with real HTTP requests against the
-//! router served on loopback over a real SQLite database in a temporary
-//! folder.
+//! router served on loopback, each test once over SQLite (a database in a
+//! temporary folder) and once over PostgreSQL (a database of its own at
+//! `POSSYNC_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`; a missing server fails the
+//! tests).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use possync_backend::api::{self, MAX_BODY_BYTES, MAX_CHANGES_PER_REQUEST};
 use possync_backend::token::{self, TOKEN_PREFIX};
-use possync_backend::{Catalog, SqliteStorage, Storage};
+use possync_backend::{Catalog, PostgresStorage, SqliteStorage, Storage};
 use possync_catalog as _;
 use possync_core::Registry;
 use serde_json::{Value, json};
@@ -19,6 +22,7 @@ struct Backend<S> {
     agent: ureq::Agent,
     runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
+    _database: Option<PostgresDatabase>,
 }
 
 /// An answer: its status, its JSON body (`Null` when it is not JSON) and
@@ -48,9 +52,115 @@ impl Backend<SqliteStorage> {
         let storage = runtime
             .block_on(SqliteStorage::open(dir.path().join("backend.db")))
             .expect("the SQLite database opens");
-        Self::serve(runtime, storage, dir)
+        Self::serve(runtime, storage, dir, None)
     }
 }
+
+impl Backend<PostgresStorage> {
+    fn postgres() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let runtime = runtime();
+        let database = PostgresDatabase::create(&runtime);
+        let storage = runtime
+            .block_on(PostgresStorage::connect(&database.url))
+            .expect("PostgreSQL storage connects");
+        Self::serve(runtime, storage, dir, Some(database))
+    }
+}
+
+/// A database of its own on the test server, dropped after the test.
+struct PostgresDatabase {
+    name: String,
+    url: String,
+}
+
+fn postgres_admin_url() -> String {
+    std::env::var("POSSYNC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+async fn postgres_admin(statement: &str) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) =
+        tokio_postgres::connect(&postgres_admin_url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client.batch_execute(statement).await
+}
+
+impl PostgresDatabase {
+    fn create(runtime: &tokio::runtime::Runtime) -> Self {
+        let name = format!("possync_api_test_{}", uuid::Uuid::now_v7().simple());
+        runtime
+            .block_on(postgres_admin(&format!("CREATE DATABASE {name}")))
+            .unwrap_or_else(|err| {
+                panic!(
+                    "PostgreSQL does not answer at POSSYNC_TEST_POSTGRES_URL: {err}; start it (.ci/run does) or point the variable at one"
+                )
+            });
+        let admin = postgres_admin_url();
+        let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+        let server = base
+            .rsplit_once('/')
+            .filter(|(server, _)| server.contains("//"))
+            .map_or(base, |(server, _)| server);
+        let url = if query.is_empty() {
+            format!("{server}/{name}")
+        } else {
+            format!("{server}/{name}?{query}")
+        };
+        Self { name, url }
+    }
+}
+
+impl Drop for PostgresDatabase {
+    fn drop(&mut self) {
+        // On a runtime of its own: the test's may be gone or panicking.
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| runtime.block_on(postgres_admin(&statement)))
+        })
+        .join();
+    }
+}
+
+/// Runs each listed test on each storage.
+macro_rules! on_every_storage {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test(super::Backend::sqlite());
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test(super::Backend::postgres());
+                }
+            )*
+        }
+    };
+}
+
+on_every_storage!(
+    a_request_without_a_token_is_refused_with_401_saying_what_to_send,
+    a_wrong_token_or_another_scheme_is_refused_with_401,
+    a_token_limited_to_some_stores_is_refused_others_with_403_and_a_batch_naming_one_is_refused_whole,
+    a_revoked_token_stops_working_at_once,
+    tokens_are_listed_by_name_and_stores_never_by_hash,
+    a_retried_submission_with_the_same_key_applies_once_and_gets_the_first_answer,
+    the_same_key_with_another_body_is_refused_and_applies_nothing,
+    idempotency_keys_belong_to_their_token,
+    malformed_requests_get_a_4xx_that_says_what_is_wrong,
+    unknown_routes_and_methods_are_answered_in_json,
+    the_catalog_and_the_changes_after_a_seq_read_back_what_was_submitted,
+    health_needs_no_token_and_metrics_count_requests_and_show_heads,
+);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -61,7 +171,12 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 impl<S: Storage> Backend<S> {
-    fn serve(runtime: tokio::runtime::Runtime, storage: S, dir: tempfile::TempDir) -> Self {
+    fn serve(
+        runtime: tokio::runtime::Runtime,
+        storage: S,
+        dir: tempfile::TempDir,
+        database: Option<PostgresDatabase>,
+    ) -> Self {
         let storage = Arc::new(storage);
         let registry =
             Registry::for_publishing(&BTreeMap::new()).expect("the built-in plugins load");
@@ -82,6 +197,7 @@ impl<S: Storage> Backend<S> {
             agent,
             runtime,
             _dir: dir,
+            _database: database,
         }
     }
 
@@ -186,9 +302,9 @@ fn seqs(answer: &Answer) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn a_request_without_a_token_is_refused_with_401_saying_what_to_send() {
-    let backend = Backend::sqlite();
+fn a_request_without_a_token_is_refused_with_401_saying_what_to_send<S: Storage>(
+    backend: Backend<S>,
+) {
     for path in [
         "/v1/stores",
         "/v1/stores/S1/catalog",
@@ -214,9 +330,7 @@ fn a_request_without_a_token_is_refused_with_401_saying_what_to_send() {
     assert_eq!(backend.head("S1"), 0, "nothing was applied");
 }
 
-#[test]
-fn a_wrong_token_or_another_scheme_is_refused_with_401() {
-    let backend = Backend::sqlite();
+fn a_wrong_token_or_another_scheme_is_refused_with_401<S: Storage>(backend: Backend<S>) {
     let _real = backend.token("office", &[]);
     let answer = backend.get(
         "/v1/stores",
@@ -244,10 +358,11 @@ fn answer_with_header<S: Storage>(backend: &Backend<S>, path: &str, authorizatio
     )
 }
 
-#[test]
-fn a_token_limited_to_some_stores_is_refused_others_with_403_and_a_batch_naming_one_is_refused_whole()
- {
-    let backend = Backend::sqlite();
+fn a_token_limited_to_some_stores_is_refused_others_with_403_and_a_batch_naming_one_is_refused_whole<
+    S: Storage,
+>(
+    backend: Backend<S>,
+) {
     let limited = backend.token("store-one", &["S1"]);
 
     let answer = backend.post(
@@ -302,9 +417,7 @@ fn a_token_limited_to_some_stores_is_refused_others_with_403_and_a_batch_naming_
     assert_eq!(stores.json["stores"].as_array().map(Vec::len), Some(2));
 }
 
-#[test]
-fn a_revoked_token_stops_working_at_once() {
-    let backend = Backend::sqlite();
+fn a_revoked_token_stops_working_at_once<S: Storage>(backend: Backend<S>) {
     let token = backend.token("office", &[]);
     assert_eq!(backend.get("/v1/stores", Some(&token)).status, 200);
     backend.revoke("office");
@@ -312,9 +425,7 @@ fn a_revoked_token_stops_working_at_once() {
     assert_eq!(answer.status, 401);
 }
 
-#[test]
-fn tokens_are_listed_by_name_and_stores_never_by_hash() {
-    let backend = Backend::sqlite();
+fn tokens_are_listed_by_name_and_stores_never_by_hash<S: Storage>(backend: Backend<S>) {
     let token = backend.token("office", &["S2", "S1"]);
     let listed = backend
         .runtime
@@ -337,9 +448,9 @@ fn tokens_are_listed_by_name_and_stores_never_by_hash() {
     assert!(again.is_err(), "a name is taken once");
 }
 
-#[test]
-fn a_retried_submission_with_the_same_key_applies_once_and_gets_the_first_answer() {
-    let backend = Backend::sqlite();
+fn a_retried_submission_with_the_same_key_applies_once_and_gets_the_first_answer<S: Storage>(
+    backend: Backend<S>,
+) {
     let token = backend.token("office", &[]);
     let batch =
         json!({"changes": [in_store("S1", price("P1", 1.0)), in_store("S1", price("P2", 2.0))]})
@@ -374,9 +485,7 @@ fn a_retried_submission_with_the_same_key_applies_once_and_gets_the_first_answer
     assert_eq!(backend.head("S1"), 3);
 }
 
-#[test]
-fn the_same_key_with_another_body_is_refused_and_applies_nothing() {
-    let backend = Backend::sqlite();
+fn the_same_key_with_another_body_is_refused_and_applies_nothing<S: Storage>(backend: Backend<S>) {
     let token = backend.token("office", &[]);
     let first = backend.post(
         "/v1/stores/S1/changes",
@@ -414,9 +523,7 @@ fn the_same_key_with_another_body_is_refused_and_applies_nothing() {
     assert_eq!((backend.head("S1"), backend.head("S2")), (1, 0));
 }
 
-#[test]
-fn idempotency_keys_belong_to_their_token() {
-    let backend = Backend::sqlite();
+fn idempotency_keys_belong_to_their_token<S: Storage>(backend: Backend<S>) {
     let one = backend.token("one", &[]);
     let two = backend.token("two", &[]);
     let body = price("P", 1.0).to_string();
@@ -428,9 +535,7 @@ fn idempotency_keys_belong_to_their_token() {
     );
 }
 
-#[test]
-fn malformed_requests_get_a_4xx_that_says_what_is_wrong() {
-    let backend = Backend::sqlite();
+fn malformed_requests_get_a_4xx_that_says_what_is_wrong<S: Storage>(backend: Backend<S>) {
     let token = backend.token("office", &[]);
     let post = |path: &str, body: &str| backend.post(path, Some(&token), None, body);
 
@@ -527,9 +632,7 @@ fn malformed_requests_get_a_4xx_that_says_what_is_wrong() {
     assert_eq!(answer.status, 400, "{}", answer.text);
 }
 
-#[test]
-fn unknown_routes_and_methods_are_answered_in_json() {
-    let backend = Backend::sqlite();
+fn unknown_routes_and_methods_are_answered_in_json<S: Storage>(backend: Backend<S>) {
     let token = backend.token("office", &[]);
     let answer = backend.get("/v2/stores", Some(&token));
     assert_eq!(answer.status, 404);
@@ -551,9 +654,9 @@ fn unknown_routes_and_methods_are_answered_in_json() {
     );
 }
 
-#[test]
-fn the_catalog_and_the_changes_after_a_seq_read_back_what_was_submitted() {
-    let backend = Backend::sqlite();
+fn the_catalog_and_the_changes_after_a_seq_read_back_what_was_submitted<S: Storage>(
+    backend: Backend<S>,
+) {
     let token = backend.token("office", &[]);
     let batch = json!({"changes": [
         in_store("S1", product("P1", "Cappuccino", 3.5)),
@@ -619,9 +722,9 @@ fn the_catalog_and_the_changes_after_a_seq_read_back_what_was_submitted() {
     );
 }
 
-#[test]
-fn health_needs_no_token_and_metrics_count_requests_and_show_heads() {
-    let backend = Backend::sqlite();
+fn health_needs_no_token_and_metrics_count_requests_and_show_heads<S: Storage>(
+    backend: Backend<S>,
+) {
     let health = backend.get("/health", None);
     assert_eq!(
         (health.status, health.json.clone()),
