@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use possync_backend::api::{self, MAX_BODY_BYTES, MAX_CHANGES_PER_REQUEST};
 use possync_backend::token::{self, TOKEN_PREFIX};
-use possync_backend::{Catalog, PostgresStorage, SqliteStorage, Storage};
+use possync_backend::{
+    Catalog, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, PostgresStorage,
+    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TokenRecord,
+};
 use possync_catalog as _;
 use possync_core::Registry;
 use serde_json::{Value, json};
@@ -755,6 +758,112 @@ fn health_needs_no_token_and_metrics_count_requests_and_show_heads<S: Storage>(
         );
     }
     assert!(!metrics.text.contains(&token));
+}
+
+/// A storage whose database never answers.
+struct Unreachable;
+
+fn down<T: Send>() -> impl std::future::Future<Output = Result<T, StorageError>> + Send {
+    std::future::ready(Err(StorageError::Database("connection refused".into())))
+}
+
+impl Storage for Unreachable {
+    fn submit(
+        &self,
+        _: Vec<NewChange>,
+        _: Option<IdempotencyKey>,
+    ) -> impl std::future::Future<Output = Result<Submitted, StorageError>> + Send {
+        down()
+    }
+    fn unpublished(
+        &self,
+        _: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<OutboxRow>, StorageError>> + Send {
+        down()
+    }
+    fn mark_published(
+        &self,
+        _: &[(String, i64)],
+    ) -> impl std::future::Future<Output = Result<(), StorageError>> + Send {
+        down()
+    }
+    fn lead_relay(&self) -> impl std::future::Future<Output = Result<bool, StorageError>> + Send {
+        down()
+    }
+    fn catalog(
+        &self,
+        _: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<CatalogEntry>, StorageError>> + Send {
+        down()
+    }
+    fn changes_after(
+        &self,
+        _: &str,
+        _: i64,
+        _: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<Change>, StorageError>> + Send {
+        down()
+    }
+    fn heads(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<StoreHead>, StorageError>> + Send {
+        down()
+    }
+    fn create_token(
+        &self,
+        _: TokenRecord,
+    ) -> impl std::future::Future<Output = Result<(), StorageError>> + Send {
+        down()
+    }
+    fn tokens(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<TokenRecord>, StorageError>> + Send {
+        down()
+    }
+    fn revoke_token(
+        &self,
+        _: &str,
+    ) -> impl std::future::Future<Output = Result<bool, StorageError>> + Send {
+        down()
+    }
+    fn token_by_hash(
+        &self,
+        _: &str,
+    ) -> impl std::future::Future<Output = Result<Option<TokenRecord>, StorageError>> + Send {
+        down()
+    }
+}
+
+#[test]
+fn a_database_that_does_not_answer_is_a_503_with_a_retry_hint_never_a_500() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let backend = Backend::serve(runtime(), Unreachable, dir, None);
+    let health = backend.get("/health", None);
+    assert_eq!(
+        (health.status, health.json),
+        (503, json!({"status": "unavailable", "database": false}))
+    );
+    let token = format!("{TOKEN_PREFIX}anything");
+    for answer in [
+        backend.get("/v1/stores", Some(&token)),
+        backend.post(
+            "/v1/changes",
+            Some(&token),
+            Some("k"),
+            &json!({"changes": [in_store("S1", price("P", 1.0))]}).to_string(),
+        ),
+    ] {
+        assert_eq!(answer.status, 503, "{}", answer.text);
+        assert!(answer.error().contains("retry"), "{}", answer.error());
+        assert!(
+            !answer.error().contains("connection refused"),
+            "the detail is logged, not shown"
+        );
+        assert_eq!(
+            answer.headers.get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+    }
 }
 
 /// The document served is the one built from the code, every operation it

@@ -45,7 +45,8 @@ const MAX_MESSAGE_ID_LEN: usize = 128;
     ),
     request_body(content = ChangeBody, description = "The change."),
     responses(
-        (status = 200, description = "Durable in the catalog: its sequence number, or that it was stale.", body = Submission),
+        (status = 200, description = "Durable in the catalog: its sequence number, or that it was stale.", body = Submission,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer to a request with the same Idempotency-Key, replayed."))),
         (status = 400, description = "The body is not JSON of this shape, or a header is malformed.", body = ErrorBody),
         (status = 401, description = "No token, or a token this backend does not know.", body = ErrorBody),
         (status = 403, description = "The token is limited to other stores.", body = ErrorBody),
@@ -88,7 +89,8 @@ pub(super) async fn submit_one(
     ),
     request_body(content = BatchBody, description = "The changes, at most 1000."),
     responses(
-        (status = 200, description = "All durable in the catalog: each change's sequence number, or that it was stale.", body = Submission),
+        (status = 200, description = "All durable in the catalog: each change's sequence number, or that it was stale.", body = Submission,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer to a request with the same Idempotency-Key, replayed."))),
         (status = 400, description = "The body is not JSON of this shape, or a header is malformed.", body = ErrorBody),
         (status = 401, description = "No token, or a token this backend does not know.", body = ErrorBody),
         (status = 403, description = "A change names a store the token is not limited to: nothing was applied.", body = ErrorBody),
