@@ -206,6 +206,34 @@ impl BrokerConfig {
         }
     }
 
+    /// Checks what loading cannot: at least one URL, each a valid AMQP URL,
+    /// TLS settings only beside `amqps://` URLs, timeouts of at least 1 s.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Err(ConfigError::OutOfRange {
+                key: "broker.url",
+                problem: "must name at least one broker",
+            });
+        }
+        for url in &self.urls {
+            if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(ConfigError::InvalidUrl {
+                    url: redact_url(url),
+                    // The parser quotes a URL it cannot read, password and all.
+                    detail: redact_secrets(&detail, url),
+                });
+            }
+        }
+        self.check_tls()?;
+        if self.confirm_timeout_secs == 0 || self.connect_timeout_secs == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "broker.*_timeout_secs",
+                problem: "must be at least 1",
+            });
+        }
+        Ok(())
+    }
+
     /// The first broker URL, or the only one.
     pub fn url(&self) -> &str {
         self.urls.first().map_or("", String::as_str)
@@ -519,29 +547,7 @@ impl Config {
                 problem: "must be at least 1: the quarantine table is where an operator reads why a message was dead-lettered",
             });
         }
-        if self.broker.urls.is_empty() {
-            return Err(ConfigError::OutOfRange {
-                key: "broker.url",
-                problem: "must name at least one broker",
-            });
-        }
-        for url in &self.broker.urls {
-            if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
-                return Err(ConfigError::InvalidUrl {
-                    url: redact_url(url),
-                    // The parser quotes a URL it cannot read, password and all.
-                    detail: redact_secrets(&detail, url),
-                });
-            }
-        }
-        self.broker.check_tls()?;
-        if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
-            return Err(ConfigError::OutOfRange {
-                key: "broker.*_timeout_secs",
-                problem: "must be at least 1",
-            });
-        }
-        Ok(())
+        self.broker.check()
     }
 
     /// This config as TOML, with every password replaced by `***`.

@@ -41,7 +41,8 @@ pub use config::{
     AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig,
     PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings, TlsNeedsAmqps,
 };
-pub use connection::BrokerError;
+pub use config_env::EnvText;
+pub use connection::{BrokerError, connect as connect_broker};
 pub use doctor::{Check, config_sources, diagnose};
 pub use entity::{ChangeKind, ENTITY_KEYWORD, EntityChange, EntityError, EntityRule};
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};

@@ -91,6 +91,7 @@ pub struct Publisher {
     session: Mutex<Option<Session>>,
     versions: VersionClock,
     max_message_bytes: usize,
+    unroutable_is_published: bool,
 }
 
 struct Session {
@@ -150,6 +151,7 @@ impl Publisher {
             session: Mutex::new(Some(session)),
             versions: VersionClock::default(),
             max_message_bytes: TerminalConfig::default().max_message_bytes,
+            unroutable_is_published: false,
         })
     }
 
@@ -158,6 +160,16 @@ impl Publisher {
     #[must_use]
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = bytes;
+        self
+    }
+
+    /// Counts a message no queue received as published instead of failing
+    /// with [`PublishError::Unroutable`]: for a publisher that keeps every
+    /// change elsewhere (the backend's catalog), a store none of whose
+    /// terminals has started yet is no error.
+    #[must_use]
+    pub fn unroutable_is_published(mut self) -> Self {
+        self.unroutable_is_published = true;
         self
     }
 
@@ -272,17 +284,7 @@ impl Publisher {
         )
         .await;
         match waited {
-            Ok(Confirmation::Ack(None)) => {
-                if let Some(done) = in_flight.pop_front() {
-                    published.push(Published {
-                        routing_key: done.routing_key,
-                        message_id: done.message_id,
-                    });
-                }
-                reconnects.reset();
-                Ok(())
-            }
-            Ok(Confirmation::Ack(Some(returned))) => {
+            Ok(Confirmation::Ack(Some(returned))) if !self.unroutable_is_published => {
                 // lapin may attach a returned message to another confirm of
                 // the same multiple-ack: name the message the broker returned.
                 let routing_key = returned.delivery.routing_key.to_string();
@@ -291,6 +293,16 @@ impl Publisher {
                     routing_key,
                     license_key,
                 })
+            }
+            Ok(Confirmation::Ack(_)) => {
+                if let Some(done) = in_flight.pop_front() {
+                    published.push(Published {
+                        routing_key: done.routing_key,
+                        message_id: done.message_id,
+                    });
+                }
+                reconnects.reset();
+                Ok(())
             }
             Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
                 let routing_key = in_flight
