@@ -37,6 +37,7 @@ mod topology;
 mod transaction;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
+pub use backoff::Backoff;
 pub use config::{
     AdminConfig, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin, LoadedConfig,
     PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings, TlsNeedsAmqps,
