@@ -2,6 +2,12 @@
 //! SQLite (one file, zero setup, one backend process) and PostgreSQL
 //! (several backend processes on one catalog). Both pass the same tests.
 
+mod answer;
+mod plan;
+mod sqlite;
+
+pub use sqlite::SqliteStorage;
+
 use std::future::Future;
 
 use possync_core::EntityChange;
@@ -185,9 +191,10 @@ pub trait Storage: Send + Sync + 'static {
         rows: &[(String, i64)],
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
-    /// Whether this process may run the relay: `true` for as long as this
-    /// storage lives once it returned `true` (SQLite: always, one process
-    /// owns the file; PostgreSQL: one backend instance at a time).
+    /// Whether this storage may run the relay: once it returned `true`, no
+    /// other storage on the same database gets `true` while this one lives
+    /// (SQLite: an exclusive lock on the file `<database>.relay.lock`;
+    /// PostgreSQL: a session advisory lock).
     fn lead_relay(&self) -> impl Future<Output = Result<bool, StorageError>> + Send;
 
     /// A store's catalog: every entity that exists, by kind then id.

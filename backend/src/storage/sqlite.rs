@@ -1,0 +1,633 @@
+//! The backend's database in one SQLite file: zero setup, for one backend
+//! process (other processes, such as `possync backend token`, may open the
+//! same file at the same time).
+//!
+//! Every call runs on tokio's blocking pool, never on an async worker. Writes
+//! go through one connection and take the write lock up front
+//! (`BEGIN IMMEDIATE`), so a submission never fails half-way for a lock; reads
+//! use a second connection, which WAL lets run beside a write.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use possync_core::unix_now_ms;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde_json::{Map, Value};
+
+use super::plan::{self, EntityKey, StoredEntity};
+use super::{
+    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Storage, StorageError, StoreHead,
+    Submitted, TokenRecord, answer,
+};
+
+/// How long a statement waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The schema, one migration per entry; `PRAGMA user_version` counts those
+/// applied.
+const MIGRATIONS: &[&str] = &[r"
+    CREATE TABLE stores (
+        store TEXT PRIMARY KEY,
+        head INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- id gives the relay one order across stores, oldest first.
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        store TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message_type TEXT NOT NULL,
+        payload TEXT NOT NULL CHECK (json_valid(payload)),
+        timestamp TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        published INTEGER NOT NULL DEFAULT 0,
+        published_at INTEGER,
+        UNIQUE (store, seq)
+    );
+    CREATE INDEX outbox_unpublished ON outbox (id) WHERE published = 0;
+
+    -- state NULL: deleted. The row stays so that its clock judges a late
+    -- change from the exchange.
+    CREATE TABLE entities (
+        store TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        id TEXT NOT NULL,
+        state TEXT,
+        seq INTEGER NOT NULL,
+        clock INTEGER NOT NULL,
+        PRIMARY KEY (store, entity, id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE idempotency (
+        client TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (client, key)
+    ) WITHOUT ROWID;
+
+    -- stores: a JSON array of license keys; NULL: every store.
+    CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        stores TEXT,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+"];
+
+/// The backend's database in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStorage {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// Held while this storage lives once it leads the relay.
+    relay_lock: Mutex<Option<File>>,
+}
+
+impl SqliteStorage {
+    /// Opens (creating it if needed) the database at `path` and brings its
+    /// schema up to date.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let path = path.as_ref().to_path_buf();
+        let inner = tokio::task::spawn_blocking(move || Inner::open(path))
+            .await
+            .map_err(joined)??;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn run<T, F>(&self, work: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StorageError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(joined)?
+    }
+}
+
+impl Inner {
+    fn open(path: PathBuf) -> Result<Self, StorageError> {
+        let failed = |err: rusqlite::Error| {
+            StorageError::Database(format!(
+                "cannot open {}: {err}; check that its folder exists and is writable",
+                path.display()
+            ))
+        };
+        let mut writer = connect(&path).map_err(failed)?;
+        migrate(&mut writer).map_err(failed)?;
+        let reader = connect(&path).map_err(failed)?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            relay_lock: Mutex::new(None),
+            path,
+        })
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        // A panic mid-transaction rolled it back when the guard dropped: the
+        // connection is sound.
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    // An answered change must survive a power loss: NORMAL may lose the
+    // last commits in WAL mode.
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    // IMMEDIATE: two processes opening a new file migrate one after the other.
+    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied: usize = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for migration in MIGRATIONS.iter().skip(applied) {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+    tx.commit()
+}
+
+fn joined(err: tokio::task::JoinError) -> StorageError {
+    StorageError::Database(format!("a database task failed: {err}"))
+}
+
+fn failed(what: &str) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
+    move |err| StorageError::Database(format!("{what}: {err}"))
+}
+
+fn state_text(state: &Option<Map<String, Value>>) -> Result<Option<String>, StorageError> {
+    state
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|err| StorageError::Database(format!("cannot encode an entity's state: {err}")))
+}
+
+fn parse_state(text: &str) -> Result<Map<String, Value>, StorageError> {
+    serde_json::from_str(text).map_err(|err| {
+        StorageError::Database(format!(
+            "an entity's stored state is unreadable ({err}); the database was changed by hand"
+        ))
+    })
+}
+
+fn submit(
+    connection: &mut Connection,
+    changes: Vec<NewChange>,
+    key: Option<IdempotencyKey>,
+) -> Result<Submitted, StorageError> {
+    let sql = failed("cannot store the submission");
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&sql)?;
+    if let Some(key) = &key {
+        let seen: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT fingerprint, answer FROM idempotency WHERE client = ? AND key = ?",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![key.client, key.key], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(&sql)?;
+        if let Some((fingerprint, stored)) = seen {
+            if fingerprint != key.fingerprint {
+                return Err(StorageError::KeyReused {
+                    key: key.key.clone(),
+                });
+            }
+            return Ok(Submitted {
+                accepted: answer::decode(&stored)?,
+                replayed: true,
+            });
+        }
+    }
+
+    let mut heads = HashMap::new();
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT head FROM stores WHERE store = ?")
+            .map_err(&sql)?;
+        for store in plan::stores(&changes) {
+            let head: Option<i64> = stmt
+                .query_row([&store], |row| row.get(0))
+                .optional()
+                .map_err(&sql)?;
+            heads.insert(store, head.unwrap_or(0));
+        }
+    }
+    let mut stored: HashMap<EntityKey, StoredEntity> = HashMap::new();
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT state, clock FROM entities WHERE store = ? AND entity = ? AND id = ?",
+            )
+            .map_err(&sql)?;
+        for key in plan::entity_keys(&changes) {
+            let row: Option<(Option<String>, i64)> = stmt
+                .query_row(params![key.0, key.1, key.2], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+                .map_err(&sql)?;
+            if let Some((state, clock)) = row {
+                let state = state.as_deref().map(parse_state).transpose()?;
+                stored.insert(key, StoredEntity { state, clock });
+            }
+        }
+    }
+
+    let plan = plan::plan(changes, heads, stored);
+    let now = unix_now_ms();
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO outbox (store, seq, message_type, payload, timestamp, message_id, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .map_err(&sql)?;
+        for row in &plan.outbox {
+            stmt.execute(params![
+                row.store,
+                row.seq,
+                row.message_type,
+                row.payload,
+                row.timestamp,
+                row.message_id,
+                now
+            ])
+            .map_err(&sql)?;
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO entities (store, entity, id, state, seq, clock) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (store, entity, id) DO UPDATE
+                 SET state = excluded.state, seq = excluded.seq, clock = excluded.clock",
+            )
+            .map_err(&sql)?;
+        for write in &plan.entities {
+            let (store, entity, id) = &write.key;
+            let state = state_text(&write.stored.state)?;
+            stmt.execute(params![
+                store,
+                entity,
+                id,
+                state,
+                write.seq,
+                write.stored.clock
+            ])
+            .map_err(&sql)?;
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO stores (store, head) VALUES (?, ?)
+                 ON CONFLICT (store) DO UPDATE SET head = excluded.head",
+            )
+            .map_err(&sql)?;
+        for (store, head) in &plan.heads {
+            stmt.execute(params![store, head]).map_err(&sql)?;
+        }
+    }
+    if let Some(key) = &key {
+        let answer = answer::encode(&plan.accepted)?;
+        tx.prepare_cached(
+            "INSERT INTO idempotency (client, key, fingerprint, answer, created_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![key.client, key.key, key.fingerprint, answer, now])
+        })
+        .map_err(&sql)?;
+    }
+    tx.commit().map_err(&sql)?;
+    Ok(Submitted {
+        accepted: plan.accepted,
+        replayed: false,
+    })
+}
+
+fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRecord, Option<String>)> {
+    Ok((
+        TokenRecord {
+            name: row.get(0)?,
+            hash: row.get(1)?,
+            stores: None,
+            created_at: row.get(3)?,
+        },
+        row.get(2)?,
+    ))
+}
+
+fn with_stores(
+    (mut token, stores): (TokenRecord, Option<String>),
+) -> Result<TokenRecord, StorageError> {
+    token.stores = stores
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|err| {
+            StorageError::Database(format!(
+                "token {:?}'s stores are unreadable ({err}); revoke it and make it again",
+                token.name
+            ))
+        })?;
+    Ok(token)
+}
+
+impl Storage for SqliteStorage {
+    async fn submit(
+        &self,
+        changes: Vec<NewChange>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted, StorageError> {
+        self.run(move |inner| submit(&mut inner.writer(), changes, key))
+            .await
+    }
+
+    async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            let sql = failed("cannot read the outbox");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT store, seq, message_type, payload, timestamp, message_id FROM outbox
+                     WHERE published = 0 ORDER BY id LIMIT ?",
+                )
+                .map_err(&sql)?;
+            let rows = stmt
+                .query_map([limit], |row| {
+                    Ok(OutboxRow {
+                        store: row.get(0)?,
+                        seq: row.get(1)?,
+                        message_type: row.get(2)?,
+                        payload: row.get(3)?,
+                        timestamp: row.get(4)?,
+                        message_id: row.get(5)?,
+                    })
+                })
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn mark_published(&self, rows: &[(String, i64)]) -> Result<(), StorageError> {
+        let rows = rows.to_vec();
+        self.run(move |inner| {
+            let sql = failed("cannot mark outbox rows published");
+            let mut connection = inner.writer();
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&sql)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE outbox SET published = 1, published_at = ?
+                         WHERE store = ? AND seq = ? AND published = 0",
+                    )
+                    .map_err(&sql)?;
+                let now = unix_now_ms();
+                for (store, seq) in &rows {
+                    stmt.execute(params![now, store, seq]).map_err(&sql)?;
+                }
+            }
+            tx.commit().map_err(&sql)
+        })
+        .await
+    }
+
+    async fn lead_relay(&self) -> Result<bool, StorageError> {
+        self.run(|inner| {
+            let mut held = inner
+                .relay_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if held.is_some() {
+                return Ok(true);
+            }
+            let mut path = inner.path.clone().into_os_string();
+            path.push(".relay.lock");
+            let cannot = |err: std::io::Error| {
+                StorageError::Database(format!(
+                    "cannot open the relay lock {}: {err}; check that its folder is writable",
+                    Path::new(&path).display()
+                ))
+            };
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(cannot)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    *held = Some(file);
+                    Ok(true)
+                }
+                Err(TryLockError::WouldBlock) => Ok(false),
+                Err(TryLockError::Error(err)) => Err(cannot(err)),
+            }
+        })
+        .await
+    }
+
+    async fn catalog(&self, store: &str) -> Result<Vec<CatalogEntry>, StorageError> {
+        let store = store.to_owned();
+        self.run(move |inner| {
+            let sql = failed("cannot read the catalog");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT entity, id, state, seq FROM entities
+                     WHERE store = ? AND state IS NOT NULL ORDER BY entity, id",
+                )
+                .map_err(&sql)?;
+            let rows: Vec<(String, String, String, i64)> = stmt
+                .query_map([&store], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            rows.into_iter()
+                .map(|(entity, id, state, seq)| {
+                    Ok(CatalogEntry {
+                        entity,
+                        id,
+                        state: parse_state(&state)?,
+                        seq,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn changes_after(
+        &self,
+        store: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StorageError> {
+        let store = store.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            let sql = failed("cannot read a store's changes");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT store, seq, message_type, payload, timestamp, message_id, published
+                     FROM outbox WHERE store = ? AND seq > ? ORDER BY seq LIMIT ?",
+                )
+                .map_err(&sql)?;
+            let rows = stmt
+                .query_map(params![store, after, limit], |row| {
+                    Ok(Change {
+                        row: OutboxRow {
+                            store: row.get(0)?,
+                            seq: row.get(1)?,
+                            message_type: row.get(2)?,
+                            payload: row.get(3)?,
+                            timestamp: row.get(4)?,
+                            message_id: row.get(5)?,
+                        },
+                        published: row.get(6)?,
+                    })
+                })
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn heads(&self) -> Result<Vec<StoreHead>, StorageError> {
+        self.run(|inner| {
+            let sql = failed("cannot read the stores' heads");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT store, head,
+                        (SELECT count(*) FROM outbox
+                         WHERE outbox.store = stores.store AND published = 0)
+                     FROM stores ORDER BY store",
+                )
+                .map_err(&sql)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(StoreHead {
+                        store: row.get(0)?,
+                        head: row.get(1)?,
+                        unpublished: row.get(2)?,
+                    })
+                })
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        self.run(move |inner| {
+            let stores = token
+                .stores
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|err| {
+                    StorageError::Database(format!("cannot encode a token's stores: {err}"))
+                })?;
+            let connection = inner.writer();
+            let inserted = connection
+                .execute(
+                    "INSERT INTO tokens (name, hash, stores, created_at) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (name) DO NOTHING",
+                    params![token.name, token.hash, stores, token.created_at],
+                )
+                .map_err(failed("cannot store the token"))?;
+            if inserted == 0 {
+                return Err(StorageError::TokenExists(token.name));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        self.run(|inner| {
+            let sql = failed("cannot read the tokens");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached("SELECT name, hash, stores, created_at FROM tokens ORDER BY name")
+                .map_err(&sql)?;
+            let rows: Vec<_> = stmt
+                .query_map([], token_from_row)
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            rows.into_iter().map(with_stores).collect()
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool, StorageError> {
+        let name = name.to_owned();
+        self.run(move |inner| {
+            let removed = inner
+                .writer()
+                .execute("DELETE FROM tokens WHERE name = ?", [&name])
+                .map_err(failed("cannot revoke the token"))?;
+            Ok(removed > 0)
+        })
+        .await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StorageError> {
+        let hash = hash.to_owned();
+        self.run(move |inner| {
+            let found = inner
+                .reader()
+                .prepare_cached("SELECT name, hash, stores, created_at FROM tokens WHERE hash = ?")
+                .and_then(|mut stmt| stmt.query_row([&hash], token_from_row).optional())
+                .map_err(failed("cannot look the token up"))?;
+            found.map(with_stores).transpose()
+        })
+        .await
+    }
+}

@@ -1,0 +1,722 @@
+//! The backend's storage guarantees, checked against every implementation:
+//! each test below runs once on SQLite and once on PostgreSQL, each time on
+//! a database of its own, so the tests run in parallel.
+//!
+//! PostgreSQL is found at `POSSYNC_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); a missing server fails
+//! the tests, it never skips them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use possync_backend::{
+    Accepted, IdempotencyKey, NewChange, Outcome, SqliteStorage, Storage, StorageError, StoreHead,
+    TokenRecord,
+};
+use possync_core::{ChangeKind, EntityChange};
+use possync_sdk::Version;
+use serde_json::{Value, json};
+
+/// A fresh, empty database and the storages opened on it.
+trait Harness: Sized {
+    type S: Storage;
+    /// A new empty database.
+    async fn fresh() -> Self;
+    /// A storage on it; may be called again for a second one.
+    async fn open(&self) -> Self::S;
+}
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+}
+
+impl Harness for Sqlite {
+    type S = SqliteStorage;
+
+    async fn fresh() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("a temporary folder"),
+        }
+    }
+
+    async fn open(&self) -> SqliteStorage {
+        SqliteStorage::open(self.dir.path().join("backend.db"))
+            .await
+            .expect("the SQLite database opens")
+    }
+}
+
+/// Runs each listed test on each implementation.
+macro_rules! on_every_storage {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<super::Sqlite>().await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_storage!(
+    the_sequence_starts_at_one_per_store_and_has_no_gap,
+    a_submission_is_stored_whole_or_not_at_all,
+    a_stale_clock_takes_no_seq_and_writes_no_outbox_row,
+    a_late_clock_after_a_delete_is_still_stale,
+    entity_changes_apply_and_a_deleted_entity_leaves_the_catalog,
+    the_relay_sees_each_store_in_order_until_marked_published,
+    changes_after_lists_later_changes_in_order_and_limited,
+    heads_count_each_stores_unpublished_changes,
+    a_replayed_key_returns_the_first_answer_and_writes_nothing,
+    a_key_reused_for_another_request_is_refused,
+    the_same_key_from_another_client_is_independent,
+    concurrent_replays_of_one_key_write_once,
+    tokens_are_created_listed_found_and_revoked,
+    one_storage_at_a_time_leads_the_relay,
+    what_was_answered_is_there_after_reopening,
+    concurrent_submitters_get_every_seq_exactly_once,
+    two_storages_on_one_database_never_share_a_seq,
+);
+
+fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
+    let fields = fields.as_object().cloned().unwrap_or_default();
+    let mut payload = fields.clone();
+    payload.insert("product_id".into(), json!(id));
+    NewChange {
+        store: store.into(),
+        message_type: "product_update".into(),
+        payload: Value::Object(payload).to_string(),
+        timestamp: "2025-11-27T10:30:00Z".into(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        entity: Some(EntityChange {
+            entity: "product".into(),
+            id: id.into(),
+            kind,
+            fields,
+        }),
+        clock: None,
+    }
+}
+
+fn price(store: &str, id: &str, price: f64) -> NewChange {
+    product(store, id, ChangeKind::Merge, json!({ "price": price }))
+}
+
+fn at(mut change: NewChange, micros: i64) -> NewChange {
+    change.clock = Some(Version {
+        micros,
+        exact: true,
+    });
+    change
+}
+
+fn key(client: &str, key: &str, fingerprint: &str) -> Option<IdempotencyKey> {
+    Some(IdempotencyKey {
+        client: client.into(),
+        key: key.into(),
+        fingerprint: fingerprint.into(),
+    })
+}
+
+fn seqs(accepted: &[Accepted]) -> Vec<Option<i64>> {
+    accepted
+        .iter()
+        .map(|accepted| match accepted.outcome {
+            Outcome::Sequenced { seq } => Some(seq),
+            Outcome::Stale => None,
+        })
+        .collect()
+}
+
+async fn submit<S: Storage>(storage: &S, changes: Vec<NewChange>) -> Vec<Option<i64>> {
+    let submitted = storage
+        .submit(changes, None)
+        .await
+        .expect("the submission is stored");
+    assert!(!submitted.replayed);
+    seqs(&submitted.accepted)
+}
+
+async fn outbox_seqs<S: Storage>(storage: &S, store: &str) -> Vec<i64> {
+    storage
+        .changes_after(store, 0, 100_000)
+        .await
+        .expect("changes are listed")
+        .iter()
+        .map(|change| change.row.seq)
+        .collect()
+}
+
+async fn head<S: Storage>(storage: &S, store: &str) -> i64 {
+    storage
+        .heads()
+        .await
+        .expect("heads are listed")
+        .into_iter()
+        .find(|head| head.store == store)
+        .map_or(0, |head| head.head)
+}
+
+async fn state<S: Storage>(storage: &S, store: &str, id: &str) -> Option<Value> {
+    storage
+        .catalog(store)
+        .await
+        .expect("the catalog is listed")
+        .into_iter()
+        .find(|entry| entry.entity == "product" && entry.id == id)
+        .map(|entry| Value::Object(entry.state))
+}
+
+async fn the_sequence_starts_at_one_per_store_and_has_no_gap<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    assert_eq!(
+        submit(
+            &storage,
+            vec![
+                price("A", "P1", 1.0),
+                price("B", "P1", 1.0),
+                price("A", "P2", 2.0)
+            ]
+        )
+        .await,
+        [Some(1), Some(1), Some(2)]
+    );
+    assert_eq!(
+        submit(&storage, vec![price("A", "P1", 3.0)]).await,
+        [Some(3)]
+    );
+    assert_eq!(outbox_seqs(&storage, "A").await, [1, 2, 3]);
+    assert_eq!(outbox_seqs(&storage, "B").await, [1]);
+}
+
+async fn a_submission_is_stored_whole_or_not_at_all<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    submit(&storage, vec![price("A", "P1", 1.0)]).await;
+    let mut broken = price("A", "P3", 3.0);
+    broken.payload = "not JSON".into();
+    let err = storage
+        .submit(
+            vec![price("A", "P2", 2.0), price("B", "P1", 1.0), broken],
+            None,
+        )
+        .await
+        .expect_err("a change the database refuses fails its submission");
+    assert!(matches!(err, StorageError::Database(_)), "{err}");
+    assert_eq!(outbox_seqs(&storage, "A").await, [1], "nothing was written");
+    assert_eq!(outbox_seqs(&storage, "B").await, Vec::<i64>::new());
+    assert_eq!(state(&storage, "A", "P2").await, None);
+    assert_eq!(head(&storage, "B").await, 0);
+    assert_eq!(
+        submit(&storage, vec![price("A", "P2", 2.0), price("B", "P1", 1.0)]).await,
+        [Some(2), Some(1)],
+        "the failed submission gave out no number"
+    );
+}
+
+async fn a_stale_clock_takes_no_seq_and_writes_no_outbox_row<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let answered = submit(
+        &storage,
+        vec![
+            at(price("A", "P1", 1.0), 200),
+            at(price("A", "P1", 2.0), 100),
+            at(price("A", "P1", 3.0), 200),
+        ],
+    )
+    .await;
+    assert_eq!(answered, [Some(1), None, None], "older or the same change");
+    // A change from the API orders by arrival and keeps the entity's clock.
+    assert_eq!(
+        submit(&storage, vec![price("A", "P1", 4.0)]).await,
+        [Some(2)]
+    );
+    assert_eq!(
+        submit(&storage, vec![at(price("A", "P1", 5.0), 150)]).await,
+        [None]
+    );
+    assert_eq!(
+        submit(&storage, vec![at(price("A", "P1", 6.0), 300)]).await,
+        [Some(3)]
+    );
+    // A clock that does not identify its change exactly wins a tie.
+    let mut tie = price("A", "P1", 7.0);
+    tie.clock = Some(Version {
+        micros: 300,
+        exact: false,
+    });
+    assert_eq!(submit(&storage, vec![tie]).await, [Some(4)]);
+    assert_eq!(outbox_seqs(&storage, "A").await, [1, 2, 3, 4]);
+    assert_eq!(head(&storage, "A").await, 4);
+    assert_eq!(
+        state(&storage, "A", "P1").await,
+        Some(json!({ "price": 7.0 }))
+    );
+}
+
+async fn a_late_clock_after_a_delete_is_still_stale<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let delete = product("A", "P1", ChangeKind::Delete, json!({}));
+    submit(
+        &storage,
+        vec![at(price("A", "P1", 1.0), 100), at(delete, 200)],
+    )
+    .await;
+    assert_eq!(state(&storage, "A", "P1").await, None);
+    assert_eq!(
+        submit(&storage, vec![at(price("A", "P1", 2.0), 150)]).await,
+        [None],
+        "the tombstone's clock judges the late change"
+    );
+    assert_eq!(state(&storage, "A", "P1").await, None);
+    assert_eq!(
+        submit(&storage, vec![at(price("A", "P1", 3.0), 250)]).await,
+        [Some(3)]
+    );
+    assert_eq!(
+        state(&storage, "A", "P1").await,
+        Some(json!({ "price": 3.0 })),
+        "a newer change brings it back, from nothing"
+    );
+}
+
+async fn entity_changes_apply_and_a_deleted_entity_leaves_the_catalog<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let replace = |fields| product("A", "P1", ChangeKind::Replace, fields);
+    submit(
+        &storage,
+        vec![
+            replace(json!({ "name": "Tea", "price": 1.0, "icon_name": "cup" })),
+            price("A", "P1", 2.0),
+            product("A", "P2", ChangeKind::Replace, json!({ "name": "Cake" })),
+            product(
+                "B",
+                "P1",
+                ChangeKind::Replace,
+                json!({ "name": "Other store" }),
+            ),
+        ],
+    )
+    .await;
+    let catalog = storage.catalog("A").await.expect("the catalog is listed");
+    let listed: Vec<(&str, &str, i64)> = catalog
+        .iter()
+        .map(|entry| (entry.entity.as_str(), entry.id.as_str(), entry.seq))
+        .collect();
+    assert_eq!(listed, [("product", "P1", 2), ("product", "P2", 3)]);
+    assert_eq!(
+        Value::Object(catalog[0].state.clone()),
+        json!({ "name": "Tea", "price": 2.0, "icon_name": "cup" })
+    );
+    submit(&storage, vec![replace(json!({ "name": "Green tea" }))]).await;
+    assert_eq!(
+        state(&storage, "A", "P1").await,
+        Some(json!({ "name": "Green tea" })),
+        "a replace drops the fields it does not carry"
+    );
+    submit(
+        &storage,
+        vec![product("A", "P1", ChangeKind::Delete, json!({}))],
+    )
+    .await;
+    let ids: Vec<String> = storage
+        .catalog("A")
+        .await
+        .expect("the catalog is listed")
+        .into_iter()
+        .map(|entry| entry.id)
+        .collect();
+    assert_eq!(ids, ["P2"]);
+    // A change without an entity is sequenced, with no catalog state.
+    let mut plain = price("A", "X", 1.0);
+    plain.entity = None;
+    plain.message_type = "note".into();
+    assert_eq!(submit(&storage, vec![plain]).await, [Some(6)]);
+    assert_eq!(storage.catalog("A").await.expect("listed").len(), 1);
+}
+
+async fn the_relay_sees_each_store_in_order_until_marked_published<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    for round in 0..3 {
+        submit(
+            &storage,
+            vec![price("B", "P", f64::from(round)), price("A", "P", 1.0)],
+        )
+        .await;
+    }
+    let rows = storage.unpublished(100).await.expect("the outbox is read");
+    for store in ["A", "B"] {
+        let seqs: Vec<i64> = rows
+            .iter()
+            .filter(|row| row.store == store)
+            .map(|row| row.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3], "store {store} in sequence order");
+    }
+    let first = rows.first().expect("rows");
+    assert_eq!(first.message_type, "product_update");
+    assert_eq!(first.timestamp, "2025-11-27T10:30:00Z");
+    assert_eq!(
+        serde_json::from_str::<Value>(&first.payload).expect("JSON"),
+        json!({ "product_id": "P", "price": 0.0 }),
+    );
+    assert_eq!(storage.unpublished(2).await.expect("read").len(), 2);
+
+    storage
+        .mark_published(&[("A".into(), 1), ("B".into(), 1), ("B".into(), 2)])
+        .await
+        .expect("rows are marked");
+    let left: Vec<(String, i64)> = storage
+        .unpublished(100)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|row| (row.store, row.seq))
+        .collect();
+    assert_eq!(
+        left.iter().filter(|(store, _)| store == "A").count(),
+        2,
+        "{left:?}"
+    );
+    assert!(left.contains(&("A".into(), 2)) && left.contains(&("B".into(), 3)));
+    assert!(!left.contains(&("A".into(), 1)) && !left.contains(&("B".into(), 2)));
+    // Marking again, or a row that does not exist, changes nothing.
+    storage
+        .mark_published(&[("A".into(), 1), ("Z".into(), 9)])
+        .await
+        .expect("rows are marked");
+    assert_eq!(storage.unpublished(100).await.expect("read").len(), 3);
+}
+
+async fn changes_after_lists_later_changes_in_order_and_limited<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let changes: Vec<NewChange> = (0..5).map(|i| price("A", "P", f64::from(i))).collect();
+    let ids: Vec<String> = changes.iter().map(|c| c.message_id.clone()).collect();
+    submit(&storage, changes).await;
+    submit(&storage, vec![price("B", "P", 1.0)]).await;
+    storage
+        .mark_published(&[("A".into(), 3)])
+        .await
+        .expect("marked");
+    let listed = storage.changes_after("A", 1, 3).await.expect("listed");
+    let got: Vec<(i64, &str, bool)> = listed
+        .iter()
+        .map(|c| (c.row.seq, c.row.message_id.as_str(), c.published))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (2, ids[1].as_str(), false),
+            (3, ids[2].as_str(), true),
+            (4, ids[3].as_str(), false)
+        ]
+    );
+    assert!(listed.iter().all(|c| c.row.store == "A"));
+    assert!(
+        storage
+            .changes_after("A", 5, 10)
+            .await
+            .expect("listed")
+            .is_empty()
+    );
+    assert!(
+        storage
+            .changes_after("C", 0, 10)
+            .await
+            .expect("listed")
+            .is_empty()
+    );
+}
+
+async fn heads_count_each_stores_unpublished_changes<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    assert!(storage.heads().await.expect("listed").is_empty());
+    submit(
+        &storage,
+        vec![
+            price("B", "P", 1.0),
+            price("A", "P", 1.0),
+            price("B", "Q", 1.0),
+        ],
+    )
+    .await;
+    storage
+        .mark_published(&[("B".into(), 1)])
+        .await
+        .expect("marked");
+    assert_eq!(
+        storage.heads().await.expect("listed"),
+        [
+            StoreHead {
+                store: "A".into(),
+                head: 1,
+                unpublished: 1
+            },
+            StoreHead {
+                store: "B".into(),
+                head: 2,
+                unpublished: 1
+            },
+        ]
+    );
+}
+
+async fn a_replayed_key_returns_the_first_answer_and_writes_nothing<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    submit(&storage, vec![at(price("A", "P1", 1.0), 500)]).await;
+    let changes = vec![
+        price("A", "P2", 2.0),
+        at(price("A", "P1", 9.0), 100),
+        price("B", "P1", 3.0),
+    ];
+    let first = storage
+        .submit(changes.clone(), key("office", "k1", "f1"))
+        .await
+        .expect("stored");
+    assert!(!first.replayed);
+    assert_eq!(seqs(&first.accepted), [Some(2), None, Some(1)]);
+    // The same request again, even with new message ids, is not stored again.
+    let mut again = changes.clone();
+    for change in &mut again {
+        change.message_id = uuid::Uuid::now_v7().to_string();
+    }
+    let replayed = storage
+        .submit(again, key("office", "k1", "f1"))
+        .await
+        .expect("replayed");
+    assert!(replayed.replayed);
+    assert_eq!(replayed.accepted, first.accepted);
+    assert_eq!(outbox_seqs(&storage, "A").await, [1, 2]);
+    assert_eq!(outbox_seqs(&storage, "B").await, [1]);
+}
+
+async fn a_key_reused_for_another_request_is_refused<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage
+        .submit(vec![price("A", "P", 1.0)], key("office", "k1", "f1"))
+        .await
+        .expect("stored");
+    let err = storage
+        .submit(vec![price("A", "P", 2.0)], key("office", "k1", "f2"))
+        .await
+        .expect_err("another request under the same key");
+    assert!(
+        matches!(&err, StorageError::KeyReused { key } if key == "k1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("use a new key"), "{err}");
+    assert_eq!(outbox_seqs(&storage, "A").await, [1]);
+}
+
+async fn the_same_key_from_another_client_is_independent<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let one = storage
+        .submit(vec![price("A", "P", 1.0)], key("office", "k1", "f1"))
+        .await
+        .expect("stored");
+    let other = storage
+        .submit(vec![price("A", "P", 2.0)], key("shop", "k1", "f2"))
+        .await
+        .expect("stored");
+    assert!(!other.replayed);
+    assert_eq!(seqs(&one.accepted), [Some(1)]);
+    assert_eq!(seqs(&other.accepted), [Some(2)]);
+}
+
+async fn concurrent_replays_of_one_key_write_once<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = Arc::new(db.open().await);
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let storage = Arc::clone(&storage);
+            tokio::spawn(async move {
+                storage
+                    .submit(
+                        vec![price("A", "P", 1.0), price("A", "Q", 1.0)],
+                        key("office", "same", "f"),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(
+            task.await
+                .expect("the task ran")
+                .expect("stored or replayed"),
+        );
+    }
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
+    assert!(answers.iter().all(|a| a.accepted == answers[0].accepted));
+    assert_eq!(outbox_seqs(&*storage, "A").await, [1, 2]);
+}
+
+async fn tokens_are_created_listed_found_and_revoked<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let office = TokenRecord {
+        name: "office".into(),
+        hash: "a".repeat(64),
+        stores: None,
+        created_at: 1_700_000_000,
+    };
+    let shop = TokenRecord {
+        name: "shop".into(),
+        hash: "b".repeat(64),
+        stores: Some(vec!["A".into(), "B".into()]),
+        created_at: 1_700_000_001,
+    };
+    storage.create_token(shop.clone()).await.expect("created");
+    storage.create_token(office.clone()).await.expect("created");
+    let err = storage
+        .create_token(TokenRecord {
+            hash: "c".repeat(64),
+            ..office.clone()
+        })
+        .await
+        .expect_err("the name is taken");
+    assert!(
+        matches!(&err, StorageError::TokenExists(name) if name == "office"),
+        "{err}"
+    );
+    assert_eq!(
+        storage.tokens().await.expect("listed"),
+        [office.clone(), shop.clone()]
+    );
+    assert_eq!(
+        storage.token_by_hash(&shop.hash).await.expect("found"),
+        Some(shop.clone())
+    );
+    assert_eq!(
+        storage
+            .token_by_hash(&"c".repeat(64))
+            .await
+            .expect("looked up"),
+        None
+    );
+    assert!(storage.revoke_token("office").await.expect("revoked"));
+    assert!(!storage.revoke_token("office").await.expect("looked up"));
+    assert_eq!(
+        storage
+            .token_by_hash(&office.hash)
+            .await
+            .expect("looked up"),
+        None
+    );
+    assert_eq!(storage.tokens().await.expect("listed"), [shop]);
+}
+
+async fn one_storage_at_a_time_leads_the_relay<H: Harness>() {
+    let db = H::fresh().await;
+    let first = db.open().await;
+    let second = db.open().await;
+    assert!(first.lead_relay().await.expect("asked"));
+    assert!(first.lead_relay().await.expect("asked"), "it keeps leading");
+    assert!(!second.lead_relay().await.expect("asked"));
+    drop(first);
+    // The database may notice the first one's end a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.lead_relay().await.expect("asked") {
+        assert!(
+            Instant::now() < deadline,
+            "the second storage never took the relay over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn what_was_answered_is_there_after_reopening<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    submit(&storage, vec![price("A", "P", 1.0), price("A", "P", 2.0)]).await;
+    drop(storage);
+    let storage = db.open().await;
+    assert_eq!(outbox_seqs(&storage, "A").await, [1, 2]);
+    assert_eq!(
+        state(&storage, "A", "P").await,
+        Some(json!({ "price": 2.0 }))
+    );
+    assert_eq!(
+        submit(&storage, vec![price("A", "P", 3.0)]).await,
+        [Some(3)]
+    );
+}
+
+/// Submits `tasks` x `rounds` submissions of three changes across stores A
+/// and B, spread over `storages`, all at once; then checks that each store
+/// holds exactly 1..=N.
+async fn submit_concurrently<S: Storage>(storages: &[Arc<S>], tasks: usize, rounds: usize) {
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let storage = Arc::clone(&storages[task % storages.len()]);
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                for round in 0..rounds {
+                    let id = format!("T{task}-{round}");
+                    let submitted = storage
+                        .submit(
+                            vec![
+                                price("A", &id, 1.0),
+                                price("B", &id, 1.0),
+                                price("A", "X", 2.0),
+                            ],
+                            None,
+                        )
+                        .await
+                        .expect("the submission is stored");
+                    answered.extend(submitted.accepted);
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for handle in handles {
+        for accepted in handle.await.expect("the task ran") {
+            let Outcome::Sequenced { seq } = accepted.outcome else {
+                panic!("no change here is stale");
+            };
+            answered.entry(accepted.store).or_default().push(seq);
+        }
+    }
+    let storage = &storages[0];
+    for (store, per_submission) in [("A", 2), ("B", 1)] {
+        let n = i64::try_from(tasks * rounds * per_submission).expect("small");
+        let expected: Vec<i64> = (1..=n).collect();
+        let mut seqs = answered.remove(store).expect("answers");
+        seqs.sort_unstable();
+        assert_eq!(seqs, expected, "store {store}'s answers");
+        assert_eq!(
+            outbox_seqs(&**storage, store).await,
+            expected,
+            "store {store}'s outbox"
+        );
+        assert_eq!(head(&**storage, store).await, n);
+    }
+}
+
+async fn concurrent_submitters_get_every_seq_exactly_once<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = Arc::new(db.open().await);
+    submit_concurrently(&[storage], 8, 50).await;
+}
+
+async fn two_storages_on_one_database_never_share_a_seq<H: Harness>() {
+    let db = H::fresh().await;
+    let storages = [Arc::new(db.open().await), Arc::new(db.open().await)];
+    submit_concurrently(&storages, 8, 25).await;
+}
