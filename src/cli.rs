@@ -58,6 +58,14 @@ enum Command {
     /// Run a terminal: apply this store's changes to the local database until
     /// SIGINT or SIGTERM, then stop cleanly.
     Terminal,
+    /// Run the back office's catalog of record until SIGINT or SIGTERM: an
+    /// HTTP API that accepts changes and answers once they are durable, each
+    /// with its store's next sequence number; a relay that publishes them in
+    /// order to the stores' terminals; and a consumer that records the
+    /// changes other publishers send straight to the exchange. Its config
+    /// (config/backend.toml) names the listen address, the database (a
+    /// SQLite file or a postgres:// URL), the broker and the plugins.
+    Backend,
     /// Publish changes to one or more stores; exits 0 only once the broker
     /// confirmed every message.
     #[command(subcommand)]
@@ -162,7 +170,7 @@ pub(crate) fn main() -> ExitCode {
         LogFormatArg::Json => possync_core::LogFormat::Json,
     };
     possync_core::init_logging(
-        if matches!(cli.command, Command::Terminal) {
+        if matches!(cli.command, Command::Terminal | Command::Backend) {
             "info"
         } else {
             "warn"
@@ -191,6 +199,7 @@ pub(crate) fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Terminal => terminal(load(cli.config.as_deref())?).await,
+        Command::Backend => backend(cli.config.as_deref()).await,
         Command::Publish(command) => {
             publish::run(&load(cli.config.as_deref())?.config, command).await
         }
@@ -231,6 +240,14 @@ async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         .run(shutdown_signal())
         .await
         .context("the terminal stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backend(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let config = possync_backend::ServiceConfig::load(path)?;
+    possync_backend::run(config, shutdown_signal())
+        .await
+        .context("the backend stopped")?;
     Ok(ExitCode::SUCCESS)
 }
 

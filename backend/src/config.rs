@@ -158,6 +158,12 @@ pub struct DirectConfig {
     pub queue: String,
     /// Messages the broker may send ahead before they are acknowledged.
     pub prefetch: u16,
+    /// Days the queue is kept once no backend reads it, before the broker
+    /// deletes it (a backend stopped for good must not pile up every store's
+    /// changes forever), and days a dead letter is kept. Set it before the
+    /// queue is first declared: RabbitMQ refuses to change it on an
+    /// existing queue.
+    pub queue_expiry_days: u32,
 }
 
 impl Default for DirectConfig {
@@ -166,6 +172,7 @@ impl Default for DirectConfig {
             enabled: true,
             queue: "possync.backend.direct".into(),
             prefetch: 100,
+            queue_expiry_days: 30,
         }
     }
 }
@@ -217,6 +224,13 @@ impl ServiceConfig {
             return Err(ConfigError::OutOfRange {
                 key: "direct.prefetch",
                 problem: "must be at least 1",
+            });
+        }
+        if !(1..=49).contains(&self.direct.queue_expiry_days) {
+            // RabbitMQ takes at most 2^32-1 ms (49.7 days) for x-expires.
+            return Err(ConfigError::OutOfRange {
+                key: "direct.queue_expiry_days",
+                problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry)",
             });
         }
         if self.direct.queue.is_empty() || self.direct.queue.starts_with("amq.") {

@@ -451,9 +451,12 @@ async fn declare(
             FieldTable::default(),
         )
         .await?;
+    let expires_ms = i64::from(config.queue_expiry_days) * 24 * 3600 * 1000;
     let mut limits = FieldTable::default();
-    // Dead letters are for people to read: bounded, like a terminal's.
+    // Dead letters are for people to read, bounded like a terminal's. No
+    // expiry of the queue itself: nothing consumes it to keep it alive.
     limits.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
+    limits.insert("x-message-ttl".into(), AMQPValue::LongLongInt(expires_ms));
     channel
         .queue_declare(dead_letter_queue.into(), durable_queue, limits)
         .await?;
@@ -475,6 +478,7 @@ async fn declare(
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(dead_letter_queue.into()),
     );
+    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires_ms));
     if broker.queue_type == QueueType::Quorum {
         arguments.insert(
             "x-queue-type".into(),

@@ -19,7 +19,7 @@ mod storage;
 
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
 pub use config::{BackendConfig, DatabaseLocation, DirectConfig, RelayConfig, ServiceConfig};
-pub use service::{ServiceError, run_with};
+pub use service::{ServiceError, run, run_with};
 
 pub use storage::{
     Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, SqliteStorage,

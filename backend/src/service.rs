@@ -50,6 +50,30 @@ pub enum ServiceError {
     Serve(std::io::Error),
 }
 
+/// Runs the backend `config` describes until `shutdown` completes (SIGTERM,
+/// Ctrl-C), then stops cleanly: the API stops taking requests, the relay
+/// finishes its round and the direct consumer its message.
+pub async fn run(
+    config: ServiceConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
+    let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
+    let location = config.backend.database_location();
+    let opening = |source| ServiceError::Database {
+        database: location.to_string(),
+        source,
+    };
+    match &location {
+        crate::config::DatabaseLocation::Sqlite(path) => {
+            let storage = crate::SqliteStorage::open(path).await.map_err(opening)?;
+            run_with(config, Arc::new(storage), registry, shutdown).await
+        }
+        crate::config::DatabaseLocation::Postgres(_) => Err(opening(StorageError::Database(
+            "this build keeps the catalog in SQLite only: set backend.database to a file".into(),
+        ))),
+    }
+}
+
 /// [`run`] over a storage already open.
 pub async fn run_with<S: Storage>(
     config: ServiceConfig,
