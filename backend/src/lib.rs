@@ -22,6 +22,6 @@ pub use config::{BackendConfig, DatabaseLocation, DirectConfig, RelayConfig, Ser
 pub use service::{ServiceError, run, run_with};
 
 pub use storage::{
-    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, SqliteStorage,
-    Storage, StorageError, StoreHead, Submitted, TokenRecord,
+    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, PostgresStorage,
+    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TokenRecord,
 };

@@ -4,8 +4,10 @@
 
 mod answer;
 mod plan;
+mod postgres;
 mod sqlite;
 
+pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
 use std::future::Future;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use possync_backend::{
-    Accepted, IdempotencyKey, NewChange, Outcome, SqliteStorage, Storage, StorageError, StoreHead,
-    TokenRecord,
+    Accepted, IdempotencyKey, NewChange, Outcome, PostgresStorage, SqliteStorage, Storage,
+    StorageError, StoreHead, TokenRecord,
 };
 use possync_core::{ChangeKind, EntityChange};
 use possync_sdk::Version;
@@ -47,6 +47,95 @@ impl Harness for Sqlite {
     }
 }
 
+/// A database of its own on the test server, dropped with this value.
+struct Postgres {
+    name: String,
+    url: String,
+}
+
+fn postgres_admin_url() -> String {
+    std::env::var("POSSYNC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The admin URL with its database replaced by `name`.
+fn postgres_url_of(name: &str) -> String {
+    let admin = postgres_admin_url();
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let (server, _) = base
+        .rsplit_once('/')
+        .filter(|(server, _)| server.contains("//"))
+        .unwrap_or((base, ""));
+    if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    }
+}
+
+async fn postgres_admin() -> tokio_postgres::Client {
+    let url = postgres_admin_url();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|err| {
+            let cause = std::error::Error::source(&err).map_or(String::new(), |s| format!(": {s}"));
+            panic!(
+                "PostgreSQL does not answer at POSSYNC_TEST_POSTGRES_URL ({}): {err}{cause}; \
+                 start it (.ci/run does) or point the variable at one",
+                possync_core::redact_url(&url)
+            )
+        });
+    tokio::spawn(connection);
+    client
+}
+
+impl Harness for Postgres {
+    type S = PostgresStorage;
+
+    async fn fresh() -> Self {
+        let name = format!("possync_test_{}", uuid::Uuid::now_v7().simple());
+        postgres_admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("a test database is created");
+        Self {
+            url: postgres_url_of(&name),
+            name,
+        }
+    }
+
+    async fn open(&self) -> PostgresStorage {
+        PostgresStorage::connect(&self.url)
+            .await
+            .expect("PostgreSQL storage connects")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Drop is not async: drop the database from a runtime of its own,
+        // whether the test passed or panicked.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                postgres_admin()
+                    .await
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+        })
+        .join();
+        if let Ok(Err(err)) = dropped {
+            eprintln!("cannot drop test database {}: {err}", self.name);
+        }
+    }
+}
+
 /// Runs each listed test on each implementation.
 macro_rules! on_every_storage {
     ($($test:ident),* $(,)?) => {
@@ -55,6 +144,14 @@ macro_rules! on_every_storage {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test::<super::Sqlite>().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<super::Postgres>().await;
                 }
             )*
         }
@@ -719,4 +816,14 @@ async fn two_storages_on_one_database_never_share_a_seq<H: Harness>() {
     let db = H::fresh().await;
     let storages = [Arc::new(db.open().await), Arc::new(db.open().await)];
     submit_concurrently(&storages, 8, 25).await;
+}
+
+/// Two backend processes on one PostgreSQL database, each with its pool,
+/// submitting at once: each store's sequence is still 1..=N.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_postgres_instances_starting_together_share_one_gapless_sequence() {
+    let db = Postgres::fresh().await;
+    // Both migrate the new database at the same moment.
+    let (one, two) = tokio::join!(db.open(), db.open());
+    submit_concurrently(&[Arc::new(one), Arc::new(two)], 8, 50).await;
 }

@@ -1,0 +1,585 @@
+//! The backend's database on PostgreSQL, for several backend processes on
+//! one catalog.
+//!
+//! A submission locks its stores' rows (in store order, so two submissions
+//! never wait on each other crosswise) before it reads their heads: every
+//! writer of a store waits for the one before it to commit, so each store's
+//! sequence is gapless and its committed outbox is always a prefix of it.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, Config, NoTls, Row};
+
+use super::plan::{self, EntityKey, StoredEntity};
+use super::{
+    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Storage, StorageError, StoreHead,
+    Submitted, TokenRecord, answer,
+};
+
+/// Connections kept for concurrent requests.
+const POOL_SIZE: usize = 8;
+/// How long a request waits for a free connection, or a new one.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Advisory lock keys, chosen at random once: held while migrating, and by
+/// the instance that relays.
+const MIGRATION_LOCK: i64 = 0x706f_7373_796e_6301;
+const RELAY_LOCK: i64 = 0x706f_7373_796e_6302;
+
+/// The schema, one migration per entry; `possync_schema` counts those
+/// applied.
+const MIGRATIONS: &[&str] = &[r"
+    CREATE TABLE stores (
+        store text PRIMARY KEY,
+        head bigint NOT NULL
+    );
+
+    -- id gives the relay one order across stores, oldest first.
+    CREATE TABLE outbox (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        store text NOT NULL,
+        seq bigint NOT NULL,
+        message_type text NOT NULL,
+        payload text NOT NULL CHECK (payload::json IS NOT NULL),
+        envelope_timestamp text NOT NULL,
+        message_id text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        published boolean NOT NULL DEFAULT false,
+        published_at timestamptz,
+        UNIQUE (store, seq)
+    );
+    CREATE INDEX outbox_unpublished ON outbox (id) WHERE NOT published;
+
+    -- state NULL: deleted. The row stays so that its clock judges a late
+    -- change from the exchange.
+    CREATE TABLE entities (
+        store text NOT NULL,
+        entity text NOT NULL,
+        id text NOT NULL,
+        state jsonb,
+        seq bigint NOT NULL,
+        clock bigint NOT NULL,
+        PRIMARY KEY (store, entity, id)
+    );
+
+    -- answer NULL: the first submission under the key is in progress.
+    CREATE TABLE idempotency (
+        client text NOT NULL,
+        key text NOT NULL,
+        fingerprint text NOT NULL,
+        answer text,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (client, key)
+    );
+
+    -- stores NULL: every store.
+    CREATE TABLE tokens (
+        name text PRIMARY KEY,
+        hash text NOT NULL UNIQUE,
+        stores text[],
+        created_at bigint NOT NULL
+    );
+"];
+
+/// The backend's database on PostgreSQL.
+///
+/// Connections are made without TLS: run PostgreSQL on the same host (or
+/// reach it through a tunnel) and give the backend a database of its own.
+#[derive(Debug)]
+pub struct PostgresStorage {
+    config: Config,
+    pool: Pool,
+    /// The connection holding the relay's advisory lock, once this storage
+    /// leads the relay: the lock lives as long as it.
+    leader: Mutex<Option<Client>>,
+}
+
+impl PostgresStorage {
+    /// Connects to the database at `url`
+    /// (`postgres://user[:password]@host[:port]/database`) and brings its
+    /// schema up to date; two instances starting together migrate one after
+    /// the other.
+    pub async fn connect(url: &str) -> Result<Self, StorageError> {
+        let mut config: Config = url.parse().map_err(|err| {
+            StorageError::Database(format!(
+                "the PostgreSQL URL is invalid ({}); expected postgres://user@host:port/database",
+                describe(&err)
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|err| {
+                StorageError::Database(format!("cannot build a connection pool: {err}"))
+            })?;
+        let storage = Self {
+            config,
+            pool,
+            leader: Mutex::new(None),
+        };
+        storage.migrate().await?;
+        Ok(storage)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StorageError> {
+        self.pool.get().await.map_err(|err| {
+            let cause = match &err {
+                deadpool_postgres::PoolError::Backend(err) => describe(err),
+                err => err.to_string(),
+            };
+            StorageError::Database(format!(
+                "cannot reach PostgreSQL (database {:?}): {cause}; check that it runs and that the URL is right",
+                self.config.get_dbname().unwrap_or_default()
+            ))
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StorageError> {
+        let sql = failed("cannot migrate the schema");
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(&sql)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(&sql)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS possync_schema (version integer NOT NULL)")
+            .await
+            .map_err(&sql)?;
+        let applied: i32 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM possync_schema", &[])
+            .await
+            .map_err(&sql)?
+            .get(0);
+        let applied = usize::try_from(applied).unwrap_or_default();
+        for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+            tx.batch_execute(migration).await.map_err(&sql)?;
+            let version = i32::try_from(version + 1).unwrap_or(i32::MAX);
+            tx.execute(
+                "INSERT INTO possync_schema (version) VALUES ($1)",
+                &[&version],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        tx.commit().await.map_err(&sql)
+    }
+}
+
+/// A PostgreSQL error with the server's own message, which the driver's
+/// display leaves out.
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut text = format!("{}: {}", db.severity(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        return text;
+    }
+    match err.source() {
+        Some(source) => format!("{err}: {source}"),
+        None => err.to_string(),
+    }
+}
+
+fn failed(what: &str) -> impl Fn(tokio_postgres::Error) -> StorageError + '_ {
+    move |err| StorageError::Database(format!("{what}: {}", describe(&err)))
+}
+
+fn parse_state(value: Value) -> Result<Map<String, Value>, StorageError> {
+    match value {
+        Value::Object(state) => Ok(state),
+        other => Err(StorageError::Database(format!(
+            "an entity's stored state is {other}, not an object; the database was changed by hand"
+        ))),
+    }
+}
+
+fn outbox_row(row: &Row) -> OutboxRow {
+    OutboxRow {
+        store: row.get(0),
+        seq: row.get(1),
+        message_type: row.get(2),
+        payload: row.get(3),
+        timestamp: row.get(4),
+        message_id: row.get(5),
+    }
+}
+
+fn token(row: &Row) -> TokenRecord {
+    TokenRecord {
+        name: row.get(0),
+        hash: row.get(1),
+        stores: row.get(2),
+        created_at: row.get(3),
+    }
+}
+
+fn limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+impl Storage for PostgresStorage {
+    async fn submit(
+        &self,
+        changes: Vec<NewChange>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted, StorageError> {
+        let sql = failed("cannot store the submission");
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(&sql)?;
+
+        if let Some(key) = &key {
+            // Claiming the key first makes a concurrent submission under it
+            // wait for this one, then see its answer.
+            let claimed = tx
+                .query_opt(
+                    "INSERT INTO idempotency (client, key, fingerprint) VALUES ($1, $2, $3)
+                     ON CONFLICT (client, key) DO NOTHING RETURNING 1",
+                    &[&key.client, &key.key, &key.fingerprint],
+                )
+                .await
+                .map_err(&sql)?;
+            if claimed.is_none() {
+                let row = tx
+                    .query_one(
+                        "SELECT fingerprint, answer FROM idempotency WHERE client = $1 AND key = $2",
+                        &[&key.client, &key.key],
+                    )
+                    .await
+                    .map_err(&sql)?;
+                let fingerprint: String = row.get(0);
+                if fingerprint != key.fingerprint {
+                    return Err(StorageError::KeyReused {
+                        key: key.key.clone(),
+                    });
+                }
+                let stored: Option<String> = row.get(1);
+                let stored = stored.ok_or_else(|| {
+                    StorageError::Database(
+                        "an idempotency key has no answer; the database was changed by hand".into(),
+                    )
+                })?;
+                return Ok(Submitted {
+                    accepted: answer::decode(&stored)?,
+                    replayed: true,
+                });
+            }
+        }
+
+        let mut heads = HashMap::new();
+        let lock = tx
+            .prepare_cached(
+                "INSERT INTO stores (store, head) VALUES ($1, 0)
+                 ON CONFLICT (store) DO UPDATE SET head = stores.head RETURNING head",
+            )
+            .await
+            .map_err(&sql)?;
+        for store in plan::stores(&changes) {
+            let head: i64 = tx.query_one(&lock, &[&store]).await.map_err(&sql)?.get(0);
+            heads.insert(store, head);
+        }
+
+        let keys = plan::entity_keys(&changes);
+        let mut stored: HashMap<EntityKey, StoredEntity> = HashMap::new();
+        if !keys.is_empty() {
+            let (stores, (kinds, ids)): (Vec<&str>, (Vec<&str>, Vec<&str>)) = keys
+                .iter()
+                .map(|(store, kind, id)| (store.as_str(), (kind.as_str(), id.as_str())))
+                .unzip();
+            let rows = tx
+                .query(
+                    "SELECT store, entity, id, state, clock FROM entities
+                     WHERE (store, entity, id) IN
+                        (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+                    &[&stores, &kinds, &ids],
+                )
+                .await
+                .map_err(&sql)?;
+            for row in rows {
+                let state: Option<Value> = row.get(3);
+                stored.insert(
+                    (row.get(0), row.get(1), row.get(2)),
+                    StoredEntity {
+                        state: state.map(parse_state).transpose()?,
+                        clock: row.get(4),
+                    },
+                );
+            }
+        }
+
+        let plan = plan::plan(changes, heads, stored);
+        if !plan.outbox.is_empty() {
+            let outbox = &plan.outbox;
+            let stores: Vec<&str> = outbox.iter().map(|row| row.store.as_str()).collect();
+            let seqs: Vec<i64> = outbox.iter().map(|row| row.seq).collect();
+            let types: Vec<&str> = outbox.iter().map(|row| row.message_type.as_str()).collect();
+            let payloads: Vec<&str> = outbox.iter().map(|row| row.payload.as_str()).collect();
+            let stamps: Vec<&str> = outbox.iter().map(|row| row.timestamp.as_str()).collect();
+            let ids: Vec<&str> = outbox.iter().map(|row| row.message_id.as_str()).collect();
+            tx.execute(
+                "INSERT INTO outbox
+                    (store, seq, message_type, payload, envelope_timestamp, message_id)
+                 SELECT store, seq, message_type, payload, envelope_timestamp, message_id
+                 FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[])
+                    WITH ORDINALITY
+                    AS rows (store, seq, message_type, payload, envelope_timestamp, message_id, n)
+                 ORDER BY n",
+                &[&stores, &seqs, &types, &payloads, &stamps, &ids],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        if !plan.entities.is_empty() {
+            let writes = &plan.entities;
+            let stores: Vec<&str> = writes.iter().map(|w| w.key.0.as_str()).collect();
+            let kinds: Vec<&str> = writes.iter().map(|w| w.key.1.as_str()).collect();
+            let ids: Vec<&str> = writes.iter().map(|w| w.key.2.as_str()).collect();
+            let states: Vec<Option<Value>> = writes
+                .iter()
+                .map(|w| w.stored.state.clone().map(Value::Object))
+                .collect();
+            let seqs: Vec<i64> = writes.iter().map(|w| w.seq).collect();
+            let clocks: Vec<i64> = writes.iter().map(|w| w.stored.clock).collect();
+            tx.execute(
+                "INSERT INTO entities (store, entity, id, state, seq, clock)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[],
+                                      $5::int8[], $6::int8[])
+                 ON CONFLICT (store, entity, id) DO UPDATE
+                 SET state = excluded.state, seq = excluded.seq, clock = excluded.clock",
+                &[&stores, &kinds, &ids, &states, &seqs, &clocks],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        if !plan.heads.is_empty() {
+            let (stores, heads): (Vec<&str>, Vec<i64>) = plan
+                .heads
+                .iter()
+                .map(|(store, head)| (store.as_str(), *head))
+                .unzip();
+            tx.execute(
+                "UPDATE stores SET head = moved.head
+                 FROM unnest($1::text[], $2::int8[]) AS moved (store, head)
+                 WHERE stores.store = moved.store",
+                &[&stores, &heads],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        if let Some(key) = &key {
+            let answer = answer::encode(&plan.accepted)?;
+            tx.execute(
+                "UPDATE idempotency SET answer = $3 WHERE client = $1 AND key = $2",
+                &[&key.client, &key.key, &answer],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        tx.commit().await.map_err(&sql)?;
+        Ok(Submitted {
+            accepted: plan.accepted,
+            replayed: false,
+        })
+    }
+
+    async fn unpublished(&self, limit_rows: usize) -> Result<Vec<OutboxRow>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT store, seq, message_type, payload, envelope_timestamp, message_id
+                 FROM outbox WHERE NOT published ORDER BY id LIMIT $1",
+                &[&limit(limit_rows)],
+            )
+            .await
+            .map_err(failed("cannot read the outbox"))?;
+        Ok(rows.iter().map(outbox_row).collect())
+    }
+
+    async fn mark_published(&self, rows: &[(String, i64)]) -> Result<(), StorageError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (stores, seqs): (Vec<&str>, Vec<i64>) = rows
+            .iter()
+            .map(|(store, seq)| (store.as_str(), *seq))
+            .unzip();
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE outbox SET published = true, published_at = now()
+                 FROM unnest($1::text[], $2::int8[]) AS confirmed (store, seq)
+                 WHERE outbox.store = confirmed.store AND outbox.seq = confirmed.seq
+                   AND NOT outbox.published",
+                &[&stores, &seqs],
+            )
+            .await
+            .map_err(failed("cannot mark outbox rows published"))?;
+        Ok(())
+    }
+
+    async fn lead_relay(&self) -> Result<bool, StorageError> {
+        let mut leader = self.leader.lock().await;
+        if let Some(client) = leader.as_ref() {
+            if !client.is_closed() {
+                return Ok(true);
+            }
+            // Its connection ended, and the lock with it: try again.
+            *leader = None;
+        }
+        let sql = failed("cannot take the relay's lock");
+        let (client, connection) = self.config.connect(NoTls).await.map_err(&sql)?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::warn!(
+                    event = "relay_lock_lost",
+                    error = %describe(&err),
+                    "the connection holding the relay's lock ended; another backend may relay now"
+                );
+            }
+        });
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&RELAY_LOCK])
+            .await
+            .map_err(&sql)?
+            .get(0);
+        if locked {
+            *leader = Some(client);
+        }
+        Ok(locked)
+    }
+
+    async fn catalog(&self, store: &str) -> Result<Vec<CatalogEntry>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT entity, id, state, seq FROM entities
+                 WHERE store = $1 AND state IS NOT NULL ORDER BY entity, id",
+                &[&store],
+            )
+            .await
+            .map_err(failed("cannot read the catalog"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(CatalogEntry {
+                    entity: row.get(0),
+                    id: row.get(1),
+                    state: parse_state(row.get(2))?,
+                    seq: row.get(3),
+                })
+            })
+            .collect()
+    }
+
+    async fn changes_after(
+        &self,
+        store: &str,
+        after: i64,
+        limit_rows: usize,
+    ) -> Result<Vec<Change>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT store, seq, message_type, payload, envelope_timestamp, message_id, published
+                 FROM outbox WHERE store = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&store, &after, &limit(limit_rows)],
+            )
+            .await
+            .map_err(failed("cannot read a store's changes"))?;
+        Ok(rows
+            .iter()
+            .map(|row| Change {
+                row: outbox_row(row),
+                published: row.get(6),
+            })
+            .collect())
+    }
+
+    async fn heads(&self) -> Result<Vec<StoreHead>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT store, head,
+                    (SELECT count(*) FROM outbox
+                     WHERE outbox.store = stores.store AND NOT published)
+                 FROM stores WHERE head > 0 ORDER BY store",
+                &[],
+            )
+            .await
+            .map_err(failed("cannot read the stores' heads"))?;
+        Ok(rows
+            .iter()
+            .map(|row| StoreHead {
+                store: row.get(0),
+                head: row.get(1),
+                unpublished: row.get(2),
+            })
+            .collect())
+    }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        let client = self.client().await?;
+        let inserted = client
+            .execute(
+                "INSERT INTO tokens (name, hash, stores, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&token.name, &token.hash, &token.stores, &token.created_at],
+            )
+            .await
+            .map_err(failed("cannot store the token"))?;
+        if inserted == 0 {
+            return Err(StorageError::TokenExists(token.name));
+        }
+        Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, hash, stores, created_at FROM tokens ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(failed("cannot read the tokens"))?;
+        Ok(rows.iter().map(token).collect())
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool, StorageError> {
+        let client = self.client().await?;
+        let removed = client
+            .execute("DELETE FROM tokens WHERE name = $1", &[&name])
+            .await
+            .map_err(failed("cannot revoke the token"))?;
+        Ok(removed > 0)
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StorageError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT name, hash, stores, created_at FROM tokens WHERE hash = $1",
+                &[&hash],
+            )
+            .await
+            .map_err(failed("cannot look the token up"))?;
+        Ok(row.as_ref().map(token))
+    }
+}
