@@ -68,9 +68,12 @@ pub async fn run(
             let storage = crate::SqliteStorage::open(path).await.map_err(opening)?;
             run_with(config, Arc::new(storage), registry, shutdown).await
         }
-        crate::config::DatabaseLocation::Postgres(_) => Err(opening(StorageError::Database(
-            "this build keeps the catalog in SQLite only: set backend.database to a file".into(),
-        ))),
+        crate::config::DatabaseLocation::Postgres(url) => {
+            let storage = crate::PostgresStorage::connect(url)
+                .await
+                .map_err(opening)?;
+            run_with(config, Arc::new(storage), registry, shutdown).await
+        }
     }
 }
 
