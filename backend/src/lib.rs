@@ -8,6 +8,7 @@
 //! consumer records the changes other publishers send straight to the
 //! exchange.
 
+pub mod api;
 mod catalog;
 mod config;
 mod direct;
@@ -16,6 +17,7 @@ mod failpoint;
 mod relay;
 mod service;
 mod storage;
+pub mod token;
 
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
 pub use config::{BackendConfig, DatabaseLocation, DirectConfig, RelayConfig, ServiceConfig};
