@@ -124,7 +124,7 @@ pub async fn run_with<S: Storage>(
     }
 
     let mut api_stopped = stopped.clone();
-    let server = axum::serve(listener, http_api(Arc::clone(&catalog)))
+    let server = axum::serve(listener, crate::api::router(Arc::clone(&catalog)))
         .with_graceful_shutdown(async move {
             let _ = api_stopped.wait_for(|stop| *stop).await;
         })
@@ -156,10 +156,4 @@ pub async fn run_with<S: Storage>(
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await.
     let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
-}
-
-/// The HTTP API over `catalog`.
-fn http_api<S: Storage>(catalog: Arc<Catalog<S>>) -> axum::Router {
-    let _ = catalog;
-    axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }))
 }
