@@ -97,7 +97,6 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
 struct BackendArgs {
     #[command(subcommand)]
     command: Option<BackendCommand>,
