@@ -113,12 +113,15 @@ impl Backend {
         process.wait_for_line("direct_live").await;
     }
 
-    /// SIGKILLs the process (if it still runs) and reaps it.
-    async fn kill(&mut self) {
-        if let Some(process) = self.process.take() {
-            process.signal(Signal::SIGKILL);
-            let _ = process.exit().await;
-        }
+    /// SIGKILLs the process (if it still runs) and reaps it; whether the
+    /// failpoint had aborted it first.
+    async fn kill(&mut self) -> bool {
+        let Some(process) = self.process.take() else {
+            return false;
+        };
+        process.signal(Signal::SIGKILL);
+        let (_, log) = process.exit().await;
+        log.contains("test hook fired")
     }
 
     /// Stops the process with SIGTERM; returns its log.
@@ -393,7 +396,7 @@ async fn every_terminal_ends_on_the_catalogs_state_though_the_backend_is_killed_
     // right after a confirm, before the row is marked) or anywhere else
     // (SIGKILL at random moments).
     const CHANGES: usize = 5_000;
-    const BATCH: usize = 50;
+    const BATCH: usize = 10;
     let store = unique_license("crash");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut tills = Vec::new();
@@ -431,20 +434,23 @@ async fn every_terminal_ends_on_the_catalogs_state_though_the_backend_is_killed_
     };
 
     let mut dice = Dice::seeded();
-    let mut restarts = 0;
+    let (mut kills, mut aborts) = (0, 0);
     while !*finished.borrow() {
-        // Up to 3 s alive, then SIGKILL unless the failpoint aborted it first.
-        let alive = Duration::from_millis(100 + dice.below(3000));
+        // Up to 1 s alive, then SIGKILL unless the failpoint aborted it first.
+        let alive = Duration::from_millis(50 + dice.below(1000));
         tokio::select! {
             () = tokio::time::sleep(alive) => {}
             _ = finished.wait_for(|done| *done) => {}
         }
-        backend.kill().await;
-        restarts += 1;
+        if backend.kill().await {
+            aborts += 1;
+        } else {
+            kills += 1;
+        }
         let env = if dice.below(2) == 0 {
             vec![(
                 "POSSYNC_FAILPOINT_RELAY_ABORT_AFTER",
-                (1 + dice.below(400)).to_string(),
+                (1 + dice.below(100)).to_string(),
             )]
         } else {
             Vec::new()
@@ -455,7 +461,10 @@ async fn every_terminal_ends_on_the_catalogs_state_though_the_backend_is_killed_
     backend.kill().await;
     backend.start().await;
     backend.wait_published(&store, total).await;
-    assert!(restarts >= 3, "the backend was killed {restarts} times");
+    assert!(
+        kills >= 5 && aborts >= 5,
+        "the backend was killed {kills} times and aborted after a confirm {aborts} times"
+    );
 
     let catalog = backend.catalog(&store).await;
     assert_eq!(
