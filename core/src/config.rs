@@ -366,6 +366,12 @@ pub struct TerminalConfig {
     pub prefetch: u16,
     /// Most messages applied in one database transaction.
     pub batch_size: usize,
+    /// A batch of at least this many messages (a terminal draining a
+    /// backlog) collapses: a change that a later change of the same batch
+    /// overwrites (as its plugin's entity declaration says) is settled
+    /// without being applied. 0 switches collapsing off. Smaller batches,
+    /// live traffic, never pay for it.
+    pub collapse_min_batch: usize,
     /// `durable`: a named durable queue that keeps changes while the
     /// terminal is off. `transient`: the original behaviour, an exclusive
     /// queue that lives only while the terminal is connected (changes made
@@ -402,6 +408,7 @@ impl Default for TerminalConfig {
             database: PathBuf::from("possync.db"),
             prefetch: 500,
             batch_size: 250,
+            collapse_min_batch: 100,
             delivery: Delivery::Durable,
             queue_expiry_days: 30,
             max_message_bytes: 8 * 1024 * 1024,

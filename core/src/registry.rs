@@ -322,12 +322,11 @@ impl Registry {
             if !entry.enabled {
                 continue;
             }
-            if let Some(schema) = entry.plugin.schema(message_type) {
-                if let Some(rule) = EntityRule::from_schema(message_type, &schema)
+            if let Some(schema) = entry.plugin.schema(message_type)
+                && let Some(rule) = EntityRule::from_schema(message_type, &schema)
                     .map_err(|err| RegistryError::Entity(err.to_string()))?
-                {
-                    entities.insert(message_type.clone(), rule);
-                }
+            {
+                entities.insert(message_type.clone(), rule);
             }
         }
         Ok(Self {
