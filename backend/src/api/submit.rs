@@ -41,7 +41,7 @@ const MAX_MESSAGE_ID_LEN: usize = 128;
     tag = "changes",
     params(
         ("store" = String, Path, description = "The store's license key.", pattern = r"^[A-Za-z0-9_-]{1,64}$"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422.", min_length = 1, max_length = 255),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422.", min_length = 1, max_length = 255, pattern = r"^[!-~]{1,255}$"),
     ),
     request_body(content = ChangeBody, description = "The change."),
     responses(
@@ -64,18 +64,11 @@ pub(super) async fn submit_one(
     let result = async {
         let store = super::read::store_of(store)?;
         client.check("", &store)?;
+        let key = key_header(&headers)?;
         let bytes = read(bytes)?;
         let change: ChangeBody = body::parse(&bytes)?;
         let scope = format!("POST /v1/stores/{store}/changes");
-        submit(
-            &shared,
-            &client,
-            &headers,
-            &scope,
-            &bytes,
-            vec![(store, change)],
-        )
-        .await
+        submit(&shared, &client, key, &scope, &bytes, vec![(store, change)]).await
     }
     .await;
     refused(&shared, result)
@@ -91,7 +84,7 @@ pub(super) async fn submit_one(
     path = "/v1/changes",
     tag = "changes",
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422. Use one key per batch.", min_length = 1, max_length = 255),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the request idempotent for this token: a retry with the same key and body gets the first answer; the same key with another body is refused with 422. Use one key per batch.", min_length = 1, max_length = 255, pattern = r"^[!-~]{1,255}$"),
     ),
     request_body(content = BatchBody, description = "The changes, at most 1000."),
     responses(
@@ -111,6 +104,7 @@ pub(super) async fn submit_batch(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let result = async {
+        let key = key_header(&headers)?;
         let bytes = read(bytes)?;
         let batch: BatchBody = body::parse(&bytes)?;
         if batch.changes.is_empty() {
@@ -129,7 +123,7 @@ pub(super) async fn submit_batch(
             client.check(&format!("change {index}: "), &change.store)?;
         }
         let changes = batch.changes.into_iter().map(|change| change.split()).collect();
-        submit(&shared, &client, &headers, "POST /v1/changes", &bytes, changes).await
+        submit(&shared, &client, key, "POST /v1/changes", &bytes, changes).await
     }
     .await;
     refused(&shared, result)
@@ -156,12 +150,12 @@ fn read(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 async fn submit(
     shared: &Shared,
     client: &Client,
-    headers: &HeaderMap,
+    key: Option<&str>,
     scope: &str,
     bytes: &[u8],
     changes: Vec<(String, ChangeBody)>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(client, headers, scope, bytes)?;
+    let key = key.map(|key| idempotency_key(client, key, scope, bytes));
     let mut requests = Vec::with_capacity(changes.len());
     for (index, (store, change)) in changes.into_iter().enumerate() {
         requests.push(request(shared, index, store, change)?);
@@ -205,28 +199,28 @@ async fn submit(
     Ok(response)
 }
 
-/// The key, scoped by the token's name; its fingerprint is the SHA-256 of
-/// the route and the body, so the same body sent to another store's route
-/// is another request.
-fn idempotency_key(
-    client: &Client,
-    headers: &HeaderMap,
-    scope: &str,
-    bytes: &[u8],
-) -> Result<Option<IdempotencyKey>, ApiError> {
+/// The `Idempotency-Key` header, if sent, checked.
+fn key_header(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
-    let key = value
+    value
         .to_str()
         .ok()
         .filter(|key| !key.is_empty() && key.len() <= MAX_KEY_LEN)
         .filter(|key| key.bytes().all(|b| b.is_ascii_graphic()))
+        .map(Some)
         .ok_or_else(|| {
             ApiError::bad_request(format!(
                 "the Idempotency-Key header must be 1 to {MAX_KEY_LEN} visible ASCII characters (a UUID, say)"
             ))
-        })?;
+        })
+}
+
+/// The key, scoped by the token's name; its fingerprint is the SHA-256 of
+/// the route and the body, so the same body sent to another store's route
+/// is another request.
+fn idempotency_key(client: &Client, key: &str, scope: &str, bytes: &[u8]) -> IdempotencyKey {
     let mut digest = Sha256::new();
     digest.update(scope.as_bytes());
     digest.update(b"\n");
@@ -236,11 +230,11 @@ fn idempotency_key(
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect();
-    Ok(Some(IdempotencyKey {
+    IdempotencyKey {
         client: client.name.clone(),
         key: key.to_owned(),
         fingerprint,
-    }))
+    }
 }
 
 /// A change as the catalog takes it, after the checks that the catalog
