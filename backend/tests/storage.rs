@@ -25,6 +25,10 @@ trait Harness: Sized {
     async fn fresh() -> Self;
     /// A storage on it; may be called again for a second one.
     async fn open(&self) -> Self::S;
+    /// Opens a storage on it, expecting an error.
+    async fn open_err(&self) -> StorageError;
+    /// Marks its schema as made by a later version of possync.
+    async fn mark_schema_newer(&self);
 }
 
 struct Sqlite {
@@ -44,6 +48,18 @@ impl Harness for Sqlite {
         SqliteStorage::open(self.dir.path().join("backend.db"))
             .await
             .expect("the SQLite database opens")
+    }
+
+    async fn open_err(&self) -> StorageError {
+        SqliteStorage::open(self.dir.path().join("backend.db"))
+            .await
+            .expect_err("the SQLite database is refused")
+    }
+
+    async fn mark_schema_newer(&self) {
+        rusqlite::Connection::open(self.dir.path().join("backend.db"))
+            .and_then(|db| db.pragma_update(None, "user_version", 99))
+            .expect("the schema version is set");
     }
 }
 
@@ -109,6 +125,23 @@ impl Harness for Postgres {
         PostgresStorage::connect(&self.url)
             .await
             .expect("PostgreSQL storage connects")
+    }
+
+    async fn open_err(&self) -> StorageError {
+        PostgresStorage::connect(&self.url)
+            .await
+            .expect_err("the PostgreSQL database is refused")
+    }
+
+    async fn mark_schema_newer(&self) {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("the test database answers");
+        tokio::spawn(connection);
+        client
+            .batch_execute("INSERT INTO possync_schema (version) VALUES (99)")
+            .await
+            .expect("the schema version is set");
     }
 }
 
@@ -176,6 +209,7 @@ on_every_storage!(
     what_was_answered_is_there_after_reopening,
     concurrent_submitters_get_every_seq_exactly_once,
     two_storages_on_one_database_never_share_a_seq,
+    a_schema_from_a_later_possync_is_refused,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -826,4 +860,12 @@ async fn two_postgres_instances_starting_together_share_one_gapless_sequence() {
     // Both migrate the new database at the same moment.
     let (one, two) = tokio::join!(db.open(), db.open());
     submit_concurrently(&[Arc::new(one), Arc::new(two)], 8, 50).await;
+}
+
+async fn a_schema_from_a_later_possync_is_refused<H: Harness>() {
+    let db = H::fresh().await;
+    drop(db.open().await);
+    db.mark_schema_newer().await;
+    let err = db.open_err().await;
+    assert!(err.to_string().contains("upgrade possync"), "{err}");
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
+use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row};
 
 use super::plan::{self, EntityKey, StoredEntity};
@@ -163,12 +164,17 @@ impl PostgresStorage {
         tx.batch_execute("CREATE TABLE IF NOT EXISTS possync_schema (version integer NOT NULL)")
             .await
             .map_err(&sql)?;
-        let applied: i32 = tx
+        let row = tx
             .query_one("SELECT coalesce(max(version), 0) FROM possync_schema", &[])
             .await
-            .map_err(&sql)?
-            .get(0);
-        let applied = usize::try_from(applied).unwrap_or_default();
+            .map_err(&sql)?;
+        let applied = usize::try_from(col::<i32>(&row, 0)?).unwrap_or_default();
+        if applied > MIGRATIONS.len() {
+            return Err(StorageError::Database(format!(
+                "the database's schema is version {applied}, newer than this possync knows ({}); upgrade possync",
+                MIGRATIONS.len()
+            )));
+        }
         for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
             tx.batch_execute(migration).await.map_err(&sql)?;
             let version = i32::try_from(version + 1).unwrap_or(i32::MAX);
@@ -212,24 +218,35 @@ fn parse_state(value: Value) -> Result<Map<String, Value>, StorageError> {
     }
 }
 
-fn outbox_row(row: &Row) -> OutboxRow {
-    OutboxRow {
-        store: row.get(0),
-        seq: row.get(1),
-        message_type: row.get(2),
-        payload: row.get(3),
-        timestamp: row.get(4),
-        message_id: row.get(5),
-    }
+fn outbox_row(row: &Row) -> Result<OutboxRow, StorageError> {
+    Ok(OutboxRow {
+        store: col(row, 0)?,
+        seq: col(row, 1)?,
+        message_type: col(row, 2)?,
+        payload: col(row, 3)?,
+        timestamp: col(row, 4)?,
+        message_id: col(row, 5)?,
+    })
 }
 
-fn token(row: &Row) -> TokenRecord {
-    TokenRecord {
-        name: row.get(0),
-        hash: row.get(1),
-        stores: row.get(2),
-        created_at: row.get(3),
-    }
+fn token(row: &Row) -> Result<TokenRecord, StorageError> {
+    Ok(TokenRecord {
+        name: col(row, 0)?,
+        hash: col(row, 1)?,
+        stores: col(row, 2)?,
+        created_at: col(row, 3)?,
+    })
+}
+
+/// A column's value; a type the schema does not give it is an error, not a
+/// panic.
+fn col<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StorageError> {
+    row.try_get(index).map_err(|err| {
+        StorageError::Database(format!(
+            "unexpected column {index} ({}); the database schema was changed by hand",
+            describe(&err)
+        ))
+    })
 }
 
 fn limit(limit: usize) -> i64 {
@@ -265,13 +282,13 @@ impl Storage for PostgresStorage {
                     )
                     .await
                     .map_err(&sql)?;
-                let fingerprint: String = row.get(0);
+                let fingerprint: String = col(&row, 0)?;
                 if fingerprint != key.fingerprint {
                     return Err(StorageError::KeyReused {
                         key: key.key.clone(),
                     });
                 }
-                let stored: Option<String> = row.get(1);
+                let stored: Option<String> = col(&row, 1)?;
                 let stored = stored.ok_or_else(|| {
                     StorageError::Database(
                         "an idempotency key has no answer; the database was changed by hand".into(),
@@ -293,8 +310,8 @@ impl Storage for PostgresStorage {
             .await
             .map_err(&sql)?;
         for store in plan::stores(&changes) {
-            let head: i64 = tx.query_one(&lock, &[&store]).await.map_err(&sql)?.get(0);
-            heads.insert(store, head);
+            let row = tx.query_one(&lock, &[&store]).await.map_err(&sql)?;
+            heads.insert(store, col(&row, 0)?);
         }
 
         let keys = plan::entity_keys(&changes);
@@ -314,12 +331,12 @@ impl Storage for PostgresStorage {
                 .await
                 .map_err(&sql)?;
             for row in rows {
-                let state: Option<Value> = row.get(3);
+                let state: Option<Value> = col(&row, 3)?;
                 stored.insert(
-                    (row.get(0), row.get(1), row.get(2)),
+                    (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?),
                     StoredEntity {
                         state: state.map(parse_state).transpose()?,
-                        clock: row.get(4),
+                        clock: col(&row, 4)?,
                     },
                 );
             }
@@ -410,7 +427,7 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(failed("cannot read the outbox"))?;
-        Ok(rows.iter().map(outbox_row).collect())
+        rows.iter().map(outbox_row).collect()
     }
 
     async fn mark_published(&self, rows: &[(String, i64)]) -> Result<(), StorageError> {
@@ -455,11 +472,11 @@ impl Storage for PostgresStorage {
                 );
             }
         });
-        let locked: bool = client
+        let row = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&RELAY_LOCK])
             .await
-            .map_err(&sql)?
-            .get(0);
+            .map_err(&sql)?;
+        let locked: bool = col(&row, 0)?;
         if locked {
             *leader = Some(client);
         }
@@ -479,10 +496,10 @@ impl Storage for PostgresStorage {
         rows.iter()
             .map(|row| {
                 Ok(CatalogEntry {
-                    entity: row.get(0),
-                    id: row.get(1),
-                    state: parse_state(row.get(2))?,
-                    seq: row.get(3),
+                    entity: col(row, 0)?,
+                    id: col(row, 1)?,
+                    state: parse_state(col(row, 2)?)?,
+                    seq: col(row, 3)?,
                 })
             })
             .collect()
@@ -503,13 +520,14 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(failed("cannot read a store's changes"))?;
-        Ok(rows
-            .iter()
-            .map(|row| Change {
-                row: outbox_row(row),
-                published: row.get(6),
+        rows.iter()
+            .map(|row| {
+                Ok(Change {
+                    row: outbox_row(row)?,
+                    published: col(row, 6)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn heads(&self) -> Result<Vec<StoreHead>, StorageError> {
@@ -524,14 +542,15 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(failed("cannot read the stores' heads"))?;
-        Ok(rows
-            .iter()
-            .map(|row| StoreHead {
-                store: row.get(0),
-                head: row.get(1),
-                unpublished: row.get(2),
+        rows.iter()
+            .map(|row| {
+                Ok(StoreHead {
+                    store: col(row, 0)?,
+                    head: col(row, 1)?,
+                    unpublished: col(row, 2)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
@@ -559,7 +578,7 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(failed("cannot read the tokens"))?;
-        Ok(rows.iter().map(token).collect())
+        rows.iter().map(token).collect()
     }
 
     async fn revoke_token(&self, name: &str) -> Result<bool, StorageError> {
@@ -580,6 +599,6 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(failed("cannot look the token up"))?;
-        Ok(row.as_ref().map(token))
+        row.as_ref().map(token).transpose()
     }
 }

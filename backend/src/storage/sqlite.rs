@@ -134,7 +134,7 @@ impl Inner {
             ))
         };
         let mut writer = connect(&path).map_err(failed)?;
-        migrate(&mut writer).map_err(failed)?;
+        migrate(&mut writer, &path)?;
         let reader = connect(&path).map_err(failed)?;
         Ok(Self {
             writer: Mutex::new(writer),
@@ -165,15 +165,28 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(connection)
 }
 
-fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StorageError> {
+    let sql = |err| StorageError::Database(format!("cannot migrate {}: {err}", path.display()));
     // IMMEDIATE: two processes opening a new file migrate one after the other.
-    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let applied: usize = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    for migration in MIGRATIONS.iter().skip(applied) {
-        tx.execute_batch(migration)?;
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let applied: usize = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sql)?;
+    if applied > MIGRATIONS.len() {
+        return Err(StorageError::Database(format!(
+            "{}'s schema is version {applied}, newer than this possync knows ({}); upgrade possync",
+            path.display(),
+            MIGRATIONS.len()
+        )));
     }
-    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
-    tx.commit()
+    for migration in MIGRATIONS.iter().skip(applied) {
+        tx.execute_batch(migration).map_err(sql)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())
+        .map_err(sql)?;
+    tx.commit().map_err(sql)
 }
 
 fn joined(err: tokio::task::JoinError) -> StorageError {
