@@ -253,8 +253,11 @@ impl Client {
 }
 
 impl Drop for Backend {
-    /// The test's direct queues go with it: nothing else reads them.
+    /// The test's direct queues go with it: nothing else reads them, and a
+    /// queue bound to `license.#` makes every store routable. The process
+    /// goes first, or it would declare its queue again.
     fn drop(&mut self) {
+        drop(self.process.take());
         for queue in [
             self.direct_queue.clone(),
             format!("{}.dead_letter", self.direct_queue),
