@@ -1,0 +1,723 @@
+//! The HTTP API's guarantees, checked with real HTTP requests against the
+//! router served on loopback over a real SQLite database in a temporary
+//! folder.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use possync_backend::api::{self, MAX_BODY_BYTES, MAX_CHANGES_PER_REQUEST};
+use possync_backend::token::{self, TOKEN_PREFIX};
+use possync_backend::{Catalog, SqliteStorage, Storage};
+use possync_catalog as _;
+use possync_core::Registry;
+use serde_json::{Value, json};
+
+/// A backend serving the API on 127.0.0.1, and a client for it.
+struct Backend<S> {
+    base: String,
+    storage: Arc<S>,
+    agent: ureq::Agent,
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+/// An answer: its status, its JSON body (`Null` when it is not JSON) and
+/// its text.
+struct Answer {
+    status: u16,
+    json: Value,
+    text: String,
+    headers: ureq::http::HeaderMap,
+}
+
+impl Answer {
+    fn error(&self) -> &str {
+        self.json["error"].as_str().unwrap_or_else(|| {
+            panic!(
+                "a refusal carries {{\"error\": ...}}; got {} {}",
+                self.status, self.text
+            )
+        })
+    }
+}
+
+impl Backend<SqliteStorage> {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let runtime = runtime();
+        let storage = runtime
+            .block_on(SqliteStorage::open(dir.path().join("backend.db")))
+            .expect("the SQLite database opens");
+        Self::serve(runtime, storage, dir)
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+impl<S: Storage> Backend<S> {
+    fn serve(runtime: tokio::runtime::Runtime, storage: S, dir: tempfile::TempDir) -> Self {
+        let storage = Arc::new(storage);
+        let registry =
+            Registry::for_publishing(&BTreeMap::new()).expect("the built-in plugins load");
+        let catalog = Arc::new(Catalog::new(storage.clone(), Arc::new(registry)));
+        let router = api::router(catalog);
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("a loopback port");
+        let address = listener.local_addr().expect("the port's address");
+        runtime.spawn(async move { axum::serve(listener, router).await });
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            base: format!("http://{address}"),
+            storage,
+            agent,
+            runtime,
+            _dir: dir,
+        }
+    }
+
+    /// A new token named `name`, limited to `stores` unless empty.
+    fn token(&self, name: &str, stores: &[&str]) -> String {
+        let stores: Vec<String> = stores.iter().map(|s| s.to_string()).collect();
+        let created = self
+            .runtime
+            .block_on(token::create_token(&*self.storage, name, &stores))
+            .expect("the token is created");
+        created.token
+    }
+
+    fn revoke(&self, name: &str) {
+        self.runtime
+            .block_on(token::revoke_token(&*self.storage, name))
+            .expect("the token is revoked");
+    }
+
+    fn head(&self, store: &str) -> i64 {
+        self.runtime
+            .block_on(self.storage.heads())
+            .expect("the heads are read")
+            .into_iter()
+            .find(|head| head.store == store)
+            .map_or(0, |head| head.head)
+    }
+
+    fn get(&self, path: &str, token: Option<&str>) -> Answer {
+        let mut request = self.agent.get(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        answer(request.call())
+    }
+
+    fn post(&self, path: &str, token: Option<&str>, key: Option<&str>, body: &str) -> Answer {
+        let mut request = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json");
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        answer(request.send(body))
+    }
+
+    fn request(&self, method: &str, path: &str, token: Option<&str>) -> Answer {
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(()).expect("a request");
+        answer(self.agent.run(request))
+    }
+}
+
+fn answer(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+    let mut response = result.expect("the backend answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_to_string()
+        .expect("a readable body");
+    Answer {
+        status,
+        json: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+        headers,
+    }
+}
+
+fn price(product: &str, new_price: f64) -> Value {
+    json!({"type": "price_update", "payload": {"product_id": product, "new_price": new_price}})
+}
+
+fn product(product: &str, name: &str, price: f64) -> Value {
+    json!({"type": "product_update", "payload": {
+        "product_id": product, "product_name": name, "price": price, "category_id": "CAT-1"
+    }})
+}
+
+fn in_store(store: &str, mut change: Value) -> Value {
+    change["store"] = json!(store);
+    change
+}
+
+fn seqs(answer: &Answer) -> Vec<Value> {
+    answer.json["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a submission's answer lists its changes: {}", answer.text))
+        .iter()
+        .map(|change| change["seq"].clone())
+        .collect()
+}
+
+#[test]
+fn a_request_without_a_token_is_refused_with_401_saying_what_to_send() {
+    let backend = Backend::sqlite();
+    for path in [
+        "/v1/stores",
+        "/v1/stores/S1/catalog",
+        "/v1/stores/S1/changes",
+        "/metrics",
+    ] {
+        let answer = backend.get(path, None);
+        assert_eq!(answer.status, 401, "{path}");
+        assert!(
+            answer.error().contains("Authorization: Bearer"),
+            "{path}: {}",
+            answer.error()
+        );
+        assert!(answer.headers.contains_key("www-authenticate"));
+    }
+    let answer = backend.post(
+        "/v1/stores/S1/changes",
+        None,
+        None,
+        &price("P", 1.0).to_string(),
+    );
+    assert_eq!(answer.status, 401);
+    assert_eq!(backend.head("S1"), 0, "nothing was applied");
+}
+
+#[test]
+fn a_wrong_token_or_another_scheme_is_refused_with_401() {
+    let backend = Backend::sqlite();
+    let _real = backend.token("office", &[]);
+    let answer = backend.get(
+        "/v1/stores",
+        Some(&format!("{TOKEN_PREFIX}not-a-real-token")),
+    );
+    assert_eq!(answer.status, 401);
+    assert!(answer.error().contains("not known"), "{}", answer.error());
+
+    let answer = answer_with_header(&backend, "/v1/stores", "Basic b2ZmaWNlOnB3");
+    assert_eq!(answer.status, 401);
+    assert!(
+        answer.error().contains("not a bearer token"),
+        "{}",
+        answer.error()
+    );
+}
+
+fn answer_with_header<S: Storage>(backend: &Backend<S>, path: &str, authorization: &str) -> Answer {
+    answer(
+        backend
+            .agent
+            .get(format!("{}{path}", backend.base))
+            .header("Authorization", authorization)
+            .call(),
+    )
+}
+
+#[test]
+fn a_token_limited_to_some_stores_is_refused_others_with_403_and_a_batch_naming_one_is_refused_whole()
+ {
+    let backend = Backend::sqlite();
+    let limited = backend.token("store-one", &["S1"]);
+
+    let answer = backend.post(
+        "/v1/stores/S1/changes",
+        Some(&limited),
+        None,
+        &price("P", 1.0).to_string(),
+    );
+    assert_eq!(answer.status, 200, "its own store: {}", answer.text);
+
+    for path in ["/v1/stores/S2/catalog", "/v1/stores/S2/changes"] {
+        let answer = backend.get(path, Some(&limited));
+        assert_eq!(answer.status, 403, "{path}");
+        assert!(answer.error().contains("\"S2\""), "{}", answer.error());
+    }
+    let answer = backend.post(
+        "/v1/stores/S2/changes",
+        Some(&limited),
+        None,
+        &price("P", 1.0).to_string(),
+    );
+    assert_eq!(answer.status, 403);
+
+    let batch =
+        json!({"changes": [in_store("S1", price("P", 2.0)), in_store("S2", price("P", 2.0))]});
+    let answer = backend.post("/v1/changes", Some(&limited), None, &batch.to_string());
+    assert_eq!(answer.status, 403);
+    assert!(
+        answer.error().starts_with("change 1: "),
+        "{}",
+        answer.error()
+    );
+    assert_eq!(
+        (backend.head("S1"), backend.head("S2")),
+        (1, 0),
+        "nothing of the batch applied"
+    );
+
+    let everything = backend.token("head-office", &[]);
+    backend.post(
+        "/v1/stores/S2/changes",
+        Some(&everything),
+        None,
+        &price("P", 3.0).to_string(),
+    );
+    let stores = backend.get("/v1/stores", Some(&limited));
+    assert_eq!(
+        stores.json,
+        json!({"stores": [{"store": "S1", "head": 1, "unpublished": 1}]})
+    );
+    let stores = backend.get("/v1/stores", Some(&everything));
+    assert_eq!(stores.json["stores"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn a_revoked_token_stops_working_at_once() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &[]);
+    assert_eq!(backend.get("/v1/stores", Some(&token)).status, 200);
+    backend.revoke("office");
+    let answer = backend.get("/v1/stores", Some(&token));
+    assert_eq!(answer.status, 401);
+}
+
+#[test]
+fn tokens_are_listed_by_name_and_stores_never_by_hash() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &["S2", "S1"]);
+    let listed = backend
+        .runtime
+        .block_on(token::list_tokens(&*backend.storage))
+        .expect("the tokens are listed");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].name, "office");
+    assert_eq!(
+        listed[0].stores,
+        Some(vec!["S1".to_owned(), "S2".to_owned()])
+    );
+    let shown = listed[0].to_string();
+    assert!(
+        !shown.contains(&token::hash_token(&token)) && !shown.contains(&token),
+        "{shown}"
+    );
+    let again = backend
+        .runtime
+        .block_on(token::create_token(&*backend.storage, "office", &[]));
+    assert!(again.is_err(), "a name is taken once");
+}
+
+#[test]
+fn a_retried_submission_with_the_same_key_applies_once_and_gets_the_first_answer() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &[]);
+    let batch =
+        json!({"changes": [in_store("S1", price("P1", 1.0)), in_store("S1", price("P2", 2.0))]})
+            .to_string();
+
+    let first = backend.post("/v1/changes", Some(&token), Some("batch-1"), &batch);
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert_eq!(seqs(&first), [json!(1), json!(2)]);
+    assert_eq!(first.json["replayed"], json!(false));
+
+    let retry = backend.post("/v1/changes", Some(&token), Some("batch-1"), &batch);
+    assert_eq!(retry.status, 200, "{}", retry.text);
+    assert_eq!(
+        retry.json["changes"], first.json["changes"],
+        "the first answer, message ids too"
+    );
+    assert_eq!(retry.json["replayed"], json!(true));
+    assert_eq!(
+        retry
+            .headers
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(backend.head("S1"), 2, "applied once");
+
+    let one = price("P1", 5.0).to_string();
+    let first = backend.post("/v1/stores/S1/changes", Some(&token), Some("one-1"), &one);
+    let retry = backend.post("/v1/stores/S1/changes", Some(&token), Some("one-1"), &one);
+    assert_eq!(seqs(&first), [json!(3)]);
+    assert_eq!(retry.json["changes"], first.json["changes"]);
+    assert_eq!(backend.head("S1"), 3);
+}
+
+#[test]
+fn the_same_key_with_another_body_is_refused_and_applies_nothing() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &[]);
+    let first = backend.post(
+        "/v1/stores/S1/changes",
+        Some(&token),
+        Some("k"),
+        &price("P", 1.0).to_string(),
+    );
+    assert_eq!(first.status, 200);
+
+    let other = backend.post(
+        "/v1/stores/S1/changes",
+        Some(&token),
+        Some("k"),
+        &price("P", 2.0).to_string(),
+    );
+    assert_eq!(other.status, 422);
+    assert!(
+        other
+            .error()
+            .contains("already used for a different request"),
+        "{}",
+        other.error()
+    );
+
+    let other_store = backend.post(
+        "/v1/stores/S2/changes",
+        Some(&token),
+        Some("k"),
+        &price("P", 1.0).to_string(),
+    );
+    assert_eq!(
+        other_store.status, 422,
+        "another store's route is another request"
+    );
+    assert_eq!((backend.head("S1"), backend.head("S2")), (1, 0));
+}
+
+#[test]
+fn idempotency_keys_belong_to_their_token() {
+    let backend = Backend::sqlite();
+    let one = backend.token("one", &[]);
+    let two = backend.token("two", &[]);
+    let body = price("P", 1.0).to_string();
+    let first = backend.post("/v1/stores/S1/changes", Some(&one), Some("k"), &body);
+    let second = backend.post("/v1/stores/S1/changes", Some(&two), Some("k"), &body);
+    assert_eq!(
+        (seqs(&first), seqs(&second)),
+        (vec![json!(1)], vec![json!(2)])
+    );
+}
+
+#[test]
+fn malformed_requests_get_a_4xx_that_says_what_is_wrong() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &[]);
+    let post = |path: &str, body: &str| backend.post(path, Some(&token), None, body);
+
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/stores/S1/changes", "{\"type\": ".into(), 400, "not valid JSON"),
+        ("/v1/stores/S1/changes", format!("{} {{}}", price("P", 1.0)), 400, "exactly one JSON object"),
+        ("/v1/stores/S1/changes", json!({"payload": {}}).to_string(), 400, "missing field `type`"),
+        (
+            "/v1/stores/S1/changes",
+            json!({"type": "price_update", "payload": "P1"}).to_string(),
+            400,
+            "at `payload`",
+        ),
+        ("/v1/stores/S1/changes", json!({"type": "price_update", "payload": {}, "colour": 1}).to_string(), 400, "unknown field `colour`"),
+        (
+            "/v1/changes",
+            json!({"changes": [{"store": "S1", "type": 7, "payload": {}}]}).to_string(),
+            400,
+            "at `changes[0].type`",
+        ),
+        (
+            "/v1/stores/S1/changes",
+            json!({"type": "price_updat", "payload": {}}).to_string(),
+            422,
+            "unknown type \"price_updat\"; this backend takes: category_update, price_update, product_delete, product_update",
+        ),
+        (
+            "/v1/stores/S1/changes",
+            json!({"type": "price_update", "payload": {"product_id": "P1"}}).to_string(),
+            422,
+            "new_price",
+        ),
+        (
+            "/v1/stores/S1/changes",
+            json!({"type": "price_update", "payload": {"product_id": "P1", "new_price": 1}, "timestamp": "yesterday"}).to_string(),
+            422,
+            "RFC 3339",
+        ),
+        ("/v1/stores/S.1/changes", price("P", 1.0).to_string(), 400, "has a meaning in routing keys"),
+        (
+            "/v1/changes",
+            json!({"changes": [in_store("#", price("P", 1.0))]}).to_string(),
+            422,
+            "change 0: license key \"#\" is not valid",
+        ),
+        ("/v1/changes", json!({"changes": []}).to_string(), 422, "holds no change"),
+        (
+            "/v1/changes",
+            json!({"changes": vec![in_store("S1", price("P", 1.0)); MAX_CHANGES_PER_REQUEST + 1]}).to_string(),
+            422,
+            "at most 1000",
+        ),
+        ("/v1/changes", "x".repeat(MAX_BODY_BYTES + 1), 413, "larger than"),
+    ];
+    for (path, body, status, says) in cases {
+        let answer = post(path, &body);
+        assert_eq!(
+            answer.status,
+            status,
+            "{path} {}: {}",
+            &body[..body.len().min(80)],
+            answer.text
+        );
+        assert!(
+            answer.error().contains(says),
+            "{path}: {:?} should say {says:?}",
+            answer.error()
+        );
+    }
+    assert_eq!(backend.head("S1"), 0, "nothing was applied");
+
+    let answer = backend.get("/v1/stores/S1/changes?after=-1", Some(&token));
+    assert_eq!(
+        (answer.status, answer.error().contains("negative")),
+        (400, true),
+        "{}",
+        answer.text
+    );
+    let answer = backend.get("/v1/stores/S1/changes?limit=100000", Some(&token));
+    assert_eq!(
+        (answer.status, answer.error().contains("1 to 1000")),
+        (400, true),
+        "{}",
+        answer.text
+    );
+    let answer = backend.get("/v1/stores/S1/changes?after=many", Some(&token));
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    let answer = backend.post(
+        "/v1/changes",
+        Some(&token),
+        Some(&"k".repeat(256)),
+        &json!({"changes": []}).to_string(),
+    );
+    assert_eq!(answer.status, 400, "{}", answer.text);
+}
+
+#[test]
+fn unknown_routes_and_methods_are_answered_in_json() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &[]);
+    let answer = backend.get("/v2/stores", Some(&token));
+    assert_eq!(answer.status, 404);
+    assert!(
+        answer.error().contains("/openapi.json"),
+        "{}",
+        answer.error()
+    );
+    let answer = backend.request("DELETE", "/v1/stores/S1/catalog", Some(&token));
+    assert_eq!(answer.status, 405);
+    assert!(
+        answer.error().contains("does not take DELETE"),
+        "{}",
+        answer.error()
+    );
+    assert_eq!(
+        answer.headers.get("allow").map(|v| v.as_bytes()),
+        Some(&b"GET,HEAD"[..])
+    );
+}
+
+#[test]
+fn the_catalog_and_the_changes_after_a_seq_read_back_what_was_submitted() {
+    let backend = Backend::sqlite();
+    let token = backend.token("office", &[]);
+    let batch = json!({"changes": [
+        in_store("S1", product("P1", "Cappuccino", 3.5)),
+        in_store("S1", product("P2", "Latte", 4.0)),
+        in_store("S2", product("P1", "Tea", 2.0)),
+        in_store("S1", price("P1", 3.9)),
+    ]});
+    let answer = backend.post("/v1/changes", Some(&token), None, &batch.to_string());
+    assert_eq!(
+        seqs(&answer),
+        [json!(1), json!(2), json!(1), json!(3)],
+        "per store"
+    );
+    assert_eq!(answer.json["changes"][2]["store"], json!("S2"));
+    assert_eq!(answer.json["changes"][0]["status"], json!("sequenced"));
+
+    let catalog = backend.get("/v1/stores/S1/catalog", Some(&token));
+    assert_eq!(catalog.status, 200, "{}", catalog.text);
+    assert_eq!(catalog.json["head"], json!(3));
+    let entities = &catalog.json["entities"];
+    assert_eq!(
+        entities.as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        catalog.text
+    );
+    assert_eq!(entities[0]["id"], json!("P1"));
+    assert_eq!(entities[0]["entity"], json!("product"));
+    assert_eq!(entities[0]["seq"], json!(3));
+    assert_eq!(entities[0]["state"]["price"], json!(3.9));
+    assert_eq!(entities[0]["state"]["product_name"], json!("Cappuccino"));
+
+    let changes = backend.get("/v1/stores/S1/changes?after=1&limit=1", Some(&token));
+    assert_eq!(changes.status, 200, "{}", changes.text);
+    assert_eq!(changes.json["head"], json!(3));
+    let listed = changes.json["changes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["seq"], json!(2));
+    assert_eq!(listed[0]["type"], json!("product_update"));
+    assert_eq!(listed[0]["payload"]["product_name"], json!("Latte"));
+    assert_eq!(
+        listed[0]["message_id"],
+        answer.json["changes"][1]["message_id"]
+    );
+    assert_eq!(listed[0]["published"], json!(false));
+
+    let rest = backend.get("/v1/stores/S1/changes?after=2", Some(&token));
+    let seqs: Vec<&Value> = rest.json["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| &c["seq"])
+        .collect();
+    assert_eq!(seqs, [&json!(3)]);
+
+    let empty = backend.get("/v1/stores/NEW-STORE/catalog", Some(&token));
+    assert_eq!(
+        empty.json,
+        json!({"store": "NEW-STORE", "head": 0, "entities": []})
+    );
+}
+
+#[test]
+fn health_needs_no_token_and_metrics_count_requests_and_show_heads() {
+    let backend = Backend::sqlite();
+    let health = backend.get("/health", None);
+    assert_eq!(
+        (health.status, health.json.clone()),
+        (200, json!({"status": "ok", "database": true}))
+    );
+
+    let token = backend.token("office", &[]);
+    backend.post(
+        "/v1/stores/S1/changes",
+        Some(&token),
+        None,
+        &price("P", 1.0).to_string(),
+    );
+    backend.post("/v1/stores/S1/changes", Some(&token), None, "{");
+    let metrics = backend.get("/metrics", Some(&token));
+    assert_eq!(metrics.status, 200);
+    for line in [
+        "possync_backend_store_head{store=\"S1\"} 1",
+        "possync_backend_store_unpublished{store=\"S1\"} 1",
+        "possync_backend_changes_sequenced_total 1",
+        "possync_backend_submissions_refused_total{status=\"400\"} 1",
+        "possync_backend_http_requests_total{route=\"/v1/stores/{store}/changes\",method=\"POST\",status=\"200\"} 1",
+    ] {
+        assert!(
+            metrics.text.lines().any(|l| l == line),
+            "{line:?} in\n{}",
+            metrics.text
+        );
+    }
+    assert!(!metrics.text.contains(&token));
+}
+
+/// The document served is the one built from the code, every operation it
+/// describes is routed, and the copy kept in the repository for client
+/// generators (`backend/openapi.json`) is the same document: run with
+/// `POSSYNC_UPDATE_OPENAPI=1` to write it after changing the API.
+#[test]
+fn the_served_openapi_document_is_built_from_the_code_and_describes_every_route() {
+    let backend = Backend::sqlite();
+    let served = backend.get("/openapi.json", None);
+    assert_eq!(served.status, 200);
+    let built = serde_json::to_value(api::openapi()).expect("the document serializes");
+    assert_eq!(served.json, built);
+    assert!(
+        built["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3."))
+    );
+
+    let paths = built["paths"].as_object().expect("the document has paths");
+    let mut operations = Vec::new();
+    for (path, item) in paths {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_some() {
+                operations.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+    }
+    operations.sort();
+    assert_eq!(
+        operations,
+        [
+            "GET /health",
+            "GET /metrics",
+            "GET /openapi.json",
+            "GET /v1/stores",
+            "GET /v1/stores/{store}/catalog",
+            "GET /v1/stores/{store}/changes",
+            "POST /v1/changes",
+            "POST /v1/stores/{store}/changes",
+        ]
+    );
+    for operation in &operations {
+        let (method, path) = operation.split_once(' ').expect("METHOD path");
+        let answer = backend.request(method, &path.replace("{store}", "S1"), None);
+        assert!(
+            ![404, 405].contains(&answer.status),
+            "{operation} is described but not routed: {}",
+            answer.status
+        );
+        let documented = &paths[path][method.to_lowercase()]["responses"];
+        assert!(
+            documented.get(answer.status.to_string()).is_some(),
+            "{operation} answered {} which it does not describe",
+            answer.status
+        );
+    }
+
+    let kept = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    let pretty = serde_json::to_string_pretty(&built).expect("the document serializes") + "\n";
+    if std::env::var_os("POSSYNC_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&kept, &pretty).expect("backend/openapi.json is written");
+    }
+    let on_disk = std::fs::read_to_string(&kept).unwrap_or_default();
+    assert!(
+        on_disk == pretty,
+        "backend/openapi.json differs from the API the code serves: run `POSSYNC_UPDATE_OPENAPI=1 cargo test -p possync-backend --test api` and commit it"
+    );
+}
