@@ -209,11 +209,26 @@ fn request(
             envelope.license_key
         ));
     }
-    let key = envelope.message_id.as_ref().map(|id| IdempotencyKey {
-        client: EXCHANGE_CLIENT.into(),
-        key: id.clone(),
-        fingerprint: hex(&Sha256::digest(body)),
-    });
+    // A message is recorded once: by its id when it has one (a publisher
+    // that sends it again after a reconnect may stamp it anew, so its body
+    // can differ), else by its body, the same bytes when the broker
+    // delivers it again after the backend died between commit and ack.
+    let key = match &envelope.message_id {
+        Some(id) => IdempotencyKey {
+            client: EXCHANGE_CLIENT.into(),
+            key: id.clone(),
+            fingerprint: hex(&Sha256::digest(id.as_bytes())),
+        },
+        None => {
+            let digest = hex(&Sha256::digest(body));
+            IdempotencyKey {
+                client: EXCHANGE_CLIENT.into(),
+                key: format!("body:{digest}"),
+                fingerprint: digest,
+            }
+        }
+    };
+    let key = Some(key);
     let clock = envelope.order();
     let request = ChangeRequest {
         store: envelope.license_key,
@@ -518,7 +533,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_message_in_the_original_format_is_submitted_with_its_clock_and_no_key() {
+    fn a_message_in_the_original_format_is_submitted_with_its_clock_keyed_by_its_body() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{"product_id":"P1","new_price":2.5},"timestamp":"2025-11-27T10:30:00Z"}"#;
         let (request, key) = request("license.STORE-1.price_update", body)
             .expect("a change")
@@ -529,7 +544,29 @@ mod tests {
         assert_eq!(request.timestamp.as_deref(), Some("2025-11-27T10:30:00Z"));
         assert_eq!(request.message_id, None);
         assert!(request.clock.is_some_and(|clock| !clock.exact));
-        assert_eq!(key, None);
+        let key = key.expect("keyed by its body");
+        assert!(key.key.starts_with("body:"), "{}", key.key);
+        let (_, again) = super::request("license.STORE-1.price_update", body)
+            .expect("a change")
+            .expect("to record");
+        assert_eq!(
+            again,
+            Some(key),
+            "the same bytes delivered again are the same change"
+        );
+    }
+
+    #[test]
+    fn a_message_sent_again_with_new_stamps_is_the_same_change() {
+        let first = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"a","publisher_seq":1}"#;
+        let again = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"b","publisher_seq":7}"#;
+        let key = |body: &[u8]| {
+            request("license.STORE-1.price_update", body)
+                .expect("a change")
+                .expect("to record")
+                .1
+        };
+        assert_eq!(key(first), key(again));
     }
 
     #[test]
