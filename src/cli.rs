@@ -58,6 +58,15 @@ enum Command {
     /// Run a terminal: apply this store's changes to the local database until
     /// SIGINT or SIGTERM, then stop cleanly.
     Terminal,
+    /// Run the back office's catalog of record until SIGINT or SIGTERM: an
+    /// HTTP API that accepts changes and answers once they are durable, each
+    /// with its store's next sequence number; a relay that publishes them in
+    /// order to the stores' terminals; and a consumer that records the
+    /// changes other publishers send straight to the exchange. Its config
+    /// (config/backend.toml) names the listen address, the database (a
+    /// SQLite file or a postgres:// URL), the broker and the plugins.
+    /// `possync backend token ...` manages the API's bearer tokens.
+    Backend(BackendArgs),
     /// Publish changes to one or more stores; exits 0 only once the broker
     /// confirmed every message.
     #[command(subcommand)]
@@ -85,6 +94,42 @@ enum Command {
     /// Show possync at work: a back office publishes to terminals of two
     /// stores, and each store's terminals apply only that store's changes.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BackendArgs {
+    #[command(subcommand)]
+    command: Option<BackendCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackendCommand {
+    /// Manage the bearer tokens back office apps call the HTTP API with
+    /// (`Authorization: Bearer <token>`), in the database the backend's
+    /// config names; the backend need not be running.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token for a client and print it: the only time it is shown
+    /// (the database keeps its hash).
+    Create {
+        /// The client's name (letters, digits, '-', '_', '.'), unique.
+        name: String,
+        /// A store the token may touch; repeat for several. Without any,
+        /// the token may touch every store.
+        #[arg(long = "store", value_name = "KEY")]
+        stores: Vec<String>,
+    },
+    /// List the tokens: names, stores and when each was made (never the token).
+    List,
+    /// Revoke a client's token: requests with it are refused from now on.
+    Revoke {
+        /// The client's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,7 +207,10 @@ pub(crate) fn main() -> ExitCode {
         LogFormatArg::Json => possync_core::LogFormat::Json,
     };
     possync_core::init_logging(
-        if matches!(cli.command, Command::Terminal) {
+        if matches!(
+            cli.command,
+            Command::Terminal | Command::Backend(BackendArgs { command: None })
+        ) {
             "info"
         } else {
             "warn"
@@ -191,6 +239,7 @@ pub(crate) fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Terminal => terminal(load(cli.config.as_deref())?).await,
+        Command::Backend(args) => backend(cli.config.as_deref(), args.command).await,
         Command::Publish(command) => {
             publish::run(&load(cli.config.as_deref())?.config, command).await
         }
@@ -231,6 +280,70 @@ async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         .run(shutdown_signal())
         .await
         .context("the terminal stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backend(
+    path: Option<&std::path::Path>,
+    command: Option<BackendCommand>,
+) -> anyhow::Result<ExitCode> {
+    let config = possync_backend::ServiceConfig::load(path)?;
+    let Some(BackendCommand::Token(command)) = command else {
+        possync_backend::run(config, shutdown_signal())
+            .await
+            .context("the backend stopped")?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let location = config.backend.database_location();
+    let cannot_open = || format!("cannot open the backend's database {location}");
+    match &location {
+        possync_backend::DatabaseLocation::Sqlite(path) => {
+            let storage = possync_backend::SqliteStorage::open(path)
+                .await
+                .with_context(cannot_open)?;
+            token(&storage, command).await
+        }
+        possync_backend::DatabaseLocation::Postgres(url) => {
+            let storage = possync_backend::PostgresStorage::connect(url)
+                .await
+                .with_context(cannot_open)?;
+            token(&storage, command).await
+        }
+    }
+}
+
+async fn token<S: possync_backend::Storage>(
+    storage: &S,
+    command: TokenCommand,
+) -> anyhow::Result<ExitCode> {
+    use possync_backend::token;
+    match command {
+        TokenCommand::Create { name, stores } => {
+            let created = token::create_token(storage, &name, &stores).await?;
+            let scope = match &created.stores {
+                Some(stores) => format!("stores {}", stores.join(", ")),
+                None => "every store".into(),
+            };
+            eprintln!(
+                "created token {:?} for {scope}; it is shown only now, keep it secret:",
+                created.name
+            );
+            println!("{}", created.token);
+        }
+        TokenCommand::List => {
+            let tokens = token::list_tokens(storage).await?;
+            if tokens.is_empty() {
+                eprintln!("no tokens: create one with `possync backend token create NAME`");
+            }
+            for info in tokens {
+                println!("{info}");
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            token::revoke_token(storage, &name).await?;
+            println!("revoked token {name:?}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -170,7 +170,7 @@ fn help_lists_every_command() {
 fn the_example_configs_load() {
     for file in [
         "config/terminal.toml",
-        "config/backend.toml",
+        "config/publisher.toml",
         "config/demo.toml",
     ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
@@ -446,7 +446,7 @@ fn a_config_named_after_the_message_type_is_the_one_used() {
         "--license",
         "STORE-1",
         "--config",
-        "/no/such/backend.toml",
+        "/no/such/publisher.toml",
         "--product-id",
         "P1",
         "--price",
@@ -454,5 +454,5 @@ fn a_config_named_after_the_message_type_is_the_one_used() {
     ]);
     let stderr = text(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("/no/such/backend.toml"), "{stderr}");
+    assert!(stderr.contains("/no/such/publisher.toml"), "{stderr}");
 }

@@ -4,14 +4,24 @@
 //! in one transaction, to the entity's current state in the catalog and to
 //! an outbox row carrying the store's next sequence number (per store,
 //! gapless, from 1); the caller is answered after that commit. A relay
-//! publishes the outbox in sequence order with publisher confirms.
+//! publishes the outbox in sequence order with publisher confirms, and a
+//! consumer records the changes other publishers send straight to the
+//! exchange.
 
 pub mod api;
 mod catalog;
+mod config;
+mod direct;
+mod events;
+mod failpoint;
+mod relay;
+mod service;
 mod storage;
 pub mod token;
 
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
+pub use config::{BackendConfig, DatabaseLocation, DirectConfig, RelayConfig, ServiceConfig};
+pub use service::{ServiceError, run, run_with};
 
 pub use storage::{
     Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, PostgresStorage,

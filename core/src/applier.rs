@@ -8,20 +8,23 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::TerminalConfig;
-use crate::dispatch::{BatchError, Dispatch, Outcome};
+use crate::dispatch::{BatchError, Dispatch, Dispatched, Outcome};
 use crate::events;
 use crate::identity::LicenseKey;
 use crate::inbound::Inbound;
 use crate::poison::Poison;
 use crate::progress::{Progress, Tally};
 use crate::registry::Registry;
+use crate::sequence::SyncState;
 use crate::store::{Database, StateRecord};
 
-/// A committed batch: one outcome per message, and what they add up to.
+/// A committed batch: one outcome per message, what they add up to, and
+/// the store's sync state if the batch moved it.
 #[derive(Debug, Default)]
 pub(crate) struct Applied {
     pub(crate) outcomes: Vec<Outcome>,
     pub(crate) tally: Tally,
+    pub(crate) sync: Option<SyncState>,
 }
 
 /// Applies batches; see [`ApplierHandle`] for the async side.
@@ -54,6 +57,8 @@ pub(crate) struct Limits {
     pub(crate) quarantine_max_age_secs: i64,
     /// Applied message ids are kept as long as the broker may redeliver.
     pub(crate) applied_ids_max_age_secs: i64,
+    /// Batches of at least this many messages collapse; 0: none do.
+    pub(crate) collapse_min_batch: usize,
 }
 
 impl Limits {
@@ -65,6 +70,7 @@ impl Limits {
             quarantine_max_rows: config.quarantine_max_rows,
             quarantine_max_age_secs: i64::from(config.quarantine_max_days) * DAY,
             applied_ids_max_age_secs: i64::from(config.queue_expiry_days) * DAY,
+            collapse_min_batch: config.collapse_min_batch,
         }
     }
 }
@@ -82,7 +88,13 @@ impl Applier {
         };
         Self {
             database,
-            dispatch: Dispatch::new(registry, license_key, limits.max_message_bytes, poison),
+            dispatch: Dispatch::new(
+                registry,
+                license_key,
+                limits.max_message_bytes,
+                poison,
+                limits.collapse_min_batch,
+            ),
             limits,
             progress: Progress::default(),
             pruned_at: std::time::Instant::now(),
@@ -165,9 +177,13 @@ impl Applier {
     /// `careful` mode (everything rolled back).
     fn run(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Applied>, BatchError> {
         let mut transaction = self.database.begin()?;
-        let Some(outcomes) =
-            self.dispatch
-                .apply_in_transaction(&mut transaction, batch, careful)?
+        let Some(Dispatched {
+            outcomes,
+            sync,
+            gaps,
+        }) = self
+            .dispatch
+            .apply_in_transaction(&mut transaction, batch, careful)?
         else {
             return Ok(None);
         };
@@ -178,7 +194,14 @@ impl Applier {
         transaction.commit()?;
         self.progress.committed(&tally);
         log_committed(batch, &outcomes);
-        Ok(Some(Applied { outcomes, tally }))
+        for (expected, received) in gaps {
+            events::sequence_gap(expected, received);
+        }
+        Ok(Some(Applied {
+            outcomes,
+            tally,
+            sync,
+        }))
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// Exponential backoff: the first wait, doubling up to a cap.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     first: Duration,
     cap: Duration,
 }
@@ -32,9 +32,14 @@ pub(crate) const HANDLER_RETRY: Backoff = Backoff {
 };
 
 impl Backoff {
+    /// Waits of `first`, doubling up to `cap`.
+    pub const fn new(first: Duration, cap: Duration) -> Self {
+        Self { first, cap }
+    }
+
     /// The wait before try `attempt + 1`, with jitter (half to all of it)
     /// so a fleet of terminals does not retry in lockstep.
-    pub(crate) fn delay(self, attempt: u32) -> Duration {
+    pub fn delay(self, attempt: u32) -> Duration {
         let first_ms = u64::try_from(self.first.as_millis()).unwrap_or(u64::MAX);
         let cap_ms = u64::try_from(self.cap.as_millis()).unwrap_or(u64::MAX);
         let ceiling_ms = first_ms

@@ -233,6 +233,34 @@ impl BrokerConfig {
         }
     }
 
+    /// Checks what loading cannot: at least one URL, each a valid AMQP URL,
+    /// TLS settings only beside `amqps://` URLs, timeouts of at least 1 s.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Err(ConfigError::OutOfRange {
+                key: "broker.url",
+                problem: "must name at least one broker",
+            });
+        }
+        for url in &self.urls {
+            if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(ConfigError::InvalidUrl {
+                    url: redact_url(url),
+                    // The parser quotes a URL it cannot read, password and all.
+                    detail: redact_secrets(&detail, url),
+                });
+            }
+        }
+        self.check_tls()?;
+        if self.confirm_timeout_secs == 0 || self.connect_timeout_secs == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "broker.*_timeout_secs",
+                problem: "must be at least 1",
+            });
+        }
+        Ok(())
+    }
+
     /// The first broker URL, or the only one.
     pub fn url(&self) -> &str {
         self.urls.first().map_or("", String::as_str)
@@ -365,6 +393,12 @@ pub struct TerminalConfig {
     pub prefetch: u16,
     /// Most messages applied in one database transaction.
     pub batch_size: usize,
+    /// A batch of at least this many messages (a terminal draining a
+    /// backlog) collapses: a change that a later change of the same batch
+    /// overwrites (as its plugin's entity declaration says) is settled
+    /// without being applied. 0 switches collapsing off. Smaller batches,
+    /// live traffic, never pay for it.
+    pub collapse_min_batch: usize,
     /// `durable`: a named durable queue that keeps changes while the
     /// terminal is off. `transient`: the original behaviour, an exclusive
     /// queue that lives only while the terminal is connected (changes made
@@ -401,6 +435,7 @@ impl Default for TerminalConfig {
             database: PathBuf::from("possync.db"),
             prefetch: 500,
             batch_size: 250,
+            collapse_min_batch: 100,
             delivery: Delivery::Durable,
             queue_expiry_days: 30,
             max_message_bytes: 8 * 1024 * 1024,
@@ -546,22 +581,6 @@ impl Config {
                 problem: "must be at least 1: the quarantine table is where an operator reads why a message was dead-lettered",
             });
         }
-        if self.broker.urls.is_empty() {
-            return Err(ConfigError::OutOfRange {
-                key: "broker.url",
-                problem: "must name at least one broker",
-            });
-        }
-        for url in &self.broker.urls {
-            if let Err(detail) = url.parse::<lapin::uri::AMQPUri>() {
-                return Err(ConfigError::InvalidUrl {
-                    url: redact_url(url),
-                    // The parser quotes a URL it cannot read, password and all.
-                    detail: redact_secrets(&detail, url),
-                });
-            }
-        }
-        self.broker.check_tls()?;
         if let Some(backend) = &self.backend {
             let scheme = backend.url.split_once("://").map(|(scheme, _)| scheme);
             if !matches!(scheme, Some("http" | "https")) {
@@ -578,13 +597,7 @@ impl Config {
                 });
             }
         }
-        if self.broker.confirm_timeout_secs == 0 || self.broker.connect_timeout_secs == 0 {
-            return Err(ConfigError::OutOfRange {
-                key: "broker.*_timeout_secs",
-                problem: "must be at least 1",
-            });
-        }
-        Ok(())
+        self.broker.check()
     }
 
     /// This config as TOML, with every password replaced by `***`.

@@ -12,11 +12,15 @@ use figment::providers::Env;
 use figment::value::{Dict, Map, Value};
 use figment::{Metadata, Profile, Provider};
 
-/// The `POSSYNC_<SECTION>__<KEY>` variables.
-pub(crate) struct EnvText(Env);
+/// The `POSSYNC_<SECTION>__<KEY>` variables, as a figment provider: the
+/// environment layer of every possync config.
+#[derive(Debug)]
+pub struct EnvText(Env);
 
 impl EnvText {
-    pub(crate) fn new() -> Self {
+    /// The variables of this process's environment.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         Self(
             Env::prefixed("POSSYNC_")
                 // Only sectioned variables are config; POSSYNC_LOG and friends are not.

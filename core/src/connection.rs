@@ -125,7 +125,7 @@ impl BrokerError {
     }
 
     /// Whether a new connection may get past this failure.
-    pub(crate) fn is_connection_failure(&self) -> bool {
+    pub fn is_connection_failure(&self) -> bool {
         // A timeout counts: a half-open link is noticed by heartbeats only
         // after minutes, and a fresh connection gets past it at once.
         matches!(
@@ -138,7 +138,8 @@ impl BrokerError {
         )
     }
 
-    pub(crate) fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {
+    /// A lapin error met while `during` on `url`, named for an operator.
+    pub fn from_lapin(during: &'static str, url: &str, err: lapin::Error) -> Self {
         match err.kind() {
             ErrorKind::ProtocolError(amqp) => {
                 let detail = redact_secrets(amqp.get_message().as_str(), url);
@@ -237,7 +238,7 @@ fn tls_config(broker: &BrokerConfig) -> Result<Option<OwnedTLSConfig>, BrokerErr
 /// Connects to `url` (one of `broker.url`), naming the connection `name` in
 /// the broker's management UI. `amqps://` URLs always use TLS: a failed
 /// handshake is an error, never a fallback to clear text.
-pub(crate) async fn connect(
+pub async fn connect(
     broker: &BrokerConfig,
     url: &str,
     name: &str,

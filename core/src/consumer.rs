@@ -123,7 +123,11 @@ pub(crate) async fn consume(
         let size = batch.len();
         let (mut batch, result) = applier.apply(batch).await;
         let wait = match result {
-            Ok(Applied { outcomes, tally }) => {
+            Ok(Applied {
+                outcomes,
+                tally,
+                sync,
+            }) => {
                 crate::failpoint::after_commit().await;
                 events::batch_applied(size, tally.applied, started.elapsed().as_millis());
                 let retry = match outcomes.last() {
@@ -139,7 +143,7 @@ pub(crate) async fn consume(
                 }
                 let settled = subscription.settle(&batch, &outcomes[..batch.len()]).await;
                 // Counted once committed: a lost ack means a redelivery that changes nothing.
-                status.count(&tally);
+                status.count(&tally, sync);
                 if let Err(err) = settled {
                     return SessionEnd::Lost(err);
                 }

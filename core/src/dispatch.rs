@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use possync_sdk::{Context, Envelope, HandlerError};
 
+use crate::collapse::Plan;
 use crate::events;
 use crate::identity::LicenseKey;
 use crate::inbound::{Inbound, check_envelope};
 use crate::poison::Poison;
 use crate::registry::{Registry, Route};
+use crate::sequence::{Claim, Marks, SyncState, Verdict};
 use crate::transaction::{StaleEntity, Transaction};
 
 /// What became of one message of a batch.
@@ -17,8 +19,12 @@ use crate::transaction::{StaleEntity, Transaction};
 pub(crate) enum Outcome {
     /// Written and committed.
     Applied { message_type: String },
-    /// Its message id was applied before; nothing changed.
+    /// It was settled before (by its `seq`, its publisher's number or its
+    /// message id); nothing changed.
     Duplicate,
+    /// A later change of the same batch overwrites it, so it was not
+    /// applied; it counts as applied (backlog collapse).
+    Collapsed { message_type: String },
     /// Its entity holds a newer change; nothing changed.
     Stale {
         message_type: String,
@@ -39,6 +45,26 @@ impl Outcome {
     pub(crate) fn settles_by_ack(&self) -> bool {
         !matches!(self, Self::Retry { .. })
     }
+
+    /// Whether the message's change is in the database now (or a newer one
+    /// of its entity is): what a change standing in for a skipped one must be.
+    fn took_effect(&self) -> bool {
+        matches!(
+            self,
+            Self::Applied { .. } | Self::Stale { .. } | Self::Collapsed { .. }
+        )
+    }
+}
+
+/// What a batch came to, ready to commit.
+#[derive(Debug)]
+pub(crate) struct Dispatched {
+    /// One per message, up to the first one to try again.
+    pub(crate) outcomes: Vec<Outcome>,
+    /// The store's sync state, if the batch moved it.
+    pub(crate) sync: Option<SyncState>,
+    /// Jumps in the store's sequence: `(expected, received)`.
+    pub(crate) gaps: Vec<(i64, i64)>,
 }
 
 /// The whole batch failed: nothing of it applied, and it is held to be
@@ -61,6 +87,8 @@ pub(crate) struct Dispatch {
     license_key: LicenseKey,
     max_message_bytes: usize,
     poison: Poison,
+    /// Batches of at least this many messages collapse; 0: none do.
+    collapse_min_batch: usize,
 }
 
 impl Dispatch {
@@ -69,33 +97,53 @@ impl Dispatch {
         license_key: LicenseKey,
         max_message_bytes: usize,
         poison: Poison,
+        collapse_min_batch: usize,
     ) -> Self {
         Self {
             registry,
             license_key,
             max_message_bytes,
             poison,
+            collapse_min_batch,
         }
     }
 
     /// Checks and applies each message of `batch` in `transaction`, in
-    /// order, up to the first one to try again; `None` when a handler
-    /// failed outside `careful` mode (the batch must run again, carefully).
+    /// order, up to the first one to try again, and writes the sequence
+    /// marks it moved; `None` when a handler failed outside `careful` mode,
+    /// or a change standing in for a collapsed one did not take effect (the
+    /// batch must run again, carefully, which never collapses).
     pub(crate) fn apply_in_transaction(
         &self,
         transaction: &mut Transaction<'_>,
         batch: &[Inbound],
         careful: bool,
-    ) -> Result<Option<Vec<Outcome>>, BatchError> {
+    ) -> Result<Option<Dispatched>, BatchError> {
+        let envelopes: Vec<Result<Envelope, String>> =
+            batch.iter().map(|inbound| self.check(inbound)).collect();
+        let plan =
+            if careful || self.collapse_min_batch == 0 || batch.len() < self.collapse_min_batch {
+                Plan::none()
+            } else {
+                Plan::of(&envelopes, |message_type| {
+                    self.registry.entity_rule(message_type)
+                })
+            };
+        let mut marks = Marks::new(self.license_key.as_str());
         let mut outcomes = Vec::with_capacity(batch.len());
-        for inbound in batch {
+        for (index, (inbound, checked)) in batch.iter().zip(envelopes).enumerate() {
             transaction.begin_message();
-            let outcome = match self.check(inbound) {
+            let outcome = match checked {
                 Ok(envelope) => {
-                    let Some(outcome) = self.apply_one(transaction, inbound, &envelope, careful)?
+                    let skip = plan.skips(index);
+                    let Some(outcome) =
+                        self.apply_one(transaction, &mut marks, inbound, &envelope, careful, skip)?
                     else {
                         return Ok(None);
                     };
+                    if plan.overwrites(index) && !outcome.took_effect() {
+                        return Ok(None);
+                    }
                     if outcome.settles_by_ack() {
                         self.poison.settled(transaction, inbound, &envelope)?;
                     }
@@ -110,7 +158,12 @@ impl Dispatch {
                 break;
             }
         }
-        Ok(Some(outcomes))
+        marks.write(transaction)?;
+        Ok(Some(Dispatched {
+            outcomes,
+            sync: marks.moved(),
+            gaps: marks.gaps().to_vec(),
+        }))
     }
 
     fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
@@ -122,14 +175,37 @@ impl Dispatch {
         )
     }
 
-    /// Applies one message; `None` when its handler failed outside
-    /// `careful` mode (the batch must run again, carefully).
+    /// Applies one message (or, `skip`ped, settles it unapplied); `None`
+    /// when its handler failed outside `careful` mode (the batch must run
+    /// again, carefully).
     fn apply_one(
+        &self,
+        transaction: &mut Transaction<'_>,
+        marks: &mut Marks<'_>,
+        inbound: &Inbound,
+        envelope: &Envelope,
+        careful: bool,
+        skip: bool,
+    ) -> Result<Option<Outcome>, BatchError> {
+        let claim = match marks.judge(transaction, envelope)? {
+            Verdict::Duplicate => return Ok(Some(Outcome::Duplicate)),
+            Verdict::Fresh(claim) => claim,
+        };
+        let outcome = self.apply_fresh(transaction, inbound, envelope, claim, careful, skip)?;
+        if let Some(outcome) = &outcome {
+            marks.settle(claim, outcome);
+        }
+        Ok(outcome)
+    }
+
+    fn apply_fresh(
         &self,
         transaction: &mut Transaction<'_>,
         inbound: &Inbound,
         envelope: &Envelope,
+        claim: Claim,
         careful: bool,
+        skip: bool,
     ) -> Result<Option<Outcome>, BatchError> {
         let handler = match self.registry.route(&envelope.message_type) {
             Route::Handler(handler) => handler,
@@ -155,13 +231,23 @@ impl Dispatch {
         if careful {
             transaction.savepoint()?;
         }
-        if let Some(message_id) = &envelope.message_id
+        // Only a message with nothing but an id costs a record of its own.
+        if claim == Claim::ById
+            && let Some(message_id) = &envelope.message_id
             && !transaction.record_applied(message_id)?
         {
             if careful {
                 transaction.release()?;
             }
             return Ok(Some(Outcome::Duplicate));
+        }
+        if skip {
+            if careful {
+                transaction.release()?;
+            }
+            return Ok(Some(Outcome::Collapsed {
+                message_type: envelope.message_type.clone(),
+            }));
         }
         let result = handler.handle(
             envelope.payload.get(),

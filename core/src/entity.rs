@@ -138,6 +138,81 @@ impl EntityRule {
     }
 }
 
+/// What [`EntityChange::overwrites`] needs of a change and no more: its
+/// id, kind and field names, read without decoding the field values (a
+/// terminal collapsing a backlog reads this for every message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Footprint {
+    /// The entity's id, as [`EntityRule::change`] spells it.
+    pub(crate) id: String,
+    pub(crate) kind: ChangeKind,
+    /// The entity fields the change sets (not `null`), sorted.
+    pub(crate) fields: Vec<String>,
+}
+
+impl Footprint {
+    /// [`EntityChange::overwrites`] for two changes of the same entity.
+    pub(crate) fn overwrites(&self, earlier: &Footprint) -> bool {
+        self.id == earlier.id
+            && leaves_nothing_of(self.kind, earlier.kind, || {
+                earlier
+                    .fields
+                    .iter()
+                    .all(|field| self.fields.binary_search(field).is_ok())
+            })
+    }
+}
+
+impl EntityRule {
+    /// The [`Footprint`] of a payload (JSON text).
+    pub(crate) fn footprint(&self, payload: &str) -> Result<Footprint, EntityError> {
+        let object: BTreeMap<String, &serde_json::value::RawValue> = serde_json::from_str(payload)
+            .map_err(|err| EntityError::Payload(format!("the payload is not an object: {err}")))?;
+        let id = object
+            .get(&self.id)
+            .and_then(|raw| match serde_json::from_str::<Value>(raw.get()) {
+                Ok(Value::String(id)) if !id.is_empty() => Some(id),
+                Ok(Value::Number(id)) => Some(id.to_string()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                EntityError::Payload(format!(
+                    "the payload has no {} (the {}'s id)",
+                    self.id, self.entity
+                ))
+            })?;
+        let mut fields: Vec<String> = match self.change {
+            ChangeKind::Delete => Vec::new(),
+            ChangeKind::Replace | ChangeKind::Merge => object
+                .into_iter()
+                .filter(|(_, raw)| raw.get() != "null")
+                .map(|(field, _)| self.fields.get(&field).cloned().unwrap_or(field))
+                .collect(),
+        };
+        fields.sort_unstable();
+        Ok(Footprint {
+            id,
+            kind: self.change,
+            fields,
+        })
+    }
+}
+
+/// Whether a change of kind `later` leaves nothing of an `earlier` one:
+/// a replace or delete always, a merge when it sets every field the
+/// earlier merge set (`covers_fields`).
+fn leaves_nothing_of(
+    later: ChangeKind,
+    earlier: ChangeKind,
+    covers_fields: impl FnOnce() -> bool,
+) -> bool {
+    match (later, earlier) {
+        (ChangeKind::Replace | ChangeKind::Delete, _) => true,
+        (ChangeKind::Merge, ChangeKind::Merge) => covers_fields(),
+        (ChangeKind::Merge, _) => false,
+    }
+}
+
 impl EntityChange {
     /// The entity's state after this change, from its state before
     /// (`None`: it does not exist). `None` after: it is deleted.
@@ -162,13 +237,9 @@ impl EntityChange {
         if self.entity != earlier.entity || self.id != earlier.id {
             return false;
         }
-        match (self.kind, earlier.kind) {
-            (ChangeKind::Replace | ChangeKind::Delete, _) => true,
-            (ChangeKind::Merge, ChangeKind::Merge) => {
-                earlier.fields.keys().all(|k| self.fields.contains_key(k))
-            }
-            (ChangeKind::Merge, _) => false,
-        }
+        leaves_nothing_of(self.kind, earlier.kind, || {
+            earlier.fields.keys().all(|k| self.fields.contains_key(k))
+        })
     }
 }
 
@@ -241,6 +312,50 @@ mod tests {
             .change(r#"{"new_price": 1}"#)
             .expect_err("no id");
         assert!(err.to_string().contains("product_id"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_footprint_overwrites_exactly_when_its_change_does(
+            earlier in payload(), later in payload(),
+            earlier_kind in kind(), later_kind in kind(),
+        ) {
+            let earlier_rule = rule(earlier_kind);
+            let later_rule = rule(later_kind);
+            let (Ok(a), Ok(b)) = (earlier_rule.change(&earlier), later_rule.change(&later)) else {
+                return Ok(());
+            };
+            let fa = earlier_rule.footprint(&earlier).expect("same payload");
+            let fb = later_rule.footprint(&later).expect("same payload");
+            proptest::prop_assert_eq!(&fa.id, &a.id);
+            proptest::prop_assert_eq!(fb.overwrites(&fa), b.overwrites(&a));
+        }
+    }
+
+    fn kind() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec!["merge", "replace", "delete"])
+    }
+
+    /// Payloads of one product, or another, with some of its fields, some null.
+    fn payload() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let value = prop_oneof![Just("null"), Just("1"), Just("\"x\"")];
+        (
+            prop_oneof![Just(r#""P""#), Just("7"), Just(r#""7""#), Just(r#""""#)],
+            proptest::collection::btree_map(
+                proptest::sample::select(vec!["new_price", "price", "product_name", "icon_name"]),
+                value,
+                0..4,
+            ),
+        )
+            .prop_map(|(id, fields)| {
+                let mut text = format!(r#"{{"product_id":{id}"#);
+                for (field, value) in fields {
+                    text.push_str(&format!(r#","{field}":{value}"#));
+                }
+                text.push('}');
+                text
+            })
     }
 
     #[test]

@@ -62,6 +62,19 @@ pub(crate) fn message_stale(message_type: &str, entity: &str, incoming: i64, sto
     );
 }
 
+/// The store's sequence jumped: changes between `expected` and `received`
+/// never reached this terminal (a first start, a lost queue). Logged once
+/// per jump, when the batch that saw it commits.
+pub(crate) fn sequence_gap(expected: i64, received: i64) {
+    warn!(
+        event = "sequence_gap",
+        expected,
+        received,
+        "the store's sequence jumped: changes {expected} to {} never arrived; synced-up-to stays below them",
+        received - 1
+    );
+}
+
 /// Logged at error on entering the Stalled state and every few minutes
 /// while it lasts, quietly per retry in between.
 pub(crate) fn stalled(reason: &str, retry_in_ms: u128, loud: bool, stalled_secs: u64) {

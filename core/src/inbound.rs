@@ -1,7 +1,7 @@
 //! What arrives from the terminal's queue, and the checks it passes before
 //! any handler sees it: size, envelope, license key, routing key.
 
-use possync_sdk::Envelope;
+use possync_sdk::{Envelope, Version};
 
 use crate::identity::LicenseKey;
 
@@ -72,7 +72,30 @@ pub(crate) fn check_envelope(
             "routing key {routing_key:?} says type {routed:?} but the body says {:?}",
             envelope.message_type
         )),
-        Some(_) => Ok(envelope),
+        Some(_) => check_sequence_fields(envelope),
+    }
+}
+
+/// The numbers that order and deduplicate a message must be usable: a
+/// `seq` out of range could not be ordered, and half a publisher stamp
+/// could not be told from a duplicate.
+fn check_sequence_fields(envelope: Envelope) -> Result<Envelope, String> {
+    if let Some(seq) = envelope.seq
+        && !(1..=Version::MAX_SEQ).contains(&seq)
+    {
+        return Err(format!(
+            "seq {seq} is out of range (1 to {})",
+            Version::MAX_SEQ
+        ));
+    }
+    match (&envelope.publisher_id, envelope.publisher_seq) {
+        (None, None) => Ok(envelope),
+        (Some(id), Some(seq)) if !id.is_empty() && seq >= 1 => Ok(envelope),
+        (Some(_), Some(seq)) if seq < 1 => Err(format!("publisher_seq {seq} is below 1")),
+        _ => Err(
+            "publisher_id and publisher_seq come together (a non-empty id and a number from 1)"
+                .to_owned(),
+        ),
     }
 }
 
@@ -207,6 +230,33 @@ mod tests {
             let envelope =
                 Envelope::new("t", "STORE-1", serde_json::json!({})).with_timestamp(timestamp);
             let _ = envelope.order();
+        }
+    }
+
+    #[test]
+    fn a_seq_or_publisher_stamp_that_cannot_order_or_deduplicate_is_refused() {
+        let check = |extra: &str| {
+            let body = format!(
+                r#"{{"type":"price_update","license_key":"STORE-1","payload":{{}}{extra}}}"#
+            );
+            check_envelope(body.as_bytes(), ROUTING, &key(), 1 << 20)
+        };
+        assert!(check(r#","seq":1"#).is_ok());
+        assert!(check(r#","publisher_id":"p","publisher_seq":1"#).is_ok());
+        for (extra, says) in [
+            (r#","seq":0"#, "seq 0 is out of range"),
+            (r#","seq":-3"#, "seq -3 is out of range"),
+            (r#","seq":9223372036854775807"#, "out of range"),
+            (
+                r#","publisher_id":"p","publisher_seq":0"#,
+                "publisher_seq 0 is below 1",
+            ),
+            (r#","publisher_id":"p""#, "come together"),
+            (r#","publisher_seq":4"#, "come together"),
+            (r#","publisher_id":"","publisher_seq":4"#, "come together"),
+        ] {
+            let reason = check(extra).expect_err(extra);
+            assert!(reason.contains(says), "{extra}: {reason}");
         }
     }
 }

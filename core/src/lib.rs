@@ -8,6 +8,7 @@
 mod admin;
 mod applier;
 mod backoff;
+mod collapse;
 mod config;
 mod config_env;
 mod connection;
@@ -28,6 +29,7 @@ mod progress;
 mod publisher;
 mod redact;
 mod registry;
+mod sequence;
 mod status;
 mod status_server;
 mod store;
@@ -37,12 +39,14 @@ mod topology;
 mod transaction;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
+pub use backoff::Backoff;
 pub use config::{
     AdminConfig, BackendLink, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin,
     LoadedConfig, PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings,
     TlsNeedsAmqps,
 };
-pub use connection::BrokerError;
+pub use config_env::EnvText;
+pub use connection::{BrokerError, connect as connect_broker};
 pub use doctor::{Check, config_sources, diagnose};
 pub use entity::{ChangeKind, ENTITY_KEYWORD, EntityChange, EntityError, EntityRule};
 pub use identity::{InvalidId, LicenseKey, MAX_ID_LEN, TerminalId};
@@ -51,6 +55,7 @@ pub use plugin_loader::PluginLoadError;
 pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;
 pub use registry::{CheckError, Origin, PluginInfo, Registry, RegistryError};
+pub use sequence::SyncState;
 pub use status::{State, Status, StatusReport};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
 pub use telemetry::{LogFormat, init_logging};

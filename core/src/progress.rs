@@ -14,6 +14,9 @@ pub(crate) struct Tally {
     pub(crate) applied: u64,
     pub(crate) quarantined: u64,
     pub(crate) duplicates: u64,
+    /// Messages settled unapplied because a later change of the same batch
+    /// overwrote them (counted in `applied` too).
+    pub(crate) collapsed: u64,
     pub(crate) retries: u64,
     /// The type of the last message applied.
     pub(crate) last_type: Option<String>,
@@ -27,6 +30,12 @@ impl Tally {
             match outcome {
                 Outcome::Applied { message_type } => {
                     tally.applied += 1;
+                    last_type = Some(message_type);
+                    count_type(&mut tally.by_type, message_type);
+                }
+                Outcome::Collapsed { message_type } => {
+                    tally.applied += 1;
+                    tally.collapsed += 1;
                     last_type = Some(message_type);
                     count_type(&mut tally.by_type, message_type);
                 }
@@ -91,6 +100,7 @@ impl Progress {
     pub(crate) fn with(&self, tally: &Tally) -> ProgressRecord {
         let mut counts = self.counts.clone();
         counts.applied += tally.applied;
+        counts.collapsed += tally.collapsed;
         counts.quarantined += tally.quarantined;
         counts.stale += tally.stale_by_type.iter().map(|(_, n)| n).sum::<u64>();
         if tally.applied > 0 {
@@ -127,6 +137,9 @@ mod tests {
             Outcome::Duplicate,
             applied("category_update"),
             applied("price_update"),
+            Outcome::Collapsed {
+                message_type: "price_update".into(),
+            },
             Outcome::Stale {
                 message_type: "price_update".into(),
                 entities: Vec::<StaleEntity>::new(),
@@ -145,17 +158,18 @@ mod tests {
         let tally = Tally::of(&outcomes);
         assert_eq!(
             tally.by_type,
-            [("price_update".into(), 2), ("category_update".into(), 1)]
+            [("price_update".into(), 3), ("category_update".into(), 1)]
         );
         assert_eq!(tally.stale_by_type, [("price_update".into(), 1)]);
         assert_eq!(
             (
                 tally.applied,
+                tally.collapsed,
                 tally.quarantined,
                 tally.duplicates,
                 tally.retries
             ),
-            (3, 1, 1, 1)
+            (4, 1, 1, 1, 1)
         );
         assert_eq!(tally.last_type.as_deref(), Some("price_update"));
     }

@@ -91,13 +91,65 @@ pub struct Publisher {
     session: Mutex<Option<Session>>,
     versions: VersionClock,
     max_message_bytes: usize,
+    unroutable_is_published: bool,
 }
 
 struct Session {
     connection: Connection,
     channel: Channel,
     url: String,
+    /// Stamps the messages this session writes; see [`Stamp`].
+    stamp: Stamp,
 }
+
+/// The `publisher_id` and `publisher_seq` a session stamps on each message
+/// it writes: a fresh id per session, and 1, 2, ... in the exact order the
+/// messages are written to its channel. A terminal drops a message whose
+/// number is at or below the last it applied from that id, without a
+/// record per message.
+///
+/// That is safe because a number is given when the message is handed to
+/// the channel, under the session lock that orders the writes, and the
+/// broker keeps a channel's order into each queue: a terminal sees one
+/// session's numbers rising, a lower one only when it is a delivery again.
+/// A message sent again after a reconnect is stamped anew by the new
+/// session (it keeps its `message_id` and `version`), so its number is
+/// never compared with the old session's: copies from two sessions may
+/// both arrive, and the second changes nothing by its `version`, but no
+/// interleaving of sessions can make a terminal drop a message it has not
+/// applied.
+#[derive(Debug)]
+struct Stamp {
+    id: String,
+    written: i64,
+}
+
+impl Stamp {
+    fn new() -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            written: 0,
+        }
+    }
+
+    /// `body` (a JSON object) with the next number of this session.
+    fn next(&mut self, body: &[u8]) -> Arc<[u8]> {
+        self.written += 1;
+        let mut stamped = Vec::with_capacity(body.len() + STAMP_BYTES);
+        // The envelope serializes as an object: its last byte is the `}`.
+        stamped.extend_from_slice(body.strip_suffix(b"}").unwrap_or(body));
+        stamped.extend_from_slice(b",\"publisher_id\":\"");
+        // A UUID needs no escaping.
+        stamped.extend_from_slice(self.id.as_bytes());
+        stamped.extend_from_slice(b"\",\"publisher_seq\":");
+        stamped.extend_from_slice(self.written.to_string().as_bytes());
+        stamped.push(b'}');
+        stamped.into()
+    }
+}
+
+/// The most a stamp adds to a body: the two fields, a UUID and a number.
+const STAMP_BYTES: usize = 96;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,7 +165,10 @@ struct Pending {
     routing_key: String,
     message_id: String,
     message_type: String,
+    /// The body as the caller's envelope made it, before a session stamps it.
     body: Arc<[u8]>,
+    /// Whether each session that writes it stamps it (see [`Stamp`]).
+    stamped: bool,
     progress: Progress,
 }
 
@@ -150,6 +205,7 @@ impl Publisher {
             session: Mutex::new(Some(session)),
             versions: VersionClock::default(),
             max_message_bytes: TerminalConfig::default().max_message_bytes,
+            unroutable_is_published: false,
         })
     }
 
@@ -158,6 +214,16 @@ impl Publisher {
     #[must_use]
     pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = bytes;
+        self
+    }
+
+    /// Counts a message no queue received as published instead of failing
+    /// with [`PublishError::Unroutable`]: for a publisher that keeps every
+    /// change elsewhere (the backend's catalog), a store none of whose
+    /// terminals has started yet is no error.
+    #[must_use]
+    pub fn unroutable_is_published(mut self) -> Self {
+        self.unroutable_is_published = true;
         self
     }
 
@@ -272,17 +338,7 @@ impl Publisher {
         )
         .await;
         match waited {
-            Ok(Confirmation::Ack(None)) => {
-                if let Some(done) = in_flight.pop_front() {
-                    published.push(Published {
-                        routing_key: done.routing_key,
-                        message_id: done.message_id,
-                    });
-                }
-                reconnects.reset();
-                Ok(())
-            }
-            Ok(Confirmation::Ack(Some(returned))) => {
+            Ok(Confirmation::Ack(Some(returned))) if !self.unroutable_is_published => {
                 // lapin may attach a returned message to another confirm of
                 // the same multiple-ack: name the message the broker returned.
                 let routing_key = returned.delivery.routing_key.to_string();
@@ -291,6 +347,16 @@ impl Publisher {
                     routing_key,
                     license_key,
                 })
+            }
+            Ok(Confirmation::Ack(_)) => {
+                if let Some(done) = in_flight.pop_front() {
+                    published.push(Published {
+                        routing_key: done.routing_key,
+                        message_id: done.message_id,
+                    });
+                }
+                reconnects.reset();
+                Ok(())
             }
             Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
                 let routing_key = in_flight
@@ -350,12 +416,20 @@ impl Publisher {
         envelope: Envelope,
         timestamp: Option<&str>,
     ) -> Result<Pending, PublishError> {
+        // A message id the caller chose is its promise that any copy is the
+        // same change, a retry across calls and sessions included: only the
+        // terminal's record of ids catches those, so such messages keep it.
+        // So does a sequenced message, which is told apart by its `seq`.
+        let stamped = envelope.message_id.is_none()
+            && envelope.seq.is_none()
+            && envelope.publisher_id.is_none();
         let encoded = encode(envelope, &self.versions, timestamp)?;
-        if encoded.body.len() > self.max_message_bytes {
+        let size = encoded.body.len() + if stamped { STAMP_BYTES } else { 0 };
+        if size > self.max_message_bytes {
             return Err(PublishError::TooLarge {
                 message_type: encoded.message_type,
                 routing_key: encoded.routing_key,
-                size: encoded.body.len(),
+                size,
                 limit: self.max_message_bytes,
             });
         }
@@ -364,6 +438,7 @@ impl Publisher {
             message_id: encoded.message_id,
             message_type: encoded.message_type,
             body: encoded.body,
+            stamped,
             progress: Progress::Unsent,
         })
     }
@@ -414,6 +489,7 @@ impl Session {
             connection,
             channel,
             url,
+            stamp: Stamp::new(),
         })
     }
 
@@ -500,8 +576,14 @@ fn send(
     broker: &BrokerConfig,
     pending: &mut Pending,
 ) -> Result<(), BrokerError> {
-    let Some(session) = session.as_ref() else {
+    let Some(session) = session.as_mut() else {
         return Err(BrokerError::ConnectionLost);
+    };
+    // Numbered here, in the order of `send` calls, which is the order on the wire.
+    let body = if pending.stamped {
+        session.stamp.next(&pending.body)
+    } else {
+        Arc::clone(&pending.body)
     };
     let properties = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
@@ -511,7 +593,6 @@ fn send(
     let channel = session.channel.clone();
     let exchange = broker.exchange.as_str().into();
     let routing_key = pending.routing_key.as_str().into();
-    let body = Arc::clone(&pending.body);
     let mut sending: Sending = Box::pin(async move {
         channel
             .basic_publish(
@@ -578,5 +659,34 @@ fn check_type(message_type: &str) -> Result<(), PublishError> {
         Ok(())
     } else {
         Err(PublishError::InvalidType(message_type.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_stamps_its_id_and_numbers_in_the_order_it_writes() {
+        let envelope = Envelope::new("price_update", "STORE-1", serde_json::json!({"a": 1}));
+        let encoded = encode(envelope, &VersionClock::default(), None).expect("encodes");
+        let mut stamp = Stamp::new();
+        let first: Envelope = serde_json::from_slice(&stamp.next(&encoded.body)).expect("JSON");
+        let second: Envelope = serde_json::from_slice(&stamp.next(&encoded.body)).expect("JSON");
+        assert_eq!(first.publisher_id.as_deref(), Some(stamp.id.as_str()));
+        assert_eq!(
+            (first.publisher_seq, second.publisher_seq),
+            (Some(1), Some(2))
+        );
+        assert_eq!(first.message_id, second.message_id, "the same message");
+        let stamped = stamp.next(&encoded.body);
+        assert!(stamped.len() <= encoded.body.len() + STAMP_BYTES);
+        let again: Envelope =
+            serde_json::from_slice(&Stamp::new().next(&encoded.body)).expect("JSON");
+        assert_ne!(
+            again.publisher_id, first.publisher_id,
+            "a new session, a new id"
+        );
+        assert_eq!(again.publisher_seq, Some(1));
     }
 }

@@ -322,11 +322,9 @@ impl Registry {
             if !entry.enabled {
                 continue;
             }
-            let Some(schema) = entry.plugin.schema(message_type) else {
-                continue;
-            };
-            if let Some(rule) = EntityRule::from_schema(message_type, &schema)
-                .map_err(|err| RegistryError::Entity(err.to_string()))?
+            if let Some(schema) = entry.plugin.schema(message_type)
+                && let Some(rule) = EntityRule::from_schema(message_type, &schema)
+                    .map_err(|err| RegistryError::Entity(err.to_string()))?
             {
                 entities.insert(message_type.clone(), rule);
             }

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use crate::applier::ApplierHandle;
 use crate::progress::Tally;
 use crate::redact::redact_url;
+use crate::sequence::SyncState;
 use crate::store::{StateRecord, unix_now_ms};
 
 /// The connection state, as the POS top bar showed it: Live or Offline.
@@ -117,6 +118,13 @@ pub struct Status {
     pub quarantined: u64,
     /// Redelivered messages that were applied before and changed nothing.
     pub duplicates: u64,
+    /// Messages since start settled without being applied because a later
+    /// change of the same batch overwrote them (backlog collapse); counted
+    /// in `applied` too.
+    pub collapsed: u64,
+    /// How far the terminal is in sync with its store's sequence, as its
+    /// database keeps it across restarts.
+    pub sync: SyncState,
     /// Messages applied since start, by envelope type.
     pub applied_by_type: std::collections::BTreeMap<String, u64>,
     /// Messages since start that changed nothing because the database held
@@ -142,12 +150,15 @@ impl Status {
 pub(crate) struct StatusSender(watch::Sender<Status>);
 
 impl StatusSender {
-    pub(crate) fn new() -> (Self, watch::Receiver<Status>) {
+    /// The status of a terminal starting with `sync` in its database.
+    pub(crate) fn new(sync: SyncState) -> (Self, watch::Receiver<Status>) {
         let (sender, receiver) = watch::channel(Status {
             state: State::Connecting,
             applied: 0,
             quarantined: 0,
             duplicates: 0,
+            collapsed: 0,
+            sync,
             applied_by_type: std::collections::BTreeMap::new(),
             stale_by_type: std::collections::BTreeMap::new(),
             last_applied_at: None,
@@ -168,8 +179,12 @@ impl StatusSender {
         });
     }
 
-    /// Adds a committed batch's outcomes to the counters.
-    pub(crate) fn count(&self, tally: &Tally) {
+    /// Adds a committed batch's outcomes to the counters, with the sync
+    /// state it moved to.
+    pub(crate) fn count(&self, tally: &Tally, sync: Option<SyncState>) {
+        if let Some(sync) = sync {
+            self.0.send_modify(|status| status.sync = sync);
+        }
         if tally.applied == 0
             && tally.quarantined == 0
             && tally.duplicates == 0
@@ -183,6 +198,7 @@ impl StatusSender {
             status.applied += tally.applied;
             status.quarantined += tally.quarantined;
             status.duplicates += tally.duplicates;
+            status.collapsed += tally.collapsed;
             if tally.applied > 0 {
                 status.last_applied_at = Some(SystemTime::now());
             }
@@ -295,6 +311,13 @@ impl StatusReport {
             "applied       {} messages; {} quarantined ({} kept in possync_quarantine)\n",
             stored.applied_total, stored.quarantined_total, stored.quarantine_rows
         ));
+        if stored.collapsed_total > 0 {
+            text.push_str(&format!(
+                "collapsed     {} of them overwritten by a later change in the same batch, not applied on their own\n",
+                stored.collapsed_total
+            ));
+        }
+        text.push_str(&synced_line(&stored.sync, now_ms));
         if stored.stale_total > 0 {
             text.push_str(&format!(
                 "stale         {} changes older than what the database held, not applied (a publisher's clock behind? by type in /status)\n",
@@ -303,6 +326,32 @@ impl StatusReport {
         }
         Self { live, text }
     }
+}
+
+/// "synced up to N" for `possync status`, with what the terminal knows
+/// of the store's head and of changes that never arrived.
+fn synced_line(sync: &SyncState, now_ms: i64) -> String {
+    if sync.highest_applied == 0 {
+        return "synced up to  no sequenced change yet (seq comes from possync backend)\n"
+            .to_owned();
+    }
+    let mut line = format!("synced up to  seq {}", sync.synced_up_to);
+    if sync.highest_applied > sync.synced_up_to {
+        line.push_str(&format!(
+            " (highest applied {}: change {} never arrived or could not apply)",
+            sync.highest_applied,
+            sync.synced_up_to + 1
+        ));
+    }
+    match sync.head {
+        Some(head) => line.push_str(&format!(" of head {head}")),
+        None => line.push_str(", backend head unknown"),
+    }
+    if let Some(ms) = sync.last_change_ms {
+        line.push_str(&format!("; last change {}", when(ms, now_ms)));
+    }
+    line.push('\n');
+    line
 }
 
 fn capitalize(word: &str) -> String {

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use possync_sdk::Migration;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::sequence::{READ_STATE, SyncState, state_from_row};
 use crate::status::State;
 use crate::transaction::Transaction;
 
@@ -60,6 +61,11 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     Migration::new(
         "possync/stale-total",
         "ALTER TABLE possync_status ADD COLUMN stale_total INTEGER NOT NULL DEFAULT 0;",
+    ),
+    crate::sequence::MIGRATION,
+    Migration::new(
+        "possync/collapsed-total",
+        "ALTER TABLE possync_status ADD COLUMN collapsed_total INTEGER NOT NULL DEFAULT 0;",
     ),
 ];
 
@@ -192,6 +198,12 @@ pub struct StoredStatus {
     pub last_message_type: Option<String>,
     /// Rows in `possync_quarantine`.
     pub quarantine_rows: i64,
+    /// Messages settled unapplied because a later change of the same batch
+    /// overwrote them (backlog collapse), all time; counted in
+    /// `applied_total` too.
+    pub collapsed_total: i64,
+    /// How far the terminal is in sync with its store's sequence.
+    pub sync: SyncState,
 }
 
 /// The terminal's database.
@@ -290,12 +302,39 @@ impl Database {
         Ok(ran)
     }
 
-    /// Forgets applied message ids older than `max_age_secs`: the broker
-    /// cannot redeliver a message older than its queue's lifetime.
+    /// Forgets applied message ids, and the marks of publishers not heard
+    /// from, older than `max_age_secs`: the broker cannot redeliver a
+    /// message older than its queue's lifetime.
     pub fn prune_applied(&mut self, max_age_secs: i64) -> Result<usize, DatabaseError> {
-        Ok(self.connection.execute(
+        let before = unix_now() - max_age_secs;
+        let ids = self.connection.execute(
             "DELETE FROM possync_applied WHERE applied_at < ?1",
-            [unix_now() - max_age_secs],
+            [before],
+        )?;
+        let publishers = self.connection.execute(
+            "DELETE FROM possync_publishers WHERE applied_at < ?1",
+            [before],
+        )?;
+        Ok(ids + publishers)
+    }
+
+    /// How far this database is in sync with `license_key`'s sequence.
+    pub fn sync_state(&self, license_key: &str) -> Result<SyncState, DatabaseError> {
+        if !self.has_table("possync_sequence")? {
+            return Ok(SyncState::default());
+        }
+        Ok(self
+            .connection
+            .query_row(READ_STATE, [license_key], state_from_row)
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    fn has_table(&self, table: &str) -> Result<bool, DatabaseError> {
+        Ok(self.connection.query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |row| row.get(0),
         )?)
     }
 
@@ -438,19 +477,23 @@ impl Database {
     pub fn status_record(&self) -> Result<Option<StoredStatus>, DatabaseError> {
         // A database the terminal has not opened since an upgrade lacks
         // the newer columns; `possync status` reads it all the same.
-        let has_stale_total: bool = self.connection.query_row(
-            "SELECT count(*) FROM pragma_table_info('possync_status') WHERE name = 'stale_total'",
-            [],
-            |row| row.get(0),
-        )?;
-        let stale_total = if has_stale_total { "stale_total" } else { "0" };
+        let column_or_zero = |column: &'static str| -> Result<&'static str, DatabaseError> {
+            let has: bool = self.connection.query_row(
+                "SELECT count(*) FROM pragma_table_info('possync_status') WHERE name = ?1",
+                [column],
+                |row| row.get(0),
+            )?;
+            Ok(if has { column } else { "0" })
+        };
+        let stale_total = column_or_zero("stale_total")?;
+        let collapsed_total = column_or_zero("collapsed_total")?;
         let sql = format!(
             "SELECT license_key, terminal_id, state, since_ms, reason, broker, pid, applied_total,
                     quarantined_total, last_applied_ms, last_message_type,
-                    (SELECT count(*) FROM possync_quarantine), {stale_total}
+                    (SELECT count(*) FROM possync_quarantine), {stale_total}, {collapsed_total}
              FROM possync_status WHERE id = 1"
         );
-        Ok(self
+        let stored = self
             .connection
             .query_row(&sql, [], |row| {
                 let name: String = row.get(2)?;
@@ -481,17 +524,21 @@ impl Database {
                     last_message_type: row.get(10)?,
                     quarantine_rows: row.get(11)?,
                     stale_total: row.get(12)?,
+                    collapsed_total: row.get(13)?,
+                    sync: SyncState::default(),
                 })
             })
-            .optional()?
-            .map(|mut stored| {
-                if let Some((state, since_ms, pid)) = self.state_aside(stored.since_ms) {
-                    stored.state = state;
-                    stored.since_ms = since_ms;
-                    stored.pid = pid;
-                }
-                stored
-            }))
+            .optional()?;
+        let Some(mut stored) = stored else {
+            return Ok(None);
+        };
+        stored.sync = self.sync_state(&stored.license_key)?;
+        if let Some((state, since_ms, pid)) = self.state_aside(stored.since_ms) {
+            stored.state = state;
+            stored.since_ms = since_ms;
+            stored.pid = pid;
+        }
+        Ok(Some(stored))
     }
 
     #[cfg(test)]
@@ -504,6 +551,7 @@ impl Database {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ProgressRecord {
     pub(crate) applied: u64,
+    pub(crate) collapsed: u64,
     pub(crate) quarantined: u64,
     pub(crate) stale: u64,
     pub(crate) last_applied_ms: Option<i64>,
@@ -527,7 +575,7 @@ pub(crate) fn add_progress(
     }
     let mut statement = connection.prepare_cached(
         "UPDATE possync_status SET applied_total = applied_total + ?1, quarantined_total = quarantined_total + ?2,
-             stale_total = stale_total + ?5,
+             stale_total = stale_total + ?5, collapsed_total = collapsed_total + ?6,
              last_applied_ms = coalesce(?3, last_applied_ms),
              last_message_type = coalesce(?4, last_message_type)
          WHERE id = 1",
@@ -537,7 +585,8 @@ pub(crate) fn add_progress(
         i64::try_from(counts.quarantined).unwrap_or(i64::MAX),
         counts.last_applied_ms,
         counts.last_type,
-        i64::try_from(counts.stale).unwrap_or(i64::MAX)
+        i64::try_from(counts.stale).unwrap_or(i64::MAX),
+        i64::try_from(counts.collapsed).unwrap_or(i64::MAX)
     ])?;
     Ok(())
 }

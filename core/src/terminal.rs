@@ -84,7 +84,7 @@ impl Terminal {
             events::startup_prune_failed(&err.to_string());
         }
         database.wait_briefly_for_locks()?;
-        let (status, _) = StatusSender::new();
+        let (status, _) = StatusSender::new(database.sync_state(license_key.as_str())?);
         Ok(Self {
             status,
             connection_name: format!("possync terminal {terminal_id} of {license_key}"),

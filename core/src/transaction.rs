@@ -132,6 +132,26 @@ impl<'c> Transaction<'c> {
         self.release()
     }
 
+    /// Runs one of possync's own statements, kept prepared.
+    pub(crate) fn execute(
+        &mut self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> rusqlite::Result<usize> {
+        self.run(sql, params)
+    }
+
+    /// The first row of one of possync's own queries, if any, as `read` makes it.
+    pub(crate) fn query_optional<T>(
+        &mut self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        read: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Option<T>> {
+        use rusqlite::OptionalExtension as _;
+        self.statement(sql)?.query_row(params, read).optional()
+    }
+
     /// Records `message_id` as applied; false if it was applied before.
     pub(crate) fn record_applied(&mut self, message_id: &str) -> rusqlite::Result<bool> {
         let inserted = self.run(

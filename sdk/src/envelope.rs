@@ -7,9 +7,12 @@ use crate::HandlerError;
 /// One message as it travels on the wire: `{type, license_key, payload, timestamp}`.
 ///
 /// The four fields of the original format are all a message needs. possync's
-/// publisher adds `message_id` (duplicates are dropped) and `version`
-/// (stale updates are dropped); messages from other publishers without them
-/// still apply. Fields this version does not know are ignored.
+/// publisher adds `message_id`, `version` (stale updates are dropped) and
+/// `publisher_id` with `publisher_seq` (duplicates are dropped without a
+/// record per message); `possync backend`'s relay adds `seq`, the store's
+/// sequence number, which then orders the change. Messages from other
+/// publishers without them still apply. Fields this version does not know
+/// are ignored.
 ///
 /// Two envelopes are equal when their fields are, the payload compared as
 /// JSON text.
@@ -77,6 +80,39 @@ pub struct Envelope {
 /// let legacy = Version { micros: 42, exact: false };
 /// assert!(legacy.supersedes(42)); // another change in the same second
 /// ```
+///
+/// # What a `sync_version` column holds
+///
+/// One integer per row, the order of the change that wrote it
+/// ([`Version::column`]):
+///
+/// | the change carried | the column holds |
+/// |---|---|
+/// | nothing to order it | `0` |
+/// | a `version` or a `timestamp` | its microseconds since the Unix epoch |
+/// | a `seq` (the store's sequence number, from `possync backend`) | [`Version::SEQUENCED`] + `seq` |
+///
+/// A sequenced change therefore outranks every change ordered by a clock
+/// (2^62 microseconds is some 146,000 years), and sequenced changes order
+/// among themselves by `seq` alone: once a row holds a sequenced change,
+/// only a sequenced change with a higher `seq` replaces it. A message sent
+/// straight to the exchange by another publisher, arriving after a
+/// sequenced change of the same entity, is stale on purpose: the backend
+/// consumes those messages too and relays them with a `seq` of their own,
+/// which then applies. Read a row's `seq` back with [`Version::seq_of`].
+///
+/// ```
+/// use possync_sdk::Version;
+///
+/// let seq = Version::sequenced(7);
+/// assert_eq!(seq.seq(), Some(7));
+/// assert!(seq.supersedes(1_764_239_400_000_000)); // newer than any clock
+/// assert!(!seq.supersedes(Version::sequenced(8).micros)); // not newer than seq 8
+/// assert!(Version::sequenced(9).supersedes(Version::sequenced(8).micros));
+/// // What the column of a row written by seq 7 says:
+/// assert_eq!(Version::seq_of(Version::SEQUENCED + 7), Some(7));
+/// assert_eq!(Version::seq_of(1_764_239_400_000_000), None); // written by a clock
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Version {
     /// Microseconds since the Unix epoch.
@@ -86,8 +122,42 @@ pub struct Version {
 }
 
 impl Version {
+    /// The base of sequenced orders: a change with `seq` is ordered at
+    /// `SEQUENCED + seq`, above every clock-derived order (2^62).
+    pub const SEQUENCED: i64 = 1 << 62;
+
+    /// The largest `seq` an order can carry.
+    pub const MAX_SEQ: i64 = i64::MAX - Self::SEQUENCED;
+
+    /// The order of the store's change number `seq` (exact: one change per
+    /// number). `seq` is at least 1 and at most [`Version::MAX_SEQ`];
+    /// others are clamped into that range (the terminal refuses such
+    /// messages before any handler sees them).
+    pub fn sequenced(seq: i64) -> Self {
+        Self {
+            micros: Self::SEQUENCED + seq.clamp(1, Self::MAX_SEQ),
+            exact: true,
+        }
+    }
+
+    /// The `seq` this order stands for, if it is a sequenced one.
+    pub fn seq(self) -> Option<i64> {
+        if self.exact {
+            Self::seq_of(self.micros)
+        } else {
+            None
+        }
+    }
+
+    /// The `seq` of the change that wrote a `sync_version` column holding
+    /// `stored`; `None` when a clock-ordered (or unordered) change wrote it.
+    pub fn seq_of(stored: i64) -> Option<i64> {
+        (stored > Self::SEQUENCED).then(|| stored - Self::SEQUENCED)
+    }
+
     /// What a `sync_version` column stores for a change at `order`: its
-    /// microseconds, or 0 for a message that carries no order.
+    /// microseconds (for a sequenced change, [`Version::SEQUENCED`] + its
+    /// `seq`), or 0 for a message that carries no order.
     pub fn column(order: Option<Version>) -> crate::Value {
         crate::Value::Integer(order.map_or(0, |v| v.micros))
     }
@@ -193,14 +263,31 @@ impl Envelope {
         })
     }
 
-    /// The order of this change: `version` if present, else `timestamp`.
+    /// The order of this change: its `seq` if present (see
+    /// [`Version::sequenced`]: clocks order nothing then), else `version`,
+    /// else `timestamp`.
     ///
-    /// `None` when the message carries neither (or an unreadable timestamp):
-    /// such a message applies unconditionally, as in the original system.
+    /// `None` when the message carries none of them (or an unreadable
+    /// timestamp): such a message applies unconditionally, as in the
+    /// original system.
+    ///
+    /// ```
+    /// use possync_sdk::{Envelope, Version};
+    ///
+    /// let relayed = Envelope::new("price_update", "STORE-1", serde_json::json!({}))
+    ///     .with_timestamp("2025-11-27T10:30:00Z")
+    ///     .with_version(42)
+    ///     .with_seq(3);
+    /// assert_eq!(relayed.order(), Some(Version::sequenced(3)));
+    /// ```
     pub fn order(&self) -> Option<Version> {
+        if let Some(seq) = self.seq {
+            return Some(Version::sequenced(seq));
+        }
         if let Some(micros) = self.version {
+            // A clock never reaches a sequenced order, whatever it claims.
             return Some(Version {
-                micros,
+                micros: micros.min(Version::SEQUENCED - 1),
                 exact: true,
             });
         }
@@ -351,6 +438,41 @@ mod tests {
             }
             .supersedes(42)
         );
+    }
+
+    #[test]
+    fn a_seq_orders_above_every_clock_and_by_seq_alone() {
+        let late_clock = Envelope::new("t", "K", serde_json::json!({}))
+            .with_timestamp("2025-11-27T10:40:00Z")
+            .with_seq(1);
+        let early_clock = Envelope::new("t", "K", serde_json::json!({}))
+            .with_timestamp("2025-11-27T10:30:00Z")
+            .with_version(i64::MAX)
+            .with_seq(2);
+        let (first, second) = (
+            late_clock.order().expect("ordered"),
+            early_clock.order().expect("ordered"),
+        );
+        assert!(second.supersedes(first.micros), "seq 2 follows seq 1");
+        assert!(!first.supersedes(second.micros));
+        assert!(!second.supersedes(second.micros), "the same seq again");
+        let clock = Envelope::new("t", "K", serde_json::json!({})).with_version(i64::MAX);
+        let clock = clock.order().expect("ordered");
+        assert!(first.supersedes(clock.micros));
+        assert!(!clock.supersedes(first.micros), "a clock never beats a seq");
+        assert_eq!(
+            (first.seq(), second.seq(), clock.seq()),
+            (Some(1), Some(2), None)
+        );
+    }
+
+    #[test]
+    fn a_seq_out_of_range_is_clamped_never_wrapped() {
+        assert_eq!(Version::sequenced(0).seq(), Some(1));
+        assert_eq!(Version::sequenced(-5).seq(), Some(1));
+        assert_eq!(Version::sequenced(i64::MAX).seq(), Some(Version::MAX_SEQ));
+        assert_eq!(Version::seq_of(0), None);
+        assert_eq!(Version::seq_of(Version::SEQUENCED), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `/status`: the status as JSON, for tools.
 
 use super::StatusView;
-use super::snapshot::{Snapshot, rfc3339};
+use super::snapshot::{Snapshot, ms_rfc3339, rfc3339};
 
 pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
     let status = &snapshot.status;
@@ -17,6 +17,13 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
         "stale_by_type": status.stale_by_type,
         "quarantined": status.quarantined,
         "duplicates": status.duplicates,
+        "collapsed": status.collapsed,
+        "sync": {
+            "synced_up_to": status.sync.synced_up_to,
+            "highest_applied": status.sync.highest_applied,
+            "last_change_at": status.sync.last_change_ms.map(ms_rfc3339),
+            "head": status.sync.head,
+        },
         "queue_depth": status.queue_depth,
         "quarantine_table_rows": snapshot.quarantine_total,
         "latest_quarantined": snapshot.latest.iter().map(|q| serde_json::json!({

@@ -104,6 +104,39 @@ impl Collector for StatusMetrics {
             "Redelivered messages skipped since start.",
             status.duplicates,
         )?;
+        counter(
+            &mut encoder,
+            "possync_messages_collapsed",
+            "Messages since start settled without being applied because a later change of the same batch overwrote them (backlog collapse); counted as applied too.",
+            status.collapsed,
+        )?;
+        let sync = &status.sync;
+        gauge(
+            &mut encoder,
+            "possync_synced_up_to_seq",
+            "Every change of the store up to this seq is applied here (0: no sequenced change yet).",
+            sync.synced_up_to,
+        )?;
+        gauge(
+            &mut encoder,
+            "possync_highest_applied_seq",
+            "The highest seq applied; above possync_synced_up_to_seq when a change before it never arrived or could not apply.",
+            sync.highest_applied,
+        )?;
+        if let Some(head) = sync.head {
+            gauge(
+                &mut encoder,
+                "possync_head_seq",
+                "The backend's latest seq for the store, as last told.",
+                head,
+            )?;
+        }
+        gauge(
+            &mut encoder,
+            "possync_last_change_seconds",
+            "When the last sequenced change was applied (Unix time; 0: never).",
+            sync.last_change_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
+        )?;
         if let Some(depth) = status.queue_depth {
             gauge(
                 &mut encoder,

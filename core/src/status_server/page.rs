@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::StatusView;
-use super::snapshot::{Snapshot, rfc3339};
+use super::snapshot::{Snapshot, ms_rfc3339, rfc3339};
 use crate::status::State;
 
 pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
@@ -38,6 +38,37 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
         }
         None => {}
     }
+    let sync = &status.sync;
+    let mut synced = if sync.highest_applied == 0 {
+        "No sequenced change yet".to_owned()
+    } else {
+        format!("Synced up to seq {}", sync.synced_up_to)
+    };
+    match sync.head {
+        Some(head) => {
+            let _ = write!(synced, " of {head}");
+        }
+        None if sync.highest_applied > 0 => synced.push_str(" (backend head unknown)"),
+        None => {}
+    }
+    if sync.highest_applied > sync.synced_up_to {
+        let _ = write!(
+            synced,
+            " · change {} never arrived or could not apply (highest applied {})",
+            sync.synced_up_to + 1,
+            sync.highest_applied
+        );
+    }
+    if let Some(ms) = sync.last_change_ms {
+        let _ = write!(synced, " · last change {}", ms_rfc3339(ms));
+    }
+    if status.collapsed > 0 {
+        let _ = write!(
+            synced,
+            " · {} changes collapsed (overwritten within a batch)",
+            status.collapsed
+        );
+    }
     let mut counts = String::new();
     for (message_type, count) in &status.applied_by_type {
         let _ = write!(
@@ -66,7 +97,7 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
 <title>possync: {license} {terminal}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}.badge{{display:inline-block;padding:.6em 1.2em;border-radius:1.5em;font-size:1.6em;font-weight:600;color:#fff}}
 .live{{background:#1f9d55}}.offline{{background:#e07b00}}.stalled{{background:#c0392b}}.since{{color:#555}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em 1em .3em 0;text-align:left}}</style>
-</head><body><h1>Store {license} · terminal {terminal}</h1>{badge}<p>{last}</p>
+</head><body><h1>Store {license} · terminal {terminal}</h1>{badge}<p>{last}</p><p id="synced">{synced}</p>
 <h2>Changes applied since start</h2><table><tr><th>type</th><th>count</th></tr>{counts}</table>
 <h2>Messages that could not apply ({total} kept)</h2><table><tr><th>type</th><th>reason</th></tr>{problems}</table>
 <p class="since">This page refreshes every 2 seconds. JSON at <a href="/status">/status</a>, metrics at <a href="/metrics">/metrics</a>.</p></body></html>"#,

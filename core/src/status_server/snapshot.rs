@@ -56,3 +56,8 @@ pub(super) fn rfc3339(time: SystemTime) -> String {
         })
         .unwrap_or_default()
 }
+
+/// `ms` milliseconds after the epoch as RFC 3339 in UTC, to the second.
+pub(super) fn ms_rfc3339(ms: i64) -> String {
+    rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}

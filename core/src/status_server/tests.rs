@@ -39,7 +39,7 @@ impl Drop for Running {
 }
 
 fn view(dir: &tempfile::TempDir) -> (StatusView, StatusSender) {
-    let (status, receiver) = StatusSender::new();
+    let (status, receiver) = StatusSender::new(crate::sequence::SyncState::default());
     let view = StatusView {
         status: receiver,
         license_key: "STORE-1".into(),
@@ -206,10 +206,13 @@ async fn healthz_is_200_only_while_live_and_503_with_the_reason_while_stalled() 
 #[tokio::test]
 async fn status_json_shows_stale_changes_by_type_and_why_the_terminal_is_stalled() {
     let server = start(Limits::default(), &[]).await;
-    server.status.count(&Tally {
-        stale_by_type: vec![("price_update".into(), 3)],
-        ..Tally::default()
-    });
+    server.status.count(
+        &Tally {
+            stale_by_type: vec![("price_update".into(), 3)],
+            ..Tally::default()
+        },
+        None,
+    );
     server.status.set_state(stalled("disk full"));
     let answer = get(server.address, "/status", "localhost").await;
     assert!(
@@ -220,6 +223,43 @@ async fn status_json_shows_stale_changes_by_type_and_why_the_terminal_is_stalled
     assert_eq!(status["state"], "stalled");
     assert_eq!(status["reason"], "disk full");
     assert_eq!(status["stale_by_type"]["price_update"], 3);
+}
+
+/// A terminal that applied up to seq 42 but missed seq 41.
+const SYNCED: crate::sequence::SyncState = crate::sequence::SyncState {
+    synced_up_to: 40,
+    highest_applied: 42,
+    last_change_ms: Some(1_764_239_400_000),
+    head: Some(45),
+};
+
+#[tokio::test]
+async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
+    let server = start(Limits::default(), &[]).await;
+    server.status.count(
+        &Tally {
+            applied: 3,
+            collapsed: 2,
+            ..Tally::default()
+        },
+        Some(SYNCED),
+    );
+    let answer = get(server.address, "/status", "localhost").await;
+    let status: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    assert_eq!(
+        status["sync"],
+        serde_json::json!({"synced_up_to": 40, "highest_applied": 42,
+            "last_change_at": "2025-11-27T10:30:00Z", "head": 45})
+    );
+    assert_eq!(status["collapsed"], 2);
+    let page = get(server.address, "/", "localhost").await.body;
+    assert!(
+        page.contains("Synced up to seq 40 of 45")
+            && page.contains("change 41 never arrived or could not apply")
+            && page.contains("last change 2025-11-27T10:30:00Z")
+            && page.contains("2 changes collapsed"),
+        "{page}"
+    );
 }
 
 #[tokio::test]
@@ -240,14 +280,18 @@ async fn the_page_shows_a_stalled_terminal_and_why() {
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_show_stale_changes_and_a_stall() {
     let server = start(Limits::default(), &[]).await;
-    server.status.count(&Tally {
-        applied: 5,
-        by_type: vec![("price_update".into(), 5)],
-        stale_by_type: vec![("price_update".into(), 3), ("product_update".into(), 1)],
-        quarantined: 1,
-        duplicates: 2,
-        ..Tally::default()
-    });
+    server.status.count(
+        &Tally {
+            applied: 5,
+            by_type: vec![("price_update".into(), 5)],
+            stale_by_type: vec![("price_update".into(), 3), ("product_update".into(), 1)],
+            quarantined: 1,
+            duplicates: 2,
+            collapsed: 4,
+            ..Tally::default()
+        },
+        Some(SYNCED),
+    );
     server.status.set_queue_depth(Some(7));
     server.status.set_state(stalled("database is locked"));
     let answer = get(server.address, "/metrics", "localhost").await;
@@ -294,6 +338,23 @@ async fn metrics_parse_as_prometheus_text_and_show_stale_changes_and_a_stall() {
         2.0
     );
     assert_eq!(value(&format!("possync_queue_depth{{{LABELS}}}")), 7.0);
+    assert_eq!(
+        value(&format!("possync_messages_collapsed_total{{{LABELS}}}")),
+        4.0
+    );
+    assert_eq!(
+        value(&format!("possync_synced_up_to_seq{{{LABELS}}}")),
+        40.0
+    );
+    assert_eq!(
+        value(&format!("possync_highest_applied_seq{{{LABELS}}}")),
+        42.0
+    );
+    assert_eq!(value(&format!("possync_head_seq{{{LABELS}}}")), 45.0);
+    assert_eq!(
+        value(&format!("possync_last_change_seconds{{{LABELS}}}")),
+        1_764_239_400.0
+    );
     assert!(value(&format!("possync_state_since_seconds{{{LABELS}}}")) > 0.0);
     assert!(value(&format!("possync_last_applied_seconds{{{LABELS}}}")) > 0.0);
 }

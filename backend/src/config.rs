@@ -1,0 +1,369 @@
+//! The backend service's configuration: built-in defaults, then a TOML file
+//! (`--config`), then `POSSYNC_...` environment variables
+//! (`POSSYNC_BACKEND__DATABASE` sets `backend.database`), as for a terminal.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use possync_core::{BrokerConfig, ConfigError, EnvText, PluginSetting, redact_url};
+use serde::{Deserialize, Serialize};
+
+/// Everything `possync backend` is configured with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Where the HTTP API listens and which database holds the catalog.
+    pub backend: BackendConfig,
+    /// How to reach the broker the relay publishes to and the direct
+    /// consumer reads from.
+    pub broker: BrokerConfig,
+    /// The relay that publishes the outbox.
+    pub relay: RelayConfig,
+    /// The queue of changes other publishers sent straight to the exchange.
+    pub direct: DirectConfig,
+    /// The plugins that check payloads and declare entities, as on a
+    /// terminal: built-ins switched on or off by name (`price = false`),
+    /// plugin libraries by path (`[plugins.product_images] path = "..."`).
+    /// A change of a type no enabled plugin handles is refused.
+    pub plugins: BTreeMap<String, PluginSetting>,
+}
+
+/// The `[backend]` section.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// The address the HTTP API listens on (`127.0.0.1:8480`); loopback
+    /// unless back office apps on other machines must reach it. Port 0
+    /// takes a free port, logged at start.
+    pub listen: SocketAddr,
+    /// The catalog's database: a SQLite file (`possync-backend.db`, made if
+    /// missing; one backend process at a time), or a PostgreSQL URL
+    /// (`postgres://user:password@host/db`; several backend processes may
+    /// share it, one of them relaying at a time). Keep a password out of
+    /// files others can read, or set `POSSYNC_BACKEND__DATABASE` instead.
+    pub database: String,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8480)),
+            database: "possync-backend.db".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("listen", &self.listen)
+            .field("database", &self.database_location())
+            .finish()
+    }
+}
+
+/// Where the catalog is kept, as `backend.database` names it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (it may hold a password: shown redacted).
+    Postgres(String),
+}
+
+impl DatabaseLocation {
+    /// `backend.database` read: a `postgres://` or `postgresql://` URL, else
+    /// a SQLite file's path.
+    pub fn parse(database: &str) -> Self {
+        let scheme = database.split_once("://").map(|(scheme, _)| scheme);
+        match scheme {
+            Some(scheme)
+                if scheme.eq_ignore_ascii_case("postgres")
+                    || scheme.eq_ignore_ascii_case("postgresql") =>
+            {
+                Self::Postgres(database.to_owned())
+            }
+            _ => Self::Sqlite(PathBuf::from(database)),
+        }
+    }
+}
+
+/// Shows the location with any password replaced by `***`.
+impl std::fmt::Display for DatabaseLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "SQLite {}", path.display()),
+            Self::Postgres(url) => write!(f, "PostgreSQL {}", redact_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl BackendConfig {
+    /// The database `database` names.
+    pub fn database_location(&self) -> DatabaseLocation {
+        DatabaseLocation::parse(&self.database)
+    }
+}
+
+/// The `[relay]` section: how the outbox reaches the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Most outbox rows published (and confirmed) in one round.
+    pub batch_size: usize,
+    /// Milliseconds between looks at the outbox when no commit woke the
+    /// relay: picks up changes another backend process committed (on
+    /// PostgreSQL) and rows a failed round left behind.
+    pub poll_interval_ms: u64,
+    /// Seconds between attempts to become the relaying process when another
+    /// backend process relays (PostgreSQL).
+    pub lead_retry_secs: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval_ms: 1000,
+            lead_retry_secs: 5,
+        }
+    }
+}
+
+/// The `[direct]` section: the backend's own durable queue, bound to
+/// `license.#` on the exchange, through which it records in the catalog the
+/// changes other publishers (a back office app, `possync publish` without a
+/// backend) send straight to the exchange. Terminals receive those directly
+/// as well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectConfig {
+    /// Whether the backend consumes that queue. Off, changes sent straight
+    /// to the exchange still reach terminals but are missing from the
+    /// catalog.
+    pub enabled: bool,
+    /// The queue's name; its dead-letter queue is `<queue>.dead_letter`,
+    /// where a message the catalog refuses goes, with the reason in its
+    /// `x-possync-reason` header. Backend processes sharing a database
+    /// share the queue.
+    pub queue: String,
+    /// Messages the broker may send ahead before they are acknowledged.
+    pub prefetch: u16,
+    /// Days the queue is kept once no backend reads it, before the broker
+    /// deletes it (a backend stopped for good must not pile up every store's
+    /// changes forever), and days a dead letter is kept. Set it before the
+    /// queue is first declared: RabbitMQ refuses to change it on an
+    /// existing queue.
+    pub queue_expiry_days: u32,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue: "possync.backend.direct".into(),
+            prefetch: 100,
+            queue_expiry_days: 30,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Loads the defaults, then `file` if given (it must exist), then the
+    /// environment. Unknown keys are errors that name the key and the file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(path) = file {
+            // figment treats a missing file as empty; a typo in --config must not silently run on defaults.
+            std::fs::metadata(path).map_err(|source| ConfigError::Unreadable {
+                path: path.to_owned(),
+                source,
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(EnvText::new());
+        // Lossy: a number or boolean setting reads the text the environment holds.
+        let config: Self = figment.extract_lossy()?;
+        config.check()?;
+        if let Some(path) = file {
+            config.warn_if_secrets_are_readable(path);
+        }
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.broker.check()?;
+        if self.backend.database.trim().is_empty() {
+            return Err(ConfigError::OutOfRange {
+                key: "backend.database",
+                problem: "must name a SQLite file or a postgres:// URL",
+            });
+        }
+        if self.relay.batch_size == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "relay.batch_size",
+                problem: "must be at least 1",
+            });
+        }
+        if self.relay.poll_interval_ms == 0 || self.relay.lead_retry_secs == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "relay.poll_interval_ms and relay.lead_retry_secs",
+                problem: "must be at least 1",
+            });
+        }
+        if self.direct.prefetch == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "direct.prefetch",
+                problem: "must be at least 1",
+            });
+        }
+        if !(1..=49).contains(&self.direct.queue_expiry_days) {
+            // RabbitMQ takes at most 2^32-1 ms (49.7 days) for x-expires.
+            return Err(ConfigError::OutOfRange {
+                key: "direct.queue_expiry_days",
+                problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry)",
+            });
+        }
+        if self.direct.queue.is_empty() || self.direct.queue.starts_with("amq.") {
+            return Err(ConfigError::OutOfRange {
+                key: "direct.queue",
+                problem: "must be a queue name that does not start with amq. (RabbitMQ reserves those)",
+            });
+        }
+        Ok(())
+    }
+
+    /// Warns when the file holds a password (in a broker or database URL)
+    /// and users other than its owner can read it.
+    fn warn_if_secrets_are_readable(&self, path: &Path) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let Ok(text) = std::fs::read_to_string(path) else {
+                return;
+            };
+            let holds_password = self
+                .broker
+                .urls
+                .iter()
+                .chain(std::iter::once(&self.backend.database))
+                .any(|url| redact_url(url) != *url && text.contains(url.as_str()));
+            let Ok(metadata) = std::fs::metadata(path) else {
+                return;
+            };
+            let mode = metadata.permissions().mode();
+            if holds_password && mode & 0o077 != 0 {
+                crate::events::config_readable(path, mode);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("backend.toml");
+        std::fs::write(&path, text).expect("writes");
+        (dir, path)
+    }
+
+    #[test]
+    fn the_defaults_listen_on_loopback_and_keep_the_catalog_in_a_sqlite_file() {
+        let config = ServiceConfig::default();
+        assert_eq!(config.backend.listen.to_string(), "127.0.0.1:8480");
+        assert_eq!(
+            config.backend.database_location(),
+            DatabaseLocation::Sqlite("possync-backend.db".into())
+        );
+        assert!(config.direct.enabled);
+        assert_eq!(config.direct.queue, "possync.backend.direct");
+    }
+
+    #[test]
+    fn a_postgres_url_is_a_postgres_database_and_its_password_is_never_shown() {
+        let config = ServiceConfig {
+            backend: BackendConfig {
+                database: "postgres://possync:Sup3rSecret@db.example/catalog".into(),
+                ..BackendConfig::default()
+            },
+            ..ServiceConfig::default()
+        };
+        let location = config.backend.database_location();
+        assert!(matches!(location, DatabaseLocation::Postgres(_)));
+        assert_eq!(
+            location.to_string(),
+            "PostgreSQL postgres://possync:***@db.example/catalog"
+        );
+        assert!(!format!("{config:?}").contains("Sup3rSecret"));
+        assert!(matches!(
+            DatabaseLocation::parse("POSTGRESQL://h/db"),
+            DatabaseLocation::Postgres(_)
+        ));
+        assert_eq!(
+            DatabaseLocation::parse("/var/lib/possync/catalog.db"),
+            DatabaseLocation::Sqlite("/var/lib/possync/catalog.db".into())
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_that_names_the_key_and_the_file() {
+        let (_dir, path) = write("[backend]\nlisten = \"127.0.0.1:9000\"\ndatabse = \"x.db\"\n");
+        let err = ServiceConfig::load(Some(&path))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("databse"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_not_the_defaults() {
+        let err = ServiceConfig::load(Some(Path::new("/no/such/backend.toml")))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("/no/such/backend.toml"), "{err}");
+    }
+
+    #[test]
+    fn every_section_loads_from_a_file() {
+        let (_dir, path) = write(
+            "[backend]\nlisten = \"0.0.0.0:9000\"\ndatabase = \"catalog.db\"\n\n[broker]\nurl = \"amqp://u:p@broker:5672/%2f\"\n\n[relay]\nbatch_size = 50\n\n[direct]\nqueue = \"office.direct\"\n\n[plugins]\nprice = false\n",
+        );
+        let config = ServiceConfig::load(Some(&path)).expect("loads");
+        assert_eq!(config.backend.listen.port(), 9000);
+        assert_eq!(config.relay.batch_size, 50);
+        assert_eq!(config.direct.queue, "office.direct");
+        assert_eq!(
+            config.plugins.get("price"),
+            Some(&PluginSetting::Toggle(false))
+        );
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_with_their_key() {
+        for (text, key) in [
+            ("[relay]\nbatch_size = 0\n", "relay.batch_size"),
+            ("[direct]\nprefetch = 0\n", "direct.prefetch"),
+            ("[direct]\nqueue = \"amq.x\"\n", "direct.queue"),
+            ("[backend]\ndatabase = \"\"\n", "backend.database"),
+            ("[broker]\nurl = \"http://x\"\n", "broker.url"),
+        ] {
+            let (_dir, path) = write(text);
+            let err = ServiceConfig::load(Some(&path))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+}

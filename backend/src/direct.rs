@@ -1,0 +1,603 @@
+//! The direct consumer: records in the catalog the changes other publishers
+//! (a back office app, `possync publish` without a backend) send straight
+//! to the exchange, so the catalog of record stays complete. Terminals
+//! receive those messages directly as well; the backend's copy comes from
+//! its own durable queue, bound to `license.#`.
+//!
+//! Each message is submitted through [`Catalog::submit`] with its clock, and
+//! acknowledged only after the commit. A message carrying `seq` came from a
+//! backend's relay and is skipped. One the catalog refuses is dead-lettered
+//! with the reason; the queue never stops for it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
+use possync_core::{Backoff, BrokerConfig, BrokerError, QueueType};
+use possync_sdk::Envelope;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, ChangeRequest, SubmitError};
+use crate::config::DirectConfig;
+use crate::events;
+use crate::service::stopped;
+use crate::storage::{IdempotencyKey, Outcome, Storage};
+
+/// The idempotency client of messages consumed from the exchange, keyed by
+/// their message id.
+pub(crate) const EXCHANGE_CLIENT: &str = "exchange";
+
+/// Reconnects wait from 250 ms up to 30 s (a broker restart).
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+/// A change the database refuses waits from 250 ms up to 5 s between tries.
+const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+const PERSISTENT: u8 = 2;
+
+/// Consumes the backend's direct queue into a catalog.
+#[derive(Debug)]
+pub(crate) struct Direct<S> {
+    catalog: Arc<Catalog<S>>,
+    broker: BrokerConfig,
+    config: DirectConfig,
+}
+
+/// What to do with a delivery once it was handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Settle {
+    /// Done with (recorded, or nothing to record): acknowledge.
+    Ack,
+    /// It can never enter the catalog: dead-letter it with the reason.
+    DeadLetter(String),
+}
+
+/// Why a session with the broker ended.
+enum Ended {
+    /// Asked to stop.
+    Stopped,
+    /// The broker went away or failed.
+    Lost(BrokerError),
+}
+
+impl<S: Storage> Direct<S> {
+    pub(crate) fn new(
+        catalog: Arc<Catalog<S>>,
+        broker: BrokerConfig,
+        config: DirectConfig,
+    ) -> Self {
+        Self {
+            catalog,
+            broker,
+            config,
+        }
+    }
+
+    /// Consumes until `stop` turns true, reconnecting with backoff.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut attempt: u32 = 0;
+        let mut offline_since: Option<Instant> = None;
+        while !*stop.borrow() {
+            let url = self.broker.urls[attempt as usize % self.broker.urls.len()].clone();
+            let err = match Session::open(&self.broker, &self.config, &url).await {
+                Ok(session) => {
+                    attempt = 0;
+                    offline_since = None;
+                    events::direct_live(&self.config.queue, BINDING);
+                    match self.consume(session, &mut stop).await {
+                        Ended::Stopped => return,
+                        Ended::Lost(err) => err,
+                    }
+                }
+                Err(err) => err,
+            };
+            attempt = attempt.saturating_add(1);
+            let delay = RECONNECT.delay(attempt);
+            let first = offline_since.is_none();
+            offline_since.get_or_insert_with(Instant::now);
+            events::direct_offline(&err.to_string(), delay.as_millis(), first);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    async fn consume(&self, mut session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
+        loop {
+            let next = tokio::select! {
+                next = session.consumer.next() => next,
+                () = stopped(stop) => {
+                    session.close().await;
+                    return Ended::Stopped;
+                }
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(err)) => {
+                    return Ended::Lost(BrokerError::from_lapin("receiving", &session.url, err));
+                }
+                None => return Ended::Lost(BrokerError::ConsumerCancelled),
+            };
+            let Some(settle) = self.handle(&delivery, stop).await else {
+                // Stopping with the change not recorded: it goes back to the queue.
+                session.close().await;
+                return Ended::Stopped;
+            };
+            if let Err(err) = session.settle(&delivery, settle).await {
+                return Ended::Lost(err);
+            }
+        }
+    }
+
+    /// Records a delivery in the catalog, holding it while the database
+    /// refuses it; `None` if asked to stop meanwhile.
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Settle> {
+        let routing_key = delivery.routing_key.as_str();
+        let (request, key) = match request(routing_key, &delivery.data) {
+            Ok(Some(request)) => request,
+            Ok(None) => return Some(Settle::Ack),
+            Err(reason) => {
+                events::direct_refused(routing_key, &reason);
+                return Some(Settle::DeadLetter(reason));
+            }
+        };
+        let mut attempts: u32 = 0;
+        loop {
+            match self
+                .catalog
+                .submit(vec![request.clone()], key.clone())
+                .await
+            {
+                Ok(submitted) => {
+                    let seq = submitted.accepted.first().and_then(|a| match a.outcome {
+                        Outcome::Sequenced { seq } => Some(seq),
+                        Outcome::Stale => None,
+                    });
+                    events::direct_recorded(routing_key, seq);
+                    return Some(Settle::Ack);
+                }
+                Err(SubmitError::Storage(crate::storage::StorageError::Database(reason))) => {
+                    attempts += 1;
+                    let delay = HELD.delay(attempts);
+                    events::direct_held(&reason, delay.as_millis(), attempts == 1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stopped(stop) => return None,
+                    }
+                }
+                Err(refused) => {
+                    let reason = refused.to_string();
+                    events::direct_refused(routing_key, &reason);
+                    return Some(Settle::DeadLetter(reason));
+                }
+            }
+        }
+    }
+}
+
+/// The binding of the direct queue: every store's changes.
+const BINDING: &str = "license.#";
+
+/// The catalog request a delivery makes, with its idempotency key when it
+/// has a message id; `None` for a message a backend's relay published (it
+/// carries `seq`: it is in a catalog already); the reason it can never
+/// enter the catalog otherwise.
+fn request(
+    routing_key: &str,
+    body: &[u8],
+) -> Result<Option<(ChangeRequest, Option<IdempotencyKey>)>, String> {
+    let envelope: Envelope = serde_json::from_slice(body)
+        .map_err(|err| format!("not a possync message (JSON envelope): {err}"))?;
+    if envelope.seq.is_some() {
+        return Ok(None);
+    }
+    let expected = format!("license.{}.", envelope.license_key);
+    if !routing_key.starts_with(&expected) {
+        return Err(format!(
+            "the routing key {routing_key} does not match the envelope's license_key {:?}",
+            envelope.license_key
+        ));
+    }
+    // A message is recorded once: by its id when it has one (a publisher
+    // that sends it again after a reconnect may stamp it anew, so its body
+    // can differ), else by its body, the same bytes when the broker
+    // delivers it again after the backend died between commit and ack.
+    let key = match &envelope.message_id {
+        Some(id) => IdempotencyKey {
+            client: EXCHANGE_CLIENT.into(),
+            key: id.clone(),
+            fingerprint: hex(&Sha256::digest(id.as_bytes())),
+        },
+        None => {
+            let digest = hex(&Sha256::digest(body));
+            IdempotencyKey {
+                client: EXCHANGE_CLIENT.into(),
+                key: format!("body:{digest}"),
+                fingerprint: digest,
+            }
+        }
+    };
+    let key = Some(key);
+    let clock = envelope.order();
+    let request = ChangeRequest {
+        store: envelope.license_key,
+        message_type: envelope.message_type,
+        payload: envelope.payload.get().to_owned(),
+        timestamp: envelope.timestamp,
+        message_id: envelope.message_id,
+        clock,
+    };
+    Ok(Some((request, key)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(64), |mut text, b| {
+        let _ = write!(text, "{b:02x}");
+        text
+    })
+}
+
+/// One connection to the broker: the consumer, and a channel with confirms
+/// for dead letters.
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    dead_letters: Channel,
+    consumer: Consumer,
+    dead_letter_exchange: String,
+    dead_letter_queue: String,
+    url: String,
+    timeout_secs: u64,
+}
+
+impl Session {
+    async fn open(
+        broker: &BrokerConfig,
+        config: &DirectConfig,
+        url: &str,
+    ) -> Result<Self, BrokerError> {
+        let timeout = broker.confirm_timeout_secs;
+        let connection =
+            possync_core::connect_broker(broker, url, "possync backend direct").await?;
+        let channel = within(
+            timeout,
+            "opening a channel",
+            url,
+            connection.create_channel(),
+        )
+        .await?;
+        let dead_letter_exchange = format!("{}.dead_letter", broker.exchange);
+        let dead_letter_queue = format!("{}.dead_letter", config.queue);
+        if broker.declare_topology {
+            within(
+                timeout,
+                "declaring the backend's direct queue",
+                url,
+                declare(
+                    &channel,
+                    broker,
+                    config,
+                    &dead_letter_exchange,
+                    &dead_letter_queue,
+                ),
+            )
+            .await?;
+        }
+        within(
+            timeout,
+            "setting the prefetch",
+            url,
+            channel.basic_qos(config.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let dead_letters = within(
+            timeout,
+            "opening a channel",
+            url,
+            connection.create_channel(),
+        )
+        .await?;
+        within(
+            timeout,
+            "enabling publisher confirms",
+            url,
+            dead_letters.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        // Not exclusive: backend processes sharing a database share the queue.
+        let consumer = within(
+            timeout,
+            "starting the consumer",
+            url,
+            channel.basic_consume(
+                config.queue.as_str().into(),
+                "possync backend".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(Self {
+            connection,
+            channel,
+            dead_letters,
+            consumer,
+            dead_letter_exchange,
+            dead_letter_queue,
+            url: url.to_owned(),
+            timeout_secs: timeout,
+        })
+    }
+
+    /// Acknowledges, or dead-letters with the reason and then acknowledges;
+    /// if the dead letter cannot be published, rejects the message to the
+    /// queue's dead-letter exchange without a reason.
+    async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<(), BrokerError> {
+        if let Settle::DeadLetter(reason) = settle {
+            match self.publish_dead_letter(delivery, &reason).await {
+                Ok(()) => {}
+                Err(err) => {
+                    events::dead_letter_fallback(&err);
+                    return within(
+                        self.timeout_secs,
+                        "rejecting",
+                        &self.url,
+                        self.channel.basic_nack(
+                            delivery.delivery_tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: false,
+                            },
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+        within(
+            self.timeout_secs,
+            "acknowledging",
+            &self.url,
+            self.channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default()),
+        )
+        .await
+    }
+
+    /// Publishes the delivery to the dead-letter queue with the reason;
+    /// the error says why it could not be.
+    async fn publish_dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), String> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-possync-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-possync-routing-key".into(),
+            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+        );
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let confirm = within(
+            self.timeout_secs,
+            "dead-lettering a message",
+            &self.url,
+            self.dead_letters.basic_publish(
+                self.dead_letter_exchange.as_str().into(),
+                self.dead_letter_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            ),
+        )
+        .await
+        .map_err(|err| err.to_string())?;
+        let confirmation = within(
+            self.timeout_secs,
+            "dead-lettering a message",
+            &self.url,
+            confirm,
+        )
+        .await
+        .map_err(|err| err.to_string())?;
+        if confirmation.is_ack() {
+            Ok(())
+        } else {
+            Err("the broker refused the dead letter".into())
+        }
+    }
+
+    /// Closes the connection; an unacknowledged delivery returns to the queue.
+    async fn close(self) {
+        let _ = within(
+            self.timeout_secs,
+            "closing the connection",
+            &self.url,
+            self.connection.close(200, "backend stopping".into()),
+        )
+        .await;
+    }
+}
+
+/// Declares the exchange, the dead-letter exchange and queue, and the
+/// direct queue bound to every store's changes.
+async fn declare(
+    channel: &Channel,
+    broker: &BrokerConfig,
+    config: &DirectConfig,
+    dead_letter_exchange: &str,
+    dead_letter_queue: &str,
+) -> lapin::Result<()> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            broker.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            dead_letter_exchange.into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    let expires_ms = i64::from(config.queue_expiry_days) * 24 * 3600 * 1000;
+    let mut limits = FieldTable::default();
+    // Dead letters are for people to read, bounded like a terminal's. No
+    // expiry of the queue itself: nothing consumes it to keep it alive.
+    limits.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
+    limits.insert("x-message-ttl".into(), AMQPValue::LongLongInt(expires_ms));
+    channel
+        .queue_declare(dead_letter_queue.into(), durable_queue, limits)
+        .await?;
+    channel
+        .queue_bind(
+            dead_letter_queue.into(),
+            dead_letter_exchange.into(),
+            dead_letter_queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dead_letter_exchange.into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dead_letter_queue.into()),
+    );
+    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires_ms));
+    if broker.queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    channel
+        .queue_declare(config.queue.as_str().into(), durable_queue, arguments)
+        .await?;
+    channel
+        .queue_bind(
+            config.queue.as_str().into(),
+            broker.exchange.as_str().into(),
+            BINDING.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Waits at most `seconds` for a broker operation: a broker that goes away
+/// can leave one hanging (lapin #409).
+async fn within<T>(
+    seconds: u64,
+    during: &'static str,
+    url: &str,
+    operation: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(Duration::from_secs(seconds), operation).await {
+        Err(_) => Err(BrokerError::Timeout { during, seconds }),
+        Ok(result) => result.map_err(|err| BrokerError::from_lapin(during, url, err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_in_the_original_format_is_submitted_with_its_clock_keyed_by_its_body() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{"product_id":"P1","new_price":2.5},"timestamp":"2025-11-27T10:30:00Z"}"#;
+        let (request, key) = request("license.STORE-1.price_update", body)
+            .expect("a change")
+            .expect("to record");
+        assert_eq!(request.store, "STORE-1");
+        assert_eq!(request.message_type, "price_update");
+        assert_eq!(request.payload, r#"{"product_id":"P1","new_price":2.5}"#);
+        assert_eq!(request.timestamp.as_deref(), Some("2025-11-27T10:30:00Z"));
+        assert_eq!(request.message_id, None);
+        assert!(request.clock.is_some_and(|clock| !clock.exact));
+        let key = key.expect("keyed by its body");
+        assert!(key.key.starts_with("body:"), "{}", key.key);
+        let (_, again) = super::request("license.STORE-1.price_update", body)
+            .expect("a change")
+            .expect("to record");
+        assert_eq!(
+            again,
+            Some(key),
+            "the same bytes delivered again are the same change"
+        );
+    }
+
+    #[test]
+    fn a_message_sent_again_with_new_stamps_is_the_same_change() {
+        let first = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"a","publisher_seq":1}"#;
+        let again = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"b","publisher_seq":7}"#;
+        let key = |body: &[u8]| {
+            request("license.STORE-1.price_update", body)
+                .expect("a change")
+                .expect("to record")
+                .1
+        };
+        assert_eq!(key(first), key(again));
+    }
+
+    #[test]
+    fn a_message_with_an_id_is_idempotent_by_it() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","version":42}"#;
+        let (request, key) = request("license.STORE-1.price_update", body)
+            .expect("a change")
+            .expect("to record");
+        let key = key.expect("a key");
+        assert_eq!((key.client.as_str(), key.key.as_str()), ("exchange", "m-1"));
+        assert_eq!(key.fingerprint.len(), 64);
+        assert_eq!(request.message_id.as_deref(), Some("m-1"));
+        assert!(
+            request
+                .clock
+                .is_some_and(|clock| clock.exact && clock.micros == 42)
+        );
+    }
+
+    #[test]
+    fn a_message_a_relay_published_is_skipped() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3}"#;
+        assert_eq!(request("license.STORE-1.price_update", body), Ok(None));
+    }
+
+    #[test]
+    fn bad_json_and_a_foreign_routing_key_are_refused_with_a_reason() {
+        let err = request("license.STORE-1.price_update", b"{oops").expect_err("refused");
+        assert!(err.contains("not a possync message"), "{err}");
+        let body = br#"{"type":"price_update","license_key":"STORE-2","payload":{}}"#;
+        let err = request("license.STORE-1.price_update", body).expect_err("refused");
+        assert!(err.contains("does not match"), "{err}");
+    }
+}

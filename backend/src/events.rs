@@ -1,0 +1,175 @@
+//! Everything worth telling the operator of a backend, as named events: one
+//! function per event, each saying what happened and what to do about it.
+
+use tracing::{debug, error, info, warn};
+
+pub(crate) fn config_readable(path: &std::path::Path, mode: u32) {
+    warn!(
+        event = "config_readable",
+        file = %path.display(),
+        mode = format!("{:o}", mode & 0o777),
+        "the config file holds a password and others can read it: chmod 600 it"
+    );
+}
+
+pub(crate) fn started(api: &str, database: &str, broker: &str, plugins: &str) {
+    info!(
+        event = "backend_started",
+        %api,
+        %database,
+        %broker,
+        %plugins,
+        "backend running: HTTP API at http://{api}/, catalog in {database}"
+    );
+}
+
+pub(crate) fn relay_standby(retry_in_secs: u64) {
+    info!(
+        event = "relay_standby",
+        retry_in_secs,
+        "another backend process relays the outbox; this one serves the API and will take over if it stops"
+    );
+}
+
+pub(crate) fn relay_leading() {
+    info!(
+        event = "relay_leading",
+        "this backend process relays the outbox to the broker"
+    );
+}
+
+pub(crate) fn relay_published(rows: usize, stores: usize, elapsed_ms: u128) {
+    debug!(
+        event = "relay_published",
+        rows, stores, elapsed_ms, "outbox rows confirmed by the broker and marked published"
+    );
+}
+
+/// Logged at warn on the first failure of a stretch, quietly per retry
+/// after it, so an outage of an hour is a few lines, not thousands.
+pub(crate) fn relay_failed(reason: &str, unpublished: usize, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(
+            event = "relay_failed",
+            %reason,
+            unpublished,
+            retry_in_ms,
+            "the relay cannot publish the outbox: the changes are safe in the catalog and go out in order once it can; check the broker (or the database) the reason names"
+        );
+    } else {
+        debug!(
+            event = "relay_failed",
+            %reason,
+            unpublished,
+            retry_in_ms,
+            "the relay still cannot publish the outbox"
+        );
+    }
+}
+
+pub(crate) fn relay_recovered(failed_ms: u128, attempts: u32) {
+    info!(
+        event = "relay_recovered",
+        failed_ms, attempts, "the relay publishes the outbox again"
+    );
+}
+
+/// The outbox holds a row that can never be published as it is; the relay
+/// holds it (and the store's later rows) rather than leave a gap.
+pub(crate) fn relay_row_unpublishable(store: &str, seq: i64, reason: &str) {
+    error!(
+        event = "relay_row_unpublishable",
+        %store,
+        seq,
+        %reason,
+        "an outbox row cannot be published; the relay keeps trying it and holds the store's later changes behind it"
+    );
+}
+
+pub(crate) fn direct_live(queue: &str, binding: &str) {
+    info!(
+        event = "direct_live",
+        %queue,
+        %binding,
+        "recording changes other publishers send straight to the exchange"
+    );
+}
+
+/// Logged at warn on the first failure of a stretch, quietly per retry after.
+pub(crate) fn direct_offline(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(
+            event = "direct_offline",
+            %reason,
+            retry_in_ms,
+            "cannot read the direct queue: changes sent straight to the exchange still reach terminals and wait in the queue for the catalog; check the broker the reason names"
+        );
+    } else {
+        debug!(
+            event = "direct_offline",
+            %reason,
+            retry_in_ms,
+            "still cannot read the direct queue"
+        );
+    }
+}
+
+pub(crate) fn direct_recorded(routing_key: &str, seq: Option<i64>) {
+    debug!(
+        event = "direct_recorded",
+        %routing_key,
+        seq = seq.unwrap_or(0),
+        "a change sent straight to the exchange is in the catalog"
+    );
+}
+
+pub(crate) fn direct_refused(routing_key: &str, reason: &str) {
+    warn!(
+        event = "direct_refused",
+        %routing_key,
+        %reason,
+        "a message sent straight to the exchange cannot enter the catalog: dead-lettered with the reason; terminals judge it on their own"
+    );
+}
+
+/// Logged at error on the first failure, quietly per retry after.
+pub(crate) fn direct_held(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        error!(
+            event = "direct_held",
+            %reason,
+            retry_in_ms,
+            "the catalog's database refuses a change from the direct queue: holding it and trying again, taking no other; check the database the reason names"
+        );
+    } else {
+        debug!(
+            event = "direct_held",
+            %reason,
+            retry_in_ms,
+            "still holding a change from the direct queue"
+        );
+    }
+}
+
+pub(crate) fn dead_letter_fallback(reason: &str) {
+    warn!(
+        event = "dead_letter_fallback",
+        %reason,
+        "could not publish the dead letter with its reason; rejected it to the dead-letter queue without one"
+    );
+}
+
+pub(crate) fn stopping() {
+    info!(
+        event = "stopping",
+        "stopping: finishing the relay round and the message in progress"
+    );
+}
+
+pub(crate) fn stopped() {
+    info!(event = "stopped", "backend stopped cleanly");
+}
+
+pub(crate) fn failpoint(what: &str) {
+    warn!(event = "failpoint", %what, "test hook fired (never set in production)");
+}

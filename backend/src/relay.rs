@@ -1,0 +1,293 @@
+//! The relay: publishes the outbox to the broker in each store's sequence
+//! order, with publisher confirms, and marks rows published once confirmed.
+//!
+//! A row confirmed but not yet marked (the process died in between) is
+//! published again after a restart: terminals drop it by its seq (and its
+//! message id). A store with no terminal queue yet is no error: its changes
+//! are in the catalog for the terminals that join later.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use possync_core::{Backoff, BrokerConfig, PublishError, Publisher};
+use possync_sdk::Envelope;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use crate::catalog::Catalog;
+use crate::config::RelayConfig;
+use crate::events;
+use crate::failpoint;
+use crate::service::stopped;
+use crate::storage::{OutboxRow, Storage};
+
+/// A failed round waits from 250 ms up to 30 s (a broker restart) before
+/// the next.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+
+/// Publishes a catalog's outbox while this process leads the relay.
+#[derive(Debug)]
+pub(crate) struct Relay<S> {
+    catalog: Arc<Catalog<S>>,
+    broker: BrokerConfig,
+    config: RelayConfig,
+}
+
+/// Why a round published nothing.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("outbox row {store} #{seq} holds a payload that is not JSON: {detail}")]
+    BadPayload {
+        store: String,
+        seq: i64,
+        detail: String,
+    },
+}
+
+/// What a round did.
+enum Round {
+    /// Published this many rows.
+    Published(usize),
+    /// The outbox is empty.
+    Idle,
+}
+
+/// Failed rounds in a row, for logging a stretch of failures once.
+#[derive(Default)]
+struct Failures {
+    attempts: u32,
+    since: Option<Instant>,
+}
+
+impl<S: Storage> Relay<S> {
+    pub(crate) fn new(catalog: Arc<Catalog<S>>, broker: BrokerConfig, config: RelayConfig) -> Self {
+        Self {
+            catalog,
+            broker,
+            config,
+        }
+    }
+
+    /// Relays until `stop` turns true: first waits to lead, then publishes
+    /// whenever a commit wakes it or the poll interval passes.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        if !self.lead(&mut stop).await {
+            return;
+        }
+        let mut publisher: Option<Publisher> = None;
+        let mut failures = Failures::default();
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        while !*stop.borrow() {
+            match self.round(&mut publisher).await {
+                Ok(Round::Published(rows)) => {
+                    failures.recovered();
+                    if rows >= self.config.batch_size {
+                        // More may wait: no sleep between full rounds.
+                        continue;
+                    }
+                }
+                Ok(Round::Idle) => failures.recovered(),
+                Err(err) => {
+                    if let RoundError::Publish(PublishError::Broker(_)) = err {
+                        // A new connection on the next round.
+                        if let Some(old) = publisher.take() {
+                            old.close().await;
+                        }
+                    }
+                    let delay = failures.failed(&err, self.unpublished_count().await);
+                    if sleep_or_stop(delay, &mut stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                () = self.catalog.committed().notified() => {}
+                () = tokio::time::sleep(poll) => {}
+                () = stopped(&mut stop) => break,
+            }
+        }
+        if let Some(publisher) = publisher {
+            publisher.close().await;
+        }
+    }
+
+    /// Waits until this process may relay; false if asked to stop first.
+    async fn lead(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let retry = Duration::from_secs(self.config.lead_retry_secs);
+        let mut told = false;
+        let mut failures = Failures::default();
+        loop {
+            let delay = match self.catalog.storage().lead_relay().await {
+                Ok(true) => {
+                    events::relay_leading();
+                    return true;
+                }
+                Ok(false) => {
+                    if !told {
+                        events::relay_standby(self.config.lead_retry_secs);
+                        told = true;
+                    }
+                    retry
+                }
+                Err(err) => failures.failed(&RoundError::Storage(err), 0),
+            };
+            if sleep_or_stop(delay, stop).await {
+                return false;
+            }
+        }
+    }
+
+    /// Publishes up to a batch of unpublished rows and marks them published.
+    async fn round(&self, publisher: &mut Option<Publisher>) -> Result<Round, RoundError> {
+        let storage = self.catalog.storage();
+        let rows = storage.unpublished(self.config.batch_size).await?;
+        if rows.is_empty() {
+            return Ok(Round::Idle);
+        }
+        let started = Instant::now();
+        let envelopes = rows.iter().map(envelope).collect::<Result<Vec<_>, _>>()?;
+        let publisher = match publisher {
+            Some(publisher) => publisher,
+            None => publisher.insert(
+                Publisher::connect(&self.broker)
+                    .await?
+                    .unroutable_is_published(),
+            ),
+        };
+        let published = publisher
+            .publish_envelopes(envelopes)
+            .await
+            .inspect_err(|err| name_unpublishable(err, &rows))?;
+        failpoint::relay_confirmed(published.len());
+        let marks: Vec<(String, i64)> = rows.iter().map(|r| (r.store.clone(), r.seq)).collect();
+        storage.mark_published(&marks).await?;
+        let stores = rows
+            .iter()
+            .map(|r| r.store.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        events::relay_published(rows.len(), stores, started.elapsed().as_millis());
+        Ok(Round::Published(rows.len()))
+    }
+
+    /// How many rows wait, for the failure log; 0 if the database cannot say.
+    async fn unpublished_count(&self) -> usize {
+        match self.catalog.storage().heads().await {
+            Ok(heads) => heads
+                .iter()
+                .map(|h| usize::try_from(h.unpublished).unwrap_or(0))
+                .sum(),
+            Err(_) => 0,
+        }
+    }
+}
+
+impl Failures {
+    /// A failed round: logs it (loudly the first time) and returns the wait.
+    fn failed(&mut self, err: &RoundError, unpublished: usize) -> Duration {
+        self.attempts += 1;
+        let first = self.since.is_none();
+        self.since.get_or_insert_with(Instant::now);
+        let delay = RETRY.delay(self.attempts);
+        events::relay_failed(&err.to_string(), unpublished, delay.as_millis(), first);
+        delay
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.since.take() {
+            events::relay_recovered(since.elapsed().as_millis(), self.attempts);
+        }
+        self.attempts = 0;
+    }
+}
+
+/// The wire envelope of an outbox row: the original format's four fields,
+/// the message id (terminals drop a duplicate) and the store's seq.
+fn envelope(row: &OutboxRow) -> Result<Envelope, RoundError> {
+    let payload =
+        RawValue::from_string(row.payload.clone()).map_err(|err| RoundError::BadPayload {
+            store: row.store.clone(),
+            seq: row.seq,
+            detail: err.to_string(),
+        })?;
+    Ok(
+        Envelope::with_raw_payload(row.message_type.as_str(), row.store.as_str(), payload)
+            .with_timestamp(row.timestamp.as_str())
+            .with_message_id(row.message_id.as_str())
+            .with_seq(row.seq),
+    )
+}
+
+/// A row the publisher refuses before sending (invalid store or type, too
+/// large) will be refused every time: named loudly, with its store and seq.
+fn name_unpublishable(err: &PublishError, rows: &[OutboxRow]) {
+    let routing_key = match err {
+        PublishError::InvalidLicense(_)
+        | PublishError::InvalidType(_)
+        | PublishError::Encode(_) => None,
+        PublishError::TooLarge { routing_key, .. } => Some(routing_key.as_str()),
+        _ => return,
+    };
+    let row = rows.iter().find(|row| {
+        routing_key.is_none_or(|key| key == format!("license.{}.{}", row.store, row.message_type))
+    });
+    if let Some(row) = row {
+        events::relay_row_unpublishable(&row.store, row.seq, &err.to_string());
+    }
+}
+
+/// Sleeps `delay`; true if asked to stop meanwhile.
+async fn sleep_or_stop(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        () = stopped(stop) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outbox_row_goes_out_in_the_original_format_with_its_id_and_seq() {
+        let row = OutboxRow {
+            store: "STORE-1".into(),
+            seq: 7,
+            message_type: "price_update".into(),
+            payload: r#"{"product_id":"P1","new_price":2.5}"#.into(),
+            timestamp: "2025-11-27T10:30:00Z".into(),
+            message_id: "m-7".into(),
+        };
+        let wire = serde_json::to_value(envelope(&row).expect("an envelope")).expect("encodes");
+        assert_eq!(
+            wire,
+            serde_json::json!({
+                "type": "price_update",
+                "license_key": "STORE-1",
+                "payload": {"product_id": "P1", "new_price": 2.5},
+                "timestamp": "2025-11-27T10:30:00Z",
+                "message_id": "m-7",
+                "seq": 7,
+            })
+        );
+    }
+
+    #[test]
+    fn a_payload_that_is_not_json_is_named_by_its_store_and_seq() {
+        let row = OutboxRow {
+            store: "STORE-1".into(),
+            seq: 3,
+            message_type: "price_update".into(),
+            payload: "{not json".into(),
+            timestamp: "2025-11-27T10:30:00Z".into(),
+            message_id: "m-3".into(),
+        };
+        let err = envelope(&row).expect_err("refused").to_string();
+        assert!(err.contains("STORE-1 #3"), "{err}");
+    }
+}

@@ -1,0 +1,159 @@
+//! `possync backend`: the HTTP API, the relay and the direct consumer over
+//! one catalog, until asked to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use possync_core::{Registry, RegistryError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::catalog::Catalog;
+use crate::config::ServiceConfig;
+use crate::direct::Direct;
+use crate::events;
+use crate::relay::Relay;
+use crate::storage::{Storage, StorageError};
+
+/// How long the relay and the direct consumer get to finish what they hold
+/// once asked to stop (a relay round waits for the broker's confirms).
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the backend could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A plugin named in `[plugins]` could not be loaded.
+    #[error("the plugins in [plugins] did not load: {0}")]
+    Plugins(#[from] RegistryError),
+    /// The catalog's database could not be opened.
+    #[error("cannot open the catalog's database {database}: {source}")]
+    Database {
+        /// Which database (any password redacted).
+        database: String,
+        /// Why.
+        source: StorageError,
+    },
+    /// The HTTP API's address cannot be listened on.
+    #[error(
+        "cannot listen on {address} (backend.listen): {source}; is another backend running there? choose another address or port"
+    )]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("the HTTP API failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the backend `config` describes until `shutdown` completes (SIGTERM,
+/// Ctrl-C), then stops cleanly: the API stops taking requests, the relay
+/// finishes its round and the direct consumer its message.
+pub async fn run(
+    config: ServiceConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
+    let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
+    let location = config.backend.database_location();
+    let opening = |source| ServiceError::Database {
+        database: location.to_string(),
+        source,
+    };
+    match &location {
+        crate::config::DatabaseLocation::Sqlite(path) => {
+            let storage = crate::SqliteStorage::open(path).await.map_err(opening)?;
+            run_with(config, Arc::new(storage), registry, shutdown).await
+        }
+        crate::config::DatabaseLocation::Postgres(url) => {
+            let storage = crate::PostgresStorage::connect(url)
+                .await
+                .map_err(opening)?;
+            run_with(config, Arc::new(storage), registry, shutdown).await
+        }
+    }
+}
+
+/// [`run`] over a storage already open.
+pub async fn run_with<S: Storage>(
+    config: ServiceConfig,
+    storage: Arc<S>,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
+    let plugins = registry
+        .plugins()
+        .iter()
+        .filter(|p| p.enabled)
+        .map(|p| p.name.clone())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let catalog = Arc::new(Catalog::new(storage, registry));
+    let address = config.backend.listen;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| ServiceError::Listen { address, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServiceError::Listen { address, source })?;
+    events::started(
+        &bound.to_string(),
+        &config.backend.database_location().to_string(),
+        &config.broker.redacted_urls(),
+        &plugins,
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let mut workers = tokio::task::JoinSet::new();
+    let relay = Relay::new(
+        Arc::clone(&catalog),
+        config.broker.clone(),
+        config.relay.clone(),
+    );
+    workers.spawn(relay.run(stopped.clone()));
+    if config.direct.enabled {
+        let direct = Direct::new(
+            Arc::clone(&catalog),
+            config.broker.clone(),
+            config.direct.clone(),
+        );
+        workers.spawn(direct.run(stopped.clone()));
+    }
+
+    let mut api_stopped = stopped.clone();
+    let server = axum::serve(listener, crate::api::router(Arc::clone(&catalog)))
+        .with_graceful_shutdown(async move {
+            let _ = api_stopped.wait_for(|stop| *stop).await;
+        })
+        .into_future();
+    let mut server = std::pin::pin!(server);
+    let served = tokio::select! {
+        () = shutdown => None,
+        served = &mut server => Some(served),
+    };
+    events::stopping();
+    let _ = stop.send(true);
+    let served = match served {
+        Some(served) => served,
+        None => server.await,
+    };
+    let finished = tokio::time::timeout(STOP_GRACE, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        workers.abort_all();
+    }
+    served.map_err(ServiceError::Serve)?;
+    events::stopped();
+    Ok(())
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await.
+    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
+}

@@ -1,0 +1,665 @@
+//! `possync backend`, the catalog of record, against a real RabbitMQ: every
+//! change it accepts reaches every terminal of its store exactly as the
+//! catalog holds it, through crashes, clock skew, stores without terminals
+//! and other publishers on the exchange.
+//!
+//! Each test runs the backend as a real `possync backend` process with its
+//! own SQLite file, HTTP port and direct queue.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{
+    ChildLog, RunningTerminal, WAIT, catalog_changes, drain, free_port, possync, possync_command,
+    publish_raw, publish_raw_many, terminal_config, text, unique_license,
+};
+use nix::sys::signal::Signal;
+use possync_backend::{ServiceConfig, SqliteStorage, Storage};
+use possync_core::LicenseKey;
+use serde_json::{Value, json};
+
+/// A backend's files, its API client and its process while it runs.
+struct Backend {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    database: PathBuf,
+    api: Client,
+    direct_queue: String,
+    process: Option<ChildLog>,
+}
+
+/// A back office app: the backend's port and a token.
+#[derive(Clone)]
+struct Client {
+    port: u16,
+    token: String,
+}
+
+impl Backend {
+    /// A backend's config and a token for it; not started.
+    fn new(label: &str, direct: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database = dir.path().join("backend.db");
+        let port = free_port();
+        let direct_queue = format!(
+            "possync.test.{label}.{}.direct",
+            &uuid::Uuid::now_v7().simple().to_string()[20..]
+        );
+        let config = dir.path().join("backend.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[backend]\nlisten = \"127.0.0.1:{port}\"\ndatabase = {database:?}\n\n[relay]\npoll_interval_ms = 100\n\n[direct]\nenabled = {direct}\nqueue = {direct_queue:?}\nqueue_expiry_days = 1\n",
+                database = database.display().to_string(),
+            ),
+        )
+        .expect("write the backend's config");
+        let mut backend = Self {
+            _dir: dir,
+            config,
+            database,
+            api: Client {
+                port,
+                token: String::new(),
+            },
+            direct_queue,
+            process: None,
+        };
+        backend.api.token = backend.create_token("office");
+        backend
+    }
+
+    /// A new token for client `name`, made with `possync backend token create`.
+    fn create_token(&self, name: &str) -> String {
+        let output = possync(&[
+            "backend",
+            "--config",
+            self.config_path(),
+            "token",
+            "create",
+            name,
+        ]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout).trim().to_owned()
+    }
+
+    fn config_path(&self) -> &str {
+        self.config.to_str().expect("a UTF-8 path")
+    }
+
+    /// Starts `possync backend` with `env` set; returns once it serves.
+    async fn start_with(&mut self, env: &[(&str, String)]) {
+        let mut command = possync_command(&["backend", "--config", self.config_path()]);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut process = ChildLog::spawn(&mut command);
+        process.wait_for_line("backend_started").await;
+        self.process = Some(process);
+    }
+
+    async fn start(&mut self) {
+        self.start_with(&[]).await;
+    }
+
+    /// Starts it and waits until it relays and reads its direct queue.
+    async fn start_live(&mut self) {
+        self.start().await;
+        let process = self.process.as_mut().expect("started");
+        process.wait_for_line("relay_leading").await;
+        process.wait_for_line("direct_live").await;
+    }
+
+    /// SIGKILLs the process (if it still runs) and reaps it; whether the
+    /// failpoint had aborted it first.
+    async fn kill(&mut self) -> bool {
+        let Some(process) = self.process.take() else {
+            return false;
+        };
+        process.signal(Signal::SIGKILL);
+        let (_, log) = process.exit().await;
+        log.contains("test hook fired")
+    }
+
+    /// Stops the process with SIGTERM; returns its log.
+    async fn stop(&mut self) -> String {
+        let process = self.process.take().expect("a running backend");
+        process.signal(Signal::SIGTERM);
+        let (status, log) = process.exit().await;
+        assert!(status.success(), "the backend stops cleanly: {log}");
+        log
+    }
+
+    /// The API's head of `store`; see [`Client::wait_published`].
+    async fn wait_published(&self, store: &LicenseKey, head: i64) {
+        self.api.wait_published(store, head).await;
+    }
+
+    /// The store's catalog, read from the backend's database.
+    async fn catalog(&self, store: &LicenseKey) -> Catalog {
+        let storage = SqliteStorage::open(&self.database)
+            .await
+            .expect("open the backend's database");
+        let entries = storage.catalog(store.as_str()).await.expect("the catalog");
+        let mut catalog = Catalog::default();
+        for entry in entries {
+            let field = |name: &str| entry.state.get(name).and_then(Value::as_str);
+            match entry.entity.as_str() {
+                "product" => {
+                    catalog.products.insert(
+                        entry.id.clone(),
+                        (
+                            field("product_name").unwrap_or_default().to_owned(),
+                            entry
+                                .state
+                                .get("price")
+                                .and_then(Value::as_f64)
+                                .unwrap_or(0.0),
+                            field("category_id").map(str::to_owned),
+                        ),
+                    );
+                }
+                "category" => {
+                    catalog.categories.insert(
+                        entry.id.clone(),
+                        field("category_name").unwrap_or_default().to_owned(),
+                    );
+                }
+                _ => {}
+            }
+            catalog.seqs.insert(entry.id, entry.seq);
+        }
+        catalog
+    }
+}
+
+impl Client {
+    /// `method path` with the backend's token and a JSON body: (status, body).
+    async fn call(&self, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let token = self.token.clone();
+        tokio::task::spawn_blocking(move || call(method, &url, &token, body, None))
+            .await
+            .expect("the HTTP call ran")
+            .expect("the backend answers")
+    }
+
+    /// Submits `changes` (a batch) until the backend answers, retrying with
+    /// the same idempotency key while it is down or restarting.
+    async fn submit_until_answered(&self, changes: Vec<Value>, key: &str) -> Value {
+        let url = format!("http://127.0.0.1:{}/v1/changes", self.port);
+        let body = json!({ "changes": changes });
+        let deadline = Instant::now() + WAIT * 4;
+        loop {
+            let (url, token, body, key) = (
+                url.clone(),
+                self.token.clone(),
+                body.clone(),
+                key.to_owned(),
+            );
+            let answer = tokio::task::spawn_blocking(move || {
+                call("POST", &url, &token, Some(body), Some(&key))
+            })
+            .await
+            .expect("the HTTP call ran");
+            match answer {
+                Ok((200, answer)) => return answer,
+                Ok((status, answer)) if status < 500 => {
+                    panic!("the backend refused the batch: {status} {answer}")
+                }
+                _ => {
+                    assert!(Instant::now() < deadline, "the backend never answered");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// The store's (head, unpublished), as the API lists them.
+    async fn head(&self, store: &LicenseKey) -> (i64, i64) {
+        let (status, body) = self.call("GET", "/v1/stores", None).await;
+        assert_eq!(status, 200, "{body}");
+        body["stores"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["store"] == store.as_str())
+            .map_or((0, 0), |s| {
+                (
+                    s["head"].as_i64().unwrap_or(0),
+                    s["unpublished"].as_i64().unwrap_or(0),
+                )
+            })
+    }
+
+    /// Waits until every change of `store` up to `head` is confirmed by the broker.
+    async fn wait_published(&self, store: &LicenseKey, head: i64) {
+        let deadline = Instant::now() + WAIT * 2;
+        loop {
+            let now = self.head(store).await;
+            if now == (head, 0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{store}: (head, unpublished) is {now:?}, expected ({head}, 0)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Backend {
+    /// The test's direct queues go with it: nothing else reads them, and a
+    /// queue bound to `license.#` makes every store routable. The process
+    /// goes first, or it would declare its queue again.
+    fn drop(&mut self) {
+        drop(self.process.take());
+        for queue in [
+            self.direct_queue.clone(),
+            format!("{}.dead_letter", self.direct_queue),
+        ] {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_queue", "-q", &queue])
+                .output();
+        }
+    }
+}
+
+/// A blocking HTTP call with a bearer token: (status, JSON body); `Err`
+/// when nothing answers.
+fn call(
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+    idempotency_key: Option<&str>,
+) -> Result<(u16, Value), ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let authorization = format!("Bearer {token}");
+    let mut response = match (method, body) {
+        ("GET", _) => agent
+            .get(url)
+            .header("Authorization", &authorization)
+            .call()?,
+        (_, body) => {
+            let mut request = agent.post(url).header("Authorization", &authorization);
+            if let Some(key) = idempotency_key {
+                request = request.header("Idempotency-Key", key);
+            }
+            request.send_json(body.unwrap_or(Value::Null))?
+        }
+    };
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string()?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+/// A store's products and categories, as the catalog or a terminal holds them.
+#[derive(Debug, Default, PartialEq)]
+struct Catalog {
+    /// id -> (name, price, category_id)
+    products: BTreeMap<String, (String, f64, Option<String>)>,
+    /// id -> name
+    categories: BTreeMap<String, String>,
+    /// id -> the seq that last wrote it (the catalog's only)
+    seqs: BTreeMap<String, i64>,
+}
+
+/// What a terminal's database holds, in the catalog's terms.
+fn terminal_catalog(db: &rusqlite::Connection) -> Catalog {
+    let products = db
+        .prepare("SELECT id, name, price, category_id FROM products")
+        .expect("query")
+        .query_map([], |row| {
+            Ok((row.get(0)?, (row.get(1)?, row.get(2)?, row.get(3)?)))
+        })
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("products");
+    let categories = db
+        .prepare("SELECT id, name FROM categories")
+        .expect("query")
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("categories");
+    Catalog {
+        products,
+        categories,
+        seqs: BTreeMap::new(),
+    }
+}
+
+/// Asserts a terminal holds exactly the catalog's products and categories.
+fn assert_terminal_holds(terminal: &RunningTerminal, catalog: &Catalog, who: &str) {
+    let held = terminal_catalog(&terminal.db());
+    assert_eq!(
+        held.products.len(),
+        catalog.products.len(),
+        "{who}: number of products"
+    );
+    assert_eq!(held.products, catalog.products, "{who}: products");
+    assert_eq!(held.categories, catalog.categories, "{who}: categories");
+}
+
+/// A batch change of the HTTP API from an envelope.
+fn batch_change(envelope: &possync_sdk::Envelope) -> Value {
+    let payload: Value = serde_json::from_str(envelope.payload.get()).expect("a JSON payload");
+    json!({
+        "store": envelope.license_key,
+        "type": envelope.message_type,
+        "payload": payload,
+    })
+}
+
+/// A deterministic pseudo-random sequence (xorshift64).
+struct Dice(u64);
+
+impl Dice {
+    fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Self(nanos | 1)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+#[test]
+fn the_example_config_runs_the_service() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/backend.toml");
+    let config = ServiceConfig::load(Some(&path)).expect("config/backend.toml loads");
+    assert_eq!(config.backend.listen.to_string(), "127.0.0.1:8480");
+    assert_eq!(config.broker.exchange, "pos_license_events");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_terminal_ends_on_the_catalogs_state_though_the_backend_is_killed_between_commit_and_confirm()
+ {
+    // The guarantee: a change the backend answered for is durable and
+    // reaches every terminal of its store once, however often the backend
+    // dies between its commit and the broker's confirm (a failpoint aborts
+    // right after a confirm, before the row is marked) or anywhere else
+    // (SIGKILL at random moments).
+    const CHANGES: usize = 5_000;
+    const BATCH: usize = 10;
+    let store = unique_license("crash");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tills = Vec::new();
+    for till in ["till-1", "till-2"] {
+        tills.push(RunningTerminal::start(terminal_config(dir.path(), &store, till)).await);
+    }
+    let mut backend = Backend::new("crash", true);
+    backend.start().await;
+
+    let mut changes: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({
+                "store": store.as_str(),
+                "type": "category_update",
+                "payload": {"category_id": format!("C{i}"), "category_name": format!("Category {i}")},
+            })
+        })
+        .collect();
+    let (envelopes, model) = catalog_changes(&store, CHANGES, 0xC0FFEE);
+    changes.extend(envelopes.iter().map(batch_change));
+    let total = changes.len() as i64;
+
+    let (done, mut finished) = tokio::sync::watch::channel(false);
+    let submitter = {
+        let batches: Vec<Vec<Value>> = changes.chunks(BATCH).map(<[Value]>::to_vec).collect();
+        let client = backend.api.clone();
+        tokio::spawn(async move {
+            for (i, batch) in batches.into_iter().enumerate() {
+                client
+                    .submit_until_answered(batch, &format!("crash-batch-{i}"))
+                    .await;
+            }
+            let _ = done.send(true);
+        })
+    };
+
+    let mut dice = Dice::seeded();
+    let (mut kills, mut aborts) = (0, 0);
+    while !*finished.borrow() {
+        // Up to 1 s alive, then SIGKILL unless the failpoint aborted it first.
+        let alive = Duration::from_millis(50 + dice.below(1000));
+        tokio::select! {
+            () = tokio::time::sleep(alive) => {}
+            _ = finished.wait_for(|done| *done) => {}
+        }
+        if backend.kill().await {
+            aborts += 1;
+        } else {
+            kills += 1;
+        }
+        // Two restarts in three abort after a confirm, early enough to fire.
+        let env = if dice.below(3) > 0 {
+            vec![(
+                "POSSYNC_FAILPOINT_RELAY_ABORT_AFTER",
+                (1 + dice.below(40)).to_string(),
+            )]
+        } else {
+            Vec::new()
+        };
+        backend.start_with(&env).await;
+    }
+    submitter.await.expect("every batch was answered");
+    backend.kill().await;
+    backend.start().await;
+    backend.wait_published(&store, total).await;
+    assert!(
+        kills >= 3 && aborts >= 3,
+        "the backend was killed {kills} times and aborted after a confirm {aborts} times"
+    );
+
+    let catalog = backend.catalog(&store).await;
+    assert_eq!(
+        catalog.products, model.products,
+        "the catalog holds the changes in the order they were answered"
+    );
+    for till in &mut tills {
+        till.wait_applied(total as u64).await;
+    }
+    // Anything applied twice would show now, after the last duplicate arrived.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, till) in tills.into_iter().enumerate() {
+        assert_terminal_holds(&till, &catalog, &format!("till-{}", i + 1));
+        let status = till.stop().await;
+        assert_eq!(
+            status.applied,
+            total as u64,
+            "till-{}: every change applied exactly once ({} duplicates dropped)",
+            i + 1,
+            status.duplicates
+        );
+        assert_eq!(
+            (status.sync.synced_up_to, status.sync.highest_applied),
+            (total, total),
+            "till-{}: synced up to the store's head, without a gap",
+            i + 1
+        );
+    }
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_for_a_store_without_terminals_is_kept_in_the_catalog_and_counts_as_published() {
+    // The guarantee: a store none of whose terminals has started yet (no
+    // queue receives its messages) is no error: its change is accepted,
+    // kept in the catalog, and the relay goes on.
+    let store = unique_license("noterm");
+    // Without the direct queue (bound to license.#), nothing receives the message.
+    let mut backend = Backend::new("noterm", false);
+    backend.start().await;
+    let (status, answer) = backend
+        .api
+        .call(
+            "POST",
+            &format!("/v1/stores/{store}/changes"),
+            Some(
+                json!({"type": "price_update", "payload": {"product_id": "P1", "new_price": 4.2}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["changes"][0]["seq"], 1, "{answer}");
+    backend.wait_published(&store, 1).await;
+    let catalog = backend.catalog(&store).await;
+    assert_eq!(catalog.products["P1"].1, 4.2);
+    let log = backend.stop().await;
+    assert!(!log.contains("relay_failed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_terminal_ends_on_the_last_change_the_catalog_accepted_whatever_the_clients_clocks() {
+    // The guarantee: the catalog's sequence orders a store's changes, not
+    // the clients' clocks. Two clients 10 minutes apart submit interleaved
+    // changes of one product; the later-submitted carries the older time.
+    let store = unique_license("skew");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tills = Vec::new();
+    for till in ["till-1", "till-2"] {
+        tills.push(RunningTerminal::start(terminal_config(dir.path(), &store, till)).await);
+    }
+    let mut backend = Backend::new("skew", true);
+    backend.start().await;
+    let behind = backend.create_token("office-behind");
+    let now = time::OffsetDateTime::now_utc();
+    let rounds = 10;
+    for round in 0..rounds {
+        for (token, skew, price) in [
+            (&backend.api.token, 0, 10.0 + round as f64),
+            (&behind, -10, 20.0 + round as f64),
+        ] {
+            let timestamp = (now + time::Duration::minutes(skew) + time::Duration::seconds(round))
+                .format(&time::format_description::well_known::Rfc3339)
+                .expect("a timestamp");
+            let url = format!(
+                "http://127.0.0.1:{}/v1/stores/{store}/changes",
+                backend.api.port
+            );
+            let (token, body) = (
+                token.clone(),
+                json!({"type": "price_update", "timestamp": timestamp,
+                       "payload": {"product_id": "P1", "new_price": price}}),
+            );
+            let (status, answer) =
+                tokio::task::spawn_blocking(move || call("POST", &url, &token, Some(body), None))
+                    .await
+                    .expect("ran")
+                    .expect("answered");
+            assert_eq!(status, 200, "{answer}");
+        }
+    }
+    let head = 2 * rounds;
+    backend.wait_published(&store, head).await;
+    let catalog = backend.catalog(&store).await;
+    let last = 20.0 + (rounds - 1) as f64;
+    assert_eq!(catalog.products["P1"].1, last, "the last accepted change");
+    for (i, mut till) in tills.into_iter().enumerate() {
+        till.wait_applied(head as u64).await;
+        assert_terminal_holds(&till, &catalog, &format!("till-{}", i + 1));
+        let status = till.stop().await;
+        assert_eq!(status.sync.synced_up_to, head, "till-{}", i + 1);
+    }
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_sent_straight_to_the_exchange_reaches_terminals_and_the_catalog_and_a_bad_one_is_dead_lettered()
+ {
+    // The guarantee: another publisher's messages (the original format, no
+    // ids) still reach terminals directly, and the backend records them in
+    // the catalog with a seq; a message the catalog refuses goes to the
+    // backend's dead-letter queue with the reason, and the ones behind it
+    // are still recorded.
+    let store = unique_license("direct");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let mut backend = Backend::new("direct", true);
+    backend.start_live().await;
+
+    let original = |id: &str, price: f64| {
+        json!({
+            "type": "product_update",
+            "license_key": store.as_str(),
+            "payload": {"product_id": id, "product_name": format!("Product {id}"), "price": price, "category_id": "C1"},
+            "timestamp": "2025-11-27T10:30:00Z",
+        })
+        .to_string()
+        .into_bytes()
+    };
+    publish_raw(
+        &format!("license.{store}.product_update"),
+        &original("P1", 3.5),
+    )
+    .await;
+    till.wait_applied(1).await;
+    backend.wait_published(&store, 1).await;
+    let catalog = backend.catalog(&store).await;
+    assert_eq!(
+        catalog.products["P1"],
+        ("Product P1".into(), 3.5, Some("C1".into()))
+    );
+    assert_eq!(catalog.seqs["P1"], 1, "recorded with the store's first seq");
+
+    publish_raw_many(&[
+        (
+            format!("license.{store}.price_update"),
+            b"{not json".to_vec(),
+        ),
+        (
+            format!("license.{store}.coupon_update"),
+            json!({"type": "coupon_update", "license_key": store.as_str(), "payload": {}})
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            format!("license.{store}.product_update"),
+            original("P2", 7.0),
+        ),
+    ])
+    .await;
+    backend.wait_published(&store, 2).await;
+    let catalog = backend.catalog(&store).await;
+    assert_eq!(
+        catalog.products["P2"].1, 7.0,
+        "recorded behind the bad ones"
+    );
+    let dead = drain(&format!("{}.dead_letter", backend.direct_queue), 2).await;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|delivery| {
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            match headers.inner().get("x-possync-reason") {
+                Some(lapin::types::AMQPValue::LongString(reason)) => reason.to_string(),
+                other => panic!("a dead letter without its reason: {other:?}"),
+            }
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("not a possync message"), "{reasons:?}");
+    assert!(reasons[1].contains("coupon_update"), "{reasons:?}");
+    till.wait_for(|s| s.applied >= 2).await;
+    let log = backend.stop().await;
+    assert!(log.contains("direct_refused"), "{log}");
+    till.stop().await;
+}
