@@ -156,7 +156,7 @@ impl BackendClient {
             };
             if attempt == ATTEMPTS {
                 anyhow::bail!(
-                    "the backend at {} took no changes after {ATTEMPTS} attempts: {retry_reason}; retrying the command is safe only for what it did not report as sequenced",
+                    "the backend at {} confirmed none of these changes after {ATTEMPTS} attempts: {retry_reason}. If an answer was lost it may hold some: a store's head (GET /v1/stores) shows what it has before they are sent again",
                     self.shown
                 );
             }

@@ -737,7 +737,8 @@ fn warn_if_secrets_are_readable(path: &Path) {
             _ => Vec::new(),
         };
         let holds_password = urls.iter().any(|u| redact_url(u) != *u)
-            || file.get("admin").and_then(|a| a.get("password")).is_some();
+            || file.get("admin").and_then(|a| a.get("password")).is_some()
+            || file.get("backend").and_then(|b| b.get("token")).is_some();
         let Ok(metadata) = std::fs::metadata(path) else {
             return;
         };
