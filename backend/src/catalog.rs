@@ -21,10 +21,13 @@ pub struct ChangeRequest {
     pub message_type: String,
     /// The payload as JSON text.
     pub payload: String,
-    /// When the change was made (RFC 3339); the backend's clock if absent.
-    /// It is carried to terminals, never used to order.
+    /// When the change was made (RFC 3339, refused otherwise); the
+    /// backend's clock if absent. It is carried to terminals, never used to
+    /// order.
     pub timestamp: Option<String>,
-    /// The message id; a new one if absent.
+    /// The message id; a new one if absent. Terminals drop a message whose
+    /// id they saw: one already used in the store is refused
+    /// ([`StorageError::MessageIdUsed`]).
     pub message_id: Option<String>,
     /// For a message consumed from the exchange, its clock order.
     pub clock: Option<Version>,
@@ -88,7 +91,9 @@ impl<S: Storage> Catalog<S> {
         &self.registry
     }
 
-    /// Notified after every commit that added outbox rows.
+    /// Notified after every commit that added outbox rows, even when the
+    /// caller stopped waiting for its answer (and, spuriously, when it
+    /// stopped waiting before the commit).
     pub fn committed(&self) -> &Arc<Notify> {
         &self.committed
     }
@@ -107,11 +112,15 @@ impl<S: Storage> Catalog<S> {
         for (index, request) in requests.into_iter().enumerate() {
             changes.push(self.prepare(index, request)?);
         }
-        let submitted = self.storage.submit(changes, key).await?;
-        if !submitted.replayed {
-            self.committed.notify_one();
+        // Armed across the await: a caller that stops waiting after the
+        // commit still wakes the relay, which would otherwise find the rows
+        // only at its next poll.
+        let mut wake = WakeOnDrop(Some(&self.committed));
+        let submitted = self.storage.submit(changes, key).await;
+        if !matches!(&submitted, Ok(submitted) if !submitted.replayed) {
+            wake.0 = None;
         }
-        Ok(submitted)
+        Ok(submitted?)
     }
 
     fn prepare(&self, index: usize, request: ChangeRequest) -> Result<NewChange, SubmitError> {
@@ -129,8 +138,9 @@ impl<S: Storage> Catalog<S> {
             .map_err(|err| {
                 invalid(match err {
                     CheckError::Unknown => format!(
-                        "no plugin handles {:?}; enable its plugin in the backend's [plugins]",
-                        request.message_type
+                        "no enabled plugin handles {:?}; this backend takes: {}; or enable its plugin in the backend's [plugins]",
+                        request.message_type,
+                        self.message_types().join(", ")
                     ),
                     err => err.to_string(),
                 })
@@ -143,21 +153,237 @@ impl<S: Storage> Catalog<S> {
             None => None,
         };
         let timestamp = match request.timestamp {
-            Some(timestamp) => timestamp,
+            Some(timestamp) => {
+                if OffsetDateTime::parse(&timestamp, &Rfc3339).is_err() {
+                    return Err(invalid(format!(
+                        "timestamp {timestamp:?} is not an RFC 3339 time (2025-11-27T10:30:00Z); leave it out to use the backend's clock"
+                    )));
+                }
+                timestamp
+            }
             None => OffsetDateTime::now_utc()
                 .format(&Rfc3339)
                 .map_err(|err| invalid(format!("cannot format the time: {err}")))?,
+        };
+        let message_id = match request.message_id {
+            Some(id) if id.is_empty() || id.chars().any(char::is_control) => {
+                return Err(invalid(format!(
+                    "message_id {id:?} is empty or holds control characters; leave it out to get a new one"
+                )));
+            }
+            Some(id) => id,
+            None => uuid::Uuid::now_v7().to_string(),
         };
         Ok(NewChange {
             store: store.to_string(),
             message_type: request.message_type.clone(),
             payload: request.payload,
             timestamp,
-            message_id: request
-                .message_id
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            message_id,
             entity,
             clock: request.clock,
         })
+    }
+
+    /// The message types of the enabled plugins, sorted.
+    fn message_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self
+            .registry
+            .plugins()
+            .into_iter()
+            .filter(|plugin| plugin.enabled)
+            .flat_map(|plugin| plugin.message_types)
+            .collect();
+        types.sort();
+        types
+    }
+}
+
+/// Notifies the relay when dropped, unless disarmed.
+struct WakeOnDrop<'a>(Option<&'a Notify>);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(committed) = self.0 {
+            committed.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use possync_catalog as _;
+
+    use super::*;
+    use crate::storage::Outcome;
+    use crate::testing::Scripted;
+
+    async fn catalog() -> Catalog<Scripted> {
+        let registry =
+            Registry::for_publishing(&BTreeMap::new()).expect("the built-in plugins load");
+        Catalog::new(Arc::new(Scripted::new().await), Arc::new(registry))
+    }
+
+    fn price(store: &str, id: &str, price: f64) -> ChangeRequest {
+        ChangeRequest {
+            store: store.into(),
+            message_type: "price_update".into(),
+            payload: serde_json::json!({"product_id": id, "new_price": price}).to_string(),
+            timestamp: None,
+            message_id: None,
+            clock: None,
+        }
+    }
+
+    fn seqs(submitted: &Submitted) -> Vec<Option<i64>> {
+        submitted
+            .accepted
+            .iter()
+            .map(|accepted| match accepted.outcome {
+                Outcome::Sequenced { seq } => Some(seq),
+                Outcome::Stale => None,
+            })
+            .collect()
+    }
+
+    /// Waits for a notification that should already be there.
+    async fn notified(catalog: &Catalog<Scripted>) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), catalog.committed().notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_empty_submission_is_refused() {
+        let catalog = catalog().await;
+        let err = catalog.submit(Vec::new(), None).await.expect_err("refused");
+        assert!(matches!(err, SubmitError::Empty), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_store_is_refused_with_its_position_and_nothing_is_stored() {
+        let catalog = catalog().await;
+        let err = catalog
+            .submit(
+                vec![price("S1", "P", 1.0), price("not a key!", "P", 1.0)],
+                None,
+            )
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, SubmitError::InvalidStore { index: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("change 1:"), "{err}");
+        assert!(catalog.storage().heads().await.expect("heads").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_type_is_refused_naming_the_enabled_ones() {
+        let catalog = catalog().await;
+        let mut change = price("S1", "P", 1.0);
+        change.message_type = "pryce_update".into();
+        let err = catalog
+            .submit(vec![change], None)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("pryce_update"), "{err}");
+        assert!(
+            err.contains("price_update"),
+            "names the enabled types: {err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_notifies_the_relay_and_a_replay_does_not() {
+        let catalog = catalog().await;
+        let key = IdempotencyKey {
+            client: "office".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+        };
+        let submitted = catalog
+            .submit(vec![price("S1", "P", 1.0)], Some(key.clone()))
+            .await
+            .expect("stored");
+        assert_eq!(seqs(&submitted), [Some(1)]);
+        assert!(notified(&catalog).await, "the commit woke the relay");
+        let replayed = catalog
+            .submit(vec![price("S1", "P", 1.0)], Some(key))
+            .await
+            .expect("replayed");
+        assert!(replayed.replayed);
+        assert!(!notified(&catalog).await, "a replay commits nothing");
+    }
+
+    #[tokio::test]
+    async fn a_commit_notifies_the_relay_even_when_its_caller_gave_up() {
+        let catalog = catalog().await;
+        catalog
+            .storage()
+            .hang_after_commit
+            .store(true, Ordering::SeqCst);
+        let submit = catalog.submit(vec![price("S1", "P", 1.0)], None);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), submit)
+                .await
+                .is_err(),
+            "the caller gives up after the commit"
+        );
+        assert_eq!(catalog.storage().heads().await.expect("heads")[0].head, 1);
+        assert!(notified(&catalog).await, "the relay was woken all the same");
+    }
+
+    #[tokio::test]
+    async fn a_timestamp_that_is_not_rfc_3339_is_refused() {
+        let catalog = catalog().await;
+        let mut change = price("S1", "P", 1.0);
+        change.timestamp = Some("yesterday".into());
+        let err = catalog
+            .submit(vec![change], None)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("yesterday") && err.contains("RFC 3339"),
+            "{err}"
+        );
+        let mut change = price("S1", "P", 1.0);
+        change.timestamp = Some("2025-11-27T10:30:00+01:00".into());
+        catalog.submit(vec![change], None).await.expect("stored");
+    }
+
+    #[tokio::test]
+    async fn a_message_id_already_used_in_the_store_is_refused() {
+        let catalog = catalog().await;
+        let with_id = |store: &str, price_value: f64| {
+            let mut change = price(store, "P", price_value);
+            change.message_id = Some("m-1".into());
+            change
+        };
+        catalog
+            .submit(vec![with_id("S1", 1.0)], None)
+            .await
+            .expect("stored");
+        let err = catalog
+            .submit(vec![with_id("S1", 2.0)], None)
+            .await
+            .expect_err("the id names another change")
+            .to_string();
+        assert!(err.contains("m-1"), "{err}");
+        catalog
+            .submit(vec![with_id("S2", 2.0)], None)
+            .await
+            .expect("another store's ids are its own");
+        let err = catalog
+            .submit(vec![with_id("S3", 1.0), with_id("S3", 2.0)], None)
+            .await
+            .expect_err("twice in one submission");
+        assert!(err.to_string().contains("m-1"), "{err}");
     }
 }

@@ -45,6 +45,12 @@ pub struct BackendConfig {
     /// share it, one of them relaying at a time). Keep a password out of
     /// files others can read, or set `POSSYNC_BACKEND__DATABASE` instead.
     pub database: String,
+    /// Days an idempotency key is kept (a client's `Idempotency-Key`, and
+    /// the id of each message consumed from the exchange), at least 1,
+    /// default 7. Older keys are forgotten, checked hourly: a submission
+    /// retried later under its key is applied again (a change from the
+    /// exchange with a message id is still recognised by that id).
+    pub idempotency_days: u32,
 }
 
 impl Default for BackendConfig {
@@ -52,6 +58,7 @@ impl Default for BackendConfig {
         Self {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8480)),
             database: "possync-backend.db".into(),
+            idempotency_days: 7,
         }
     }
 }
@@ -61,6 +68,7 @@ impl std::fmt::Debug for BackendConfig {
         f.debug_struct("BackendConfig")
             .field("listen", &self.listen)
             .field("database", &self.database_location())
+            .field("idempotency_days", &self.idempotency_days)
             .finish()
     }
 }
@@ -208,6 +216,12 @@ impl ServiceConfig {
                 problem: "must name a SQLite file or a postgres:// URL",
             });
         }
+        if self.backend.idempotency_days == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "backend.idempotency_days",
+                problem: "must be at least 1",
+            });
+        }
         if self.relay.batch_size == 0 {
             return Err(ConfigError::OutOfRange {
                 key: "relay.batch_size",
@@ -289,6 +303,7 @@ mod tests {
         );
         assert!(config.direct.enabled);
         assert_eq!(config.direct.queue, "possync.backend.direct");
+        assert_eq!(config.backend.idempotency_days, 7);
     }
 
     #[test]
@@ -354,6 +369,10 @@ mod tests {
     fn values_out_of_range_are_refused_with_their_key() {
         for (text, key) in [
             ("[relay]\nbatch_size = 0\n", "relay.batch_size"),
+            (
+                "[backend]\nidempotency_days = 0\n",
+                "backend.idempotency_days",
+            ),
             ("[direct]\nprefetch = 0\n", "direct.prefetch"),
             ("[direct]\nqueue = \"amq.x\"\n", "direct.queue"),
             ("[backend]\ndatabase = \"\"\n", "backend.database"),

@@ -6,8 +6,10 @@
 //!
 //! Each message is submitted through [`Catalog::submit`] with its clock, and
 //! acknowledged only after the commit. A message carrying `seq` came from a
-//! backend's relay and is skipped. One the catalog refuses is dead-lettered
-//! with the reason; the queue never stops for it.
+//! backend's relay and is skipped. One the catalog refuses (its checks, or
+//! the database for what it holds) is dead-lettered with the reason; the
+//! queue never stops for it. Only while the database fails (cannot be
+//! reached) is the message held and tried again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,15 +31,17 @@ use crate::catalog::{Catalog, ChangeRequest, SubmitError};
 use crate::config::DirectConfig;
 use crate::events;
 use crate::service::stopped;
-use crate::storage::{IdempotencyKey, Outcome, Storage};
+use crate::storage::{IdempotencyKey, Outcome, Storage, StorageError};
 
 /// The idempotency client of messages consumed from the exchange, keyed by
-/// their message id.
-pub(crate) const EXCHANGE_CLIENT: &str = "exchange";
+/// their message id: a name no token can have (`:` is not allowed in one),
+/// so that no back office client shares these keys.
+pub(crate) const EXCHANGE_CLIENT: &str = ":exchange";
 
 /// Reconnects wait from 250 ms up to 30 s (a broker restart).
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-/// A change the database refuses waits from 250 ms up to 5 s between tries.
+/// A change the database fails to store waits from 250 ms up to 5 s between
+/// tries.
 const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
 const PERSISTENT: u8 = 2;
 
@@ -167,7 +171,14 @@ impl<S: Storage> Direct<S> {
                     events::direct_recorded(routing_key, seq);
                     return Some(Settle::Ack);
                 }
-                Err(SubmitError::Storage(crate::storage::StorageError::Database(reason))) => {
+                Err(SubmitError::Storage(StorageError::MessageIdUsed { .. })) => {
+                    // Recorded before under this id, by a key since
+                    // forgotten: terminals drop it by its id as well.
+                    events::direct_recorded(routing_key, None);
+                    return Some(Settle::Ack);
+                }
+                Err(SubmitError::Storage(err)) if err.is_transient() => {
+                    let reason = err.to_string();
                     attempts += 1;
                     let delay = HELD.delay(attempts);
                     events::direct_held(&reason, delay.as_millis(), attempts == 1);
@@ -576,7 +587,17 @@ mod tests {
             .expect("a change")
             .expect("to record");
         let key = key.expect("a key");
-        assert_eq!((key.client.as_str(), key.key.as_str()), ("exchange", "m-1"));
+        assert_eq!(
+            (key.client.as_str(), key.key.as_str()),
+            (EXCHANGE_CLIENT, "m-1")
+        );
+        assert!(
+            !key.client
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+            "no token can be named {:?}: its keys are the exchange's own",
+            key.client
+        );
         assert_eq!(key.fingerprint.len(), 64);
         assert_eq!(request.message_id.as_deref(), Some("m-1"));
         assert!(

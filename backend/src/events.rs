@@ -38,6 +38,30 @@ pub(crate) fn relay_leading() {
     );
 }
 
+/// The relay stops publishing: it no longer leads, or cannot tell.
+pub(crate) fn relay_lost_lead(reason: &str) {
+    warn!(
+        event = "relay_lost_lead",
+        %reason,
+        "this backend process stopped relaying the outbox; it will relay again once it leads"
+    );
+}
+
+pub(crate) fn keys_pruned(removed: u64, days: u32) {
+    debug!(
+        event = "keys_pruned",
+        removed, days, "idempotency keys older than the retention forgotten"
+    );
+}
+
+pub(crate) fn keys_prune_failed(reason: &str) {
+    warn!(
+        event = "keys_prune_failed",
+        %reason,
+        "cannot forget old idempotency keys; trying again in an hour"
+    );
+}
+
 pub(crate) fn relay_published(rows: usize, stores: usize, elapsed_ms: u128) {
     debug!(
         event = "relay_published",

@@ -17,6 +17,8 @@ mod failpoint;
 mod relay;
 mod service;
 mod storage;
+#[cfg(test)]
+mod testing;
 pub mod token;
 
 pub use catalog::{Catalog, ChangeRequest, SubmitError};

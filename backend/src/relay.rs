@@ -5,6 +5,14 @@
 //! published again after a restart: terminals drop it by its seq (and its
 //! message id). A store with no terminal queue yet is no error: its changes
 //! are in the catalog for the terminals that join later.
+//!
+//! Only the process that leads (see [`Storage::lead_relay`]) publishes, and
+//! it asks again before every round: one that lost the lead (its database
+//! connection ended) stops and waits to lead again.
+//!
+//! A commit wakes the relay; a commit it is not told of (another backend
+//! process's, on PostgreSQL) is found at the next poll
+//! (`[relay] poll_interval_ms`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,17 +80,40 @@ impl<S: Storage> Relay<S> {
         }
     }
 
-    /// Relays until `stop` turns true: first waits to lead, then publishes
-    /// whenever a commit wakes it or the poll interval passes.
+    /// Relays until `stop` turns true: waits to lead, then publishes
+    /// whenever a commit wakes it or the poll interval passes, for as long
+    /// as it leads.
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
-        if !self.lead(&mut stop).await {
-            return;
-        }
         let mut publisher: Option<Publisher> = None;
+        while self.lead(&mut stop).await {
+            self.publish_while_leading(&mut publisher, &mut stop).await;
+        }
+        if let Some(publisher) = publisher {
+            publisher.close().await;
+        }
+    }
+
+    /// Publishes until `stop` turns true or this process no longer leads.
+    async fn publish_while_leading(
+        &self,
+        publisher: &mut Option<Publisher>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
         let mut failures = Failures::default();
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         while !*stop.borrow() {
-            match self.round(&mut publisher).await {
+            match self.catalog.storage().lead_relay().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    events::relay_lost_lead("another backend process took the relay's lock");
+                    return;
+                }
+                Err(err) => {
+                    events::relay_lost_lead(&err.to_string());
+                    return;
+                }
+            }
+            match self.round(publisher).await {
                 Ok(Round::Published(rows)) => {
                     failures.recovered();
                     if rows >= self.config.batch_size {
@@ -99,8 +130,8 @@ impl<S: Storage> Relay<S> {
                         }
                     }
                     let delay = failures.failed(&err, self.unpublished_count().await);
-                    if sleep_or_stop(delay, &mut stop).await {
-                        break;
+                    if sleep_or_stop(delay, stop).await {
+                        return;
                     }
                     continue;
                 }
@@ -108,11 +139,8 @@ impl<S: Storage> Relay<S> {
             tokio::select! {
                 () = self.catalog.committed().notified() => {}
                 () = tokio::time::sleep(poll) => {}
-                () = stopped(&mut stop) => break,
+                () = stopped(stop) => return,
             }
-        }
-        if let Some(publisher) = publisher {
-            publisher.close().await;
         }
     }
 
@@ -122,6 +150,9 @@ impl<S: Storage> Relay<S> {
         let mut told = false;
         let mut failures = Failures::default();
         loop {
+            if *stop.borrow() {
+                return false;
+            }
             let delay = match self.catalog.storage().lead_relay().await {
                 Ok(true) => {
                     events::relay_leading();
@@ -289,5 +320,45 @@ mod tests {
         };
         let err = envelope(&row).expect_err("refused").to_string();
         assert!(err.contains("STORE-1 #3"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod lead_tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+
+    use possync_core::Registry;
+
+    use super::*;
+    use crate::testing::Scripted;
+
+    #[tokio::test]
+    async fn a_relay_that_lost_the_lead_stops_publishing() {
+        let storage = Scripted::new().await;
+        *storage.leads.lock().expect("not poisoned") = [true, true, false].into();
+        let registry = Registry::for_publishing(&BTreeMap::new()).expect("plugins load");
+        let catalog = Arc::new(Catalog::new(Arc::new(storage), Arc::new(registry)));
+        let relay = Relay::new(
+            Arc::clone(&catalog),
+            BrokerConfig::default(),
+            RelayConfig {
+                poll_interval_ms: 5,
+                ..RelayConfig::default()
+            },
+        );
+        let (stop, stopped) = watch::channel(false);
+        let running = tokio::spawn(relay.run(stopped));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rounds = catalog.storage().rounds.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            catalog.storage().rounds.load(Ordering::SeqCst),
+            rounds,
+            "no round once the lead is lost"
+        );
+        assert!(rounds <= 2, "{rounds} rounds for two answers of `true`");
+        let _ = stop.send(true);
+        running.await.expect("the relay stops");
     }
 }

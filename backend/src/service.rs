@@ -21,6 +21,10 @@ use crate::storage::{Storage, StorageError};
 /// once asked to stop (a relay round waits for the broker's confirms).
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
+/// How often idempotency keys past `[backend] idempotency_days` are
+/// forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Why the backend could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -114,6 +118,11 @@ pub async fn run_with<S: Storage>(
         config.relay.clone(),
     );
     workers.spawn(relay.run(stopped.clone()));
+    workers.spawn(prune_keys(
+        Arc::clone(catalog.storage()),
+        config.backend.idempotency_days,
+        stopped.clone(),
+    ));
     if config.direct.enabled {
         let direct = Direct::new(
             Arc::clone(&catalog),
@@ -150,6 +159,22 @@ pub async fn run_with<S: Storage>(
     served.map_err(ServiceError::Serve)?;
     events::stopped();
     Ok(())
+}
+
+/// Forgets idempotency keys older than `days`, at start and then hourly,
+/// until `stop` turns true.
+async fn prune_keys<S: Storage>(storage: Arc<S>, days: u32, mut stop: watch::Receiver<bool>) {
+    let retention = Duration::from_secs(u64::from(days) * 24 * 3600);
+    loop {
+        match storage.prune_keys(retention).await {
+            Ok(removed) => events::keys_pruned(removed, days),
+            Err(err) => events::keys_prune_failed(&err.to_string()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// Completes once `stop` turns true (or its sender is gone).

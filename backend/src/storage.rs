@@ -11,6 +11,7 @@ pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
 use std::future::Future;
+use std::time::Duration;
 
 use possync_core::EntityChange;
 use possync_sdk::Version;
@@ -32,17 +33,21 @@ pub struct NewChange {
     /// The entity it changes, when its plugin declares one.
     pub entity: Option<EntityChange>,
     /// For a message another publisher sent straight to the exchange: its
-    /// clock order. Such a change is [`Outcome::Stale`] when the entity's
-    /// last change from the exchange was newer, as a terminal would judge
-    /// it. `None` (API changes) orders by arrival at the backend.
+    /// clock order. Such a change is [`Outcome::Stale`] when the last change
+    /// from the exchange it competes with was newer, as a terminal would
+    /// judge it: the entity's, or, for a type without an entity, the last
+    /// one of its type to its store (see [`Storage::submit`]). `None` (API
+    /// changes) orders by arrival at the backend.
     pub clock: Option<Version>,
 }
 
-/// A client-supplied key that makes a submission idempotent.
+/// A client-supplied key that makes a submission idempotent, for
+/// [`Storage::prune_keys`]'s retention: a retry after that is applied again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyKey {
-    /// Who submitted it (a token's name; `exchange` for messages consumed
-    /// from the broker, keyed by their message id).
+    /// Who submitted it: a token ([`TokenRecord::idempotency_client`]), or
+    /// the direct consumer for messages consumed from the broker (a name
+    /// no token can have).
     pub client: String,
     /// The client's key.
     pub key: String,
@@ -58,7 +63,8 @@ pub enum Outcome {
         /// The store's sequence number of the change.
         seq: i64,
     },
-    /// Older than what the catalog holds for its entity: not sequenced.
+    /// From the exchange, and older than the last change from the exchange
+    /// it competes with (see [`Storage::submit`]): not sequenced.
     Stale,
 }
 
@@ -146,6 +152,17 @@ pub struct TokenRecord {
     pub created_at: i64,
 }
 
+impl TokenRecord {
+    /// The client its idempotency keys belong to: its name and the start of
+    /// its hash, so that a token revoked and made again under the same name
+    /// starts with no keys. A `@` never occurs in a token's name, so no
+    /// token shares another's keys or the direct consumer's.
+    pub fn idempotency_client(&self) -> String {
+        let hash = self.hash.get(..16).unwrap_or(&self.hash);
+        format!("{}@{hash}", self.name)
+    }
+}
+
 /// A database operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -160,9 +177,34 @@ pub enum StorageError {
     /// A token of that name exists.
     #[error("a token named {0:?} exists; revoke it first or choose another name")]
     TokenExists(String),
-    /// The database failed or could not be reached.
+    /// A change's message id names another change of its store (terminals
+    /// drop a message whose id they saw). Permanent.
+    #[error(
+        "message id {message_id:?} is already used by another change of store {store}; give each change an id of its own, or leave it out"
+    )]
+    MessageIdUsed {
+        /// The store.
+        store: String,
+        /// The id.
+        message_id: String,
+    },
+    /// The database refused the request for what it holds (data it cannot
+    /// store, a constraint, a sequence exhausted): the same request fails
+    /// the same way again. Permanent: do not retry.
+    #[error("the backend database refused the request: {0}")]
+    Refused(String),
+    /// The database failed or could not be reached. Transient: the same
+    /// request may succeed later.
     #[error("the backend database failed: {0}")]
     Database(String),
+}
+
+impl StorageError {
+    /// Whether the same request may succeed later: the database failed,
+    /// rather than refused it.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Database(_))
+    }
 }
 
 /// The backend's database.
@@ -175,6 +217,21 @@ pub trait Storage: Send + Sync + 'static {
     /// new state and an outbox row, all in one transaction. With a key seen
     /// before (same client and fingerprint), returns the first answer and
     /// writes nothing.
+    ///
+    /// A change with a clock (from the exchange) is [`Outcome::Stale`] when
+    /// it does not supersede the last clock of what it competes with: its
+    /// entity's, or for a type without an entity, the last clock from the
+    /// exchange of that type to that store. Without an entity the backend
+    /// cannot tell which changes compete, so it takes every change of a
+    /// type to a store as competing: a late one would otherwise be
+    /// sequenced after a newer one and win on every terminal. The price is
+    /// that a late change to another row of that type is left out of the
+    /// sequence (terminals that received it from the exchange keep it);
+    /// declare an entity to be judged per entity.
+    ///
+    /// Refused whole ([`StorageError::MessageIdUsed`]) when a change's
+    /// message id is in its store's outbox already, or twice in the
+    /// submission.
     fn submit(
         &self,
         changes: Vec<NewChange>,
@@ -193,11 +250,26 @@ pub trait Storage: Send + Sync + 'static {
         rows: &[(String, i64)],
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
-    /// Whether this storage may run the relay: once it returned `true`, no
-    /// other storage on the same database gets `true` while this one lives
-    /// (SQLite: an exclusive lock on the file `<database>.relay.lock`;
-    /// PostgreSQL: a session advisory lock).
+    /// Whether this storage may run the relay now; the relay asks before
+    /// every round. While it answers `true`, no other storage on the same
+    /// database does. SQLite: an exclusive lock on the file
+    /// `<database>.relay.lock`, held while this storage lives. PostgreSQL:
+    /// a session advisory lock, which ends with its connection (a server
+    /// restart, a terminated backend, a network cut): each call checks
+    /// within seconds that the connection still holds it, and takes it
+    /// again on a new connection if it is free. A round already under way
+    /// when the lock is lost may overlap the new leader's first round;
+    /// terminals drop the duplicates by their `seq`.
     fn lead_relay(&self) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
+    /// Forgets the idempotency keys recorded more than `older_than` ago;
+    /// returns how many. A submission retried under a forgotten key is
+    /// applied again (a change from the exchange with a message id is
+    /// still recognised by it: [`StorageError::MessageIdUsed`]).
+    fn prune_keys(
+        &self,
+        older_than: Duration,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// A store's catalog: every entity that exists, by kind then id.
     fn catalog(
@@ -234,4 +306,24 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         hash: &str,
     ) -> impl Future<Output = Result<Option<TokenRecord>, StorageError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_made_again_under_its_name_is_another_idempotency_client() {
+        let token = |hash: &str| TokenRecord {
+            name: "office".into(),
+            hash: hash.into(),
+            stores: None,
+            created_at: 0,
+        };
+        let first = token(&"a".repeat(64)).idempotency_client();
+        let again = token(&"b".repeat(64)).idempotency_client();
+        assert_ne!(first, again);
+        assert!(first.starts_with("office@"), "{first}");
+        assert_ne!(first, crate::direct::EXCHANGE_CLIENT);
+    }
 }

@@ -29,6 +29,10 @@ trait Harness: Sized {
     async fn open_err(&self) -> StorageError;
     /// Marks its schema as made by a later version of possync.
     async fn mark_schema_newer(&self);
+    /// Runs SQL on it behind the storage's back.
+    async fn raw(&self, sql: &str);
+    /// Makes every idempotency key recorded so far `seconds` older.
+    async fn age_keys(&self, seconds: i64);
 }
 
 struct Sqlite {
@@ -60,6 +64,20 @@ impl Harness for Sqlite {
         rusqlite::Connection::open(self.dir.path().join("backend.db"))
             .and_then(|db| db.pragma_update(None, "user_version", 99))
             .expect("the schema version is set");
+    }
+
+    async fn raw(&self, sql: &str) {
+        rusqlite::Connection::open(self.dir.path().join("backend.db"))
+            .and_then(|db| db.execute_batch(sql))
+            .expect("the SQL runs");
+    }
+
+    async fn age_keys(&self, seconds: i64) {
+        self.raw(&format!(
+            "UPDATE idempotency SET created_at = created_at - {}",
+            seconds * 1000
+        ))
+        .await;
     }
 }
 
@@ -143,6 +161,21 @@ impl Harness for Postgres {
             .await
             .expect("the schema version is set");
     }
+
+    async fn raw(&self, sql: &str) {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("the test database answers");
+        tokio::spawn(connection);
+        client.batch_execute(sql).await.expect("the SQL runs");
+    }
+
+    async fn age_keys(&self, seconds: i64) {
+        self.raw(&format!(
+            "UPDATE idempotency SET created_at = created_at - interval '{seconds} seconds'"
+        ))
+        .await;
+    }
 }
 
 impl Drop for Postgres {
@@ -210,6 +243,11 @@ on_every_storage!(
     concurrent_submitters_get_every_seq_exactly_once,
     two_storages_on_one_database_never_share_a_seq,
     a_schema_from_a_later_possync_is_refused,
+    json_with_an_escaped_nul_is_stored_by_every_storage,
+    an_undeclared_type_from_the_exchange_is_stale_behind_a_newer_clock_of_its_type,
+    a_message_id_already_in_a_stores_outbox_is_refused,
+    a_store_whose_sequence_is_exhausted_refuses_the_next_change,
+    idempotency_keys_older_than_the_retention_are_forgotten,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -337,7 +375,10 @@ async fn a_submission_is_stored_whole_or_not_at_all<H: Harness>() {
         )
         .await
         .expect_err("a change the database refuses fails its submission");
-    assert!(matches!(err, StorageError::Database(_)), "{err}");
+    assert!(
+        matches!(err, StorageError::Refused(_)) && !err.is_transient(),
+        "a refusal is permanent, not a failure to retry: {err}"
+    );
     assert_eq!(outbox_seqs(&storage, "A").await, [1], "nothing was written");
     assert_eq!(outbox_seqs(&storage, "B").await, Vec::<i64>::new());
     assert_eq!(state(&storage, "A", "P2").await, None);
@@ -868,4 +909,192 @@ async fn a_schema_from_a_later_possync_is_refused<H: Harness>() {
     db.mark_schema_newer().await;
     let err = db.open_err().await;
     assert!(err.to_string().contains("upgrade possync"), "{err}");
+}
+
+async fn json_with_an_escaped_nul_is_stored_by_every_storage<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let change = product(
+        "A",
+        "P1",
+        ChangeKind::Replace,
+        json!({ "name": "Tea\u{0}cup" }),
+    );
+    assert!(change.payload.contains("\\u0000"), "{}", change.payload);
+    assert_eq!(submit(&storage, vec![change]).await, [Some(1)]);
+    assert_eq!(
+        state(&storage, "A", "P1").await,
+        Some(json!({ "name": "Tea\u{0}cup" }))
+    );
+}
+
+fn note(store: &str, micros: Option<i64>) -> NewChange {
+    let mut change = price(store, "X", 1.0);
+    change.entity = None;
+    change.message_type = "note".into();
+    change.clock = micros.map(|micros| Version {
+        micros,
+        exact: true,
+    });
+    change
+}
+
+async fn an_undeclared_type_from_the_exchange_is_stale_behind_a_newer_clock_of_its_type<
+    H: Harness,
+>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    assert_eq!(
+        submit(&storage, vec![note("A", Some(200)), note("A", Some(100))]).await,
+        [Some(1), None],
+        "terminals would end on the older change"
+    );
+    assert_eq!(
+        submit(&storage, vec![note("A", Some(150))]).await,
+        [None],
+        "the clock is kept across submissions"
+    );
+    let mut other_type = note("A", Some(100));
+    other_type.message_type = "memo".into();
+    assert_eq!(
+        submit(&storage, vec![other_type, note("B", Some(100))]).await,
+        [Some(2), Some(1)],
+        "another type or another store is judged apart"
+    );
+    assert_eq!(
+        submit(&storage, vec![note("A", None), note("A", Some(300))]).await,
+        [Some(3), Some(4)],
+        "a change from the API orders by arrival; a newer clock is sequenced"
+    );
+}
+
+async fn a_message_id_already_in_a_stores_outbox_is_refused<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let with_id = |store: &str, value: f64| {
+        let mut change = price(store, "P", value);
+        change.message_id = "m-1".into();
+        change
+    };
+    submit(&storage, vec![with_id("A", 1.0)]).await;
+    let err = storage
+        .submit(vec![price("A", "Q", 1.0), with_id("A", 2.0)], None)
+        .await
+        .expect_err("the id is taken");
+    assert!(err.to_string().contains("m-1"), "{err}");
+    let err = storage
+        .submit(vec![with_id("C", 1.0), with_id("C", 2.0)], None)
+        .await
+        .expect_err("twice in one submission");
+    assert!(err.to_string().contains("m-1"), "{err}");
+    assert_eq!(outbox_seqs(&storage, "A").await, [1], "nothing was written");
+    assert_eq!(submit(&storage, vec![with_id("B", 1.0)]).await, [Some(1)]);
+}
+
+async fn a_store_whose_sequence_is_exhausted_refuses_the_next_change<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    submit(&storage, vec![price("A", "P", 1.0)]).await;
+    db.raw("UPDATE stores SET head = 9223372036854775807").await;
+    let err = storage
+        .submit(vec![price("A", "P", 2.0)], None)
+        .await
+        .expect_err("no number is left");
+    assert!(err.to_string().contains("sequence"), "{err}");
+    assert_eq!(outbox_seqs(&storage, "A").await, [1]);
+}
+
+#[tokio::test]
+async fn a_sqlite_database_in_memory_is_refused() {
+    for path in [":memory:", "", "file:catalog?mode=memory&cache=shared"] {
+        let err = SqliteStorage::open(path)
+            .await
+            .expect_err("private to each connection");
+        assert!(err.to_string().contains("file"), "{path:?}: {err}");
+    }
+}
+
+/// Terminates the server process holding the relay's lock, as a failover
+/// or an administrator would.
+async fn terminate_relay_lock_holder(db: &Postgres) -> u64 {
+    let admin = postgres_admin().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+             JOIN pg_database d ON d.oid = l.database
+             WHERE l.locktype = 'advisory' AND d.datname = $1",
+            &[&db.name],
+        )
+        .await
+        .expect("the lock holder is terminated")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_relay_lock_lost_with_its_connection_is_noticed_and_taken_over() {
+    let db = Postgres::fresh().await;
+    let first = db.open().await;
+    let second = db.open().await;
+    assert!(first.lead_relay().await.expect("asked"));
+    assert!(!second.lead_relay().await.expect("asked"));
+    assert_eq!(terminate_relay_lock_holder(&db).await, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.lead_relay().await.expect("asked") {
+        assert!(
+            Instant::now() < deadline,
+            "the second storage never took the relay over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !first.lead_relay().await.expect("asked"),
+        "the first storage knows it no longer leads"
+    );
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !first.lead_relay().await.expect("asked") {
+        assert!(
+            Instant::now() < deadline,
+            "the first storage never took the relay back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn idempotency_keys_older_than_the_retention_are_forgotten<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage
+        .submit(vec![price("A", "P", 1.0)], key("office", "old", "f1"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        storage
+            .prune_keys(Duration::from_secs(3600))
+            .await
+            .expect("pruned"),
+        0,
+        "a key younger than the retention stays"
+    );
+    db.age_keys(7200).await;
+    storage
+        .submit(vec![price("A", "Q", 1.0)], key("office", "new", "f2"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        storage
+            .prune_keys(Duration::from_secs(3600))
+            .await
+            .expect("pruned"),
+        1
+    );
+    let again = storage
+        .submit(vec![price("A", "P", 1.0)], key("office", "old", "f1"))
+        .await
+        .expect("stored");
+    assert!(!again.replayed, "a forgotten key is applied again");
+    let replayed = storage
+        .submit(vec![price("A", "Q", 1.0)], key("office", "new", "f2"))
+        .await
+        .expect("replayed");
+    assert!(replayed.replayed, "a kept key still replays");
 }

@@ -13,12 +13,15 @@
 //! it (only the fields it carries change) or deletes it, and `fields`
 //! renames payload fields to the entity's field names (so that a
 //! `price_update`'s `new_price` and a `product_update`'s `price` are one
-//! field). The backend keeps each entity's state from these declarations;
+//! field; a renamed field wins over a payload field of its new name). Only
+//! the fields the schema declares (`properties`) are part of the change: the
+//! terminals' plugin reads those and no others. The backend keeps each
+//! entity's state from these declarations;
 //! a terminal uses them to skip changes a later one in the same batch
 //! overwrites. A type without a declaration is still sequenced, published
 //! and applied; it only has no state in the backend's catalog.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -39,6 +42,10 @@ pub struct EntityRule {
     /// Payload field → entity field, for fields named differently.
     #[serde(default)]
     pub fields: BTreeMap<String, String>,
+    /// The payload fields the schema declares (its `properties`); `None`
+    /// when it declares none: every field then counts.
+    #[serde(skip)]
+    pub properties: Option<BTreeSet<String>>,
 }
 
 /// What a message does to its entity.
@@ -90,7 +97,7 @@ impl EntityRule {
         let Some(declared) = schema.get(ENTITY_KEYWORD) else {
             return Ok(None);
         };
-        let rule: Self =
+        let mut rule: Self =
             serde_json::from_value(declared.clone()).map_err(|err| EntityError::Declaration {
                 message_type: message_type.to_owned(),
                 reason: err.to_string(),
@@ -101,7 +108,19 @@ impl EntityRule {
                 reason: "`entity` and `id` must not be empty".into(),
             });
         }
+        rule.properties = schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .map(|properties| properties.keys().cloned().collect());
         Ok(Some(rule))
+    }
+
+    /// Whether `field` of a payload is part of its change: declared by the
+    /// schema, when it declares its fields.
+    fn declares(&self, field: &str) -> bool {
+        self.properties
+            .as_ref()
+            .is_none_or(|properties| properties.contains(field))
     }
 
     /// The change a payload (JSON text) makes.
@@ -120,14 +139,26 @@ impl EntityRule {
         };
         let fields = match self.change {
             ChangeKind::Delete => Map::new(),
-            ChangeKind::Replace | ChangeKind::Merge => object
-                .into_iter()
-                .filter(|(_, value)| !value.is_null())
-                .map(|(field, value)| {
-                    let name = self.fields.get(&field).cloned().unwrap_or(field);
-                    (name, value)
-                })
-                .collect(),
+            ChangeKind::Replace | ChangeKind::Merge => {
+                let mut fields = Map::new();
+                let mut renamed = Vec::new();
+                for (field, value) in object {
+                    if value.is_null() || !self.declares(&field) {
+                        continue;
+                    }
+                    match self.fields.get(&field) {
+                        Some(name) => renamed.push((name.clone(), value)),
+                        None => {
+                            fields.insert(field, value);
+                        }
+                    }
+                }
+                // Last, so that a renamed field wins over a payload field
+                // of its new name, which the terminals' plugin does not read
+                // as that field.
+                fields.extend(renamed);
+                fields
+            }
         };
         Ok(EntityChange {
             entity: self.entity.clone(),
@@ -185,11 +216,12 @@ impl EntityRule {
             ChangeKind::Delete => Vec::new(),
             ChangeKind::Replace | ChangeKind::Merge => object
                 .into_iter()
-                .filter(|(_, raw)| raw.get() != "null")
+                .filter(|(field, raw)| raw.get() != "null" && self.declares(field))
                 .map(|(field, _)| self.fields.get(&field).cloned().unwrap_or(field))
                 .collect(),
         };
         fields.sort_unstable();
+        fields.dedup();
         Ok(Footprint {
             id,
             kind: self.change,
@@ -304,6 +336,37 @@ mod tests {
             .change(r#"{"product_id": "P"}"#)
             .expect("valid");
         assert_eq!(delete.apply(before.as_object().cloned()), None);
+    }
+
+    #[test]
+    fn a_renamed_field_wins_over_a_payload_field_of_its_new_name() {
+        let change = rule("merge")
+            .change(r#"{"product_id": "P", "new_price": 5, "price": 999}"#)
+            .expect("valid");
+        assert_eq!(change.fields.get("price"), Some(&json!(5)));
+    }
+
+    #[test]
+    fn only_the_fields_the_schema_declares_become_state() {
+        let schema = json!({
+            "type": "object",
+            "properties": {"product_id": {}, "new_price": {}, "product_name": {}},
+            ENTITY_KEYWORD: {
+                "entity": "product", "id": "product_id", "change": "merge",
+                "fields": {"new_price": "price"}
+            }
+        });
+        let rule = EntityRule::from_schema("price_update", &schema)
+            .expect("valid")
+            .expect("declared");
+        let payload = r#"{"product_id": "P", "new_price": 5, "price": 999, "colour": "red"}"#;
+        let change = rule.change(payload).expect("valid");
+        assert_eq!(
+            Value::Object(change.fields),
+            json!({"product_id": "P", "price": 5})
+        );
+        let footprint = rule.footprint(payload).expect("valid");
+        assert_eq!(footprint.fields, ["price", "product_id"]);
     }
 
     #[test]

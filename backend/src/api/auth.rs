@@ -12,7 +12,8 @@ use crate::token::hash_token;
 /// The client a request's token belongs to.
 #[derive(Debug)]
 pub(super) struct Client {
-    /// The token's name: idempotency keys are scoped by it.
+    /// The token's identity: idempotency keys are scoped by it
+    /// ([`crate::TokenRecord::idempotency_client`]).
     pub(super) name: String,
     stores: Option<Vec<String>>,
 }
@@ -51,7 +52,7 @@ impl FromRequestParts<Shared> for Client {
             .map_err(|err| ApiError::unavailable(&err))?
             .ok_or_else(ApiError::unknown_token)?;
         Ok(Self {
-            name: record.name,
+            name: record.idempotency_client(),
             stores: record.stores,
         })
     }

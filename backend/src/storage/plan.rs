@@ -3,14 +3,20 @@
 //! entity's new state. Both implementations load the same inputs inside
 //! their transaction and write the same plan, so they judge alike.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
-use super::{Accepted, NewChange, OutboxRow, Outcome};
+use super::{Accepted, NewChange, OutboxRow, Outcome, StorageError};
 
 /// An entity's address: store, kind, id.
 pub(crate) type EntityKey = (String, String, String);
+
+/// A message type's address, for a type without an entity: store, type.
+pub(crate) type TypeKey = (String, String);
+
+/// A message id's address: store, id.
+pub(crate) type MessageKey = (String, String);
 
 /// An entity as the database holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +48,24 @@ pub(crate) struct Plan {
     pub(crate) entities: Vec<EntityWrite>,
     /// Each store whose head moved, with its new head.
     pub(crate) heads: Vec<(String, i64)>,
+    /// Each type without an entity whose last clock from the exchange
+    /// moved, with that clock.
+    pub(crate) type_clocks: Vec<(TypeKey, i64)>,
+}
+
+/// What the database holds that a submission is judged against, read
+/// inside its transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Before {
+    /// Every store of the submission's head (0: none yet).
+    pub(crate) heads: HashMap<String, i64>,
+    /// The entities it touches that exist (or existed: tombstones).
+    pub(crate) entities: HashMap<EntityKey, StoredEntity>,
+    /// The last clock from the exchange of each type without an entity it
+    /// touches with a clock, when there was one.
+    pub(crate) type_clocks: HashMap<TypeKey, i64>,
+    /// Its message ids already in their store's outbox.
+    pub(crate) used_ids: HashSet<MessageKey>,
 }
 
 /// The stores a submission touches, sorted: locked in this order so that
@@ -72,18 +96,68 @@ pub(crate) fn entity_keys(changes: &[NewChange]) -> Vec<EntityKey> {
         .collect()
 }
 
-/// Sequences `changes` after `heads` (every store of the submission, 0 for
-/// one that has none yet), over the `stored` entities they touch (absent:
-/// never seen). Each change sees the ones before it in the submission.
-pub(crate) fn plan(
-    changes: Vec<NewChange>,
-    mut heads: HashMap<String, i64>,
-    mut stored: HashMap<EntityKey, StoredEntity>,
-) -> Plan {
+/// The types without an entity that a submission's changes from the
+/// exchange carry, sorted: their clocks judge those changes.
+pub(crate) fn type_keys(changes: &[NewChange]) -> Vec<TypeKey> {
+    changes
+        .iter()
+        .filter(|change| change.entity.is_none() && change.clock.is_some())
+        .map(|change| (change.store.clone(), change.message_type.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The message ids of a submission, by store.
+pub(crate) fn message_keys(changes: &[NewChange]) -> Vec<MessageKey> {
+    changes
+        .iter()
+        .map(|change| (change.store.clone(), change.message_id.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Sequences `changes` after what the database holds. Each change sees the
+/// ones before it in the submission. Refused whole when a message id is
+/// used already or twice, or a store has no sequence number left.
+pub(crate) fn plan(changes: Vec<NewChange>, before: Before) -> Result<Plan, StorageError> {
+    let Before {
+        mut heads,
+        entities: mut stored,
+        mut type_clocks,
+        mut used_ids,
+    } = before;
     let mut plan = Plan::default();
     let mut written: BTreeMap<EntityKey, i64> = BTreeMap::new();
     let mut moved: BTreeSet<String> = BTreeSet::new();
+    let mut clocked: BTreeSet<TypeKey> = BTreeSet::new();
     for change in changes {
+        // Terminals drop a message whose id they saw: a second change under
+        // one id would reach the catalog and never a terminal.
+        if !used_ids.insert((change.store.clone(), change.message_id.clone())) {
+            return Err(StorageError::MessageIdUsed {
+                store: change.store,
+                message_id: change.message_id,
+            });
+        }
+        // A type without an entity is judged by the last clock of its type
+        // to its store (see `Storage::submit`); a change from the API
+        // (no clock) neither is judged nor moves that clock.
+        let type_key = (change.entity.is_none() && change.clock.is_some())
+            .then(|| (change.store.clone(), change.message_type.clone()));
+        if let (Some(clock), Some(last)) = (
+            change.clock,
+            type_key.as_ref().and_then(|key| type_clocks.get(key)),
+        ) && !clock.supersedes(*last)
+        {
+            plan.accepted.push(Accepted {
+                store: change.store,
+                message_id: change.message_id,
+                outcome: Outcome::Stale,
+            });
+            continue;
+        }
         let key = change.entity.as_ref().map(|entity| {
             (
                 change.store.clone(),
@@ -104,9 +178,18 @@ pub(crate) fn plan(
             continue;
         }
         let head = heads.entry(change.store.clone()).or_insert(0);
-        *head += 1;
+        *head = head.checked_add(1).ok_or_else(|| {
+            StorageError::Refused(format!(
+                "store {}'s sequence is exhausted (its head is {head}); it takes no more changes",
+                change.store
+            ))
+        })?;
         let seq = *head;
         moved.insert(change.store.clone());
+        if let (Some(key), Some(clock)) = (type_key, change.clock) {
+            type_clocks.insert(key.clone(), clock.micros);
+            clocked.insert(key);
+        }
         if let (Some(entity), Some(key)) = (&change.entity, key) {
             let before = stored.remove(&key);
             let last_clock = before.as_ref().map_or(0, |before| before.clock);
@@ -149,7 +232,14 @@ pub(crate) fn plan(
             (store, head)
         })
         .collect();
-    plan
+    plan.type_clocks = clocked
+        .into_iter()
+        .map(|key| {
+            let clock = type_clocks.get(&key).copied().unwrap_or_default();
+            (key, clock)
+        })
+        .collect();
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -165,7 +255,7 @@ mod tests {
             message_type: "t".into(),
             payload: "{}".into(),
             timestamp: "2025-01-01T00:00:00Z".into(),
-            message_id: format!("m-{id}-{clock:?}"),
+            message_id: format!("m-{id}-{clock:?}-{fields}"),
             entity: Some(EntityChange {
                 entity: "product".into(),
                 id: id.into(),
@@ -185,7 +275,11 @@ mod tests {
             change("P", ChangeKind::Merge, json!({"price": 1}), None),
             change("P", ChangeKind::Merge, json!({"name": "Tea"}), None),
         ];
-        let plan = plan(changes, HashMap::from([("S".into(), 4)]), HashMap::new());
+        let before = Before {
+            heads: HashMap::from([("S".into(), 4)]),
+            ..Before::default()
+        };
+        let plan = plan(changes, before).expect("planned");
         assert_eq!(
             plan.outbox.iter().map(|r| r.seq).collect::<Vec<_>>(),
             [5, 6]
@@ -213,9 +307,24 @@ mod tests {
             change("P", ChangeKind::Merge, json!({"price": 1}), Some(90)),
             change("P", ChangeKind::Merge, json!({"price": 2}), Some(110)),
         ];
-        let plan = plan(changes, HashMap::new(), stored);
+        let before = Before {
+            entities: stored,
+            ..Before::default()
+        };
+        let plan = plan(changes, before).expect("planned");
         assert_eq!(plan.accepted[0].outcome, Outcome::Stale);
         assert_eq!(plan.accepted[1].outcome, Outcome::Sequenced { seq: 1 });
         assert_eq!(plan.entities[0].stored.clock, 110);
+    }
+
+    #[test]
+    fn the_last_seq_is_refused_not_wrapped() {
+        let before = Before {
+            heads: HashMap::from([("S".into(), i64::MAX)]),
+            ..Before::default()
+        };
+        let changes = vec![change("P", ChangeKind::Merge, json!({}), None)];
+        let err = plan(changes, before).expect_err("no number left");
+        assert!(matches!(err, StorageError::Refused(_)), "{err}");
     }
 }

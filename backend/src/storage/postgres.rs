@@ -6,7 +6,6 @@
 //! writer of a store waits for the one before it to commit, so each store's
 //! sequence is gapless and its committed outbox is always a prefix of it.
 
-use std::collections::HashMap;
 use std::error::Error as _;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row};
 
-use super::plan::{self, EntityKey, StoredEntity};
+use super::plan::{self, Before, StoredEntity};
 use super::{
     CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Storage, StorageError, StoreHead,
     Submitted, TokenRecord, answer,
@@ -28,6 +27,19 @@ const POOL_SIZE: usize = 8;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the relay's lock connection may take to answer whether it
+/// still holds the lock before it is taken for lost.
+const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalives on every connection, so that a peer gone silently (a
+/// network cut, a host powered off) is noticed within some 20 s rather
+/// than the system's default two hours: first probe after 10 s of
+/// silence, then every 5 s, given up after 2 unanswered.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 2;
+/// Data sent and not acknowledged for this long ends the connection.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Advisory lock keys, chosen at random once: held while migrating, and by
 /// the instance that relays.
 const MIGRATION_LOCK: i64 = 0x706f_7373_796e_6301;
@@ -35,7 +47,8 @@ const RELAY_LOCK: i64 = 0x706f_7373_796e_6302;
 
 /// The schema, one migration per entry; `possync_schema` counts those
 /// applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE stores (
         store text PRIMARY KEY,
         head bigint NOT NULL
@@ -86,7 +99,31 @@ const MIGRATIONS: &[&str] = &[r"
         stores text[],
         created_at bigint NOT NULL
     );
-"];
+",
+    r"
+    -- json keeps the text as given: jsonb refuses a \u0000 escape, which
+    -- JSON allows and SQLite stores.
+    ALTER TABLE entities ALTER COLUMN state TYPE json USING state::json;
+
+    -- The last clock from the exchange of each type without an entity, per
+    -- store: it judges that type's late changes.
+    CREATE TABLE type_clocks (
+        store text NOT NULL,
+        message_type text NOT NULL,
+        clock bigint NOT NULL,
+        PRIMARY KEY (store, message_type)
+    );
+
+    -- A message id names one change of its store.
+    CREATE INDEX outbox_message_id ON outbox (store, message_id);
+
+    -- Keys are forgotten after a retention.
+    CREATE INDEX idempotency_created_at ON idempotency (created_at);
+
+    -- The direct consumer's keys, under a name no token can have.
+    UPDATE idempotency SET client = ':exchange' WHERE client = 'exchange';
+",
+];
 
 /// The backend's database on PostgreSQL.
 ///
@@ -116,6 +153,12 @@ impl PostgresStorage {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -205,8 +248,21 @@ fn describe(err: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A failed statement: refused for what it holds (SQLSTATE class 22, data
+/// exception, or 23, integrity constraint violation), which no retry
+/// changes, or the database failed.
 fn failed(what: &str) -> impl Fn(tokio_postgres::Error) -> StorageError + '_ {
-    move |err| StorageError::Database(format!("{what}: {}", describe(&err)))
+    move |err| {
+        let refused = err
+            .code()
+            .is_some_and(|code| matches!(code.code().get(..2), Some("22" | "23")));
+        let text = format!("{what}: {}", describe(&err));
+        if refused {
+            StorageError::Refused(text)
+        } else {
+            StorageError::Database(text)
+        }
+    }
 }
 
 fn parse_state(value: Value) -> Result<Map<String, Value>, StorageError> {
@@ -247,6 +303,27 @@ fn col<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StorageError
             describe(&err)
         ))
     })
+}
+
+/// Whether `client`'s session still holds the relay's advisory lock,
+/// answered within [`LOCK_CHECK_TIMEOUT`]: a connection that is closed,
+/// fails or does not answer in time holds nothing.
+async fn holds_relay_lock(client: &Client) -> bool {
+    if client.is_closed() {
+        return false;
+    }
+    // An advisory lock on a bigint key shows in pg_locks as its high and
+    // low 32 bits, in classid and objid, with objsubid 1.
+    let check = client.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+            WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+              AND objsubid = 1 AND (classid::int8 << 32 | objid::int8) = $1)",
+        &[&RELAY_LOCK],
+    );
+    match tokio::time::timeout(LOCK_CHECK_TIMEOUT, check).await {
+        Ok(Ok(row)) => row.try_get::<_, bool>(0).unwrap_or(false),
+        Ok(Err(_)) | Err(_) => false,
+    }
 }
 
 fn limit(limit: usize) -> i64 {
@@ -301,7 +378,7 @@ impl Storage for PostgresStorage {
             }
         }
 
-        let mut heads = HashMap::new();
+        let mut before = Before::default();
         let lock = tx
             .prepare_cached(
                 "INSERT INTO stores (store, head) VALUES ($1, 0)
@@ -311,11 +388,48 @@ impl Storage for PostgresStorage {
             .map_err(&sql)?;
         for store in plan::stores(&changes) {
             let row = tx.query_one(&lock, &[&store]).await.map_err(&sql)?;
-            heads.insert(store, col(&row, 0)?);
+            before.heads.insert(store, col(&row, 0)?);
+        }
+
+        // Read after the stores' rows are locked: every writer of these
+        // stores committed, or waits.
+        let (stores, ids): (Vec<String>, Vec<String>) =
+            plan::message_keys(&changes).into_iter().unzip();
+        let rows = tx
+            .query(
+                "SELECT DISTINCT store, message_id FROM outbox
+                 WHERE (store, message_id) IN
+                    (SELECT * FROM unnest($1::text[], $2::text[]))",
+                &[&stores, &ids],
+            )
+            .await
+            .map_err(&sql)?;
+        for row in rows {
+            before.used_ids.insert((col(&row, 0)?, col(&row, 1)?));
+        }
+        let keys = plan::type_keys(&changes);
+        if !keys.is_empty() {
+            let (stores, types): (Vec<&str>, Vec<&str>) = keys
+                .iter()
+                .map(|(store, message_type)| (store.as_str(), message_type.as_str()))
+                .unzip();
+            let rows = tx
+                .query(
+                    "SELECT store, message_type, clock FROM type_clocks
+                     WHERE (store, message_type) IN
+                        (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    &[&stores, &types],
+                )
+                .await
+                .map_err(&sql)?;
+            for row in rows {
+                before
+                    .type_clocks
+                    .insert((col(&row, 0)?, col(&row, 1)?), col(&row, 2)?);
+            }
         }
 
         let keys = plan::entity_keys(&changes);
-        let mut stored: HashMap<EntityKey, StoredEntity> = HashMap::new();
         if !keys.is_empty() {
             let (stores, (kinds, ids)): (Vec<&str>, (Vec<&str>, Vec<&str>)) = keys
                 .iter()
@@ -332,7 +446,7 @@ impl Storage for PostgresStorage {
                 .map_err(&sql)?;
             for row in rows {
                 let state: Option<Value> = col(&row, 3)?;
-                stored.insert(
+                before.entities.insert(
                     (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?),
                     StoredEntity {
                         state: state.map(parse_state).transpose()?,
@@ -342,7 +456,7 @@ impl Storage for PostgresStorage {
             }
         }
 
-        let plan = plan::plan(changes, heads, stored);
+        let plan = plan::plan(changes, before)?;
         if !plan.outbox.is_empty() {
             let outbox = &plan.outbox;
             let stores: Vec<&str> = outbox.iter().map(|row| row.store.as_str()).collect();
@@ -377,7 +491,7 @@ impl Storage for PostgresStorage {
             let clocks: Vec<i64> = writes.iter().map(|w| w.stored.clock).collect();
             tx.execute(
                 "INSERT INTO entities (store, entity, id, state, seq, clock)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[],
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::json[],
                                       $5::int8[], $6::int8[])
                  ON CONFLICT (store, entity, id) DO UPDATE
                  SET state = excluded.state, seq = excluded.seq, clock = excluded.clock",
@@ -397,6 +511,19 @@ impl Storage for PostgresStorage {
                  FROM unnest($1::text[], $2::int8[]) AS moved (store, head)
                  WHERE stores.store = moved.store",
                 &[&stores, &heads],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        if !plan.type_clocks.is_empty() {
+            let stores: Vec<&str> = plan.type_clocks.iter().map(|(k, _)| k.0.as_str()).collect();
+            let types: Vec<&str> = plan.type_clocks.iter().map(|(k, _)| k.1.as_str()).collect();
+            let clocks: Vec<i64> = plan.type_clocks.iter().map(|(_, clock)| *clock).collect();
+            tx.execute(
+                "INSERT INTO type_clocks (store, message_type, clock)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
+                 ON CONFLICT (store, message_type) DO UPDATE SET clock = excluded.clock",
+                &[&stores, &types, &clocks],
             )
             .await
             .map_err(&sql)?;
@@ -455,10 +582,16 @@ impl Storage for PostgresStorage {
     async fn lead_relay(&self) -> Result<bool, StorageError> {
         let mut leader = self.leader.lock().await;
         if let Some(client) = leader.as_ref() {
-            if !client.is_closed() {
+            if holds_relay_lock(client).await {
                 return Ok(true);
             }
-            // Its connection ended, and the lock with it: try again.
+            // The connection ended, hangs, or no longer holds the lock (a
+            // server restart, a terminated backend): whoever takes it now
+            // leads. Dropping the client ends its connection.
+            tracing::warn!(
+                event = "relay_lock_lost",
+                "the relay's lock is lost; another backend may relay now"
+            );
             *leader = None;
         }
         let sql = failed("cannot take the relay's lock");
@@ -472,15 +605,36 @@ impl Storage for PostgresStorage {
                 );
             }
         });
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&RELAY_LOCK])
-            .await
-            .map_err(&sql)?;
+        let row = tokio::time::timeout(
+            LOCK_CHECK_TIMEOUT,
+            client.query_one("SELECT pg_try_advisory_lock($1)", &[&RELAY_LOCK]),
+        )
+        .await
+        .map_err(|_| {
+            StorageError::Database(format!(
+                "PostgreSQL did not answer within {} s while taking the relay's lock",
+                LOCK_CHECK_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(&sql)?;
         let locked: bool = col(&row, 0)?;
         if locked {
             *leader = Some(client);
         }
         Ok(locked)
+    }
+
+    async fn prune_keys(&self, older_than: Duration) -> Result<u64, StorageError> {
+        let seconds = older_than.as_secs_f64();
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM idempotency
+                 WHERE created_at < now() - make_interval(secs => $1) AND answer IS NOT NULL",
+                &[&seconds],
+            )
+            .await
+            .map_err(failed("cannot forget old idempotency keys"))
     }
 
     async fn catalog(&self, store: &str) -> Result<Vec<CatalogEntry>, StorageError> {

@@ -7,17 +7,16 @@
 //! (`BEGIN IMMEDIATE`), so a submission never fails half-way for a lock; reads
 //! use a second connection, which WAL lets run beside a write.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use possync_core::unix_now_ms;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 
-use super::plan::{self, EntityKey, StoredEntity};
+use super::plan::{self, Before, StoredEntity};
 use super::{
     CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Storage, StorageError, StoreHead,
     Submitted, TokenRecord, answer,
@@ -28,7 +27,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those
 /// applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE stores (
         store TEXT PRIMARY KEY,
         head INTEGER NOT NULL
@@ -78,7 +78,27 @@ const MIGRATIONS: &[&str] = &[r"
         stores TEXT,
         created_at INTEGER NOT NULL
     ) WITHOUT ROWID;
-"];
+",
+    r"
+    -- The last clock from the exchange of each type without an entity, per
+    -- store: it judges that type's late changes.
+    CREATE TABLE type_clocks (
+        store TEXT NOT NULL,
+        message_type TEXT NOT NULL,
+        clock INTEGER NOT NULL,
+        PRIMARY KEY (store, message_type)
+    ) WITHOUT ROWID;
+
+    -- A message id names one change of its store.
+    CREATE INDEX outbox_message_id ON outbox (store, message_id);
+
+    -- Keys are forgotten after a retention.
+    CREATE INDEX idempotency_created_at ON idempotency (created_at);
+
+    -- The direct consumer's keys, under a name no token can have.
+    UPDATE idempotency SET client = ':exchange' WHERE client = 'exchange';
+",
+];
 
 /// The backend's database in a SQLite file.
 #[derive(Debug, Clone)]
@@ -127,6 +147,12 @@ impl SqliteStorage {
 
 impl Inner {
     fn open(path: PathBuf) -> Result<Self, StorageError> {
+        if in_memory(&path) {
+            return Err(StorageError::Refused(format!(
+                "{:?} is a SQLite database in memory, which each connection would see empty and which is gone at exit; name a file (possync-backend.db)",
+                path.display().to_string()
+            )));
+        }
         let failed = |err: rusqlite::Error| {
             StorageError::Database(format!(
                 "cannot open {}: {err}; check that its folder exists and is writable",
@@ -152,6 +178,24 @@ impl Inner {
 
     fn reader(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Whether SQLite would keep `path` in memory rather than in a file: the
+/// empty name (a temporary database), `:memory:`, or a `file:` URI naming
+/// either or `mode=memory`.
+fn in_memory(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    let uri = name
+        .strip_prefix("file:")
+        .map(|rest| rest.split_once('?').unwrap_or((rest, "")));
+    match uri {
+        Some((file, query)) => {
+            file.is_empty()
+                || file == ":memory:"
+                || query.split('&').any(|pair| pair == "mode=memory")
+        }
+        None => name.is_empty() || name == ":memory:",
     }
 }
 
@@ -193,8 +237,22 @@ fn joined(err: tokio::task::JoinError) -> StorageError {
     StorageError::Database(format!("a database task failed: {err}"))
 }
 
+/// A failed statement: refused for what it holds (a constraint, a value
+/// too large or of the wrong type), which no retry changes, or the
+/// database failed.
 fn failed(what: &str) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
-    move |err| StorageError::Database(format!("{what}: {err}"))
+    move |err| {
+        let refused = matches!(
+            err.sqlite_error_code(),
+            Some(ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch)
+        );
+        let text = format!("{what}: {err}");
+        if refused {
+            StorageError::Refused(text)
+        } else {
+            StorageError::Database(text)
+        }
+    }
 }
 
 fn state_text(state: &Option<Map<String, Value>>) -> Result<Option<String>, StorageError> {
@@ -247,7 +305,7 @@ fn submit(
         }
     }
 
-    let mut heads = HashMap::new();
+    let mut before = Before::default();
     {
         let mut stmt = tx
             .prepare_cached("SELECT head FROM stores WHERE store = ?")
@@ -257,10 +315,37 @@ fn submit(
                 .query_row([&store], |row| row.get(0))
                 .optional()
                 .map_err(&sql)?;
-            heads.insert(store, head.unwrap_or(0));
+            before.heads.insert(store, head.unwrap_or(0));
         }
     }
-    let mut stored: HashMap<EntityKey, StoredEntity> = HashMap::new();
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT clock FROM type_clocks WHERE store = ? AND message_type = ?")
+            .map_err(&sql)?;
+        for key in plan::type_keys(&changes) {
+            let clock: Option<i64> = stmt
+                .query_row(params![key.0, key.1], |row| row.get(0))
+                .optional()
+                .map_err(&sql)?;
+            if let Some(clock) = clock {
+                before.type_clocks.insert(key, clock);
+            }
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT 1 FROM outbox WHERE store = ? AND message_id = ? LIMIT 1")
+            .map_err(&sql)?;
+        for key in plan::message_keys(&changes) {
+            let used = stmt
+                .query_row(params![key.0, key.1], |_| Ok(()))
+                .optional()
+                .map_err(&sql)?;
+            if used.is_some() {
+                before.used_ids.insert(key);
+            }
+        }
+    }
     {
         let mut stmt = tx
             .prepare_cached(
@@ -276,12 +361,12 @@ fn submit(
                 .map_err(&sql)?;
             if let Some((state, clock)) = row {
                 let state = state.as_deref().map(parse_state).transpose()?;
-                stored.insert(key, StoredEntity { state, clock });
+                before.entities.insert(key, StoredEntity { state, clock });
             }
         }
     }
 
-    let plan = plan::plan(changes, heads, stored);
+    let plan = plan::plan(changes, before)?;
     let now = unix_now_ms();
     {
         let mut stmt = tx
@@ -334,6 +419,18 @@ fn submit(
             .map_err(&sql)?;
         for (store, head) in &plan.heads {
             stmt.execute(params![store, head]).map_err(&sql)?;
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO type_clocks (store, message_type, clock) VALUES (?, ?, ?)
+                 ON CONFLICT (store, message_type) DO UPDATE SET clock = excluded.clock",
+            )
+            .map_err(&sql)?;
+        for ((store, message_type), clock) in &plan.type_clocks {
+            stmt.execute(params![store, message_type, clock])
+                .map_err(&sql)?;
         }
     }
     if let Some(key) = &key {
@@ -477,6 +574,19 @@ impl Storage for SqliteStorage {
                 Err(TryLockError::WouldBlock) => Ok(false),
                 Err(TryLockError::Error(err)) => Err(cannot(err)),
             }
+        })
+        .await
+    }
+
+    async fn prune_keys(&self, older_than: Duration) -> Result<u64, StorageError> {
+        let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let before = unix_now_ms().saturating_sub(age);
+        self.run(move |inner| {
+            let removed = inner
+                .writer()
+                .execute("DELETE FROM idempotency WHERE created_at < ?", [before])
+                .map_err(failed("cannot forget old idempotency keys"))?;
+            Ok(removed as u64)
         })
         .await
     }
@@ -642,5 +752,56 @@ impl Storage for SqliteStorage {
             found.map(with_stores).transpose()
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_connection_is_in_wal_mode_and_syncs_fully() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let storage = SqliteStorage::open(dir.path().join("backend.db"))
+            .await
+            .expect("opens");
+        let pragma = |connection: &Connection, name: &str| -> String {
+            connection
+                .pragma_query_value(None, name, |row| row.get::<_, rusqlite::types::Value>(0))
+                .map(|value| match value {
+                    rusqlite::types::Value::Integer(n) => n.to_string(),
+                    rusqlite::types::Value::Text(text) => text.to_lowercase(),
+                    other => format!("{other:?}"),
+                })
+                .expect("the pragma reads")
+        };
+        for connection in [&*storage.inner.writer(), &*storage.inner.reader()] {
+            assert_eq!(pragma(connection, "journal_mode"), "wal");
+            assert_eq!(pragma(connection, "synchronous"), "2", "FULL");
+        }
+        // WAL is a property of the file: any other connection sees it.
+        let raw = Connection::open(storage.path()).expect("opens");
+        assert_eq!(pragma(&raw, "journal_mode"), "wal");
+    }
+
+    #[test]
+    fn only_a_database_in_memory_is_taken_for_one() {
+        for path in [
+            "",
+            ":memory:",
+            "file::memory:",
+            "file:x?mode=memory",
+            "file:x?cache=shared&mode=memory",
+        ] {
+            assert!(in_memory(Path::new(path)), "{path:?}");
+        }
+        for path in [
+            "backend.db",
+            "file:backend.db",
+            "file:x?mode=rwc",
+            "./:memory:",
+        ] {
+            assert!(!in_memory(Path::new(path)), "{path:?}");
+        }
     }
 }

@@ -1,0 +1,110 @@
+//! A storage for unit tests of what sits on top of [`Storage`]: a SQLite
+//! storage in a temporary folder, whose relay leadership follows a script
+//! and whose submissions can hang after their commit.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::storage::{
+    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, SqliteStorage, Storage,
+    StorageError, StoreHead, Submitted, TokenRecord,
+};
+
+/// The storage; the folder lives as long as it.
+pub(crate) struct Scripted {
+    inner: SqliteStorage,
+    _dir: tempfile::TempDir,
+    /// What `lead_relay` answers, in turn; the last answer repeats.
+    pub(crate) leads: Mutex<VecDeque<bool>>,
+    /// Calls of `unpublished`: one per relay round.
+    pub(crate) rounds: AtomicUsize,
+    /// Whether a submission, once committed, never returns.
+    pub(crate) hang_after_commit: AtomicBool,
+}
+
+impl Scripted {
+    pub(crate) async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let inner = SqliteStorage::open(dir.path().join("backend.db"))
+            .await
+            .expect("the SQLite database opens");
+        Self {
+            inner,
+            _dir: dir,
+            leads: Mutex::new(VecDeque::from([true])),
+            rounds: AtomicUsize::new(0),
+            hang_after_commit: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Storage for Scripted {
+    async fn submit(
+        &self,
+        changes: Vec<NewChange>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted, StorageError> {
+        let submitted = self.inner.submit(changes, key).await?;
+        if self.hang_after_commit.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        Ok(submitted)
+    }
+
+    async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {
+        self.rounds.fetch_add(1, Ordering::SeqCst);
+        self.inner.unpublished(limit).await
+    }
+
+    async fn mark_published(&self, rows: &[(String, i64)]) -> Result<(), StorageError> {
+        self.inner.mark_published(rows).await
+    }
+
+    async fn lead_relay(&self) -> Result<bool, StorageError> {
+        let mut leads = self.leads.lock().expect("not poisoned");
+        let lead = leads.front().copied().unwrap_or(false);
+        if leads.len() > 1 {
+            leads.pop_front();
+        }
+        Ok(lead)
+    }
+
+    async fn prune_keys(&self, older_than: Duration) -> Result<u64, StorageError> {
+        self.inner.prune_keys(older_than).await
+    }
+
+    async fn catalog(&self, store: &str) -> Result<Vec<CatalogEntry>, StorageError> {
+        self.inner.catalog(store).await
+    }
+
+    async fn changes_after(
+        &self,
+        store: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StorageError> {
+        self.inner.changes_after(store, after, limit).await
+    }
+
+    async fn heads(&self) -> Result<Vec<StoreHead>, StorageError> {
+        self.inner.heads().await
+    }
+
+    async fn create_token(&self, token: TokenRecord) -> Result<(), StorageError> {
+        self.inner.create_token(token).await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        self.inner.tokens().await
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool, StorageError> {
+        self.inner.revoke_token(name).await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StorageError> {
+        self.inner.token_by_hash(hash).await
+    }
+}
