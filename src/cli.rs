@@ -294,7 +294,7 @@ async fn backend(
             .context("the backend stopped")?;
         return Ok(ExitCode::SUCCESS);
     };
-    let location = config.backend.database_location();
+    let location = config.service.database_location();
     let cannot_open = || format!("cannot open the backend's database {location}");
     match &location {
         possync_backend::DatabaseLocation::Sqlite(path) => {

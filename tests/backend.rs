@@ -52,7 +52,7 @@ impl Backend {
         std::fs::write(
             &config,
             format!(
-                "[backend]\nlisten = \"127.0.0.1:{port}\"\ndatabase = {database:?}\n\n[relay]\npoll_interval_ms = 100\n\n[direct]\nenabled = {direct}\nqueue = {direct_queue:?}\nqueue_expiry_days = 1\n",
+                "[service]\nlisten = \"127.0.0.1:{port}\"\ndatabase = {database:?}\n\n[relay]\npoll_interval_ms = 100\n\n[direct]\nenabled = {direct}\nqueue = {direct_queue:?}\nqueue_expiry_days = 1\n",
                 database = database.display().to_string(),
             ),
         )
@@ -386,7 +386,7 @@ impl Dice {
 fn the_example_config_runs_the_service() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/backend.toml");
     let config = ServiceConfig::load(Some(&path)).expect("config/backend.toml loads");
-    assert_eq!(config.backend.listen.to_string(), "127.0.0.1:8480");
+    assert_eq!(config.service.listen.to_string(), "127.0.0.1:8480");
     assert_eq!(config.broker.exchange, "pos_license_events");
 }
 

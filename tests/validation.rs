@@ -180,6 +180,10 @@ fn the_example_configs_load() {
             "{file}"
         );
     }
+    let backend = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/backend.toml");
+    let service =
+        possync_backend::ServiceConfig::load(Some(&backend)).expect("config/backend.toml");
+    assert_eq!(service.broker.exchange, "pos_license_events");
 }
 
 #[test]
@@ -455,4 +459,39 @@ fn a_config_named_after_the_message_type_is_the_one_used() {
     let stderr = text(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("/no/such/publisher.toml"), "{stderr}");
+}
+
+#[test]
+fn a_back_office_shell_may_set_the_backend_s_and_the_publisher_s_variables_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = dir.path().join("catalog.db");
+    let both = |command: &mut std::process::Command| {
+        command
+            .env("POSSYNC_SERVICE__DATABASE", &database)
+            .env("POSSYNC_BACKEND__URL", "http://127.0.0.1:8480")
+            .env("POSSYNC_BACKEND__TOKEN", "possync_not-a-real-token")
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", "STORE-1")
+            .output()
+            .expect("run")
+    };
+    let publisher = both(&mut possync_command(&["config", "show"]));
+    assert!(publisher.status.success(), "{}", text(&publisher.stderr));
+    assert!(text(&publisher.stdout).contains("http://127.0.0.1:8480"));
+    let backend = both(&mut possync_command(&["backend", "token", "list"]));
+    assert!(backend.status.success(), "{}", text(&backend.stderr));
+    assert!(
+        database.exists(),
+        "the backend used POSSYNC_SERVICE__DATABASE"
+    );
+    // A misspelt section is still an error on either side.
+    let typo = possync_command(&["config", "show"])
+        .env("POSSYNC_TERMNAL__LICENSE_KEY", "STORE-1")
+        .output()
+        .expect("run");
+    assert!(!typo.status.success());
+    assert!(
+        text(&typo.stderr).contains("TERMNAL"),
+        "{}",
+        text(&typo.stderr)
+    );
 }

@@ -1,6 +1,6 @@
 //! The backend service's configuration: built-in defaults, then a TOML file
 //! (`--config`), then `POSSYNC_...` environment variables
-//! (`POSSYNC_BACKEND__DATABASE` sets `backend.database`), as for a terminal.
+//! (`POSSYNC_SERVICE__DATABASE` sets `service.database`), as for a terminal.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
     /// Where the HTTP API listens and which database holds the catalog.
-    pub backend: BackendConfig,
+    pub service: BackendConfig,
     /// How to reach the broker the relay publishes to and the direct
     /// consumer reads from.
     pub broker: BrokerConfig,
@@ -31,7 +31,7 @@ pub struct ServiceConfig {
     pub plugins: BTreeMap<String, PluginSetting>,
 }
 
-/// The `[backend]` section.
+/// The `[service]` section.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
@@ -43,7 +43,7 @@ pub struct BackendConfig {
     /// missing; one backend process at a time), or a PostgreSQL URL
     /// (`postgres://user:password@host/db`; several backend processes may
     /// share it, one of them relaying at a time). Keep a password out of
-    /// files others can read, or set `POSSYNC_BACKEND__DATABASE` instead.
+    /// files others can read, or set `POSSYNC_SERVICE__DATABASE` instead.
     pub database: String,
     /// Days an idempotency key is kept (a client's `Idempotency-Key`, and
     /// the id of each message consumed from the exchange), at least 1,
@@ -73,7 +73,7 @@ impl std::fmt::Debug for BackendConfig {
     }
 }
 
-/// Where the catalog is kept, as `backend.database` names it.
+/// Where the catalog is kept, as `service.database` names it.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseLocation {
     /// A SQLite file.
@@ -83,7 +83,7 @@ pub enum DatabaseLocation {
 }
 
 impl DatabaseLocation {
-    /// `backend.database` read: a `postgres://` or `postgresql://` URL, else
+    /// `service.database` read: a `postgres://` or `postgresql://` URL, else
     /// a SQLite file's path.
     pub fn parse(database: &str) -> Self {
         let scheme = database.split_once("://").map(|(scheme, _)| scheme);
@@ -198,7 +198,11 @@ impl ServiceConfig {
             })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(EnvText::new());
+        // A terminal's or publisher's variables (POSSYNC_TERMINAL__..., the
+        // publisher's POSSYNC_BACKEND__TOKEN) may be set in the same shell.
+        figment = figment.merge(EnvText::ignoring(&[
+            "terminal", "status", "admin", "backend",
+        ]));
         // Lossy: a number or boolean setting reads the text the environment holds.
         let config: Self = figment.extract_lossy()?;
         config.check()?;
@@ -210,15 +214,15 @@ impl ServiceConfig {
 
     fn check(&self) -> Result<(), ConfigError> {
         self.broker.check()?;
-        if self.backend.database.trim().is_empty() {
+        if self.service.database.trim().is_empty() {
             return Err(ConfigError::OutOfRange {
-                key: "backend.database",
+                key: "service.database",
                 problem: "must name a SQLite file or a postgres:// URL",
             });
         }
-        if self.backend.idempotency_days == 0 {
+        if self.service.idempotency_days == 0 {
             return Err(ConfigError::OutOfRange {
-                key: "backend.idempotency_days",
+                key: "service.idempotency_days",
                 problem: "must be at least 1",
             });
         }
@@ -269,7 +273,7 @@ impl ServiceConfig {
                 .broker
                 .urls
                 .iter()
-                .chain(std::iter::once(&self.backend.database))
+                .chain(std::iter::once(&self.service.database))
                 .any(|url| redact_url(url) != *url && text.contains(url.as_str()));
             let Ok(metadata) = std::fs::metadata(path) else {
                 return;
@@ -296,14 +300,14 @@ mod tests {
     #[test]
     fn the_defaults_listen_on_loopback_and_keep_the_catalog_in_a_sqlite_file() {
         let config = ServiceConfig::default();
-        assert_eq!(config.backend.listen.to_string(), "127.0.0.1:8480");
+        assert_eq!(config.service.listen.to_string(), "127.0.0.1:8480");
         assert_eq!(
-            config.backend.database_location(),
+            config.service.database_location(),
             DatabaseLocation::Sqlite("possync-backend.db".into())
         );
         assert!(config.direct.enabled);
         assert_eq!(config.direct.queue, "possync.backend.direct");
-        assert_eq!(config.backend.idempotency_days, 7);
+        assert_eq!(config.service.idempotency_days, 7);
     }
 
     #[test]
@@ -315,7 +319,7 @@ mod tests {
             },
             ..ServiceConfig::default()
         };
-        let location = config.backend.database_location();
+        let location = config.service.database_location();
         assert!(matches!(location, DatabaseLocation::Postgres(_)));
         assert_eq!(
             location.to_string(),
@@ -334,7 +338,7 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_an_error_that_names_the_key_and_the_file() {
-        let (_dir, path) = write("[backend]\nlisten = \"127.0.0.1:9000\"\ndatabse = \"x.db\"\n");
+        let (_dir, path) = write("[service]\nlisten = \"127.0.0.1:9000\"\ndatabse = \"x.db\"\n");
         let err = ServiceConfig::load(Some(&path))
             .expect_err("refused")
             .to_string();
@@ -353,10 +357,10 @@ mod tests {
     #[test]
     fn every_section_loads_from_a_file() {
         let (_dir, path) = write(
-            "[backend]\nlisten = \"0.0.0.0:9000\"\ndatabase = \"catalog.db\"\n\n[broker]\nurl = \"amqp://u:p@broker:5672/%2f\"\n\n[relay]\nbatch_size = 50\n\n[direct]\nqueue = \"office.direct\"\n\n[plugins]\nprice = false\n",
+            "[service]\nlisten = \"0.0.0.0:9000\"\ndatabase = \"catalog.db\"\n\n[broker]\nurl = \"amqp://u:p@broker:5672/%2f\"\n\n[relay]\nbatch_size = 50\n\n[direct]\nqueue = \"office.direct\"\n\n[plugins]\nprice = false\n",
         );
         let config = ServiceConfig::load(Some(&path)).expect("loads");
-        assert_eq!(config.backend.listen.port(), 9000);
+        assert_eq!(config.service.listen.port(), 9000);
         assert_eq!(config.relay.batch_size, 50);
         assert_eq!(config.direct.queue, "office.direct");
         assert_eq!(
@@ -370,12 +374,12 @@ mod tests {
         for (text, key) in [
             ("[relay]\nbatch_size = 0\n", "relay.batch_size"),
             (
-                "[backend]\nidempotency_days = 0\n",
-                "backend.idempotency_days",
+                "[service]\nidempotency_days = 0\n",
+                "service.idempotency_days",
             ),
             ("[direct]\nprefetch = 0\n", "direct.prefetch"),
             ("[direct]\nqueue = \"amq.x\"\n", "direct.queue"),
-            ("[backend]\ndatabase = \"\"\n", "backend.database"),
+            ("[service]\ndatabase = \"\"\n", "service.database"),
             ("[broker]\nurl = \"http://x\"\n", "broker.url"),
         ] {
             let (_dir, path) = write(text);

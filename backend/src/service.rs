@@ -21,7 +21,7 @@ use crate::storage::{Storage, StorageError};
 /// once asked to stop (a relay round waits for the broker's confirms).
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
-/// How often idempotency keys past `[backend] idempotency_days` are
+/// How often idempotency keys past `[service] idempotency_days` are
 /// forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -41,7 +41,7 @@ pub enum ServiceError {
     },
     /// The HTTP API's address cannot be listened on.
     #[error(
-        "cannot listen on {address} (backend.listen): {source}; is another backend running there? choose another address or port"
+        "cannot listen on {address} (service.listen): {source}; is another backend running there? choose another address or port"
     )]
     Listen {
         /// The address.
@@ -62,7 +62,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServiceError> {
     let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
-    let location = config.backend.database_location();
+    let location = config.service.database_location();
     let opening = |source| ServiceError::Database {
         database: location.to_string(),
         source,
@@ -96,7 +96,7 @@ pub async fn run_with<S: Storage>(
         .collect::<Vec<_>>()
         .join(", ");
     let catalog = Arc::new(Catalog::new(storage, registry));
-    let address = config.backend.listen;
+    let address = config.service.listen;
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| ServiceError::Listen { address, source })?;
@@ -105,7 +105,7 @@ pub async fn run_with<S: Storage>(
         .map_err(|source| ServiceError::Listen { address, source })?;
     events::started(
         &bound.to_string(),
-        &config.backend.database_location().to_string(),
+        &config.service.database_location().to_string(),
         &config.broker.redacted_urls(),
         &plugins,
     );
@@ -120,7 +120,7 @@ pub async fn run_with<S: Storage>(
     workers.spawn(relay.run(stopped.clone()));
     workers.spawn(prune_keys(
         Arc::clone(catalog.storage()),
-        config.backend.idempotency_days,
+        config.service.idempotency_days,
         stopped.clone(),
     ));
     if config.direct.enabled {

@@ -13,6 +13,11 @@ use crate::config_env::EnvText;
 use crate::identity::{LicenseKey, TerminalId};
 use crate::redact::{redact_config_error, redact_secrets, redact_url};
 
+/// The sections of `possync backend`'s config that a terminal's or
+/// publisher's config does not have: their environment variables are the
+/// backend's, not errors here.
+const SERVICE_SECTIONS: &[&str] = &["service", "relay", "direct"];
+
 /// Everything possync can be configured with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -539,7 +544,7 @@ impl Config {
             })?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(EnvText::new());
+        figment = figment.merge(EnvText::ignoring(SERVICE_SECTIONS));
         // Lossy: a number or boolean setting reads the text the environment holds.
         let config: Config = figment.extract_lossy()?;
         config.check()?;

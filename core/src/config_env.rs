@@ -21,10 +21,23 @@ impl EnvText {
     /// The variables of this process's environment.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
+        Self::ignoring(&[])
+    }
+
+    /// The variables of this process's environment but those of `sections`,
+    /// which belong to another possync config: a back office shell may set
+    /// `POSSYNC_SERVICE__DATABASE` for its backend and `POSSYNC_BACKEND__TOKEN`
+    /// for `possync publish`, and neither config must refuse the other's.
+    pub fn ignoring(sections: &'static [&'static str]) -> Self {
         Self(
             Env::prefixed("POSSYNC_")
                 // Only sectioned variables are config; POSSYNC_LOG and friends are not.
-                .filter(|key| key.as_str().contains("__"))
+                .filter(move |key| {
+                    let key = key.as_str();
+                    key.split_once("__").is_some_and(|(section, _)| {
+                        !sections.iter().any(|s| s.eq_ignore_ascii_case(section))
+                    })
+                })
                 .split("__"),
         )
     }
