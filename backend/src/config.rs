@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn a_postgres_url_is_a_postgres_database_and_its_password_is_never_shown() {
         let config = ServiceConfig {
-            backend: BackendConfig {
+            service: BackendConfig {
                 database: "postgres://possync:Sup3rSecret@db.example/catalog".into(),
                 ..BackendConfig::default()
             },

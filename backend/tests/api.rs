@@ -787,6 +787,12 @@ impl Storage for Unreachable {
     ) -> impl std::future::Future<Output = Result<(), StorageError>> + Send {
         down()
     }
+    fn prune_keys(
+        &self,
+        _: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<u64, StorageError>> + Send {
+        down()
+    }
     fn lead_relay(&self) -> impl std::future::Future<Output = Result<bool, StorageError>> + Send {
         down()
     }
