@@ -3,15 +3,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
 use possync_core::{
-    BrokerError, Config, InProcessBroker, LicenseKey, PublishError, Published, Publisher, Registry,
-    Status, Terminal, TerminalId, TerminalSettings,
+    BrokerError, Config, InProcessBroker, LicenseKey, PublishError, Publisher, Registry, Status,
+    Terminal, TerminalId, TerminalSettings,
 };
 use possync_sdk::{Envelope, Payload};
+
+use crate::backend_client::{BackendClient, Outgoing};
 use tokio::sync::watch;
 
 #[derive(Debug, Args)]
@@ -37,15 +40,62 @@ struct Running {
 /// What carries the demo's messages.
 enum Transport {
     Broker(Box<Publisher>),
+    /// The config names a backend: changes go to its catalog, which
+    /// sequences them and relays them to the broker the terminals read.
+    Backend(Box<Publisher>, Arc<BackendClient>),
     /// No broker answered: possync's in-process stand-in.
     InProcess(InProcessBroker),
 }
 
 impl Transport {
-    async fn publish(&self, envelopes: Vec<Envelope>) -> Result<Vec<Published>, PublishError> {
+    /// Publishes one store's changes; how many were sent, and how.
+    async fn publish(&self, envelopes: Vec<Envelope>) -> anyhow::Result<(usize, String)> {
         match self {
-            Self::Broker(publisher) => publisher.publish_envelopes(envelopes).await,
-            Self::InProcess(broker) => broker.publish_envelopes(envelopes),
+            Self::Broker(publisher) => {
+                let published = publisher.publish_envelopes(envelopes).await?;
+                Ok((
+                    published.len(),
+                    "published and confirmed by the broker".into(),
+                ))
+            }
+            Self::InProcess(broker) => {
+                let published = broker.publish_envelopes(envelopes)?;
+                Ok((published.len(), "published in-process".into()))
+            }
+            Self::Backend(_, client) => {
+                let changes = envelopes
+                    .into_iter()
+                    .map(|envelope| Outgoing {
+                        store: envelope.license_key,
+                        message_type: envelope.message_type,
+                        payload: envelope.payload,
+                    })
+                    .collect::<Vec<_>>();
+                // One run's key: a retry of this request applies it once.
+                let key = format!("demo-{}", uuid::Uuid::now_v7());
+                let client = Arc::clone(client);
+                let answered =
+                    tokio::task::spawn_blocking(move || client.submit(&changes, &key)).await??;
+                let seqs: Vec<i64> = answered.iter().filter_map(|a| a.seq).collect();
+                let range = match (seqs.first(), seqs.last()) {
+                    (Some(first), Some(last)) => format!(" as seq {first}..{last}"),
+                    _ => String::new(),
+                };
+                Ok((
+                    answered.len(),
+                    format!(
+                        "committed by the backend at {}{range}, relayed by it to the broker",
+                        self.backend_url()
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn backend_url(&self) -> &str {
+        match self {
+            Self::Backend(_, client) => client.url(),
+            _ => "",
         }
     }
 }
@@ -58,9 +108,22 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
                 publisher.broker(),
                 args.dir.display()
             );
-            Transport::Broker(Box::new(
-                publisher.with_max_message_bytes(config.terminal.max_message_bytes),
-            ))
+            let publisher =
+                Box::new(publisher.with_max_message_bytes(config.terminal.max_message_bytes));
+            match &config.backend {
+                Some(link) => {
+                    let client = BackendClient::new(link);
+                    println!(
+                        "possync demo: the back office goes through the backend at {}",
+                        client.url()
+                    );
+                    Transport::Backend(publisher, Arc::new(client))
+                }
+                None => {
+                    hint_at_a_running_backend().await;
+                    Transport::Broker(publisher)
+                }
+            }
         }
         Err(PublishError::Broker(
             BrokerError::Unreachable { .. } | BrokerError::Timeout { .. },
@@ -99,20 +162,13 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
     let mut per_store = std::collections::BTreeMap::new();
     for (license, envelopes) in [(CAFE, cafe_changes()?), (BAKERY, bakery_changes()?)] {
         per_store.insert(license, envelopes.len() as u64);
-        let published = transport
+        let (count, how) = transport
             .publish(envelopes)
             .await
             .context("publishing the demo's changes")?;
-        let confirmed = match transport {
-            Transport::Broker(_) => "published and confirmed by the broker",
-            Transport::InProcess(_) => "published in-process",
-        };
-        println!(
-            "back office -> {license}: {} changes {confirmed}",
-            published.len()
-        );
+        println!("back office -> {license}: {count} changes {how}");
     }
-    if let Transport::Broker(publisher) = transport {
+    if let Transport::Broker(publisher) | Transport::Backend(publisher, _) = transport {
         publisher.close().await;
     }
 
@@ -140,6 +196,20 @@ pub(crate) async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<ExitC
         args.dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells how to take the demo through a backend that answers on its
+/// default address while the config names none.
+async fn hint_at_a_running_backend() {
+    const DEFAULT: &str = "127.0.0.1:8480";
+    let probe = tokio::net::TcpStream::connect(DEFAULT);
+    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), probe).await {
+        println!(
+            "possync demo: something answers on {DEFAULT}, possibly `possync backend`; to go \
+             through it, run the demo with POSSYNC_BACKEND__URL=http://{DEFAULT} and \
+             POSSYNC_BACKEND__TOKEN=$(possync backend --config config/backend.toml token create demo)"
+        );
+    }
 }
 
 fn start_terminal(
@@ -172,7 +242,9 @@ fn start_terminal(
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     let task = match transport {
-        Transport::Broker(_) => tokio::spawn(terminal_runtime.run(shutdown)),
+        Transport::Broker(_) | Transport::Backend(..) => {
+            tokio::spawn(terminal_runtime.run(shutdown))
+        }
         Transport::InProcess(broker) => {
             let broker = broker.clone();
             tokio::spawn(async move { terminal_runtime.run_in_process(&broker, shutdown).await })

@@ -663,3 +663,37 @@ async fn a_message_sent_straight_to_the_exchange_reaches_terminals_and_the_catal
     assert!(log.contains("direct_refused"), "{log}");
     till.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_goes_through_a_running_backend() {
+    let mut backend = Backend::new("demo", false);
+    backend.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = possync_command(&["demo", "--dir"])
+        .arg(dir.path())
+        .env(
+            "POSSYNC_BACKEND__URL",
+            format!("http://127.0.0.1:{}", backend.api.port),
+        )
+        .env("POSSYNC_BACKEND__TOKEN", &backend.api.token)
+        .output()
+        .expect("run the demo");
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    assert!(
+        stdout.contains("the back office goes through the backend at http://127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("DEMO-CAFE: 7 changes committed by the backend"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("all terminals applied"), "{stdout}");
+    let cafe = LicenseKey::new("DEMO-CAFE").expect("valid");
+    let catalog = backend.catalog(&cafe).await;
+    assert!(
+        catalog.products.contains_key("CAP"),
+        "the catalog keeps the demo's products"
+    );
+    backend.stop().await;
+}
