@@ -164,7 +164,7 @@ impl TokenRecord {
 }
 
 /// A database operation that failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// The idempotency key was used before for a different request.
     #[error(

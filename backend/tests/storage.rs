@@ -248,6 +248,7 @@ on_every_storage!(
     a_message_id_already_in_a_stores_outbox_is_refused,
     a_store_whose_sequence_is_exhausted_refuses_the_next_change,
     idempotency_keys_older_than_the_retention_are_forgotten,
+    a_refused_submission_among_concurrent_ones_leaves_the_others_whole,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -388,6 +389,53 @@ async fn a_submission_is_stored_whole_or_not_at_all<H: Harness>() {
         [Some(2), Some(1)],
         "the failed submission gave out no number"
     );
+}
+
+async fn a_refused_submission_among_concurrent_ones_leaves_the_others_whole<H: Harness>() {
+    // Submissions that arrive together may share one commit (SQLite
+    // commits them as a group); a refused one must take only its own
+    // writes back, half-written or not.
+    let db = H::fresh().await;
+    let storage = Arc::new(db.open().await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..60 {
+        let storage = Arc::clone(&storage);
+        tasks.spawn(async move {
+            let mut changes = vec![price("A", &format!("P{n}"), 1.0)];
+            if n % 7 == 3 {
+                let mut broken = price("A", &format!("Q{n}"), 2.0);
+                broken.payload = "not JSON".into();
+                changes.push(broken);
+            }
+            (n, storage.submit(changes, None).await)
+        });
+    }
+    let mut sequenced = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (n, result) = joined.expect("the task ran");
+        match result {
+            Ok(submitted) if n % 7 != 3 => match submitted.accepted[0].outcome {
+                Outcome::Sequenced { seq } => sequenced.push(seq),
+                Outcome::Stale => panic!("submission {n} was stale"),
+            },
+            Err(StorageError::Refused(_)) if n % 7 == 3 => {
+                assert_eq!(state(storage.as_ref(), "A", &format!("P{n}")).await, None, "{n}");
+            }
+            other => panic!("submission {n}: {other:?}"),
+        }
+    }
+    sequenced.sort_unstable();
+    let expected: Vec<i64> = (1..=sequenced.len() as i64).collect();
+    assert_eq!(
+        sequenced, expected,
+        "every accepted change has its own seq, with no gap"
+    );
+    assert_eq!(
+        outbox_seqs(storage.as_ref(), "A").await,
+        expected,
+        "the outbox holds them alone"
+    );
+    assert_eq!(head(storage.as_ref(), "A").await, expected.len() as i64);
 }
 
 async fn a_stale_clock_takes_no_seq_and_writes_no_outbox_row<H: Harness>() {

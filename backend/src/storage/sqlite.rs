@@ -15,6 +15,7 @@ use std::time::Duration;
 use possync_core::unix_now_ms;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
 use super::plan::{self, Before, StoredEntity};
 use super::{
@@ -113,6 +114,8 @@ struct Inner {
     reader: Mutex<Connection>,
     /// Held while this storage lives once it leads the relay.
     relay_lock: Mutex<Option<File>>,
+    /// Submissions for the next group commit.
+    waiting: Mutex<Vec<Waiting>>,
 }
 
 impl SqliteStorage {
@@ -166,6 +169,7 @@ impl Inner {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
             relay_lock: Mutex::new(None),
+            waiting: Mutex::new(Vec::new()),
             path,
         })
     }
@@ -271,15 +275,74 @@ fn parse_state(text: &str) -> Result<Map<String, Value>, StorageError> {
     })
 }
 
+/// A submission waiting for the next group commit.
+#[derive(Debug)]
+struct Waiting {
+    changes: Vec<NewChange>,
+    key: Option<IdempotencyKey>,
+    answer: oneshot::Sender<Result<Submitted, StorageError>>,
+}
+
+impl Inner {
+    /// Commits every submission waiting, in one transaction: with
+    /// `synchronous = FULL` a commit costs a flush to disk, so submissions
+    /// that arrive while one commits share the next one instead of each
+    /// waiting for its own. Each runs in a savepoint of its own, so one
+    /// refused submission leaves the others whole; each is answered only
+    /// after the commit.
+    fn commit_waiting(&self) {
+        let mut connection = self.writer();
+        let group: Vec<Waiting> =
+            std::mem::take(&mut *self.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+        if group.is_empty() {
+            // An earlier caller's group took this one's submission.
+            return;
+        }
+        let sql = failed("cannot store the submission");
+        let mut tx = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(err) => {
+                let err = sql(err);
+                for waiting in group {
+                    let _ = waiting.answer.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let mut results = Vec::with_capacity(group.len());
+        let mut answers = Vec::with_capacity(group.len());
+        for waiting in group {
+            let result = match tx.savepoint() {
+                Ok(savepoint) => {
+                    let result = submit(&savepoint, waiting.changes, waiting.key);
+                    match &result {
+                        Ok(_) => savepoint.commit().map_err(&sql).and(result),
+                        // Dropping the savepoint rolls this submission back alone.
+                        Err(_) => result,
+                    }
+                }
+                Err(err) => Err(sql(err)),
+            };
+            results.push(result);
+            answers.push(waiting.answer);
+        }
+        let committed = tx.commit().map_err(&sql);
+        for (result, answer) in results.into_iter().zip(answers) {
+            let _ = answer.send(match &committed {
+                Ok(()) => result,
+                Err(err) => Err(err.clone()),
+            });
+        }
+    }
+}
+
+/// One submission's writes, inside the group's transaction.
 fn submit(
-    connection: &mut Connection,
+    tx: &Connection,
     changes: Vec<NewChange>,
     key: Option<IdempotencyKey>,
 ) -> Result<Submitted, StorageError> {
     let sql = failed("cannot store the submission");
-    let tx = connection
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(&sql)?;
     if let Some(key) = &key {
         let seen: Option<(String, String)> = tx
             .prepare_cached(
@@ -444,7 +507,6 @@ fn submit(
         })
         .map_err(&sql)?;
     }
-    tx.commit().map_err(&sql)?;
     Ok(Submitted {
         accepted: plan.accepted,
         replayed: false,
@@ -485,8 +547,24 @@ impl Storage for SqliteStorage {
         changes: Vec<NewChange>,
         key: Option<IdempotencyKey>,
     ) -> Result<Submitted, StorageError> {
-        self.run(move |inner| submit(&mut inner.writer(), changes, key))
-            .await
+        let (answer, answered) = oneshot::channel();
+        self.inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Waiting {
+                changes,
+                key,
+                answer,
+            });
+        self.run(|inner| {
+            inner.commit_waiting();
+            Ok(())
+        })
+        .await?;
+        answered.await.map_err(|_| {
+            StorageError::Database("the submission was lost before its commit".into())
+        })?
     }
 
     async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {
