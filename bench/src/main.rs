@@ -57,6 +57,10 @@ struct Args {
     /// Products those changes are spread over, at random.
     #[arg(long, default_value_t = 2_000)]
     collapse_products: usize,
+    /// `terminal.batch_size` and `terminal.prefetch` of both collapse
+    /// drains (default: the terminal's defaults).
+    #[arg(long)]
+    collapse_batch: Option<usize>,
     /// Scenarios to run: drain, collapse, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -228,11 +232,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if wants("collapse") {
-        let mut trials = Vec::new();
-        for _ in 0..args.rounds {
-            trials.push(collapse(&args, dir.path()).await?);
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            let mut trials = Vec::new();
+            for _ in 0..args.rounds {
+                trials.push(collapse(&args, dir.path(), queue_type).await?);
+            }
+            report(median_row(trials), &mut rows);
         }
-        report(median_row(trials), &mut rows);
     }
     if wants("live") {
         for feed in [Feed::Possync, Feed::Raw] {
@@ -548,7 +554,11 @@ fn drain_rows(n: usize, queue_type: QueueType, rounds: &[DrainRound]) -> Vec<Row
 /// A backlog of `--collapse-messages` changes over `--collapse-products`
 /// products in random order (sequenced, as the backend relays them), drained
 /// with backlog collapse and without, by the same terminal settings.
-async fn collapse(args: &Args, dir: &std::path::Path) -> anyhow::Result<Trial> {
+async fn collapse(
+    args: &Args,
+    dir: &std::path::Path,
+    queue_type: QueueType,
+) -> anyhow::Result<Trial> {
     let n = args.collapse_messages;
     let products = args.collapse_products;
     let connection = workload::connect(&args.url).await?;
@@ -573,6 +583,10 @@ async fn collapse(args: &Args, dir: &std::path::Path) -> anyhow::Result<Trial> {
         );
         if !collapsing {
             config.terminal.collapse_min_batch = 0;
+        }
+        if let Some(batch) = args.collapse_batch {
+            config.terminal.batch_size = batch;
+            config.terminal.prefetch = u16::try_from(batch).unwrap_or(u16::MAX);
         }
         possync_side::start(config.clone()).await?.stop().await?;
         let order = workload::shuffled(products);
@@ -599,7 +613,8 @@ async fn collapse(args: &Args, dir: &std::path::Path) -> anyhow::Result<Trial> {
     };
     Ok(Trial {
         scenario: format!(
-            "backlog collapse, {n} changes over {products} products, classic queue (baseline column: possync without collapsing)"
+            "backlog collapse, {n} changes over {products} products, {} queue (baseline column: possync without collapsing)",
+            format!("{queue_type:?}").to_lowercase()
         ),
         count: n,
         possync: with,
