@@ -555,6 +555,7 @@ async fn old_bookkeeping_is_pruned_while_the_terminal_runs() {
         .db()
         .execute_batch(
             "INSERT INTO possync_applied (message_id, applied_at) VALUES ('long-ago', 0);
+             INSERT INTO possync_publishers (publisher_id, last_seq, applied_at) VALUES ('long-ago', 3, 0);
              INSERT INTO possync_quarantine (received_at, routing_key, reason, body)
                  VALUES (0, 'license.x.y', 'long ago', x'00');",
         )
@@ -576,14 +577,21 @@ async fn old_bookkeeping_is_pruned_while_the_terminal_runs() {
         ) == 0
             && count(
                 &db,
+                "SELECT count(*) FROM possync_publishers WHERE applied_at = 0",
+            ) == 0
+            && count(
+                &db,
                 "SELECT count(*) FROM possync_quarantine WHERE received_at = 0",
             ) == 0
     })
     .await;
     assert_eq!(
-        count(&terminal.db(), "SELECT count(*) FROM possync_applied"),
-        5,
-        "recent ids are kept"
+        count(
+            &terminal.db(),
+            "SELECT count(*) FROM possync_publishers WHERE last_seq = 5"
+        ),
+        1,
+        "the publisher heard from now is kept"
     );
     publisher.close().await;
     terminal.stop().await;

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use possync_catalog as _;
 
 use crate::baseline::BaselineQueue;
-use crate::workload::{license, price_update};
+use crate::workload::{Format, in_turn, license, price_update};
 
 /// Benchmarks possync end to end against the local RabbitMQ, side by side
 /// with a raw lapin baseline, and prints a table.
@@ -51,7 +51,17 @@ struct Args {
     /// seconds, so one round is easily off by 15% or more.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
-    /// Scenarios to run: drain, live, latency, fanout (default: all).
+    /// Changes in the backlog-collapse scenario.
+    #[arg(long, default_value_t = 100_000)]
+    collapse_messages: usize,
+    /// Products those changes are spread over, at random.
+    #[arg(long, default_value_t = 2_000)]
+    collapse_products: usize,
+    /// `terminal.batch_size` and `terminal.prefetch` of both collapse
+    /// drains (default: the terminal's defaults).
+    #[arg(long)]
+    collapse_batch: Option<usize>,
+    /// Scenarios to run: drain, collapse, live, latency, fanout (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run one side of one scenario, once, then stop: for profiling one
@@ -96,6 +106,7 @@ fn rate_row(scenario: String, count: usize, possync: Duration, baseline: Duratio
 }
 
 /// A phase's wall time and the CPU this process spent in it.
+#[derive(Debug, Clone)]
 struct Measured {
     elapsed: Duration,
     cpu_us: u64,
@@ -211,9 +222,20 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("drain") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            let mut rounds = Vec::new();
+            for round in 0..args.rounds as usize {
+                rounds.push(drain(&args, dir.path(), queue_type, round).await?);
+            }
+            for row in drain_rows(args.messages, queue_type, &rounds) {
+                report(row, &mut rows);
+            }
+        }
+    }
+    if wants("collapse") {
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
             let mut trials = Vec::new();
             for _ in 0..args.rounds {
-                trials.push(drain(&args, dir.path(), queue_type).await?);
+                trials.push(collapse(&args, dir.path(), queue_type).await?);
             }
             report(median_row(trials), &mut rows);
         }
@@ -406,23 +428,29 @@ fn baseline_kind(queue_type: QueueType) -> BaselineQueue {
     }
 }
 
+/// One round of the drain scenario: the baseline and possync on each
+/// format of the same changes.
+struct DrainRound {
+    baseline: Measured,
+    possync: Vec<(Format, Measured)>,
+}
+
+/// The formats a drain measures, each against the same baseline.
+const FORMATS: [Format; 3] = [Format::Original, Format::Publisher, Format::Sequenced];
+
 /// N changes wait in the queue; the consumer starts; time until all are
-/// applied and acknowledged.
-async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> anyhow::Result<Trial> {
+/// applied and acknowledged: the raw baseline once, then possync on each
+/// wire format (the formats in a different order each round, so that
+/// drift over the run falls on each alike). Collapsing is off: the drain
+/// measures what applying every change costs.
+async fn drain(
+    args: &Args,
+    dir: &std::path::Path,
+    queue_type: QueueType,
+    round: usize,
+) -> anyhow::Result<DrainRound> {
     let n = args.messages;
     let connection = workload::connect(&args.url).await?;
-    progress(&format!("backlog drain, {queue_type:?} queue: possync"));
-    let key = license("drain");
-    let config = possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
-    // Started once so that its queue exists and keeps what is published.
-    possync_side::start(config.clone()).await?.stop().await?;
-    workload::publish_price_updates(&connection, &key, n, 1000).await?;
-    let watch_possync = Stopwatch::start();
-    let mut terminal = possync_side::start(config).await?;
-    terminal.wait_applied(n as u64).await?;
-    let possync_time = watch_possync.stop();
-    terminal.stop_and_delete(&connection).await?;
-
     progress(&format!("backlog drain, {queue_type:?} queue: baseline"));
     let key = license("drain-base");
     let queue = format!("bench.baseline.{key}");
@@ -442,16 +470,155 @@ async fn drain(args: &Args, dir: &std::path::Path, queue_type: QueueType) -> any
     )
     .await?;
     consumer.applied.wait_for(|a| *a >= n as u64).await?;
-    let baseline_time = watch_baseline.stop();
+    let baseline = watch_baseline.stop();
     let _ = stop.send(true);
     consumer.task.await??;
     workload::delete_queues(&connection, &[queue]).await;
-    workload::close([connection, consumer_connection]).await;
+    workload::close([consumer_connection]).await;
+
+    let mut possync = Vec::new();
+    for turn in 0..FORMATS.len() {
+        let format = FORMATS[(turn + round) % FORMATS.len()];
+        progress(&format!(
+            "backlog drain, {queue_type:?} queue: possync, {}",
+            format.name()
+        ));
+        let key = license("drain");
+        let mut config =
+            possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
+        config.terminal.collapse_min_batch = 0;
+        // Started once so that its queue exists and keeps what is published.
+        possync_side::start(config.clone()).await?.stop().await?;
+        workload::publish_backlog(&connection, &config.broker, &key, n, format, in_turn).await?;
+        let stopwatch = Stopwatch::start();
+        let mut terminal = possync_side::start(config).await?;
+        terminal.wait_applied(n as u64).await?;
+        possync.push((format, stopwatch.stop()));
+        terminal.stop_and_delete(&connection).await?;
+    }
+    workload::close([connection]).await;
+    Ok(DrainRound { baseline, possync })
+}
+
+/// The drain's rows: each format against the baseline, then possync's
+/// publisher format and the sequenced format against the original one.
+fn drain_rows(n: usize, queue_type: QueueType, rounds: &[DrainRound]) -> Vec<Row> {
+    let queue = format!("{queue_type:?}").to_lowercase();
+    let took = |round: &DrainRound, format: Format| {
+        round
+            .possync
+            .iter()
+            .find(|(f, _)| *f == format)
+            .map(|(_, measured)| measured.clone())
+    };
+    let mut rows = Vec::new();
+    for format in FORMATS {
+        let trials = rounds
+            .iter()
+            .filter_map(|round| {
+                Some(Trial {
+                    scenario: format!(
+                        "backlog drain, {n} changes, {queue} queue, {}",
+                        format.name()
+                    ),
+                    count: n,
+                    possync: took(round, format)?,
+                    baseline: round.baseline.clone(),
+                    memory_kib: None,
+                })
+            })
+            .collect();
+        rows.push(median_row(trials));
+    }
+    for format in [Format::Publisher, Format::Sequenced] {
+        let trials = rounds
+            .iter()
+            .filter_map(|round| {
+                Some(Trial {
+                    scenario: format!(
+                        "backlog drain, {queue} queue: {} / original format (both possync; baseline column: original)",
+                        format.name()
+                    ),
+                    count: n,
+                    possync: took(round, format)?,
+                    baseline: took(round, Format::Original)?,
+                    memory_kib: None,
+                })
+            })
+            .collect();
+        rows.push(median_row(trials));
+    }
+    rows
+}
+
+/// A backlog of `--collapse-messages` changes over `--collapse-products`
+/// products in random order (sequenced, as the backend relays them), drained
+/// with backlog collapse and without, by the same terminal settings.
+async fn collapse(
+    args: &Args,
+    dir: &std::path::Path,
+    queue_type: QueueType,
+) -> anyhow::Result<Trial> {
+    let n = args.collapse_messages;
+    let products = args.collapse_products;
+    let connection = workload::connect(&args.url).await?;
+    let mut took = Vec::new();
+    for collapsing in [true, false] {
+        progress(&format!(
+            "backlog collapse, {n} changes over {products} products: {}",
+            if collapsing {
+                "collapsing"
+            } else {
+                "not collapsing"
+            }
+        ));
+        let key = license("collapse");
+        let mut config = possync_side::config(
+            &args.url,
+            dir,
+            &key,
+            "t1",
+            QueueType::Classic,
+            Delivery::Durable,
+        );
+        if !collapsing {
+            config.terminal.collapse_min_batch = 0;
+        }
+        if let Some(batch) = args.collapse_batch {
+            config.terminal.batch_size = batch;
+            config.terminal.prefetch = u16::try_from(batch).unwrap_or(u16::MAX);
+        }
+        possync_side::start(config.clone()).await?.stop().await?;
+        let order = workload::shuffled(products);
+        workload::publish_backlog(
+            &connection,
+            &config.broker,
+            &key,
+            n,
+            Format::Sequenced,
+            order,
+        )
+        .await?;
+        let stopwatch = Stopwatch::start();
+        let mut terminal = possync_side::start(config).await?;
+        terminal.wait_applied(n as u64).await?;
+        took.push(stopwatch.stop());
+        let collapsed = terminal.status.borrow().collapsed;
+        progress(&format!("{collapsed} changes collapsed"));
+        terminal.stop_and_delete(&connection).await?;
+    }
+    workload::close([connection]).await;
+    let (Some(without), Some(with)) = (took.pop(), took.pop()) else {
+        anyhow::bail!("both drains ran");
+    };
     Ok(Trial {
-        scenario: format!("backlog drain, {n} changes, {queue_type:?} queue").to_lowercase(),
+        scenario: format!(
+            "backlog collapse, {n} changes over {products} products, {} queue (baseline column: possync without collapsing)",
+            format!("{queue_type:?}").to_lowercase()
+        ),
         count: n,
-        possync: possync_time,
-        baseline: baseline_time,
+        possync: with,
+        baseline: without,
         memory_kib: None,
     })
 }

@@ -22,13 +22,116 @@ pub(crate) fn now_micros() -> i64 {
 /// baseline its commits' disk writes and fsyncs.
 pub(crate) fn price_update(license: &LicenseKey, i: usize, message_type: &str) -> Vec<u8> {
     format!(
-        r#"{{"type":"{message_type}","license_key":"{license}","payload":{{"product_id":"P{:04}","new_price":{}.{:02},"sent_at_us":{}}},"timestamp":"2025-11-27T10:30:00Z"}}"#,
-        i % PRODUCTS,
+        r#"{{"type":"{message_type}","license_key":"{license}","payload":{},"timestamp":"2025-11-27T10:30:00Z"}}"#,
+        price_payload(i, i % PRODUCTS)
+    )
+    .into_bytes()
+}
+
+/// The payload of change `i`, a price no earlier change set, for product `product`.
+fn price_payload(i: usize, product: usize) -> String {
+    format!(
+        r#"{{"product_id":"P{product:04}","new_price":{}.{:02},"sent_at_us":{}}}"#,
         i / 100,
         i % 100,
         now_micros()
     )
-    .into_bytes()
+}
+
+/// What a backlog's messages carry besides the original four fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `type`, `license_key`, `payload`, `timestamp`: the original back office.
+    Original,
+    /// What possync's publisher sends (`possync publish bulk`): also
+    /// `message_id`, `version`, `publisher_id` and `publisher_seq`.
+    Publisher,
+    /// What the backend's relay sends: also `message_id` and `seq`.
+    Sequenced,
+}
+
+impl Format {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Original => "original format",
+            Self::Publisher => "possync publisher format",
+            Self::Sequenced => "sequenced format",
+        }
+    }
+}
+
+/// Publishes `count` price changes to `license` in `format`, each for the
+/// product `product(i)`: with possync's own publisher for its format, else
+/// with the raw publisher, bodies as the backend's relay or the original
+/// back office writes them.
+pub(crate) async fn publish_backlog(
+    connection: &Connection,
+    broker: &possync_core::BrokerConfig,
+    license: &LicenseKey,
+    count: usize,
+    format: Format,
+    product: impl Fn(usize) -> usize,
+) -> anyhow::Result<()> {
+    let routing_key = format!("license.{license}.price_update");
+    match format {
+        Format::Original => {
+            let bodies = (0..count).map(|i| {
+                format!(
+                    r#"{{"type":"price_update","license_key":"{license}","payload":{},"timestamp":"2025-11-27T10:30:00Z"}}"#,
+                    price_payload(i, product(i))
+                )
+                .into_bytes()
+            });
+            publish_raw(connection, &routing_key, bodies, 1000).await?;
+        }
+        Format::Sequenced => {
+            let bodies = (0..count).map(|i| {
+                format!(
+                    r#"{{"type":"price_update","license_key":"{license}","payload":{},"timestamp":"2025-11-27T10:30:00Z","message_id":"{}","seq":{}}}"#,
+                    price_payload(i, product(i)),
+                    uuid::Uuid::now_v7(),
+                    i + 1
+                )
+                .into_bytes()
+            });
+            publish_raw(connection, &routing_key, bodies, 1000).await?;
+        }
+        Format::Publisher => {
+            let publisher = possync_core::Publisher::connect(broker).await?;
+            let mut envelopes = Vec::with_capacity(count);
+            for i in 0..count {
+                let payload =
+                    serde_json::value::RawValue::from_string(price_payload(i, product(i)))?;
+                envelopes.push(possync_sdk::Envelope::with_raw_payload(
+                    "price_update",
+                    license.as_str(),
+                    payload,
+                ));
+            }
+            publisher.publish_envelopes(envelopes).await?;
+            publisher.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// Products in the order a busy back office changes them: each change
+/// picks one of `products` at random (a fixed sequence, the same every run).
+pub(crate) fn shuffled(products: usize) -> impl Fn(usize) -> usize {
+    move |i| {
+        // SplitMix64 of the change's index.
+        let mut x = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x % products as u64) as usize
+    }
+}
+
+/// Products in turn, `0, 1, ..., PRODUCTS - 1, 0, ...`: no product changes
+/// twice within a thousand changes, so nothing collapses.
+pub(crate) fn in_turn(i: usize) -> usize {
+    i % PRODUCTS
 }
 
 /// A license key no earlier run used.

@@ -251,9 +251,17 @@ impl Publisher {
     /// returns once the broker confirmed them all, or at the first message
     /// it refused (those before it are confirmed, those after it unknown).
     ///
+    /// Each message goes out with `publisher_id` and `publisher_seq`, the
+    /// connection's id and the message's number on it, by which terminals
+    /// drop a copy without a record per message; a message whose caller
+    /// chose its `message_id` (its retry key) or that carries a `seq` goes
+    /// without them, and terminals record its id instead.
+    ///
     /// If the connection drops, the publisher reconnects and sends every
-    /// unconfirmed message again with its original `message_id`, so a
-    /// message the broker had in fact received applies only once.
+    /// unconfirmed message again with its original `message_id` and
+    /// `version`, numbered anew on the new connection: a message the broker
+    /// had in fact received changes nothing the second time (its version is
+    /// not newer), and no message is ever taken for a copy of another.
     pub async fn publish_envelopes(
         &self,
         envelopes: impl IntoIterator<Item = Envelope>,
