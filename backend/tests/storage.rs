@@ -419,7 +419,11 @@ async fn a_refused_submission_among_concurrent_ones_leaves_the_others_whole<H: H
                 Outcome::Stale => panic!("submission {n} was stale"),
             },
             Err(StorageError::Refused(_)) if n % 7 == 3 => {
-                assert_eq!(state(storage.as_ref(), "A", &format!("P{n}")).await, None, "{n}");
+                assert_eq!(
+                    state(storage.as_ref(), "A", &format!("P{n}")).await,
+                    None,
+                    "{n}"
+                );
             }
             other => panic!("submission {n}: {other:?}"),
         }

@@ -5,6 +5,7 @@
 //!
 //! cargo run --release -p possync-bench -- --help
 
+mod backend;
 mod baseline;
 mod possync_side;
 mod workload;
@@ -61,7 +62,8 @@ struct Args {
     /// drains (default: the terminal's defaults).
     #[arg(long)]
     collapse_batch: Option<usize>,
-    /// Scenarios to run: drain, collapse, live, latency, fanout (default: all).
+    /// Scenarios to run: drain, collapse, live, latency, backend, fanout
+    /// (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run one side of one scenario, once, then stop: for profiling one
@@ -254,6 +256,20 @@ async fn main() -> anyhow::Result<()> {
     if wants("latency") {
         for per_second in [1000, 5000] {
             report(latency(&args, dir.path(), per_second).await?, &mut rows);
+        }
+    }
+    if wants("backend") {
+        let dir = dir.path();
+        report(
+            backend::latency(&args.url, &dir.join("latency"), args.latency_seconds, 1000).await?,
+            &mut rows,
+        );
+        for (batch, clients) in [(100, 1), (100, 2), (500, 2)] {
+            let scenario = dir.join(format!("accept-{batch}-{clients}"));
+            report(
+                backend::accept(&args.url, &scenario, 100_000, batch, clients).await?,
+                &mut rows,
+            );
         }
     }
     if wants("fanout") {

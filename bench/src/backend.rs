@@ -1,0 +1,258 @@
+//! `possync backend` in the loop: the service runs in this process over a
+//! SQLite file, as `possync backend` runs it, and back office clients talk
+//! to its HTTP API as any app would.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use possync_backend::{ServiceConfig, SqliteStorage, Storage};
+use possync_core::{Delivery, QueueType, Registry};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::workload::{self, license, now_micros};
+use crate::{Row, latency_text, paced, possync_side, progress};
+
+/// A backend serving on loopback until dropped.
+struct RunningBackend {
+    base: String,
+    token: String,
+    storage: Arc<SqliteStorage>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), possync_backend::ServiceError>>,
+}
+
+impl RunningBackend {
+    async fn start(url: &str, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let storage = Arc::new(SqliteStorage::open(dir.join("backend.db")).await?);
+        let token = possync_backend::token::create_token(storage.as_ref(), "bench", &[])
+            .await?
+            .token;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut config = ServiceConfig::default();
+        config.service.listen = format!("127.0.0.1:{port}").parse()?;
+        config.broker.urls = vec![url.to_owned()];
+        config.direct.enabled = false;
+        let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(possync_backend::run_with(
+            config,
+            Arc::clone(&storage),
+            registry,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        let base = format!("http://127.0.0.1:{port}");
+        let health = format!("{base}/health");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = health.clone();
+            let up = tokio::task::spawn_blocking(move || ureq::get(&health).call().is_ok()).await?;
+            if up {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the backend did not serve within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            base,
+            token,
+            storage,
+            stop,
+            task,
+        })
+    }
+
+    fn client(&self) -> Client {
+        Client {
+            agent: ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into(),
+            url: format!("{}/v1/changes", self.base),
+            authorization: format!("Bearer {}", self.token),
+        }
+    }
+
+    /// Waits until the relay has every change of every store confirmed.
+    async fn wait_relayed(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let heads = self.storage.heads().await?;
+            if heads.iter().all(|h| h.unpublished == 0) {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the relay did not finish");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// A back office app's connection to the API.
+#[derive(Clone)]
+struct Client {
+    agent: ureq::Agent,
+    url: String,
+    authorization: String,
+}
+
+impl Client {
+    /// Submits `changes` in one request; returns once they are durable.
+    async fn submit(&self, changes: Vec<serde_json::Value>) -> anyhow::Result<()> {
+        let client = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let body = serde_json::to_vec(&json!({ "changes": changes }))?;
+            let response = client
+                .agent
+                .post(&client.url)
+                .header("Authorization", &client.authorization)
+                .header("Content-Type", "application/json")
+                .send(&body[..])?;
+            anyhow::ensure!(response.status() == 200, "answered {}", response.status());
+            Ok(())
+        })
+        .await?
+    }
+}
+
+fn price_change(store: &str, i: usize, message_type: &str, sent_at_us: i64) -> serde_json::Value {
+    json!({
+        "store": store,
+        "type": message_type,
+        "payload": {
+            "product_id": format!("P{}", i % 2000),
+            "product_name": format!("Product {}", i % 2000),
+            "new_price": 1.0 + (i % 1000) as f64 / 100.0,
+            "sent_at_us": sent_at_us,
+        },
+    })
+}
+
+/// Submit-to-applied latency: each change submitted alone, as a back
+/// office app does when a user saves a price, `per_second` a second, each
+/// from its own request in flight; measured from the submit to the
+/// terminal's commit and ack of the change the relay published.
+pub(crate) async fn latency(
+    url: &str,
+    dir: &Path,
+    seconds: u64,
+    per_second: usize,
+) -> anyhow::Result<Row> {
+    let total = per_second * usize::try_from(seconds).unwrap_or(5);
+    progress(&format!("backend submit→applied latency at {per_second}/s"));
+    let backend = RunningBackend::start(url, dir).await?;
+    let store = license("backend-latency");
+    let config = possync_side::config(
+        url,
+        dir,
+        &store,
+        "t1",
+        QueueType::Classic,
+        Delivery::Durable,
+    );
+    let terminal = possync_side::start(config).await?;
+    let collector = tokio::spawn(possync_side::collect_latencies(
+        terminal.status.clone(),
+        total as u64,
+    ));
+    let client = backend.client();
+    let mut requests = tokio::task::JoinSet::new();
+    paced(per_second, total, |i| {
+        let change = price_change(store.as_str(), i, "bench_price_update", now_micros());
+        let client = client.clone();
+        requests.spawn(async move { client.submit(vec![change]).await });
+        async { Ok(()) }
+    })
+    .await?;
+    while let Some(answered) = requests.join_next().await {
+        answered??;
+    }
+    let latencies = tokio::time::timeout(Duration::from_secs(60), collector).await??;
+    let connection = workload::connect(url).await?;
+    terminal.stop_and_delete(&connection).await?;
+    workload::close([connection]).await;
+    backend.stop().await?;
+    Ok(Row {
+        scenario: format!(
+            "latency submit→applied through the backend at {per_second}/s, one change per request (SQLite, synchronous=FULL)"
+        ),
+        possync: latency_text(latencies),
+        baseline: "-".into(),
+        ratio: "-".into(),
+    })
+}
+
+/// How many changes a second the backend takes, each durable before its
+/// answer, from `clients` apps each sending batches of `batch`; beside
+/// it the rate at which the relay then had them all confirmed by the broker.
+pub(crate) async fn accept(
+    url: &str,
+    dir: &Path,
+    total: usize,
+    batch: usize,
+    clients: usize,
+) -> anyhow::Result<Row> {
+    progress(&format!(
+        "backend accepts {total} changes in batches of {batch} from {clients} clients"
+    ));
+    let backend = RunningBackend::start(url, dir).await?;
+    let stores: Vec<String> = (0..10)
+        .map(|i| license(&format!("backend-accept-{i}")).to_string())
+        .collect();
+    let per_client = total / clients;
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let client = backend.client();
+        let stores = stores.clone();
+        senders.spawn(async move {
+            let mut sent = 0;
+            while sent < per_client {
+                let changes = (sent..(sent + batch).min(per_client))
+                    .map(|i| {
+                        let n = c * per_client + i;
+                        price_change(&stores[n % stores.len()], n, "price_update", 0)
+                    })
+                    .collect::<Vec<_>>();
+                sent += changes.len();
+                client.submit(changes).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = senders.join_next().await {
+        done??;
+    }
+    let accepted = started.elapsed();
+    backend.wait_relayed().await?;
+    let relayed = started.elapsed();
+    backend.stop().await?;
+    let count = per_client * clients;
+    let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
+    Ok(Row {
+        scenario: format!(
+            "backend accepts {count} changes, batches of {batch} from {clients} clients (SQLite, durable before the answer)"
+        ),
+        possync: format!(
+            "{:.0} changes/s accepted · all relayed and confirmed at {:.0} changes/s",
+            rate(accepted),
+            rate(relayed)
+        ),
+        baseline: "-".into(),
+        ratio: "-".into(),
+    })
+}
