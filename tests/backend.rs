@@ -506,8 +506,14 @@ async fn a_change_for_a_store_without_terminals_is_kept_in_the_catalog_and_count
     // queue receives its messages) is no error: its change is accepted,
     // kept in the catalog, and the relay goes on.
     let store = unique_license("noterm");
-    // Without the direct queue (bound to license.#), nothing receives the message.
+    // Without the direct queue (bound to license.#), and on an exchange of
+    // this test's own, so that no other test's queue receives it either,
+    // nothing receives the message.
     let mut backend = Backend::new("noterm", false);
+    let exchange = format!("possync.test.noterm.{}", uuid::Uuid::now_v7().simple());
+    let mut config = std::fs::read_to_string(&backend.config).expect("the backend's config");
+    config.push_str(&format!("\n[broker]\nexchange = {exchange:?}\n"));
+    std::fs::write(&backend.config, config).expect("write the backend's config");
     backend.start().await;
     let (status, answer) = backend
         .api
@@ -526,6 +532,13 @@ async fn a_change_for_a_store_without_terminals_is_kept_in_the_catalog_and_count
     assert_eq!(catalog.products["P1"].1, 4.2);
     let log = backend.stop().await;
     assert!(!log.contains("relay_failed"), "{log}");
+    let connection = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
