@@ -95,7 +95,9 @@ pub async fn run_with<S: Storage>(
         .map(|p| p.name.clone())
         .collect::<Vec<_>>()
         .join(", ");
-    let catalog = Arc::new(Catalog::new(storage, registry));
+    let catalog = Arc::new(
+        Catalog::new(storage, registry).with_max_message_bytes(config.relay.max_message_bytes),
+    );
     let address = config.service.listen;
     let listener = TcpListener::bind(address)
         .await
