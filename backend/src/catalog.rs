@@ -177,6 +177,11 @@ impl<S: Storage> Catalog<S> {
                     err => err.to_string(),
                 })
             })?;
+        if holds_nul(&request.payload) {
+            return Err(invalid(
+                "the payload holds a NUL character (\\u0000), which the catalog's database cannot store; remove it from the payload's text".into(),
+            ));
+        }
         let entity = match self.registry.entity_rule(&request.message_type) {
             Some(rule) => Some(
                 rule.change(&request.payload)
@@ -244,6 +249,25 @@ impl<S: Storage> Catalog<S> {
         types.sort();
         types
     }
+}
+
+/// Whether JSON text holds the escape `\u0000`: PostgreSQL refuses the
+/// character in text and JSON, so no database of the catalog takes it.
+fn holds_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1..i + 6) == Some(b"u0000") {
+                return true;
+            }
+            // Skip the escaped character, an escaped backslash included.
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 /// The size of the message the relay publishes for a change, at most: its
@@ -508,5 +532,28 @@ mod tests {
             measured - actual <= 32,
             "close to the real size: {measured} vs {actual}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_payload_holding_a_nul_character_is_refused_on_every_database() {
+        let catalog = catalog().await;
+        let mut change = price("S1", "P", 1.0);
+        change.payload = r#"{"product_id": "P\u0000", "new_price": 1.0}"#.into();
+        let err = catalog
+            .submit(vec![change], None)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("NUL") && err.contains("u0000"), "{err}");
+        assert!(catalog.storage().heads().await.expect("heads").is_empty());
+    }
+
+    #[test]
+    fn only_an_escaped_nul_counts_not_an_escaped_backslash_before_u0000() {
+        assert!(holds_nul(r#"{"a": "x\u0000"}"#));
+        assert!(holds_nul(r#"{"a\u0000": 1}"#));
+        assert!(holds_nul(r#"{"a": "\\\u0000"}"#));
+        assert!(!holds_nul(r#"{"a": "\\u0000"}"#));
+        assert!(!holds_nul(r#"{"a": "u0000 \u0001"}"#));
     }
 }

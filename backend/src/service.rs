@@ -139,12 +139,12 @@ pub async fn run_with<S: Storage>(
         workers.spawn(direct.run(stopped.clone()));
     }
 
-    let mut api_stopped = stopped.clone();
-    let server = axum::serve(listener, crate::api::router(Arc::clone(&catalog)))
-        .with_graceful_shutdown(async move {
-            let _ = api_stopped.wait_for(|stop| *stop).await;
-        })
-        .into_future();
+    let server = crate::serve::serve(
+        listener,
+        crate::api::router(Arc::clone(&catalog)),
+        crate::serve::Limits::default(),
+        stopped.clone(),
+    );
     let mut server = std::pin::pin!(server);
     let served = tokio::select! {
         () = shutdown => None,

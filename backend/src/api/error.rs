@@ -91,6 +91,17 @@ impl ApiError {
         )
     }
 
+    /// 408: the request took longer than the server waits.
+    pub(super) fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request was not received and answered within {} s; send it again (a submission with the same Idempotency-Key is applied at most once)",
+                limit.as_secs()
+            ),
+        )
+    }
+
     /// 413: the body is larger than the API reads.
     pub(super) fn too_large(limit: usize) -> Self {
         Self::new(
