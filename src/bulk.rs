@@ -15,6 +15,10 @@ use crate::fields::{self, Field};
 /// Messages confirmed between two progress updates.
 const CHUNK: usize = 500;
 
+/// The most bytes of changes one request to the backend carries: three
+/// quarters of the API's body limit, leaving room for the request's framing.
+const BATCH_BYTES: usize = possync_backend::api::MAX_BODY_BYTES / 4 * 3;
+
 /// A change read from the file: its line number, type and payload.
 pub(crate) type Change = (usize, String, serde_json::Value);
 
@@ -258,8 +262,9 @@ pub(crate) struct Submitted {
 }
 
 /// Submits every good change for every store through the backend, in
-/// batches of [`CHUNK`] changes (one transaction each) with an idempotency
-/// key per batch, so that the client's retries never apply a batch twice.
+/// batches of at most [`CHUNK`] changes and [`BATCH_BYTES`] bytes (one
+/// transaction each) with an idempotency key per batch, so that the client's
+/// retries never apply a batch twice.
 pub(crate) fn submit(
     client: &BackendClient,
     changes: &[Change],
@@ -268,24 +273,40 @@ pub(crate) fn submit(
     let mut progress = Progress::new((changes.len() * stores.len()) as u64);
     let run = uuid::Uuid::now_v7();
     let mut submitted = Submitted::default();
+    let payloads: Result<Vec<_>, _> = changes
+        .iter()
+        .map(|(_, _, payload)| serde_json::value::to_raw_value(payload))
+        .collect();
+    let payloads = match payloads {
+        Ok(payloads) => payloads,
+        Err(err) => {
+            let err = anyhow::Error::from(err);
+            for store in stores {
+                submitted
+                    .failed
+                    .push((store.clone(), anyhow::anyhow!("{err:#}")));
+            }
+            return submitted;
+        }
+    };
     for store in stores {
+        let outgoing: Vec<Outgoing> = changes
+            .iter()
+            .zip(&payloads)
+            .map(|((_, message_type, _), payload)| Outgoing {
+                store: store.as_str().to_owned(),
+                message_type: message_type.clone(),
+                payload: payload.clone(),
+            })
+            .collect();
+        let sizes = outgoing.iter().map(encoded_size);
         let mut head = None;
-        for (index, chunk) in changes.chunks(CHUNK.min(MAX_BATCH)).enumerate() {
-            let batch: Result<Vec<Outgoing>, _> = chunk
-                .iter()
-                .map(|(_, message_type, payload)| {
-                    Ok::<_, serde_json::Error>(Outgoing {
-                        store: store.as_str().to_owned(),
-                        message_type: message_type.clone(),
-                        payload: serde_json::value::to_raw_value(payload)?,
-                    })
-                })
-                .collect();
+        for (index, range) in batches(sizes, CHUNK.min(MAX_BATCH), BATCH_BYTES)
+            .into_iter()
+            .enumerate()
+        {
             let key = format!("bulk-{run}-{store}-{index}");
-            match batch
-                .map_err(anyhow::Error::from)
-                .and_then(|batch| client.submit(&batch, &key))
-            {
+            match client.submit(&outgoing[range], &key) {
                 Ok(answered) => {
                     for change in &answered {
                         match change.seq {
@@ -310,6 +331,36 @@ pub(crate) fn submit(
     }
     progress.finish();
     submitted
+}
+
+/// A change's size in a request's body, with the comma after it.
+fn encoded_size(change: &Outgoing) -> usize {
+    // Serializing strings and JSON text already checked does not fail.
+    serde_json::to_vec(change).map_or(0, |body| body.len()) + 1
+}
+
+/// Consecutive batches of the changes of `sizes`, each of at most `count`
+/// changes and `bytes` bytes; a change larger than `bytes` goes alone (and
+/// the backend says what to do about it).
+fn batches(
+    sizes: impl Iterator<Item = usize>,
+    count: usize,
+    bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut batches = Vec::new();
+    let (mut start, mut end, mut filled) = (0, 0, 0);
+    for size in sizes {
+        if end > start && (end - start == count || filled + size > bytes) {
+            batches.push(start..end);
+            (start, filled) = (end, 0);
+        }
+        filled += size;
+        end += 1;
+    }
+    if end > start {
+        batches.push(start..end);
+    }
+    batches
 }
 
 /// Publishes every good change to every store; returns how many were
@@ -340,4 +391,21 @@ pub(crate) async fn publish(
     }
     progress.finish();
     (confirmed, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches;
+
+    #[test]
+    fn batches_end_at_the_count_or_the_bytes_whichever_comes_first() {
+        assert_eq!(batches([10; 5].into_iter(), 2, 100), [0..2, 2..4, 4..5]);
+        assert_eq!(batches([40, 40, 40, 10].into_iter(), 10, 100), [0..2, 2..4]);
+        assert_eq!(
+            batches([150, 10, 150].into_iter(), 10, 100),
+            [0..1, 1..2, 2..3],
+            "a change larger than the bytes goes alone"
+        );
+        assert!(batches(std::iter::empty(), 10, 100).is_empty());
+    }
 }

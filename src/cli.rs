@@ -269,7 +269,27 @@ fn publish_help() -> String {
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<LoadedConfig> {
-    Ok(Config::load(path)?)
+    Config::load(path).map_err(|err| {
+        with_hint(
+            err.to_string(),
+            &["service", "relay", "direct"],
+            "this is a backend's config (as config/backend.toml): `possync backend --config FILE` reads it; this command needs a terminal's or publisher's config (as config/terminal.toml)",
+        )
+    })
+}
+
+/// `message`, followed by `hint` when it names one of `fields` as unknown:
+/// the config file was written for another command.
+fn with_hint(message: String, fields: &[&str], hint: &str) -> anyhow::Error {
+    let other = message.contains("unknown field")
+        && fields.iter().any(|field| {
+            message.contains(&format!("`{field}`,")) || message.contains(&format!("`{field}` "))
+        });
+    if other {
+        anyhow::anyhow!("{message}\n  hint: {hint}")
+    } else {
+        anyhow::anyhow!(message)
+    }
 }
 
 async fn terminal(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
@@ -287,7 +307,13 @@ async fn backend(
     path: Option<&std::path::Path>,
     command: Option<BackendCommand>,
 ) -> anyhow::Result<ExitCode> {
-    let config = possync_backend::ServiceConfig::load(path)?;
+    let config = possync_backend::ServiceConfig::load(path).map_err(|err| {
+        with_hint(
+            err.to_string(),
+            &["terminal", "status", "admin", "backend"],
+            "this is a terminal's or publisher's config (as config/terminal.toml); `possync backend` needs a backend config (as config/backend.toml)",
+        )
+    })?;
     let Some(BackendCommand::Token(command)) = command else {
         possync_backend::run(config, shutdown_signal())
             .await
@@ -298,15 +324,30 @@ async fn backend(
     let cannot_open = || format!("cannot open the backend's database {location}");
     match &location {
         possync_backend::DatabaseLocation::Sqlite(path) => {
+            // A relative service.database is relative to the current
+            // directory: say which file holds the tokens, so that one run
+            // elsewhere does not go unnoticed.
+            let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let existed = path.exists();
             let storage = possync_backend::SqliteStorage::open(path)
                 .await
                 .with_context(cannot_open)?;
+            if existed {
+                eprintln!("tokens in the catalog database {}", shown.display());
+            } else {
+                eprintln!(
+                    "created a new catalog database at {} (service.database {:?} is read from the current directory; the backend must use this file to know these tokens)",
+                    shown.display(),
+                    config.service.database
+                );
+            }
             token(&storage, command).await
         }
         possync_backend::DatabaseLocation::Postgres(url) => {
             let storage = possync_backend::PostgresStorage::connect(url)
                 .await
                 .with_context(cannot_open)?;
+            eprintln!("tokens in the catalog database {location}");
             token(&storage, command).await
         }
     }

@@ -172,3 +172,24 @@ fn bulk_goes_through_the_backend_in_batches_and_reports_each_store_s_head() {
     );
     assert_eq!((backend.head("S1"), backend.head("S2")), (1_200, 1_200));
 }
+
+#[test]
+fn bulk_splits_large_changes_into_requests_under_the_api_s_body_limit() {
+    let backend = Backend::start();
+    let file = backend.dir.path().join("catalog.jsonl");
+    // 300 changes of some 40 KB: 12 MB, three times the API's body limit,
+    // in fewer changes than one batch counts.
+    let name = "n".repeat(40_000);
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            format!(r#"{{"type": "product_update", "payload": {{"product_id": "P{i}", "product_name": "{name}", "price": 1.5}}}}"#)
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n")).expect("the file is written");
+    let file = file.to_string_lossy().into_owned();
+    let output = backend.possync(&["publish", "bulk", "--license", "S1", "--file", &file]);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("store S1 seq 300"), "{stdout}");
+    assert_eq!(backend.head("S1"), 300);
+}

@@ -495,3 +495,63 @@ fn a_back_office_shell_may_set_the_backend_s_and_the_publisher_s_variables_toget
         text(&typo.stderr)
     );
 }
+
+#[test]
+fn token_commands_say_which_database_holds_the_tokens_and_when_they_made_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = || {
+        possync_command(&["backend", "token", "list"])
+            .current_dir(dir.path())
+            .env_remove("POSSYNC_SERVICE__DATABASE")
+            .output()
+            .expect("run")
+    };
+    let database = std::fs::canonicalize(dir.path())
+        .expect("the folder")
+        .join("possync-backend.db");
+    let first = run();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let stderr = text(&first.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "created a new catalog database at {}",
+            database.display()
+        )) || stderr.contains(&format!(
+            "created a new catalog database at {}",
+            dir.path().join("possync-backend.db").display()
+        )),
+        "{stderr}"
+    );
+    let again = run();
+    let stderr = text(&again.stderr);
+    assert!(
+        stderr.contains("tokens in the catalog database") && stderr.contains("possync-backend.db"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("created"), "{stderr}");
+}
+
+#[test]
+fn a_config_for_the_other_command_is_refused_with_a_hint_naming_the_right_one() {
+    let config = |name: &str| format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR"));
+    let backend = possync_command(&["backend", "--config", &config("terminal.toml")])
+        .output()
+        .expect("run");
+    assert!(!backend.status.success());
+    let stderr = text(&backend.stderr);
+    assert!(
+        stderr.contains("`terminal`")
+            && stderr.contains("hint")
+            && stderr.contains("config/backend.toml"),
+        "{stderr}"
+    );
+    let show = possync_command(&["config", "show", "--config", &config("backend.toml")])
+        .output()
+        .expect("run");
+    assert!(!show.status.success());
+    let stderr = text(&show.stderr);
+    assert!(
+        stderr.contains("hint") && stderr.contains("possync backend --config"),
+        "{stderr}"
+    );
+}

@@ -93,6 +93,11 @@ pub fn router<S: Storage>(catalog: Arc<Catalog<S>>) -> Router {
         .with_state(shared)
 }
 
+/// The answer to a request not answered within `limit`.
+pub(crate) fn request_timeout(limit: std::time::Duration) -> axum::response::Response {
+    axum::response::IntoResponse::into_response(error::ApiError::request_timeout(limit))
+}
+
 /// The OpenAPI 3.1 document of [`router`]'s API, as `GET /openapi.json`
 /// serves it.
 pub fn openapi() -> OpenApi {

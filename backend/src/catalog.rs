@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use possync_core::{CheckError, LicenseKey, Registry};
-use possync_sdk::Version;
+use possync_core::{CheckError, LicenseKey, Registry, TerminalConfig};
+use possync_sdk::{Envelope, Version};
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
@@ -54,6 +55,21 @@ pub enum SubmitError {
         /// What is wrong.
         reason: String,
     },
+    /// A change's envelope, as the relay would publish it, is larger than
+    /// terminals take: it could never be delivered.
+    #[error(
+        "change {index} ({message_type}): its message would be {size} bytes, over the terminals' limit of {limit} bytes ([relay] max_message_bytes, set to the terminals' terminal.max_message_bytes); send a smaller payload, or raise the limit on the terminals and in the backend's config together"
+    )]
+    TooLarge {
+        /// Its position in the submission, from 0.
+        index: usize,
+        /// Its type.
+        message_type: String,
+        /// The relayed envelope's size at most, in bytes.
+        size: usize,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The submission is empty.
     #[error("the submission holds no change")]
     Empty,
@@ -69,6 +85,7 @@ pub struct Catalog<S> {
     storage: Arc<S>,
     registry: Arc<Registry>,
     committed: Arc<Notify>,
+    max_message_bytes: usize,
 }
 
 impl<S: Storage> Catalog<S> {
@@ -78,7 +95,22 @@ impl<S: Storage> Catalog<S> {
             storage,
             registry,
             committed: Arc::new(Notify::new()),
+            max_message_bytes: TerminalConfig::default().max_message_bytes,
         }
+    }
+
+    /// Refuses changes whose relayed message would be larger than `bytes`
+    /// (the terminals' `terminal.max_message_bytes`; theirs by default).
+    #[must_use]
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// The largest message the relay may publish, in bytes: the limit to
+    /// give its publisher.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
     }
 
     /// The storage.
@@ -145,6 +177,11 @@ impl<S: Storage> Catalog<S> {
                     err => err.to_string(),
                 })
             })?;
+        if holds_nul(&request.payload) {
+            return Err(invalid(
+                "the payload holds a NUL character (\\u0000), which the catalog's database cannot store; remove it from the payload's text".into(),
+            ));
+        }
         let entity = match self.registry.entity_rule(&request.message_type) {
             Some(rule) => Some(
                 rule.change(&request.payload)
@@ -174,6 +211,21 @@ impl<S: Storage> Catalog<S> {
             Some(id) => id,
             None => uuid::Uuid::now_v7().to_string(),
         };
+        let size = relayed_size(
+            &store,
+            &request.message_type,
+            &request.payload,
+            &timestamp,
+            &message_id,
+        );
+        if size > self.max_message_bytes {
+            return Err(SubmitError::TooLarge {
+                index,
+                message_type: request.message_type,
+                size,
+                limit: self.max_message_bytes,
+            });
+        }
         Ok(NewChange {
             store: store.to_string(),
             message_type: request.message_type.clone(),
@@ -197,6 +249,46 @@ impl<S: Storage> Catalog<S> {
         types.sort();
         types
     }
+}
+
+/// Whether JSON text holds the escape `\u0000`: PostgreSQL refuses the
+/// character in text and JSON, so no database of the catalog takes it.
+fn holds_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1..i + 6) == Some(b"u0000") {
+                return true;
+            }
+            // Skip the escaped character, an escaped backslash included.
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// The size of the message the relay publishes for a change, at most: its
+/// envelope with the largest `seq` and `version` the publisher may give it.
+/// The payload goes out verbatim, so it is measured, not copied.
+fn relayed_size(
+    store: &LicenseKey,
+    message_type: &str,
+    payload: &str,
+    timestamp: &str,
+    message_id: &str,
+) -> usize {
+    let mut envelope =
+        Envelope::with_raw_payload(message_type, store.as_str(), RawValue::NULL.to_owned())
+            .with_timestamp(timestamp)
+            .with_message_id(message_id)
+            .with_seq(i64::MAX);
+    envelope.version = Some(i64::MAX);
+    // Serializing strings and numbers into memory does not fail.
+    let frame = serde_json::to_vec(&envelope).map_or(0, |body| body.len());
+    frame.saturating_sub(RawValue::NULL.get().len()) + payload.len()
 }
 
 /// Notifies the relay when dropped, unless disarmed.
@@ -385,5 +477,83 @@ mod tests {
             .await
             .expect_err("twice in one submission");
         assert!(err.to_string().contains("m-1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_relayed_message_would_exceed_the_limit_is_refused_and_nothing_is_stored()
+     {
+        let catalog = catalog().await.with_max_message_bytes(1024);
+        let mut large = price("S1", "P", 1.0);
+        large.payload =
+            serde_json::json!({"product_id": "x".repeat(1024), "new_price": 1.0}).to_string();
+        let err = catalog
+            .submit(vec![price("S1", "P", 1.0), large], None)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, SubmitError::TooLarge { index: 1, limit: 1024, size, .. } if size > 1024),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("max_message_bytes") && text.contains("1024"),
+            "{text}"
+        );
+        assert!(catalog.storage().heads().await.expect("heads").is_empty());
+        catalog
+            .submit(vec![price("S1", "P", 1.0)], None)
+            .await
+            .expect("a small change still goes in");
+    }
+
+    #[test]
+    fn the_measured_size_is_never_below_the_relayed_envelopes() {
+        let store = LicenseKey::new("STORE-1".to_owned()).expect("a key");
+        let payload = r#"{"product_id": "P-1", "new_price": 2.5}"#;
+        let measured = relayed_size(
+            &store,
+            "price_update",
+            payload,
+            "2025-11-27T10:30:00Z",
+            "m-1",
+        );
+        let mut relayed = Envelope::with_raw_payload(
+            "price_update",
+            "STORE-1",
+            RawValue::from_string(payload.to_owned()).expect("JSON"),
+        )
+        .with_timestamp("2025-11-27T10:30:00Z")
+        .with_message_id("m-1")
+        .with_seq(123_456);
+        relayed.version = Some(1_764_239_400_000_000);
+        let actual = serde_json::to_vec(&relayed).expect("encodes").len();
+        assert!(measured >= actual, "{measured} < {actual}");
+        assert!(
+            measured - actual <= 32,
+            "close to the real size: {measured} vs {actual}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_payload_holding_a_nul_character_is_refused_on_every_database() {
+        let catalog = catalog().await;
+        let mut change = price("S1", "P", 1.0);
+        change.payload = r#"{"product_id": "P\u0000", "new_price": 1.0}"#.into();
+        let err = catalog
+            .submit(vec![change], None)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("NUL") && err.contains("u0000"), "{err}");
+        assert!(catalog.storage().heads().await.expect("heads").is_empty());
+    }
+
+    #[test]
+    fn only_an_escaped_nul_counts_not_an_escaped_backslash_before_u0000() {
+        assert!(holds_nul(r#"{"a": "x\u0000"}"#));
+        assert!(holds_nul(r#"{"a\u0000": 1}"#));
+        assert!(holds_nul(r#"{"a": "\\\u0000"}"#));
+        assert!(!holds_nul(r#"{"a": "\\u0000"}"#));
+        assert!(!holds_nul(r#"{"a": "u0000 \u0001"}"#));
     }
 }

@@ -135,6 +135,12 @@ pub struct RelayConfig {
     /// Seconds between attempts to become the relaying process when another
     /// backend process relays (PostgreSQL).
     pub lead_retry_secs: u64,
+    /// The largest message the relay publishes, in bytes: set it to the
+    /// terminals' limit (their `terminal.max_message_bytes`, 8 MiB by
+    /// default, which is this default). A change whose message would be
+    /// larger is refused when submitted (422 from the API, dead-lettered
+    /// from the direct queue), since no terminal would ever take it.
+    pub max_message_bytes: usize,
 }
 
 impl Default for RelayConfig {
@@ -143,6 +149,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval_ms: 1000,
             lead_retry_secs: 5,
+            max_message_bytes: possync_core::TerminalConfig::default().max_message_bytes,
         }
     }
 }
@@ -238,6 +245,12 @@ impl ServiceConfig {
                 problem: "must be at least 1",
             });
         }
+        if self.relay.max_message_bytes < 1024 {
+            return Err(ConfigError::OutOfRange {
+                key: "relay.max_message_bytes",
+                problem: "must be at least 1024; set it to the terminals' terminal.max_message_bytes",
+            });
+        }
         if self.direct.prefetch == 0 {
             return Err(ConfigError::OutOfRange {
                 key: "direct.prefetch",
@@ -308,6 +321,11 @@ mod tests {
         assert!(config.direct.enabled);
         assert_eq!(config.direct.queue, "possync.backend.direct");
         assert_eq!(config.service.idempotency_days, 7);
+        assert_eq!(
+            config.relay.max_message_bytes,
+            possync_core::TerminalConfig::default().max_message_bytes,
+            "the terminals' default limit"
+        );
     }
 
     #[test]
@@ -378,6 +396,10 @@ mod tests {
                 "service.idempotency_days",
             ),
             ("[direct]\nprefetch = 0\n", "direct.prefetch"),
+            (
+                "[relay]\nmax_message_bytes = 0\n",
+                "relay.max_message_bytes",
+            ),
             ("[direct]\nqueue = \"amq.x\"\n", "direct.queue"),
             ("[service]\ndatabase = \"\"\n", "service.database"),
             ("[broker]\nurl = \"http://x\"\n", "broker.url"),

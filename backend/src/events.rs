@@ -190,6 +190,23 @@ pub(crate) fn stopping() {
     );
 }
 
+pub(crate) fn accept_failed(error: &str) {
+    warn!(
+        event = "backend_api_accept_failed",
+        %error,
+        "the HTTP API cannot accept a connection; trying again in 500 ms"
+    );
+}
+
+pub(crate) fn connections_dropped(connections: usize, grace_secs: u64) {
+    warn!(
+        event = "backend_api_connections_dropped",
+        connections,
+        grace_secs,
+        "stopping: dropped {connections} HTTP connections whose requests did not finish within {grace_secs} s"
+    );
+}
+
 pub(crate) fn stopped() {
     info!(event = "stopped", "backend stopped cleanly");
 }

@@ -15,6 +15,7 @@ mod direct;
 mod events;
 mod failpoint;
 mod relay;
+mod serve;
 mod service;
 mod storage;
 #[cfg(test)]

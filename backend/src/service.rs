@@ -26,28 +26,32 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Why the backend could not start or stopped with an error.
+///
+/// Each message holds its cause's text, so no variant also exposes the
+/// cause as its [`source`](std::error::Error::source): a caller printing
+/// the chain would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// A plugin named in `[plugins]` could not be loaded.
     #[error("the plugins in [plugins] did not load: {0}")]
-    Plugins(#[from] RegistryError),
+    Plugins(RegistryError),
     /// The catalog's database could not be opened.
-    #[error("cannot open the catalog's database {database}: {source}")]
+    #[error("cannot open the catalog's database {database}: {reason}")]
     Database {
         /// Which database (any password redacted).
         database: String,
         /// Why.
-        source: StorageError,
+        reason: StorageError,
     },
     /// The HTTP API's address cannot be listened on.
     #[error(
-        "cannot listen on {address} (service.listen): {source}; is another backend running there? choose another address or port"
+        "cannot listen on {address} (service.listen): {reason}; is another backend running there? choose another address or port"
     )]
     Listen {
         /// The address.
         address: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The HTTP server failed.
     #[error("the HTTP API failed: {0}")]
@@ -61,11 +65,12 @@ pub async fn run(
     config: ServiceConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServiceError> {
-    let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
+    let registry =
+        Arc::new(Registry::for_publishing(&config.plugins).map_err(ServiceError::Plugins)?);
     let location = config.service.database_location();
-    let opening = |source| ServiceError::Database {
+    let opening = |reason| ServiceError::Database {
         database: location.to_string(),
-        source,
+        reason,
     };
     match &location {
         crate::config::DatabaseLocation::Sqlite(path) => {
@@ -95,14 +100,16 @@ pub async fn run_with<S: Storage>(
         .map(|p| p.name.clone())
         .collect::<Vec<_>>()
         .join(", ");
-    let catalog = Arc::new(Catalog::new(storage, registry));
+    let catalog = Arc::new(
+        Catalog::new(storage, registry).with_max_message_bytes(config.relay.max_message_bytes),
+    );
     let address = config.service.listen;
     let listener = TcpListener::bind(address)
         .await
-        .map_err(|source| ServiceError::Listen { address, source })?;
+        .map_err(|reason| ServiceError::Listen { address, reason })?;
     let bound = listener
         .local_addr()
-        .map_err(|source| ServiceError::Listen { address, source })?;
+        .map_err(|reason| ServiceError::Listen { address, reason })?;
     events::started(
         &bound.to_string(),
         &config.service.database_location().to_string(),
@@ -132,12 +139,12 @@ pub async fn run_with<S: Storage>(
         workers.spawn(direct.run(stopped.clone()));
     }
 
-    let mut api_stopped = stopped.clone();
-    let server = axum::serve(listener, crate::api::router(Arc::clone(&catalog)))
-        .with_graceful_shutdown(async move {
-            let _ = api_stopped.wait_for(|stop| *stop).await;
-        })
-        .into_future();
+    let server = crate::serve::serve(
+        listener,
+        crate::api::router(Arc::clone(&catalog)),
+        crate::serve::Limits::default(),
+        stopped.clone(),
+    );
     let mut server = std::pin::pin!(server);
     let served = tokio::select! {
         () = shutdown => None,
@@ -181,4 +188,44 @@ async fn prune_keys<S: Storage>(storage: Arc<S>, days: u32, mut stop: watch::Rec
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await.
     let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+    use crate::config::BackendConfig;
+
+    #[tokio::test]
+    async fn a_database_that_cannot_be_opened_is_named_once_with_its_cause_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database = dir.path().join("no-such-folder").join("catalog.db");
+        let config = ServiceConfig {
+            service: BackendConfig {
+                database: database.display().to_string(),
+                ..BackendConfig::default()
+            },
+            ..ServiceConfig::default()
+        };
+        let err = run(config, std::future::pending())
+            .await
+            .expect_err("cannot open");
+        // What a caller printing the whole chain shows (anyhow's `{:#}`).
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            chain.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        assert!(
+            chain.contains("cannot open the catalog's database"),
+            "{chain}"
+        );
+        assert_eq!(
+            chain.matches("the backend database failed").count(),
+            1,
+            "{chain}"
+        );
+    }
 }

@@ -163,6 +163,8 @@ on_every_storage!(
     unknown_routes_and_methods_are_answered_in_json,
     the_catalog_and_the_changes_after_a_seq_read_back_what_was_submitted,
     health_needs_no_token_and_metrics_count_requests_and_show_heads,
+    metrics_label_requests_by_route_template_and_a_known_method_only,
+    metrics_are_refused_to_a_token_limited_to_some_stores,
 );
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -260,6 +262,26 @@ impl<S: Storage> Backend<S> {
         }
         let request = request.body(()).expect("a request");
         answer(self.agent.run(request))
+    }
+}
+
+impl<S: Storage> Backend<S> {
+    /// Sends a request by hand (the HTTP client takes only the standard
+    /// methods) and returns the answer's status line.
+    fn raw_request(&self, method: &str, path: &str, token: &str) -> String {
+        use std::io::{BufRead, Write};
+        let address = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).expect("connects");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("sends");
+        let mut status = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut status)
+            .expect("an answer");
+        status
     }
 }
 
@@ -760,8 +782,66 @@ fn health_needs_no_token_and_metrics_count_requests_and_show_heads<S: Storage>(
     assert!(!metrics.text.contains(&token));
 }
 
-/// A storage whose database never answers.
-struct Unreachable;
+fn metrics_label_requests_by_route_template_and_a_known_method_only<S: Storage>(
+    backend: Backend<S>,
+) {
+    let token = backend.token("office", &[]);
+    for store in ["S1", "S2", "S3"] {
+        backend.get(&format!("/v1/stores/{store}/catalog"), Some(&token));
+        backend.raw_request("BREW", &format!("/v1/stores/{store}/catalog"), &token);
+    }
+    backend.get("/nowhere/x1", Some(&token));
+    backend.raw_request("XYZZY", "/nowhere/x2", &token);
+    let metrics = backend.get("/metrics", Some(&token));
+    assert_eq!(metrics.status, 200);
+    let requests: Vec<&str> = metrics
+        .text
+        .lines()
+        .filter(|line| line.starts_with("possync_backend_http_requests_total{"))
+        .collect();
+    for line in &requests {
+        assert!(
+            !line.contains("BREW") && !line.contains("XYZZY"),
+            "no invented method as a label: {line}"
+        );
+        assert!(
+            !line.contains("S1") && !line.contains("/nowhere"),
+            "no raw path as a label: {line}"
+        );
+    }
+    assert!(
+        requests.contains(
+            &"possync_backend_http_requests_total{route=\"/v1/stores/{store}/catalog\",method=\"GET\",status=\"200\"} 3"
+        ),
+        "{requests:#?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|line| line.contains("method=\"other\"")),
+        "{requests:#?}"
+    );
+}
+
+fn metrics_are_refused_to_a_token_limited_to_some_stores<S: Storage>(backend: Backend<S>) {
+    let limited = backend.token("store-one", &["S1"]);
+    let answer = backend.get("/metrics", Some(&limited));
+    assert_eq!(answer.status, 403, "{}", answer.text);
+    assert!(
+        answer.error().contains("limited to some stores")
+            && answer.error().contains("token create"),
+        "{}",
+        answer.error()
+    );
+    let operator = backend.token("operator", &[]);
+    assert_eq!(backend.get("/metrics", Some(&operator)).status, 200);
+}
+
+/// A storage whose database never answers, but for token lookups when
+/// `lookups_answer` (the database up, its outbox too slow to read).
+struct Unreachable {
+    lookups_answer: bool,
+}
 
 fn down<T: Send>() -> impl std::future::Future<Output = Result<T, StorageError>> + Send {
     std::future::ready(Err(StorageError::Database("connection refused".into())))
@@ -836,14 +916,41 @@ impl Storage for Unreachable {
         &self,
         _: &str,
     ) -> impl std::future::Future<Output = Result<Option<TokenRecord>, StorageError>> + Send {
-        down()
+        let answer = self.lookups_answer;
+        async move { if answer { Ok(None) } else { down().await } }
     }
+}
+
+#[test]
+fn health_is_a_ping_that_never_reads_the_outbox() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let backend = Backend::serve(
+        runtime(),
+        Unreachable {
+            lookups_answer: true,
+        },
+        dir,
+        None,
+    );
+    let health = backend.get("/health", None);
+    assert_eq!(
+        (health.status, health.json),
+        (200, json!({"status": "ok", "database": true})),
+        "answered without the heads, which this storage cannot read"
+    );
 }
 
 #[test]
 fn a_database_that_does_not_answer_is_a_503_with_a_retry_hint_never_a_500() {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let backend = Backend::serve(runtime(), Unreachable, dir, None);
+    let backend = Backend::serve(
+        runtime(),
+        Unreachable {
+            lookups_answer: false,
+        },
+        dir,
+        None,
+    );
     let health = backend.get("/health", None);
     assert_eq!(
         (health.status, health.json),

@@ -28,7 +28,11 @@ pub(crate) fn url_parts(url: &str) -> Option<UrlParts<'_>> {
 fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
     let Some(at) = url.rfind('@') else {
         let start = url.find("://")? + 3;
-        let colon = start + url[start..].find(':')?;
+        // A colon in the path or the query is no password's.
+        let authority = url[start..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| start + i);
+        let colon = start + url[start..authority].find(':')?;
         let end = url[colon..].find('/').map_or(url.len(), |i| colon + i);
         let after = &url[colon + 1..end];
         let port = after.len() <= 5 && after.parse::<u16>().is_ok();
@@ -39,21 +43,68 @@ fn password_range(url: &str) -> Option<std::ops::Range<usize>> {
     Some(colon + 1..at)
 }
 
-/// The URL with its password replaced by `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    match password_range(url) {
-        Some(range) => format!("{}***{}", &url[..range.start], &url[range.end..]),
-        None => url.to_owned(),
+/// Where the values of the query's secret parameters are (`password=`,
+/// `sslpassword=`, any name ending in `password`, as PostgreSQL URLs take
+/// them), outside `skip` (the userinfo's password, already hidden).
+fn query_secret_ranges(
+    url: &str,
+    skip: Option<&std::ops::Range<usize>>,
+) -> Vec<std::ops::Range<usize>> {
+    let after_userinfo = url
+        .rfind('@')
+        .map_or_else(|| url.find("://").map_or(0, |i| i + 3), |at| at + 1);
+    let after_userinfo = skip.map_or(after_userinfo, |skip| after_userinfo.max(skip.end));
+    let Some(question) = url[after_userinfo..].find('?') else {
+        return Vec::new();
+    };
+    let start = after_userinfo + question + 1;
+    let end = url[start..].find('#').map_or(url.len(), |i| start + i);
+    let mut ranges = Vec::new();
+    let mut offset = start;
+    for pair in url[start..end].split('&') {
+        if let Some((name, value)) = pair.split_once('=') {
+            let name = percent_decoded(name).to_ascii_lowercase();
+            if name.ends_with("password") && !value.is_empty() {
+                let value_start = offset + pair.len() - value.len();
+                ranges.push(value_start..value_start + value.len());
+            }
+        }
+        offset += pair.len() + 1;
     }
+    ranges
 }
 
-/// Every spelling of `url` and of its password in `text` replaced, for
+/// Every secret range of `url`: the userinfo's password, then the secret
+/// query parameters' values, in order and apart.
+fn secret_ranges(url: &str) -> Vec<std::ops::Range<usize>> {
+    let password = password_range(url);
+    let mut ranges: Vec<_> = password.clone().into_iter().collect();
+    ranges.extend(query_secret_ranges(url, password.as_ref()));
+    ranges
+}
+
+/// The URL with its passwords (in the userinfo, and in `password=` or
+/// `sslpassword=` query parameters) replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut shown = 0;
+    for range in secret_ranges(url) {
+        out.push_str(&url[shown..range.start]);
+        out.push_str("***");
+        shown = range.end;
+    }
+    out.push_str(&url[shown..]);
+    out
+}
+
+/// Every spelling of `url` and of its passwords in `text` replaced, for
 /// error details that libraries wrote (the URL parser quotes a URL it
 /// cannot read whole).
 pub(crate) fn redact_secrets(text: &str, url: &str) -> String {
     let mut text = text.replace(url, &redact_url(url));
-    if let Some(range) = password_range(url) {
-        let password = &url[range];
+    let password = password_range(url);
+    if let Some(range) = &password {
+        let password = &url[range.clone()];
         // Without `scheme://` the user may be part of the range: try both readings.
         let after_last_colon = password.rsplit(':').next().unwrap_or(password);
         for candidate in [password, after_last_colon] {
@@ -61,6 +112,14 @@ pub(crate) fn redact_secrets(text: &str, url: &str) -> String {
                 if !spelling.is_empty() {
                     text = text.replace(&spelling, "***");
                 }
+            }
+        }
+    }
+    for range in query_secret_ranges(url, password.as_ref()) {
+        let value = &url[range];
+        for spelling in [value.to_owned(), percent_decoded(value)] {
+            if !spelling.is_empty() {
+                text = text.replace(&spelling, "***");
             }
         }
     }
@@ -220,5 +279,36 @@ mod tests {
                 format!("amqps://{user}:***@broker.example:5671/shop?heartbeat=10")
             );
         }
+    }
+
+    #[test]
+    fn a_password_in_the_query_is_hidden_as_postgresql_urls_carry_it() {
+        for (url, shown) in [
+            (
+                "postgres://possync@db.example/catalog?password=S3cret&sslmode=require",
+                "postgres://possync@db.example/catalog?password=***&sslmode=require",
+            ),
+            (
+                "postgresql://db.example/catalog?sslmode=verify-full&sslpassword=K3y&user=u",
+                "postgresql://db.example/catalog?sslmode=verify-full&sslpassword=***&user=u",
+            ),
+            (
+                "postgres://u:pw@h/db?PASSWORD=Other#frag",
+                "postgres://u:***@h/db?PASSWORD=***#frag",
+            ),
+            ("postgres://h/db?password=", "postgres://h/db?password="),
+            (
+                "postgres://h/db?sslmode=disable",
+                "postgres://h/db?sslmode=disable",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let url = "postgres://h/db?password=p%2Fss-W0rd";
+        let scrubbed = redact_secrets(
+            "bad password p/ss-W0rd in postgres://h/db?password=p%2Fss-W0rd",
+            url,
+        );
+        assert!(!scrubbed.contains("W0rd"), "{scrubbed}");
     }
 }

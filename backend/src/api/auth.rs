@@ -26,6 +26,11 @@ impl Client {
             .is_none_or(|stores| stores.iter().any(|allowed| allowed == store))
     }
 
+    /// Whether the token is limited to some stores.
+    pub(super) fn is_limited(&self) -> bool {
+        self.stores.is_some()
+    }
+
     /// 403 unless the token may touch `store`; `what` starts the message
     /// (`change 3: `).
     pub(super) fn check(&self, what: &str, store: &str) -> Result<(), ApiError> {

@@ -82,6 +82,26 @@ impl ApiError {
         )
     }
 
+    /// 403: a store-limited token asked for the metrics, which count every
+    /// store.
+    pub(super) fn metrics_forbidden() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "this token is limited to some stores, and the metrics count every store's requests and changes: scrape them with an operator's token made without --store (`possync backend token create NAME`)",
+        )
+    }
+
+    /// 408: the request took longer than the server waits.
+    pub(super) fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request was not received and answered within {} s; send it again (a submission with the same Idempotency-Key is applied at most once)",
+                limit.as_secs()
+            ),
+        )
+    }
+
     /// 413: the body is larger than the API reads.
     pub(super) fn too_large(limit: usize) -> Self {
         Self::new(

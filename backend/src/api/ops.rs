@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -12,6 +12,9 @@ use super::auth::Client;
 use super::body::{ErrorBody, HealthBody};
 use super::error::ApiError;
 use super::metrics::CONTENT_TYPE;
+
+/// The token hash `/health` looks up: never a token's (those are hex).
+const PING_HASH: &str = "health";
 
 /// Says whether the backend's database answers. Needs no token.
 #[utoipa::path(
@@ -25,7 +28,10 @@ use super::metrics::CONTENT_TYPE;
     ),
 )]
 pub(super) async fn health(State(shared): State<Shared>) -> (StatusCode, Json<HealthBody>) {
-    match shared.access.heads().await {
+    // One indexed lookup of a hash no token can have (hashes are hex): it
+    // answers whether the database does, at the cost of a ping, however
+    // large the outbox. Anyone may ask, so it must stay that cheap.
+    match shared.access.token_by_hash(PING_HASH).await {
         Ok(_) => (
             StatusCode::OK,
             Json(HealthBody {
@@ -47,7 +53,8 @@ pub(super) async fn health(State(shared): State<Shared>) -> (StatusCode, Json<He
 }
 
 /// The API's counters and each store's head and unpublished changes, in
-/// the Prometheus text format (only the stores the token may see).
+/// the Prometheus text format. For operators: a token limited to some
+/// stores is refused, since the counters cover every store.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -55,6 +62,7 @@ pub(super) async fn health(State(shared): State<Shared>) -> (StatusCode, Json<He
     responses(
         (status = 200, description = "Prometheus text format.", body = String, content_type = "text/plain"),
         (status = 401, description = "No token, or a token this backend does not know.", body = ErrorBody),
+        (status = 403, description = "The token is limited to some stores; metrics take an unrestricted one.", body = ErrorBody),
         (status = 503, description = "The database is not answering; retry.", body = ErrorBody),
     ),
 )]
@@ -62,12 +70,14 @@ pub(super) async fn metrics(
     State(shared): State<Shared>,
     client: Client,
 ) -> Result<Response, ApiError> {
-    let mut heads = shared
+    if client.is_limited() {
+        return Err(ApiError::metrics_forbidden());
+    }
+    let heads = shared
         .access
         .heads()
         .await
         .map_err(|err| ApiError::unavailable(&err))?;
-    heads.retain(|head| client.may(&head.store));
     let text = shared.metrics.render(&heads).map_err(|err| {
         ApiError::unavailable(&crate::StorageError::Database(format!(
             "cannot encode the metrics: {err}"
@@ -105,16 +115,42 @@ pub(super) async fn method_not_allowed(request: Request) -> ApiError {
 }
 
 /// Counts every answered request by route template, method and status.
+/// Both labels come from fixed sets, so that no client can grow the
+/// counters by calling many paths or inventing methods.
 pub(super) async fn count(State(shared): State<Shared>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     shared
         .metrics
-        .request(&route, method.as_str(), response.status().as_u16());
+        .request(&route, method, response.status().as_u16());
     response
+}
+
+/// The method's label: a standard method's name, else `other`.
+fn method_label(method: &Method) -> &'static str {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    STANDARD
+        .into_iter()
+        .find(|name| *name == method.as_str())
+        .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_method_outside_the_standard_ones_is_labelled_other() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::DELETE), "DELETE");
+        let invented = Method::from_bytes(b"BREW-abc123").expect("a method");
+        assert_eq!(method_label(&invented), "other");
+    }
 }
