@@ -192,8 +192,11 @@ impl<S: Storage> Backend<S> {
             .expect("a loopback port");
         let address = listener.local_addr().expect("the port's address");
         runtime.spawn(async move { axum::serve(listener, router).await });
+        // A fresh connection per request: a pooled one the server has
+        // closed meanwhile would fail a request that never reached it.
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_idle_connections(0)
             .build()
             .into();
         Self {
