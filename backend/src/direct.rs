@@ -6,12 +6,18 @@
 //!
 //! Each message is submitted through [`Catalog::submit`] with its clock, and
 //! acknowledged only after the commit. A message carrying `seq` came from a
-//! backend's relay and is skipped. One the catalog refuses (its checks, or
+//! backend's relay: one that names this catalog is skipped (it is in the
+//! catalog already); one that names another catalog means two backends
+//! publish on one exchange, and is logged as an error, counted and skipped;
+//! one with `seq` but no catalog is dead-lettered. A message is recorded
+//! once per store: keyed by its store and message id, or its store and
+//! body when it has no id. One the catalog refuses (its checks, or
 //! the database for what it holds) is dead-lettered with the reason; the
 //! queue never stops for it. Only while the database fails (cannot be
 //! reached) is the message held and tried again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -51,6 +57,10 @@ pub(crate) struct Direct<S> {
     catalog: Arc<Catalog<S>>,
     broker: BrokerConfig,
     config: DirectConfig,
+    /// This catalog's id, read once.
+    catalog_id: std::sync::OnceLock<String>,
+    /// Messages another catalog's relay published, seen since start.
+    foreign: AtomicU64,
 }
 
 /// What to do with a delivery once it was handled.
@@ -80,6 +90,31 @@ impl<S: Storage> Direct<S> {
             catalog,
             broker,
             config,
+            catalog_id: std::sync::OnceLock::new(),
+            foreign: AtomicU64::new(0),
+        }
+    }
+
+    /// This catalog's id, held while the database cannot say; `None` if
+    /// asked to stop meanwhile.
+    async fn catalog_id(&self, stop: &mut watch::Receiver<bool>) -> Option<String> {
+        let mut attempts: u32 = 0;
+        loop {
+            if let Some(id) = self.catalog_id.get() {
+                return Some(id.clone());
+            }
+            match self.catalog.storage().catalog_id().await {
+                Ok(id) => return Some(self.catalog_id.get_or_init(|| id).clone()),
+                Err(err) => {
+                    attempts += 1;
+                    let delay = HELD.delay(attempts);
+                    events::direct_held(&err.to_string(), delay.as_millis(), attempts == 1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stopped(stop) => return None,
+                    }
+                }
+            }
         }
     }
 
@@ -148,9 +183,15 @@ impl<S: Storage> Direct<S> {
         stop: &mut watch::Receiver<bool>,
     ) -> Option<Settle> {
         let routing_key = delivery.routing_key.as_str();
-        let (request, key) = match request(routing_key, &delivery.data) {
-            Ok(Some(request)) => request,
-            Ok(None) => return Some(Settle::Ack),
+        let ours = self.catalog_id(stop).await?;
+        let (request, key) = match request(routing_key, &delivery.data, &ours) {
+            Ok(Read::Change(request, key)) => (request, key),
+            Ok(Read::Ours) => return Some(Settle::Ack),
+            Ok(Read::Foreign { catalog, store }) => {
+                let seen = self.foreign.fetch_add(1, Ordering::Relaxed) + 1;
+                events::direct_foreign_catalog(&catalog, &store, &ours, seen);
+                return Some(Settle::Ack);
+            }
             Err(reason) => {
                 events::direct_refused(routing_key, &reason);
                 return Some(Settle::DeadLetter(reason));
@@ -200,18 +241,34 @@ impl<S: Storage> Direct<S> {
 /// The binding of the direct queue: every store's changes.
 const BINDING: &str = "license.#";
 
-/// The catalog request a delivery makes, with its idempotency key when it
-/// has a message id; `None` for a message a backend's relay published (it
-/// carries `seq`: it is in a catalog already); the reason it can never
-/// enter the catalog otherwise.
-fn request(
-    routing_key: &str,
-    body: &[u8],
-) -> Result<Option<(ChangeRequest, Option<IdempotencyKey>)>, String> {
+/// What a delivery is to this catalog.
+#[derive(Debug, PartialEq)]
+enum Read {
+    /// A change to record, with its idempotency key.
+    Change(ChangeRequest, Option<IdempotencyKey>),
+    /// This catalog's relay published it: it is in the catalog already.
+    Ours,
+    /// Another catalog's relay published it: two backends on one exchange.
+    Foreign { catalog: String, store: String },
+}
+
+/// What a delivery is to the catalog `ours`; the reason it can never
+/// enter the catalog if it cannot.
+fn request(routing_key: &str, body: &[u8], ours: &str) -> Result<Read, String> {
     let envelope: Envelope = serde_json::from_slice(body)
         .map_err(|err| format!("not a possync message (JSON envelope): {err}"))?;
-    if envelope.seq.is_some() {
-        return Ok(None);
+    if let Some(seq) = envelope.seq {
+        return match envelope.catalog {
+            Some(catalog) if catalog == ours => Ok(Read::Ours),
+            Some(catalog) => Ok(Read::Foreign {
+                catalog,
+                store: envelope.license_key,
+            }),
+            None => Err(format!(
+                "seq {seq} for store {} names no catalog, so no backend can tell whose sequence it is; it was not recorded: publish sequenced changes only through a possync backend that stamps its catalog id (upgrade the backend), and changes of your own without seq",
+                envelope.license_key
+            )),
+        };
     }
     let expected = format!("license.{}.", envelope.license_key);
     if !routing_key.starts_with(&expected) {
@@ -224,17 +281,19 @@ fn request(
     // that sends it again after a reconnect may stamp it anew, so its body
     // can differ), else by its body, the same bytes when the broker
     // delivers it again after the backend died between commit and ack.
+    // Message ids are unique per store only: the key names the store.
+    let store = &envelope.license_key;
     let key = match &envelope.message_id {
         Some(id) => IdempotencyKey {
             client: EXCHANGE_CLIENT.into(),
-            key: id.clone(),
+            key: format!("{store}:{id}"),
             fingerprint: hex(&Sha256::digest(id.as_bytes())),
         },
         None => {
             let digest = hex(&Sha256::digest(body));
             IdempotencyKey {
                 client: EXCHANGE_CLIENT.into(),
-                key: format!("body:{digest}"),
+                key: format!("{store}:body:{digest}"),
                 fingerprint: digest,
             }
         }
@@ -249,7 +308,7 @@ fn request(
         message_id: envelope.message_id,
         clock,
     };
-    Ok(Some((request, key)))
+    Ok(Read::Change(request, key))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -543,12 +602,19 @@ async fn within<T>(
 mod tests {
     use super::*;
 
+    const OURS: &str = "c-ours";
+
+    fn change(read: Result<Read, String>) -> (ChangeRequest, Option<IdempotencyKey>) {
+        match read {
+            Ok(Read::Change(request, key)) => (request, key),
+            other => panic!("a change to record, not {other:?}"),
+        }
+    }
+
     #[test]
     fn a_message_in_the_original_format_is_submitted_with_its_clock_keyed_by_its_body() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{"product_id":"P1","new_price":2.5},"timestamp":"2025-11-27T10:30:00Z"}"#;
-        let (request, key) = request("license.STORE-1.price_update", body)
-            .expect("a change")
-            .expect("to record");
+        let (request, key) = change(request("license.STORE-1.price_update", body, OURS));
         assert_eq!(request.store, "STORE-1");
         assert_eq!(request.message_type, "price_update");
         assert_eq!(request.payload, r#"{"product_id":"P1","new_price":2.5}"#);
@@ -556,10 +622,8 @@ mod tests {
         assert_eq!(request.message_id, None);
         assert!(request.clock.is_some_and(|clock| !clock.exact));
         let key = key.expect("keyed by its body");
-        assert!(key.key.starts_with("body:"), "{}", key.key);
-        let (_, again) = super::request("license.STORE-1.price_update", body)
-            .expect("a change")
-            .expect("to record");
+        assert!(key.key.starts_with("STORE-1:body:"), "{}", key.key);
+        let (_, again) = change(super::request("license.STORE-1.price_update", body, OURS));
         assert_eq!(
             again,
             Some(key),
@@ -571,25 +635,18 @@ mod tests {
     fn a_message_sent_again_with_new_stamps_is_the_same_change() {
         let first = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"a","publisher_seq":1}"#;
         let again = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"b","publisher_seq":7}"#;
-        let key = |body: &[u8]| {
-            request("license.STORE-1.price_update", body)
-                .expect("a change")
-                .expect("to record")
-                .1
-        };
+        let key = |body: &[u8]| change(request("license.STORE-1.price_update", body, OURS)).1;
         assert_eq!(key(first), key(again));
     }
 
     #[test]
     fn a_message_with_an_id_is_idempotent_by_it() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","version":42}"#;
-        let (request, key) = request("license.STORE-1.price_update", body)
-            .expect("a change")
-            .expect("to record");
+        let (request, key) = change(request("license.STORE-1.price_update", body, OURS));
         let key = key.expect("a key");
         assert_eq!(
             (key.client.as_str(), key.key.as_str()),
-            (EXCHANGE_CLIENT, "m-1")
+            (EXCHANGE_CLIENT, "STORE-1:m-1")
         );
         assert!(
             !key.client
@@ -608,17 +665,56 @@ mod tests {
     }
 
     #[test]
-    fn a_message_a_relay_published_is_skipped() {
+    fn a_message_this_catalogs_relay_published_is_skipped() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3,"catalog":"c-ours"}"#;
+        assert_eq!(
+            request("license.STORE-1.price_update", body, OURS),
+            Ok(Read::Ours)
+        );
+    }
+
+    #[test]
+    fn a_message_another_catalogs_relay_published_names_that_catalog_and_the_store() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3,"catalog":"c-other"}"#;
+        assert_eq!(
+            request("license.STORE-1.price_update", body, OURS),
+            Ok(Read::Foreign {
+                catalog: "c-other".into(),
+                store: "STORE-1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_message_with_seq_but_no_catalog_is_refused_with_what_to_do() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3}"#;
-        assert_eq!(request("license.STORE-1.price_update", body), Ok(None));
+        let err = request("license.STORE-1.price_update", body, OURS).expect_err("refused");
+        assert!(err.contains("names no catalog"), "{err}");
+        assert!(err.contains("STORE-1"), "{err}");
+    }
+
+    #[test]
+    fn the_same_message_id_in_two_stores_is_two_changes() {
+        let key = |store: &str| {
+            let body = format!(
+                r#"{{"type":"price_update","license_key":"{store}","payload":{{}},"message_id":"m-1"}}"#
+            );
+            change(request(
+                &format!("license.{store}.price_update"),
+                body.as_bytes(),
+                OURS,
+            ))
+            .1
+        };
+        assert_ne!(key("STORE-1"), key("STORE-2"));
     }
 
     #[test]
     fn bad_json_and_a_foreign_routing_key_are_refused_with_a_reason() {
-        let err = request("license.STORE-1.price_update", b"{oops").expect_err("refused");
+        let err = request("license.STORE-1.price_update", b"{oops", OURS).expect_err("refused");
         assert!(err.contains("not a possync message"), "{err}");
         let body = br#"{"type":"price_update","license_key":"STORE-2","payload":{}}"#;
-        let err = request("license.STORE-1.price_update", body).expect_err("refused");
+        let err = request("license.STORE-1.price_update", body, OURS).expect_err("refused");
         assert!(err.contains("does not match"), "{err}");
     }
 }
