@@ -956,3 +956,53 @@ async fn a_terminal_follows_one_catalog_and_dead_letters_another_backends_sequen
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_on_the_direct_queue_is_recorded_in_order_and_a_refused_change_in_it_is_dead_lettered_alone()
+ {
+    // The guarantee: the direct consumer records what the broker delivered
+    // together in one submission, and a change the catalog refuses among
+    // them is dead-lettered alone: every other change is recorded once, in
+    // the order it was sent.
+    const CHANGES: usize = 200;
+    let store = unique_license("dbatch");
+    let mut backend = Backend::new("dbatch", true);
+    backend.start_live().await;
+    backend.stop().await;
+    let mut messages: Vec<(String, Vec<u8>)> = (0..CHANGES)
+        .map(|i| {
+            (
+                format!("license.{store}.price_update"),
+                json!({"type": "price_update", "license_key": store.as_str(),
+                    "message_id": format!("m-{i}"), "version": 1_000 + i,
+                    "payload": {"product_id": format!("P{}", i % 10), "new_price": i as f64}})
+                .to_string()
+                .into_bytes(),
+            )
+        })
+        .collect();
+    messages.insert(
+        CHANGES / 2,
+        (
+            format!("license.{store}.coupon_update"),
+            json!({"type": "coupon_update", "license_key": store.as_str(),
+                "message_id": "m-coupon", "payload": {}})
+            .to_string()
+            .into_bytes(),
+        ),
+    );
+    // The same id again: recorded once.
+    messages.push(messages[0].clone());
+    publish_raw_many(&messages).await;
+    backend.start_live().await;
+    backend.wait_published(&store, CHANGES as i64).await;
+    let catalog = backend.catalog(&store).await;
+    for p in 0..10 {
+        let last = (CHANGES - 10 + p) as f64;
+        assert_eq!(catalog.products[&format!("P{p}")].1, last, "P{p}");
+    }
+    let dead_letters = format!("{}.dead_letter", backend.direct_queue);
+    assert_eq!(drain(&dead_letters, 1).await.len(), 1, "the refused change");
+    assert_eq!(queue_counts(&dead_letters).ready, 0, "and only it");
+    backend.stop().await;
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -157,46 +157,141 @@ impl<S: Storage> Direct<S> {
                     return Ended::Stopped;
                 }
             };
-            let delivery = match next {
-                Some(Ok(delivery)) => delivery,
+            let mut ended = None;
+            let mut batch = match next {
+                Some(Ok(delivery)) => vec![delivery],
                 Some(Err(err)) => {
                     return Ended::Lost(BrokerError::from_lapin("receiving", &session.url, err));
                 }
                 None => return Ended::Lost(BrokerError::ConsumerCancelled),
             };
-            let Some(settle) = self.handle(&delivery, stop).await else {
-                // Stopping with the change not recorded: it goes back to the queue.
+            // What else the broker delivered already, up to the prefetch.
+            while batch.len() < usize::from(self.config.prefetch) {
+                match session.consumer.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(err))) => {
+                        ended = Some(BrokerError::from_lapin("receiving", &session.url, err));
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(BrokerError::ConsumerCancelled);
+                        break;
+                    }
+                }
+            }
+            let Some(settles) = self.handle_batch(&batch, stop).await else {
+                // Stopping with changes not recorded: they go back to the queue.
                 session.close().await;
                 return Ended::Stopped;
             };
-            if let Err(err) = session.settle(&delivery, settle).await {
+            if let Err(err) = session.settle_batch(&batch, settles).await {
+                return Ended::Lost(err);
+            }
+            if let Some(err) = ended {
                 return Ended::Lost(err);
             }
         }
     }
 
-    /// Records a delivery in the catalog, holding it while the database
-    /// refuses it; `None` if asked to stop meanwhile.
-    async fn handle(
+    /// Records the deliveries of a batch in their order: each run of
+    /// changes that carry a message id goes in one submission (one
+    /// transaction); a submission the catalog refuses is tried again one
+    /// change at a time, so that only the refused one is dead-lettered.
+    /// `None` if asked to stop meanwhile.
+    async fn handle_batch(
         &self,
-        delivery: &Delivery,
+        batch: &[Delivery],
         stop: &mut watch::Receiver<bool>,
-    ) -> Option<Settle> {
-        let routing_key = delivery.routing_key.as_str();
+    ) -> Option<Vec<Settle>> {
         let ours = self.catalog_id(stop).await?;
-        let (request, key) = match request(routing_key, &delivery.data, &ours) {
-            Ok(Read::Change(request, key)) => (request, key),
-            Ok(Read::Ours) => return Some(Settle::Ack),
+        let mut settles: Vec<Option<Settle>> = Vec::with_capacity(batch.len());
+        let mut run: Vec<(usize, ChangeRequest, Option<IdempotencyKey>)> = Vec::new();
+        for (index, delivery) in batch.iter().enumerate() {
+            let routing_key = delivery.routing_key.as_str();
+            let settle = match request(routing_key, &delivery.data, &ours) {
+                // A message without an id is recorded once by its own key
+                // (its body): alone, after the run before it.
+                Ok(Read::Change(request, key)) if request.message_id.is_none() => {
+                    self.record_run(batch, &mut run, &mut settles, stop).await?;
+                    self.record(routing_key, request, key, stop).await?
+                }
+                Ok(Read::Change(request, key)) => {
+                    run.push((index, request, key));
+                    settles.push(None);
+                    continue;
+                }
+                read => self.settle_read(routing_key, read, &ours),
+            };
+            settles.push(Some(settle));
+        }
+        self.record_run(batch, &mut run, &mut settles, stop).await?;
+        Some(
+            settles
+                .into_iter()
+                .map(|settle| settle.unwrap_or(Settle::Ack))
+                .collect(),
+        )
+    }
+
+    /// Records a run of changes with message ids in one submission, or one
+    /// by one if the catalog refuses it; empties `run`.
+    async fn record_run(
+        &self,
+        batch: &[Delivery],
+        run: &mut Vec<(usize, ChangeRequest, Option<IdempotencyKey>)>,
+        settles: &mut [Option<Settle>],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<()> {
+        if run.len() > 1 {
+            // A change recorded before is refused by its message id
+            // (MessageIdUsed), so the submission needs no key of its own.
+            let requests = run.iter().map(|(_, request, _)| request.clone()).collect();
+            if let Ok(submitted) = self.catalog.submit(requests, None).await {
+                for ((index, _, _), accepted) in run.iter().zip(&submitted.accepted) {
+                    let seq = match accepted.outcome {
+                        Outcome::Sequenced { seq } => Some(seq),
+                        Outcome::Stale => None,
+                    };
+                    events::direct_recorded(batch[*index].routing_key.as_str(), seq);
+                    settles[*index] = Some(Settle::Ack);
+                }
+                run.clear();
+                return Some(());
+            }
+        }
+        for (index, request, key) in run.drain(..) {
+            let routing_key = batch[index].routing_key.as_str();
+            settles[index] = Some(self.record(routing_key, request, key, stop).await?);
+        }
+        Some(())
+    }
+
+    /// What to do with a delivery that records nothing.
+    fn settle_read(&self, routing_key: &str, read: Result<Read, String>, ours: &str) -> Settle {
+        match read {
+            Ok(Read::Change(..) | Read::Ours) => Settle::Ack,
             Ok(Read::Foreign { catalog, store }) => {
                 let seen = self.foreign.fetch_add(1, Ordering::Relaxed) + 1;
-                events::direct_foreign_catalog(&catalog, &store, &ours, seen);
-                return Some(Settle::Ack);
+                events::direct_foreign_catalog(&catalog, &store, ours, seen);
+                Settle::Ack
             }
             Err(reason) => {
                 events::direct_refused(routing_key, &reason);
-                return Some(Settle::DeadLetter(reason));
+                Settle::DeadLetter(reason)
             }
-        };
+        }
+    }
+
+    /// Records one change in the catalog, holding it while the database
+    /// fails; `None` if asked to stop meanwhile.
+    async fn record(
+        &self,
+        routing_key: &str,
+        request: ChangeRequest,
+        key: Option<IdempotencyKey>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Settle> {
         let mut attempts: u32 = 0;
         loop {
             match self
@@ -411,37 +506,48 @@ impl Session {
         })
     }
 
-    /// Acknowledges, or dead-letters with the reason and then acknowledges;
-    /// if the dead letter cannot be published, rejects the message to the
-    /// queue's dead-letter exchange without a reason.
-    async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<(), BrokerError> {
-        if let Settle::DeadLetter(reason) = settle {
-            match self.publish_dead_letter(delivery, &reason).await {
-                Ok(()) => {}
-                Err(err) => {
-                    events::dead_letter_fallback(&err);
-                    return within(
-                        self.timeout_secs,
-                        "rejecting",
-                        &self.url,
-                        self.channel.basic_nack(
-                            delivery.delivery_tag,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: false,
-                            },
-                        ),
-                    )
-                    .await;
-                }
+    /// Settles a batch after its commit: dead-letters each refused one
+    /// with its reason (if the dead letter cannot be published, rejects
+    /// the message to the queue's dead-letter exchange without a reason),
+    /// then acknowledges the rest with one `multiple` ack.
+    async fn settle_batch(
+        &self,
+        batch: &[Delivery],
+        settles: Vec<Settle>,
+    ) -> Result<(), BrokerError> {
+        let mut last_ack = None;
+        for (delivery, settle) in batch.iter().zip(settles) {
+            if let Settle::DeadLetter(reason) = settle
+                && let Err(err) = self.publish_dead_letter(delivery, &reason).await
+            {
+                events::dead_letter_fallback(&err);
+                within(
+                    self.timeout_secs,
+                    "rejecting",
+                    &self.url,
+                    self.channel.basic_nack(
+                        delivery.delivery_tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: false,
+                        },
+                    ),
+                )
+                .await?;
+                continue;
             }
+            last_ack = Some(delivery.delivery_tag);
         }
+        let Some(tag) = last_ack else {
+            return Ok(());
+        };
+        // Every delivery up to `tag` is this batch's: the channel delivers in order.
         within(
             self.timeout_secs,
             "acknowledging",
             &self.url,
             self.channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions::default()),
+                .basic_ack(tag, BasicAckOptions { multiple: true }),
         )
         .await
     }
