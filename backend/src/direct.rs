@@ -61,7 +61,12 @@ pub(crate) struct Direct<S> {
     catalog_id: std::sync::OnceLock<String>,
     /// Messages another catalog's relay published, seen since start.
     foreign: AtomicU64,
+    /// When each (catalog, store) publishing here was last logged.
+    foreign_told: std::sync::Mutex<std::collections::HashMap<(String, String), Instant>>,
 }
+
+/// How often another catalog publishing to a store is logged again.
+const FOREIGN_EVERY: Duration = Duration::from_secs(60);
 
 /// What to do with a delivery once it was handled.
 #[derive(Debug, PartialEq, Eq)]
@@ -92,6 +97,7 @@ impl<S: Storage> Direct<S> {
             config,
             catalog_id: std::sync::OnceLock::new(),
             foreign: AtomicU64::new(0),
+            foreign_told: std::sync::Mutex::default(),
         }
     }
 
@@ -273,7 +279,21 @@ impl<S: Storage> Direct<S> {
             Ok(Read::Change(..) | Read::Ours) => Settle::Ack,
             Ok(Read::Foreign { catalog, store }) => {
                 let seen = self.foreign.fetch_add(1, Ordering::Relaxed) + 1;
-                events::direct_foreign_catalog(&catalog, &store, ours, seen);
+                // Said at once, then once a minute while it lasts: every
+                // message of the other backend comes here.
+                let now = Instant::now();
+                let mut told = self
+                    .foreign_told
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let key = (catalog, store);
+                let due = told
+                    .get(&key)
+                    .is_none_or(|last| now.duration_since(*last) >= FOREIGN_EVERY);
+                if due {
+                    events::direct_foreign_catalog(&key.0, &key.1, ours, seen);
+                    told.insert(key, now);
+                }
                 Settle::Ack
             }
             Err(reason) => {

@@ -159,7 +159,9 @@ pub(crate) fn direct_recorded(routing_key: &str, seq: Option<i64>) {
     );
 }
 
-/// A message another catalog's relay published reached this backend.
+/// Messages another catalog's relay published reach this backend: said at
+/// once, then once a minute for each catalog and store while it lasts;
+/// `seen` counts them all since start.
 pub(crate) fn direct_foreign_catalog(catalog: &str, store: &str, ours: &str, seen: u64) {
     error!(
         event = "direct_foreign_catalog",
