@@ -13,6 +13,9 @@ use nix::sys::signal::Signal;
 use possync_core::{LicenseKey, Publisher};
 use possync_sdk::Version;
 
+/// The catalog id the relayed messages of these tests name.
+const CATALOG: &str = "0199a5c4-0000-7000-8000-00000000ca7a";
+
 /// A `price_update` body as the backend's relay sends it.
 fn relayed(store: &LicenseKey, seq: i64, product: &str, price: f64, clock: SystemTime) -> Vec<u8> {
     let micros = clock
@@ -22,7 +25,7 @@ fn relayed(store: &LicenseKey, seq: i64, product: &str, price: f64, clock: Syste
         "type": "price_update", "license_key": store.as_str(),
         "payload": {"product_id": product, "new_price": price},
         "timestamp": time_text(clock), "version": micros,
-        "message_id": format!("{store}-{seq}"), "seq": seq,
+        "message_id": format!("{store}-{seq}"), "seq": seq, "catalog": CATALOG,
     })
     .to_string()
     .into_bytes()
@@ -348,7 +351,7 @@ async fn a_backlog_drained_collapsing_ends_as_one_drained_change_by_change() {
     messages.push((
         format!("license.{store}.price_update"),
         serde_json::to_vec(&serde_json::json!({
-            "type": "price_update", "license_key": store.as_str(), "seq": 301,
+            "type": "price_update", "license_key": store.as_str(), "seq": 301, "catalog": CATALOG,
             "payload": {"product_id": "P0", "new_price": "unreadable"},
         }))
         .expect("json"),

@@ -6,15 +6,21 @@
 //!
 //! Each message is submitted through [`Catalog::submit`] with its clock, and
 //! acknowledged only after the commit. A message carrying `seq` came from a
-//! backend's relay and is skipped. One the catalog refuses (its checks, or
+//! backend's relay: one that names this catalog is skipped (it is in the
+//! catalog already); one that names another catalog means two backends
+//! publish on one exchange, and is logged as an error, counted and skipped;
+//! one with `seq` but no catalog is dead-lettered. A message is recorded
+//! once per store: keyed by its store and message id, or its store and
+//! body when it has no id. One the catalog refuses (its checks, or
 //! the database for what it holds) is dead-lettered with the reason; the
 //! queue never stops for it. Only while the database fails (cannot be
 //! reached) is the message held and tried again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -51,7 +57,16 @@ pub(crate) struct Direct<S> {
     catalog: Arc<Catalog<S>>,
     broker: BrokerConfig,
     config: DirectConfig,
+    /// This catalog's id, read once.
+    catalog_id: std::sync::OnceLock<String>,
+    /// Messages another catalog's relay published, seen since start.
+    foreign: AtomicU64,
+    /// When each (catalog, store) publishing here was last logged.
+    foreign_told: std::sync::Mutex<std::collections::HashMap<(String, String), Instant>>,
 }
+
+/// How often another catalog publishing to a store is logged again.
+const FOREIGN_EVERY: Duration = Duration::from_secs(60);
 
 /// What to do with a delivery once it was handled.
 #[derive(Debug, PartialEq, Eq)]
@@ -80,6 +95,32 @@ impl<S: Storage> Direct<S> {
             catalog,
             broker,
             config,
+            catalog_id: std::sync::OnceLock::new(),
+            foreign: AtomicU64::new(0),
+            foreign_told: std::sync::Mutex::default(),
+        }
+    }
+
+    /// This catalog's id, held while the database cannot say; `None` if
+    /// asked to stop meanwhile.
+    async fn catalog_id(&self, stop: &mut watch::Receiver<bool>) -> Option<String> {
+        let mut attempts: u32 = 0;
+        loop {
+            if let Some(id) = self.catalog_id.get() {
+                return Some(id.clone());
+            }
+            match self.catalog.storage().catalog_id().await {
+                Ok(id) => return Some(self.catalog_id.get_or_init(|| id).clone()),
+                Err(err) => {
+                    attempts += 1;
+                    let delay = HELD.delay(attempts);
+                    events::direct_held(&err.to_string(), delay.as_millis(), attempts == 1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stopped(stop) => return None,
+                    }
+                }
+            }
         }
     }
 
@@ -122,40 +163,155 @@ impl<S: Storage> Direct<S> {
                     return Ended::Stopped;
                 }
             };
-            let delivery = match next {
-                Some(Ok(delivery)) => delivery,
+            let mut ended = None;
+            let mut batch = match next {
+                Some(Ok(delivery)) => vec![delivery],
                 Some(Err(err)) => {
                     return Ended::Lost(BrokerError::from_lapin("receiving", &session.url, err));
                 }
                 None => return Ended::Lost(BrokerError::ConsumerCancelled),
             };
-            let Some(settle) = self.handle(&delivery, stop).await else {
-                // Stopping with the change not recorded: it goes back to the queue.
+            // What else the broker delivered already, up to the prefetch.
+            while batch.len() < usize::from(self.config.prefetch) {
+                match session.consumer.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(err))) => {
+                        ended = Some(BrokerError::from_lapin("receiving", &session.url, err));
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(BrokerError::ConsumerCancelled);
+                        break;
+                    }
+                }
+            }
+            let Some(settles) = self.handle_batch(&batch, stop).await else {
+                // Stopping with changes not recorded: they go back to the queue.
                 session.close().await;
                 return Ended::Stopped;
             };
-            if let Err(err) = session.settle(&delivery, settle).await {
+            if let Err(err) = session.settle_batch(&batch, settles).await {
+                return Ended::Lost(err);
+            }
+            if let Some(err) = ended {
                 return Ended::Lost(err);
             }
         }
     }
 
-    /// Records a delivery in the catalog, holding it while the database
-    /// refuses it; `None` if asked to stop meanwhile.
-    async fn handle(
+    /// Records the deliveries of a batch in their order: each run of
+    /// changes that carry a message id goes in one submission (one
+    /// transaction); a submission the catalog refuses is tried again one
+    /// change at a time, so that only the refused one is dead-lettered.
+    /// `None` if asked to stop meanwhile.
+    async fn handle_batch(
         &self,
-        delivery: &Delivery,
+        batch: &[Delivery],
         stop: &mut watch::Receiver<bool>,
-    ) -> Option<Settle> {
-        let routing_key = delivery.routing_key.as_str();
-        let (request, key) = match request(routing_key, &delivery.data) {
-            Ok(Some(request)) => request,
-            Ok(None) => return Some(Settle::Ack),
+    ) -> Option<Vec<Settle>> {
+        let ours = self.catalog_id(stop).await?;
+        let mut settles: Vec<Option<Settle>> = Vec::with_capacity(batch.len());
+        let mut run: Vec<(usize, ChangeRequest, Option<IdempotencyKey>)> = Vec::new();
+        for (index, delivery) in batch.iter().enumerate() {
+            let routing_key = delivery.routing_key.as_str();
+            let settle = match request(routing_key, &delivery.data, &ours) {
+                // A message without an id is recorded once by its own key
+                // (its body): alone, after the run before it.
+                Ok(Read::Change(request, key)) if request.message_id.is_none() => {
+                    self.record_run(batch, &mut run, &mut settles, stop).await?;
+                    self.record(routing_key, request, key, stop).await?
+                }
+                Ok(Read::Change(request, key)) => {
+                    run.push((index, request, key));
+                    settles.push(None);
+                    continue;
+                }
+                read => self.settle_read(routing_key, read, &ours),
+            };
+            settles.push(Some(settle));
+        }
+        self.record_run(batch, &mut run, &mut settles, stop).await?;
+        Some(
+            settles
+                .into_iter()
+                .map(|settle| settle.unwrap_or(Settle::Ack))
+                .collect(),
+        )
+    }
+
+    /// Records a run of changes with message ids in one submission, or one
+    /// by one if the catalog refuses it; empties `run`.
+    async fn record_run(
+        &self,
+        batch: &[Delivery],
+        run: &mut Vec<(usize, ChangeRequest, Option<IdempotencyKey>)>,
+        settles: &mut [Option<Settle>],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<()> {
+        if run.len() > 1 {
+            // A change recorded before is refused by its message id
+            // (MessageIdUsed), so the submission needs no key of its own.
+            let requests = run.iter().map(|(_, request, _)| request.clone()).collect();
+            if let Ok(submitted) = self.catalog.submit(requests, None).await {
+                for ((index, _, _), accepted) in run.iter().zip(&submitted.accepted) {
+                    let seq = match accepted.outcome {
+                        Outcome::Sequenced { seq } => Some(seq),
+                        Outcome::Stale => None,
+                    };
+                    events::direct_recorded(batch[*index].routing_key.as_str(), seq);
+                    settles[*index] = Some(Settle::Ack);
+                }
+                run.clear();
+                return Some(());
+            }
+        }
+        for (index, request, key) in run.drain(..) {
+            let routing_key = batch[index].routing_key.as_str();
+            settles[index] = Some(self.record(routing_key, request, key, stop).await?);
+        }
+        Some(())
+    }
+
+    /// What to do with a delivery that records nothing.
+    fn settle_read(&self, routing_key: &str, read: Result<Read, String>, ours: &str) -> Settle {
+        match read {
+            Ok(Read::Change(..) | Read::Ours) => Settle::Ack,
+            Ok(Read::Foreign { catalog, store }) => {
+                let seen = self.foreign.fetch_add(1, Ordering::Relaxed) + 1;
+                // Said at once, then once a minute while it lasts: every
+                // message of the other backend comes here.
+                let now = Instant::now();
+                let mut told = self
+                    .foreign_told
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let key = (catalog, store);
+                let due = told
+                    .get(&key)
+                    .is_none_or(|last| now.duration_since(*last) >= FOREIGN_EVERY);
+                if due {
+                    events::direct_foreign_catalog(&key.0, &key.1, ours, seen);
+                    told.insert(key, now);
+                }
+                Settle::Ack
+            }
             Err(reason) => {
                 events::direct_refused(routing_key, &reason);
-                return Some(Settle::DeadLetter(reason));
+                Settle::DeadLetter(reason)
             }
-        };
+        }
+    }
+
+    /// Records one change in the catalog, holding it while the database
+    /// fails; `None` if asked to stop meanwhile.
+    async fn record(
+        &self,
+        routing_key: &str,
+        request: ChangeRequest,
+        key: Option<IdempotencyKey>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Settle> {
         let mut attempts: u32 = 0;
         loop {
             match self
@@ -200,18 +356,34 @@ impl<S: Storage> Direct<S> {
 /// The binding of the direct queue: every store's changes.
 const BINDING: &str = "license.#";
 
-/// The catalog request a delivery makes, with its idempotency key when it
-/// has a message id; `None` for a message a backend's relay published (it
-/// carries `seq`: it is in a catalog already); the reason it can never
-/// enter the catalog otherwise.
-fn request(
-    routing_key: &str,
-    body: &[u8],
-) -> Result<Option<(ChangeRequest, Option<IdempotencyKey>)>, String> {
+/// What a delivery is to this catalog.
+#[derive(Debug, PartialEq)]
+enum Read {
+    /// A change to record, with its idempotency key.
+    Change(ChangeRequest, Option<IdempotencyKey>),
+    /// This catalog's relay published it: it is in the catalog already.
+    Ours,
+    /// Another catalog's relay published it: two backends on one exchange.
+    Foreign { catalog: String, store: String },
+}
+
+/// What a delivery is to the catalog `ours`; the reason it can never
+/// enter the catalog if it cannot.
+fn request(routing_key: &str, body: &[u8], ours: &str) -> Result<Read, String> {
     let envelope: Envelope = serde_json::from_slice(body)
         .map_err(|err| format!("not a possync message (JSON envelope): {err}"))?;
-    if envelope.seq.is_some() {
-        return Ok(None);
+    if let Some(seq) = envelope.seq {
+        return match envelope.catalog {
+            Some(catalog) if catalog == ours => Ok(Read::Ours),
+            Some(catalog) => Ok(Read::Foreign {
+                catalog,
+                store: envelope.license_key,
+            }),
+            None => Err(format!(
+                "seq {seq} for store {} names no catalog, so no backend can tell whose sequence it is; it was not recorded: publish sequenced changes only through a possync backend that stamps its catalog id (upgrade the backend), and changes of your own without seq",
+                envelope.license_key
+            )),
+        };
     }
     let expected = format!("license.{}.", envelope.license_key);
     if !routing_key.starts_with(&expected) {
@@ -224,17 +396,19 @@ fn request(
     // that sends it again after a reconnect may stamp it anew, so its body
     // can differ), else by its body, the same bytes when the broker
     // delivers it again after the backend died between commit and ack.
+    // Message ids are unique per store only: the key names the store.
+    let store = &envelope.license_key;
     let key = match &envelope.message_id {
         Some(id) => IdempotencyKey {
             client: EXCHANGE_CLIENT.into(),
-            key: id.clone(),
+            key: format!("{store}:{id}"),
             fingerprint: hex(&Sha256::digest(id.as_bytes())),
         },
         None => {
             let digest = hex(&Sha256::digest(body));
             IdempotencyKey {
                 client: EXCHANGE_CLIENT.into(),
-                key: format!("body:{digest}"),
+                key: format!("{store}:body:{digest}"),
                 fingerprint: digest,
             }
         }
@@ -249,7 +423,7 @@ fn request(
         message_id: envelope.message_id,
         clock,
     };
-    Ok(Some((request, key)))
+    Ok(Read::Change(request, key))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -352,37 +526,48 @@ impl Session {
         })
     }
 
-    /// Acknowledges, or dead-letters with the reason and then acknowledges;
-    /// if the dead letter cannot be published, rejects the message to the
-    /// queue's dead-letter exchange without a reason.
-    async fn settle(&self, delivery: &Delivery, settle: Settle) -> Result<(), BrokerError> {
-        if let Settle::DeadLetter(reason) = settle {
-            match self.publish_dead_letter(delivery, &reason).await {
-                Ok(()) => {}
-                Err(err) => {
-                    events::dead_letter_fallback(&err);
-                    return within(
-                        self.timeout_secs,
-                        "rejecting",
-                        &self.url,
-                        self.channel.basic_nack(
-                            delivery.delivery_tag,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: false,
-                            },
-                        ),
-                    )
-                    .await;
-                }
+    /// Settles a batch after its commit: dead-letters each refused one
+    /// with its reason (if the dead letter cannot be published, rejects
+    /// the message to the queue's dead-letter exchange without a reason),
+    /// then acknowledges the rest with one `multiple` ack.
+    async fn settle_batch(
+        &self,
+        batch: &[Delivery],
+        settles: Vec<Settle>,
+    ) -> Result<(), BrokerError> {
+        let mut last_ack = None;
+        for (delivery, settle) in batch.iter().zip(settles) {
+            if let Settle::DeadLetter(reason) = settle
+                && let Err(err) = self.publish_dead_letter(delivery, &reason).await
+            {
+                events::dead_letter_fallback(&err);
+                within(
+                    self.timeout_secs,
+                    "rejecting",
+                    &self.url,
+                    self.channel.basic_nack(
+                        delivery.delivery_tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: false,
+                        },
+                    ),
+                )
+                .await?;
+                continue;
             }
+            last_ack = Some(delivery.delivery_tag);
         }
+        let Some(tag) = last_ack else {
+            return Ok(());
+        };
+        // Every delivery up to `tag` is this batch's: the channel delivers in order.
         within(
             self.timeout_secs,
             "acknowledging",
             &self.url,
             self.channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions::default()),
+                .basic_ack(tag, BasicAckOptions { multiple: true }),
         )
         .await
     }
@@ -543,12 +728,19 @@ async fn within<T>(
 mod tests {
     use super::*;
 
+    const OURS: &str = "c-ours";
+
+    fn change(read: Result<Read, String>) -> (ChangeRequest, Option<IdempotencyKey>) {
+        match read {
+            Ok(Read::Change(request, key)) => (request, key),
+            other => panic!("a change to record, not {other:?}"),
+        }
+    }
+
     #[test]
     fn a_message_in_the_original_format_is_submitted_with_its_clock_keyed_by_its_body() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{"product_id":"P1","new_price":2.5},"timestamp":"2025-11-27T10:30:00Z"}"#;
-        let (request, key) = request("license.STORE-1.price_update", body)
-            .expect("a change")
-            .expect("to record");
+        let (request, key) = change(request("license.STORE-1.price_update", body, OURS));
         assert_eq!(request.store, "STORE-1");
         assert_eq!(request.message_type, "price_update");
         assert_eq!(request.payload, r#"{"product_id":"P1","new_price":2.5}"#);
@@ -556,10 +748,8 @@ mod tests {
         assert_eq!(request.message_id, None);
         assert!(request.clock.is_some_and(|clock| !clock.exact));
         let key = key.expect("keyed by its body");
-        assert!(key.key.starts_with("body:"), "{}", key.key);
-        let (_, again) = super::request("license.STORE-1.price_update", body)
-            .expect("a change")
-            .expect("to record");
+        assert!(key.key.starts_with("STORE-1:body:"), "{}", key.key);
+        let (_, again) = change(super::request("license.STORE-1.price_update", body, OURS));
         assert_eq!(
             again,
             Some(key),
@@ -571,25 +761,18 @@ mod tests {
     fn a_message_sent_again_with_new_stamps_is_the_same_change() {
         let first = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"a","publisher_seq":1}"#;
         let again = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","publisher_id":"b","publisher_seq":7}"#;
-        let key = |body: &[u8]| {
-            request("license.STORE-1.price_update", body)
-                .expect("a change")
-                .expect("to record")
-                .1
-        };
+        let key = |body: &[u8]| change(request("license.STORE-1.price_update", body, OURS)).1;
         assert_eq!(key(first), key(again));
     }
 
     #[test]
     fn a_message_with_an_id_is_idempotent_by_it() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","version":42}"#;
-        let (request, key) = request("license.STORE-1.price_update", body)
-            .expect("a change")
-            .expect("to record");
+        let (request, key) = change(request("license.STORE-1.price_update", body, OURS));
         let key = key.expect("a key");
         assert_eq!(
             (key.client.as_str(), key.key.as_str()),
-            (EXCHANGE_CLIENT, "m-1")
+            (EXCHANGE_CLIENT, "STORE-1:m-1")
         );
         assert!(
             !key.client
@@ -608,17 +791,56 @@ mod tests {
     }
 
     #[test]
-    fn a_message_a_relay_published_is_skipped() {
+    fn a_message_this_catalogs_relay_published_is_skipped() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3,"catalog":"c-ours"}"#;
+        assert_eq!(
+            request("license.STORE-1.price_update", body, OURS),
+            Ok(Read::Ours)
+        );
+    }
+
+    #[test]
+    fn a_message_another_catalogs_relay_published_names_that_catalog_and_the_store() {
+        let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3,"catalog":"c-other"}"#;
+        assert_eq!(
+            request("license.STORE-1.price_update", body, OURS),
+            Ok(Read::Foreign {
+                catalog: "c-other".into(),
+                store: "STORE-1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_message_with_seq_but_no_catalog_is_refused_with_what_to_do() {
         let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1","seq":3}"#;
-        assert_eq!(request("license.STORE-1.price_update", body), Ok(None));
+        let err = request("license.STORE-1.price_update", body, OURS).expect_err("refused");
+        assert!(err.contains("names no catalog"), "{err}");
+        assert!(err.contains("STORE-1"), "{err}");
+    }
+
+    #[test]
+    fn the_same_message_id_in_two_stores_is_two_changes() {
+        let key = |store: &str| {
+            let body = format!(
+                r#"{{"type":"price_update","license_key":"{store}","payload":{{}},"message_id":"m-1"}}"#
+            );
+            change(request(
+                &format!("license.{store}.price_update"),
+                body.as_bytes(),
+                OURS,
+            ))
+            .1
+        };
+        assert_ne!(key("STORE-1"), key("STORE-2"));
     }
 
     #[test]
     fn bad_json_and_a_foreign_routing_key_are_refused_with_a_reason() {
-        let err = request("license.STORE-1.price_update", b"{oops").expect_err("refused");
+        let err = request("license.STORE-1.price_update", b"{oops", OURS).expect_err("refused");
         assert!(err.contains("not a possync message"), "{err}");
         let body = br#"{"type":"price_update","license_key":"STORE-2","payload":{}}"#;
-        let err = request("license.STORE-1.price_update", body).expect_err("refused");
+        let err = request("license.STORE-1.price_update", body, OURS).expect_err("refused");
         assert!(err.contains("does not match"), "{err}");
     }
 }

@@ -91,6 +91,18 @@ pub(crate) fn relay_failed(reason: &str, unpublished: usize, retry_in_ms: u128, 
     }
 }
 
+/// A relay stall that lasts: said again every minute while it lasts.
+pub(crate) fn relay_stalled(reason: &str, unpublished: usize, stalled_ms: u128, attempts: u32) {
+    error!(
+        event = "relay_stalled",
+        %reason,
+        unpublished,
+        stalled_ms,
+        attempts,
+        "the relay still cannot publish the outbox: terminals fall behind the catalog until it can; fix what the reason names (a full terminal queue that rejects publishes, the broker, the database)"
+    );
+}
+
 pub(crate) fn relay_recovered(failed_ms: u128, attempts: u32) {
     info!(
         event = "relay_recovered",
@@ -144,6 +156,20 @@ pub(crate) fn direct_recorded(routing_key: &str, seq: Option<i64>) {
         %routing_key,
         seq = seq.unwrap_or(0),
         "a change sent straight to the exchange is in the catalog"
+    );
+}
+
+/// Messages another catalog's relay published reach this backend: said at
+/// once, then once a minute for each catalog and store while it lasts;
+/// `seen` counts them all since start.
+pub(crate) fn direct_foreign_catalog(catalog: &str, store: &str, ours: &str, seen: u64) {
+    error!(
+        event = "direct_foreign_catalog",
+        %catalog,
+        %store,
+        %ours,
+        seen,
+        "another backend (catalog {catalog}) publishes store {store}'s changes on this exchange: two backends with their own databases on one exchange; terminals refuse the changes of the catalog they do not follow. Stop the backend that is not the store's catalog of record, or give it its own exchange; the message was skipped"
     );
 }
 

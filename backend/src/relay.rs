@@ -1,6 +1,17 @@
 //! The relay: publishes the outbox to the broker in each store's sequence
 //! order, with publisher confirms, and marks rows published once confirmed.
 //!
+//! Rows go out in chunks, each marked published once the broker confirmed
+//! all of it: when the broker refuses a message (a full queue that rejects
+//! publishes) or the connection fails, the rows of the chunks confirmed
+//! before are marked, no row after a store's first unconfirmed one is, and
+//! the next round starts each store from its first unpublished row. The
+//! rows sent after the refused one go again; terminals drop those they
+//! applied by their `seq` and apply the refused one when it comes.
+//!
+//! Every message names the catalog (`catalog`, this database's id):
+//! terminals follow one catalog per store and refuse another's.
+//!
 //! A row confirmed but not yet marked (the process died in between) is
 //! published again after a restart: terminals drop it by its seq (and its
 //! message id). A store with no terminal queue yet is no error: its changes
@@ -33,12 +44,21 @@ use crate::storage::{OutboxRow, Storage};
 /// the next.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
+/// Rows published before their confirms are awaited and they are marked:
+/// a refusal sends again at most this many rows already confirmed.
+const CHUNK: usize = 64;
+
+/// How often a stall that lasts is logged again.
+const STALL_EVERY: Duration = Duration::from_secs(60);
+
 /// Publishes a catalog's outbox while this process leads the relay.
 #[derive(Debug)]
 pub(crate) struct Relay<S> {
     catalog: Arc<Catalog<S>>,
     broker: BrokerConfig,
     config: RelayConfig,
+    /// The catalog's id, read once.
+    catalog_id: std::sync::OnceLock<String>,
 }
 
 /// Why a round published nothing.
@@ -69,6 +89,8 @@ enum Round {
 struct Failures {
     attempts: u32,
     since: Option<Instant>,
+    /// When the stall was last logged loudly.
+    told: Option<Instant>,
 }
 
 impl<S: Storage> Relay<S> {
@@ -77,6 +99,7 @@ impl<S: Storage> Relay<S> {
             catalog,
             broker,
             config,
+            catalog_id: std::sync::OnceLock::new(),
         }
     }
 
@@ -181,7 +204,17 @@ impl<S: Storage> Relay<S> {
             return Ok(Round::Idle);
         }
         let started = Instant::now();
-        let envelopes = rows.iter().map(envelope).collect::<Result<Vec<_>, _>>()?;
+        let catalog = match self.catalog_id.get() {
+            Some(id) => id.clone(),
+            None => {
+                let id = storage.catalog_id().await?;
+                self.catalog_id.get_or_init(|| id).clone()
+            }
+        };
+        let envelopes = rows
+            .iter()
+            .map(|row| envelope(row, &catalog))
+            .collect::<Result<Vec<_>, _>>()?;
         let publisher = match publisher {
             Some(publisher) => publisher,
             None => publisher.insert(
@@ -190,13 +223,21 @@ impl<S: Storage> Relay<S> {
                     .unroutable_is_published(),
             ),
         };
-        let published = publisher
-            .publish_envelopes(envelopes)
-            .await
-            .inspect_err(|err| name_unpublishable(err, &rows))?;
-        failpoint::relay_confirmed(published.len());
-        let marks: Vec<(String, i64)> = rows.iter().map(|r| (r.store.clone(), r.seq)).collect();
-        storage.mark_published(&marks).await?;
+        let mut envelopes = envelopes.into_iter();
+        for chunk in rows.chunks(CHUNK) {
+            let sent = publisher
+                .publish_envelopes(envelopes.by_ref().take(chunk.len()))
+                .await
+                .inspect_err(|err| name_unpublishable(err, chunk));
+            // A refusal or failure: the chunks before are marked, this one
+            // and those after go again next round from each store's first
+            // unpublished row.
+            let published = sent?;
+            failpoint::relay_confirmed(published.len());
+            let marks: Vec<(String, i64)> =
+                chunk.iter().map(|r| (r.store.clone(), r.seq)).collect();
+            storage.mark_published(&marks).await?;
+        }
         let stores = rows
             .iter()
             .map(|r| r.store.as_str())
@@ -226,6 +267,19 @@ impl Failures {
         self.since.get_or_insert_with(Instant::now);
         let delay = RETRY.delay(self.attempts);
         events::relay_failed(&err.to_string(), unpublished, delay.as_millis(), first);
+        let now = Instant::now();
+        if first {
+            self.told = Some(now);
+        } else if self
+            .told
+            .is_none_or(|told| now.duration_since(told) >= STALL_EVERY)
+        {
+            self.told = Some(now);
+            let since = self
+                .since
+                .map_or(0, |since| now.duration_since(since).as_millis());
+            events::relay_stalled(&err.to_string(), unpublished, since, self.attempts);
+        }
         delay
     }
 
@@ -234,12 +288,14 @@ impl Failures {
             events::relay_recovered(since.elapsed().as_millis(), self.attempts);
         }
         self.attempts = 0;
+        self.told = None;
     }
 }
 
 /// The wire envelope of an outbox row: the original format's four fields,
-/// the message id (terminals drop a duplicate) and the store's seq.
-fn envelope(row: &OutboxRow) -> Result<Envelope, RoundError> {
+/// the message id (terminals drop a duplicate), the store's seq and the
+/// catalog that gave it.
+fn envelope(row: &OutboxRow, catalog: &str) -> Result<Envelope, RoundError> {
     let payload =
         RawValue::from_string(row.payload.clone()).map_err(|err| RoundError::BadPayload {
             store: row.store.clone(),
@@ -250,7 +306,8 @@ fn envelope(row: &OutboxRow) -> Result<Envelope, RoundError> {
         Envelope::with_raw_payload(row.message_type.as_str(), row.store.as_str(), payload)
             .with_timestamp(row.timestamp.as_str())
             .with_message_id(row.message_id.as_str())
-            .with_seq(row.seq),
+            .with_seq(row.seq)
+            .with_catalog(catalog),
     )
 }
 
@@ -294,7 +351,8 @@ mod tests {
             timestamp: "2025-11-27T10:30:00Z".into(),
             message_id: "m-7".into(),
         };
-        let wire = serde_json::to_value(envelope(&row).expect("an envelope")).expect("encodes");
+        let wire =
+            serde_json::to_value(envelope(&row, "c0ffee").expect("an envelope")).expect("encodes");
         assert_eq!(
             wire,
             serde_json::json!({
@@ -304,6 +362,7 @@ mod tests {
                 "timestamp": "2025-11-27T10:30:00Z",
                 "message_id": "m-7",
                 "seq": 7,
+                "catalog": "c0ffee",
             })
         );
     }
@@ -318,7 +377,7 @@ mod tests {
             timestamp: "2025-11-27T10:30:00Z".into(),
             message_id: "m-3".into(),
         };
-        let err = envelope(&row).expect_err("refused").to_string();
+        let err = envelope(&row, "c0ffee").expect_err("refused").to_string();
         assert!(err.contains("STORE-1 #3"), "{err}");
     }
 }

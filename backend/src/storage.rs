@@ -286,6 +286,11 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Change>, StorageError>> + Send;
 
+    /// The catalog's id: random, made once when the database was created
+    /// and kept in it. The relay stamps it on every message (`catalog`), so
+    /// terminals tell this catalog's sequence from another backend's.
+    fn catalog_id(&self) -> impl Future<Output = Result<String, StorageError>> + Send;
+
     /// Every store's sequence head, by store.
     fn heads(&self) -> impl Future<Output = Result<Vec<StoreHead>, StorageError>> + Send;
 

@@ -88,6 +88,10 @@ impl Storage for Scripted {
         self.inner.changes_after(store, after, limit).await
     }
 
+    async fn catalog_id(&self) -> Result<String, StorageError> {
+        self.inner.catalog_id().await
+    }
+
     async fn heads(&self) -> Result<Vec<StoreHead>, StorageError> {
         self.inner.heads().await
     }

@@ -893,6 +893,10 @@ impl Storage for Unreachable {
     ) -> impl std::future::Future<Output = Result<Vec<Change>, StorageError>> + Send {
         down()
     }
+    fn catalog_id(&self) -> impl std::future::Future<Output = Result<String, StorageError>> + Send {
+        down()
+    }
+
     fn heads(
         &self,
     ) -> impl std::future::Future<Output = Result<Vec<StoreHead>, StorageError>> + Send {

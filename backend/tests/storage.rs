@@ -249,6 +249,7 @@ on_every_storage!(
     a_store_whose_sequence_is_exhausted_refuses_the_next_change,
     idempotency_keys_older_than_the_retention_are_forgotten,
     a_refused_submission_among_concurrent_ones_leaves_the_others_whole,
+    each_database_has_its_own_catalog_id_kept_across_reopening,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -953,6 +954,22 @@ async fn two_postgres_instances_starting_together_share_one_gapless_sequence() {
     // Both migrate the new database at the same moment.
     let (one, two) = tokio::join!(db.open(), db.open());
     submit_concurrently(&[Arc::new(one), Arc::new(two)], 8, 50).await;
+}
+
+async fn each_database_has_its_own_catalog_id_kept_across_reopening<H: Harness>() {
+    // The guarantee: a database's catalog id is made once, with it, and
+    // another database (or one made again) has another.
+    let db = H::fresh().await;
+    let id = db.open().await.catalog_id().await.expect("a catalog id");
+    assert!(id.len() >= 16, "{id}");
+    let (one, two) = (db.open().await, db.open().await);
+    assert_eq!(one.catalog_id().await.expect("read again"), id);
+    assert_eq!(two.catalog_id().await.expect("read again"), id);
+    let other = H::fresh().await;
+    assert_ne!(
+        other.open().await.catalog_id().await.expect("a catalog id"),
+        id
+    );
 }
 
 async fn a_schema_from_a_later_possync_is_refused<H: Harness>() {

@@ -87,7 +87,7 @@ pub(crate) async fn publish_backlog(
         Format::Sequenced => {
             let bodies = (0..count).map(|i| {
                 format!(
-                    r#"{{"type":"price_update","license_key":"{license}","payload":{},"timestamp":"2025-11-27T10:30:00Z","message_id":"{}","seq":{}}}"#,
+                    r#"{{"type":"price_update","license_key":"{license}","payload":{},"timestamp":"2025-11-27T10:30:00Z","message_id":"{}","seq":{},"catalog":"bench"}}"#,
                     price_payload(i, product(i)),
                     uuid::Uuid::now_v7(),
                     i + 1

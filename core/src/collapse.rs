@@ -368,6 +368,7 @@ mod tests {
                     0 => {
                         seq += 1;
                         envelope["seq"] = seq.into();
+                        envelope["catalog"] = "c".into();
                         envelope["message_id"] = format!("m{i}").into();
                     }
                     1 => {
@@ -428,7 +429,7 @@ mod tests {
             let path = dir.path().join("terminal.db");
             let bodies: Vec<String> = (0..30)
                 .map(|i| {
-                    serde_json::json!({"type": "price_update", "license_key": "K", "seq": i + 1,
+                    serde_json::json!({"type": "price_update", "license_key": "K", "seq": i + 1, "catalog": "c",
                         "payload": {"product_id": format!("P{}", i % 3), "new_price": i}})
                     .to_string()
                 })

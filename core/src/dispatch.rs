@@ -189,6 +189,14 @@ impl Dispatch {
     ) -> Result<Option<Outcome>, BatchError> {
         let claim = match marks.judge(transaction, envelope)? {
             Verdict::Duplicate => return Ok(Some(Outcome::Duplicate)),
+            Verdict::Refused(reason) => {
+                return Ok(Some(self.poison.quarantine(
+                    transaction,
+                    inbound,
+                    Some(envelope),
+                    reason,
+                )?));
+            }
             Verdict::Fresh(claim) => claim,
         };
         let outcome = self.apply_fresh(transaction, inbound, envelope, claim, careful, skip)?;

@@ -2,12 +2,19 @@
 //! without a record per message, and how far it is in sync with its store.
 //!
 //! - A message with `seq` (the store's sequence number, from `possync
-//!   backend`) is a duplicate exactly when its `seq` is at or below the
-//!   highest the terminal applied for its store. The backend relays a
-//!   store's changes in `seq` order on one channel, and the broker keeps a
-//!   channel's order into the queue, so a `seq` at or below the mark is
-//!   one the terminal has settled, or one it missed for good (a gap, which
-//!   a catch-up must fill, never normal delivery).
+//!   backend`) is a duplicate exactly when its `seq` was settled here
+//!   before: at or below the contiguous mark (every `seq` from 1 to it is
+//!   settled), or one of the few settled above it, kept as ranges in
+//!   `possync_sequence_above` (normally none). A `seq` above the mark that
+//!   was not settled applies, whenever it comes: the relay sends a change
+//!   again after the broker refused it, behind later ones it already sent,
+//!   and that change must still apply. When the missing ones arrive the
+//!   mark moves over the ranges.
+//! - A sequenced message names its catalog (the backend database that gave
+//!   the `seq`). The terminal follows the catalog of the first sequenced
+//!   message of its store; a sequenced message from another catalog, or
+//!   with a `seq` but no catalog, is dead-lettered, never applied: its
+//!   `seq` counts in another sequence.
 //! - A message with `publisher_id` and `publisher_seq` (possync's
 //!   publisher) is a duplicate exactly when its `publisher_seq` is at or
 //!   below the highest applied from that publisher id: one row per id.
@@ -45,36 +52,107 @@ pub(crate) const MIGRATION: Migration = Migration::new(
     CREATE INDEX IF NOT EXISTS possync_publishers_applied_at ON possync_publishers (applied_at);",
 );
 
+/// The settled mark, the first dead-lettered `seq`, the catalog followed,
+/// and the ranges settled above the mark. A store's state from before
+/// keeps its meaning: everything up to its highest `seq` counts as
+/// settled, and `synced_up_to` stays where it was.
+pub(crate) const MIGRATION_ABOVE: Migration = Migration::new(
+    "possync/sequence-above",
+    "ALTER TABLE possync_sequence ADD COLUMN settled_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE possync_sequence ADD COLUMN dead_seq INTEGER;
+    ALTER TABLE possync_sequence ADD COLUMN catalog TEXT;
+    UPDATE possync_sequence SET settled_seq = applied_seq,
+        dead_seq = CASE WHEN synced_seq < applied_seq THEN synced_seq + 1 END;
+    CREATE TABLE IF NOT EXISTS possync_sequence_above (
+        license_key TEXT NOT NULL,
+        first_seq   INTEGER NOT NULL,
+        last_seq    INTEGER NOT NULL,
+        PRIMARY KEY (license_key, first_seq)
+    ) WITHOUT ROWID;",
+);
+
 /// How far a terminal is in sync with its store's sequence, kept in its
 /// database (`possync_sequence`) across restarts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncState {
     /// Every change of the store up to this `seq` is applied here, from 1
     /// on without a gap ("synced up to N"); 0 before the first.
     pub synced_up_to: i64,
-    /// The highest `seq` applied; a message at or below it is a duplicate.
-    /// Above `synced_up_to` when changes between them never arrived (a
-    /// gap) or could not apply (dead-lettered).
+    /// The highest `seq` applied. Above `synced_up_to` when changes
+    /// between them have not arrived yet (a gap) or could not apply
+    /// (dead-lettered).
     pub highest_applied: i64,
     /// When the terminal last applied a sequenced change (ms since the epoch).
     pub last_change_ms: Option<i64>,
     /// The backend's latest `seq` for the store, when a message told it.
     pub head: Option<i64>,
+    /// The catalog (backend database) whose sequence this terminal follows
+    /// for its store: the one of the first sequenced message it applied.
+    pub catalog: Option<String>,
 }
 
-impl SyncState {
-    /// The state a batch found: `seq` settled as `outcome`. Returns the gap
+/// What tells a duplicate `seq` from a fresh one: every `seq` up to
+/// `settled` is settled (applied or dead-lettered), and so is every one
+/// in `above`, sorted ranges above `settled + 1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Settled {
+    state: SyncState,
+    settled: i64,
+    /// The first dead-lettered `seq`: `synced_up_to` never passes it.
+    dead: Option<i64>,
+    above: Vec<(i64, i64)>,
+}
+
+impl Settled {
+    fn contains(&self, seq: i64) -> bool {
+        seq <= self.settled
+            || self
+                .above
+                .iter()
+                .any(|&(first, last)| first <= seq && seq <= last)
+    }
+
+    /// `seq` (not settled before) settled as `outcome`. Returns the gap
     /// `(expected, received)` if `seq` jumped past the next one.
     fn settle(&mut self, seq: i64, outcome: &Outcome, now_ms: i64) -> Option<(i64, i64)> {
-        let expected = self.highest_applied + 1;
+        let expected = self.state.highest_applied + 1;
         let gap = (seq > expected).then_some((expected, seq));
-        self.highest_applied = self.highest_applied.max(seq);
-        // A dead-lettered change is not here: synced-up-to stops below it.
-        if seq == self.synced_up_to + 1 && !matches!(outcome, Outcome::DeadLetter { .. }) {
-            self.synced_up_to = seq;
+        self.state.highest_applied = self.state.highest_applied.max(seq);
+        if matches!(outcome, Outcome::DeadLetter { .. }) {
+            self.dead = Some(self.dead.map_or(seq, |dead| dead.min(seq)));
         }
-        self.last_change_ms = Some(now_ms);
+        if seq == self.settled + 1 {
+            self.settled = seq;
+        } else if seq > self.settled {
+            self.insert_above(seq);
+        }
+        // The gap filled: the mark moves over the ranges it reaches.
+        while let Some(&(first, last)) = self.above.first()
+            && first <= self.settled + 1
+        {
+            self.settled = self.settled.max(last);
+            self.above.remove(0);
+        }
+        self.state.synced_up_to = match self.dead {
+            Some(dead) => self.settled.min(dead - 1),
+            None => self.settled,
+        };
+        self.state.last_change_ms = Some(now_ms);
         gap
+    }
+
+    fn insert_above(&mut self, seq: i64) {
+        let at = self.above.partition_point(|&(first, _)| first < seq);
+        self.above.insert(at, (seq, seq));
+        // Join it with its neighbours where they touch.
+        if at + 1 < self.above.len() && self.above[at + 1].0 == seq + 1 {
+            self.above[at].1 = self.above[at + 1].1;
+            self.above.remove(at + 1);
+        }
+        if at > 0 && self.above[at - 1].1 + 1 == seq {
+            self.above[at - 1].1 = self.above[at].1;
+            self.above.remove(at);
+        }
     }
 }
 
@@ -91,10 +169,12 @@ pub(crate) enum Claim {
 }
 
 /// Whether a message was settled before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Duplicate,
     Fresh(Claim),
+    /// Never to apply here: dead-lettered with this reason.
+    Refused(String),
 }
 
 #[derive(Debug)]
@@ -110,7 +190,7 @@ struct PublisherMark {
 pub(crate) struct Marks<'k> {
     license_key: &'k str,
     /// Read at the first sequenced message; `stored` says whether it moved.
-    store: Option<(SyncState, SyncState)>,
+    store: Option<(Settled, Settled)>,
     publishers: Vec<PublisherMark>,
     gaps: Vec<(i64, i64)>,
 }
@@ -133,8 +213,23 @@ impl<'k> Marks<'k> {
         envelope: &Envelope,
     ) -> rusqlite::Result<Verdict> {
         if let Some(seq) = envelope.seq {
-            let state = self.store(transaction)?;
-            return Ok(if seq <= state.highest_applied {
+            let license_key = self.license_key;
+            let settled = self.store(transaction)?;
+            let Some(catalog) = envelope.catalog.as_deref() else {
+                return Ok(Verdict::Refused(format!(
+                    "seq {seq} for store {license_key} names no catalog, so this terminal cannot tell which backend's sequence it belongs to; it was not applied: publish sequenced changes through a possync backend that stamps its catalog id (upgrade the backend)"
+                )));
+            };
+            match &settled.state.catalog {
+                Some(followed) if followed != catalog => {
+                    return Ok(Verdict::Refused(format!(
+                        "seq {seq} for store {license_key} comes from catalog {catalog}, but this terminal follows catalog {followed}: two backends publish to this store (stop the one that is not the store's catalog of record), or the backend's database was replaced (re-provision the terminal so it follows the new catalog); it was not applied"
+                    )));
+                }
+                Some(_) => {}
+                None => settled.state.catalog = Some(catalog.to_owned()),
+            }
+            return Ok(if settled.contains(seq) {
                 Verdict::Duplicate
             } else {
                 Verdict::Fresh(Claim::Seq(seq))
@@ -175,8 +270,8 @@ impl<'k> Marks<'k> {
         match claim {
             Claim::ById => {}
             Claim::Seq(seq) => {
-                if let Some((_, state)) = &mut self.store
-                    && let Some(gap) = state.settle(seq, outcome, now_ms())
+                if let Some((_, settled)) = &mut self.store
+                    && let Some(gap) = settled.settle(seq, outcome, now_ms())
                 {
                     self.gaps.push(gap);
                 }
@@ -191,23 +286,42 @@ impl<'k> Marks<'k> {
 
     /// Writes the marks that moved, in the batch's transaction.
     pub(crate) fn write(&self, transaction: &mut Transaction<'_>) -> rusqlite::Result<()> {
-        if let Some((stored, state)) = &self.store
-            && stored != state
+        if let Some((stored, settled)) = &self.store
+            && stored != settled
         {
+            let state = &settled.state;
             transaction.execute(
-                "INSERT INTO possync_sequence (license_key, synced_seq, applied_seq, last_change_ms, head_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO possync_sequence (license_key, synced_seq, applied_seq, last_change_ms,
+                     head_seq, settled_seq, dead_seq, catalog)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (license_key) DO UPDATE SET synced_seq = excluded.synced_seq,
                      applied_seq = excluded.applied_seq, last_change_ms = excluded.last_change_ms,
-                     head_seq = excluded.head_seq",
+                     head_seq = excluded.head_seq, settled_seq = excluded.settled_seq,
+                     dead_seq = excluded.dead_seq, catalog = excluded.catalog",
                 params![
                     self.license_key,
                     state.synced_up_to,
                     state.highest_applied,
                     state.last_change_ms,
-                    state.head
+                    state.head,
+                    settled.settled,
+                    settled.dead,
+                    state.catalog
                 ],
             )?;
+            if stored.above != settled.above {
+                transaction.execute(
+                    "DELETE FROM possync_sequence_above WHERE license_key = ?1",
+                    params![self.license_key],
+                )?;
+                for (first, last) in &settled.above {
+                    transaction.execute(
+                        "INSERT INTO possync_sequence_above (license_key, first_seq, last_seq)
+                         VALUES (?1, ?2, ?3)",
+                        params![self.license_key, first, last],
+                    )?;
+                }
+            }
         }
         for mark in &self.publishers {
             if mark.stored != Some(mark.last) && mark.last > 0 {
@@ -225,8 +339,9 @@ impl<'k> Marks<'k> {
     /// The store's sync state after this batch, if the batch moved it.
     pub(crate) fn moved(&self) -> Option<SyncState> {
         self.store
-            .filter(|(stored, state)| stored != state)
-            .map(|(_, state)| state)
+            .as_ref()
+            .filter(|(stored, settled)| stored.state != settled.state)
+            .map(|(_, settled)| settled.state.clone())
     }
 
     /// Jumps in the store's sequence this batch saw: `(expected, received)`.
@@ -234,20 +349,40 @@ impl<'k> Marks<'k> {
         &self.gaps
     }
 
-    fn store(&mut self, transaction: &mut Transaction<'_>) -> rusqlite::Result<SyncState> {
-        if let Some((_, state)) = self.store {
-            return Ok(state);
+    fn store(&mut self, transaction: &mut Transaction<'_>) -> rusqlite::Result<&mut Settled> {
+        if self.store.is_none() {
+            let read = transaction.query_optional(
+                "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog,
+                     settled_seq, dead_seq
+                 FROM possync_sequence WHERE license_key = ?1",
+                [self.license_key],
+                |row| {
+                    Ok(Settled {
+                        state: state_from_row(row)?,
+                        settled: row.get(5)?,
+                        dead: row.get(6)?,
+                        above: Vec::new(),
+                    })
+                },
+            )?;
+            let mut settled = read.unwrap_or_default();
+            if settled.settled < settled.state.highest_applied {
+                settled.above = transaction.query_all(
+                    "SELECT first_seq, last_seq FROM possync_sequence_above
+                     WHERE license_key = ?1 ORDER BY first_seq",
+                    [self.license_key],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?;
+            }
+            self.store = Some((settled.clone(), settled));
         }
-        let state = transaction
-            .query_optional(READ_STATE, [self.license_key], state_from_row)?
-            .unwrap_or_default();
-        self.store = Some((state, state));
-        Ok(state)
+        Ok(&mut self.store.as_mut().expect("read above").1)
     }
 }
 
 /// The statement that reads a store's [`SyncState`].
-pub(crate) const READ_STATE: &str = "SELECT synced_seq, applied_seq, last_change_ms, head_seq
+pub(crate) const READ_STATE: &str =
+    "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog
      FROM possync_sequence WHERE license_key = ?1";
 
 /// A [`SyncState`] from a row of [`READ_STATE`].
@@ -257,6 +392,7 @@ pub(crate) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SyncSt
         highest_applied: row.get(1)?,
         last_change_ms: row.get(2)?,
         head: row.get(3)?,
+        catalog: row.get(4)?,
     })
 }
 
@@ -278,7 +414,7 @@ mod tests {
 
     #[test]
     fn synced_up_to_follows_contiguous_changes_and_stops_at_a_gap() {
-        let mut state = SyncState::default();
+        let mut state = Settled::default();
         assert_eq!(state.settle(1, &applied(), 5), None);
         assert_eq!(state.settle(2, &applied(), 6), None);
         assert_eq!(
@@ -289,9 +425,9 @@ mod tests {
         assert_eq!(state.settle(6, &applied(), 8), None, "one gap, said once");
         assert_eq!(
             (
-                state.synced_up_to,
-                state.highest_applied,
-                state.last_change_ms
+                state.state.synced_up_to,
+                state.state.highest_applied,
+                state.state.last_change_ms
             ),
             (2, 6, Some(8))
         );
@@ -299,7 +435,7 @@ mod tests {
 
     #[test]
     fn a_dead_lettered_change_stops_synced_up_to_but_is_not_a_gap() {
-        let mut state = SyncState::default();
+        let mut state = Settled::default();
         state.settle(1, &applied(), 0);
         let dead = Outcome::DeadLetter {
             reason: "bad".into(),
@@ -307,7 +443,10 @@ mod tests {
         };
         assert_eq!(state.settle(2, &dead, 0), None);
         assert_eq!(state.settle(3, &applied(), 0), None);
-        assert_eq!((state.synced_up_to, state.highest_applied), (1, 3));
+        assert_eq!(
+            (state.state.synced_up_to, state.state.highest_applied),
+            (1, 3)
+        );
     }
 
     #[test]
@@ -325,9 +464,54 @@ mod tests {
                 message_type: "t".into(),
             },
         ] {
-            let mut state = SyncState::default();
+            let mut state = Settled::default();
             state.settle(1, &outcome, 0);
-            assert_eq!(state.synced_up_to, 1, "{outcome:?}");
+            assert_eq!(state.state.synced_up_to, 1, "{outcome:?}");
         }
+    }
+
+    #[test]
+    fn a_change_sent_again_behind_later_ones_applies_and_fills_the_gap() {
+        let mut state = Settled::default();
+        for seq in [1, 2, 4, 5] {
+            assert!(!state.contains(seq));
+            state.settle(seq, &applied(), 0);
+        }
+        assert!(!state.contains(3), "3 was refused, never applied");
+        assert!(state.contains(4) && state.contains(5) && state.contains(2));
+        assert_eq!(state.above, vec![(4, 5)]);
+        assert_eq!(state.settle(3, &applied(), 0), None, "no new gap");
+        assert_eq!(
+            (state.state.synced_up_to, state.state.highest_applied),
+            (5, 5)
+        );
+        assert!(state.above.is_empty(), "the set is empty again");
+        assert!((1..=5).all(|seq| state.contains(seq)));
+    }
+
+    #[test]
+    fn settled_ranges_join_when_they_touch() {
+        let mut state = Settled::default();
+        for seq in [3, 7, 5, 4, 6, 9] {
+            state.settle(seq, &applied(), 0);
+        }
+        assert_eq!(state.above, vec![(3, 7), (9, 9)]);
+        state.settle(1, &applied(), 0);
+        state.settle(2, &applied(), 0);
+        assert_eq!((state.settled, state.above.clone()), (7, vec![(9, 9)]));
+        assert_eq!(state.state.synced_up_to, 7);
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_synced_up_to_below_it_once_the_gap_fills() {
+        let mut state = Settled::default();
+        let dead = Outcome::DeadLetter {
+            reason: "bad".into(),
+            message_type: None,
+        };
+        state.settle(1, &applied(), 0);
+        state.settle(3, &applied(), 0);
+        state.settle(2, &dead, 0);
+        assert_eq!((state.settled, state.state.synced_up_to), (3, 1));
     }
 }

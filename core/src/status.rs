@@ -350,6 +350,9 @@ fn synced_line(sync: &SyncState, now_ms: i64) -> String {
     if let Some(ms) = sync.last_change_ms {
         line.push_str(&format!("; last change {}", when(ms, now_ms)));
     }
+    if let Some(catalog) = &sync.catalog {
+        line.push_str(&format!("; catalog {catalog}"));
+    }
     line.push('\n');
     line
 }

@@ -63,6 +63,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
         "ALTER TABLE possync_status ADD COLUMN stale_total INTEGER NOT NULL DEFAULT 0;",
     ),
     crate::sequence::MIGRATION,
+    crate::sequence::MIGRATION_ABOVE,
     Migration::new(
         "possync/collapsed-total",
         "ALTER TABLE possync_status ADD COLUMN collapsed_total INTEGER NOT NULL DEFAULT 0;",

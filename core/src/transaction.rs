@@ -152,6 +152,16 @@ impl<'c> Transaction<'c> {
         self.statement(sql)?.query_row(params, read).optional()
     }
 
+    /// Every row of one of possync's own queries, as `read` makes each.
+    pub(crate) fn query_all<T>(
+        &mut self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        read: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Vec<T>> {
+        self.statement(sql)?.query_map(params, read)?.collect()
+    }
+
     /// Records `message_id` as applied; false if it was applied before.
     pub(crate) fn record_applied(&mut self, message_id: &str) -> rusqlite::Result<bool> {
         let inserted = self.run(

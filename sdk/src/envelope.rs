@@ -10,7 +10,8 @@ use crate::HandlerError;
 /// publisher adds `message_id`, `version` (stale updates are dropped) and
 /// `publisher_id` with `publisher_seq` (duplicates are dropped without a
 /// record per message); `possync backend`'s relay adds `seq`, the store's
-/// sequence number, which then orders the change. Messages from other
+/// sequence number, which then orders the change, and `catalog`, the id of
+/// the backend database that gave it. Messages from other
 /// publishers without them still apply. Fields this version does not know
 /// are ignored.
 ///
@@ -54,6 +55,14 @@ pub struct Envelope {
     /// clocks order nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
+    /// The catalog that gave `seq`: the id of the `possync backend`
+    /// database, made once when that database is created. A store's `seq`
+    /// means something only within one catalog, so a terminal follows the
+    /// catalog of the first sequenced message it applies for its store and
+    /// dead-letters a sequenced message from any other (two backends
+    /// publish to the store, or the backend's database was replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<String>,
     /// Which publisher connection sent the message (possync's publisher
     /// names each of its connections uniquely).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +190,7 @@ impl PartialEq for Envelope {
             && self.message_id == other.message_id
             && self.version == other.version
             && self.seq == other.seq
+            && self.catalog == other.catalog
             && self.publisher_id == other.publisher_id
             && self.publisher_seq == other.publisher_seq
     }
@@ -212,6 +222,7 @@ impl Envelope {
             message_id: None,
             version: None,
             seq: None,
+            catalog: None,
             publisher_id: None,
             publisher_seq: None,
         }
@@ -242,6 +253,13 @@ impl Envelope {
     #[must_use]
     pub fn with_seq(mut self, seq: i64) -> Self {
         self.seq = Some(seq);
+        self
+    }
+
+    /// Sets the catalog that gave the `seq` (see [`Envelope::catalog`]).
+    #[must_use]
+    pub fn with_catalog(mut self, catalog: impl Into<String>) -> Self {
+        self.catalog = Some(catalog.into());
         self
     }
 

@@ -123,6 +123,12 @@ const MIGRATIONS: &[&str] = &[
     -- The direct consumer's keys, under a name no token can have.
     UPDATE idempotency SET client = ':exchange' WHERE client = 'exchange';
 ",
+    r"
+    -- The catalog's id, made once with the database: terminals follow one
+    -- catalog's sequence per store and refuse another's.
+    CREATE TABLE catalog_identity (id text NOT NULL);
+    INSERT INTO catalog_identity (id) SELECT replace(gen_random_uuid()::text, '-', '');
+",
 ];
 
 /// The backend's database on PostgreSQL.
@@ -682,6 +688,15 @@ impl Storage for PostgresStorage {
                 })
             })
             .collect()
+    }
+
+    async fn catalog_id(&self) -> Result<String, StorageError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT id FROM catalog_identity", &[])
+            .await
+            .map_err(failed("cannot read the catalog's id"))?;
+        col(&row, 0)
     }
 
     async fn heads(&self) -> Result<Vec<StoreHead>, StorageError> {

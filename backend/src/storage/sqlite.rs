@@ -99,6 +99,12 @@ const MIGRATIONS: &[&str] = &[
     -- The direct consumer's keys, under a name no token can have.
     UPDATE idempotency SET client = ':exchange' WHERE client = 'exchange';
 ",
+    r"
+    -- The catalog's id, made once with the database: terminals follow one
+    -- catalog's sequence per store and refuse another's.
+    CREATE TABLE catalog_identity (id TEXT NOT NULL);
+    INSERT INTO catalog_identity (id) SELECT lower(hex(randomblob(16)));
+",
 ];
 
 /// The backend's database in a SQLite file.
@@ -734,6 +740,16 @@ impl Storage for SqliteStorage {
                 .and_then(Iterator::collect)
                 .map_err(&sql)?;
             Ok(rows)
+        })
+        .await
+    }
+
+    async fn catalog_id(&self) -> Result<String, StorageError> {
+        self.run(|inner| {
+            inner
+                .reader()
+                .query_row("SELECT id FROM catalog_identity", [], |row| row.get(0))
+                .map_err(failed("cannot read the catalog's id"))
         })
         .await
     }

@@ -23,6 +23,7 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
             "highest_applied": status.sync.highest_applied,
             "last_change_at": status.sync.last_change_ms.map(ms_rfc3339),
             "head": status.sync.head,
+            "catalog": status.sync.catalog,
         },
         "queue_depth": status.queue_depth,
         "quarantine_table_rows": snapshot.quarantine_total,

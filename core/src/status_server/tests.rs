@@ -231,7 +231,16 @@ const SYNCED: crate::sequence::SyncState = crate::sequence::SyncState {
     highest_applied: 42,
     last_change_ms: Some(1_764_239_400_000),
     head: Some(45),
+    catalog: None,
 };
+
+/// [`SYNCED`], following a catalog.
+fn synced() -> crate::sequence::SyncState {
+    crate::sequence::SyncState {
+        catalog: Some("c0ffee".into()),
+        ..SYNCED
+    }
+}
 
 #[tokio::test]
 async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
@@ -242,14 +251,14 @@ async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
             collapsed: 2,
             ..Tally::default()
         },
-        Some(SYNCED),
+        Some(synced()),
     );
     let answer = get(server.address, "/status", "localhost").await;
     let status: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
     assert_eq!(
         status["sync"],
         serde_json::json!({"synced_up_to": 40, "highest_applied": 42,
-            "last_change_at": "2025-11-27T10:30:00Z", "head": 45})
+            "last_change_at": "2025-11-27T10:30:00Z", "head": 45, "catalog": "c0ffee"})
     );
     assert_eq!(status["collapsed"], 2);
     let page = get(server.address, "/", "localhost").await.body;
