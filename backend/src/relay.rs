@@ -44,9 +44,9 @@ use crate::storage::{OutboxRow, Storage};
 /// the next.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
-/// Rows published before their confirms are awaited and they are marked:
-/// a refusal sends again at most this many rows already confirmed.
-const CHUNK: usize = 64;
+/// Rows published before their confirms are awaited: a refusal sends
+/// again at most this many rows the broker had already confirmed.
+const CHUNK: usize = 256;
 
 /// How often a stall that lasts is logged again.
 const STALL_EVERY: Duration = Duration::from_secs(60);
@@ -220,24 +220,36 @@ impl<S: Storage> Relay<S> {
             None => publisher.insert(
                 Publisher::connect(&self.broker)
                     .await?
-                    .unroutable_is_published(),
+                    .unroutable_is_published()
+                    // The limit changes were checked against when submitted.
+                    .with_max_message_bytes(self.catalog.max_message_bytes()),
             ),
         };
         let mut envelopes = envelopes.into_iter();
+        // Marked once per round (a mark is a commit, a flush to disk), or,
+        // after a refusal or failure, as far as the chunks the broker
+        // confirmed: that chunk and those after go again next round from
+        // each store's first unpublished row.
+        let mut confirmed: Vec<(String, i64)> = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(CHUNK) {
             let sent = publisher
                 .publish_envelopes(envelopes.by_ref().take(chunk.len()))
                 .await
                 .inspect_err(|err| name_unpublishable(err, chunk));
-            // A refusal or failure: the chunks before are marked, this one
-            // and those after go again next round from each store's first
-            // unpublished row.
-            let published = sent?;
-            failpoint::relay_confirmed(published.len());
-            let marks: Vec<(String, i64)> =
-                chunk.iter().map(|r| (r.store.clone(), r.seq)).collect();
-            storage.mark_published(&marks).await?;
+            match sent {
+                Ok(published) => {
+                    failpoint::relay_confirmed(published.len());
+                    confirmed.extend(chunk.iter().map(|r| (r.store.clone(), r.seq)));
+                }
+                Err(err) => {
+                    if !confirmed.is_empty() {
+                        storage.mark_published(&confirmed).await?;
+                    }
+                    return Err(err.into());
+                }
+            }
         }
+        storage.mark_published(&confirmed).await?;
         let stores = rows
             .iter()
             .map(|r| r.store.as_str())
