@@ -74,6 +74,9 @@ struct Args {
     /// it to a file of its own.
     #[arg(long, value_name = "SIDE")]
     profile: Option<Side>,
+    /// The wire format of the backlog a profiled possync drain applies.
+    #[arg(long, value_name = "FORMAT", default_value = "original")]
+    profile_format: Format,
 }
 
 /// Which consumer a profiling run measures.
@@ -322,7 +325,7 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
     let publish = || workload::publish_price_updates(&connection, &key, n, 512);
     let took = match side {
         Side::Possync => {
-            let config = possync_side::config(
+            let mut config = possync_side::config(
                 &args.url,
                 dir,
                 &key,
@@ -331,8 +334,18 @@ async fn profile(args: &Args, dir: &std::path::Path, side: Side) -> anyhow::Resu
                 Delivery::Durable,
             );
             if scenario == Profiled::Drain {
+                // As in the drain: every change applied, none collapsed.
+                config.terminal.collapse_min_batch = 0;
                 possync_side::start(config.clone()).await?.stop().await?;
-                publish().await?;
+                workload::publish_backlog(
+                    &connection,
+                    &config.broker,
+                    &key,
+                    n,
+                    args.profile_format,
+                    in_turn,
+                )
+                .await?;
             }
             phase_boundary();
             let stopwatch = Stopwatch::start();

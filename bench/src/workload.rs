@@ -39,7 +39,7 @@ fn price_payload(i: usize, product: usize) -> String {
 }
 
 /// What a backlog's messages carry besides the original four fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
     /// `type`, `license_key`, `payload`, `timestamp`: the original back office.
     Original,

@@ -46,8 +46,15 @@ pub(crate) fn check_envelope(
             body.len()
         ));
     }
-    let envelope: Envelope =
-        serde_json::from_slice(body).map_err(|err| format!("not a valid envelope: {err}"))?;
+    // Text checked as UTF-8 once, in one pass over the body, spares the
+    // parser a check of each string and of the payload; a body that is not
+    // UTF-8 is parsed from bytes, which refuses it only where a field it
+    // reads holds the invalid bytes.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    let envelope: Envelope = parsed.map_err(|err| format!("not a valid envelope: {err}"))?;
     if envelope.license_key != license_key.as_str() {
         return Err(format!(
             "envelope license_key {:?} is not this terminal's ({license_key})",
