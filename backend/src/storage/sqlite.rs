@@ -519,6 +519,19 @@ fn submit(
     })
 }
 
+/// An outbox row from the first six columns of a query that selects
+/// `store, seq, message_type, payload, timestamp, message_id`.
+fn outbox_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        store: row.get(0)?,
+        seq: row.get(1)?,
+        message_type: row.get(2)?,
+        payload: row.get(3)?,
+        timestamp: row.get(4)?,
+        message_id: row.get(5)?,
+    })
+}
+
 fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRecord, Option<String>)> {
     Ok((
         TokenRecord {
@@ -585,16 +598,7 @@ impl Storage for SqliteStorage {
                 )
                 .map_err(&sql)?;
             let rows = stmt
-                .query_map([limit], |row| {
-                    Ok(OutboxRow {
-                        store: row.get(0)?,
-                        seq: row.get(1)?,
-                        message_type: row.get(2)?,
-                        payload: row.get(3)?,
-                        timestamp: row.get(4)?,
-                        message_id: row.get(5)?,
-                    })
-                })
+                .query_map([limit], outbox_row)
                 .and_then(Iterator::collect)
                 .map_err(&sql)?;
             Ok(rows)
@@ -726,14 +730,7 @@ impl Storage for SqliteStorage {
             let rows = stmt
                 .query_map(params![store, after, limit], |row| {
                     Ok(Change {
-                        row: OutboxRow {
-                            store: row.get(0)?,
-                            seq: row.get(1)?,
-                            message_type: row.get(2)?,
-                            payload: row.get(3)?,
-                            timestamp: row.get(4)?,
-                            message_id: row.get(5)?,
-                        },
+                        row: outbox_row(row)?,
                         published: row.get(6)?,
                     })
                 })
