@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use possync_core::{CheckError, LicenseKey, Registry, TerminalConfig};
-use possync_sdk::{Envelope, Version};
+use possync_sdk::Version;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -280,11 +280,15 @@ fn relayed_size(
     timestamp: &str,
     message_id: &str,
 ) -> usize {
-    let mut envelope =
-        Envelope::with_raw_payload(message_type, store.as_str(), RawValue::NULL.to_owned())
-            .with_timestamp(timestamp)
-            .with_message_id(message_id)
-            .with_seq(i64::MAX);
+    let mut envelope = crate::relay::relayed_envelope(
+        store.as_str(),
+        message_type,
+        RawValue::NULL.to_owned(),
+        timestamp,
+        message_id,
+        i64::MAX,
+        &"0".repeat(crate::relay::CATALOG_ID_LEN),
+    );
     envelope.version = Some(i64::MAX);
     // Serializing strings and numbers into memory does not fail.
     let frame = serde_json::to_vec(&envelope).map_or(0, |body| body.len());
@@ -517,14 +521,15 @@ mod tests {
             "2025-11-27T10:30:00Z",
             "m-1",
         );
-        let mut relayed = Envelope::with_raw_payload(
-            "price_update",
+        let mut relayed = crate::relay::relayed_envelope(
             "STORE-1",
+            "price_update",
             RawValue::from_string(payload.to_owned()).expect("JSON"),
-        )
-        .with_timestamp("2025-11-27T10:30:00Z")
-        .with_message_id("m-1")
-        .with_seq(123_456);
+            "2025-11-27T10:30:00Z",
+            "m-1",
+            123_456,
+            "3f2a9c0d4b6e8f1a2c3d4e5f60718293",
+        );
         relayed.version = Some(1_764_239_400_000_000);
         let actual = serde_json::to_vec(&relayed).expect("encodes").len();
         assert!(measured >= actual, "{measured} < {actual}");

@@ -314,13 +314,36 @@ fn envelope(row: &OutboxRow, catalog: &str) -> Result<Envelope, RoundError> {
             seq: row.seq,
             detail: err.to_string(),
         })?;
-    Ok(
-        Envelope::with_raw_payload(row.message_type.as_str(), row.store.as_str(), payload)
-            .with_timestamp(row.timestamp.as_str())
-            .with_message_id(row.message_id.as_str())
-            .with_seq(row.seq)
-            .with_catalog(catalog),
-    )
+    Ok(relayed_envelope(
+        &row.store,
+        &row.message_type,
+        payload,
+        &row.timestamp,
+        &row.message_id,
+        row.seq,
+        catalog,
+    ))
+}
+
+/// The length of a catalog id: 16 random bytes in hex, on every storage.
+pub(crate) const CATALOG_ID_LEN: usize = 32;
+
+/// The envelope the relay publishes for a change: what terminals receive,
+/// and what a submission's size is measured by.
+pub(crate) fn relayed_envelope(
+    store: &str,
+    message_type: &str,
+    payload: Box<RawValue>,
+    timestamp: &str,
+    message_id: &str,
+    seq: i64,
+    catalog: &str,
+) -> Envelope {
+    Envelope::with_raw_payload(message_type, store, payload)
+        .with_timestamp(timestamp)
+        .with_message_id(message_id)
+        .with_seq(seq)
+        .with_catalog(catalog)
 }
 
 /// A row the publisher refuses before sending (invalid store or type, too
