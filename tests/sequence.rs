@@ -239,8 +239,17 @@ async fn synced_up_to_survives_a_restart_and_shows_in_status_and_on_the_status_e
     let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
     let mut terminal = RunningTerminal::start(config.clone()).await;
     let now = SystemTime::now();
+    // The relay sent 1 to 5 in one round that ended at 12 (6 to 12 are
+    // still on their way): those name the head.
     let messages: Vec<_> = (1..=10)
-        .map(|seq| routed(&store, relayed(&store, seq, "A", seq as f64, now)))
+        .map(|seq| {
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&relayed(&store, seq, "A", seq as f64, now)).expect("JSON");
+            if seq <= 5 {
+                body["head"] = 12.into();
+            }
+            routed(&store, body.to_string().into_bytes())
+        })
         .collect();
     publish_raw_many(&messages).await;
     assert!(terminal.wait_for(|s| s.sync.synced_up_to == 10).await);
@@ -249,10 +258,11 @@ async fn synced_up_to_survives_a_restart_and_shows_in_status_and_on_the_status_e
     let shown: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(shown["sync"]["synced_up_to"], 10);
     assert_eq!(shown["sync"]["highest_applied"], 10);
-    assert_eq!(shown["sync"]["head"], serde_json::Value::Null);
+    assert_eq!(shown["sync"]["head"], 12, "the head the relay named");
     assert!(shown["sync"]["last_change_at"].is_string(), "{body}");
     let (_, metrics) = http_get(port, "/metrics").await;
     assert!(metrics.contains("possync_synced_up_to_seq{"), "{metrics}");
+    assert!(metrics.contains("possync_head_seq{"), "{metrics}");
     terminal.stop().await;
 
     let status = possync_command(&["status"])
@@ -261,7 +271,7 @@ async fn synced_up_to_survives_a_restart_and_shows_in_status_and_on_the_status_e
         .expect("status");
     let shown = text(&status.stdout);
     assert!(
-        shown.contains("synced up to  seq 10, backend head unknown; last change "),
+        shown.contains("synced up to  seq 10 of head 12; last change "),
         "{shown}"
     );
 

@@ -290,6 +290,7 @@ fn relayed_size(
         &"0".repeat(crate::relay::CATALOG_ID_LEN),
     );
     envelope.version = Some(i64::MAX);
+    envelope.head = Some(i64::MAX);
     // Serializing strings and numbers into memory does not fail.
     let frame = serde_json::to_vec(&envelope).map_or(0, |body| body.len());
     frame.saturating_sub(RawValue::NULL.get().len()) + payload.len()
@@ -529,7 +530,8 @@ mod tests {
             "m-1",
             123_456,
             "3f2a9c0d4b6e8f1a2c3d4e5f60718293",
-        );
+        )
+        .with_head(999_999_999);
         relayed.version = Some(1_764_239_400_000_000);
         let actual = serde_json::to_vec(&relayed).expect("encodes").len();
         assert!(measured >= actual, "{measured} < {actual}");

@@ -69,6 +69,15 @@ pub(crate) fn relay_published(rows: usize, stores: usize, elapsed_ms: u128) {
     );
 }
 
+pub(crate) fn relay_mark_failed(reason: &str, rows: usize) {
+    warn!(
+        event = "relay_mark_failed",
+        %reason,
+        rows,
+        "cannot mark rows the broker confirmed as published; they will be published again and terminals will drop the copies"
+    );
+}
+
 /// Logged at warn on the first failure of a stretch, quietly per retry
 /// after it, so an outage of an hour is a few lines, not thousands.
 pub(crate) fn relay_failed(reason: &str, unpublished: usize, retry_in_ms: u128, first: bool) {

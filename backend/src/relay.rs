@@ -21,17 +21,23 @@
 //! it asks again before every round: one that lost the lead (its database
 //! connection ended) stops and waits to lead again.
 //!
+//! Marking is a commit of its own (a flush to disk), so it runs beside the
+//! publishing, not in its way: confirmed rows go to a marker task, and the
+//! next round skips what it holds. A mark that fails leaves its rows
+//! unpublished, to go again; terminals drop the copies by their seq.
+//!
 //! A commit wakes the relay; a commit it is not told of (another backend
 //! process's, on PostgreSQL) is found at the next poll
 //! (`[relay] poll_interval_ms`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use possync_core::{Backoff, BrokerConfig, PublishError, Publisher};
 use possync_sdk::Envelope;
 use serde_json::value::RawValue;
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::catalog::Catalog;
 use crate::config::RelayConfig;
@@ -50,6 +56,10 @@ const CHUNK: usize = 256;
 
 /// How often a stall that lasts is logged again.
 const STALL_EVERY: Duration = Duration::from_secs(60);
+
+/// Rounds a slow marker may fall behind before the relay waits for it: the
+/// rows it holds are read again (and skipped) each round.
+const MARKS_BEHIND: usize = 4;
 
 /// Publishes a catalog's outbox while this process leads the relay.
 #[derive(Debug)]
@@ -109,7 +119,14 @@ impl<S: Storage> Relay<S> {
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut publisher: Option<Publisher> = None;
         while self.lead(&mut stop).await {
-            self.publish_while_leading(&mut publisher, &mut stop).await;
+            let (marker, marking) = Marker::start(Arc::clone(&self.catalog));
+            self.publish_while_leading(&mut publisher, &marker, &mut stop)
+                .await;
+            // What the broker confirmed is marked before the relay stops or
+            // stands by: a row marked late goes out again, harmless but
+            // wasted.
+            drop(marker);
+            let _ = marking.await;
         }
         if let Some(publisher) = publisher {
             publisher.close().await;
@@ -120,6 +137,7 @@ impl<S: Storage> Relay<S> {
     async fn publish_while_leading(
         &self,
         publisher: &mut Option<Publisher>,
+        marker: &Marker,
         stop: &mut watch::Receiver<bool>,
     ) {
         let mut failures = Failures::default();
@@ -136,7 +154,8 @@ impl<S: Storage> Relay<S> {
                     return;
                 }
             }
-            match self.round(publisher).await {
+            marker.keep_up(self.config.batch_size).await;
+            match self.round(publisher, marker).await {
                 Ok(Round::Published(rows)) => {
                     failures.recovered();
                     if rows >= self.config.batch_size {
@@ -197,9 +216,20 @@ impl<S: Storage> Relay<S> {
     }
 
     /// Publishes up to a batch of unpublished rows and marks them published.
-    async fn round(&self, publisher: &mut Option<Publisher>) -> Result<Round, RoundError> {
+    async fn round(
+        &self,
+        publisher: &mut Option<Publisher>,
+        marker: &Marker,
+    ) -> Result<Round, RoundError> {
         let storage = self.catalog.storage();
-        let rows = storage.unpublished(self.config.batch_size).await?;
+        // Taken before the read: a row whose mark lands meanwhile is
+        // skipped by what was held, not published again.
+        let (held_rows, held) = marker.held_now();
+        let mut rows = storage
+            .unpublished(self.config.batch_size + held_rows)
+            .await?;
+        rows.retain(|row| held.get(&row.store).is_none_or(|&up_to| row.seq > up_to));
+        rows.truncate(self.config.batch_size);
         if rows.is_empty() {
             return Ok(Round::Idle);
         }
@@ -211,9 +241,19 @@ impl<S: Storage> Relay<S> {
                 self.catalog_id.get_or_init(|| id).clone()
             }
         };
+        // Each store's last row of the round: its head, as far as the
+        // relay knows, which tells a terminal in a backlog how far it is.
+        let mut heads: HashMap<&str, i64> = HashMap::new();
+        for row in &rows {
+            let head = heads.entry(row.store.as_str()).or_insert(row.seq);
+            *head = (*head).max(row.seq);
+        }
         let envelopes = rows
             .iter()
-            .map(|row| envelope(row, &catalog))
+            .map(|row| {
+                let head = heads.get(row.store.as_str()).copied().unwrap_or(row.seq);
+                envelope(row, &catalog).map(|envelope| envelope.with_head(head))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let publisher = match publisher {
             Some(publisher) => publisher,
@@ -242,14 +282,12 @@ impl<S: Storage> Relay<S> {
                     confirmed.extend(chunk.iter().map(|r| (r.store.clone(), r.seq)));
                 }
                 Err(err) => {
-                    if !confirmed.is_empty() {
-                        storage.mark_published(&confirmed).await?;
-                    }
+                    marker.mark(confirmed);
                     return Err(err.into());
                 }
             }
         }
-        storage.mark_published(&confirmed).await?;
+        marker.mark(confirmed);
         let stores = rows
             .iter()
             .map(|r| r.store.as_str())
@@ -269,6 +307,119 @@ impl<S: Storage> Relay<S> {
             Err(_) => 0,
         }
     }
+}
+
+/// Marks confirmed rows published, beside the relay's rounds.
+#[derive(Debug)]
+struct Marker {
+    marks: mpsc::UnboundedSender<Vec<(String, i64)>>,
+    /// The rows handed over and not yet marked: per store, the highest seq
+    /// (each store's rows are confirmed, and so marked, in order) and how
+    /// many rows that covers.
+    held: Arc<Mutex<Held>>,
+    /// Rung after each mark.
+    marked: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    up_to: HashMap<String, i64>,
+    rows: usize,
+}
+
+impl Marker {
+    /// The marker and its task, which ends once the marker is dropped and
+    /// everything handed over is marked (or failed to be).
+    fn start<S: Storage>(catalog: Arc<Catalog<S>>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (marks, mut handed) = mpsc::unbounded_channel::<Vec<(String, i64)>>();
+        let held = Arc::new(Mutex::new(Held::default()));
+        let marked = Arc::new(Notify::new());
+        let task = {
+            let held = Arc::clone(&held);
+            let marked = Arc::clone(&marked);
+            tokio::spawn(async move {
+                while let Some(mut rows) = handed.recv().await {
+                    // Whatever else waits shares the commit.
+                    while let Ok(more) = handed.try_recv() {
+                        rows.extend(more);
+                    }
+                    if let Err(err) = catalog.storage().mark_published(&rows).await {
+                        // Unmarked rows go out again; terminals drop the copies.
+                        events::relay_mark_failed(&err.to_string(), rows.len());
+                    }
+                    release(&held, &rows);
+                    marked.notify_waiters();
+                }
+            })
+        };
+        (
+            Self {
+                marks,
+                held,
+                marked,
+            },
+            task,
+        )
+    }
+
+    /// Hands confirmed rows over to be marked.
+    fn mark(&self, rows: Vec<(String, i64)>) {
+        if rows.is_empty() {
+            return;
+        }
+        {
+            let mut held = lock(&self.held);
+            held.rows += rows.len();
+            for (store, seq) in &rows {
+                let up_to = held.up_to.entry(store.clone()).or_insert(*seq);
+                *up_to = (*up_to).max(*seq);
+            }
+        }
+        if let Err(unsent) = self.marks.send(rows) {
+            // The task is gone (it only ends once this marker is dropped):
+            // nothing holds these rows, so they go out again.
+            release(&self.held, &unsent.0);
+        }
+    }
+
+    /// How many rows wait to be marked.
+    fn held(&self) -> usize {
+        lock(&self.held).rows
+    }
+
+    /// How many rows wait to be marked, and up to which seq of each store.
+    fn held_now(&self) -> (usize, HashMap<String, i64>) {
+        let held = lock(&self.held);
+        (held.rows, held.up_to.clone())
+    }
+
+    /// Waits while the marker is more than a few rounds behind.
+    async fn keep_up(&self, batch_size: usize) {
+        loop {
+            let marked = self.marked.notified();
+            if self.held() <= batch_size.saturating_mul(MARKS_BEHIND) {
+                return;
+            }
+            marked.await;
+        }
+    }
+}
+
+/// Forgets marked (or failed) rows, leaving a store held only by rows
+/// handed over after them.
+fn release(held: &Mutex<Held>, rows: &[(String, i64)]) {
+    let mut held = lock(held);
+    held.rows = held.rows.saturating_sub(rows.len());
+    for (store, seq) in rows {
+        if held.up_to.get(store) == Some(seq) {
+            held.up_to.remove(store);
+        }
+    }
+}
+
+fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    // Plain numbers: sound whatever panicked while holding them.
+    held.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Failures {
@@ -454,5 +605,150 @@ mod lead_tests {
         assert!(rounds <= 2, "{rounds} rounds for two answers of `true`");
         let _ = stop.send(true);
         running.await.expect("the relay stops");
+    }
+}
+
+#[cfg(test)]
+mod marker_tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use possync_core::Registry;
+
+    use super::*;
+    use crate::catalog::ChangeRequest;
+    use crate::testing::Scripted;
+
+    /// Runs a relay over `storage`, submits `count` changes one at a time
+    /// to a store with a queue of its own, and returns the seq of every
+    /// message the queue received once the outbox is all marked.
+    async fn relayed_seqs(storage: Scripted, count: i64) -> Vec<i64> {
+        let store = format!("MARKS-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+        let broker = BrokerConfig::default();
+        let connection = lapin::Connection::connect(&broker.urls[0], Default::default())
+            .await
+            .expect("the broker answers");
+        let channel = connection.create_channel().await.expect("a channel");
+        let queue = format!("possync.test.{store}");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue");
+        channel
+            .exchange_declare(
+                broker.exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the exchange");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                broker.exchange.as_str().into(),
+                format!("license.{store}.#").as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bound");
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consuming");
+
+        let registry = Registry::for_publishing(&BTreeMap::new()).expect("plugins load");
+        let catalog = Arc::new(Catalog::new(Arc::new(storage), Arc::new(registry)));
+        let relay = Relay::new(Arc::clone(&catalog), broker, RelayConfig::default());
+        let (stop, stopped) = watch::channel(false);
+        let running = tokio::spawn(relay.run(stopped));
+        for i in 1..=count {
+            catalog
+                .submit(
+                    vec![ChangeRequest {
+                        store: store.clone(),
+                        message_type: "price_update".into(),
+                        payload: format!(r#"{{"product_id":"P{i}","new_price":{i}}}"#),
+                        timestamp: None,
+                        message_id: None,
+                        clock: None,
+                    }],
+                    None,
+                )
+                .await
+                .expect("accepted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let heads = catalog.storage().heads().await.expect("heads");
+            if heads.iter().all(|h| h.unpublished == 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the outbox was never all marked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(true);
+        running.await.expect("the relay stops");
+        let mut seqs = Vec::new();
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+        {
+            let envelope: possync_sdk::Envelope =
+                serde_json::from_slice(&delivery.data).expect("an envelope");
+            seqs.push(envelope.seq.expect("a seq"));
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("acked");
+        }
+        let _ = connection.close(200, "done".into()).await;
+        seqs
+    }
+
+    #[tokio::test]
+    async fn rows_waiting_for_a_slow_mark_are_not_published_again() {
+        let storage = Scripted::new().await;
+        *storage.mark_delay.lock().expect("not poisoned") = Duration::from_millis(50);
+        let seqs = relayed_seqs(storage, 40).await;
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "each once, in order");
+    }
+
+    #[tokio::test]
+    async fn rows_whose_mark_failed_are_published_again_and_none_is_lost() {
+        let storage = Scripted::new().await;
+        storage.failing_marks.store(3, Ordering::SeqCst);
+        let seqs = relayed_seqs(storage, 20).await;
+        let distinct: std::collections::BTreeSet<i64> = seqs.iter().copied().collect();
+        assert_eq!(
+            distinct,
+            (1..=20).collect(),
+            "every change reached the store"
+        );
+        assert!(
+            seqs.len() > 20,
+            "the rows of the failed marks went again: {seqs:?}"
+        );
     }
 }

@@ -22,6 +22,10 @@ pub(crate) struct Scripted {
     pub(crate) rounds: AtomicUsize,
     /// Whether a submission, once committed, never returns.
     pub(crate) hang_after_commit: AtomicBool,
+    /// How long each mark takes before it is made.
+    pub(crate) mark_delay: Mutex<Duration>,
+    /// Marks still to fail, one per call.
+    pub(crate) failing_marks: AtomicUsize,
 }
 
 impl Scripted {
@@ -36,6 +40,8 @@ impl Scripted {
             leads: Mutex::new(VecDeque::from([true])),
             rounds: AtomicUsize::new(0),
             hang_after_commit: AtomicBool::new(false),
+            mark_delay: Mutex::new(Duration::ZERO),
+            failing_marks: AtomicUsize::new(0),
         }
     }
 }
@@ -59,6 +65,14 @@ impl Storage for Scripted {
     }
 
     async fn mark_published(&self, rows: &[(String, i64)]) -> Result<(), StorageError> {
+        let delay = *self.mark_delay.lock().expect("not poisoned");
+        tokio::time::sleep(delay).await;
+        let failing = self
+            .failing_marks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StorageError::Database("the disk is full (scripted)".into()));
+        }
         self.inner.mark_published(rows).await
     }
 

@@ -15,12 +15,19 @@ use crate::workload::{self, license, now_micros};
 use crate::{Row, latency_text, paced, possync_side, progress};
 
 /// A backend serving on loopback until dropped.
+///
+/// It runs on a runtime of its own, as `possync backend` runs in a process
+/// of its own, and the back office clients on another: the clients block
+/// a thread per request in flight, and on one shared blocking pool they
+/// would hold the threads the backend's database work needs.
 struct RunningBackend {
     base: String,
     token: String,
     storage: Arc<SqliteStorage>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), possync_backend::ServiceError>>,
+    runtime: tokio::runtime::Runtime,
+    clients: tokio::runtime::Runtime,
 }
 
 impl RunningBackend {
@@ -39,7 +46,16 @@ impl RunningBackend {
         config.direct.enabled = false;
         let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
         let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(possync_backend::run_with(
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("backend")
+            .enable_all()
+            .build()?;
+        let clients = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("back-office-client")
+            .enable_all()
+            .build()?;
+        let task = runtime.spawn(possync_backend::run_with(
             config,
             Arc::clone(&storage),
             registry,
@@ -68,11 +84,14 @@ impl RunningBackend {
             storage,
             stop,
             task,
+            runtime,
+            clients,
         })
     }
 
     fn client(&self) -> Client {
         Client {
+            runtime: self.clients.handle().clone(),
             agent: ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(30)))
                 .build()
@@ -98,6 +117,8 @@ impl RunningBackend {
     async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.task.await??;
+        self.runtime.shutdown_background();
+        self.clients.shutdown_background();
         Ok(())
     }
 }
@@ -105,6 +126,7 @@ impl RunningBackend {
 /// A back office app's connection to the API.
 #[derive(Clone)]
 struct Client {
+    runtime: tokio::runtime::Handle,
     agent: ureq::Agent,
     url: String,
     authorization: String,
@@ -114,18 +136,19 @@ impl Client {
     /// Submits `changes` in one request; returns once they are durable.
     async fn submit(&self, changes: Vec<serde_json::Value>) -> anyhow::Result<()> {
         let client = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let body = serde_json::to_vec(&json!({ "changes": changes }))?;
-            let response = client
-                .agent
-                .post(&client.url)
-                .header("Authorization", &client.authorization)
-                .header("Content-Type", "application/json")
-                .send(&body[..])?;
-            anyhow::ensure!(response.status() == 200, "answered {}", response.status());
-            Ok(())
-        })
-        .await?
+        self.runtime
+            .spawn_blocking(move || {
+                let body = serde_json::to_vec(&json!({ "changes": changes }))?;
+                let response = client
+                    .agent
+                    .post(&client.url)
+                    .header("Authorization", &client.authorization)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..])?;
+                anyhow::ensure!(response.status() == 200, "answered {}", response.status());
+                Ok(())
+            })
+            .await?
     }
 }
 

@@ -188,3 +188,42 @@ pub(crate) async fn start(
         task,
     })
 }
+
+/// Receives `count` messages from `queue` and acknowledges them, as a
+/// terminal would with its default prefetch and batch size, applying
+/// nothing: how fast the broker alone delivers a backlog, the floor under
+/// any consumer's drain.
+pub(crate) async fn receive_only(
+    connection: &Connection,
+    queue: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let defaults = possync_core::Config::default().terminal;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(defaults.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut received = 0;
+    while received < count {
+        let Some(delivery) = consumer.next().await else {
+            anyhow::bail!("the consumer ended after {received} of {count} messages");
+        };
+        let delivery = delivery?;
+        received += 1;
+        if received % defaults.batch_size == 0 || received == count {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(())
+}

@@ -219,6 +219,10 @@ fn progress(text: &str) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // possync's own events, for looking into a scenario: POSSYNC_LOG=debug.
+    if std::env::var_os("POSSYNC_LOG").is_some() {
+        possync_core::init_logging("warn", possync_core::LogFormat::Human);
+    }
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
@@ -238,11 +242,14 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("collapse") {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
-            let mut trials = Vec::new();
+            let (mut against_not_collapsing, mut against_broker) = (Vec::new(), Vec::new());
             for _ in 0..args.rounds {
-                trials.push(collapse(&args, dir.path(), queue_type).await?);
+                let (not_collapsing, broker) = collapse(&args, dir.path(), queue_type).await?;
+                against_not_collapsing.push(not_collapsing);
+                against_broker.push(broker);
             }
-            report(median_row(trials), &mut rows);
+            report(median_row(against_not_collapsing), &mut rows);
+            report(median_row(against_broker), &mut rows);
         }
     }
     if wants("live") {
@@ -582,12 +589,14 @@ fn drain_rows(n: usize, queue_type: QueueType, rounds: &[DrainRound]) -> Vec<Row
 
 /// A backlog of `--collapse-messages` changes over `--collapse-products`
 /// products in random order (sequenced, as the backend relays them), drained
-/// with backlog collapse and without, by the same terminal settings.
+/// with backlog collapse and without, by the same terminal settings, and
+/// received by a consumer that applies nothing: the broker's own pace,
+/// which no collapsing can beat.
 async fn collapse(
     args: &Args,
     dir: &std::path::Path,
     queue_type: QueueType,
-) -> anyhow::Result<Trial> {
+) -> anyhow::Result<(Trial, Trial)> {
     let n = args.collapse_messages;
     let products = args.collapse_products;
     let connection = workload::connect(&args.url).await?;
@@ -602,14 +611,8 @@ async fn collapse(
             }
         ));
         let key = license("collapse");
-        let mut config = possync_side::config(
-            &args.url,
-            dir,
-            &key,
-            "t1",
-            QueueType::Classic,
-            Delivery::Durable,
-        );
+        let mut config =
+            possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
         if !collapsing {
             config.terminal.collapse_min_batch = 0;
         }
@@ -636,20 +639,51 @@ async fn collapse(
         progress(&format!("{collapsed} changes collapsed"));
         terminal.stop_and_delete(&connection).await?;
     }
+    progress(&format!(
+        "backlog collapse, {n} changes over {products} products: the broker alone"
+    ));
+    let key = license("collapse-broker");
+    let queue = format!("bench.collapse.{key}");
+    baseline::declare(&connection, &queue, &key, baseline_kind(queue_type)).await?;
+    let config = possync_side::config(&args.url, dir, &key, "t1", queue_type, Delivery::Durable);
+    workload::publish_backlog(
+        &connection,
+        &config.broker,
+        &key,
+        n,
+        Format::Sequenced,
+        workload::shuffled(products),
+    )
+    .await?;
+    let stopwatch = Stopwatch::start();
+    baseline::receive_only(&connection, &queue, n).await?;
+    let broker = stopwatch.stop();
+    workload::delete_queues(&connection, &[queue]).await;
     workload::close([connection]).await;
     let (Some(without), Some(with)) = (took.pop(), took.pop()) else {
         anyhow::bail!("both drains ran");
     };
-    Ok(Trial {
-        scenario: format!(
-            "backlog collapse, {n} changes over {products} products, {} queue (baseline column: possync without collapsing)",
-            format!("{queue_type:?}").to_lowercase()
-        ),
-        count: n,
-        possync: with,
-        baseline: without,
-        memory_kib: None,
-    })
+    let queue_type = format!("{queue_type:?}").to_lowercase();
+    Ok((
+        Trial {
+            scenario: format!(
+                "backlog collapse, {n} changes over {products} products, {queue_type} queue (baseline column: possync without collapsing)"
+            ),
+            count: n,
+            possync: with.clone(),
+            baseline: without,
+            memory_kib: None,
+        },
+        Trial {
+            scenario: format!(
+                "backlog collapse, {n} changes over {products} products, {queue_type} queue (baseline column: the broker alone, a consumer that receives and acknowledges, applying nothing)"
+            ),
+            count: n,
+            possync: with,
+            baseline: broker,
+            memory_kib: None,
+        },
+    ))
 }
 
 /// What publishes to possync's terminal in the live scenario.

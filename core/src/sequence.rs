@@ -229,6 +229,10 @@ impl<'k> Marks<'k> {
                 Some(_) => {}
                 None => settled.state.catalog = Some(catalog.to_owned()),
             }
+            let head = envelope.head.unwrap_or(seq).max(seq);
+            if settled.state.head.is_none_or(|known| known < head) {
+                settled.state.head = Some(head);
+            }
             return Ok(if settled.contains(seq) {
                 Verdict::Duplicate
             } else {

@@ -10,8 +10,9 @@ use crate::HandlerError;
 /// publisher adds `message_id`, `version` (stale updates are dropped) and
 /// `publisher_id` with `publisher_seq` (duplicates are dropped without a
 /// record per message); `possync backend`'s relay adds `seq`, the store's
-/// sequence number, which then orders the change, and `catalog`, the id of
-/// the backend database that gave it. Messages from other
+/// sequence number, which then orders the change, `catalog`, the id of
+/// the backend database that gave it, and `head`, the store's latest
+/// `seq` when a backlog follows. Messages from other
 /// publishers without them still apply. Fields this version does not know
 /// are ignored.
 ///
@@ -63,6 +64,11 @@ pub struct Envelope {
     /// publish to the store, or the backend's database was replaced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
+    /// The store's highest `seq` the backend had when it sent this
+    /// message, when higher than `seq`: a terminal draining a backlog
+    /// learns how far it has to go. Absent when this is the store's latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<i64>,
     /// Which publisher connection sent the message (possync's publisher
     /// names each of its connections uniquely).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,6 +229,7 @@ impl Envelope {
             version: None,
             seq: None,
             catalog: None,
+            head: None,
             publisher_id: None,
             publisher_seq: None,
         }
@@ -260,6 +267,14 @@ impl Envelope {
     #[must_use]
     pub fn with_catalog(mut self, catalog: impl Into<String>) -> Self {
         self.catalog = Some(catalog.into());
+        self
+    }
+
+    /// Sets the store's head `seq` when the message was sent, if above
+    /// its own (see [`Envelope::head`]).
+    #[must_use]
+    pub fn with_head(mut self, head: i64) -> Self {
+        self.head = (self.seq.is_none_or(|seq| head > seq)).then_some(head);
         self
     }
 

@@ -521,6 +521,21 @@ fn submit(
 
 /// An outbox row from the first six columns of a query that selects
 /// `store, seq, message_type, payload, timestamp, message_id`.
+fn mark(connection: &mut Connection, rows: &[(String, i64)]) -> rusqlite::Result<()> {
+    let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE outbox SET published = 1, published_at = ?
+             WHERE store = ? AND seq = ? AND published = 0",
+        )?;
+        let now = unix_now_ms();
+        for (store, seq) in rows {
+            stmt.execute(params![now, store, seq])?;
+        }
+    }
+    tx.commit()
+}
+
 fn outbox_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     Ok(OutboxRow {
         store: row.get(0)?,
@@ -611,27 +626,32 @@ impl Storage for SqliteStorage {
         self.run(move |inner| {
             let sql = failed("cannot mark outbox rows published");
             let mut connection = inner.writer();
-            let tx = connection
-                .transaction_with_behavior(TransactionBehavior::Immediate)
+            // A mark lost to a power cut only sends its rows again, which
+            // terminals drop by their seq: it need not wait for the disk.
+            // The next submission's commit flushes it with its own.
+            connection
+                .pragma_update(None, "synchronous", "NORMAL")
                 .map_err(&sql)?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE outbox SET published = 1, published_at = ?
-                         WHERE store = ? AND seq = ? AND published = 0",
-                    )
-                    .map_err(&sql)?;
-                let now = unix_now_ms();
-                for (store, seq) in &rows {
-                    stmt.execute(params![now, store, seq]).map_err(&sql)?;
-                }
-            }
-            tx.commit().map_err(&sql)
+            let marked = mark(&mut connection, &rows).map_err(&sql);
+            let restored = connection
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(&sql);
+            marked.and(restored)
         })
         .await
     }
 
     async fn lead_relay(&self) -> Result<bool, StorageError> {
+        // Asked before every round: once held, the answer needs no thread.
+        if self
+            .inner
+            .relay_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            return Ok(true);
+        }
         self.run(|inner| {
             let mut held = inner
                 .relay_lock
