@@ -535,6 +535,15 @@ async fn every_terminal_ends_on_the_catalogs_state_though_the_backend_is_killed_
             i + 1,
             status.duplicates
         );
+        // A copy let through by the seq marks would be stale, not applied:
+        // none may reach the version check.
+        assert_eq!(
+            status.stale_by_type.values().sum::<u64>(),
+            0,
+            "till-{}: copies judged by version instead of seq: {:?}",
+            i + 1,
+            status.stale_by_type
+        );
         assert_eq!(
             (status.sync.synced_up_to, status.sync.highest_applied),
             (total, total),
@@ -716,7 +725,11 @@ async fn a_message_sent_straight_to_the_exchange_reaches_terminals_and_the_catal
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons[0].contains("not a possync message"), "{reasons:?}");
     assert!(reasons[1].contains("coupon_update"), "{reasons:?}");
-    till.wait_for(|s| s.applied >= 2).await;
+    assert!(
+        till.wait_for(|s| s.applied >= 2).await,
+        "the two good messages reached the till as well: {:?}",
+        till.status.borrow().applied
+    );
     let log = backend.stop().await;
     assert!(log.contains("direct_refused"), "{log}");
     till.stop().await;
@@ -854,6 +867,12 @@ async fn a_change_the_broker_refuses_inside_the_relays_window_still_reaches_the_
     assert_terminal_holds(&till, &catalog, "till-1");
     let status = till.stop().await;
     assert_eq!(status.applied, CHANGES as u64, "each change applied once");
+    assert_eq!(
+        status.stale_by_type.values().sum::<u64>(),
+        0,
+        "copies judged by version instead of seq: {:?}",
+        status.stale_by_type
+    );
     assert_eq!(
         (status.sync.synced_up_to, status.sync.highest_applied),
         (CHANGES as i64, CHANGES as i64)

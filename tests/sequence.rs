@@ -124,6 +124,38 @@ async fn sequenced_changes_order_by_seq_even_when_clocks_are_ten_minutes_apart()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_change_without_any_order_does_not_let_an_older_seq_overwrite_a_newer_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("seq-unordered");
+    let mut terminal = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let now = SystemTime::now();
+    // Neither a timestamp nor a version: a change nothing orders.
+    let unordered = serde_json::to_vec(&serde_json::json!({
+        "type": "price_update", "license_key": store.as_str(),
+        "payload": {"product_id": "A", "new_price": 9.0},
+    }))
+    .expect("json");
+    for (seq, value) in [(1, 1.0), (3, 3.0)] {
+        let (key, body) = routed(&store, relayed(&store, seq, "A", value, now));
+        publish_raw(&key, &body).await;
+    }
+    publish_raw(&format!("license.{store}.price_update"), &unordered).await;
+    // seq 2 comes late, as the relay sends a row again after a refusal.
+    let (key, body) = routed(&store, relayed(&store, 2, "A", 2.0, now));
+    publish_raw(&key, &body).await;
+    terminal.wait_applied(2).await;
+    assert!(
+        terminal
+            .wait_for(|s| s.stale_by_type.get("price_update") == Some(&2))
+            .await,
+        "the unordered change and seq 2 are both older than seq 3: {:?}",
+        terminal.status.borrow().stale_by_type
+    );
+    assert_eq!(price(&terminal.db(), "A"), Some(3.0), "seq 3 stands");
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sequenced_and_publisher_numbered_duplicates_are_dropped_without_a_record_per_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("seq-dup");

@@ -24,8 +24,9 @@
 //! Then whatever `e` would write, `l` writes over it, and if `e` would be
 //! stale so would `l`. Skips chain (`e` for `l`, `l` for a later `m`) since
 //! each is judged against the next change of its entity. A jump in the
-//! store's `seq` within the batch ends the collapse there: a change never
-//! stands in for one across changes that did not arrive.
+//! store's `seq` within the batch, or a change of catalog, ends the
+//! collapse there: a change never stands in for one across changes that
+//! did not arrive.
 //!
 //! The equivalence needs `l` to take effect. If an overwriting change does
 //! not (a duplicate, a dead letter, a retry), the dispatcher runs the batch
@@ -62,14 +63,17 @@ impl Plan {
         };
         // The next change of each entity, walking back from the batch's end.
         let mut next: HashMap<(&str, String), (Footprint, Option<Version>, usize)> = HashMap::new();
-        let mut next_seq: Option<i64> = None;
+        let mut next_seq: Option<(i64, Option<&str>)> = None;
         for (index, envelope) in envelopes.iter().enumerate().rev() {
             let Ok(envelope) = envelope else { continue };
             if let Some(seq) = envelope.seq {
-                if next_seq.is_some_and(|after| after != seq + 1) {
+                // A seq counts only within its catalog: one from another
+                // (or none), which the terminal refuses, is a gap too.
+                let catalog = envelope.catalog.as_deref();
+                if next_seq.is_some_and(|after| after != (seq + 1, catalog)) {
                     next.clear();
                 }
-                next_seq = Some(seq);
+                next_seq = Some((seq, catalog));
             }
             let Some(rule) = rule(&envelope.message_type) else {
                 continue;
@@ -234,6 +238,19 @@ mod tests {
             price("A", 4.0).with_seq(6),
         ];
         assert_eq!(skipped(&batch), [0, 2]);
+    }
+
+    #[test]
+    fn nothing_collapses_across_a_change_of_catalog() {
+        // seq 6 of another catalog is refused: seq 6 of the followed one
+        // never arrived between 5 and 7.
+        let batch = [
+            price("A", 1.0).with_seq(5).with_catalog("c"),
+            price("B", 1.0).with_seq(6).with_catalog("other"),
+            price("A", 2.0).with_seq(7).with_catalog("c"),
+            price("A", 3.0).with_seq(8).with_catalog("c"),
+        ];
+        assert_eq!(skipped(&batch), [2]);
     }
 
     /// The same batches through the catalog's plugins, collapsing and not.

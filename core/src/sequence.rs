@@ -313,18 +313,29 @@ impl<'k> Marks<'k> {
                     state.catalog
                 ],
             )?;
-            if stored.above != settled.above {
+            // Only the ranges that changed: a store with many holes (each
+            // change that never arrived) costs a batch what it moved.
+            for (first, _) in stored
+                .above
+                .iter()
+                .filter(|r| settled.above.binary_search(r).is_err())
+            {
                 transaction.execute(
-                    "DELETE FROM possync_sequence_above WHERE license_key = ?1",
-                    params![self.license_key],
+                    "DELETE FROM possync_sequence_above WHERE license_key = ?1 AND first_seq = ?2",
+                    params![self.license_key, first],
                 )?;
-                for (first, last) in &settled.above {
-                    transaction.execute(
-                        "INSERT INTO possync_sequence_above (license_key, first_seq, last_seq)
-                         VALUES (?1, ?2, ?3)",
-                        params![self.license_key, first, last],
-                    )?;
-                }
+            }
+            for (first, last) in settled
+                .above
+                .iter()
+                .filter(|r| stored.above.binary_search(r).is_err())
+            {
+                transaction.execute(
+                    "INSERT INTO possync_sequence_above (license_key, first_seq, last_seq)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (license_key, first_seq) DO UPDATE SET last_seq = excluded.last_seq",
+                    params![self.license_key, first, last],
+                )?;
             }
         }
         for mark in &self.publishers {

@@ -85,7 +85,10 @@ impl Versioned {
 
     /// Whether a change at `order` to row `id` is newer than what the
     /// database holds: the row's version, or else its tombstone's. A change
-    /// without an order applies (and brings a deleted row back).
+    /// without an order applies (and brings a deleted row back), except
+    /// over a row or tombstone a sequenced change wrote: only a higher
+    /// `seq` replaces that, or a change without an order could let an
+    /// older `seq` arriving late overwrite a newer one.
     pub fn decide(
         &self,
         store: &mut dyn Store,
@@ -113,6 +116,14 @@ impl Versioned {
         match order {
             Some(order) if !order.supersedes(stored) => {
                 store.stale(id, order, stored);
+                Ok(Decision::Stale)
+            }
+            None if Version::seq_of(stored).is_some() => {
+                let unordered = Version {
+                    micros: 0,
+                    exact: false,
+                };
+                store.stale(id, unordered, stored);
                 Ok(Decision::Stale)
             }
             _ => Ok(Decision::Apply { revives }),

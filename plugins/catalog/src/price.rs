@@ -47,7 +47,8 @@ pub fn apply_price(
     let order = message.order();
     // Most price updates change a product the terminal has, with a newer
     // version: one statement. A new, stale or deleted product takes the
-    // full path below (an existing row never has a tombstone).
+    // full path below (an existing row never has a tombstone). A change
+    // without an order applies here unless a sequenced change wrote the row.
     let updated = store.execute(
         "UPDATE products SET
              name = coalesce(?2, name),
@@ -55,7 +56,7 @@ pub fn apply_price(
              updated_at = ?4,
              sync_version = ?5
          WHERE id = ?1
-           AND (?6 OR sync_version < ?5 OR (?7 AND sync_version = ?5))",
+           AND ((?6 AND sync_version <= ?8) OR sync_version < ?5 OR (?7 AND sync_version = ?5))",
         &[
             update.product_id.as_str().into(),
             update.product_name.clone().into(),
@@ -64,6 +65,7 @@ pub fn apply_price(
             Version::column(order),
             order.is_none().into(),
             order.is_some_and(|o| !o.exact).into(),
+            Version::SEQUENCED.into(),
         ],
     )?;
     if updated > 0 {
