@@ -303,7 +303,7 @@ async fn synced_up_to_survives_a_restart_and_shows_in_status_and_on_the_status_e
         .expect("status");
     let shown = text(&status.stdout);
     assert!(
-        shown.contains("synced up to  seq 10 of head 12; last change "),
+        shown.contains("synced up to  seq 10 of at least 12; last change "),
         "{shown}"
     );
 

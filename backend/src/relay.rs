@@ -154,7 +154,10 @@ impl<S: Storage> Relay<S> {
                     return;
                 }
             }
-            marker.keep_up(self.config.batch_size).await;
+            tokio::select! {
+                () = marker.keep_up(self.config.batch_size) => {}
+                () = stopped(stop) => return,
+            }
             match self.round(publisher, marker).await {
                 Ok(Round::Published(rows)) => {
                     failures.recovered();
@@ -222,6 +225,11 @@ impl<S: Storage> Relay<S> {
         marker: &Marker,
     ) -> Result<Round, RoundError> {
         let storage = self.catalog.storage();
+        // A mark that failed fails the round: its rows go again, after the
+        // back-off, not at once and forever while the database refuses.
+        if let Some(err) = marker.failure() {
+            return Err(RoundError::Storage(err));
+        }
         // Taken before the read: a row whose mark lands meanwhile is
         // skipped by what was held, not published again.
         let (held_rows, held) = marker.held_now();
@@ -319,6 +327,8 @@ struct Marker {
     held: Arc<Mutex<Held>>,
     /// Rung after each mark.
     marked: Arc<Notify>,
+    /// The last mark's failure, until a round reports it.
+    failed: Arc<Mutex<Option<crate::storage::StorageError>>>,
 }
 
 #[derive(Debug, Default)]
@@ -334,9 +344,11 @@ impl Marker {
         let (marks, mut handed) = mpsc::unbounded_channel::<Vec<(String, i64)>>();
         let held = Arc::new(Mutex::new(Held::default()));
         let marked = Arc::new(Notify::new());
+        let failed = Arc::new(Mutex::new(None));
         let task = {
             let held = Arc::clone(&held);
             let marked = Arc::clone(&marked);
+            let failed = Arc::clone(&failed);
             tokio::spawn(async move {
                 while let Some(mut rows) = handed.recv().await {
                     // Whatever else waits shares the commit.
@@ -346,6 +358,7 @@ impl Marker {
                     if let Err(err) = catalog.storage().mark_published(&rows).await {
                         // Unmarked rows go out again; terminals drop the copies.
                         events::relay_mark_failed(&err.to_string(), rows.len());
+                        *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
                     }
                     release(&held, &rows);
                     marked.notify_waiters();
@@ -357,6 +370,7 @@ impl Marker {
                 marks,
                 held,
                 marked,
+                failed,
             },
             task,
         )
@@ -385,6 +399,14 @@ impl Marker {
     /// How many rows wait to be marked.
     fn held(&self) -> usize {
         lock(&self.held).rows
+    }
+
+    /// Why the last mark failed, once.
+    fn failure(&self) -> Option<crate::storage::StorageError> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// How many rows wait to be marked, and up to which seq of each store.
@@ -615,7 +637,8 @@ mod marker_tests {
 
     use futures_util::StreamExt;
     use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
     };
     use lapin::types::FieldTable;
     use possync_core::Registry;
@@ -624,131 +647,184 @@ mod marker_tests {
     use crate::catalog::ChangeRequest;
     use crate::testing::Scripted;
 
-    /// Runs a relay over `storage`, submits `count` changes one at a time
-    /// to a store with a queue of its own, and returns the seq of every
-    /// message the queue received once the outbox is all marked.
-    async fn relayed_seqs(storage: Scripted, count: i64) -> Vec<i64> {
-        let store = format!("MARKS-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
-        let broker = BrokerConfig::default();
-        let connection = lapin::Connection::connect(&broker.urls[0], Default::default())
-            .await
-            .expect("the broker answers");
-        let channel = connection.create_channel().await.expect("a channel");
-        let queue = format!("possync.test.{store}");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("the queue");
-        channel
-            .exchange_declare(
-                broker.exchange.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("the exchange");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                broker.exchange.as_str().into(),
-                format!("license.{store}.#").as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bound");
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consuming");
+    /// A relay over a scripted storage, and a queue of its own for a store.
+    struct Rig {
+        store: String,
+        connection: lapin::Connection,
+        consumer: lapin::Consumer,
+        catalog: Arc<Catalog<Scripted>>,
+        stop: watch::Sender<bool>,
+        running: tokio::task::JoinHandle<()>,
+    }
 
-        let registry = Registry::for_publishing(&BTreeMap::new()).expect("plugins load");
-        let catalog = Arc::new(Catalog::new(Arc::new(storage), Arc::new(registry)));
-        let relay = Relay::new(Arc::clone(&catalog), broker, RelayConfig::default());
-        let (stop, stopped) = watch::channel(false);
-        let running = tokio::spawn(relay.run(stopped));
-        for i in 1..=count {
-            catalog
-                .submit(
-                    vec![ChangeRequest {
-                        store: store.clone(),
-                        message_type: "price_update".into(),
-                        payload: format!(r#"{{"product_id":"P{i}","new_price":{i}}}"#),
-                        timestamp: None,
-                        message_id: None,
-                        clock: None,
-                    }],
-                    None,
+    impl Rig {
+        async fn start(storage: Scripted, config: RelayConfig) -> Self {
+            let store = format!("MARKS-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+            let broker = BrokerConfig::default();
+            let connection = lapin::Connection::connect(&broker.urls[0], Default::default())
+                .await
+                .expect("the broker answers");
+            let channel = connection.create_channel().await.expect("a channel");
+            let queue = format!("possync.test.{store}");
+            let options = QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                .await
+                .expect("the queue");
+            let durable = ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            let exchange = broker.exchange.as_str();
+            channel
+                .exchange_declare(
+                    exchange.into(),
+                    lapin::ExchangeKind::Topic,
+                    durable,
+                    FieldTable::default(),
                 )
                 .await
-                .expect("accepted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let heads = catalog.storage().heads().await.expect("heads");
-            if heads.iter().all(|h| h.unpublished == 0) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the outbox was never all marked");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = stop.send(true);
-        running.await.expect("the relay stops");
-        let mut seqs = Vec::new();
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
-        {
-            let envelope: possync_sdk::Envelope =
-                serde_json::from_slice(&delivery.data).expect("an envelope");
-            seqs.push(envelope.seq.expect("a seq"));
-            delivery
-                .ack(BasicAckOptions::default())
+                .expect("the exchange");
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.into(),
+                    format!("license.{store}.#").as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await
-                .expect("acked");
+                .expect("bound");
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("consuming");
+            let registry = Registry::for_publishing(&BTreeMap::new()).expect("plugins load");
+            let catalog = Arc::new(Catalog::new(Arc::new(storage), Arc::new(registry)));
+            let relay = Relay::new(Arc::clone(&catalog), broker, config);
+            let (stop, stopped) = watch::channel(false);
+            let running = tokio::spawn(relay.run(stopped));
+            Self {
+                store,
+                connection,
+                consumer,
+                catalog,
+                stop,
+                running,
+            }
         }
-        let _ = connection.close(200, "done".into()).await;
-        seqs
+
+        /// Submits `count` changes one at a time.
+        async fn submit(&self, count: i64) {
+            for i in 1..=count {
+                let change = ChangeRequest {
+                    store: self.store.clone(),
+                    message_type: "price_update".into(),
+                    payload: format!(r#"{{"product_id":"P{i}","new_price":{i}}}"#),
+                    timestamp: None,
+                    message_id: None,
+                    clock: None,
+                };
+                self.catalog
+                    .submit(vec![change], None)
+                    .await
+                    .expect("accepted");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        /// Waits until every outbox row is marked.
+        async fn all_marked(&self) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let heads = self.catalog.storage().heads().await.expect("heads");
+                if heads.iter().all(|h| h.unpublished == 0) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "the outbox was never all marked");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        /// The seq of every message the store's queue received so far.
+        async fn received(&mut self) -> Vec<i64> {
+            let mut seqs = Vec::new();
+            while let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_millis(500), self.consumer.next()).await
+            {
+                let envelope: possync_sdk::Envelope =
+                    serde_json::from_slice(&delivery.data).expect("an envelope");
+                seqs.push(envelope.seq.expect("a seq"));
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .expect("acked");
+            }
+            seqs
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            self.running.await.expect("the relay stops");
+            let _ = self.connection.close(200, "done".into()).await;
+        }
     }
 
     #[tokio::test]
     async fn rows_waiting_for_a_slow_mark_are_not_published_again() {
         let storage = Scripted::new().await;
         *storage.mark_delay.lock().expect("not poisoned") = Duration::from_millis(50);
-        let seqs = relayed_seqs(storage, 40).await;
-        assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "each once, in order");
+        let mut rig = Rig::start(storage, RelayConfig::default()).await;
+        rig.submit(40).await;
+        rig.all_marked().await;
+        assert_eq!(
+            rig.received().await,
+            (1..=40).collect::<Vec<_>>(),
+            "each once, in order"
+        );
+        rig.stop().await;
     }
 
     #[tokio::test]
-    async fn rows_whose_mark_failed_are_published_again_and_none_is_lost() {
+    async fn marks_that_keep_failing_back_off_instead_of_flooding_the_store_then_recover() {
         let storage = Scripted::new().await;
-        storage.failing_marks.store(3, Ordering::SeqCst);
-        let seqs = relayed_seqs(storage, 20).await;
-        let distinct: std::collections::BTreeSet<i64> = seqs.iter().copied().collect();
+        storage.failing_marks.store(usize::MAX, Ordering::SeqCst);
+        let config = RelayConfig {
+            batch_size: 10,
+            ..RelayConfig::default()
+        };
+        let mut rig = Rig::start(storage, config).await;
+        rig.submit(30).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let while_failing = rig.received().await;
+        // Each failed round backs off (250 ms, then longer): a few rounds
+        // of copies in these seconds, not one after another.
+        assert!(
+            while_failing.len() <= 30 * 8,
+            "{} deliveries of 30 changes in about 3 s",
+            while_failing.len()
+        );
+        rig.catalog
+            .storage()
+            .failing_marks
+            .store(0, Ordering::SeqCst);
+        rig.all_marked().await;
+        let mut every: Vec<i64> = while_failing;
+        every.extend(rig.received().await);
+        let distinct: std::collections::BTreeSet<i64> = every.iter().copied().collect();
         assert_eq!(
             distinct,
-            (1..=20).collect(),
+            (1..=30).collect(),
             "every change reached the store"
         );
-        assert!(
-            seqs.len() > 20,
-            "the rows of the failed marks went again: {seqs:?}"
-        );
+        rig.stop().await;
     }
 }

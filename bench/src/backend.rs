@@ -94,6 +94,10 @@ impl RunningBackend {
             runtime: self.clients.handle().clone(),
             agent: ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(30)))
+                // As many kept-alive connections as requests in flight: an
+                // app does not open a connection per change.
+                .max_idle_connections(64)
+                .max_idle_connections_per_host(64)
                 .build()
                 .into(),
             url: format!("{}/v1/changes", self.base),

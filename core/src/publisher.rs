@@ -114,14 +114,15 @@ struct Session {
 /// the channel, under the session lock that orders the writes, and the
 /// broker keeps a channel's order into each queue: a terminal sees one
 /// session's numbers rising, a lower one only when it is a delivery again.
-/// A message keeps the stamp of the session that first wrote it: sent
-/// again after a reconnect, it goes out as it was, so a terminal that
-/// applied it drops the copy by its number, as it would drop any
-/// redelivery. That is safe for the same reason: the old session's
-/// messages reached each queue in the order they were numbered, and those
-/// lost with the connection are the last ones, so the copies of the lost
-/// ones are above the terminal's mark and those of the delivered ones at
-/// or below it. The new session's own messages carry its own id.
+/// A message sent again after a reconnect is stamped anew by the new
+/// session (it keeps its `message_id` and `version`), so its number is
+/// never compared with the old session's: copies from two sessions may
+/// both arrive, and the second changes nothing by its `version`, but no
+/// interleaving of sessions can make a terminal drop a message it has not
+/// applied. Keeping the old stamp would drop the copy exactly, but it
+/// would also drop a message the broker refused while it took the next
+/// one into the same queue, when the refusal was lost with the connection:
+/// its copy would sit below the terminal's mark.
 #[derive(Debug)]
 struct Stamp {
     id: String,
@@ -171,10 +172,9 @@ impl std::fmt::Debug for Session {
 struct Pending {
     routing_key: String,
     message_id: String,
-    /// The body as the caller's envelope made it, then as the first
-    /// session that wrote it stamped it.
+    /// The body as the caller's envelope made it, before a session stamps it.
     body: Arc<[u8]>,
-    /// Whether the next session that writes it stamps it (see [`Stamp`]).
+    /// Whether each session that writes it stamps it (see [`Stamp`]).
     stamped: bool,
     progress: Progress,
 }
@@ -265,9 +265,10 @@ impl Publisher {
     /// without them, and terminals record its id instead.
     ///
     /// If the connection drops, the publisher reconnects and sends every
-    /// unconfirmed message again as it was first sent, with its
-    /// `message_id`, `version` and publisher stamp: a terminal that had in
-    /// fact received it drops the copy by its stamp (see [`Stamp`]).
+    /// unconfirmed message again with its original `message_id` and
+    /// `version`, numbered anew on the new connection: a message the broker
+    /// had in fact received changes nothing the second time (its version is
+    /// not newer), and no message is ever taken for a copy of another.
     pub async fn publish_envelopes(
         &self,
         envelopes: impl IntoIterator<Item = Envelope>,
@@ -597,13 +598,12 @@ fn send(
     let Some(session) = session.as_mut() else {
         return Err(BrokerError::ConnectionLost);
     };
-    // Numbered here, in the order of `send` calls, which is the order on
-    // the wire; once numbered, sent again as it is.
-    if pending.stamped {
-        pending.body = session.stamp.next(&pending.body);
-        pending.stamped = false;
-    }
-    let body = Arc::clone(&pending.body);
+    // Numbered here, in the order of `send` calls, which is the order on the wire.
+    let body = if pending.stamped {
+        session.stamp.next(&pending.body)
+    } else {
+        Arc::clone(&pending.body)
+    };
     // The id and the type travel in the body, where terminals read them:
     // repeated as properties they would cost every queue and every
     // terminal their bytes and their parsing, for no reader.

@@ -84,7 +84,9 @@ pub struct SyncState {
     pub highest_applied: i64,
     /// When the terminal last applied a sequenced change (ms since the epoch).
     pub last_change_ms: Option<i64>,
-    /// The backend's latest `seq` for the store, when a message told it.
+    /// The highest `seq` this terminal knows the backend gave its store:
+    /// those it received, and the `head` the relay names. A lower bound of
+    /// the backend's head.
     pub head: Option<i64>,
     /// The catalog (backend database) whose sequence this terminal follows
     /// for its store: the one of the first sequenced message it applied.

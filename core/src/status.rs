@@ -344,7 +344,7 @@ fn synced_line(sync: &SyncState, now_ms: i64) -> String {
         ));
     }
     match sync.head {
-        Some(head) => line.push_str(&format!(" of head {head}")),
+        Some(head) => line.push_str(&format!(" of at least {head}")),
         None => line.push_str(", backend head unknown"),
     }
     if let Some(ms) = sync.last_change_ms {

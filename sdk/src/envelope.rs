@@ -64,9 +64,10 @@ pub struct Envelope {
     /// publish to the store, or the backend's database was replaced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
-    /// The store's highest `seq` the backend had when it sent this
-    /// message, when higher than `seq`: a terminal draining a backlog
-    /// learns how far it has to go. Absent when this is the store's latest.
+    /// The store's last `seq` among the changes the backend's relay sent
+    /// with this one, when higher than `seq`: a terminal draining a
+    /// backlog learns how far it has at least to go. Absent on the last
+    /// of them; changes the relay had not read yet are not counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<i64>,
     /// Which publisher connection sent the message (possync's publisher

@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -122,6 +123,10 @@ struct Inner {
     relay_lock: Mutex<Option<File>>,
     /// Submissions for the next group commit.
     waiting: Mutex<Vec<Waiting>>,
+    /// Whether the writer may have been left at `synchronous = NORMAL` by
+    /// a mark whose switch back failed: no submission commits until it is
+    /// back at FULL.
+    not_full: AtomicBool,
 }
 
 impl SqliteStorage {
@@ -176,6 +181,7 @@ impl Inner {
             reader: Mutex::new(reader),
             relay_lock: Mutex::new(None),
             waiting: Mutex::new(Vec::new()),
+            not_full: AtomicBool::new(false),
             path,
         })
     }
@@ -305,6 +311,17 @@ impl Inner {
             return;
         }
         let sql = failed("cannot store the submission");
+        if self.not_full.load(Ordering::SeqCst) {
+            if let Err(err) = connection.pragma_update(None, "synchronous", "FULL") {
+                // Refused rather than answered without a flush to disk.
+                let err = sql(err);
+                for waiting in group {
+                    let _ = waiting.answer.send(Err(err.clone()));
+                }
+                return;
+            }
+            self.not_full.store(false, Ordering::SeqCst);
+        }
         let mut tx = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(err) => {
@@ -629,6 +646,7 @@ impl Storage for SqliteStorage {
             // A mark lost to a power cut only sends its rows again, which
             // terminals drop by their seq: it need not wait for the disk.
             // The next submission's commit flushes it with its own.
+            inner.not_full.store(true, Ordering::SeqCst);
             connection
                 .pragma_update(None, "synchronous", "NORMAL")
                 .map_err(&sql)?;
@@ -636,6 +654,9 @@ impl Storage for SqliteStorage {
             let restored = connection
                 .pragma_update(None, "synchronous", "FULL")
                 .map_err(&sql);
+            if restored.is_ok() {
+                inner.not_full.store(false, Ordering::SeqCst);
+            }
             marked.and(restored)
         })
         .await
@@ -890,6 +911,16 @@ mod tests {
             assert_eq!(pragma(connection, "journal_mode"), "wal");
             assert_eq!(pragma(connection, "synchronous"), "2", "FULL");
         }
+        // A mark commits without a flush, and leaves the writer syncing fully.
+        storage
+            .mark_published(&[("STORE-1".into(), 1)])
+            .await
+            .expect("marks");
+        assert_eq!(
+            pragma(&storage.inner.writer(), "synchronous"),
+            "2",
+            "FULL again after a mark"
+        );
         // WAL is a property of the file: any other connection sees it.
         let raw = Connection::open(storage.path()).expect("opens");
         assert_eq!(pragma(&raw, "journal_mode"), "wal");

@@ -127,7 +127,7 @@ impl Collector for StatusMetrics {
             gauge(
                 &mut encoder,
                 "possync_head_seq",
-                "The backend's latest seq for the store, as last told.",
+                "The highest seq the terminal knows the backend gave the store (the seqs received and the head the relay names): a lower bound of the backend's head.",
                 head,
             )?;
         }

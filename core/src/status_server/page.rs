@@ -46,7 +46,7 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
     };
     match sync.head {
         Some(head) => {
-            let _ = write!(synced, " of {head}");
+            let _ = write!(synced, " of at least {head}");
         }
         None if sync.highest_applied > 0 => synced.push_str(" (backend head unknown)"),
         None => {}
