@@ -99,21 +99,8 @@ pub(crate) async fn start(
     path: &Path,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Baseline> {
-    // The same prefetch and batch size as a possync terminal's defaults.
-    let defaults = possync_core::Config::default().terminal;
-    let (prefetch, batch_size) = (defaults.prefetch, defaults.batch_size);
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let batch_size = possync_core::Config::default().terminal.batch_size;
+    let (channel, mut consumer) = consume(connection, queue).await?;
     let mut db = rusqlite::Connection::open(path)?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
@@ -198,19 +185,8 @@ pub(crate) async fn receive_only(
     queue: &str,
     count: usize,
 ) -> anyhow::Result<()> {
-    let defaults = possync_core::Config::default().terminal;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(defaults.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let batch_size = possync_core::Config::default().terminal.batch_size;
+    let (channel, mut consumer) = consume(connection, queue).await?;
     let mut received = 0;
     while received < count {
         let Some(delivery) = consumer.next().await else {
@@ -218,7 +194,7 @@ pub(crate) async fn receive_only(
         };
         let delivery = delivery?;
         received += 1;
-        if received % defaults.batch_size == 0 || received == count {
+        if received % batch_size == 0 || received == count {
             channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
@@ -226,4 +202,25 @@ pub(crate) async fn receive_only(
     }
     let _ = channel.close(200, "done".into()).await;
     Ok(())
+}
+
+/// Consumes `queue` with a possync terminal's default prefetch.
+async fn consume(
+    connection: &Connection,
+    queue: &str,
+) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
+    let prefetch = possync_core::Config::default().terminal.prefetch;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }
