@@ -274,10 +274,17 @@ async fn main() -> anyhow::Result<()> {
             backend::latency(&args.url, &dir.join("latency"), args.latency_seconds, 1000).await?,
             &mut rows,
         );
-        for (batch, clients) in [(100, 1), (100, 2), (500, 2)] {
+        // One change per request from 8 clients: how many a second the
+        // backend takes when every change is a request of its own.
+        for (batch, clients, total) in [
+            (1, 8, 20_000),
+            (100, 1, 100_000),
+            (100, 2, 100_000),
+            (500, 2, 100_000),
+        ] {
             let scenario = dir.join(format!("accept-{batch}-{clients}"));
             report(
-                backend::accept(&args.url, &scenario, 100_000, batch, clients).await?,
+                backend::accept(&args.url, &scenario, total, batch, clients).await?,
                 &mut rows,
             );
         }
