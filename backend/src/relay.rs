@@ -159,14 +159,22 @@ impl<S: Storage> Relay<S> {
                 () = stopped(stop) => return,
             }
             match self.round(publisher, marker).await {
+                // While marks fail, a round that publishes is no recovery:
+                // the back-off keeps growing.
                 Ok(Round::Published(rows)) => {
-                    failures.recovered();
+                    if !marker.failing() {
+                        failures.recovered();
+                    }
                     if rows >= self.config.batch_size {
                         // More may wait: no sleep between full rounds.
                         continue;
                     }
                 }
-                Ok(Round::Idle) => failures.recovered(),
+                Ok(Round::Idle) => {
+                    if !marker.failing() {
+                        failures.recovered();
+                    }
+                }
                 Err(err) => {
                     if let RoundError::Publish(PublishError::Broker(_)) = err {
                         // A new connection on the next round.
@@ -225,14 +233,16 @@ impl<S: Storage> Relay<S> {
         marker: &Marker,
     ) -> Result<Round, RoundError> {
         let storage = self.catalog.storage();
-        // A mark that failed fails the round: its rows go again, after the
-        // back-off, not at once and forever while the database refuses.
-        if let Some(err) = marker.failure() {
-            return Err(RoundError::Storage(err));
-        }
         // Taken before the read: a row whose mark lands meanwhile is
         // skipped by what was held, not published again.
         let (held_rows, held) = marker.held_now();
+        // A mark that failed fails the round: its rows go again, after the
+        // back-off, not at once and forever while the database refuses.
+        // Asked after the snapshot: a failure is told before its rows are
+        // released, so rows released by it are never published at once.
+        if let Some(err) = marker.failure() {
+            return Err(RoundError::Storage(err));
+        }
         let mut rows = storage
             .unpublished(self.config.batch_size + held_rows)
             .await?;
@@ -329,6 +339,8 @@ struct Marker {
     marked: Arc<Notify>,
     /// The last mark's failure, until a round reports it.
     failed: Arc<Mutex<Option<crate::storage::StorageError>>>,
+    /// Whether the last mark failed.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -345,21 +357,28 @@ impl Marker {
         let held = Arc::new(Mutex::new(Held::default()));
         let marked = Arc::new(Notify::new());
         let failed = Arc::new(Mutex::new(None));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = {
             let held = Arc::clone(&held);
             let marked = Arc::clone(&marked);
             let failed = Arc::clone(&failed);
+            let failing = Arc::clone(&failing);
             tokio::spawn(async move {
                 while let Some(mut rows) = handed.recv().await {
                     // Whatever else waits shares the commit.
                     while let Ok(more) = handed.try_recv() {
                         rows.extend(more);
                     }
-                    if let Err(err) = catalog.storage().mark_published(&rows).await {
-                        // Unmarked rows go out again; terminals drop the copies.
-                        events::relay_mark_failed(&err.to_string(), rows.len());
-                        *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
-                    }
+                    let marked_ok = match catalog.storage().mark_published(&rows).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            // Unmarked rows go out again; terminals drop the copies.
+                            events::relay_mark_failed(&err.to_string(), rows.len());
+                            *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
+                            false
+                        }
+                    };
+                    failing.store(!marked_ok, std::sync::atomic::Ordering::SeqCst);
                     release(&held, &rows);
                     marked.notify_waiters();
                 }
@@ -371,6 +390,7 @@ impl Marker {
                 held,
                 marked,
                 failed,
+                failing,
             },
             task,
         )
@@ -399,6 +419,11 @@ impl Marker {
     /// How many rows wait to be marked.
     fn held(&self) -> usize {
         lock(&self.held).rows
+    }
+
+    /// Whether the last mark failed.
+    fn failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Why the last mark failed, once.
@@ -803,13 +828,24 @@ mod marker_tests {
         };
         let mut rig = Rig::start(storage, config).await;
         rig.submit(30).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let while_failing = rig.received().await;
-        // Each failed round backs off (250 ms, then longer): a few rounds
-        // of copies in these seconds, not one after another.
+        let rounds = || rig.catalog.storage().rounds.load(Ordering::SeqCst);
+        let before = rounds();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Waits of 0.125-0.25, 0.25-0.5, 0.5-1, 1-2 and 2-4 s: at most
+        // about six rounds in 5 s; a back-off that started over after each
+        // round that published would make a dozen or more.
+        let failing_rounds = rounds() - before;
         assert!(
-            while_failing.len() <= 30 * 8,
-            "{} deliveries of 30 changes in about 3 s",
+            failing_rounds <= 8,
+            "{failing_rounds} rounds in 5 s while every mark failed"
+        );
+        let while_failing = rig.received().await;
+        // Each failed round backs off, longer each time while marks keep
+        // failing (about 0.25, 0.5, 1 and 2 s): a few rounds of copies in
+        // these seconds, not one after another.
+        assert!(
+            while_failing.len() <= 30 * 5,
+            "{} deliveries of 30 changes in about 5 s",
             while_failing.len()
         );
         rig.catalog

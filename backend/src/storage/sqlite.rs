@@ -192,6 +192,18 @@ impl Inner {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The writer, syncing fully: what commits through it is answered as
+    /// durable. A mark that could not switch it back (see `not_full`) is
+    /// repaired here, or the write refused.
+    fn durable_writer(&self) -> Result<MutexGuard<'_, Connection>, rusqlite::Error> {
+        let connection = self.writer();
+        if self.not_full.load(Ordering::SeqCst) {
+            connection.pragma_update(None, "synchronous", "FULL")?;
+            self.not_full.store(false, Ordering::SeqCst);
+        }
+        Ok(connection)
+    }
+
     fn reader(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -303,16 +315,17 @@ impl Inner {
     /// refused submission leaves the others whole; each is answered only
     /// after the commit.
     fn commit_waiting(&self) {
-        let mut connection = self.writer();
+        let sql = failed("cannot store the submission");
+        let connection = self.durable_writer();
         let group: Vec<Waiting> =
             std::mem::take(&mut *self.waiting.lock().unwrap_or_else(PoisonError::into_inner));
         if group.is_empty() {
             // An earlier caller's group took this one's submission.
             return;
         }
-        let sql = failed("cannot store the submission");
-        if self.not_full.load(Ordering::SeqCst) {
-            if let Err(err) = connection.pragma_update(None, "synchronous", "FULL") {
+        let mut connection = match connection {
+            Ok(connection) => connection,
+            Err(err) => {
                 // Refused rather than answered without a flush to disk.
                 let err = sql(err);
                 for waiting in group {
@@ -320,8 +333,7 @@ impl Inner {
                 }
                 return;
             }
-            self.not_full.store(false, Ordering::SeqCst);
-        }
+        };
         let mut tx = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(err) => {
@@ -711,10 +723,12 @@ impl Storage for SqliteStorage {
         let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
         let before = unix_now_ms().saturating_sub(age);
         self.run(move |inner| {
+            let sql = failed("cannot forget old idempotency keys");
             let removed = inner
-                .writer()
+                .durable_writer()
+                .map_err(&sql)?
                 .execute("DELETE FROM idempotency WHERE created_at < ?", [before])
-                .map_err(failed("cannot forget old idempotency keys"))?;
+                .map_err(&sql)?;
             Ok(removed as u64)
         })
         .await
@@ -829,7 +843,9 @@ impl Storage for SqliteStorage {
                 .map_err(|err| {
                     StorageError::Database(format!("cannot encode a token's stores: {err}"))
                 })?;
-            let connection = inner.writer();
+            let connection = inner
+                .durable_writer()
+                .map_err(failed("cannot store the token"))?;
             let inserted = connection
                 .execute(
                     "INSERT INTO tokens (name, hash, stores, created_at) VALUES (?, ?, ?, ?)
@@ -864,10 +880,12 @@ impl Storage for SqliteStorage {
     async fn revoke_token(&self, name: &str) -> Result<bool, StorageError> {
         let name = name.to_owned();
         self.run(move |inner| {
+            let sql = failed("cannot revoke the token");
             let removed = inner
-                .writer()
+                .durable_writer()
+                .map_err(&sql)?
                 .execute("DELETE FROM tokens WHERE name = ?", [&name])
-                .map_err(failed("cannot revoke the token"))?;
+                .map_err(&sql)?;
             Ok(removed > 0)
         })
         .await
@@ -920,6 +938,20 @@ mod tests {
             pragma(&storage.inner.writer(), "synchronous"),
             "2",
             "FULL again after a mark"
+        );
+        // A mark that could not switch back leaves the flag: the next
+        // durable write switches back first.
+        storage
+            .inner
+            .writer()
+            .pragma_update(None, "synchronous", "NORMAL")
+            .expect("switched");
+        storage.inner.not_full.store(true, Ordering::SeqCst);
+        storage.prune_keys(Duration::ZERO).await.expect("prunes");
+        assert_eq!(
+            pragma(&storage.inner.writer(), "synchronous"),
+            "2",
+            "FULL before a durable write"
         );
         // WAL is a property of the file: any other connection sees it.
         let raw = Connection::open(storage.path()).expect("opens");
