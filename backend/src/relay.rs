@@ -259,13 +259,10 @@ impl<S: Storage> Relay<S> {
                 self.catalog_id.get_or_init(|| id).clone()
             }
         };
-        // Each store's last row of the round: its head, as far as the
-        // relay knows, which tells a terminal in a backlog how far it is.
-        let mut heads: HashMap<&str, i64> = HashMap::new();
-        for row in &rows {
-            let head = heads.entry(row.store.as_str()).or_insert(row.seq);
-            *head = (*head).max(row.seq);
-        }
+        // Each store's last row of the round (a store's rows come in seq
+        // order): its head, as far as the relay knows, which tells a
+        // terminal in a backlog how far it is.
+        let heads: HashMap<&str, i64> = rows.iter().map(|r| (r.store.as_str(), r.seq)).collect();
         let envelopes = rows
             .iter()
             .map(|row| {
@@ -781,19 +778,26 @@ mod marker_tests {
 
         /// The seq of every message the store's queue received so far.
         async fn received(&mut self) -> Vec<i64> {
-            let mut seqs = Vec::new();
+            self.received_envelopes()
+                .await
+                .iter()
+                .map(|envelope| envelope.seq.expect("a seq"))
+                .collect()
+        }
+
+        /// Every message the store's queue received so far.
+        async fn received_envelopes(&mut self) -> Vec<possync_sdk::Envelope> {
+            let mut envelopes = Vec::new();
             while let Ok(Some(Ok(delivery))) =
                 tokio::time::timeout(Duration::from_millis(500), self.consumer.next()).await
             {
-                let envelope: possync_sdk::Envelope =
-                    serde_json::from_slice(&delivery.data).expect("an envelope");
-                seqs.push(envelope.seq.expect("a seq"));
+                envelopes.push(serde_json::from_slice(&delivery.data).expect("an envelope"));
                 delivery
                     .ack(BasicAckOptions::default())
                     .await
                     .expect("acked");
             }
-            seqs
+            envelopes
         }
 
         async fn stop(self) {
@@ -814,6 +818,40 @@ mod marker_tests {
             rig.received().await,
             (1..=40).collect::<Vec<_>>(),
             "each once, in order"
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_round_names_the_stores_head_on_each_row_before_its_last() {
+        let mut rig = Rig::start(Scripted::new().await, RelayConfig::default()).await;
+        let changes = (1..=5)
+            .map(|i| ChangeRequest {
+                store: rig.store.clone(),
+                message_type: "price_update".into(),
+                payload: format!(r#"{{"product_id":"P{i}","new_price":{i}}}"#),
+                timestamp: None,
+                message_id: None,
+                clock: None,
+            })
+            .collect();
+        rig.catalog.submit(changes, None).await.expect("accepted");
+        rig.all_marked().await;
+        let heads: Vec<(i64, Option<i64>)> = rig
+            .received_envelopes()
+            .await
+            .iter()
+            .map(|e| (e.seq.expect("a seq"), e.head))
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                (1, Some(5)),
+                (2, Some(5)),
+                (3, Some(5)),
+                (4, Some(5)),
+                (5, None)
+            ]
         );
         rig.stop().await;
     }
