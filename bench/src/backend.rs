@@ -26,8 +26,33 @@ struct RunningBackend {
     storage: Arc<SqliteStorage>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), possync_backend::ServiceError>>,
-    runtime: tokio::runtime::Runtime,
-    clients: tokio::runtime::Runtime,
+    runtime: OwnRuntime,
+    clients: OwnRuntime,
+}
+
+/// A runtime that shuts down without waiting when dropped: the benchmark
+/// drops one inside its own runtime when a scenario fails, where waiting
+/// would panic and hide the failure.
+struct OwnRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl OwnRuntime {
+    fn new(runtime: tokio::runtime::Runtime) -> Self {
+        Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl RunningBackend {
@@ -84,16 +109,22 @@ impl RunningBackend {
             storage,
             stop,
             task,
-            runtime,
-            clients,
+            runtime: OwnRuntime::new(runtime),
+            clients: OwnRuntime::new(clients),
         })
     }
 
     fn client(&self) -> Client {
         Client {
-            runtime: self.clients.handle().clone(),
+            runtime: self.clients.handle.clone(),
             agent: ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(30)))
+                // Each phase bounded instead of the whole call: with an
+                // overall bound, ureq resolves the host on a thread of its
+                // own per request, a thread started and ended each time.
+                .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_send_body(Some(Duration::from_secs(30)))
+                .timeout_recv_response(Some(Duration::from_secs(30)))
+                .timeout_recv_body(Some(Duration::from_secs(30)))
                 // As many kept-alive connections as requests in flight: an
                 // app does not open a connection per change.
                 .max_idle_connections(64)
@@ -121,8 +152,8 @@ impl RunningBackend {
     async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.task.await??;
-        self.runtime.shutdown_background();
-        self.clients.shutdown_background();
+        drop(self.clients);
+        drop(self.runtime);
         Ok(())
     }
 }
@@ -149,10 +180,43 @@ impl Client {
                     .header("Authorization", &client.authorization)
                     .header("Content-Type", "application/json")
                     .send(&body[..])?;
-                anyhow::ensure!(response.status() == 200, "answered {}", response.status());
+                let status = response.status();
+                // Read to the end, as an app reads its answer: only then
+                // does the connection go back to the pool for the next.
+                let answer = response.into_body().read_to_vec()?;
+                anyhow::ensure!(
+                    status == 200,
+                    "answered {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
                 Ok(())
             })
             .await?
+    }
+}
+
+/// The CPU a phase cost: this process (backend, its clients and, where
+/// there is one, the terminal) and the broker beside it.
+struct CpuUse {
+    here: u64,
+    broker: u64,
+}
+
+impl CpuUse {
+    fn start() -> Self {
+        Self {
+            here: workload::cpu_micros(),
+            broker: workload::broker_cpu_micros(),
+        }
+    }
+
+    fn per_change(self, changes: usize) -> String {
+        let per = |micros: u64| micros as f64 / changes.max(1) as f64;
+        format!(
+            "{:.0} µs CPU/change here + {:.0} µs in the broker",
+            per(workload::cpu_micros().saturating_sub(self.here)),
+            per(workload::broker_cpu_micros().saturating_sub(self.broker))
+        )
     }
 }
 
@@ -197,6 +261,7 @@ pub(crate) async fn latency(
         total as u64,
     ));
     let client = backend.client();
+    let cpu = CpuUse::start();
     let mut requests = tokio::task::JoinSet::new();
     paced(per_second, total, |i| {
         let change = price_change(store.as_str(), i, "bench_price_update", now_micros());
@@ -209,6 +274,7 @@ pub(crate) async fn latency(
         answered??;
     }
     let latencies = tokio::time::timeout(Duration::from_secs(60), collector).await??;
+    let cpu = cpu.per_change(total);
     let connection = workload::connect(url).await?;
     terminal.stop_and_delete(&connection).await?;
     workload::close([connection]).await;
@@ -217,7 +283,7 @@ pub(crate) async fn latency(
         scenario: format!(
             "latency submit→applied through the backend at {per_second}/s, one change per request (SQLite, synchronous=FULL)"
         ),
-        possync: latency_text(latencies),
+        possync: format!("{} · {cpu}", latency_text(latencies)),
         baseline: "-".into(),
         ratio: "-".into(),
     })
@@ -241,6 +307,7 @@ pub(crate) async fn accept(
         .map(|i| license(&format!("backend-accept-{i}")).to_string())
         .collect();
     let per_client = total / clients;
+    let cpu = CpuUse::start();
     let started = Instant::now();
     let mut senders = tokio::task::JoinSet::new();
     for c in 0..clients {
@@ -267,15 +334,16 @@ pub(crate) async fn accept(
     let accepted = started.elapsed();
     backend.wait_relayed().await?;
     let relayed = started.elapsed();
-    backend.stop().await?;
     let count = per_client * clients;
+    let cpu = cpu.per_change(count);
+    backend.stop().await?;
     let rate = |elapsed: Duration| count as f64 / elapsed.as_secs_f64();
     Ok(Row {
         scenario: format!(
             "backend accepts {count} changes, batches of {batch} from {clients} clients (SQLite, durable before the answer)"
         ),
         possync: format!(
-            "{:.0} changes/s accepted · all relayed and confirmed at {:.0} changes/s",
+            "{:.0} changes/s accepted · all relayed and confirmed at {:.0} changes/s · {cpu}",
             rate(accepted),
             rate(relayed)
         ),

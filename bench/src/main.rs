@@ -63,7 +63,8 @@ struct Args {
     #[arg(long)]
     collapse_batch: Option<usize>,
     /// Scenarios to run: drain, collapse, live, latency, backend, fanout
-    /// (default: all).
+    /// (default: all); backend-latency and backend-accept name the two
+    /// halves of backend.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run one side of one scenario, once, then stop: for profiling one
@@ -268,12 +269,20 @@ async fn main() -> anyhow::Result<()> {
             report(latency(&args, dir.path(), per_second).await?, &mut rows);
         }
     }
-    if wants("backend") {
-        let dir = dir.path();
+    if wants("backend") || wants("backend-latency") {
         report(
-            backend::latency(&args.url, &dir.join("latency"), args.latency_seconds, 1000).await?,
+            backend::latency(
+                &args.url,
+                &dir.path().join("latency"),
+                args.latency_seconds,
+                1000,
+            )
+            .await?,
             &mut rows,
         );
+    }
+    if wants("backend") || wants("backend-accept") {
+        let dir = dir.path();
         // One change per request from 8 clients: how many a second the
         // backend takes when every change is a request of its own.
         for (batch, clients, total) in [
