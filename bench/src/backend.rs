@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::workload::{self, license, now_micros};
 use crate::{Row, latency_text, paced, possync_side, progress};
+use possync_core::LicenseKey;
 
 /// A backend serving on loopback until dropped.
 ///
@@ -231,6 +232,45 @@ fn price_change(store: &str, i: usize, message_type: &str, sent_at_us: i64) -> s
             "sent_at_us": sent_at_us,
         },
     })
+}
+
+/// Publishes `count` price changes to `license` as the backend does: each
+/// submitted to a backend (its own SQLite file, its relay) in batches of
+/// 500, then published by its relay; returns once the broker confirmed all.
+/// `payload(i)` is the `i`th change's payload.
+pub(crate) async fn relay_backlog(
+    url: &str,
+    license: &LicenseKey,
+    count: usize,
+    payload: impl Fn(usize) -> String,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let backend = RunningBackend::start(url, dir.path()).await?;
+    let client = backend.client();
+    let changes = (0..count)
+        .map(|i| {
+            let payload: serde_json::Value = serde_json::from_str(&payload(i))?;
+            Ok(json!({ "store": license.as_str(), "type": "price_update", "payload": payload }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for batch in changes.chunks(500) {
+        client.submit(batch.to_vec()).await?;
+    }
+    backend.wait_relayed().await?;
+    // A change the catalog took as stale is not relayed; the drains wait
+    // for every one.
+    let head = backend
+        .storage
+        .heads()
+        .await?
+        .into_iter()
+        .find(|h| h.store == license.as_str())
+        .map_or(0, |h| h.head);
+    anyhow::ensure!(
+        head == i64::try_from(count)?,
+        "the backend sequenced {head} of the {count} changes of {license}"
+    );
+    backend.stop().await
 }
 
 /// Submit-to-applied latency: each change submitted alone, as a back

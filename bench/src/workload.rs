@@ -29,7 +29,7 @@ pub(crate) fn price_update(license: &LicenseKey, i: usize, message_type: &str) -
 }
 
 /// The payload of change `i`, a price no earlier change set, for product `product`.
-fn price_payload(i: usize, product: usize) -> String {
+pub(crate) fn price_payload(i: usize, product: usize) -> String {
     format!(
         r#"{{"product_id":"P{product:04}","new_price":{}.{:02},"sent_at_us":{}}}"#,
         i / 100,
@@ -46,7 +46,9 @@ pub(crate) enum Format {
     /// What possync's publisher sends (`possync publish bulk`): also
     /// `message_id`, `version`, `publisher_id` and `publisher_seq`.
     Publisher,
-    /// What the backend's relay sends: also `message_id` and `seq`.
+    /// What the backend's relay sends (`message_id`, its clock's
+    /// `timestamp`, `seq`, `catalog`, `head`): submitted to a real
+    /// `possync backend` and published by its relay.
     Sequenced,
 }
 
@@ -85,16 +87,12 @@ pub(crate) async fn publish_backlog(
             publish_raw(connection, &routing_key, bodies, 1000).await?;
         }
         Format::Sequenced => {
-            let bodies = (0..count).map(|i| {
-                format!(
-                    r#"{{"type":"price_update","license_key":"{license}","payload":{},"timestamp":"2025-11-27T10:30:00Z","message_id":"{}","seq":{},"catalog":"bench"}}"#,
-                    price_payload(i, product(i)),
-                    uuid::Uuid::now_v7(),
-                    i + 1
-                )
-                .into_bytes()
-            });
-            publish_raw(connection, &routing_key, bodies, 1000).await?;
+            let url = broker
+                .urls
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("the benchmark names no broker"))?;
+            crate::backend::relay_backlog(url, license, count, |i| price_payload(i, product(i)))
+                .await?;
         }
         Format::Publisher => {
             let publisher = possync_core::Publisher::connect(broker).await?;
