@@ -91,12 +91,22 @@ impl RunningBackend {
         ));
         let base = format!("http://127.0.0.1:{port}");
         let health = format!("{base}/health");
+        let probe: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let health = health.clone();
-            let up = tokio::task::spawn_blocking(move || ureq::get(&health).call().is_ok()).await?;
+            let (health, probe) = (health.clone(), probe.clone());
+            let up = tokio::task::spawn_blocking(move || probe.get(&health).call().is_ok()).await?;
             if up {
                 break;
+            }
+            if task.is_finished() {
+                // Stopped before serving (its address taken, say): its own
+                // error says why.
+                task.await??;
+                anyhow::bail!("the backend stopped before it served");
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -123,12 +133,15 @@ impl RunningBackend {
                 // overall bound, ureq resolves the host on a thread of its
                 // own per request, a thread started and ended each time.
                 .timeout_connect(Some(Duration::from_secs(5)))
+                .timeout_send_request(Some(Duration::from_secs(30)))
                 .timeout_send_body(Some(Duration::from_secs(30)))
                 .timeout_recv_response(Some(Duration::from_secs(30)))
                 .timeout_recv_body(Some(Duration::from_secs(30)))
                 // As many kept-alive connections as requests in flight: an
                 // app does not open a connection per change.
                 .max_idle_connections(64)
+                // A refusal's body says why; read it instead of a bare status.
+                .http_status_as_error(false)
                 .max_idle_connections_per_host(64)
                 .build()
                 .into(),
@@ -257,8 +270,8 @@ pub(crate) async fn relay_backlog(
         client.submit(batch.to_vec()).await?;
     }
     backend.wait_relayed().await?;
-    // A change the catalog took as stale is not relayed; the drains wait
-    // for every one.
+    // The drains wait for every change: each must have been sequenced and
+    // relayed (a change without a clock of its own is never stale).
     let head = backend
         .storage
         .heads()

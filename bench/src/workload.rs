@@ -47,8 +47,8 @@ pub(crate) enum Format {
     /// `message_id`, `version`, `publisher_id` and `publisher_seq`.
     Publisher,
     /// What the backend's relay sends (`message_id`, its clock's
-    /// `timestamp`, `seq`, `catalog`, `head`): submitted to a real
-    /// `possync backend` and published by its relay.
+    /// `timestamp`, `version`, `seq`, `catalog`, `head`): submitted to a
+    /// real `possync backend` and published by its relay.
     Sequenced,
 }
 
@@ -63,9 +63,9 @@ impl Format {
 }
 
 /// Publishes `count` price changes to `license` in `format`, each for the
-/// product `product(i)`: with possync's own publisher for its format, else
-/// with the raw publisher, bodies as the backend's relay or the original
-/// back office writes them.
+/// product `product(i)`: with possync's own publisher for its format,
+/// through a real backend and its relay for the sequenced one, else with
+/// the raw publisher, bodies as the original back office writes them.
 pub(crate) async fn publish_backlog(
     connection: &Connection,
     broker: &possync_core::BrokerConfig,
