@@ -34,7 +34,9 @@
 
 use std::collections::HashMap;
 
-use possync_sdk::{Envelope, Version};
+use possync_sdk::Version;
+
+use crate::inbound::Message;
 
 use crate::entity::{ChangeKind, EntityRule, Footprint};
 
@@ -54,7 +56,7 @@ impl Plan {
     /// The plan for a batch's envelopes (an `Err` is a message that will be
     /// dead-lettered), with `rule` giving the entity rule of each enabled type.
     pub(crate) fn of<'r>(
-        envelopes: &[Result<Envelope, String>],
+        envelopes: &[Result<Message<'_>, String>],
         rule: impl Fn(&str) -> Option<&'r EntityRule>,
     ) -> Self {
         let mut plan = Self {
@@ -78,7 +80,7 @@ impl Plan {
             let Some(rule) = rule(&envelope.message_type) else {
                 continue;
             };
-            let Ok(footprint) = rule.footprint(envelope.payload.get()) else {
+            let Ok(footprint) = rule.footprint(&envelope.payload) else {
                 // Which entity it touches is unknown: nothing collapses across it.
                 next.clear();
                 continue;
@@ -121,6 +123,7 @@ fn applies_after(earlier: Option<Version>, later: Option<Version>, kind: ChangeK
 #[cfg(test)]
 mod tests {
     use super::*;
+    use possync_sdk::Envelope;
     use serde_json::json;
 
     fn rules() -> [(&'static str, EntityRule); 3] {
@@ -150,7 +153,11 @@ mod tests {
 
     fn skipped(batch: &[Envelope]) -> Vec<usize> {
         let rules = rules();
-        let envelopes: Vec<_> = batch.iter().cloned().map(Ok).collect();
+        let envelopes: Vec<_> = batch
+            .iter()
+            .cloned()
+            .map(|e| Ok(Message::from(e)))
+            .collect();
         let plan = Plan::of(&envelopes, |t| {
             rules.iter().find(|(name, _)| *name == t).map(|(_, r)| r)
         });

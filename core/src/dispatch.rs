@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use possync_sdk::{Context, Envelope, HandlerError};
+use possync_sdk::HandlerError;
 
 use crate::collapse::Plan;
 use crate::events;
 use crate::identity::LicenseKey;
-use crate::inbound::{Inbound, check_envelope};
+use crate::inbound::{Inbound, Message, check_envelope};
 use crate::poison::Poison;
 use crate::registry::{Registry, Route};
 use crate::sequence::{Claim, Marks, SyncState, Verdict};
@@ -119,7 +119,7 @@ impl Dispatch {
         batch: &[Inbound],
         careful: bool,
     ) -> Result<Option<Dispatched>, BatchError> {
-        let envelopes: Vec<Result<Envelope, String>> =
+        let envelopes: Vec<Result<Message<'_>, String>> =
             batch.iter().map(|inbound| self.check(inbound)).collect();
         let plan =
             if careful || self.collapse_min_batch == 0 || batch.len() < self.collapse_min_batch {
@@ -166,7 +166,7 @@ impl Dispatch {
         }))
     }
 
-    fn check(&self, inbound: &Inbound) -> Result<Envelope, String> {
+    fn check<'b>(&self, inbound: &'b Inbound) -> Result<Message<'b>, String> {
         check_envelope(
             &inbound.body,
             &inbound.routing_key,
@@ -183,7 +183,7 @@ impl Dispatch {
         transaction: &mut Transaction<'_>,
         marks: &mut Marks<'_>,
         inbound: &Inbound,
-        envelope: &Envelope,
+        envelope: &Message<'_>,
         careful: bool,
         skip: bool,
     ) -> Result<Option<Outcome>, BatchError> {
@@ -210,7 +210,7 @@ impl Dispatch {
         &self,
         transaction: &mut Transaction<'_>,
         inbound: &Inbound,
-        envelope: &Envelope,
+        envelope: &Message<'_>,
         claim: Claim,
         careful: bool,
         skip: bool,
@@ -220,7 +220,7 @@ impl Dispatch {
             Route::Disabled(plugin) => {
                 events::message_ignored(&envelope.message_type, plugin);
                 return Ok(Some(Outcome::Disabled {
-                    message_type: envelope.message_type.clone(),
+                    message_type: envelope.message_type.to_string(),
                 }));
             }
             Route::Unknown => {
@@ -254,12 +254,12 @@ impl Dispatch {
                 transaction.release()?;
             }
             return Ok(Some(Outcome::Collapsed {
-                message_type: envelope.message_type.clone(),
+                message_type: envelope.message_type.to_string(),
             }));
         }
         let result = handler.handle(
-            envelope.payload.get(),
-            &Context::of(envelope),
+            &envelope.payload,
+            &envelope.context(),
             &mut transaction.store(),
         );
         if let Some(fault) = transaction.take_fault() {
@@ -283,11 +283,11 @@ impl Dispatch {
                 let stale = transaction.take_stale();
                 Ok(if stale.is_empty() {
                     Outcome::Applied {
-                        message_type: envelope.message_type.clone(),
+                        message_type: envelope.message_type.to_string(),
                     }
                 } else {
                     Outcome::Stale {
-                        message_type: envelope.message_type.clone(),
+                        message_type: envelope.message_type.to_string(),
                         entities: stale,
                     }
                 })

@@ -1,7 +1,11 @@
 //! What arrives from the terminal's queue, and the checks it passes before
 //! any handler sees it: size, envelope, license key, routing key.
 
-use possync_sdk::{Envelope, Version};
+use std::borrow::Cow;
+
+use possync_sdk::{Context, Envelope, Version};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::identity::LicenseKey;
 
@@ -17,12 +21,139 @@ pub(crate) struct Inbound {
 
 impl Inbound {
     /// Identifies the message across deliveries: its id, else its body.
-    pub(crate) fn key(&self, envelope: &Envelope) -> String {
+    pub(crate) fn key(&self, envelope: &Message<'_>) -> String {
         match &envelope.message_id {
             Some(id) => format!("id:{id}"),
             None => format!("body:{:016x}", fnv1a(&self.body)),
         }
     }
+}
+
+/// An envelope as the terminal reads it: the fields of [`Envelope`], as
+/// text borrowed from the message's body where the body allows (no escape
+/// in the string), so that decoding allocates nothing per field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Message<'a> {
+    pub(crate) message_type: Cow<'a, str>,
+    pub(crate) license_key: Cow<'a, str>,
+    /// The payload's JSON text.
+    pub(crate) payload: Cow<'a, str>,
+    pub(crate) timestamp: Option<Cow<'a, str>>,
+    pub(crate) message_id: Option<Cow<'a, str>>,
+    pub(crate) version: Option<i64>,
+    pub(crate) seq: Option<i64>,
+    pub(crate) catalog: Option<Cow<'a, str>>,
+    pub(crate) head: Option<i64>,
+    pub(crate) publisher_id: Option<Cow<'a, str>>,
+    pub(crate) publisher_seq: Option<i64>,
+}
+
+impl<'a> Message<'a> {
+    /// The message's order ([`Envelope::order`]).
+    pub(crate) fn order(&self) -> Option<Version> {
+        Envelope::order_of(self.seq, self.version, self.timestamp.as_deref())
+    }
+
+    /// What its handler is told of it.
+    pub(crate) fn context(&self) -> Context<'_> {
+        Context::from_parts(
+            &self.message_type,
+            &self.license_key,
+            self.message_id.as_deref(),
+            self.timestamp.as_deref(),
+            self.order(),
+        )
+    }
+}
+
+impl From<Envelope> for Message<'static> {
+    fn from(envelope: Envelope) -> Self {
+        Self {
+            message_type: Cow::Owned(envelope.message_type),
+            license_key: Cow::Owned(envelope.license_key),
+            payload: Cow::Owned(String::from(Box::<str>::from(envelope.payload))),
+            timestamp: envelope.timestamp.map(Cow::Owned),
+            message_id: envelope.message_id.map(Cow::Owned),
+            version: envelope.version,
+            seq: envelope.seq,
+            catalog: envelope.catalog.map(Cow::Owned),
+            head: envelope.head,
+            publisher_id: envelope.publisher_id.map(Cow::Owned),
+            publisher_seq: envelope.publisher_seq,
+        }
+    }
+}
+
+/// [`Envelope`]'s wire form with every string borrowed: a body whose
+/// strings hold an escape does not fit it and is decoded as an
+/// [`Envelope`] instead. Its fields, names and defaults are the
+/// `Envelope`'s, so the two accept the same bodies.
+#[derive(Deserialize)]
+struct Borrowed<'a> {
+    #[serde(rename = "type")]
+    message_type: &'a str,
+    license_key: &'a str,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(default, borrow)]
+    timestamp: Option<&'a str>,
+    #[serde(default, borrow)]
+    message_id: Option<&'a str>,
+    #[serde(default)]
+    version: Option<i64>,
+    #[serde(default)]
+    seq: Option<i64>,
+    #[serde(default, borrow)]
+    catalog: Option<&'a str>,
+    #[serde(default)]
+    head: Option<i64>,
+    #[serde(default, borrow)]
+    publisher_id: Option<&'a str>,
+    #[serde(default)]
+    publisher_seq: Option<i64>,
+}
+
+impl<'a> From<Borrowed<'a>> for Message<'a> {
+    fn from(wire: Borrowed<'a>) -> Self {
+        Self {
+            message_type: Cow::Borrowed(wire.message_type),
+            license_key: Cow::Borrowed(wire.license_key),
+            payload: Cow::Borrowed(wire.payload.get()),
+            timestamp: wire.timestamp.map(Cow::Borrowed),
+            message_id: wire.message_id.map(Cow::Borrowed),
+            version: wire.version,
+            seq: wire.seq,
+            catalog: wire.catalog.map(Cow::Borrowed),
+            head: wire.head,
+            publisher_id: wire.publisher_id.map(Cow::Borrowed),
+            publisher_seq: wire.publisher_seq,
+        }
+    }
+}
+
+/// Decodes `body` as an envelope, borrowing what it can.
+fn decode(body: &[u8]) -> Result<Message<'_>, String> {
+    // Text checked as UTF-8 once, in one pass over the body, spares the
+    // parser a check of each string and of the payload; a body that is not
+    // UTF-8 is parsed from bytes, which refuses it only where a field it
+    // reads holds the invalid bytes.
+    let text = std::str::from_utf8(body).ok();
+    let borrowed: Result<Borrowed<'_>, _> = match text {
+        Some(text) => serde_json::from_str(text),
+        None => serde_json::from_slice(body),
+    };
+    if let Ok(borrowed) = borrowed {
+        return Ok(borrowed.into());
+    }
+    // An escape in a string, or not an envelope at all: the owned decode
+    // takes the first and words the refusal of the second.
+    let owned: Result<Envelope, _> = match text {
+        Some(text) => serde_json::from_str(text),
+        None => serde_json::from_slice(body),
+    };
+    owned
+        .map(Message::from)
+        .map_err(|err| format!("not a valid envelope: {err}"))
 }
 
 /// A stable 64-bit hash (FNV-1a): the key must survive restarts and upgrades.
@@ -34,27 +165,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// Decodes and validates a body from the broker; the error is the reason
 /// to dead-letter it. Input from the network: it must never panic.
-pub(crate) fn check_envelope(
-    body: &[u8],
+pub(crate) fn check_envelope<'a>(
+    body: &'a [u8],
     routing_key: &str,
     license_key: &LicenseKey,
     max_message_bytes: usize,
-) -> Result<Envelope, String> {
+) -> Result<Message<'a>, String> {
     if body.len() > max_message_bytes {
         return Err(format!(
             "message is {} bytes, over the limit of {max_message_bytes} (terminal.max_message_bytes)",
             body.len()
         ));
     }
-    // Text checked as UTF-8 once, in one pass over the body, spares the
-    // parser a check of each string and of the payload; a body that is not
-    // UTF-8 is parsed from bytes, which refuses it only where a field it
-    // reads holds the invalid bytes.
-    let parsed = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(body),
-    };
-    let envelope: Envelope = parsed.map_err(|err| format!("not a valid envelope: {err}"))?;
+    let envelope = decode(body)?;
     if envelope.license_key != license_key.as_str() {
         return Err(format!(
             "envelope license_key {:?} is not this terminal's ({license_key})",
@@ -86,7 +209,7 @@ pub(crate) fn check_envelope(
 /// The numbers that order and deduplicate a message must be usable: a
 /// `seq` out of range could not be ordered, and half a publisher stamp
 /// could not be told from a duplicate.
-fn check_sequence_fields(envelope: Envelope) -> Result<Envelope, String> {
+fn check_sequence_fields(envelope: Message<'_>) -> Result<Message<'_>, String> {
     if let Some(seq) = envelope.seq
         && !(1..=Version::MAX_SEQ).contains(&seq)
     {
@@ -155,11 +278,81 @@ mod tests {
             }
         }
 
+        /// The borrowed decode is only a faster way to the SDK's reading:
+        /// whatever a field holds (escapes, any text, any JSON, or nothing),
+        /// both accept the same bodies and read the same fields.
+        #[test]
+        fn a_body_reads_as_the_sdk_envelope_reads_it(
+            strings in prop::collection::vec(prop_oneof![
+                2 => Just(None),
+                1 => Just(Some(serde_json::Value::Null)),
+                4 => "\\PC{0,24}".prop_map(|s| Some(serde_json::Value::from(s))),
+                4 => "[a-z\\\\\"\n\u{7f}-\u{10ffff}]{0,12}"
+                    .prop_map(|s| Some(serde_json::Value::from(s))),
+                1 => json().prop_map(Some),
+            ], 7),
+            numbers in prop::collection::vec(prop_oneof![
+                3 => Just(None),
+                6 => any::<i64>().prop_map(|n| Some(serde_json::Value::from(n))),
+                1 => json().prop_map(Some),
+            ], 5),
+            named in any::<bool>(),
+            payload in json(),
+            extra in prop::option::of(json()),
+        ) {
+            let mut body = serde_json::Map::new();
+            let string_fields = [
+                "type", "license_key", "timestamp", "message_id", "catalog", "publisher_id", "unknown",
+            ];
+            for (name, value) in string_fields.iter().zip(&strings) {
+                if let Some(value) = value {
+                    body.insert((*name).to_owned(), value.clone());
+                }
+            }
+            if named {
+                // Mostly a type and a store, so that most bodies decode and
+                // their fields are compared.
+                body.insert("type".into(), "price_update".into());
+                body.insert("license_key".into(), "STORE-1".into());
+            }
+            for (name, value) in ["version", "seq", "head", "publisher_seq", "extra_number"]
+                .iter()
+                .zip(&numbers)
+            {
+                if let Some(value) = value {
+                    body.insert((*name).to_owned(), value.clone());
+                }
+            }
+            body.insert("payload".into(), payload);
+            if let Some(extra) = extra {
+                body.insert("something_new".into(), extra);
+            }
+            let bytes = serde_json::to_vec(&body).expect("encodes");
+            let sdk = serde_json::from_slice::<Envelope>(&bytes).map(Message::from);
+            let ours = decode(&bytes);
+            prop_assert_eq!(sdk.is_ok(), ours.is_ok(), "{}", String::from_utf8_lossy(&bytes));
+            if let (Ok(sdk), Ok(ours)) = (sdk, ours) {
+                prop_assert_eq!(sdk, ours);
+            }
+        }
+
         #[test]
         fn any_routing_key_never_panics(routing_key in ".{0,80}") {
             let body = br#"{"type":"price_update","license_key":"STORE-1","payload":{}}"#;
             let _ = check_envelope(body, &routing_key, &key(), 1 << 20);
         }
+    }
+
+    #[test]
+    fn strings_without_escapes_are_borrowed_and_with_them_are_still_read() {
+        let plain = br#"{"type":"price_update","license_key":"STORE-1","payload":{"a":1},"message_id":"m-1","catalog":"c","seq":3}"#;
+        let message = decode(plain).expect("decodes");
+        assert!(matches!(message.message_id, Some(Cow::Borrowed("m-1"))));
+        assert!(matches!(message.payload, Cow::Borrowed(r#"{"a":1}"#)));
+        let escaped =
+            br#"{"type":"price_update","license_key":"STORE-1","payload":{},"message_id":"m-1"}"#;
+        let message = decode(escaped).expect("decodes");
+        assert_eq!(message.message_id.as_deref(), Some("m-1"));
     }
 
     #[test]
@@ -246,7 +439,7 @@ mod tests {
             let body = format!(
                 r#"{{"type":"price_update","license_key":"STORE-1","payload":{{}}{extra}}}"#
             );
-            check_envelope(body.as_bytes(), ROUTING, &key(), 1 << 20)
+            check_envelope(body.as_bytes(), ROUTING, &key(), 1 << 20).map(|_| ())
         };
         assert!(check(r#","seq":1"#).is_ok());
         assert!(check(r#","publisher_id":"p","publisher_seq":1"#).is_ok());

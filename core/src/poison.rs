@@ -3,10 +3,8 @@
 //! then, like a message that can never apply, it is quarantined (recorded in
 //! `possync_quarantine`, then dead-lettered).
 
-use possync_sdk::Envelope;
-
 use crate::dispatch::Outcome;
-use crate::inbound::Inbound;
+use crate::inbound::{Inbound, Message};
 use crate::store::Quarantined;
 use crate::transaction::Transaction;
 
@@ -25,7 +23,7 @@ impl Poison {
         &self,
         transaction: &mut Transaction<'_>,
         inbound: &Inbound,
-        envelope: &Envelope,
+        envelope: &Message<'_>,
         reason: String,
     ) -> Result<Outcome, rusqlite::Error> {
         let key = inbound.key(envelope);
@@ -48,12 +46,12 @@ impl Poison {
         &self,
         transaction: &mut Transaction<'_>,
         inbound: &Inbound,
-        envelope: Option<&Envelope>,
+        envelope: Option<&Message<'_>>,
         reason: String,
     ) -> Result<Outcome, rusqlite::Error> {
         let message = Quarantined::new(
             &inbound.routing_key,
-            envelope.map(|e| e.message_type.as_str()),
+            envelope.map(|e| &*e.message_type),
             envelope.and_then(|e| e.message_id.as_deref()),
             reason,
             &inbound.body,
@@ -71,7 +69,7 @@ impl Poison {
         &self,
         transaction: &mut Transaction<'_>,
         inbound: &Inbound,
-        envelope: &Envelope,
+        envelope: &Message<'_>,
     ) -> Result<(), rusqlite::Error> {
         if inbound.redelivered {
             transaction.forget_attempts(&inbound.key(envelope))?;
@@ -96,16 +94,16 @@ mod tests {
         (dir, database)
     }
 
-    fn message(redelivered: bool) -> (Inbound, Envelope) {
-        let envelope =
-            Envelope::new("price_update", "STORE-1", serde_json::json!({})).with_message_id("m-1");
+    fn message(redelivered: bool) -> (Inbound, Message<'static>) {
+        let envelope = possync_sdk::Envelope::new("price_update", "STORE-1", serde_json::json!({}))
+            .with_message_id("m-1");
         let inbound = Inbound {
             tag: 1,
             routing_key: "license.STORE-1.price_update".into(),
             body: serde_json::to_vec(&envelope).expect("encodes"),
             redelivered,
         };
-        (inbound, envelope)
+        (inbound, Message::from(envelope))
     }
 
     fn count(database: &Database, table: &str) -> i64 {

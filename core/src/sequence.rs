@@ -27,7 +27,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use possync_sdk::{Envelope, Migration};
+use possync_sdk::Migration;
+
+use crate::inbound::Message;
 use rusqlite::params;
 
 use crate::dispatch::Outcome;
@@ -212,7 +214,7 @@ impl<'k> Marks<'k> {
     pub(crate) fn judge(
         &mut self,
         transaction: &mut Transaction<'_>,
-        envelope: &Envelope,
+        envelope: &Message<'_>,
     ) -> rusqlite::Result<Verdict> {
         if let Some(seq) = envelope.seq {
             let license_key = self.license_key;
@@ -253,7 +255,7 @@ impl<'k> Marks<'k> {
                     |row| row.get(0),
                 )?;
                 self.publishers.push(PublisherMark {
-                    id: id.clone(),
+                    id: id.to_string(),
                     stored,
                     last: stored.unwrap_or(0),
                 });

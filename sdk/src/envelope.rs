@@ -315,18 +315,28 @@ impl Envelope {
     /// assert_eq!(relayed.order(), Some(Version::sequenced(3)));
     /// ```
     pub fn order(&self) -> Option<Version> {
-        if let Some(seq) = self.seq {
+        Self::order_of(self.seq, self.version, self.timestamp.as_deref())
+    }
+
+    /// [`order`](Self::order) from the fields alone, for a host that reads
+    /// them without building an `Envelope`.
+    #[doc(hidden)]
+    pub fn order_of(
+        seq: Option<i64>,
+        version: Option<i64>,
+        timestamp: Option<&str>,
+    ) -> Option<Version> {
+        if let Some(seq) = seq {
             return Some(Version::sequenced(seq));
         }
-        if let Some(micros) = self.version {
+        if let Some(micros) = version {
             // A clock never reaches a sequenced order, whatever it claims.
             return Some(Version {
                 micros: micros.min(Version::SEQUENCED - 1),
                 exact: true,
             });
         }
-        let timestamp = self.timestamp.as_deref()?;
-        parse_rfc3339_micros(timestamp).map(|micros| Version {
+        parse_rfc3339_micros(timestamp?).map(|micros| Version {
             micros,
             exact: false,
         })
