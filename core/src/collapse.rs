@@ -36,9 +36,8 @@ use std::collections::HashMap;
 
 use possync_sdk::Version;
 
-use crate::inbound::Message;
-
 use crate::entity::{ChangeKind, EntityRule, Footprint};
+use crate::inbound::Message;
 
 /// Which messages of a batch are skipped, and which overwrite a skipped one.
 #[derive(Debug, Default)]

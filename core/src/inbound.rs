@@ -29,22 +29,34 @@ impl Inbound {
     }
 }
 
-/// An envelope as the terminal reads it: the fields of [`Envelope`], as
-/// text borrowed from the message's body where the body allows (no escape
-/// in the string), so that decoding allocates nothing per field.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An envelope as the terminal reads it: the fields of [`Envelope`], with
+/// the same names and defaults, as text borrowed from the message's body
+/// where the body allows (no escape in the string), so that decoding
+/// allocates nothing per field.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub(crate) struct Message<'a> {
+    #[serde(rename = "type", borrow)]
     pub(crate) message_type: Cow<'a, str>,
+    #[serde(borrow)]
     pub(crate) license_key: Cow<'a, str>,
-    /// The payload's JSON text.
+    /// The payload's JSON text, as sent.
+    #[serde(borrow, deserialize_with = "raw_json")]
     pub(crate) payload: Cow<'a, str>,
+    #[serde(default, borrow, deserialize_with = "text")]
     pub(crate) timestamp: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
     pub(crate) message_id: Option<Cow<'a, str>>,
+    #[serde(default)]
     pub(crate) version: Option<i64>,
+    #[serde(default)]
     pub(crate) seq: Option<i64>,
+    #[serde(default, borrow, deserialize_with = "text")]
     pub(crate) catalog: Option<Cow<'a, str>>,
+    #[serde(default)]
     pub(crate) head: Option<i64>,
+    #[serde(default, borrow, deserialize_with = "text")]
     pub(crate) publisher_id: Option<Cow<'a, str>>,
+    #[serde(default)]
     pub(crate) publisher_seq: Option<i64>,
 }
 
@@ -84,35 +96,6 @@ impl From<Envelope> for Message<'static> {
     }
 }
 
-/// [`Envelope`]'s wire form, its strings borrowed from the body unless
-/// they hold an escape: the same fields, names and defaults as the
-/// `Envelope`'s, so that the two read a body alike.
-#[derive(Deserialize)]
-struct Wire<'a> {
-    #[serde(rename = "type", borrow)]
-    message_type: Cow<'a, str>,
-    #[serde(borrow)]
-    license_key: Cow<'a, str>,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-    #[serde(default, borrow, deserialize_with = "text")]
-    timestamp: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "text")]
-    message_id: Option<Cow<'a, str>>,
-    #[serde(default)]
-    version: Option<i64>,
-    #[serde(default)]
-    seq: Option<i64>,
-    #[serde(default, borrow, deserialize_with = "text")]
-    catalog: Option<Cow<'a, str>>,
-    #[serde(default)]
-    head: Option<i64>,
-    #[serde(default, borrow, deserialize_with = "text")]
-    publisher_id: Option<Cow<'a, str>>,
-    #[serde(default)]
-    publisher_seq: Option<i64>,
-}
-
 /// An optional string, borrowed from the body unless it holds an escape
 /// (serde borrows a `Cow` only when told to, and an `Option` does not pass
 /// that on).
@@ -124,22 +107,11 @@ fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(
     Ok(Option::<Text<'a>>::deserialize(deserializer)?.map(|Text(text)| text))
 }
 
-impl<'a> From<Wire<'a>> for Message<'a> {
-    fn from(wire: Wire<'a>) -> Self {
-        Self {
-            message_type: wire.message_type,
-            license_key: wire.license_key,
-            payload: Cow::Borrowed(wire.payload.get()),
-            timestamp: wire.timestamp,
-            message_id: wire.message_id,
-            version: wire.version,
-            seq: wire.seq,
-            catalog: wire.catalog,
-            head: wire.head,
-            publisher_id: wire.publisher_id,
-            publisher_seq: wire.publisher_seq,
-        }
-    }
+/// A JSON value's text, always borrowed: the raw text keeps its escapes.
+fn raw_json<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Cow<'a, str>, D::Error> {
+    <&'a RawValue>::deserialize(deserializer).map(|raw| Cow::Borrowed(raw.get()))
 }
 
 /// Decodes `body` as an envelope, in one pass, borrowing what it can.
@@ -149,12 +121,12 @@ fn decode(body: &[u8]) -> Result<Message<'_>, String> {
     // UTF-8 is parsed from bytes, which refuses it only where a field it
     // reads holds the invalid bytes.
     let text = std::str::from_utf8(body).ok();
-    let wire: Result<Wire<'_>, _> = match text {
+    let borrowed: Result<Message<'_>, _> = match text {
         Some(text) => serde_json::from_str(text),
         None => serde_json::from_slice(body),
     };
-    if let Ok(wire) = wire {
-        return Ok(wire.into());
+    if let Ok(message) = borrowed {
+        return Ok(message);
     }
     // Refused: the SDK's own decode words why (and, were the two ever to
     // disagree, its reading wins).

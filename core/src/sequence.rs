@@ -28,11 +28,10 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use possync_sdk::Migration;
-
-use crate::inbound::Message;
 use rusqlite::params;
 
 use crate::dispatch::Outcome;
+use crate::inbound::Message;
 use crate::store::unix_now;
 use crate::transaction::Transaction;
 
