@@ -31,6 +31,7 @@
 //! (`[relay] poll_interval_ms`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -337,7 +338,7 @@ struct Marker {
     /// The last mark's failure, until a round reports it.
     failed: Arc<Mutex<Option<crate::storage::StorageError>>>,
     /// Whether the last mark failed.
-    failing: Arc<std::sync::atomic::AtomicBool>,
+    failing: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -354,7 +355,7 @@ impl Marker {
         let held = Arc::new(Mutex::new(Held::default()));
         let marked = Arc::new(Notify::new());
         let failed = Arc::new(Mutex::new(None));
-        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failing = Arc::new(AtomicBool::new(false));
         let task = {
             let held = Arc::clone(&held);
             let marked = Arc::clone(&marked);
@@ -375,7 +376,7 @@ impl Marker {
                             false
                         }
                     };
-                    failing.store(!marked_ok, std::sync::atomic::Ordering::SeqCst);
+                    failing.store(!marked_ok, Ordering::SeqCst);
                     release(&held, &rows);
                     marked.notify_waiters();
                 }
@@ -420,7 +421,7 @@ impl Marker {
 
     /// Whether the last mark failed.
     fn failing(&self) -> bool {
-        self.failing.load(std::sync::atomic::Ordering::SeqCst)
+        self.failing.load(Ordering::SeqCst)
     }
 
     /// Why the last mark failed, once.

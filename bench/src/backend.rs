@@ -260,14 +260,14 @@ pub(crate) async fn relay_backlog(
     let dir = tempfile::tempdir()?;
     let backend = RunningBackend::start(url, dir.path()).await?;
     let client = backend.client();
-    let changes = (0..count)
-        .map(|i| {
-            let payload: serde_json::Value = serde_json::from_str(&payload(i))?;
-            Ok(json!({ "store": license.as_str(), "type": "price_update", "payload": payload }))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for batch in changes.chunks(500) {
-        client.submit(batch.to_vec()).await?;
+    for start in (0..count).step_by(500) {
+        let batch = (start..count.min(start + 500))
+            .map(|i| {
+                let payload: serde_json::Value = serde_json::from_str(&payload(i))?;
+                Ok(json!({ "store": license.as_str(), "type": "price_update", "payload": payload }))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        client.submit(batch).await?;
     }
     backend.wait_relayed().await?;
     // The drains wait for every change: each must have been sequenced and

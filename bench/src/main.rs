@@ -283,8 +283,8 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("backend") || wants("backend-accept") {
         let dir = dir.path();
-        // One change per request from 8 clients: how many a second the
-        // backend takes when every change is a request of its own.
+        // First one change per request from 8 clients: how many a second
+        // the backend takes when every change is a request of its own.
         for (batch, clients, total) in [
             (1, 8, 20_000),
             (100, 1, 100_000),
