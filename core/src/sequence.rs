@@ -196,6 +196,8 @@ pub(crate) struct Marks<'k> {
     store: Option<(Settled, Settled)>,
     publishers: Vec<PublisherMark>,
     gaps: Vec<(i64, i64)>,
+    /// The clock, read once a batch: its changes commit together.
+    now_ms: Option<i64>,
 }
 
 impl<'k> Marks<'k> {
@@ -205,6 +207,7 @@ impl<'k> Marks<'k> {
             store: None,
             publishers: Vec::new(),
             gaps: Vec::new(),
+            now_ms: None,
         }
     }
 
@@ -277,8 +280,9 @@ impl<'k> Marks<'k> {
         match claim {
             Claim::ById => {}
             Claim::Seq(seq) => {
+                let now_ms = *self.now_ms.get_or_insert_with(now_ms);
                 if let Some((_, settled)) = &mut self.store
-                    && let Some(gap) = settled.settle(seq, outcome, now_ms())
+                    && let Some(gap) = settled.settle(seq, outcome, now_ms)
                 {
                     self.gaps.push(gap);
                 }
