@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::TerminalConfig;
 use crate::dispatch::{BatchError, Dispatch, Dispatched, Outcome};
 use crate::events;
+use crate::feed::{Feed, FeedSender};
 use crate::identity::LicenseKey;
 use crate::inbound::Inbound;
 use crate::poison::Poison;
@@ -33,6 +34,7 @@ pub(crate) struct Applier {
     dispatch: Dispatch,
     limits: Limits,
     progress: Progress,
+    feed: Feed,
     pruned_at: std::time::Instant,
 }
 
@@ -59,6 +61,8 @@ pub(crate) struct Limits {
     pub(crate) applied_ids_max_age_secs: i64,
     /// Batches of at least this many messages collapse; 0: none do.
     pub(crate) collapse_min_batch: usize,
+    /// Changes the change feed keeps; 0: no feed.
+    pub(crate) feed_keep: u32,
 }
 
 impl Limits {
@@ -71,6 +75,7 @@ impl Limits {
             quarantine_max_age_secs: i64::from(config.quarantine_max_days) * DAY,
             applied_ids_max_age_secs: i64::from(config.queue_expiry_days) * DAY,
             collapse_min_batch: config.collapse_min_batch,
+            feed_keep: config.feed_keep,
         }
     }
 }
@@ -81,6 +86,7 @@ impl Applier {
         registry: Arc<Registry>,
         license_key: LicenseKey,
         limits: Limits,
+        feed: FeedSender,
     ) -> Self {
         let poison = Poison {
             max_attempts: limits.max_attempts,
@@ -95,6 +101,7 @@ impl Applier {
                 poison,
                 limits.collapse_min_batch,
             ),
+            feed: Feed::new(limits.feed_keep, feed),
             limits,
             progress: Progress::default(),
             pruned_at: std::time::Instant::now(),
@@ -181,6 +188,7 @@ impl Applier {
             outcomes,
             sync,
             gaps,
+            changes,
         }) = self
             .dispatch
             .apply_in_transaction(&mut transaction, batch, careful)?
@@ -191,8 +199,12 @@ impl Applier {
         if self.progress.due() {
             transaction.record_progress(&self.progress.with(&tally))?;
         }
+        let changed = self.feed.write(&mut transaction, changes)?;
         transaction.commit()?;
         self.progress.committed(&tally);
+        if let Some(changed) = changed {
+            self.feed.committed(changed);
+        }
         log_committed(batch, &outcomes);
         for (expected, received) in gaps {
             events::sequence_gap(expected, received);

@@ -290,7 +290,9 @@ mod tests {
                     quarantine_max_age_secs: 3600,
                     applied_ids_max_age_secs: 3600,
                     collapse_min_batch,
+                    feed_keep: 10_000,
                 },
+                crate::feed::channel(),
             )
         }
 

@@ -430,6 +430,10 @@ pub struct TerminalConfig {
     pub quarantine_max_rows: u32,
     /// Days a row is kept in `possync_quarantine`.
     pub quarantine_max_days: u32,
+    /// Changes kept in `possync_feed` for the change feed (`/events` on the
+    /// status endpoint): a POS app away for longer than this many changes
+    /// is told to read everything again. 0 switches the feed off.
+    pub feed_keep: u32,
 }
 
 impl Default for TerminalConfig {
@@ -447,6 +451,7 @@ impl Default for TerminalConfig {
             max_attempts: 5,
             quarantine_max_rows: 1000,
             quarantine_max_days: 30,
+            feed_keep: 10_000,
         }
     }
 }

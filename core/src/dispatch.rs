@@ -7,6 +7,7 @@ use possync_sdk::HandlerError;
 
 use crate::collapse::Plan;
 use crate::events;
+use crate::feed::Change;
 use crate::identity::LicenseKey;
 use crate::inbound::{Inbound, Message, check_envelope};
 use crate::poison::Poison;
@@ -65,6 +66,8 @@ pub(crate) struct Dispatched {
     pub(crate) sync: Option<SyncState>,
     /// Jumps in the store's sequence: `(expected, received)`.
     pub(crate) gaps: Vec<(i64, i64)>,
+    /// What the applied messages changed, in order, for the change feed.
+    pub(crate) changes: Vec<Change>,
 }
 
 /// The whole batch failed: nothing of it applied, and it is held to be
@@ -131,6 +134,7 @@ impl Dispatch {
             };
         let mut marks = Marks::new(self.license_key.as_str());
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut changes = Vec::new();
         for (index, (inbound, checked)) in batch.iter().zip(envelopes).enumerate() {
             transaction.begin_message();
             let outcome = match checked {
@@ -146,6 +150,10 @@ impl Dispatch {
                     }
                     if outcome.settles_by_ack() {
                         self.poison.settled(transaction, inbound, &envelope)?;
+                    }
+                    if let Outcome::Applied { message_type } = &outcome {
+                        let rule = self.registry.entity_rule(message_type);
+                        changes.push(Change::of(&envelope, rule));
                     }
                     outcome
                 }
@@ -163,6 +171,7 @@ impl Dispatch {
             outcomes,
             sync: marks.moved(),
             gaps: marks.gaps().to_vec(),
+            changes,
         }))
     }
 

@@ -195,6 +195,40 @@ impl Footprint {
 }
 
 impl EntityRule {
+    /// The entity's id in a payload (JSON text), as [`EntityRule::change`]
+    /// spells it; `None` when the payload has none. Only the id is decoded.
+    pub(crate) fn id_in(&self, payload: &str) -> Option<String> {
+        struct IdOf<'r>(&'r str);
+        impl<'de> serde::de::Visitor<'de> for IdOf<'_> {
+            type Value = Option<String>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut id = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == self.0 && id.is_none() {
+                        id = match map.next_value::<Value>()? {
+                            Value::String(id) if !id.is_empty() => Some(id),
+                            Value::Number(id) => Some(id.to_string()),
+                            _ => None,
+                        };
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(id)
+            }
+        }
+        let mut deserializer = serde_json::Deserializer::from_str(payload);
+        serde::Deserializer::deserialize_map(&mut deserializer, IdOf(&self.id))
+            .ok()
+            .flatten()
+    }
+
     /// The [`Footprint`] of a payload (JSON text).
     pub(crate) fn footprint(&self, payload: &str) -> Result<Footprint, EntityError> {
         let object: BTreeMap<String, &serde_json::value::RawValue> = serde_json::from_str(payload)

@@ -190,6 +190,21 @@ pub(crate) fn status_request_refused(reason: &str, first: bool) {
     }
 }
 
+/// A change feed client asked for changes no longer kept (away too long,
+/// or holding an id of another database): it is told to read everything.
+pub(crate) fn feed_reload(after: i64, last: i64) {
+    info!(
+        event = "feed_reload",
+        after,
+        last,
+        "a change feed client asked for the changes after {after}, which are no longer kept (or were never this database's); it was told to read the tables again"
+    );
+}
+
+pub(crate) fn feed_unreadable(reason: &str) {
+    warn!(event = "feed_unreadable", %reason, "the change feed cannot read the terminal's database; the client was told and disconnected");
+}
+
 pub(crate) fn database_locked_at_start() {
     warn!(
         event = "database_locked_at_start",

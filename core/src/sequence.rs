@@ -83,7 +83,8 @@ pub struct SyncState {
     /// between them have not arrived yet (a gap) or could not apply
     /// (dead-lettered).
     pub highest_applied: i64,
-    /// When the terminal last applied a sequenced change (ms since the epoch).
+    /// When the terminal last applied a sequenced change (ms since the
+    /// epoch): the clock as that change's batch applied its first one.
     pub last_change_ms: Option<i64>,
     /// The highest `seq` this terminal knows the backend gave its store:
     /// those it received, and the `head` the relay names. A lower bound of

@@ -4,6 +4,7 @@
 
 mod accept;
 mod allowed_hosts;
+mod events;
 mod json;
 mod metrics;
 mod page;
@@ -31,6 +32,8 @@ pub(crate) struct StatusView {
     pub(crate) terminal_id: String,
     pub(crate) database: PathBuf,
     pub(crate) plugins: Vec<PluginInfo>,
+    /// Where committed changes come from, for `/events`.
+    pub(crate) feed: crate::feed::FeedSender,
 }
 
 /// The status endpoint, bound and ready to serve.

@@ -68,6 +68,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
         "possync/collapsed-total",
         "ALTER TABLE possync_status ADD COLUMN collapsed_total INTEGER NOT NULL DEFAULT 0;",
     ),
+    crate::feed::MIGRATION,
 ];
 
 /// How much of a quarantined message's words (routing key, type, id) and

@@ -147,11 +147,13 @@ impl Terminal {
         );
         let plugins = registry.plugins();
         let mut server = None;
+        let feed = crate::feed::channel();
         let applier = ApplierHandle::spawn(Applier::new(
             database,
             registry,
             settings.license_key().clone(),
             Limits::of(&config.terminal),
+            feed.clone(),
         ))?;
         if config.status.enabled {
             let address = std::net::SocketAddr::new(config.status.address, config.status.port);
@@ -165,6 +167,7 @@ impl Terminal {
                 terminal_id: identity.1.clone(),
                 database: config.terminal.database.clone(),
                 plugins,
+                feed,
             };
             let endpoint = crate::status_server::StatusServer::new(
                 listener,

@@ -360,6 +360,15 @@ mod tests {
             r#","x":[1,]"#,
             ",\"message_id\":\"a\tb\"",
             r#","#,
+            r#","seq":nul"#,
+            r#","timestamp":nul"#,
+            r#","seq":nulll"#,
+            r#","seq":nulx"#,
+            // Whitespace JSON does not know.
+            ",\u{c}\"seq\":1",
+            ",\u{b}\"seq\":1",
+            ",\u{a0}\"seq\":1",
+            ",\u{feff}\"seq\":1",
         ] {
             let body = format!("{{{base}{extra}}}");
             assert_eq!(read(&body), None, "{body}");
@@ -370,6 +379,8 @@ mod tests {
             &format!("{{{base}}} x"),
             &format!("{{{base}"),
             &format!("[{{{base}}}]"),
+            &format!("\u{feff}{{{base}}}"),
+            &format!("{{{base}}}\u{c}"),
         ] {
             assert_eq!(read(body), None, "{body}");
         }

@@ -19,8 +19,8 @@ use crate::events;
 use crate::status::State as TerminalState;
 
 #[derive(Debug)]
-struct Endpoint {
-    view: StatusView,
+pub(super) struct Endpoint {
+    pub(super) view: StatusView,
     metrics: Metrics,
     hosts: AllowedHosts,
     /// Whether a request was refused before: the first refusal is worth a
@@ -42,6 +42,7 @@ pub(super) fn router(view: StatusView, hosts: AllowedHosts) -> Router {
         .route("/status", get(status_json))
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus))
+        .route("/events", get(super::events::stream))
         .fallback(not_found)
         .method_not_allowed_fallback(only_get)
         .layer(middleware::from_fn_with_state(
@@ -144,7 +145,7 @@ async fn not_found(method: Method) -> Response {
     if method == Method::GET || method == Method::HEAD {
         (
             StatusCode::NOT_FOUND,
-            "not found: try /, /status, /healthz or /metrics\n",
+            "not found: try /, /status, /events, /healthz or /metrics\n",
         )
             .into_response()
     } else {

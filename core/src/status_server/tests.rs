@@ -47,6 +47,7 @@ fn view(dir: &tempfile::TempDir) -> (StatusView, StatusSender) {
         // Never created: the endpoint shows no quarantined messages then.
         database: dir.path().join("terminal.db"),
         plugins: Vec::new(),
+        feed: crate::feed::channel(),
     };
     (view, status)
 }
