@@ -7,7 +7,7 @@ use possync_sdk::HandlerError;
 
 use crate::collapse::Plan;
 use crate::events;
-use crate::feed::Change;
+use crate::feed::Changes;
 use crate::identity::LicenseKey;
 use crate::inbound::{Inbound, Message, check_envelope};
 use crate::poison::Poison;
@@ -67,7 +67,7 @@ pub(crate) struct Dispatched {
     /// Jumps in the store's sequence: `(expected, received)`.
     pub(crate) gaps: Vec<(i64, i64)>,
     /// What the applied messages changed, in order, for the change feed.
-    pub(crate) changes: Vec<Change>,
+    pub(crate) changes: Changes,
 }
 
 /// The whole batch failed: nothing of it applied, and it is held to be
@@ -134,7 +134,7 @@ impl Dispatch {
             };
         let mut marks = Marks::new(self.license_key.as_str());
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut changes = Vec::new();
+        let mut changes = Changes::default();
         for (index, (inbound, checked)) in batch.iter().zip(envelopes).enumerate() {
             transaction.begin_message();
             let outcome = match checked {
@@ -153,7 +153,7 @@ impl Dispatch {
                     }
                     if let Outcome::Applied { message_type } = &outcome {
                         let rule = self.registry.entity_rule(message_type);
-                        changes.push(Change::of(&envelope, rule));
+                        changes.push(&envelope, rule);
                     }
                     outcome
                 }

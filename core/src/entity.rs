@@ -197,7 +197,13 @@ impl Footprint {
 impl EntityRule {
     /// The entity's id in a payload (JSON text), as [`EntityRule::change`]
     /// spells it; `None` when the payload has none. Only the id is decoded.
-    pub(crate) fn id_in(&self, payload: &str) -> Option<String> {
+    pub(crate) fn id_in<'p>(&self, payload: &'p str) -> Option<std::borrow::Cow<'p, str>> {
+        crate::inbound::plain_member(payload, &self.id)
+            .or_else(|| self.id_by_serde(payload).map(std::borrow::Cow::Owned))
+    }
+
+    /// [`EntityRule::id_in`] for any payload.
+    fn id_by_serde(&self, payload: &str) -> Option<String> {
         struct IdOf<'r>(&'r str);
         impl<'de> serde::de::Visitor<'de> for IdOf<'_> {
             type Value = Option<String>;
@@ -411,7 +417,78 @@ mod tests {
         assert!(err.to_string().contains("product_id"), "{err}");
     }
 
+    /// A payload's members in any order, the id among them or not, as
+    /// any JSON text: plain, escaped, nested, a float, a number too large.
+    fn any_payload() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            Just("null"),
+            Just("true"),
+            Just("1"),
+            Just("-0"),
+            Just("1.5"),
+            Just("1e3"),
+            Just("07"),
+            Just("-12"),
+            Just("18446744073709551615"),
+            Just("9223372036854775807"),
+            Just("\"x\""),
+            Just("\"\""),
+            Just("\"a\\\"b\""),
+            Just("\"\\u0050\""),
+            Just("[1,{\"a\":2}]"),
+            Just("{\"product_id\":\"inner\"}"),
+            Just(" \"spaced\" "),
+        ];
+        let key = prop_oneof![
+            Just("product_id"),
+            Just("price"),
+            Just("product_i"),
+            Just("product_id2"),
+            Just("product\\u005fid"),
+        ];
+        proptest::collection::vec((key, value), 0..5).prop_map(|members| {
+            let members: Vec<String> = members
+                .into_iter()
+                .map(|(k, v)| format!("\"{k}\": {v}"))
+                .collect();
+            format!("{{ {} }}", members.join(" , "))
+        })
+    }
+
+    #[test]
+    fn what_plugins_send_has_its_id_read_by_hand() {
+        for (payload, id) in [
+            (r#"{"product_id":"P1","new_price":2}"#, "P1"),
+            (
+                r#"{"new_price":2.5,"product_name":"Tea","active":true,"product_id":7}"#,
+                "7",
+            ),
+        ] {
+            assert_eq!(
+                crate::inbound::plain_member(payload, "product_id").as_deref(),
+                Some(id)
+            );
+        }
+        // A nested value before the id: serde reads it.
+        let nested = r#"{"tags":["a"],"product_id":"P2"}"#;
+        assert_eq!(crate::inbound::plain_member(nested, "product_id"), None);
+        assert_eq!(rule("merge").id_in(nested).as_deref(), Some("P2"));
+    }
+
     proptest::proptest! {
+        /// Read by hand or by serde, a payload's id is the same.
+        #[test]
+        fn an_id_read_by_hand_is_the_id_serde_reads(payload in any_payload()) {
+            let rule = rule("merge");
+            if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_ok() {
+                let by_hand = crate::inbound::plain_member(&payload, "product_id");
+                if by_hand.is_some() {
+                    proptest::prop_assert_eq!(by_hand.map(|id| id.into_owned()), rule.id_by_serde(&payload), "{}", payload);
+                }
+            }
+        }
+
         #[test]
         fn a_footprint_overwrites_exactly_when_its_change_does(
             earlier in payload(), later in payload(),

@@ -11,6 +11,8 @@ use crate::identity::LicenseKey;
 
 mod scan;
 
+pub(crate) use scan::plain_member;
+
 /// A message taken from the terminal's queue, not yet settled.
 #[derive(Debug, Clone)]
 pub(crate) struct Inbound {

@@ -6,6 +6,8 @@
 //! only spares a body that needs none of serde's generality the cost of it,
 //! which is most of what a terminal spends reading each message.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -82,6 +84,45 @@ enum Member {
     PublisherId,
     PublisherSeq,
     Other,
+}
+
+/// The text of the member `key` of a payload's top-level object when it is
+/// a non-empty string without escapes or an integer, as serde reads an
+/// entity id; `None` when it is anything else, or when a value before it
+/// is not a plain string, number or literal: the caller asks serde then.
+/// The payload has applied, so it is JSON; only the members up to `key`
+/// are read.
+pub(crate) fn plain_member<'p>(payload: &'p str, key: &str) -> Option<Cow<'p, str>> {
+    let mut cursor = Cursor {
+        text: payload,
+        pos: 0,
+    };
+    cursor.eat(b'{')?;
+    loop {
+        let name = cursor.plain_string()?;
+        cursor.eat(b':')?;
+        if name == key {
+            return match cursor.peek()? {
+                b'"' => cursor
+                    .plain_string()
+                    .filter(|id| !id.is_empty())
+                    .map(Cow::Borrowed),
+                // A fraction or an exponent: serde spells it as a float.
+                _ => cursor
+                    .integer()
+                    .filter(|_| matches!(cursor.peek(), Some(b',' | b'}')))
+                    .map(|id| Cow::Owned(id.to_string())),
+            };
+        }
+        match cursor.peek()? {
+            b'"' => {
+                cursor.plain_string()?;
+            }
+            b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => cursor.skip_scalar(),
+            _ => return None,
+        }
+        cursor.eat(b',')?;
+    }
 }
 
 /// What each key held, once seen; an optional field may hold `null`.
@@ -217,6 +258,15 @@ impl<'a> Cursor<'a> {
         // Any other key, read whole so that its end is found.
         self.pos -= 1;
         self.plain_string().map(|_| Member::Other)
+    }
+
+    /// A number or literal, not checked: what is read is known to be JSON.
+    fn skip_scalar(&mut self) {
+        while let Some(byte) = self.bytes().get(self.pos)
+            && (byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'+' | b'.'))
+        {
+            self.pos += 1;
+        }
     }
 
     fn null(&mut self) -> bool {

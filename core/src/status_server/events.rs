@@ -137,14 +137,18 @@ impl Follower {
         loop {
             tokio::select! {
                 batch = self.live.recv() => match batch {
-                    Ok(batch) => {
-                        for (id, change) in batch.numbered() {
-                            if id > seen {
-                                self.send(change_event(id, change)).await?;
-                                seen = id;
+                    Ok(batch) => match batch.numbered() {
+                        Ok(changes) => {
+                            for (id, change) in &changes {
+                                if *id > seen {
+                                    self.send(change_event(*id, change)).await?;
+                                    seen = *id;
+                                }
                             }
                         }
-                    }
+                        // Read as the table holds it: a fault there is told.
+                        Err(_) => seen = self.catch_up(seen).await?,
+                    },
                     // Too slow for the live channel: the table has the rest.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         seen = self.catch_up(seen).await?;
