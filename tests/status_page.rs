@@ -197,3 +197,174 @@ async fn a_browser_reads_the_page_by_address_but_not_through_a_name_pointed_at_i
     assert!(!rebound.contains(store.as_str()), "{rebound}");
     terminal.stop().await;
 }
+
+/// A page in headless Chromium, driven through the DevTools protocol.
+struct LivePage {
+    chromium: std::process::Child,
+    devtools: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl LivePage {
+    fn open(url: &str) -> Self {
+        let profile = tempfile::tempdir().expect("profile dir");
+        let chromium = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect(
+                "this test needs Chromium (Debian: apt-get install chromium); .ci/run installs it",
+            );
+        // Chromium names its DevTools port in the profile once it listens.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|text| text.lines().next().and_then(|l| l.parse::<u16>().ok()))
+            {
+                break port;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Chromium did not open DevTools"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let targets: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/json/list"))
+            .call()
+            .expect("DevTools answers")
+            .body_mut()
+            .read_json()
+            .expect("targets");
+        let page = targets
+            .as_array()
+            .and_then(|targets| targets.iter().find(|t| t["type"] == "page"))
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            .expect("a page target")
+            .to_owned();
+        let (devtools, _) = tungstenite::connect(page).expect("DevTools websocket");
+        Self {
+            chromium,
+            devtools,
+            next_id: 0,
+            _profile: profile,
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    fn eval(&mut self, expression: &str) -> serde_json::Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = serde_json::json!({
+            "id": id, "method": "Runtime.evaluate",
+            "params": {"expression": expression, "returnByValue": true},
+        });
+        self.devtools
+            .send(tungstenite::Message::text(call.to_string()))
+            .expect("send to DevTools");
+        loop {
+            let message = self.devtools.read().expect("read from DevTools");
+            let Ok(text) = message.to_text() else {
+                continue;
+            };
+            let answer: serde_json::Value = serde_json::from_str(text).expect("JSON");
+            if answer["id"] == id {
+                return answer["result"]["result"]["value"].clone();
+            }
+        }
+    }
+
+    /// Polls `expression` until it is true; the time it took, or `None`
+    /// after `within`.
+    fn wait_until(
+        &mut self,
+        expression: &str,
+        within: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if self.eval(expression) == serde_json::Value::Bool(true) {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for LivePage {
+    fn drop(&mut self) {
+        let _ = self.chromium.kill();
+        let _ = self.chromium.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_shows_a_price_change_within_a_second_without_reloading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("live-page");
+    let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
+    let terminal = RunningTerminal::start(config.clone()).await;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut page = tokio::task::spawn_blocking(move || {
+        let mut page = LivePage::open(&url);
+        let following = page.wait_until(
+            "document.getElementById('feed-state').textContent.includes('live')",
+            std::time::Duration::from_secs(20),
+        );
+        assert!(following.is_some(), "the page follows the feed");
+        // A reload would forget this.
+        page.eval("window.loadedOnce = true");
+        page
+    })
+    .await
+    .expect("page");
+
+    let published = std::time::Instant::now();
+    publisher
+        .publish(
+            std::slice::from_ref(&store),
+            &possync_catalog::PriceUpdate {
+                product_id: "LIVE-42".into(),
+                new_price: 4.2,
+                product_name: None,
+            },
+        )
+        .await
+        .expect("confirmed");
+    let (shown, page) = tokio::task::spawn_blocking(move || {
+        let shown = page.wait_until(
+            "document.getElementById('changes').innerText.includes('LIVE-42')",
+            std::time::Duration::from_secs(5),
+        );
+        (shown, page)
+    })
+    .await
+    .expect("page");
+    let mut page = page;
+    let since_publish = published.elapsed();
+    assert!(shown.is_some(), "the change shows on the page");
+    assert!(
+        since_publish < std::time::Duration::from_secs(1),
+        "shown {since_publish:?} after publishing"
+    );
+    assert_eq!(
+        page.eval("window.loadedOnce === true"),
+        serde_json::Value::Bool(true),
+        "without a reload"
+    );
+    drop(page);
+    terminal.stop().await;
+}

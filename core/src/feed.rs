@@ -334,6 +334,22 @@ pub(crate) fn last_id(connection: &rusqlite::Connection) -> rusqlite::Result<i64
         .unwrap_or(0))
 }
 
+/// The last `count` changes in the table, oldest first.
+pub(crate) fn recent(
+    connection: &rusqlite::Connection,
+    count: usize,
+) -> rusqlite::Result<Vec<(i64, Change)>> {
+    let after = last_id(connection)? - count as i64;
+    let oldest: Option<i64> =
+        connection.query_row("SELECT min(first_id) FROM possync_feed", [], |row| {
+            row.get(0)
+        })?;
+    match backlog(connection, after.max(oldest.unwrap_or(1) - 1))? {
+        Backlog::Changes(changes) => Ok(changes),
+        Backlog::Reload { .. } => Ok(Vec::new()),
+    }
+}
+
 /// The changes after `after`, from the table.
 pub(crate) fn backlog(connection: &rusqlite::Connection, after: i64) -> rusqlite::Result<Backlog> {
     let oldest: Option<i64> =

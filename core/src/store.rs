@@ -543,7 +543,6 @@ impl Database {
         Ok(Some(stored))
     }
 
-    #[cfg(test)]
     pub(crate) fn connection(&self) -> &Connection {
         &self.connection
     }

@@ -1,4 +1,6 @@
-//! `/`: the page a store manager reads at a glance. It refreshes itself.
+//! `/`: the page a store manager reads at a glance. It follows the change
+//! feed (`/events?status=1`) and redraws itself when a change commits or
+//! the status changes; without script, it reloads every 2 seconds.
 
 use std::fmt::Write as _;
 
@@ -92,20 +94,66 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
     if problems.is_empty() {
         problems.push_str("<tr><td colspan=2>none</td></tr>");
     }
+    let mut changes = String::new();
+    for (id, change) in snapshot.recent.iter().rev() {
+        let _ = write!(
+            changes,
+            "<tr><td>{id}</td><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td></tr>",
+            escape_html(&change.message_type),
+            escape_html(change.entity.as_deref().unwrap_or("")),
+            escape_html(change.id.as_deref().unwrap_or("")),
+            match change.op {
+                crate::feed::ChangeOp::Upsert => "upsert",
+                crate::feed::ChangeOp::Delete => "delete",
+                crate::feed::ChangeOp::Change => "change",
+            },
+            change.seq.map(|seq| seq.to_string()).unwrap_or_default(),
+        );
+    }
+    if changes.is_empty() {
+        changes.push_str("<tr><td colspan=5>none yet</td></tr>");
+    }
     format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+        r#"<!doctype html><html><head><meta charset="utf-8"><noscript><meta http-equiv="refresh" content="2"></noscript>
 <title>possync: {license} {terminal}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}.badge{{display:inline-block;padding:.6em 1.2em;border-radius:1.5em;font-size:1.6em;font-weight:600;color:#fff}}
 .live{{background:#1f9d55}}.offline{{background:#e07b00}}.stalled{{background:#c0392b}}.since{{color:#555}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em 1em .3em 0;text-align:left}}</style>
-</head><body><h1>Store {license} · terminal {terminal}</h1>{badge}<p>{last}</p><p id="synced">{synced}</p>
+</head><body><div id="live"><h1>Store {license} · terminal {terminal}</h1>{badge}<p>{last}</p><p id="synced">{synced}</p>
+<h2>Latest changes</h2><table id="changes"><tr><th>#</th><th>type</th><th>entity</th><th>op</th><th>seq</th></tr>{changes}</table>
 <h2>Changes applied since start</h2><table><tr><th>type</th><th>count</th></tr>{counts}</table>
-<h2>Messages that could not apply ({total} kept)</h2><table><tr><th>type</th><th>reason</th></tr>{problems}</table>
-<p class="since">This page refreshes every 2 seconds. JSON at <a href="/status">/status</a>, metrics at <a href="/metrics">/metrics</a>.</p></body></html>"#,
+<h2>Messages that could not apply ({total} kept)</h2><table><tr><th>type</th><th>reason</th></tr>{problems}</table></div>
+<p class="since" id="feed-state">This page reloads every 2 seconds.</p>
+<p class="since">This page follows the terminal as changes commit (the change feed at <a href="/events">/events</a>). JSON at <a href="/status">/status</a>, metrics at <a href="/metrics">/metrics</a>.</p>
+<script>{FOLLOW}</script></body></html>"#,
         license = escape_html(&view.license_key),
         terminal = escape_html(&view.terminal_id),
         total = snapshot.quarantine_total,
     )
 }
+
+/// Redraws the page's live part whenever the feed says something changed:
+/// one fetch at a time, and one more if something changed meanwhile.
+const FOLLOW: &str = r#"(function () {
+  var busy = false, again = false;
+  function redraw() {
+    if (busy) { again = true; return; }
+    busy = true;
+    fetch("/", { cache: "no-store" })
+      .then(function (response) { return response.text(); })
+      .then(function (html) {
+        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
+        if (fresh) { document.getElementById("live").innerHTML = fresh.innerHTML; }
+      })
+      .catch(function () {})
+      .then(function () { busy = false; if (again) { again = false; redraw(); } });
+  }
+  var feed = new EventSource("/events?status=1"), state = document.getElementById("feed-state");
+  feed.onopen = function () { state.textContent = "Following changes live."; };
+  feed.onerror = function () { state.textContent = "The terminal does not answer; trying again..."; };
+  feed.onmessage = redraw;
+  feed.addEventListener("status", redraw);
+  feed.addEventListener("reload", redraw);
+})();"#;
 
 fn escape_html(text: &str) -> String {
     text.replace('&', "&amp;")

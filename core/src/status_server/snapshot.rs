@@ -4,6 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::StatusView;
+use crate::feed::{self, Change};
 use crate::status::Status;
 use crate::store::{Database, Quarantined};
 
@@ -17,6 +18,8 @@ pub(super) struct Snapshot {
     pub(super) quarantine_total: usize,
     /// The latest of them.
     pub(super) latest: Vec<Quarantined>,
+    /// The latest changes of the change feed, oldest first.
+    pub(super) recent: Vec<(i64, Change)>,
 }
 
 impl Snapshot {
@@ -29,6 +32,7 @@ impl Snapshot {
                 status,
                 quarantine_total: 0,
                 latest: Vec::new(),
+                recent: Vec::new(),
             };
         };
         let quarantine_total = database
@@ -40,6 +44,8 @@ impl Snapshot {
             status,
             quarantine_total,
             latest: database.quarantined(LATEST).unwrap_or_default(),
+            // A database from before the feed has no table for it yet.
+            recent: feed::recent(database.connection(), LATEST).unwrap_or_default(),
         }
     }
 }
