@@ -7,6 +7,7 @@
 
 mod backend;
 mod baseline;
+mod feed;
 mod possync_side;
 mod workload;
 
@@ -62,9 +63,9 @@ struct Args {
     /// drains (default: the terminal's defaults).
     #[arg(long)]
     collapse_batch: Option<usize>,
-    /// Scenarios to run: drain, collapse, live, latency, backend, fanout
-    /// (default: all); backend-latency and backend-accept name the two
-    /// halves of backend.
+    /// Scenarios to run: drain, collapse, live, latency, backend, feed,
+    /// fanout (default: all); backend-latency and backend-accept name the
+    /// two halves of backend, feed-cost and feed-latency those of feed.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run one side of one scenario, once, then stop: for profiling one
@@ -297,6 +298,19 @@ async fn main() -> anyhow::Result<()> {
                 &mut rows,
             );
         }
+    }
+    if wants("feed") || wants("feed-cost") {
+        let mut trials = Vec::new();
+        for round in 0..args.rounds as usize {
+            trials.push(feed::cost(&args.url, dir.path(), args.messages, round).await?);
+        }
+        report(median_row(trials), &mut rows);
+    }
+    if wants("feed") || wants("feed-latency") {
+        report(
+            feed::latency(&args.url, dir.path(), 10, 1000, args.latency_seconds).await?,
+            &mut rows,
+        );
     }
     if wants("fanout") {
         let mut one_store = Vec::new();
