@@ -11,6 +11,7 @@ use possync_core::{
 };
 
 use crate::demo::{self, DemoArgs};
+use crate::notices::{self, NoticesCommand};
 use crate::publish::{self, PublishCommand};
 
 /// Keeps the local SQLite databases of point-of-sale terminals in sync with
@@ -94,6 +95,10 @@ enum Command {
     /// Show possync at work: a back office publishes to terminals of two
     /// stores, and each store's terminals apply only that store's changes.
     Demo(DemoArgs),
+    /// The notices for the staff on this terminal (the `notice` message
+    /// type): list them, acknowledge one. Works while the terminal runs.
+    #[command(subcommand)]
+    Notices(NoticesCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -254,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(&load(cli.config.as_deref())?.config, args).await,
+        Command::Notices(command) => notices::run(&load(cli.config.as_deref())?.config, command),
     }
 }
 

@@ -119,10 +119,14 @@ fn kind_of(property: &Value, root: &Value, depth: u8) -> Kind {
             .collect(),
     };
     kinds.retain(|kind| *kind != Kind::Null);
+    // Alternatives of one kind are that kind: an enum whose names each
+    // carry a description is a `oneOf` of string constants.
+    kinds.dedup();
     if kinds.is_empty()
-        && property["enum"]
+        && (property["enum"]
             .as_array()
             .is_some_and(|names| names.iter().all(Value::is_string))
+            || property["const"].is_string())
     {
         return Kind::Text;
     }
@@ -260,6 +264,7 @@ mod tests {
                          "x-possync-file-option": "file", "x-possync-aliases": ["bytes"]},
                 "level": {"$ref": "#/$defs/Level"},
                 "maybe_level": {"anyOf": [{"$ref": "#/$defs/Level"}, {"type": "null"}]},
+                "tone": {"$ref": "#/$defs/Tone"},
                 "line": {"$ref": "#/$defs/Line"},
                 "price": {"type": "number", "minimum": 0},
                 "seats": {"type": ["integer", "null"], "minimum": 1, "maximum": 20},
@@ -269,6 +274,10 @@ mod tests {
             "required": ["id", "price"],
             "$defs": {
                 "Level": {"type": "string", "enum": ["Low", "High"]},
+                "Tone": {"oneOf": [
+                    {"type": "string", "const": "calm", "description": "Quiet."},
+                    {"const": "loud", "description": "Not quiet."}
+                ]},
                 "Line": {"type": "object", "properties": {"n": {"type": "integer"}}}
             }
         }))
@@ -308,6 +317,8 @@ mod tests {
     fn referenced_names_are_text_and_referenced_structures_are_json() {
         assert_eq!(field("level").kind, Kind::Text);
         assert_eq!(field("maybe_level").kind, Kind::Text);
+        // An enum whose names carry descriptions.
+        assert_eq!(field("tone").kind, Kind::Text);
         assert_eq!(field("line").kind, Kind::Json);
         assert_eq!(field("level").parse("Low").expect("a name"), "Low");
     }

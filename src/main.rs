@@ -5,11 +5,14 @@ mod bulk;
 mod cli;
 mod demo;
 mod fields;
+mod notices;
 mod publish;
 
 // Referenced so the linker keeps its plugins' registrations.
 #[cfg(feature = "catalog")]
 use possync_catalog as _;
+#[cfg(feature = "notices")]
+use possync_notices as _;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use possync_backend::{Catalog, SqliteStorage, Storage};
 use possync_catalog as _;
 use possync_core::Registry;
+use possync_notices as _;
 
 /// A backend serving its API on loopback over SQLite in a temporary folder.
 struct Backend {
@@ -192,4 +193,36 @@ fn bulk_splits_large_changes_into_requests_under_the_api_s_body_limit() {
     assert!(output.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("store S1 seq 300"), "{stdout}");
     assert_eq!(backend.head("S1"), 300);
+}
+
+#[test]
+fn a_notice_goes_through_the_backend_and_one_without_text_is_refused() {
+    let backend = Backend::start();
+    let output = backend.possync(&[
+        "publish",
+        "raw",
+        "--license",
+        "S1",
+        "--type",
+        "notice",
+        "--payload",
+        r#"{"notice_id": "N1", "text": "Doors close at 20:00", "severity": "warning"}"#,
+    ]);
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("store S1 seq 1 "), "{stdout}");
+    let output = backend.possync(&[
+        "publish",
+        "raw",
+        "--license",
+        "S1",
+        "--type",
+        "notice",
+        "--payload",
+        r#"{"notice_id": "N2", "text": " "}"#,
+    ]);
+    let (stdout, stderr) = text(&output);
+    assert!(!output.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("text must not be empty"), "{stderr}");
+    assert_eq!(backend.head("S1"), 1);
 }

@@ -94,6 +94,26 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
     if problems.is_empty() {
         problems.push_str("<tr><td colspan=2>none</td></tr>");
     }
+    let mut notices = String::new();
+    for notice in &snapshot.notices {
+        let severity = match notice.severity.as_str() {
+            "critical" => "critical",
+            "warning" => "warning",
+            _ => "info",
+        };
+        let (expires, until) = match &notice.expires_at {
+            Some(at) => (
+                format!(r#" data-expires="{}""#, escape_html(at)),
+                format!(r#" <span class="since">until {}</span>"#, escape_html(at)),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let _ = write!(
+            notices,
+            r#"<p class="notice {severity}"{expires}><b>{severity}</b> {}{until}</p>"#,
+            escape_html(&notice.text),
+        );
+    }
     let mut changes = String::new();
     for (id, change) in snapshot.recent.iter().rev() {
         let _ = write!(
@@ -117,8 +137,9 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
         r#"<!doctype html><html><head><meta charset="utf-8"><noscript><meta http-equiv="refresh" content="2"></noscript>
 <title>possync: {license} {terminal}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}.badge{{display:inline-block;padding:.6em 1.2em;border-radius:1.5em;font-size:1.6em;font-weight:600;color:#fff}}
+.notice{{padding:.5em 1em;border-left:.4em solid #2b6cb0;background:#ebf4ff}}.notice.warning{{border-color:#e07b00;background:#fff4e5}}.notice.critical{{border-color:#c0392b;background:#fdecea}}
 .live{{background:#1f9d55}}.offline{{background:#e07b00}}.stalled{{background:#c0392b}}.since{{color:#555}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:.3em 1em .3em 0;text-align:left}}</style>
-</head><body><div id="live"><h1>Store {license} · terminal {terminal}</h1>{badge}<p>{last}</p><p id="synced">{synced}</p>
+</head><body><div id="live"><h1>Store {license} · terminal {terminal}</h1>{badge}<div id="notices">{notices}</div><p>{last}</p><p id="synced">{synced}</p>
 <h2>Latest changes</h2><table id="changes"><tr><th>#</th><th>type</th><th>entity</th><th>op</th><th>seq</th></tr>{changes}</table>
 <h2>Changes applied since start</h2><table><tr><th>type</th><th>count</th></tr>{counts}</table>
 <h2>Messages that could not apply ({total} kept)</h2><table><tr><th>type</th><th>reason</th></tr>{problems}</table></div>
@@ -145,8 +166,20 @@ const FOLLOW: &str = r#"(function () {
         if (fresh) { document.getElementById("live").innerHTML = fresh.innerHTML; }
       })
       .catch(function () {})
-      .then(function () { busy = false; if (again) { again = false; redraw(); } });
+      .then(function () { busy = false; expire(); if (again) { again = false; redraw(); } });
   }
+  // A notice leaves the page when it expires, though nothing commits then.
+  var expiry = null;
+  function expire() {
+    clearTimeout(expiry);
+    var next = Infinity;
+    document.querySelectorAll("[data-expires]").forEach(function (notice) {
+      next = Math.min(next, Date.parse(notice.getAttribute("data-expires")));
+    });
+    // (A timer longer than 24 days fires at once: an hour at most.)
+    if (next < Infinity) { expiry = setTimeout(redraw, Math.min(Math.max(0, next - Date.now()) + 500, 3600000)); }
+  }
+  expire();
   var feed = new EventSource("/events?status=1"), state = document.getElementById("feed-state");
   feed.onopen = function () { state.textContent = "Following changes live."; };
   feed.onerror = function () { state.textContent = "The terminal does not answer; trying again..."; };

@@ -20,6 +20,35 @@ pub(super) struct Snapshot {
     pub(super) latest: Vec<Quarantined>,
     /// The latest changes of the change feed, oldest first.
     pub(super) recent: Vec<(i64, Change)>,
+    /// The notices showing on this terminal, if the notices plugin keeps
+    /// them (its view `notices_active`).
+    pub(super) notices: Vec<Notice>,
+}
+
+/// A notice for the staff, as the page shows it.
+#[derive(Debug)]
+pub(super) struct Notice {
+    pub(super) text: String,
+    pub(super) severity: String,
+    /// UTC, RFC 3339, to the second.
+    pub(super) expires_at: Option<String>,
+}
+
+/// The notices the notices plugin's view shows on this terminal; none when
+/// the plugin is off (no view).
+fn notices(connection: &rusqlite::Connection) -> rusqlite::Result<Vec<Notice>> {
+    let mut statement = connection.prepare(
+        "SELECT text, severity, expires_at FROM notices_active
+         ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END, created_at",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok(Notice {
+            text: row.get(0)?,
+            severity: row.get(1)?,
+            expires_at: row.get(2)?,
+        })
+    })?;
+    rows.collect()
 }
 
 impl Snapshot {
@@ -33,6 +62,7 @@ impl Snapshot {
                 quarantine_total: 0,
                 latest: Vec::new(),
                 recent: Vec::new(),
+                notices: Vec::new(),
             };
         };
         let quarantine_total = database
@@ -46,6 +76,7 @@ impl Snapshot {
             latest: database.quarantined(LATEST).unwrap_or_default(),
             // A database from before the feed has no table for it yet.
             recent: feed::recent(database.connection(), LATEST).unwrap_or_default(),
+            notices: notices(database.connection()).unwrap_or_default(),
         }
     }
 }
