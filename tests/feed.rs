@@ -81,6 +81,25 @@ fn price(id: &str, new_price: f64) -> PriceUpdate {
     }
 }
 
+fn ids(events: &[Sse]) -> Vec<i64> {
+    events.iter().filter_map(|e| e.1).collect()
+}
+
+async fn publish(publisher: &Publisher, store: &possync_core::LicenseKey, id: &str) {
+    publisher
+        .publish(std::slice::from_ref(store), &price(id, 1.0))
+        .await
+        .expect("publish");
+}
+
+/// The feed's last id, as the terminal's database holds it.
+fn last_id(db: &rusqlite::Connection) -> i64 {
+    count(
+        db,
+        "SELECT coalesce(max(last_id), 0) FROM possync_feed_state",
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_change_is_an_event_and_a_client_resumes_after_its_last_id() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -94,14 +113,8 @@ async fn each_change_is_an_event_and_a_client_resumes_after_its_last_id() {
     assert_eq!(ready[0].1, Some(0), "a new terminal has sent no change yet");
 
     let follower = tokio::spawn(read_events(port, Some(0), 3));
-    publisher
-        .publish(std::slice::from_ref(&store), &price("A", 1.0))
-        .await
-        .expect("publish");
-    publisher
-        .publish(std::slice::from_ref(&store), &price("B", 2.0))
-        .await
-        .expect("publish");
+    publish(&publisher, &store, "A").await;
+    publish(&publisher, &store, "B").await;
     publisher
         .publish(
             std::slice::from_ref(&store),
@@ -113,11 +126,11 @@ async fn each_change_is_an_event_and_a_client_resumes_after_its_last_id() {
         .expect("publish");
     terminal.wait_applied(3).await;
     let live = follower.await.expect("follower");
-    let changes: Vec<(Option<i64>, Change)> = live
+    let changes: Vec<Change> = live
         .iter()
-        .map(|(event, id, data)| {
+        .map(|(event, _, data)| {
             assert_eq!(event, "message");
-            (*id, serde_json::from_str(data).expect("a change"))
+            serde_json::from_str(data).expect("a change")
         })
         .collect();
     let expect = |id: &str, op: ChangeOp, message_type: &str| Change {
@@ -130,57 +143,56 @@ async fn each_change_is_an_event_and_a_client_resumes_after_its_last_id() {
     assert_eq!(
         changes,
         vec![
-            (Some(1), expect("A", ChangeOp::Upsert, "price_update")),
-            (Some(2), expect("B", ChangeOp::Upsert, "price_update")),
-            (Some(3), expect("A", ChangeOp::Delete, "product_delete")),
+            expect("A", ChangeOp::Upsert, "price_update"),
+            expect("B", ChangeOp::Upsert, "price_update"),
+            expect("A", ChangeOp::Delete, "product_delete"),
         ]
+    );
+    let first = ids(&live);
+    assert!(
+        first[0] < first[1] && first[1] < first[2],
+        "ids only grow: {first:?}"
     );
 
     // A client back with the id of the first change gets the two after it.
-    let resumed = read_events(port, Some(1), 2).await;
-    assert_eq!(
-        resumed.iter().map(|e| e.1).collect::<Vec<_>>(),
-        vec![Some(2), Some(3)]
-    );
-    // The feed survives a restart: its ids go on from the table.
+    let resumed = read_events(port, Some(first[0]), 2).await;
+    assert_eq!(ids(&resumed), first[1..]);
+    // The feed survives a restart: a client at the last id gets what comes.
     terminal.stop().await;
     let terminal = RunningTerminal::start(config.clone()).await;
-    let follower = tokio::spawn(read_events(port, Some(3), 1));
-    publisher
-        .publish(std::slice::from_ref(&store), &price("C", 3.0))
-        .await
-        .expect("publish");
+    let follower = tokio::spawn(read_events(port, Some(first[2]), 1));
+    publish(&publisher, &store, "C").await;
     let after_restart = follower.await.expect("follower");
-    assert_eq!(after_restart[0].1, Some(4));
+    assert!(ids(&after_restart)[0] > first[2], "{after_restart:?}");
     assert!(
         after_restart[0].2.contains(r#""id":"C""#),
         "{after_restart:?}"
     );
+    let c = ids(&after_restart)[0];
 
     // Changes queued while the terminal was off apply as one batch; a
     // client that saw the first of them gets only the rest.
     terminal.stop().await;
     for id in ["D", "E", "F"] {
-        publisher
-            .publish(std::slice::from_ref(&store), &price(id, 4.0))
-            .await
-            .expect("publish");
+        publish(&publisher, &store, id).await;
     }
     let terminal = RunningTerminal::start(config).await;
     let db = terminal.db();
     eventually("the three to apply as one batch", || {
         count(
             &db,
-            "SELECT count(*) FROM possync_feed WHERE first_id = 5 AND last_id = 7",
+            &format!(
+                "SELECT count(*) FROM possync_feed WHERE first_id > {c} AND last_id = first_id + 2"
+            ),
         ) == 1
     })
     .await;
-    let rest = read_events(port, Some(5), 2).await;
-    assert_eq!(
-        rest.iter().map(|e| e.1).collect::<Vec<_>>(),
-        vec![Some(6), Some(7)],
-        "{rest:?}"
+    let d = count(
+        &db,
+        &format!("SELECT first_id FROM possync_feed WHERE first_id > {c}"),
     );
+    let rest = read_events(port, Some(d), 2).await;
+    assert_eq!(ids(&rest), vec![d + 1, d + 2], "{rest:?}");
     assert!(rest[0].2.contains(r#""id":"E""#), "{rest:?}");
     terminal.stop().await;
 }
@@ -193,38 +205,124 @@ async fn a_client_asking_for_more_than_is_kept_is_told_to_reload() {
     config.terminal.feed_keep = 5;
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
     let mut terminal = RunningTerminal::start(config).await;
+    let follower = tokio::spawn(read_events(port, Some(0), 12));
     // One at a time, so that each is a batch of its own and old ones go.
     for n in 1..=12_u32 {
-        publisher
-            .publish(
-                std::slice::from_ref(&store),
-                &price(&format!("P{n}"), f64::from(n)),
-            )
-            .await
-            .expect("publish");
+        publish(&publisher, &store, &format!("P{n}")).await;
         terminal.wait_applied(u64::from(n)).await;
     }
+    let given = ids(&follower.await.expect("follower"));
     let db = terminal.db();
-    assert!(
-        count(&db, "SELECT count(*) FROM possync_feed") <= 6,
-        "the table keeps about feed_keep changes"
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM possync_feed"),
+        5,
+        "the table keeps feed_keep changes"
     );
-
-    for (asked, why) in [(1, "older than kept"), (99, "newer than any change")] {
+    let last = last_id(&db);
+    assert_eq!(last, given[11]);
+    for (asked, why) in [
+        (given[0], "older than kept"),
+        (given[5], "older than kept"),
+        (0, "from before the first"),
+        (last + 1, "newer than any change"),
+        (-5, "never given"),
+    ] {
         let answer = read_events(port, Some(asked), 1).await;
         assert_eq!(answer[0].0, "reload", "{why}: {answer:?}");
         assert_eq!(
             answer[0].1,
-            Some(12),
+            Some(last),
             "{why}: follow on from the last change"
         );
         assert!(answer[0].2.contains("read the tables again"), "{answer:?}");
     }
-    let kept = read_events(port, Some(9), 3).await;
+    // The id before the oldest kept is good: that client missed nothing.
+    let kept = read_events(port, Some(given[6]), 5).await;
+    assert_eq!(ids(&kept), given[7..]);
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_larger_than_what_is_kept_stays_and_ids_never_go_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("feed-big");
+    let (mut config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
+    config.terminal.feed_keep = 2;
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    RunningTerminal::start(config.clone()).await.stop().await;
+    for id in ["A", "B", "C"] {
+        publish(&publisher, &store, id).await;
+    }
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    terminal.wait_applied(3).await;
+    let db = terminal.db();
+    let last = last_id(&db);
     assert_eq!(
-        kept.iter().map(|e| e.1).collect::<Vec<_>>(),
-        vec![Some(10), Some(11), Some(12)]
+        count(
+            &db,
+            "SELECT count(*) FROM possync_feed WHERE last_id - first_id = 2"
+        ),
+        1,
+        "the newest batch stays, whatever its size"
     );
+    let rest = read_events(port, Some(last - 2), 2).await;
+    assert_eq!(ids(&rest), vec![last - 1, last]);
+    terminal.stop().await;
+    let terminal = RunningTerminal::start(config).await;
+    let follower = tokio::spawn(read_events(port, Some(last), 1));
+    publish(&publisher, &store, "D").await;
+    let next = follower.await.expect("follower");
+    assert!(ids(&next)[0] > last, "{next:?}");
+    terminal.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_is_told_to_reload_after_the_feed_was_off_or_the_database_went_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("feed-gone");
+    let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
+    let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    publish(&publisher, &store, "A").await;
+    terminal.wait_applied(1).await;
+    let seen = last_id(&terminal.db());
+    terminal.stop().await;
+
+    // Off while B applies, on again for C: a client at A missed B.
+    let mut off = config.clone();
+    off.terminal.feed_keep = 0;
+    let mut terminal = RunningTerminal::start(off).await;
+    publish(&publisher, &store, "B").await;
+    terminal.wait_applied(1).await;
+    let (code, body) = http_get(port, "/events").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("feed_keep = 0"), "{body}");
+    terminal.stop().await;
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    publish(&publisher, &store, "C").await;
+    terminal.wait_applied(1).await;
+    let answer = read_events(port, Some(seen), 1).await;
+    assert_eq!(answer[0].0, "reload", "{answer:?}");
+
+    // A copy of the database, changes after it, the copy restored: a
+    // client that saw the undone changes is told to read everything.
+    let copy = dir.path().join("copy.db");
+    terminal.stop().await;
+    std::fs::copy(&config.terminal.database, &copy).expect("copy");
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    publish(&publisher, &store, "D").await;
+    terminal.wait_applied(1).await;
+    let undone = last_id(&terminal.db());
+    terminal.stop().await;
+    std::fs::copy(&copy, &config.terminal.database).expect("restore");
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", config.terminal.database.display()));
+    }
+    let mut terminal = RunningTerminal::start(config).await;
+    publish(&publisher, &store, "E").await;
+    terminal.wait_applied(1).await;
+    let answer = read_events(port, Some(undone), 1).await;
+    assert_eq!(answer[0].0, "reload", "{answer:?}");
     terminal.stop().await;
 }
 
@@ -268,7 +366,7 @@ async fn the_example_client_gets_every_change_once_in_order_across_a_kill() {
     let store = unique_license("feed-client");
     let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
-    let mut terminal = RunningTerminal::start(config).await;
+    let terminal = RunningTerminal::start(config.clone()).await;
     let journal = dir.path().join("changes.jsonl");
 
     let mut client = start_example_client(port, &journal);
@@ -284,14 +382,23 @@ async fn the_example_client_gets_every_change_once_in_order_across_a_kill() {
                 .expect("publish");
         }
     });
-    // Killed while changes stream in, perhaps halfway through a line.
+    // Killed while changes stream in, perhaps halfway through a line; the
+    // terminal restarts under it too, and the client follows on.
     wait_for_lines(&journal, 300).await;
     client.kill().expect("kill the client");
     client.wait().expect("reaped");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    terminal.stop().await;
+    let terminal = RunningTerminal::start(config.clone()).await;
     let mut client = start_example_client(port, &journal);
+    wait_for_lines(&journal, 600).await;
+    terminal.stop().await;
+    let terminal = RunningTerminal::start(config).await;
     publishing.await.expect("published");
-    terminal.wait_applied(1000).await;
+    let db = terminal.db();
+    eventually("every change to apply", || {
+        count(&db, "SELECT count(*) FROM products") == 1000
+    })
+    .await;
     wait_for_lines(&journal, 1001).await;
     // Nothing more comes than was committed.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -310,6 +417,9 @@ async fn the_example_client_gets_every_change_once_in_order_across_a_kill() {
         .skip(1)
         .map(|line| line["event_id"].as_i64().expect("event id"))
         .collect();
-    assert_eq!(event_ids, (1..=1000).collect::<Vec<_>>());
+    assert!(
+        event_ids.windows(2).all(|pair| pair[0] < pair[1]),
+        "event ids only grow"
+    );
     terminal.stop().await;
 }

@@ -38,6 +38,21 @@ pub(crate) const MIGRATION: possync_sdk::Migration = possync_sdk::Migration::new
      );",
 );
 
+/// The feed's counters, kept apart from the batches so that pruning never
+/// loses them: `last_id`, the last id given; `floor`, the id just before
+/// the oldest change kept (a client there has missed nothing); `kept`, the
+/// changes the table holds.
+pub(crate) const MIGRATION_STATE: possync_sdk::Migration = possync_sdk::Migration::new(
+    "possync/feed-state",
+    "CREATE TABLE possync_feed_state (
+         id      INTEGER PRIMARY KEY CHECK (id = 1),
+         last_id INTEGER NOT NULL,
+         floor   INTEGER NOT NULL,
+         kept    INTEGER NOT NULL
+     );
+     DELETE FROM possync_feed;",
+);
+
 /// One change, as the feed sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
@@ -242,37 +257,57 @@ pub(crate) fn channel() -> FeedSender {
 /// The writing side, owned by the applier.
 #[derive(Debug)]
 pub(crate) struct Feed {
-    next_id: Option<i64>,
     keep: i64,
+    /// The feed is off and this run has not yet said so in the table.
+    off_unmarked: bool,
     sender: FeedSender,
 }
 
 impl Feed {
     pub(crate) fn new(keep: u32, sender: FeedSender) -> Self {
         Self {
-            next_id: None,
             keep: i64::from(keep),
+            off_unmarked: keep == 0,
             sender,
         }
     }
 
-    /// Writes `changes` in `transaction`, and drops the batches that fell
-    /// out of what is kept. The batch is sent by [`Feed::committed`].
+    /// Writes `changes` in `transaction`, and drops the oldest batches
+    /// beyond the `keep` changes kept. The batch is sent by
+    /// [`Feed::committed`].
+    ///
+    /// Ids follow the last one given and the clock in microseconds,
+    /// whichever is later: they only grow, and a database restored from an
+    /// older copy never gives again an id its clients may have seen. A
+    /// client's id is good while the batch that holds it is kept.
     pub(crate) fn write(
         &mut self,
         transaction: &mut Transaction<'_>,
         mut changes: Changes,
     ) -> rusqlite::Result<Option<FeedBatch>> {
-        if changes.count == 0 || self.keep == 0 {
+        if self.keep == 0 {
+            if self.off_unmarked {
+                self.mark_off(transaction)?;
+            }
             return Ok(None);
         }
-        let first_id = match self.next_id {
-            Some(id) => id,
-            None => {
-                let last = transaction.query_optional(LAST_ID, [], |row| row.get::<_, i64>(0))?;
-                last.unwrap_or(0) + 1
-            }
-        };
+        if changes.count == 0 {
+            return Ok(None);
+        }
+        let read = transaction.query_optional(
+            "SELECT last_id, floor, kept FROM possync_feed_state WHERE id = 1",
+            [],
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            },
+        )?;
+        // A new feed: a client that saw it empty (id 0) has missed nothing.
+        let (last, mut floor, mut kept) = read.unwrap_or((0, 0, 0));
+        let first_id = last.saturating_add(1).max(now_micros());
         changes.changes.push(']');
         let batch = FeedBatch {
             first_id,
@@ -291,23 +326,64 @@ impl Feed {
                 batch.changes
             ],
         )?;
-        // Whole batches go: those that start `keep` changes or more back.
+        kept += batch.count as i64;
+        // The oldest batches go while the rest still hold `keep` changes,
+        // but never the newest: a client must always be able to follow on
+        // from the last change.
+        loop {
+            let (oldest_first, oldest_last) = transaction
+                .query_optional(
+                    "SELECT first_id, last_id FROM possync_feed ORDER BY first_id LIMIT 1",
+                    [],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+                )?
+                .unwrap_or((first_id, first_id));
+            let size = oldest_last - oldest_first + 1;
+            if oldest_first == first_id || kept - size < self.keep {
+                break;
+            }
+            transaction.execute(
+                "DELETE FROM possync_feed WHERE first_id = ?1",
+                [oldest_first],
+            )?;
+            kept -= size;
+            floor = oldest_last;
+        }
         transaction.execute(
-            "DELETE FROM possync_feed WHERE first_id <= ?1",
-            [batch.last_id() - self.keep],
+            "INSERT INTO possync_feed_state (id, last_id, floor, kept) VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET last_id = ?1, floor = ?2, kept = ?3",
+            [batch.last_id(), floor, kept],
         )?;
         Ok(Some(batch))
     }
 
-    /// The transaction that wrote `batch` committed: the next batch numbers
-    /// on from it, and the subscribers get it.
+    /// The feed is off: what it kept says nothing of the changes to come, so
+    /// it goes, and its ids with it: a client back after the feed is on
+    /// again is told to read everything.
+    fn mark_off(&mut self, transaction: &mut Transaction<'_>) -> rusqlite::Result<()> {
+        transaction.execute("DELETE FROM possync_feed", [])?;
+        transaction.execute(
+            "INSERT INTO possync_feed_state (id, last_id, floor, kept) VALUES (1, ?1, ?1, 0)
+             ON CONFLICT (id) DO UPDATE SET last_id = max(last_id, ?1), floor = max(last_id, ?1), kept = 0",
+            [now_micros()],
+        )?;
+        self.off_unmarked = false;
+        Ok(())
+    }
+
+    /// The transaction that wrote `batch` committed: the subscribers get it.
     pub(crate) fn committed(&mut self, batch: FeedBatch) {
-        self.next_id = Some(batch.last_id() + 1);
         if self.sender.receiver_count() > 0 {
             // A subscriber gone meanwhile is no error: the table has it.
             let _ = self.sender.send(Arc::new(batch));
         }
     }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// What a subscriber asking for the changes after `after` gets from the
@@ -316,61 +392,61 @@ impl Feed {
 pub(crate) enum Backlog {
     /// The changes after it, in order (none when it is the last).
     Changes(Vec<(i64, Change)>),
-    /// It is older than what the table keeps, or newer than any change of
-    /// this database: the subscriber must read everything again. `last` is
-    /// the id of the last change.
+    /// It is older than what the table keeps, or not an id this database
+    /// gave: the subscriber must read everything again. `last` is the id of
+    /// the last change.
     Reload { last: i64 },
 }
 
-/// The last change's id: the last batch's (batches never overlap).
-const LAST_ID: &str = "SELECT last_id FROM possync_feed ORDER BY first_id DESC LIMIT 1";
-
-/// The id of the last change in the table, 0 when there is none.
-pub(crate) fn last_id(connection: &rusqlite::Connection) -> rusqlite::Result<i64> {
+/// The feed's counters: the last id given, and the floor, the id just
+/// before the oldest change kept. `(0, 0)` for a feed that never wrote.
+fn state(connection: &rusqlite::Connection) -> rusqlite::Result<(i64, i64)> {
     use rusqlite::OptionalExtension;
     Ok(connection
-        .query_row(LAST_ID, [], |row| row.get(0))
+        .query_row(
+            "SELECT last_id, floor FROM possync_feed_state WHERE id = 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
         .optional()?
-        .unwrap_or(0))
+        .unwrap_or((0, 0)))
 }
 
-/// The last `count` changes in the table, oldest first.
-pub(crate) fn recent(
-    connection: &rusqlite::Connection,
-    count: usize,
-) -> rusqlite::Result<Vec<(i64, Change)>> {
-    let after = last_id(connection)? - count as i64;
-    let oldest: Option<i64> =
-        connection.query_row("SELECT min(first_id) FROM possync_feed", [], |row| {
-            row.get(0)
-        })?;
-    match backlog(connection, after.max(oldest.unwrap_or(1) - 1))? {
-        Backlog::Changes(changes) => Ok(changes),
-        Backlog::Reload { .. } => Ok(Vec::new()),
-    }
+/// The id of the last change given, 0 when there is none.
+pub(crate) fn last_id(connection: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    state(connection).map(|(last, _)| last)
 }
 
-/// The changes after `after`, from the table.
+/// The changes after `after`, from the table, read in one transaction (a
+/// commit pruning meanwhile cannot make a gap).
 pub(crate) fn backlog(connection: &rusqlite::Connection, after: i64) -> rusqlite::Result<Backlog> {
-    let oldest: Option<i64> =
-        connection.query_row("SELECT min(first_id) FROM possync_feed", [], |row| {
-            row.get(0)
-        })?;
-    let last = last_id(connection)?;
-    // A client of this terminal has seen at most `last`, and, to have missed
-    // nothing, at least the change before the oldest kept.
-    let too_old = oldest.is_some_and(|oldest| after < oldest - 1);
-    if after > last || too_old || after < 0 {
-        return Ok(Backlog::Reload { last });
+    use rusqlite::OptionalExtension;
+    let read = connection.unchecked_transaction()?;
+    let (last, floor) = state(&read)?;
+    if after == last {
+        return Ok(Backlog::Changes(Vec::new()));
     }
-    let mut statement = connection.prepare(
-        // From the batch holding `after + 1`: the last to start at or before it.
-        "SELECT first_id, kinds, changes FROM possync_feed
-         WHERE first_id >= coalesce(
-             (SELECT max(first_id) FROM possync_feed WHERE first_id <= ?1 + 1), 0)
-         ORDER BY first_id",
+    // Where the client's change is: the floor, or a batch still kept.
+    let from = if after == floor {
+        Some(i64::MIN)
+    } else {
+        read.query_row(
+            "SELECT first_id, last_id FROM possync_feed WHERE first_id <= ?1
+             ORDER BY first_id DESC LIMIT 1",
+            [after],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .optional()?
+        .filter(|&(_, batch_last)| after <= batch_last)
+        .map(|(first, _)| first)
+    };
+    let Some(from) = from else {
+        return Ok(Backlog::Reload { last });
+    };
+    let mut statement = read.prepare(
+        "SELECT first_id, kinds, changes FROM possync_feed WHERE first_id >= ?1 ORDER BY first_id",
     )?;
-    let rows = statement.query_map([after], |row| {
+    let rows = statement.query_map([from], |row| {
         Ok((
             row.get::<_, i64>(0)?,
             row.get::<_, String>(1)?,
@@ -386,6 +462,38 @@ pub(crate) fn backlog(connection: &rusqlite::Connection, after: i64) -> rusqlite
         changes.extend((first_id..).zip(batch).filter(|(id, _)| *id > after));
     }
     Ok(Backlog::Changes(changes))
+}
+
+/// The last `count` changes in the table, oldest first.
+pub(crate) fn recent(
+    connection: &rusqlite::Connection,
+    count: usize,
+) -> rusqlite::Result<Vec<(i64, Change)>> {
+    let mut statement = connection.prepare(
+        "SELECT first_id, kinds, changes FROM possync_feed ORDER BY first_id DESC LIMIT ?1",
+    )?;
+    let rows = statement.query_map([count as i64], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut changes = Vec::new();
+    for row in rows {
+        let (first_id, kinds, text) = row?;
+        let Ok(batch) = decode(&kinds, &text) else {
+            continue;
+        };
+        let mut numbered: Vec<(i64, Change)> = (first_id..).zip(batch).collect();
+        numbered.append(&mut changes);
+        changes = numbered;
+        if changes.len() >= count {
+            break;
+        }
+    }
+    let skip = changes.len().saturating_sub(count);
+    Ok(changes.split_off(skip))
 }
 
 #[cfg(test)]
@@ -488,9 +596,14 @@ mod tests {
         }
     }
 
-    fn table(batches: &[(i64, usize)]) -> rusqlite::Connection {
+    /// A feed holding `batches` (first id, size), with its counters.
+    fn table(batches: &[(i64, usize)], floor: i64) -> rusqlite::Connection {
         let connection = rusqlite::Connection::open_in_memory().expect("opens");
         connection.execute_batch(MIGRATION.sql).expect("creates");
+        connection
+            .execute_batch(MIGRATION_STATE.sql)
+            .expect("creates");
+        let mut last = floor;
         for &(first_id, len) in batches {
             let changes: Vec<Change> = (0..len)
                 .map(|n| Change {
@@ -502,13 +615,20 @@ mod tests {
                 })
                 .collect();
             let (kinds, text) = encoded(&changes);
+            last = first_id + len as i64 - 1;
             connection
                 .execute(
                     "INSERT INTO possync_feed VALUES (?1, ?2, 0, ?3, ?4)",
-                    rusqlite::params![first_id, first_id + len as i64 - 1, kinds, text],
+                    rusqlite::params![first_id, last, kinds, text],
                 )
                 .expect("inserts");
         }
+        connection
+            .execute(
+                "INSERT INTO possync_feed_state VALUES (1, ?1, ?2, 0)",
+                [last, floor],
+            )
+            .expect("inserts");
         connection
     }
 
@@ -521,20 +641,31 @@ mod tests {
 
     #[test]
     fn a_backlog_starts_right_after_the_id_asked_for_even_mid_batch() {
-        // Changes 1-2 were pruned; 3-5, 6, 7-10 are kept.
-        let connection = table(&[(3, 3), (6, 1), (7, 4)]);
+        // Changes up to 2 were pruned; 3-5 and 6 are kept, and after a
+        // restart 100-103 (ids jump to the clock at a start).
+        let connection = table(&[(3, 3), (6, 1), (100, 4)], 2);
         let backlog = |after| ids(backlog(&connection, after).expect("reads"));
-        assert_eq!(backlog(2), (3..=10).collect::<Vec<_>>());
-        assert_eq!(backlog(4), vec![5, 6, 7, 8, 9, 10]);
-        assert_eq!(backlog(7), vec![8, 9, 10]);
-        assert_eq!(backlog(10), Vec::<i64>::new());
-        // Older than kept, newer than any, never sent: reload, and follow
-        // on from the last change.
-        for after in [1, 0, 11, -1] {
-            assert_eq!(backlog(after), vec![-10], "after {after}");
+        assert_eq!(backlog(2), vec![3, 4, 5, 6, 100, 101, 102, 103]);
+        assert_eq!(backlog(4), vec![5, 6, 100, 101, 102, 103]);
+        assert_eq!(backlog(6), vec![100, 101, 102, 103]);
+        assert_eq!(backlog(101), vec![102, 103]);
+        assert_eq!(backlog(103), Vec::<i64>::new());
+        // Older than kept, newer than any, never given (in the jump: a
+        // database restored from an older copy gave it, or the feed was
+        // off), negative: reload, and follow on from the last change.
+        for after in [1, 0, 104, 50, 7, 99, -1] {
+            assert_eq!(backlog(after), vec![-103], "after {after}");
         }
-        assert_eq!(last_id(&connection).expect("reads"), 10);
-        let empty = table(&[]);
+        assert_eq!(last_id(&connection).expect("reads"), 103);
+        assert_eq!(
+            recent(&connection, 3)
+                .expect("reads")
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            vec![101, 102, 103]
+        );
+        let empty = table(&[], 0);
         assert_eq!(
             ids(super::backlog(&empty, 0).expect("reads")),
             Vec::<i64>::new()

@@ -34,6 +34,8 @@ pub(crate) struct StatusView {
     pub(crate) plugins: Vec<PluginInfo>,
     /// Where committed changes come from, for `/events`.
     pub(crate) feed: crate::feed::FeedSender,
+    /// Whether the terminal keeps a change feed (`terminal.feed_keep`).
+    pub(crate) feed_on: bool,
 }
 
 /// The status endpoint, bound and ready to serve.
@@ -57,7 +59,7 @@ impl StatusServer {
         let hosts = allowed_hosts::AllowedHosts::new(port, allowed_hosts);
         Ok(Self {
             listener,
-            router: routes::router(view, hosts),
+            router: routes::router(view, hosts, limits.streams),
             limits,
         })
     }

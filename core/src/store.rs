@@ -69,6 +69,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
         "ALTER TABLE possync_status ADD COLUMN collapsed_total INTEGER NOT NULL DEFAULT 0;",
     ),
     crate::feed::MIGRATION,
+    crate::feed::MIGRATION_STATE,
 ];
 
 /// How much of a quarantined message's words (routing key, type, id) and

@@ -168,6 +168,7 @@ impl Terminal {
                 database: config.terminal.database.clone(),
                 plugins,
                 feed,
+                feed_on: config.terminal.feed_keep > 0,
             };
             let endpoint = crate::status_server::StatusServer::new(
                 listener,
@@ -263,6 +264,9 @@ impl Terminal {
         reporter.set(State::Stopped, None).await;
         if let Some(server) = server {
             server.abort();
+            // Gone with its port and its connections before this returns: a
+            // terminal started again in this process binds the same port.
+            let _ = server.await;
         }
         applier.shutdown();
         if result.is_ok() {

@@ -24,6 +24,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
+use super::accept::Connection;
 use super::routes::Endpoint;
 use super::snapshot::Snapshot;
 use crate::events as telemetry;
@@ -52,6 +53,7 @@ const CLIENT_BUFFER: usize = 1024;
 
 pub(super) async fn stream(
     State(endpoint): State<Arc<Endpoint>>,
+    connection: Option<axum::Extension<Connection>>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -68,23 +70,46 @@ pub(super) async fn stream(
                 .into_response();
         }
     };
-    let header = headers
-        .get("last-event-id")
-        .and_then(|value| value.to_str().ok())
-        .map(str::trim)
-        .filter(|value| !value.is_empty());
-    let after = match header.map(str::parse::<i64>) {
-        Some(Ok(id)) => Some(id),
+    let header = headers.get("last-event-id").map(|value| {
+        value
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .and_then(|id| id.parse::<i64>().ok())
+    });
+    let after = match header {
+        Some(Some(id)) => Some(id),
         // An id this feed never sent: the client must start over.
-        Some(Err(_)) => Some(-1),
+        Some(None) => Some(-1),
         None => query.after,
     };
+    if !endpoint.view.feed_on {
+        return (
+            StatusCode::NOT_FOUND,
+            "the change feed is off on this terminal (terminal.feed_keep = 0)\n",
+        )
+            .into_response();
+    }
+    let Ok(permit) = Arc::clone(&endpoint.streams).try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many change feed subscribers at once ({}): try again later\n",
+                endpoint.streams_limit
+            ),
+        )
+            .into_response();
+    };
+    if let Some(axum::Extension(connection)) = connection {
+        connection.into_stream();
+    }
     let with_status = matches!(query.status.as_deref(), Some("1" | "true"));
     let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
     let follower = Follower {
         endpoint: Arc::clone(&endpoint),
         live: endpoint.view.feed.subscribe(),
         sender,
+        _permit: permit,
     };
     tokio::spawn(follower.run(after, with_status));
     Sse::new(events_of(receiver)).into_response()
@@ -101,6 +126,8 @@ struct Follower {
     endpoint: Arc<Endpoint>,
     live: broadcast::Receiver<Arc<feed::FeedBatch>>,
     sender: mpsc::Sender<Event>,
+    /// One of the streams the endpoint serves at once.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The client went away.
@@ -225,12 +252,12 @@ impl Follower {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 telemetry::feed_unreadable(&err.to_string());
+                let reason = serde_json::json!({
+                    "reason": format!("the terminal's database cannot be read: {err}"),
+                });
                 let _ = self
                     .sender
-                    .send(Event::default().event("error").data(format!(
-                        "{{\"reason\":\"the terminal's database cannot be read: {}\"}}",
-                        err.to_string().replace('"', "'")
-                    )))
+                    .send(Event::default().event("error").data(reason.to_string()))
                     .await;
                 Err(Gone)
             }

@@ -133,8 +133,22 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
     if changes.is_empty() {
         changes.push_str("<tr><td colspan=5>none yet</td></tr>");
     }
+    // Without the feed (or without script) the page reloads itself instead.
+    let (refresh, follow, about) = if view.feed_on {
+        (
+            r#"<noscript><meta http-equiv="refresh" content="2"></noscript>"#,
+            format!("<script>{FOLLOW}</script>"),
+            r#"This page follows the terminal as changes commit (the change feed at <a href="/events">/events</a>)."#,
+        )
+    } else {
+        (
+            r#"<meta http-equiv="refresh" content="2">"#,
+            String::new(),
+            "The change feed is off (terminal.feed_keep = 0).",
+        )
+    };
     format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><noscript><meta http-equiv="refresh" content="2"></noscript>
+        r#"<!doctype html><html><head><meta charset="utf-8">{refresh}
 <title>possync: {license} {terminal}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}.badge{{display:inline-block;padding:.6em 1.2em;border-radius:1.5em;font-size:1.6em;font-weight:600;color:#fff}}
 .notice{{padding:.5em 1em;border-left:.4em solid #2b6cb0;background:#ebf4ff}}.notice.warning{{border-color:#e07b00;background:#fff4e5}}.notice.critical{{border-color:#c0392b;background:#fdecea}}
@@ -144,8 +158,8 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
 <h2>Changes applied since start</h2><table><tr><th>type</th><th>count</th></tr>{counts}</table>
 <h2>Messages that could not apply ({total} kept)</h2><table><tr><th>type</th><th>reason</th></tr>{problems}</table></div>
 <p class="since" id="feed-state">This page reloads every 2 seconds.</p>
-<p class="since">This page follows the terminal as changes commit (the change feed at <a href="/events">/events</a>). JSON at <a href="/status">/status</a>, metrics at <a href="/metrics">/metrics</a>.</p>
-<script>{FOLLOW}</script></body></html>"#,
+<p class="since">{about} JSON at <a href="/status">/status</a>, metrics at <a href="/metrics">/metrics</a>.</p>
+{follow}</body></html>"#,
         license = escape_html(&view.license_key),
         terminal = escape_html(&view.terminal_id),
         total = snapshot.quarantine_total,

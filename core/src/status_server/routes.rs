@@ -21,6 +21,9 @@ use crate::status::State as TerminalState;
 #[derive(Debug)]
 pub(super) struct Endpoint {
     pub(super) view: StatusView,
+    /// Change feed streams that may still open, of `streams_limit`.
+    pub(super) streams: Arc<tokio::sync::Semaphore>,
+    pub(super) streams_limit: usize,
     metrics: Metrics,
     hosts: AllowedHosts,
     /// Whether a request was refused before: the first refusal is worth a
@@ -30,8 +33,10 @@ pub(super) struct Endpoint {
 
 type Shared = State<Arc<Endpoint>>;
 
-pub(super) fn router(view: StatusView, hosts: AllowedHosts) -> Router {
+pub(super) fn router(view: StatusView, hosts: AllowedHosts, streams: usize) -> Router {
     let endpoint = Arc::new(Endpoint {
+        streams: Arc::new(tokio::sync::Semaphore::new(streams)),
+        streams_limit: streams,
         metrics: Metrics::new(&view),
         view,
         hosts,

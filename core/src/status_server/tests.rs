@@ -48,6 +48,7 @@ fn view(dir: &tempfile::TempDir) -> (StatusView, StatusSender) {
         database: dir.path().join("terminal.db"),
         plugins: Vec::new(),
         feed: crate::feed::channel(),
+        feed_on: true,
     };
     (view, status)
 }
@@ -451,7 +452,7 @@ async fn failed_accepts_are_survived_and_the_server_keeps_answering() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let (view, _status) = view(&dir);
-    let router = routes::router(view, AllowedHosts::new(address.port(), &[]));
+    let router = routes::router(view, AllowedHosts::new(address.port(), &[]), 32);
     let failures = Arc::new(AtomicUsize::new(3));
     let incoming = FailingFirst {
         listener,
@@ -553,4 +554,91 @@ fn are_labels(mut labels: &str) -> bool {
             },
         }
     }
+}
+
+/// Gives the server's terminal a database with an empty change feed.
+fn with_feed(server: &Running) {
+    let connection =
+        rusqlite::Connection::open(server._dir.path().join("terminal.db")).expect("opens");
+    connection
+        .execute_batch(crate::feed::MIGRATION.sql)
+        .expect("creates");
+    connection
+        .execute_batch(crate::feed::MIGRATION_STATE.sql)
+        .expect("creates");
+}
+
+/// Opens `/events` and reads its answer's head; the stream stays open.
+async fn open_stream(address: SocketAddr, host: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(format!("GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read_head = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let read = stream.read(&mut byte).await.expect("read");
+            if read == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(DEADLINE, read_head)
+        .await
+        .expect("the head in time");
+    (stream, String::from_utf8_lossy(&head).into_owned())
+}
+
+#[tokio::test]
+async fn a_change_feed_stream_outlives_the_connection_deadline_and_frees_its_slot() {
+    let limits = Limits {
+        connections: 1,
+        connection: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let server = start(limits, &[]).await;
+    with_feed(&server);
+    let (mut stream, head) = open_stream(server.address, "localhost").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    // With the one connection slot taken by the stream, others still answer.
+    assert_eq!(get(server.address, "/healthz", "localhost").await.code, 503);
+    tokio::time::sleep(limits.connection * 3).await;
+    // What came (the `ready` event) is read; then the stream waits for more.
+    let mut buffer = [0u8; 4096];
+    let open = loop {
+        match stream.try_read(&mut buffer) {
+            Ok(0) => break false,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    };
+    assert!(open, "the stream is still open past the deadline");
+}
+
+#[tokio::test]
+async fn change_feed_streams_beyond_the_bound_are_refused_and_another_host_is_refused() {
+    let limits = Limits {
+        streams: 2,
+        ..Limits::default()
+    };
+    let server = start(limits, &[]).await;
+    with_feed(&server);
+    let _open = [
+        open_stream(server.address, "localhost").await,
+        open_stream(server.address, "localhost").await,
+    ];
+    let third = get(server.address, "/events", "localhost").await;
+    assert_eq!(third.code, 503, "{third:?}");
+    assert!(
+        third
+            .body
+            .contains("too many change feed subscribers at once (2)"),
+        "{third:?}"
+    );
+    let elsewhere = get(server.address, "/events", "evil.example").await;
+    assert_eq!(elsewhere.code, 421, "{elsewhere:?}");
 }
