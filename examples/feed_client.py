@@ -16,6 +16,7 @@ Only Python's standard library: copy it into a POS app's tooling as it is.
 """
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -72,30 +73,34 @@ def follow(url, journal, quiet):
             request.add_header("Last-Event-ID", str(last))
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                delay = 0.5
                 for event, event_id, data in events(response):
+                    if event == "error":
+                        # The terminal cannot read its database: it says why.
+                        print(f"feed: the terminal says: {data}", file=sys.stderr, flush=True)
+                        continue
                     if event == "message":
                         change = json.loads(data)
                         line = {"event_id": int(event_id), **change}
                     elif event == "reload":
                         # An app reads its tables again here.
                         line = {"event_id": int(event_id), "reload": json.loads(data)}
-                    elif event == "ready":
-                        if last is None:
-                            # Nothing seen yet: start the journal at now.
-                            line = {"event_id": int(event_id), "ready": True}
-                        else:
-                            continue
+                    elif event == "ready" and last is None:
+                        # Nothing seen yet: start the journal at now.
+                        line = {"event_id": int(event_id), "ready": True}
                     else:
                         continue
+                    delay = 0.5
                     text = json.dumps(line, separators=(",", ":")) + "\n"
                     os.write(out, text.encode("utf-8"))
                     if not quiet:
                         print(text, end="", flush=True)
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-            print(f"feed: {err}; trying again in {delay:.1f} s", file=sys.stderr, flush=True)
-            time.sleep(delay)
-            delay = min(delay * 2, 10)
+            # The stream ended (the terminal stopped, or told of an error).
+            reason = "the stream ended"
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as err:
+            reason = str(err)
+        print(f"feed: {reason}; trying again in {delay:.1f} s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay = min(delay * 2, 10)
 
 
 def main():

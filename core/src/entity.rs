@@ -216,7 +216,8 @@ impl EntityRule {
             ) -> Result<Self::Value, A::Error> {
                 let mut id = None;
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key == self.0 && id.is_none() {
+                    // The last of the key's members, as a map keeps it.
+                    if key == self.0 {
                         id = match map.next_value::<Value>()? {
                             Value::String(id) if !id.is_empty() => Some(id),
                             Value::Number(id) => Some(id.to_string()),
@@ -481,6 +482,11 @@ mod tests {
         #[test]
         fn an_id_read_by_hand_is_the_id_serde_reads(payload in any_payload()) {
             let rule = rule("merge");
+            // The feed names the entity the change changed.
+            if let Ok(change) = rule.change(&payload) {
+                let id = rule.id_in(&payload);
+                proptest::prop_assert_eq!(id.as_deref(), Some(change.id.as_str()), "{}", payload);
+            }
             if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_ok() {
                 let by_hand = crate::inbound::plain_member(&payload, "product_id");
                 if by_hand.is_some() {

@@ -203,6 +203,8 @@ pub(crate) struct FeedBatch {
     count: usize,
     kinds: String,
     changes: String,
+    /// Each change's id and JSON, made once for every subscriber.
+    events: std::sync::OnceLock<Option<Vec<(i64, String)>>>,
 }
 
 impl FeedBatch {
@@ -210,11 +212,18 @@ impl FeedBatch {
         self.first_id + self.count as i64 - 1
     }
 
-    /// Each change with its id.
-    pub(crate) fn numbered(&self) -> serde_json::Result<Vec<(i64, Change)>> {
-        Ok((self.first_id..)
-            .zip(decode(&self.kinds, &self.changes)?)
-            .collect())
+    /// Each change's id and JSON, as the feed sends them; `None` if the
+    /// batch cannot be read (then the table says why).
+    pub(crate) fn events(&self) -> Option<&[(i64, String)]> {
+        self.events
+            .get_or_init(|| {
+                let changes = decode(&self.kinds, &self.changes).ok()?;
+                (self.first_id..)
+                    .zip(changes)
+                    .map(|(id, change)| serde_json::to_string(&change).ok().map(|json| (id, json)))
+                    .collect()
+            })
+            .as_deref()
     }
 }
 
@@ -314,6 +323,7 @@ impl Feed {
             count: changes.count,
             kinds: changes.kinds_text(),
             changes: changes.changes,
+            events: std::sync::OnceLock::new(),
         };
         transaction.execute(
             "INSERT INTO possync_feed (first_id, last_id, committed_ms, kinds, changes)

@@ -164,17 +164,18 @@ impl Follower {
         loop {
             tokio::select! {
                 batch = self.live.recv() => match batch {
-                    Ok(batch) => match batch.numbered() {
-                        Ok(changes) => {
-                            for (id, change) in &changes {
+                    Ok(batch) => match batch.events() {
+                        Some(events) => {
+                            for (id, json) in events {
                                 if *id > seen {
-                                    self.send(change_event(*id, change)).await?;
+                                    let event = Event::default().id(id.to_string()).data(json);
+                                    self.send(event).await?;
                                     seen = *id;
                                 }
                             }
                         }
                         // Read as the table holds it: a fault there is told.
-                        Err(_) => seen = self.catch_up(seen).await?,
+                        None => seen = self.catch_up(seen).await?,
                     },
                     // Too slow for the live channel: the table has the rest.
                     Err(broadcast::error::RecvError::Lagged(_)) => {

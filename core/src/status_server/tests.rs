@@ -601,7 +601,7 @@ async fn a_change_feed_stream_outlives_the_connection_deadline_and_frees_its_slo
     };
     let server = start(limits, &[]).await;
     with_feed(&server);
-    let (mut stream, head) = open_stream(server.address, "localhost").await;
+    let (stream, head) = open_stream(server.address, "localhost").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/event-stream"), "{head}");
     // With the one connection slot taken by the stream, others still answer.
