@@ -88,43 +88,39 @@ enum Member {
 
 /// The text of the member `key` of a payload's top-level object when it is
 /// a non-empty string without escapes or an integer, as serde reads an
-/// entity id (the last of the key's members, as serde keeps); `None` when
-/// it is anything else, or when any value is not a plain string, number or
-/// literal: the caller asks serde then. The payload has applied, so it is
-/// JSON.
+/// entity id; `None` when it is anything else, or when a value before it is
+/// not a plain string, number or literal: the caller asks serde then. The
+/// payload has applied, so it is JSON; only the members up to `key` are
+/// read. Of a key named twice this is the first member, where a map keeps
+/// the last; a payload type derived with serde refuses such a payload, so
+/// it never applies.
 pub(crate) fn plain_member<'p>(payload: &'p str, key: &str) -> Option<Cow<'p, str>> {
     let mut cursor = Cursor {
         text: payload,
         pos: 0,
     };
     cursor.eat(b'{')?;
-    let mut found = None;
     loop {
         let name = cursor.plain_string()?;
         cursor.eat(b':')?;
         if name == key {
-            found = Some(match cursor.peek()? {
-                b'"' => cursor.plain_string().map(Cow::Borrowed),
-                _ => cursor.integer().map(|id| Cow::Owned(id.to_string())),
-            });
-        } else {
-            match cursor.peek()? {
-                b'"' => {
-                    cursor.plain_string()?;
-                }
-                b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => cursor.skip_scalar(),
-                _ => return None,
-            }
+            let id = match cursor.peek()? {
+                b'"' => Cow::Borrowed(cursor.plain_string()?),
+                _ => Cow::Owned(cursor.integer()?.to_string()),
+            };
+            // A fraction or an exponent after an integer: serde reads a float.
+            let ends = matches!(cursor.peek(), Some(b',' | b'}'));
+            return (ends && !id.is_empty()).then_some(id);
         }
         match cursor.peek()? {
-            b',' => cursor.pos += 1,
-            b'}' => break,
-            // A fraction or an exponent after an id: serde spells it as a float.
+            b'"' => {
+                cursor.plain_string()?;
+            }
+            b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => cursor.skip_scalar(),
             _ => return None,
         }
+        cursor.eat(b',')?;
     }
-    // Found, but not an id (empty, not an integer): serde says what it is.
-    found.flatten().filter(|id| !id.is_empty())
 }
 
 /// What each key held, once seen; an optional field may hold `null`.
