@@ -105,7 +105,7 @@ pub(super) struct Connection {
 impl Connection {
     /// The connection serves a stream from now on: its slot is free for
     /// other requests, and the deadline no longer ends it.
-    pub(super) fn into_stream(&self) {
+    pub(super) fn become_stream(&self) {
         self.streaming.store(true, Ordering::Release);
         if let Ok(mut slot) = self.slot.lock() {
             slot.take();

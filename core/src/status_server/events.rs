@@ -101,7 +101,7 @@ pub(super) async fn stream(
             .into_response();
     };
     if let Some(axum::Extension(connection)) = connection {
-        connection.into_stream();
+        connection.become_stream();
     }
     let with_status = matches!(query.status.as_deref(), Some("1" | "true"));
     let (sender, receiver) = mpsc::channel(CLIENT_BUFFER);
