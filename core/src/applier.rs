@@ -201,6 +201,7 @@ impl Applier {
         }
         let changed = self.feed.write(&mut transaction, changes)?;
         transaction.commit()?;
+        self.feed.after_commit();
         self.progress.committed(&tally);
         if let Some(changed) = changed {
             self.feed.committed(changed);

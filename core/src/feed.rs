@@ -269,6 +269,8 @@ pub(crate) struct Feed {
     keep: i64,
     /// The feed is off and this run has not yet said so in the table.
     off_unmarked: bool,
+    /// The transaction in progress says so.
+    marking_off: bool,
     sender: FeedSender,
 }
 
@@ -277,6 +279,7 @@ impl Feed {
         Self {
             keep: i64::from(keep),
             off_unmarked: keep == 0,
+            marking_off: false,
             sender,
         }
     }
@@ -295,8 +298,10 @@ impl Feed {
         mut changes: Changes,
     ) -> rusqlite::Result<Option<FeedBatch>> {
         if self.keep == 0 {
+            // Until a transaction that said so commits, each one says so.
             if self.off_unmarked {
                 self.mark_off(transaction)?;
+                self.marking_off = true;
             }
             return Ok(None);
         }
@@ -374,11 +379,17 @@ impl Feed {
         transaction.execute("DELETE FROM possync_feed", [])?;
         transaction.execute(
             "INSERT INTO possync_feed_state (id, last_id, floor, kept) VALUES (1, ?1, ?1, 0)
-             ON CONFLICT (id) DO UPDATE SET last_id = max(last_id, ?1), floor = max(last_id, ?1), kept = 0",
+             ON CONFLICT (id) DO UPDATE SET last_id = max(last_id + 1, ?1), floor = max(last_id + 1, ?1), kept = 0",
             [now_micros()],
         )?;
-        self.off_unmarked = false;
         Ok(())
+    }
+
+    /// A batch's transaction committed.
+    pub(crate) fn after_commit(&mut self) {
+        if std::mem::take(&mut self.marking_off) {
+            self.off_unmarked = false;
+        }
     }
 
     /// The transaction that wrote `batch` committed: the subscribers get it.
@@ -453,23 +464,13 @@ pub(crate) fn backlog(connection: &rusqlite::Connection, after: i64) -> rusqlite
     let Some(from) = from else {
         return Ok(Backlog::Reload { last });
     };
-    let mut statement = read.prepare(
-        "SELECT first_id, kinds, changes FROM possync_feed WHERE first_id >= ?1 ORDER BY first_id",
-    )?;
-    let rows = statement.query_map([from], |row| {
-        Ok((
-            row.get::<_, i64>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-        ))
-    })?;
     let mut changes = Vec::new();
-    for row in rows {
-        let (first_id, kinds, text) = row?;
-        let batch = decode(&kinds, &text).map_err(|err| {
-            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(err))
-        })?;
-        changes.extend((first_id..).zip(batch).filter(|(id, _)| *id > after));
+    for (first_id, batch) in batches(
+        &read,
+        "SELECT first_id, kinds, changes FROM possync_feed WHERE first_id >= ?1 ORDER BY first_id",
+        from,
+    )? {
+        changes.extend((first_id..).zip(batch?).filter(|(id, _)| *id > after));
     }
     Ok(Backlog::Changes(changes))
 }
@@ -479,23 +480,13 @@ pub(crate) fn recent(
     connection: &rusqlite::Connection,
     count: usize,
 ) -> rusqlite::Result<Vec<(i64, Change)>> {
-    let mut statement = connection.prepare(
-        "SELECT first_id, kinds, changes FROM possync_feed ORDER BY first_id DESC LIMIT ?1",
-    )?;
-    let rows = statement.query_map([count as i64], |row| {
-        Ok((
-            row.get::<_, i64>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-        ))
-    })?;
     let mut changes = Vec::new();
-    for row in rows {
-        let (first_id, kinds, text) = row?;
-        let Ok(batch) = decode(&kinds, &text) else {
-            continue;
-        };
-        let mut numbered: Vec<(i64, Change)> = (first_id..).zip(batch).collect();
+    for (first_id, batch) in batches(
+        connection,
+        "SELECT first_id, kinds, changes FROM possync_feed ORDER BY first_id DESC LIMIT ?1",
+        count as i64,
+    )? {
+        let mut numbered: Vec<(i64, Change)> = (first_id..).zip(batch?).collect();
         numbered.append(&mut changes);
         changes = numbered;
         if changes.len() >= count {
@@ -504,6 +495,36 @@ pub(crate) fn recent(
     }
     let skip = changes.len().saturating_sub(count);
     Ok(changes.split_off(skip))
+}
+
+/// The batches `sql` selects (`first_id, kinds, changes`, one parameter),
+/// each read back into its changes.
+fn batches(
+    connection: &rusqlite::Connection,
+    sql: &str,
+    parameter: i64,
+) -> rusqlite::Result<Vec<(i64, rusqlite::Result<Vec<Change>>)>> {
+    let mut statement = connection.prepare(sql)?;
+    let rows = statement.query_map([parameter], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+        ))
+    })?;
+    rows.map(|row| {
+        row.map(|(first_id, kinds, text)| {
+            let batch = decode(&kinds, &text).map_err(|err| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    2,
+                    rusqlite::types::Type::Text,
+                    Box::new(err),
+                )
+            });
+            (first_id, batch)
+        })
+    })
+    .collect()
 }
 
 #[cfg(test)]

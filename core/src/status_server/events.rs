@@ -51,6 +51,11 @@ const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// Events a slow client may have waiting before the stream pauses reading.
 const CLIENT_BUFFER: usize = 1024;
 
+/// How long one stream lasts; then it ends, and the client comes back with
+/// its last id (`EventSource` by itself). A client gone without a word (a
+/// tablet that lost its network) holds its place no longer than this.
+const STREAM_LIFETIME: Duration = Duration::from_secs(300);
+
 pub(super) async fn stream(
     State(endpoint): State<Arc<Endpoint>>,
     connection: Option<axum::Extension<Connection>>,
@@ -161,8 +166,11 @@ impl Follower {
         let mut status_at = tokio::time::Instant::now();
         let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
         keep_alive.reset();
+        let ends = tokio::time::sleep(STREAM_LIFETIME);
+        tokio::pin!(ends);
         loop {
             tokio::select! {
+                () = &mut ends => return Ok(()),
                 batch = self.live.recv() => match batch {
                     Ok(batch) => match batch.events() {
                         Some(events) => {

@@ -196,7 +196,15 @@ const FOLLOW: &str = r#"(function () {
   expire();
   var feed = new EventSource("/events?status=1"), state = document.getElementById("feed-state");
   feed.onopen = function () { state.textContent = "Following changes live."; };
-  feed.onerror = function () { state.textContent = "The terminal does not answer; trying again..."; };
+  feed.onerror = function () {
+    if (feed.readyState === EventSource.CLOSED) {
+      // Refused (too many clients, the feed switched off): reload instead.
+      state.textContent = "The change feed is not available: this page reloads every 2 seconds.";
+      setInterval(redraw, 2000);
+    } else {
+      state.textContent = "The terminal does not answer; trying again...";
+    }
+  };
   feed.onmessage = redraw;
   feed.addEventListener("status", redraw);
   feed.addEventListener("reload", redraw);
