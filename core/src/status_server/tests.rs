@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -641,4 +641,72 @@ async fn change_feed_streams_beyond_the_bound_are_refused_and_another_host_is_re
     );
     let elsewhere = get(server.address, "/events", "evil.example").await;
     assert_eq!(elsewhere.code, 421, "{elsewhere:?}");
+}
+
+#[tokio::test]
+async fn a_subscriber_the_live_changes_run_past_catches_up_from_the_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("terminal.db");
+    let mut database = crate::store::Database::open(&path).expect("opens");
+    // A live channel of two batches, so that ten at once run past it.
+    let live = tokio::sync::broadcast::channel(2).0;
+    let (mut view, _status) = view(&dir);
+    view.feed = live.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let server = StatusServer::new(listener, view, &[], Limits::default()).expect("server");
+    let _server = tokio::spawn(server.run());
+    let (stream, head) = open_stream(address, "localhost").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    // The `ready` event: the subscriber follows the live channel now.
+    while lines
+        .next_line()
+        .await
+        .expect("read")
+        .is_some_and(|l| !l.is_empty())
+    {}
+
+    // Ten batches commit while the subscriber's task cannot run (this
+    // runtime has one thread): the channel keeps the last two.
+    let mut feed = crate::feed::Feed::new(1000, live);
+    for n in 0..10 {
+        let mut changes = crate::feed::Changes::default();
+        let payload = format!(r#"{{"product_id":"P{n}"}}"#);
+        let message = crate::inbound::Message {
+            message_type: "price_update".into(),
+            license_key: "STORE-1".into(),
+            payload: payload.as_str().into(),
+            timestamp: None,
+            message_id: None,
+            version: None,
+            seq: None,
+            catalog: None,
+            head: None,
+            publisher_id: None,
+            publisher_seq: None,
+        };
+        changes.push(&message, None);
+        let mut transaction = database.begin().expect("begins");
+        let batch = feed.write(&mut transaction, changes).expect("writes");
+        transaction.commit().expect("commits");
+        feed.committed(batch.expect("a batch"));
+    }
+
+    let mut ids = Vec::new();
+    let read = async {
+        while ids.len() < 10 {
+            let line = lines.next_line().await.expect("read").expect("open");
+            if let Some(id) = line.strip_prefix("id: ") {
+                ids.push(id.parse::<i64>().expect("an id"));
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("all ten arrive");
+    assert!(
+        ids.windows(2).all(|pair| pair[0] < pair[1]),
+        "each once, in order: {ids:?}"
+    );
 }
