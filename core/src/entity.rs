@@ -127,15 +127,11 @@ impl EntityRule {
     pub fn change(&self, payload: &str) -> Result<EntityChange, EntityError> {
         let object: Map<String, Value> = serde_json::from_str(payload)
             .map_err(|err| EntityError::Payload(format!("the payload is not an object: {err}")))?;
-        let id = match object.get(&self.id) {
-            Some(Value::String(id)) if !id.is_empty() => id.clone(),
-            Some(Value::Number(id)) => id.to_string(),
-            _ => {
-                return Err(EntityError::Payload(format!(
-                    "the payload has no {} (the {}'s id)",
-                    self.id, self.entity
-                )));
-            }
+        let Some(id) = object.get(&self.id).and_then(entity_id) else {
+            return Err(EntityError::Payload(format!(
+                "the payload has no {} (the {}'s id)",
+                self.id, self.entity
+            )));
         };
         let fields = match self.change {
             ChangeKind::Delete => Map::new(),
@@ -218,11 +214,7 @@ impl EntityRule {
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     // The first of the key's members, as read by hand.
                     if key == self.0 && id.is_none() {
-                        id = match map.next_value::<Value>()? {
-                            Value::String(id) if !id.is_empty() => Some(id),
-                            Value::Number(id) => Some(id.to_string()),
-                            _ => None,
-                        };
+                        id = entity_id(&map.next_value::<Value>()?);
                     } else {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
@@ -242,11 +234,9 @@ impl EntityRule {
             .map_err(|err| EntityError::Payload(format!("the payload is not an object: {err}")))?;
         let id = object
             .get(&self.id)
-            .and_then(|raw| match serde_json::from_str::<Value>(raw.get()) {
-                Ok(Value::String(id)) if !id.is_empty() => Some(id),
-                Ok(Value::Number(id)) => Some(id.to_string()),
-                _ => None,
-            })
+            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+            .as_ref()
+            .and_then(entity_id)
             .ok_or_else(|| {
                 EntityError::Payload(format!(
                     "the payload has no {} (the {}'s id)",
@@ -268,6 +258,16 @@ impl EntityRule {
             kind: self.change,
             fields,
         })
+    }
+}
+
+/// An entity's id as a payload gives it: a string that is not empty, or a
+/// number in its JSON spelling.
+fn entity_id(value: &Value) -> Option<String> {
+    match value {
+        Value::String(id) if !id.is_empty() => Some(id.clone()),
+        Value::Number(id) => Some(id.to_string()),
+        _ => None,
     }
 }
 
