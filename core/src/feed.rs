@@ -144,6 +144,18 @@ impl Changes {
         self.count += 1;
     }
 
+    /// The batch these changes make, numbered from `first_id`.
+    fn into_batch(mut self, first_id: i64) -> FeedBatch {
+        self.changes.push(']');
+        FeedBatch {
+            first_id,
+            count: self.count,
+            kinds: self.kinds_text(),
+            changes: self.changes,
+            events: std::sync::OnceLock::new(),
+        }
+    }
+
     fn kinds_text(&self) -> String {
         let mut text = String::from("[");
         for (index, (message_type, entity, op)) in self.kinds.iter().enumerate() {
@@ -295,7 +307,7 @@ impl Feed {
     pub(crate) fn write(
         &mut self,
         transaction: &mut Transaction<'_>,
-        mut changes: Changes,
+        changes: Changes,
     ) -> rusqlite::Result<Option<FeedBatch>> {
         if self.keep == 0 {
             // Until a transaction that said so commits, each one says so.
@@ -322,14 +334,7 @@ impl Feed {
         // A new feed: a client that saw it empty (id 0) has missed nothing.
         let (last, mut floor, mut kept) = read.unwrap_or((0, 0, 0));
         let first_id = last.saturating_add(1).max(now_micros());
-        changes.changes.push(']');
-        let batch = FeedBatch {
-            first_id,
-            count: changes.count,
-            kinds: changes.kinds_text(),
-            changes: changes.changes,
-            events: std::sync::OnceLock::new(),
-        };
+        let batch = changes.into_batch(first_id);
         transaction.execute(
             "INSERT INTO possync_feed (first_id, last_id, committed_ms, kinds, changes)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -580,24 +585,16 @@ mod tests {
                     .expect("valid")
                     .expect("declared")
             });
-            let payload = serde_json::json!({ "the_id": change.id }).to_string();
-            let message = Message {
-                message_type: change.message_type.as_str().into(),
-                license_key: "S".into(),
-                payload: payload.as_str().into(),
-                timestamp: None,
-                message_id: None,
-                version: None,
-                seq: change.seq,
-                catalog: None,
-                head: None,
-                publisher_id: None,
-                publisher_seq: None,
-            };
-            written.push(&message, rule.as_ref());
+            let mut envelope = possync_sdk::Envelope::new(
+                change.message_type.as_str(),
+                "S",
+                serde_json::json!({ "the_id": change.id }),
+            );
+            envelope.seq = change.seq;
+            written.push(&Message::from(envelope), rule.as_ref());
         }
-        written.changes.push(']');
-        (written.kinds_text(), written.changes)
+        let batch = written.into_batch(0);
+        (batch.kinds, batch.changes)
     }
 
     proptest! {

@@ -672,20 +672,11 @@ async fn a_subscriber_the_live_changes_run_past_catches_up_from_the_table() {
     let mut feed = crate::feed::Feed::new(1000, live);
     for n in 0..10 {
         let mut changes = crate::feed::Changes::default();
-        let payload = format!(r#"{{"product_id":"P{n}"}}"#);
-        let message = crate::inbound::Message {
-            message_type: "price_update".into(),
-            license_key: "STORE-1".into(),
-            payload: payload.as_str().into(),
-            timestamp: None,
-            message_id: None,
-            version: None,
-            seq: None,
-            catalog: None,
-            head: None,
-            publisher_id: None,
-            publisher_seq: None,
-        };
+        let message = crate::inbound::Message::from(possync_sdk::Envelope::new(
+            "price_update",
+            "STORE-1",
+            serde_json::json!({ "product_id": format!("P{n}") }),
+        ));
         changes.push(&message, None);
         let mut transaction = database.begin().expect("begins");
         let batch = feed.write(&mut transaction, changes).expect("writes");
