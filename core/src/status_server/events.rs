@@ -249,12 +249,8 @@ impl Follower {
     ) -> Result<T, Gone> {
         let path: PathBuf = self.endpoint.view.database.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let connection = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )?;
-            connection.busy_timeout(Duration::from_secs(5))?;
-            read(&connection)
+            let database = crate::store::Database::open_read_only(&path)?;
+            read(database.connection()).map_err(crate::store::DatabaseError::from)
         })
         .await;
         match result {
