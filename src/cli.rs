@@ -515,7 +515,8 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn status(config: &Config) -> anyhow::Result<ExitCode> {
+/// The terminal's database, which `possync terminal` must have made.
+pub(crate) fn terminal_database(config: &Config) -> anyhow::Result<&std::path::Path> {
     let path = &config.terminal.database;
     if !path.exists() {
         anyhow::bail!(
@@ -523,6 +524,11 @@ fn status(config: &Config) -> anyhow::Result<ExitCode> {
             path.display()
         );
     }
+    Ok(path)
+}
+
+fn status(config: &Config) -> anyhow::Result<ExitCode> {
+    let path = terminal_database(config)?;
     let database = Database::open_read_only(path)?;
     let stored = database.status_record().ok().flatten().with_context(|| {
         format!(

@@ -27,13 +27,7 @@ pub(crate) enum NoticesCommand {
 }
 
 pub(crate) fn run(config: &Config, command: NoticesCommand) -> anyhow::Result<ExitCode> {
-    let path = &config.terminal.database;
-    if !path.exists() {
-        anyhow::bail!(
-            "no terminal database at {}: has `possync terminal` run with this config? (terminal.database)",
-            path.display()
-        );
-    }
+    let path = crate::cli::terminal_database(config)?;
     let flags = match command {
         NoticesCommand::List { .. } => OpenFlags::SQLITE_OPEN_READ_ONLY,
         NoticesCommand::Ack { .. } => OpenFlags::SQLITE_OPEN_READ_WRITE,
