@@ -96,7 +96,10 @@ def follow(url, journal, quiet):
                         print(text, end="", flush=True)
             # The stream ended (the terminal stopped, or told of an error).
             reason = "the stream ended"
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            # Network faults, and a journal that cannot be written (a full
+            # disk): nothing was kept of what could not be written, so it
+            # comes again.
             reason = str(err)
         print(f"feed: {reason}; trying again in {delay:.1f} s", file=sys.stderr, flush=True)
         time.sleep(delay)

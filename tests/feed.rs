@@ -366,20 +366,24 @@ async fn the_example_client_gets_every_change_once_in_order_across_a_kill() {
     let store = unique_license("feed-client");
     let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
     let publisher = Publisher::connect(&config.broker).await.expect("publisher");
+    let sentinel = Publisher::connect(&config.broker).await.expect("publisher");
     let terminal = RunningTerminal::start(config.clone()).await;
     let journal = dir.path().join("changes.jsonl");
 
     let mut client = start_example_client(port, &journal);
     wait_for_lines(&journal, 1).await; // where it starts
-    let publishing = tokio::spawn(async move {
-        for n in 0..1000_u32 {
-            publisher
-                .publish(
-                    std::slice::from_ref(&store),
-                    &price(&format!("P{n:04}"), f64::from(n)),
-                )
-                .await
-                .expect("publish");
+    let publishing = tokio::spawn({
+        let store = store.clone();
+        async move {
+            for n in 0..1000_u32 {
+                publisher
+                    .publish(
+                        std::slice::from_ref(&store),
+                        &price(&format!("P{n:04}"), f64::from(n)),
+                    )
+                    .await
+                    .expect("publish");
+            }
         }
     });
     // Killed while changes stream in, perhaps halfway through a line; the
@@ -400,8 +404,10 @@ async fn the_example_client_gets_every_change_once_in_order_across_a_kill() {
     })
     .await;
     wait_for_lines(&journal, 1001).await;
-    // Nothing more comes than was committed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing more comes than was committed: the next line is the change
+    // published after them all.
+    publish(&sentinel, &store, "LAST").await;
+    wait_for_lines(&journal, 1002).await;
     client.kill().expect("kill the client");
     client.wait().expect("reaped");
 
@@ -410,7 +416,8 @@ async fn the_example_client_gets_every_change_once_in_order_across_a_kill() {
         .iter()
         .filter_map(|line| line.get("id").and_then(|id| id.as_str()).map(str::to_owned))
         .collect();
-    let published: Vec<String> = (0..1000).map(|n| format!("P{n:04}")).collect();
+    let mut published: Vec<String> = (0..1000).map(|n| format!("P{n:04}")).collect();
+    published.push("LAST".into());
     assert_eq!(ids, published, "every change once, in the order published");
     let event_ids: Vec<i64> = lines
         .iter()

@@ -34,7 +34,7 @@ async fn a_notice_shows_on_the_page_and_in_the_table_until_it_expires_or_is_ackn
     let (config, port) = with_status_page(terminal_config(dir.path(), &store, "till-1"));
     let database = config.terminal.database.clone();
     let mut terminal = RunningTerminal::start(config).await;
-    let expires_at = rfc3339_in(4);
+    let expires_at = rfc3339_in(8);
     for args in [
         vec![
             "--notice-id",

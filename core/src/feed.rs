@@ -144,10 +144,12 @@ impl Changes {
         self.count += 1;
     }
 
-    /// The batch these changes make, numbered from `first_id`.
-    fn into_batch(mut self, first_id: i64) -> FeedBatch {
+    /// The batch these changes make, numbered from `first_id`, written
+    /// after the change `follows`.
+    fn into_batch(mut self, follows: i64, first_id: i64) -> FeedBatch {
         self.changes.push(']');
         FeedBatch {
+            follows,
             first_id,
             count: self.count,
             kinds: self.kinds_text(),
@@ -211,6 +213,9 @@ fn push_string(text: &mut String, value: Option<&str>) {
 /// the table keeps them: read only where a subscriber wants them.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FeedBatch {
+    /// The last change given before it: a subscriber that saw less missed
+    /// a batch this process did not send (another process committed it).
+    pub(crate) follows: i64,
     pub(crate) first_id: i64,
     count: usize,
     kinds: String,
@@ -334,7 +339,7 @@ impl Feed {
         // A new feed: a client that saw it empty (id 0) has missed nothing.
         let (last, mut floor, mut kept) = read.unwrap_or((0, 0, 0));
         let first_id = last.saturating_add(1).max(now_micros());
-        let batch = changes.into_batch(first_id);
+        let batch = changes.into_batch(last, first_id);
         transaction.execute(
             "INSERT INTO possync_feed (first_id, last_id, committed_ms, kinds, changes)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -593,7 +598,7 @@ mod tests {
             envelope.seq = change.seq;
             written.push(&Message::from(envelope), rule.as_ref());
         }
-        let batch = written.into_batch(0);
+        let batch = written.into_batch(0, 1);
         (batch.kinds, batch.changes)
     }
 

@@ -172,6 +172,9 @@ impl Follower {
             tokio::select! {
                 () = &mut ends => return Ok(()),
                 batch = self.live.recv() => match batch {
+                    // Batches between (another process committed them) are
+                    // in the table, with this one.
+                    Ok(batch) if batch.follows > seen => seen = self.catch_up(seen).await?,
                     Ok(batch) => match batch.events() {
                         Some(events) => {
                             for (id, json) in events {

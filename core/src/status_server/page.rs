@@ -188,10 +188,15 @@ const FOLLOW: &str = r#"(function () {
     clearTimeout(expiry);
     var next = Infinity;
     document.querySelectorAll("[data-expires]").forEach(function (notice) {
-      next = Math.min(next, Date.parse(notice.getAttribute("data-expires")));
+      var at = Date.parse(notice.getAttribute("data-expires"));
+      if (isFinite(at)) { next = Math.min(next, at); }
     });
+    if (next === Infinity) { return; }
+    // Past already by this browser's clock, though the terminal still shows
+    // it (its clock decides): look again in half a minute, not at once.
     // (A timer longer than 24 days fires at once: an hour at most.)
-    if (next < Infinity) { expiry = setTimeout(redraw, Math.min(Math.max(0, next - Date.now()) + 500, 3600000)); }
+    var wait = next - Date.now();
+    expiry = setTimeout(redraw, wait > 0 ? Math.min(wait + 500, 3600000) : 30000);
   }
   expire();
   var feed = new EventSource("/events?status=1"), state = document.getElementById("feed-state");

@@ -671,17 +671,7 @@ async fn a_subscriber_the_live_changes_run_past_catches_up_from_the_table() {
     // runtime has one thread): the channel keeps the last two.
     let mut feed = crate::feed::Feed::new(1000, live);
     for n in 0..10 {
-        let mut changes = crate::feed::Changes::default();
-        let message = crate::inbound::Message::from(possync_sdk::Envelope::new(
-            "price_update",
-            "STORE-1",
-            serde_json::json!({ "product_id": format!("P{n}") }),
-        ));
-        changes.push(&message, None);
-        let mut transaction = database.begin().expect("begins");
-        let batch = feed.write(&mut transaction, changes).expect("writes");
-        transaction.commit().expect("commits");
-        feed.committed(batch.expect("a batch"));
+        commit_change(&mut database, &mut feed, &format!("P{n}"));
     }
 
     let mut ids = Vec::new();
@@ -700,4 +690,67 @@ async fn a_subscriber_the_live_changes_run_past_catches_up_from_the_table() {
         ids.windows(2).all(|pair| pair[0] < pair[1]),
         "each once, in order: {ids:?}"
     );
+}
+
+/// Commits a change of product `product` through `feed`, as the applier does.
+fn commit_change(
+    database: &mut crate::store::Database,
+    feed: &mut crate::feed::Feed,
+    product: &str,
+) {
+    let mut changes = crate::feed::Changes::default();
+    let message = crate::inbound::Message::from(possync_sdk::Envelope::new(
+        "price_update",
+        "STORE-1",
+        serde_json::json!({ "product_id": product }),
+    ));
+    changes.push(&message, None);
+    let mut transaction = database.begin().expect("begins");
+    let batch = feed.write(&mut transaction, changes).expect("writes");
+    transaction.commit().expect("commits");
+    feed.committed(batch.expect("a batch"));
+}
+
+#[tokio::test]
+async fn a_batch_another_process_committed_reaches_a_live_subscriber() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("terminal.db");
+    let mut database = crate::store::Database::open(&path).expect("opens");
+    let mut twin_database = crate::store::Database::open(&path).expect("opens");
+    let live = tokio::sync::broadcast::channel(16).0;
+    let (mut view, _status) = view(&dir);
+    view.feed = live.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let server = StatusServer::new(listener, view, &[], Limits::default()).expect("server");
+    let _server = tokio::spawn(server.run());
+    let (stream, _) = open_stream(address, "localhost").await;
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    while lines
+        .next_line()
+        .await
+        .expect("read")
+        .is_some_and(|l| !l.is_empty())
+    {}
+
+    // A twin process on the same database commits a batch this process
+    // never sends live; then this one commits.
+    let mut twin = crate::feed::Feed::new(1000, crate::feed::channel());
+    commit_change(&mut twin_database, &mut twin, "TWIN");
+    let mut feed = crate::feed::Feed::new(1000, live);
+    commit_change(&mut database, &mut feed, "OWN");
+
+    let mut ids = Vec::new();
+    let read = async {
+        while ids.len() < 2 {
+            let line = lines.next_line().await.expect("read").expect("open");
+            if let Some(id) = line.strip_prefix("id: ") {
+                ids.push(id.parse::<i64>().expect("an id"));
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("both arrive, the twin's first");
+    assert!(ids[0] < ids[1], "{ids:?}");
 }

@@ -97,7 +97,18 @@ fn expiry(expires_at: &str) -> Result<String, String> {
     let time = OffsetDateTime::parse(expires_at, &Rfc3339).map_err(|err| {
         format!("expires_at {expires_at:?} is not an RFC 3339 time (like 2026-12-24T18:00:00+01:00): {err}")
     })?;
-    let utc = time.to_offset(time::UtcOffset::UTC);
+    let refused = || format!("expires_at {expires_at:?} is out of range");
+    let mut utc = time
+        .checked_to_offset(time::UtcOffset::UTC)
+        .ok_or_else(refused)?;
+    // Kept to the second: a fraction rounds up, never expiring early.
+    if utc.nanosecond() > 0 {
+        utc = utc
+            .replace_nanosecond(0)
+            .ok()
+            .and_then(|t| t.checked_add(time::Duration::SECOND))
+            .ok_or_else(refused)?;
+    }
     Ok(format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
         utc.year(),
@@ -177,7 +188,12 @@ pub fn apply_notice(
              expires_at = excluded.expires_at,
              terminals = excluded.terminals,
              created_at = excluded.created_at,
-             acknowledged_at = NULL,
+             -- The same notice again (a redelivery) stays acknowledged;
+             -- a changed one shows again.
+             acknowledged_at = CASE
+                 WHEN text IS excluded.text AND severity IS excluded.severity
+                      AND expires_at IS excluded.expires_at AND terminals IS excluded.terminals
+                 THEN acknowledged_at END,
              sync_version = excluded.sync_version",
         &[
             notice.notice_id.as_str().into(),

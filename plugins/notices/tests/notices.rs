@@ -41,7 +41,7 @@ fn a_notice_shows_until_it_expires_or_is_acknowledged() {
     let mut till = till("till-1");
     let mut later = notice("N1", "Price list changes at 18:00");
     later.severity = Severity::Warning;
-    later.expires_at = Some("2999-12-24T18:00:00+01:00".into());
+    later.expires_at = Some("2999-12-24T18:00:00.25+01:00".into());
     let mut past = notice("N2", "Yesterday's offer");
     past.expires_at = Some("2000-01-01T00:00:00Z".into());
     for n in [&later, &past, &notice("N3", "Item recalled: batch 42")] {
@@ -57,8 +57,8 @@ fn a_notice_shows_until_it_expires_or_is_acknowledged() {
         .expect("reads");
     assert_eq!(stored[0][0], "warning");
     assert_eq!(
-        stored[0][1], "2999-12-24T17:00:00Z",
-        "kept in UTC, so that text order is time order"
+        stored[0][1], "2999-12-24T17:00:01Z",
+        "kept in UTC to the second (rounded up), so that text order is time order"
     );
 
     till.connection()
@@ -68,7 +68,11 @@ fn a_notice_shows_until_it_expires_or_is_acknowledged() {
         )
         .expect("the POS app acknowledges");
     assert_eq!(active(&till), ["N1"]);
-    // Sent again, it shows again.
+    // The same notice delivered again stays acknowledged.
+    till.apply(message(&notice("N3", "Item recalled: batch 42")))
+        .expect("applies");
+    assert_eq!(active(&till), ["N1"]);
+    // Changed, it shows again.
     till.apply(message(&notice("N3", "Item recalled: batches 42 and 43")))
         .expect("applies");
     assert_eq!(active(&till), ["N1", "N3"]);
@@ -94,12 +98,15 @@ fn notices_without_text_or_with_an_unreadable_expiry_are_refused() {
     let till = till("till-1");
     let mut bad_time = notice("N1", "text");
     bad_time.expires_at = Some("tomorrow at six".into());
+    let mut far = notice("N1", "text");
+    far.expires_at = Some("9999-12-31T23:30:00-01:00".into());
     let mut empty_terminal = notice("N1", "text");
     empty_terminal.terminals = Some(vec![" ".into()]);
     for (bad, says) in [
         (notice("N1", "  "), "text must not be empty"),
         (notice("", "text"), "notice_id must not be empty"),
         (bad_time, "is not an RFC 3339 time"),
+        (far, "is out of range"),
         (empty_terminal, "empty terminal id"),
     ] {
         let refused = till.check(&message(&bad)).expect_err("refused");
