@@ -12,9 +12,11 @@ mod access;
 mod auth;
 mod body;
 mod error;
+mod fleet;
 mod metrics;
 mod ops;
 mod read;
+mod received;
 mod submit;
 
 use std::sync::Arc;
@@ -55,6 +57,8 @@ struct Shared(Arc<Inner>);
 struct Inner {
     access: Arc<dyn Access>,
     metrics: Metrics,
+    rules: crate::fleet::FleetRules,
+    counters: Arc<crate::fleet::Counters>,
     /// The enabled message types, sorted: named when a client sends another.
     types: Vec<String>,
     /// The OpenAPI document, serialized once.
@@ -71,6 +75,20 @@ impl std::ops::Deref for Shared {
 
 /// The API over `catalog`, ready to serve (for example with `axum::serve`).
 pub fn router<S: Storage>(catalog: Arc<Catalog<S>>) -> Router {
+    router_with(
+        catalog,
+        crate::fleet::FleetRules::default(),
+        Arc::new(crate::fleet::Counters::default()),
+    )
+}
+
+/// [`router`] judging the fleet by `rules`, with the upstream consumer's
+/// `counters` in `/metrics`.
+pub fn router_with<S: Storage>(
+    catalog: Arc<Catalog<S>>,
+    rules: crate::fleet::FleetRules,
+    counters: Arc<crate::fleet::Counters>,
+) -> Router {
     let (routes, document) = routes().split_for_parts();
     // Serializing a document of plain strings and maps does not fail; an
     // empty document would be noticed by the OpenAPI test and every client.
@@ -79,7 +97,9 @@ pub fn router<S: Storage>(catalog: Arc<Catalog<S>>) -> Router {
     let shared = Shared(Arc::new(Inner {
         types: access.message_types(),
         access,
-        metrics: Metrics::new(),
+        metrics: Metrics::new(&counters),
+        rules,
+        counters,
         openapi: Bytes::from(openapi),
     }));
     routes
@@ -111,6 +131,11 @@ fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(submit::submit_one, read::changes))
         .routes(routes!(read::stores))
         .routes(routes!(read::catalog))
+        .routes(routes!(received::received))
+        .routes(routes!(fleet::fleet))
+        .routes(routes!(fleet::applied))
+        .routes(routes!(fleet::forget))
+        .routes(routes!(fleet::page))
         .routes(routes!(ops::health))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi))

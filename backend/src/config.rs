@@ -24,6 +24,8 @@ pub struct ServiceConfig {
     pub relay: RelayConfig,
     /// The queue of changes other publishers sent straight to the exchange.
     pub direct: DirectConfig,
+    /// What terminals send upstream: orders and delivery receipts.
+    pub upstream: UpstreamConfig,
     /// The plugins that check payloads and declare entities, as on a
     /// terminal: built-ins switched on or off by name (`price = false`),
     /// plugin libraries by path (`[plugins.product_images] path = "..."`).
@@ -192,6 +194,52 @@ impl Default for DirectConfig {
     }
 }
 
+/// The `[upstream]` section: the backend's queue of what terminals send on
+/// `up.<KEY>.<TERMINAL>.<type>` (orders and other upstream types, handled
+/// by plugins, and delivery receipts), and how the fleet is judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Whether the backend consumes that queue. Off, terminals' outbox rows
+    /// wait on their terminals and the fleet is unknown.
+    pub enabled: bool,
+    /// The queue's name; its dead-letter queue is `<queue>.dead_letter`,
+    /// where a refused message goes with the reason in its
+    /// `x-possync-reason` header. Unlike the direct queue it never expires:
+    /// it holds orders.
+    pub queue: String,
+    /// Messages the broker may send ahead before they are acknowledged.
+    pub prefetch: u16,
+    /// Accept a message only when its AMQP `user_id`, which RabbitMQ
+    /// checks against the sender's connection, is the broker user
+    /// `possync admin provision-terminal` made for the terminal its routing
+    /// key and body name. Turn off only for development, where every
+    /// terminal shares one broker user: then any holder of those
+    /// credentials can speak for any terminal, and the backend says so at
+    /// start.
+    pub verify_user: bool,
+    /// A terminal whose last receipt is older than this is offline
+    /// (terminals send one at least every `uplink.heartbeat_secs`, 3 s by
+    /// default).
+    pub offline_after_secs: u64,
+    /// A live terminal behind its store's head whose applied sequence has
+    /// not moved for this long is stalled.
+    pub stalled_after_secs: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue: "possync.backend.upstream".into(),
+            prefetch: 500,
+            verify_user: true,
+            offline_after_secs: 10,
+            stalled_after_secs: 60,
+        }
+    }
+}
+
 impl ServiceConfig {
     /// Loads the defaults, then `file` if given (it must exist), then the
     /// environment. Unknown keys are errors that name the key and the file.
@@ -208,7 +256,7 @@ impl ServiceConfig {
         // A terminal's or publisher's variables (POSSYNC_TERMINAL__..., the
         // publisher's POSSYNC_BACKEND__TOKEN) may be set in the same shell.
         figment = figment.merge(EnvText::ignoring(&[
-            "terminal", "status", "admin", "backend",
+            "terminal", "status", "admin", "backend", "uplink",
         ]));
         // Lossy: a number or boolean setting reads the text the environment holds.
         let config: Self = figment.extract_lossy()?;
@@ -262,6 +310,21 @@ impl ServiceConfig {
             return Err(ConfigError::OutOfRange {
                 key: "direct.queue_expiry_days",
                 problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry)",
+            });
+        }
+        if self.upstream.prefetch == 0 || self.upstream.offline_after_secs == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "upstream.prefetch and upstream.offline_after_secs",
+                problem: "must be at least 1",
+            });
+        }
+        if self.upstream.queue.is_empty()
+            || self.upstream.queue.starts_with("amq.")
+            || self.upstream.queue == self.direct.queue
+        {
+            return Err(ConfigError::OutOfRange {
+                key: "upstream.queue",
+                problem: "must be a queue name of its own that does not start with amq. (RabbitMQ reserves those)",
             });
         }
         if self.direct.queue.is_empty() || self.direct.queue.starts_with("amq.") {

@@ -20,15 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
-use possync_core::{Backoff, BrokerConfig, BrokerError, QueueType};
+use possync_core::{Backoff, BrokerConfig, BrokerError};
 use possync_sdk::Envelope;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -36,6 +29,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, ChangeRequest, SubmitError};
 use crate::config::DirectConfig;
 use crate::events;
+use crate::queue::{Next, QueueSpec, Session, Settle};
 use crate::service::stopped;
 use crate::storage::{IdempotencyKey, Outcome, Storage, StorageError};
 
@@ -49,7 +43,6 @@ const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::fr
 /// A change the database fails to store waits from 250 ms up to 5 s between
 /// tries.
 const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
-const PERSISTENT: u8 = 2;
 
 /// Consumes the backend's direct queue into a catalog.
 #[derive(Debug)]
@@ -67,15 +60,6 @@ pub(crate) struct Direct<S> {
 
 /// How often another catalog publishing to a store is logged again.
 const FOREIGN_EVERY: Duration = Duration::from_secs(60);
-
-/// What to do with a delivery once it was handled.
-#[derive(Debug, PartialEq, Eq)]
-enum Settle {
-    /// Done with (recorded, or nothing to record): acknowledge.
-    Ack,
-    /// It can never enter the catalog: dead-letter it with the reason.
-    DeadLetter(String),
-}
 
 /// Why a session with the broker ended.
 enum Ended {
@@ -98,6 +82,17 @@ impl<S: Storage> Direct<S> {
             catalog_id: std::sync::OnceLock::new(),
             foreign: AtomicU64::new(0),
             foreign_told: std::sync::Mutex::default(),
+        }
+    }
+
+    fn spec(&self) -> QueueSpec {
+        QueueSpec {
+            queue: self.config.queue.clone(),
+            binding: BINDING,
+            prefetch: self.config.prefetch,
+            expiry_days: Some(self.config.queue_expiry_days),
+            connection_name: "possync backend direct",
+            what: "declaring the backend's direct queue",
         }
     }
 
@@ -130,7 +125,7 @@ impl<S: Storage> Direct<S> {
         let mut offline_since: Option<Instant> = None;
         while !*stop.borrow() {
             let url = self.broker.urls[attempt as usize % self.broker.urls.len()].clone();
-            let err = match Session::open(&self.broker, &self.config, &url).await {
+            let err = match Session::open(&self.broker, &self.spec(), &url).await {
                 Ok(session) => {
                     attempt = 0;
                     offline_since = None;
@@ -156,36 +151,14 @@ impl<S: Storage> Direct<S> {
 
     async fn consume(&self, mut session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
         loop {
-            let next = tokio::select! {
-                next = session.consumer.next() => next,
-                () = stopped(stop) => {
+            let (batch, ended) = match session.next_batch(stop).await {
+                Next::Batch(batch, ended) => (batch, ended),
+                Next::Stopped => {
                     session.close().await;
                     return Ended::Stopped;
                 }
+                Next::Lost(err) => return Ended::Lost(err),
             };
-            let mut ended = None;
-            let mut batch = match next {
-                Some(Ok(delivery)) => vec![delivery],
-                Some(Err(err)) => {
-                    return Ended::Lost(BrokerError::from_lapin("receiving", &session.url, err));
-                }
-                None => return Ended::Lost(BrokerError::ConsumerCancelled),
-            };
-            // What else the broker delivered already, up to the prefetch.
-            while batch.len() < usize::from(self.config.prefetch) {
-                match session.consumer.next().now_or_never() {
-                    None => break,
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
-                    Some(Some(Err(err))) => {
-                        ended = Some(BrokerError::from_lapin("receiving", &session.url, err));
-                        break;
-                    }
-                    Some(None) => {
-                        ended = Some(BrokerError::ConsumerCancelled);
-                        break;
-                    }
-                }
-            }
             let Some(settles) = self.handle_batch(&batch, stop).await else {
                 // Stopping with changes not recorded: they go back to the queue.
                 session.close().await;
@@ -432,296 +405,6 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(text, "{b:02x}");
         text
     })
-}
-
-/// One connection to the broker: the consumer, and a channel with confirms
-/// for dead letters.
-struct Session {
-    connection: Connection,
-    channel: Channel,
-    dead_letters: Channel,
-    consumer: Consumer,
-    dead_letter_exchange: String,
-    dead_letter_queue: String,
-    url: String,
-    timeout_secs: u64,
-}
-
-impl Session {
-    async fn open(
-        broker: &BrokerConfig,
-        config: &DirectConfig,
-        url: &str,
-    ) -> Result<Self, BrokerError> {
-        let timeout = broker.confirm_timeout_secs;
-        let connection =
-            possync_core::connect_broker(broker, url, "possync backend direct").await?;
-        let channel = within(
-            timeout,
-            "opening a channel",
-            url,
-            connection.create_channel(),
-        )
-        .await?;
-        let dead_letter_exchange = format!("{}.dead_letter", broker.exchange);
-        let dead_letter_queue = format!("{}.dead_letter", config.queue);
-        if broker.declare_topology {
-            within(
-                timeout,
-                "declaring the backend's direct queue",
-                url,
-                declare(
-                    &channel,
-                    broker,
-                    config,
-                    &dead_letter_exchange,
-                    &dead_letter_queue,
-                ),
-            )
-            .await?;
-        }
-        within(
-            timeout,
-            "setting the prefetch",
-            url,
-            channel.basic_qos(config.prefetch, BasicQosOptions::default()),
-        )
-        .await?;
-        let dead_letters = within(
-            timeout,
-            "opening a channel",
-            url,
-            connection.create_channel(),
-        )
-        .await?;
-        within(
-            timeout,
-            "enabling publisher confirms",
-            url,
-            dead_letters.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
-        // Not exclusive: backend processes sharing a database share the queue.
-        let consumer = within(
-            timeout,
-            "starting the consumer",
-            url,
-            channel.basic_consume(
-                config.queue.as_str().into(),
-                "possync backend".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        Ok(Self {
-            connection,
-            channel,
-            dead_letters,
-            consumer,
-            dead_letter_exchange,
-            dead_letter_queue,
-            url: url.to_owned(),
-            timeout_secs: timeout,
-        })
-    }
-
-    /// Settles a batch after its commit: dead-letters each refused one
-    /// with its reason (if the dead letter cannot be published, rejects
-    /// the message to the queue's dead-letter exchange without a reason),
-    /// then acknowledges the rest with one `multiple` ack.
-    async fn settle_batch(
-        &self,
-        batch: &[Delivery],
-        settles: Vec<Settle>,
-    ) -> Result<(), BrokerError> {
-        let mut last_ack = None;
-        for (delivery, settle) in batch.iter().zip(settles) {
-            if let Settle::DeadLetter(reason) = settle
-                && let Err(err) = self.publish_dead_letter(delivery, &reason).await
-            {
-                events::dead_letter_fallback(&err);
-                within(
-                    self.timeout_secs,
-                    "rejecting",
-                    &self.url,
-                    self.channel.basic_nack(
-                        delivery.delivery_tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: false,
-                        },
-                    ),
-                )
-                .await?;
-                continue;
-            }
-            last_ack = Some(delivery.delivery_tag);
-        }
-        let Some(tag) = last_ack else {
-            return Ok(());
-        };
-        // Every delivery up to `tag` is this batch's: the channel delivers in order.
-        within(
-            self.timeout_secs,
-            "acknowledging",
-            &self.url,
-            self.channel
-                .basic_ack(tag, BasicAckOptions { multiple: true }),
-        )
-        .await
-    }
-
-    /// Publishes the delivery to the dead-letter queue with the reason;
-    /// the error says why it could not be.
-    async fn publish_dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), String> {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "x-possync-reason".into(),
-            AMQPValue::LongString(reason.into()),
-        );
-        headers.insert(
-            "x-possync-routing-key".into(),
-            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
-        );
-        let properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_content_type("application/json".into())
-            .with_headers(headers);
-        let confirm = within(
-            self.timeout_secs,
-            "dead-lettering a message",
-            &self.url,
-            self.dead_letters.basic_publish(
-                self.dead_letter_exchange.as_str().into(),
-                self.dead_letter_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties,
-            ),
-        )
-        .await
-        .map_err(|err| err.to_string())?;
-        let confirmation = within(
-            self.timeout_secs,
-            "dead-lettering a message",
-            &self.url,
-            confirm,
-        )
-        .await
-        .map_err(|err| err.to_string())?;
-        if confirmation.is_ack() {
-            Ok(())
-        } else {
-            Err("the broker refused the dead letter".into())
-        }
-    }
-
-    /// Closes the connection; an unacknowledged delivery returns to the queue.
-    async fn close(self) {
-        let _ = within(
-            self.timeout_secs,
-            "closing the connection",
-            &self.url,
-            self.connection.close(200, "backend stopping".into()),
-        )
-        .await;
-    }
-}
-
-/// Declares the exchange, the dead-letter exchange and queue, and the
-/// direct queue bound to every store's changes.
-async fn declare(
-    channel: &Channel,
-    broker: &BrokerConfig,
-    config: &DirectConfig,
-    dead_letter_exchange: &str,
-    dead_letter_queue: &str,
-) -> lapin::Result<()> {
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            broker.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            dead_letter_exchange.into(),
-            ExchangeKind::Direct,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    let expires_ms = i64::from(config.queue_expiry_days) * 24 * 3600 * 1000;
-    let mut limits = FieldTable::default();
-    // Dead letters are for people to read, bounded like a terminal's. No
-    // expiry of the queue itself: nothing consumes it to keep it alive.
-    limits.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
-    limits.insert("x-message-ttl".into(), AMQPValue::LongLongInt(expires_ms));
-    channel
-        .queue_declare(dead_letter_queue.into(), durable_queue, limits)
-        .await?;
-    channel
-        .queue_bind(
-            dead_letter_queue.into(),
-            dead_letter_exchange.into(),
-            dead_letter_queue.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(dead_letter_exchange.into()),
-    );
-    arguments.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(dead_letter_queue.into()),
-    );
-    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires_ms));
-    if broker.queue_type == QueueType::Quorum {
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    channel
-        .queue_declare(config.queue.as_str().into(), durable_queue, arguments)
-        .await?;
-    channel
-        .queue_bind(
-            config.queue.as_str().into(),
-            broker.exchange.as_str().into(),
-            BINDING.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-}
-
-/// Waits at most `seconds` for a broker operation: a broker that goes away
-/// can leave one hanging (lapin #409).
-async fn within<T>(
-    seconds: u64,
-    during: &'static str,
-    url: &str,
-    operation: impl Future<Output = lapin::Result<T>>,
-) -> Result<T, BrokerError> {
-    match tokio::time::timeout(Duration::from_secs(seconds), operation).await {
-        Err(_) => Err(BrokerError::Timeout { during, seconds }),
-        Ok(result) => result.map_err(|err| BrokerError::from_lapin(during, url, err)),
-    }
 }
 
 #[cfg(test)]

@@ -249,3 +249,56 @@ pub(crate) fn stopped() {
 pub(crate) fn failpoint(what: &str) {
     warn!(event = "failpoint", %what, "test hook fired (never set in production)");
 }
+
+pub(crate) fn upstream_live(queue: &str, binding: &str) {
+    info!(
+        event = "upstream_live",
+        %queue,
+        %binding,
+        "recording what terminals send upstream (orders, delivery receipts)"
+    );
+}
+
+/// Logged at warn on the first failure of a stretch, quietly per retry after.
+pub(crate) fn upstream_offline(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(
+            event = "upstream_offline",
+            %reason,
+            retry_in_ms,
+            "cannot read the upstream queue: terminals keep their orders in their outboxes and the fleet page goes stale; check the broker the reason names"
+        );
+    } else {
+        debug!(event = "upstream_offline", %reason, retry_in_ms, "still cannot read the upstream queue");
+    }
+}
+
+pub(crate) fn upstream_refused(routing_key: &str, reason: &str) {
+    warn!(
+        event = "upstream_refused",
+        %routing_key,
+        %reason,
+        "an upstream message was refused: dead-lettered with the reason"
+    );
+}
+
+/// Logged at error on the first failure, quietly per retry after.
+pub(crate) fn upstream_held(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        error!(
+            event = "upstream_held",
+            %reason,
+            retry_in_ms,
+            "cannot record upstream messages: they wait in the queue, unacknowledged, and are tried again"
+        );
+    } else {
+        debug!(event = "upstream_held", %reason, retry_in_ms, "still cannot record upstream messages");
+    }
+}
+
+pub(crate) fn upstream_unverified() {
+    warn!(
+        event = "upstream_unverified",
+        "upstream.verify_user is off: the backend accepts any terminal's messages from any broker user, as with shared development credentials; provision each terminal (`possync admin provision-terminal`) and turn it on in production"
+    );
+}

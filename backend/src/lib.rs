@@ -14,6 +14,8 @@ mod config;
 mod direct;
 mod events;
 mod failpoint;
+mod fleet;
+mod queue;
 mod relay;
 mod serve;
 mod service;
@@ -21,12 +23,17 @@ mod storage;
 #[cfg(test)]
 mod testing;
 pub mod token;
+mod upstream;
 
 pub use catalog::{Catalog, ChangeRequest, SubmitError};
-pub use config::{BackendConfig, DatabaseLocation, DirectConfig, RelayConfig, ServiceConfig};
+pub use config::{
+    BackendConfig, DatabaseLocation, DirectConfig, RelayConfig, ServiceConfig, UpstreamConfig,
+};
+pub use fleet::{Counters, FleetRules, Judged, TerminalState};
 pub use service::{ServiceError, run, run_with};
 
 pub use storage::{
     Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, PostgresStorage,
-    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TokenRecord,
+    ReceiptRecord, Received, SqliteStorage, Storage, StorageError, StoreHead, Submitted,
+    TerminalRecord, TokenRecord, UpstreamRecord,
 };

@@ -130,6 +130,16 @@ pub async fn run_with<S: Storage>(
         config.service.idempotency_days,
         stopped.clone(),
     ));
+    let counters = Arc::new(crate::fleet::Counters::default());
+    if config.upstream.enabled {
+        let upstream = crate::upstream::Upstream::new(
+            Arc::clone(&catalog),
+            config.broker.clone(),
+            config.upstream.clone(),
+            Arc::clone(&counters),
+        );
+        workers.spawn(upstream.run(stopped.clone()));
+    }
     if config.direct.enabled {
         let direct = Direct::new(
             Arc::clone(&catalog),
@@ -141,7 +151,11 @@ pub async fn run_with<S: Storage>(
 
     let server = crate::serve::serve(
         listener,
-        crate::api::router(Arc::clone(&catalog)),
+        crate::api::router_with(
+            Arc::clone(&catalog),
+            crate::fleet::FleetRules::of(&config.upstream),
+            counters,
+        ),
         crate::serve::Limits::default(),
         stopped.clone(),
     );

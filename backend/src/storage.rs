@@ -139,6 +139,73 @@ pub struct StoreHead {
     pub unpublished: i64,
 }
 
+/// A message a terminal sent upstream (an order), to record once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRecord {
+    /// The store.
+    pub store: String,
+    /// The terminal that sent it.
+    pub terminal: String,
+    /// Its type (`order`).
+    pub message_type: String,
+    /// Unique per message of its terminal: a copy is recorded once.
+    pub message_id: String,
+    /// When the POS app wrote it (RFC 3339, as the terminal sent it).
+    pub created_at: String,
+    /// Its payload (JSON text, checked by its plugin).
+    pub payload: String,
+}
+
+/// A recorded upstream message, as the API lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Its place among every message recorded: a client reads on after
+    /// the last cursor it saw.
+    pub cursor: i64,
+    /// The message.
+    pub record: UpstreamRecord,
+    /// When the backend recorded it (ms since the epoch).
+    pub received_ms: i64,
+}
+
+/// A terminal's delivery receipt, as the backend received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRecord {
+    /// The store.
+    pub store: String,
+    /// The terminal.
+    pub terminal: String,
+    /// What it reported.
+    pub receipt: possync_core::Receipt,
+    /// When the backend received it (ms since the epoch).
+    pub seen_ms: i64,
+}
+
+/// What the backend knows of one terminal, from its receipts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminalRecord {
+    /// The store.
+    pub store: String,
+    /// The terminal.
+    pub terminal: String,
+    /// Its first receipt (ms since the epoch).
+    pub first_seen_ms: i64,
+    /// Its latest receipt.
+    pub last_seen_ms: i64,
+    /// Every change of the store up to this `seq` is applied there.
+    pub applied_up_to: i64,
+    /// The highest `seq` applied there.
+    pub highest_applied: i64,
+    /// Messages in its quarantine.
+    pub quarantined: i64,
+    /// Rows in its outbox not yet sent.
+    pub outbox: i64,
+    /// When `applied_up_to` last moved (ms since the epoch).
+    pub applied_changed_ms: i64,
+    /// Its latest receipt said it was stopping.
+    pub stopping: bool,
+}
+
 /// A back office client's bearer token, as stored: never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -311,6 +378,48 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         hash: &str,
     ) -> impl Future<Output = Result<Option<TokenRecord>, StorageError>> + Send;
+
+    /// Records upstream messages in their order, each once: a message whose
+    /// (store, terminal, message id) is recorded already is left out. One
+    /// transaction, durable when this returns; per message, whether it was
+    /// new.
+    fn record_upstream(
+        &self,
+        messages: Vec<UpstreamRecord>,
+    ) -> impl Future<Output = Result<Vec<bool>, StorageError>> + Send;
+
+    /// A store's upstream messages after `after` (a cursor), oldest first,
+    /// at most `limit`; of one type when `message_type` names it.
+    fn upstream_after(
+        &self,
+        store: &str,
+        message_type: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Received>, StorageError>> + Send;
+
+    /// Records receipts: per terminal, the latest of a run (by its `n`)
+    /// wins; a receipt of another run replaces what an earlier run said.
+    fn record_receipts(
+        &self,
+        receipts: Vec<ReceiptRecord>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Every terminal that ever sent a receipt, by store then terminal; of
+    /// one store when `store` names it.
+    fn fleet(
+        &self,
+        store: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<TerminalRecord>, StorageError>> + Send;
+
+    /// Forgets a terminal (replaced, gone): the fleet and `--wait-applied`
+    /// no longer count it until it sends a receipt again. Whether it was
+    /// known.
+    fn forget_terminal(
+        &self,
+        store: &str,
+        terminal: &str,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::storage::{
-    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, SqliteStorage, Storage,
-    StorageError, StoreHead, Submitted, TokenRecord,
+    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received,
+    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord,
+    UpstreamRecord,
 };
 
 /// The storage; the folder lives as long as it.
@@ -26,6 +27,9 @@ pub(crate) struct Scripted {
     pub(crate) mark_delay: Mutex<Duration>,
     /// Marks still to fail, one per call.
     pub(crate) failing_marks: AtomicUsize,
+    /// Records of upstream messages still to fail, one per call, as a
+    /// database that cannot be reached fails.
+    pub(crate) failing_records: AtomicUsize,
 }
 
 impl Scripted {
@@ -42,6 +46,7 @@ impl Scripted {
             hang_after_commit: AtomicBool::new(false),
             mark_delay: Mutex::new(Duration::ZERO),
             failing_marks: AtomicUsize::new(0),
+            failing_records: AtomicUsize::new(0),
         }
     }
 }
@@ -124,5 +129,44 @@ impl Storage for Scripted {
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StorageError> {
         self.inner.token_by_hash(hash).await
+    }
+
+    async fn record_upstream(
+        &self,
+        messages: Vec<UpstreamRecord>,
+    ) -> Result<Vec<bool>, StorageError> {
+        let failing = self
+            .failing_records
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StorageError::Database(
+                "connection refused (scripted)".into(),
+            ));
+        }
+        self.inner.record_upstream(messages).await
+    }
+
+    async fn upstream_after(
+        &self,
+        store: &str,
+        message_type: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Received>, StorageError> {
+        self.inner
+            .upstream_after(store, message_type, after, limit)
+            .await
+    }
+
+    async fn record_receipts(&self, receipts: Vec<ReceiptRecord>) -> Result<(), StorageError> {
+        self.inner.record_receipts(receipts).await
+    }
+
+    async fn fleet(&self, store: Option<&str>) -> Result<Vec<TerminalRecord>, StorageError> {
+        self.inner.fleet(store).await
+    }
+
+    async fn forget_terminal(&self, store: &str, terminal: &str) -> Result<bool, StorageError> {
+        self.inner.forget_terminal(store, terminal).await
     }
 }

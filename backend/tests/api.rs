@@ -926,6 +926,43 @@ impl Storage for Unreachable {
         let answer = self.lookups_answer;
         async move { if answer { Ok(None) } else { down().await } }
     }
+    fn record_upstream(
+        &self,
+        _: Vec<possync_backend::UpstreamRecord>,
+    ) -> impl std::future::Future<Output = Result<Vec<bool>, StorageError>> + Send {
+        down()
+    }
+    fn upstream_after(
+        &self,
+        _: &str,
+        _: Option<&str>,
+        _: i64,
+        _: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<possync_backend::Received>, StorageError>> + Send
+    {
+        down()
+    }
+    fn record_receipts(
+        &self,
+        _: Vec<possync_backend::ReceiptRecord>,
+    ) -> impl std::future::Future<Output = Result<(), StorageError>> + Send {
+        down()
+    }
+    fn fleet(
+        &self,
+        _: Option<&str>,
+    ) -> impl std::future::Future<
+        Output = Result<Vec<possync_backend::TerminalRecord>, StorageError>,
+    > + Send {
+        down()
+    }
+    fn forget_terminal(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> impl std::future::Future<Output = Result<bool, StorageError>> + Send {
+        down()
+    }
 }
 
 #[test]
@@ -1016,12 +1053,17 @@ fn the_served_openapi_document_is_built_from_the_code_and_describes_every_route(
     assert_eq!(
         operations,
         [
+            "DELETE /v1/stores/{store}/terminals/{terminal}",
+            "GET /fleet",
             "GET /health",
             "GET /metrics",
             "GET /openapi.json",
+            "GET /v1/fleet",
             "GET /v1/stores",
+            "GET /v1/stores/{store}/applied",
             "GET /v1/stores/{store}/catalog",
             "GET /v1/stores/{store}/changes",
+            "GET /v1/stores/{store}/upstream",
             "POST /v1/changes",
             "POST /v1/stores/{store}/changes",
         ]

@@ -166,7 +166,11 @@ impl Admin {
         self.request(
             "PUT",
             &format!("/api/permissions/{}/{}", self.vhost_path(), encode(&user)),
-            Some(json!({ "configure": "^$", "write": "^$", "read": format!("^{queue}$") })),
+            Some(json!({
+                "configure": "^$",
+                "write": format!("^{}$", escape(&topology.exchange)),
+                "read": format!("^{queue}$"),
+            })),
             "setting the terminal's permissions",
         )?;
         self.request(
@@ -178,7 +182,12 @@ impl Admin {
             ),
             Some(json!({
                 "exchange": topology.exchange,
-                "write": "^$",
+                // Its own upstream keys only: never another terminal's, never a store's.
+                "write": format!(
+                    "^up\\.{}\\.{}\\.[a-z0-9_]{{1,64}}$",
+                    escape(license_key.as_str()),
+                    escape(terminal_id.as_str())
+                ),
                 "read": format!("^license\\.{}\\.", escape(license_key.as_str())),
             })),
             "setting the terminal's topic permissions",
@@ -208,7 +217,7 @@ impl Admin {
         output.fill(&file)?;
         Ok(Provisioned {
             summary: format!(
-                "broker user {user}: may read queue {} only (bound to {}); may not configure, publish or bind",
+                "broker user {user}: may read queue {} only (bound to {}) and publish upstream on up.{license_key}.{terminal_id}.<type> only; may not configure or bind",
                 topology.queue, topology.binding_key
             ),
             user,

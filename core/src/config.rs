@@ -16,7 +16,7 @@ use crate::redact::{redact_config_error, redact_secrets, redact_url};
 /// The sections of `possync backend`'s config that a terminal's or
 /// publisher's config does not have: their environment variables are the
 /// backend's, not errors here.
-const SERVICE_SECTIONS: &[&str] = &["service", "relay", "direct"];
+const SERVICE_SECTIONS: &[&str] = &["service", "relay", "direct", "upstream"];
 
 /// Everything possync can be configured with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The terminal's status endpoint and page.
     pub status: StatusConfig,
+    /// What a terminal sends to the back office: its outbox (orders) and
+    /// delivery receipts.
+    pub uplink: UplinkConfig,
     /// Built-in handlers switched on or off by name (`price = false`; those
     /// not named are on), and dynamic plugins loaded from a path
     /// (`[plugins.product_images] path = "..."`).
@@ -349,6 +352,43 @@ impl Default for StatusConfig {
     }
 }
 
+/// The `[uplink]` section: what a terminal sends to the back office on
+/// `up.<KEY>.<TERMINAL>.<type>`, as its own broker user. The rows the POS
+/// app writes to `possync_outbox` go up in order, each removed once the
+/// broker confirmed it; a receipt says how far the terminal has applied
+/// its store's changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Whether the terminal sends its outbox and receipts. A terminal whose
+    /// broker user may not publish (provisioned before the uplink existed)
+    /// logs why and keeps applying; provision it again.
+    pub enabled: bool,
+    /// How often the outbox is looked at for rows the POS app wrote (ms).
+    pub poll_ms: u64,
+    /// Most outbox rows sent per round, confirmed together.
+    pub batch: usize,
+    /// Fewest milliseconds between two receipts: receipts after commits
+    /// are coalesced to one per this interval.
+    pub receipt_interval_ms: u64,
+    /// A receipt is sent at least this often while nothing changes, so the
+    /// back office knows the terminal is up (it shows it offline after
+    /// about three missed).
+    pub heartbeat_secs: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_ms: 100,
+            batch: 500,
+            receipt_interval_ms: 1000,
+            heartbeat_secs: 3,
+        }
+    }
+}
+
 /// How a terminal's queue outlives the terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -589,6 +629,12 @@ impl Config {
             return Err(ConfigError::OutOfRange {
                 key: "terminal.quarantine_max_rows and terminal.quarantine_max_days",
                 problem: "must be at least 1: the quarantine table is where an operator reads why a message was dead-lettered",
+            });
+        }
+        if self.uplink.poll_ms == 0 || self.uplink.batch == 0 || self.uplink.heartbeat_secs == 0 {
+            return Err(ConfigError::OutOfRange {
+                key: "uplink.poll_ms, uplink.batch and uplink.heartbeat_secs",
+                problem: "must be at least 1",
             });
         }
         if let Some(backend) = &self.backend {

@@ -215,3 +215,35 @@ pub(crate) fn database_locked_at_start() {
 pub(crate) fn startup_prune_failed(reason: &str) {
     warn!(event = "startup_prune_failed", %reason, "could not prune old message ids at start; the running terminal tries again");
 }
+
+pub(crate) fn uplink_live(broker: &str, user: &str) {
+    info!(event = "uplink_live", %broker, %user, "uplink connected: sending the outbox and delivery receipts upstream");
+}
+
+/// Logged at warn when the uplink loses the broker, then quietly per retry.
+pub(crate) fn uplink_offline(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(event = "uplink_offline", %reason, retry_in_ms, "uplink cannot send upstream: will reconnect (outbox rows wait in the database; a refused permission means this terminal's broker user predates the uplink: run `possync admin provision-terminal` again)");
+    } else {
+        debug!(event = "uplink_offline", %reason, retry_in_ms, "uplink still cannot send upstream");
+    }
+}
+
+pub(crate) fn uplink_off(reason: &str) {
+    error!(event = "uplink_off", %reason, "uplink stopped: outbox rows and receipts are not sent");
+}
+
+pub(crate) fn uplink_outbox_failed(reason: &str) {
+    warn!(event = "uplink_outbox_failed", %reason, "cannot read or clear the outbox: trying again");
+}
+
+pub(crate) fn uplink_sent(rows: usize) {
+    debug!(
+        event = "uplink_sent",
+        rows, "outbox rows confirmed by the broker and removed"
+    );
+}
+
+pub(crate) fn uplink_unroutable(routing_key: &str, retry_in_secs: u64) {
+    warn!(event = "uplink_unroutable", %routing_key, retry_in_secs, "no queue took an outbox row: is `possync backend` running with its upstream consumer? the row stays in the outbox and is sent again");
+}

@@ -38,13 +38,15 @@ mod telemetry;
 mod terminal;
 mod topology;
 mod transaction;
+mod uplink;
+mod upstream;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use backoff::Backoff;
 pub use config::{
     AdminConfig, BackendLink, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin,
     LoadedConfig, PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings,
-    TlsNeedsAmqps,
+    TlsNeedsAmqps, UplinkConfig,
 };
 pub use config_env::EnvText;
 pub use connection::{BrokerError, connect as connect_broker};
@@ -63,3 +65,7 @@ pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms}
 pub use telemetry::{LogFormat, init_logging};
 pub use terminal::{Terminal, TerminalError};
 pub use topology::{TerminalTopology, routing_key};
+pub use upstream::{
+    RECEIPT_TYPE, Receipt, UPSTREAM_BINDING, UpstreamMessage, expected_user, parse_upstream_key,
+    upstream_key,
+};

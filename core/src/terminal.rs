@@ -59,6 +59,9 @@ pub struct Terminal {
 /// 60 s heartbeats, after which the broker has dropped a dead connection.
 const ALREADY_RUNNING_GRACE: Duration = Duration::from_secs(180);
 
+/// How long a stopping terminal waits for its uplink's last receipt.
+const UPLINK_STOP: Duration = Duration::from_secs(3);
+
 /// What the status shows as the broker of an in-process terminal.
 const IN_PROCESS: &str = "in-process (no broker)";
 
@@ -179,6 +182,20 @@ impl Terminal {
             .map_err(|source| TerminalError::StatusListen { address, source })?;
             server = Some(tokio::spawn(endpoint.run()));
         }
+        let (stop_uplink, uplink_stop) = tokio::sync::watch::channel(false);
+        let uplink = (matches!(transport, Transport::Broker) && config.uplink.enabled).then(|| {
+            tokio::spawn(
+                crate::uplink::Uplink {
+                    broker: config.broker.clone(),
+                    config: config.uplink.clone(),
+                    license_key: settings.license_key().clone(),
+                    terminal_id: settings.terminal_id().clone(),
+                    database: config.terminal.database.clone(),
+                    status: status.subscribe(),
+                }
+                .run(uplink_stop),
+            )
+        });
         let reporter = Reporter::new(&applier, &status, identity);
         reporter.set(State::Connecting, None).await;
         let mut shutdown = pin!(shutdown);
@@ -262,6 +279,12 @@ impl Terminal {
             }
         };
         reporter.set(State::Stopped, None).await;
+        let _ = stop_uplink.send(true);
+        if let Some(uplink) = uplink {
+            // Its last receipt says the terminal stops; bounded, as the
+            // broker may be gone.
+            let _ = tokio::time::timeout(UPLINK_STOP, uplink).await;
+        }
         if let Some(server) = server {
             server.abort();
             // Gone with its port and its connections before this returns: a

@@ -7,7 +7,8 @@ use std::pin::Pin;
 
 use crate::catalog::{Catalog, ChangeRequest, SubmitError};
 use crate::storage::{
-    CatalogEntry, Change, IdempotencyKey, Storage, StorageError, StoreHead, Submitted, TokenRecord,
+    CatalogEntry, Change, IdempotencyKey, Received, Storage, StorageError, StoreHead, Submitted,
+    TerminalRecord, TokenRecord,
 };
 
 pub(super) type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -38,6 +39,25 @@ pub(super) trait Access: Send + Sync + 'static {
 
     /// The message types of the enabled plugins, sorted.
     fn message_types(&self) -> Vec<String>;
+
+    fn upstream_after<'a>(
+        &'a self,
+        store: &'a str,
+        message_type: Option<&'a str>,
+        after: i64,
+        limit: usize,
+    ) -> Boxed<'a, Result<Vec<Received>, StorageError>>;
+
+    fn fleet<'a>(
+        &'a self,
+        store: Option<&'a str>,
+    ) -> Boxed<'a, Result<Vec<TerminalRecord>, StorageError>>;
+
+    fn forget_terminal<'a>(
+        &'a self,
+        store: &'a str,
+        terminal: &'a str,
+    ) -> Boxed<'a, Result<bool, StorageError>>;
 }
 
 impl<S: Storage> Access for Catalog<S> {
@@ -71,6 +91,34 @@ impl<S: Storage> Access for Catalog<S> {
         hash: &'a str,
     ) -> Boxed<'a, Result<Option<TokenRecord>, StorageError>> {
         Box::pin(self.storage().token_by_hash(hash))
+    }
+
+    fn upstream_after<'a>(
+        &'a self,
+        store: &'a str,
+        message_type: Option<&'a str>,
+        after: i64,
+        limit: usize,
+    ) -> Boxed<'a, Result<Vec<Received>, StorageError>> {
+        Box::pin(
+            self.storage()
+                .upstream_after(store, message_type, after, limit),
+        )
+    }
+
+    fn fleet<'a>(
+        &'a self,
+        store: Option<&'a str>,
+    ) -> Boxed<'a, Result<Vec<TerminalRecord>, StorageError>> {
+        Box::pin(self.storage().fleet(store))
+    }
+
+    fn forget_terminal<'a>(
+        &'a self,
+        store: &'a str,
+        terminal: &'a str,
+    ) -> Boxed<'a, Result<bool, StorageError>> {
+        Box::pin(self.storage().forget_terminal(store, terminal))
     }
 
     fn message_types(&self) -> Vec<String> {

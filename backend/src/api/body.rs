@@ -238,3 +238,137 @@ pub(super) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })?;
     Ok(value)
 }
+
+/// Which upstream messages to read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ReceivedQuery {
+    /// Only messages with a greater cursor (0: from the first).
+    #[param(minimum = 0)]
+    #[serde(default)]
+    pub(super) after: i64,
+    /// Only messages of this type (`order`); every type when absent.
+    #[serde(rename = "type")]
+    #[param(pattern = r"^[a-z0-9_]{1,64}$")]
+    pub(super) message_type: Option<String>,
+    /// At most this many messages (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub(super) limit: Option<usize>,
+}
+
+/// One message a terminal sent upstream.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ReceivedEntry {
+    /// Its place among the messages recorded: read on after the last one.
+    pub(super) cursor: i64,
+    /// The terminal that sent it.
+    pub(super) terminal: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub(super) message_type: String,
+    /// Unique per message of its terminal.
+    pub(super) message_id: String,
+    /// When the POS app wrote it (RFC 3339, the terminal's clock).
+    pub(super) created_at: String,
+    /// When the backend recorded it (ms since the Unix epoch).
+    pub(super) received_ms: i64,
+    /// The message's content, as its plugin defines it.
+    #[schema(value_type = Object)]
+    pub(super) payload: Value,
+}
+
+/// A store's upstream messages after a cursor.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ReceivedBody {
+    /// The store.
+    pub(super) store: String,
+    /// The messages, oldest first.
+    pub(super) messages: Vec<ReceivedEntry>,
+    /// The cursor to read on after: the last message's, or the request's
+    /// `after` when there was none.
+    pub(super) next_after: i64,
+}
+
+/// Which fleet, in which order.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct FleetQuery {
+    /// `lag` (default): the stores and terminals furthest behind first;
+    /// `name`: by store and terminal.
+    #[param(pattern = "^(lag|name)$")]
+    pub(super) sort: Option<String>,
+}
+
+/// One terminal of the fleet.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TerminalBody {
+    /// The terminal's id.
+    pub(super) terminal: String,
+    /// `live`, `offline` or `stalled`.
+    pub(super) state: String,
+    /// Changes of its store's head it has not applied.
+    pub(super) lag: i64,
+    /// Every change of the store up to this sequence number is applied there.
+    pub(super) applied_up_to: i64,
+    /// The highest sequence number applied there.
+    pub(super) highest_applied: i64,
+    /// Its latest receipt (ms since the Unix epoch).
+    pub(super) last_seen_ms: i64,
+    /// Offline since (ms since the Unix epoch), when offline.
+    pub(super) offline_since_ms: Option<i64>,
+    /// Messages in its quarantine.
+    pub(super) quarantined: i64,
+    /// Rows of its outbox not yet sent.
+    pub(super) outbox: i64,
+}
+
+/// One store of the fleet.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct FleetStore {
+    /// The store's license key.
+    pub(super) store: String,
+    /// Its highest sequence number given out.
+    pub(super) head: i64,
+    /// The most any of its terminals is behind.
+    pub(super) max_lag: i64,
+    /// Its terminals.
+    pub(super) terminals: Vec<TerminalBody>,
+}
+
+/// Every store's terminals.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct FleetBody {
+    /// The stores with a terminal that reported, as sorted.
+    pub(super) stores: Vec<FleetStore>,
+    /// The backend's clock (ms since the Unix epoch).
+    pub(super) now_ms: i64,
+}
+
+/// Which sequence number to wait for.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct AppliedQuery {
+    /// The sequence number every terminal of the store must have applied.
+    #[param(minimum = 1)]
+    pub(super) seq: i64,
+    /// Seconds to wait for it (0 to 50; default 0: answer at once).
+    #[param(minimum = 0, maximum = 50)]
+    #[serde(default)]
+    pub(super) wait: u64,
+}
+
+/// Whether a store's terminals applied a sequence number.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct AppliedBody {
+    /// The store.
+    pub(super) store: String,
+    /// The sequence number asked about.
+    pub(super) seq: i64,
+    /// Every known terminal of the store applied it (true too when the
+    /// store has no known terminal: see `terminals`).
+    pub(super) complete: bool,
+    /// The store's known terminals (those that ever sent a receipt).
+    pub(super) terminals: Vec<TerminalBody>,
+    /// The terminals that have not applied it.
+    pub(super) pending: Vec<String>,
+}

@@ -43,6 +43,11 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
     }
 
+    /// 404: what the request names does not exist.
+    pub(super) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
     /// 401: no `Authorization` header.
     pub(super) fn no_token() -> Self {
         Self::new(

@@ -35,6 +35,12 @@ struct StoreLabels {
     store: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    store: String,
+    state: String,
+}
+
 /// The API's counters.
 #[derive(Debug)]
 pub(super) struct Metrics {
@@ -46,8 +52,9 @@ pub(super) struct Metrics {
 }
 
 impl Metrics {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(counters: &crate::fleet::Counters) -> Self {
         let mut registry = Registry::default();
+        counters.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "possync_backend_http_requests",
@@ -100,8 +107,12 @@ impl Metrics {
         self.refused.get_or_create(&RefusedLabels { status }).inc();
     }
 
-    /// The counters, then `heads` as gauges.
-    pub(super) fn render(&self, heads: &[StoreHead]) -> Result<String, fmt::Error> {
+    /// The counters, then `heads` and `fleet` as gauges.
+    pub(super) fn render(
+        &self,
+        heads: &[StoreHead],
+        fleet: &[super::fleet::StoreSummary],
+    ) -> Result<String, fmt::Error> {
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)?;
         let mut stores = Registry::default();
@@ -123,6 +134,46 @@ impl Metrics {
             };
             head.get_or_create(&labels).set(store.head);
             unpublished.get_or_create(&labels).set(store.unpublished);
+        }
+        let terminals = Family::<StateLabels, Gauge>::default();
+        let max_lag = Family::<StoreLabels, Gauge>::default();
+        let quarantined = Family::<StoreLabels, Gauge>::default();
+        let outbox = Family::<StoreLabels, Gauge>::default();
+        stores.register(
+            "possync_backend_fleet_terminals",
+            "The store's terminals, by state (live, offline, stalled).",
+            terminals.clone(),
+        );
+        stores.register(
+            "possync_backend_fleet_max_lag",
+            "The most changes of the store's head any of its terminals has not applied.",
+            max_lag.clone(),
+        );
+        stores.register(
+            "possync_backend_fleet_quarantined",
+            "Messages in the quarantines of the store's terminals.",
+            quarantined.clone(),
+        );
+        stores.register(
+            "possync_backend_fleet_outbox",
+            "Rows waiting in the outboxes of the store's terminals.",
+            outbox.clone(),
+        );
+        for summary in fleet {
+            let labels = StoreLabels {
+                store: summary.store.clone(),
+            };
+            for (state, count) in &summary.states {
+                terminals
+                    .get_or_create(&StateLabels {
+                        store: summary.store.clone(),
+                        state: (*state).to_owned(),
+                    })
+                    .set(*count);
+            }
+            max_lag.get_or_create(&labels).set(summary.max_lag);
+            quarantined.get_or_create(&labels).set(summary.quarantined);
+            outbox.get_or_create(&labels).set(summary.outbox);
         }
         prometheus_text::encode(&mut text, &stores)?;
         Ok(text)

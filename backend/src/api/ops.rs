@@ -78,7 +78,8 @@ pub(super) async fn metrics(
         .heads()
         .await
         .map_err(|err| ApiError::unavailable(&err))?;
-    let text = shared.metrics.render(&heads).map_err(|err| {
+    let fleet = super::fleet::summaries(&shared, &heads).await?;
+    let text = shared.metrics.render(&heads, &fleet).map_err(|err| {
         ApiError::unavailable(&crate::StorageError::Database(format!(
             "cannot encode the metrics: {err}"
         )))

@@ -17,8 +17,8 @@ use tokio_postgres::{Client, Config, NoTls, Row};
 
 use super::plan::{self, Before, StoredEntity};
 use super::{
-    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Storage, StorageError, StoreHead,
-    Submitted, TokenRecord, answer,
+    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received, Storage,
+    StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord, UpstreamRecord, answer,
 };
 
 /// Connections kept for concurrent requests.
@@ -128,6 +128,38 @@ const MIGRATIONS: &[&str] = &[
     -- catalog's sequence per store and refuse another's.
     CREATE TABLE catalog_identity (id text NOT NULL);
     INSERT INTO catalog_identity (id) SELECT replace(gen_random_uuid()::text, '-', '');
+",
+    r"
+    -- What terminals sent upstream, each message once; cursor orders them.
+    CREATE TABLE upstream (
+        cursor bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        store text NOT NULL,
+        terminal text NOT NULL,
+        message_type text NOT NULL,
+        message_id text NOT NULL,
+        created_at text NOT NULL,
+        received_ms bigint NOT NULL,
+        payload text NOT NULL CHECK (payload::json IS NOT NULL),
+        UNIQUE (store, terminal, message_id)
+    );
+    CREATE INDEX upstream_store ON upstream (store, cursor);
+
+    -- Each terminal's latest receipt.
+    CREATE TABLE fleet (
+        store text NOT NULL,
+        terminal text NOT NULL,
+        first_seen_ms bigint NOT NULL,
+        last_seen_ms bigint NOT NULL,
+        applied_up_to bigint NOT NULL,
+        highest_applied bigint NOT NULL,
+        quarantined bigint NOT NULL,
+        outbox bigint NOT NULL,
+        applied_changed_ms bigint NOT NULL,
+        stopping boolean NOT NULL,
+        run text NOT NULL,
+        n bigint NOT NULL,
+        PRIMARY KEY (store, terminal)
+    );
 ",
 ];
 
@@ -756,6 +788,178 @@ impl Storage for PostgresStorage {
             .execute("DELETE FROM tokens WHERE name = $1", &[&name])
             .await
             .map_err(failed("cannot revoke the token"))?;
+        Ok(removed > 0)
+    }
+
+    async fn record_upstream(
+        &self,
+        messages: Vec<UpstreamRecord>,
+    ) -> Result<Vec<bool>, StorageError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = failed("cannot record upstream messages");
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(&sql)?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO upstream (store, terminal, message_type, message_id, created_at,
+                    received_ms, payload)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (store, terminal, message_id) DO NOTHING",
+            )
+            .await
+            .map_err(&sql)?;
+        let now = possync_core::unix_now_ms();
+        let mut new = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let inserted = tx
+                .execute(
+                    &insert,
+                    &[
+                        &m.store,
+                        &m.terminal,
+                        &m.message_type,
+                        &m.message_id,
+                        &m.created_at,
+                        &now,
+                        &m.payload,
+                    ],
+                )
+                .await
+                .map_err(&sql)?;
+            new.push(inserted > 0);
+        }
+        tx.commit().await.map_err(&sql)?;
+        Ok(new)
+    }
+
+    async fn upstream_after(
+        &self,
+        store: &str,
+        message_type: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Received>, StorageError> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "SELECT cursor, store, terminal, message_type, message_id, created_at, payload,
+                    received_ms
+                 FROM upstream
+                 WHERE store = $1 AND cursor > $2 AND ($3::text IS NULL OR message_type = $3)
+                 ORDER BY cursor LIMIT $4",
+                &[&store, &after, &message_type, &limit],
+            )
+            .await
+            .map_err(failed("cannot read upstream messages"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(Received {
+                    cursor: col(row, 0)?,
+                    record: UpstreamRecord {
+                        store: col(row, 1)?,
+                        terminal: col(row, 2)?,
+                        message_type: col(row, 3)?,
+                        message_id: col(row, 4)?,
+                        created_at: col(row, 5)?,
+                        payload: col(row, 6)?,
+                    },
+                    received_ms: col(row, 7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_receipts(&self, receipts: Vec<ReceiptRecord>) -> Result<(), StorageError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let sql = failed("cannot record receipts");
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(&sql)?;
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO fleet (store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
+                    highest_applied, quarantined, outbox, applied_changed_ms, stopping, run, n)
+                 VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $3, $8, $9, $10)
+                 ON CONFLICT (store, terminal) DO UPDATE SET
+                    last_seen_ms = GREATEST(fleet.last_seen_ms, excluded.last_seen_ms),
+                    applied_changed_ms = CASE WHEN excluded.applied_up_to <> fleet.applied_up_to
+                        THEN excluded.last_seen_ms ELSE fleet.applied_changed_ms END,
+                    applied_up_to = excluded.applied_up_to,
+                    highest_applied = excluded.highest_applied,
+                    quarantined = excluded.quarantined,
+                    outbox = excluded.outbox,
+                    stopping = excluded.stopping,
+                    run = excluded.run,
+                    n = excluded.n
+                 WHERE excluded.run <> fleet.run OR excluded.n > fleet.n",
+            )
+            .await
+            .map_err(&sql)?;
+        for r in &receipts {
+            let receipt = &r.receipt;
+            tx.execute(
+                &upsert,
+                &[
+                    &r.store,
+                    &r.terminal,
+                    &r.seen_ms,
+                    &receipt.applied_up_to,
+                    &receipt.highest_applied,
+                    &i64::try_from(receipt.quarantined).unwrap_or(i64::MAX),
+                    &i64::try_from(receipt.outbox).unwrap_or(i64::MAX),
+                    &receipt.stopping,
+                    &receipt.run,
+                    &i64::try_from(receipt.n).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        tx.commit().await.map_err(&sql)
+    }
+
+    async fn fleet(&self, store: Option<&str>) -> Result<Vec<TerminalRecord>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
+                    highest_applied, quarantined, outbox, applied_changed_ms, stopping
+                 FROM fleet WHERE $1::text IS NULL OR store = $1 ORDER BY store, terminal",
+                &[&store],
+            )
+            .await
+            .map_err(failed("cannot read the fleet"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(TerminalRecord {
+                    store: col(row, 0)?,
+                    terminal: col(row, 1)?,
+                    first_seen_ms: col(row, 2)?,
+                    last_seen_ms: col(row, 3)?,
+                    applied_up_to: col(row, 4)?,
+                    highest_applied: col(row, 5)?,
+                    quarantined: col(row, 6)?,
+                    outbox: col(row, 7)?,
+                    applied_changed_ms: col(row, 8)?,
+                    stopping: col(row, 9)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_terminal(&self, store: &str, terminal: &str) -> Result<bool, StorageError> {
+        let client = self.client().await?;
+        let removed = client
+            .execute(
+                "DELETE FROM fleet WHERE store = $1 AND terminal = $2",
+                &[&store, &terminal],
+            )
+            .await
+            .map_err(failed("cannot forget the terminal"))?;
         Ok(removed > 0)
     }
 

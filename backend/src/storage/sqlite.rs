@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::plan::{self, Before, StoredEntity};
 use super::{
-    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Storage, StorageError, StoreHead,
-    Submitted, TokenRecord, answer,
+    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received, Storage,
+    StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord, UpstreamRecord, answer,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -105,6 +105,38 @@ const MIGRATIONS: &[&str] = &[
     -- catalog's sequence per store and refuse another's.
     CREATE TABLE catalog_identity (id TEXT NOT NULL);
     INSERT INTO catalog_identity (id) SELECT lower(hex(randomblob(16)));
+",
+    r"
+    -- What terminals sent upstream, each message once; cursor orders them.
+    CREATE TABLE upstream (
+        cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+        store TEXT NOT NULL,
+        terminal TEXT NOT NULL,
+        message_type TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        payload TEXT NOT NULL CHECK (json_valid(payload)),
+        UNIQUE (store, terminal, message_id)
+    );
+    CREATE INDEX upstream_store ON upstream (store, cursor);
+
+    -- Each terminal's latest receipt.
+    CREATE TABLE fleet (
+        store TEXT NOT NULL,
+        terminal TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        applied_up_to INTEGER NOT NULL,
+        highest_applied INTEGER NOT NULL,
+        quarantined INTEGER NOT NULL,
+        outbox INTEGER NOT NULL,
+        applied_changed_ms INTEGER NOT NULL,
+        stopping INTEGER NOT NULL,
+        run TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (store, terminal)
+    ) WITHOUT ROWID;
 ",
 ];
 
@@ -891,6 +923,132 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn record_upstream(
+        &self,
+        messages: Vec<UpstreamRecord>,
+    ) -> Result<Vec<bool>, StorageError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.record_upstream_now(messages).await
+    }
+
+    async fn upstream_after(
+        &self,
+        store: &str,
+        message_type: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Received>, StorageError> {
+        let store = store.to_owned();
+        let message_type = message_type.map(str::to_owned);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            let sql = failed("cannot read upstream messages");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT cursor, store, terminal, message_type, message_id, created_at,
+                        payload, received_ms
+                     FROM upstream
+                     WHERE store = ?1 AND cursor > ?2 AND (?3 IS NULL OR message_type = ?3)
+                     ORDER BY cursor LIMIT ?4",
+                )
+                .map_err(&sql)?;
+            let rows = stmt
+                .query_map(params![store, after, message_type, limit], |row| {
+                    Ok(Received {
+                        cursor: row.get(0)?,
+                        record: UpstreamRecord {
+                            store: row.get(1)?,
+                            terminal: row.get(2)?,
+                            message_type: row.get(3)?,
+                            message_id: row.get(4)?,
+                            created_at: row.get(5)?,
+                            payload: row.get(6)?,
+                        },
+                        received_ms: row.get(7)?,
+                    })
+                })
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn record_receipts(&self, receipts: Vec<ReceiptRecord>) -> Result<(), StorageError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        self.run(move |inner| {
+            let sql = failed("cannot record receipts");
+            let mut connection = inner.durable_writer().map_err(&sql)?;
+            let transaction = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&sql)?;
+            {
+                let mut stmt = transaction.prepare_cached(RECORD_RECEIPT).map_err(&sql)?;
+                for r in &receipts {
+                    let receipt = &r.receipt;
+                    stmt.execute(params![
+                        r.store,
+                        r.terminal,
+                        r.seen_ms,
+                        receipt.applied_up_to,
+                        receipt.highest_applied,
+                        i64::try_from(receipt.quarantined).unwrap_or(i64::MAX),
+                        i64::try_from(receipt.outbox).unwrap_or(i64::MAX),
+                        receipt.stopping,
+                        receipt.run,
+                        i64::try_from(receipt.n).unwrap_or(i64::MAX),
+                    ])
+                    .map_err(&sql)?;
+                }
+            }
+            transaction.commit().map_err(&sql)
+        })
+        .await
+    }
+
+    async fn fleet(&self, store: Option<&str>) -> Result<Vec<TerminalRecord>, StorageError> {
+        let store = store.map(str::to_owned);
+        self.run(move |inner| {
+            let sql = failed("cannot read the fleet");
+            let connection = inner.reader();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
+                        highest_applied, quarantined, outbox, applied_changed_ms, stopping
+                     FROM fleet WHERE ?1 IS NULL OR store = ?1 ORDER BY store, terminal",
+                )
+                .map_err(&sql)?;
+            let rows = stmt
+                .query_map([store], terminal_from_row)
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn forget_terminal(&self, store: &str, terminal: &str) -> Result<bool, StorageError> {
+        let (store, terminal) = (store.to_owned(), terminal.to_owned());
+        self.run(move |inner| {
+            let sql = failed("cannot forget the terminal");
+            let removed = inner
+                .durable_writer()
+                .map_err(&sql)?
+                .execute(
+                    "DELETE FROM fleet WHERE store = ? AND terminal = ?",
+                    [&store, &terminal],
+                )
+                .map_err(&sql)?;
+            Ok(removed > 0)
+        })
+        .await
+    }
+
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StorageError> {
         let hash = hash.to_owned();
         self.run(move |inner| {
@@ -900,6 +1058,83 @@ impl Storage for SqliteStorage {
                 .and_then(|mut stmt| stmt.query_row([&hash], token_from_row).optional())
                 .map_err(failed("cannot look the token up"))?;
             found.map(with_stores).transpose()
+        })
+        .await
+    }
+}
+
+/// The latest receipt of a run wins; another run's replaces it.
+const RECORD_RECEIPT: &str = "
+    INSERT INTO fleet (store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
+        highest_applied, quarantined, outbox, applied_changed_ms, stopping, run, n)
+    VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?3, ?8, ?9, ?10)
+    ON CONFLICT (store, terminal) DO UPDATE SET
+        last_seen_ms = max(fleet.last_seen_ms, excluded.last_seen_ms),
+        applied_changed_ms = CASE WHEN excluded.applied_up_to != fleet.applied_up_to
+            THEN excluded.last_seen_ms ELSE fleet.applied_changed_ms END,
+        applied_up_to = excluded.applied_up_to,
+        highest_applied = excluded.highest_applied,
+        quarantined = excluded.quarantined,
+        outbox = excluded.outbox,
+        stopping = excluded.stopping,
+        run = excluded.run,
+        n = excluded.n
+    WHERE excluded.run != fleet.run OR excluded.n > fleet.n";
+
+fn terminal_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TerminalRecord> {
+    Ok(TerminalRecord {
+        store: row.get(0)?,
+        terminal: row.get(1)?,
+        first_seen_ms: row.get(2)?,
+        last_seen_ms: row.get(3)?,
+        applied_up_to: row.get(4)?,
+        highest_applied: row.get(5)?,
+        quarantined: row.get(6)?,
+        outbox: row.get(7)?,
+        applied_changed_ms: row.get(8)?,
+        stopping: row.get(9)?,
+    })
+}
+
+impl SqliteStorage {
+    async fn record_upstream_now(
+        &self,
+        messages: Vec<UpstreamRecord>,
+    ) -> Result<Vec<bool>, StorageError> {
+        self.run(move |inner| {
+            let sql = failed("cannot record upstream messages");
+            let mut connection = inner.durable_writer().map_err(&sql)?;
+            let transaction = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&sql)?;
+            let now = unix_now_ms();
+            let mut new = Vec::with_capacity(messages.len());
+            {
+                let mut stmt = transaction
+                    .prepare_cached(
+                        "INSERT INTO upstream (store, terminal, message_type, message_id,
+                            created_at, received_ms, payload)
+                         VALUES (?, ?, ?, ?, ?, ?, ?)
+                         ON CONFLICT (store, terminal, message_id) DO NOTHING",
+                    )
+                    .map_err(&sql)?;
+                for m in &messages {
+                    let inserted = stmt
+                        .execute(params![
+                            m.store,
+                            m.terminal,
+                            m.message_type,
+                            m.message_id,
+                            m.created_at,
+                            now,
+                            m.payload
+                        ])
+                        .map_err(&sql)?;
+                    new.push(inserted > 0);
+                }
+            }
+            transaction.commit().map_err(&sql)?;
+            Ok(new)
         })
         .await
     }

@@ -1,0 +1,386 @@
+//! The upstream consumer: records what terminals send on
+//! `up.<KEY>.<TERMINAL>.<type>`, orders and the other upstream types
+//! through their plugins, delivery receipts in the fleet.
+//!
+//! A message is accepted only when its routing key, its body and (unless
+//! `upstream.verify_user` is off) its AMQP `user_id` all name the same
+//! store and terminal: RabbitMQ checks `user_id` against the sender's
+//! connection, so a terminal cannot speak for another. A message is
+//! recorded once by (store, terminal, message id), in one transaction per
+//! batch, and acknowledged only after that commit. One that can never be
+//! recorded is dead-lettered with the reason and counted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use possync_core::{
+    Backoff, BrokerConfig, BrokerError, RECEIPT_TYPE, Receipt, UPSTREAM_BINDING, UpstreamMessage,
+    expected_user, parse_upstream_key, unix_now_ms,
+};
+use tokio::sync::watch;
+
+use crate::catalog::Catalog;
+use crate::config::UpstreamConfig;
+use crate::events;
+use crate::fleet::Counters;
+use crate::queue::{Next, QueueSpec, Session, Settle};
+use crate::service::stopped;
+use crate::storage::{ReceiptRecord, Storage, StorageError, UpstreamRecord};
+
+/// Reconnects wait from 250 ms up to 30 s (a broker restart).
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+/// A batch the database fails to store waits from 250 ms up to 5 s between
+/// tries.
+const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+
+/// The longest message id recorded.
+const MAX_MESSAGE_ID: usize = 128;
+
+/// Consumes the backend's upstream queue.
+pub(crate) struct Upstream<S> {
+    catalog: Arc<Catalog<S>>,
+    broker: BrokerConfig,
+    config: UpstreamConfig,
+    counters: Arc<Counters>,
+    /// The backend's own broker user: a message from it failed the identity
+    /// check because terminals share the backend's credentials.
+    own_user: String,
+}
+
+/// What a delivery is.
+#[derive(Debug, PartialEq)]
+enum Read {
+    /// A message to record.
+    Message(UpstreamRecord),
+    /// A receipt.
+    Receipt(ReceiptRecord),
+}
+
+/// Why a delivery was refused: the reason, and the name it is counted by.
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    reason: String,
+    kind: &'static str,
+}
+
+fn refused(kind: &'static str, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        reason: reason.into(),
+        kind,
+    }
+}
+
+/// Why a session ended.
+enum Ended {
+    Stopped,
+    Lost(BrokerError),
+}
+
+impl<S: Storage> Upstream<S> {
+    pub(crate) fn new(
+        catalog: Arc<Catalog<S>>,
+        broker: BrokerConfig,
+        config: UpstreamConfig,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let own_user = broker
+            .urls
+            .first()
+            .and_then(|url| url.parse::<lapin::uri::AMQPUri>().ok())
+            .map_or_else(|| "guest".into(), |uri| uri.authority.userinfo.username);
+        Self {
+            catalog,
+            broker,
+            config,
+            counters,
+            own_user,
+        }
+    }
+
+    fn spec(&self) -> QueueSpec {
+        QueueSpec {
+            queue: self.config.queue.clone(),
+            binding: UPSTREAM_BINDING,
+            prefetch: self.config.prefetch,
+            expiry_days: None,
+            connection_name: "possync backend upstream",
+            what: "declaring the backend's upstream queue",
+        }
+    }
+
+    /// Consumes until `stop` turns true, reconnecting with backoff.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        if !self.config.verify_user {
+            events::upstream_unverified();
+        }
+        let mut attempt: u32 = 0;
+        let mut offline_since: Option<Instant> = None;
+        while !*stop.borrow() {
+            let url = self.broker.urls[attempt as usize % self.broker.urls.len()].clone();
+            let err = match Session::open(&self.broker, &self.spec(), &url).await {
+                Ok(session) => {
+                    attempt = 0;
+                    offline_since = None;
+                    events::upstream_live(&self.config.queue, UPSTREAM_BINDING);
+                    match self.consume(session, &mut stop).await {
+                        Ended::Stopped => return,
+                        Ended::Lost(err) => err,
+                    }
+                }
+                Err(err) => err,
+            };
+            attempt = attempt.saturating_add(1);
+            let delay = RECONNECT.delay(attempt);
+            let first = offline_since.is_none();
+            offline_since.get_or_insert_with(Instant::now);
+            events::upstream_offline(&err.to_string(), delay.as_millis(), first);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    async fn consume(&self, mut session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
+        loop {
+            let (batch, ended) = match session.next_batch(stop).await {
+                Next::Batch(batch, ended) => (batch, ended),
+                Next::Stopped => {
+                    session.close().await;
+                    return Ended::Stopped;
+                }
+                Next::Lost(err) => return Ended::Lost(err),
+            };
+            let Some(settles) = self.handle_batch(&batch, stop).await else {
+                // Stopping with messages not recorded: they go back to the queue.
+                session.close().await;
+                return Ended::Stopped;
+            };
+            if let Err(err) = session.settle_batch(&batch, settles).await {
+                return Ended::Lost(err);
+            }
+            if let Some(err) = ended {
+                return Ended::Lost(err);
+            }
+        }
+    }
+
+    /// Records a batch: its messages in one transaction, its receipts in
+    /// another; `None` if asked to stop while the database fails.
+    async fn handle_batch(
+        &self,
+        batch: &[Delivery],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Settle>> {
+        let now = unix_now_ms();
+        let mut settles = Vec::with_capacity(batch.len());
+        let mut messages: Vec<(usize, UpstreamRecord)> = Vec::new();
+        // The latest receipt of each terminal in the batch is enough.
+        let mut receipts: HashMap<(String, String), ReceiptRecord> = HashMap::new();
+        for (index, delivery) in batch.iter().enumerate() {
+            let user = delivery
+                .properties
+                .user_id()
+                .as_ref()
+                .map(|user| user.as_str().to_owned());
+            match self.read(
+                delivery.routing_key.as_str(),
+                &delivery.data,
+                user.as_deref(),
+                now,
+            ) {
+                Ok(Read::Message(record)) => {
+                    messages.push((index, record));
+                    settles.push(Settle::Ack);
+                }
+                Ok(Read::Receipt(receipt)) => {
+                    let key = (receipt.store.clone(), receipt.terminal.clone());
+                    let newer = receipts.get(&key).is_none_or(|kept| {
+                        kept.receipt.run != receipt.receipt.run
+                            || kept.receipt.n < receipt.receipt.n
+                    });
+                    if newer {
+                        receipts.insert(key, receipt);
+                    }
+                    settles.push(Settle::Ack);
+                }
+                Err(refusal) => {
+                    events::upstream_refused(delivery.routing_key.as_str(), &refusal.reason);
+                    self.counters.refused(refusal.kind);
+                    settles.push(Settle::DeadLetter(refusal.reason));
+                }
+            }
+        }
+        let receipts: Vec<ReceiptRecord> = receipts.into_values().collect();
+        let records: Vec<UpstreamRecord> = messages.iter().map(|(_, r)| r.clone()).collect();
+        let new = self
+            .hold(stop, || {
+                self.catalog.storage().record_upstream(records.clone())
+            })
+            .await?;
+        match new {
+            Ok(new) => {
+                for ((_, record), new) in messages.iter().zip(new) {
+                    if new {
+                        self.counters.received(&record.store, &record.message_type);
+                    } else {
+                        self.counters.duplicate();
+                    }
+                }
+            }
+            Err(err) => {
+                // The database refused the batch for what it holds: each
+                // message alone, so that only the refused one is dead-lettered.
+                events::upstream_refused("(batch)", &err.to_string());
+                for (index, record) in &messages {
+                    let one = self
+                        .hold(stop, || {
+                            self.catalog.storage().record_upstream(vec![record.clone()])
+                        })
+                        .await?;
+                    match one {
+                        Ok(new) if new.first() == Some(&true) => {
+                            self.counters.received(&record.store, &record.message_type);
+                        }
+                        Ok(_) => self.counters.duplicate(),
+                        Err(err) => {
+                            self.counters.refused("database");
+                            settles[*index] = Settle::DeadLetter(err.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        if !receipts.is_empty() {
+            let count = receipts.len();
+            match self
+                .hold(stop, || {
+                    self.catalog.storage().record_receipts(receipts.clone())
+                })
+                .await?
+            {
+                Ok(()) => self.counters.receipts(count),
+                // A refused receipt is only a report: the next one replaces it.
+                Err(err) => events::upstream_refused("(receipts)", &err.to_string()),
+            }
+        }
+        Some(settles)
+    }
+
+    /// Runs `work` until the database answers or refuses; `None` if asked
+    /// to stop while it fails.
+    async fn hold<T, F, W>(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        work: W,
+    ) -> Option<Result<T, StorageError>>
+    where
+        W: Fn() -> F,
+        F: Future<Output = Result<T, StorageError>>,
+    {
+        let mut attempts: u32 = 0;
+        loop {
+            match work().await {
+                Err(err) if err.is_transient() => {
+                    attempts += 1;
+                    let delay = HELD.delay(attempts);
+                    events::upstream_held(&err.to_string(), delay.as_millis(), attempts == 1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stopped(stop) => return None,
+                    }
+                }
+                done => return Some(done),
+            }
+        }
+    }
+
+    /// What a delivery is, or why it is refused.
+    fn read(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        user: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Read, Refusal> {
+        let (store, terminal, message_type) = parse_upstream_key(routing_key).ok_or_else(|| {
+            refused(
+                "malformed",
+                format!("{routing_key:?} is not an upstream key up.<KEY>.<TERMINAL>.<type>"),
+            )
+        })?;
+        if possync_core::LicenseKey::new(store).is_err()
+            || possync_core::TerminalId::new(terminal).is_err()
+        {
+            return Err(refused(
+                "malformed",
+                format!("{routing_key:?} names a store or terminal that is not a valid id"),
+            ));
+        }
+        let message: UpstreamMessage = serde_json::from_slice(body).map_err(|err| {
+            refused(
+                "malformed",
+                format!("not an upstream message (JSON): {err}"),
+            )
+        })?;
+        if message.license_key != store
+            || message.terminal_id != terminal
+            || message.message_type != message_type
+        {
+            return Err(refused(
+                "mismatch",
+                format!(
+                    "the body names store {:?}, terminal {:?}, type {:?}, the routing key {routing_key}",
+                    message.license_key, message.terminal_id, message.message_type
+                ),
+            ));
+        }
+        if self.config.verify_user {
+            let expected = expected_user(store, terminal);
+            if user != Some(expected.as_str()) {
+                let shown = user.unwrap_or("(none)");
+                let advice = if user == Some(self.own_user.as_str()) {
+                    " (it is the backend's own broker user: terminals share the backend's credentials; provision each with `possync admin provision-terminal`, or set upstream.verify_user = false for development)"
+                } else {
+                    ""
+                };
+                return Err(refused(
+                    "identity",
+                    format!(
+                        "sent by broker user {shown:?}, not {expected:?}, the user of terminal {terminal} of store {store}{advice}"
+                    ),
+                ));
+            }
+        }
+        if message.message_id.is_empty() || message.message_id.len() > MAX_MESSAGE_ID {
+            return Err(refused(
+                "malformed",
+                format!("a message id must have 1 to {MAX_MESSAGE_ID} bytes"),
+            ));
+        }
+        if message_type == RECEIPT_TYPE {
+            let receipt: Receipt = serde_json::from_str(message.payload.get())
+                .map_err(|err| refused("invalid", format!("not a receipt: {err}")))?;
+            return Ok(Read::Receipt(ReceiptRecord {
+                store: store.to_owned(),
+                terminal: terminal.to_owned(),
+                receipt,
+                seen_ms: now_ms,
+            }));
+        }
+        self.catalog
+            .registry()
+            .check(message_type, message.payload.get())
+            .map_err(|err| refused("invalid", format!("{message_type}: {err}")))?;
+        Ok(Read::Message(UpstreamRecord {
+            store: message.license_key,
+            terminal: message.terminal_id,
+            message_type: message.message_type,
+            message_id: message.message_id,
+            created_at: message.created_at,
+            payload: message.payload.get().to_owned(),
+        }))
+    }
+}
