@@ -172,6 +172,83 @@ impl BackendClient {
     }
 }
 
+/// One terminal, as `applied` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct AppliedTerminal {
+    /// Its id.
+    pub(crate) terminal: String,
+    /// `live`, `offline` or `stalled`.
+    pub(crate) state: String,
+    /// Every change up to this seq is applied there.
+    pub(crate) applied_up_to: i64,
+    /// Offline since (ms since the epoch).
+    pub(crate) offline_since_ms: Option<i64>,
+}
+
+/// Whether a store's terminals applied a seq.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Applied {
+    /// Every known terminal applied it.
+    pub(crate) complete: bool,
+    /// The store's known terminals.
+    pub(crate) terminals: Vec<AppliedTerminal>,
+    /// Those that have not applied it.
+    pub(crate) pending: Vec<String>,
+}
+
+/// The longest wait one request asks the backend for, under this client's
+/// 30 s limit per request; longer waits ask again.
+const WAIT_PER_REQUEST: Duration = Duration::from_secs(25);
+
+impl BackendClient {
+    /// Waits until every known terminal of `store` applied `seq`, or
+    /// `timeout` passes; the last answer either way.
+    pub(crate) fn wait_applied(
+        &self,
+        store: &str,
+        seq: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<Applied> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let wait = left.min(WAIT_PER_REQUEST).as_secs();
+            let url = format!(
+                "{}/v1/stores/{store}/applied?seq={seq}&wait={wait}",
+                self.base
+            );
+            let mut response = self
+                .agent
+                .get(&url)
+                .header("Authorization", &self.authorization)
+                .call()
+                .with_context(|| format!("the backend at {} cannot be reached", self.shown))?;
+            let status = response.status().as_u16();
+            let text = response
+                .body_mut()
+                .read_to_string()
+                .with_context(|| format!("the backend at {} answered unreadably", self.shown))?;
+            if status != 200 {
+                anyhow::bail!(
+                    "the backend at {} would not say whether store {store}'s terminals applied seq {seq} ({status}): {}",
+                    self.shown,
+                    reason(&text)
+                );
+            }
+            let applied: Applied = serde_json::from_str(&text).with_context(|| {
+                format!("the backend at {} answered in an unknown shape", self.shown)
+            })?;
+            if applied.complete || std::time::Instant::now() >= deadline {
+                return Ok(applied);
+            }
+            if wait == 0 {
+                // Under a second left: the backend answered at once.
+                std::thread::sleep(left.min(Duration::from_millis(200)));
+            }
+        }
+    }
+}
+
 /// The backend's `{"error": ...}`, or the text it sent.
 fn reason(text: &str) -> String {
     serde_json::from_str::<Refusal>(text)

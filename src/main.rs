@@ -13,6 +13,8 @@ mod publish;
 use possync_catalog as _;
 #[cfg(feature = "notices")]
 use possync_notices as _;
+#[cfg(feature = "orders")]
+use possync_orders as _;
 
 fn main() -> std::process::ExitCode {
     cli::main()

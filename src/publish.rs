@@ -1,6 +1,7 @@
 //! `possync publish ...`
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Arg, ArgAction, Args, Subcommand};
@@ -21,6 +22,8 @@ pub(crate) enum PublishCommand {
     Bulk {
         #[command(flatten)]
         to: Stores,
+        #[command(flatten)]
+        wait: WaitApplied,
         /// The catalog: .jsonl or .csv.
         #[arg(long, value_name = "FILE")]
         file: std::path::PathBuf,
@@ -33,6 +36,8 @@ pub(crate) enum PublishCommand {
     Raw {
         #[command(flatten)]
         to: Stores,
+        #[command(flatten)]
+        wait: WaitApplied,
         /// The message type, for example `price_update`.
         #[arg(long = "type", value_name = "TYPE")]
         message_type: String,
@@ -57,13 +62,60 @@ pub(crate) struct Stores {
     licenses: Vec<LicenseKey>,
 }
 
+/// How long to wait for the terminals, when asked to.
+#[derive(Debug, Args)]
+pub(crate) struct WaitApplied {
+    /// Wait until every terminal of each store that the backend knows has
+    /// applied the change, at most SECS seconds (60 without a value); name
+    /// those that have not when the time is up and exit 1. Needs a
+    /// [backend]: it learns from the terminals' delivery receipts.
+    #[arg(
+        long = "wait-applied",
+        value_name = "SECS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = DEFAULT_WAIT_SECS,
+        value_parser = parse_wait,
+    )]
+    wait_applied: Option<Duration>,
+}
+
+/// `--wait-applied` without a value.
+const DEFAULT_WAIT_SECS: &str = "60";
+
+/// `30`, `30s`, `2m`: a wait of at most a day.
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.strip_suffix('m') {
+        Some(minutes) => (minutes, 60),
+        None => (text.strip_suffix('s').unwrap_or(text), 1),
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n * unit <= 86_400 => Ok(Duration::from_secs(n * unit)),
+        _ => Err(format!(
+            "{text:?} is not a wait: give seconds (`30`, `30s`) or minutes (`2m`), at most a day"
+        )),
+    }
+}
+
 pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Result<ExitCode> {
-    let envelopes = match command {
+    let (envelopes, wait) = match command {
         PublishCommand::Bulk {
             to,
+            wait,
             file,
             stop_on_error,
-        } => return bulk(config, &registry(config)?, &to, &file, stop_on_error).await,
+        } => {
+            let registry = registry(config)?;
+            return bulk(
+                config,
+                &registry,
+                &to,
+                &file,
+                stop_on_error,
+                wait.wait_applied,
+            )
+            .await;
+        }
         PublishCommand::Types => {
             print!("{}", types_help(&registry(config)?));
             return Ok(ExitCode::SUCCESS);
@@ -78,7 +130,7 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             let config = chosen.as_ref().unwrap_or(config);
             let limit = config.terminal.max_message_bytes;
             return match typed(&registry(config)?, &args, limit)? {
-                Ok(envelopes) => send(config, envelopes).await,
+                Ok((envelopes, wait)) => send(config, envelopes, wait).await,
                 Err(refused) => {
                     eprintln!("{refused}");
                     Ok(ExitCode::from(2))
@@ -87,6 +139,7 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
         }
         PublishCommand::Raw {
             to,
+            wait,
             message_type,
             payload,
         } => {
@@ -95,18 +148,27 @@ pub(crate) async fn run(config: &Config, command: PublishCommand) -> anyhow::Res
             if !payload.is_object() {
                 anyhow::bail!("--payload must be a JSON object, like '{{\"product_id\": \"P1\"}}'");
             }
-            to.licenses
+            let envelopes = to
+                .licenses
                 .iter()
                 .map(|key| Envelope::new(message_type.clone(), key.as_str(), payload.clone()))
-                .collect()
+                .collect();
+            (envelopes, wait.wait_applied)
         }
     };
-    send(config, envelopes).await
+    send(config, envelopes, wait).await
 }
 
 /// Publishes `envelopes` through the backend when one is configured, else
 /// straight to the broker, and prints each change's fate and its path.
-async fn send(config: &Config, envelopes: Vec<Envelope>) -> anyhow::Result<ExitCode> {
+async fn send(
+    config: &Config,
+    envelopes: Vec<Envelope>,
+    wait: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    if wait.is_some() && config.backend.is_none() {
+        anyhow::bail!(NO_BACKEND_TO_WAIT);
+    }
     if let Some(link) = &config.backend {
         let client = BackendClient::new(link);
         let changes = envelopes
@@ -120,10 +182,16 @@ async fn send(config: &Config, envelopes: Vec<Envelope>) -> anyhow::Result<ExitC
         // One key for the command: its retries apply the changes once.
         let key = format!("publish-{}", uuid::Uuid::now_v7());
         let answered = tokio::task::block_in_place(|| client.submit(&changes, &key))?;
-        for change in answered {
+        for change in &answered {
             println!("via backend {}: {change}", client.url());
         }
-        return Ok(ExitCode::SUCCESS);
+        let Some(wait) = wait else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        let heads = answered
+            .iter()
+            .filter_map(|change| Some((change.store.clone(), change.seq?)));
+        return tokio::task::block_in_place(|| wait_applied(&client, heads, wait));
     }
     let publisher = Publisher::connect(&config.broker)
         .await?
@@ -139,13 +207,90 @@ async fn send(config: &Config, envelopes: Vec<Envelope>) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// Why `--wait-applied` cannot be done here.
+const NO_BACKEND_TO_WAIT: &str = "--wait-applied needs a [backend] in the config (url and token): the catalog of record learns from the terminals' delivery receipts what they applied; without one, publish confirms only that the broker has the messages";
+
+/// Waits until every known terminal of each store applied its highest seq
+/// in `heads` (the last change per store), printing what happened; exit 1
+/// when one has not within `wait`.
+fn wait_applied(
+    client: &BackendClient,
+    heads: impl Iterator<Item = (String, i64)>,
+    wait: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut last: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+    for (store, seq) in heads {
+        let entry = last.entry(store).or_insert(seq);
+        *entry = (*entry).max(seq);
+    }
+    let started = std::time::Instant::now();
+    let mut all = true;
+    for (store, seq) in last {
+        let left = wait.saturating_sub(started.elapsed());
+        let applied = client.wait_applied(&store, seq, left)?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if applied.terminals.is_empty() {
+            println!(
+                "store {store}: no terminal of this store has reported to the backend yet, so none is waited for"
+            );
+        } else if applied.complete {
+            let names: Vec<&str> = applied
+                .terminals
+                .iter()
+                .map(|t| t.terminal.as_str())
+                .collect();
+            println!(
+                "store {store}: seq {seq} applied by all {} terminal(s) ({}) after {elapsed:.1} s",
+                names.len(),
+                names.join(", ")
+            );
+        } else {
+            all = false;
+            let pending: Vec<String> = applied
+                .terminals
+                .iter()
+                .filter(|t| applied.pending.contains(&t.terminal))
+                .map(|t| {
+                    let state = match t.offline_since_ms {
+                        Some(ms) => format!(
+                            "offline since {}",
+                            possync_core::moment_text(ms, possync_core::unix_now_ms())
+                        ),
+                        None => t.state.clone(),
+                    };
+                    format!(
+                        "{} ({state}, applied up to {})",
+                        t.terminal, t.applied_up_to
+                    )
+                })
+                .collect();
+            println!(
+                "store {store}: seq {seq} not applied after {:.0} s by {} of {} terminal(s): {}",
+                wait.as_secs_f64(),
+                pending.len(),
+                applied.terminals.len(),
+                pending.join(", ")
+            );
+        }
+    }
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 async fn bulk(
     config: &Config,
     registry: &Registry,
     to: &Stores,
     file: &std::path::Path,
     stop_on_error: bool,
+    wait: Option<Duration>,
 ) -> anyhow::Result<ExitCode> {
+    if wait.is_some() && config.backend.is_none() {
+        anyhow::bail!(NO_BACKEND_TO_WAIT);
+    }
     let (changes, bad) = crate::bulk::read_changes(registry, file)?;
     for line in &bad {
         eprintln!("{}:{}: {}", file.display(), line.line, line.reason);
@@ -187,6 +332,16 @@ async fn bulk(
                 bad.len(),
                 sent.failed.len()
             );
+            if let Some(wait) = wait {
+                let heads = sent
+                    .heads
+                    .iter()
+                    .map(|(store, seq)| (store.to_string(), *seq));
+                let waited = tokio::task::block_in_place(|| wait_applied(&client, heads, wait))?;
+                if waited != ExitCode::SUCCESS {
+                    return Ok(waited);
+                }
+            }
             sent.failed.len()
         }
         None => {
@@ -267,7 +422,7 @@ fn typed(
     registry: &Registry,
     args: &[String],
     max_file_bytes: usize,
-) -> anyhow::Result<Result<Vec<Envelope>, String>> {
+) -> anyhow::Result<Result<Typed, String>> {
     let Some(named) = args.first() else {
         anyhow::bail!("name a message type: possync publish <TYPE> ...");
     };
@@ -324,14 +479,28 @@ fn typed(
         .get_many::<LicenseKey>("license")
         .into_iter()
         .flatten();
-    Ok(Ok(licenses
-        .map(|key| Envelope::new(message_type.clone(), key.as_str(), payload.clone()))
-        .collect()))
+    let wait = matches.get_one::<Duration>("wait-applied").copied();
+    Ok(Ok((
+        licenses
+            .map(|key| Envelope::new(message_type.clone(), key.as_str(), payload.clone()))
+            .collect(),
+        wait,
+    )))
 }
+
+/// A typed command's messages, and how long to wait for the terminals.
+type Typed = (Vec<Envelope>, Option<Duration>);
 
 /// The options of a publish command itself; a field by one of these names
 /// is given through `--payload`.
-const OWN_OPTIONS: &[&str] = &["license", "payload", "help", "config", "log-format"];
+const OWN_OPTIONS: &[&str] = &[
+    "license",
+    "payload",
+    "wait-applied",
+    "help",
+    "config",
+    "log-format",
+];
 
 /// The command line of one message type, from its schema.
 fn command_for(
@@ -361,6 +530,16 @@ fn command_for(
                 .long("payload")
                 .value_name("JSON")
                 .help("The whole payload as a JSON object, instead of one option per field."),
+        )
+        .arg(
+            Arg::new("wait-applied")
+                .long("wait-applied")
+                .value_name("SECS")
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value(DEFAULT_WAIT_SECS)
+                .value_parser(parse_wait)
+                .help("Wait until every terminal of each store that the backend knows has applied the change, at most SECS seconds (60 without a value); name those that have not when the time is up and exit 1. Needs a [backend]."),
         );
     let mut taken: Vec<String> = OWN_OPTIONS.iter().map(|o| (*o).to_owned()).collect();
     let mut only_in_payload = Vec::new();

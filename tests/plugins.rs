@@ -48,7 +48,8 @@ fn config_switches_a_plugin_off_and_unknown_plugin_names_are_errors() {
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(
-        stderr.contains("\"prices\"") && stderr.contains("available: category, notices, price"),
+        stderr.contains("\"prices\"")
+            && stderr.contains("available: category, notices, orders, price"),
         "{stderr}"
     );
 }

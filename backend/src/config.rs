@@ -210,6 +210,10 @@ pub struct UpstreamConfig {
     pub queue: String,
     /// Messages the broker may send ahead before they are acknowledged.
     pub prefetch: u16,
+    /// Days the queue is kept once no backend reads it, before the broker
+    /// deletes it with whatever it holds; unset (the default), it is kept
+    /// until deleted by hand. Set it before the queue is first declared.
+    pub queue_expiry_days: Option<u32>,
     /// Accept a message only when its AMQP `user_id`, which RabbitMQ
     /// checks against the sender's connection, is the broker user
     /// `possync admin provision-terminal` made for the terminal its routing
@@ -233,6 +237,7 @@ impl Default for UpstreamConfig {
             enabled: true,
             queue: "possync.backend.upstream".into(),
             prefetch: 500,
+            queue_expiry_days: None,
             verify_user: true,
             offline_after_secs: 10,
             stalled_after_secs: 60,
@@ -316,6 +321,16 @@ impl ServiceConfig {
             return Err(ConfigError::OutOfRange {
                 key: "upstream.prefetch and upstream.offline_after_secs",
                 problem: "must be at least 1",
+            });
+        }
+        if self
+            .upstream
+            .queue_expiry_days
+            .is_some_and(|days| !(1..=49).contains(&days))
+        {
+            return Err(ConfigError::OutOfRange {
+                key: "upstream.queue_expiry_days",
+                problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry), or unset to keep the queue",
             });
         }
         if self.upstream.queue.is_empty()

@@ -104,7 +104,7 @@ impl<S: Storage> Upstream<S> {
             queue: self.config.queue.clone(),
             binding: UPSTREAM_BINDING,
             prefetch: self.config.prefetch,
-            expiry_days: None,
+            expiry_days: self.config.queue_expiry_days,
             connection_name: "possync backend upstream",
             what: "declaring the backend's upstream queue",
         }

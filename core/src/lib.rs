@@ -60,7 +60,7 @@ pub use publisher::{PublishError, Published, Publisher};
 pub use redact::redact_url;
 pub use registry::{CheckError, Origin, PluginInfo, Registry, RegistryError};
 pub use sequence::SyncState;
-pub use status::{State, Status, StatusReport};
+pub use status::{State, Status, StatusReport, moment_text};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
 pub use telemetry::{LogFormat, init_logging};
 pub use terminal::{Terminal, TerminalError};

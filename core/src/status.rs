@@ -288,7 +288,7 @@ impl StatusReport {
             (state, true) => capitalize(state.name()),
         };
         let live = running && matches!(stored.state, State::Live { .. });
-        let mut text = format!("{state} since {}\n", when(stored.since_ms, now_ms));
+        let mut text = format!("{state} since {}\n", moment_text(stored.since_ms, now_ms));
         if let Some(reason) = stored.state.reason().filter(|reason| !reason.is_empty()) {
             text.push_str(&format!("reason        {reason}\n"));
         }
@@ -303,7 +303,7 @@ impl StatusReport {
             Some(ms) => text.push_str(&format!(
                 "last applied  {} at {}\n",
                 stored.last_message_type.as_deref().unwrap_or("a message"),
-                when(ms, now_ms)
+                moment_text(ms, now_ms)
             )),
             None => text.push_str("last applied  never\n"),
         }
@@ -348,7 +348,7 @@ fn synced_line(sync: &SyncState, now_ms: i64) -> String {
         None => line.push_str(", backend head unknown"),
     }
     if let Some(ms) = sync.last_change_ms {
-        line.push_str(&format!("; last change {}", when(ms, now_ms)));
+        line.push_str(&format!("; last change {}", moment_text(ms, now_ms)));
     }
     if let Some(catalog) = &sync.catalog {
         line.push_str(&format!("; catalog {catalog}"));
@@ -365,7 +365,9 @@ fn capitalize(word: &str) -> String {
         .unwrap_or_default()
 }
 
-fn when(ms: i64, now_ms: i64) -> String {
+/// A moment (ms since the epoch) for people: `2026-12-02 14:03:07 UTC (12 s
+/// ago)`.
+pub fn moment_text(ms: i64, now_ms: i64) -> String {
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {

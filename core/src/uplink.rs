@@ -372,7 +372,7 @@ fn read_rows(
     let mut statement = outbox.prepare_cached(
         "SELECT id, type, payload, created_at, message_id FROM possync_outbox ORDER BY id LIMIT ?1",
     )?;
-    let rows = statement
+    statement
         .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
             let (id, message_type, payload, created_at, message_id): (
                 i64,
@@ -401,8 +401,7 @@ fn read_rows(
                 message_id,
             })
         })?
-        .collect();
-    rows
+        .collect()
 }
 
 fn delete_through(outbox: &Sqlite, last: i64) -> rusqlite::Result<()> {
