@@ -9,146 +9,23 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::backend::{Backend, call};
 use common::{
-    ChildLog, RunningTerminal, WAIT, catalog_changes, drain, free_port, possync, possync_command,
-    publish_raw, publish_raw_many, queue_counts, terminal_config, text, unique_license,
+    RunningTerminal, WAIT, catalog_changes, drain, possync_command, publish_raw, publish_raw_many,
+    queue_counts, terminal_config, text, unique_license,
 };
-use nix::sys::signal::Signal;
 use possync_backend::{ServiceConfig, SqliteStorage, Storage};
 use possync_core::LicenseKey;
 use serde_json::{Value, json};
 
-/// A backend's files, its API client and its process while it runs.
-struct Backend {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    database: PathBuf,
-    api: Client,
-    direct_queue: String,
-    process: Option<ChildLog>,
+/// The store's catalog, read from the backend's database.
+trait BackendCatalog {
+    async fn catalog(&self, store: &LicenseKey) -> Catalog;
 }
 
-/// A back office app: the backend's port and a token.
-#[derive(Clone)]
-struct Client {
-    port: u16,
-    token: String,
-}
-
-impl Backend {
-    /// A backend's config and a token for it; not started.
-    fn new(label: &str, direct: bool) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let database = dir.path().join("backend.db");
-        let port = free_port();
-        let direct_queue = format!(
-            "possync.test.{label}.{}.direct",
-            &uuid::Uuid::now_v7().simple().to_string()[20..]
-        );
-        let config = dir.path().join("backend.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[service]\nlisten = \"127.0.0.1:{port}\"\ndatabase = {database:?}\n\n[relay]\npoll_interval_ms = 100\n\n[direct]\nenabled = {direct}\nqueue = {direct_queue:?}\nqueue_expiry_days = 1\n",
-                database = database.display().to_string(),
-            ),
-        )
-        .expect("write the backend's config");
-        let mut backend = Self {
-            _dir: dir,
-            config,
-            database,
-            api: Client {
-                port,
-                token: String::new(),
-            },
-            direct_queue,
-            process: None,
-        };
-        backend.api.token = backend.create_token("office");
-        backend
-    }
-
-    /// A new token for client `name`, made with `possync backend token create`.
-    fn create_token(&self, name: &str) -> String {
-        let output = possync(&[
-            "backend",
-            "--config",
-            self.config_path(),
-            "token",
-            "create",
-            name,
-        ]);
-        assert!(output.status.success(), "{}", text(&output.stderr));
-        text(&output.stdout).trim().to_owned()
-    }
-
-    fn config_path(&self) -> &str {
-        self.config.to_str().expect("a UTF-8 path")
-    }
-
-    /// Starts `possync backend` with `env` set; returns once it serves.
-    async fn start_with(&mut self, env: &[(&str, String)]) {
-        let mut command = possync_command(&["backend", "--config", self.config_path()]);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut process = ChildLog::spawn(&mut command);
-        process.wait_for_line("backend_started").await;
-        self.process = Some(process);
-    }
-
-    async fn start(&mut self) {
-        self.start_with(&[]).await;
-    }
-
-    /// The catalog id in the backend's database.
-    async fn catalog_id(&self) -> String {
-        SqliteStorage::open(&self.database)
-            .await
-            .expect("open the backend's database")
-            .catalog_id()
-            .await
-            .expect("the catalog's id")
-    }
-
-    /// Starts it and waits until it relays and reads its direct queue.
-    async fn start_live(&mut self) {
-        self.start().await;
-        let process = self.process.as_mut().expect("started");
-        process.wait_for_line("relay_leading").await;
-        process.wait_for_line("direct_live").await;
-    }
-
-    /// SIGKILLs the process (if it still runs) and reaps it; whether the
-    /// failpoint had aborted it first.
-    async fn kill(&mut self) -> bool {
-        let Some(process) = self.process.take() else {
-            return false;
-        };
-        process.signal(Signal::SIGKILL);
-        let (_, log) = process.exit().await;
-        log.contains("test hook fired")
-    }
-
-    /// Stops the process with SIGTERM; returns its log.
-    async fn stop(&mut self) -> String {
-        let process = self.process.take().expect("a running backend");
-        process.signal(Signal::SIGTERM);
-        let (status, log) = process.exit().await;
-        assert!(status.success(), "the backend stops cleanly: {log}");
-        log
-    }
-
-    /// The API's head of `store`; see [`Client::wait_published`].
-    async fn wait_published(&self, store: &LicenseKey, head: i64) {
-        self.api.wait_published(store, head).await;
-    }
-
-    /// The store's catalog, read from the backend's database.
+impl BackendCatalog for Backend {
     async fn catalog(&self, store: &LicenseKey) -> Catalog {
         let storage = SqliteStorage::open(&self.database)
             .await
@@ -184,135 +61,6 @@ impl Backend {
         }
         catalog
     }
-}
-
-impl Client {
-    /// `method path` with the backend's token and a JSON body: (status, body).
-    async fn call(&self, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        let token = self.token.clone();
-        tokio::task::spawn_blocking(move || call(method, &url, &token, body, None))
-            .await
-            .expect("the HTTP call ran")
-            .expect("the backend answers")
-    }
-
-    /// Submits `changes` (a batch) until the backend answers, retrying with
-    /// the same idempotency key while it is down or restarting.
-    async fn submit_until_answered(&self, changes: Vec<Value>, key: &str) -> Value {
-        let url = format!("http://127.0.0.1:{}/v1/changes", self.port);
-        let body = json!({ "changes": changes });
-        let deadline = Instant::now() + WAIT * 4;
-        loop {
-            let (url, token, body, key) = (
-                url.clone(),
-                self.token.clone(),
-                body.clone(),
-                key.to_owned(),
-            );
-            let answer = tokio::task::spawn_blocking(move || {
-                call("POST", &url, &token, Some(body), Some(&key))
-            })
-            .await
-            .expect("the HTTP call ran");
-            match answer {
-                Ok((200, answer)) => return answer,
-                Ok((status, answer)) if status < 500 => {
-                    panic!("the backend refused the batch: {status} {answer}")
-                }
-                _ => {
-                    assert!(Instant::now() < deadline, "the backend never answered");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    /// The store's (head, unpublished), as the API lists them.
-    async fn head(&self, store: &LicenseKey) -> (i64, i64) {
-        let (status, body) = self.call("GET", "/v1/stores", None).await;
-        assert_eq!(status, 200, "{body}");
-        body["stores"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["store"] == store.as_str())
-            .map_or((0, 0), |s| {
-                (
-                    s["head"].as_i64().unwrap_or(0),
-                    s["unpublished"].as_i64().unwrap_or(0),
-                )
-            })
-    }
-
-    /// Waits until every change of `store` up to `head` is confirmed by the broker.
-    async fn wait_published(&self, store: &LicenseKey, head: i64) {
-        let deadline = Instant::now() + WAIT * 2;
-        loop {
-            let now = self.head(store).await;
-            if now == (head, 0) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{store}: (head, unpublished) is {now:?}, expected ({head}, 0)"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Backend {
-    /// The test's direct queues go with it: nothing else reads them, and a
-    /// queue bound to `license.#` makes every store routable. The process
-    /// goes first, or it would declare its queue again.
-    fn drop(&mut self) {
-        drop(self.process.take());
-        for queue in [
-            self.direct_queue.clone(),
-            format!("{}.dead_letter", self.direct_queue),
-        ] {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_queue", "-q", &queue])
-                .output();
-        }
-    }
-}
-
-/// A blocking HTTP call with a bearer token: (status, JSON body); `Err`
-/// when nothing answers.
-fn call(
-    method: &str,
-    url: &str,
-    token: &str,
-    body: Option<Value>,
-    idempotency_key: Option<&str>,
-) -> Result<(u16, Value), ureq::Error> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let authorization = format!("Bearer {token}");
-    let mut response = match (method, body) {
-        ("GET", _) => agent
-            .get(url)
-            .header("Authorization", &authorization)
-            .call()?,
-        (_, body) => {
-            let mut request = agent.post(url).header("Authorization", &authorization);
-            if let Some(key) = idempotency_key {
-                request = request.header("Idempotency-Key", key);
-            }
-            request.send_json(body.unwrap_or(Value::Null))?
-        }
-    };
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string()?;
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    ))
 }
 
 /// A store's products and categories, as the catalog or a terminal holds them.

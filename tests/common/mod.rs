@@ -2,6 +2,9 @@
 //! files, unique names per test so tests run in parallel.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod backend;
+pub mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
