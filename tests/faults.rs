@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use possync_core::{LicenseKey, Publisher, QueueType, State};
@@ -264,4 +265,144 @@ async fn with_the_broker_stopped_the_demo_runs_in_process_and_says_so() {
     assert!(stdout.contains("in-process transport"), "{stdout}");
     assert!(stdout.contains("published in-process"), "{stdout}");
     assert_demo_databases(dir.path());
+}
+
+/// The orders a store's terminals sent, as the backend recorded them:
+/// (order id, message id), in the order recorded.
+fn recorded_orders(
+    backend: &common::backend::Backend,
+    store: &LicenseKey,
+) -> Vec<(String, String)> {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        &backend.database,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut statement) = db.prepare(
+        "SELECT json_extract(payload, '$.order_id'), message_id FROM upstream
+         WHERE store = ?1 AND message_type = 'order' ORDER BY cursor",
+    ) else {
+        return Vec::new();
+    };
+    statement
+        .query_map([store.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .and_then(Iterator::collect)
+        .unwrap_or_default()
+}
+
+/// Runs `possync terminal` as a process of its own, which the test can kill.
+fn spawn_terminal(file: &std::path::Path) -> ChildLog {
+    ChildLog::spawn(
+        possync_command(&["terminal", "--config", file.to_str().expect("utf-8")])
+            .env("POSSYNC_BROKER__URL", amqp_url()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_reach_the_backend_once_each_in_order_through_closed_connections_and_a_killed_terminal()
+ {
+    const ORDERS: usize = 1_000;
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("orders");
+    let mut backend = common::backend::Backend::with_upstream_for("orders", &[&store]);
+    backend.start().await;
+    let process = backend.process.as_mut().expect("started");
+    process.wait_for_line("upstream_live").await;
+
+    let database = dir.path().join("till-1.db");
+    let file = dir.path().join("terminal.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[terminal]\nlicense_key = \"{store}\"\nterminal_id = \"till-1\"\ndatabase = {:?}\nqueue_expiry_days = 1\n",
+            database.display().to_string()
+        ),
+    )
+    .expect("write the terminal's config");
+    // Killed once in the one window nothing outside reaches: after the
+    // broker confirmed a round of orders, before they left the outbox.
+    let paused = dir.path().join("paused");
+    let mut terminal = ChildLog::spawn(
+        possync_command(&["terminal", "--config", file.to_str().expect("utf-8")])
+            .env("POSSYNC_BROKER__URL", amqp_url())
+            .env("POSSYNC_FAILPOINT_PAUSE_AFTER_UPLINK_CONFIRM", &paused),
+    );
+    terminal.wait_for_line("uplink_live").await;
+
+    // The POS app: orders one after another, in transactions of its own,
+    // whatever the terminal is doing.
+    let app = std::thread::spawn({
+        let database = database.clone();
+        move || {
+            let db = rusqlite::Connection::open(&database).expect("the POS app opens the database");
+            db.busy_timeout(Duration::from_secs(10))
+                .expect("busy timeout");
+            for n in 0..ORDERS {
+                let payload = serde_json::json!({
+                    "order_id": format!("O-{n:04}"),
+                    "lines": [{"product_id": format!("P{}", n % 17), "quantity": 1 + n % 3, "unit_price": 2.5}],
+                    "total": 2.5 * (1 + n % 3) as f64,
+                });
+                db.execute(
+                    "INSERT INTO possync_outbox (type, payload) VALUES ('order', ?1)",
+                    [payload.to_string()],
+                )
+                .expect("the POS app writes an order");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+
+    let reached = |threshold: usize| {
+        let backend = &backend;
+        let store = &store;
+        async move {
+            let deadline = std::time::Instant::now() + WAIT * 2;
+            while recorded_orders(backend, store).len() < threshold {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the backend never recorded {threshold} orders"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    eventually("the uplink to pause after a confirm", || paused.exists()).await;
+    let sent_before_the_kill = recorded_orders(&backend, &store).len();
+    terminal.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = terminal.exit().await;
+    let mut terminal = spawn_terminal(&file);
+    terminal.wait_for_line("uplink_live").await;
+    reached(sent_before_the_kill.max(1) + 150).await;
+    rabbitmqctl(&["close_all_connections", "possync fault test"]);
+    reached(sent_before_the_kill.max(1) + 350).await;
+    rabbitmqctl(&["close_all_connections", "possync fault test"]);
+    reached(sent_before_the_kill.max(1) + 500).await;
+    rabbitmqctl(&["close_all_connections", "possync fault test"]);
+    app.join().expect("the POS app wrote every order");
+    reached(ORDERS).await;
+    // Anything sent twice would be recorded by now: the outbox is empty.
+    let db = rusqlite::Connection::open(&database).expect("database");
+    eventually("the outbox to empty", || {
+        count(&db, "SELECT count(*) FROM possync_outbox") == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let recorded = recorded_orders(&backend, &store);
+    let expected: Vec<String> = (0..ORDERS).map(|n| format!("O-{n:04}")).collect();
+    let order_ids: Vec<String> = recorded.iter().map(|(order, _)| order.clone()).collect();
+    assert_eq!(
+        order_ids.len(),
+        ORDERS,
+        "exactly the orders taken, none twice"
+    );
+    assert_eq!(order_ids, expected, "in the order the POS app took them");
+    let ids: std::collections::HashSet<&String> = recorded.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), ORDERS, "one message id per order");
+    terminal.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = terminal.exit().await;
+    backend.stop().await;
 }

@@ -861,3 +861,167 @@ async fn a_terminal_with_an_awkward_password_shows_it_in_no_log_status_or_check(
         assert_hidden(&what, password, &shown);
     }
 }
+
+/// Publishes `body` on `routing_key` as the user of `url`, with `user_id`
+/// set when given, and waits for the broker's confirm.
+async fn publish_upstream_as(
+    url: &str,
+    routing_key: &str,
+    user_id: Option<&str>,
+    body: &[u8],
+) -> Result<lapin::Confirmation, lapin::Error> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(user) = user_id {
+        properties = properties.with_user_id(user.into());
+    }
+    let confirmed = async {
+        channel
+            .basic_publish(
+                "pos_license_events".into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await?
+            .await
+    }
+    .await;
+    let _ = connection.close(200, "bye".into()).await;
+    confirmed
+}
+
+/// An upstream body as a terminal sends it.
+fn order_body(store: &LicenseKey, terminal: &str, message_id: &str, order_id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "type": "order",
+        "license_key": store.as_str(),
+        "terminal_id": terminal,
+        "message_id": message_id,
+        "created_at": "2026-12-02T10:00:00Z",
+        "payload": {
+            "order_id": order_id,
+            "lines": [{"product_id": "P1", "quantity": 1, "unit_price": 2.5}],
+            "total": 2.5
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_speaks_upstream_only_as_itself_and_the_backend_refuses_a_forged_sender() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, other) = (unique_license("up"), unique_license("upother"));
+    let file = provision_terminal(dir.path(), &store, "till-1");
+    provision_terminal(dir.path(), &store, "till-2");
+    let url = url_in(&file);
+    let user = possync_core::expected_user(store.as_str(), "till-1");
+
+    // The broker refuses every key but the terminal's own upstream keys.
+    for key in [
+        format!("up.{store}.till-2.order"),
+        format!("up.{other}.till-1.order"),
+        format!("license.{store}.price_update"),
+        format!("up.{store}.till-1.order.extra"),
+        "up.#".to_owned(),
+    ] {
+        let body = order_body(&store, "till-1", "m-refused", "O-refused");
+        let published = publish_upstream_as(&url, &key, Some(&user), &body).await;
+        assert_refused(&format!("publishing on {key}"), published);
+    }
+    // RabbitMQ checks user_id against the connection's user.
+    let forged = publish_upstream_as(
+        &url,
+        &format!("up.{store}.till-1.order"),
+        Some(&possync_core::expected_user(store.as_str(), "till-2")),
+        &order_body(&store, "till-1", "m-forged", "O-forged"),
+    )
+    .await;
+    let err = forged.expect_err("a user_id of another user").to_string();
+    assert!(
+        err.contains("PRECONDITION_FAILED") || err.contains("user_id"),
+        "{err}"
+    );
+
+    // A backend that verifies senders records the terminal's own order
+    // and refuses, counts and dead-letters one sent under the shared user.
+    let mut backend = common::backend::Backend::new("verify", false);
+    let config = std::fs::read_to_string(&backend.config).expect("config");
+    std::fs::write(
+        &backend.config,
+        config.replace("[upstream]\nenabled = false\n", "[upstream]\n"),
+    )
+    .expect("write config");
+    backend.bind_upstream(&[&store]);
+    backend.start().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_line("upstream_live")
+        .await;
+    let mine = publish_upstream_as(
+        &url,
+        &format!("up.{store}.till-1.order"),
+        Some(&user),
+        &order_body(&store, "till-1", "m-mine", "O-mine"),
+    )
+    .await
+    .expect("the terminal's own key, as itself");
+    assert!(mine.is_ack());
+    let shared = publish_upstream_as(
+        &amqp_url(),
+        &format!("up.{store}.till-1.order"),
+        Some("guest"),
+        &order_body(&store, "till-1", "m-shared", "O-shared"),
+    )
+    .await
+    .expect("the shared user may publish anywhere");
+    assert!(shared.is_ack());
+
+    let path = format!("/v1/stores/{store}/upstream?type=order");
+    let deadline = std::time::Instant::now() + WAIT;
+    let recorded = loop {
+        let (status, body) = backend.api.call("GET", &path, None).await;
+        assert_eq!(status, 200, "{body}");
+        let recorded = body["messages"].as_array().cloned().unwrap_or_default();
+        if !recorded.is_empty() || std::time::Instant::now() > deadline {
+            break recorded;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["message_id"], "m-mine");
+    let dead = drain(&format!("{}.dead_letter", backend.upstream_queue), 1).await;
+    assert_eq!(dead.len(), 1, "the forged one is dead-lettered");
+    let reason = dead[0]
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get("x-possync-reason") {
+            Some(lapin::types::AMQPValue::LongString(reason)) => Some(reason.to_string()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    assert!(
+        reason.contains("\"guest\"") && reason.contains(&user),
+        "the reason names who sent it and who may: {reason}"
+    );
+    assert!(
+        reason.contains("upstream.verify_user"),
+        "a terminal on the backend's own credentials is told what to do: {reason}"
+    );
+    let (_, metrics) = backend.api.call("GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.contains("possync_backend_upstream_refused_total{reason=\"identity\"} 1"),
+        "{metrics}"
+    );
+    backend.stop().await;
+}

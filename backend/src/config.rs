@@ -208,6 +208,10 @@ pub struct UpstreamConfig {
     /// `x-possync-reason` header. Unlike the direct queue it never expires:
     /// it holds orders.
     pub queue: String,
+    /// The queue's bindings: every terminal's messages (`up.#`, the
+    /// default), or some stores' only (`up.STORE-1.#`), for a backend that
+    /// serves those stores.
+    pub bindings: Vec<String>,
     /// Messages the broker may send ahead before they are acknowledged.
     pub prefetch: u16,
     /// Days the queue is kept once no backend reads it, before the broker
@@ -236,6 +240,7 @@ impl Default for UpstreamConfig {
         Self {
             enabled: true,
             queue: "possync.backend.upstream".into(),
+            bindings: vec![possync_core::UPSTREAM_BINDING.to_owned()],
             prefetch: 500,
             queue_expiry_days: None,
             verify_user: true,
@@ -331,6 +336,18 @@ impl ServiceConfig {
             return Err(ConfigError::OutOfRange {
                 key: "upstream.queue_expiry_days",
                 problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry), or unset to keep the queue",
+            });
+        }
+        if self.upstream.bindings.is_empty()
+            || self
+                .upstream
+                .bindings
+                .iter()
+                .any(|binding| binding != "up.#" && !binding.starts_with("up."))
+        {
+            return Err(ConfigError::OutOfRange {
+                key: "upstream.bindings",
+                problem: "must list at least one binding, each starting with `up.` (`up.#`, or `up.STORE-1.#`)",
             });
         }
         if self.upstream.queue.is_empty()

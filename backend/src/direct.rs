@@ -88,7 +88,7 @@ impl<S: Storage> Direct<S> {
     fn spec(&self) -> QueueSpec {
         QueueSpec {
             queue: self.config.queue.clone(),
-            binding: BINDING,
+            bindings: vec![BINDING.to_owned()],
             prefetch: self.config.prefetch,
             expiry_days: Some(self.config.queue_expiry_days),
             connection_name: "possync backend direct",

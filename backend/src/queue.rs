@@ -25,8 +25,8 @@ const PERSISTENT: u8 = 2;
 pub(crate) struct QueueSpec {
     /// The queue; its dead-letter queue is `<queue>.dead_letter`.
     pub(crate) queue: String,
-    /// Its binding on the exchange.
-    pub(crate) binding: &'static str,
+    /// Its bindings on the exchange.
+    pub(crate) bindings: Vec<String>,
     /// Deliveries the broker may send ahead.
     pub(crate) prefetch: u16,
     /// Days the queue is kept once nothing reads it; `None`: kept until
@@ -282,7 +282,7 @@ impl Session {
 }
 
 /// Declares the exchange, the dead-letter exchange and queue, and the
-/// queue with its binding.
+/// queue with its bindings.
 async fn declare(
     channel: &Channel,
     broker: &BrokerConfig,
@@ -357,15 +357,18 @@ async fn declare(
     channel
         .queue_declare(spec.queue.as_str().into(), durable_queue, arguments)
         .await?;
-    channel
-        .queue_bind(
-            spec.queue.as_str().into(),
-            broker.exchange.as_str().into(),
-            spec.binding.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
+    for binding in &spec.bindings {
+        channel
+            .queue_bind(
+                spec.queue.as_str().into(),
+                broker.exchange.as_str().into(),
+                binding.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// Waits at most `seconds` for a broker operation: a broker that goes away

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use possync_core::{
-    Backoff, BrokerConfig, BrokerError, RECEIPT_TYPE, Receipt, UPSTREAM_BINDING, UpstreamMessage,
-    expected_user, parse_upstream_key, unix_now_ms,
+    Backoff, BrokerConfig, BrokerError, RECEIPT_TYPE, Receipt, UpstreamMessage, expected_user,
+    parse_upstream_key, unix_now_ms,
 };
 use tokio::sync::watch;
 
@@ -102,7 +102,7 @@ impl<S: Storage> Upstream<S> {
     fn spec(&self) -> QueueSpec {
         QueueSpec {
             queue: self.config.queue.clone(),
-            binding: UPSTREAM_BINDING,
+            bindings: self.config.bindings.clone(),
             prefetch: self.config.prefetch,
             expiry_days: self.config.queue_expiry_days,
             connection_name: "possync backend upstream",
@@ -123,7 +123,7 @@ impl<S: Storage> Upstream<S> {
                 Ok(session) => {
                     attempt = 0;
                     offline_since = None;
-                    events::upstream_live(&self.config.queue, UPSTREAM_BINDING);
+                    events::upstream_live(&self.config.queue, &self.config.bindings.join(", "));
                     match self.consume(session, &mut stop).await {
                         Ended::Stopped => return,
                         Ended::Lost(err) => err,

@@ -259,6 +259,9 @@ impl Uplink {
             }
             confirmed += 1;
         }
+        if confirmed > 0 {
+            crate::failpoint::after_uplink_confirm().await;
+        }
         let last_confirmed = confirmed.checked_sub(1).map(|i| rows[i].id);
         if let Some(last) = last_confirmed
             && let Err(err) = delete_through(outbox, last)

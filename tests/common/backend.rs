@@ -80,6 +80,25 @@ impl Backend {
         backend
     }
 
+    /// [`Backend::with_upstream`] whose queue takes the upstream messages
+    /// of `stores` only, not those of every test running beside it.
+    pub fn with_upstream_for(label: &str, stores: &[&LicenseKey]) -> Self {
+        let backend = Self::with_upstream(label);
+        backend.bind_upstream(stores);
+        backend
+    }
+
+    /// Binds its upstream queue to `stores`' messages only.
+    pub fn bind_upstream(&self, stores: &[&LicenseKey]) {
+        let bindings: Vec<String> = stores.iter().map(|s| format!("\"up.{s}.#\"")).collect();
+        let config = std::fs::read_to_string(&self.config).expect("the backend's config");
+        let config = config.replace(
+            "[upstream]\n",
+            &format!("[upstream]\nbindings = [{}]\n", bindings.join(", ")),
+        );
+        std::fs::write(&self.config, config).expect("write the backend's config");
+    }
+
     /// Appends `lines` to its config (a section and its keys).
     pub fn configure(&self, lines: &str) {
         let mut config = std::fs::read_to_string(&self.config).expect("the backend's config");

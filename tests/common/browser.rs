@@ -87,6 +87,67 @@ impl LivePage {
         }
     }
 
+    /// Sends a DevTools command and returns its result (panics on an error).
+    pub fn command(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = serde_json::json!({"id": id, "method": method, "params": params});
+        self.devtools
+            .send(tungstenite::Message::text(call.to_string()))
+            .expect("send to DevTools");
+        loop {
+            let message = self.devtools.read().expect("read from DevTools");
+            let Ok(text) = message.to_text() else {
+                continue;
+            };
+            let answer: serde_json::Value = serde_json::from_str(text).expect("JSON");
+            if answer["id"] == id {
+                assert!(
+                    answer["error"].is_null(),
+                    "DevTools refused {method}: {}",
+                    answer["error"]
+                );
+                return answer["result"].clone();
+            }
+        }
+    }
+
+    /// Lays the page out as in a browser window `width` by `height` CSS
+    /// pixels.
+    pub fn set_viewport(&mut self, width: u32, height: u32) {
+        self.command(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({
+                "width": width, "height": height,
+                "deviceScaleFactor": 1, "mobile": false,
+            }),
+        );
+    }
+
+    /// Writes a PNG of the whole page (beyond the viewport too) to `path`.
+    pub fn screenshot(&mut self, path: &std::path::Path) {
+        use base64::Engine as _;
+        let metrics = self.command("Page.getLayoutMetrics", serde_json::json!({}));
+        let size = &metrics["cssContentSize"];
+        let (width, height) = (
+            size["width"].as_f64().expect("the page's width"),
+            size["height"].as_f64().expect("the page's height"),
+        );
+        let shot = self.command(
+            "Page.captureScreenshot",
+            serde_json::json!({
+                "format": "png",
+                "captureBeyondViewport": true,
+                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+            }),
+        );
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("the screenshot's data"))
+            .expect("base64");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(path, png).expect("write the screenshot");
+    }
+
     /// Polls `expression` until it is true; the time it took, or `None`
     /// after `within`.
     pub fn wait_until(
