@@ -1,0 +1,151 @@
+//! What terminals tell the back office: delivery receipts, and what the
+//! backend makes of them for `possync publish --wait-applied` and the API.
+
+mod common;
+
+use common::backend::Backend;
+use common::*;
+
+/// A publisher's config that submits through `backend`.
+fn publisher_config(dir: &std::path::Path, backend: &Backend) -> std::path::PathBuf {
+    let file = dir.join("publisher.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[backend]\nurl = \"http://127.0.0.1:{}\"\ntoken = \"{}\"\n",
+            backend.api.port, backend.api.token
+        ),
+    )
+    .expect("write the publisher's config");
+    file
+}
+
+/// The price the terminal's database holds for `product`.
+fn price(terminal: &RunningTerminal, product: &str) -> Option<f64> {
+    terminal
+        .db()
+        .query_row(
+            "SELECT price FROM products WHERE id = ?1",
+            [product],
+            |row| row.get(0),
+        )
+        .ok()
+}
+
+/// Waits until the backend knows `count` terminals of `store`.
+async fn wait_known(backend: &Backend, store: &possync_core::LicenseKey, count: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = backend
+            .api
+            .call("GET", &format!("/v1/stores/{store}/applied?seq=1"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let known = body["terminals"].as_array().map_or(0, Vec::len);
+        if known == count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend knows {known} terminals of {store}, not {count}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_waits_until_every_terminal_applied_and_names_the_one_that_has_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("waits");
+    let mut backend = Backend::with_upstream_for("waits", &[&store]);
+    backend.start().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_line("upstream_live")
+        .await;
+    let mut tills = Vec::new();
+    for till in ["till-1", "till-2", "till-3"] {
+        tills.push(RunningTerminal::start(terminal_config(dir.path(), &store, till)).await);
+    }
+    wait_known(&backend, &store, 3).await;
+    let publisher = publisher_config(dir.path(), &backend);
+    let publish = |price: &str, wait: &str| {
+        possync(&[
+            "publish",
+            "--config",
+            publisher.to_str().expect("utf-8"),
+            "price-update",
+            "--license",
+            store.as_str(),
+            "--product-id",
+            "P1",
+            "--new-price",
+            price,
+            &format!("--wait-applied={wait}"),
+        ])
+    };
+
+    let output = tokio::task::block_in_place(|| publish("2.5", "30"));
+    let said = text(&output.stdout);
+    assert!(output.status.success(), "{said}{}", text(&output.stderr));
+    assert!(
+        said.contains("seq 1 applied by all 3 terminal(s) (till-1, till-2, till-3)"),
+        "{said}"
+    );
+    // It returned only once the last of them had it.
+    for till in &tills {
+        assert_eq!(price(till, "P1"), Some(2.5), "{said}");
+    }
+
+    let stopped = tills.pop().expect("till-3");
+    stopped.stop().await;
+    let started = std::time::Instant::now();
+    let output = tokio::task::block_in_place(|| publish("3.5", "3"));
+    let waited = started.elapsed();
+    let said = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{said}{}", text(&output.stderr));
+    assert!(
+        said.contains("seq 2 not applied after 3 s by 1 of 3 terminal(s): till-3 (offline since")
+            && said.contains("applied up to 1)"),
+        "{said}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(3),
+        "it waited the time given: {waited:?}"
+    );
+    for till in &tills {
+        assert_eq!(price(till, "P1"), Some(3.5));
+    }
+    for till in tills {
+        till.stop().await;
+    }
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_needs_a_backend_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("direct.toml");
+    std::fs::write(&file, "").expect("write config");
+    let output = possync(&[
+        "publish",
+        "--config",
+        file.to_str().expect("utf-8"),
+        "price-update",
+        "--license",
+        "S1",
+        "--product-id",
+        "P1",
+        "--new-price",
+        "1",
+        "--wait-applied",
+    ]);
+    assert!(!output.status.success());
+    let said = text(&output.stderr);
+    assert!(
+        said.contains("--wait-applied needs a [backend]"),
+        "{said}"
+    );
+}
