@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use possync_backend::{
-    Accepted, IdempotencyKey, NewChange, Outcome, PostgresStorage, SqliteStorage, Storage,
-    StorageError, StoreHead, TokenRecord,
+    Accepted, IdempotencyKey, NewChange, Outcome, PostgresStorage, ReceiptRecord, SqliteStorage,
+    Storage, StorageError, StoreHead, TokenRecord, UpstreamRecord,
 };
 use possync_core::{ChangeKind, EntityChange};
 use possync_sdk::Version;
@@ -250,6 +250,10 @@ on_every_storage!(
     idempotency_keys_older_than_the_retention_are_forgotten,
     a_refused_submission_among_concurrent_ones_leaves_the_others_whole,
     each_database_has_its_own_catalog_id_kept_across_reopening,
+    upstream_messages_are_recorded_once_each_in_arrival_order,
+    a_refused_upstream_batch_records_none_of_it,
+    the_latest_receipt_of_a_run_wins_and_a_new_run_replaces_it,
+    a_forgotten_terminal_leaves_the_fleet,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -1166,4 +1170,183 @@ async fn idempotency_keys_older_than_the_retention_are_forgotten<H: Harness>() {
         .await
         .expect("replayed");
     assert!(replayed.replayed, "a kept key still replays");
+}
+
+fn order(store: &str, terminal: &str, message_id: &str) -> UpstreamRecord {
+    UpstreamRecord {
+        store: store.into(),
+        terminal: terminal.into(),
+        message_type: "order".into(),
+        message_id: message_id.into(),
+        created_at: "2026-12-02T10:00:00Z".into(),
+        payload: format!(r#"{{"order_id":"{message_id}"}}"#),
+    }
+}
+
+async fn received<S: Storage>(storage: &S, store: &str, after: i64) -> Vec<(i64, String, String)> {
+    storage
+        .upstream_after(store, None, after, 100)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|r| (r.cursor, r.record.terminal, r.record.message_id))
+        .collect()
+}
+
+async fn upstream_messages_are_recorded_once_each_in_arrival_order<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let new = storage
+        .record_upstream(vec![
+            order("A", "t1", "m1"),
+            order("A", "t2", "m1"),
+            order("B", "t1", "m1"),
+        ])
+        .await
+        .expect("recorded");
+    assert_eq!(new, [true, true, true], "ids are per store and terminal");
+    let again = storage
+        .record_upstream(vec![
+            order("A", "t1", "m2"),
+            order("A", "t1", "m1"),
+            order("A", "t1", "m3"),
+        ])
+        .await
+        .expect("recorded");
+    assert_eq!(again, [true, false, true], "a copy is left out");
+    let a = received(&storage, "A", 0).await;
+    let names: Vec<(&str, &str)> = a.iter().map(|(_, t, m)| (t.as_str(), m.as_str())).collect();
+    assert_eq!(
+        names,
+        [("t1", "m1"), ("t2", "m1"), ("t1", "m2"), ("t1", "m3")]
+    );
+    assert!(a.windows(2).all(|w| w[0].0 < w[1].0), "cursors grow: {a:?}");
+    let after_second = received(&storage, "A", a[1].0).await;
+    assert_eq!(after_second.len(), 2, "read on after a cursor");
+    let orders_only = storage
+        .upstream_after("A", Some("receipt"), 0, 100)
+        .await
+        .expect("read");
+    assert!(orders_only.is_empty(), "filtered by type");
+    let limited = storage.upstream_after("A", None, 0, 1).await.expect("read");
+    assert_eq!(limited.len(), 1);
+    assert_eq!(received(&storage, "B", 0).await.len(), 1, "stores apart");
+    drop(storage);
+    let reopened = db.open().await;
+    assert_eq!(received(&reopened, "A", 0).await, a, "durable");
+}
+
+async fn a_refused_upstream_batch_records_none_of_it<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let mut bad = order("A", "t1", "m2");
+    bad.payload = "not json".into();
+    let refused = storage
+        .record_upstream(vec![order("A", "t1", "m1"), bad])
+        .await
+        .expect_err("a payload that is not JSON is refused");
+    assert!(!refused.is_transient(), "{refused}");
+    assert!(received(&storage, "A", 0).await.is_empty(), "nothing of it");
+}
+
+fn receipt(
+    store: &str,
+    terminal: &str,
+    run: &str,
+    n: u64,
+    applied: i64,
+    seen_ms: i64,
+) -> ReceiptRecord {
+    ReceiptRecord {
+        store: store.into(),
+        terminal: terminal.into(),
+        receipt: possync_core::Receipt {
+            applied_up_to: applied,
+            highest_applied: applied,
+            quarantined: 2,
+            outbox: 3,
+            stopping: false,
+            run: run.into(),
+            n,
+        },
+        seen_ms,
+    }
+}
+
+async fn the_latest_receipt_of_a_run_wins_and_a_new_run_replaces_it<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage
+        .record_receipts(vec![receipt("A", "t1", "r1", 2, 10, 1_000)])
+        .await
+        .expect("recorded");
+    // A late receipt of the same run (redelivered) changes nothing.
+    storage
+        .record_receipts(vec![receipt("A", "t1", "r1", 1, 5, 2_000)])
+        .await
+        .expect("recorded");
+    let fleet = storage.fleet(Some("A")).await.expect("fleet");
+    assert_eq!(fleet.len(), 1);
+    assert_eq!(
+        (
+            fleet[0].applied_up_to,
+            fleet[0].last_seen_ms,
+            fleet[0].applied_changed_ms
+        ),
+        (10, 1_000, 1_000)
+    );
+    assert_eq!((fleet[0].quarantined, fleet[0].outbox), (2, 3));
+    // The same applied seq later: seen again, not moved.
+    storage
+        .record_receipts(vec![receipt("A", "t1", "r1", 3, 10, 3_000)])
+        .await
+        .expect("recorded");
+    let fleet = storage.fleet(Some("A")).await.expect("fleet");
+    assert_eq!(
+        (fleet[0].last_seen_ms, fleet[0].applied_changed_ms),
+        (3_000, 1_000)
+    );
+    // A new run (a restart, a database restored from a backup) may report less.
+    storage
+        .record_receipts(vec![
+            receipt("A", "t1", "r2", 1, 4, 4_000),
+            receipt("B", "t1", "r9", 1, 1, 4_000),
+        ])
+        .await
+        .expect("recorded");
+    let fleet = storage.fleet(Some("A")).await.expect("fleet");
+    assert_eq!(
+        (
+            fleet[0].applied_up_to,
+            fleet[0].applied_changed_ms,
+            fleet[0].first_seen_ms
+        ),
+        (4, 4_000, 1_000)
+    );
+    let all = storage.fleet(None).await.expect("fleet");
+    let names: Vec<(&str, &str)> = all
+        .iter()
+        .map(|t| (t.store.as_str(), t.terminal.as_str()))
+        .collect();
+    assert_eq!(names, [("A", "t1"), ("B", "t1")]);
+}
+
+async fn a_forgotten_terminal_leaves_the_fleet<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage
+        .record_receipts(vec![
+            receipt("A", "t1", "r1", 1, 1, 1_000),
+            receipt("A", "t2", "r1", 1, 1, 1_000),
+        ])
+        .await
+        .expect("recorded");
+    assert!(storage.forget_terminal("A", "t1").await.expect("forgotten"));
+    assert!(
+        !storage.forget_terminal("A", "t1").await.expect("answered"),
+        "once"
+    );
+    let fleet = storage.fleet(Some("A")).await.expect("fleet");
+    assert_eq!(fleet.len(), 1);
+    assert_eq!(fleet[0].terminal, "t2");
 }
