@@ -384,3 +384,220 @@ impl<S: Storage> Upstream<S> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use possync_core::Registry;
+    use possync_orders as _;
+
+    use super::*;
+    use crate::testing::Scripted;
+
+    async fn upstream(verify_user: bool) -> Upstream<Scripted> {
+        let registry =
+            Registry::for_publishing(&BTreeMap::new()).expect("the built-in plugins load");
+        let catalog = Arc::new(Catalog::new(
+            Arc::new(Scripted::new().await),
+            Arc::new(registry),
+        ));
+        let mut broker = BrokerConfig::default();
+        broker.urls = vec!["amqp://office:secret@127.0.0.1:5672/%2f".into()];
+        let config = UpstreamConfig {
+            verify_user,
+            ..UpstreamConfig::default()
+        };
+        Upstream::new(catalog, broker, config, Arc::new(Counters::default()))
+    }
+
+    fn body(store: &str, terminal: &str, message_type: &str, payload: &str) -> Vec<u8> {
+        format!(
+            r#"{{"type":"{message_type}","license_key":"{store}","terminal_id":"{terminal}","message_id":"m1","created_at":"2026-12-02T10:00:00Z","payload":{payload}}}"#
+        )
+        .into_bytes()
+    }
+
+    const ORDER: &str = r#"{"order_id":"O1","lines":[{"product_id":"P1","quantity":1,"unit_price":2.5}],"total":2.5}"#;
+    const USER: &str = "possync.terminal.S1.till-1";
+
+    #[tokio::test]
+    async fn an_order_from_its_terminals_own_user_is_a_message_to_record() {
+        let upstream = upstream(true).await;
+        let read = upstream.read(
+            "up.S1.till-1.order",
+            &body("S1", "till-1", "order", ORDER),
+            Some(USER),
+            5,
+        );
+        match read {
+            Ok(Read::Message(record)) => {
+                assert_eq!(
+                    (
+                        record.store.as_str(),
+                        record.terminal.as_str(),
+                        record.message_id.as_str()
+                    ),
+                    ("S1", "till-1", "m1")
+                );
+                assert_eq!(record.payload, ORDER);
+            }
+            other => panic!("an order to record, not {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sender_other_than_the_terminals_user_is_refused_unless_the_check_is_off() {
+        let checked = upstream(true).await;
+        let order = body("S1", "till-1", "order", ORDER);
+        for user in [None, Some("possync.terminal.S1.till-2"), Some("guest")] {
+            let refused = checked
+                .read("up.S1.till-1.order", &order, user, 5)
+                .expect_err("refused");
+            assert_eq!(refused.kind, "identity", "{user:?}: {}", refused.reason);
+            assert!(refused.reason.contains(USER), "{}", refused.reason);
+        }
+        let own = checked
+            .read("up.S1.till-1.order", &order, Some("office"), 5)
+            .expect_err("the backend's own user is no terminal's");
+        assert!(
+            own.reason.contains("upstream.verify_user"),
+            "{}",
+            own.reason
+        );
+        let unverified = upstream(false).await;
+        assert!(matches!(
+            unverified.read("up.S1.till-1.order", &order, Some("guest"), 5),
+            Ok(Read::Message(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_names_another_store_terminal_or_type_than_its_key_is_refused() {
+        let upstream = upstream(false).await;
+        for (key, body) in [
+            ("up.S2.till-1.order", body("S1", "till-1", "order", ORDER)),
+            ("up.S1.till-2.order", body("S1", "till-1", "order", ORDER)),
+            ("up.S1.till-1.refund", body("S1", "till-1", "order", ORDER)),
+        ] {
+            let refused = upstream.read(key, &body, None, 5).expect_err("refused");
+            assert_eq!(refused.kind, "mismatch", "{key}: {}", refused.reason);
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_keys_bodies_and_payloads_are_refused_with_their_reason() {
+        let upstream = upstream(false).await;
+        let cases: [(&str, Vec<u8>, &str, &str); 6] = [
+            (
+                "license.S1.order",
+                body("S1", "till-1", "order", ORDER),
+                "malformed",
+                "not an upstream key",
+            ),
+            (
+                "up.S#.till-1.order",
+                body("S#", "till-1", "order", ORDER),
+                "malformed",
+                "not a valid id",
+            ),
+            (
+                "up.S1.till-1.order",
+                b"{not json".to_vec(),
+                "malformed",
+                "not an upstream message",
+            ),
+            (
+                "up.S1.till-1.order",
+                body(
+                    "S1",
+                    "till-1",
+                    "order",
+                    r#"{"order_id":"O1","lines":[],"total":0}"#,
+                ),
+                "invalid",
+                "at least one line",
+            ),
+            (
+                "up.S1.till-1.teleport",
+                body("S1", "till-1", "teleport", "{}"),
+                "invalid",
+                "no plugin",
+            ),
+            (
+                "up.S1.till-1.receipt",
+                body("S1", "till-1", "receipt", "{}"),
+                "invalid",
+                "not a receipt",
+            ),
+        ];
+        for (key, body, kind, says) in cases {
+            let refused = upstream.read(key, &body, None, 5).expect_err("refused");
+            assert_eq!(refused.kind, kind, "{key}: {}", refused.reason);
+            assert!(refused.reason.contains(says), "{key}: {}", refused.reason);
+        }
+        let long_id = String::from_utf8(body("S1", "till-1", "order", ORDER))
+            .expect("utf-8")
+            .replace("\"m1\"", &format!("\"{}\"", "m".repeat(129)));
+        let refused = upstream
+            .read("up.S1.till-1.order", long_id.as_bytes(), None, 5)
+            .expect_err("refused");
+        assert!(refused.reason.contains("message id"), "{}", refused.reason);
+    }
+
+    #[tokio::test]
+    async fn a_receipt_is_read_with_the_time_it_arrived() {
+        let upstream = upstream(false).await;
+        let receipt =
+            r#"{"applied_up_to":7,"highest_applied":9,"quarantined":1,"outbox":0,"run":"r","n":3}"#;
+        match upstream.read(
+            "up.S1.till-1.receipt",
+            &body("S1", "till-1", "receipt", receipt),
+            None,
+            42,
+        ) {
+            Ok(Read::Receipt(record)) => {
+                assert_eq!(record.seen_ms, 42);
+                assert_eq!((record.receipt.applied_up_to, record.receipt.n), (7, 3));
+                assert!(!record.receipt.stopping);
+            }
+            other => panic!("a receipt, not {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_while_the_database_is_down_and_records_each_message_once() {
+        let upstream = upstream(false).await;
+        upstream
+            .catalog
+            .storage()
+            .failing_records
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        let (_stop, mut stopped) = watch::channel(false);
+        let record = || {
+            upstream
+                .catalog
+                .storage()
+                .record_upstream(vec![UpstreamRecord {
+                    store: "S1".into(),
+                    terminal: "till-1".into(),
+                    message_type: "order".into(),
+                    message_id: "m1".into(),
+                    created_at: String::new(),
+                    payload: ORDER.into(),
+                }])
+        };
+        let first = upstream.hold(&mut stopped, record).await;
+        assert_eq!(
+            first.map(|r| r.ok()),
+            Some(Some(vec![true])),
+            "held, then recorded"
+        );
+        let again = upstream.hold(&mut stopped, record).await;
+        assert_eq!(
+            again.map(|r| r.ok()),
+            Some(Some(vec![false])),
+            "recorded once"
+        );
+    }
+}

@@ -165,6 +165,9 @@ on_every_storage!(
     health_needs_no_token_and_metrics_count_requests_and_show_heads,
     metrics_label_requests_by_route_template_and_a_known_method_only,
     metrics_are_refused_to_a_token_limited_to_some_stores,
+    the_fleet_lists_each_stores_terminals_furthest_behind_first_and_only_to_its_stores_tokens,
+    applied_answers_when_the_last_terminal_reports_and_names_those_that_have_not,
+    upstream_messages_are_read_after_a_cursor_and_a_forgotten_terminal_is_gone,
 );
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -1094,4 +1097,219 @@ fn the_served_openapi_document_is_built_from_the_code_and_describes_every_route(
         on_disk == pretty,
         "backend/openapi.json differs from the API the code serves: run `POSSYNC_UPDATE_OPENAPI=1 cargo test -p possync-backend --test api` and commit it"
     );
+}
+
+impl<S: Storage> Backend<S> {
+    /// Records a receipt of `terminal` as the upstream consumer would.
+    fn receipt(&self, store: &str, terminal: &str, n: u64, applied: i64) {
+        let record = possync_backend::ReceiptRecord {
+            store: store.into(),
+            terminal: terminal.into(),
+            receipt: possync_core::Receipt {
+                applied_up_to: applied,
+                highest_applied: applied,
+                quarantined: 0,
+                outbox: 0,
+                stopping: false,
+                run: "r1".into(),
+                n,
+            },
+            seen_ms: possync_core::unix_now_ms(),
+        };
+        self.runtime
+            .block_on(self.storage.record_receipts(vec![record]))
+            .expect("the receipt is recorded");
+    }
+}
+
+fn the_fleet_lists_each_stores_terminals_furthest_behind_first_and_only_to_its_stores_tokens<
+    S: Storage,
+>(
+    backend: Backend<S>,
+) {
+    let operator = backend.token("operator", &[]);
+    let limited = backend.token("store-one", &["S1"]);
+    for n in 1..=3 {
+        let answer = backend.post(
+            "/v1/stores/S1/changes",
+            Some(&operator),
+            None,
+            &price("P", f64::from(n)).to_string(),
+        );
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    backend.receipt("S1", "till-a", 1, 3);
+    backend.receipt("S1", "till-b", 1, 1);
+    backend.receipt("S2", "till-a", 1, 0);
+
+    let fleet = backend.get("/v1/fleet", Some(&operator));
+    assert_eq!(fleet.status, 200, "{}", fleet.text);
+    let stores = fleet.json["stores"].as_array().expect("stores");
+    assert_eq!(stores.len(), 2);
+    assert_eq!(stores[0]["store"], "S1", "the store furthest behind first");
+    assert_eq!(
+        (stores[0]["head"].as_i64(), stores[0]["max_lag"].as_i64()),
+        (Some(3), Some(2))
+    );
+    let terminals: Vec<(&str, i64, &str)> = stores[0]["terminals"]
+        .as_array()
+        .expect("terminals")
+        .iter()
+        .map(|t| {
+            (
+                t["terminal"].as_str().unwrap_or_default(),
+                t["lag"].as_i64().unwrap_or(-1),
+                t["state"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(terminals, [("till-b", 2, "live"), ("till-a", 0, "live")]);
+    let by_name = backend.get("/v1/fleet?sort=name", Some(&operator));
+    assert_eq!(
+        by_name.json["stores"][0]["terminals"][0]["terminal"],
+        "till-a"
+    );
+    let bad = backend.get("/v1/fleet?sort=age", Some(&operator));
+    assert_eq!(bad.status, 400);
+    assert!(bad.error().contains("lag"), "{}", bad.error());
+
+    let mine = backend.get("/v1/fleet", Some(&limited));
+    assert_eq!(mine.status, 200);
+    let names: Vec<&str> = mine.json["stores"]
+        .as_array()
+        .expect("stores")
+        .iter()
+        .filter_map(|s| s["store"].as_str())
+        .collect();
+    assert_eq!(names, ["S1"], "a store-limited token sees its stores only");
+    assert_eq!(backend.get("/v1/fleet", None).status, 401);
+
+    let metrics = backend.get("/metrics", Some(&operator));
+    for line in [
+        "possync_backend_fleet_terminals{store=\"S1\",state=\"live\"} 2",
+        "possync_backend_fleet_max_lag{store=\"S1\"} 2",
+    ] {
+        assert!(metrics.text.contains(line), "{line}: {}", metrics.text);
+    }
+}
+
+fn applied_answers_when_the_last_terminal_reports_and_names_those_that_have_not<S: Storage>(
+    backend: Backend<S>,
+) {
+    let operator = backend.token("operator", &[]);
+    let answer = backend.get("/v1/stores/S1/applied?seq=1", Some(&operator));
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(
+        answer.json["complete"], true,
+        "no terminal: nothing to wait for"
+    );
+    assert_eq!(answer.json["terminals"], json!([]));
+
+    backend.receipt("S1", "till-a", 1, 4);
+    backend.receipt("S1", "till-b", 1, 2);
+    let started = std::time::Instant::now();
+    let answer = backend.get("/v1/stores/S1/applied?seq=3&wait=1", Some(&operator));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "it waited"
+    );
+    assert_eq!(answer.json["complete"], false, "{}", answer.text);
+    assert_eq!(answer.json["pending"], json!(["till-b"]));
+
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            let started = std::time::Instant::now();
+            let answer = backend.get("/v1/stores/S1/applied?seq=3&wait=20", Some(&operator));
+            (answer, started.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        backend.receipt("S1", "till-b", 2, 3);
+        let (answer, took) = waiting.join().expect("the wait answers");
+        assert_eq!(answer.json["complete"], true, "{}", answer.text);
+        assert_eq!(answer.json["pending"], json!([]));
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "answered once the last one reported, not at the end of the wait: {took:?}"
+        );
+    });
+
+    for (query, says) in [
+        ("seq=0", "seq"),
+        ("seq=1&wait=51", "wait"),
+        ("wait=1", "seq"),
+    ] {
+        let answer = backend.get(&format!("/v1/stores/S1/applied?{query}"), Some(&operator));
+        assert_eq!(answer.status, 400, "{query}");
+        assert!(answer.error().contains(says), "{query}: {}", answer.error());
+    }
+    let limited = backend.token("store-two", &["S2"]);
+    assert_eq!(
+        backend
+            .get("/v1/stores/S1/applied?seq=1", Some(&limited))
+            .status,
+        403
+    );
+}
+
+fn upstream_messages_are_read_after_a_cursor_and_a_forgotten_terminal_is_gone<S: Storage>(
+    backend: Backend<S>,
+) {
+    let operator = backend.token("operator", &[]);
+    let record = |n: usize, message_type: &str| possync_backend::UpstreamRecord {
+        store: "S1".into(),
+        terminal: "till-a".into(),
+        message_type: message_type.into(),
+        message_id: format!("m{n}"),
+        created_at: "2026-12-02T10:00:00Z".into(),
+        payload: format!(r#"{{"order_id":"O{n}"}}"#),
+    };
+    backend
+        .runtime
+        .block_on(backend.storage.record_upstream(vec![
+            record(1, "order"),
+            record(2, "note"),
+            record(3, "order"),
+        ]))
+        .expect("recorded");
+    let first = backend.get("/v1/stores/S1/upstream?type=order&limit=1", Some(&operator));
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert_eq!(first.json["messages"][0]["payload"]["order_id"], "O1");
+    let after = first.json["next_after"].as_i64().expect("a cursor");
+    let rest = backend.get(
+        &format!("/v1/stores/S1/upstream?type=order&after={after}"),
+        Some(&operator),
+    );
+    let ids: Vec<&str> = rest.json["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["message_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["m3"]);
+    let everything = backend.get("/v1/stores/S1/upstream", Some(&operator));
+    assert_eq!(
+        everything.json["messages"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let none = backend.get("/v1/stores/S2/upstream", Some(&operator));
+    assert_eq!(none.json["messages"], json!([]));
+    assert_eq!(none.json["next_after"], 0);
+    for query in ["type=Order", "after=-1", "limit=0"] {
+        let answer = backend.get(&format!("/v1/stores/S1/upstream?{query}"), Some(&operator));
+        assert_eq!(answer.status, 400, "{query}: {}", answer.text);
+    }
+    let limited = backend.token("store-two", &["S2"]);
+    assert_eq!(
+        backend.get("/v1/stores/S1/upstream", Some(&limited)).status,
+        403
+    );
+
+    backend.receipt("S1", "till-a", 1, 0);
+    let gone = backend.request("DELETE", "/v1/stores/S1/terminals/till-a", Some(&operator));
+    assert_eq!(gone.status, 204);
+    let again = backend.request("DELETE", "/v1/stores/S1/terminals/till-a", Some(&operator));
+    assert_eq!(again.status, 404);
+    assert!(again.error().contains("till-a"), "{}", again.error());
+    let fleet = backend.get("/v1/fleet", Some(&operator));
+    assert_eq!(fleet.json["stores"], json!([]));
 }
