@@ -105,7 +105,12 @@ async fn publish_waits_until_every_terminal_applied_and_names_the_one_that_has_n
     let output = tokio::task::block_in_place(|| publish("3.5", "3"));
     let waited = started.elapsed();
     let said = text(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{said}{}", text(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{said}{}",
+        text(&output.stderr)
+    );
     assert!(
         said.contains("seq 2 not applied after 3 s by 1 of 3 terminal(s): till-3 (offline since")
             && said.contains("applied up to 1)"),
@@ -144,8 +149,5 @@ async fn waiting_needs_a_backend_and_says_so() {
     ]);
     assert!(!output.status.success());
     let said = text(&output.stderr);
-    assert!(
-        said.contains("--wait-applied needs a [backend]"),
-        "{said}"
-    );
+    assert!(said.contains("--wait-applied needs a [backend]"), "{said}");
 }
