@@ -91,6 +91,7 @@ impl<S: Storage> Direct<S> {
             bindings: vec![BINDING.to_owned()],
             prefetch: self.config.prefetch,
             expiry_days: Some(self.config.queue_expiry_days),
+            single_active_consumer: false,
             connection_name: "possync backend direct",
             what: "declaring the backend's direct queue",
         }

@@ -32,6 +32,10 @@ pub(crate) struct QueueSpec {
     /// Days the queue is kept once nothing reads it; `None`: kept until
     /// deleted. Also the days a dead letter is kept (30 without).
     pub(crate) expiry_days: Option<u32>,
+    /// Whether one consumer at a time takes the queue's messages (several
+    /// backend processes on one database): the order of the queue is the
+    /// order recorded.
+    pub(crate) single_active_consumer: bool,
     /// The connection's name in the broker's management UI.
     pub(crate) connection_name: &'static str,
     /// What is declared, for errors (`the backend's direct queue`).
@@ -347,6 +351,9 @@ async fn declare(
     );
     if let Some(expires_ms) = expires_ms {
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires_ms));
+    }
+    if spec.single_active_consumer {
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
     if broker.queue_type == QueueType::Quorum {
         arguments.insert(

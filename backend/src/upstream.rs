@@ -105,6 +105,9 @@ impl<S: Storage> Upstream<S> {
             bindings: self.config.bindings.clone(),
             prefetch: self.config.prefetch,
             expiry_days: self.config.queue_expiry_days,
+            // Each terminal's messages are recorded in its order, also with
+            // several backend processes on one database.
+            single_active_consumer: true,
             connection_name: "possync backend upstream",
             what: "declaring the backend's upstream queue",
         }
@@ -305,6 +308,16 @@ impl<S: Storage> Upstream<S> {
         user: Option<&str>,
         now_ms: i64,
     ) -> Result<Read, Refusal> {
+        let limit = self.catalog.max_message_bytes();
+        if body.len() > limit {
+            return Err(refused(
+                "malformed",
+                format!(
+                    "{} bytes, over the {limit} the backend takes (relay.max_message_bytes)",
+                    body.len()
+                ),
+            ));
+        }
         let (store, terminal, message_type) = parse_upstream_key(routing_key).ok_or_else(|| {
             refused(
                 "malformed",

@@ -245,5 +245,5 @@ pub(crate) fn uplink_sent(rows: usize) {
 }
 
 pub(crate) fn uplink_unroutable(routing_key: &str, retry_in_secs: u64) {
-    warn!(event = "uplink_unroutable", %routing_key, retry_in_secs, "no queue took an outbox row: is `possync backend` running with its upstream consumer? the row stays in the outbox and is sent again");
+    warn!(event = "uplink_unroutable", %routing_key, retry_in_secs, "no queue took an outbox row, or the broker refused one: is `possync backend` running with its upstream consumer? the round stays in the outbox and is sent again");
 }

@@ -240,45 +240,37 @@ impl Uplink {
                 .await?;
             confirms.push(confirm);
         }
-        // The rows confirmed in order, up to the first the broker returned
-        // (no queue took it) or refused: what follows is sent again.
-        let mut confirmed: usize = 0;
-        let mut returned = None;
+        // Every confirm of the round, before anything is deleted. lapin may
+        // attach a returned message (no queue took it) to another confirm of
+        // the same multiple-ack than its own, so one return or refusal in
+        // the round keeps the whole round: rows the broker did route are
+        // sent again, and the backend records each id once.
+        let mut kept = None;
         for (row, confirm) in rows.iter().zip(confirms) {
             match session.wait(confirm).await? {
                 Confirmation::Ack(None) => {}
                 Confirmation::Ack(Some(message)) => {
-                    returned = Some(message.delivery.routing_key.to_string());
+                    kept.get_or_insert_with(|| message.delivery.routing_key.to_string());
                 }
                 Confirmation::Nack(_) | Confirmation::NotRequested => {
-                    returned = Some(format!("{} (refused)", row.message_id));
+                    kept.get_or_insert_with(|| {
+                        format!("{} (refused by the broker)", row.message_id)
+                    });
                 }
             }
-            if returned.is_some() {
-                break;
-            }
-            confirmed += 1;
         }
-        if confirmed > 0 {
-            crate::failpoint::after_uplink_confirm().await;
+        if let Some(routing_key) = kept {
+            events::uplink_unroutable(&routing_key, UNROUTABLE_WAIT.as_secs());
+            return Ok(Round::Unroutable);
         }
-        let last_confirmed = confirmed.checked_sub(1).map(|i| rows[i].id);
-        if let Some(last) = last_confirmed
-            && let Err(err) = delete_through(outbox, last)
-        {
+        crate::failpoint::after_uplink_confirm().await;
+        let last = rows.last().map_or(0, |row| row.id);
+        if let Err(err) = delete_through(outbox, last) {
             // Sent again later; the backend records each id once.
             events::uplink_outbox_failed(&err.to_string());
         }
-        if confirmed > 0 {
-            events::uplink_sent(confirmed);
-        }
-        match returned {
-            Some(routing_key) => {
-                events::uplink_unroutable(&routing_key, UNROUTABLE_WAIT.as_secs());
-                Ok(Round::Unroutable)
-            }
-            None => Ok(Round::Sent),
-        }
+        events::uplink_sent(rows.len());
+        Ok(Round::Sent)
     }
 
     async fn send_receipt(
