@@ -151,3 +151,113 @@ async fn waiting_needs_a_backend_and_says_so() {
     let said = text(&output.stderr);
     assert!(said.contains("--wait-applied needs a [backend]"), "{said}");
 }
+
+/// The orders the backend recorded for `store`, by order id, in order.
+async fn orders(backend: &Backend, store: &possync_core::LicenseKey) -> Vec<String> {
+    let (status, body) = backend
+        .api
+        .call(
+            "GET",
+            &format!("/v1/stores/{store}/upstream?type=order"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["payload"]["order_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn take_order(db: &rusqlite::Connection, order_id: &str, padding: usize) {
+    let payload = serde_json::json!({
+        "order_id": order_id,
+        "lines": [{"product_id": "x".repeat(padding.max(1)), "quantity": 1, "unit_price": 1.0}],
+        "total": 1.0,
+    });
+    db.execute(
+        "INSERT INTO possync_outbox (type, payload) VALUES ('order', ?1)",
+        [payload.to_string()],
+    )
+    .expect("the POS app writes an order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_taken_before_any_backend_listens_wait_in_the_outbox_and_go_up_once_it_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("nobackend");
+    let mut till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let db = till.db();
+    take_order(&db, "O-1", 1);
+    take_order(&db, "O-2", 1);
+    // No queue takes up.<store>.#: the broker returns the rows, which stay.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM possync_outbox"), 2);
+
+    let mut backend = Backend::with_upstream_for("nobackend", &[&store]);
+    backend.start().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_line("upstream_live")
+        .await;
+    take_order(&db, "O-3", 1);
+    let deadline = std::time::Instant::now() + WAIT;
+    while orders(&backend, &store).await.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting orders never went up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(orders(&backend, &store).await, ["O-1", "O-2", "O-3"]);
+    eventually("the outbox to empty", || {
+        count(&db, "SELECT count(*) FROM possync_outbox") == 0
+    })
+    .await;
+    let _ = till.wait_for(possync_core::Status::is_live).await;
+    till.stop().await;
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outbox_row_too_large_to_send_is_quarantined_and_the_rows_behind_it_go_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("toolarge");
+    let mut backend = Backend::with_upstream_for("toolarge", &[&store]);
+    backend.start().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_line("upstream_live")
+        .await;
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.terminal.max_message_bytes = 4096;
+    let till = RunningTerminal::start(config).await;
+    let db = till.db();
+    take_order(&db, "O-1", 1);
+    take_order(&db, "O-big", 5000);
+    take_order(&db, "O-3", 1);
+    let deadline = std::time::Instant::now() + WAIT;
+    while orders(&backend, &store).await.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orders never went up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(orders(&backend, &store).await, ["O-1", "O-3"]);
+    let reasons = quarantine_reasons(&db);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("over terminal.max_message_bytes (4096)"),
+        "{reasons:?}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM possync_outbox"), 0);
+    till.stop().await;
+    backend.stop().await;
+}

@@ -247,3 +247,7 @@ pub(crate) fn uplink_sent(rows: usize) {
 pub(crate) fn uplink_unroutable(routing_key: &str, retry_in_secs: u64) {
     warn!(event = "uplink_unroutable", %routing_key, retry_in_secs, "no queue took an outbox row, or the broker refused one: is `possync backend` running with its upstream consumer? the round stays in the outbox and is sent again");
 }
+
+pub(crate) fn uplink_row_quarantined(row: i64, reason: &str) {
+    error!(event = "uplink_row_quarantined", row, %reason, "an outbox row can never be sent: moved to the quarantine (possync status lists it); the rows behind it go on");
+}

@@ -192,6 +192,8 @@ impl Terminal {
                     terminal_id: settings.terminal_id().clone(),
                     database: config.terminal.database.clone(),
                     status: status.subscribe(),
+                    max_message_bytes: config.terminal.max_message_bytes,
+                    quarantine_max_rows: config.terminal.quarantine_max_rows,
                 }
                 .run(uplink_stop),
             )

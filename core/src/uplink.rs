@@ -69,6 +69,11 @@ pub(crate) struct Uplink {
     pub(crate) terminal_id: TerminalId,
     pub(crate) database: PathBuf,
     pub(crate) status: watch::Receiver<Status>,
+    /// The largest body sent (`terminal.max_message_bytes`): a larger row
+    /// could never be taken and would hold every row behind it.
+    pub(crate) max_message_bytes: usize,
+    /// Rows kept in the quarantine (`terminal.quarantine_max_rows`).
+    pub(crate) quarantine_max_rows: u32,
 }
 
 /// Why a session ended.
@@ -229,6 +234,33 @@ impl Uplink {
                 return Ok(Round::Empty);
             }
         };
+        // The round stops before a row too large to send; such a row,
+        // first, is moved to the quarantine, and the rest go next round.
+        let mut rows = rows;
+        if let Some(too_large) = rows
+            .iter()
+            .position(|row| row.body.len() > self.max_message_bytes)
+        {
+            if too_large == 0 {
+                let row = &rows[0];
+                let routing_key =
+                    upstream_key(&self.license_key, &self.terminal_id, &row.message_type);
+                let reason = format!(
+                    "outbox row {} is {} bytes, over terminal.max_message_bytes ({}): it was not sent",
+                    row.id,
+                    row.body.len(),
+                    self.max_message_bytes
+                );
+                events::uplink_row_quarantined(row.id, &reason);
+                if let Err(err) =
+                    quarantine(outbox, row, &routing_key, reason, self.quarantine_max_rows)
+                {
+                    events::uplink_outbox_failed(&err.to_string());
+                }
+                return Ok(Round::Sent);
+            }
+            rows.truncate(too_large);
+        }
         if rows.is_empty() {
             return Ok(Round::Empty);
         }
@@ -397,6 +429,27 @@ fn read_rows(
             })
         })?
         .collect()
+}
+
+/// Moves `row` from the outbox to the quarantine, in one transaction.
+fn quarantine(
+    outbox: &mut Sqlite,
+    row: &Row,
+    routing_key: &str,
+    reason: String,
+    keep_rows: u32,
+) -> rusqlite::Result<()> {
+    let kept = crate::store::Quarantined::new(
+        routing_key,
+        Some(&row.message_type),
+        Some(&row.message_id),
+        reason,
+        &row.body,
+    );
+    let mut transaction = crate::transaction::Transaction::begin(outbox)?;
+    transaction.record_quarantined(&kept, keep_rows)?;
+    transaction.execute("DELETE FROM possync_outbox WHERE id = ?1", [row.id])?;
+    transaction.commit()
 }
 
 fn delete_through(outbox: &Sqlite, last: i64) -> rusqlite::Result<()> {
