@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(judged.lag, 2);
         assert_eq!(judged.offline_since_ms, Some(100_000));
         assert_eq!(
-            RULES.judge(&terminal(100_000, 7, 0), 9, 110_000).state,
+            RULES.judge(&terminal(100_000, 7, 100_000), 9, 110_000).state,
             TerminalState::Live,
             "silent for exactly the limit is not yet offline"
         );
