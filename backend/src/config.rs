@@ -244,7 +244,7 @@ impl Default for UpstreamConfig {
             prefetch: 500,
             queue_expiry_days: None,
             verify_user: true,
-            offline_after_secs: 10,
+            offline_after_secs: 7,
             stalled_after_secs: 60,
         }
     }

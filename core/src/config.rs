@@ -373,7 +373,7 @@ pub struct UplinkConfig {
     pub receipt_interval_ms: u64,
     /// A receipt is sent at least this often while nothing changes, so the
     /// back office knows the terminal is up (it shows it offline after
-    /// about three missed).
+    /// two missed, 7 s by default).
     pub heartbeat_secs: u64,
 }
 
