@@ -89,8 +89,8 @@ fn parse_wait(text: &str) -> Result<Duration, String> {
         Some(minutes) => (minutes, 60),
         None => (text.strip_suffix('s').unwrap_or(text), 1),
     };
-    match number.parse::<u64>() {
-        Ok(n) if n * unit <= 86_400 => Ok(Duration::from_secs(n * unit)),
+    match number.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)) {
+        Some(secs) if secs <= 86_400 => Ok(Duration::from_secs(secs)),
         _ => Err(format!(
             "{text:?} is not a wait: give seconds (`30`, `30s`) or minutes (`2m`), at most a day"
         )),
@@ -643,6 +643,16 @@ mod tests {
             matches.get_one::<serde_json::Value>("table_id"),
             Some(&serde_json::json!("T1"))
         );
+    }
+
+    #[test]
+    fn a_wait_is_seconds_or_minutes_up_to_a_day() {
+        assert_eq!(parse_wait("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_wait("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_wait("2m"), Ok(Duration::from_secs(120)));
+        for refused in ["", "-1", "1h", "86401", "307445734561825861m"] {
+            assert!(parse_wait(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]

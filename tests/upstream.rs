@@ -36,12 +36,15 @@ fn price(terminal: &RunningTerminal, product: &str) -> Option<f64> {
 async fn wait_known(backend: &Backend, store: &possync_core::LicenseKey, count: usize) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (status, body) = backend
-            .api
-            .call("GET", &format!("/v1/stores/{store}/applied?seq=1"), None)
-            .await;
+        let (status, body) = backend.api.call("GET", "/v1/fleet", None).await;
         assert_eq!(status, 200, "{body}");
-        let known = body["terminals"].as_array().map_or(0, Vec::len);
+        let known = body["stores"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["store"] == store.as_str())
+            .and_then(|s| s["terminals"].as_array())
+            .map_or(0, Vec::len);
         if known == count {
             return;
         }
@@ -255,6 +258,61 @@ async fn an_outbox_row_too_large_to_send_is_quarantined_and_the_rows_behind_it_g
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
         reasons[0].contains("over terminal.max_message_bytes (4096)"),
+        "{reasons:?}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM possync_outbox"), 0);
+    till.stop().await;
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_its_plugin_refuses_stays_on_the_till_in_the_quarantine_and_bad_rows_are_refused_on_insert()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("badorder");
+    let mut backend = Backend::with_upstream_for("badorder", &[&store]);
+    backend.start().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_line("upstream_live")
+        .await;
+    let till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let db = till.db();
+    for refused in [
+        // A type the backend reserves for receipts.
+        "INSERT INTO possync_outbox (type, payload) VALUES ('receipt', '{}')",
+        "INSERT INTO possync_outbox (type, payload) VALUES ('Order', '{}')",
+        "INSERT INTO possync_outbox (type, payload) VALUES ('order', 'not json')",
+        "INSERT INTO possync_outbox (type, payload, created_at) VALUES ('order', '{}', x'41')",
+    ] {
+        assert!(db.execute(refused, []).is_err(), "{refused}");
+    }
+    take_order(&db, "O-1", 1);
+    db.execute(
+        "INSERT INTO possync_outbox (type, payload) VALUES ('order', ?1)",
+        [r#"{"order_id":"O-empty","lines":[],"total":0}"#],
+    )
+    .expect("the app writes it");
+    db.execute(
+        "INSERT INTO possync_outbox (type, payload) VALUES ('order', ?1)",
+        [r#"{"order_id":"O-3","lines":[{"product_id":"P1","quantity":1,"unit_price":1}],"total":1,"customer":"walk-in"}"#],
+    )
+    .expect("a field the plugin does not know is kept");
+    let deadline = std::time::Instant::now() + WAIT;
+    while orders(&backend, &store).await.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orders never went up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(orders(&backend, &store).await, ["O-1", "O-3"]);
+    let reasons = quarantine_reasons(&db);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("at least one line") && reasons[0].contains("not sent"),
         "{reasons:?}"
     );
     assert_eq!(count(&db, "SELECT count(*) FROM possync_outbox"), 0);

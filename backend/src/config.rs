@@ -212,8 +212,12 @@ pub struct UpstreamConfig {
     /// default), or some stores' only (`up.STORE-1.#`), for a backend that
     /// serves those stores.
     pub bindings: Vec<String>,
-    /// Messages the broker may send ahead before they are acknowledged.
+    /// Messages the broker may send ahead before they are acknowledged:
+    /// with `max_message_bytes`, what one batch may hold in memory.
     pub prefetch: u16,
+    /// The largest upstream message taken, in bytes; a larger one is
+    /// dead-lettered unread. Orders are a few KiB.
+    pub max_message_bytes: usize,
     /// Days the queue is kept once no backend reads it, before the broker
     /// deletes it with whatever it holds; unset (the default), it is kept
     /// until deleted by hand. Set it before the queue is first declared.
@@ -241,7 +245,8 @@ impl Default for UpstreamConfig {
             enabled: true,
             queue: "possync.backend.upstream".into(),
             bindings: vec![possync_core::UPSTREAM_BINDING.to_owned()],
-            prefetch: 500,
+            prefetch: 200,
+            max_message_bytes: 1024 * 1024,
             queue_expiry_days: None,
             verify_user: true,
             offline_after_secs: 7,
@@ -322,9 +327,12 @@ impl ServiceConfig {
                 problem: "must be from 1 to 49 (RabbitMQ's limit for queue expiry)",
             });
         }
-        if self.upstream.prefetch == 0 || self.upstream.offline_after_secs == 0 {
+        if self.upstream.prefetch == 0
+            || self.upstream.offline_after_secs == 0
+            || self.upstream.max_message_bytes < 1024
+        {
             return Err(ConfigError::OutOfRange {
-                key: "upstream.prefetch and upstream.offline_after_secs",
+                key: "upstream.prefetch, upstream.offline_after_secs and upstream.max_message_bytes (at least 1024)",
                 problem: "must be at least 1",
             });
         }

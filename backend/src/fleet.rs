@@ -21,8 +21,8 @@ pub enum TerminalState {
     /// No receipt for `upstream.offline_after_secs`, or its last said it
     /// was stopping.
     Offline,
-    /// Its receipts arrive, but it is behind its store's head and has not
-    /// applied anything for `upstream.stalled_after_secs`.
+    /// Its receipts arrive, but it has been behind its store's head, and
+    /// has applied nothing, for `upstream.stalled_after_secs`.
     Stalled,
 }
 
@@ -64,6 +64,9 @@ impl FleetRules {
             TerminalState::Offline
         } else if lag > 0
             && now_ms.saturating_sub(terminal.applied_changed_ms) > ms(self.stalled_after)
+            && terminal
+                .behind_since_ms
+                .is_some_and(|since| now_ms.saturating_sub(since) > ms(self.stalled_after))
         {
             TerminalState::Stalled
         } else {
@@ -211,6 +214,7 @@ mod tests {
             outbox: 0,
             applied_changed_ms,
             stopping: false,
+            behind_since_ms: Some(applied_changed_ms),
         }
     }
 
@@ -234,7 +238,9 @@ mod tests {
         assert_eq!(judged.lag, 2);
         assert_eq!(judged.offline_since_ms, Some(100_000));
         assert_eq!(
-            RULES.judge(&terminal(100_000, 7, 100_000), 9, 110_000).state,
+            RULES
+                .judge(&terminal(100_000, 7, 100_000), 9, 110_000)
+                .state,
             TerminalState::Live,
             "silent for exactly the limit is not yet offline"
         );
@@ -248,6 +254,15 @@ mod tests {
             RULES.judge(&stopping, 7, 100_001).state,
             TerminalState::Offline
         );
+    }
+
+    #[test]
+    fn an_idle_terminal_that_just_fell_behind_is_not_stalled() {
+        let mut idle = terminal(200_000, 7, 100_000);
+        idle.behind_since_ms = Some(199_500);
+        assert_eq!(RULES.judge(&idle, 8, 200_000).state, TerminalState::Live);
+        idle.behind_since_ms = Some(100_000);
+        assert_eq!(RULES.judge(&idle, 8, 200_000).state, TerminalState::Stalled);
     }
 
     #[test]

@@ -29,8 +29,8 @@ pub(crate) struct QueueSpec {
     pub(crate) bindings: Vec<String>,
     /// Deliveries the broker may send ahead.
     pub(crate) prefetch: u16,
-    /// Days the queue is kept once nothing reads it; `None`: kept until
-    /// deleted. Also the days a dead letter is kept (30 without).
+    /// Days the queue is kept once nothing reads it, and a dead letter;
+    /// `None`: both are kept until deleted.
     pub(crate) expiry_days: Option<u32>,
     /// Whether one consumer at a time takes the queue's messages (several
     /// backend processes on one database): the order of the queue is the
@@ -324,10 +324,11 @@ async fn declare(
     // Dead letters are for people to read, bounded like a terminal's. No
     // expiry of the queue itself: nothing consumes it to keep it alive.
     limits.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
-    limits.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(expires_ms.unwrap_or(30 * day_ms)),
-    );
+    // A queue kept until deleted (upstream: orders) keeps its dead letters
+    // as long.
+    if let Some(expires_ms) = expires_ms {
+        limits.insert("x-message-ttl".into(), AMQPValue::LongLongInt(expires_ms));
+    }
     channel
         .queue_declare(dead_letter_queue.into(), durable_queue, limits)
         .await?;

@@ -308,12 +308,12 @@ impl<S: Storage> Upstream<S> {
         user: Option<&str>,
         now_ms: i64,
     ) -> Result<Read, Refusal> {
-        let limit = self.catalog.max_message_bytes();
+        let limit = self.config.max_message_bytes;
         if body.len() > limit {
             return Err(refused(
                 "malformed",
                 format!(
-                    "{} bytes, over the {limit} the backend takes (relay.max_message_bytes)",
+                    "{} bytes, over the {limit} the backend takes (upstream.max_message_bytes)",
                     body.len()
                 ),
             ));
@@ -376,6 +376,15 @@ impl<S: Storage> Upstream<S> {
         if message_type == RECEIPT_TYPE {
             let receipt: Receipt = serde_json::from_str(message.payload.get())
                 .map_err(|err| refused("invalid", format!("not a receipt: {err}")))?;
+            if receipt.applied_up_to < 0 || receipt.highest_applied < receipt.applied_up_to {
+                return Err(refused(
+                    "invalid",
+                    format!(
+                        "a receipt with applied_up_to {} and highest_applied {}: no terminal applies that",
+                        receipt.applied_up_to, receipt.highest_applied
+                    ),
+                ));
+            }
             return Ok(Read::Receipt(ReceiptRecord {
                 store: store.to_owned(),
                 terminal: terminal.to_owned(),
@@ -556,6 +565,37 @@ mod tests {
             .read("up.S1.till-1.order", long_id.as_bytes(), None, 5)
             .expect_err("refused");
         assert!(refused.reason.contains("message id"), "{}", refused.reason);
+    }
+
+    #[tokio::test]
+    async fn a_receipt_is_checked_like_any_message_and_one_that_cannot_be_is_refused() {
+        let checked = upstream(true).await;
+        let receipt =
+            r#"{"applied_up_to":7,"highest_applied":9,"quarantined":1,"outbox":0,"run":"r","n":3}"#;
+        let sent = body("S1", "till-1", "receipt", receipt);
+        let forged = checked
+            .read(
+                "up.S1.till-1.receipt",
+                &sent,
+                Some("possync.terminal.S1.till-2"),
+                5,
+            )
+            .expect_err("another terminal's user");
+        assert_eq!(forged.kind, "identity");
+        assert!(matches!(
+            checked.read("up.S1.till-1.receipt", &sent, Some(USER), 5),
+            Ok(Read::Receipt(_))
+        ));
+        for impossible in [
+            r#"{"applied_up_to":-1,"highest_applied":0,"quarantined":0,"outbox":0,"run":"r","n":1}"#,
+            r#"{"applied_up_to":9,"highest_applied":7,"quarantined":0,"outbox":0,"run":"r","n":1}"#,
+        ] {
+            let sent = body("S1", "till-1", "receipt", impossible);
+            let refused = checked
+                .read("up.S1.till-1.receipt", &sent, Some(USER), 5)
+                .expect_err("refused");
+            assert_eq!(refused.kind, "invalid", "{}", refused.reason);
+        }
     }
 
     #[tokio::test]

@@ -1198,6 +1198,18 @@ fn applied_answers_when_the_last_terminal_reports_and_names_those_that_have_not<
 ) {
     let operator = backend.token("operator", &[]);
     let answer = backend.get("/v1/stores/S1/applied?seq=1", Some(&operator));
+    assert_eq!(answer.status, 400, "no change yet: {}", answer.text);
+    assert!(answer.error().contains("head"), "{}", answer.error());
+    for n in 1..=4 {
+        let answer = backend.post(
+            "/v1/stores/S1/changes",
+            Some(&operator),
+            None,
+            &price("P", f64::from(n)).to_string(),
+        );
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    let answer = backend.get("/v1/stores/S1/applied?seq=1", Some(&operator));
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(
         answer.json["complete"], true,
@@ -1235,6 +1247,7 @@ fn applied_answers_when_the_last_terminal_reports_and_names_those_that_have_not<
 
     for (query, says) in [
         ("seq=0", "seq"),
+        ("seq=5", "head (4)"),
         ("seq=1&wait=51", "wait"),
         ("wait=1", "seq"),
     ] {
@@ -1305,6 +1318,9 @@ fn upstream_messages_are_read_after_a_cursor_and_a_forgotten_terminal_is_gone<S:
     );
 
     backend.receipt("S1", "till-a", 1, 0);
+    let other = backend.token("store-two-only", &["S2"]);
+    let refused = backend.request("DELETE", "/v1/stores/S1/terminals/till-a", Some(&other));
+    assert_eq!(refused.status, 403, "another store's token forgets nothing");
     let gone = backend.request("DELETE", "/v1/stores/S1/terminals/till-a", Some(&operator));
     assert_eq!(gone.status, 204);
     let again = backend.request("DELETE", "/v1/stores/S1/terminals/till-a", Some(&operator));

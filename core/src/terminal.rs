@@ -149,6 +149,7 @@ impl Terminal {
             settings.terminal_id().to_string(),
         );
         let plugins = registry.plugins();
+        let uplink_registry = Arc::clone(&registry);
         let mut server = None;
         let feed = crate::feed::channel();
         let applier = ApplierHandle::spawn(Applier::new(
@@ -194,6 +195,7 @@ impl Terminal {
                     status: status.subscribe(),
                     max_message_bytes: config.terminal.max_message_bytes,
                     quarantine_max_rows: config.terminal.quarantine_max_rows,
+                    registry: uplink_registry,
                 }
                 .run(uplink_stop),
             )

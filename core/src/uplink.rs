@@ -33,9 +33,11 @@ pub(crate) const MIGRATION: possync_sdk::Migration = possync_sdk::Migration::new
     "possync/outbox",
     "CREATE TABLE possync_outbox (
          id         INTEGER PRIMARY KEY AUTOINCREMENT,
-         type       TEXT NOT NULL CHECK (length(type) BETWEEN 1 AND 64 AND type NOT GLOB '*[^a-z0-9_]*'),
-         payload    TEXT NOT NULL CHECK (json_valid(payload)),
-         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+         type       TEXT NOT NULL CHECK (typeof(type) = 'text' AND length(type) BETWEEN 1 AND 64
+                        AND type NOT GLOB '*[^a-z0-9_]*' AND type <> 'receipt'),
+         payload    TEXT NOT NULL CHECK (typeof(payload) = 'text' AND json_valid(payload)),
+         created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                        CHECK (typeof(created_at) = 'text'),
          message_id TEXT NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16))))
      );",
 );
@@ -56,6 +58,7 @@ const PERSISTENT: u8 = 2;
 struct Row {
     id: i64,
     message_type: String,
+    payload: String,
     body: Vec<u8>,
     message_id: String,
 }
@@ -74,6 +77,9 @@ pub(crate) struct Uplink {
     pub(crate) max_message_bytes: usize,
     /// Rows kept in the quarantine (`terminal.quarantine_max_rows`).
     pub(crate) quarantine_max_rows: u32,
+    /// The terminal's plugins: a row of a type one of them knows is checked
+    /// by it before it is sent, as the backend will check it.
+    pub(crate) registry: std::sync::Arc<crate::registry::Registry>,
 }
 
 /// Why a session ended.
@@ -123,9 +129,10 @@ impl Uplink {
                         .serve(&mut session, &mut outbox, &run, &mut counter, &mut stop)
                         .await;
                     if matches!(ended, Ended::Stopped) {
+                        let said = self.said(counts(&outbox).unwrap_or((0, 0)));
                         let _ = tokio::time::timeout(
                             LAST_RECEIPT,
-                            self.send_receipt(&mut session, &mut outbox, &run, &mut counter, true),
+                            self.send_receipt(&mut session, &run, &mut counter, said, true),
                         )
                         .await;
                         session.close().await;
@@ -162,38 +169,53 @@ impl Uplink {
         let interval = Duration::from_millis(self.config.receipt_interval_ms);
         let heartbeat = Duration::from_secs(self.config.heartbeat_secs);
         let mut reported: Option<Reported> = None;
-        let mut unroutable_until: Option<Instant> = None;
+        // When the outbox is read next: at once after a full round (a
+        // backlog), else after `poll_ms`.
+        let mut next_round = Instant::now();
+        let mut counted = (0, 0);
+        // One row a round until the broker took a round whole: while no
+        // queue takes the rows (no backend yet) a queue may appear in the
+        // middle of a round, and the rows after that point would be
+        // routed before the ones returned ahead of them.
+        let mut probing = true;
         loop {
-            if unroutable_until.is_none_or(|until| Instant::now() >= until) {
-                unroutable_until = None;
-                match self.send_round(session, outbox).await {
-                    Ok(Round::Sent | Round::Empty) => {}
+            if Instant::now() >= next_round {
+                let limit = if probing { 1 } else { self.config.batch };
+                let round = self.send_round(session, outbox, limit).await;
+                let now = Instant::now();
+                next_round = match round {
+                    Ok(Round::Sent { full }) => {
+                        let was_probing = std::mem::replace(&mut probing, false);
+                        if full || was_probing { now } else { now + poll }
+                    }
+                    Ok(Round::Refused) => now,
+                    Ok(Round::Empty) => now + poll,
                     Ok(Round::Unroutable) => {
-                        unroutable_until = Some(Instant::now() + UNROUTABLE_WAIT);
+                        probing = true;
+                        now + UNROUTABLE_WAIT
                     }
                     Err(err) => return Ended::Lost(err),
-                }
+                };
+                counted = counts(outbox).unwrap_or(counted);
             }
-            let said = self.said(outbox);
+            let said = self.said(counted);
             let now = Instant::now();
             let due = match &reported {
-                None => Some(now),
-                Some(last) if last.said != said => Some(last.at + interval),
-                Some(last) => Some(last.at + heartbeat),
+                None => now,
+                Some(last) if last.said != said => last.at + interval,
+                Some(last) => last.at + heartbeat,
             };
-            if let Some(due) = due
-                && due <= now
-            {
-                if let Err(err) = self
-                    .send_receipt(session, outbox, run, counter, false)
-                    .await
-                {
+            if due <= now {
+                if let Err(err) = self.send_receipt(session, run, counter, said, false).await {
                     return Ended::Lost(err);
                 }
                 reported = Some(Reported { at: now, said });
                 continue;
             }
-            let wake = due.map_or(poll, |due| due.saturating_duration_since(now).min(poll));
+            if next_round <= now {
+                continue;
+            }
+            let wake = due.min(next_round).saturating_duration_since(now);
             tokio::select! {
                 () = tokio::time::sleep(wake) => {}
                 _ = self.status.changed() => {}
@@ -203,9 +225,9 @@ impl Uplink {
         }
     }
 
-    /// What a receipt would say now.
-    fn said(&self, outbox: &Sqlite) -> (i64, i64, u64, u64) {
-        let (outbox_rows, quarantined) = counts(outbox).unwrap_or((0, 0));
+    /// What a receipt would say now, with the outbox and quarantine rows
+    /// counted at the last round.
+    fn said(&self, (outbox_rows, quarantined): (u64, u64)) -> (i64, i64, u64, u64) {
         let status = self.status.borrow();
         (
             status.sync.synced_up_to,
@@ -215,55 +237,46 @@ impl Uplink {
         )
     }
 
-    /// Sends the rows of the outbox (up to a batch) and deletes those the
-    /// broker confirmed.
+    /// Sends the rows of the outbox (up to `limit`) and deletes them once
+    /// the broker confirmed them all.
     async fn send_round(
         &self,
         session: &mut Session,
         outbox: &mut Sqlite,
+        limit: usize,
     ) -> Result<Round, BrokerError> {
-        let rows = match read_rows(
-            outbox,
-            self.config.batch,
-            &self.license_key,
-            &self.terminal_id,
-        ) {
+        let mut rows = match read_rows(outbox, limit, &self.license_key, &self.terminal_id) {
             Ok(rows) => rows,
             Err(err) => {
                 events::uplink_outbox_failed(&err.to_string());
                 return Ok(Round::Empty);
             }
         };
-        // The round stops before a row too large to send; such a row,
-        // first, is moved to the quarantine, and the rest go next round.
-        let mut rows = rows;
-        if let Some(too_large) = rows
+        // The round stops before a row that can never be taken; such a
+        // row, first, is moved to the quarantine, and the rest go next round.
+        if let Some((index, reason)) = rows
             .iter()
-            .position(|row| row.body.len() > self.max_message_bytes)
+            .enumerate()
+            .find_map(|(index, row)| self.refusal(row).map(|reason| (index, reason)))
         {
-            if too_large == 0 {
+            if index == 0 {
                 let row = &rows[0];
                 let routing_key =
                     upstream_key(&self.license_key, &self.terminal_id, &row.message_type);
-                let reason = format!(
-                    "outbox row {} is {} bytes, over terminal.max_message_bytes ({}): it was not sent",
-                    row.id,
-                    row.body.len(),
-                    self.max_message_bytes
-                );
                 events::uplink_row_quarantined(row.id, &reason);
                 if let Err(err) =
                     quarantine(outbox, row, &routing_key, reason, self.quarantine_max_rows)
                 {
                     events::uplink_outbox_failed(&err.to_string());
                 }
-                return Ok(Round::Sent);
+                return Ok(Round::Refused);
             }
-            rows.truncate(too_large);
+            rows.truncate(index);
         }
         if rows.is_empty() {
             return Ok(Round::Empty);
         }
+        let full = rows.len() == limit;
         let mut confirms = Vec::with_capacity(rows.len());
         for row in &rows {
             let key = upstream_key(&self.license_key, &self.terminal_id, &row.message_type);
@@ -296,25 +309,52 @@ impl Uplink {
             return Ok(Round::Unroutable);
         }
         crate::failpoint::after_uplink_confirm().await;
-        let last = rows.last().map_or(0, |row| row.id);
-        if let Err(err) = delete_through(outbox, last) {
+        if let Err(err) = delete_sent(outbox, &rows) {
             // Sent again later; the backend records each id once.
             events::uplink_outbox_failed(&err.to_string());
         }
         events::uplink_sent(rows.len());
-        Ok(Round::Sent)
+        Ok(Round::Sent { full })
+    }
+
+    /// Why `row` can never be taken, if it cannot: too large, not a JSON
+    /// object, or refused by the terminal's plugin of its type (a type no
+    /// plugin here knows goes up: the backend may know it).
+    fn refusal(&self, row: &Row) -> Option<String> {
+        if row.body.len() > self.max_message_bytes {
+            return Some(format!(
+                "outbox row {} is {} bytes, over terminal.max_message_bytes ({}): it was not sent",
+                row.id,
+                row.body.len(),
+                self.max_message_bytes
+            ));
+        }
+        if let Err(err) =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&row.payload)
+        {
+            return Some(format!(
+                "outbox row {}: the payload is not a JSON object ({err}): it was not sent",
+                row.id
+            ));
+        }
+        match self.registry.check(&row.message_type, &row.payload) {
+            Err(crate::registry::CheckError::Invalid(reason)) => Some(format!(
+                "outbox row {}: {}: {reason}: it was not sent",
+                row.id, row.message_type
+            )),
+            _ => None,
+        }
     }
 
     async fn send_receipt(
         &self,
         session: &mut Session,
-        outbox: &mut Sqlite,
         run: &str,
         counter: &mut u64,
+        (applied_up_to, highest_applied, quarantined, pending): (i64, i64, u64, u64),
         stopping: bool,
     ) -> Result<(), BrokerError> {
         *counter += 1;
-        let (applied_up_to, highest_applied, quarantined, pending) = self.said(outbox);
         let receipt = Receipt {
             applied_up_to,
             highest_applied,
@@ -345,8 +385,14 @@ impl Uplink {
 
 /// What a round did.
 enum Round {
+    /// Nothing to send.
     Empty,
-    Sent,
+    /// Rows sent, confirmed and deleted; `full` when the round took as
+    /// many as it could, so more may wait.
+    Sent { full: bool },
+    /// A row that can never be taken was moved to the quarantine.
+    Refused,
+    /// The broker returned or refused a row: the round stays.
     Unroutable,
 }
 
@@ -380,8 +426,9 @@ fn open_outbox(path: &std::path::Path) -> rusqlite::Result<Sqlite> {
 
 /// Rows waiting in the outbox, and messages in the quarantine.
 fn counts(outbox: &Sqlite) -> rusqlite::Result<(u64, u64)> {
-    outbox.query_row(
+    outbox.prepare_cached(
         "SELECT (SELECT count(*) FROM possync_outbox), (SELECT count(*) FROM possync_quarantine)",
+    )?.query_row(
         [],
         |row| {
             let count = |n: i64| u64::try_from(n).unwrap_or(0);
@@ -401,19 +448,11 @@ fn read_rows(
     )?;
     statement
         .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
-            let (id, message_type, payload, created_at, message_id): (
-                i64,
-                String,
-                String,
-                String,
-                String,
-            ) = (
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-            );
+            let id: i64 = row.get(0)?;
+            // Read as text whatever the app stored, so that one odd value
+            // makes one refused row, never a stuck outbox.
+            let (message_type, payload, created_at, message_id) =
+                (text(row, 1)?, text(row, 2)?, text(row, 3)?, text(row, 4)?);
             Ok(Row {
                 id,
                 body: upstream_body(
@@ -425,10 +464,24 @@ fn read_rows(
                     &payload,
                 ),
                 message_type,
+                payload,
                 message_id,
             })
         })?
         .collect()
+}
+
+/// Column `index` as text, whatever SQLite holds there.
+fn text(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<String> {
+    use rusqlite::types::ValueRef;
+    Ok(match row.get_ref(index)? {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => {
+            String::from_utf8_lossy(bytes).into_owned()
+        }
+        ValueRef::Integer(n) => n.to_string(),
+        ValueRef::Real(x) => x.to_string(),
+        ValueRef::Null => String::new(),
+    })
 }
 
 /// Moves `row` from the outbox to the quarantine, in one transaction.
@@ -452,9 +505,18 @@ fn quarantine(
     transaction.commit()
 }
 
-fn delete_through(outbox: &Sqlite, last: i64) -> rusqlite::Result<()> {
-    outbox.execute("DELETE FROM possync_outbox WHERE id <= ?1", [last])?;
-    Ok(())
+/// Deletes exactly the rows sent: a row the app wrote meanwhile stays,
+/// whatever its id.
+fn delete_sent(outbox: &mut Sqlite, rows: &[Row]) -> rusqlite::Result<()> {
+    let transaction = outbox.transaction()?;
+    {
+        let mut delete = transaction
+            .prepare_cached("DELETE FROM possync_outbox WHERE id = ?1 AND message_id = ?2")?;
+        for row in rows {
+            delete.execute(rusqlite::params![row.id, row.message_id])?;
+        }
+    }
+    transaction.commit()
 }
 
 /// One connection with a confirming channel.

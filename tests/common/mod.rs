@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 // Linked so its plugins register in the test binaries, as in `possync`.
 use possync_catalog as _;
+use possync_orders as _;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 

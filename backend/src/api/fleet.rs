@@ -118,7 +118,7 @@ pub(super) async fn fleet(
     ),
     responses(
         (status = 200, description = "Whether every known terminal applied `seq`, and which have not.", body = AppliedBody),
-        (status = 400, description = "The store is not a valid license key, or `seq` or `wait` is out of range.", body = ErrorBody),
+        (status = 400, description = "The store is not a valid license key, or `seq` (above the store's head) or `wait` is out of range.", body = ErrorBody),
         (status = 401, description = "No token, or a token this backend does not know.", body = ErrorBody),
         (status = 403, description = "The token is limited to other stores.", body = ErrorBody),
         (status = 503, description = "The database is not answering; retry.", body = ErrorBody),
@@ -150,6 +150,13 @@ pub(super) async fn applied(
             query.wait
         )));
     }
+    let head = head_of(&heads(&shared).await?, &store);
+    if query.seq > head {
+        return Err(ApiError::bad_request(format!(
+            "seq={} is above store {store}'s head ({head}): no terminal can have applied it",
+            query.seq
+        )));
+    }
     let deadline = Instant::now() + Duration::from_secs(query.wait);
     let mut recorded = shared.counters.receipts_recorded();
     loop {
@@ -167,8 +174,6 @@ pub(super) async fn applied(
             .collect();
         let now = Instant::now();
         if pending.is_empty() || now >= deadline {
-            let heads = heads(&shared).await?;
-            let head = head_of(&heads, &store);
             let now_ms = unix_now_ms();
             return Ok(Json(AppliedBody {
                 complete: pending.is_empty(),

@@ -926,9 +926,12 @@ impl Storage for PostgresStorage {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
-                    highest_applied, quarantined, outbox, applied_changed_ms, stopping
-                 FROM fleet WHERE $1::text IS NULL OR store = $1 ORDER BY store, terminal",
+                "SELECT fleet.store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
+                    highest_applied, quarantined, outbox, applied_changed_ms, stopping,
+                    (extract(epoch FROM outbox.created_at) * 1000)::bigint
+                 FROM fleet LEFT JOIN outbox
+                    ON outbox.store = fleet.store AND outbox.seq = fleet.applied_up_to + 1
+                 WHERE $1::text IS NULL OR fleet.store = $1 ORDER BY fleet.store, terminal",
                 &[&store],
             )
             .await
@@ -946,6 +949,7 @@ impl Storage for PostgresStorage {
                     outbox: col(row, 7)?,
                     applied_changed_ms: col(row, 8)?,
                     stopping: col(row, 9)?,
+                    behind_since_ms: col(row, 10)?,
                 })
             })
             .collect()

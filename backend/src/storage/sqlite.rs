@@ -1018,9 +1018,12 @@ impl Storage for SqliteStorage {
             let connection = inner.reader();
             let mut stmt = connection
                 .prepare_cached(
-                    "SELECT store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
-                        highest_applied, quarantined, outbox, applied_changed_ms, stopping
-                     FROM fleet WHERE ?1 IS NULL OR store = ?1 ORDER BY store, terminal",
+                    "SELECT fleet.store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
+                        highest_applied, quarantined, outbox, applied_changed_ms, stopping,
+                        outbox.created_at
+                     FROM fleet LEFT JOIN outbox
+                        ON outbox.store = fleet.store AND outbox.seq = fleet.applied_up_to + 1
+                     WHERE ?1 IS NULL OR fleet.store = ?1 ORDER BY fleet.store, terminal",
                 )
                 .map_err(&sql)?;
             let rows = stmt
@@ -1093,6 +1096,7 @@ fn terminal_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TerminalRecord
         outbox: row.get(7)?,
         applied_changed_ms: row.get(8)?,
         stopping: row.get(9)?,
+        behind_since_ms: row.get(10)?,
     })
 }
 
