@@ -21,10 +21,10 @@ use possync_core::LicenseKey;
 /// of its own, and the back office clients on another: the clients block
 /// a thread per request in flight, and on one shared blocking pool they
 /// would hold the threads the backend's database work needs.
-struct RunningBackend {
+pub(crate) struct RunningBackend {
     base: String,
     token: String,
-    storage: Arc<SqliteStorage>,
+    pub(crate) storage: Arc<SqliteStorage>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), possync_backend::ServiceError>>,
     runtime: OwnRuntime,
@@ -58,6 +58,15 @@ impl Drop for OwnRuntime {
 
 impl RunningBackend {
     async fn start(url: &str, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(url, dir, |_| {}).await
+    }
+
+    /// Starts a backend whose settings `configure` changed first.
+    pub(crate) async fn start_with(
+        url: &str,
+        dir: &Path,
+        configure: impl FnOnce(&mut ServiceConfig),
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let storage = Arc::new(SqliteStorage::open(dir.join("backend.db")).await?);
         let token = possync_backend::token::create_token(storage.as_ref(), "bench", &[])
@@ -70,6 +79,10 @@ impl RunningBackend {
         config.service.listen = format!("127.0.0.1:{port}").parse()?;
         config.broker.urls = vec![url.to_owned()];
         config.direct.enabled = false;
+        // A queue bound to `up.#` would outlive the run and take every
+        // terminal's receipts; the upstream scenarios turn it on.
+        config.upstream.enabled = false;
+        configure(&mut config);
         let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
         let (stop, mut stopped) = watch::channel(false);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -125,8 +138,9 @@ impl RunningBackend {
         })
     }
 
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         Client {
+            base: self.base.clone(),
             runtime: self.clients.handle.clone(),
             agent: ureq::Agent::config_builder()
                 // Each phase bounded instead of the whole call: with an
@@ -163,7 +177,7 @@ impl RunningBackend {
         }
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.task.await??;
         drop(self.clients);
@@ -174,7 +188,8 @@ impl RunningBackend {
 
 /// A back office app's connection to the API.
 #[derive(Clone)]
-struct Client {
+pub(crate) struct Client {
+    base: String,
     runtime: tokio::runtime::Handle,
     agent: ureq::Agent,
     url: String,
@@ -209,22 +224,81 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Submits one change; returns its sequence number once it is durable.
+    pub(crate) async fn submit_one(&self, change: serde_json::Value) -> anyhow::Result<i64> {
+        let client = self.clone();
+        self.runtime
+            .spawn_blocking(move || {
+                let body = serde_json::to_vec(&json!({ "changes": [change] }))?;
+                let response = client
+                    .agent
+                    .post(&client.url)
+                    .header("Authorization", &client.authorization)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..])?;
+                let status = response.status();
+                let answer = response.into_body().read_to_vec()?;
+                anyhow::ensure!(
+                    status == 200,
+                    "answered {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
+                let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+                answer["changes"][0]["seq"]
+                    .as_i64()
+                    .ok_or_else(|| anyhow::anyhow!("no sequence number in {answer}"))
+            })
+            .await?
+    }
+
+    /// `GET /v1/stores/{store}/applied?seq=..&wait=..`: whether every
+    /// known terminal of the store reported `seq` applied.
+    pub(crate) async fn applied(&self, store: &str, seq: i64, wait: u64) -> anyhow::Result<bool> {
+        let client = self.clone();
+        let url = format!(
+            "{}/v1/stores/{store}/applied?seq={seq}&wait={wait}",
+            self.base
+        );
+        self.runtime
+            .spawn_blocking(move || {
+                let response = client
+                    .agent
+                    .get(&url)
+                    .header("Authorization", &client.authorization)
+                    .call()?;
+                let status = response.status();
+                let answer = response.into_body().read_to_vec()?;
+                anyhow::ensure!(
+                    status == 200,
+                    "answered {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
+                let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+                answer["complete"]
+                    .as_bool()
+                    .ok_or_else(|| anyhow::anyhow!("no `complete` in {answer}"))
+            })
+            .await?
+    }
+}
+
 /// The CPU a phase cost: this process (backend, its clients and, where
 /// there is one, the terminal) and the broker beside it.
-struct CpuUse {
+pub(crate) struct CpuUse {
     here: u64,
     broker: u64,
 }
 
 impl CpuUse {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self {
             here: workload::cpu_micros(),
             broker: workload::broker_cpu_micros(),
         }
     }
 
-    fn per_change(self, changes: usize) -> String {
+    pub(crate) fn per_change(self, changes: usize) -> String {
         let per = |micros: u64| micros as f64 / changes.max(1) as f64;
         format!(
             "{:.0} µs CPU/change here + {:.0} µs in the broker",
@@ -234,7 +308,12 @@ impl CpuUse {
     }
 }
 
-fn price_change(store: &str, i: usize, message_type: &str, sent_at_us: i64) -> serde_json::Value {
+pub(crate) fn price_change(
+    store: &str,
+    i: usize,
+    message_type: &str,
+    sent_at_us: i64,
+) -> serde_json::Value {
     json!({
         "store": store,
         "type": message_type,

@@ -9,6 +9,7 @@ mod backend;
 mod baseline;
 mod feed;
 mod possync_side;
+mod upstream;
 mod workload;
 
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ use tokio::sync::watch;
 
 // Linked so its plugins register, as in `possync`.
 use possync_catalog as _;
+// The `order` type the backend checks orders sent up against.
+use possync_orders as _;
 
 use crate::baseline::BaselineQueue;
 use crate::workload::{Format, in_turn, license, price_update};
@@ -48,6 +51,28 @@ struct Args {
     /// Stores (one terminal each) in the second fan-out scenario.
     #[arg(long, default_value_t = 1000)]
     stores: usize,
+    /// Orders the orders-up scenario writes to one till's outbox.
+    #[arg(long, default_value_t = 20_000)]
+    orders: usize,
+    /// Orders the POS app commits at a time in orders-up.
+    #[arg(long, default_value_t = 100)]
+    orders_per_commit: usize,
+    /// `uplink.poll_ms` of the till in orders-up (default: the terminal's).
+    #[arg(long)]
+    uplink_poll_ms: Option<u64>,
+    /// `uplink.batch` of the till in orders-up (default: the terminal's).
+    #[arg(long)]
+    uplink_batch: Option<usize>,
+    /// Seconds the applied-latency scenario submits changes for.
+    #[arg(long, default_value_t = 20)]
+    applied_seconds: u64,
+    /// In applied-latency, no client asks `/v1/stores/{store}/applied`:
+    /// only the fleet table is watched (to see what the asking costs).
+    #[arg(long)]
+    applied_fleet_only: bool,
+    /// Changes a second the applied-latency scenario submits, one per request.
+    #[arg(long, default_value_t = 100)]
+    applied_rate: usize,
     /// Rounds of each drain, live and fan-out scenario; the table shows the round
     /// with the median ratio and the range over all rounds. A drain lasts
     /// seconds, so one round is easily off by 15% or more.
@@ -64,8 +89,10 @@ struct Args {
     #[arg(long)]
     collapse_batch: Option<usize>,
     /// Scenarios to run: drain, collapse, live, latency, backend, feed,
-    /// fanout (default: all); backend-latency and backend-accept name the
-    /// two halves of backend, feed-cost and feed-latency those of feed.
+    /// fanout, upstream (default: all); backend-latency and backend-accept
+    /// name the two halves of backend, feed-cost and feed-latency those of
+    /// feed, receipts-cost, orders-up and applied-latency the three of
+    /// upstream.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run one side of one scenario, once, then stop: for profiling one
@@ -311,6 +338,99 @@ async fn main() -> anyhow::Result<()> {
             feed::latency(&args.url, dir.path(), 10, 1000, args.latency_seconds).await?,
             &mut rows,
         );
+    }
+    if wants("upstream") || wants("receipts-cost") {
+        let mut trials = Vec::new();
+        for round in 0..args.rounds as usize {
+            trials
+                .push(upstream::receipts_cost(&args.url, dir.path(), args.messages, round).await?);
+        }
+        // Every round together, beside the median round: on a shared
+        // machine one round can be far off either way.
+        let total = |side: fn(&Trial) -> &Measured| {
+            trials
+                .iter()
+                .fold((0usize, Duration::ZERO, 0u64), |(n, t, c), trial| {
+                    let m = side(trial);
+                    (n + trial.count, t + m.elapsed, c + m.cpu_us)
+                })
+        };
+        let (n, on, on_cpu) = total(|t| &t.possync);
+        let (_, off, off_cpu) = total(|t| &t.baseline);
+        let each = trials
+            .iter()
+            .map(|t| format!("{:.0}%", 100.0 * t.ratio()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let summary = Row {
+            scenario: format!(
+                "receipts cost, all {} rounds together (on / off per round: {each})",
+                trials.len()
+            ),
+            possync: format!(
+                "{:.0} msg/s · {:.1} µs CPU/msg",
+                rate(n, on),
+                on_cpu as f64 / n as f64
+            ),
+            baseline: format!(
+                "{:.0} msg/s · {:.1} µs CPU/msg",
+                rate(n, off),
+                off_cpu as f64 / n as f64
+            ),
+            ratio: format!("{:.1}%", 100.0 * off.as_secs_f64() / on.as_secs_f64()),
+        };
+        report(median_row(trials), &mut rows);
+        report(summary, &mut rows);
+    }
+    if wants("upstream") || wants("orders-up") {
+        let mut trials = Vec::new();
+        let mut notes = Vec::new();
+        for _ in 0..args.rounds {
+            let (trial, note) = upstream::orders_up(
+                &args.url,
+                dir.path(),
+                args.orders,
+                args.orders_per_commit,
+                (args.uplink_poll_ms, args.uplink_batch),
+            )
+            .await?;
+            progress(&format!(
+                "orders up: {:.0} orders/s end to end · {note} | broker alone {:.0} msg/s",
+                rate(trial.count, trial.possync.elapsed),
+                rate(trial.count, trial.baseline.elapsed)
+            ));
+            notes.push(format!(
+                "{:.0}/s: {note}",
+                rate(trial.count, trial.possync.elapsed)
+            ));
+            trials.push(trial);
+        }
+        report(median_row(trials), &mut rows);
+        for note in notes {
+            report(
+                Row {
+                    scenario: "orders up, each round".into(),
+                    possync: note,
+                    baseline: "-".into(),
+                    ratio: "-".into(),
+                },
+                &mut rows,
+            );
+        }
+    }
+    if wants("upstream") || wants("applied-latency") {
+        for row in upstream::applied_latency(
+            &args.url,
+            dir.path(),
+            args.terminals_per_store,
+            args.applied_rate,
+            args.applied_seconds,
+            !args.applied_fleet_only,
+        )
+        .await?
+        {
+            report(row, &mut rows);
+        }
     }
     if wants("fanout") {
         let mut one_store = Vec::new();
