@@ -239,7 +239,7 @@ async fn an_outbox_row_too_large_to_send_is_quarantined_and_the_rows_behind_it_g
         .wait_for_line("upstream_live")
         .await;
     let mut config = terminal_config(dir.path(), &store, "till-1");
-    config.terminal.max_message_bytes = 4096;
+    config.uplink.max_message_bytes = 4096;
     let till = RunningTerminal::start(config).await;
     let db = till.db();
     take_order(&db, "O-1", 1);
@@ -257,7 +257,7 @@ async fn an_outbox_row_too_large_to_send_is_quarantined_and_the_rows_behind_it_g
     let reasons = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
-        reasons[0].contains("over terminal.max_message_bytes (4096)"),
+        reasons[0].contains("over uplink.max_message_bytes (4096)"),
         "{reasons:?}"
     );
     assert_eq!(count(&db, "SELECT count(*) FROM possync_outbox"), 0);

@@ -212,11 +212,15 @@ pub struct UpstreamConfig {
     /// default), or some stores' only (`up.STORE-1.#`), for a backend that
     /// serves those stores.
     pub bindings: Vec<String>,
-    /// Messages the broker may send ahead before they are acknowledged:
-    /// with `max_message_bytes`, what one batch may hold in memory.
+    /// Messages the broker may send ahead before they are acknowledged.
     pub prefetch: u16,
     /// The largest upstream message taken, in bytes; a larger one is
-    /// dead-lettered unread. Orders are a few KiB.
+    /// dead-lettered. Orders are a few KiB. The broker delivers a message
+    /// whole before the backend can look at it, so to bound what a hostile
+    /// till can make the backend hold (prefetch times the size), set
+    /// RabbitMQ's `max_message_size` as low as your largest message type
+    /// allows. Terminals keep a larger row in their quarantine
+    /// (`uplink.max_message_bytes`).
     pub max_message_bytes: usize,
     /// Days the queue is kept once no backend reads it, before the broker
     /// deletes it with whatever it holds; unset (the default), it is kept
@@ -332,8 +336,8 @@ impl ServiceConfig {
             || self.upstream.max_message_bytes < 1024
         {
             return Err(ConfigError::OutOfRange {
-                key: "upstream.prefetch, upstream.offline_after_secs and upstream.max_message_bytes (at least 1024)",
-                problem: "must be at least 1",
+                key: "upstream.prefetch, upstream.offline_after_secs and upstream.max_message_bytes",
+                problem: "must be at least 1 (upstream.max_message_bytes at least 1024)",
             });
         }
         if self

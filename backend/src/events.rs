@@ -302,3 +302,14 @@ pub(crate) fn upstream_unverified() {
         "upstream.verify_user is off: the backend accepts any terminal's messages from any broker user, as with shared development credentials; provision each terminal (`possync admin provision-terminal`) and turn it on in production"
     );
 }
+
+/// At debug: a till sends one every few seconds, and the count in
+/// `/metrics` says it.
+pub(crate) fn upstream_receipt_refused(routing_key: &str, reason: &str) {
+    debug!(
+        event = "upstream_receipt_refused",
+        %routing_key,
+        %reason,
+        "a delivery receipt was refused and dropped (counted in possync_backend_upstream_refused_total)"
+    );
+}

@@ -202,8 +202,9 @@ pub struct TerminalRecord {
     pub outbox: i64,
     /// When `applied_up_to` last moved (ms since the epoch).
     pub applied_changed_ms: i64,
-    /// When the first change it has not applied was made (ms since the
-    /// epoch): how long it has been behind. `None` when it is not.
+    /// When the first change it has not applied was published (ms since
+    /// the epoch): how long it has been behind. `None` when it is not, or
+    /// while that change waits for the relay.
     pub behind_since_ms: Option<i64>,
     /// Its latest receipt said it was stopping.
     pub stopping: bool,

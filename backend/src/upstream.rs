@@ -210,9 +210,17 @@ impl<S: Storage> Upstream<S> {
                     settles.push(Settle::Ack);
                 }
                 Err(refusal) => {
-                    events::upstream_refused(delivery.routing_key.as_str(), &refusal.reason);
                     self.counters.refused(refusal.kind);
-                    settles.push(Settle::DeadLetter(refusal.reason));
+                    let routing_key = delivery.routing_key.as_str();
+                    if routing_key.ends_with(".receipt") {
+                        // A report the next one replaces: counted and
+                        // dropped, not kept where refused orders are.
+                        events::upstream_receipt_refused(routing_key, &refusal.reason);
+                        settles.push(Settle::Ack);
+                    } else {
+                        events::upstream_refused(routing_key, &refusal.reason);
+                        settles.push(Settle::DeadLetter(refusal.reason));
+                    }
                 }
             }
         }

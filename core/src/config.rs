@@ -368,6 +368,10 @@ pub struct UplinkConfig {
     pub poll_ms: u64,
     /// Most outbox rows sent per round, confirmed together.
     pub batch: usize,
+    /// The largest message sent, in bytes: a larger outbox row stays on the
+    /// till, in its quarantine. Keep it at the backend's
+    /// `upstream.max_message_bytes` (1 MiB by default), which refuses more.
+    pub max_message_bytes: usize,
     /// Fewest milliseconds between two receipts: receipts after commits
     /// are coalesced to one per this interval.
     pub receipt_interval_ms: u64,
@@ -383,6 +387,7 @@ impl Default for UplinkConfig {
             enabled: true,
             poll_ms: 100,
             batch: 500,
+            max_message_bytes: 1024 * 1024,
             receipt_interval_ms: 1000,
             heartbeat_secs: 3,
         }

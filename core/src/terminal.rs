@@ -193,7 +193,7 @@ impl Terminal {
                     terminal_id: settings.terminal_id().clone(),
                     database: config.terminal.database.clone(),
                     status: status.subscribe(),
-                    max_message_bytes: config.terminal.max_message_bytes,
+                    max_message_bytes: config.uplink.max_message_bytes,
                     quarantine_max_rows: config.terminal.quarantine_max_rows,
                     registry: uplink_registry,
                 }
@@ -284,10 +284,16 @@ impl Terminal {
         };
         reporter.set(State::Stopped, None).await;
         let _ = stop_uplink.send(true);
-        if let Some(uplink) = uplink {
+        if let Some(mut uplink) = uplink {
             // Its last receipt says the terminal stops; bounded, as the
-            // broker may be gone.
-            let _ = tokio::time::timeout(UPLINK_STOP, uplink).await;
+            // broker may be gone, and gone with the terminal either way.
+            if tokio::time::timeout(UPLINK_STOP, &mut uplink)
+                .await
+                .is_err()
+            {
+                uplink.abort();
+                let _ = uplink.await;
+            }
         }
         if let Some(server) = server {
             server.abort();

@@ -35,10 +35,12 @@ pub(crate) const MIGRATION: possync_sdk::Migration = possync_sdk::Migration::new
          id         INTEGER PRIMARY KEY AUTOINCREMENT,
          type       TEXT NOT NULL CHECK (typeof(type) = 'text' AND length(type) BETWEEN 1 AND 64
                         AND type NOT GLOB '*[^a-z0-9_]*' AND type <> 'receipt'),
-         payload    TEXT NOT NULL CHECK (typeof(payload) = 'text' AND json_valid(payload)),
+         payload    TEXT NOT NULL CHECK (typeof(payload) = 'text' AND json_valid(payload)
+                        AND json_type(payload) = 'object'),
          created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
                         CHECK (typeof(created_at) = 'text'),
          message_id TEXT NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16))))
+                        CHECK (typeof(message_id) = 'text' AND length(message_id) BETWEEN 1 AND 128)
      );",
 );
 
@@ -72,8 +74,8 @@ pub(crate) struct Uplink {
     pub(crate) terminal_id: TerminalId,
     pub(crate) database: PathBuf,
     pub(crate) status: watch::Receiver<Status>,
-    /// The largest body sent (`terminal.max_message_bytes`): a larger row
-    /// could never be taken and would hold every row behind it.
+    /// The largest body sent (`uplink.max_message_bytes`): a larger row
+    /// would be refused by the backend, and is kept on the till instead.
     pub(crate) max_message_bytes: usize,
     /// Rows kept in the quarantine (`terminal.quarantine_max_rows`).
     pub(crate) quarantine_max_rows: u32,
@@ -88,10 +90,11 @@ enum Ended {
     Lost(BrokerError),
 }
 
-/// What a receipt last said, and when, to coalesce the next.
+/// What the last receipt said of how far the terminal applied, and when,
+/// to coalesce the next.
 struct Reported {
     at: Instant,
-    said: (i64, i64, u64, u64),
+    applied: (i64, i64),
 }
 
 impl Uplink {
@@ -172,13 +175,19 @@ impl Uplink {
         // When the outbox is read next: at once after a full round (a
         // backlog), else after `poll_ms`.
         let mut next_round = Instant::now();
-        let mut counted = (0, 0);
         // One row a round until the broker took a round whole: while no
         // queue takes the rows (no backend yet) a queue may appear in the
         // middle of a round, and the rows after that point would be
         // routed before the ones returned ahead of them.
         let mut probing = true;
         loop {
+            // Seen on every pass, a backlog's included.
+            if *stop.borrow() {
+                return Ended::Stopped;
+            }
+            if !session.connection.status().connected() {
+                return Ended::Lost(BrokerError::ConnectionLost);
+            }
             if Instant::now() >= next_round {
                 let limit = if probing { 1 } else { self.config.batch };
                 let round = self.send_round(session, outbox, limit).await;
@@ -189,30 +198,34 @@ impl Uplink {
                         if full || was_probing { now } else { now + poll }
                     }
                     Ok(Round::Refused) => now,
-                    Ok(Round::Empty) => now + poll,
+                    // Nothing to send, or the database failed: wait.
+                    Ok(Round::Empty | Round::Held) => now + poll,
                     Ok(Round::Unroutable) => {
                         probing = true;
                         now + UNROUTABLE_WAIT
                     }
                     Err(err) => return Ended::Lost(err),
                 };
-                counted = counts(outbox).unwrap_or(counted);
             }
-            let said = self.said(counted);
+            let applied = self.applied();
             let now = Instant::now();
             let due = match &reported {
                 None => now,
-                Some(last) if last.said != said => last.at + interval,
+                Some(last) if last.applied != applied => last.at + interval,
                 Some(last) => last.at + heartbeat,
             };
             if due <= now {
+                let said = self.said(counts(outbox).unwrap_or((0, 0)));
                 if let Err(err) = self.send_receipt(session, run, counter, said, false).await {
                     return Ended::Lost(err);
                 }
-                reported = Some(Reported { at: now, said });
+                reported = Some(Reported { at: now, applied });
                 continue;
             }
             if next_round <= now {
+                // A backlog: the next round at once, yet never without
+                // letting the runtime run others.
+                tokio::task::yield_now().await;
                 continue;
             }
             let wake = due.min(next_round).saturating_duration_since(now);
@@ -225,8 +238,15 @@ impl Uplink {
         }
     }
 
-    /// What a receipt would say now, with the outbox and quarantine rows
-    /// counted at the last round.
+    /// How far the terminal has applied: a receipt follows when it moves.
+    fn applied(&self) -> (i64, i64) {
+        let status = self.status.borrow();
+        (status.sync.synced_up_to, status.sync.highest_applied)
+    }
+
+    /// What a receipt says now, with the outbox and quarantine rows
+    /// counted (counted only when a receipt goes: counting a long outbox
+    /// after every round would cost a backlog's drain).
     fn said(&self, (outbox_rows, quarantined): (u64, u64)) -> (i64, i64, u64, u64) {
         let status = self.status.borrow();
         (
@@ -249,7 +269,7 @@ impl Uplink {
             Ok(rows) => rows,
             Err(err) => {
                 events::uplink_outbox_failed(&err.to_string());
-                return Ok(Round::Empty);
+                return Ok(Round::Held);
             }
         };
         // The round stops before a row that can never be taken; such a
@@ -263,13 +283,24 @@ impl Uplink {
                 let row = &rows[0];
                 let routing_key =
                     upstream_key(&self.license_key, &self.terminal_id, &row.message_type);
-                events::uplink_row_quarantined(row.id, &reason);
-                if let Err(err) =
-                    quarantine(outbox, row, &routing_key, reason, self.quarantine_max_rows)
-                {
-                    events::uplink_outbox_failed(&err.to_string());
-                }
-                return Ok(Round::Refused);
+                return Ok(
+                    match quarantine(
+                        outbox,
+                        row,
+                        &routing_key,
+                        reason.clone(),
+                        self.quarantine_max_rows,
+                    ) {
+                        Ok(()) => {
+                            events::uplink_row_quarantined(row.id, &reason);
+                            Round::Refused
+                        }
+                        Err(err) => {
+                            events::uplink_outbox_failed(&err.to_string());
+                            Round::Held
+                        }
+                    },
+                );
             }
             rows.truncate(index);
         }
@@ -310,8 +341,9 @@ impl Uplink {
         }
         crate::failpoint::after_uplink_confirm().await;
         if let Err(err) = delete_sent(outbox, &rows) {
-            // Sent again later; the backend records each id once.
+            // Sent again after a wait; the backend records each id once.
             events::uplink_outbox_failed(&err.to_string());
+            return Ok(Round::Held);
         }
         events::uplink_sent(rows.len());
         Ok(Round::Sent { full })
@@ -321,9 +353,27 @@ impl Uplink {
     /// object, or refused by the terminal's plugin of its type (a type no
     /// plugin here knows goes up: the backend may know it).
     fn refusal(&self, row: &Row) -> Option<String> {
+        let type_ok = (1..=64).contains(&row.message_type.len())
+            && row
+                .message_type
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && row.message_type != crate::upstream::RECEIPT_TYPE;
+        if !type_ok {
+            return Some(format!(
+                "outbox row {}: type {:?} is not 1 to 64 of a-z, 0-9 and _, or is reserved: it was not sent",
+                row.id, row.message_type
+            ));
+        }
+        if !(1..=128).contains(&row.message_id.len()) {
+            return Some(format!(
+                "outbox row {}: its message_id must have 1 to 128 bytes: it was not sent",
+                row.id
+            ));
+        }
         if row.body.len() > self.max_message_bytes {
             return Some(format!(
-                "outbox row {} is {} bytes, over terminal.max_message_bytes ({}): it was not sent",
+                "outbox row {} is {} bytes, over uplink.max_message_bytes ({}): it was not sent",
                 row.id,
                 row.body.len(),
                 self.max_message_bytes
@@ -394,6 +444,9 @@ enum Round {
     Refused,
     /// The broker returned or refused a row: the round stays.
     Unroutable,
+    /// The database failed (reading, deleting, quarantining): try again
+    /// after a wait.
+    Held,
 }
 
 /// The body of an upstream message, written by hand around the payload

@@ -174,6 +174,7 @@ pub(super) async fn applied(
             .collect();
         let now = Instant::now();
         if pending.is_empty() || now >= deadline {
+            let head = head_of(&heads(&shared).await?, &store);
             let now_ms = unix_now_ms();
             return Ok(Json(AppliedBody {
                 complete: pending.is_empty(),

@@ -928,7 +928,7 @@ impl Storage for PostgresStorage {
             .query(
                 "SELECT fleet.store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
                     highest_applied, quarantined, outbox, applied_changed_ms, stopping,
-                    (extract(epoch FROM outbox.created_at) * 1000)::bigint
+                    (extract(epoch FROM outbox.published_at) * 1000)::bigint
                  FROM fleet LEFT JOIN outbox
                     ON outbox.store = fleet.store AND outbox.seq = fleet.applied_up_to + 1
                  WHERE $1::text IS NULL OR fleet.store = $1 ORDER BY fleet.store, terminal",

@@ -1020,7 +1020,7 @@ impl Storage for SqliteStorage {
                 .prepare_cached(
                     "SELECT fleet.store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
                         highest_applied, quarantined, outbox, applied_changed_ms, stopping,
-                        outbox.created_at
+                        outbox.published_at
                      FROM fleet LEFT JOIN outbox
                         ON outbox.store = fleet.store AND outbox.seq = fleet.applied_up_to + 1
                      WHERE ?1 IS NULL OR fleet.store = ?1 ORDER BY fleet.store, terminal",
