@@ -432,8 +432,10 @@ mod tests {
             Arc::new(Scripted::new().await),
             Arc::new(registry),
         ));
-        let mut broker = BrokerConfig::default();
-        broker.urls = vec!["amqp://office:secret@127.0.0.1:5672/%2f".into()];
+        let broker = BrokerConfig {
+            urls: vec!["amqp://office:secret@127.0.0.1:5672/%2f".into()],
+            ..BrokerConfig::default()
+        };
         let config = UpstreamConfig {
             verify_user,
             ..UpstreamConfig::default()
