@@ -307,9 +307,7 @@ async fn orders_reach_the_backend_once_each_in_order_through_closed_connections_
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("orders");
     let mut backend = common::backend::Backend::with_upstream_for("orders", &[&store]);
-    backend.start().await;
-    let process = backend.process.as_mut().expect("started");
-    process.wait_for_line("upstream_live").await;
+    backend.start_upstream().await;
 
     let database = dir.path().join("till-1.db");
     let file = dir.path().join("terminal.toml");

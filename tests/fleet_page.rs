@@ -109,13 +109,7 @@ async fn fleet_backend(label: &str, stores: &[&LicenseKey], settings: &str) -> B
     let mut backend = Backend::with_upstream_for(label, stores);
     // Appended to `[upstream]`, the config's last section.
     backend.configure(settings);
-    backend.start().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_line("upstream_live")
-        .await;
+    backend.start_upstream().await;
     backend
 }
 

@@ -959,13 +959,7 @@ async fn a_terminal_speaks_upstream_only_as_itself_and_the_backend_refuses_a_for
     )
     .expect("write config");
     backend.bind_upstream(&[&store]);
-    backend.start().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_line("upstream_live")
-        .await;
+    backend.start_upstream().await;
     let mine = publish_upstream_as(
         &url,
         &format!("up.{store}.till-1.order"),

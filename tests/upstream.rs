@@ -61,13 +61,7 @@ async fn publish_waits_until_every_terminal_applied_and_names_the_one_that_has_n
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("waits");
     let mut backend = Backend::with_upstream_for("waits", &[&store]);
-    backend.start().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_line("upstream_live")
-        .await;
+    backend.start_upstream().await;
     let mut tills = Vec::new();
     for till in ["till-1", "till-2", "till-3"] {
         tills.push(RunningTerminal::start(terminal_config(dir.path(), &store, till)).await);
@@ -200,13 +194,7 @@ async fn orders_taken_before_any_backend_listens_wait_in_the_outbox_and_go_up_on
     assert_eq!(count(&db, "SELECT count(*) FROM possync_outbox"), 2);
 
     let mut backend = Backend::with_upstream_for("nobackend", &[&store]);
-    backend.start().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_line("upstream_live")
-        .await;
+    backend.start_upstream().await;
     take_order(&db, "O-3", 1);
     let deadline = std::time::Instant::now() + WAIT;
     while orders(&backend, &store).await.len() < 3 {
@@ -231,13 +219,7 @@ async fn an_outbox_row_too_large_to_send_is_quarantined_and_the_rows_behind_it_g
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("toolarge");
     let mut backend = Backend::with_upstream_for("toolarge", &[&store]);
-    backend.start().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_line("upstream_live")
-        .await;
+    backend.start_upstream().await;
     let mut config = terminal_config(dir.path(), &store, "till-1");
     config.uplink.max_message_bytes = 4096;
     let till = RunningTerminal::start(config).await;
@@ -271,13 +253,7 @@ async fn an_order_its_plugin_refuses_stays_on_the_till_in_the_quarantine_and_bad
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("badorder");
     let mut backend = Backend::with_upstream_for("badorder", &[&store]);
-    backend.start().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_line("upstream_live")
-        .await;
+    backend.start_upstream().await;
     let till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
     let db = till.db();
     for refused in [

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use possync_core::{Backoff, BrokerConfig, BrokerError};
+use possync_core::{Backoff, BrokerConfig};
 use possync_sdk::Envelope;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, ChangeRequest, SubmitError};
 use crate::config::DirectConfig;
 use crate::events;
-use crate::queue::{Next, QueueSpec, Session, Settle};
+use crate::queue::{self, QueueSpec, Settle};
 use crate::service::stopped;
 use crate::storage::{IdempotencyKey, Outcome, Storage, StorageError};
 
@@ -38,8 +38,6 @@ use crate::storage::{IdempotencyKey, Outcome, Storage, StorageError};
 /// so that no back office client shares these keys.
 pub(crate) const EXCHANGE_CLIENT: &str = ":exchange";
 
-/// Reconnects wait from 250 ms up to 30 s (a broker restart).
-const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 /// A change the database fails to store waits from 250 ms up to 5 s between
 /// tries.
 const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
@@ -61,15 +59,12 @@ pub(crate) struct Direct<S> {
 /// How often another catalog publishing to a store is logged again.
 const FOREIGN_EVERY: Duration = Duration::from_secs(60);
 
-/// Why a session with the broker ended.
-enum Ended {
-    /// Asked to stop.
-    Stopped,
-    /// The broker went away or failed.
-    Lost(BrokerError),
-}
-
 impl<S: Storage> Direct<S> {
+    /// Consumes until `stop` turns true, reconnecting with backoff.
+    pub(crate) async fn run(self, stop: watch::Receiver<bool>) {
+        queue::consume(&self, stop).await;
+    }
+
     pub(crate) fn new(
         catalog: Arc<Catalog<S>>,
         broker: BrokerConfig,
@@ -82,18 +77,6 @@ impl<S: Storage> Direct<S> {
             catalog_id: std::sync::OnceLock::new(),
             foreign: AtomicU64::new(0),
             foreign_told: std::sync::Mutex::default(),
-        }
-    }
-
-    fn spec(&self) -> QueueSpec {
-        QueueSpec {
-            queue: self.config.queue.clone(),
-            bindings: vec![BINDING.to_owned()],
-            prefetch: self.config.prefetch,
-            expiry_days: Some(self.config.queue_expiry_days),
-            single_active_consumer: false,
-            connection_name: "possync backend direct",
-            what: "declaring the backend's direct queue",
         }
     }
 
@@ -120,66 +103,12 @@ impl<S: Storage> Direct<S> {
         }
     }
 
-    /// Consumes until `stop` turns true, reconnecting with backoff.
-    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut attempt: u32 = 0;
-        let mut offline_since: Option<Instant> = None;
-        while !*stop.borrow() {
-            let url = self.broker.urls[attempt as usize % self.broker.urls.len()].clone();
-            let err = match Session::open(&self.broker, &self.spec(), &url).await {
-                Ok(session) => {
-                    attempt = 0;
-                    offline_since = None;
-                    events::direct_live(&self.config.queue, BINDING);
-                    match self.consume(session, &mut stop).await {
-                        Ended::Stopped => return,
-                        Ended::Lost(err) => err,
-                    }
-                }
-                Err(err) => err,
-            };
-            attempt = attempt.saturating_add(1);
-            let delay = RECONNECT.delay(attempt);
-            let first = offline_since.is_none();
-            offline_since.get_or_insert_with(Instant::now);
-            events::direct_offline(&err.to_string(), delay.as_millis(), first);
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = stopped(&mut stop) => return,
-            }
-        }
-    }
-
-    async fn consume(&self, mut session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
-        loop {
-            let (batch, ended) = match session.next_batch(stop).await {
-                Next::Batch(batch, ended) => (batch, ended),
-                Next::Stopped => {
-                    session.close().await;
-                    return Ended::Stopped;
-                }
-                Next::Lost(err) => return Ended::Lost(err),
-            };
-            let Some(settles) = self.handle_batch(&batch, stop).await else {
-                // Stopping with changes not recorded: they go back to the queue.
-                session.close().await;
-                return Ended::Stopped;
-            };
-            if let Err(err) = session.settle_batch(&batch, settles).await {
-                return Ended::Lost(err);
-            }
-            if let Some(err) = ended {
-                return Ended::Lost(err);
-            }
-        }
-    }
-
     /// Records the deliveries of a batch in their order: each run of
     /// changes that carry a message id goes in one submission (one
     /// transaction); a submission the catalog refuses is tried again one
     /// change at a time, so that only the refused one is dead-lettered.
     /// `None` if asked to stop meanwhile.
-    async fn handle_batch(
+    async fn record_batch(
         &self,
         batch: &[Delivery],
         stop: &mut watch::Receiver<bool>,
@@ -406,6 +335,40 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(text, "{b:02x}");
         text
     })
+}
+
+impl<S: Storage> queue::BatchConsumer for Direct<S> {
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
+
+    fn spec(&self) -> QueueSpec {
+        QueueSpec {
+            queue: self.config.queue.clone(),
+            bindings: vec![BINDING.to_owned()],
+            prefetch: self.config.prefetch,
+            expiry_days: Some(self.config.queue_expiry_days),
+            single_active_consumer: false,
+            connection_name: "possync backend direct",
+            what: "declaring the backend's direct queue",
+        }
+    }
+
+    fn handle_batch(
+        &self,
+        batch: &[Delivery],
+        stop: &mut watch::Receiver<bool>,
+    ) -> impl Future<Output = Option<Vec<Settle>>> + Send {
+        self.record_batch(batch, stop)
+    }
+
+    fn live(&self) {
+        events::direct_live(&self.config.queue, BINDING);
+    }
+
+    fn offline(&self, reason: &str, retry_in_ms: u128, first: bool) {
+        events::direct_offline(reason, retry_in_ms, first);
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! dead-letter queue, batches of deliveries, and settling them after the
 //! commit. The direct consumer and the upstream consumer each have one.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -11,14 +12,71 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
-use possync_core::{BrokerConfig, BrokerError, QueueType};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use possync_core::{Backoff, BrokerConfig, BrokerError, QueueType};
 use tokio::sync::watch;
 
 use crate::events;
 use crate::service::stopped;
 
 const PERSISTENT: u8 = 2;
+
+/// Reconnects wait from 250 ms up to 30 s (a broker restart).
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+
+/// What consumes a queue: which queue, what becomes of a batch, and what
+/// the operator is told of the queue.
+pub(crate) trait BatchConsumer: Sync {
+    /// The broker.
+    fn broker(&self) -> &BrokerConfig;
+    /// The queue.
+    fn spec(&self) -> QueueSpec;
+    /// What to do with each delivery of `batch`, in order, once its work
+    /// is committed; `None` if asked to stop meanwhile (the batch goes back
+    /// to the queue).
+    fn handle_batch(
+        &self,
+        batch: &[Delivery],
+        stop: &mut watch::Receiver<bool>,
+    ) -> impl Future<Output = Option<Vec<Settle>>> + Send;
+    /// The queue is read.
+    fn live(&self);
+    /// The queue cannot be read; `first` of a stretch.
+    fn offline(&self, reason: &str, retry_in_ms: u128, first: bool);
+}
+
+/// Consumes `consumer`'s queue until `stop` turns true, reconnecting with
+/// backoff through each of the broker's URLs.
+pub(crate) async fn consume<C: BatchConsumer>(consumer: &C, mut stop: watch::Receiver<bool>) {
+    let broker = consumer.broker();
+    let spec = consumer.spec();
+    let mut attempt: u32 = 0;
+    let mut offline_since: Option<Instant> = None;
+    while !*stop.borrow() {
+        let url = broker.urls[attempt as usize % broker.urls.len()].clone();
+        let err = match Session::open(broker, &spec, &url).await {
+            Ok(session) => {
+                attempt = 0;
+                offline_since = None;
+                consumer.live();
+                match session.serve(consumer, &mut stop).await {
+                    None => return,
+                    Some(err) => err,
+                }
+            }
+            Err(err) => err,
+        };
+        attempt = attempt.saturating_add(1);
+        let delay = RECONNECT.delay(attempt);
+        let first = offline_since.is_none();
+        offline_since.get_or_insert_with(Instant::now);
+        consumer.offline(&err.to_string(), delay.as_millis(), first);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
 
 /// Which queue, bound how.
 #[derive(Debug, Clone)]
@@ -52,7 +110,7 @@ pub(crate) enum Settle {
 }
 
 /// What the next wait for deliveries gave.
-pub(crate) enum Next {
+enum Next {
     /// Deliveries, and the error that ended the stream after them, if any.
     Batch(Vec<Delivery>, Option<BrokerError>),
     /// Asked to stop.
@@ -63,11 +121,11 @@ pub(crate) enum Next {
 
 /// One connection to the broker: the consumer, and a channel with confirms
 /// for dead letters.
-pub(crate) struct Session {
+struct Session {
     connection: Connection,
     channel: Channel,
     dead_letters: Channel,
-    consumer: Consumer,
+    consumer: lapin::Consumer,
     dead_letter_exchange: String,
     dead_letter_queue: String,
     url: String,
@@ -76,11 +134,7 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) async fn open(
-        broker: &BrokerConfig,
-        spec: &QueueSpec,
-        url: &str,
-    ) -> Result<Self, BrokerError> {
+    async fn open(broker: &BrokerConfig, spec: &QueueSpec, url: &str) -> Result<Self, BrokerError> {
         let timeout = broker.confirm_timeout_secs;
         let connection = possync_core::connect_broker(broker, url, spec.connection_name).await?;
         let channel = within(
@@ -154,9 +208,39 @@ impl Session {
         })
     }
 
+    /// Hands batches to `consumer` and settles them until the broker goes
+    /// away (the error) or `stop` turns true (`None`).
+    async fn serve<C: BatchConsumer>(
+        mut self,
+        consumer: &C,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<BrokerError> {
+        loop {
+            let (batch, ended) = match self.next_batch(stop).await {
+                Next::Batch(batch, ended) => (batch, ended),
+                Next::Stopped => {
+                    self.close().await;
+                    return None;
+                }
+                Next::Lost(err) => return Some(err),
+            };
+            let Some(settles) = consumer.handle_batch(&batch, stop).await else {
+                // Stopping with deliveries not recorded: they go back to the queue.
+                self.close().await;
+                return None;
+            };
+            if let Err(err) = self.settle_batch(&batch, settles).await {
+                return Some(err);
+            }
+            if let Some(err) = ended {
+                return Some(err);
+            }
+        }
+    }
+
     /// Waits for the next deliveries: the first, then whatever else the
     /// broker delivered already, up to the prefetch.
-    pub(crate) async fn next_batch(&mut self, stop: &mut watch::Receiver<bool>) -> Next {
+    async fn next_batch(&mut self, stop: &mut watch::Receiver<bool>) -> Next {
         let next = tokio::select! {
             next = self.consumer.next() => next,
             () = stopped(stop) => return Next::Stopped,
@@ -186,7 +270,7 @@ impl Session {
     /// with its reason (if the dead letter cannot be published, rejects
     /// the message to the queue's dead-letter exchange without a reason),
     /// then acknowledges the rest with one `multiple` ack.
-    pub(crate) async fn settle_batch(
+    async fn settle_batch(
         &self,
         batch: &[Delivery],
         settles: Vec<Settle>,
@@ -274,7 +358,7 @@ impl Session {
     }
 
     /// Closes the connection; an unacknowledged delivery returns to the queue.
-    pub(crate) async fn close(self) {
+    async fn close(self) {
         let _ = within(
             self.timeout_secs,
             "closing the connection",

@@ -12,11 +12,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::message::Delivery;
 use possync_core::{
-    Backoff, BrokerConfig, BrokerError, RECEIPT_TYPE, Receipt, UpstreamMessage, expected_user,
+    Backoff, BrokerConfig, RECEIPT_TYPE, Receipt, UpstreamMessage, expected_user,
     parse_upstream_key, unix_now_ms,
 };
 use tokio::sync::watch;
@@ -25,12 +25,10 @@ use crate::catalog::Catalog;
 use crate::config::UpstreamConfig;
 use crate::events;
 use crate::fleet::Counters;
-use crate::queue::{Next, QueueSpec, Session, Settle};
+use crate::queue::{self, QueueSpec, Settle};
 use crate::service::stopped;
 use crate::storage::{ReceiptRecord, Storage, StorageError, UpstreamRecord};
 
-/// Reconnects wait from 250 ms up to 30 s (a broker restart).
-const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 /// A batch the database fails to store waits from 250 ms up to 5 s between
 /// tries.
 const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
@@ -72,13 +70,15 @@ fn refused(kind: &'static str, reason: impl Into<String>) -> Refusal {
     }
 }
 
-/// Why a session ended.
-enum Ended {
-    Stopped,
-    Lost(BrokerError),
-}
-
 impl<S: Storage> Upstream<S> {
+    /// Consumes until `stop` turns true, reconnecting with backoff.
+    pub(crate) async fn run(self, stop: watch::Receiver<bool>) {
+        if !self.config.verify_user {
+            events::upstream_unverified();
+        }
+        queue::consume(&self, stop).await;
+    }
+
     pub(crate) fn new(
         catalog: Arc<Catalog<S>>,
         broker: BrokerConfig,
@@ -99,80 +99,9 @@ impl<S: Storage> Upstream<S> {
         }
     }
 
-    fn spec(&self) -> QueueSpec {
-        QueueSpec {
-            queue: self.config.queue.clone(),
-            bindings: self.config.bindings.clone(),
-            prefetch: self.config.prefetch,
-            expiry_days: self.config.queue_expiry_days,
-            // Each terminal's messages are recorded in its order, also with
-            // several backend processes on one database.
-            single_active_consumer: true,
-            connection_name: "possync backend upstream",
-            what: "declaring the backend's upstream queue",
-        }
-    }
-
-    /// Consumes until `stop` turns true, reconnecting with backoff.
-    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
-        if !self.config.verify_user {
-            events::upstream_unverified();
-        }
-        let mut attempt: u32 = 0;
-        let mut offline_since: Option<Instant> = None;
-        while !*stop.borrow() {
-            let url = self.broker.urls[attempt as usize % self.broker.urls.len()].clone();
-            let err = match Session::open(&self.broker, &self.spec(), &url).await {
-                Ok(session) => {
-                    attempt = 0;
-                    offline_since = None;
-                    events::upstream_live(&self.config.queue, &self.config.bindings.join(", "));
-                    match self.consume(session, &mut stop).await {
-                        Ended::Stopped => return,
-                        Ended::Lost(err) => err,
-                    }
-                }
-                Err(err) => err,
-            };
-            attempt = attempt.saturating_add(1);
-            let delay = RECONNECT.delay(attempt);
-            let first = offline_since.is_none();
-            offline_since.get_or_insert_with(Instant::now);
-            events::upstream_offline(&err.to_string(), delay.as_millis(), first);
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = stopped(&mut stop) => return,
-            }
-        }
-    }
-
-    async fn consume(&self, mut session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
-        loop {
-            let (batch, ended) = match session.next_batch(stop).await {
-                Next::Batch(batch, ended) => (batch, ended),
-                Next::Stopped => {
-                    session.close().await;
-                    return Ended::Stopped;
-                }
-                Next::Lost(err) => return Ended::Lost(err),
-            };
-            let Some(settles) = self.handle_batch(&batch, stop).await else {
-                // Stopping with messages not recorded: they go back to the queue.
-                session.close().await;
-                return Ended::Stopped;
-            };
-            if let Err(err) = session.settle_batch(&batch, settles).await {
-                return Ended::Lost(err);
-            }
-            if let Some(err) = ended {
-                return Ended::Lost(err);
-            }
-        }
-    }
-
     /// Records a batch: its messages in one transaction, its receipts in
     /// another; `None` if asked to stop while the database fails.
-    async fn handle_batch(
+    async fn record_batch(
         &self,
         batch: &[Delivery],
         stop: &mut watch::Receiver<bool>,
@@ -412,6 +341,42 @@ impl<S: Storage> Upstream<S> {
             created_at: message.created_at,
             payload: message.payload.get().to_owned(),
         }))
+    }
+}
+
+impl<S: Storage> queue::BatchConsumer for Upstream<S> {
+    fn broker(&self) -> &BrokerConfig {
+        &self.broker
+    }
+
+    fn spec(&self) -> QueueSpec {
+        QueueSpec {
+            queue: self.config.queue.clone(),
+            bindings: self.config.bindings.clone(),
+            prefetch: self.config.prefetch,
+            expiry_days: self.config.queue_expiry_days,
+            // Each terminal's messages are recorded in its order, also with
+            // several backend processes on one database.
+            single_active_consumer: true,
+            connection_name: "possync backend upstream",
+            what: "declaring the backend's upstream queue",
+        }
+    }
+
+    fn handle_batch(
+        &self,
+        batch: &[Delivery],
+        stop: &mut watch::Receiver<bool>,
+    ) -> impl Future<Output = Option<Vec<Settle>>> + Send {
+        self.record_batch(batch, stop)
+    }
+
+    fn live(&self) {
+        events::upstream_live(&self.config.queue, &self.config.bindings.join(", "));
+    }
+
+    fn offline(&self, reason: &str, retry_in_ms: u128, first: bool) {
+        events::upstream_offline(reason, retry_in_ms, first);
     }
 }
 

@@ -135,6 +135,16 @@ impl Backend {
         self.process = Some(process);
     }
 
+    /// Starts it and waits until it reads its upstream queue.
+    pub async fn start_upstream(&mut self) {
+        self.start().await;
+        self.process
+            .as_mut()
+            .expect("started")
+            .wait_for_line("upstream_live")
+            .await;
+    }
+
     pub async fn start(&mut self) {
         self.start_with(&[]).await;
     }
