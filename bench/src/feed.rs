@@ -8,8 +8,8 @@ use possync_catalog::PriceUpdate;
 use possync_core::{Delivery, Publisher, QueueType};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::workload::{self, Format, in_turn, license};
-use crate::{Row, Stopwatch, Trial, latency_text, possync_side, progress};
+use crate::workload::{self, license};
+use crate::{Row, Trial, latency_text, possync_side, progress};
 
 /// One round: the same backlog drained with the feed off and on (in turn
 /// first), as `Trial { baseline: off, possync: on }`.
@@ -19,50 +19,22 @@ pub(crate) async fn cost(
     count: usize,
     round: usize,
 ) -> anyhow::Result<Trial> {
-    let connection = workload::connect(url).await?;
-    let mut took = [None, None];
-    for turn in 0..2 {
-        let feed_on = (turn + round) % 2 == 1;
-        progress(&format!(
-            "feed cost: drain of {count} with the feed {}",
-            if feed_on { "on" } else { "off" }
-        ));
-        let key = license("feed-cost");
-        let mut config =
-            possync_side::config(url, dir, &key, "t1", QueueType::Classic, Delivery::Durable);
-        config.terminal.collapse_min_batch = 0;
-        if !feed_on {
-            config.terminal.feed_keep = 0;
-        }
-        possync_side::start(config.clone()).await?.stop().await?;
-        workload::publish_backlog(
-            &connection,
-            &config.broker,
-            &key,
-            count,
-            Format::Original,
-            in_turn,
-        )
-        .await?;
-        let stopwatch = Stopwatch::start();
-        let mut terminal = possync_side::start(config).await?;
-        terminal.wait_applied(count as u64).await?;
-        took[usize::from(feed_on)] = Some(stopwatch.stop());
-        terminal.stop_and_delete(&connection).await?;
-    }
-    workload::close([connection]).await;
-    let [Some(off), Some(on)] = took else {
-        anyhow::bail!("a drain of the feed cost did not run");
-    };
-    Ok(Trial {
-        scenario: format!(
+    possync_side::drain_off_and_on(
+        url,
+        dir,
+        count,
+        round,
+        "feed-cost",
+        format!(
             "backlog drain, {count} changes, classic queue: change feed on, no subscriber / feed off (baseline column: off)"
         ),
-        count,
-        possync: on,
-        baseline: off,
-        memory_kib: None,
-    })
+        |config, on| {
+            if !on {
+                config.terminal.feed_keep = 0;
+            }
+        },
+    )
+    .await
 }
 
 /// `subscribers` clients follow `/events` while changes are published at

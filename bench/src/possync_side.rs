@@ -178,3 +178,65 @@ pub(crate) async fn collect_latencies(mut status: watch::Receiver<Status>, count
     }
     latencies
 }
+
+/// One round of an on/off comparison: the same backlog of `count` changes
+/// drained twice by one terminal, with `switch` turning a setting off and
+/// on (the order alternating with `round`), as `Trial { baseline: off,
+/// possync: on }`. `what` names the setting in progress lines.
+pub(crate) async fn drain_off_and_on(
+    url: &str,
+    dir: &Path,
+    count: usize,
+    round: usize,
+    what: &str,
+    scenario: String,
+    switch: impl Fn(&mut Config, bool),
+) -> anyhow::Result<crate::Trial> {
+    use crate::workload::{self, Format, in_turn, license};
+    let connection = workload::connect(url).await?;
+    let mut took = [None, None];
+    for turn in 0..2 {
+        let on = (turn + round) % 2 == 1;
+        crate::progress(&format!(
+            "{what}: drain of {count} with it {}",
+            if on { "on" } else { "off" }
+        ));
+        let key = license(what);
+        let mut config = self::config(
+            url,
+            dir,
+            &key,
+            "t1",
+            possync_core::QueueType::Classic,
+            possync_core::Delivery::Durable,
+        );
+        config.terminal.collapse_min_batch = 0;
+        switch(&mut config, on);
+        start(config.clone()).await?.stop().await?;
+        workload::publish_backlog(
+            &connection,
+            &config.broker,
+            &key,
+            count,
+            Format::Original,
+            in_turn,
+        )
+        .await?;
+        let stopwatch = crate::Stopwatch::start();
+        let mut terminal = start(config).await?;
+        terminal.wait_applied(count as u64).await?;
+        took[usize::from(on)] = Some(stopwatch.stop());
+        terminal.stop_and_delete(&connection).await?;
+    }
+    workload::close([connection]).await;
+    let [Some(off), Some(on)] = took else {
+        anyhow::bail!("a drain of {what} did not run");
+    };
+    Ok(crate::Trial {
+        scenario,
+        count,
+        possync: on,
+        baseline: off,
+        memory_kib: None,
+    })
+}

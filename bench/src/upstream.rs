@@ -12,7 +12,7 @@ use possync_core::{Delivery, LicenseKey, QueueType};
 
 use crate::backend::{CpuUse, RunningBackend, price_change};
 use crate::baseline;
-use crate::workload::{self, Format, in_turn, license};
+use crate::workload::{self, license};
 use crate::{Row, Stopwatch, Trial, possync_side, progress};
 
 /// One round: the same backlog drained with the uplink off and on (in turn
@@ -23,48 +23,18 @@ pub(crate) async fn receipts_cost(
     count: usize,
     round: usize,
 ) -> anyhow::Result<Trial> {
-    let connection = workload::connect(url).await?;
-    let mut took = [None, None];
-    for turn in 0..2 {
-        let uplink_on = (turn + round) % 2 == 1;
-        progress(&format!(
-            "receipts cost: drain of {count} with the uplink {}",
-            if uplink_on { "on" } else { "off" }
-        ));
-        let key = license("receipts-cost");
-        let mut config =
-            possync_side::config(url, dir, &key, "t1", QueueType::Classic, Delivery::Durable);
-        config.terminal.collapse_min_batch = 0;
-        config.uplink.enabled = uplink_on;
-        possync_side::start(config.clone()).await?.stop().await?;
-        workload::publish_backlog(
-            &connection,
-            &config.broker,
-            &key,
-            count,
-            Format::Original,
-            in_turn,
-        )
-        .await?;
-        let stopwatch = Stopwatch::start();
-        let mut terminal = possync_side::start(config).await?;
-        terminal.wait_applied(count as u64).await?;
-        took[usize::from(uplink_on)] = Some(stopwatch.stop());
-        terminal.stop_and_delete(&connection).await?;
-    }
-    workload::close([connection]).await;
-    let [Some(off), Some(on)] = took else {
-        anyhow::bail!("a drain of the receipts cost did not run");
-    };
-    Ok(Trial {
-        scenario: format!(
+    possync_side::drain_off_and_on(
+        url,
+        dir,
+        count,
+        round,
+        "receipts-cost",
+        format!(
             "backlog drain, {count} changes, classic queue: uplink on (receipts) / uplink off (baseline column: off)"
         ),
-        count,
-        possync: on,
-        baseline: off,
-        memory_kib: None,
-    })
+        |config, on| config.uplink.enabled = on,
+    )
+    .await
 }
 
 /// A backend that consumes an upstream queue of its own (deleted by
