@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use lapin::options::ConfirmSelectOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::{Connection, ConnectionProperties, ErrorKind};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
 
 use crate::config::{BrokerConfig, TlsNeedsAmqps};
 use crate::redact::{redact_secrets, redact_url};
@@ -265,6 +266,30 @@ pub async fn connect(
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(BrokerError::from_lapin("connecting", url, err)),
     }
+}
+
+/// A new channel on `connection` whose publishes the broker confirms,
+/// each step bounded by `seconds`.
+pub(crate) async fn confirming_channel(
+    connection: &Connection,
+    seconds: u64,
+    url: &str,
+) -> Result<Channel, BrokerError> {
+    let channel = within(
+        seconds,
+        "opening a channel",
+        url,
+        connection.create_channel(),
+    )
+    .await?;
+    within(
+        seconds,
+        "enabling publisher confirms",
+        url,
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(channel)
 }
 
 /// Waits at most `seconds` for a broker operation.

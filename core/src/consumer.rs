@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -480,20 +480,7 @@ impl Subscription {
             channel.basic_qos(prefetch, BasicQosOptions::default()),
         )
         .await?;
-        let dead_letters = connection::within(
-            timeout,
-            "opening a channel",
-            url,
-            connection.create_channel(),
-        )
-        .await?;
-        connection::within(
-            timeout,
-            "enabling publisher confirms",
-            url,
-            dead_letters.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
+        let dead_letters = connection::confirming_channel(&connection, timeout, url).await?;
         // One process per terminal: a second one with this identity (a
         // cloned disk, a copied config) must not take half the stream. An
         // exclusive consumer does that on a classic queue; a quorum queue

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use possync_sdk::{Envelope, Payload};
 use time::OffsetDateTime;
@@ -476,20 +476,7 @@ impl Session {
         let url = broker.urls[attempt as usize % broker.urls.len()].clone();
         let timeout = broker.confirm_timeout_secs;
         let connection = connection::connect(broker, &url, "possync publisher").await?;
-        let channel = connection::within(
-            timeout,
-            "opening a channel",
-            &url,
-            connection.create_channel(),
-        )
-        .await?;
-        connection::within(
-            timeout,
-            "enabling publisher confirms",
-            &url,
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
+        let channel = connection::confirming_channel(&connection, timeout, &url).await?;
         if broker.declare_topology {
             connection::within(
                 timeout,

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Connection};
 use rusqlite::Connection as Sqlite;
 use tokio::sync::watch;
@@ -587,20 +587,7 @@ impl Session {
     async fn open(broker: &BrokerConfig, url: &str) -> Result<Self, BrokerError> {
         let timeout = broker.confirm_timeout_secs;
         let connection = connection::connect(broker, url, "possync terminal uplink").await?;
-        let channel = connection::within(
-            timeout,
-            "opening a channel",
-            url,
-            connection.create_channel(),
-        )
-        .await?;
-        connection::within(
-            timeout,
-            "enabling publisher confirms",
-            url,
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
+        let channel = connection::confirming_channel(&connection, timeout, url).await?;
         Ok(Self {
             connection,
             channel,
