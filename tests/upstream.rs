@@ -168,6 +168,26 @@ async fn orders(backend: &Backend, store: &possync_core::LicenseKey) -> Vec<Stri
         .collect()
 }
 
+/// The store's orders once the backend recorded at least `count`.
+async fn wait_orders(
+    backend: &Backend,
+    store: &possync_core::LicenseKey,
+    count: usize,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let recorded = orders(backend, store).await;
+        if recorded.len() >= count {
+            return recorded;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend recorded {recorded:?}, not {count} orders"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 fn take_order(db: &rusqlite::Connection, order_id: &str, padding: usize) {
     let payload = serde_json::json!({
         "order_id": order_id,
@@ -196,15 +216,10 @@ async fn orders_taken_before_any_backend_listens_wait_in_the_outbox_and_go_up_on
     let mut backend = Backend::with_upstream_for("nobackend", &[&store]);
     backend.start_upstream().await;
     take_order(&db, "O-3", 1);
-    let deadline = std::time::Instant::now() + WAIT;
-    while orders(&backend, &store).await.len() < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the waiting orders never went up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(orders(&backend, &store).await, ["O-1", "O-2", "O-3"]);
+    assert_eq!(
+        wait_orders(&backend, &store, 3).await,
+        ["O-1", "O-2", "O-3"]
+    );
     eventually("the outbox to empty", || {
         count(&db, "SELECT count(*) FROM possync_outbox") == 0
     })
@@ -227,15 +242,7 @@ async fn an_outbox_row_too_large_to_send_is_quarantined_and_the_rows_behind_it_g
     take_order(&db, "O-1", 1);
     take_order(&db, "O-big", 5000);
     take_order(&db, "O-3", 1);
-    let deadline = std::time::Instant::now() + WAIT;
-    while orders(&backend, &store).await.len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the orders never went up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(orders(&backend, &store).await, ["O-1", "O-3"]);
+    assert_eq!(wait_orders(&backend, &store, 2).await, ["O-1", "O-3"]);
     let reasons = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
@@ -276,15 +283,7 @@ async fn an_order_its_plugin_refuses_stays_on_the_till_in_the_quarantine_and_bad
         [r#"{"order_id":"O-3","lines":[{"product_id":"P1","quantity":1,"unit_price":1}],"total":1,"customer":"walk-in"}"#],
     )
     .expect("a field the plugin does not know is kept");
-    let deadline = std::time::Instant::now() + WAIT;
-    while orders(&backend, &store).await.len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the orders never went up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(orders(&backend, &store).await, ["O-1", "O-3"]);
+    assert_eq!(wait_orders(&backend, &store, 2).await, ["O-1", "O-3"]);
     let reasons = quarantine_reasons(&db);
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
