@@ -64,7 +64,7 @@ pub use status::{State, Status, StatusReport, moment_text};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
 pub use telemetry::{LogFormat, init_logging};
 pub use terminal::{Terminal, TerminalError};
-pub use topology::{TerminalTopology, routing_key};
+pub use topology::{TerminalTopology, is_message_type, routing_key};
 pub use upstream::{
     RECEIPT_TYPE, Receipt, UPSTREAM_BINDING, UpstreamMessage, expected_user, parse_upstream_key,
     upstream_key,

@@ -657,12 +657,7 @@ impl Reconnects {
 }
 
 fn check_type(message_type: &str) -> Result<(), PublishError> {
-    let valid = !message_type.is_empty()
-        && message_type.len() <= 64
-        && message_type
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid {
+    if crate::topology::is_message_type(message_type) {
         Ok(())
     } else {
         Err(PublishError::InvalidType(message_type.to_owned()))

@@ -232,6 +232,15 @@ pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin
         .await
 }
 
+/// Whether `text` can be a message type: 1 to 64 of `a-z`, `0-9` and `_`,
+/// one word of a routing key.
+pub fn is_message_type(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// The routing key of a message of `message_type` for store `license_key`.
 pub fn routing_key(license_key: &LicenseKey, message_type: &str) -> String {
     format!("license.{license_key}.{message_type}")

@@ -248,13 +248,8 @@ impl Uplink {
     /// counted (counted only when a receipt goes: counting a long outbox
     /// after every round would cost a backlog's drain).
     fn said(&self, (outbox_rows, quarantined): (u64, u64)) -> (i64, i64, u64, u64) {
-        let status = self.status.borrow();
-        (
-            status.sync.synced_up_to,
-            status.sync.highest_applied,
-            quarantined,
-            outbox_rows,
-        )
+        let (applied_up_to, highest_applied) = self.applied();
+        (applied_up_to, highest_applied, quarantined, outbox_rows)
     }
 
     /// Sends the rows of the outbox (up to `limit`) and deletes them once
@@ -353,11 +348,7 @@ impl Uplink {
     /// object, or refused by the terminal's plugin of its type (a type no
     /// plugin here knows goes up: the backend may know it).
     fn refusal(&self, row: &Row) -> Option<String> {
-        let type_ok = (1..=64).contains(&row.message_type.len())
-            && row
-                .message_type
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        let type_ok = crate::topology::is_message_type(&row.message_type)
             && row.message_type != crate::upstream::RECEIPT_TYPE;
         if !type_ok {
             return Some(format!(

@@ -59,16 +59,12 @@ pub(super) async fn received(
             "limit={limit} is out of range: give 1 to {MAX_CHANGES_PER_PAGE}, and read further pages with `after`"
         )));
     }
-    if let Some(message_type) = &query.message_type {
-        let valid = (1..=64).contains(&message_type.len())
-            && message_type
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !valid {
-            return Err(ApiError::bad_request(
-                "type must be 1 to 64 of a-z, 0-9 and _ (a message type, like `order`)",
-            ));
-        }
+    if let Some(message_type) = &query.message_type
+        && !possync_core::is_message_type(message_type)
+    {
+        return Err(ApiError::bad_request(
+            "type must be 1 to 64 of a-z, 0-9 and _ (a message type, like `order`)",
+        ));
     }
     let messages = shared
         .access
