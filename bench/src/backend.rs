@@ -199,6 +199,20 @@ pub(crate) struct Client {
 impl Client {
     /// Submits `changes` in one request; returns once they are durable.
     async fn submit(&self, changes: Vec<serde_json::Value>) -> anyhow::Result<()> {
+        self.post_changes(changes).await.map(drop)
+    }
+
+    /// Submits one change; returns its sequence number once it is durable.
+    pub(crate) async fn submit_one(&self, change: serde_json::Value) -> anyhow::Result<i64> {
+        let answer: serde_json::Value =
+            serde_json::from_slice(&self.post_changes(vec![change]).await?)?;
+        answer["changes"][0]["seq"]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("no sequence number in {answer}"))
+    }
+
+    /// `POST /v1/changes` with `changes`: the answer's body.
+    async fn post_changes(&self, changes: Vec<serde_json::Value>) -> anyhow::Result<Vec<u8>> {
         let client = self.clone();
         self.runtime
             .spawn_blocking(move || {
@@ -209,45 +223,7 @@ impl Client {
                     .header("Authorization", &client.authorization)
                     .header("Content-Type", "application/json")
                     .send(&body[..])?;
-                let status = response.status();
-                // Read to the end, as an app reads its answer: only then
-                // does the connection go back to the pool for the next.
-                let answer = response.into_body().read_to_vec()?;
-                anyhow::ensure!(
-                    status == 200,
-                    "answered {status}: {}",
-                    String::from_utf8_lossy(&answer)
-                );
-                Ok(())
-            })
-            .await?
-    }
-}
-
-impl Client {
-    /// Submits one change; returns its sequence number once it is durable.
-    pub(crate) async fn submit_one(&self, change: serde_json::Value) -> anyhow::Result<i64> {
-        let client = self.clone();
-        self.runtime
-            .spawn_blocking(move || {
-                let body = serde_json::to_vec(&json!({ "changes": [change] }))?;
-                let response = client
-                    .agent
-                    .post(&client.url)
-                    .header("Authorization", &client.authorization)
-                    .header("Content-Type", "application/json")
-                    .send(&body[..])?;
-                let status = response.status();
-                let answer = response.into_body().read_to_vec()?;
-                anyhow::ensure!(
-                    status == 200,
-                    "answered {status}: {}",
-                    String::from_utf8_lossy(&answer)
-                );
-                let answer: serde_json::Value = serde_json::from_slice(&answer)?;
-                answer["changes"][0]["seq"]
-                    .as_i64()
-                    .ok_or_else(|| anyhow::anyhow!("no sequence number in {answer}"))
+                read_ok(response)
             })
             .await?
     }
@@ -260,27 +236,36 @@ impl Client {
             "{}/v1/stores/{store}/applied?seq={seq}&wait={wait}",
             self.base
         );
-        self.runtime
+        let answer = self
+            .runtime
             .spawn_blocking(move || {
                 let response = client
                     .agent
                     .get(&url)
                     .header("Authorization", &client.authorization)
                     .call()?;
-                let status = response.status();
-                let answer = response.into_body().read_to_vec()?;
-                anyhow::ensure!(
-                    status == 200,
-                    "answered {status}: {}",
-                    String::from_utf8_lossy(&answer)
-                );
-                let answer: serde_json::Value = serde_json::from_slice(&answer)?;
-                answer["complete"]
-                    .as_bool()
-                    .ok_or_else(|| anyhow::anyhow!("no `complete` in {answer}"))
+                read_ok(response)
             })
-            .await?
+            .await??;
+        let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+        answer["complete"]
+            .as_bool()
+            .ok_or_else(|| anyhow::anyhow!("no `complete` in {answer}"))
     }
+}
+
+/// The body of a 200 answer, else an error with its status and body. Read
+/// to the end, as an app reads its answer: only then does the connection
+/// go back to the pool for the next request.
+fn read_ok(response: ureq::http::Response<ureq::Body>) -> anyhow::Result<Vec<u8>> {
+    let status = response.status();
+    let answer = response.into_body().read_to_vec()?;
+    anyhow::ensure!(
+        status == 200,
+        "answered {status}: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    Ok(answer)
 }
 
 /// The CPU a phase cost: this process (backend, its clients and, where
