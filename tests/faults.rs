@@ -387,7 +387,27 @@ async fn orders_reach_the_backend_once_each_in_order_through_closed_connections_
         count(&db, "SELECT count(*) FROM possync_outbox") == 0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The round confirmed before the kill went up again after it: the
+    // backend saw it twice, and recorded it once.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = backend.api.call("GET", "/metrics", None).await;
+        let duplicates = metrics
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix("possync_backend_upstream_duplicates_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if duplicates >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the round confirmed before the kill never came again: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let recorded = recorded_orders(&backend, &store);
     let expected: Vec<String> = (0..ORDERS).map(|n| format!("O-{n:04}")).collect();

@@ -296,8 +296,9 @@ pub(super) async fn summaries(
                 let judged = shared.rules.judge(terminal, head, now_ms);
                 *states.entry(judged.state.name()).or_default() += 1;
                 summary.max_lag = summary.max_lag.max(judged.lag);
-                summary.quarantined += terminal.quarantined;
-                summary.outbox += terminal.outbox;
+                // A terminal reports what it likes: summed without overflow.
+                summary.quarantined = summary.quarantined.saturating_add(terminal.quarantined);
+                summary.outbox = summary.outbox.saturating_add(terminal.outbox);
             }
             summary.states = states.into_iter().collect();
             summary.store = store;
