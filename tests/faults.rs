@@ -420,6 +420,27 @@ async fn orders_reach_the_backend_once_each_in_order_through_closed_connections_
     assert_eq!(order_ids, expected, "in the order the POS app took them");
     let ids: std::collections::HashSet<&String> = recorded.iter().map(|(_, id)| id).collect();
     assert_eq!(ids.len(), ORDERS, "one message id per order");
+    // The order plugin applied each into the store's database, once.
+    let store_db = backend.stores.join(format!("{store}.db"));
+    eventually("the store database to hold every order", || {
+        rusqlite::Connection::open(&store_db).ok().and_then(|db| {
+            db.query_row("SELECT count(*) FROM orders", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .ok()
+        }) == Some(ORDERS as i64)
+    })
+    .await;
+    let applied = format!("possync_backend_upstream_applied_total{{type=\"order\"}} {ORDERS}");
+    eventually_async("the backend to count each order applied once", || async {
+        let (_, metrics) = backend.api.call("GET", "/metrics", None).await;
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .any(|line| line == applied)
+    })
+    .await;
     terminal.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = terminal.exit().await;
     backend.stop().await;

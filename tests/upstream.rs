@@ -294,3 +294,112 @@ async fn an_order_its_plugin_refuses_stays_on_the_till_in_the_quarantine_and_bad
     till.stop().await;
     backend.stop().await;
 }
+
+/// `orders` in the backend's database of `store`: (id, total, lines), by id.
+fn store_orders(backend: &Backend, store: &possync_core::LicenseKey) -> Vec<(String, f64, String)> {
+    let path = backend.stores.join(format!("{store}.db"));
+    let Ok(db) =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) = db.prepare("SELECT id, total, lines FROM orders ORDER BY id") else {
+        return Vec::new();
+    };
+    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .and_then(Iterator::collect)
+        .unwrap_or_default()
+}
+
+/// Upstream messages the backend's plugins applied, since it started.
+async fn applied_metric(backend: &Backend) -> u64 {
+    let (_, metrics) = backend.api.call("GET", "/metrics", None).await;
+    metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("possync_backend_upstream_applied_total{type=\"order\"} ")
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the store database of `store` holds `count` orders.
+async fn wait_store_orders(
+    backend: &Backend,
+    store: &possync_core::LicenseKey,
+    count: usize,
+) -> Vec<(String, f64, String)> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let orders = store_orders(backend, store);
+        if orders.len() >= count {
+            return orders;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store database of {store} holds {} orders, not {count}",
+            orders.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_order_plugin_applies_each_order_once_into_its_stores_database_which_rebuilds_from_the_record()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shop = unique_license("storedb-a");
+    let other = unique_license("storedb-b");
+    let mut backend = Backend::with_upstream_for("storedb", &[&shop, &other]);
+    backend.start_upstream().await;
+    let till = RunningTerminal::start(terminal_config(dir.path(), &shop, "till-1")).await;
+    let other_till = RunningTerminal::start(terminal_config(dir.path(), &other, "till-1")).await;
+    let (shop_db, other_db) = (till.db(), other_till.db());
+    for n in 0..200 {
+        take_order(&shop_db, &format!("A-{n:03}"), 1);
+    }
+    for n in 0..50 {
+        take_order(&other_db, &format!("B-{n:03}"), 1);
+    }
+    let applied = wait_store_orders(&backend, &shop, 200).await;
+    let expected: Vec<String> = (0..200).map(|n| format!("A-{n:03}")).collect();
+    let ids: Vec<String> = applied.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(
+        ids, expected,
+        "each store's database holds its own orders only"
+    );
+    assert_eq!(applied[0].1, 1.0);
+    assert!(applied[0].2.contains("\"quantity\":1"), "{}", applied[0].2);
+    assert_eq!(wait_store_orders(&backend, &other, 50).await.len(), 50);
+    eventually_async("every order applied once", || async {
+        applied_metric(&backend).await == 250
+    })
+    .await;
+
+    // A restart that lost how far it had applied (killed before it saved
+    // it) reads the record again and applies nothing twice: the only
+    // order this process applies is the new one.
+    backend.stop().await;
+    std::fs::write(backend.stores.join("applied-up-to"), "0\n").expect("forget the progress");
+    backend.start_upstream().await;
+    take_order(&shop_db, "A-200", 1);
+    wait_store_orders(&backend, &shop, 201).await;
+    assert_eq!(applied_metric(&backend).await, 1, "nothing applied twice");
+
+    // The folder deleted: rebuilt, whole, from the record.
+    backend.stop().await;
+    std::fs::remove_dir_all(&backend.stores).expect("delete the store databases");
+    backend.start_upstream().await;
+    assert_eq!(wait_store_orders(&backend, &shop, 201).await.len(), 201);
+    assert_eq!(wait_store_orders(&backend, &other, 50).await.len(), 50);
+    eventually_async("the rebuild to apply every order once", || async {
+        applied_metric(&backend).await == 251
+    })
+    .await;
+
+    till.stop().await;
+    other_till.stop().await;
+    backend.stop().await;
+}

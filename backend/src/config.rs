@@ -234,6 +234,18 @@ pub struct UpstreamConfig {
     /// credentials can speak for any terminal, and the backend says so at
     /// start.
     pub verify_user: bool,
+    /// The message types terminals may send up (besides delivery
+    /// receipts): each is checked and applied by the plugin of that type.
+    /// A message of another type is refused and dead-lettered, so that a
+    /// till cannot write catalog types into its store's database.
+    pub types: Vec<String>,
+    /// The folder of the store databases: one SQLite file per store
+    /// (`<folder>/<KEY>.db`), where the plugins apply what the store's
+    /// terminals sent (orders into `orders`), as they apply changes on a
+    /// terminal. They are derived from the recorded messages: to rebuild
+    /// them, stop the backend and delete the folder. Each backend process
+    /// keeps its own.
+    pub store_databases: PathBuf,
     /// A terminal whose last receipt is older than this is offline
     /// (terminals send one at least every `uplink.heartbeat_secs`, 3 s by
     /// default).
@@ -253,6 +265,8 @@ impl Default for UpstreamConfig {
             max_message_bytes: 1024 * 1024,
             queue_expiry_days: None,
             verify_user: true,
+            types: vec!["order".into()],
+            store_databases: PathBuf::from("possync-stores"),
             offline_after_secs: 7,
             stalled_after_secs: 60,
         }

@@ -313,3 +313,56 @@ pub(crate) fn upstream_receipt_refused(routing_key: &str, reason: &str) {
         "a delivery receipt was refused and dropped (counted in possync_backend_upstream_refused_total)"
     );
 }
+
+pub(crate) fn store_databases_started(dir: &std::path::Path, applied_up_to: i64) {
+    info!(
+        event = "store_databases_started",
+        dir = %dir.display(),
+        applied_up_to,
+        "applying what terminals sent to the store databases"
+    );
+}
+
+/// Logged at error on the first failure of a stretch, quietly per retry after.
+pub(crate) fn store_databases_held(store: &str, reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        error!(
+            event = "store_databases_held",
+            %store,
+            %reason,
+            retry_in_ms,
+            "cannot apply upstream messages to the store database: they stay recorded and are tried again; check the folder (upstream.store_databases) and the reason"
+        );
+    } else {
+        debug!(event = "store_databases_held", %store, %reason, retry_in_ms, "still cannot apply upstream messages");
+    }
+}
+
+pub(crate) fn store_database_refused(store: &str, cursor: i64, message_type: &str, reason: &str) {
+    warn!(
+        event = "store_database_refused",
+        %store,
+        cursor,
+        %message_type,
+        %reason,
+        "a plugin refused to apply an upstream message: it stays recorded (GET /v1/stores/{store}/upstream) and is kept with the reason in the store database's possync_quarantine"
+    );
+}
+
+pub(crate) fn store_databases_skipped(store: &str, messages: usize) {
+    error!(
+        event = "store_databases_skipped",
+        %store,
+        messages,
+        "recorded upstream messages name a store that is not a valid id: not applied"
+    );
+}
+
+pub(crate) fn store_databases_progress_unsaved(dir: &std::path::Path, reason: &str) {
+    warn!(
+        event = "store_databases_progress_unsaved",
+        dir = %dir.display(),
+        %reason,
+        "cannot save how far the store databases are applied: nothing is lost, a restart reads more of the record again"
+    );
+}

@@ -122,8 +122,12 @@ pub struct Counters {
     refused: Family<ReasonLabels, Counter>,
     duplicates: Counter,
     receipts: Counter,
+    applied: Family<TypeLabel, Counter>,
+    unapplied: Family<TypeLabel, Counter>,
     /// Bumped after each commit of receipts.
     recorded: watch::Sender<u64>,
+    /// Bumped after each commit of new upstream messages.
+    messages: watch::Sender<u64>,
 }
 
 impl Default for Counters {
@@ -133,7 +137,10 @@ impl Default for Counters {
             refused: Family::default(),
             duplicates: Counter::default(),
             receipts: Counter::default(),
+            applied: Family::default(),
+            unapplied: Family::default(),
             recorded: watch::channel(0).0,
+            messages: watch::channel(0).0,
         }
     }
 }
@@ -151,6 +158,34 @@ impl Counters {
                 kind: TypeLabel {
                     r#type: message_type.to_owned(),
                 },
+            })
+            .inc();
+    }
+
+    /// Changes after each commit of new upstream messages by this process.
+    pub(crate) fn messages_recorded(&self) -> watch::Receiver<u64> {
+        self.messages.subscribe()
+    }
+
+    /// New upstream messages were committed.
+    pub(crate) fn recorded_messages(&self) {
+        self.messages.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A store database's plugin applied an upstream message.
+    pub(crate) fn applied(&self, message_type: &str) {
+        self.applied
+            .get_or_create(&TypeLabel {
+                r#type: message_type.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A store database's plugin refused an upstream message for good.
+    pub(crate) fn unapplied(&self, message_type: &str) {
+        self.unapplied
+            .get_or_create(&TypeLabel {
+                r#type: message_type.to_owned(),
             })
             .inc();
     }
@@ -182,13 +217,23 @@ impl Counters {
         );
         registry.register(
             "possync_backend_upstream_refused",
-            "Upstream messages dead-lettered, by reason: identity (user_id is not the terminal's broker user), mismatch (routing key and body disagree), malformed, invalid (its plugin refused it), database.",
+            "Upstream messages dead-lettered, by reason: identity (user_id is not the terminal's broker user), mismatch (routing key and body disagree), malformed, type (not in upstream.types), invalid (its plugin refused it), database.",
             self.refused.clone(),
         );
         registry.register(
             "possync_backend_upstream_duplicates",
             "Upstream messages received again and recorded once.",
             self.duplicates.clone(),
+        );
+        registry.register(
+            "possync_backend_upstream_applied",
+            "Upstream messages their plugins applied to the store databases, by type.",
+            self.applied.clone(),
+        );
+        registry.register(
+            "possync_backend_upstream_unapplied",
+            "Upstream messages their plugins refused to apply to a store database (kept, with the reason, in its possync_quarantine), by type.",
+            self.unapplied.clone(),
         );
         registry.register(
             "possync_backend_receipts",

@@ -20,6 +20,7 @@ mod relay;
 mod serve;
 mod service;
 mod storage;
+mod store_databases;
 #[cfg(test)]
 mod testing;
 pub mod token;

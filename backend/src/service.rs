@@ -35,6 +35,16 @@ pub enum ServiceError {
     /// A plugin named in `[plugins]` could not be loaded.
     #[error("the plugins in [plugins] did not load: {0}")]
     Plugins(RegistryError),
+    /// `[upstream] types` names a type no enabled plugin handles.
+    #[error(
+        "upstream.types names {message_type}, which no enabled plugin handles; enable its plugin in [plugins], or take it out of upstream.types (types the plugins handle: {known})"
+    )]
+    UpstreamType {
+        /// The type.
+        message_type: String,
+        /// The types the enabled plugins handle.
+        known: String,
+    },
     /// The catalog's database could not be opened.
     #[error("cannot open the catalog's database {database}: {reason}")]
     Database {
@@ -100,6 +110,25 @@ pub async fn run_with<S: Storage>(
         .map(|p| p.name.clone())
         .collect::<Vec<_>>()
         .join(", ");
+    if config.upstream.enabled
+        && let Some(unknown) = config
+            .upstream
+            .types
+            .iter()
+            .find(|message_type| registry.schema(message_type).is_none())
+    {
+        let mut known: Vec<String> = registry
+            .plugins()
+            .into_iter()
+            .filter(|plugin| plugin.enabled)
+            .flat_map(|plugin| plugin.message_types)
+            .collect();
+        known.sort();
+        return Err(ServiceError::UpstreamType {
+            message_type: unknown.clone(),
+            known: known.join(", "),
+        });
+    }
     let catalog = Arc::new(
         Catalog::new(storage, registry).with_max_message_bytes(config.relay.max_message_bytes),
     );
@@ -139,6 +168,18 @@ pub async fn run_with<S: Storage>(
             Arc::clone(&counters),
         );
         workers.spawn(upstream.run(stopped.clone()));
+        // Applying, unlike checking, may prepare what a plugin writes to
+        // (its settings say where).
+        let applying =
+            Arc::new(Registry::from_config(&config.plugins).map_err(ServiceError::Plugins)?);
+        let databases = crate::store_databases::StoreDatabases::new(
+            Arc::clone(catalog.storage()),
+            applying,
+            config.upstream.store_databases.clone(),
+            config.upstream.max_message_bytes,
+            Arc::clone(&counters),
+        );
+        workers.spawn(databases.run(stopped.clone()));
     }
     if config.direct.enabled {
         let direct = Direct::new(
@@ -210,6 +251,33 @@ mod tests {
 
     use super::*;
     use crate::config::BackendConfig;
+
+    #[tokio::test]
+    async fn an_upstream_type_no_plugin_handles_stops_the_start_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = ServiceConfig::default();
+        config.service.listen = "127.0.0.1:0".parse().expect("an address");
+        config.upstream.types = vec!["order".into(), "refund".into()];
+        config.upstream.store_databases = dir.path().join("stores");
+        let storage = crate::SqliteStorage::open(dir.path().join("backend.db"))
+            .await
+            .expect("opens");
+        let registry =
+            Registry::for_publishing(&Default::default()).expect("the built-in plugins load");
+        let err = run_with(
+            config,
+            Arc::new(storage),
+            Arc::new(registry),
+            std::future::pending(),
+        )
+        .await
+        .expect_err("refund has no plugin");
+        let said = err.to_string();
+        assert!(
+            said.contains("upstream.types names refund") && said.contains("[plugins]"),
+            "{said}"
+        );
+    }
 
     #[tokio::test]
     async fn a_database_that_cannot_be_opened_is_named_once_with_its_cause_once() {

@@ -402,6 +402,14 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Received>, StorageError>> + Send;
 
+    /// Every store's upstream messages after `after` (a cursor), oldest
+    /// first, at most `limit`: what the store databases apply.
+    fn upstream_since(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Received>, StorageError>> + Send;
+
     /// Records receipts: per terminal, the latest of a run (by its `n`)
     /// wins; a receipt of another run replaces what an earlier run said.
     fn record_receipts(

@@ -158,6 +158,14 @@ impl Storage for Scripted {
             .await
     }
 
+    async fn upstream_since(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Received>, StorageError> {
+        self.inner.upstream_since(after, limit).await
+    }
+
     async fn record_receipts(&self, receipts: Vec<ReceiptRecord>) -> Result<(), StorageError> {
         self.inner.record_receipts(receipts).await
     }

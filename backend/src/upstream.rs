@@ -193,6 +193,9 @@ impl<S: Storage> Upstream<S> {
                 }
             }
         }
+        if !messages.is_empty() {
+            self.counters.recorded_messages();
+        }
         if !receipts.is_empty() {
             let count = receipts.len();
             match self
@@ -328,6 +331,15 @@ impl<S: Storage> Upstream<S> {
                 receipt,
                 seen_ms: now_ms,
             }));
+        }
+        if !self.config.types.iter().any(|taken| taken == message_type) {
+            return Err(refused(
+                "type",
+                format!(
+                    "type {message_type} is not taken upstream; the backend takes {} (upstream.types)",
+                    self.config.types.join(", ")
+                ),
+            ));
         }
         self.catalog
             .registry()
@@ -470,6 +482,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_type_not_taken_upstream_is_refused_even_when_a_plugin_knows_it() {
+        let upstream = upstream(false).await;
+        let price = r#"{"product_id":"P1","new_price":1.0}"#;
+        let refused = upstream
+            .read(
+                "up.S1.till-1.price_update",
+                &body("S1", "till-1", "price_update", price),
+                None,
+                5,
+            )
+            .expect_err("a till does not write prices into its store's database");
+        assert_eq!(refused.kind, "type", "{}", refused.reason);
+        assert!(
+            refused.reason.contains("upstream.types") && refused.reason.contains("order"),
+            "{}",
+            refused.reason
+        );
+    }
+
+    #[tokio::test]
     async fn a_body_that_names_another_store_terminal_or_type_than_its_key_is_refused() {
         let upstream = upstream(false).await;
         for (key, body) in [
@@ -518,8 +550,8 @@ mod tests {
             (
                 "up.S1.till-1.teleport",
                 body("S1", "till-1", "teleport", "{}"),
-                "invalid",
-                "no plugin",
+                "type",
+                "not taken upstream",
             ),
             (
                 "up.S1.till-1.receipt",

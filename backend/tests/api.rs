@@ -945,6 +945,14 @@ impl Storage for Unreachable {
     {
         down()
     }
+    fn upstream_since(
+        &self,
+        _: i64,
+        _: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<possync_backend::Received>, StorageError>> + Send
+    {
+        down()
+    }
     fn record_receipts(
         &self,
         _: Vec<possync_backend::ReceiptRecord>,

@@ -1231,6 +1231,31 @@ async fn upstream_messages_are_recorded_once_each_in_arrival_order<H: Harness>()
     let limited = storage.upstream_after("A", None, 0, 1).await.expect("read");
     assert_eq!(limited.len(), 1);
     assert_eq!(received(&storage, "B", 0).await.len(), 1, "stores apart");
+    let every_store: Vec<(String, String, String)> = storage
+        .upstream_since(0, 100)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|r| (r.record.store, r.record.terminal, r.record.message_id))
+        .collect();
+    let read: Vec<(&str, &str, &str)> = every_store
+        .iter()
+        .map(|(s, t, m)| (s.as_str(), t.as_str(), m.as_str()))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("A", "t1", "m1"),
+            ("A", "t2", "m1"),
+            ("B", "t1", "m1"),
+            ("A", "t1", "m2"),
+            ("A", "t1", "m3")
+        ],
+        "every store's, in the order recorded"
+    );
+    let after_b = storage.upstream_since(a[1].0, 2).await.expect("read");
+    let stores: Vec<&str> = after_b.iter().map(|r| r.record.store.as_str()).collect();
+    assert_eq!(stores, ["B", "A"], "after a cursor, at most the limit");
     drop(storage);
     let reopened = db.open().await;
     assert_eq!(received(&reopened, "A", 0).await, a, "durable");

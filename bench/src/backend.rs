@@ -82,6 +82,7 @@ impl RunningBackend {
         // A queue bound to `up.#` would outlive the run and take every
         // terminal's receipts; the upstream scenarios turn it on.
         config.upstream.enabled = false;
+        config.upstream.store_databases = dir.join("stores");
         configure(&mut config);
         let registry = Arc::new(Registry::for_publishing(&config.plugins)?);
         let (stop, mut stopped) = watch::channel(false);

@@ -18,6 +18,7 @@ use crate::progress::{Progress, Tally};
 use crate::registry::Registry;
 use crate::sequence::SyncState;
 use crate::store::{Database, StateRecord};
+use crate::transaction::Transaction;
 
 /// A committed batch: one outcome per message, what they add up to, and
 /// the store's sync state if the batch moved it.
@@ -171,18 +172,34 @@ impl Applier {
     /// per message; only if a handler fails does it run again with them, so
     /// that the failure undoes that one message's writes.
     pub(crate) fn apply(&mut self, batch: &[Inbound]) -> Result<Applied, BatchError> {
+        self.apply_recording(batch, &|_, _| Ok(()))
+    }
+
+    /// [`apply`](Self::apply), with `record` writing, in the batch's
+    /// transaction, what its caller keeps of the outcomes (a back office
+    /// its cursor), so that it commits or rolls back with the batch.
+    pub(crate) fn apply_recording(
+        &mut self,
+        batch: &[Inbound],
+        record: &Record<'_>,
+    ) -> Result<Applied, BatchError> {
         if self.pruned_at.elapsed() >= PRUNE_EVERY {
             self.prune();
         }
-        if let Some(applied) = self.run(batch, false)? {
+        if let Some(applied) = self.run(batch, false, record)? {
             return Ok(applied);
         }
-        Ok(self.run(batch, true)?.unwrap_or_default())
+        Ok(self.run(batch, true, record)?.unwrap_or_default())
     }
 
     /// One attempt at the batch; `None` when a handler failed outside
     /// `careful` mode (everything rolled back).
-    fn run(&mut self, batch: &[Inbound], careful: bool) -> Result<Option<Applied>, BatchError> {
+    fn run(
+        &mut self,
+        batch: &[Inbound],
+        careful: bool,
+        record: &Record<'_>,
+    ) -> Result<Option<Applied>, BatchError> {
         let mut transaction = self.database.begin()?;
         let Some(Dispatched {
             outcomes,
@@ -200,6 +217,7 @@ impl Applier {
             transaction.record_progress(&self.progress.with(&tally))?;
         }
         let changed = self.feed.write(&mut transaction, changes)?;
+        record(&mut transaction, &outcomes)?;
         transaction.commit()?;
         self.feed.after_commit();
         self.progress.committed(&tally);
@@ -245,6 +263,9 @@ fn log_committed(batch: &[Inbound], outcomes: &[Outcome]) {
         }
     }
 }
+
+/// Writes, in a batch's transaction, what the caller keeps of its outcomes.
+pub(crate) type Record<'r> = dyn Fn(&mut Transaction<'_>, &[Outcome]) -> rusqlite::Result<()> + 'r;
 
 type Reply = oneshot::Sender<(Vec<Inbound>, Result<Applied, BatchError>)>;
 

@@ -16,6 +16,8 @@ pub struct Backend {
     _dir: tempfile::TempDir,
     pub config: PathBuf,
     pub database: PathBuf,
+    /// The folder of its store databases.
+    pub stores: PathBuf,
     pub api: Client,
     pub direct_queue: String,
     pub upstream_queue: String,
@@ -34,6 +36,7 @@ impl Backend {
     pub fn new(label: &str, direct: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let database = dir.path().join("backend.db");
+        let stores = dir.path().join("stores");
         let port = free_port();
         let direct_queue = format!(
             "possync.test.{label}.{}.direct",
@@ -46,8 +49,9 @@ impl Backend {
         std::fs::write(
             &config,
             format!(
-                "[service]\nlisten = \"127.0.0.1:{port}\"\ndatabase = {database:?}\n\n[relay]\npoll_interval_ms = 100\n\n[direct]\nenabled = {direct}\nqueue = {direct_queue:?}\nqueue_expiry_days = 1\n\n[upstream]\nenabled = false\nqueue = {upstream_queue:?}\nqueue_expiry_days = 1\n",
+                "[service]\nlisten = \"127.0.0.1:{port}\"\ndatabase = {database:?}\n\n[relay]\npoll_interval_ms = 100\n\n[direct]\nenabled = {direct}\nqueue = {direct_queue:?}\nqueue_expiry_days = 1\n\n[upstream]\nenabled = false\nqueue = {upstream_queue:?}\nqueue_expiry_days = 1\nstore_databases = {stores:?}\n",
                 database = database.display().to_string(),
+                stores = stores.display().to_string(),
             ),
         )
         .expect("write the backend's config");
@@ -55,6 +59,7 @@ impl Backend {
             _dir: dir,
             config,
             database,
+            stores,
             api: Client {
                 port,
                 token: String::new(),

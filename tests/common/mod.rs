@@ -487,6 +487,15 @@ pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
     }
 }
 
+/// [`eventually`], for a probe that awaits (an HTTP call).
+pub async fn eventually_async<F: Future<Output = bool>>(what: &str, mut probe: impl FnMut() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !probe().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One row of `products`: (name, price, category_id, icon_name).
 pub fn product(
     db: &rusqlite::Connection,

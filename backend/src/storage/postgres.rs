@@ -235,6 +235,42 @@ impl PostgresStorage {
         })
     }
 
+    /// Upstream messages chosen by `clause` (the query's `WHERE ... LIMIT`).
+    async fn read_upstream(
+        &self,
+        clause: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Received>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT cursor, store, terminal, message_type, message_id, created_at,
+                        payload, received_ms
+                     FROM upstream {clause}"
+                ),
+                params,
+            )
+            .await
+            .map_err(failed("cannot read upstream messages"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(Received {
+                    cursor: col(row, 0)?,
+                    record: UpstreamRecord {
+                        store: col(row, 1)?,
+                        terminal: col(row, 2)?,
+                        message_type: col(row, 3)?,
+                        message_id: col(row, 4)?,
+                        created_at: col(row, 5)?,
+                        payload: col(row, 6)?,
+                    },
+                    received_ms: col(row, 7)?,
+                })
+            })
+            .collect()
+    }
+
     async fn migrate(&self) -> Result<(), StorageError> {
         let sql = failed("cannot migrate the schema");
         let mut client = self.client().await?;
@@ -841,35 +877,26 @@ impl Storage for PostgresStorage {
         after: i64,
         limit: usize,
     ) -> Result<Vec<Received>, StorageError> {
-        let client = self.client().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(
-                "SELECT cursor, store, terminal, message_type, message_id, created_at, payload,
-                    received_ms
-                 FROM upstream
-                 WHERE store = $1 AND cursor > $2 AND ($3::text IS NULL OR message_type = $3)
-                 ORDER BY cursor LIMIT $4",
-                &[&store, &after, &message_type, &limit],
-            )
-            .await
-            .map_err(failed("cannot read upstream messages"))?;
-        rows.iter()
-            .map(|row| {
-                Ok(Received {
-                    cursor: col(row, 0)?,
-                    record: UpstreamRecord {
-                        store: col(row, 1)?,
-                        terminal: col(row, 2)?,
-                        message_type: col(row, 3)?,
-                        message_id: col(row, 4)?,
-                        created_at: col(row, 5)?,
-                        payload: col(row, 6)?,
-                    },
-                    received_ms: col(row, 7)?,
-                })
-            })
-            .collect()
+        self.read_upstream(
+            "WHERE store = $1 AND cursor > $2 AND ($3::text IS NULL OR message_type = $3)
+             ORDER BY cursor LIMIT $4",
+            &[&store, &after, &message_type, &limit],
+        )
+        .await
+    }
+
+    async fn upstream_since(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Received>, StorageError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_upstream(
+            "WHERE cursor > $1 ORDER BY cursor LIMIT $2",
+            &[&after, &limit],
+        )
+        .await
     }
 
     async fn record_receipts(&self, receipts: Vec<ReceiptRecord>) -> Result<(), StorageError> {

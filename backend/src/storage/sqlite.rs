@@ -944,35 +944,28 @@ impl Storage for SqliteStorage {
         let message_type = message_type.map(str::to_owned);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |inner| {
-            let sql = failed("cannot read upstream messages");
-            let connection = inner.reader();
-            let mut stmt = connection
-                .prepare_cached(
-                    "SELECT cursor, store, terminal, message_type, message_id, created_at,
-                        payload, received_ms
-                     FROM upstream
-                     WHERE store = ?1 AND cursor > ?2 AND (?3 IS NULL OR message_type = ?3)
-                     ORDER BY cursor LIMIT ?4",
-                )
-                .map_err(&sql)?;
-            let rows = stmt
-                .query_map(params![store, after, message_type, limit], |row| {
-                    Ok(Received {
-                        cursor: row.get(0)?,
-                        record: UpstreamRecord {
-                            store: row.get(1)?,
-                            terminal: row.get(2)?,
-                            message_type: row.get(3)?,
-                            message_id: row.get(4)?,
-                            created_at: row.get(5)?,
-                            payload: row.get(6)?,
-                        },
-                        received_ms: row.get(7)?,
-                    })
-                })
-                .and_then(Iterator::collect)
-                .map_err(&sql)?;
-            Ok(rows)
+            read_upstream(
+                inner,
+                "WHERE store = ?1 AND cursor > ?2 AND (?3 IS NULL OR message_type = ?3)
+                 ORDER BY cursor LIMIT ?4",
+                params![store, after, message_type, limit],
+            )
+        })
+        .await
+    }
+
+    async fn upstream_since(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Received>, StorageError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            read_upstream(
+                inner,
+                "WHERE cursor > ?1 ORDER BY cursor LIMIT ?2",
+                params![after, limit],
+            )
         })
         .await
     }
@@ -1083,6 +1076,39 @@ const RECORD_RECEIPT: &str = "
         run = excluded.run,
         n = excluded.n
     WHERE excluded.run != fleet.run OR excluded.n > fleet.n";
+
+/// Upstream messages chosen by `clause` (the query's `WHERE ... LIMIT`).
+fn read_upstream(
+    inner: &Inner,
+    clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Received>, StorageError> {
+    let sql = failed("cannot read upstream messages");
+    let connection = inner.reader();
+    let mut stmt = connection
+        .prepare_cached(&format!(
+            "SELECT cursor, store, terminal, message_type, message_id, created_at, payload,
+                received_ms
+             FROM upstream {clause}"
+        ))
+        .map_err(&sql)?;
+    stmt.query_map(params, |row| {
+        Ok(Received {
+            cursor: row.get(0)?,
+            record: UpstreamRecord {
+                store: row.get(1)?,
+                terminal: row.get(2)?,
+                message_type: row.get(3)?,
+                message_id: row.get(4)?,
+                created_at: row.get(5)?,
+                payload: row.get(6)?,
+            },
+            received_ms: row.get(7)?,
+        })
+    })
+    .and_then(Iterator::collect)
+    .map_err(&sql)
+}
 
 fn terminal_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TerminalRecord> {
     Ok(TerminalRecord {
