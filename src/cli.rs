@@ -13,6 +13,7 @@ use possync_core::{
 use crate::demo::{self, DemoArgs};
 use crate::notices::{self, NoticesCommand};
 use crate::publish::{self, PublishCommand};
+use crate::quarantine::{self, QuarantineCommand};
 
 /// Keeps the local SQLite databases of point-of-sale terminals in sync with
 /// their back office, in real time, over RabbitMQ.
@@ -99,6 +100,12 @@ enum Command {
     /// type): list them, acknowledge one. Works while the terminal runs.
     #[command(subcommand)]
     Notices(NoticesCommand),
+    /// The messages this terminal could not apply: list them, show one,
+    /// requeue them (applied again once their plugin is fixed or enabled),
+    /// or drop them, from the table and the dead-letter queue. Works while
+    /// the terminal runs.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -260,6 +267,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => demo::run(&load(cli.config.as_deref())?.config, args).await,
         Command::Notices(command) => notices::run(&load(cli.config.as_deref())?.config, command),
+        Command::Quarantine(command) => {
+            quarantine::run(load(cli.config.as_deref())?.config, command).await
+        }
     }
 }
 

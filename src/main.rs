@@ -7,6 +7,7 @@ mod demo;
 mod fields;
 mod notices;
 mod publish;
+mod quarantine;
 
 // Referenced so the linker keeps its plugins' registrations.
 #[cfg(feature = "catalog")]

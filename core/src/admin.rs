@@ -169,7 +169,8 @@ impl Admin {
             Some(json!({
                 "configure": "^$",
                 "write": format!("^{}$", escape(&topology.exchange)),
-                "read": format!("^{queue}$"),
+                // Its queue, and its dead-letter queue for `possync quarantine`.
+                "read": format!("^{queue}(\\.dead_letter)?$"),
             })),
             "setting the terminal's permissions",
         )?;

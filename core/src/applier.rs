@@ -126,6 +126,7 @@ impl Applier {
                 let _ = reply.send((batch, result));
             }
             Job::RecordState(record) => self.record_state(&record),
+            Job::Requeue => self.requeue(),
             Job::FlushProgress => {
                 self.flush_progress();
                 self.prune();
@@ -151,6 +152,56 @@ impl Applier {
         match pruned {
             Ok((ids, rows)) => events::pruned(ids, rows),
             Err(err) => events::prune_failed(&err.to_string()),
+        }
+    }
+
+    /// Applies the messages the operator requeued from the quarantine
+    /// (`possync quarantine requeue`), as messages from the queue are
+    /// applied, removing each from the table in the transaction that
+    /// settles it; one that fails again is quarantined again.
+    pub(crate) fn requeue(&mut self) {
+        let rows = match self.database.requeued() {
+            Ok(rows) if rows.is_empty() => return,
+            Ok(rows) => rows,
+            Err(err) => {
+                events::requeue_held(&err.to_string());
+                return;
+            }
+        };
+        let ids: Vec<i64> = rows.iter().map(|(id, _, _)| *id).collect();
+        let batch: Vec<Inbound> = rows
+            .into_iter()
+            .map(|(_, routing_key, body)| Inbound {
+                tag: 0,
+                routing_key,
+                body,
+                redelivered: false,
+                requeued: true,
+            })
+            .collect();
+        let record = |transaction: &mut Transaction<'_>, outcomes: &[Outcome]| {
+            for (id, outcome) in ids.iter().zip(outcomes) {
+                if outcome.settles_by_ack() {
+                    transaction.execute("DELETE FROM possync_quarantine WHERE id = ?1", [id])?;
+                }
+            }
+            Ok(())
+        };
+        match self.apply_recording(&batch, &record) {
+            Ok(applied) => {
+                let again = applied
+                    .outcomes
+                    .iter()
+                    .filter(|outcome| matches!(outcome, Outcome::DeadLetter { .. }))
+                    .count();
+                let settled = applied
+                    .outcomes
+                    .iter()
+                    .filter(|outcome| outcome.settles_by_ack())
+                    .count();
+                events::requeued(settled - again, again, batch.len() - settled);
+            }
+            Err(err) => events::requeue_held(&err.to_string()),
         }
     }
 
@@ -273,6 +324,7 @@ pub(crate) enum Job {
     Apply(Vec<Inbound>, Reply),
     RecordState(StateRecord),
     FlushProgress,
+    Requeue,
 }
 
 /// The async side of an [`Applier`]. On a multi-threaded runtime the
@@ -344,6 +396,12 @@ impl ApplierHandle {
     /// Writes the counters `possync status` shows, when the terminal is idle.
     pub(crate) async fn flush_progress(&self) {
         self.submit(Job::FlushProgress).await;
+    }
+
+    /// Applies what the operator requeued from the quarantine, in order
+    /// with the batches.
+    pub(crate) async fn requeue(&self) {
+        self.submit(Job::Requeue).await;
     }
 
     /// Carries out a job that answers nothing, in order with the batches.

@@ -327,6 +327,7 @@ mod tests {
                 routing_key: format!("license.K.{message_type}"),
                 body: body.into_bytes(),
                 redelivered: false,
+                requeued: false,
             }
         }
 

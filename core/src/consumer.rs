@@ -32,6 +32,10 @@ const RENEW_DEAD_LETTER_QUEUE_EVERY: Duration = Duration::from_secs(3600);
 /// How often a live terminal counts the messages waiting in its queue.
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 
+/// How soon a message requeued from the quarantine (`possync quarantine
+/// requeue`) is applied.
+const REQUEUE_EVERY: Duration = Duration::from_secs(1);
+
 /// How a consuming session ended.
 pub(crate) enum SessionEnd {
     /// Shutdown was asked for; the session settled everything and closed.
@@ -58,6 +62,7 @@ pub(crate) async fn consume(
     // Renewed at once too: a provisioned terminal declares nothing on
     // connecting, and its sessions may be short.
     let mut renew_due = tokio::time::Instant::now();
+    let mut requeue_due = tokio::time::Instant::now();
     let mut idle = false;
     // Deliveries taken but not settled, to try again before anything else.
     let mut held: Vec<Inbound> = Vec::new();
@@ -68,6 +73,10 @@ pub(crate) async fn consume(
         if tokio::time::Instant::now() >= renew_due {
             subscription.renew_dead_letter_queue().await;
             renew_due = tokio::time::Instant::now() + RENEW_DEAD_LETTER_QUEUE_EVERY;
+        }
+        if tokio::time::Instant::now() >= requeue_due {
+            applier.requeue().await;
+            requeue_due = tokio::time::Instant::now() + REQUEUE_EVERY;
         }
         let mut lost = None;
         let batch = if held.is_empty() {
@@ -88,6 +97,8 @@ pub(crate) async fn consume(
                 }
                 // A busy terminal renews at the top of the loop; this wakes an idle one.
                 () = tokio::time::sleep_until(renew_due), if idle => continue,
+                // The quarantine's requeued messages, busy or idle.
+                () = tokio::time::sleep_until(requeue_due) => continue,
                 // Idle with every delivery settled: the broker delivers whatever
                 // arrives at once, so nothing waits, and there is time to write
                 // the counters `possync status` shows. (Waiting for the next
@@ -599,6 +610,7 @@ impl Subscription {
             tag: delivery.delivery_tag,
             routing_key: delivery.routing_key.into(),
             redelivered: delivery.redelivered,
+            requeued: false,
             body: delivery.data,
         })
     }

@@ -196,6 +196,16 @@ impl Dispatch {
         careful: bool,
         skip: bool,
     ) -> Result<Option<Outcome>, BatchError> {
+        if inbound.requeued {
+            return self.apply_fresh(
+                transaction,
+                inbound,
+                envelope,
+                Claim::Requeued,
+                careful,
+                skip,
+            );
+        }
         let claim = match marks.judge(transaction, envelope)? {
             Verdict::Duplicate => return Ok(Some(Outcome::Duplicate)),
             Verdict::Refused(reason) => {

@@ -119,6 +119,24 @@ pub(crate) fn pruned(applied_ids: usize, quarantined: usize) {
     }
 }
 
+pub(crate) fn requeued(applied: usize, quarantined_again: usize, waiting: usize) {
+    info!(
+        event = "requeued",
+        applied,
+        quarantined_again,
+        waiting,
+        "applied messages requeued from the quarantine (`possync quarantine list` shows any quarantined again, with the new reason)"
+    );
+}
+
+pub(crate) fn requeue_held(reason: &str) {
+    warn!(
+        event = "requeue_held",
+        %reason,
+        "could not apply the messages requeued from the quarantine; they stay marked and are tried again"
+    );
+}
+
 pub(crate) fn prune_failed(reason: &str) {
     warn!(event = "prune_failed", %reason, "could not prune old bookkeeping rows; will try again later");
 }

@@ -98,6 +98,7 @@ impl InProcessBroker {
                         routing_key: encoded.routing_key.clone(),
                         body: encoded.body.to_vec(),
                         redelivered: false,
+                        requeued: false,
                     });
                     queue.arrived.notify_one();
                     delivered = true;

@@ -21,6 +21,8 @@ pub(crate) struct Inbound {
     pub(crate) body: Vec<u8>,
     /// The broker delivered it before (it may have failed a try).
     pub(crate) redelivered: bool,
+    /// Taken from the quarantine by its operator, not from the queue.
+    pub(crate) requeued: bool,
 }
 
 impl Inbound {

@@ -102,6 +102,7 @@ mod tests {
             routing_key: "license.STORE-1.price_update".into(),
             body: serde_json::to_vec(&envelope).expect("encodes"),
             redelivered,
+            requeued: false,
         };
         (inbound, Message::from(envelope))
     }

@@ -170,6 +170,9 @@ pub(crate) enum Claim {
     Seq(i64),
     /// The number among its publisher's (an index into the batch's marks).
     Publisher { index: usize, seq: i64 },
+    /// Taken from the quarantine by its operator: applied whatever the
+    /// marks say (it was settled as quarantined), moving none of them.
+    Requeued,
 }
 
 /// Whether a message was settled before.
@@ -279,7 +282,7 @@ impl<'k> Marks<'k> {
             return;
         }
         match claim {
-            Claim::ById => {}
+            Claim::ById | Claim::Requeued => {}
             Claim::Seq(seq) => {
                 let now_ms = *self.now_ms.get_or_insert_with(now_ms);
                 if let Some((_, settled)) = &mut self.store

@@ -71,6 +71,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     crate::feed::MIGRATION,
     crate::feed::MIGRATION_STATE,
     crate::uplink::MIGRATION,
+    crate::quarantine::MIGRATION,
 ];
 
 /// How much of a quarantined message's words (routing key, type, id) and

@@ -174,6 +174,7 @@ impl StoreDatabase {
                 routing_key: routing_key(&self.store, entry.message_type),
                 body: self.envelope(entry),
                 redelivered: false,
+                requeued: false,
             })
             .collect();
         let cursors: Vec<i64> = fresh.iter().map(|entry| entry.cursor).collect();
