@@ -386,6 +386,10 @@ async fn the_order_plugin_applies_each_order_once_into_its_stores_database_which
     backend.start_upstream().await;
     take_order(&shop_db, "A-200", 1);
     wait_store_orders(&backend, &shop, 201).await;
+    eventually_async("the new order counted", || async {
+        applied_metric(&backend).await >= 1
+    })
+    .await;
     assert_eq!(applied_metric(&backend).await, 1, "nothing applied twice");
 
     // The folder deleted: rebuilt, whole, from the record.

@@ -244,7 +244,7 @@ pub struct UpstreamConfig {
     /// terminals sent (orders into `orders`), as they apply changes on a
     /// terminal. They are derived from the recorded messages: to rebuild
     /// them, stop the backend and delete the folder. Each backend process
-    /// keeps its own.
+    /// keeps its own: give each its own folder.
     pub store_databases: PathBuf,
     /// A terminal whose last receipt is older than this is offline
     /// (terminals send one at least every `uplink.heartbeat_secs`, 3 s by

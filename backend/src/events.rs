@@ -323,7 +323,9 @@ pub(crate) fn store_databases_started(dir: &std::path::Path, applied_up_to: i64)
     );
 }
 
-/// Logged at error on the first failure of a stretch, quietly per retry after.
+/// Logged at error on the first failure of a stretch and every 20th try
+/// after (a store set aside waits up to 30 s between tries), quietly
+/// otherwise.
 pub(crate) fn store_databases_held(store: &str, reason: &str, retry_in_ms: u128, first: bool) {
     if first {
         error!(
@@ -331,7 +333,7 @@ pub(crate) fn store_databases_held(store: &str, reason: &str, retry_in_ms: u128,
             %store,
             %reason,
             retry_in_ms,
-            "cannot apply upstream messages to the store database: they stay recorded and are tried again; check the folder (upstream.store_databases) and the reason"
+            "cannot apply upstream messages to the store database: they stay recorded and are tried again, while the other stores go on; check the folder (upstream.store_databases) and the reason"
         );
     } else {
         debug!(event = "store_databases_held", %store, %reason, retry_in_ms, "still cannot apply upstream messages");
@@ -364,5 +366,25 @@ pub(crate) fn store_databases_progress_unsaved(dir: &std::path::Path, reason: &s
         dir = %dir.display(),
         %reason,
         "cannot save how far the store databases are applied: nothing is lost, a restart reads more of the record again"
+    );
+}
+
+pub(crate) fn store_database_recovered(store: &str, tries: u32) {
+    info!(
+        event = "store_database_recovered",
+        %store,
+        tries,
+        "the store database takes its messages again and has caught up"
+    );
+}
+
+/// At debug: counted by nothing else, and a till that sends such a type
+/// sends it often.
+pub(crate) fn store_database_skipped_type(store: &str, message_type: &str) {
+    debug!(
+        event = "store_database_skipped_type",
+        %store,
+        %message_type,
+        "a recorded message of a type not in upstream.types was not applied"
     );
 }

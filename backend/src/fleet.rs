@@ -123,6 +123,7 @@ pub struct Counters {
     duplicates: Counter,
     receipts: Counter,
     applied: Family<TypeLabel, Counter>,
+    stale: Family<TypeLabel, Counter>,
     unapplied: Family<TypeLabel, Counter>,
     /// Bumped after each commit of receipts.
     recorded: watch::Sender<u64>,
@@ -138,6 +139,7 @@ impl Default for Counters {
             duplicates: Counter::default(),
             receipts: Counter::default(),
             applied: Family::default(),
+            stale: Family::default(),
             unapplied: Family::default(),
             recorded: watch::channel(0).0,
             messages: watch::channel(0).0,
@@ -175,6 +177,15 @@ impl Counters {
     /// A store database's plugin applied an upstream message.
     pub(crate) fn applied(&self, message_type: &str) {
         self.applied
+            .get_or_create(&TypeLabel {
+                r#type: message_type.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An upstream message changed nothing: its entity holds a newer change.
+    pub(crate) fn stale(&self, message_type: &str) {
+        self.stale
             .get_or_create(&TypeLabel {
                 r#type: message_type.to_owned(),
             })
@@ -229,6 +240,11 @@ impl Counters {
             "possync_backend_upstream_applied",
             "Upstream messages their plugins applied to the store databases, by type.",
             self.applied.clone(),
+        );
+        registry.register(
+            "possync_backend_upstream_stale",
+            "Upstream messages that changed nothing in their store database because their entity holds a change recorded later, by type.",
+            self.stale.clone(),
         );
         registry.register(
             "possync_backend_upstream_unapplied",

@@ -175,8 +175,11 @@ pub async fn run_with<S: Storage>(
         let databases = crate::store_databases::StoreDatabases::new(
             Arc::clone(catalog.storage()),
             applying,
-            config.upstream.store_databases.clone(),
-            config.upstream.max_message_bytes,
+            crate::store_databases::Settings {
+                dir: config.upstream.store_databases.clone(),
+                types: config.upstream.types.clone(),
+                max_message_bytes: config.upstream.max_message_bytes,
+            },
             Arc::clone(&counters),
         );
         workers.spawn(databases.run(stopped.clone()));

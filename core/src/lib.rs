@@ -67,7 +67,9 @@ pub use registry::{CheckError, Origin, PluginInfo, Registry, RegistryError};
 pub use sequence::SyncState;
 pub use status::{State, Status, StatusReport, moment_text};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
-pub use store_database::{RefusedEntry, StoreApplied, StoreDatabase, StoreHeld, UpstreamEntry};
+pub use store_database::{
+    RefusedEntry, StoreApplied, StoreDatabase, StoreHeld, StoreOpenError, UpstreamEntry,
+};
 pub use telemetry::{LogFormat, init_logging};
 pub use terminal::{Terminal, TerminalError};
 pub use topology::{TerminalTopology, is_message_type, routing_key};

@@ -24,14 +24,21 @@ use crate::registry::Registry;
 use crate::store::{Database, DatabaseError};
 use crate::topology::routing_key;
 
-/// Where the cursor of a store's database is kept.
+/// Where the cursor of a store's database is kept, with the store and the
+/// record it follows: a cursor means something only in its own record.
 const CURSOR: Migration = Migration::new(
     "possync/upstream-cursor",
     "CREATE TABLE IF NOT EXISTS possync_upstream_cursor (
         id INTEGER PRIMARY KEY CHECK (id = 1),
-        applied_up_to INTEGER NOT NULL
+        applied_up_to INTEGER NOT NULL,
+        store TEXT NOT NULL,
+        record TEXT NOT NULL
     );",
 );
+
+/// The envelope a handler is given carries a few hundred bytes more than
+/// the message the backend took.
+const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
 /// A message a handler keeps failing is quarantined after this many tries.
 const MAX_ATTEMPTS: u32 = 5;
@@ -72,9 +79,47 @@ pub struct StoreApplied {
     pub applied: Vec<String>,
     /// Entries that will never apply.
     pub refused: Vec<RefusedEntry>,
+    /// The type of each entry that changed nothing because its entity
+    /// holds a newer change.
+    pub stale: Vec<String>,
+    /// Entries of a type not taken upstream, settled unapplied.
+    pub skipped: Vec<String>,
     /// A handler asked for its entry to be tried again later: the reason.
     /// That entry and those after it are not applied yet.
     pub waiting: Option<String>,
+}
+
+/// A store database that cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOpenError {
+    /// SQLite, a migration or the folder failed.
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    /// The file holds another store's messages.
+    #[error(
+        "{path} holds the messages of store {found}, not {expected}: on a file system that ignores case, two stores whose keys differ only by case share a file; keep the store databases on one that does not"
+    )]
+    OtherStore {
+        /// The file.
+        path: PathBuf,
+        /// The store it holds.
+        found: String,
+        /// The store expected.
+        expected: String,
+    },
+    /// The file follows the record of another backend database, whose
+    /// cursors mean nothing in this one.
+    #[error(
+        "{path} was applied from another backend database (record {found}, this one is {expected}): stop the backend and delete the folder, which rebuilds every store database from this one's record"
+    )]
+    OtherRecord {
+        /// The file.
+        path: PathBuf,
+        /// The record it follows.
+        found: String,
+        /// This backend's.
+        expected: String,
+    },
 }
 
 /// The database could not take the entries (locked, full, read-only, or a
@@ -89,36 +134,63 @@ pub struct StoreHeld(String);
 pub struct StoreDatabase {
     applier: Applier,
     store: LicenseKey,
+    record: String,
+    types: Vec<String>,
     applied_up_to: i64,
+    /// The entry a handler asked to try again, which is tried next.
+    retrying: Option<i64>,
     path: PathBuf,
 }
 
 impl StoreDatabase {
     /// Opens (or creates) `<dir>/<store>.db` and runs the plugins'
-    /// migrations, as a terminal does with its own database.
+    /// migrations, as a terminal does with its own database. `record` names
+    /// the backend database whose cursors it follows; `types` are the
+    /// types it applies (others are settled unapplied); `max_message_bytes`
+    /// is the largest message the backend takes.
     pub fn open(
         dir: &Path,
         store: &LicenseKey,
+        record: &str,
+        types: &[String],
         registry: Arc<Registry>,
         max_message_bytes: usize,
-    ) -> Result<Self, DatabaseError> {
+    ) -> Result<Self, StoreOpenError> {
         let path = dir.join(format!("{store}.db"));
         let mut database = Database::open(&path)?;
         database.migrate(registry.migrations().iter().chain([&CURSOR]))?;
         // A lock held by someone reading the database (a report, a shell)
         // fails the batch soon, to be tried again, instead of waiting unseen.
         database.wait_briefly_for_locks()?;
-        let applied_up_to = database
+        let kept: Option<(i64, String, String)> = database
             .connection()
             .query_row(
-                "SELECT applied_up_to FROM possync_upstream_cursor WHERE id = 1",
+                "SELECT applied_up_to, store, record FROM possync_upstream_cursor WHERE id = 1",
                 [],
-                |row| row.get(0),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
-            .optional()?
-            .unwrap_or(0);
+            .optional()
+            .map_err(DatabaseError::from)?;
+        let applied_up_to = match kept {
+            None => 0,
+            Some((_, found, _)) if found != store.as_str() => {
+                return Err(StoreOpenError::OtherStore {
+                    path,
+                    found,
+                    expected: store.to_string(),
+                });
+            }
+            Some((_, _, found)) if found != record => {
+                return Err(StoreOpenError::OtherRecord {
+                    path,
+                    found,
+                    expected: record.to_owned(),
+                });
+            }
+            Some((cursor, _, _)) => cursor,
+        };
         let limits = Limits {
-            max_message_bytes,
+            max_message_bytes: max_message_bytes.saturating_add(ENVELOPE_ALLOWANCE),
             max_attempts: MAX_ATTEMPTS,
             quarantine_max_rows: 100_000,
             quarantine_max_age_secs: 365 * 24 * 3600,
@@ -135,7 +207,10 @@ impl StoreDatabase {
                 crate::feed::channel(),
             ),
             store: store.clone(),
+            record: record.to_owned(),
+            types: types.to_vec(),
             applied_up_to,
+            retrying: None,
             path,
         })
     }
@@ -156,8 +231,10 @@ impl StoreDatabase {
     /// and are skipped.
     ///
     /// A handler's entry is written as an envelope of the store, whose
-    /// message id is `<terminal>/<message id>` (unique in the store) and
-    /// whose timestamp is when the POS app wrote it.
+    /// message id is `<terminal>/<message id>` (unique in the store), whose
+    /// timestamp is when the POS app wrote it, and whose version is its
+    /// cursor: of two messages about one entity, the one recorded later
+    /// wins, whatever the tills' clocks say.
     pub fn apply(&mut self, entries: &[UpstreamEntry<'_>]) -> Result<StoreApplied, StoreHeld> {
         let fresh: Vec<&UpstreamEntry<'_>> = entries
             .iter()
@@ -166,42 +243,53 @@ impl StoreDatabase {
         if fresh.is_empty() {
             return Ok(StoreApplied::default());
         }
-        let batch: Vec<Inbound> = fresh
+        let taken: Vec<&UpstreamEntry<'_>> = fresh
+            .iter()
+            .copied()
+            .filter(|entry| self.takes(entry.message_type))
+            .collect();
+        let batch: Vec<Inbound> = taken
             .iter()
             .enumerate()
             .map(|(index, entry)| Inbound {
                 tag: u64::try_from(index).unwrap_or(u64::MAX),
                 routing_key: routing_key(&self.store, entry.message_type),
                 body: self.envelope(entry),
-                redelivered: false,
+                // Tried before: once it settles, its tries are forgotten.
+                redelivered: self.retrying == Some(entry.cursor),
                 requeued: false,
             })
             .collect();
-        let cursors: Vec<i64> = fresh.iter().map(|entry| entry.cursor).collect();
-        let record = |transaction: &mut crate::transaction::Transaction<'_>,
-                      outcomes: &[Outcome]|
+        let fresh_cursors: Vec<i64> = fresh.iter().map(|entry| entry.cursor).collect();
+        let taken_cursors: Vec<i64> = taken.iter().map(|entry| entry.cursor).collect();
+        let (store, record) = (self.store.as_str(), self.record.as_str());
+        let write = |transaction: &mut crate::transaction::Transaction<'_>,
+                     outcomes: &[Outcome]|
          -> rusqlite::Result<()> {
-            if let Some(last) = settled_up_to(&cursors, outcomes) {
+            if let Some(last) = settled_up_to(&fresh_cursors, &taken_cursors, outcomes) {
                 transaction.execute(
-                    "INSERT INTO possync_upstream_cursor (id, applied_up_to) VALUES (1, ?1)
+                    "INSERT INTO possync_upstream_cursor (id, applied_up_to, store, record)
+                     VALUES (1, ?1, ?2, ?3)
                      ON CONFLICT (id) DO UPDATE SET applied_up_to = excluded.applied_up_to",
-                    [last],
+                    rusqlite::params![last, store, record],
                 )?;
             }
             Ok(())
         };
         let applied = self
             .applier
-            .apply_recording(&batch, &record)
+            .apply_recording(&batch, &write)
             .map_err(|err| StoreHeld(err.to_string()))?;
-        if let Some(last) = settled_up_to(&cursors, &applied.outcomes) {
+        if let Some(last) = settled_up_to(&fresh_cursors, &taken_cursors, &applied.outcomes) {
             self.applied_up_to = last;
         }
         let mut done = StoreApplied::default();
-        for (entry, outcome) in fresh.iter().zip(&applied.outcomes) {
+        self.retrying = None;
+        for (entry, outcome) in taken.iter().zip(&applied.outcomes) {
             match outcome {
                 Outcome::Retry { reason } => {
                     done.waiting = Some(reason.clone());
+                    self.retrying = Some(entry.cursor);
                     break;
                 }
                 Outcome::DeadLetter { reason, .. } => done.refused.push(RefusedEntry {
@@ -209,14 +297,24 @@ impl StoreDatabase {
                     message_type: entry.message_type.to_owned(),
                     reason: reason.clone(),
                 }),
-                Outcome::Applied { message_type }
-                | Outcome::Collapsed { message_type }
-                | Outcome::Stale { message_type, .. } => done.applied.push(message_type.clone()),
+                Outcome::Applied { message_type } | Outcome::Collapsed { message_type } => {
+                    done.applied.push(message_type.clone());
+                }
+                Outcome::Stale { message_type, .. } => done.stale.push(message_type.clone()),
                 // Switched off in config: settled unapplied, as on a terminal.
                 Outcome::Disabled { .. } | Outcome::Duplicate => {}
             }
         }
+        done.skipped = fresh
+            .iter()
+            .filter(|entry| entry.cursor <= self.applied_up_to && !self.takes(entry.message_type))
+            .map(|entry| entry.message_type.to_owned())
+            .collect();
         Ok(done)
+    }
+
+    fn takes(&self, message_type: &str) -> bool {
+        self.types.iter().any(|taken| taken == message_type)
     }
 
     /// The entry as the envelope its handler is given.
@@ -229,19 +327,26 @@ impl StoreDatabase {
         });
         let envelope = Envelope::with_raw_payload(entry.message_type, self.store.as_str(), payload)
             .with_message_id(format!("{}/{}", entry.terminal, entry.message_id))
-            .with_timestamp(entry.created_at);
+            .with_timestamp(entry.created_at)
+            .with_version(entry.cursor);
         serde_json::to_vec(&envelope).unwrap_or_default()
     }
 }
 
-/// The cursor of the last entry settled, when the outcomes settle any: all
-/// of them up to the first to be tried again.
-fn settled_up_to(cursors: &[i64], outcomes: &[Outcome]) -> Option<i64> {
+/// How far the cursor moves: past every fresh entry up to the first one
+/// taken that is not settled (tried again later), those not taken
+/// included; `None` if it does not move.
+fn settled_up_to(fresh: &[i64], taken: &[i64], outcomes: &[Outcome]) -> Option<i64> {
     let settled = outcomes
         .iter()
         .take_while(|outcome| outcome.settles_by_ack())
         .count();
-    settled.checked_sub(1).map(|last| cursors[last])
+    let last = match taken.get(settled) {
+        // Up to the entry before the first unsettled one.
+        Some(&waiting) => fresh.iter().take_while(|&&cursor| cursor < waiting).last(),
+        None => fresh.last(),
+    };
+    last.copied()
 }
 
 #[cfg(test)]
@@ -251,6 +356,18 @@ mod tests {
 
     fn registry() -> Arc<Registry> {
         Arc::new(Registry::from_config(&Default::default()).expect("the built-in plugins load"))
+    }
+
+    fn open(dir: &Path, store: &LicenseKey) -> StoreDatabase {
+        StoreDatabase::open(
+            dir,
+            store,
+            "record-1",
+            &["order".into()],
+            registry(),
+            1 << 20,
+        )
+        .expect("opens")
     }
 
     fn order(cursor: i64, id: &str) -> (i64, String, String) {
@@ -297,8 +414,7 @@ mod tests {
     fn entries_apply_once_each_through_their_plugin_and_the_cursor_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = LicenseKey::new("STORE-1").expect("valid");
-        let mut database =
-            StoreDatabase::open(dir.path(), &store, registry(), 1 << 20).expect("opens");
+        let mut database = open(dir.path(), &store);
         let first = [order(3, "O-1"), order(7, "O-2")];
         let done = database.apply(&entries(&first)).expect("applies");
         assert_eq!(done.applied, ["order", "order"]);
@@ -311,8 +427,7 @@ mod tests {
         let path = database.path().to_owned();
         drop(database);
 
-        let mut reopened =
-            StoreDatabase::open(dir.path(), &store, registry(), 1 << 20).expect("opens");
+        let mut reopened = open(dir.path(), &store);
         assert_eq!(reopened.applied_up_to(), 9);
         let done = reopened.apply(&entries(&again)).expect("applies");
         assert!(done.applied.is_empty(), "{done:?}");
@@ -320,11 +435,89 @@ mod tests {
     }
 
     #[test]
+    fn a_database_of_another_record_or_store_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LicenseKey::new("STORE-1").expect("valid");
+        let mut database = open(dir.path(), &store);
+        database
+            .apply(&entries(&[order(1, "O-1")]))
+            .expect("applies");
+        drop(database);
+        let err = StoreDatabase::open(dir.path(), &store, "record-2", &[], registry(), 1 << 20)
+            .expect_err("another record");
+        assert!(
+            matches!(err, StoreOpenError::OtherRecord { .. })
+                && err.to_string().contains("delete the folder"),
+            "{err}"
+        );
+        // As a file system that ignores case would show STORE-1's file.
+        std::fs::copy(dir.path().join("STORE-1.db"), dir.path().join("store-1.db"))
+            .expect("copies");
+        let other = LicenseKey::new("store-1").expect("valid");
+        let err = StoreDatabase::open(dir.path(), &other, "record-1", &[], registry(), 1 << 20)
+            .expect_err("another store");
+        assert!(matches!(err, StoreOpenError::OtherStore { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_order_recorded_later_wins_whatever_the_tills_clocks_say_and_other_types_are_skipped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = LicenseKey::new("STORE-1").expect("valid");
+        let mut database = open(dir.path(), &store);
+        let first = serde_json::json!({"order_id": "R-1", "lines": [{"product_id": "P1", "quantity": 1, "unit_price": 10.0}], "total": 10.0}).to_string();
+        let second = serde_json::json!({"order_id": "R-1", "lines": [{"product_id": "P1", "quantity": 1, "unit_price": 99.0}], "total": 99.0}).to_string();
+        let price = serde_json::json!({"product_id": "P1", "new_price": 1.0}).to_string();
+        let batch = [
+            UpstreamEntry {
+                cursor: 1,
+                terminal: "till-1",
+                message_type: "order",
+                message_id: "a",
+                created_at: "2026-12-02T10:00:05Z",
+                payload: &first,
+            },
+            UpstreamEntry {
+                cursor: 2,
+                terminal: "till-1",
+                message_type: "price_update",
+                message_id: "b",
+                created_at: "2026-12-02T10:00:06Z",
+                payload: &price,
+            },
+            UpstreamEntry {
+                cursor: 3,
+                terminal: "till-2",
+                message_type: "order",
+                message_id: "a",
+                created_at: "2026-12-02T10:00:00Z",
+                payload: &second,
+            },
+        ];
+        let done = database.apply(&batch).expect("applies");
+        assert_eq!(done.applied, ["order", "order"], "{done:?}");
+        assert_eq!(done.skipped, ["price_update"], "{done:?}");
+        assert_eq!(database.applied_up_to(), 3);
+        let connection = rusqlite::Connection::open(database.path()).expect("opens");
+        let total: f64 = connection
+            .query_row("SELECT total FROM orders WHERE id = 'R-1'", [], |row| {
+                row.get(0)
+            })
+            .expect("the order");
+        assert_eq!(
+            total, 99.0,
+            "recorded later, though taken earlier by its till's clock"
+        );
+        let prices: i64 = connection
+            .query_row("SELECT count(*) FROM products", [], |row| row.get(0))
+            .unwrap_or(0);
+        assert_eq!(prices, 0, "a type not taken upstream writes nothing");
+    }
+
+    #[test]
     fn a_database_that_cannot_take_the_entries_applies_none_of_them_and_moves_no_cursor() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = LicenseKey::new("STORE-1").expect("valid");
-        let mut database =
-            StoreDatabase::open(dir.path(), &store, registry(), 1 << 20).expect("opens");
+        let mut database = open(dir.path(), &store);
         let batch = [order(1, "O-1"), order(2, "O-2")];
         let holder = rusqlite::Connection::open(database.path()).expect("opens");
         holder
@@ -344,8 +537,7 @@ mod tests {
     fn an_entry_its_plugin_refuses_is_quarantined_and_the_rest_apply() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = LicenseKey::new("STORE-1").expect("valid");
-        let mut database =
-            StoreDatabase::open(dir.path(), &store, registry(), 1 << 20).expect("opens");
+        let mut database = open(dir.path(), &store);
         let batch = [
             order(1, "O-1"),
             (
