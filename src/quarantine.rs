@@ -2,7 +2,6 @@
 //! its operator does about it: look, apply again, or drop. Works while the
 //! terminal runs.
 
-use std::collections::HashSet;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -18,8 +17,8 @@ pub(crate) enum QuarantineCommand {
     /// `requeued` ones wait for the terminal to apply them again.
     List {
         /// Show at most this many.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
     /// One quarantined message whole: why, where from, and its body.
     Show {
@@ -28,9 +27,9 @@ pub(crate) enum QuarantineCommand {
     },
     /// Apply quarantined messages again through the normal path, once
     /// their plugin is fixed or enabled: the running terminal takes them
-    /// within a second (or the next one to start), and one that fails
-    /// again is quarantined again with the new reason. Their copies leave
-    /// the dead-letter queue.
+    /// within a second while it reaches its broker (else once it does, or
+    /// the next one to start), and one that fails again stays quarantined
+    /// with the new reason. Their copies leave the dead-letter queue.
     Requeue {
         /// The message's id, as `possync quarantine list` shows it.
         #[arg(required_unless_present = "all")]
@@ -66,7 +65,7 @@ pub(crate) async fn run(config: Config, command: QuarantineCommand) -> anyhow::R
     let path = crate::cli::terminal_database(&config)?.to_owned();
     match command {
         QuarantineCommand::List { limit } => {
-            list(&Database::open_read_only(&path)?, limit)?;
+            list(&Database::open_read_only(&path)?, limit as usize)?;
             Ok(ExitCode::SUCCESS)
         }
         QuarantineCommand::Show { id } => show(&Database::open_read_only(&path)?, id),
@@ -173,49 +172,60 @@ async fn requeue(config: &Config, database: &mut Database, rows: Rows) -> anyhow
         println!("nothing quarantined");
         return Ok(ExitCode::SUCCESS);
     }
-    let taken = match dead_letters(config, &entries).await {
-        Ok(taken) => Some(taken),
-        Err(err) => {
-            eprintln!(
-                "possync: cannot take the copies out of the dead-letter queue: {err:#}; they stay there"
-            );
-            None
-        }
-    };
+    // A row with its whole body is marked at once: a copy left behind in
+    // the dead-letter queue harms nothing.
     let mut requeued = 0;
-    let mut failed = false;
+    let mut cut = std::collections::HashMap::new();
     for entry in &entries {
-        let whole = if entry.is_cut() {
-            match taken
-                .as_ref()
-                .and_then(|taken| taken.bodies.get(&entry.message.body_sha256))
-            {
-                Some(body) => Some(body.as_slice()),
-                None => {
-                    eprintln!(
-                        "possync: message {} keeps only its first {} bytes in the table and its whole body was not found in the dead-letter queue: not requeued",
-                        entry.id,
-                        entry.message.body.len()
-                    );
-                    failed = true;
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
-        if database.mark_requeued(entry.id, whole)? {
+        if entry.is_cut() {
+            cut.insert(entry.message.body_sha256.clone(), entry.id);
+        } else if database.mark_requeued(entry.id, None)? {
             requeued += 1;
         }
     }
-    report_dead_letters(taken.as_ref(), &entries);
-    println!(
-        "requeued {requeued} message(s): a running terminal applies them within a second, else the next one to start; `possync quarantine list` shows any quarantined again"
-    );
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
+    // A row that kept only the first part of its body gets the whole back
+    // from the dead-letter queue, and is marked, before that copy goes.
+    let mut failed_writes = Vec::new();
+    let taken = dead_letters(config, &entries, &mut |digest, body| {
+        let Some(&id) = cut.get(digest) else {
+            return true;
+        };
+        match database.mark_requeued(id, Some(body)) {
+            Ok(_) => {
+                cut.remove(digest);
+                requeued += 1;
+                true
+            }
+            Err(err) => {
+                failed_writes.push(format!("message {id}: {err}"));
+                false
+            }
+        }
+    })
+    .await;
+    match &taken {
+        Ok(taken) => report_dead_letters(taken, &entries),
+        Err(err) => eprintln!(
+            "possync: cannot take the copies out of the dead-letter queue: {err:#}; they stay there"
+        ),
+    }
+    for failure in &failed_writes {
+        eprintln!("possync: cannot keep the whole body of {failure}; not requeued");
+    }
+    for id in cut.values() {
+        eprintln!(
+            "possync: message {id} keeps only the first 64 KiB of its body in the table, and the whole was not taken from the dead-letter queue: not requeued"
+        );
+    }
+    if requeued > 0 {
+        println!(
+            "requeued {requeued} message(s): the terminal applies them within a second while it runs and reaches its broker, else once it does; `possync quarantine list` shows any quarantined again"
+        );
+    }
+    Ok(if cut.is_empty() && failed_writes.is_empty() {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 
@@ -230,20 +240,20 @@ async fn drop_rows(
         println!("nothing quarantined");
         return Ok(ExitCode::SUCCESS);
     }
-    let taken = if table_only {
-        None
-    } else {
-        Some(dead_letters(config, &entries).await.context(
+    // The copies go first: stopped half way, the rows are still there to
+    // drop again.
+    if !table_only {
+        let taken = dead_letters(config, &entries, &mut |_, _| true).await.context(
             "cannot take the copies out of the dead-letter queue, so nothing was dropped; to drop from the table only, add --table-only",
-        )?)
-    };
+        )?;
+        report_dead_letters(&taken, &entries);
+    }
     let mut dropped = 0;
     for entry in &entries {
         if database.drop_quarantined(entry.id)? {
             dropped += 1;
         }
     }
-    report_dead_letters(taken.as_ref(), &entries);
     println!("dropped {dropped} message(s) from the quarantine");
     Ok(ExitCode::SUCCESS)
 }
@@ -257,12 +267,15 @@ fn chosen(database: &Database, rows: Rows) -> anyhow::Result<Vec<QuarantineEntry
     Ok(entries)
 }
 
+/// Takes the copies of `entries` out of the terminal's dead-letter queue,
+/// each handed to `found` first.
 async fn dead_letters(
     config: &Config,
     entries: &[QuarantineEntry],
+    found: &mut (dyn FnMut(&str, &[u8]) -> bool + Send),
 ) -> anyhow::Result<TakenDeadLetters> {
     let settings = TerminalSettings::from_config(config.clone())?;
-    let digests: HashSet<String> = entries
+    let digests: Vec<String> = entries
         .iter()
         .map(|entry| entry.message.body_sha256.clone())
         .filter(|digest| !digest.is_empty())
@@ -272,27 +285,26 @@ async fn dead_letters(
         settings.license_key(),
         settings.terminal_id(),
         &digests,
+        found,
     )
     .await?)
 }
 
-fn report_dead_letters(taken: Option<&TakenDeadLetters>, entries: &[QuarantineEntry]) {
-    if let Some(taken) = taken {
-        let missing = entries.len() - taken.bodies.len().min(entries.len());
-        println!(
-            "took {} copy(ies) out of dead-letter queue {} (looked at {} message(s)){}",
-            taken.bodies.len(),
-            taken.queue,
-            taken.searched,
-            if missing > 0 {
-                format!(
-                    "; {missing} had none there (past the queue's limits, or quarantined while its dead letter could not be written)"
-                )
-            } else {
-                String::new()
-            }
-        );
-    }
+fn report_dead_letters(taken: &TakenDeadLetters, entries: &[QuarantineEntry]) {
+    let missing = (entries.len() as u64).saturating_sub(taken.taken);
+    println!(
+        "took {} copy(ies) out of dead-letter queue {} (looked at {} message(s)){}",
+        taken.taken,
+        taken.queue,
+        taken.searched,
+        if missing > 0 {
+            format!(
+                "; {missing} had none there (past the queue's limits, or quarantined while its dead letter could not be written)"
+            )
+        } else {
+            String::new()
+        }
+    );
 }
 
 /// `text`'s first `chars` characters, with `...` if cut.

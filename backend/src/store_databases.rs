@@ -203,68 +203,84 @@ impl<S: Storage> StoreDatabases<S> {
             events::store_databases_skipped(store, entries.map_or(0, |e| e.len()));
             return;
         };
-        let cached = self.open.remove(store).map(|(_, database)| database);
+        // A file deleted while open is rebuilt, not written on unseen.
+        let cached = self
+            .open
+            .remove(store)
+            .map(|(_, database)| database)
+            .filter(|database| database.path().exists());
         let caught_up = cached.is_some() && !self.parked.contains_key(store);
         let database = match cached {
             Some(database) => Ok(database),
             None => self.open_database(key).await,
         };
-        let mut database = match database {
+        let database = match database {
             Ok(database) => database,
             Err(reason) => return self.park(store, None, &reason),
         };
-        let mut entries = if caught_up { entries } else { None };
-        let outcome = loop {
-            let batch = match entries.take() {
-                Some(batch) => batch,
-                None => {
-                    if database.applied_up_to() >= up_to {
-                        break Ok(());
+        let batch = match entries.filter(|_| caught_up) {
+            Some(entries) => entries,
+            // Catching up: one round at a time, so that one store with a
+            // long history does not hold up the others.
+            None if database.applied_up_to() >= up_to => return self.caught_up(store, database),
+            None => match self
+                .storage
+                .upstream_after(store, None, database.applied_up_to(), ROUND)
+                .await
+            {
+                Ok(mut batch) => {
+                    batch.retain(|entry| entry.cursor <= up_to);
+                    if batch.is_empty() {
+                        return self.caught_up(store, database);
                     }
-                    match self
-                        .storage
-                        .upstream_after(store, None, database.applied_up_to(), ROUND)
-                        .await
-                    {
-                        Ok(mut batch) => {
-                            batch.retain(|entry| entry.cursor <= up_to);
-                            if batch.is_empty() {
-                                break Ok(());
-                            }
-                            batch
-                        }
-                        Err(err) => break Err(err.to_string()),
-                    }
+                    batch
                 }
-            };
-            let (back, applied) = apply(database, batch).await;
-            let Some(back) = back else {
-                // Applying panicked, taking the database with it.
-                return self.park(store, None, &applied.err().unwrap_or_default());
-            };
-            database = back;
-            match applied {
-                Ok(done) => {
-                    self.count(store, &done);
-                    if let Some(reason) = done.waiting {
-                        break Err(reason);
-                    }
-                    if caught_up {
-                        break Ok(());
-                    }
-                }
-                Err(reason) => break Err(reason),
-            }
+                Err(err) => return self.park(store, Some(database), &err.to_string()),
+            },
         };
-        match outcome {
-            Ok(()) => {
-                if let Some(parked) = self.parked.remove(store) {
-                    events::store_database_recovered(store, parked.tries);
+        let (back, applied) = apply(database, batch).await;
+        let Some(database) = back else {
+            // Applying panicked, taking the database with it.
+            return self.park(store, None, &applied.err().unwrap_or_default());
+        };
+        match applied {
+            Ok(done) => {
+                self.count(store, &done);
+                match done.waiting {
+                    Some(reason) => self.park(store, Some(database), &reason),
+                    None if caught_up || database.applied_up_to() >= up_to => {
+                        self.caught_up(store, database);
+                    }
+                    None => self.behind(store, database),
                 }
-                self.keep_open(store, database);
             }
             Err(reason) => self.park(store, Some(database), &reason),
         }
+    }
+
+    /// `store`'s database holds every message up to the round's end.
+    fn caught_up(&mut self, store: &str, database: StoreDatabase) {
+        if let Some(parked) = self.parked.remove(store)
+            && parked.tries > 0
+        {
+            events::store_database_recovered(store, parked.tries);
+        }
+        self.keep_open(store, database);
+    }
+
+    /// `store`'s database took a round and has more to catch up: the next
+    /// round comes after the other stores' turn.
+    fn behind(&mut self, store: &str, database: StoreDatabase) {
+        let tries = self.parked.get(store).map_or(0, |parked| parked.tries);
+        self.parked.insert(
+            store.to_owned(),
+            Parked {
+                tries,
+                retry_at: Instant::now(),
+                applied_up_to: database.applied_up_to(),
+            },
+        );
+        self.keep_open(store, database);
     }
 
     /// Opens `key`'s database on a blocking thread. (Not an `async fn` of
@@ -450,7 +466,11 @@ mod tests {
 
     /// The orders in `store`'s database under `dir`, by id.
     fn orders(dir: &Path, store: &str) -> Vec<String> {
-        let Ok(connection) = rusqlite::Connection::open(dir.join(format!("{store}.db"))) else {
+        // Read-only: opening to look must not make a file that is not there.
+        let Ok(connection) = rusqlite::Connection::open_with_flags(
+            dir.join(format!("{store}.db")),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
             return Vec::new();
         };
         let Ok(mut statement) = connection.prepare("SELECT id FROM orders ORDER BY id") else {
@@ -556,6 +576,67 @@ mod tests {
             .expect("recorded");
         let (stop, task) = start(&storage, &dir);
         until("A rebuilt whole", || orders(&dir, "A") == ["O-1", "O-3"]).await;
+        let _ = stop.send(true);
+        task.await.expect("stops");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_database_deleted_while_the_backend_runs_is_rebuilt_at_its_next_message() {
+        let temporary = tempfile::tempdir().expect("tempdir");
+        let storage = storage(temporary.path(), "backend.db").await;
+        storage
+            .record_upstream(vec![order("A", "O-1")])
+            .await
+            .expect("recorded");
+        let dir = temporary.path().join("stores");
+        let (stop, task) = start(&storage, &dir);
+        until("A's first order", || orders(&dir, "A") == ["O-1"]).await;
+        for file in ["A.db", "A.db-wal", "A.db-shm"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        storage
+            .record_upstream(vec![order("A", "O-2")])
+            .await
+            .expect("recorded");
+        until("A rebuilt with both", || {
+            orders(&dir, "A") == ["O-1", "O-2"]
+        })
+        .await;
+        let _ = stop.send(true);
+        task.await.expect("stops");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_catching_up_a_long_history_lets_the_others_go_first() {
+        let temporary = tempfile::tempdir().expect("tempdir");
+        let storage = storage(temporary.path(), "backend.db").await;
+        let history: Vec<UpstreamRecord> = (0..10 * ROUND)
+            .map(|n| order("BIG", &format!("O-{n:05}")))
+            .collect();
+        storage.record_upstream(history).await.expect("recorded");
+        let dir = temporary.path().join("stores");
+        let (stop, task) = start(&storage, &dir);
+        until("BIG applied", || orders(&dir, "BIG").len() == 10 * ROUND).await;
+        let _ = stop.send(true);
+        task.await.expect("stops");
+
+        // BIG's database lost: at its next order it catches up round by
+        // round from the start, and SMALL's order, recorded after, does not
+        // wait for all of it.
+        for file in ["BIG.db", "BIG.db-wal", "BIG.db-shm"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        storage
+            .record_upstream(vec![order("BIG", "O-new"), order("SMALL", "S-1")])
+            .await
+            .expect("recorded");
+        let (stop, task) = start(&storage, &dir);
+        until("SMALL's order", || orders(&dir, "SMALL") == ["S-1"]).await;
+        assert!(
+            orders(&dir, "BIG").len() < 10 * ROUND,
+            "SMALL went before BIG caught up"
+        );
+        until("BIG rebuilt", || orders(&dir, "BIG").len() == 10 * ROUND + 1).await;
         let _ = stop.send(true);
         task.await.expect("stops");
     }

@@ -175,15 +175,25 @@ impl Applier {
                 tag: 0,
                 routing_key,
                 body,
-                redelivered: false,
+                // Its tries, if it needs some, are forgotten once it settles.
+                redelivered: true,
                 requeued: true,
             })
             .collect();
         let record = |transaction: &mut Transaction<'_>, outcomes: &[Outcome]| {
             for (id, outcome) in ids.iter().zip(outcomes) {
-                if outcome.settles_by_ack() {
-                    transaction.execute("DELETE FROM possync_quarantine WHERE id = ?1", [id])?;
-                }
+                match outcome {
+                    // Quarantined again: its row, whole, with the new reason.
+                    Outcome::DeadLetter { reason, .. } => transaction.execute(
+                        "UPDATE possync_quarantine
+                         SET reason = ?2, requeued_at = NULL, received_at = ?3 WHERE id = ?1",
+                        rusqlite::params![id, reason, crate::store::unix_now()],
+                    )?,
+                    outcome if outcome.settles_by_ack() => {
+                        transaction.execute("DELETE FROM possync_quarantine WHERE id = ?1", [id])?
+                    }
+                    _ => 0,
+                };
             }
             Ok(())
         };

@@ -2,7 +2,7 @@
 //! broker's copies of quarantined messages, found by their body's digest
 //! (kept with each row) and taken out when the row is dropped or requeued.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -16,8 +16,8 @@ use crate::topology::TerminalTopology;
 /// What [`take_dead_letters`] did.
 #[derive(Debug, Default)]
 pub struct TakenDeadLetters {
-    /// The whole body of each message taken, by its SHA-256 (hex).
-    pub bodies: HashMap<String, Vec<u8>>,
+    /// Messages taken (two rows of the same body take two copies).
+    pub taken: u64,
     /// Messages looked at.
     pub searched: u64,
     /// The dead-letter queue's name.
@@ -25,19 +25,23 @@ pub struct TakenDeadLetters {
 }
 
 /// Takes out of the dead-letter queue of terminal `terminal_id` of store
-/// `license_key` one message per digest in `digests` (SHA-256 of the
-/// body, hex), through the first broker URL that answers; every other
-/// message stays, in its place. A queue that does not exist holds nothing.
+/// `license_key` one message per entry of `digests` (SHA-256 of the body,
+/// hex; a digest listed twice takes two copies), through the first broker
+/// URL that answers; every other message stays. Each message found is
+/// first handed to `found` (digest, whole body), and taken only if it
+/// returns true: what it keeps of the body is kept before the broker's
+/// copy goes. A queue that does not exist holds nothing.
 pub async fn take_dead_letters(
     config: &Config,
     license_key: &LicenseKey,
     terminal_id: &TerminalId,
-    digests: &HashSet<String>,
+    digests: &[String],
+    found: &mut (dyn FnMut(&str, &[u8]) -> bool + Send),
 ) -> Result<TakenDeadLetters, BrokerError> {
     let topology = TerminalTopology::new(config, license_key, terminal_id);
     let mut last = None;
     for url in &config.broker.urls {
-        match take_from(config, url, &topology.dead_letter_queue, digests).await {
+        match take_from(config, url, &topology.dead_letter_queue, digests, found).await {
             Err(err @ (BrokerError::Unreachable { .. } | BrokerError::Timeout { .. })) => {
                 last = Some(err);
             }
@@ -51,7 +55,8 @@ async fn take_from(
     config: &Config,
     url: &str,
     queue: &str,
-    digests: &HashSet<String>,
+    digests: &[String],
+    found: &mut (dyn FnMut(&str, &[u8]) -> bool + Send),
 ) -> Result<TakenDeadLetters, BrokerError> {
     let timeout = config.broker.confirm_timeout_secs;
     let connection = connection::connect(&config.broker, url, "possync quarantine").await?;
@@ -87,7 +92,10 @@ async fn take_from(
         Err(BrokerError::Protocol { source, .. }) if is_not_found(&source) => return Ok(taken),
         Err(err) => return Err(err),
     };
-    let mut wanted = digests.clone();
+    let mut wanted: HashMap<&str, usize> = HashMap::new();
+    for digest in digests {
+        *wanted.entry(digest.as_str()).or_default() += 1;
+    }
     // Messages taken without an ack stay ours until the channel closes,
     // which puts back every one not acknowledged: only the copies looked
     // for leave the queue.
@@ -105,7 +113,15 @@ async fn take_from(
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        if wanted.remove(&digest) {
+        let want = wanted.get_mut(digest.as_str());
+        if let Some(left) = want {
+            *left -= 1;
+            if *left == 0 {
+                wanted.remove(digest.as_str());
+            }
+            if !found(&digest, &message.delivery.data) {
+                continue;
+            }
             connection::within(
                 timeout,
                 "taking a message out of the dead-letter queue",
@@ -116,7 +132,7 @@ async fn take_from(
                 ),
             )
             .await?;
-            taken.bodies.insert(digest, message.delivery.data);
+            taken.taken += 1;
         }
     }
     let _ = connection::within(timeout, "closing", url, channel.close(200, "done".into())).await;

@@ -49,7 +49,7 @@ impl Outcome {
 
     /// Whether the message's change is in the database now (or a newer one
     /// of its entity is): what a change standing in for a skipped one must be.
-    fn took_effect(&self) -> bool {
+    pub(crate) fn took_effect(&self) -> bool {
         matches!(
             self,
             Self::Applied { .. } | Self::Stale { .. } | Self::Collapsed { .. }
@@ -197,14 +197,12 @@ impl Dispatch {
         skip: bool,
     ) -> Result<Option<Outcome>, BatchError> {
         if inbound.requeued {
-            return self.apply_fresh(
-                transaction,
-                inbound,
-                envelope,
-                Claim::Requeued,
-                careful,
-                skip,
-            );
+            let claim = marks.requeued(transaction, envelope)?;
+            let outcome = self.apply_fresh(transaction, inbound, envelope, claim, careful, skip)?;
+            if let Some(outcome) = &outcome {
+                marks.settle(claim, outcome);
+            }
+            return Ok(outcome);
         }
         let claim = match marks.judge(transaction, envelope)? {
             Verdict::Duplicate => return Ok(Some(Outcome::Duplicate)),
@@ -236,6 +234,17 @@ impl Dispatch {
     ) -> Result<Option<Outcome>, BatchError> {
         let handler = match self.registry.route(&envelope.message_type) {
             Route::Handler(handler) => handler,
+            Route::Disabled(plugin) if inbound.requeued => {
+                let reason = format!(
+                    "plugin {plugin} is switched off in [plugins]: switch it on, restart the terminal, then requeue"
+                );
+                return Ok(Some(self.poison.quarantine(
+                    transaction,
+                    inbound,
+                    Some(envelope),
+                    reason,
+                )?));
+            }
             Route::Disabled(plugin) => {
                 events::message_ignored(&envelope.message_type, plugin);
                 return Ok(Some(Outcome::Disabled {

@@ -49,6 +49,14 @@ impl Poison {
         envelope: Option<&Message<'_>>,
         reason: String,
     ) -> Result<Outcome, rusqlite::Error> {
+        if inbound.requeued {
+            // Its row, with the whole body, stays: the applier puts the new
+            // reason on it.
+            return Ok(Outcome::DeadLetter {
+                reason,
+                message_type: envelope.map(|e| e.message_type.to_string()),
+            });
+        }
         let message = Quarantined::new(
             &inbound.routing_key,
             envelope.map(|e| &*e.message_type),

@@ -139,3 +139,195 @@ impl Database {
         rows.collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use possync_catalog as _;
+    use possync_sdk::Envelope;
+
+    use super::*;
+    use crate::applier::{Applier, Limits};
+    use crate::identity::LicenseKey;
+    use crate::inbound::Inbound;
+    use crate::registry::Registry;
+
+    fn applier(path: &std::path::Path, quarantine_max_rows: u32) -> Applier {
+        let mut database = Database::open(path).expect("opens");
+        let registry = Registry::from_config(&Default::default()).expect("built-ins");
+        database
+            .migrate(registry.migrations().iter())
+            .expect("migrates");
+        Applier::new(
+            database,
+            Arc::new(registry),
+            LicenseKey::new("K").expect("valid"),
+            Limits {
+                max_message_bytes: 1 << 20,
+                max_attempts: 3,
+                quarantine_max_rows,
+                quarantine_max_age_secs: 3600,
+                applied_ids_max_age_secs: 3600,
+                collapse_min_batch: 0,
+                feed_keep: 0,
+            },
+            crate::feed::channel(),
+        )
+    }
+
+    fn price(product: &str, seq: i64) -> Envelope {
+        Envelope::new(
+            "price_update",
+            "K",
+            serde_json::json!({"product_id": product, "new_price": 2.5}),
+        )
+        .with_seq(seq)
+        .with_catalog("c")
+    }
+
+    fn inbound(envelope: &Envelope) -> Inbound {
+        Inbound {
+            tag: 1,
+            routing_key: format!("license.K.{}", envelope.message_type),
+            body: serde_json::to_vec(envelope).expect("encodes"),
+            redelivered: false,
+            requeued: false,
+        }
+    }
+
+    fn open(path: &std::path::Path) -> Database {
+        Database::open(path).expect("opens")
+    }
+
+    #[test]
+    fn a_requeued_change_that_applies_leaves_the_table_and_no_longer_holds_synced_up_to_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pos.db");
+        let mut applier = applier(&path, 100);
+        let batch = [price("P1", 1), price("", 2), price("P3", 3)];
+        applier
+            .apply(&batch.iter().map(inbound).collect::<Vec<_>>())
+            .expect("applies");
+        let mut database = open(&path);
+        assert_eq!(database.sync_state("K").expect("state").synced_up_to, 1);
+        let row = database.quarantine_entries(10).expect("rows").remove(0);
+        // The plugin fixed: here, the body it now takes.
+        let fixed = serde_json::to_vec(&price("P2", 2)).expect("encodes");
+        assert!(database.mark_requeued(row.id, Some(&fixed)).expect("marks"));
+
+        applier.requeue();
+        assert!(database.quarantine_entries(10).expect("rows").is_empty());
+        assert_eq!(
+            database.sync_state("K").expect("state").synced_up_to,
+            3,
+            "every change up to 3 is applied now"
+        );
+        let price: f64 = database
+            .connection()
+            .query_row("SELECT price FROM products WHERE id = 'P2'", [], |row| {
+                row.get(0)
+            })
+            .expect("applied");
+        assert_eq!(price, 2.5);
+    }
+
+    #[test]
+    fn a_requeued_message_that_fails_again_keeps_its_row_whole_with_the_new_reason() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pos.db");
+        let mut applier = applier(&path, 100);
+        let big = "x".repeat(100 * 1024);
+        let envelope = Envelope::new("teleport_update", "K", serde_json::json!({"pad": big}));
+        applier.apply(&[inbound(&envelope)]).expect("applies");
+        let mut database = open(&path);
+        let row = database.quarantine_entries(10).expect("rows").remove(0);
+        assert!(row.is_cut());
+        let whole = serde_json::to_vec(&envelope).expect("encodes");
+        assert!(database.mark_requeued(row.id, Some(&whole)).expect("marks"));
+
+        applier.requeue();
+        let again = database.quarantine_entries(10).expect("rows");
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].id, row.id, "the same row");
+        assert_eq!(again[0].requeued_at, None, "no longer waiting");
+        assert_eq!(again[0].message.body, whole, "whole, as requeued");
+        assert!(
+            again[0].message.reason.contains("no plugin"),
+            "{:?}",
+            again[0].message.reason
+        );
+    }
+
+    #[test]
+    fn rows_waiting_to_be_requeued_are_never_trimmed_to_make_room() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pos.db");
+        let mut applier = applier(&path, 2);
+        let first = Envelope::new("teleport_update", "K", serde_json::json!({"n": 1}));
+        applier.apply(&[inbound(&first)]).expect("applies");
+        let mut database = open(&path);
+        let waiting = database.quarantine_entries(10).expect("rows").remove(0).id;
+        database.mark_requeued(waiting, None).expect("marks");
+        for n in 2..6 {
+            let more = Envelope::new("teleport_update", "K", serde_json::json!({"n": n}));
+            applier.apply(&[inbound(&more)]).expect("applies");
+        }
+        let ids: Vec<i64> = database
+            .quarantine_entries(10)
+            .expect("rows")
+            .iter()
+            .map(|row| row.id)
+            .collect();
+        assert!(ids.contains(&waiting), "{ids:?}");
+    }
+
+    #[test]
+    fn a_message_requeued_while_its_plugin_is_off_stays_quarantined_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pos.db");
+        let mut applier = applier(&path, 100);
+        applier.apply(&[inbound(&price("", 1))]).expect("applies");
+        drop(applier);
+        let mut off = {
+            let mut database = Database::open(&path).expect("opens");
+            let plugins = [(
+                "price".to_owned(),
+                crate::config::PluginSetting::Toggle(false),
+            )]
+            .into_iter()
+            .collect();
+            let registry = Registry::from_config(&plugins).expect("built-ins");
+            database
+                .migrate(registry.migrations().iter())
+                .expect("migrates");
+            Applier::new(
+                database,
+                Arc::new(registry),
+                LicenseKey::new("K").expect("valid"),
+                Limits {
+                    max_message_bytes: 1 << 20,
+                    max_attempts: 3,
+                    quarantine_max_rows: 100,
+                    quarantine_max_age_secs: 3600,
+                    applied_ids_max_age_secs: 3600,
+                    collapse_min_batch: 0,
+                    feed_keep: 0,
+                },
+                crate::feed::channel(),
+            )
+        };
+        let mut database = open(&path);
+        let row = database.quarantine_entries(10).expect("rows").remove(0);
+        database.mark_requeued(row.id, None).expect("marks");
+        off.requeue();
+        let kept = database.quarantine_entries(10).expect("rows");
+        assert_eq!(kept.len(), 1);
+        assert!(
+            kept[0].message.reason.contains("switched off"),
+            "{:?}",
+            kept[0].message.reason
+        );
+        assert_eq!(kept[0].requeued_at, None);
+    }
+}

@@ -171,8 +171,9 @@ pub(crate) enum Claim {
     /// The number among its publisher's (an index into the batch's marks).
     Publisher { index: usize, seq: i64 },
     /// Taken from the quarantine by its operator: applied whatever the
-    /// marks say (it was settled as quarantined), moving none of them.
-    Requeued,
+    /// marks say (it was settled as quarantined). Applied, its `seq` no
+    /// longer holds `synced_up_to` back.
+    Requeued(Option<i64>),
 }
 
 /// Whether a message was settled before.
@@ -202,6 +203,8 @@ pub(crate) struct Marks<'k> {
     gaps: Vec<(i64, i64)>,
     /// The clock, read once a batch: its changes commit together.
     now_ms: Option<i64>,
+    /// The first dead-lettered `seq`, requeued and applied in this batch.
+    dead_applied: Option<i64>,
 }
 
 impl<'k> Marks<'k> {
@@ -212,7 +215,21 @@ impl<'k> Marks<'k> {
             publishers: Vec::new(),
             gaps: Vec::new(),
             now_ms: None,
+            dead_applied: None,
         }
+    }
+
+    /// The claim of a message requeued from the quarantine: applied
+    /// whatever the marks say, by its `seq` if it has one.
+    pub(crate) fn requeued(
+        &mut self,
+        transaction: &mut Transaction<'_>,
+        envelope: &Message<'_>,
+    ) -> rusqlite::Result<Claim> {
+        if envelope.seq.is_some() {
+            self.store(transaction)?;
+        }
+        Ok(Claim::Requeued(envelope.seq))
     }
 
     /// Whether `envelope` was settled before: by `seq` if it has one, else
@@ -282,7 +299,15 @@ impl<'k> Marks<'k> {
             return;
         }
         match claim {
-            Claim::ById | Claim::Requeued => {}
+            Claim::ById | Claim::Requeued(None) => {}
+            Claim::Requeued(Some(seq)) => {
+                if outcome.took_effect()
+                    && let Some((_, settled)) = &self.store
+                    && settled.dead == Some(seq)
+                {
+                    self.dead_applied = Some(seq);
+                }
+            }
             Claim::Seq(seq) => {
                 let now_ms = *self.now_ms.get_or_insert_with(now_ms);
                 if let Some((_, settled)) = &mut self.store
@@ -300,7 +325,28 @@ impl<'k> Marks<'k> {
     }
 
     /// Writes the marks that moved, in the batch's transaction.
-    pub(crate) fn write(&self, transaction: &mut Transaction<'_>) -> rusqlite::Result<()> {
+    pub(crate) fn write(&mut self, transaction: &mut Transaction<'_>) -> rusqlite::Result<()> {
+        if let Some(seq) = self.dead_applied.take()
+            && let Some((_, settled)) = &mut self.store
+        {
+            // The next dead-lettered change still quarantined, if any,
+            // holds `synced_up_to` back now.
+            let next: Option<i64> = transaction
+                .query_optional(
+                    "SELECT min(json_extract(CAST(body AS TEXT), '$.seq'))
+                     FROM possync_quarantine
+                     WHERE json_valid(CAST(body AS TEXT))
+                       AND json_extract(CAST(body AS TEXT), '$.seq') > ?1",
+                    [seq],
+                    |row| row.get(0),
+                )?
+                .flatten();
+            settled.dead = next;
+            settled.state.synced_up_to = match next {
+                Some(dead) => settled.settled.min(dead - 1),
+                None => settled.settled,
+            };
+        }
         if let Some((stored, settled)) = &self.store
             && stored != settled
         {

@@ -347,7 +347,7 @@ impl Database {
     /// copies stay in the dead-letter queue.
     pub(crate) fn prune_quarantine(&mut self, max_age_secs: i64) -> Result<usize, DatabaseError> {
         Ok(self.connection.execute(
-            "DELETE FROM possync_quarantine WHERE received_at < ?1",
+            "DELETE FROM possync_quarantine WHERE received_at < ?1 AND requeued_at IS NULL",
             [unix_now() - max_age_secs],
         )?)
     }

@@ -193,7 +193,8 @@ impl<'c> Transaction<'c> {
             ],
         )?;
         self.run(
-            "DELETE FROM possync_quarantine WHERE id <= last_insert_rowid() - ?1",
+            "DELETE FROM possync_quarantine
+             WHERE id <= last_insert_rowid() - ?1 AND requeued_at IS NULL",
             [keep_rows],
         )
         .map(drop)

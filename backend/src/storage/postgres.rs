@@ -176,6 +176,10 @@ pub struct PostgresStorage {
     leader: Mutex<Option<Client>>,
 }
 
+/// The advisory lock that orders upstream recordings (any number; this
+/// one spells "upstrm").
+const UPSTREAM_LOCK: i64 = 0x7570_7374_726d;
+
 impl PostgresStorage {
     /// Connects to the database at `url`
     /// (`postgres://user[:password]@host[:port]/database`) and brings its
@@ -837,6 +841,12 @@ impl Storage for PostgresStorage {
         let sql = failed("cannot record upstream messages");
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(&sql)?;
+        // One recording at a time, across backend processes: cursors then
+        // commit in their order, so a reader following them never passes
+        // one still to commit.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&UPSTREAM_LOCK])
+            .await
+            .map_err(&sql)?;
         let insert = tx
             .prepare_cached(
                 "INSERT INTO upstream (store, terminal, message_type, message_id, created_at,
