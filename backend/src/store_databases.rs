@@ -636,7 +636,10 @@ mod tests {
             orders(&dir, "BIG").len() < 10 * ROUND,
             "SMALL went before BIG caught up"
         );
-        until("BIG rebuilt", || orders(&dir, "BIG").len() == 10 * ROUND + 1).await;
+        until("BIG rebuilt", || {
+            orders(&dir, "BIG").len() == 10 * ROUND + 1
+        })
+        .await;
         let _ = stop.send(true);
         task.await.expect("stops");
     }

@@ -255,6 +255,16 @@ impl Database {
         Ok(self.connection.busy_timeout(BATCH_LOCK_WAIT)?)
     }
 
+    /// Commits without waiting for the disk (`synchronous = NORMAL`), for a
+    /// database derived from a durable record that says how far it is in
+    /// the same transaction: a power cut loses the last commits together
+    /// with that mark, and they are applied again.
+    pub(crate) fn commit_without_sync(&self) -> Result<(), DatabaseError> {
+        Ok(self
+            .connection
+            .pragma_update(None, "synchronous", "NORMAL")?)
+    }
+
     /// Opens an existing database read-only, to look at it while a terminal may run.
     pub fn open_read_only(path: &Path) -> Result<Self, DatabaseError> {
         let connection =

@@ -162,6 +162,8 @@ impl StoreDatabase {
         // A lock held by someone reading the database (a report, a shell)
         // fails the batch soon, to be tried again, instead of waiting unseen.
         database.wait_briefly_for_locks()?;
+        // Derived from the backend's record, with its cursor in each commit.
+        database.commit_without_sync()?;
         let kept: Option<(i64, String, String)> = database
             .connection()
             .query_row(
