@@ -101,17 +101,8 @@ impl<S: Storage> StoreDatabases<S> {
             match self.storage.catalog_id().await {
                 Ok(record) => break record,
                 Err(err) => {
-                    failures += 1;
-                    let delay = HELD.delay(failures);
-                    events::store_databases_held(
-                        "(record)",
-                        &err.to_string(),
-                        delay.as_millis(),
-                        failures == 1,
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = stopped(&mut stop) => return,
+                    if !record_failed(&err, &mut failures, &mut stop).await {
+                        return;
                     }
                 }
             }
@@ -126,18 +117,10 @@ impl<S: Storage> StoreDatabases<S> {
             let round = match self.storage.upstream_since(read_from, ROUND).await {
                 Ok(round) => round,
                 Err(err) => {
-                    failures += 1;
-                    let delay = HELD.delay(failures);
-                    events::store_databases_held(
-                        "(record)",
-                        &err.to_string(),
-                        delay.as_millis(),
-                        failures == 1,
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => continue,
-                        () = stopped(&mut stop) => return,
+                    if !record_failed(&err, &mut failures, &mut stop).await {
+                        return;
                     }
+                    continue;
                 }
             };
             failures = 0;
@@ -372,6 +355,27 @@ impl<S: Storage> StoreDatabases<S> {
         for message_type in &done.skipped {
             events::store_database_skipped_type(store, message_type);
         }
+    }
+}
+
+/// The record could not be read: says so and waits before the next try;
+/// `false` if asked to stop meanwhile.
+async fn record_failed(
+    err: &crate::storage::StorageError,
+    failures: &mut u32,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    *failures += 1;
+    let delay = HELD.delay(*failures);
+    events::store_databases_held(
+        "(record)",
+        &err.to_string(),
+        delay.as_millis(),
+        *failures == 1,
+    );
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = stopped(stop) => false,
     }
 }
 

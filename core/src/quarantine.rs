@@ -154,8 +154,17 @@ mod tests {
     use crate::registry::Registry;
 
     fn applier(path: &std::path::Path, quarantine_max_rows: u32) -> Applier {
+        applier_with(path, quarantine_max_rows, &Default::default())
+    }
+
+    /// An applier over `path` with the built-in plugins as `plugins` says.
+    fn applier_with(
+        path: &std::path::Path,
+        quarantine_max_rows: u32,
+        plugins: &std::collections::BTreeMap<String, crate::config::PluginSetting>,
+    ) -> Applier {
         let mut database = Database::open(path).expect("opens");
-        let registry = Registry::from_config(&Default::default()).expect("built-ins");
+        let registry = Registry::from_config(plugins).expect("built-ins");
         database
             .migrate(registry.migrations().iter())
             .expect("migrates");
@@ -289,34 +298,13 @@ mod tests {
         let mut applier = applier(&path, 100);
         applier.apply(&[inbound(&price("", 1))]).expect("applies");
         drop(applier);
-        let mut off = {
-            let mut database = Database::open(&path).expect("opens");
-            let plugins = [(
-                "price".to_owned(),
-                crate::config::PluginSetting::Toggle(false),
-            )]
-            .into_iter()
-            .collect();
-            let registry = Registry::from_config(&plugins).expect("built-ins");
-            database
-                .migrate(registry.migrations().iter())
-                .expect("migrates");
-            Applier::new(
-                database,
-                Arc::new(registry),
-                LicenseKey::new("K").expect("valid"),
-                Limits {
-                    max_message_bytes: 1 << 20,
-                    max_attempts: 3,
-                    quarantine_max_rows: 100,
-                    quarantine_max_age_secs: 3600,
-                    applied_ids_max_age_secs: 3600,
-                    collapse_min_batch: 0,
-                    feed_keep: 0,
-                },
-                crate::feed::channel(),
-            )
-        };
+        let plugins = [(
+            "price".to_owned(),
+            crate::config::PluginSetting::Toggle(false),
+        )]
+        .into_iter()
+        .collect();
+        let mut off = applier_with(&path, 100, &plugins);
         let mut database = open(&path);
         let row = database.quarantine_entries(10).expect("rows").remove(0);
         database.mark_requeued(row.id, None).expect("marks");
