@@ -425,7 +425,7 @@ async fn consumers(connection: &Connection, timeout: u64, url: &str, queue: &str
 }
 
 /// What the broker says of `queue` (messages, consumers), without declaring it.
-async fn passive_declare(
+pub(crate) async fn passive_declare(
     channel: &Channel,
     queue: &str,
     timeout: u64,

@@ -4,8 +4,7 @@
 
 use std::collections::HashMap;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use sha2::Digest as _;
 
 use crate::config::Config;
@@ -71,18 +70,12 @@ async fn take_from(
         queue: queue.to_owned(),
         ..TakenDeadLetters::default()
     };
-    let declared = connection::within(
+    let declared = crate::consumer::passive_declare(
+        &channel,
+        queue,
         timeout,
-        "looking at the dead-letter queue",
         url,
-        channel.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ),
+        "looking at the dead-letter queue",
     )
     .await;
     let present = match declared {
