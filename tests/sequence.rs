@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use nix::sys::signal::Signal;
-use possync_core::{LicenseKey, Publisher};
+use possync_core::{GapCause, LicenseKey, Publisher};
 use possync_sdk::Version;
 
 /// The catalog id the relayed messages of these tests name.
@@ -313,7 +313,106 @@ async fn synced_up_to_survives_a_restart_and_shows_in_status_and_on_the_status_e
         10,
         "kept across the restart"
     );
+    assert_eq!(
+        restarted.status.borrow().sync.gap,
+        None,
+        "its queue kept what came while it was stopped: no gap"
+    );
     restarted.stop().await;
+}
+
+fn possync_status(config: &possync_core::Config) -> String {
+    text(
+        &possync_command(&["status"])
+            .env("POSSYNC_TERMINAL__DATABASE", &config.terminal.database)
+            .output()
+            .expect("status")
+            .stdout,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_made_again_while_the_terminal_was_away_is_a_gap_until_healed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("gap-queue");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    assert_eq!(terminal.status.borrow().sync.gap, None, "a first start");
+    let now = SystemTime::now();
+    let first: Vec<_> = (1..=3)
+        .map(|seq| routed(&store, relayed(&store, seq, "A", seq as f64, now)))
+        .collect();
+    publish_raw_many(&first).await;
+    assert!(terminal.wait_for(|s| s.sync.synced_up_to == 3).await);
+    let queue = terminal.topology.queue.clone();
+    terminal.stop().await;
+    // Expired while the till was off: what came meanwhile is gone with it.
+    let channel = broker().await.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("queue deleted");
+    publish_raw_many(&[routed(&store, relayed(&store, 4, "A", 4.0, now))]).await;
+
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let gap = terminal.status.borrow().sync.gap;
+    assert_eq!(
+        gap.map(|gap| gap.cause),
+        Some(GapCause::QueueRecreated),
+        "found on connecting, before it says Live"
+    );
+    publish_raw_many(&[routed(&store, relayed(&store, 5, "A", 5.0, now))]).await;
+    assert!(terminal.wait_for(|s| s.sync.highest_applied == 5).await);
+    assert_eq!(
+        terminal.status.borrow().sync.gap.map(|gap| gap.cause),
+        Some(GapCause::QueueRecreated),
+        "what arrives later does not make up for what was lost"
+    );
+    terminal.stop().await;
+    let shown = possync_status(&config);
+    assert!(
+        shown.contains("gap           the terminal's queue was gone when it connected"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_put_back_from_an_older_copy_is_a_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("gap-restored");
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let database = config.terminal.database.clone();
+    let now = SystemTime::now();
+    let change = |seq: i64| routed(&store, relayed(&store, seq, "A", seq as f64, now));
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    publish_raw_many(&[change(1), change(2)]).await;
+    assert!(terminal.wait_for(|s| s.sync.synced_up_to == 2).await);
+    terminal.stop().await;
+    let backup = dir.path().join("backup.db");
+    std::fs::copy(&database, &backup).expect("backup");
+
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    publish_raw_many(&[change(3), change(4), change(5)]).await;
+    assert!(terminal.wait_for(|s| s.sync.synced_up_to == 5).await);
+    assert_eq!(terminal.stop().await.sync.gap, None);
+
+    std::fs::copy(&backup, &database).expect("restored");
+    let terminal = RunningTerminal::start(config.clone()).await;
+    assert_eq!(
+        terminal.status.borrow().sync.gap.map(|gap| gap.cause),
+        Some(GapCause::DatabaseBehind {
+            found: 2,
+            recorded: 5
+        })
+    );
+    terminal.stop().await;
+    let shown = possync_status(&config);
+    assert!(
+        shown.contains(
+            "gap           the database holds changes up to 2, but this terminal had applied up to 5"
+        ),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -366,6 +465,20 @@ async fn a_gap_in_the_sequence_is_logged_once_and_synced_up_to_stops_before_it()
         status.contains("synced up to  seq 3 (highest applied 8: change 4 never arrived"),
         "{status}"
     );
+    assert!(
+        status.contains("gap           changes 4 to 5 never arrived: 6 came after 3"),
+        "{status}"
+    );
+
+    // The relay sends them late: the gap closes.
+    let mut terminal = RunningTerminal::start(config.clone()).await;
+    let late: Vec<_> = [4, 5]
+        .map(|seq| routed(&store, relayed(&store, seq, &format!("P{seq}"), 1.0, now)))
+        .into_iter()
+        .collect();
+    publish_raw_many(&late).await;
+    assert!(terminal.wait_for(|s| s.sync.synced_up_to == 8).await);
+    assert_eq!(terminal.stop().await.sync.gap, None);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,6 +11,7 @@ use crate::config::TerminalConfig;
 use crate::dispatch::{BatchError, Dispatch, Dispatched, Outcome};
 use crate::events;
 use crate::feed::{Feed, FeedSender};
+use crate::gap::{AppliedMark, Gap};
 use crate::identity::LicenseKey;
 use crate::inbound::Inbound;
 use crate::poison::Poison;
@@ -37,6 +38,8 @@ pub(crate) struct Applier {
     progress: Progress,
     feed: Feed,
     pruned_at: std::time::Instant,
+    /// Beside the database: how far it was applied, to tell a restored copy.
+    mark: AppliedMark,
 }
 
 /// How often a busy terminal prunes its bookkeeping; an idle one prunes
@@ -94,6 +97,7 @@ impl Applier {
             quarantine_max_rows: limits.quarantine_max_rows,
         };
         Self {
+            mark: AppliedMark::beside(database.path()),
             database,
             dispatch: Dispatch::new(
                 registry,
@@ -127,6 +131,9 @@ impl Applier {
             }
             Job::RecordState(record) => self.record_state(&record),
             Job::Requeue => self.requeue(),
+            Job::RecordGap(gap, reply) => {
+                let _ = reply.send(self.record_gap(gap));
+            }
             Job::FlushProgress => {
                 self.flush_progress();
                 self.prune();
@@ -215,8 +222,26 @@ impl Applier {
         }
     }
 
+    /// Records a gap found outside the sequence, unless one is open; the
+    /// sync state as it is then.
+    pub(crate) fn record_gap(&mut self, gap: Gap) -> Option<SyncState> {
+        match self.database.record_gap(self.dispatch.license_key(), &gap) {
+            Ok(state) => {
+                if state.gap == Some(gap) {
+                    events::gap_found(&gap.cause);
+                }
+                Some(state)
+            }
+            Err(err) => {
+                events::status_not_recorded(&err.to_string());
+                None
+            }
+        }
+    }
+
     /// Writes the counters not yet written, for `possync status`.
     pub(crate) fn flush_progress(&mut self) {
+        self.mark.flush();
         match self
             .database
             .record_progress_unsynced(self.progress.unwritten())
@@ -266,6 +291,7 @@ impl Applier {
             outcomes,
             sync,
             gaps,
+            closed_gap,
             changes,
         }) = self
             .dispatch
@@ -288,6 +314,12 @@ impl Applier {
         log_committed(batch, &outcomes);
         for (expected, received) in gaps {
             events::sequence_gap(expected, received);
+        }
+        if let Some(cause) = closed_gap {
+            events::gap_closed(&cause);
+        }
+        if let Some(sync) = &sync {
+            self.mark.note(sync);
         }
         Ok(Some(Applied {
             outcomes,
@@ -335,6 +367,7 @@ pub(crate) enum Job {
     RecordState(StateRecord),
     FlushProgress,
     Requeue,
+    RecordGap(Gap, oneshot::Sender<Option<SyncState>>),
 }
 
 /// The async side of an [`Applier`]. On a multi-threaded runtime the
@@ -412,6 +445,14 @@ impl ApplierHandle {
     /// with the batches.
     pub(crate) async fn requeue(&self) {
         self.submit(Job::Requeue).await;
+    }
+
+    /// Records a gap found outside the sequence (unless one is open), in
+    /// order with the batches; the sync state as it is then.
+    pub(crate) async fn record_gap(&self, gap: Gap) -> Option<SyncState> {
+        let (reply, response) = oneshot::channel();
+        self.submit(Job::RecordGap(gap, reply)).await;
+        response.await.ok().flatten()
     }
 
     /// Carries out a job that answers nothing, in order with the batches.

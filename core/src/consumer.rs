@@ -284,6 +284,7 @@ pub(crate) struct Subscription {
     /// For counting the queue's messages; a failed count closes its
     /// channel, so it is not one anything else uses.
     probe: Probe,
+    queue_created: bool,
 }
 
 #[derive(Debug)]
@@ -303,6 +304,15 @@ pub(crate) enum Inbox {
 }
 
 impl Inbox {
+    /// Whether the queue was made by this connection (an in-process one
+    /// lives with the broker: never).
+    pub(crate) fn queue_created(&self) -> bool {
+        match self {
+            Self::Broker(subscription) => subscription.queue_created(),
+            Self::InProcess(_) => false,
+        }
+    }
+
     /// Waits for the next message; `None` when the broker ended the consumer.
     pub(crate) async fn next(&mut self) -> Option<Result<Inbound, BrokerError>> {
         match self {
@@ -474,7 +484,31 @@ impl Subscription {
             connection.create_channel(),
         )
         .await?;
+        let mut queue_created = false;
         if broker.declare_topology {
+            // On a channel of its own: the broker closes it if the queue is gone.
+            let look = connection::within(
+                timeout,
+                "opening a channel",
+                url,
+                connection.create_channel(),
+            )
+            .await?;
+            match passive_declare(
+                &look,
+                &topology.queue,
+                timeout,
+                url,
+                "looking for the queue",
+            )
+            .await
+            {
+                Ok(_) => {
+                    let _ = look.close(200, "looked".into()).await;
+                }
+                Err(BrokerError::NotFound { .. }) => queue_created = true,
+                Err(err) => return Err(err),
+            }
             connection::within(
                 timeout,
                 "declaring the terminal's queue",
@@ -533,7 +567,14 @@ impl Subscription {
             url: url.to_owned(),
             timeout_secs: timeout,
             probe: Probe::NotOpen,
+            queue_created,
         })
+    }
+
+    /// Whether the terminal's queue did not exist before this connection
+    /// declared it.
+    pub(crate) fn queue_created(&self) -> bool {
+        self.queue_created
     }
 
     /// The queue's ready messages.

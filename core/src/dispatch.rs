@@ -66,6 +66,8 @@ pub(crate) struct Dispatched {
     pub(crate) sync: Option<SyncState>,
     /// Jumps in the store's sequence: `(expected, received)`.
     pub(crate) gaps: Vec<(i64, i64)>,
+    /// The gap this batch closed: the changes it missed arrived.
+    pub(crate) closed_gap: Option<crate::gap::GapCause>,
     /// What the applied messages changed, in order, for the change feed.
     pub(crate) changes: Changes,
 }
@@ -109,6 +111,11 @@ impl Dispatch {
             poison,
             collapse_min_batch,
         }
+    }
+
+    /// The store this terminal belongs to.
+    pub(crate) fn license_key(&self) -> &str {
+        self.license_key.as_str()
     }
 
     /// Checks and applies each message of `batch` in `transaction`, in
@@ -171,6 +178,7 @@ impl Dispatch {
             outcomes,
             sync: marks.moved(),
             gaps: marks.gaps().to_vec(),
+            closed_gap: marks.closed_gap(),
             changes,
         }))
     }

@@ -75,6 +75,35 @@ pub(crate) fn sequence_gap(expected: i64, received: i64) {
     );
 }
 
+/// A gap found another way than by the sequence: the queue made again,
+/// the database behind its mark. Kept in the sync state until it closes.
+pub(crate) fn gap_found(cause: &crate::gap::GapCause) {
+    warn!(
+        event = "gap_found",
+        cause = cause.name(),
+        "this terminal may lack some of its store's changes: {cause}"
+    );
+}
+
+/// A jump in the sequence closed: the changes it missed arrived.
+pub(crate) fn gap_closed(cause: &crate::gap::GapCause) {
+    info!(
+        event = "gap_closed",
+        cause = cause.name(),
+        "the missing changes arrived: {cause} no longer holds"
+    );
+}
+
+/// The mark that tells a restored database could not be written.
+pub(crate) fn applied_mark_unwritten(path: &std::path::Path, reason: &str) {
+    warn!(
+        event = "applied_mark_unwritten",
+        path = %path.display(),
+        %reason,
+        "cannot write the mark beside the database; a database restored from an older copy may go unnoticed at the next start"
+    );
+}
+
 /// Logged at error on entering the Stalled state and every few minutes
 /// while it lasts, quietly per retry in between.
 pub(crate) fn stalled(reason: &str, retry_in_ms: u128, loud: bool, stalled_secs: u64) {

@@ -31,6 +31,7 @@ use possync_sdk::Migration;
 use rusqlite::params;
 
 use crate::dispatch::Outcome;
+use crate::gap::{self, Gap};
 use crate::inbound::Message;
 use crate::store::unix_now;
 use crate::transaction::Transaction;
@@ -93,6 +94,9 @@ pub struct SyncState {
     /// The catalog (backend database) whose sequence this terminal follows
     /// for its store: the one of the first sequenced message it applied.
     pub catalog: Option<String>,
+    /// A reason to think this terminal lacks some of the store's changes,
+    /// until it closes.
+    pub gap: Option<Gap>,
 }
 
 /// What tells a duplicate `seq` from a fresh one: every `seq` up to
@@ -121,6 +125,9 @@ impl Settled {
     fn settle(&mut self, seq: i64, outcome: &Outcome, now_ms: i64) -> Option<(i64, i64)> {
         let expected = self.state.highest_applied + 1;
         let gap = (seq > expected).then_some((expected, seq));
+        if gap.is_some() {
+            self.state.note_jump(expected, seq, now_ms);
+        }
         self.state.highest_applied = self.state.highest_applied.max(seq);
         if matches!(outcome, Outcome::DeadLetter { .. }) {
             self.dead = Some(self.dead.map_or(seq, |dead| dead.min(seq)));
@@ -137,6 +144,7 @@ impl Settled {
             self.settled = self.settled.max(last);
             self.above.remove(0);
         }
+        self.state.note_settled(self.settled);
         self.state.synced_up_to = match self.dead {
             Some(dead) => self.settled.min(dead - 1),
             None => self.settled,
@@ -351,14 +359,17 @@ impl<'k> Marks<'k> {
             && stored != settled
         {
             let state = &settled.state;
+            let (gap_cause, gap_low, gap_high, gap_since) = gap::to_columns(state.gap.as_ref());
             transaction.execute(
                 "INSERT INTO possync_sequence (license_key, synced_seq, applied_seq, last_change_ms,
-                     head_seq, settled_seq, dead_seq, catalog)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     head_seq, settled_seq, dead_seq, catalog, gap_cause, gap_low, gap_high, gap_since_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (license_key) DO UPDATE SET synced_seq = excluded.synced_seq,
                      applied_seq = excluded.applied_seq, last_change_ms = excluded.last_change_ms,
                      head_seq = excluded.head_seq, settled_seq = excluded.settled_seq,
-                     dead_seq = excluded.dead_seq, catalog = excluded.catalog",
+                     dead_seq = excluded.dead_seq, catalog = excluded.catalog,
+                     gap_cause = excluded.gap_cause, gap_low = excluded.gap_low,
+                     gap_high = excluded.gap_high, gap_since_ms = excluded.gap_since_ms",
                 params![
                     self.license_key,
                     state.synced_up_to,
@@ -367,7 +378,11 @@ impl<'k> Marks<'k> {
                     state.head,
                     settled.settled,
                     settled.dead,
-                    state.catalog
+                    state.catalog,
+                    gap_cause,
+                    gap_low,
+                    gap_high,
+                    gap_since
                 ],
             )?;
             // Only the ranges that changed: a store with many holes (each
@@ -416,6 +431,15 @@ impl<'k> Marks<'k> {
             .map(|(_, settled)| settled.state.clone())
     }
 
+    /// The gap this batch closed, if any.
+    pub(crate) fn closed_gap(&self) -> Option<crate::gap::GapCause> {
+        let (stored, settled) = self.store.as_ref()?;
+        match (stored.state.gap, settled.state.gap) {
+            (Some(gap), None) => Some(gap.cause),
+            _ => None,
+        }
+    }
+
     /// Jumps in the store's sequence this batch saw: `(expected, received)`.
     pub(crate) fn gaps(&self) -> &[(i64, i64)] {
         &self.gaps
@@ -425,14 +449,14 @@ impl<'k> Marks<'k> {
         if self.store.is_none() {
             let read = transaction.query_optional(
                 "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog,
-                     settled_seq, dead_seq
+                     gap_cause, gap_low, gap_high, gap_since_ms, settled_seq, dead_seq
                  FROM possync_sequence WHERE license_key = ?1",
                 [self.license_key],
                 |row| {
                     Ok(Settled {
                         state: state_from_row(row)?,
-                        settled: row.get(5)?,
-                        dead: row.get(6)?,
+                        settled: row.get(9)?,
+                        dead: row.get(10)?,
                         above: Vec::new(),
                     })
                 },
@@ -454,7 +478,8 @@ impl<'k> Marks<'k> {
 
 /// The statement that reads a store's [`SyncState`].
 pub(crate) const READ_STATE: &str =
-    "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog
+    "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog,
+         gap_cause, gap_low, gap_high, gap_since_ms
      FROM possync_sequence WHERE license_key = ?1";
 
 /// A [`SyncState`] from a row of [`READ_STATE`].
@@ -465,6 +490,7 @@ pub(crate) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SyncSt
         last_change_ms: row.get(2)?,
         head: row.get(3)?,
         catalog: row.get(4)?,
+        gap: gap::from_columns(row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?),
     })
 }
 

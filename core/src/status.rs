@@ -179,6 +179,11 @@ impl StatusSender {
         });
     }
 
+    /// The sync state as the database holds it now.
+    pub(crate) fn set_sync(&self, sync: SyncState) {
+        self.0.send_modify(|status| status.sync = sync);
+    }
+
     /// Adds a committed batch's outcomes to the counters, with the sync
     /// state it moved to.
     pub(crate) fn count(&self, tally: &Tally, sync: Option<SyncState>) {
@@ -318,6 +323,13 @@ impl StatusReport {
             ));
         }
         text.push_str(&synced_line(&stored.sync, now_ms));
+        if let Some(gap) = &stored.sync.gap {
+            text.push_str(&format!(
+                "gap           {} (found {})\n",
+                gap.cause,
+                moment_text(gap.since_ms, now_ms)
+            ));
+        }
         if stored.stale_total > 0 {
             text.push_str(&format!(
                 "stale         {} changes older than what the database held, not applied (a publisher's clock behind? by type in /status)\n",
@@ -331,7 +343,7 @@ impl StatusReport {
 /// "synced up to N" for `possync status`, with what the terminal knows
 /// of the store's head and of changes that never arrived.
 fn synced_line(sync: &SyncState, now_ms: i64) -> String {
-    if sync.highest_applied == 0 {
+    if sync.highest_applied == 0 && sync.gap.is_none() {
         return "synced up to  no sequenced change yet (seq comes from possync backend)\n"
             .to_owned();
     }

@@ -72,6 +72,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     crate::feed::MIGRATION_STATE,
     crate::uplink::MIGRATION,
     crate::quarantine::MIGRATION,
+    crate::gap::MIGRATION,
 ];
 
 /// How much of a quarantined message's words (routing key, type, id) and
@@ -331,6 +332,31 @@ impl Database {
             [before],
         )?;
         Ok(ids + publishers)
+    }
+
+    /// The database file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records `gap` in `license_key`'s sync state unless a gap is open
+    /// there already; returns the sync state as it is then.
+    pub(crate) fn record_gap(
+        &mut self,
+        license_key: &str,
+        gap: &crate::gap::Gap,
+    ) -> Result<SyncState, DatabaseError> {
+        let (cause, low, high, since) = crate::gap::to_columns(Some(gap));
+        self.connection.execute(
+            "INSERT INTO possync_sequence (license_key, gap_cause, gap_low, gap_high, gap_since_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (license_key) DO UPDATE SET gap_cause = excluded.gap_cause,
+                 gap_low = excluded.gap_low, gap_high = excluded.gap_high,
+                 gap_since_ms = excluded.gap_since_ms
+             WHERE gap_cause IS NULL",
+            params![license_key, cause, low, high, since],
+        )?;
+        self.sync_state(license_key)
     }
 
     /// How far this database is in sync with `license_key`'s sequence.

@@ -11,11 +11,12 @@ use crate::config::{Config, TerminalSettings};
 use crate::connection::BrokerError;
 use crate::consumer::{Inbox, SessionEnd, Subscription, consume};
 use crate::events;
+use crate::gap::{AppliedMark, Gap, GapCause};
 use crate::in_process::InProcessBroker;
 use crate::redact::redact_url;
 use crate::registry::{Registry, RegistryError};
 use crate::status::{Reporter, State, Status, StatusSender};
-use crate::store::{Database, DatabaseError};
+use crate::store::{Database, DatabaseError, unix_now_ms};
 use crate::topology::TerminalTopology;
 
 /// A terminal that could not start or had to stop.
@@ -87,7 +88,14 @@ impl Terminal {
             events::startup_prune_failed(&err.to_string());
         }
         database.wait_briefly_for_locks()?;
-        let (status, _) = StatusSender::new(database.sync_state(license_key.as_str())?);
+        let mut sync = database.sync_state(license_key.as_str())?;
+        if sync.gap.is_none()
+            && let Some(gap) = AppliedMark::beside(database.path()).check(&sync, unix_now_ms())
+        {
+            sync = database.record_gap(license_key.as_str(), &gap)?;
+            events::gap_found(&gap.cause);
+        }
+        let (status, _) = StatusSender::new(sync);
         Ok(Self {
             status,
             connection_name: format!("possync terminal {terminal_id} of {license_key}"),
@@ -224,6 +232,18 @@ impl Terminal {
                 Ok(subscription) => {
                     ever_live = true;
                     failures = 0;
+                    let sync = status.subscribe().borrow().sync.clone();
+                    // Made again while this terminal had followed its store:
+                    // what was published meanwhile never reached it.
+                    if subscription.queue_created() && sync.catalog.is_some() {
+                        let gap = Gap {
+                            cause: GapCause::QueueRecreated,
+                            since_ms: unix_now_ms(),
+                        };
+                        if let Some(sync) = applier.record_gap(gap).await {
+                            status.set_sync(sync);
+                        }
+                    }
                     events::live(&redact_url(url), &topology.queue, &topology.binding_key);
                     reporter
                         .set(

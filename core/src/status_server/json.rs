@@ -24,6 +24,11 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
             "last_change_at": status.sync.last_change_ms.map(ms_rfc3339),
             "head": status.sync.head,
             "catalog": status.sync.catalog,
+            "gap": status.sync.gap.map(|gap| serde_json::json!({
+                "cause": gap.cause.name(),
+                "since": ms_rfc3339(gap.since_ms),
+                "detail": gap.cause.to_string(),
+            })),
         },
         "queue_depth": status.queue_depth,
         "quarantine_table_rows": snapshot.quarantine_total,

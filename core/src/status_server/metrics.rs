@@ -123,6 +123,12 @@ impl Collector for StatusMetrics {
             "The highest seq applied; above possync_synced_up_to_seq when a change before it never arrived or could not apply.",
             sync.highest_applied,
         )?;
+        gauge(
+            &mut encoder,
+            "possync_sync_gap",
+            "1 while the terminal may lack some of its store's changes (a jump in seq, a queue made again, a database restored from an older copy; the status says which), else 0.",
+            i64::from(sync.gap.is_some()),
+        )?;
         if let Some(head) = sync.head {
             gauge(
                 &mut encoder,

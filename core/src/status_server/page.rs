@@ -64,6 +64,14 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
     if let Some(ms) = sync.last_change_ms {
         let _ = write!(synced, " · last change {}", ms_rfc3339(ms));
     }
+    if let Some(gap) = &sync.gap {
+        let _ = write!(
+            synced,
+            " · gap since {}: {}",
+            ms_rfc3339(gap.since_ms),
+            gap.cause
+        );
+    }
     if status.collapsed > 0 {
         let _ = write!(
             synced,

@@ -234,6 +234,13 @@ const SYNCED: crate::sequence::SyncState = crate::sequence::SyncState {
     last_change_ms: Some(1_764_239_400_000),
     head: Some(45),
     catalog: None,
+    gap: Some(crate::gap::Gap {
+        cause: crate::gap::GapCause::Jump {
+            expected: 41,
+            received: 42,
+        },
+        since_ms: 1_764_239_400_000,
+    }),
 };
 
 /// [`SYNCED`], following a catalog.
@@ -260,7 +267,9 @@ async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
     assert_eq!(
         status["sync"],
         serde_json::json!({"synced_up_to": 40, "highest_applied": 42,
-            "last_change_at": "2025-11-27T10:30:00Z", "head": 45, "catalog": "c0ffee"})
+            "last_change_at": "2025-11-27T10:30:00Z", "head": 45, "catalog": "c0ffee",
+            "gap": {"cause": "jump", "since": "2025-11-27T10:30:00Z",
+                "detail": "change 41 never arrived: 42 came after 40"}})
     );
     assert_eq!(status["collapsed"], 2);
     let page = get(server.address, "/", "localhost").await.body;
@@ -268,6 +277,7 @@ async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
         page.contains("Synced up to seq 40 of at least 45")
             && page.contains("change 41 never arrived or could not apply")
             && page.contains("last change 2025-11-27T10:30:00Z")
+            && page.contains("gap since 2025-11-27T10:30:00Z: change 41 never arrived")
             && page.contains("2 changes collapsed"),
         "{page}"
     );
