@@ -206,7 +206,9 @@ pub struct UpstreamConfig {
     /// The queue's name; its dead-letter queue is `<queue>.dead_letter`,
     /// where a refused message goes with the reason in its
     /// `x-possync-reason` header. Unlike the direct queue it never expires:
-    /// it holds orders.
+    /// it holds orders. Terminals' snapshot requests (a terminal that lacks
+    /// changes asks for its store's catalog) go to `<queue>.snapshots`,
+    /// bound to the snapshot requests among `bindings`.
     pub queue: String,
     /// The queue's bindings: every terminal's messages (`up.#`, the
     /// default), or some stores' only (`up.STORE-1.#`), for a backend that

@@ -357,6 +357,7 @@ impl<S: Storage> queue::BatchConsumer for Direct<S> {
     fn handle_batch(
         &self,
         batch: &[Delivery],
+        _channel: &lapin::Channel,
         stop: &mut watch::Receiver<bool>,
     ) -> impl Future<Output = Option<Vec<Settle>>> + Send {
         self.record_batch(batch, stop)

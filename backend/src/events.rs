@@ -273,6 +273,48 @@ pub(crate) fn upstream_offline(reason: &str, retry_in_ms: u128, first: bool) {
     }
 }
 
+pub(crate) fn snapshots_live(queue: &str) {
+    info!(
+        event = "snapshots_live",
+        %queue,
+        "answering terminals' snapshot requests"
+    );
+}
+
+/// Logged at warn on the first failure of a stretch, quietly per retry after.
+pub(crate) fn snapshots_offline(reason: &str, retry_in_ms: u128, first: bool) {
+    if first {
+        warn!(
+            event = "snapshots_offline",
+            %reason,
+            retry_in_ms,
+            "cannot read the snapshot queue: terminals with a gap wait for their snapshot; check the broker the reason names"
+        );
+    } else {
+        debug!(event = "snapshots_offline", %reason, retry_in_ms, "still cannot read the snapshot queue");
+    }
+}
+
+/// A snapshot request not answered: the terminal asks again.
+pub(crate) fn snapshot_refused(routing_key: &str, reason: &str) {
+    warn!(
+        event = "snapshot_refused",
+        %routing_key,
+        %reason,
+        "a snapshot request was not answered"
+    );
+}
+
+pub(crate) fn snapshot_chunk_sent(store: &str, seq: i64, entities: usize) {
+    debug!(
+        event = "snapshot_chunk_sent",
+        %store,
+        seq,
+        entities,
+        "sent a chunk of a store's catalog to the terminal that asked"
+    );
+}
+
 pub(crate) fn upstream_refused(routing_key: &str, reason: &str) {
     warn!(
         event = "upstream_refused",

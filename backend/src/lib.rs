@@ -19,6 +19,7 @@ mod queue;
 mod relay;
 mod serve;
 mod service;
+mod snapshots;
 mod storage;
 mod store_databases;
 #[cfg(test)]
@@ -34,7 +35,7 @@ pub use fleet::{Counters, FleetRules, Judged, TerminalState};
 pub use service::{ServiceError, run, run_with};
 
 pub use storage::{
-    Accepted, CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, Outcome, PostgresStorage,
-    ReceiptRecord, Received, SqliteStorage, Storage, StorageError, StoreHead, Submitted,
-    TerminalRecord, TokenRecord, UpstreamRecord,
+    Accepted, CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, Outcome,
+    PostgresStorage, ReceiptRecord, Received, SqliteStorage, Storage, StorageError, StoreHead,
+    Submitted, TerminalRecord, TokenRecord, UpstreamRecord,
 };

@@ -33,10 +33,11 @@ pub(crate) trait BatchConsumer: Sync {
     fn spec(&self) -> QueueSpec;
     /// What to do with each delivery of `batch`, in order, once its work
     /// is committed; `None` if asked to stop meanwhile (the batch goes back
-    /// to the queue).
+    /// to the queue). `channel` is the session's, for answers.
     fn handle_batch(
         &self,
         batch: &[Delivery],
+        channel: &Channel,
         stop: &mut watch::Receiver<bool>,
     ) -> impl Future<Output = Option<Vec<Settle>>> + Send;
     /// The queue is read.
@@ -224,7 +225,7 @@ impl Session {
                 }
                 Next::Lost(err) => return Some(err),
             };
-            let Some(settles) = consumer.handle_batch(&batch, stop).await else {
+            let Some(settles) = consumer.handle_batch(&batch, &self.channel, stop).await else {
                 // Stopping with deliveries not recorded: they go back to the queue.
                 self.close().await;
                 return None;

@@ -168,6 +168,13 @@ pub async fn run_with<S: Storage>(
             Arc::clone(&counters),
         );
         workers.spawn(upstream.run(stopped.clone()));
+        let snapshots = crate::snapshots::Snapshots::new(
+            Arc::clone(&catalog),
+            config.broker.clone(),
+            config.upstream.clone(),
+            crate::upstream::own_user(&config.broker),
+        );
+        workers.spawn(snapshots.run(stopped.clone()));
         // Applying, unlike checking, may prepare what a plugin writes to
         // (its settings say where).
         let applying =

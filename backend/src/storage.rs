@@ -128,6 +128,16 @@ pub struct CatalogEntry {
     pub seq: i64,
 }
 
+/// A page of a store's catalog, for a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogPage {
+    /// The store's head when the page was read: every change up to it is
+    /// in the states.
+    pub head: i64,
+    /// The entities, by kind then id.
+    pub entries: Vec<CatalogEntry>,
+}
+
 /// Where a store's sequence stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreHead {
@@ -347,6 +357,38 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         store: &str,
     ) -> impl Future<Output = Result<Vec<CatalogEntry>, StorageError>> + Send;
+
+    /// A page of a store's catalog for a snapshot: the store's head, read
+    /// first, then at most `limit` entities after `(entity, id)` by kind
+    /// then id. Every change up to the head is in the entities' states
+    /// (some may show later ones).
+    fn catalog_page(
+        &self,
+        store: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> impl Future<Output = Result<CatalogPage, StorageError>> + Send {
+        async move {
+            let head = self
+                .heads()
+                .await?
+                .into_iter()
+                .find(|head| head.store == store)
+                .map_or(0, |head| head.head);
+            let entries = self
+                .catalog(store)
+                .await?
+                .into_iter()
+                .filter(|entry| {
+                    after.as_ref().is_none_or(|(entity, id)| {
+                        (entry.entity.as_str(), entry.id.as_str()) > (entity.as_str(), id.as_str())
+                    })
+                })
+                .take(limit)
+                .collect();
+            Ok(CatalogPage { head, entries })
+        }
+    }
 
     /// A store's changes with a sequence number above `after`, in order, at
     /// most `limit`.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use possync_core::{
-    Backoff, BrokerConfig, RECEIPT_TYPE, Receipt, UpstreamMessage, expected_user,
+    Backoff, BrokerConfig, RECEIPT_TYPE, Receipt, SNAPSHOT_TYPE, UpstreamMessage, expected_user,
     parse_upstream_key, unix_now_ms,
 };
 use tokio::sync::watch;
@@ -54,13 +54,15 @@ enum Read {
     Message(UpstreamRecord),
     /// A receipt.
     Receipt(ReceiptRecord),
+    /// Not for this queue: acknowledged, nothing recorded.
+    Ignored,
 }
 
 /// Why a delivery was refused: the reason, and the name it is counted by.
 #[derive(Debug, PartialEq)]
-struct Refusal {
-    reason: String,
-    kind: &'static str,
+pub(crate) struct Refusal {
+    pub(crate) reason: String,
+    pub(crate) kind: &'static str,
 }
 
 fn refused(kind: &'static str, reason: impl Into<String>) -> Refusal {
@@ -85,11 +87,7 @@ impl<S: Storage> Upstream<S> {
         config: UpstreamConfig,
         counters: Arc<Counters>,
     ) -> Self {
-        let own_user = broker
-            .urls
-            .first()
-            .and_then(|url| url.parse::<lapin::uri::AMQPUri>().ok())
-            .map_or_else(|| "guest".into(), |uri| uri.authority.userinfo.username);
+        let own_user = own_user(&broker);
         Self {
             catalog,
             broker,
@@ -127,6 +125,7 @@ impl<S: Storage> Upstream<S> {
                     messages.push((index, record));
                     settles.push(Settle::Ack);
                 }
+                Ok(Read::Ignored) => settles.push(Settle::Ack),
                 Ok(Read::Receipt(receipt)) => {
                     let key = (receipt.store.clone(), receipt.terminal.clone());
                     let newer = receipts.get(&key).is_none_or(|kept| {
@@ -248,70 +247,11 @@ impl<S: Storage> Upstream<S> {
         user: Option<&str>,
         now_ms: i64,
     ) -> Result<Read, Refusal> {
-        let limit = self.config.max_message_bytes;
-        if body.len() > limit {
-            return Err(refused(
-                "malformed",
-                format!(
-                    "{} bytes, over the {limit} the backend takes (upstream.max_message_bytes)",
-                    body.len()
-                ),
-            ));
-        }
-        let (store, terminal, message_type) = parse_upstream_key(routing_key).ok_or_else(|| {
-            refused(
-                "malformed",
-                format!("{routing_key:?} is not an upstream key up.<KEY>.<TERMINAL>.<type>"),
-            )
-        })?;
-        if possync_core::LicenseKey::new(store).is_err()
-            || possync_core::TerminalId::new(terminal).is_err()
-        {
-            return Err(refused(
-                "malformed",
-                format!("{routing_key:?} names a store or terminal that is not a valid id"),
-            ));
-        }
-        let message: UpstreamMessage = serde_json::from_slice(body).map_err(|err| {
-            refused(
-                "malformed",
-                format!("not an upstream message (JSON): {err}"),
-            )
-        })?;
-        if message.license_key != store
-            || message.terminal_id != terminal
-            || message.message_type != message_type
-        {
-            return Err(refused(
-                "mismatch",
-                format!(
-                    "the body names store {:?}, terminal {:?}, type {:?}, the routing key {routing_key}",
-                    message.license_key, message.terminal_id, message.message_type
-                ),
-            ));
-        }
-        if self.config.verify_user {
-            let expected = expected_user(store, terminal);
-            if user != Some(expected.as_str()) {
-                let shown = user.unwrap_or("(none)");
-                let advice = if user == Some(self.own_user.as_str()) {
-                    " (it is the backend's own broker user: terminals share the backend's credentials; provision each with `possync admin provision-terminal`, or set upstream.verify_user = false for development)"
-                } else {
-                    ""
-                };
-                return Err(refused(
-                    "identity",
-                    format!(
-                        "sent by broker user {shown:?}, not {expected:?}, the user of terminal {terminal} of store {store}{advice}"
-                    ),
-                ));
-            }
-        }
-        if message.message_id.is_empty() || message.message_id.len() > MAX_MESSAGE_ID {
-            return Err(refused(
-                "malformed",
-                format!("a message id must have 1 to {MAX_MESSAGE_ID} bytes"),
-            ));
+        let (message, store, terminal, message_type) =
+            checked(&self.config, &self.own_user, routing_key, body, user)?;
+        if message_type == SNAPSHOT_TYPE {
+            // The snapshot queue has its copy and answers it.
+            return Ok(Read::Ignored);
         }
         if message_type == RECEIPT_TYPE {
             let receipt: Receipt = serde_json::from_str(message.payload.get())
@@ -356,6 +296,94 @@ impl<S: Storage> Upstream<S> {
     }
 }
 
+/// The backend's own broker user: a message from it failed the identity
+/// check because terminals share the backend's credentials.
+pub(crate) fn own_user(broker: &BrokerConfig) -> String {
+    broker
+        .urls
+        .first()
+        .and_then(|url| url.parse::<lapin::uri::AMQPUri>().ok())
+        .map_or_else(|| "guest".into(), |uri| uri.authority.userinfo.username)
+}
+
+/// The upstream message a delivery holds, with its store, terminal and
+/// type, when its routing key, its body and (unless `verify_user` is off)
+/// its sender all name the same terminal; else why not.
+pub(crate) fn checked<'k>(
+    config: &UpstreamConfig,
+    own_user: &str,
+    routing_key: &'k str,
+    body: &[u8],
+    user: Option<&str>,
+) -> Result<(UpstreamMessage, &'k str, &'k str, &'k str), Refusal> {
+    let limit = config.max_message_bytes;
+    if body.len() > limit {
+        return Err(refused(
+            "malformed",
+            format!(
+                "{} bytes, over the {limit} the backend takes (upstream.max_message_bytes)",
+                body.len()
+            ),
+        ));
+    }
+    let (store, terminal, message_type) = parse_upstream_key(routing_key).ok_or_else(|| {
+        refused(
+            "malformed",
+            format!("{routing_key:?} is not an upstream key up.<KEY>.<TERMINAL>.<type>"),
+        )
+    })?;
+    if possync_core::LicenseKey::new(store).is_err()
+        || possync_core::TerminalId::new(terminal).is_err()
+    {
+        return Err(refused(
+            "malformed",
+            format!("{routing_key:?} names a store or terminal that is not a valid id"),
+        ));
+    }
+    let message: UpstreamMessage = serde_json::from_slice(body).map_err(|err| {
+        refused(
+            "malformed",
+            format!("not an upstream message (JSON): {err}"),
+        )
+    })?;
+    if message.license_key != store
+        || message.terminal_id != terminal
+        || message.message_type != message_type
+    {
+        return Err(refused(
+            "mismatch",
+            format!(
+                "the body names store {:?}, terminal {:?}, type {:?}, the routing key {routing_key}",
+                message.license_key, message.terminal_id, message.message_type
+            ),
+        ));
+    }
+    if config.verify_user {
+        let expected = expected_user(store, terminal);
+        if user != Some(expected.as_str()) {
+            let shown = user.unwrap_or("(none)");
+            let advice = if user == Some(own_user) {
+                " (it is the backend's own broker user: terminals share the backend's credentials; provision each with `possync admin provision-terminal`, or set upstream.verify_user = false for development)"
+            } else {
+                ""
+            };
+            return Err(refused(
+                "identity",
+                format!(
+                    "sent by broker user {shown:?}, not {expected:?}, the user of terminal {terminal} of store {store}{advice}"
+                ),
+            ));
+        }
+    }
+    if message.message_id.is_empty() || message.message_id.len() > MAX_MESSAGE_ID {
+        return Err(refused(
+            "malformed",
+            format!("a message id must have 1 to {MAX_MESSAGE_ID} bytes"),
+        ));
+    }
+    Ok((message, store, terminal, message_type))
+}
+
 impl<S: Storage> queue::BatchConsumer for Upstream<S> {
     fn broker(&self) -> &BrokerConfig {
         &self.broker
@@ -378,6 +406,7 @@ impl<S: Storage> queue::BatchConsumer for Upstream<S> {
     fn handle_batch(
         &self,
         batch: &[Delivery],
+        _channel: &lapin::Channel,
         stop: &mut watch::Receiver<bool>,
     ) -> impl Future<Output = Option<Vec<Settle>>> + Send {
         self.record_batch(batch, stop)

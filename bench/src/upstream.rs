@@ -86,7 +86,12 @@ async fn stop_backend(url: &str, backend: RunningBackend, queue: &str) -> anyhow
     let connection = workload::connect(url).await?;
     workload::delete_queues(
         &connection,
-        &[queue.to_owned(), format!("{queue}.dead_letter")],
+        &[
+            queue.to_owned(),
+            format!("{queue}.dead_letter"),
+            format!("{queue}.snapshots"),
+            format!("{queue}.snapshots.dead_letter"),
+        ],
     )
     .await;
     workload::close([connection]).await;

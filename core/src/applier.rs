@@ -18,6 +18,7 @@ use crate::poison::Poison;
 use crate::progress::{Progress, Tally};
 use crate::registry::Registry;
 use crate::sequence::SyncState;
+use crate::snapshot::SnapshotMeta;
 use crate::store::{Database, StateRecord};
 use crate::transaction::Transaction;
 
@@ -134,6 +135,9 @@ impl Applier {
             Job::RecordGap(gap, reply) => {
                 let _ = reply.send(self.record_gap(gap));
             }
+            Job::SwapIn(staged, meta, reply) => {
+                let _ = reply.send(self.swap_in(&staged, &meta));
+            }
             Job::FlushProgress => {
                 self.flush_progress();
                 self.prune();
@@ -237,6 +241,21 @@ impl Applier {
                 None
             }
         }
+    }
+
+    /// Swaps a staged snapshot in: the plugins' tables and the sync state.
+    pub(crate) fn swap_in(
+        &mut self,
+        staged: &std::path::Path,
+        meta: &SnapshotMeta,
+    ) -> Result<SyncState, String> {
+        let sync = self
+            .database
+            .swap_in(staged, self.dispatch.license_key(), meta)
+            .map_err(|err| err.to_string())?;
+        self.mark.note(&sync);
+        self.mark.flush();
+        Ok(sync)
     }
 
     /// Writes the counters not yet written, for `possync status`.
@@ -368,6 +387,11 @@ pub(crate) enum Job {
     FlushProgress,
     Requeue,
     RecordGap(Gap, oneshot::Sender<Option<SyncState>>),
+    SwapIn(
+        std::path::PathBuf,
+        SnapshotMeta,
+        oneshot::Sender<Result<SyncState, String>>,
+    ),
 }
 
 /// The async side of an [`Applier`]. On a multi-threaded runtime the
@@ -453,6 +477,19 @@ impl ApplierHandle {
         let (reply, response) = oneshot::channel();
         self.submit(Job::RecordGap(gap, reply)).await;
         response.await.ok().flatten()
+    }
+
+    /// Swaps a staged snapshot in, in order with the batches.
+    pub(crate) async fn swap_in(
+        &self,
+        staged: std::path::PathBuf,
+        meta: SnapshotMeta,
+    ) -> Result<SyncState, String> {
+        let (reply, response) = oneshot::channel();
+        self.submit(Job::SwapIn(staged, meta, reply)).await;
+        response
+            .await
+            .unwrap_or_else(|_| Err("the apply thread is gone".into()))
     }
 
     /// Carries out a job that answers nothing, in order with the batches.

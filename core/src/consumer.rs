@@ -20,6 +20,7 @@ use crate::dispatch::Outcome;
 use crate::events;
 use crate::in_process::InProcessInbox;
 use crate::inbound::Inbound;
+use crate::snapshot::{self, Asker, SnapshotContext, SnapshotError, SnapshotPlan};
 use crate::status::{Reporter, State};
 use crate::topology::TerminalTopology;
 
@@ -55,9 +56,14 @@ pub(crate) async fn consume(
     applier: &ApplierHandle,
     reporter: &Reporter<'_>,
     batch_size: usize,
+    snapshots: Option<&SnapshotContext>,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
     let status = reporter.status();
+    let mut plan = {
+        let sync = status.sync();
+        SnapshotPlan::new(sync.catalog.is_none() && sync.highest_applied == 0)
+    };
     let mut depth_due = tokio::time::Instant::now();
     // Renewed at once too: a provisioned terminal declares nothing on
     // connecting, and its sessions may be short.
@@ -77,6 +83,39 @@ pub(crate) async fn consume(
         if tokio::time::Instant::now() >= requeue_due {
             applier.requeue().await;
             requeue_due = tokio::time::Instant::now() + REQUEUE_EVERY;
+        }
+        // A snapshot runs between batches, with every delivery settled:
+        // what arrives meanwhile waits in the queue.
+        if held.is_empty()
+            && let (Some(context), Inbox::Broker(broker)) = (snapshots, &subscription)
+            && plan.due(&status.sync())
+        {
+            events::snapshot_started(&snapshot::reason(&status.sync()));
+            let asker = broker.asker(context);
+            let taken = tokio::select! {
+                () = shutdown.as_mut() => {
+                    events::stopping();
+                    subscription.close(&[]).await;
+                    return SessionEnd::Stopped;
+                }
+                taken = snapshot::take(broker.connection(), &asker, context, applier) => taken,
+            };
+            match taken {
+                Ok(sync) => {
+                    plan.done();
+                    status.set_sync(sync);
+                }
+                Err(err) => {
+                    let retry = plan.failed(&err);
+                    events::snapshot_failed(&err.to_string(), retry.map(|d| d.as_millis()));
+                    if let SnapshotError::Broker(err) = err
+                        && err.is_connection_failure()
+                    {
+                        return SessionEnd::Lost(err);
+                    }
+                }
+            }
+            continue;
         }
         let mut lost = None;
         let batch = if held.is_empty() {
@@ -569,6 +608,23 @@ impl Subscription {
             probe: Probe::NotOpen,
             queue_created,
         })
+    }
+
+    /// The connection, for a snapshot's own channel.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// Who asks for this terminal's snapshots, on this connection.
+    pub(crate) fn asker(&self, context: &SnapshotContext) -> Asker {
+        Asker {
+            license_key: context.license_key.clone(),
+            terminal_id: context.terminal_id.clone(),
+            exchange: self.topology.exchange.clone(),
+            user: crate::uplink::broker_user(&self.url),
+            url: self.url.clone(),
+            timeout_secs: self.timeout_secs,
+        }
     }
 
     /// Whether the terminal's queue did not exist before this connection

@@ -94,6 +94,71 @@ pub(crate) fn gap_closed(cause: &crate::gap::GapCause) {
     );
 }
 
+/// A snapshot is asked for: the terminal takes nothing from its queue
+/// until it is swapped in or dropped.
+pub(crate) fn snapshot_started(reason: &str) {
+    info!(
+        event = "snapshot_started",
+        %reason,
+        "asking the backend for the store's catalog; changes wait in the queue meanwhile"
+    );
+}
+
+pub(crate) fn snapshot_progress(seq: i64, entities: u64, elapsed_ms: u128) {
+    info!(
+        event = "snapshot_progress",
+        seq, entities, elapsed_ms, "receiving the store's catalog: {entities} entities so far"
+    );
+}
+
+/// The snapshot is swapped in: the catalog is the backend's at `seq`.
+pub(crate) fn snapshot_applied(
+    seq: i64,
+    catalog: &str,
+    entities: u64,
+    elapsed_ms: u128,
+    left_out: &str,
+) {
+    if left_out.is_empty() {
+        info!(
+            event = "snapshot_applied",
+            seq,
+            %catalog,
+            entities,
+            elapsed_ms,
+            "the store's catalog at seq {seq} is swapped in ({entities} entities); the changes after it apply from the queue"
+        );
+    } else {
+        warn!(
+            event = "snapshot_applied",
+            seq,
+            %catalog,
+            entities,
+            elapsed_ms,
+            %left_out,
+            "the store's catalog at seq {seq} is swapped in, but not all of it: {left_out}"
+        );
+    }
+}
+
+/// A snapshot failed; dropped, asked again after `retry_in_ms` (never when
+/// `None`).
+pub(crate) fn snapshot_failed(reason: &str, retry_in_ms: Option<u128>) {
+    match retry_in_ms {
+        Some(retry_in_ms) => warn!(
+            event = "snapshot_failed",
+            %reason,
+            retry_in_ms,
+            "the snapshot did not complete; nothing of it was applied, and it is asked again"
+        ),
+        None => info!(
+            event = "snapshot_failed",
+            %reason,
+            "no snapshot at this first start; the terminal applies the store's changes as they come"
+        ),
+    }
+}
+
 /// The mark that tells a restored database could not be written.
 pub(crate) fn applied_mark_unwritten(path: &std::path::Path, reason: &str) {
     warn!(

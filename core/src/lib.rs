@@ -34,6 +34,7 @@ mod quarantine;
 mod redact;
 mod registry;
 mod sequence;
+mod snapshot;
 mod status;
 mod status_server;
 mod store;
@@ -76,6 +77,6 @@ pub use telemetry::{LogFormat, init_logging};
 pub use terminal::{Terminal, TerminalError};
 pub use topology::{TerminalTopology, is_message_type, routing_key};
 pub use upstream::{
-    RECEIPT_TYPE, Receipt, UPSTREAM_BINDING, UpstreamMessage, expected_user, parse_upstream_key,
-    upstream_key,
+    RECEIPT_TYPE, Receipt, SNAPSHOT_TYPE, SnapshotChunk, SnapshotEntity, SnapshotRequest,
+    UPSTREAM_BINDING, UpstreamMessage, expected_user, parse_upstream_key, upstream_key,
 };

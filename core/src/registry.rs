@@ -388,6 +388,15 @@ impl Registry {
         self.entities.get(message_type)
     }
 
+    /// The enabled type that replaces a whole `entity` of this kind, with
+    /// its rule: how a snapshot restores one.
+    pub(crate) fn restoring_type(&self, entity: &str) -> Option<(&str, &EntityRule)> {
+        self.entities
+            .iter()
+            .find(|(_, rule)| crate::snapshot::replaces(rule, entity))
+            .map(|(message_type, rule)| (message_type.as_str(), rule))
+    }
+
     /// Whether `payload` is a valid payload of `message_type` as the enabled
     /// plugin that handles it decodes and checks it: what a terminal would
     /// dead-letter is refused before it is sent.

@@ -179,6 +179,11 @@ impl StatusSender {
         });
     }
 
+    /// The sync state as last known.
+    pub(crate) fn sync(&self) -> SyncState {
+        self.0.borrow().sync.clone()
+    }
+
     /// The sync state as the database holds it now.
     pub(crate) fn set_sync(&self, sync: SyncState) {
         self.0.send_modify(|status| status.sync = sync);

@@ -158,6 +158,16 @@ impl Terminal {
         );
         let plugins = registry.plugins();
         let uplink_registry = Arc::clone(&registry);
+        // Snapshots are asked for over the terminal's upstream identity.
+        let snapshots = config
+            .uplink
+            .enabled
+            .then(|| crate::snapshot::SnapshotContext {
+                license_key: settings.license_key().clone(),
+                terminal_id: settings.terminal_id().clone(),
+                registry: Arc::clone(&registry),
+                database: config.terminal.database.clone(),
+            });
         let mut server = None;
         let feed = crate::feed::channel();
         let applier = ApplierHandle::spawn(Applier::new(
@@ -258,6 +268,7 @@ impl Terminal {
                         &applier,
                         &reporter,
                         config.terminal.batch_size,
+                        snapshots.as_ref(),
                         &mut shutdown,
                     )
                     .await

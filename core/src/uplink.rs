@@ -651,7 +651,7 @@ impl Session {
 
 /// The user name of an AMQP URL (`guest` when it names none, as RabbitMQ
 /// takes it).
-fn broker_user(url: &str) -> String {
+pub(crate) fn broker_user(url: &str) -> String {
     url.parse::<lapin::uri::AMQPUri>()
         .map(|uri| uri.authority.userinfo.username)
         .unwrap_or_else(|_| "guest".into())

@@ -20,6 +20,12 @@ pub const UPSTREAM_BINDING: &str = "up.#";
 /// The type of a delivery receipt.
 pub const RECEIPT_TYPE: &str = "receipt";
 
+/// The type of a terminal's request for a snapshot of its store's catalog.
+/// The backend answers each request with one chunk, sent to the request's
+/// `reply_to` (RabbitMQ's direct reply-to): only the channel that asked
+/// receives it.
+pub const SNAPSHOT_TYPE: &str = "snapshot";
+
 /// `up.<KEY>.<TERMINAL>.<type>`.
 pub fn upstream_key(
     license_key: &LicenseKey,
@@ -91,6 +97,56 @@ pub struct Receipt {
     pub run: String,
     /// The receipt's number in its run: the backend keeps the highest.
     pub n: u64,
+}
+
+/// The payload of a [`SNAPSHOT_TYPE`] request: the next chunk of the
+/// store's catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot's sequence number, from its first chunk; `None` to
+    /// start one.
+    pub seq: Option<i64>,
+    /// The last entity of the previous chunk, `(entity, id)`; `None` for the
+    /// first chunk.
+    pub after: Option<(String, String)>,
+    /// The most entities in the chunk.
+    pub limit: u32,
+}
+
+/// One entity of a snapshot: its kind, id, state, and the `seq` of the
+/// change that last wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotEntity {
+    /// The kind (`product`).
+    pub entity: String,
+    /// Its id.
+    pub id: String,
+    /// The `seq` of the change that last wrote it.
+    pub seq: i64,
+    /// Its state, under its entity's field names.
+    pub state: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The backend's answer to a [`SnapshotRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// The request's message id.
+    pub request: String,
+    /// The store.
+    pub store: String,
+    /// The catalog (backend database) the snapshot comes from.
+    pub catalog: String,
+    /// Every change up to this `seq` is in the snapshot; an entity may
+    /// show a later state, which the changes after `seq` write again.
+    pub seq: i64,
+    /// The entities, ordered by kind then id.
+    pub entities: Vec<SnapshotEntity>,
+    /// Where the next chunk starts; `None` after the last.
+    pub next: Option<(String, String)>,
+    /// Why the backend could not answer; nothing else is set then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

@@ -290,6 +290,8 @@ impl Drop for Backend {
             format!("{}.dead_letter", self.direct_queue),
             self.upstream_queue.clone(),
             format!("{}.dead_letter", self.upstream_queue),
+            format!("{}.snapshots", self.upstream_queue),
+            format!("{}.snapshots.dead_letter", self.upstream_queue),
         ] {
             let _ = std::process::Command::new("rabbitmqctl")
                 .args(["delete_queue", "-q", &queue])

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod browser;
+pub mod catalog;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -415,6 +416,15 @@ impl ChildLog {
             line.contains(needle)
         })
         .await
+    }
+
+    /// Waits until the process has logged a line containing `needle`,
+    /// among the lines already waited for or the next ones.
+    pub async fn wait_for_logged(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|line| line.contains(needle)) {
+            return line.clone();
+        }
+        self.wait_for_line(needle).await
     }
 
     /// Waits until the process logs a line for which `found` holds; returns it.

@@ -17,8 +17,9 @@ use tokio_postgres::{Client, Config, NoTls, Row};
 
 use super::plan::{self, Before, StoredEntity};
 use super::{
-    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received, Storage,
-    StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord, UpstreamRecord, answer,
+    CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
+    Received, Storage, StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord,
+    UpstreamRecord, answer,
 };
 
 /// Connections kept for concurrent requests.
@@ -735,6 +736,49 @@ impl Storage for PostgresStorage {
                 })
             })
             .collect()
+    }
+
+    async fn catalog_page(
+        &self,
+        store: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<CatalogPage, StorageError> {
+        let client = self.client().await?;
+        let sql = failed("cannot read the catalog");
+        // The head first: the page, read after it, holds every change up to it.
+        let head: i64 = client
+            .query_opt("SELECT head FROM stores WHERE store = $1", &[&store])
+            .await
+            .map_err(&sql)?
+            .map(|row| col(&row, 0))
+            .transpose()?
+            .unwrap_or(0);
+        let (entity, id) = after.unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // COLLATE "C": byte order, as the terminal and SQLite compare.
+        let rows = client
+            .query(
+                r#"SELECT entity, id, state, seq FROM entities
+                 WHERE store = $1 AND (entity COLLATE "C", id COLLATE "C") > ($2, $3)
+                   AND state IS NOT NULL
+                 ORDER BY entity COLLATE "C", id COLLATE "C" LIMIT $4"#,
+                &[&store, &entity, &id, &limit],
+            )
+            .await
+            .map_err(&sql)?;
+        let entries = rows
+            .iter()
+            .map(|row| {
+                Ok(CatalogEntry {
+                    entity: col(row, 0)?,
+                    id: col(row, 1)?,
+                    state: parse_state(col(row, 2)?)?,
+                    seq: col(row, 3)?,
+                })
+            })
+            .collect::<Result<_, StorageError>>()?;
+        Ok(CatalogPage { head, entries })
     }
 
     async fn changes_after(

@@ -20,8 +20,9 @@ use tokio::sync::oneshot;
 
 use super::plan::{self, Before, StoredEntity};
 use super::{
-    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received, Storage,
-    StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord, UpstreamRecord, answer,
+    CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
+    Received, Storage, StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord,
+    UpstreamRecord, answer,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -793,6 +794,53 @@ impl Storage for SqliteStorage {
                     })
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn catalog_page(
+        &self,
+        store: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<CatalogPage, StorageError> {
+        let store = store.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            let sql = failed("cannot read the catalog");
+            let connection = inner.reader();
+            // The head first: the page, read after it, holds every change up to it.
+            let head: i64 = connection
+                .prepare_cached("SELECT head FROM stores WHERE store = ?")
+                .and_then(|mut stmt| stmt.query_row([&store], |row| row.get(0)).optional())
+                .map_err(&sql)?
+                .unwrap_or(0);
+            let (entity, id) = after.unwrap_or_default();
+            let mut stmt = connection
+                .prepare_cached(
+                    "SELECT entity, id, state, seq FROM entities
+                     WHERE store = ?1 AND (entity, id) > (?2, ?3) AND state IS NOT NULL
+                     ORDER BY entity, id LIMIT ?4",
+                )
+                .map_err(&sql)?;
+            let rows: Vec<(String, String, String, i64)> = stmt
+                .query_map(rusqlite::params![store, entity, id, limit], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })
+                .and_then(Iterator::collect)
+                .map_err(&sql)?;
+            let entries = rows
+                .into_iter()
+                .map(|(entity, id, state, seq)| {
+                    Ok(CatalogEntry {
+                        entity,
+                        id,
+                        state: parse_state(&state)?,
+                        seq,
+                    })
+                })
+                .collect::<Result<_, StorageError>>()?;
+            Ok(CatalogPage { head, entries })
         })
         .await
     }

@@ -1,0 +1,649 @@
+//! Snapshots: how a terminal with a gap converges. It asks the backend,
+//! over its upstream identity, for its store's catalog at a sequence
+//! number S, chunk by chunk; the chunks come back to its channel alone
+//! (RabbitMQ's direct reply-to). Each chunk is applied by the plugins'
+//! own handlers into a staging database beside the terminal's, and the
+//! whole snapshot is swapped in in one transaction: the POS app reads the
+//! old catalog or the new one, never half of one.
+//!
+//! While a snapshot runs the terminal takes nothing from its queue: the
+//! changes that arrive meanwhile wait there. After the swap, those up to S
+//! are duplicates and those after it apply, each once. A snapshot that
+//! fails (the connection lost, no answer) is dropped and asked again
+//! later from the start.
+//!
+//! An entity's state is restored through the type its plugin declares as
+//! replacing it (`x-possync-entity` with `"change": "replace"`), so every
+//! plugin with such a declaration takes part without code of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::Confirmation;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use rusqlite::params;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::applier::{Applier, Limits};
+use crate::connection::{self, BrokerError};
+use crate::dispatch::Outcome;
+use crate::entity::ChangeKind;
+use crate::events;
+use crate::identity::{LicenseKey, TerminalId};
+use crate::inbound::Inbound;
+use crate::registry::Registry;
+use crate::sequence::SyncState;
+use crate::store::{Database, DatabaseError, unix_now_ms};
+use crate::topology::routing_key;
+use crate::upstream::{
+    SNAPSHOT_TYPE, SnapshotChunk, SnapshotEntity, SnapshotRequest, UpstreamMessage, upstream_key,
+};
+
+/// RabbitMQ's direct reply-to pseudo-queue.
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Entities asked for per chunk.
+const CHUNK: u32 = 2_000;
+
+/// How long the terminal waits for a chunk before it drops the snapshot.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A jump in the sequence is given this long to fill (the relay sends a
+/// change again late) before it is taken for a loss.
+const JUMP_WAIT: Duration = Duration::from_secs(30);
+
+/// A failed snapshot is asked again after 5 s, growing to 5 minutes.
+const RETRY: crate::Backoff = crate::Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+
+/// How often a running snapshot says how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a snapshot did not complete.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SnapshotError {
+    /// No queue takes the store's snapshot requests: no backend serves it.
+    #[error(
+        "no possync backend takes this store's snapshot requests (no queue is bound to them); start one with [upstream] enabled, or ignore this where the store has no backend"
+    )]
+    NoBackend,
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// No chunk came in time.
+    #[error("no chunk came within {0} s: is the backend running and reading its snapshot queue?")]
+    Timeout(u64),
+    /// The backend could not answer.
+    #[error("the backend could not answer: {0}")]
+    Backend(String),
+    /// A chunk could not be staged or swapped in.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// When this terminal asks for a snapshot.
+#[derive(Debug)]
+pub(crate) struct SnapshotPlan {
+    /// Asked once at a first start, before anything was applied.
+    first_start: bool,
+    next_try: Instant,
+    failures: u32,
+}
+
+impl SnapshotPlan {
+    /// A plan for a session; `first_start` when the queue was just made for
+    /// a terminal that follows no catalog yet.
+    pub(crate) fn new(first_start: bool) -> Self {
+        Self {
+            first_start,
+            next_try: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    /// Whether a snapshot is due now.
+    pub(crate) fn due(&self, sync: &SyncState) -> bool {
+        if Instant::now() < self.next_try {
+            return false;
+        }
+        match sync.gap {
+            Some(gap) => match gap.cause {
+                crate::GapCause::Jump { .. } => {
+                    unix_now_ms() - gap.since_ms
+                        >= i64::try_from(JUMP_WAIT.as_millis()).unwrap_or(i64::MAX)
+                }
+                _ => true,
+            },
+            None => self.first_start && sync.highest_applied == 0,
+        }
+    }
+
+    /// The snapshot completed.
+    pub(crate) fn done(&mut self) {
+        self.first_start = false;
+        self.failures = 0;
+    }
+
+    /// The snapshot failed; returns when it is asked again.
+    pub(crate) fn failed(&mut self, err: &SnapshotError) -> Option<Duration> {
+        if matches!(err, SnapshotError::NoBackend) && self.first_start {
+            // Nothing to converge from: the store has no backend.
+            self.first_start = false;
+            return None;
+        }
+        self.failures += 1;
+        let delay = RETRY.delay(self.failures);
+        self.next_try = Instant::now() + delay;
+        Some(delay)
+    }
+}
+
+/// Who asks, and where.
+#[derive(Debug, Clone)]
+pub(crate) struct Asker {
+    pub(crate) license_key: LicenseKey,
+    pub(crate) terminal_id: TerminalId,
+    pub(crate) exchange: String,
+    /// The broker user, set as each request's `user_id`.
+    pub(crate) user: String,
+    pub(crate) url: String,
+    pub(crate) timeout_secs: u64,
+}
+
+/// What a completed fetch staged.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) seq: i64,
+    pub(crate) catalog: String,
+    pub(crate) entities: u64,
+}
+
+/// Asks for the store's catalog chunk by chunk on `connection` and hands
+/// each chunk to `stage`, which applies it to the staging database.
+pub(crate) async fn fetch(
+    connection: &Connection,
+    asker: &Asker,
+    staging: &mut Option<Staging>,
+) -> Result<Fetched, SnapshotError> {
+    let timeout = asker.timeout_secs;
+    let url = asker.url.as_str();
+    let channel = connection::confirming_channel(connection, timeout, url).await?;
+    let result = fetch_on(&channel, asker, staging).await;
+    let _ = channel.close(200, "snapshot done".into()).await;
+    result
+}
+
+async fn fetch_on(
+    channel: &Channel,
+    asker: &Asker,
+    staging: &mut Option<Staging>,
+) -> Result<Fetched, SnapshotError> {
+    let (timeout, url) = (asker.timeout_secs, asker.url.as_str());
+    let mut replies = connection::within(
+        timeout,
+        "waiting for snapshot chunks",
+        url,
+        channel.basic_consume(
+            REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let started = Instant::now();
+    let mut said_at = Instant::now();
+    let mut seq = None;
+    let mut entities: u64 = 0;
+    let mut asked = ask(channel, asker, None, None).await?;
+    loop {
+        let chunk = loop {
+            let delivery = match tokio::time::timeout(CHUNK_TIMEOUT, replies.next()).await {
+                Err(_) => return Err(SnapshotError::Timeout(CHUNK_TIMEOUT.as_secs())),
+                Ok(None) => return Err(BrokerError::ConnectionLost.into()),
+                Ok(Some(Err(err))) => {
+                    return Err(
+                        BrokerError::from_lapin("waiting for snapshot chunks", url, err).into(),
+                    );
+                }
+                Ok(Some(Ok(delivery))) => delivery,
+            };
+            let chunk: SnapshotChunk = serde_json::from_slice(&delivery.data).map_err(|err| {
+                SnapshotError::Backend(format!("a chunk that is not JSON: {err}"))
+            })?;
+            // A late answer to a request given up on is not this one's.
+            if chunk.request == asked {
+                break chunk;
+            }
+        };
+        if let Some(reason) = chunk.error {
+            return Err(SnapshotError::Backend(reason));
+        }
+        if chunk.store != asker.license_key.as_str() {
+            return Err(SnapshotError::Backend(format!(
+                "a chunk of store {}, not {}",
+                chunk.store, asker.license_key
+            )));
+        }
+        let seq = *seq.get_or_insert(chunk.seq);
+        // The next chunk is on its way while this one is staged.
+        if let Some(after) = chunk.next.clone() {
+            asked = ask(channel, asker, Some(seq), Some(after)).await?;
+        }
+        let staged = staging
+            .take()
+            .ok_or_else(|| SnapshotError::Local("the staging database is gone".into()))?;
+        let count = chunk.entities.len() as u64;
+        let last = chunk.next.is_none();
+        let catalog = chunk.catalog.clone();
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let mut staged = staged;
+            let result = staged.stage(&chunk);
+            (staged, result)
+        })
+        .await
+        .map_err(|err| SnapshotError::Local(format!("staging panicked: {err}")))?;
+        *staging = Some(back);
+        result.map_err(SnapshotError::Local)?;
+        entities += count;
+        if said_at.elapsed() >= PROGRESS_EVERY {
+            said_at = Instant::now();
+            events::snapshot_progress(seq, entities, started.elapsed().as_millis());
+        }
+        if last {
+            return Ok(Fetched {
+                seq,
+                catalog,
+                entities,
+            });
+        }
+    }
+}
+
+/// Sends one request; returns its message id.
+async fn ask(
+    channel: &Channel,
+    asker: &Asker,
+    seq: Option<i64>,
+    after: Option<(String, String)>,
+) -> Result<String, SnapshotError> {
+    let (timeout, url) = (asker.timeout_secs, asker.url.as_str());
+    let id = uuid::Uuid::now_v7().to_string();
+    let request = SnapshotRequest {
+        seq,
+        after,
+        limit: CHUNK,
+    };
+    let payload = serde_json::to_string(&request)
+        .ok()
+        .and_then(|text| RawValue::from_string(text).ok())
+        .ok_or_else(|| SnapshotError::Local("cannot write the request".into()))?;
+    let message = UpstreamMessage {
+        message_type: SNAPSHOT_TYPE.into(),
+        license_key: asker.license_key.to_string(),
+        terminal_id: asker.terminal_id.to_string(),
+        message_id: id.clone(),
+        created_at: crate::publisher::now_rfc3339().unwrap_or_default(),
+        payload,
+    };
+    let body = serde_json::to_vec(&message)
+        .map_err(|err| SnapshotError::Local(format!("cannot write the request: {err}")))?;
+    let confirm = connection::within(
+        timeout,
+        "asking for a snapshot",
+        url,
+        channel.basic_publish(
+            asker.exchange.as_str().into(),
+            upstream_key(&asker.license_key, &asker.terminal_id, SNAPSHOT_TYPE)
+                .as_str()
+                .into(),
+            // mandatory: the broker says when no backend's queue takes it.
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &body,
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_reply_to(REPLY_TO.into())
+                .with_user_id(asker.user.as_str().into()),
+        ),
+    )
+    .await?;
+    match connection::within(timeout, "asking for a snapshot", url, confirm).await? {
+        Confirmation::Ack(Some(_)) => Err(SnapshotError::NoBackend),
+        Confirmation::Ack(None) => Ok(id),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(SnapshotError::Backend(
+            "the broker refused the snapshot request".into(),
+        )),
+    }
+}
+
+/// The staging database: a fresh database beside the terminal's, where
+/// the plugins' handlers apply the snapshot's entities.
+pub(crate) struct Staging {
+    applier: Applier,
+    path: PathBuf,
+    registry: Arc<Registry>,
+    license_key: LicenseKey,
+    /// Entities of a kind no enabled plugin restores, by kind.
+    skipped: std::collections::BTreeMap<String, u64>,
+    /// Entities their handler refused, with the first reason.
+    refused: (u64, Option<String>),
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staging")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Staging {
+    /// Makes the staging database of the terminal's `database` afresh.
+    pub(crate) fn create(
+        database: &Path,
+        registry: Arc<Registry>,
+        license_key: &LicenseKey,
+    ) -> Result<Self, DatabaseError> {
+        let path = staging_path(database);
+        remove_database(&path);
+        let mut staged = Database::open(&path)?;
+        staged.migrate(registry.migrations().iter())?;
+        // Thrown away if anything stops it: no need to wait for the disk.
+        staged.commit_without_sync()?;
+        let limits = Limits {
+            max_message_bytes: usize::MAX,
+            max_attempts: 1,
+            quarantine_max_rows: 100_000,
+            quarantine_max_age_secs: 24 * 3600,
+            applied_ids_max_age_secs: 24 * 3600,
+            collapse_min_batch: 0,
+            feed_keep: 0,
+        };
+        Ok(Self {
+            applier: Applier::new(
+                staged,
+                Arc::clone(&registry),
+                license_key.clone(),
+                limits,
+                crate::feed::channel(),
+            ),
+            path,
+            registry,
+            license_key: license_key.clone(),
+            skipped: std::collections::BTreeMap::new(),
+            refused: (0, None),
+        })
+    }
+
+    /// Applies a chunk's entities through their plugins' handlers.
+    pub(crate) fn stage(&mut self, chunk: &SnapshotChunk) -> Result<(), String> {
+        let mut batch = Vec::with_capacity(chunk.entities.len());
+        for entity in &chunk.entities {
+            match self.envelope(entity, &chunk.catalog) {
+                Some((message_type, body)) => batch.push(Inbound {
+                    tag: batch.len() as u64,
+                    routing_key: routing_key(&self.license_key, &message_type),
+                    body,
+                    redelivered: false,
+                    requeued: false,
+                }),
+                None => *self.skipped.entry(entity.entity.clone()).or_default() += 1,
+            }
+        }
+        let applied = self.applier.apply(&batch).map_err(|err| err.to_string())?;
+        for outcome in &applied.outcomes {
+            match outcome {
+                Outcome::DeadLetter { reason, .. } => {
+                    self.refused.0 += 1;
+                    self.refused.1.get_or_insert_with(|| reason.clone());
+                }
+                Outcome::Retry { reason } => {
+                    return Err(format!("a handler asked to try again: {reason}"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The entity as a message of the type that replaces it, with its own
+    /// `seq` (so that it orders against later changes as the change that
+    /// wrote it would); `None` if no enabled plugin restores its kind.
+    fn envelope(&self, entity: &SnapshotEntity, catalog: &str) -> Option<(String, Vec<u8>)> {
+        let (message_type, rule) = self.registry.restoring_type(&entity.entity)?;
+        let mut payload: Map<String, Value> = entity.state.clone();
+        // Entity field names back to the payload's.
+        for (field, name) in &rule.fields {
+            if let Some(value) = payload.remove(name) {
+                payload.insert(field.clone(), value);
+            }
+        }
+        payload
+            .entry(rule.id.clone())
+            .or_insert_with(|| Value::String(entity.id.clone()));
+        let body = serde_json::json!({
+            "type": message_type,
+            "license_key": self.license_key.as_str(),
+            "payload": payload,
+            "message_id": format!("snapshot/{}/{}", entity.entity, entity.id),
+            "seq": entity.seq,
+            "catalog": catalog,
+        });
+        Some((message_type.to_owned(), serde_json::to_vec(&body).ok()?))
+    }
+
+    /// Kinds skipped and entities refused, for the log.
+    pub(crate) fn left_out(&self) -> (Vec<(String, u64)>, u64, Option<String>) {
+        (
+            self.skipped
+                .iter()
+                .map(|(kind, count)| (kind.clone(), *count))
+                .collect(),
+            self.refused.0,
+            self.refused.1.clone(),
+        )
+    }
+
+    /// The staging database's file, closed.
+    pub(crate) fn finish(self) -> PathBuf {
+        self.path
+    }
+}
+
+/// What a terminal needs to take snapshots.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotContext {
+    pub(crate) license_key: LicenseKey,
+    pub(crate) terminal_id: TerminalId,
+    pub(crate) registry: Arc<Registry>,
+    /// The terminal's database; the staging one is made beside it.
+    pub(crate) database: PathBuf,
+}
+
+/// Asks for a snapshot on `connection`, stages it and swaps it in;
+/// returns the sync state after the swap.
+pub(crate) async fn take(
+    connection: &Connection,
+    asker: &Asker,
+    context: &SnapshotContext,
+    applier: &crate::applier::ApplierHandle,
+) -> Result<SyncState, SnapshotError> {
+    let started = Instant::now();
+    let (database, registry, key) = (
+        context.database.clone(),
+        Arc::clone(&context.registry),
+        context.license_key.clone(),
+    );
+    let staging = tokio::task::spawn_blocking(move || Staging::create(&database, registry, &key))
+        .await
+        .map_err(|err| SnapshotError::Local(format!("staging panicked: {err}")))?
+        .map_err(|err| SnapshotError::Local(format!("cannot make the staging database: {err}")))?;
+    let path = staging.path.clone();
+    let mut staging = Some(staging);
+    let fetched = fetch(connection, asker, &mut staging).await;
+    let left_out = staging.map(|staging| {
+        let (skipped, refused, reason) = staging.left_out();
+        drop(staging.finish());
+        left_out_text(&skipped, refused, reason.as_deref())
+    });
+    let swapped = match fetched {
+        Ok(fetched) => applier
+            .swap_in(
+                path.clone(),
+                SnapshotMeta {
+                    seq: fetched.seq,
+                    catalog: fetched.catalog.clone(),
+                },
+            )
+            .await
+            .map(|sync| (fetched, sync))
+            .map_err(|err| SnapshotError::Local(format!("cannot swap the snapshot in: {err}"))),
+        Err(err) => Err(err),
+    };
+    remove_database(&path);
+    let (fetched, sync) = swapped?;
+    events::snapshot_applied(
+        fetched.seq,
+        &fetched.catalog,
+        fetched.entities,
+        started.elapsed().as_millis(),
+        left_out.as_deref().unwrap_or_default(),
+    );
+    Ok(sync)
+}
+
+/// Why a snapshot is due, for the log.
+pub(crate) fn reason(sync: &SyncState) -> String {
+    match sync.gap {
+        Some(gap) => gap.cause.to_string(),
+        None => "first start: this terminal holds nothing of its store's catalog yet".into(),
+    }
+}
+
+/// `<database>-snapshot`.
+fn staging_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-snapshot");
+    PathBuf::from(name)
+}
+
+/// Removes a database file and its journal files, if there.
+pub(crate) fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal", "-applied"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(name));
+    }
+}
+
+/// What a snapshot swapped in.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotMeta {
+    pub(crate) seq: i64,
+    pub(crate) catalog: String,
+}
+
+impl Database {
+    /// Replaces every plugin table with the staging database's, and moves
+    /// the store's sync state to the snapshot's `seq`, in one transaction.
+    pub(crate) fn swap_in(
+        &mut self,
+        staged: &Path,
+        license_key: &str,
+        meta: &SnapshotMeta,
+    ) -> Result<SyncState, DatabaseError> {
+        let connection = self.connection();
+        connection.execute("ATTACH DATABASE ?1 AS snapshot", [staged.to_string_lossy()])?;
+        let swapped = swap_tables(connection, license_key, meta);
+        let detached = connection.execute_batch("DETACH DATABASE snapshot");
+        swapped?;
+        detached?;
+        self.sync_state(license_key)
+    }
+}
+
+fn swap_tables(
+    connection: &rusqlite::Connection,
+    license_key: &str,
+    meta: &SnapshotMeta,
+) -> Result<(), DatabaseError> {
+    let transaction = connection.unchecked_transaction()?;
+    let tables: Vec<String> = transaction
+        .prepare(
+            "SELECT name FROM snapshot.sqlite_master WHERE type = 'table'
+             AND name NOT LIKE 'possync\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for table in &tables {
+        let columns: Vec<String> = transaction
+            .prepare("SELECT name FROM pragma_table_info(?1, 'snapshot')")?
+            .query_map([table], |row| row.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+        let list = columns
+            .iter()
+            .map(|c| quoted(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let table = quoted(table);
+        transaction.execute_batch(&format!(
+            "DELETE FROM main.{table}; INSERT INTO main.{table} ({list}) SELECT {list} FROM snapshot.{table};"
+        ))?;
+    }
+    // Everything up to the snapshot's seq is here now, and nothing above it.
+    transaction.execute(
+        "INSERT INTO possync_sequence (license_key, synced_seq, applied_seq, settled_seq,
+             last_change_ms, head_seq, dead_seq, catalog)
+         VALUES (?1, ?2, ?2, ?2, ?3, ?2, NULL, ?4)
+         ON CONFLICT (license_key) DO UPDATE SET synced_seq = excluded.synced_seq,
+             applied_seq = excluded.applied_seq, settled_seq = excluded.settled_seq,
+             last_change_ms = excluded.last_change_ms,
+             head_seq = max(coalesce(head_seq, 0), excluded.head_seq), dead_seq = NULL,
+             catalog = excluded.catalog, gap_cause = NULL, gap_low = NULL, gap_high = NULL,
+             gap_since_ms = NULL",
+        params![license_key, meta.seq, unix_now_ms(), meta.catalog],
+    )?;
+    transaction.execute(
+        "DELETE FROM possync_sequence_above WHERE license_key = ?1",
+        [license_key],
+    )?;
+    transaction.commit()?;
+    Ok(())
+}
+
+/// How a snapshot left the kinds no plugin restores, for the log.
+pub(crate) fn left_out_text(
+    skipped: &[(String, u64)],
+    refused: u64,
+    reason: Option<&str>,
+) -> String {
+    let mut parts = Vec::new();
+    for (kind, count) in skipped {
+        parts.push(format!(
+            "{count} {kind} left out (no enabled plugin declares a type that replaces a {kind})"
+        ));
+    }
+    if refused > 0 {
+        parts.push(format!(
+            "{refused} refused by their handler (the first: {})",
+            reason.unwrap_or("?")
+        ));
+    }
+    parts.join("; ")
+}
+
+/// A kind of entity's replacing type: used by [`Registry::restoring_type`].
+pub(crate) fn replaces(rule: &crate::entity::EntityRule, entity: &str) -> bool {
+    rule.entity == entity && rule.change == ChangeKind::Replace
+}

@@ -1,0 +1,198 @@
+//! Converging from any state: a terminal with a gap (a first start in a
+//! store with history, a queue made again, a database put back from an
+//! older copy) asks the backend for a snapshot of its store's catalog,
+//! swaps it in whole, applies what came after it, and ends holding what
+//! the backend holds, row by row.
+
+mod common;
+
+use common::backend::Backend;
+use common::catalog::{BackendCatalog, assert_terminal_holds, wait_quiet};
+use common::*;
+use possync_core::LicenseKey;
+use serde_json::{Value, json};
+
+/// A backend that answers `store`'s snapshot requests, started.
+async fn backend_for(label: &str, store: &LicenseKey) -> Backend {
+    let mut backend = Backend::with_upstream_for(label, &[store]);
+    backend.start_upstream().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_logged("snapshots_live")
+        .await;
+    backend
+}
+
+/// Submits `changes` in requests of 500; returns how many.
+async fn submit(backend: &Backend, changes: Vec<Value>, label: &str) -> i64 {
+    let count = changes.len();
+    for (i, batch) in changes.chunks(500).enumerate() {
+        backend
+            .api
+            .submit_until_answered(batch.to_vec(), &format!("{label}-{i}"))
+            .await;
+    }
+    i64::try_from(count).expect("few")
+}
+
+/// A year of a store's history: `products` products in 5 categories,
+/// every fourth repriced, every tenth deleted.
+fn history(store: &LicenseKey, products: usize) -> Vec<Value> {
+    let change = |kind: &str, payload: Value| json!({"store": store.as_str(), "type": kind, "payload": payload});
+    let mut changes: Vec<Value> = (0..5)
+        .map(|c| {
+            change(
+                "category_update",
+                json!({"category_id": format!("C{c}"), "category_name": format!("Category {c}")}),
+            )
+        })
+        .collect();
+    changes.extend((0..products).map(|i| {
+        change(
+            "product_update",
+            json!({"product_id": format!("P{i}"), "product_name": format!("Product {i}"),
+                "price": 1.0 + (i % 100) as f64, "category_id": format!("C{}", i % 5)}),
+        )
+    }));
+    changes.extend((0..products).step_by(4).map(|i| {
+        change(
+            "price_update",
+            json!({"product_id": format!("P{i}"), "new_price": 0.5 + (i % 70) as f64}),
+        )
+    }));
+    changes.extend(
+        (0..products)
+            .step_by(10)
+            .map(|i| change("product_delete", json!({"product_id": format!("P{i}")}))),
+    );
+    changes
+}
+
+/// `count` price changes of products that exist (a price change of a
+/// deleted product would make it again in the backend's catalog only).
+fn repricing(store: &LicenseKey, count: usize, products: usize, round: usize) -> Vec<Value> {
+    (0..count)
+        .map(|i| {
+            let product = match (i * 7 + round) % products {
+                deleted if deleted % 10 == 0 => deleted + 1,
+                kept => kept,
+            };
+            json!({"store": store.as_str(), "type": "price_update", "payload":
+                {"product_id": format!("P{product}"), "new_price": (round * 1000 + i) as f64 / 100.0}})
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_terminal_converges_from_a_snapshot_while_changes_stream_in() {
+    const PRODUCTS: usize = 20_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-new");
+    let backend = backend_for("snap-new", &store).await;
+    // A till that has run all along: it gets the changes, not the snapshot.
+    let mut old_till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let mut head = submit(&backend, history(&store, PRODUCTS), "history").await;
+
+    // A new till starts while 1,000 changes stream in.
+    let streaming = {
+        let api = backend.api.clone();
+        let changes = repricing(&store, 1_000, PRODUCTS, 1);
+        tokio::spawn(async move {
+            for (i, batch) in changes.chunks(50).enumerate() {
+                api.submit_until_answered(batch.to_vec(), &format!("stream-{i}"))
+                    .await;
+            }
+        })
+    };
+    let mut new_till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-2")).await;
+    streaming.await.expect("streamed");
+    head += 1_000;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut new_till, head, "the new till").await;
+    wait_quiet(&mut old_till, head, "the old till").await;
+
+    let catalog = backend.catalog(&store).await;
+    assert_eq!(catalog.products.len(), PRODUCTS - PRODUCTS / 10);
+    assert_terminal_holds(&new_till, &catalog, "the new till");
+    assert_terminal_holds(&old_till, &catalog, "the old till");
+    let new_status = new_till.stop().await;
+    assert_eq!(new_status.sync.gap, None);
+    assert!(
+        new_status.applied < 2_000,
+        "the new till applied the snapshot, not the history: {} messages",
+        new_status.applied
+    );
+    let old_status = old_till.stop().await;
+    assert_eq!(
+        (
+            old_status.applied + old_status.duplicates,
+            old_status.quarantined
+        ),
+        (u64::try_from(head).expect("positive"), 0),
+        "the old till took every change once, and nothing of the snapshot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_whose_queue_was_made_again_heals_from_a_snapshot() {
+    const PRODUCTS: usize = 500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-queue");
+    let backend = backend_for("snap-queue", &store).await;
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let mut till = RunningTerminal::start(config.clone()).await;
+    let mut head = submit(&backend, history(&store, PRODUCTS), "history").await;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut till, head, "the till").await;
+    let queue = till.topology.queue.clone();
+    till.stop().await;
+
+    // Its queue expires while it is off, and changes go on.
+    let channel = broker().await.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("queue deleted");
+    head += submit(&backend, repricing(&store, 300, PRODUCTS, 2), "missed").await;
+    backend.wait_published(&store, head).await;
+
+    let mut till = RunningTerminal::start(config).await;
+    head += submit(&backend, repricing(&store, 100, PRODUCTS, 3), "after").await;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut till, head, "the till").await;
+    assert_terminal_holds(&till, &backend.catalog(&store).await, "the till");
+    assert_eq!(till.stop().await.sync.gap, None, "healed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_put_back_from_an_older_copy_heals_from_a_snapshot() {
+    const PRODUCTS: usize = 500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-restored");
+    let backend = backend_for("snap-restored", &store).await;
+    let config = terminal_config(dir.path(), &store, "till-1");
+    let database = config.terminal.database.clone();
+    let mut till = RunningTerminal::start(config.clone()).await;
+    let mut head = submit(&backend, history(&store, PRODUCTS), "history").await;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut till, head, "the till").await;
+    till.stop().await;
+    let backup = dir.path().join("backup.db");
+    std::fs::copy(&database, &backup).expect("backup");
+
+    let mut till = RunningTerminal::start(config.clone()).await;
+    head += submit(&backend, repricing(&store, 300, PRODUCTS, 2), "later").await;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut till, head, "the till").await;
+    till.stop().await;
+
+    std::fs::copy(&backup, &database).expect("restored");
+    let mut till = RunningTerminal::start(config).await;
+    wait_quiet(&mut till, head, "the restored till").await;
+    assert_terminal_holds(&till, &backend.catalog(&store).await, "the restored till");
+    let status = till.stop().await;
+    assert_eq!(status.sync.gap, None, "healed");
+    assert_eq!(status.sync.synced_up_to, head);
+}
