@@ -540,7 +540,7 @@ pub(crate) fn terminal_database(config: &Config) -> anyhow::Result<&std::path::P
 fn status(config: &Config) -> anyhow::Result<ExitCode> {
     let path = terminal_database(config)?;
     let database = Database::open_read_only(path)?;
-    let stored = database.status_record().ok().flatten().with_context(|| {
+    let stored = database.status_record()?.with_context(|| {
         format!(
             "{} holds no terminal status: the terminal has not run on it yet",
             path.display()

@@ -339,11 +339,19 @@ async fn a_queue_made_again_while_the_terminal_was_away_is_a_gap_until_healed() 
     let mut terminal = RunningTerminal::start(config.clone()).await;
     assert_eq!(terminal.status.borrow().sync.gap, None, "a first start");
     let now = SystemTime::now();
-    let first: Vec<_> = (1..=3)
+    let first: Vec<_> = [1, 2, 3, 5]
         .map(|seq| routed(&store, relayed(&store, seq, "A", seq as f64, now)))
+        .into_iter()
         .collect();
     publish_raw_many(&first).await;
-    assert!(terminal.wait_for(|s| s.sync.synced_up_to == 3).await);
+    assert!(terminal.wait_for(|s| s.sync.highest_applied == 5).await);
+    assert_eq!(
+        terminal.status.borrow().sync.gap.map(|gap| gap.cause),
+        Some(GapCause::Jump {
+            expected: 4,
+            received: 5
+        })
+    );
     let queue = terminal.topology.queue.clone();
     terminal.stop().await;
     // Expired while the till was off: what came meanwhile is gone with it.
@@ -359,14 +367,18 @@ async fn a_queue_made_again_while_the_terminal_was_away_is_a_gap_until_healed() 
     assert_eq!(
         gap.map(|gap| gap.cause),
         Some(GapCause::QueueRecreated),
-        "found on connecting, before it says Live"
+        "found on connecting, before it says Live, in place of the jump"
     );
-    publish_raw_many(&[routed(&store, relayed(&store, 5, "A", 5.0, now))]).await;
-    assert!(terminal.wait_for(|s| s.sync.highest_applied == 5).await);
+    let late: Vec<_> = [4, 6]
+        .map(|seq| routed(&store, relayed(&store, seq, "A", seq as f64, now)))
+        .into_iter()
+        .collect();
+    publish_raw_many(&late).await;
+    assert!(terminal.wait_for(|s| s.sync.highest_applied == 6).await);
     assert_eq!(
         terminal.status.borrow().sync.gap.map(|gap| gap.cause),
         Some(GapCause::QueueRecreated),
-        "what arrives later does not make up for what was lost"
+        "the jump filling does not make up for what the lost queue held"
     );
     terminal.stop().await;
     let shown = possync_status(&config);

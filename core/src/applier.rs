@@ -98,7 +98,7 @@ impl Applier {
             quarantine_max_rows: limits.quarantine_max_rows,
         };
         Self {
-            mark: AppliedMark::beside(database.path()),
+            mark: AppliedMark::beside(database.path(), license_key.as_str()),
             database,
             dispatch: Dispatch::new(
                 registry,

@@ -542,11 +542,20 @@ impl Subscription {
             )
             .await
             {
-                Ok(_) => {
-                    let _ = look.close(200, "looked".into()).await;
-                }
+                Ok(_) => {}
                 Err(BrokerError::NotFound { .. }) => queue_created = true,
-                Err(err) => return Err(err),
+                // An exclusive queue another process holds, among others.
+                Err(err) => return Err(already_running(err, topology)),
+            }
+            // Closed by the broker already if the queue was not found.
+            if look.status().connected() {
+                let _ = connection::within(
+                    timeout,
+                    "closing a channel",
+                    url,
+                    look.close(200, "looked".into()),
+                )
+                .await;
             }
             connection::within(
                 timeout,

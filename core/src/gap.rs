@@ -98,12 +98,11 @@ impl GapCause {
         })
     }
 
-    /// Whether it closes once every `seq` below `received` is settled.
-    fn closes_when_filled(&self) -> Option<i64> {
-        match *self {
-            Self::FirstStart { received } | Self::Jump { received, .. } => Some(received),
-            Self::QueueRecreated | Self::DatabaseBehind { .. } => None,
-        }
+    /// Whether it closes by itself once the missing changes arrive; the
+    /// others stay open until a snapshot, and take the place of one that
+    /// would.
+    pub fn closes_when_filled(&self) -> bool {
+        matches!(self, Self::FirstStart { .. } | Self::Jump { .. })
     }
 }
 
@@ -188,11 +187,12 @@ impl SyncState {
         });
     }
 
-    /// Closes a jump once every `seq` before the one that jumped is
-    /// settled (`settled` is the contiguous mark).
+    /// Closes a jump once nothing is missing below the highest `seq`
+    /// applied (`settled` is the contiguous mark): every jump since the
+    /// first has filled too.
     pub(crate) fn note_settled(&mut self, settled: i64) {
-        if let Some(received) = self.gap.and_then(|gap| gap.cause.closes_when_filled())
-            && settled >= received - 1
+        if self.gap.is_some_and(|gap| gap.cause.closes_when_filled())
+            && settled >= self.highest_applied
         {
             self.gap = None;
         }
@@ -203,7 +203,9 @@ impl SyncState {
 /// `seq` applied, to tell a database put back from an older copy.
 #[derive(Debug)]
 pub(crate) struct AppliedMark {
-    path: PathBuf,
+    /// `None` for a database that is no file (`:memory:`, a URI).
+    path: Option<PathBuf>,
+    license_key: String,
     written: Option<(Option<String>, i64)>,
     pending: Option<(Option<String>, i64)>,
     written_at: Instant,
@@ -213,32 +215,47 @@ pub(crate) struct AppliedMark {
 const MARK_EVERY: Duration = Duration::from_secs(1);
 
 impl AppliedMark {
-    /// The mark of the database at `database`.
-    pub(crate) fn beside(database: &Path) -> Self {
-        let mut name = database.as_os_str().to_owned();
-        name.push("-applied");
+    /// The mark of `license_key`'s database at `database`.
+    pub(crate) fn beside(database: &Path, license_key: &str) -> Self {
+        let text = database.to_string_lossy();
+        let path =
+            (!text.is_empty() && text != ":memory:" && !text.starts_with("file:")).then(|| {
+                let mut name = database.as_os_str().to_owned();
+                name.push("-applied");
+                PathBuf::from(name)
+            });
         Self {
-            path: PathBuf::from(name),
+            path,
+            license_key: license_key.to_owned(),
             written: None,
             pending: None,
             written_at: Instant::now(),
         }
     }
 
-    /// What the mark says: the catalog and the highest `seq` applied;
-    /// `None` if there is none (or it cannot be read).
-    pub(crate) fn read(&self) -> Option<(Option<String>, i64)> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
-        let (catalog, highest) = text.trim().split_once(' ')?;
+    /// What the mark says of `license_key`: the catalog and the highest
+    /// `seq` applied; `None` if there is none (or it is another store's, or
+    /// cannot be read).
+    fn read(&self, license_key: &str) -> Option<(Option<String>, i64)> {
+        let path = self.path.as_ref()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut words = text.split_whitespace();
+        let (store, catalog, highest) = (words.next()?, words.next()?, words.next()?);
+        if store != license_key {
+            return None;
+        }
         let catalog = (catalog != "-").then(|| catalog.to_owned());
         Some((catalog, highest.parse().ok()?))
     }
 
-    /// The gap the database's `state` shows against the mark, if any.
-    pub(crate) fn check(&self, state: &SyncState, now_ms: i64) -> Option<Gap> {
-        let (catalog, recorded) = self.read()?;
+    /// The gap the database's `state` of `license_key` shows against the
+    /// mark, if any. A database that holds nothing of the store is a new
+    /// one (deleted to start over), not an older copy.
+    pub(crate) fn check(&self, license_key: &str, state: &SyncState, now_ms: i64) -> Option<Gap> {
+        let (catalog, recorded) = self.read(license_key)?;
+        let holds_some = state.catalog.is_some() || state.highest_applied > 0;
         let same_catalog = state.catalog.is_none() || state.catalog == catalog;
-        (same_catalog && state.highest_applied < recorded).then_some(Gap {
+        (holds_some && same_catalog && state.highest_applied < recorded).then_some(Gap {
             cause: GapCause::DatabaseBehind {
                 found: state.highest_applied,
                 recorded,
@@ -265,12 +282,23 @@ impl AppliedMark {
         if self.written.as_ref() == Some(&pending) {
             return;
         }
+        let Some(path) = &self.path else {
+            return;
+        };
         self.written_at = Instant::now();
         let (catalog, highest) = &pending;
-        let text = format!("{} {highest}\n", catalog.as_deref().unwrap_or("-"));
-        match std::fs::write(&self.path, text) {
+        let text = format!(
+            "{} {} {highest}\n",
+            self.license_key,
+            catalog.as_deref().unwrap_or("-")
+        );
+        // Whole or not at all: written aside, then renamed over the mark.
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".new");
+        let aside = PathBuf::from(aside);
+        match std::fs::write(&aside, text).and_then(|()| std::fs::rename(&aside, path)) {
             Ok(()) => self.written = Some(pending),
-            Err(err) => crate::events::applied_mark_unwritten(&self.path, &err.to_string()),
+            Err(err) => crate::events::applied_mark_unwritten(path, &err.to_string()),
         }
     }
 }
@@ -296,9 +324,22 @@ mod tests {
                 received: 7
             })
         );
+        state.highest_applied = 7;
         state.note_settled(5);
         assert!(state.gap.is_some(), "6 is still missing");
-        state.note_settled(6);
+        state.note_settled(7);
+        assert_eq!(state.gap, None);
+    }
+
+    #[test]
+    fn a_jump_stays_open_while_a_later_one_is_still_missing() {
+        let mut state = SyncState::default();
+        state.note_jump(4, 7, 1);
+        state.note_jump(10, 15, 2);
+        state.highest_applied = 15;
+        state.note_settled(9);
+        assert!(state.gap.is_some(), "4 to 6 arrived, 10 to 14 did not");
+        state.note_settled(15);
         assert_eq!(state.gap, None);
     }
 
@@ -345,7 +386,7 @@ mod tests {
     #[test]
     fn a_database_behind_its_mark_is_a_gap_and_one_level_with_it_is_not() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut mark = AppliedMark::beside(&dir.path().join("till.db"));
+        let mut mark = AppliedMark::beside(&dir.path().join("till.db"), "STORE");
         let synced = |highest| SyncState {
             highest_applied: highest,
             catalog: Some("cat".into()),
@@ -353,26 +394,32 @@ mod tests {
         };
         mark.note(&synced(40));
         mark.flush();
-        assert_eq!(mark.check(&synced(40), 1), None);
+        assert_eq!(mark.check("STORE", &synced(40), 1), None);
         assert_eq!(
-            mark.check(&synced(10), 1).map(|gap| gap.cause),
+            mark.check("STORE", &synced(10), 1).map(|gap| gap.cause),
             Some(GapCause::DatabaseBehind {
                 found: 10,
                 recorded: 40
             })
         );
         assert_eq!(
-            mark.check(&SyncState::default(), 1).map(|gap| gap.cause),
-            Some(GapCause::DatabaseBehind {
-                found: 0,
-                recorded: 40
-            }),
-            "an empty database put in its place"
+            mark.check("STORE", &SyncState::default(), 1),
+            None,
+            "a database deleted to start over is new, not an older copy"
         );
         let other = SyncState {
             catalog: Some("another".into()),
             ..synced(1)
         };
-        assert_eq!(mark.check(&other, 1), None, "another catalog's sequence");
+        assert_eq!(
+            mark.check("STORE", &other, 1),
+            None,
+            "another catalog's sequence"
+        );
+        assert_eq!(
+            mark.check("OTHER", &synced(10), 1),
+            None,
+            "the file now holds another store"
+        );
     }
 }

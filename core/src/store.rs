@@ -339,8 +339,9 @@ impl Database {
         &self.path
     }
 
-    /// Records `gap` in `license_key`'s sync state unless a gap is open
-    /// there already; returns the sync state as it is then.
+    /// Records `gap` in `license_key`'s sync state unless a gap that only
+    /// a snapshot closes is open there already; returns the sync state as
+    /// it is then.
     pub(crate) fn record_gap(
         &mut self,
         license_key: &str,
@@ -353,7 +354,7 @@ impl Database {
              ON CONFLICT (license_key) DO UPDATE SET gap_cause = excluded.gap_cause,
                  gap_low = excluded.gap_low, gap_high = excluded.gap_high,
                  gap_since_ms = excluded.gap_since_ms
-             WHERE gap_cause IS NULL",
+             WHERE gap_cause IS NULL OR gap_cause IN ('jump', 'first_start')",
             params![license_key, cause, low, high, since],
         )?;
         self.sync_state(license_key)
@@ -364,9 +365,24 @@ impl Database {
         if !self.has_table("possync_sequence")? {
             return Ok(SyncState::default());
         }
+        // A database the terminal has not opened since an upgrade lacks
+        // the gap's columns; `possync status` reads it all the same.
+        let has_gap: bool = self.connection.query_row(
+            "SELECT count(*) FROM pragma_table_info('possync_sequence') WHERE name = 'gap_cause'",
+            [],
+            |row| row.get(0),
+        )?;
+        let sql = if has_gap {
+            READ_STATE.to_owned()
+        } else {
+            READ_STATE.replace(
+                "gap_cause, gap_low, gap_high, gap_since_ms",
+                "NULL, NULL, NULL, NULL",
+            )
+        };
         Ok(self
             .connection
-            .query_row(READ_STATE, [license_key], state_from_row)
+            .query_row(&sql, [license_key], state_from_row)
             .optional()?
             .unwrap_or_default())
     }
@@ -516,6 +532,9 @@ impl Database {
 
     /// What `possync status` shows, if the terminal ever ran on this database.
     pub fn status_record(&self) -> Result<Option<StoredStatus>, DatabaseError> {
+        if !self.has_table("possync_status")? {
+            return Ok(None);
+        }
         // A database the terminal has not opened since an upgrade lacks
         // the newer columns; `possync status` reads it all the same.
         let column_or_zero = |column: &'static str| -> Result<&'static str, DatabaseError> {
@@ -712,6 +731,31 @@ mod tests {
         assert_eq!((kept[0].body_bytes, kept[0].body_sha256.as_str()), (2, ""));
         drop(upgraded);
         Database::open(&path).expect("opens again without running a migration twice");
+    }
+
+    #[test]
+    fn the_sync_state_of_a_database_without_the_gap_columns_is_read_without_a_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pos.db");
+        Database::open(&path).expect("opens");
+        Connection::open(&path)
+            .and_then(|c| {
+                c.execute_batch(
+                    "INSERT INTO possync_sequence (license_key, synced_seq, applied_seq) VALUES ('K', 4, 6);
+                     ALTER TABLE possync_sequence DROP COLUMN gap_cause;
+                     ALTER TABLE possync_sequence DROP COLUMN gap_low;
+                     ALTER TABLE possync_sequence DROP COLUMN gap_high;
+                     ALTER TABLE possync_sequence DROP COLUMN gap_since_ms;
+                     DELETE FROM possync_migrations WHERE id = 'possync/gap';",
+                )
+            })
+            .expect("as the release before made it");
+        let earlier = Database::open_read_only(&path).expect("opens");
+        let sync = earlier.sync_state("K").expect("reads");
+        assert_eq!(
+            (sync.synced_up_to, sync.highest_applied, sync.gap),
+            (4, 6, None)
+        );
     }
 
     #[test]

@@ -89,8 +89,9 @@ impl Terminal {
         }
         database.wait_briefly_for_locks()?;
         let mut sync = database.sync_state(license_key.as_str())?;
-        if sync.gap.is_none()
-            && let Some(gap) = AppliedMark::beside(database.path()).check(&sync, unix_now_ms())
+        let mark = AppliedMark::beside(database.path(), license_key.as_str());
+        if sync.gap.is_none_or(|gap| gap.cause.closes_when_filled())
+            && let Some(gap) = mark.check(license_key.as_str(), &sync, unix_now_ms())
         {
             sync = database.record_gap(license_key.as_str(), &gap)?;
             events::gap_found(&gap.cause);
