@@ -445,3 +445,59 @@ async fn orders_reach_the_backend_once_each_in_order_through_closed_connections_
     let _ = terminal.exit().await;
     backend.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_cut_off_twice_by_closed_connections_starts_again_and_ends_identical() {
+    const PRODUCTS: usize = 20_000;
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-cut");
+    let backend = common::catalog::backend_for("snap-cut", &store).await;
+    let head = common::catalog::submit(
+        &backend,
+        common::catalog::history(&store, PRODUCTS),
+        "history",
+    )
+    .await;
+    backend.wait_published(&store, head).await;
+
+    let database = dir.path().join("till-1.db");
+    let file = dir.path().join("terminal.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[terminal]\nlicense_key = \"{store}\"\nterminal_id = \"till-1\"\ndatabase = {:?}\nqueue_expiry_days = 1\n",
+            database.display().to_string()
+        ),
+    )
+    .expect("write the terminal's config");
+    let mut terminal = ChildLog::spawn(
+        possync_command(&["terminal", "--config", file.to_str().expect("utf-8")])
+            .env("POSSYNC_BROKER__URL", amqp_url()),
+    );
+    for _ in 0..2 {
+        terminal.wait_for_line("snapshot_started").await;
+        rabbitmqctl(&["close_all_connections", "possync fault test"]);
+    }
+    terminal.wait_for_line("snapshot_applied").await;
+    eventually("the till synced up to the head", || {
+        possync_core::Database::open_read_only(&database)
+            .and_then(|db| db.sync_state(store.as_str()))
+            .is_ok_and(|sync| sync.synced_up_to == head && sync.gap.is_none())
+    })
+    .await;
+    let catalog = common::catalog::BackendCatalog::catalog(&backend, &store).await;
+    let db = rusqlite::Connection::open(&database).expect("the till's database");
+    common::catalog::assert_database_holds(&db, &catalog, "the till");
+    terminal.signal(nix::sys::signal::Signal::SIGTERM);
+    let (_, log) = terminal.exit().await;
+    assert_eq!(
+        log.matches("\"snapshot_failed\"").count(),
+        2,
+        "each cut-off snapshot was dropped: {log}"
+    );
+    assert!(
+        !dir.path().join("till-1.db-snapshot").exists(),
+        "no staging database left behind"
+    );
+}

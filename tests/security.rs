@@ -1019,3 +1019,101 @@ async fn a_terminal_speaks_upstream_only_as_itself_and_the_backend_refuses_a_for
     );
     backend.stop().await;
 }
+
+/// The backend's answer to a snapshot request sent by `url`'s user as
+/// till-1 of `store`, if one comes within 3 s.
+async fn ask_snapshot_as(url: &str, store: &LicenseKey, user_id: &str) -> Option<Vec<u8>> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("direct reply-to");
+    let body = serde_json::json!({
+        "type": "snapshot", "license_key": store.as_str(), "terminal_id": "till-1",
+        "message_id": "forged-1", "created_at": "2026-12-02T10:00:00Z",
+        "payload": {"seq": null, "after": null, "limit": 100},
+    });
+    channel
+        .basic_publish(
+            "pos_license_events".into(),
+            format!("up.{store}.till-1.snapshot").as_str().into(),
+            BasicPublishOptions::default(),
+            body.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_user_id(user_id.into())
+                .with_reply_to("amq.rabbitmq.reply-to".into()),
+        )
+        .await
+        .expect("published");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures_util::StreamExt::next(&mut replies),
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(Result::ok)
+    .map(|delivery| delivery.data);
+    let _ = connection.close(200, "bye".into()).await;
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provisioned_terminal_takes_its_own_snapshot_and_a_forged_request_gets_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-prov");
+    let mut backend = common::backend::Backend::new("snap-prov", false);
+    let config = std::fs::read_to_string(&backend.config).expect("config");
+    std::fs::write(
+        &backend.config,
+        config.replace("[upstream]\nenabled = false\n", "[upstream]\n"),
+    )
+    .expect("write config");
+    backend.bind_upstream(&[&store]);
+    backend.start_upstream().await;
+    backend
+        .process
+        .as_mut()
+        .expect("running")
+        .wait_for_logged("snapshots_live")
+        .await;
+    let products: Vec<serde_json::Value> = (0..200)
+        .map(|i| {
+            serde_json::json!({"store": store.as_str(), "type": "product_update", "payload":
+                {"product_id": format!("P{i}"), "product_name": format!("Product {i}"), "price": 1.5}})
+        })
+        .collect();
+    backend.api.submit_until_answered(products, "history").await;
+    backend.wait_published(&store, 200).await;
+
+    // Provisioned after the history: its queue never held it.
+    let file = provision_terminal(dir.path(), &store, "till-1");
+    let config = Config::load(Some(&file)).expect("config").config;
+    let mut till = RunningTerminal::start(config).await;
+    assert!(
+        till.wait_for(|s| s.sync.synced_up_to == 200).await,
+        "the snapshot came to the provisioned terminal, verified as itself"
+    );
+    assert_eq!(count(&till.db(), "SELECT count(*) FROM products"), 200);
+    till.stop().await;
+
+    // The shared user speaking for till-1 gets nothing.
+    assert_eq!(ask_snapshot_as(&amqp_url(), &store, "guest").await, None);
+    let log = backend.stop().await;
+    assert!(
+        log.lines().any(|line| line.contains("\"snapshot_refused\"")
+            && line.contains("sent by broker user \"guest\"")),
+        "{log}"
+    );
+}

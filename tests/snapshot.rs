@@ -6,84 +6,10 @@
 
 mod common;
 
-use common::backend::Backend;
-use common::catalog::{BackendCatalog, assert_terminal_holds, wait_quiet};
+use common::catalog::{
+    BackendCatalog, assert_terminal_holds, backend_for, history, repricing, submit, wait_quiet,
+};
 use common::*;
-use possync_core::LicenseKey;
-use serde_json::{Value, json};
-
-/// A backend that answers `store`'s snapshot requests, started.
-async fn backend_for(label: &str, store: &LicenseKey) -> Backend {
-    let mut backend = Backend::with_upstream_for(label, &[store]);
-    backend.start_upstream().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_logged("snapshots_live")
-        .await;
-    backend
-}
-
-/// Submits `changes` in requests of 500; returns how many.
-async fn submit(backend: &Backend, changes: Vec<Value>, label: &str) -> i64 {
-    let count = changes.len();
-    for (i, batch) in changes.chunks(500).enumerate() {
-        backend
-            .api
-            .submit_until_answered(batch.to_vec(), &format!("{label}-{i}"))
-            .await;
-    }
-    i64::try_from(count).expect("few")
-}
-
-/// A year of a store's history: `products` products in 5 categories,
-/// every fourth repriced, every tenth deleted.
-fn history(store: &LicenseKey, products: usize) -> Vec<Value> {
-    let change = |kind: &str, payload: Value| json!({"store": store.as_str(), "type": kind, "payload": payload});
-    let mut changes: Vec<Value> = (0..5)
-        .map(|c| {
-            change(
-                "category_update",
-                json!({"category_id": format!("C{c}"), "category_name": format!("Category {c}")}),
-            )
-        })
-        .collect();
-    changes.extend((0..products).map(|i| {
-        change(
-            "product_update",
-            json!({"product_id": format!("P{i}"), "product_name": format!("Product {i}"),
-                "price": 1.0 + (i % 100) as f64, "category_id": format!("C{}", i % 5)}),
-        )
-    }));
-    changes.extend((0..products).step_by(4).map(|i| {
-        change(
-            "price_update",
-            json!({"product_id": format!("P{i}"), "new_price": 0.5 + (i % 70) as f64}),
-        )
-    }));
-    changes.extend(
-        (0..products)
-            .step_by(10)
-            .map(|i| change("product_delete", json!({"product_id": format!("P{i}")}))),
-    );
-    changes
-}
-
-/// `count` price changes of products that exist (a price change of a
-/// deleted product would make it again in the backend's catalog only).
-fn repricing(store: &LicenseKey, count: usize, products: usize, round: usize) -> Vec<Value> {
-    (0..count)
-        .map(|i| {
-            let product = match (i * 7 + round) % products {
-                deleted if deleted % 10 == 0 => deleted + 1,
-                kept => kept,
-            };
-            json!({"store": store.as_str(), "type": "price_update", "payload":
-                {"product_id": format!("P{product}"), "new_price": (round * 1000 + i) as f64 / 100.0}})
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_terminal_converges_from_a_snapshot_while_changes_stream_in() {
