@@ -122,3 +122,94 @@ async fn a_database_put_back_from_an_older_copy_heals_from_a_snapshot() {
     assert_eq!(status.sync.gap, None, "healed");
     assert_eq!(status.sync.synced_up_to, head);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn modifier_groups_and_product_images_take_part_in_a_snapshot() {
+    use possync_plugin_product_images::ImageUpdate;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::unique_license("snap-plugins");
+    let library = |package: &str| plugin_library(package).display().to_string();
+    let mut backend = common::backend::Backend::with_upstream_for("snap-plugins", &[&store]);
+    backend.configure(&format!(
+        "\n[plugins.modifier_groups]\npath = {:?}\n\n[plugins.product_images]\npath = {:?}\n\n[plugins.product_images.settings]\nimages_dir = {:?}\n",
+        library("possync-plugin-modifier-groups"),
+        library("possync-plugin-product-images"),
+        dir.path().join("backend-images").display().to_string(),
+    ));
+    backend.start_upstream().await;
+    backend
+        .process
+        .as_mut()
+        .expect("started")
+        .wait_for_logged("snapshots_live")
+        .await;
+    let change = |kind: &str, payload: serde_json::Value| {
+        serde_json::json!({"store": store.as_str(), "type": kind, "payload": payload})
+    };
+    let pictures: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 2_000]).collect();
+    let mut changes = vec![change(
+        "product_update",
+        serde_json::json!({"product_id": "P1", "product_name": "Coffee", "price": 2.5}),
+    )];
+    for g in 0..3 {
+        changes.push(change(
+            "modifier_group_update",
+            serde_json::json!({"group_id": format!("G{g}"), "group_name": format!("Group {g}"),
+                "min_select": 0, "max_select": 2, "product_ids": ["P1"],
+                "modifiers": [{"modifier_id": format!("M{g}"), "name": "Oat milk", "price_delta": 0.4}]}),
+        ));
+    }
+    changes.push(change(
+        "modifier_group_delete",
+        serde_json::json!({"group_id": "G2"}),
+    ));
+    for (i, picture) in pictures.iter().enumerate() {
+        let image = ImageUpdate::new(format!("P{i}"), "image/png", picture);
+        changes.push(change(
+            <ImageUpdate as possync_sdk::Payload>::TYPE,
+            serde_json::to_value(&image).expect("JSON"),
+        ));
+    }
+    let head = common::catalog::submit(&backend, changes, "plugins").await;
+    backend.wait_published(&store, head).await;
+
+    let images = dir.path().join("till-images");
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config.plugins.insert(
+        "modifier_groups".into(),
+        dynamic_plugin("possync-plugin-modifier-groups", serde_json::json!({})),
+    );
+    config.plugins.insert(
+        "product_images".into(),
+        dynamic_plugin(
+            "possync-plugin-product-images",
+            serde_json::json!({ "images_dir": images }),
+        ),
+    );
+    let mut till = RunningTerminal::start(config).await;
+    assert!(till.wait_for(|s| s.sync.synced_up_to == head).await);
+    let db = till.db();
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM modifier_groups"),
+        2,
+        "G2 was deleted before the snapshot"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM modifiers WHERE id IN ('M0', 'M1')"),
+        2
+    );
+    for (i, picture) in pictures.iter().enumerate() {
+        let path: String = db
+            .query_row(
+                "SELECT path FROM product_images WHERE product_id = ?1",
+                [format!("P{i}")],
+                |row| row.get(0),
+            )
+            .expect("an image row");
+        let written = std::fs::read(images.join(&path))
+            .or_else(|_| std::fs::read(&path))
+            .expect("its file");
+        assert_eq!(&written, picture, "P{i}'s picture");
+    }
+    till.stop().await;
+}

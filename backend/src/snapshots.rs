@@ -28,6 +28,11 @@ use crate::upstream::checked;
 /// products is about 200 bytes an entity.
 const CHUNK_MAX: u32 = 5_000;
 
+/// A chunk holds entities of about this many bytes of state at most (one
+/// larger entity goes alone): far below what the broker takes in one
+/// message, and what a terminal holds in memory while it stages it.
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
 /// Answers terminals' snapshot requests.
 pub(crate) struct Snapshots<S> {
     catalog: Arc<Catalog<S>>,
@@ -139,25 +144,32 @@ impl<S: Storage> Snapshots<S> {
         };
         match answer.await {
             Ok((catalog, page)) => {
-                let full = page.entries.len() == limit as usize;
+                let mut more = page.entries.len() == limit as usize;
                 chunk.catalog = catalog;
                 // The first chunk sets the snapshot's seq; later ones keep it.
                 chunk.seq = request.seq.unwrap_or(page.head);
-                chunk.next = page
-                    .entries
-                    .last()
-                    .filter(|_| full)
-                    .map(|last| (last.entity.clone(), last.id.clone()));
-                chunk.entities = page
-                    .entries
-                    .into_iter()
-                    .map(|entry| SnapshotEntity {
+                let mut bytes = 0;
+                for entry in page.entries {
+                    // Entities with large states (pictures) fill a chunk
+                    // sooner: the rest come in the next.
+                    let size = serde_json::to_string(&entry.state).map_or(0, |text| text.len());
+                    if !chunk.entities.is_empty() && bytes + size > CHUNK_BYTES {
+                        more = true;
+                        break;
+                    }
+                    bytes += size;
+                    chunk.entities.push(SnapshotEntity {
                         entity: entry.entity,
                         id: entry.id,
                         seq: entry.seq,
                         state: entry.state,
-                    })
-                    .collect();
+                    });
+                }
+                chunk.next = chunk
+                    .entities
+                    .last()
+                    .filter(|_| more)
+                    .map(|last| (last.entity.clone(), last.id.clone()));
             }
             Err(err) => chunk.error = Some(err.to_string()),
         }

@@ -166,7 +166,7 @@ impl RunningBackend {
     }
 
     /// Waits until the relay has every change of every store confirmed.
-    async fn wait_relayed(&self) -> anyhow::Result<()> {
+    pub(crate) async fn wait_relayed(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let heads = self.storage.heads().await?;
@@ -199,7 +199,7 @@ pub(crate) struct Client {
 
 impl Client {
     /// Submits `changes` in one request; returns once they are durable.
-    async fn submit(&self, changes: Vec<serde_json::Value>) -> anyhow::Result<()> {
+    pub(crate) async fn submit(&self, changes: Vec<serde_json::Value>) -> anyhow::Result<()> {
         self.post_changes(changes).await.map(drop)
     }
 

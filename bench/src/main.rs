@@ -9,6 +9,7 @@ mod backend;
 mod baseline;
 mod feed;
 mod possync_side;
+mod snapshot;
 mod upstream;
 mod workload;
 
@@ -51,6 +52,9 @@ struct Args {
     /// Stores (one terminal each) in the second fan-out scenario.
     #[arg(long, default_value_t = 1000)]
     stores: usize,
+    /// Products in the catalog the snapshot scenario sends to a new till.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_products: usize,
     /// Orders the orders-up scenario writes to one till's outbox.
     #[arg(long, default_value_t = 20_000)]
     orders: usize,
@@ -89,7 +93,7 @@ struct Args {
     #[arg(long)]
     collapse_batch: Option<usize>,
     /// Scenarios to run: drain, collapse, live, latency, backend, feed,
-    /// fanout, upstream (default: all); backend-latency and backend-accept
+    /// fanout, upstream, snapshot (default: all); backend-latency and backend-accept
     /// name the two halves of backend, feed-cost and feed-latency those of
     /// feed, receipts-cost, orders-up and applied-latency the three of
     /// upstream.
@@ -410,6 +414,29 @@ async fn main() -> anyhow::Result<()> {
             report(
                 Row {
                     scenario: "orders up, each round".into(),
+                    possync: note,
+                    baseline: "-".into(),
+                    ratio: "-".into(),
+                },
+                &mut rows,
+            );
+        }
+    }
+    if wants("snapshot") {
+        let mut trials = Vec::new();
+        let mut notes = Vec::new();
+        for _ in 0..args.rounds {
+            let (trial, note) =
+                snapshot::snapshot(&args.url, dir.path(), args.snapshot_products).await?;
+            progress(&format!("snapshot: {note}"));
+            notes.push(note);
+            trials.push(trial);
+        }
+        report(median_row(trials), &mut rows);
+        for note in notes {
+            report(
+                Row {
+                    scenario: "snapshot, each round".into(),
                     possync: note,
                     baseline: "-".into(),
                     ratio: "-".into(),

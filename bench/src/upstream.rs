@@ -39,7 +39,10 @@ pub(crate) async fn receipts_cost(
 
 /// A backend that consumes an upstream queue of its own (deleted by
 /// [`stop_backend`]), every terminal sharing the benchmark's broker user.
-async fn start_backend(url: &str, dir: &Path) -> anyhow::Result<(RunningBackend, String)> {
+pub(crate) async fn start_backend(
+    url: &str,
+    dir: &Path,
+) -> anyhow::Result<(RunningBackend, String)> {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let queue = format!("bench.upstream.{}", &id[20..]);
     let name = queue.clone();
@@ -81,7 +84,11 @@ async fn start_backend(url: &str, dir: &Path) -> anyhow::Result<(RunningBackend,
     Ok((backend, queue))
 }
 
-async fn stop_backend(url: &str, backend: RunningBackend, queue: &str) -> anyhow::Result<()> {
+pub(crate) async fn stop_backend(
+    url: &str,
+    backend: RunningBackend,
+    queue: &str,
+) -> anyhow::Result<()> {
     backend.stop().await?;
     let connection = workload::connect(url).await?;
     workload::delete_queues(
@@ -333,7 +340,7 @@ fn upstream_bodies(key: &LicenseKey, payloads: &[String]) -> Vec<Vec<u8>> {
 }
 
 /// A durable classic queue bound to `routing_key` on the exchange.
-async fn declare_bound(
+pub(crate) async fn declare_bound(
     connection: &lapin::Connection,
     queue: &str,
     routing_key: &str,

@@ -581,16 +581,23 @@ fn swap_tables(
     let tables: Vec<String> = transaction
         .prepare(
             "SELECT name FROM snapshot.sqlite_master WHERE type = 'table'
-             AND name NOT LIKE 'possync\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+             AND name NOT LIKE 'possync\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+             ORDER BY rowid",
         )?
         .query_map([], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
+    let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    // Plugins' tables may refer to each other: emptied all first, filled
+    // in the order they were made, the references checked at the commit.
+    transaction.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+    for table in tables.iter().rev() {
+        transaction.execute_batch(&format!("DELETE FROM main.{};", quoted(table)))?;
+    }
     for table in &tables {
         let columns: Vec<String> = transaction
             .prepare("SELECT name FROM pragma_table_info(?1, 'snapshot')")?
             .query_map([table], |row| row.get::<_, String>(0))?
             .collect::<Result<_, _>>()?;
-        let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
         let list = columns
             .iter()
             .map(|c| quoted(c))
@@ -598,7 +605,7 @@ fn swap_tables(
             .join(", ");
         let table = quoted(table);
         transaction.execute_batch(&format!(
-            "DELETE FROM main.{table}; INSERT INTO main.{table} ({list}) SELECT {list} FROM snapshot.{table};"
+            "INSERT INTO main.{table} ({list}) SELECT {list} FROM snapshot.{table};"
         ))?;
     }
     // Everything up to the snapshot's seq is here now, and nothing above it.
