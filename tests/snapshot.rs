@@ -143,9 +143,7 @@ async fn modifier_groups_and_product_images_take_part_in_a_snapshot() {
         .expect("started")
         .wait_for_logged("snapshots_live")
         .await;
-    let change = |kind: &str, payload: serde_json::Value| {
-        serde_json::json!({"store": store.as_str(), "type": kind, "payload": payload})
-    };
+    let change = |kind: &str, payload: serde_json::Value| serde_json::json!({"store": store.as_str(), "type": kind, "payload": payload});
     let pictures: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 2_000]).collect();
     let mut changes = vec![change(
         "product_update",
@@ -195,7 +193,10 @@ async fn modifier_groups_and_product_images_take_part_in_a_snapshot() {
         "G2 was deleted before the snapshot"
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM modifiers WHERE id IN ('M0', 'M1')"),
+        count(
+            &db,
+            "SELECT count(*) FROM modifiers WHERE id IN ('M0', 'M1')"
+        ),
         2
     );
     for (i, picture) in pictures.iter().enumerate() {

@@ -249,10 +249,11 @@ impl Applier {
         staged: &std::path::Path,
         meta: &SnapshotMeta,
     ) -> Result<SyncState, String> {
-        let sync = self
+        let (sync, feed_last) = self
             .database
             .swap_in(staged, self.dispatch.license_key(), meta)
             .map_err(|err| err.to_string())?;
+        self.feed.replaced(feed_last);
         self.mark.note(&sync);
         self.mark.flush();
         Ok(sync)

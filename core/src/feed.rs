@@ -386,13 +386,25 @@ impl Feed {
     /// it goes, and its ids with it: a client back after the feed is on
     /// again is told to read everything.
     fn mark_off(&mut self, transaction: &mut Transaction<'_>) -> rusqlite::Result<()> {
-        transaction.execute("DELETE FROM possync_feed", [])?;
-        transaction.execute(
-            "INSERT INTO possync_feed_state (id, last_id, floor, kept) VALUES (1, ?1, ?1, 0)
-             ON CONFLICT (id) DO UPDATE SET last_id = max(last_id + 1, ?1), floor = max(last_id + 1, ?1), kept = 0",
-            [now_micros()],
-        )?;
+        transaction.execute(FORGET_CHANGES, [])?;
+        transaction.execute(FORGET_IDS, [now_micros()])?;
         Ok(())
+    }
+
+    /// The catalog was replaced whole (a snapshot, committed with
+    /// [`forget`]): the subscribers listening now are told to read the
+    /// tables again.
+    pub(crate) fn replaced(&mut self, last: i64) {
+        if self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(Arc::new(FeedBatch {
+                follows: last,
+                first_id: last + 1,
+                count: 0,
+                kinds: String::new(),
+                changes: String::new(),
+                events: std::sync::OnceLock::new(),
+            }));
+        }
     }
 
     /// A batch's transaction committed.
@@ -409,6 +421,20 @@ impl Feed {
             let _ = self.sender.send(Arc::new(batch));
         }
     }
+}
+
+const FORGET_CHANGES: &str = "DELETE FROM possync_feed";
+const FORGET_IDS: &str =
+    "INSERT INTO possync_feed_state (id, last_id, floor, kept) VALUES (1, ?1, ?1, 0)
+     ON CONFLICT (id) DO UPDATE SET last_id = max(last_id + 1, ?1), floor = max(last_id + 1, ?1), kept = 0";
+
+/// Forgets every change kept and the ids given, in the transaction that
+/// replaces the catalog whole: a client holding an earlier id is told to
+/// read everything again (`reload`). Returns the last id now.
+pub(crate) fn forget(connection: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    connection.execute(FORGET_CHANGES, [])?;
+    connection.execute(FORGET_IDS, [now_micros()])?;
+    last_id(connection)
 }
 
 fn now_micros() -> i64 {

@@ -554,21 +554,23 @@ pub(crate) struct SnapshotMeta {
 }
 
 impl Database {
-    /// Replaces every plugin table with the staging database's, and moves
-    /// the store's sync state to the snapshot's `seq`, in one transaction.
+    /// Replaces every plugin table with the staging database's, moves the
+    /// store's sync state to the snapshot's `seq` and has the change feed's
+    /// clients read everything again, in one transaction; returns the sync
+    /// state and the feed's last id.
     pub(crate) fn swap_in(
         &mut self,
         staged: &Path,
         license_key: &str,
         meta: &SnapshotMeta,
-    ) -> Result<SyncState, DatabaseError> {
+    ) -> Result<(SyncState, i64), DatabaseError> {
         let connection = self.connection();
         connection.execute("ATTACH DATABASE ?1 AS snapshot", [staged.to_string_lossy()])?;
         let swapped = swap_tables(connection, license_key, meta);
         let detached = connection.execute_batch("DETACH DATABASE snapshot");
-        swapped?;
+        let feed_last = swapped?;
         detached?;
-        self.sync_state(license_key)
+        Ok((self.sync_state(license_key)?, feed_last))
     }
 }
 
@@ -576,7 +578,7 @@ fn swap_tables(
     connection: &rusqlite::Connection,
     license_key: &str,
     meta: &SnapshotMeta,
-) -> Result<(), DatabaseError> {
+) -> Result<i64, DatabaseError> {
     let transaction = connection.unchecked_transaction()?;
     let tables: Vec<String> = transaction
         .prepare(
@@ -625,8 +627,9 @@ fn swap_tables(
         "DELETE FROM possync_sequence_above WHERE license_key = ?1",
         [license_key],
     )?;
+    let feed_last = crate::feed::forget(&transaction)?;
     transaction.commit()?;
-    Ok(())
+    Ok(feed_last)
 }
 
 /// How a snapshot left the kinds no plugin restores, for the log.
@@ -653,4 +656,114 @@ pub(crate) fn left_out_text(
 /// A kind of entity's replacing type: used by [`Registry::restoring_type`].
 pub(crate) fn replaces(rule: &crate::entity::EntityRule, entity: &str) -> bool {
     rule.entity == entity && rule.change == ChangeKind::Replace
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use possync_catalog as _;
+
+    fn entity(id: &str, seq: i64, price: f64) -> SnapshotEntity {
+        let state = serde_json::json!({"product_id": id, "product_name": id, "price": price});
+        SnapshotEntity {
+            entity: "product".into(),
+            id: id.into(),
+            seq,
+            state: state.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn a_swap_replaces_the_catalog_whole_moves_the_marks_and_has_feed_clients_read_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry =
+            Arc::new(Registry::from_config(&Default::default()).expect("the built-in plugins"));
+        let key = LicenseKey::new("STORE").expect("a key");
+        let path = dir.path().join("till.db");
+        let mut live = Database::open(&path).expect("opens");
+        live.migrate(registry.migrations().iter())
+            .expect("migrates");
+        live.connection()
+            .execute_batch(
+                "INSERT INTO products (id, name, price) VALUES ('GONE', 'Gone', 1.0);
+                 INSERT INTO possync_feed_state (id, last_id, floor, kept) VALUES (1, 50, 0, 50);
+                 INSERT INTO possync_sequence (license_key, synced_seq, applied_seq, settled_seq, catalog, gap_cause)
+                     VALUES ('STORE', 3, 9, 3, 'old', 'queue_recreated');
+                 INSERT INTO possync_sequence_above (license_key, first_seq, last_seq) VALUES ('STORE', 8, 9);",
+            )
+            .expect("a till with a gap");
+
+        let mut staging = Staging::create(&path, Arc::clone(&registry), &key).expect("staging");
+        staging
+            .stage(&SnapshotChunk {
+                request: "r".into(),
+                store: "STORE".into(),
+                catalog: "new".into(),
+                seq: 40,
+                entities: vec![entity("A", 12, 2.0), entity("B", 40, 3.5)],
+                next: None,
+                error: None,
+            })
+            .expect("staged");
+        let staged = staging.finish();
+        let (sync, feed_last) = live
+            .swap_in(
+                &staged,
+                "STORE",
+                &SnapshotMeta {
+                    seq: 40,
+                    catalog: "new".into(),
+                },
+            )
+            .expect("swapped");
+
+        let products: Vec<(String, f64, i64)> = live
+            .connection()
+            .prepare("SELECT id, price, sync_version FROM products ORDER BY id")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect()
+            })
+            .expect("products");
+        let versions: Vec<Option<i64>> = products
+            .iter()
+            .map(|(_, _, version)| possync_sdk::Version::seq_of(*version))
+            .collect();
+        assert_eq!(
+            products
+                .iter()
+                .map(|(id, price, _)| (id.as_str(), *price))
+                .collect::<Vec<_>>(),
+            [("A", 2.0), ("B", 3.5)],
+            "GONE went with the old catalog"
+        );
+        assert_eq!(
+            versions,
+            [Some(12), Some(40)],
+            "each row as the change that wrote it"
+        );
+        assert_eq!(
+            (
+                sync.synced_up_to,
+                sync.highest_applied,
+                sync.gap,
+                sync.catalog.as_deref()
+            ),
+            (40, 40, None, Some("new"))
+        );
+        let above: i64 = live
+            .connection()
+            .query_row("SELECT count(*) FROM possync_sequence_above", [], |row| {
+                row.get(0)
+            })
+            .expect("counted");
+        assert_eq!(above, 0);
+        assert!(feed_last > 50);
+        assert_eq!(
+            crate::feed::backlog(live.connection(), 50).expect("read"),
+            crate::feed::Backlog::Reload { last: feed_last },
+            "a feed client that saw the old catalog reads everything again"
+        );
+    }
 }
