@@ -27,7 +27,7 @@ fn product(store: &LicenseKey, i: usize) -> Value {
         "price": 0.49 + (i % 5000) as f64 / 100.0,
         "category_id": format!("CAT-{:02}", i % CATEGORIES),
     });
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         payload["icon_name"] = json!(format!("icon-{}", i % 300));
     }
     json!({"store": store.as_str(), "type": "product_update", "payload": payload})
