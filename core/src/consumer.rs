@@ -62,7 +62,8 @@ pub(crate) async fn consume(
     let status = reporter.status();
     let mut plan = {
         let sync = status.sync();
-        SnapshotPlan::new(sync.catalog.is_none() && sync.highest_applied == 0)
+        let empty = snapshots.is_some_and(|context| context.empty_at_start);
+        SnapshotPlan::new(empty && sync.catalog.is_none() && sync.highest_applied == 0)
     };
     let mut depth_due = tokio::time::Instant::now();
     // Renewed at once too: a provisioned terminal declares nothing on

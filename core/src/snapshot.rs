@@ -468,6 +468,11 @@ pub(crate) struct SnapshotContext {
     pub(crate) registry: Arc<Registry>,
     /// The terminal's database; the staging one is made beside it.
     pub(crate) database: PathBuf,
+    /// The plugins' tables held no row when the terminal started: only
+    /// then does a first start ask for a snapshot, which replaces them
+    /// (a till that holds a catalog from before the backend keeps it
+    /// until its first sequenced change shows a gap).
+    pub(crate) empty_at_start: bool,
 }
 
 /// Asks for a snapshot on `connection`, stages it and swaps it in;
@@ -554,6 +559,26 @@ pub(crate) struct SnapshotMeta {
 }
 
 impl Database {
+    /// Whether no plugin table holds a row.
+    pub(crate) fn holds_no_catalog(&self) -> Result<bool, DatabaseError> {
+        let connection = self.connection();
+        let tables: Vec<String> = connection
+            .prepare(PLUGIN_TABLES)?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for table in tables {
+            let any: bool = connection.query_row(
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", quoted(&table)),
+                [],
+                |row| row.get(0),
+            )?;
+            if any {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Replaces every plugin table with the staging database's, moves the
     /// store's sync state to the snapshot's `seq` and has the change feed's
     /// clients read everything again, in one transaction; returns the sync
@@ -581,14 +606,9 @@ fn swap_tables(
 ) -> Result<i64, DatabaseError> {
     let transaction = connection.unchecked_transaction()?;
     let tables: Vec<String> = transaction
-        .prepare(
-            "SELECT name FROM snapshot.sqlite_master WHERE type = 'table'
-             AND name NOT LIKE 'possync\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
-             ORDER BY rowid",
-        )?
+        .prepare(&PLUGIN_TABLES.replace("sqlite_master", "snapshot.sqlite_master"))?
         .query_map([], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
-    let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
     // Plugins' tables may refer to each other: emptied all first, filled
     // in the order they were made, the references checked at the commit.
     transaction.execute_batch("PRAGMA defer_foreign_keys = ON")?;
@@ -630,6 +650,17 @@ fn swap_tables(
     let feed_last = crate::feed::forget(&transaction)?;
     transaction.commit()?;
     Ok(feed_last)
+}
+
+/// The plugins' tables (not possync's own, not SQLite's), in the order
+/// they were made.
+const PLUGIN_TABLES: &str = "SELECT name FROM sqlite_master WHERE type = 'table'
+     AND name NOT LIKE 'possync\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+     ORDER BY rowid";
+
+/// `name` as an SQL identifier.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// How a snapshot left the kinds no plugin restores, for the log.
@@ -683,6 +714,7 @@ mod tests {
         let mut live = Database::open(&path).expect("opens");
         live.migrate(registry.migrations().iter())
             .expect("migrates");
+        assert!(live.holds_no_catalog().expect("reads"), "a new till's");
         live.connection()
             .execute_batch(
                 "INSERT INTO products (id, name, price) VALUES ('GONE', 'Gone', 1.0);
@@ -692,6 +724,7 @@ mod tests {
                  INSERT INTO possync_sequence_above (license_key, first_seq, last_seq) VALUES ('STORE', 8, 9);",
             )
             .expect("a till with a gap");
+        assert!(!live.holds_no_catalog().expect("reads"));
 
         let mut staging = Staging::create(&path, Arc::clone(&registry), &key).expect("staging");
         staging

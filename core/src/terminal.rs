@@ -152,6 +152,9 @@ impl Terminal {
             connection_name,
             status,
         } = self;
+        // Read before anything applies: a first start asks for a snapshot
+        // only into an empty database.
+        let empty_at_start = database.holds_no_catalog().unwrap_or(false);
         let config = settings.config();
         let identity = (
             settings.license_key().to_string(),
@@ -168,6 +171,7 @@ impl Terminal {
                 terminal_id: settings.terminal_id().clone(),
                 registry: Arc::clone(&registry),
                 database: config.terminal.database.clone(),
+                empty_at_start,
             });
         let mut server = None;
         let feed = crate::feed::channel();
