@@ -19,6 +19,10 @@ async fn a_new_terminal_converges_from_a_snapshot_while_changes_stream_in() {
     let backend = backend_for("snap-new", &store).await;
     // A till that has run all along: it gets the changes, not the snapshot.
     let mut old_till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    // A till of another store (no backend serves it): it gets nothing.
+    let other_store = unique_license("snap-other");
+    let other_till =
+        RunningTerminal::start(terminal_config(dir.path(), &other_store, "till-1")).await;
     let mut head = submit(&backend, history(&store, PRODUCTS), "history").await;
 
     // A new till starts while 1,000 changes stream in.
@@ -49,6 +53,16 @@ async fn a_new_terminal_converges_from_a_snapshot_while_changes_stream_in() {
         new_status.applied < 2_000,
         "the new till applied the snapshot, not the history: {} messages",
         new_status.applied
+    );
+    let other_status = other_till.stop().await;
+    assert_eq!(
+        (
+            other_status.applied,
+            other_status.quarantined,
+            other_status.duplicates
+        ),
+        (0, 0, 0),
+        "another store's till received nothing of the snapshot"
     );
     let old_status = old_till.stop().await;
     assert_eq!(
