@@ -1108,8 +1108,11 @@ async fn a_provisioned_terminal_takes_its_own_snapshot_and_a_forged_request_gets
     assert_eq!(count(&till.db(), "SELECT count(*) FROM products"), 200);
     till.stop().await;
 
-    // The shared user speaking for till-1 gets nothing.
+    // The shared user speaking for till-1 gets nothing, and the request
+    // is not kept where refused orders wait.
     assert_eq!(ask_snapshot_as(&amqp_url(), &store, "guest").await, None);
+    let refused_orders = queue_counts(&format!("{}.dead_letter", backend.upstream_queue));
+    assert_eq!(refused_orders.ready, 0, "{refused_orders:?}");
     let log = backend.stop().await;
     assert!(
         log.lines().any(|line| line.contains("\"snapshot_refused\"")

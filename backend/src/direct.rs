@@ -349,6 +349,7 @@ impl<S: Storage> queue::BatchConsumer for Direct<S> {
             prefetch: self.config.prefetch,
             expiry_days: Some(self.config.queue_expiry_days),
             single_active_consumer: false,
+            message_ttl_ms: None,
             connection_name: "possync backend direct",
             what: "declaring the backend's direct queue",
         }

@@ -95,6 +95,9 @@ pub(crate) struct QueueSpec {
     /// backend processes on one database): the order of the queue is the
     /// order recorded.
     pub(crate) single_active_consumer: bool,
+    /// Milliseconds a message waits in the queue before the broker drops
+    /// it (to the dead-letter queue); `None`: it waits until read.
+    pub(crate) message_ttl_ms: Option<u32>,
     /// The connection's name in the broker's management UI.
     pub(crate) connection_name: &'static str,
     /// What is declared, for errors (`the backend's direct queue`).
@@ -440,6 +443,12 @@ async fn declare(
     }
     if spec.single_active_consumer {
         arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    if let Some(ttl_ms) = spec.message_ttl_ms {
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::from(ttl_ms)),
+        );
     }
     if broker.queue_type == QueueType::Quorum {
         arguments.insert(

@@ -28,6 +28,10 @@ use crate::upstream::checked;
 /// products is about 200 bytes an entity.
 const CHUNK_MAX: u32 = 5_000;
 
+/// A request nobody answered within this long is dropped: its terminal
+/// stopped waiting for it and asks again.
+const REQUEST_TTL_MS: u32 = 30_000;
+
 /// A chunk holds entities of about this many bytes of state at most (one
 /// larger entity goes alone): far below what the broker takes in one
 /// message, and what a terminal holds in memory while it stages it.
@@ -70,7 +74,15 @@ impl<S: Storage> Snapshots<S> {
                 events::snapshot_refused(routing_key, "the request names no reply_to");
                 continue;
             };
-            let chunk = match self.chunk(delivery).await {
+            let user = delivery
+                .properties
+                .user_id()
+                .as_ref()
+                .map(|user| user.as_str().to_owned());
+            let chunk = match self
+                .chunk(routing_key, &delivery.data, user.as_deref())
+                .await
+            {
                 Ok(chunk) => chunk,
                 Err(reason) => {
                     events::snapshot_refused(routing_key, &reason);
@@ -105,20 +117,15 @@ impl<S: Storage> Snapshots<S> {
 
     /// The chunk a request asks for, or why it is refused. A request the
     /// database cannot answer gets a chunk that says why.
-    async fn chunk(&self, delivery: &Delivery) -> Result<SnapshotChunk, String> {
-        let user = delivery
-            .properties
-            .user_id()
-            .as_ref()
-            .map(|user| user.as_str().to_owned());
-        let (message, store, _, message_type) = checked(
-            &self.config,
-            &self.own_user,
-            delivery.routing_key.as_str(),
-            &delivery.data,
-            user.as_deref(),
-        )
-        .map_err(|refusal| refusal.reason)?;
+    async fn chunk(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        user: Option<&str>,
+    ) -> Result<SnapshotChunk, String> {
+        let (message, store, _, message_type) =
+            checked(&self.config, &self.own_user, routing_key, body, user)
+                .map_err(|refusal| refusal.reason)?;
         if message_type != SNAPSHOT_TYPE {
             return Err(format!("type {message_type} is not a snapshot request"));
         }
@@ -143,6 +150,13 @@ impl<S: Storage> Snapshots<S> {
             error: None,
         };
         match answer.await {
+            // A store this backend never recorded: it is not the store's
+            // catalog of record, and an empty answer would wipe the till.
+            Ok((_, page)) if page.head == 0 && request.seq.is_none() => {
+                chunk.error = Some(format!(
+                    "this backend holds no change of store {store}: it is not the store's catalog of record, or the store has no catalog yet"
+                ));
+            }
             Ok((catalog, page)) => {
                 let mut more = page.entries.len() == limit as usize;
                 chunk.catalog = catalog;
@@ -218,6 +232,7 @@ impl<S: Storage> queue::BatchConsumer for Snapshots<S> {
             // A request nobody answered is asked again: nothing to keep.
             expiry_days: Some(1),
             single_active_consumer: false,
+            message_ttl_ms: Some(REQUEST_TTL_MS),
             connection_name: "possync backend snapshots",
             what: "declaring the backend's snapshot queue",
         }
@@ -243,7 +258,127 @@ impl<S: Storage> queue::BatchConsumer for Snapshots<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use possync_core::Registry;
+
     use super::*;
+    use crate::catalog::ChangeRequest;
+    use crate::testing::Scripted;
+
+    async fn snapshots() -> Snapshots<Scripted> {
+        let registry =
+            Registry::for_publishing(&BTreeMap::new()).expect("the built-in plugins load");
+        let catalog = Arc::new(Catalog::new(
+            Arc::new(Scripted::new().await),
+            Arc::new(registry),
+        ));
+        Snapshots::new(
+            catalog,
+            BrokerConfig::default(),
+            UpstreamConfig::default(),
+            "office".into(),
+        )
+    }
+
+    fn request(seq: Option<i64>, after: Option<(&str, &str)>, limit: u32) -> Vec<u8> {
+        let payload = SnapshotRequest {
+            seq,
+            after: after.map(|(entity, id)| (entity.into(), id.into())),
+            limit,
+        };
+        serde_json::json!({"type": "snapshot", "license_key": "S1", "terminal_id": "till-1",
+            "message_id": "m1", "created_at": "2026-12-02T10:00:00Z", "payload": payload})
+        .to_string()
+        .into_bytes()
+    }
+
+    const KEY: &str = "up.S1.till-1.snapshot";
+    const USER: Option<&str> = Some("possync.terminal.S1.till-1");
+
+    async fn product(snapshots: &Snapshots<Scripted>, id: &str, name: &str) {
+        let payload = serde_json::json!({"product_id": id, "product_name": name, "price": 1.5});
+        snapshots
+            .catalog
+            .submit(
+                vec![ChangeRequest {
+                    store: "S1".into(),
+                    message_type: "product_update".into(),
+                    payload: payload.to_string(),
+                    timestamp: None,
+                    message_id: None,
+                    clock: None,
+                }],
+                None,
+            )
+            .await
+            .expect("submitted");
+    }
+
+    #[tokio::test]
+    async fn a_store_the_backend_never_recorded_gets_a_refusal_not_an_empty_catalog() {
+        let snapshots = snapshots().await;
+        let chunk = snapshots
+            .chunk(KEY, &request(None, None, 100), USER)
+            .await
+            .expect("answered");
+        assert!(chunk.entities.is_empty());
+        assert!(
+            chunk
+                .error
+                .is_some_and(|error| error.contains("holds no change of store S1")),
+        );
+    }
+
+    #[tokio::test]
+    async fn chunks_page_through_the_catalog_at_the_first_chunks_seq() {
+        let snapshots = snapshots().await;
+        for id in ["A", "B", "C"] {
+            product(&snapshots, id, id).await;
+        }
+        let first = snapshots
+            .chunk(KEY, &request(None, None, 2), USER)
+            .await
+            .expect("answered");
+        assert_eq!((first.seq, first.entities.len()), (3, 2));
+        assert_eq!(first.next, Some(("product".into(), "B".into())));
+        product(&snapshots, "D", "D").await;
+        let second = snapshots
+            .chunk(KEY, &request(Some(3), Some(("product", "B")), 2), USER)
+            .await
+            .expect("answered");
+        assert_eq!(second.seq, 3, "the snapshot's seq, kept");
+        let ids: Vec<&str> = second.entities.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["C", "D"]);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_holds_about_four_mebibytes_of_state_at_most() {
+        let snapshots = snapshots().await;
+        let name = "x".repeat(1_500_000);
+        for id in ["A", "B", "C", "D"] {
+            product(&snapshots, id, &name).await;
+        }
+        let chunk = snapshots
+            .chunk(KEY, &request(None, None, 100), USER)
+            .await
+            .expect("answered");
+        assert_eq!(chunk.entities.len(), 2);
+        assert_eq!(chunk.next, Some(("product".into(), "B".into())));
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_as_another_terminal_is_refused() {
+        let snapshots = snapshots().await;
+        let refusal = snapshots
+            .chunk(KEY, &request(None, None, 100), Some("guest"))
+            .await
+            .expect_err("refused");
+        assert!(
+            refusal.contains("sent by broker user \"guest\""),
+            "{refusal}"
+        );
+    }
 
     #[test]
     fn the_snapshot_queue_is_bound_to_the_snapshot_requests_of_the_upstream_bindings() {

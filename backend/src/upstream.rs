@@ -247,12 +247,12 @@ impl<S: Storage> Upstream<S> {
         user: Option<&str>,
         now_ms: i64,
     ) -> Result<Read, Refusal> {
-        let (message, store, terminal, message_type) =
-            checked(&self.config, &self.own_user, routing_key, body, user)?;
-        if message_type == SNAPSHOT_TYPE {
-            // The snapshot queue has its copy and answers it.
+        // The snapshot queue has its copy, checks it and answers it.
+        if parse_upstream_key(routing_key).is_some_and(|(_, _, kind)| kind == SNAPSHOT_TYPE) {
             return Ok(Read::Ignored);
         }
+        let (message, store, terminal, message_type) =
+            checked(&self.config, &self.own_user, routing_key, body, user)?;
         if message_type == RECEIPT_TYPE {
             let receipt: Receipt = serde_json::from_str(message.payload.get())
                 .map_err(|err| refused("invalid", format!("not a receipt: {err}")))?;
@@ -398,6 +398,7 @@ impl<S: Storage> queue::BatchConsumer for Upstream<S> {
             // Each terminal's messages are recorded in its order, also with
             // several backend processes on one database.
             single_active_consumer: true,
+            message_ttl_ms: None,
             connection_name: "possync backend upstream",
             what: "declaring the backend's upstream queue",
         }

@@ -254,6 +254,7 @@ on_every_storage!(
     a_refused_upstream_batch_records_none_of_it,
     the_latest_receipt_of_a_run_wins_and_a_new_run_replaces_it,
     a_forgotten_terminal_leaves_the_fleet,
+    catalog_pages_follow_the_head_and_go_through_the_store_in_byte_order,
 );
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
@@ -513,6 +514,47 @@ async fn a_late_clock_after_a_delete_is_still_stale<H: Harness>() {
         Some(json!({ "price": 3.0 })),
         "a newer change brings it back, from nothing"
     );
+}
+
+async fn catalog_pages_follow_the_head_and_go_through_the_store_in_byte_order<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    // Upper case sorts before lower case in byte order, whatever the
+    // database's collation says.
+    let ids = ["b", "A", "a", "B", "c"];
+    let changes = ids
+        .iter()
+        .map(|id| product("A", id, ChangeKind::Replace, json!({ "name": id })))
+        .chain([product("OTHER", "x", ChangeKind::Replace, json!({}))])
+        .collect();
+    submit(&storage, changes).await;
+    submit(
+        &storage,
+        vec![product("A", "c", ChangeKind::Delete, json!({}))],
+    )
+    .await;
+    let mut after = None;
+    let mut seen = Vec::new();
+    loop {
+        let page = storage
+            .catalog_page("A", after.clone(), 2)
+            .await
+            .expect("a page");
+        assert_eq!(page.head, 6, "the store's head");
+        seen.extend(page.entries.iter().map(|e| e.id.clone()));
+        match page.entries.last() {
+            Some(last) if page.entries.len() == 2 => {
+                after = Some((last.entity.clone(), last.id.clone()));
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(seen, ["A", "B", "a", "b"], "deleted and other stores' left out");
+    let unknown = storage
+        .catalog_page("NONE", None, 10)
+        .await
+        .expect("a page");
+    assert_eq!((unknown.head, unknown.entries.len()), (0, 0));
 }
 
 async fn entity_changes_apply_and_a_deleted_entity_leaves_the_catalog<H: Harness>() {

@@ -243,6 +243,22 @@ impl Applier {
         }
     }
 
+    /// The database, for reading.
+    #[cfg(test)]
+    pub(crate) fn connection(&self) -> &rusqlite::Connection {
+        self.database.connection()
+    }
+
+    /// Forgets every change settled here (sequence marks, publisher marks,
+    /// message ids): for a staging database, whose entities may be tried
+    /// again under another type.
+    pub(crate) fn forget_marks(&mut self) -> rusqlite::Result<()> {
+        self.database.connection().execute_batch(
+            "DELETE FROM possync_sequence; DELETE FROM possync_sequence_above;
+             DELETE FROM possync_publishers; DELETE FROM possync_applied;",
+        )
+    }
+
     /// Swaps a staged snapshot in: the plugins' tables and the sync state.
     pub(crate) fn swap_in(
         &mut self,

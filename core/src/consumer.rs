@@ -92,7 +92,10 @@ pub(crate) async fn consume(
             && plan.due(&status.sync())
         {
             events::snapshot_started(&snapshot::reason(&status.sync()));
-            let asker = broker.asker(context);
+            let asker = Asker {
+                follows: status.sync().catalog,
+                ..broker.asker(context)
+            };
             let taken = tokio::select! {
                 () = shutdown.as_mut() => {
                     events::stopping();
@@ -634,6 +637,7 @@ impl Subscription {
             user: crate::uplink::broker_user(&self.url),
             url: self.url.clone(),
             timeout_secs: self.timeout_secs,
+            follows: None,
         }
     }
 

@@ -112,33 +112,15 @@ pub(crate) fn snapshot_progress(seq: i64, entities: u64, elapsed_ms: u128) {
 }
 
 /// The snapshot is swapped in: the catalog is the backend's at `seq`.
-pub(crate) fn snapshot_applied(
-    seq: i64,
-    catalog: &str,
-    entities: u64,
-    elapsed_ms: u128,
-    left_out: &str,
-) {
-    if left_out.is_empty() {
-        info!(
-            event = "snapshot_applied",
-            seq,
-            %catalog,
-            entities,
-            elapsed_ms,
-            "the store's catalog at seq {seq} is swapped in ({entities} entities); the changes after it apply from the queue"
-        );
-    } else {
-        warn!(
-            event = "snapshot_applied",
-            seq,
-            %catalog,
-            entities,
-            elapsed_ms,
-            %left_out,
-            "the store's catalog at seq {seq} is swapped in, but not all of it: {left_out}"
-        );
-    }
+pub(crate) fn snapshot_applied(seq: i64, catalog: &str, entities: u64, elapsed_ms: u128) {
+    info!(
+        event = "snapshot_applied",
+        seq,
+        %catalog,
+        entities,
+        elapsed_ms,
+        "the store's catalog at seq {seq} is swapped in ({entities} entities); the changes after it apply from the queue"
+    );
 }
 
 /// A snapshot failed; dropped, asked again after `retry_in_ms` (never when

@@ -388,6 +388,36 @@ impl Registry {
         self.entities.get(message_type)
     }
 
+    /// The migrations of the enabled plugins that take part in snapshots
+    /// (those with a type that replaces an entity), each id once: the
+    /// tables a snapshot replaces. Other plugins' tables are left alone.
+    pub(crate) fn snapshot_migrations(&self) -> Vec<Migration> {
+        let taking_part: HashSet<usize> = self
+            .entities
+            .iter()
+            .filter(|(_, rule)| rule.change == crate::entity::ChangeKind::Replace)
+            .filter_map(|(message_type, _)| self.routes.get(message_type).copied())
+            .collect();
+        let mut seen = HashSet::new();
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(index, entry)| entry.enabled && taking_part.contains(index))
+            .flat_map(|(_, entry)| entry.plugin.migrations().iter().copied())
+            .filter(|m| seen.insert(m.id))
+            .collect()
+    }
+
+    /// The enabled types that merge into an entity, with their rules: how
+    /// a snapshot restores an entity its replacing type refuses.
+    pub(crate) fn merging_types(&self) -> Vec<(&str, &EntityRule)> {
+        self.entities
+            .iter()
+            .filter(|(_, rule)| rule.change == crate::entity::ChangeKind::Merge)
+            .map(|(message_type, rule)| (message_type.as_str(), rule))
+            .collect()
+    }
+
     /// The enabled type that replaces a whole `entity` of this kind, with
     /// its rule: how a snapshot restores one.
     pub(crate) fn restoring_type(&self, entity: &str) -> Option<(&str, &EntityRule)> {

@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 use crate::applier::{Applier, Limits};
 use crate::connection::{self, BrokerError};
 use crate::dispatch::Outcome;
-use crate::entity::ChangeKind;
+use crate::entity::{ChangeKind, EntityRule};
 use crate::events;
 use crate::identity::{LicenseKey, TerminalId};
 use crate::inbound::Inbound;
@@ -52,6 +52,10 @@ const CHUNK: u32 = 2_000;
 
 /// How long the terminal waits for a chunk before it drops the snapshot.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long it waits for the first: no answer then means no backend reads
+/// the requests (one of an earlier release, or one that is down).
+const FIRST_CHUNK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A jump in the sequence is given this long to fill (the relay sends a
 /// change again late) before it is taken for a loss.
@@ -130,7 +134,12 @@ impl SnapshotPlan {
 
     /// The snapshot failed; returns when it is asked again.
     pub(crate) fn failed(&mut self, err: &SnapshotError) -> Option<Duration> {
-        if matches!(err, SnapshotError::NoBackend) && self.first_start {
+        if self.first_start
+            && matches!(
+                err,
+                SnapshotError::NoBackend | SnapshotError::Timeout(_) | SnapshotError::Backend(_)
+            )
+        {
             // Nothing to converge from: the store has no backend.
             self.first_start = false;
             return None;
@@ -152,6 +161,9 @@ pub(crate) struct Asker {
     pub(crate) user: String,
     pub(crate) url: String,
     pub(crate) timeout_secs: u64,
+    /// The catalog the terminal follows, if any: a snapshot of another is
+    /// refused.
+    pub(crate) follows: Option<String>,
 }
 
 /// What a completed fetch staged.
@@ -201,12 +213,20 @@ async fn fetch_on(
     let started = Instant::now();
     let mut said_at = Instant::now();
     let mut seq = None;
+    let mut first_catalog: Option<String> = None;
     let mut entities: u64 = 0;
     let mut asked = ask(channel, asker, None, None).await?;
     loop {
+        // A backend answers in milliseconds: the first answer, or its
+        // absence, says whether one is there.
+        let wait = if seq.is_none() {
+            FIRST_CHUNK_TIMEOUT
+        } else {
+            CHUNK_TIMEOUT
+        };
         let chunk = loop {
-            let delivery = match tokio::time::timeout(CHUNK_TIMEOUT, replies.next()).await {
-                Err(_) => return Err(SnapshotError::Timeout(CHUNK_TIMEOUT.as_secs())),
+            let delivery = match tokio::time::timeout(wait, replies.next()).await {
+                Err(_) => return Err(SnapshotError::Timeout(wait.as_secs())),
                 Ok(None) => return Err(BrokerError::ConnectionLost.into()),
                 Ok(Some(Err(err))) => {
                     return Err(
@@ -232,6 +252,8 @@ async fn fetch_on(
                 chunk.store, asker.license_key
             )));
         }
+        check_catalog(&chunk, asker.follows.as_deref(), first_catalog.as_deref())?;
+        first_catalog.get_or_insert_with(|| chunk.catalog.clone());
         let seq = *seq.get_or_insert(chunk.seq);
         // The next chunk is on its way while this one is staged.
         if let Some(after) = chunk.next.clone() {
@@ -265,6 +287,29 @@ async fn fetch_on(
             });
         }
     }
+}
+
+/// Refuses a chunk of another catalog than the one the terminal follows,
+/// or than the snapshot's first chunk: its `seq` counts in another
+/// sequence.
+fn check_catalog(
+    chunk: &SnapshotChunk,
+    follows: Option<&str>,
+    first: Option<&str>,
+) -> Result<(), SnapshotError> {
+    if let Some(first) = first.filter(|first| *first != chunk.catalog) {
+        return Err(SnapshotError::Backend(format!(
+            "chunks of two catalogs ({first} and {}): two backends answer for this store; stop the one that is not its catalog of record",
+            chunk.catalog
+        )));
+    }
+    if let Some(follows) = follows.filter(|follows| *follows != chunk.catalog) {
+        return Err(SnapshotError::Backend(format!(
+            "the snapshot comes from catalog {}, but this terminal follows catalog {follows}: another backend answers for this store (stop it), or the backend's database was replaced (re-provision the terminal so it follows the new catalog)",
+            chunk.catalog
+        )));
+    }
+    Ok(())
 }
 
 /// Sends one request; returns its message id.
@@ -357,7 +402,8 @@ impl Staging {
         let path = staging_path(database);
         remove_database(&path);
         let mut staged = Database::open(&path)?;
-        staged.migrate(registry.migrations().iter())?;
+        // Only the tables of the plugins that take part: they are replaced.
+        staged.migrate(registry.snapshot_migrations().iter())?;
         // Thrown away if anything stops it: no need to wait for the disk.
         staged.commit_without_sync()?;
         let limits = Limits {
@@ -385,48 +431,90 @@ impl Staging {
         })
     }
 
-    /// Applies a chunk's entities through their plugins' handlers.
+    /// Applies a chunk's entities through their plugins' handlers: each by
+    /// the type that replaces its kind; one that type refuses (an entity
+    /// only ever written by merges, such as a price for a product never
+    /// sent whole) by the types that merge into its kind, in turn.
     pub(crate) fn stage(&mut self, chunk: &SnapshotChunk) -> Result<(), String> {
         let mut batch = Vec::with_capacity(chunk.entities.len());
+        let mut sent = Vec::with_capacity(chunk.entities.len());
         for entity in &chunk.entities {
-            match self.envelope(entity, &chunk.catalog) {
-                Some((message_type, body)) => batch.push(Inbound {
-                    tag: batch.len() as u64,
-                    routing_key: routing_key(&self.license_key, &message_type),
-                    body,
-                    redelivered: false,
-                    requeued: false,
-                }),
+            match self.registry.restoring_type(&entity.entity) {
+                Some((message_type, rule)) => {
+                    batch.push(self.inbound(entity, &chunk.catalog, message_type, rule, "r"));
+                    sent.push(entity);
+                }
                 None => *self.skipped.entry(entity.entity.clone()).or_default() += 1,
             }
         }
-        let applied = self.applier.apply(&batch).map_err(|err| err.to_string())?;
-        for outcome in &applied.outcomes {
-            match outcome {
-                Outcome::DeadLetter { reason, .. } => {
-                    self.refused.0 += 1;
-                    self.refused.1.get_or_insert_with(|| reason.clone());
-                }
-                Outcome::Retry { reason } => {
-                    return Err(format!("a handler asked to try again: {reason}"));
-                }
-                _ => {}
+        let mut refused: Vec<(&SnapshotEntity, String)> = sent
+            .into_iter()
+            .zip(self.apply(&batch)?)
+            .filter_map(|(entity, refusal)| refusal.map(|reason| (entity, reason)))
+            .collect();
+        let registry = Arc::clone(&self.registry);
+        for (index, (message_type, rule)) in registry.merging_types().into_iter().enumerate() {
+            let (tried, left): (Vec<_>, Vec<_>) = refused
+                .into_iter()
+                .partition(|(entity, _)| rule.entity == entity.entity);
+            refused = left;
+            if tried.is_empty() {
+                continue;
             }
+            // Tried before under its seq: the staging marks forget it.
+            self.applier.forget_marks().map_err(|err| err.to_string())?;
+            let tag = format!("m{index}");
+            let batch: Vec<Inbound> = tried
+                .iter()
+                .map(|(entity, _)| self.inbound(entity, &chunk.catalog, message_type, rule, &tag))
+                .collect();
+            for ((entity, first), refusal) in tried.into_iter().zip(self.apply(&batch)?) {
+                if refusal.is_some() {
+                    refused.push((entity, first));
+                }
+            }
+        }
+        for (_, reason) in refused {
+            self.refused.0 += 1;
+            self.refused.1.get_or_insert(reason);
         }
         Ok(())
     }
 
-    /// The entity as a message of the type that replaces it, with its own
-    /// `seq` (so that it orders against later changes as the change that
-    /// wrote it would); `None` if no enabled plugin restores its kind.
-    fn envelope(&self, entity: &SnapshotEntity, catalog: &str) -> Option<(String, Vec<u8>)> {
-        let (message_type, rule) = self.registry.restoring_type(&entity.entity)?;
+    /// Applies `batch`: for each message, why it was refused, if it was.
+    fn apply(&mut self, batch: &[Inbound]) -> Result<Vec<Option<String>>, String> {
+        let applied = self.applier.apply(batch).map_err(|err| err.to_string())?;
+        applied
+            .outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Outcome::DeadLetter { reason, .. } => Ok(Some(reason)),
+                Outcome::Retry { reason } => Err(format!("a handler asked to try again: {reason}")),
+                _ => Ok(None),
+            })
+            .collect()
+    }
+
+    /// The entity as a message of `message_type`, with its own `seq` (so
+    /// that it orders against later changes as the change that wrote it
+    /// would): the entity's fields back under the payload's names, and
+    /// only those the type declares.
+    fn inbound(
+        &self,
+        entity: &SnapshotEntity,
+        catalog: &str,
+        message_type: &str,
+        rule: &EntityRule,
+        tag: &str,
+    ) -> Inbound {
         let mut payload: Map<String, Value> = entity.state.clone();
-        // Entity field names back to the payload's.
         for (field, name) in &rule.fields {
             if let Some(value) = payload.remove(name) {
                 payload.insert(field.clone(), value);
             }
+        }
+        if let Some(declared) = &rule.properties {
+            payload.retain(|field, _| declared.contains(field));
         }
         payload
             .entry(rule.id.clone())
@@ -435,23 +523,43 @@ impl Staging {
             "type": message_type,
             "license_key": self.license_key.as_str(),
             "payload": payload,
-            "message_id": format!("snapshot/{}/{}", entity.entity, entity.id),
+            "message_id": format!("snapshot/{tag}/{}/{}", entity.entity, entity.id),
             "seq": entity.seq,
             "catalog": catalog,
         });
-        Some((message_type.to_owned(), serde_json::to_vec(&body).ok()?))
+        Inbound {
+            tag: 0,
+            routing_key: routing_key(&self.license_key, message_type),
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+            redelivered: false,
+            requeued: false,
+        }
     }
 
-    /// Kinds skipped and entities refused, for the log.
-    pub(crate) fn left_out(&self) -> (Vec<(String, u64)>, u64, Option<String>) {
-        (
-            self.skipped
-                .iter()
-                .map(|(kind, count)| (kind.clone(), *count))
-                .collect(),
-            self.refused.0,
-            self.refused.1.clone(),
-        )
+    /// Whether every entity staged: else why not, and nothing of the
+    /// snapshot may replace what the terminal holds.
+    pub(crate) fn complete(&self) -> Result<(), String> {
+        let (skipped, refused) = (&self.skipped, &self.refused);
+        if skipped.is_empty() && refused.0 == 0 {
+            return Ok(());
+        }
+        let mut parts = Vec::new();
+        for (kind, count) in skipped {
+            parts.push(format!(
+                "{count} {kind} that no enabled plugin restores (enable the plugin whose type replaces a {kind})"
+            ));
+        }
+        if refused.0 > 0 {
+            parts.push(format!(
+                "{} refused by their plugin (the first: {})",
+                refused.0,
+                refused.1.as_deref().unwrap_or("?")
+            ));
+        }
+        Err(format!(
+            "the snapshot is not applied, so that nothing the terminal holds is lost: {}",
+            parts.join("; ")
+        ))
     }
 
     /// The staging database's file, closed.
@@ -493,15 +601,22 @@ pub(crate) async fn take(
         .await
         .map_err(|err| SnapshotError::Local(format!("staging panicked: {err}")))?
         .map_err(|err| SnapshotError::Local(format!("cannot make the staging database: {err}")))?;
-    let path = staging.path.clone();
+    // Gone however this ends, a stop in the middle included.
+    let files = StagingFiles(staging.path.clone());
+    let path = files.0.clone();
     let mut staging = Some(staging);
     let fetched = fetch(connection, asker, &mut staging).await;
-    let left_out = staging.map(|staging| {
-        let (skipped, refused, reason) = staging.left_out();
-        drop(staging.finish());
-        left_out_text(&skipped, refused, reason.as_deref())
-    });
-    let swapped = match fetched {
+    let complete = staging
+        .map(|staging| {
+            let complete = staging.complete();
+            drop(staging.finish());
+            complete
+        })
+        .unwrap_or_else(|| Err("the staging database is gone".into()));
+    let swapped = match fetched.and_then(|fetched| {
+        complete.map_err(SnapshotError::Local)?;
+        Ok(fetched)
+    }) {
         Ok(fetched) => applier
             .swap_in(
                 path.clone(),
@@ -515,16 +630,24 @@ pub(crate) async fn take(
             .map_err(|err| SnapshotError::Local(format!("cannot swap the snapshot in: {err}"))),
         Err(err) => Err(err),
     };
-    remove_database(&path);
+    drop(files);
     let (fetched, sync) = swapped?;
     events::snapshot_applied(
         fetched.seq,
         &fetched.catalog,
         fetched.entities,
         started.elapsed().as_millis(),
-        left_out.as_deref().unwrap_or_default(),
     );
     Ok(sync)
+}
+
+/// Removes the staging database's files when dropped.
+struct StagingFiles(PathBuf);
+
+impl Drop for StagingFiles {
+    fn drop(&mut self) {
+        remove_database(&self.0);
+    }
 }
 
 /// Why a snapshot is due, for the log.
@@ -663,27 +786,6 @@ fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// How a snapshot left the kinds no plugin restores, for the log.
-pub(crate) fn left_out_text(
-    skipped: &[(String, u64)],
-    refused: u64,
-    reason: Option<&str>,
-) -> String {
-    let mut parts = Vec::new();
-    for (kind, count) in skipped {
-        parts.push(format!(
-            "{count} {kind} left out (no enabled plugin declares a type that replaces a {kind})"
-        ));
-    }
-    if refused > 0 {
-        parts.push(format!(
-            "{refused} refused by their handler (the first: {})",
-            reason.unwrap_or("?")
-        ));
-    }
-    parts.join("; ")
-}
-
 /// A kind of entity's replacing type: used by [`Registry::restoring_type`].
 pub(crate) fn replaces(rule: &crate::entity::EntityRule, entity: &str) -> bool {
     rule.entity == entity && rule.change == ChangeKind::Replace
@@ -702,6 +804,77 @@ mod tests {
             seq,
             state: state.as_object().cloned().unwrap_or_default(),
         }
+    }
+
+    fn chunk(catalog: &str, entities: Vec<SnapshotEntity>) -> SnapshotChunk {
+        SnapshotChunk {
+            request: "r".into(),
+            store: "STORE".into(),
+            catalog: catalog.into(),
+            seq: 40,
+            entities,
+            next: None,
+            error: None,
+        }
+    }
+
+    fn staging(dir: &Path, registry: Registry) -> Staging {
+        let key = LicenseKey::new("STORE").expect("a key");
+        Staging::create(&dir.join("till.db"), Arc::new(registry), &key).expect("staging")
+    }
+
+    #[test]
+    fn an_entity_only_ever_merged_is_restored_by_the_type_that_merges_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::from_config(&Default::default()).expect("the built-in plugins");
+        let mut staged = staging(dir.path(), registry);
+        let mut priced_only = entity("PX", 7, 3.0);
+        priced_only.state.remove("product_name");
+        staged
+            .stage(&chunk("cat", vec![priced_only, entity("A", 8, 2.0)]))
+            .expect("staged");
+        assert_eq!(staged.complete(), Ok(()));
+        let price: f64 = staged
+            .applier
+            .connection()
+            .query_row("SELECT price FROM products WHERE id = 'PX'", [], |row| {
+                row.get(0)
+            })
+            .expect("PX is there");
+        assert_eq!(price, 3.0);
+    }
+
+    #[test]
+    fn a_snapshot_with_entities_no_enabled_plugin_restores_is_not_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugins = [(
+            "product".to_owned(),
+            crate::config::PluginSetting::Toggle(false),
+        )]
+        .into_iter()
+        .collect();
+        let registry = Registry::from_config(&plugins).expect("the built-in plugins");
+        let mut staged = staging(dir.path(), registry);
+        staged
+            .stage(&chunk("cat", vec![entity("A", 8, 2.0)]))
+            .expect("staged");
+        let refusal = staged.complete().expect_err("products cannot be restored");
+        assert!(
+            refusal.contains("1 product that no enabled plugin restores"),
+            "{refusal}"
+        );
+    }
+
+    #[test]
+    fn chunks_of_another_catalog_are_refused() {
+        let ours = chunk("ours", Vec::new());
+        assert!(check_catalog(&ours, Some("ours"), Some("ours")).is_ok());
+        assert!(check_catalog(&ours, None, None).is_ok(), "a first start");
+        let theirs = chunk("theirs", Vec::new());
+        let err = check_catalog(&theirs, Some("ours"), None).expect_err("followed");
+        assert!(err.to_string().contains("follows catalog ours"), "{err}");
+        let err = check_catalog(&theirs, None, Some("ours")).expect_err("mixed");
+        assert!(err.to_string().contains("two catalogs"), "{err}");
     }
 
     #[test]

@@ -162,6 +162,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (store, terminal)
     );
 ",
+    r#"
+    -- Snapshots page through a store's entities in byte order.
+    CREATE INDEX entities_snapshot ON entities (store, entity COLLATE "C", id COLLATE "C");
+"#,
 ];
 
 /// The backend's database on PostgreSQL.
