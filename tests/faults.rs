@@ -291,6 +291,24 @@ fn recorded_orders(
         .unwrap_or_default()
 }
 
+/// Till-1 of `store`'s config file in `dir`: (its database, the file).
+fn till_config(
+    dir: &std::path::Path,
+    store: &LicenseKey,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let database = dir.join("till-1.db");
+    let file = dir.join("terminal.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[terminal]\nlicense_key = \"{store}\"\nterminal_id = \"till-1\"\ndatabase = {:?}\nqueue_expiry_days = 1\n",
+            database.display().to_string()
+        ),
+    )
+    .expect("write the terminal's config");
+    (database, file)
+}
+
 /// Runs `possync terminal` as a process of its own, which the test can kill.
 fn spawn_terminal(file: &std::path::Path) -> ChildLog {
     ChildLog::spawn(
@@ -309,16 +327,7 @@ async fn orders_reach_the_backend_once_each_in_order_through_closed_connections_
     let mut backend = common::backend::Backend::with_upstream_for("orders", &[&store]);
     backend.start_upstream().await;
 
-    let database = dir.path().join("till-1.db");
-    let file = dir.path().join("terminal.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[terminal]\nlicense_key = \"{store}\"\nterminal_id = \"till-1\"\ndatabase = {:?}\nqueue_expiry_days = 1\n",
-            database.display().to_string()
-        ),
-    )
-    .expect("write the terminal's config");
+    let (database, file) = till_config(dir.path(), &store);
     // Killed once in the one window nothing outside reaches: after the
     // broker confirmed a round of orders, before they left the outbox.
     let paused = dir.path().join("paused");
@@ -461,20 +470,8 @@ async fn a_snapshot_cut_off_twice_by_closed_connections_starts_again_and_ends_id
     .await;
     backend.wait_published(&store, head).await;
 
-    let database = dir.path().join("till-1.db");
-    let file = dir.path().join("terminal.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[terminal]\nlicense_key = \"{store}\"\nterminal_id = \"till-1\"\ndatabase = {:?}\nqueue_expiry_days = 1\n",
-            database.display().to_string()
-        ),
-    )
-    .expect("write the terminal's config");
-    let mut terminal = ChildLog::spawn(
-        possync_command(&["terminal", "--config", file.to_str().expect("utf-8")])
-            .env("POSSYNC_BROKER__URL", amqp_url()),
-    );
+    let (database, file) = till_config(dir.path(), &store);
+    let mut terminal = spawn_terminal(&file);
     for _ in 0..2 {
         terminal.wait_for_line("snapshot_started").await;
         rabbitmqctl(&["close_all_connections", "possync fault test"]);

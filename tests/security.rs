@@ -951,14 +951,7 @@ async fn a_terminal_speaks_upstream_only_as_itself_and_the_backend_refuses_a_for
 
     // A backend that verifies senders records the terminal's own order
     // and refuses, counts and dead-letters one sent under the shared user.
-    let mut backend = common::backend::Backend::new("verify", false);
-    let config = std::fs::read_to_string(&backend.config).expect("config");
-    std::fs::write(
-        &backend.config,
-        config.replace("[upstream]\nenabled = false\n", "[upstream]\n"),
-    )
-    .expect("write config");
-    backend.bind_upstream(&[&store]);
+    let mut backend = common::backend::Backend::verifying_upstream_for("verify", &[&store]);
     backend.start_upstream().await;
     let mine = publish_upstream_as(
         &url,
@@ -1073,21 +1066,8 @@ async fn ask_snapshot_as(url: &str, store: &LicenseKey, user_id: &str) -> Option
 async fn a_provisioned_terminal_takes_its_own_snapshot_and_a_forged_request_gets_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = unique_license("snap-prov");
-    let mut backend = common::backend::Backend::new("snap-prov", false);
-    let config = std::fs::read_to_string(&backend.config).expect("config");
-    std::fs::write(
-        &backend.config,
-        config.replace("[upstream]\nenabled = false\n", "[upstream]\n"),
-    )
-    .expect("write config");
-    backend.bind_upstream(&[&store]);
-    backend.start_upstream().await;
-    backend
-        .process
-        .as_mut()
-        .expect("running")
-        .wait_for_logged("snapshots_live")
-        .await;
+    let mut backend = common::backend::Backend::verifying_upstream_for("snap-prov", &[&store]);
+    common::catalog::start_answering(&mut backend).await;
     let products: Vec<serde_json::Value> = (0..200)
         .map(|i| {
             serde_json::json!({"store": store.as_str(), "type": "product_update", "payload":

@@ -153,13 +153,7 @@ async fn modifier_groups_and_product_images_take_part_in_a_snapshot() {
         library("possync-plugin-product-images"),
         dir.path().join("backend-images").display().to_string(),
     ));
-    backend.start_upstream().await;
-    backend
-        .process
-        .as_mut()
-        .expect("started")
-        .wait_for_logged("snapshots_live")
-        .await;
+    common::catalog::start_answering(&mut backend).await;
     let change = |kind: &str, payload: serde_json::Value| serde_json::json!({"store": store.as_str(), "type": kind, "payload": payload});
     let pictures: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 2_000]).collect();
     let mut changes = vec![change(

@@ -549,7 +549,11 @@ async fn catalog_pages_follow_the_head_and_go_through_the_store_in_byte_order<H:
             _ => break,
         }
     }
-    assert_eq!(seen, ["A", "B", "a", "b"], "deleted and other stores' left out");
+    assert_eq!(
+        seen,
+        ["A", "B", "a", "b"],
+        "deleted and other stores' left out"
+    );
     let unknown = storage
         .catalog_page("NONE", None, 10)
         .await

@@ -10,8 +10,7 @@ use possync_core::{Delivery, LicenseKey, QueueType};
 use serde_json::{Value, json};
 
 use crate::backend::CpuUse;
-use crate::baseline;
-use crate::upstream::{declare_bound, start_backend, stop_backend};
+use crate::upstream::{broker_alone, start_backend, stop_backend};
 use crate::workload::{self, license};
 use crate::{Stopwatch, Trial, possync_side, progress};
 
@@ -101,25 +100,7 @@ pub(crate) async fn snapshot(
                 .into_bytes()
         })
         .collect();
-    let count = bodies.len();
-    let queue = format!("bench.snapshot.{key}");
-    let routing_key = format!("bench-snapshot.{key}");
-    declare_bound(&connection, &queue, &routing_key).await?;
-    let broker_watch = Stopwatch::start();
-    let consumer = {
-        let (url, queue) = (url.to_owned(), queue.clone());
-        tokio::spawn(async move {
-            let connection = workload::connect(&url).await?;
-            baseline::receive_only(&connection, &queue, count).await?;
-            workload::close([connection]).await;
-            anyhow::Ok(())
-        })
-    };
-    workload::publish_raw(&connection, &routing_key, bodies.into_iter(), 500).await?;
-    consumer.await??;
-    let broker = broker_watch.stop();
-    workload::delete_queues(&connection, &[queue]).await;
-    workload::close([connection]).await;
+    let broker = broker_alone(url, connection, &format!("snapshot.{key}"), bodies).await?;
     let note = format!(
         "{:.2} s end to end ({:.0} products/s), live after {} ms · {cpu}",
         possync.elapsed.as_secs_f64(),

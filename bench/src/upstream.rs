@@ -286,24 +286,7 @@ pub(crate) async fn orders_up(
     progress(&format!(
         "orders up: the broker alone, {count} bodies published with confirms and consumed"
     ));
-    let queue = format!("bench.orders.{key}");
-    let routing_key = format!("bench-orders.{key}");
-    declare_bound(&connection, &queue, &routing_key).await?;
-    let stopwatch = Stopwatch::start();
-    let consumer = {
-        let (url, queue) = (url.to_owned(), queue.clone());
-        tokio::spawn(async move {
-            let connection = workload::connect(&url).await?;
-            baseline::receive_only(&connection, &queue, count).await?;
-            workload::close([connection]).await;
-            anyhow::Ok(())
-        })
-    };
-    workload::publish_raw(&connection, &routing_key, bodies.into_iter(), 500).await?;
-    consumer.await??;
-    let broker = stopwatch.stop();
-    workload::delete_queues(&connection, &[queue]).await;
-    workload::close([connection]).await;
+    let broker = broker_alone(url, connection, &format!("orders.{key}"), bodies).await?;
     let inserted_rate = count as f64 / inserted.as_secs_f64();
     Ok((
         Trial {
@@ -322,6 +305,37 @@ pub(crate) async fn orders_up(
             count as f64 / in_store_database.as_secs_f64()
         ),
     ))
+}
+
+/// The broker alone moving `bodies`: published with confirms (500 in
+/// flight) to a durable queue of its own and consumed at once by a raw
+/// consumer; closes `connection`.
+pub(crate) async fn broker_alone(
+    url: &str,
+    connection: lapin::Connection,
+    name: &str,
+    bodies: Vec<Vec<u8>>,
+) -> anyhow::Result<crate::Measured> {
+    let count = bodies.len();
+    let queue = format!("bench.{name}");
+    let routing_key = format!("bench-{name}");
+    declare_bound(&connection, &queue, &routing_key).await?;
+    let stopwatch = Stopwatch::start();
+    let consumer = {
+        let (url, queue) = (url.to_owned(), queue.clone());
+        tokio::spawn(async move {
+            let connection = workload::connect(&url).await?;
+            baseline::receive_only(&connection, &queue, count).await?;
+            workload::close([connection]).await;
+            anyhow::Ok(())
+        })
+    };
+    workload::publish_raw(&connection, &routing_key, bodies.into_iter(), 500).await?;
+    consumer.await??;
+    let broker = stopwatch.stop();
+    workload::delete_queues(&connection, &[queue]).await;
+    workload::close([connection]).await;
+    Ok(broker)
 }
 
 /// The bodies the uplink sends for these payloads.

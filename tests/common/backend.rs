@@ -85,6 +85,21 @@ impl Backend {
         backend
     }
 
+    /// A backend that consumes the upstream messages of `stores` and
+    /// accepts each only from the broker user of the terminal it names;
+    /// not started.
+    pub fn verifying_upstream_for(label: &str, stores: &[&LicenseKey]) -> Self {
+        let backend = Self::new(label, false);
+        let config = std::fs::read_to_string(&backend.config).expect("the backend's config");
+        std::fs::write(
+            &backend.config,
+            config.replace("[upstream]\nenabled = false\n", "[upstream]\n"),
+        )
+        .expect("write the backend's config");
+        backend.bind_upstream(stores);
+        backend
+    }
+
     /// [`Backend::with_upstream`] whose queue takes the upstream messages
     /// of `stores` only, not those of every test running beside it.
     pub fn with_upstream_for(label: &str, stores: &[&LicenseKey]) -> Self {

@@ -138,6 +138,13 @@ pub async fn wait_quiet(till: &mut RunningTerminal, head: i64, who: &str) {
 /// A backend that answers `store`'s snapshot requests, started.
 pub async fn backend_for(label: &str, store: &LicenseKey) -> Backend {
     let mut backend = Backend::with_upstream_for(label, &[store]);
+    start_answering(&mut backend).await;
+    backend
+}
+
+/// Starts `backend` and waits until it reads its upstream and snapshot
+/// queues.
+pub async fn start_answering(backend: &mut Backend) {
     backend.start_upstream().await;
     backend
         .process
@@ -145,7 +152,6 @@ pub async fn backend_for(label: &str, store: &LicenseKey) -> Backend {
         .expect("started")
         .wait_for_logged("snapshots_live")
         .await;
-    backend
 }
 
 /// Submits `changes` in requests of 500; returns how many.

@@ -730,16 +730,7 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(failed("cannot read the catalog"))?;
-        rows.iter()
-            .map(|row| {
-                Ok(CatalogEntry {
-                    entity: col(row, 0)?,
-                    id: col(row, 1)?,
-                    state: parse_state(col(row, 2)?)?,
-                    seq: col(row, 3)?,
-                })
-            })
-            .collect()
+        rows.iter().map(catalog_entry).collect()
     }
 
     async fn catalog_page(
@@ -773,14 +764,7 @@ impl Storage for PostgresStorage {
             .map_err(&sql)?;
         let entries = rows
             .iter()
-            .map(|row| {
-                Ok(CatalogEntry {
-                    entity: col(row, 0)?,
-                    id: col(row, 1)?,
-                    state: parse_state(col(row, 2)?)?,
-                    seq: col(row, 3)?,
-                })
-            })
+            .map(catalog_entry)
             .collect::<Result<_, StorageError>>()?;
         Ok(CatalogPage { head, entries })
     }
@@ -1063,4 +1047,14 @@ impl Storage for PostgresStorage {
             .map_err(failed("cannot look the token up"))?;
         row.as_ref().map(token).transpose()
     }
+}
+
+/// A catalog row `(entity, id, state, seq)` as an entry.
+fn catalog_entry(row: &Row) -> Result<CatalogEntry, StorageError> {
+    Ok(CatalogEntry {
+        entity: col(row, 0)?,
+        id: col(row, 1)?,
+        state: parse_state(col(row, 2)?)?,
+        seq: col(row, 3)?,
+    })
 }

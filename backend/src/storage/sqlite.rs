@@ -784,16 +784,7 @@ impl Storage for SqliteStorage {
                 })
                 .and_then(Iterator::collect)
                 .map_err(&sql)?;
-            rows.into_iter()
-                .map(|(entity, id, state, seq)| {
-                    Ok(CatalogEntry {
-                        entity,
-                        id,
-                        state: parse_state(&state)?,
-                        seq,
-                    })
-                })
-                .collect()
+            catalog_entries(rows)
         })
         .await
     }
@@ -829,17 +820,7 @@ impl Storage for SqliteStorage {
                 })
                 .and_then(Iterator::collect)
                 .map_err(&sql)?;
-            let entries = rows
-                .into_iter()
-                .map(|(entity, id, state, seq)| {
-                    Ok(CatalogEntry {
-                        entity,
-                        id,
-                        state: parse_state(&state)?,
-                        seq,
-                    })
-                })
-                .collect::<Result<_, StorageError>>()?;
+            let entries = catalog_entries(rows)?;
             Ok(CatalogPage { head, entries })
         })
         .await
@@ -1216,6 +1197,22 @@ impl SqliteStorage {
         })
         .await
     }
+}
+
+/// Catalog rows `(entity, id, state, seq)` as entries.
+fn catalog_entries(
+    rows: Vec<(String, String, String, i64)>,
+) -> Result<Vec<CatalogEntry>, StorageError> {
+    rows.into_iter()
+        .map(|(entity, id, state, seq)| {
+            Ok(CatalogEntry {
+                entity,
+                id,
+                state: parse_state(&state)?,
+                seq,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
