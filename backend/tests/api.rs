@@ -1119,7 +1119,7 @@ impl<S: Storage> Backend<S> {
                 quarantined: 0,
                 outbox: 0,
                 stopping: false,
-                run: "r1".into(),
+                verified_seq: None,                gap: None,                run: "r1".into(),
                 n,
             },
             seen_ms: possync_core::unix_now_ms(),

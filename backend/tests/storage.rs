@@ -1337,7 +1337,7 @@ fn receipt(
             quarantined: 2,
             outbox: 3,
             stopping: false,
-            run: run.into(),
+            verified_seq: None,            gap: None,            run: run.into(),
             n,
         },
         seen_ms,

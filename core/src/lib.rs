@@ -8,6 +8,7 @@
 mod admin;
 mod applier;
 mod backoff;
+mod checksum;
 mod collapse;
 mod config;
 mod config_env;
@@ -57,6 +58,7 @@ pub use config_env::EnvText;
 pub use connection::{BrokerError, connect as connect_broker};
 pub use dead_letters::{TakenDeadLetters, take_dead_letters};
 pub use doctor::{Check, config_sources, diagnose};
+pub use checksum::{CHECKPOINT_TYPE, Checkpoint, Checksum, ChecksumSpec, digest};
 pub use entity::{ChangeKind, ENTITY_KEYWORD, EntityChange, EntityError, EntityRule};
 pub use feed::{Change, ChangeOp};
 pub use gap::{Gap, GapCause};

@@ -203,6 +203,10 @@ impl DynamicPlugin {
         self.migrations
     }
 
+    pub(crate) fn exports(&self) -> &[possync_sdk::Export] {
+        self.loaded.exports()
+    }
+
     pub(crate) fn message_types(&self) -> &[String] {
         &self.message_types
     }

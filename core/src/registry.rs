@@ -121,6 +121,13 @@ impl Plugin {
         }
     }
 
+    fn exports(&self) -> &[possync_sdk::Export] {
+        match self {
+            Self::BuiltIn { plugin, .. } => possync_sdk::__host::exports(plugin),
+            Self::Dynamic(plugin) => plugin.exports(),
+        }
+    }
+
     fn message_types(&self) -> &[String] {
         match self {
             Self::BuiltIn { message_types, .. } => message_types,
@@ -406,6 +413,28 @@ impl Registry {
             .flat_map(|(_, entry)| entry.plugin.migrations().iter().copied())
             .filter(|m| seen.insert(m.id))
             .collect()
+    }
+
+    /// How the enabled plugins' tables hold their entities, for checksums:
+    /// the first plugin to export a kind of entity, in handler order.
+    pub fn exports(&self) -> Vec<&possync_sdk::Export> {
+        let mut seen = HashSet::new();
+        self.entries
+            .iter()
+            .filter(|entry| entry.enabled)
+            .flat_map(|entry| entry.plugin.exports())
+            .filter(|export| seen.insert(export.entity.as_str()))
+            .collect()
+    }
+
+    /// Which fields of each kind of entity its checksum covers: those the
+    /// enabled plugins export.
+    pub fn checksum_spec(&self) -> crate::ChecksumSpec {
+        crate::ChecksumSpec::new(
+            self.exports()
+                .into_iter()
+                .map(|export| (export.entity.as_str(), export.fields.as_slice())),
+        )
     }
 
     /// The enabled types that merge into an entity, with their rules: how

@@ -92,6 +92,14 @@ pub struct Receipt {
     /// instead of after its heartbeats stop.
     #[serde(default)]
     pub stopping: bool,
+    /// The seq at which the terminal's catalog last matched the backend's
+    /// checksums (see [`crate::Checkpoint`]); `None` until it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_seq: Option<i64>,
+    /// The gap the terminal has open, if any, as its log says it (a lost
+    /// queue, a checksum that differs, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<String>,
     /// Random per run of the terminal: receipts of one run are told apart
     /// from a late one of an earlier run.
     pub run: String,

@@ -54,6 +54,11 @@ pub fn migrations(plugin: &Plugin) -> &[Migration] {
     &plugin.migrations
 }
 
+/// How its tables hold its entities, for checksums.
+pub fn exports(plugin: &Plugin) -> &[crate::Export] {
+    &plugin.exports
+}
+
 /// The message types it handles, in the order they were added.
 pub fn message_types(plugin: &Plugin) -> impl Iterator<Item = &'static str> + '_ {
     plugin.routes.iter().map(|route| route.message_type)

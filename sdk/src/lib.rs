@@ -38,6 +38,7 @@
 mod context;
 mod envelope;
 mod error;
+mod export;
 pub mod ids;
 pub mod log;
 mod migration;
@@ -49,6 +50,7 @@ mod versioned;
 pub use context::Context;
 pub use envelope::{Envelope, Version};
 pub use error::{HandlerError, StoreError};
+pub use export::Export;
 pub use migration::Migration;
 pub use payload::Payload;
 pub use plugin::{Plugin, PluginFn, Settings};

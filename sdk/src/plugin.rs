@@ -1,6 +1,6 @@
 use serde::de::DeserializeOwned;
 
-use crate::{Context, HandlerError, Migration, Payload, Store};
+use crate::{Context, Export, HandlerError, Migration, Payload, Store};
 
 /// A plugin: its name, its tables, and a handler for each message type.
 ///
@@ -39,6 +39,7 @@ pub struct Plugin {
     pub(crate) description: String,
     pub(crate) migrations: Vec<Migration>,
     pub(crate) routes: Vec<Route>,
+    pub(crate) exports: Vec<Export>,
 }
 
 /// One message type of a plugin: how to decode, check and apply it.
@@ -76,6 +77,7 @@ impl Plugin {
             description: String::new(),
             migrations: Vec::new(),
             routes: Vec::new(),
+            exports: Vec::new(),
         }
     }
 
@@ -91,6 +93,39 @@ impl Plugin {
     #[must_use]
     pub fn migrations(mut self, migrations: &[Migration]) -> Self {
         self.migrations.extend_from_slice(migrations);
+        self
+    }
+
+    /// Says how the plugin's tables hold a kind of entity, so that a
+    /// terminal can prove it holds what the back office holds: `query`
+    /// selects one row per `entity`, its columns the entity `fields` (the
+    /// names its payloads give them, after `x-possync-entity`'s renames)
+    /// in that order, the id first. The back office sums a digest of those
+    /// fields of each entity as changes are made, the terminal sums the
+    /// rows, and a difference has the terminal converge from a snapshot.
+    ///
+    /// List only fields the tables hold as the payload gave them; a value
+    /// the table cannot tell from nothing (`NULL`, `''`, an empty JSON
+    /// array) counts as absent, numbers and text compare by value, and a
+    /// column may hold a JSON array or object (`json_group_array(...)`),
+    /// compared as a set.
+    ///
+    /// ```
+    /// # use possync_sdk::Plugin;
+    /// let plugin = Plugin::new("greetings").export(
+    ///     "greeting",
+    ///     &["greeting_id", "text"],
+    ///     "SELECT id, text FROM greetings",
+    /// );
+    /// ```
+    #[must_use]
+    pub fn export(mut self, entity: &str, fields: &[&str], query: &str) -> Self {
+        self.exports.retain(|export| export.entity != entity);
+        self.exports.push(Export {
+            entity: entity.to_owned(),
+            fields: fields.iter().map(|field| (*field).to_owned()).collect(),
+            query: query.to_owned(),
+        });
         self
     }
 

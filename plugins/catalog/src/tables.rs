@@ -46,6 +46,21 @@ pub const MIGRATIONS: &[Migration] = &[
     ),
 ];
 
+/// A product as the checksums see it: the fields `product_update` gives.
+/// A product only ever priced has no name (`''`), which counts as none.
+pub(crate) const PRODUCT_EXPORT: (&str, &[&str], &str) = (
+    "product",
+    &["product_id", "product_name", "price", "category_id", "icon_name"],
+    "SELECT id, name, price, category_id, icon_name FROM products",
+);
+
+/// A category as the checksums see it.
+pub(crate) const CATEGORY_EXPORT: (&str, &[&str], &str) = (
+    "category",
+    &["category_id", "category_name", "icon_name"],
+    "SELECT id, name, icon_name FROM categories",
+);
+
 /// `products`, by `id`.
 pub(crate) const PRODUCTS: Versioned = Versioned::new("products", "id");
 

@@ -36,6 +36,17 @@ pub fn plugin(_: &Settings) -> Result<Plugin, String> {
     Ok(Plugin::new("modifier_groups")
         .describe("modifier groups, their modifiers and the products they apply to")
         .migrations(MIGRATIONS)
+        .export(
+            "modifier_group",
+            &["group_id", "group_name", "min_select", "max_select", "modifiers", "product_ids"],
+            "SELECT g.id, g.name, g.min_select, g.max_select,
+                 (SELECT json_group_array(json_object('modifier_id', m.id, 'name', m.name,
+                      'price_delta', m.price_delta))
+                  FROM modifiers m WHERE m.group_id = g.id),
+                 (SELECT json_group_array(p.product_id)
+                  FROM product_modifier_groups p WHERE p.group_id = g.id)
+             FROM modifier_groups g",
+        )
         .on::<ModifierGroupUpdate>(apply_update)
         .on::<ModifierGroupDelete>(apply_delete))
 }

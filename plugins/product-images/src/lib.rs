@@ -88,6 +88,9 @@ pub fn plugin(settings: &Settings) -> Result<Plugin, String> {
     Ok(Plugin::new("product_images")
         .describe("product pictures, written as files and recorded in product_images")
         .migrations(apply::MIGRATIONS)
+        // Which products have a picture: the file's checksum is the
+        // terminal's own when a sender left it out.
+        .export("product_image", &["product_id"], "SELECT product_id FROM product_images")
         .on::<ImageUpdate>(move |image, message, store| images.update(image, message, store))
         .on::<ImageDelete>(move |delete, message, store| deletes.delete(delete, message, store)))
 }

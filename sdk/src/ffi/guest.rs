@@ -152,6 +152,7 @@ unsafe extern "C" fn describe(instance: *const Instance, out: Sink<'_>) -> Statu
                     schema: hosting::schema(plugin, message_type).unwrap_or_default(),
                 })
                 .collect(),
+            exports: hosting::exports(plugin).to_vec(),
         };
         let json = serde_json::to_string(&description)
             .map_err(|err| HandlerError::permanent(format!("description: {err}")))?;

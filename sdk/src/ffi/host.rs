@@ -221,6 +221,7 @@ impl LoadedPlugin {
                 description: String::new(),
                 migrations: Vec::new(),
                 message_types: Vec::new(),
+                exports: Vec::new(),
             },
             plugin_version,
             sdk_version,
@@ -268,6 +269,11 @@ impl LoadedPlugin {
     /// Its migrations, in order.
     pub fn migrations(&self) -> &[MigrationText] {
         &self.description.migrations
+    }
+
+    /// How its tables hold its entities, for checksums.
+    pub fn exports(&self) -> &[crate::Export] {
+        &self.description.exports
     }
 
     /// Its message types, in the order it added them.

@@ -738,6 +738,9 @@ pub struct Description {
     pub migrations: Vec<MigrationText>,
     /// Its message types, in the order they were added.
     pub message_types: Vec<MessageType>,
+    /// How its tables hold its entities, for checksums.
+    #[serde(default)]
+    pub exports: Vec<crate::Export>,
 }
 
 /// A migration as it crosses.
