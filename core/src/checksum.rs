@@ -112,7 +112,9 @@ impl ChecksumSpec {
         Some(digest(
             entity,
             id,
-            fields.iter().map(|field| (field.as_str(), state.get(field))),
+            fields
+                .iter()
+                .map(|field| (field.as_str(), state.get(field))),
         ))
     }
 }
@@ -226,7 +228,9 @@ pub(crate) fn sqlite_value(value: rusqlite::types::ValueRef<'_>) -> Value {
     match value {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(integer) => Value::from(integer),
-        ValueRef::Real(real) => serde_json::Number::from_f64(real).map_or(Value::Null, Value::Number),
+        ValueRef::Real(real) => {
+            serde_json::Number::from_f64(real).map_or(Value::Null, Value::Number)
+        }
         ValueRef::Text(text) => Value::String(String::from_utf8_lossy(text).into_owned()),
         ValueRef::Blob(bytes) => Value::String(bytes.iter().map(|b| format!("{b:02x}")).collect()),
     }
@@ -266,8 +270,10 @@ mod tests {
     fn a_backend_state_and_a_table_row_of_the_same_product_digest_alike() {
         let wire = of(json!({"product_id": 42, "product_name": "Tea", "price": 3,
                              "category_id": null, "tags": ["b", "a"], "extra": "not held"}));
-        let row = of(json!({"product_id": "42", "product_name": "Tea", "price": 3.0,
-                            "category_id": "", "tags": "[\"a\",\"b\"]"}));
+        let row = of(
+            json!({"product_id": "42", "product_name": "Tea", "price": 3.0,
+                            "category_id": "", "tags": "[\"a\",\"b\"]"}),
+        );
         assert_eq!(wire, row);
     }
 
@@ -285,8 +291,14 @@ mod tests {
     #[test]
     fn any_field_that_differs_changes_the_digest() {
         let base = of(json!({"product_id": 42, "product_name": "Tea", "price": 3}));
-        assert_ne!(base, of(json!({"product_id": 42, "product_name": "Tea", "price": 4})));
-        assert_ne!(base, of(json!({"product_id": 42, "product_name": "Tee", "price": 3})));
+        assert_ne!(
+            base,
+            of(json!({"product_id": 42, "product_name": "Tea", "price": 4}))
+        );
+        assert_ne!(
+            base,
+            of(json!({"product_id": 42, "product_name": "Tee", "price": 3}))
+        );
         assert_ne!(base, of(json!({"product_id": 42, "price": 3})));
         let spec = ChecksumSpec::new([("product", fields().as_slice())]);
         let state = json!({"product_id": 42, "product_name": "Tea", "price": 3});
@@ -303,7 +315,10 @@ mod tests {
         assert_eq!(checksum, Checksum { sum: 7, count: 1 });
         let text = serde_json::to_string(&checksum).expect("writes");
         assert_eq!(text, r#"{"sum":"0000000000000007","count":1}"#);
-        assert_eq!(serde_json::from_str::<Checksum>(&text).expect("reads"), checksum);
+        assert_eq!(
+            serde_json::from_str::<Checksum>(&text).expect("reads"),
+            checksum
+        );
     }
 
     #[test]

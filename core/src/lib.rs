@@ -49,6 +49,7 @@ mod upstream;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use backoff::Backoff;
+pub use checksum::{CHECKPOINT_TYPE, Checkpoint, Checksum, ChecksumSpec, digest};
 pub use config::{
     AdminConfig, BackendLink, BrokerConfig, Config, ConfigError, Delivery, DynamicPlugin,
     LoadedConfig, PluginSetting, QueueType, StatusConfig, TerminalConfig, TerminalSettings,
@@ -58,7 +59,6 @@ pub use config_env::EnvText;
 pub use connection::{BrokerError, connect as connect_broker};
 pub use dead_letters::{TakenDeadLetters, take_dead_letters};
 pub use doctor::{Check, config_sources, diagnose};
-pub use checksum::{CHECKPOINT_TYPE, Checkpoint, Checksum, ChecksumSpec, digest};
 pub use entity::{ChangeKind, ENTITY_KEYWORD, EntityChange, EntityError, EntityRule};
 pub use feed::{Change, ChangeOp};
 pub use gap::{Gap, GapCause};

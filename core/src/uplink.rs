@@ -402,7 +402,9 @@ impl Uplink {
             quarantined,
             outbox: pending,
             stopping,
-            verified_seq: None,            gap: None,            run: run.to_owned(),
+            verified_seq: None,
+            gap: None,
+            run: run.to_owned(),
             n: *counter,
         };
         let payload = serde_json::to_string(&receipt).unwrap_or_else(|_| "{}".into());

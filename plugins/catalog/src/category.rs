@@ -33,7 +33,11 @@ pub fn category_plugin(_: &Settings) -> Result<Plugin, String> {
     Ok(Plugin::new("category")
         .describe("creates or replaces a category")
         .migrations(MIGRATIONS)
-        .export(tables::CATEGORY_EXPORT.0, tables::CATEGORY_EXPORT.1, tables::CATEGORY_EXPORT.2)
+        .export(
+            tables::CATEGORY_EXPORT.0,
+            tables::CATEGORY_EXPORT.1,
+            tables::CATEGORY_EXPORT.2,
+        )
         .on::<CategoryUpdate>(apply_category))
 }
 

@@ -35,7 +35,11 @@ pub fn price_plugin(_: &Settings) -> Result<Plugin, String> {
     Ok(Plugin::new("price")
         .describe("sets a product's price (creates the product if it is new)")
         .migrations(MIGRATIONS)
-        .export(tables::PRODUCT_EXPORT.0, tables::PRODUCT_EXPORT.1, tables::PRODUCT_EXPORT.2)
+        .export(
+            tables::PRODUCT_EXPORT.0,
+            tables::PRODUCT_EXPORT.1,
+            tables::PRODUCT_EXPORT.2,
+        )
         .on::<PriceUpdate>(apply_price))
 }
 

@@ -44,7 +44,11 @@ pub fn product_plugin(_: &Settings) -> Result<Plugin, String> {
     Ok(Plugin::new("product")
         .describe("creates or replaces a product")
         .migrations(MIGRATIONS)
-        .export(tables::PRODUCT_EXPORT.0, tables::PRODUCT_EXPORT.1, tables::PRODUCT_EXPORT.2)
+        .export(
+            tables::PRODUCT_EXPORT.0,
+            tables::PRODUCT_EXPORT.1,
+            tables::PRODUCT_EXPORT.2,
+        )
         .on::<ProductUpdate>(apply_product))
 }
 

@@ -28,7 +28,11 @@ pub fn product_delete_plugin(_: &Settings) -> Result<Plugin, String> {
     Ok(Plugin::new("product_delete")
         .describe("removes a product")
         .migrations(MIGRATIONS)
-        .export(tables::PRODUCT_EXPORT.0, tables::PRODUCT_EXPORT.1, tables::PRODUCT_EXPORT.2)
+        .export(
+            tables::PRODUCT_EXPORT.0,
+            tables::PRODUCT_EXPORT.1,
+            tables::PRODUCT_EXPORT.2,
+        )
         .on::<ProductDelete>(apply_product_delete))
 }
 

@@ -50,7 +50,13 @@ pub const MIGRATIONS: &[Migration] = &[
 /// A product only ever priced has no name (`''`), which counts as none.
 pub(crate) const PRODUCT_EXPORT: (&str, &[&str], &str) = (
     "product",
-    &["product_id", "product_name", "price", "category_id", "icon_name"],
+    &[
+        "product_id",
+        "product_name",
+        "price",
+        "category_id",
+        "icon_name",
+    ],
     "SELECT id, name, price, category_id, icon_name FROM products",
 );
 

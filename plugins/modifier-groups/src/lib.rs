@@ -38,7 +38,14 @@ pub fn plugin(_: &Settings) -> Result<Plugin, String> {
         .migrations(MIGRATIONS)
         .export(
             "modifier_group",
-            &["group_id", "group_name", "min_select", "max_select", "modifiers", "product_ids"],
+            &[
+                "group_id",
+                "group_name",
+                "min_select",
+                "max_select",
+                "modifiers",
+                "product_ids",
+            ],
             "SELECT g.id, g.name, g.min_select, g.max_select,
                  (SELECT json_group_array(json_object('modifier_id', m.id, 'name', m.name,
                       'price_delta', m.price_delta))

@@ -90,7 +90,11 @@ pub fn plugin(settings: &Settings) -> Result<Plugin, String> {
         .migrations(apply::MIGRATIONS)
         // Which products have a picture: the file's checksum is the
         // terminal's own when a sender left it out.
-        .export("product_image", &["product_id"], "SELECT product_id FROM product_images")
+        .export(
+            "product_image",
+            &["product_id"],
+            "SELECT product_id FROM product_images",
+        )
         .on::<ImageUpdate>(move |image, message, store| images.update(image, message, store))
         .on::<ImageDelete>(move |delete, message, store| deletes.delete(delete, message, store)))
 }
