@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::checksum::Checkpoint;
 use crate::config::TerminalConfig;
 use crate::dispatch::{BatchError, Dispatch, Dispatched, Outcome};
 use crate::events;
 use crate::feed::{Feed, FeedSender};
-use crate::gap::{AppliedMark, Gap};
+use crate::gap::{AppliedMark, Gap, GapCause};
 use crate::identity::LicenseKey;
 use crate::inbound::Inbound;
 use crate::poison::Poison;
@@ -19,8 +20,9 @@ use crate::progress::{Progress, Tally};
 use crate::registry::Registry;
 use crate::sequence::SyncState;
 use crate::snapshot::SnapshotMeta;
-use crate::store::{Database, StateRecord};
+use crate::store::{Database, StateRecord, unix_now_ms};
 use crate::transaction::Transaction;
+use crate::verify::{Verdict, Verified, Verifier};
 
 /// A committed batch: one outcome per message, what they add up to, and
 /// the store's sync state if the batch moved it.
@@ -41,6 +43,8 @@ pub(crate) struct Applier {
     pruned_at: std::time::Instant,
     /// Beside the database: how far it was applied, to tell a restored copy.
     mark: AppliedMark,
+    /// Compares the backend's checkpoints with the database.
+    verifier: Verifier,
 }
 
 /// How often a busy terminal prunes its bookkeeping; an idle one prunes
@@ -97,8 +101,10 @@ impl Applier {
             max_attempts: limits.max_attempts,
             quarantine_max_rows: limits.quarantine_max_rows,
         };
+        let exports = registry.exports().into_iter().cloned().collect();
         Self {
             mark: AppliedMark::beside(database.path(), license_key.as_str()),
+            verifier: Verifier::new(exports),
             database,
             dispatch: Dispatch::new(
                 registry,
@@ -275,6 +281,66 @@ impl Applier {
         Ok(sync)
     }
 
+    /// Compares a checkpoint with the database, just committed up to it;
+    /// records a match, or a gap when the catalog differs. The sync state
+    /// after, when it changed.
+    fn verify(&mut self, checkpoint: &Checkpoint, catalog: Option<&str>) -> Option<SyncState> {
+        let key = self.dispatch.license_key();
+        let seq = checkpoint.seq;
+        let sync = match self.database.sync_state(key) {
+            Ok(sync) => sync,
+            Err(err) => {
+                events::checkpoint_unread(seq, &err.to_string());
+                return None;
+            }
+        };
+        let started = std::time::Instant::now();
+        let verdict =
+            match self
+                .verifier
+                .verify(self.database.connection(), &sync, checkpoint, catalog)
+            {
+                Ok(verdict) => verdict,
+                Err(err) => {
+                    events::checkpoint_unread(seq, &err.to_string());
+                    return None;
+                }
+            };
+        let recorded = match verdict {
+            Verdict::Skipped(reason) => {
+                events::checkpoint_skipped(seq, reason);
+                return None;
+            }
+            Verdict::Matched { kinds } => {
+                events::checkpoint_verified(seq, kinds, started.elapsed().as_millis());
+                let verified = Verified {
+                    seq,
+                    at_ms: unix_now_ms(),
+                };
+                self.database.record_verified(key, Some(verified))
+            }
+            Verdict::Differs(kinds) => {
+                for (kind, ours, theirs) in &kinds {
+                    events::checksum_differs(seq, kind, ours, theirs);
+                }
+                if let Err(err) = self.database.record_verified(key, None) {
+                    events::status_not_recorded(&err.to_string());
+                }
+                return self.record_gap(Gap {
+                    cause: GapCause::ChecksumMismatch { seq },
+                    since_ms: unix_now_ms(),
+                });
+            }
+        };
+        match recorded {
+            Ok(sync) => Some(sync),
+            Err(err) => {
+                events::status_not_recorded(&err.to_string());
+                None
+            }
+        }
+    }
+
     /// Writes the counters not yet written, for `possync status`.
     pub(crate) fn flush_progress(&mut self) {
         self.mark.flush();
@@ -329,6 +395,7 @@ impl Applier {
             gaps,
             closed_gap,
             changes,
+            checkpoint,
         }) = self
             .dispatch
             .apply_in_transaction(&mut transaction, batch, careful)?
@@ -357,6 +424,10 @@ impl Applier {
         if let Some(sync) = &sync {
             self.mark.note(sync);
         }
+        let sync = match checkpoint {
+            Some((checkpoint, catalog)) => self.verify(&checkpoint, catalog.as_deref()).or(sync),
+            None => sync,
+        };
         Ok(Some(Applied {
             outcomes,
             tally,
@@ -540,4 +611,213 @@ impl ApplierHandle {
 /// its handle drops, so either failing is a bug in possync itself.
 fn unreachable_thread() -> ! {
     panic!("the applier stopped unexpectedly")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use possync_catalog as _;
+    use possync_sdk::Envelope;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::checksum::Checksum;
+
+    fn applier(path: &std::path::Path) -> Applier {
+        let mut database = Database::open(path).expect("opens");
+        let registry = Registry::from_config(&Default::default()).expect("built-ins");
+        database
+            .migrate(registry.migrations().iter())
+            .expect("migrates");
+        Applier::new(
+            database,
+            Arc::new(registry),
+            LicenseKey::new("K").expect("valid"),
+            Limits {
+                max_message_bytes: 1 << 20,
+                max_attempts: 3,
+                quarantine_max_rows: 100,
+                quarantine_max_age_secs: 3600,
+                applied_ids_max_age_secs: 3600,
+                collapse_min_batch: 0,
+                feed_keep: 0,
+            },
+            crate::feed::channel(),
+        )
+    }
+
+    fn inbound(envelope: &Envelope) -> Inbound {
+        Inbound {
+            tag: 1,
+            routing_key: format!("license.K.{}", envelope.message_type),
+            body: serde_json::to_vec(envelope).expect("encodes"),
+            redelivered: false,
+            requeued: false,
+        }
+    }
+
+    /// The store's changes, as the backend sequences them.
+    fn changes() -> Vec<(&'static str, Value)> {
+        vec![
+            (
+                "category_update",
+                json!({"category_id": 7, "category_name": "Drinks"}),
+            ),
+            (
+                "product_update",
+                json!({"product_id": 42, "product_name": "Tea", "price": 3, "category_id": 7}),
+            ),
+            (
+                "price_update",
+                json!({"product_id": "PX", "new_price": 0.1 + 0.2}),
+            ),
+            (
+                "product_update",
+                json!({"product_id": "GONE", "product_name": "Gone", "price": 1.5}),
+            ),
+            ("product_delete", json!({"product_id": "GONE"})),
+            ("price_update", json!({"product_id": 42, "new_price": 3.25})),
+        ]
+    }
+
+    /// The checkpoint the backend sends after `changes`: each entity's
+    /// state kept from the types' declarations, summed by the spec.
+    fn checkpoint(registry: &Registry, seq: i64) -> Checkpoint {
+        let mut states: BTreeMap<(String, String), Map<String, Value>> = BTreeMap::new();
+        for (message_type, payload) in changes() {
+            let rule = registry.entity_rule(message_type).expect("declared");
+            let change = rule.change(&payload.to_string()).expect("a change");
+            let key = (change.entity, change.id);
+            match change.kind {
+                crate::ChangeKind::Delete => {
+                    states.remove(&key);
+                }
+                crate::ChangeKind::Replace => {
+                    states.insert(key, change.fields);
+                }
+                crate::ChangeKind::Merge => states.entry(key).or_default().extend(change.fields),
+            }
+        }
+        let spec = registry.checksum_spec();
+        let mut checksums: BTreeMap<String, Checksum> = spec
+            .kinds()
+            .map(|kind| (kind.to_owned(), Checksum::default()))
+            .collect();
+        for ((entity, id), state) in &states {
+            if let (Some(digest), Some(sum)) =
+                (spec.digest(entity, id, state), checksums.get_mut(entity))
+            {
+                sum.add(digest);
+            }
+        }
+        Checkpoint { seq, checksums }
+    }
+
+    fn checkpoint_message(checkpoint: &Checkpoint) -> Inbound {
+        inbound(
+            &Envelope::new(
+                crate::CHECKPOINT_TYPE,
+                "K",
+                serde_json::to_value(checkpoint).expect("encodes"),
+            )
+            .with_catalog("c"),
+        )
+    }
+
+    #[test]
+    fn a_till_that_applied_the_changes_matches_the_backends_checksums_and_a_row_changed_behind_its_back_does_not()
+     {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pos.db");
+        let mut applier = applier(&path);
+        let registry = Registry::from_config(&Default::default()).expect("built-ins");
+        let mut batch: Vec<Inbound> = changes()
+            .into_iter()
+            .zip(1..)
+            .map(|((message_type, payload), seq)| {
+                inbound(
+                    &Envelope::new(message_type, "K", payload)
+                        .with_seq(seq)
+                        .with_catalog("c"),
+                )
+            })
+            .collect();
+        let expected = checkpoint(&registry, 6);
+        assert_eq!(expected.checksums["product"].count, 2, "{expected:?}");
+        batch.push(checkpoint_message(&expected));
+        let applied = applier.apply(&batch).expect("applies");
+        assert_eq!(applied.outcomes.last(), Some(&Outcome::Checkpoint));
+        let sync = applied.sync.expect("moved");
+        assert_eq!(sync.gap, None);
+        assert_eq!(sync.verified.map(|v| v.seq), Some(6), "verified at seq 6");
+
+        // A checkpoint of a seq the till is not at is not compared.
+        applier.verifier.next = std::time::Instant::now();
+        let ahead = applier
+            .apply(&[checkpoint_message(&checkpoint(&registry, 7))])
+            .expect("applies");
+        assert_eq!(ahead.sync, None, "nothing recorded");
+
+        applier
+            .database
+            .connection()
+            .execute("UPDATE products SET price = 9 WHERE id = '42'", [])
+            .expect("changed behind possync's back");
+        applier.verifier.next = std::time::Instant::now();
+        let found = applier
+            .apply(&[checkpoint_message(&expected)])
+            .expect("applies")
+            .sync
+            .expect("a gap");
+        assert_eq!(
+            found.gap.map(|gap| gap.cause),
+            Some(GapCause::ChecksumMismatch { seq: 6 })
+        );
+        assert_eq!(found.verified, None, "no longer verified");
+    }
+
+    #[test]
+    fn a_kind_that_differs_again_after_a_snapshot_is_no_longer_compared() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pos.db");
+        let mut applier = applier(&path);
+        let registry = Registry::from_config(&Default::default()).expect("built-ins");
+        let product = Envelope::new(
+            "product_update",
+            "K",
+            json!({"product_id": "A", "product_name": "A", "price": 1}),
+        )
+        .with_seq(1)
+        .with_catalog("c");
+        applier.apply(&[inbound(&product)]).expect("applies");
+        // The backend's plugin holds products otherwise than this one.
+        let mut other = checkpoint(&registry, 1);
+        other.checksums.insert(
+            "product".into(),
+            Checksum {
+                sum: 12_345,
+                count: 1,
+            },
+        );
+        other.checksums.remove("category");
+        let first = applier
+            .apply(&[checkpoint_message(&other)])
+            .expect("applies")
+            .sync
+            .expect("a gap");
+        assert!(first.gap.is_some());
+        // As a snapshot does: the gap closed, the catalog as it was.
+        applier
+            .database
+            .connection()
+            .execute("UPDATE possync_sequence SET gap_cause = NULL", [])
+            .expect("closed");
+        applier.verifier.next = std::time::Instant::now();
+        let again = applier
+            .apply(&[checkpoint_message(&other)])
+            .expect("applies");
+        assert_eq!(again.sync, None, "neither a gap nor a match: given up");
+        assert!(applier.verifier.given_up.contains("product"));
+    }
 }

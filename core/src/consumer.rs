@@ -159,7 +159,9 @@ pub(crate) async fn consume(
                 Some(Err(err)) => return SessionEnd::Lost(err),
                 None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
             }
-            while batch.len() < batch_size {
+            // A checkpoint ends its batch: it is compared with what the
+            // messages before it left, before any after it apply.
+            while batch.len() < batch_size && !batch.last().is_some_and(is_checkpoint) {
                 match subscription.try_next() {
                     Some(Ok(inbound)) => batch.push(inbound),
                     Some(Err(err)) => {
@@ -284,6 +286,15 @@ pub(crate) async fn consume(
             }
         }
     }
+}
+
+/// Whether a delivery is the backend's checkpoint (by its routing key;
+/// its envelope is checked when applied).
+fn is_checkpoint(inbound: &Inbound) -> bool {
+    inbound
+        .routing_key
+        .rsplit_once('.')
+        .is_some_and(|(_, message_type)| message_type == crate::CHECKPOINT_TYPE)
 }
 
 /// A batch the database keeps refusing.

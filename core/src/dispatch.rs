@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use possync_sdk::HandlerError;
 
+use crate::checksum::{CHECKPOINT_TYPE, Checkpoint};
 use crate::collapse::Plan;
 use crate::events;
 use crate::feed::Changes;
@@ -40,6 +41,8 @@ pub(crate) enum Outcome {
     },
     /// It may apply later; nothing changed.
     Retry { reason: String },
+    /// A checkpoint of the backend's catalog: compared, not applied.
+    Checkpoint,
 }
 
 impl Outcome {
@@ -70,6 +73,9 @@ pub(crate) struct Dispatched {
     pub(crate) closed_gap: Option<crate::gap::GapCause>,
     /// What the applied messages changed, in order, for the change feed.
     pub(crate) changes: Changes,
+    /// The batch's last message, when it is a checkpoint: its payload and
+    /// the catalog it names.
+    pub(crate) checkpoint: Option<(Checkpoint, Option<String>)>,
 }
 
 /// The whole batch failed: nothing of it applied, and it is held to be
@@ -142,9 +148,28 @@ impl Dispatch {
         let mut marks = Marks::new(self.license_key.as_str());
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut changes = Changes::default();
+        let mut checkpoint = None;
         for (index, (inbound, checked)) in batch.iter().zip(envelopes).enumerate() {
             transaction.begin_message();
             let outcome = match checked {
+                Ok(envelope) if envelope.message_type == CHECKPOINT_TYPE => {
+                    match serde_json::from_str::<Checkpoint>(&envelope.payload) {
+                        Ok(read) => {
+                            // Compared after the commit, and only as the
+                            // batch's last: the state it describes is the
+                            // one the messages before it left.
+                            checkpoint = (index + 1 == batch.len())
+                                .then(|| (read, envelope.catalog.as_deref().map(str::to_owned)));
+                            Outcome::Checkpoint
+                        }
+                        Err(err) => self.poison.quarantine(
+                            transaction,
+                            inbound,
+                            Some(&envelope),
+                            format!("a checkpoint that cannot be read: {err}"),
+                        )?,
+                    }
+                }
                 Ok(envelope) => {
                     let skip = plan.skips(index);
                     let Some(outcome) =
@@ -180,6 +205,7 @@ impl Dispatch {
             gaps: marks.gaps().to_vec(),
             closed_gap: marks.closed_gap(),
             changes,
+            checkpoint,
         }))
     }
 

@@ -94,6 +94,57 @@ pub(crate) fn gap_closed(cause: &crate::gap::GapCause) {
     );
 }
 
+/// The catalog matched the backend's checkpoint.
+pub(crate) fn checkpoint_verified(seq: i64, kinds: usize, elapsed_ms: u128) {
+    debug!(
+        event = "checkpoint_verified",
+        seq,
+        kinds,
+        elapsed_ms,
+        "the catalog matches the backend's at seq {seq} ({kinds} kinds of entity compared)"
+    );
+}
+
+/// A checkpoint was not compared.
+pub(crate) fn checkpoint_skipped(seq: i64, reason: &str) {
+    debug!(event = "checkpoint_skipped", seq, %reason, "checkpoint at seq {seq} not compared: {reason}");
+}
+
+/// The catalog differs from the backend's: a gap, healed by a snapshot.
+pub(crate) fn checksum_differs(
+    seq: i64,
+    kind: &str,
+    ours: &crate::Checksum,
+    theirs: &crate::Checksum,
+) {
+    warn!(
+        event = "checksum_differs",
+        seq,
+        kind,
+        rows = ours.count,
+        backend_rows = theirs.count,
+        "the terminal's {kind}s differ from the backend's at seq {seq} ({} rows here, {} there): a row was changed outside possync or a change was lost; a snapshot will replace them",
+        ours.count,
+        theirs.count
+    );
+}
+
+/// A kind still differs after a snapshot replaced it: not compared again
+/// until the terminal restarts.
+pub(crate) fn checksum_differs_after_snapshot(kind: &str, seq: i64) {
+    error!(
+        event = "checksum_differs_after_snapshot",
+        kind,
+        seq,
+        "the terminal's {kind}s still differ from the backend's after a snapshot replaced them: the plugin that exports them here does not hold what the backend keeps (switched off here, or another version than the backend's); {kind}s are not verified again until the terminal restarts"
+    );
+}
+
+/// A checkpoint could not be compared: the database could not be read.
+pub(crate) fn checkpoint_unread(seq: i64, reason: &str) {
+    warn!(event = "checkpoint_unread", seq, %reason, "checkpoint at seq {seq} not compared: {reason}");
+}
+
 /// A snapshot is asked for: the terminal takes nothing from its queue
 /// until it is swapped in or dropped.
 pub(crate) fn snapshot_started(reason: &str) {

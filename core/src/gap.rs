@@ -64,6 +64,13 @@ pub enum GapCause {
         /// The highest `seq` this terminal had applied.
         recorded: i64,
     },
+    /// At `seq`, which the terminal had applied all of, its catalog's
+    /// checksum differed from the backend's: a row was changed outside
+    /// possync, or a change went missing unseen.
+    ChecksumMismatch {
+        /// The checkpoint's `seq`.
+        seq: i64,
+    },
 }
 
 impl GapCause {
@@ -74,6 +81,7 @@ impl GapCause {
             Self::Jump { .. } => "jump",
             Self::QueueRecreated => "queue_recreated",
             Self::DatabaseBehind { .. } => "database_behind",
+            Self::ChecksumMismatch { .. } => "checksum_mismatch",
         }
     }
 
@@ -83,6 +91,7 @@ impl GapCause {
             Self::Jump { expected, received } => (Some(expected), Some(received)),
             Self::QueueRecreated => (None, None),
             Self::DatabaseBehind { found, recorded } => (Some(found), Some(recorded)),
+            Self::ChecksumMismatch { seq } => (Some(seq), None),
         }
     }
 
@@ -94,6 +103,7 @@ impl GapCause {
             ("database_behind", Some(found), Some(recorded)) => {
                 Self::DatabaseBehind { found, recorded }
             }
+            ("checksum_mismatch", Some(seq), _) => Self::ChecksumMismatch { seq },
             _ => return None,
         })
     }
@@ -137,6 +147,10 @@ impl std::fmt::Display for GapCause {
             Self::DatabaseBehind { found, recorded } => write!(
                 f,
                 "the database holds changes up to {found}, but this terminal had applied up to {recorded}: it was restored from an older copy"
+            ),
+            Self::ChecksumMismatch { seq } => write!(
+                f,
+                "the catalog differed from the backend's at seq {seq} (its checksum did not match): a row was changed outside possync, or a change went missing unseen"
             ),
         }
     }

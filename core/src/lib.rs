@@ -46,6 +46,7 @@ mod topology;
 mod transaction;
 mod uplink;
 mod upstream;
+mod verify;
 
 pub use admin::{Admin, AdminError, Provisioned, Revoked, publisher_user, terminal_user};
 pub use backoff::Backoff;
@@ -82,3 +83,4 @@ pub use upstream::{
     RECEIPT_TYPE, Receipt, SNAPSHOT_TYPE, SnapshotChunk, SnapshotEntity, SnapshotRequest,
     UPSTREAM_BINDING, UpstreamMessage, expected_user, parse_upstream_key, upstream_key,
 };
+pub use verify::Verified;

@@ -45,7 +45,7 @@ impl Tally {
                 Outcome::DeadLetter { .. } => tally.quarantined += 1,
                 Outcome::Duplicate => tally.duplicates += 1,
                 Outcome::Retry { .. } => tally.retries += 1,
-                Outcome::Disabled { .. } => {}
+                Outcome::Disabled { .. } | Outcome::Checkpoint => {}
             }
         }
         tally.last_type = last_type.cloned();

@@ -97,6 +97,9 @@ pub struct SyncState {
     /// A reason to think this terminal lacks some of the store's changes,
     /// until it closes.
     pub gap: Option<Gap>,
+    /// When its catalog last matched the backend's checksums; cleared when
+    /// one differs.
+    pub verified: Option<crate::verify::Verified>,
 }
 
 /// What tells a duplicate `seq` from a fresh one: every `seq` up to
@@ -449,14 +452,15 @@ impl<'k> Marks<'k> {
         if self.store.is_none() {
             let read = transaction.query_optional(
                 "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog,
-                     gap_cause, gap_low, gap_high, gap_since_ms, settled_seq, dead_seq
+                     gap_cause, gap_low, gap_high, gap_since_ms, verified_seq, verified_ms,
+                     settled_seq, dead_seq
                  FROM possync_sequence WHERE license_key = ?1",
                 [self.license_key],
                 |row| {
                     Ok(Settled {
                         state: state_from_row(row)?,
-                        settled: row.get(9)?,
-                        dead: row.get(10)?,
+                        settled: row.get(11)?,
+                        dead: row.get(12)?,
                         above: Vec::new(),
                     })
                 },
@@ -479,7 +483,7 @@ impl<'k> Marks<'k> {
 /// The statement that reads a store's [`SyncState`].
 pub(crate) const READ_STATE: &str =
     "SELECT synced_seq, applied_seq, last_change_ms, head_seq, catalog,
-         gap_cause, gap_low, gap_high, gap_since_ms
+         gap_cause, gap_low, gap_high, gap_since_ms, verified_seq, verified_ms
      FROM possync_sequence WHERE license_key = ?1";
 
 /// A [`SyncState`] from a row of [`READ_STATE`].
@@ -491,6 +495,10 @@ pub(crate) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SyncSt
         head: row.get(3)?,
         catalog: row.get(4)?,
         gap: gap::from_columns(row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?),
+        verified: match (row.get(9)?, row.get(10)?) {
+            (Some(seq), Some(at_ms)) => Some(crate::verify::Verified { seq, at_ms }),
+            _ => None,
+        },
     })
 }
 

@@ -335,6 +335,17 @@ impl StatusReport {
                 moment_text(gap.since_ms, now_ms)
             ));
         }
+        match &stored.sync.verified {
+            Some(verified) => text.push_str(&format!(
+                "verified      at seq {} ({}): the catalog matched the backend's checksums\n",
+                verified.seq,
+                moment_text(verified.at_ms, now_ms)
+            )),
+            None if stored.sync.catalog.is_some() => text.push_str(
+                "verified      not yet (the backend's next checkpoint compares the catalog)\n",
+            ),
+            None => {}
+        }
         if stored.stale_total > 0 {
             text.push_str(&format!(
                 "stale         {} changes older than what the database held, not applied (a publisher's clock behind? by type in /status)\n",

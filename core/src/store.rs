@@ -73,6 +73,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     crate::uplink::MIGRATION,
     crate::quarantine::MIGRATION,
     crate::gap::MIGRATION,
+    crate::verify::MIGRATION,
 ];
 
 /// How much of a quarantined message's words (routing key, type, id) and
@@ -360,26 +361,48 @@ impl Database {
         self.sync_state(license_key)
     }
 
+    /// Records that the catalog matched the backend's at `seq` (`Some`),
+    /// or differed (`None`).
+    pub(crate) fn record_verified(
+        &mut self,
+        license_key: &str,
+        verified: Option<crate::verify::Verified>,
+    ) -> Result<SyncState, DatabaseError> {
+        self.connection.execute(
+            "UPDATE possync_sequence SET verified_seq = ?2, verified_ms = ?3 WHERE license_key = ?1",
+            params![
+                license_key,
+                verified.map(|v| v.seq),
+                verified.map(|v| v.at_ms)
+            ],
+        )?;
+        self.sync_state(license_key)
+    }
+
     /// How far this database is in sync with `license_key`'s sequence.
     pub fn sync_state(&self, license_key: &str) -> Result<SyncState, DatabaseError> {
         if !self.has_table("possync_sequence")? {
             return Ok(SyncState::default());
         }
         // A database the terminal has not opened since an upgrade lacks
-        // the gap's columns; `possync status` reads it all the same.
-        let has_gap: bool = self.connection.query_row(
-            "SELECT count(*) FROM pragma_table_info('possync_sequence') WHERE name = 'gap_cause'",
-            [],
-            |row| row.get(0),
-        )?;
-        let sql = if has_gap {
-            READ_STATE.to_owned()
-        } else {
-            READ_STATE.replace(
+        // the newer columns; `possync status` reads it all the same.
+        let has = |column: &str| -> Result<bool, DatabaseError> {
+            Ok(self.connection.query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info('possync_sequence') WHERE name = ?1",
+                [column],
+                |row| row.get(0),
+            )?)
+        };
+        let mut sql = READ_STATE.to_owned();
+        if !has("gap_cause")? {
+            sql = sql.replace(
                 "gap_cause, gap_low, gap_high, gap_since_ms",
                 "NULL, NULL, NULL, NULL",
-            )
-        };
+            );
+        }
+        if !has("verified_seq")? {
+            sql = sql.replace("verified_seq, verified_ms", "NULL, NULL");
+        }
         Ok(self
             .connection
             .query_row(&sql, [license_key], state_from_row)

@@ -304,7 +304,7 @@ impl StoreDatabase {
                 }
                 Outcome::Stale { message_type, .. } => done.stale.push(message_type.clone()),
                 // Switched off in config: settled unapplied, as on a terminal.
-                Outcome::Disabled { .. } | Outcome::Duplicate => {}
+                Outcome::Disabled { .. } | Outcome::Duplicate | Outcome::Checkpoint => {}
             }
         }
         done.skipped = fresh

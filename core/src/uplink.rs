@@ -90,11 +90,20 @@ enum Ended {
     Lost(BrokerError),
 }
 
+/// How far a terminal is, as a receipt says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reach {
+    up_to: i64,
+    highest: i64,
+    verified_seq: Option<i64>,
+    gap: Option<&'static str>,
+}
+
 /// What the last receipt said of how far the terminal applied, and when,
 /// to coalesce the next.
 struct Reported {
     at: Instant,
-    applied: (i64, i64),
+    applied: Reach,
 }
 
 impl Uplink {
@@ -238,18 +247,23 @@ impl Uplink {
         }
     }
 
-    /// How far the terminal has applied: a receipt follows when it moves.
-    fn applied(&self) -> (i64, i64) {
+    /// How far the terminal has applied, and whether it is verified or has
+    /// a gap: a receipt follows when any of it moves.
+    fn applied(&self) -> Reach {
         let status = self.status.borrow();
-        (status.sync.synced_up_to, status.sync.highest_applied)
+        Reach {
+            up_to: status.sync.synced_up_to,
+            highest: status.sync.highest_applied,
+            verified_seq: status.sync.verified.map(|verified| verified.seq),
+            gap: status.sync.gap.map(|gap| gap.cause.name()),
+        }
     }
 
     /// What a receipt says now, with the outbox and quarantine rows
     /// counted (counted only when a receipt goes: counting a long outbox
     /// after every round would cost a backlog's drain).
-    fn said(&self, (outbox_rows, quarantined): (u64, u64)) -> (i64, i64, u64, u64) {
-        let (applied_up_to, highest_applied) = self.applied();
-        (applied_up_to, highest_applied, quarantined, outbox_rows)
+    fn said(&self, (outbox_rows, quarantined): (u64, u64)) -> (Reach, u64, u64) {
+        (self.applied(), quarantined, outbox_rows)
     }
 
     /// Sends the rows of the outbox (up to `limit`) and deletes them once
@@ -392,18 +406,18 @@ impl Uplink {
         session: &mut Session,
         run: &str,
         counter: &mut u64,
-        (applied_up_to, highest_applied, quarantined, pending): (i64, i64, u64, u64),
+        (reach, quarantined, pending): (Reach, u64, u64),
         stopping: bool,
     ) -> Result<(), BrokerError> {
         *counter += 1;
         let receipt = Receipt {
-            applied_up_to,
-            highest_applied,
+            applied_up_to: reach.up_to,
+            highest_applied: reach.highest,
             quarantined,
             outbox: pending,
             stopping,
-            verified_seq: None,
-            gap: None,
+            verified_seq: reach.verified_seq,
+            gap: reach.gap.map(str::to_owned),
             run: run.to_owned(),
             n: *counter,
         };

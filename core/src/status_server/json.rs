@@ -29,6 +29,10 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
                 "since": ms_rfc3339(gap.since_ms),
                 "detail": gap.cause.to_string(),
             })),
+            "verified": status.sync.verified.map(|verified| serde_json::json!({
+                "seq": verified.seq,
+                "at": ms_rfc3339(verified.at_ms),
+            })),
         },
         "queue_depth": status.queue_depth,
         "quarantine_table_rows": snapshot.quarantine_total,

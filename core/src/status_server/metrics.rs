@@ -126,9 +126,17 @@ impl Collector for StatusMetrics {
         gauge(
             &mut encoder,
             "possync_sync_gap",
-            "1 while the terminal may lack some of its store's changes (a jump in seq, a queue made again, a database restored from an older copy; the status says which), else 0.",
+            "1 while the terminal may lack some of its store's changes (a jump in seq, a queue made again, a database restored from an older copy, a checksum that differed; the status says which), else 0.",
             i64::from(sync.gap.is_some()),
         )?;
+        if let Some(verified) = &sync.verified {
+            gauge(
+                &mut encoder,
+                "possync_verified_seq",
+                "The seq at which the terminal's catalog last matched the backend's checksums (absent until it has, and after one differed).",
+                verified.seq,
+            )?;
+        }
         if let Some(head) = sync.head {
             gauge(
                 &mut encoder,

@@ -72,6 +72,14 @@ pub(super) fn render(view: &StatusView, snapshot: &Snapshot) -> String {
             gap.cause
         );
     }
+    if let Some(verified) = &sync.verified {
+        let _ = write!(
+            synced,
+            " · verified at seq {} ({})",
+            verified.seq,
+            ms_rfc3339(verified.at_ms)
+        );
+    }
     if status.collapsed > 0 {
         let _ = write!(
             synced,

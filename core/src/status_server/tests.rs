@@ -241,6 +241,10 @@ const SYNCED: crate::sequence::SyncState = crate::sequence::SyncState {
         },
         since_ms: 1_764_239_400_000,
     }),
+    verified: Some(crate::verify::Verified {
+        seq: 38,
+        at_ms: 1_764_239_300_000,
+    }),
 };
 
 /// [`SYNCED`], following a catalog.
@@ -269,7 +273,8 @@ async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
         serde_json::json!({"synced_up_to": 40, "highest_applied": 42,
             "last_change_at": "2025-11-27T10:30:00Z", "head": 45, "catalog": "c0ffee",
             "gap": {"cause": "jump", "since": "2025-11-27T10:30:00Z",
-                "detail": "change 41 never arrived: 42 came after 40"}})
+                "detail": "change 41 never arrived: 42 came after 40"},
+            "verified": {"seq": 38, "at": "2025-11-27T10:28:20Z"}})
     );
     assert_eq!(status["collapsed"], 2);
     let page = get(server.address, "/", "localhost").await.body;
@@ -278,6 +283,7 @@ async fn status_json_and_the_page_say_how_far_the_terminal_is_synced() {
             && page.contains("change 41 never arrived or could not apply")
             && page.contains("last change 2025-11-27T10:30:00Z")
             && page.contains("gap since 2025-11-27T10:30:00Z: change 41 never arrived")
+            && page.contains("verified at seq 38 (2025-11-27T10:28:20Z)")
             && page.contains("2 changes collapsed"),
         "{page}"
     );
