@@ -111,7 +111,12 @@ pub(crate) async fn consume(
                 }
                 Err(err) => {
                     let retry = plan.failed(&err);
-                    events::snapshot_failed(&err.to_string(), retry.map(|d| d.as_millis()));
+                    let given_up = matches!(err, SnapshotError::Incomplete(_));
+                    events::snapshot_failed(
+                        &err.to_string(),
+                        retry.map(|d| d.as_millis()),
+                        given_up,
+                    );
                     if let SnapshotError::Broker(err) = err
                         && err.is_connection_failure()
                     {

@@ -176,7 +176,15 @@ pub(crate) fn snapshot_applied(seq: i64, catalog: &str, entities: u64, elapsed_m
 
 /// A snapshot failed; dropped, asked again after `retry_in_ms` (never when
 /// `None`).
-pub(crate) fn snapshot_failed(reason: &str, retry_in_ms: Option<u128>) {
+pub(crate) fn snapshot_failed(reason: &str, retry_in_ms: Option<u128>, given_up: bool) {
+    if given_up {
+        error!(
+            event = "snapshot_failed",
+            %reason,
+            "the snapshot cannot be restored with the plugins enabled here, so it is not asked again until the terminal restarts; the gap stays open"
+        );
+        return;
+    }
     match retry_in_ms {
         Some(retry_in_ms) => warn!(
             event = "snapshot_failed",

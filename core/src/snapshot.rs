@@ -87,6 +87,10 @@ pub(crate) enum SnapshotError {
     /// A chunk could not be staged or swapped in.
     #[error("{0}")]
     Local(String),
+    /// Some of the snapshot cannot be restored by the plugins enabled
+    /// here: asking again changes nothing until the config does.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 /// When this terminal asks for a snapshot.
@@ -96,6 +100,8 @@ pub(crate) struct SnapshotPlan {
     first_start: bool,
     next_try: Instant,
     failures: u32,
+    /// Not asked again in this run: the enabled plugins cannot restore it.
+    given_up: bool,
 }
 
 impl SnapshotPlan {
@@ -106,12 +112,13 @@ impl SnapshotPlan {
             first_start,
             next_try: Instant::now(),
             failures: 0,
+            given_up: false,
         }
     }
 
     /// Whether a snapshot is due now.
     pub(crate) fn due(&self, sync: &SyncState) -> bool {
-        if Instant::now() < self.next_try {
+        if self.given_up || Instant::now() < self.next_try {
             return false;
         }
         match sync.gap {
@@ -134,6 +141,10 @@ impl SnapshotPlan {
 
     /// The snapshot failed; returns when it is asked again.
     pub(crate) fn failed(&mut self, err: &SnapshotError) -> Option<Duration> {
+        if matches!(err, SnapshotError::Incomplete(_)) {
+            self.given_up = true;
+            return None;
+        }
         if self.first_start
             && matches!(
                 err,
@@ -490,6 +501,9 @@ impl Staging {
             .map(|outcome| match outcome {
                 Outcome::DeadLetter { reason, .. } => Ok(Some(reason)),
                 Outcome::Retry { reason } => Err(format!("a handler asked to try again: {reason}")),
+                Outcome::Disabled { message_type } => Ok(Some(format!(
+                    "the plugin of {message_type} is switched off"
+                ))),
                 _ => Ok(None),
             })
             .collect()
@@ -614,7 +628,7 @@ pub(crate) async fn take(
         })
         .unwrap_or_else(|| Err("the staging database is gone".into()));
     let swapped = match fetched.and_then(|fetched| {
-        complete.map_err(SnapshotError::Local)?;
+        complete.map_err(SnapshotError::Incomplete)?;
         Ok(fetched)
     }) {
         Ok(fetched) => applier
@@ -863,6 +877,25 @@ mod tests {
             refusal.contains("1 product that no enabled plugin restores"),
             "{refusal}"
         );
+    }
+
+    #[test]
+    fn a_snapshot_the_enabled_plugins_cannot_restore_is_not_asked_again_in_this_run() {
+        let gap = SyncState {
+            gap: Some(crate::Gap {
+                cause: crate::GapCause::QueueRecreated,
+                since_ms: 0,
+            }),
+            ..SyncState::default()
+        };
+        let mut plan = SnapshotPlan::new(false);
+        assert!(plan.due(&gap));
+        let retry = plan.failed(&SnapshotError::Timeout(15));
+        assert!(retry.is_some(), "a timeout is asked again");
+        let mut plan = SnapshotPlan::new(false);
+        let retry = plan.failed(&SnapshotError::Incomplete("1 product".into()));
+        assert_eq!(retry, None);
+        assert!(!plan.due(&gap), "not even once the back-off has passed");
     }
 
     #[test]
