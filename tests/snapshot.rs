@@ -2,12 +2,14 @@
 //! store with history, a queue made again, a database put back from an
 //! older copy) asks the backend for a snapshot of its store's catalog,
 //! swaps it in whole, applies what came after it, and ends holding what
-//! the backend holds, row by row.
+//! the backend holds, row by row. The backend's checkpoints prove it does,
+//! and find a catalog changed behind possync's back.
 
 mod common;
 
 use common::catalog::{
-    BackendCatalog, assert_terminal_holds, backend_for, history, repricing, submit, wait_quiet,
+    BackendCatalog, assert_terminal_holds, backend_for, history, repricing, start_answering,
+    submit, wait_quiet, wait_until_holds,
 };
 use common::*;
 
@@ -147,6 +149,7 @@ async fn modifier_groups_and_product_images_take_part_in_a_snapshot() {
     let store = common::unique_license("snap-plugins");
     let library = |package: &str| plugin_library(package).display().to_string();
     let mut backend = common::backend::Backend::with_upstream_for("snap-plugins", &[&store]);
+    backend.configure_relay("checkpoint_every_secs = 1\n");
     backend.configure(&format!(
         "\n[plugins.modifier_groups]\npath = {:?}\n\n[plugins.product_images]\npath = {:?}\n\n[plugins.product_images.settings]\nimages_dir = {:?}\n",
         library("possync-plugin-modifier-groups"),
@@ -223,5 +226,59 @@ async fn modifier_groups_and_product_images_take_part_in_a_snapshot() {
             .expect("its file");
         assert_eq!(&written, picture, "P{i}'s picture");
     }
+    // What the dynamic plugins export sums as the backend's states do.
+    assert!(
+        till.wait_for(|s| s.sync.verified.is_some_and(|v| v.seq == head))
+            .await,
+        "verified at the head: {:?}",
+        till.status.borrow().sync
+    );
     till.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catalog_changed_behind_possyncs_back_is_found_at_the_next_checkpoint_and_healed() {
+    const PRODUCTS: usize = 500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-verify");
+    let mut backend = common::backend::Backend::with_upstream_for("snap-verify", &[&store]);
+    backend.configure_relay("checkpoint_every_secs = 1\n");
+    start_answering(&mut backend).await;
+    let mut till = RunningTerminal::start(terminal_config(dir.path(), &store, "till-1")).await;
+    let head = submit(&backend, history(&store, PRODUCTS), "history").await;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut till, head, "the till").await;
+    assert!(
+        till.wait_for(|s| s.sync.verified.is_some_and(|v| v.seq == head))
+            .await,
+        "verified at the head: {:?}",
+        till.status.borrow().sync
+    );
+    let applied = till.status.borrow().applied;
+
+    // Someone edits the till's database by hand: a price, a product gone,
+    // one the back office never had, a category renamed.
+    let db = till.db();
+    db.execute_batch(
+        "UPDATE products SET price = 999 WHERE id = 'P1';
+         DELETE FROM products WHERE id = 'P2';
+         INSERT INTO products (id, name, price) VALUES ('ROGUE', 'Rogue', 1.0);
+         UPDATE categories SET name = 'Renamed' WHERE id = 'C1';",
+    )
+    .expect("changed behind possync's back");
+    let catalog = backend.catalog(&store).await;
+    wait_until_holds(&db, &catalog, "the healed till").await;
+    assert!(
+        till.wait_for(|s| s.sync.gap.is_none()
+            && s.sync.verified.is_some_and(|v| v.seq == head))
+            .await,
+        "verified again: {:?}",
+        till.status.borrow().sync
+    );
+    let status = till.stop().await;
+    assert_eq!(
+        (status.applied, status.quarantined),
+        (applied, 0),
+        "healed by a snapshot: no change was applied twice"
+    );
 }

@@ -126,6 +126,14 @@ impl Backend {
         std::fs::write(&self.config, config).expect("write the backend's config");
     }
 
+    /// Adds `lines` (keys) to the config's `[relay]` section, before it
+    /// starts.
+    pub fn configure_relay(&self, lines: &str) {
+        let config = std::fs::read_to_string(&self.config).expect("the backend's config");
+        let config = config.replacen("[relay]\n", &format!("[relay]\n{lines}"), 1);
+        std::fs::write(&self.config, config).expect("write the backend's config");
+    }
+
     /// A new token for client `name`, made with `possync backend token create`.
     pub fn create_token(&self, name: &str) -> String {
         let output = possync(&[

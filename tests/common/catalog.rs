@@ -107,6 +107,15 @@ pub fn assert_database_holds(db: &rusqlite::Connection, catalog: &Catalog, who: 
     assert_eq!(held.categories, catalog.categories, "{who}: categories");
 }
 
+/// Waits until `db` holds `catalog`, row by row; then asserts it does.
+pub async fn wait_until_holds(db: &rusqlite::Connection, catalog: &Catalog, who: &str) {
+    let deadline = Instant::now() + WAIT * 2;
+    while Instant::now() < deadline && terminal_catalog(db) != *catalog {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_database_holds(db, catalog, who);
+}
+
 /// Waits until `till` is quiet at the store's `head`: synced up to it
 /// without a gap, and nothing waiting in or taken from its queue (the
 /// relay's duplicates included), its applied count then stable.
