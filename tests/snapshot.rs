@@ -269,8 +269,7 @@ async fn a_catalog_changed_behind_possyncs_back_is_found_at_the_next_checkpoint_
     let catalog = backend.catalog(&store).await;
     wait_until_holds(&db, &catalog, "the healed till").await;
     assert!(
-        till.wait_for(|s| s.sync.gap.is_none()
-            && s.sync.verified.is_some_and(|v| v.seq == head))
+        till.wait_for(|s| s.sync.gap.is_none() && s.sync.verified.is_some_and(|v| v.seq == head))
             .await,
         "verified again: {:?}",
         till.status.borrow().sync

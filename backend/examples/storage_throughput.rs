@@ -9,12 +9,13 @@
 //! system's temporary folder: set `TMPDIR` to measure another), and also on
 //! PostgreSQL when `POSSYNC_BENCH_POSTGRES_URL` names an empty database of
 //! its own. Every change sets the price of a product no earlier change
-//! touched, across four stores, from one submitter.
+//! touched, across four stores, from one submitter, and moves its store's
+//! product checksum.
 
 use std::time::Instant;
 
 use possync_backend::{NewChange, PostgresStorage, SqliteStorage, Storage};
-use possync_core::{ChangeKind, EntityChange};
+use possync_core::{ChangeKind, ChecksumSpec, EntityChange};
 use serde_json::json;
 
 fn batch(first: usize, size: usize) -> Vec<NewChange> {
@@ -43,13 +44,31 @@ fn batch(first: usize, size: usize) -> Vec<NewChange> {
         .collect()
 }
 
+/// Checksums of products, as the catalog plugin keeps them.
+fn spec() -> ChecksumSpec {
+    let fields = [
+        "product_id",
+        "product_name",
+        "price",
+        "category_id",
+        "icon_name",
+    ]
+    .map(String::from);
+    ChecksumSpec::new([("product", fields.as_slice())])
+}
+
 async fn measure<S: Storage>(name: &str, storage: &S, changes: usize, size: usize, offset: usize) {
+    let spec = spec();
+    storage
+        .sync_checksums(&spec)
+        .await
+        .expect("the checksums are computed");
     let start = Instant::now();
     let mut done = 0;
     while done < changes {
         let size = size.min(changes - done);
         storage
-            .submit(batch(offset + done, size), None)
+            .submit(batch(offset + done, size), None, &spec)
             .await
             .expect("the batch is stored");
         done += size;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use possync_core::{CheckError, LicenseKey, Registry, TerminalConfig};
+use possync_core::{CheckError, ChecksumSpec, LicenseKey, Registry, TerminalConfig};
 use possync_sdk::Version;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -84,6 +84,9 @@ pub enum SubmitError {
 pub struct Catalog<S> {
     storage: Arc<S>,
     registry: Arc<Registry>,
+    /// The kinds of entity whose checksums every submission keeps: those
+    /// the plugins export.
+    checksums: ChecksumSpec,
     committed: Arc<Notify>,
     max_message_bytes: usize,
 }
@@ -93,6 +96,7 @@ impl<S: Storage> Catalog<S> {
     pub fn new(storage: Arc<S>, registry: Arc<Registry>) -> Self {
         Self {
             storage,
+            checksums: registry.checksum_spec(),
             registry,
             committed: Arc::new(Notify::new()),
             max_message_bytes: TerminalConfig::default().max_message_bytes,
@@ -123,6 +127,11 @@ impl<S: Storage> Catalog<S> {
         &self.registry
     }
 
+    /// What the catalog's checksums cover, as its plugins export.
+    pub(crate) fn checksums(&self) -> &ChecksumSpec {
+        &self.checksums
+    }
+
     /// Notified after every commit that added outbox rows, even when the
     /// caller stopped waiting for its answer (and, spuriously, when it
     /// stopped waiting before the commit).
@@ -148,7 +157,7 @@ impl<S: Storage> Catalog<S> {
         // commit still wakes the relay, which would otherwise find the rows
         // only at its next poll.
         let mut wake = WakeOnDrop(Some(&self.committed));
-        let submitted = self.storage.submit(changes, key).await;
+        let submitted = self.storage.submit(changes, key, &self.checksums).await;
         if !matches!(&submitted, Ok(submitted) if !submitted.replayed) {
             wake.0 = None;
         }

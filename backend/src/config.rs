@@ -124,6 +124,9 @@ impl BackendConfig {
     }
 }
 
+/// The longest `[relay] checkpoint_every_secs`: a week.
+const MAX_CHECKPOINT_EVERY_SECS: u64 = 7 * 24 * 3600;
+
 /// The `[relay]` section: how the outbox reaches the broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -143,6 +146,20 @@ pub struct RelayConfig {
     /// larger is refused when submitted (422 from the API, dead-lettered
     /// from the direct queue), since no terminal would ever take it.
     pub max_message_bytes: usize,
+    /// Publish a store's checkpoint once this many of its changes were
+    /// published since its last one (default 1000; 0: never for this
+    /// reason). A checkpoint (`license.<KEY>.possync_checkpoint`) states
+    /// the checksum of each kind of entity the plugins export at the
+    /// store's latest change; a terminal standing at that change compares
+    /// it with its own database and takes a snapshot if they differ. It
+    /// goes out only once the broker confirmed every change it covers.
+    pub checkpoint_every_changes: u64,
+    /// Publish each store's checkpoint at least this often, in seconds,
+    /// even when nothing changed (default 300, at most 604800, a week; 0:
+    /// never for this reason): how a terminal finds a row changed behind
+    /// possync's back. Stores are spread over the interval, not all at
+    /// once.
+    pub checkpoint_every_secs: u64,
 }
 
 impl Default for RelayConfig {
@@ -152,6 +169,8 @@ impl Default for RelayConfig {
             poll_interval_ms: 1000,
             lead_retry_secs: 5,
             max_message_bytes: possync_core::TerminalConfig::default().max_message_bytes,
+            checkpoint_every_changes: 1000,
+            checkpoint_every_secs: 300,
         }
     }
 }
@@ -334,6 +353,12 @@ impl ServiceConfig {
                 problem: "must be at least 1024; set it to the terminals' terminal.max_message_bytes",
             });
         }
+        if self.relay.checkpoint_every_secs > MAX_CHECKPOINT_EVERY_SECS {
+            return Err(ConfigError::OutOfRange {
+                key: "relay.checkpoint_every_secs",
+                problem: "must be at most 604800 (a week); 0 switches checkpoints by time off",
+            });
+        }
         if self.direct.prefetch == 0 {
             return Err(ConfigError::OutOfRange {
                 key: "direct.prefetch",
@@ -511,6 +536,28 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_go_by_changes_and_by_time_and_0_switches_either_off() {
+        let defaults = RelayConfig::default();
+        assert_eq!(
+            (
+                defaults.checkpoint_every_changes,
+                defaults.checkpoint_every_secs
+            ),
+            (1000, 300)
+        );
+        let (_dir, path) =
+            write("[relay]\ncheckpoint_every_changes = 0\ncheckpoint_every_secs = 60\n");
+        let config = ServiceConfig::load(Some(&path)).expect("loads");
+        assert_eq!(
+            (
+                config.relay.checkpoint_every_changes,
+                config.relay.checkpoint_every_secs
+            ),
+            (0, 60)
+        );
+    }
+
+    #[test]
     fn values_out_of_range_are_refused_with_their_key() {
         for (text, key) in [
             ("[relay]\nbatch_size = 0\n", "relay.batch_size"),
@@ -526,6 +573,10 @@ mod tests {
             ("[direct]\nqueue = \"amq.x\"\n", "direct.queue"),
             ("[service]\ndatabase = \"\"\n", "service.database"),
             ("[broker]\nurl = \"http://x\"\n", "broker.url"),
+            (
+                "[relay]\ncheckpoint_every_secs = 604801\n",
+                "relay.checkpoint_every_secs",
+            ),
         ] {
             let (_dir, path) = write(text);
             let err = ServiceConfig::load(Some(&path))

@@ -9,7 +9,9 @@
 //! backend's relay: one that names this catalog is skipped (it is in the
 //! catalog already); one that names another catalog means two backends
 //! publish on one exchange, and is logged as an error, counted and skipped;
-//! one with `seq` but no catalog is dead-lettered. A message is recorded
+//! one with `seq` but no catalog is dead-lettered. A checkpoint (the
+//! relay's statement of a store's checksums) changes nothing: it is
+//! acknowledged and not recorded. A message is recorded
 //! once per store: keyed by its store and message id, or its store and
 //! body when it has no id. One the catalog refuses (its checks, or
 //! the database for what it holds) is dead-lettered with the reason; the
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use possync_core::{Backoff, BrokerConfig};
+use possync_core::{Backoff, BrokerConfig, CHECKPOINT_TYPE};
 use possync_sdk::Envelope;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -179,7 +181,7 @@ impl<S: Storage> Direct<S> {
     /// What to do with a delivery that records nothing.
     fn settle_read(&self, routing_key: &str, read: Result<Read, String>, ours: &str) -> Settle {
         match read {
-            Ok(Read::Change(..) | Read::Ours) => Settle::Ack,
+            Ok(Read::Change(..) | Read::Ours | Read::Checkpoint) => Settle::Ack,
             Ok(Read::Foreign { catalog, store }) => {
                 let seen = self.foreign.fetch_add(1, Ordering::Relaxed) + 1;
                 // Said at once, then once a minute while it lasts: every
@@ -266,6 +268,8 @@ enum Read {
     Change(ChangeRequest, Option<IdempotencyKey>),
     /// This catalog's relay published it: it is in the catalog already.
     Ours,
+    /// A checkpoint, which states a catalog and changes nothing.
+    Checkpoint,
     /// Another catalog's relay published it: two backends on one exchange.
     Foreign { catalog: String, store: String },
 }
@@ -275,6 +279,15 @@ enum Read {
 fn request(routing_key: &str, body: &[u8], ours: &str) -> Result<Read, String> {
     let envelope: Envelope = serde_json::from_slice(body)
         .map_err(|err| format!("not a possync message (JSON envelope): {err}"))?;
+    if envelope.message_type == CHECKPOINT_TYPE {
+        return Ok(match envelope.catalog {
+            Some(catalog) if catalog != ours => Read::Foreign {
+                catalog,
+                store: envelope.license_key,
+            },
+            _ => Read::Checkpoint,
+        });
+    }
     if let Some(seq) = envelope.seq {
         return match envelope.catalog {
             Some(catalog) if catalog == ours => Ok(Read::Ours),
@@ -457,6 +470,43 @@ mod tests {
                 catalog: "c-other".into(),
                 store: "STORE-1".into()
             })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_settled_without_being_recorded() {
+        let body = br#"{"type":"possync_checkpoint","license_key":"STORE-1","payload":{"seq":3,"checksums":{}},"message_id":"m-9","catalog":"c-ours"}"#;
+        assert_eq!(
+            request("license.STORE-1.possync_checkpoint", body, OURS),
+            Ok(Read::Checkpoint)
+        );
+        let registry = possync_core::Registry::for_publishing(&Default::default())
+            .expect("the built-in plugins load");
+        let catalog = Catalog::new(
+            Arc::new(crate::testing::Scripted::new().await),
+            Arc::new(registry),
+        );
+        let direct = Direct::new(
+            Arc::new(catalog),
+            BrokerConfig::default(),
+            DirectConfig::default(),
+        );
+        assert_eq!(
+            direct.settle_read(
+                "license.STORE-1.possync_checkpoint",
+                Ok(Read::Checkpoint),
+                OURS
+            ),
+            Settle::Ack
+        );
+        let other = br#"{"type":"possync_checkpoint","license_key":"STORE-1","payload":{"seq":3,"checksums":{}},"catalog":"c-other"}"#;
+        assert_eq!(
+            request("license.STORE-1.possync_checkpoint", other, OURS),
+            Ok(Read::Foreign {
+                catalog: "c-other".into(),
+                store: "STORE-1".into()
+            }),
+            "another backend's relay on this exchange"
         );
     }
 

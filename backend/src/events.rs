@@ -131,6 +131,78 @@ pub(crate) fn relay_row_unpublishable(store: &str, seq: i64, reason: &str) {
     );
 }
 
+/// The stored checksums were kept under another spec (the first start
+/// after an upgrade, plugins that export otherwise) and were computed
+/// again from the catalog.
+pub(crate) fn checksums_recomputed(kinds: &str, stores: u64, entities: u64, elapsed_ms: u128) {
+    info!(
+        event = "checksums_recomputed",
+        %kinds,
+        stores,
+        entities,
+        elapsed_ms,
+        "the catalog's checksums were computed again for what the plugins export now"
+    );
+}
+
+pub(crate) fn checksums_recompute_failed(reason: &str) {
+    warn!(
+        event = "checksums_recompute_failed",
+        %reason,
+        "cannot compute the catalog's checksums again; no checkpoint is published until they are (the relay tries again)"
+    );
+}
+
+/// A submission under another spec made the stored checksums stale: a
+/// backend process with other `[plugins]` shares the database.
+pub(crate) fn checksums_stale() {
+    warn!(
+        event = "checksums_stale",
+        "the catalog's checksums were written by a backend process whose plugins export other entities; computing them again. Give every backend process on this database the same [plugins]"
+    );
+}
+
+/// Checkpoints go out while this process relays.
+pub(crate) fn checkpoints_on(kinds: &str, every_changes: u64, every_secs: u64) {
+    info!(
+        event = "checkpoints_on",
+        %kinds,
+        every_changes,
+        every_secs,
+        "the relay publishes each store's checksums (checkpoints) for its terminals to verify their catalog (0: that trigger is off)"
+    );
+}
+
+/// No checkpoint is published, and why.
+pub(crate) fn checkpoints_off(reason: &str) {
+    info!(
+        event = "checkpoints_off",
+        %reason,
+        "the relay publishes no checkpoints: terminals cannot verify their catalog against the backend's"
+    );
+}
+
+pub(crate) fn checkpoint_published(store: &str, seq: i64, kinds: usize) {
+    debug!(
+        event = "checkpoint_published",
+        %store,
+        seq,
+        kinds,
+        "checkpoint confirmed by the broker"
+    );
+}
+
+/// A checkpoint could not be read or published; it is tried again later.
+pub(crate) fn checkpoint_failed(store: &str, reason: &str, retry_in_secs: u64) {
+    warn!(
+        event = "checkpoint_failed",
+        %store,
+        %reason,
+        retry_in_secs,
+        "cannot publish the store's checkpoint; its changes are not affected, and it is tried again"
+    );
+}
+
 pub(crate) fn direct_live(queue: &str, binding: &str) {
     info!(
         event = "direct_live",

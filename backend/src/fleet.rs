@@ -276,6 +276,8 @@ mod tests {
             applied_changed_ms,
             stopping: false,
             behind_since_ms: Some(applied_changed_ms),
+            verified_seq: None,
+            gap: None,
         }
     }
 

@@ -36,6 +36,6 @@ pub use service::{ServiceError, run, run_with};
 
 pub use storage::{
     Accepted, CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, Outcome,
-    PostgresStorage, ReceiptRecord, Received, SqliteStorage, Storage, StorageError, StoreHead,
-    Submitted, TerminalRecord, TokenRecord, UpstreamRecord,
+    PostgresStorage, ReceiptRecord, Received, Recomputed, SqliteStorage, Storage, StorageError,
+    StoreCheckpoint, StoreHead, Submitted, TerminalRecord, TokenRecord, UpstreamRecord,
 };

@@ -29,6 +29,11 @@
 //! A commit wakes the relay; a commit it is not told of (another backend
 //! process's, on PostgreSQL) is found at the next poll
 //! (`[relay] poll_interval_ms`).
+//!
+//! Between rounds the relay publishes the checkpoints that are due (see
+//! [`checkpoints`]).
+
+mod checkpoints;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +51,7 @@ use crate::events;
 use crate::failpoint;
 use crate::service::stopped;
 use crate::storage::{OutboxRow, Storage};
+use checkpoints::Schedule;
 
 /// A failed round waits from 250 ms up to 30 s (a broker restart) before
 /// the next.
@@ -85,6 +91,8 @@ enum RoundError {
         seq: i64,
         detail: String,
     },
+    #[error("a checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 /// What a round did.
@@ -121,7 +129,9 @@ impl<S: Storage> Relay<S> {
         let mut publisher: Option<Publisher> = None;
         while self.lead(&mut stop).await {
             let (marker, marking) = Marker::start(Arc::clone(&self.catalog));
-            self.publish_while_leading(&mut publisher, &marker, &mut stop)
+            let mut schedule =
+                Schedule::start(&self.config, self.catalog.checksums(), Instant::now());
+            self.publish_while_leading(&mut publisher, &marker, schedule.as_mut(), &mut stop)
                 .await;
             // What the broker confirmed is marked before the relay stops or
             // stands by: a row marked late goes out again, harmless but
@@ -139,6 +149,7 @@ impl<S: Storage> Relay<S> {
         &self,
         publisher: &mut Option<Publisher>,
         marker: &Marker,
+        mut schedule: Option<&mut Schedule>,
         stop: &mut watch::Receiver<bool>,
     ) {
         let mut failures = Failures::default();
@@ -159,7 +170,13 @@ impl<S: Storage> Relay<S> {
                 () = marker.keep_up(self.config.batch_size) => {}
                 () = stopped(stop) => return,
             }
-            match self.round(publisher, marker).await {
+            let round = self.round(publisher, marker, schedule.as_deref_mut()).await;
+            if round.is_ok()
+                && let Some(schedule) = schedule.as_deref_mut()
+            {
+                self.checkpoints(schedule, publisher, marker).await;
+            }
+            match round {
                 // While marks fail, a round that publishes is no recovery:
                 // the back-off keeps growing.
                 Ok(Round::Published(rows)) => {
@@ -227,11 +244,13 @@ impl<S: Storage> Relay<S> {
         }
     }
 
-    /// Publishes up to a batch of unpublished rows and marks them published.
+    /// Publishes up to a batch of unpublished rows and marks them published;
+    /// counts them towards their stores' checkpoints.
     async fn round(
         &self,
         publisher: &mut Option<Publisher>,
         marker: &Marker,
+        mut schedule: Option<&mut Schedule>,
     ) -> Result<Round, RoundError> {
         let storage = self.catalog.storage();
         // Taken before the read: a row whose mark lands meanwhile is
@@ -253,13 +272,7 @@ impl<S: Storage> Relay<S> {
             return Ok(Round::Idle);
         }
         let started = Instant::now();
-        let catalog = match self.catalog_id.get() {
-            Some(id) => id.clone(),
-            None => {
-                let id = storage.catalog_id().await?;
-                self.catalog_id.get_or_init(|| id).clone()
-            }
-        };
+        let catalog = self.catalog_id().await?;
         // Each store's last row of the round (a store's rows come in seq
         // order): its head, as far as the relay knows, which tells a
         // terminal in a backlog how far it is.
@@ -271,16 +284,7 @@ impl<S: Storage> Relay<S> {
                 envelope(row, &catalog).map(|envelope| envelope.with_head(head))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let publisher = match publisher {
-            Some(publisher) => publisher,
-            None => publisher.insert(
-                Publisher::connect(&self.broker)
-                    .await?
-                    .unroutable_is_published()
-                    // The limit changes were checked against when submitted.
-                    .with_max_message_bytes(self.catalog.max_message_bytes()),
-            ),
-        };
+        let publisher = self.connected(publisher).await?;
         let mut envelopes = envelopes.into_iter();
         // Marked once per round (a mark is a commit, a flush to disk), or,
         // after a refusal or failure, as far as the chunks the broker
@@ -298,10 +302,16 @@ impl<S: Storage> Relay<S> {
                     confirmed.extend(chunk.iter().map(|r| (r.store.clone(), r.seq)));
                 }
                 Err(err) => {
+                    if let Some(schedule) = schedule.as_deref_mut() {
+                        schedule.published(&confirmed, Instant::now());
+                    }
                     marker.mark(confirmed);
                     return Err(err.into());
                 }
             }
+        }
+        if let Some(schedule) = schedule {
+            schedule.published(&confirmed, Instant::now());
         }
         marker.mark(confirmed);
         let stores = rows
@@ -311,6 +321,32 @@ impl<S: Storage> Relay<S> {
             .len();
         events::relay_published(rows.len(), stores, started.elapsed().as_millis());
         Ok(Round::Published(rows.len()))
+    }
+
+    /// The catalog's id, read once.
+    async fn catalog_id(&self) -> Result<String, crate::storage::StorageError> {
+        if let Some(id) = self.catalog_id.get() {
+            return Ok(id.clone());
+        }
+        let id = self.catalog.storage().catalog_id().await?;
+        Ok(self.catalog_id.get_or_init(|| id).clone())
+    }
+
+    /// The publisher, connected first if it is not.
+    async fn connected<'p>(
+        &self,
+        publisher: &'p mut Option<Publisher>,
+    ) -> Result<&'p Publisher, PublishError> {
+        Ok(match publisher {
+            Some(publisher) => publisher,
+            None => publisher.insert(
+                Publisher::connect(&self.broker)
+                    .await?
+                    .unroutable_is_published()
+                    // The limit changes were checked against when submitted.
+                    .with_max_message_bytes(self.catalog.max_message_bytes()),
+            ),
+        })
     }
 
     /// How many rows wait, for the failure log; 0 if the database cannot say.
@@ -732,6 +768,10 @@ mod marker_tests {
                 .expect("consuming");
             let registry = Registry::for_publishing(&BTreeMap::new()).expect("plugins load");
             let catalog = Arc::new(Catalog::new(Arc::new(storage), Arc::new(registry)));
+            // As the service does before it starts the relay.
+            crate::service::sync_checksums(&catalog)
+                .await
+                .expect("the checksums are computed");
             let relay = Relay::new(Arc::clone(&catalog), broker, config);
             let (stop, stopped) = watch::channel(false);
             let running = tokio::spawn(relay.run(stopped));
@@ -764,6 +804,22 @@ mod marker_tests {
             }
         }
 
+        /// Submits `count` changes in one submission: the store's head
+        /// moves from 0 to `count` at once.
+        async fn submit_at_once(&self, count: i64) {
+            let changes = (1..=count)
+                .map(|i| ChangeRequest {
+                    store: self.store.clone(),
+                    message_type: "price_update".into(),
+                    payload: format!(r#"{{"product_id":"P{i}","new_price":{i}}}"#),
+                    timestamp: None,
+                    message_id: None,
+                    clock: None,
+                })
+                .collect();
+            self.catalog.submit(changes, None).await.expect("accepted");
+        }
+
         /// Waits until every outbox row is marked.
         async fn all_marked(&self) {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -788,17 +844,64 @@ mod marker_tests {
 
         /// Every message the store's queue received so far.
         async fn received_envelopes(&mut self) -> Vec<possync_sdk::Envelope> {
+            self.received_deliveries()
+                .await
+                .into_iter()
+                .map(|(_, envelope)| envelope)
+                .collect()
+        }
+
+        /// Every message the store's queue received so far, with its
+        /// routing key.
+        async fn received_deliveries(&mut self) -> Vec<(String, possync_sdk::Envelope)> {
             let mut envelopes = Vec::new();
             while let Ok(Some(Ok(delivery))) =
                 tokio::time::timeout(Duration::from_millis(500), self.consumer.next()).await
             {
-                envelopes.push(serde_json::from_slice(&delivery.data).expect("an envelope"));
+                envelopes.push((
+                    delivery.routing_key.to_string(),
+                    serde_json::from_slice(&delivery.data).expect("an envelope"),
+                ));
                 delivery
                     .ack(BasicAckOptions::default())
                     .await
                     .expect("acked");
             }
             envelopes
+        }
+
+        /// What the store's queue received so far, each checkpoint
+        /// checked: on the store's key, with no seq, naming the catalog,
+        /// stating the stored checksums.
+        async fn received_with_checkpoints(&mut self) -> Vec<Seen> {
+            let catalog_id = self.catalog.storage().catalog_id().await.expect("its id");
+            let stored = self
+                .catalog
+                .storage()
+                .checkpoint(&self.store, self.catalog.checksums())
+                .await
+                .expect("the checkpoint");
+            let mut seen = Vec::new();
+            for (routing_key, envelope) in self.received_deliveries().await {
+                if envelope.message_type != possync_core::CHECKPOINT_TYPE {
+                    seen.push(Seen::Change(envelope.seq.expect("a change has a seq")));
+                    continue;
+                }
+                assert_eq!(
+                    routing_key,
+                    format!("license.{}.possync_checkpoint", self.store)
+                );
+                assert_eq!(envelope.seq, None, "a checkpoint changes nothing");
+                assert_eq!(envelope.catalog.as_deref(), Some(catalog_id.as_str()));
+                assert!(envelope.message_id.is_some() && envelope.timestamp.is_some());
+                let checkpoint: possync_core::Checkpoint =
+                    serde_json::from_str(envelope.payload.get()).expect("a checkpoint");
+                if checkpoint.seq == stored.head {
+                    assert_eq!(Some(&checkpoint.checksums), stored.checksums.as_ref());
+                }
+                seen.push(Seen::Checkpoint(checkpoint.seq));
+            }
+            seen
         }
 
         async fn stop(self) {
@@ -899,6 +1002,124 @@ mod marker_tests {
             distinct,
             (1..=30).collect(),
             "every change reached the store"
+        );
+        rig.stop().await;
+    }
+
+    /// What a store's queue received: a change by its seq, or a checkpoint
+    /// by the seq it states the catalog at.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Seen {
+        Change(i64),
+        Checkpoint(i64),
+    }
+    use Seen::{Change, Checkpoint};
+
+    fn checkpoints(every_changes: u64, every_secs: u64) -> RelayConfig {
+        RelayConfig {
+            poll_interval_ms: 50,
+            checkpoint_every_changes: every_changes,
+            checkpoint_every_secs: every_secs,
+            ..RelayConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_follows_the_changes_it_covers_on_the_stores_key_with_its_checksums() {
+        let mut rig = Rig::start(Scripted::new().await, checkpoints(5, 0)).await;
+        rig.submit(5).await;
+        rig.all_marked().await;
+        let received = rig.received_with_checkpoints().await;
+        assert_eq!(
+            received,
+            [
+                Change(1),
+                Change(2),
+                Change(3),
+                Change(4),
+                Change(5),
+                Checkpoint(5)
+            ]
+        );
+        let stored = rig
+            .catalog
+            .storage()
+            .checkpoint(&rig.store, rig.catalog.checksums())
+            .await
+            .expect("the checkpoint");
+        let products = stored
+            .checksums
+            .as_ref()
+            .and_then(|checksums| checksums.get("product"))
+            .map(|product| product.count);
+        assert_eq!(products, Some(5), "P1 to P5: {stored:?}");
+        rig.stop().await;
+    }
+
+    #[tokio::test]
+    async fn no_checkpoint_goes_out_while_its_store_has_changes_to_publish() {
+        let storage = Scripted::new().await;
+        // Rows 4 to 6 are committed after each read of the relay.
+        *storage.withheld_above.lock().expect("not poisoned") = Some(3);
+        let mut rig = Rig::start(storage, checkpoints(1, 0)).await;
+        rig.submit_at_once(6).await;
+        let storage = Arc::clone(rig.catalog.storage());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let heads = storage.heads().await.expect("heads");
+            if heads
+                .iter()
+                .any(|h| h.store == rig.store && h.unpublished == 3)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "rows 1 to 3 were never marked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Rounds (each followed by the due checkpoint's attempt) while 4
+        // to 6 wait.
+        let rounds = storage.rounds.load(Ordering::SeqCst);
+        while storage.rounds.load(Ordering::SeqCst) < rounds + 5 {
+            assert!(Instant::now() < deadline, "the relay stopped its rounds");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            rig.received_with_checkpoints().await,
+            [Change(1), Change(2), Change(3)],
+            "no checkpoint of seq 6 before 4 to 6"
+        );
+        *storage.withheld_above.lock().expect("not poisoned") = None;
+        rig.all_marked().await;
+        assert_eq!(
+            rig.received_with_checkpoints().await,
+            [Change(4), Change(5), Change(6), Checkpoint(6)]
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test]
+    async fn every_store_gets_a_checkpoint_each_interval_even_when_nothing_changed() {
+        let mut rig = Rig::start(Scripted::new().await, checkpoints(0, 1)).await;
+        rig.submit(2).await;
+        rig.all_marked().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut received: Vec<Seen> = Vec::new();
+        while received
+            .iter()
+            .filter(|seen| matches!(seen, Checkpoint(_)))
+            .count()
+            < 2
+        {
+            assert!(
+                Instant::now() < deadline,
+                "two checkpoints within 15 s: {received:?}"
+            );
+            received.extend(rig.received_with_checkpoints().await);
+        }
+        assert_eq!(received[..2], [Change(1), Change(2)]);
+        assert!(
+            received[2..].iter().all(|seen| *seen == Checkpoint(2)),
+            "{received:?}"
         );
         rig.stop().await;
     }

@@ -146,6 +146,13 @@ pub async fn run_with<S: Storage>(
         &plugins,
     );
 
+    // Before the relay's first checkpoint, so that it states what the
+    // plugins export now. A failure leaves the start going: the relay
+    // tries again before it publishes a checkpoint.
+    if let Err(err) = sync_checksums(&catalog).await {
+        events::checksums_recompute_failed(&err.to_string());
+    }
+
     let (stop, stopped) = watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();
     let relay = Relay::new(
@@ -230,6 +237,23 @@ pub async fn run_with<S: Storage>(
     }
     served.map_err(ServiceError::Serve)?;
     events::stopped();
+    Ok(())
+}
+
+/// Makes the stored checksums the plugins' (see
+/// [`Storage::sync_checksums`]), logging what it took when it computed
+/// them again.
+pub(crate) async fn sync_checksums<S: Storage>(catalog: &Catalog<S>) -> Result<(), StorageError> {
+    let started = std::time::Instant::now();
+    let spec = catalog.checksums();
+    if let Some(recomputed) = catalog.storage().sync_checksums(spec).await? {
+        events::checksums_recomputed(
+            &spec.kinds().collect::<Vec<_>>().join(", "),
+            recomputed.stores,
+            recomputed.entities,
+            started.elapsed().as_millis(),
+        );
+    }
     Ok(())
 }
 

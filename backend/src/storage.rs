@@ -3,6 +3,7 @@
 //! (several backend processes on one catalog). Both pass the same tests.
 
 mod answer;
+mod checksums;
 mod plan;
 mod postgres;
 mod sqlite;
@@ -10,10 +11,11 @@ mod sqlite;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use possync_core::EntityChange;
+use possync_core::{Checksum, ChecksumSpec, EntityChange};
 use possync_sdk::Version;
 use serde_json::{Map, Value};
 
@@ -149,6 +151,31 @@ pub struct StoreHead {
     pub unpublished: i64,
 }
 
+/// Where a store stands for a checkpoint, read in one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreCheckpoint {
+    /// The store's head (0: no change yet): the checksums are its catalog's
+    /// at this seq.
+    pub head: i64,
+    /// The highest seq of the store's changes not yet marked published;
+    /// `None`: every change up to the head is.
+    pub highest_unpublished: Option<i64>,
+    /// Each kind of the spec asked for, with its checksum (a kind with no
+    /// entity has the zero checksum); `None` while the stored checksums are
+    /// kept under another spec, until [`Storage::sync_checksums`] computes
+    /// them again.
+    pub checksums: Option<BTreeMap<String, Checksum>>,
+}
+
+/// What [`Storage::sync_checksums`] computed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recomputed {
+    /// Stores with an entity of a kind that has a checksum.
+    pub stores: u64,
+    /// Entities digested.
+    pub entities: u64,
+}
+
 /// A message a terminal sent upstream (an order), to record once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamRecord {
@@ -218,6 +245,11 @@ pub struct TerminalRecord {
     pub behind_since_ms: Option<i64>,
     /// Its latest receipt said it was stopping.
     pub stopping: bool,
+    /// The seq at which its catalog last matched the backend's checksums;
+    /// `None` until it has (or while it does not verify).
+    pub verified_seq: Option<i64>,
+    /// The gap it has open, as its latest receipt described it.
+    pub gap: Option<String>,
 }
 
 /// A back office client's bearer token, as stored: never the token itself.
@@ -313,11 +345,38 @@ pub trait Storage: Send + Sync + 'static {
     /// Refused whole ([`StorageError::MessageIdUsed`]) when a change's
     /// message id is in its store's outbox already, or twice in the
     /// submission.
+    ///
+    /// The same transaction keeps the checksum of each kind of entity
+    /// `checksums` covers, per store: each entity written takes its old
+    /// digest out and puts its new one in. Checksums kept under another
+    /// spec are left alone and marked stale instead, for
+    /// [`Storage::sync_checksums`] to compute again.
     fn submit(
         &self,
         changes: Vec<NewChange>,
         key: Option<IdempotencyKey>,
+        checksums: &ChecksumSpec,
     ) -> impl Future<Output = Result<Submitted, StorageError>> + Send;
+
+    /// Makes the stored checksums `spec`'s: when they were kept under
+    /// another spec (a database made before checksums, a plugin that
+    /// changed what it exports, a submission by a backend process with
+    /// other plugins), computes every store's again from the catalog, in
+    /// one transaction that holds back submissions meanwhile, and keeps
+    /// `spec`'s from then on. `None` when they were `spec`'s already.
+    fn sync_checksums(
+        &self,
+        spec: &ChecksumSpec,
+    ) -> impl Future<Output = Result<Option<Recomputed>, StorageError>> + Send;
+
+    /// What a checkpoint of `store` states, read in one snapshot: its head,
+    /// whether every change up to it is published, and the checksum of
+    /// each kind `spec` covers at that head.
+    fn checkpoint(
+        &self,
+        store: &str,
+        spec: &ChecksumSpec,
+    ) -> impl Future<Output = Result<StoreCheckpoint, StorageError>> + Send;
 
     /// Up to `limit` unpublished outbox rows, each store's in sequence order.
     fn unpublished(

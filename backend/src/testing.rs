@@ -1,16 +1,19 @@
 //! A storage for unit tests of what sits on top of [`Storage`]: a SQLite
-//! storage in a temporary folder, whose relay leadership follows a script
-//! and whose submissions can hang after their commit.
+//! storage in a temporary folder, whose relay leadership follows a script,
+//! whose submissions can hang after their commit and whose outbox can keep
+//! rows from the relay.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use possync_core::ChecksumSpec;
+
 use crate::storage::{
     CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received,
-    SqliteStorage, Storage, StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord,
-    UpstreamRecord,
+    Recomputed, SqliteStorage, Storage, StorageError, StoreCheckpoint, StoreHead, Submitted,
+    TerminalRecord, TokenRecord, UpstreamRecord,
 };
 
 /// The storage; the folder lives as long as it.
@@ -30,6 +33,9 @@ pub(crate) struct Scripted {
     /// Records of upstream messages still to fail, one per call, as a
     /// database that cannot be reached fails.
     pub(crate) failing_records: AtomicUsize,
+    /// The relay's reads of the outbox leave out rows above this seq, as
+    /// if they were committed after the read.
+    pub(crate) withheld_above: Mutex<Option<i64>>,
 }
 
 impl Scripted {
@@ -47,6 +53,7 @@ impl Scripted {
             mark_delay: Mutex::new(Duration::ZERO),
             failing_marks: AtomicUsize::new(0),
             failing_records: AtomicUsize::new(0),
+            withheld_above: Mutex::new(None),
         }
     }
 }
@@ -56,17 +63,37 @@ impl Storage for Scripted {
         &self,
         changes: Vec<NewChange>,
         key: Option<IdempotencyKey>,
+        checksums: &ChecksumSpec,
     ) -> Result<Submitted, StorageError> {
-        let submitted = self.inner.submit(changes, key).await?;
+        let submitted = self.inner.submit(changes, key, checksums).await?;
         if self.hang_after_commit.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
         Ok(submitted)
     }
 
+    async fn sync_checksums(
+        &self,
+        spec: &ChecksumSpec,
+    ) -> Result<Option<Recomputed>, StorageError> {
+        self.inner.sync_checksums(spec).await
+    }
+
+    async fn checkpoint(
+        &self,
+        store: &str,
+        spec: &ChecksumSpec,
+    ) -> Result<StoreCheckpoint, StorageError> {
+        self.inner.checkpoint(store, spec).await
+    }
+
     async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {
         self.rounds.fetch_add(1, Ordering::SeqCst);
-        self.inner.unpublished(limit).await
+        let mut rows = self.inner.unpublished(limit).await?;
+        if let Some(above) = *self.withheld_above.lock().expect("not poisoned") {
+            rows.retain(|row| row.seq <= above);
+        }
+        Ok(rows)
     }
 
     async fn mark_published(&self, rows: &[(String, i64)]) -> Result<(), StorageError> {

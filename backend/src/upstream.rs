@@ -36,6 +36,9 @@ const HELD: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_se
 /// The longest message id recorded.
 const MAX_MESSAGE_ID: usize = 128;
 
+/// The most characters of a receipt's gap kept: a line on the fleet page.
+const MAX_GAP_CHARS: usize = 300;
+
 /// Consumes the backend's upstream queue.
 pub(crate) struct Upstream<S> {
     catalog: Arc<Catalog<S>>,
@@ -69,6 +72,15 @@ fn refused(kind: &'static str, reason: impl Into<String>) -> Refusal {
     Refusal {
         reason: reason.into(),
         kind,
+    }
+}
+
+/// Cuts a terminal's description of its gap to [`MAX_GAP_CHARS`]: it
+/// sends what it likes, and the fleet shows it on a line.
+fn shorten(gap: &mut String) {
+    if let Some((cut, _)) = gap.char_indices().nth(MAX_GAP_CHARS) {
+        gap.truncate(cut);
+        gap.push('…');
     }
 }
 
@@ -254,8 +266,11 @@ impl<S: Storage> Upstream<S> {
         let (message, store, terminal, message_type) =
             checked(&self.config, &self.own_user, routing_key, body, user)?;
         if message_type == RECEIPT_TYPE {
-            let receipt: Receipt = serde_json::from_str(message.payload.get())
+            let mut receipt: Receipt = serde_json::from_str(message.payload.get())
                 .map_err(|err| refused("invalid", format!("not a receipt: {err}")))?;
+            if let Some(gap) = &mut receipt.gap {
+                shorten(gap);
+            }
             if receipt.applied_up_to < 0 || receipt.highest_applied < receipt.applied_up_to {
                 return Err(refused(
                     "invalid",
@@ -602,6 +617,17 @@ mod tests {
             .read("up.S1.till-1.order", long_id.as_bytes(), None, 5)
             .expect_err("refused");
         assert!(refused.reason.contains("message id"), "{}", refused.reason);
+    }
+
+    #[test]
+    fn a_long_gap_is_cut_to_a_line() {
+        let mut gap = "é".repeat(MAX_GAP_CHARS + 10);
+        shorten(&mut gap);
+        assert_eq!(gap.chars().count(), MAX_GAP_CHARS + 1);
+        assert!(gap.ends_with('…'));
+        let mut short = "a lost queue".to_owned();
+        shorten(&mut short);
+        assert_eq!(short, "a lost queue");
     }
 
     #[tokio::test]

@@ -858,7 +858,23 @@ impl Storage for Unreachable {
         &self,
         _: Vec<NewChange>,
         _: Option<IdempotencyKey>,
+        _: &possync_core::ChecksumSpec,
     ) -> impl std::future::Future<Output = Result<Submitted, StorageError>> + Send {
+        down()
+    }
+    fn sync_checksums(
+        &self,
+        _: &possync_core::ChecksumSpec,
+    ) -> impl std::future::Future<Output = Result<Option<possync_backend::Recomputed>, StorageError>>
+    + Send {
+        down()
+    }
+    fn checkpoint(
+        &self,
+        _: &str,
+        _: &possync_core::ChecksumSpec,
+    ) -> impl std::future::Future<Output = Result<possync_backend::StoreCheckpoint, StorageError>> + Send
+    {
         down()
     }
     fn unpublished(
@@ -1110,6 +1126,20 @@ fn the_served_openapi_document_is_built_from_the_code_and_describes_every_route(
 impl<S: Storage> Backend<S> {
     /// Records a receipt of `terminal` as the upstream consumer would.
     fn receipt(&self, store: &str, terminal: &str, n: u64, applied: i64) {
+        self.receipt_verifying(store, terminal, n, applied, None, None);
+    }
+
+    /// Records a receipt that says where `terminal` last verified its
+    /// catalog, and its gap.
+    fn receipt_verifying(
+        &self,
+        store: &str,
+        terminal: &str,
+        n: u64,
+        applied: i64,
+        verified_seq: Option<i64>,
+        gap: Option<&str>,
+    ) {
         let record = possync_backend::ReceiptRecord {
             store: store.into(),
             terminal: terminal.into(),
@@ -1119,8 +1149,8 @@ impl<S: Storage> Backend<S> {
                 quarantined: 0,
                 outbox: 0,
                 stopping: false,
-                verified_seq: None,
-                gap: None,
+                verified_seq,
+                gap: gap.map(str::to_owned),
                 run: "r1".into(),
                 n,
             },
@@ -1148,8 +1178,15 @@ fn the_fleet_lists_each_stores_terminals_furthest_behind_first_and_only_to_its_s
         );
         assert_eq!(answer.status, 200, "{}", answer.text);
     }
-    backend.receipt("S1", "till-a", 1, 3);
-    backend.receipt("S1", "till-b", 1, 1);
+    backend.receipt_verifying("S1", "till-a", 1, 3, Some(3), None);
+    backend.receipt_verifying(
+        "S1",
+        "till-b",
+        1,
+        1,
+        None,
+        Some("the checksum of product differs"),
+    );
     backend.receipt("S2", "till-a", 1, 0);
 
     let fleet = backend.get("/v1/fleet", Some(&operator));
@@ -1174,6 +1211,19 @@ fn the_fleet_lists_each_stores_terminals_furthest_behind_first_and_only_to_its_s
         })
         .collect();
     assert_eq!(terminals, [("till-b", 2, "live"), ("till-a", 0, "live")]);
+    let verified: Vec<(&Value, &Value)> = stores[0]["terminals"]
+        .as_array()
+        .expect("terminals")
+        .iter()
+        .map(|t| (&t["verified_seq"], &t["gap"]))
+        .collect();
+    assert_eq!(
+        verified,
+        [
+            (&Value::Null, &json!("the checksum of product differs")),
+            (&json!(3), &Value::Null)
+        ]
+    );
     let by_name = backend.get("/v1/fleet?sort=name", Some(&operator));
     assert_eq!(
         by_name.json["stores"][0]["terminals"][0]["terminal"],
@@ -1198,6 +1248,8 @@ fn the_fleet_lists_each_stores_terminals_furthest_behind_first_and_only_to_its_s
     for line in [
         "possync_backend_fleet_terminals{store=\"S1\",state=\"live\"} 2",
         "possync_backend_fleet_max_lag{store=\"S1\"} 2",
+        "possync_backend_fleet_gaps{store=\"S1\"} 1",
+        "possync_backend_fleet_gaps{store=\"S2\"} 0",
     ] {
         assert!(metrics.text.contains(line), "{line}: {}", metrics.text);
     }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use possync_backend::{
-    Accepted, IdempotencyKey, NewChange, Outcome, PostgresStorage, ReceiptRecord, SqliteStorage,
-    Storage, StorageError, StoreHead, TokenRecord, UpstreamRecord,
+    Accepted, IdempotencyKey, NewChange, Outcome, PostgresStorage, ReceiptRecord, Recomputed,
+    SqliteStorage, Storage, StorageError, StoreHead, TokenRecord, UpstreamRecord,
 };
-use possync_core::{ChangeKind, EntityChange};
+use possync_core::{ChangeKind, Checksum, ChecksumSpec, EntityChange};
 use possync_sdk::Version;
 use serde_json::{Value, json};
 
@@ -255,7 +255,22 @@ on_every_storage!(
     the_latest_receipt_of_a_run_wins_and_a_new_run_replaces_it,
     a_forgotten_terminal_leaves_the_fleet,
     catalog_pages_follow_the_head_and_go_through_the_store_in_byte_order,
+    checksums_kept_by_every_submission_are_those_of_the_catalog,
+    checksums_are_computed_again_for_another_spec_and_kept_under_one_only,
+    a_checkpoint_says_whether_its_store_has_unpublished_changes,
+    a_receipt_records_what_its_terminal_verified_and_the_gap_it_has_open,
 );
+
+/// What the checksums cover in these tests: a product's price and name, a
+/// category's name; not every kind the tests write.
+fn spec() -> ChecksumSpec {
+    let product = ["price", "name"].map(String::from);
+    let category = ["name"].map(String::from);
+    ChecksumSpec::new([
+        ("product", product.as_slice()),
+        ("category", category.as_slice()),
+    ])
+}
 
 fn product(store: &str, id: &str, kind: ChangeKind, fields: Value) -> NewChange {
     let fields = fields.as_object().cloned().unwrap_or_default();
@@ -309,7 +324,7 @@ fn seqs(accepted: &[Accepted]) -> Vec<Option<i64>> {
 
 async fn submit<S: Storage>(storage: &S, changes: Vec<NewChange>) -> Vec<Option<i64>> {
     let submitted = storage
-        .submit(changes, None)
+        .submit(changes, None, &spec())
         .await
         .expect("the submission is stored");
     assert!(!submitted.replayed);
@@ -379,6 +394,7 @@ async fn a_submission_is_stored_whole_or_not_at_all<H: Harness>() {
         .submit(
             vec![price("A", "P2", 2.0), price("B", "P1", 1.0), broken],
             None,
+            &spec(),
         )
         .await
         .expect_err("a change the database refuses fails its submission");
@@ -413,7 +429,7 @@ async fn a_refused_submission_among_concurrent_ones_leaves_the_others_whole<H: H
                 broken.payload = "not JSON".into();
                 changes.push(broken);
             }
-            (n, storage.submit(changes, None).await)
+            (n, storage.submit(changes, None, &spec()).await)
         });
     }
     let mut sequenced = Vec::new();
@@ -756,7 +772,7 @@ async fn a_replayed_key_returns_the_first_answer_and_writes_nothing<H: Harness>(
         price("B", "P1", 3.0),
     ];
     let first = storage
-        .submit(changes.clone(), key("office", "k1", "f1"))
+        .submit(changes.clone(), key("office", "k1", "f1"), &spec())
         .await
         .expect("stored");
     assert!(!first.replayed);
@@ -767,7 +783,7 @@ async fn a_replayed_key_returns_the_first_answer_and_writes_nothing<H: Harness>(
         change.message_id = uuid::Uuid::now_v7().to_string();
     }
     let replayed = storage
-        .submit(again, key("office", "k1", "f1"))
+        .submit(again, key("office", "k1", "f1"), &spec())
         .await
         .expect("replayed");
     assert!(replayed.replayed);
@@ -780,11 +796,19 @@ async fn a_key_reused_for_another_request_is_refused<H: Harness>() {
     let db = H::fresh().await;
     let storage = db.open().await;
     storage
-        .submit(vec![price("A", "P", 1.0)], key("office", "k1", "f1"))
+        .submit(
+            vec![price("A", "P", 1.0)],
+            key("office", "k1", "f1"),
+            &spec(),
+        )
         .await
         .expect("stored");
     let err = storage
-        .submit(vec![price("A", "P", 2.0)], key("office", "k1", "f2"))
+        .submit(
+            vec![price("A", "P", 2.0)],
+            key("office", "k1", "f2"),
+            &spec(),
+        )
         .await
         .expect_err("another request under the same key");
     assert!(
@@ -799,11 +823,15 @@ async fn the_same_key_from_another_client_is_independent<H: Harness>() {
     let db = H::fresh().await;
     let storage = db.open().await;
     let one = storage
-        .submit(vec![price("A", "P", 1.0)], key("office", "k1", "f1"))
+        .submit(
+            vec![price("A", "P", 1.0)],
+            key("office", "k1", "f1"),
+            &spec(),
+        )
         .await
         .expect("stored");
     let other = storage
-        .submit(vec![price("A", "P", 2.0)], key("shop", "k1", "f2"))
+        .submit(vec![price("A", "P", 2.0)], key("shop", "k1", "f2"), &spec())
         .await
         .expect("stored");
     assert!(!other.replayed);
@@ -822,6 +850,7 @@ async fn concurrent_replays_of_one_key_write_once<H: Harness>() {
                     .submit(
                         vec![price("A", "P", 1.0), price("A", "Q", 1.0)],
                         key("office", "same", "f"),
+                        &spec(),
                     )
                     .await
             })
@@ -950,6 +979,7 @@ async fn submit_concurrently<S: Storage>(storages: &[Arc<S>], tasks: usize, roun
                                 price("A", "X", 2.0),
                             ],
                             None,
+                            &spec(),
                         )
                         .await
                         .expect("the submission is stored");
@@ -1097,12 +1127,12 @@ async fn a_message_id_already_in_a_stores_outbox_is_refused<H: Harness>() {
     };
     submit(&storage, vec![with_id("A", 1.0)]).await;
     let err = storage
-        .submit(vec![price("A", "Q", 1.0), with_id("A", 2.0)], None)
+        .submit(vec![price("A", "Q", 1.0), with_id("A", 2.0)], None, &spec())
         .await
         .expect_err("the id is taken");
     assert!(err.to_string().contains("m-1"), "{err}");
     let err = storage
-        .submit(vec![with_id("C", 1.0), with_id("C", 2.0)], None)
+        .submit(vec![with_id("C", 1.0), with_id("C", 2.0)], None, &spec())
         .await
         .expect_err("twice in one submission");
     assert!(err.to_string().contains("m-1"), "{err}");
@@ -1116,7 +1146,7 @@ async fn a_store_whose_sequence_is_exhausted_refuses_the_next_change<H: Harness>
     submit(&storage, vec![price("A", "P", 1.0)]).await;
     db.raw("UPDATE stores SET head = 9223372036854775807").await;
     let err = storage
-        .submit(vec![price("A", "P", 2.0)], None)
+        .submit(vec![price("A", "P", 2.0)], None, &spec())
         .await
         .expect_err("no number is left");
     assert!(err.to_string().contains("sequence"), "{err}");
@@ -1183,7 +1213,11 @@ async fn idempotency_keys_older_than_the_retention_are_forgotten<H: Harness>() {
     let db = H::fresh().await;
     let storage = db.open().await;
     storage
-        .submit(vec![price("A", "P", 1.0)], key("office", "old", "f1"))
+        .submit(
+            vec![price("A", "P", 1.0)],
+            key("office", "old", "f1"),
+            &spec(),
+        )
         .await
         .expect("stored");
     assert_eq!(
@@ -1196,7 +1230,11 @@ async fn idempotency_keys_older_than_the_retention_are_forgotten<H: Harness>() {
     );
     db.age_keys(7200).await;
     storage
-        .submit(vec![price("A", "Q", 1.0)], key("office", "new", "f2"))
+        .submit(
+            vec![price("A", "Q", 1.0)],
+            key("office", "new", "f2"),
+            &spec(),
+        )
         .await
         .expect("stored");
     assert_eq!(
@@ -1207,12 +1245,20 @@ async fn idempotency_keys_older_than_the_retention_are_forgotten<H: Harness>() {
         1
     );
     let again = storage
-        .submit(vec![price("A", "P", 1.0)], key("office", "old", "f1"))
+        .submit(
+            vec![price("A", "P", 1.0)],
+            key("office", "old", "f1"),
+            &spec(),
+        )
         .await
         .expect("stored");
     assert!(!again.replayed, "a forgotten key is applied again");
     let replayed = storage
-        .submit(vec![price("A", "Q", 1.0)], key("office", "new", "f2"))
+        .submit(
+            vec![price("A", "Q", 1.0)],
+            key("office", "new", "f2"),
+            &spec(),
+        )
         .await
         .expect("replayed");
     assert!(replayed.replayed, "a kept key still replays");
@@ -1422,4 +1468,323 @@ async fn a_forgotten_terminal_leaves_the_fleet<H: Harness>() {
     let fleet = storage.fleet(Some("A")).await.expect("fleet");
     assert_eq!(fleet.len(), 1);
     assert_eq!(fleet[0].terminal, "t2");
+}
+
+/// A store's checksums under `spec`, computed from scratch from its catalog.
+async fn from_scratch<S: Storage>(
+    storage: &S,
+    store: &str,
+    spec: &ChecksumSpec,
+) -> BTreeMap<String, Checksum> {
+    let mut checksums: BTreeMap<String, Checksum> = spec
+        .kinds()
+        .map(|kind| (kind.to_owned(), Checksum::default()))
+        .collect();
+    for entry in storage.catalog(store).await.expect("the catalog") {
+        if let Some(digest) = spec.digest(&entry.entity, &entry.id, &entry.state) {
+            checksums.entry(entry.entity).or_default().add(digest);
+        }
+    }
+    checksums
+}
+
+/// A store's checksums as stored under `spec`.
+async fn stored<S: Storage>(
+    storage: &S,
+    store: &str,
+    spec: &ChecksumSpec,
+) -> Option<BTreeMap<String, Checksum>> {
+    storage
+        .checkpoint(store, spec)
+        .await
+        .expect("the checkpoint is read")
+        .checksums
+}
+
+fn category(store: &str, id: &str, name: &str) -> NewChange {
+    let mut change = product(store, id, ChangeKind::Replace, json!({ "name": name }));
+    change.message_type = "category_update".into();
+    if let Some(entity) = change.entity.as_mut() {
+        entity.entity = "category".into();
+    }
+    change
+}
+
+fn modifier(store: &str, id: &str) -> NewChange {
+    let mut change = product(store, id, ChangeKind::Replace, json!({ "name": "extra" }));
+    change.message_type = "modifier_update".into();
+    if let Some(entity) = change.entity.as_mut() {
+        entity.entity = "modifier".into();
+    }
+    change
+}
+
+fn delete(store: &str, id: &str) -> NewChange {
+    product(store, id, ChangeKind::Delete, json!({}))
+}
+
+/// Replaces, merges, deletes, a product deleted and made again, a stale
+/// change, kinds with and without a checksum, several stores, and
+/// concurrent submissions on two storages.
+async fn a_busy_day<S: Storage + 'static>(storages: &[Arc<S>]) {
+    let storage = &storages[0];
+    submit(
+        &**storage,
+        vec![
+            product(
+                "A",
+                "P1",
+                ChangeKind::Replace,
+                json!({"price": 1.5, "name": "Tea"}),
+            ),
+            product(
+                "A",
+                "P2",
+                ChangeKind::Replace,
+                json!({"price": 2, "name": "Coffee"}),
+            ),
+            category("A", "C1", "Drinks"),
+            modifier("A", "M1"),
+            note("A", None),
+            product(
+                "B",
+                "P1",
+                ChangeKind::Replace,
+                json!({"price": 1.5, "name": "Tea"}),
+            ),
+        ],
+    )
+    .await;
+    submit(
+        &**storage,
+        vec![
+            price("A", "P1", 1.75),
+            product("A", "P2", ChangeKind::Merge, json!({"name": "Espresso"})),
+            delete("A", "P2"),
+            product("A", "P3", ChangeKind::Merge, json!({"price": 3})),
+            delete("B", "P1"),
+            category("B", "C1", "Food"),
+        ],
+    )
+    .await;
+    submit(
+        &**storage,
+        vec![
+            product("A", "P2", ChangeKind::Replace, json!({"price": 2.25})),
+            delete("A", "P9"),
+            at(price("C", "P1", 9.0), 200),
+        ],
+    )
+    .await;
+    let stale = submit(&**storage, vec![at(price("C", "P1", 1.0), 100)]).await;
+    assert_eq!(stale, [None], "stale: changes nothing");
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..4 {
+        let storage = Arc::clone(&storages[task % storages.len()]);
+        tasks.spawn(async move {
+            for round in 0..10 {
+                // Not A, whose catalog the tests count.
+                let store = ["B", "D", "E"][(task + round) % 3];
+                let id = format!("Q{}", round % 4);
+                let change = match (task + round) % 4 {
+                    0 => delete(store, &id),
+                    1 => product(store, &id, ChangeKind::Replace, json!({"name": id})),
+                    _ => price(store, &id, (task * 100 + round) as f64),
+                };
+                storage
+                    .submit(
+                        vec![change, price(store, "P7", round as f64)],
+                        None,
+                        &spec(),
+                    )
+                    .await
+                    .expect("stored");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a submitter");
+    }
+}
+
+async fn checksums_kept_by_every_submission_are_those_of_the_catalog<H: Harness>() {
+    let db = H::fresh().await;
+    let storages = [Arc::new(db.open().await), Arc::new(db.open().await)];
+    let storage = &storages[0];
+    assert_eq!(
+        storage.sync_checksums(&spec()).await.expect("synced"),
+        Some(Recomputed {
+            stores: 0,
+            entities: 0
+        }),
+        "a new database keeps no spec's checksums yet"
+    );
+    assert_eq!(
+        storages[1].sync_checksums(&spec()).await.expect("synced"),
+        None,
+        "kept under this spec now"
+    );
+    a_busy_day(&storages).await;
+    for store in ["A", "B", "C", "D", "E"] {
+        let expected = from_scratch(&**storage, store, &spec()).await;
+        assert_eq!(
+            stored(&**storage, store, &spec()).await,
+            Some(expected.clone()),
+            "store {store}"
+        );
+        assert_eq!(
+            expected.keys().collect::<Vec<_>>(),
+            ["category", "product"],
+            "every kind of the spec, and only those"
+        );
+    }
+    let a = from_scratch(&**storage, "A", &spec()).await;
+    assert_eq!(
+        (a["product"].count, a["category"].count),
+        (3, 1),
+        "P1, P2 made again and P3, and C1: {a:?}"
+    );
+    assert_eq!(
+        stored(&**storage, "NEW", &spec()).await,
+        Some(from_scratch(&**storage, "NEW", &spec()).await),
+        "a store with no change has the zero checksum of every kind"
+    );
+}
+
+async fn checksums_are_computed_again_for_another_spec_and_kept_under_one_only<H: Harness>() {
+    let db = H::fresh().await;
+    let storages = [Arc::new(db.open().await)];
+    let storage = &*storages[0];
+    storage.sync_checksums(&spec()).await.expect("synced");
+    a_busy_day(&storages).await;
+    let kept = stored(storage, "A", &spec()).await;
+    // A plugin that now exports only a product's price.
+    let fields = ["price".to_owned()];
+    let other = ChecksumSpec::new([("product", fields.as_slice())]);
+    let recomputed = storage
+        .sync_checksums(&other)
+        .await
+        .expect("synced")
+        .expect("computed again");
+    let (mut entities, mut stores) = (0, 0);
+    for store in ["A", "B", "C", "D", "E"] {
+        let expected = from_scratch(storage, store, &other).await;
+        entities += expected["product"].count;
+        stores += u64::from(expected["product"].count > 0);
+        assert_eq!(stored(storage, store, &other).await, Some(expected));
+        assert_eq!(
+            stored(storage, store, &spec()).await,
+            None,
+            "no longer kept under the first spec"
+        );
+    }
+    assert_eq!((recomputed.entities, recomputed.stores), (entities, stores));
+    // A submission under the first spec (a backend process with other
+    // plugins) cannot keep them: they are stale until computed again.
+    submit(storage, vec![price("A", "P1", 4.0)]).await;
+    assert_eq!(stored(storage, "A", &other).await, None, "stale");
+    assert!(
+        storage
+            .sync_checksums(&other)
+            .await
+            .expect("synced")
+            .is_some()
+    );
+    assert_eq!(
+        stored(storage, "A", &other).await,
+        Some(from_scratch(storage, "A", &other).await)
+    );
+    // Back to the first spec: the same as the ones kept change by change.
+    storage.sync_checksums(&spec()).await.expect("synced");
+    submit(storage, vec![price("A", "P1", 1.75)]).await;
+    assert_eq!(stored(storage, "A", &spec()).await, kept);
+    let db2 = H::fresh().await;
+    let empty = db2.open().await;
+    assert_eq!(
+        empty.sync_checksums(&other).await.expect("synced"),
+        Some(Recomputed {
+            stores: 0,
+            entities: 0
+        })
+    );
+}
+
+async fn a_checkpoint_says_whether_its_store_has_unpublished_changes<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage.sync_checksums(&spec()).await.expect("synced");
+    submit(
+        &storage,
+        vec![
+            price("A", "P1", 1.0),
+            price("A", "P2", 2.0),
+            price("B", "P1", 1.0),
+            price("A", "P3", 3.0),
+        ],
+    )
+    .await;
+    let checkpoint = storage.checkpoint("A", &spec()).await.expect("read");
+    assert_eq!(
+        (checkpoint.head, checkpoint.highest_unpublished),
+        (3, Some(3))
+    );
+    storage
+        .mark_published(&[("A".into(), 1), ("A".into(), 3), ("B".into(), 1)])
+        .await
+        .expect("marked");
+    let checkpoint = storage.checkpoint("A", &spec()).await.expect("read");
+    assert_eq!(
+        checkpoint.highest_unpublished,
+        Some(2),
+        "a row below the last marked one is still to publish"
+    );
+    storage
+        .mark_published(&[("A".into(), 2)])
+        .await
+        .expect("marked");
+    let checkpoint = storage.checkpoint("A", &spec()).await.expect("read");
+    assert_eq!((checkpoint.head, checkpoint.highest_unpublished), (3, None));
+    assert_eq!(
+        checkpoint.checksums,
+        Some(from_scratch(&storage, "A", &spec()).await)
+    );
+    assert_eq!(
+        checkpoint.checksums.as_ref().map(|c| c["product"].count),
+        Some(3)
+    );
+    let unknown = storage.checkpoint("Z", &spec()).await.expect("read");
+    assert_eq!((unknown.head, unknown.highest_unpublished), (0, None));
+}
+
+async fn a_receipt_records_what_its_terminal_verified_and_the_gap_it_has_open<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    let mut first = receipt("A", "t1", "r1", 1, 10, 1_000);
+    first.receipt.verified_seq = Some(8);
+    first.receipt.gap = Some("the checksum of product differs".into());
+    storage
+        .record_receipts(vec![first, receipt("A", "t2", "r1", 1, 10, 1_000)])
+        .await
+        .expect("recorded");
+    let fleet = storage.fleet(Some("A")).await.expect("fleet");
+    let shown: Vec<(Option<i64>, Option<&str>)> = fleet
+        .iter()
+        .map(|t| (t.verified_seq, t.gap.as_deref()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (Some(8), Some("the checksum of product differs")),
+            (None, None)
+        ]
+    );
+    // The next receipt says what holds now: the gap closed.
+    let mut next = receipt("A", "t1", "r1", 2, 12, 2_000);
+    next.receipt.verified_seq = Some(12);
+    storage.record_receipts(vec![next]).await.expect("recorded");
+    let fleet = storage.fleet(Some("A")).await.expect("fleet");
+    assert_eq!(
+        (fleet[0].verified_seq, fleet[0].gap.as_deref()),
+        (Some(12), None)
+    );
 }

@@ -7,6 +7,7 @@
 
 mod backend;
 mod baseline;
+mod checkpoints;
 mod feed;
 mod possync_side;
 mod snapshot;
@@ -52,6 +53,12 @@ struct Args {
     /// Stores (one terminal each) in the second fan-out scenario.
     #[arg(long, default_value_t = 1000)]
     stores: usize,
+    /// Products in the catalog of the checkpoints scenario.
+    #[arg(long, default_value_t = 20_000)]
+    checkpoint_products: usize,
+    /// Price changes after the catalog in the checkpoints scenario.
+    #[arg(long, default_value_t = 60_000)]
+    checkpoint_changes: usize,
     /// Products in the catalog the snapshot scenario sends to a new till.
     #[arg(long, default_value_t = 100_000)]
     snapshot_products: usize,
@@ -93,7 +100,7 @@ struct Args {
     #[arg(long)]
     collapse_batch: Option<usize>,
     /// Scenarios to run: drain, collapse, live, latency, backend, feed,
-    /// fanout, upstream, snapshot (default: all); backend-latency and backend-accept
+    /// fanout, upstream, snapshot, checkpoints (default: all); backend-latency and backend-accept
     /// name the two halves of backend, feed-cost and feed-latency those of
     /// feed, receipts-cost, orders-up and applied-latency the three of
     /// upstream.
@@ -414,6 +421,60 @@ async fn main() -> anyhow::Result<()> {
             report(
                 Row {
                     scenario: "orders up, each round".into(),
+                    possync: note,
+                    baseline: "-".into(),
+                    ratio: "-".into(),
+                },
+                &mut rows,
+            );
+        }
+    }
+    if wants("checkpoints") {
+        let mut trials = Vec::new();
+        let mut notes = Vec::new();
+        for round in 0..args.rounds as usize {
+            let (trial, note) = checkpoints::cost(
+                &args.url,
+                dir.path(),
+                args.checkpoint_products,
+                args.checkpoint_changes,
+                round,
+            )
+            .await?;
+            progress(&format!(
+                "checkpoints: {note}; {:.0} changes/s with, {:.0} without",
+                rate(trial.count, trial.possync.elapsed),
+                rate(trial.count, trial.baseline.elapsed)
+            ));
+            notes.push(format!(
+                "{note}: {:.0}/s with, {:.0}/s without",
+                rate(trial.count, trial.possync.elapsed),
+                rate(trial.count, trial.baseline.elapsed)
+            ));
+            trials.push(trial);
+        }
+        let (with, without, n) = trials.iter().fold(
+            (Duration::ZERO, Duration::ZERO, 0usize),
+            |(with, without, n), trial| {
+                (
+                    with + trial.possync.elapsed,
+                    without + trial.baseline.elapsed,
+                    n + trial.count,
+                )
+            },
+        );
+        let summary = Row {
+            scenario: format!("checkpoints cost, all {} rounds together", trials.len()),
+            possync: format!("{:.0} changes/s", rate(n, with)),
+            baseline: format!("{:.0} changes/s", rate(n, without)),
+            ratio: format!("{:.1}%", 100.0 * without.as_secs_f64() / with.as_secs_f64()),
+        };
+        report(median_row(trials), &mut rows);
+        report(summary, &mut rows);
+        for note in notes {
+            report(
+                Row {
+                    scenario: "checkpoints, each round".into(),
                     possync: note,
                     baseline: "-".into(),
                     ratio: "-".into(),

@@ -15,11 +15,11 @@ use crate::workload::{self, license};
 use crate::{Stopwatch, Trial, possync_side, progress};
 
 /// Categories in the catalog.
-const CATEGORIES: usize = 12;
+pub(crate) const CATEGORIES: usize = 12;
 
 /// A product as back offices send it: a name of a few words, a price, a
 /// category, an icon for one in four.
-fn product(store: &LicenseKey, i: usize) -> Value {
+pub(crate) fn product(store: &LicenseKey, i: usize) -> Value {
     let mut payload = json!({
         "product_id": format!("SKU-{i:07}"),
         "product_name": format!("Product {i} {} {}g", ["Bio", "Classic", "Family pack", "Light"][i % 4], 50 + i % 950),
@@ -32,7 +32,7 @@ fn product(store: &LicenseKey, i: usize) -> Value {
     json!({"store": store.as_str(), "type": "product_update", "payload": payload})
 }
 
-fn category(store: &LicenseKey, i: usize) -> Value {
+pub(crate) fn category(store: &LicenseKey, i: usize) -> Value {
     json!({"store": store.as_str(), "type": "category_update",
         "payload": {"category_id": format!("CAT-{i:02}"), "category_name": format!("Category {i}")}})
 }

@@ -7,8 +7,8 @@
 //! N"); a difference is a gap, and the terminal converges from a snapshot.
 //!
 //! Summing reads every exported row, so it is rationed: after a
-//! verification that took `t`, the next waits at least `t × 50`, which
-//! keeps its cost under 2% of the terminal's time however often
+//! verification that took `t`, the next waits at least `t × 100`, which
+//! keeps its cost near 1% of the terminal's time however often
 //! checkpoints come. A kind that still differs right after a snapshot
 //! replaced it does not differ by accident: its plugin exports something
 //! other than what the backend keeps (or is switched off where the backend
@@ -31,7 +31,7 @@ pub(crate) const MIGRATION: Migration = Migration::new(
 );
 
 /// A verification costs at most 1/`RATION` of the time between two.
-const RATION: u32 = 50;
+const RATION: u32 = 100;
 
 /// When the terminal's catalog last matched the backend's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

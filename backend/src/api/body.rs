@@ -320,6 +320,13 @@ pub(super) struct TerminalBody {
     pub(super) quarantined: i64,
     /// Rows of its outbox not yet sent.
     pub(super) outbox: i64,
+    /// The sequence number at which its catalog last matched the backend's
+    /// checksums (a checkpoint); `null` until it has.
+    pub(super) verified_seq: Option<i64>,
+    /// The gap it has open (a lost queue, a checksum that differs...), as
+    /// it describes it; `null` when it has none. It converges from a
+    /// snapshot.
+    pub(super) gap: Option<String>,
 }
 
 /// One store of the fleet.

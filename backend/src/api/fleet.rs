@@ -40,7 +40,9 @@ const PAGE: &str = include_str!("fleet.html");
 /// nothing changes). It is `offline` when its last receipt is older than
 /// `upstream.offline_after_secs` or said it stopped, `stalled` when it is
 /// behind its store's head and has applied nothing for
-/// `upstream.stalled_after_secs`.
+/// `upstream.stalled_after_secs`. Each says up to which sequence number
+/// its catalog was verified against the backend's checksums, and the gap
+/// it has open, if any.
 #[utoipa::path(
     get,
     path = "/v1/fleet",
@@ -273,6 +275,8 @@ pub(super) struct StoreSummary {
     pub(super) max_lag: i64,
     pub(super) quarantined: i64,
     pub(super) outbox: i64,
+    /// Terminals with a gap open.
+    pub(super) gaps: i64,
 }
 
 /// Every store's terminals summed up, for `/metrics`.
@@ -299,6 +303,7 @@ pub(super) async fn summaries(
                 // A terminal reports what it likes: summed without overflow.
                 summary.quarantined = summary.quarantined.saturating_add(terminal.quarantined);
                 summary.outbox = summary.outbox.saturating_add(terminal.outbox);
+                summary.gaps += i64::from(terminal.gap.is_some());
             }
             summary.states = states.into_iter().collect();
             summary.store = store;
@@ -342,5 +347,7 @@ fn terminal_body(shared: &Shared, t: &TerminalRecord, head: i64, now_ms: i64) ->
         offline_since_ms: judged.offline_since_ms,
         quarantined: t.quarantined,
         outbox: t.outbox,
+        verified_seq: t.verified_seq,
+        gap: t.gap.clone(),
     }
 }

@@ -139,6 +139,7 @@ impl Metrics {
         let max_lag = Family::<StoreLabels, Gauge>::default();
         let quarantined = Family::<StoreLabels, Gauge>::default();
         let outbox = Family::<StoreLabels, Gauge>::default();
+        let gaps = Family::<StoreLabels, Gauge>::default();
         stores.register(
             "possync_backend_fleet_terminals",
             "The store's terminals, by state (live, offline, stalled).",
@@ -159,6 +160,11 @@ impl Metrics {
             "Rows waiting in the outboxes of the store's terminals.",
             outbox.clone(),
         );
+        stores.register(
+            "possync_backend_fleet_gaps",
+            "The store's terminals with a gap open (a lost queue, a checksum that differs), converging from a snapshot.",
+            gaps.clone(),
+        );
         for summary in fleet {
             let labels = StoreLabels {
                 store: summary.store.clone(),
@@ -174,6 +180,7 @@ impl Metrics {
             max_lag.get_or_create(&labels).set(summary.max_lag);
             quarantined.get_or_create(&labels).set(summary.quarantined);
             outbox.get_or_create(&labels).set(summary.outbox);
+            gaps.get_or_create(&labels).set(summary.gaps);
         }
         prometheus_text::encode(&mut text, &stores)?;
         Ok(text)

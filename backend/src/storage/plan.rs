@@ -1,12 +1,15 @@
 //! How a submission's changes are sequenced, decided in memory from what
 //! the database holds: which are stale, each one's sequence number, each
-//! entity's new state. Both implementations load the same inputs inside
-//! their transaction and write the same plan, so they judge alike.
+//! entity's new state, each touched checksum's new value. Both
+//! implementations load the same inputs inside their transaction and write
+//! the same plan, so they judge alike.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use possync_core::{Checksum, ChecksumSpec};
 use serde_json::{Map, Value};
 
+use super::checksums::ChecksumKey;
 use super::{Accepted, NewChange, OutboxRow, Outcome, StorageError};
 
 /// An entity's address: store, kind, id.
@@ -51,6 +54,8 @@ pub(crate) struct Plan {
     /// Each type without an entity whose last clock from the exchange
     /// moved, with that clock.
     pub(crate) type_clocks: Vec<(TypeKey, i64)>,
+    /// Each checksum an entity write moved, with its new value.
+    pub(crate) checksums: Vec<(ChecksumKey, Checksum)>,
 }
 
 /// What the database holds that a submission is judged against, read
@@ -66,6 +71,10 @@ pub(crate) struct Before {
     pub(crate) type_clocks: HashMap<TypeKey, i64>,
     /// Its message ids already in their store's outbox.
     pub(crate) used_ids: HashSet<MessageKey>,
+    /// The stored checksums of [`checksum_keys`] (a checksum without a
+    /// row is zero), when they are kept under the submission's spec;
+    /// `None`: they are not, and the submission leaves them alone.
+    pub(crate) checksums: Option<HashMap<ChecksumKey, Checksum>>,
 }
 
 /// The stores a submission touches, sorted: locked in this order so that
@@ -108,6 +117,21 @@ pub(crate) fn type_keys(changes: &[NewChange]) -> Vec<TypeKey> {
         .collect()
 }
 
+/// The checksums a submission may move under `spec`, sorted: those of
+/// the kinds of the entities it touches that have one.
+pub(crate) fn checksum_keys(changes: &[NewChange], spec: &ChecksumSpec) -> Vec<ChecksumKey> {
+    changes
+        .iter()
+        .filter_map(|change| {
+            let entity = change.entity.as_ref()?;
+            spec.fields(&entity.entity)?;
+            Some((change.store.clone(), entity.entity.clone()))
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// The message ids of a submission, by store.
 pub(crate) fn message_keys(changes: &[NewChange]) -> Vec<MessageKey> {
     changes
@@ -121,13 +145,31 @@ pub(crate) fn message_keys(changes: &[NewChange]) -> Vec<MessageKey> {
 /// Sequences `changes` after what the database holds. Each change sees the
 /// ones before it in the submission. Refused whole when a message id is
 /// used already or twice, or a store has no sequence number left.
-pub(crate) fn plan(changes: Vec<NewChange>, before: Before) -> Result<Plan, StorageError> {
+/// `spec` says which kinds' checksums move (when `before` holds them).
+pub(crate) fn plan(
+    changes: Vec<NewChange>,
+    before: Before,
+    spec: &ChecksumSpec,
+) -> Result<Plan, StorageError> {
     let Before {
         mut heads,
         entities: mut stored,
         mut type_clocks,
         mut used_ids,
+        checksums,
     } = before;
+    // Taken before any change of the submission replaces them.
+    let old_digests: HashMap<EntityKey, u64> = if checksums.is_some() {
+        stored
+            .iter()
+            .filter_map(|(key, entity)| {
+                let digest = spec.digest(&key.1, &key.2, entity.state.as_ref()?)?;
+                Some((key.clone(), digest))
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let mut plan = Plan::default();
     let mut written: BTreeMap<EntityKey, i64> = BTreeMap::new();
     let mut moved: BTreeSet<String> = BTreeSet::new();
@@ -239,7 +281,43 @@ pub(crate) fn plan(changes: Vec<NewChange>, before: Before) -> Result<Plan, Stor
             (key, clock)
         })
         .collect();
+    if let Some(mut checksums) = checksums {
+        plan.checksums = moved_checksums(&plan.entities, &old_digests, &mut checksums, spec);
+    }
     Ok(plan)
+}
+
+/// The new value of each checksum the writes move: each entity's old
+/// digest out, its new one in (a deleted entity has none).
+fn moved_checksums(
+    writes: &[EntityWrite],
+    old_digests: &HashMap<EntityKey, u64>,
+    checksums: &mut HashMap<ChecksumKey, Checksum>,
+    spec: &ChecksumSpec,
+) -> Vec<(ChecksumKey, Checksum)> {
+    let mut moved = BTreeSet::new();
+    for write in writes {
+        let (store, kind, id) = &write.key;
+        if spec.fields(kind).is_none() {
+            continue;
+        }
+        let key = (store.clone(), kind.clone());
+        let checksum = checksums.entry(key.clone()).or_default();
+        if let Some(old) = old_digests.get(&write.key) {
+            checksum.remove(*old);
+        }
+        if let Some(new) = (write.stored.state.as_ref()).and_then(|s| spec.digest(kind, id, s)) {
+            checksum.add(new);
+        }
+        moved.insert(key);
+    }
+    moved
+        .into_iter()
+        .map(|key| {
+            let checksum = checksums.get(&key).copied().unwrap_or_default();
+            (key, checksum)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -279,7 +357,7 @@ mod tests {
             heads: HashMap::from([("S".into(), 4)]),
             ..Before::default()
         };
-        let plan = plan(changes, before).expect("planned");
+        let plan = plan(changes, before, &ChecksumSpec::default()).expect("planned");
         assert_eq!(
             plan.outbox.iter().map(|r| r.seq).collect::<Vec<_>>(),
             [5, 6]
@@ -311,10 +389,61 @@ mod tests {
             entities: stored,
             ..Before::default()
         };
-        let plan = plan(changes, before).expect("planned");
+        let plan = plan(changes, before, &ChecksumSpec::default()).expect("planned");
         assert_eq!(plan.accepted[0].outcome, Outcome::Stale);
         assert_eq!(plan.accepted[1].outcome, Outcome::Sequenced { seq: 1 });
         assert_eq!(plan.entities[0].stored.clock, 110);
+    }
+
+    #[test]
+    fn a_write_takes_its_entitys_old_digest_out_and_puts_its_new_one_in() {
+        let fields = vec!["price".to_owned(), "name".to_owned()];
+        let spec = ChecksumSpec::new([("product", fields.as_slice())]);
+        let state = |value: Value| value.as_object().cloned();
+        let digest = |id: &str, value: Value| {
+            let state = value.as_object().cloned().unwrap_or_default();
+            spec.digest("product", id, &state)
+                .expect("a kind with a checksum")
+        };
+        let key = |id: &str| -> EntityKey { ("S".into(), "product".into(), id.into()) };
+        let stored = |value: Value| StoredEntity {
+            state: state(value),
+            clock: 0,
+        };
+        let mut start = Checksum::default();
+        start.add(digest("P", json!({"price": 1})));
+        start.add(digest("Q", json!({"price": 5, "name": "Tea"})));
+        let before = Before {
+            entities: HashMap::from([
+                (key("P"), stored(json!({"price": 1}))),
+                (key("Q"), stored(json!({"price": 5, "name": "Tea"}))),
+            ]),
+            checksums: Some(HashMap::from([(("S".into(), "product".into()), start)])),
+            ..Before::default()
+        };
+        let changes = vec![
+            change("P", ChangeKind::Merge, json!({"price": 2}), None),
+            change("P", ChangeKind::Merge, json!({"name": "Tea"}), None),
+            change("Q", ChangeKind::Delete, json!({}), None),
+            change("R", ChangeKind::Replace, json!({"price": 3}), None),
+        ];
+        let plan = plan(changes, before, &spec).expect("planned");
+        let mut expected = Checksum::default();
+        expected.add(digest("P", json!({"price": 2, "name": "Tea"})));
+        expected.add(digest("R", json!({"price": 3})));
+        assert_eq!(
+            plan.checksums,
+            [(("S".to_owned(), "product".to_owned()), expected)]
+        );
+    }
+
+    #[test]
+    fn checksums_kept_under_another_spec_are_left_alone() {
+        let fields = vec!["price".to_owned()];
+        let spec = ChecksumSpec::new([("product", fields.as_slice())]);
+        let changes = vec![change("P", ChangeKind::Merge, json!({"price": 2}), None)];
+        let plan = plan(changes, Before::default(), &spec).expect("planned");
+        assert!(plan.checksums.is_empty());
     }
 
     #[test]
@@ -324,7 +453,7 @@ mod tests {
             ..Before::default()
         };
         let changes = vec![change("P", ChangeKind::Merge, json!({}), None)];
-        let err = plan(changes, before).expect_err("no number left");
+        let err = plan(changes, before, &ChecksumSpec::default()).expect_err("no number left");
         assert!(matches!(err, StorageError::Refused(_)), "{err}");
     }
 }

@@ -6,20 +6,24 @@
 //! writer of a store waits for the one before it to commit, so each store's
 //! sequence is gapless and its committed outbox is always a prefix of it.
 
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::TryStreamExt;
+use possync_core::ChecksumSpec;
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, NoTls, Row};
 
+use super::checksums::{self, STALE, Tally};
 use super::plan::{self, Before, StoredEntity};
 use super::{
     CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
-    Received, Storage, StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord,
-    UpstreamRecord, answer,
+    Received, Recomputed, Storage, StorageError, StoreCheckpoint, StoreHead, Submitted,
+    TerminalRecord, TokenRecord, UpstreamRecord, answer,
 };
 
 /// Connections kept for concurrent requests.
@@ -166,6 +170,30 @@ const MIGRATIONS: &[&str] = &[
     -- Snapshots page through a store's entities in byte order.
     CREATE INDEX entities_snapshot ON entities (store, entity COLLATE "C", id COLLATE "C");
 "#,
+    r"
+    -- Each store's checksum per kind of entity: the wrapping sum of its
+    -- entities' digests (the bits of an unsigned 64-bit integer) and how
+    -- many, kept by every submission.
+    CREATE TABLE checksums (
+        store text NOT NULL,
+        entity text NOT NULL,
+        digest_sum bigint NOT NULL,
+        entity_count bigint NOT NULL,
+        PRIMARY KEY (store, entity)
+    );
+
+    -- The fingerprint of the spec the checksums are kept under; '': none,
+    -- computed at the backend's next start.
+    CREATE TABLE checksum_spec (fingerprint text NOT NULL);
+    INSERT INTO checksum_spec (fingerprint) VALUES ('');
+
+    -- A store's unpublished changes, found without reading its published ones.
+    CREATE INDEX outbox_store_unpublished ON outbox (store, seq) WHERE NOT published;
+
+    -- What each terminal's latest receipt said of its catalog's verification.
+    ALTER TABLE fleet ADD COLUMN verified_seq bigint;
+    ALTER TABLE fleet ADD COLUMN gap text;
+",
 ];
 
 /// The backend's database on PostgreSQL.
@@ -418,6 +446,7 @@ impl Storage for PostgresStorage {
         &self,
         changes: Vec<NewChange>,
         key: Option<IdempotencyKey>,
+        checksums: &ChecksumSpec,
     ) -> Result<Submitted, StorageError> {
         let sql = failed("cannot store the submission");
         let mut client = self.client().await?;
@@ -539,7 +568,12 @@ impl Storage for PostgresStorage {
             }
         }
 
-        let plan = plan::plan(changes, before)?;
+        // A submission that writes no entity moves no checksum.
+        if changes.iter().any(|change| change.entity.is_some()) {
+            before.checksums = stored_checksums(&tx, &changes, checksums).await?;
+        }
+
+        let plan = plan::plan(changes, before, checksums)?;
         if !plan.outbox.is_empty() {
             let outbox = &plan.outbox;
             let stores: Vec<&str> = outbox.iter().map(|row| row.store.as_str()).collect();
@@ -579,6 +613,25 @@ impl Storage for PostgresStorage {
                  ON CONFLICT (store, entity, id) DO UPDATE
                  SET state = excluded.state, seq = excluded.seq, clock = excluded.clock",
                 &[&stores, &kinds, &ids, &states, &seqs, &clocks],
+            )
+            .await
+            .map_err(&sql)?;
+        }
+        if !plan.checksums.is_empty() {
+            let (keys, rows): (Vec<_>, Vec<_>) = plan
+                .checksums
+                .iter()
+                .map(|(key, checksum)| (key, checksums::to_row(*checksum)))
+                .unzip();
+            let stores: Vec<&str> = keys.iter().map(|key| key.0.as_str()).collect();
+            let kinds: Vec<&str> = keys.iter().map(|key| key.1.as_str()).collect();
+            let (sums, counts): (Vec<i64>, Vec<i64>) = rows.into_iter().unzip();
+            tx.execute(
+                "INSERT INTO checksums (store, entity, digest_sum, entity_count)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
+                 ON CONFLICT (store, entity) DO UPDATE
+                 SET digest_sum = excluded.digest_sum, entity_count = excluded.entity_count",
+                &[&stores, &kinds, &sums, &counts],
             )
             .await
             .map_err(&sql)?;
@@ -624,6 +677,116 @@ impl Storage for PostgresStorage {
         Ok(Submitted {
             accepted: plan.accepted,
             replayed: false,
+        })
+    }
+
+    async fn sync_checksums(
+        &self,
+        spec: &ChecksumSpec,
+    ) -> Result<Option<Recomputed>, StorageError> {
+        let sql = failed("cannot compute the checksums again");
+        let fingerprint = spec.fingerprint();
+        let mut client = self.client().await?;
+        // Most starts find them kept under `spec`: asked before any lock.
+        if stored_fingerprint(&client).await? == fingerprint {
+            return Ok(None);
+        }
+        let tx = client.transaction().await.map_err(&sql)?;
+        // Every submission writes its stores' rows first: this waits for
+        // those under way to commit and holds back the next ones (and
+        // another process's recomputing) until this commits, so no
+        // submission's checksums are lost under the new ones. Reads go on.
+        tx.batch_execute("LOCK TABLE stores IN SHARE ROW EXCLUSIVE MODE")
+            .await
+            .map_err(&sql)?;
+        if stored_fingerprint(&tx).await? == fingerprint {
+            return Ok(None);
+        }
+        let kinds: Vec<&str> = spec.kinds().collect();
+        let params: [&(dyn ToSql + Sync); 1] = [&kinds];
+        let rows = tx
+            .query_raw(
+                "SELECT store, entity, id, state FROM entities
+                 WHERE state IS NOT NULL AND entity = ANY($1)",
+                params,
+            )
+            .await
+            .map_err(&sql)?;
+        let mut rows = std::pin::pin!(rows);
+        let mut tally = Tally::new(spec);
+        while let Some(row) = rows.try_next().await.map_err(&sql)? {
+            let (store, kind, id): (String, String, String) =
+                (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
+            tally.add(&store, &kind, &id, &parse_state(col(&row, 3)?)?);
+        }
+        let (sums, recomputed) = tally.finish();
+        tx.execute("DELETE FROM checksums", &[])
+            .await
+            .map_err(&sql)?;
+        let stores: Vec<&str> = sums.keys().map(|key| key.0.as_str()).collect();
+        let kinds: Vec<&str> = sums.keys().map(|key| key.1.as_str()).collect();
+        let (digests, counts): (Vec<i64>, Vec<i64>) = sums
+            .values()
+            .map(|checksum| checksums::to_row(*checksum))
+            .unzip();
+        tx.execute(
+            "INSERT INTO checksums (store, entity, digest_sum, entity_count)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])",
+            &[&stores, &kinds, &digests, &counts],
+        )
+        .await
+        .map_err(&sql)?;
+        tx.execute("UPDATE checksum_spec SET fingerprint = $1", &[&fingerprint])
+            .await
+            .map_err(&sql)?;
+        tx.commit().await.map_err(&sql)?;
+        Ok(Some(recomputed))
+    }
+
+    async fn checkpoint(
+        &self,
+        store: &str,
+        spec: &ChecksumSpec,
+    ) -> Result<StoreCheckpoint, StorageError> {
+        let client = self.client().await?;
+        // One statement: one snapshot, in which the head, the outbox and
+        // the checksums agree. One row, with the checksum columns NULL,
+        // when the store has none.
+        let rows = client
+            .query(
+                "SELECT (SELECT head FROM stores WHERE store = $1),
+                    (SELECT max(seq) FROM outbox WHERE store = $1 AND NOT published),
+                    spec.fingerprint, kept.entity, kept.digest_sum, kept.entity_count
+                 FROM checksum_spec AS spec
+                 LEFT JOIN checksums AS kept ON kept.store = $1",
+                &[&store],
+            )
+            .await
+            .map_err(failed("cannot read the store's checkpoint"))?;
+        let first = rows.first().ok_or_else(|| {
+            StorageError::Database(
+                "the table checksum_spec is empty; the database was changed by hand".into(),
+            )
+        })?;
+        let head: Option<i64> = col(first, 0)?;
+        let highest_unpublished: Option<i64> = col(first, 1)?;
+        let fingerprint: String = col(first, 2)?;
+        let checksums = if fingerprint == spec.fingerprint() {
+            let mut kept = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let kind: Option<String> = col(row, 3)?;
+                if let Some(kind) = kind {
+                    kept.push((kind, checksums::from_row(col(row, 4)?, col(row, 5)?)));
+                }
+            }
+            Some(checksums::of_store(spec, kept))
+        } else {
+            None
+        };
+        Ok(StoreCheckpoint {
+            head: head.unwrap_or(0),
+            highest_unpublished,
+            checksums,
         })
     }
 
@@ -951,8 +1114,9 @@ impl Storage for PostgresStorage {
         let upsert = tx
             .prepare_cached(
                 "INSERT INTO fleet (store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
-                    highest_applied, quarantined, outbox, applied_changed_ms, stopping, run, n)
-                 VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $3, $8, $9, $10)
+                    highest_applied, quarantined, outbox, applied_changed_ms, stopping, run, n,
+                    verified_seq, gap)
+                 VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $3, $8, $9, $10, $11, $12)
                  ON CONFLICT (store, terminal) DO UPDATE SET
                     last_seen_ms = GREATEST(fleet.last_seen_ms, excluded.last_seen_ms),
                     applied_changed_ms = CASE WHEN excluded.applied_up_to <> fleet.applied_up_to
@@ -963,7 +1127,9 @@ impl Storage for PostgresStorage {
                     outbox = excluded.outbox,
                     stopping = excluded.stopping,
                     run = excluded.run,
-                    n = excluded.n
+                    n = excluded.n,
+                    verified_seq = excluded.verified_seq,
+                    gap = excluded.gap
                  WHERE excluded.run <> fleet.run OR excluded.n > fleet.n",
             )
             .await
@@ -983,6 +1149,8 @@ impl Storage for PostgresStorage {
                     &receipt.stopping,
                     &receipt.run,
                     &i64::try_from(receipt.n).unwrap_or(i64::MAX),
+                    &receipt.verified_seq,
+                    &receipt.gap,
                 ],
             )
             .await
@@ -997,7 +1165,7 @@ impl Storage for PostgresStorage {
             .query(
                 "SELECT fleet.store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
                     highest_applied, quarantined, outbox, applied_changed_ms, stopping,
-                    (extract(epoch FROM outbox.published_at) * 1000)::bigint
+                    (extract(epoch FROM outbox.published_at) * 1000)::bigint, verified_seq, gap
                  FROM fleet LEFT JOIN outbox
                     ON outbox.store = fleet.store AND outbox.seq = fleet.applied_up_to + 1
                  WHERE $1::text IS NULL OR fleet.store = $1 ORDER BY fleet.store, terminal",
@@ -1019,6 +1187,8 @@ impl Storage for PostgresStorage {
                     applied_changed_ms: col(row, 8)?,
                     stopping: col(row, 9)?,
                     behind_since_ms: col(row, 10)?,
+                    verified_seq: col(row, 11)?,
+                    gap: col(row, 12)?,
                 })
             })
             .collect()
@@ -1047,6 +1217,70 @@ impl Storage for PostgresStorage {
             .map_err(failed("cannot look the token up"))?;
         row.as_ref().map(token).transpose()
     }
+}
+
+/// The fingerprint the checksums are kept under.
+async fn stored_fingerprint(
+    client: &impl deadpool_postgres::GenericClient,
+) -> Result<String, StorageError> {
+    let row = client
+        .query_one("SELECT fingerprint FROM checksum_spec", &[])
+        .await
+        .map_err(failed("cannot read the checksums' spec"))?;
+    col(&row, 0)
+}
+
+/// The stored checksums a submission under `spec` may move, if they are
+/// kept under it; if not, marks them stale (see [`STALE`]) and leaves
+/// them. Read after the submission's stores are locked: their checksums
+/// are written only by the submissions that hold those locks.
+async fn stored_checksums(
+    tx: &deadpool_postgres::Transaction<'_>,
+    changes: &[NewChange],
+    spec: &ChecksumSpec,
+) -> Result<Option<HashMap<checksums::ChecksumKey, possync_core::Checksum>>, StorageError> {
+    let sql = failed("cannot read the checksums");
+    let keys = plan::checksum_keys(changes, spec);
+    let (stores, kinds): (Vec<&str>, Vec<&str>) = keys
+        .iter()
+        .map(|(store, kind)| (store.as_str(), kind.as_str()))
+        .unzip();
+    // One round trip: the fingerprint, beside the rows (none: NULLs).
+    let rows = tx
+        .query(
+            "SELECT spec.fingerprint, kept.store, kept.entity, kept.digest_sum, kept.entity_count
+             FROM checksum_spec AS spec
+             LEFT JOIN (SELECT * FROM checksums
+                        WHERE (store, entity) IN
+                            (SELECT * FROM unnest($1::text[], $2::text[]))) AS kept ON true",
+            &[&stores, &kinds],
+        )
+        .await
+        .map_err(&sql)?;
+    let stored: String = match rows.first() {
+        Some(row) => col(row, 0)?,
+        None => STALE.to_owned(),
+    };
+    if stored != spec.fingerprint() {
+        if stored != STALE {
+            tx.execute("UPDATE checksum_spec SET fingerprint = $1", &[&STALE])
+                .await
+                .map_err(&sql)?;
+        }
+        return Ok(None);
+    }
+    let mut kept = HashMap::new();
+    for row in &rows {
+        let store: Option<String> = col(row, 1)?;
+        let kind: Option<String> = col(row, 2)?;
+        if let (Some(store), Some(kind)) = (store, kind) {
+            kept.insert(
+                (store, kind),
+                checksums::from_row(col(row, 3)?, col(row, 4)?),
+            );
+        }
+    }
+    Ok(Some(kept))
 }
 
 /// A catalog row `(entity, id, state, seq)` as an entry.

@@ -13,16 +13,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use possync_core::unix_now_ms;
+use std::collections::HashMap;
+
+use possync_core::{ChecksumSpec, unix_now_ms};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use super::checksums::{self, STALE, Tally};
 use super::plan::{self, Before, StoredEntity};
 use super::{
     CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
-    Received, Storage, StorageError, StoreHead, Submitted, TerminalRecord, TokenRecord,
-    UpstreamRecord, answer,
+    Received, Recomputed, Storage, StorageError, StoreCheckpoint, StoreHead, Submitted,
+    TerminalRecord, TokenRecord, UpstreamRecord, answer,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -138,6 +141,30 @@ const MIGRATIONS: &[&str] = &[
         n INTEGER NOT NULL,
         PRIMARY KEY (store, terminal)
     ) WITHOUT ROWID;
+",
+    r"
+    -- Each store's checksum per kind of entity: the wrapping sum of its
+    -- entities' digests (the bits of an unsigned 64-bit integer) and how
+    -- many, kept by every submission.
+    CREATE TABLE checksums (
+        store TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        digest_sum INTEGER NOT NULL,
+        entity_count INTEGER NOT NULL,
+        PRIMARY KEY (store, entity)
+    ) WITHOUT ROWID;
+
+    -- The fingerprint of the spec the checksums are kept under; '': none,
+    -- computed at the backend's next start.
+    CREATE TABLE checksum_spec (fingerprint TEXT NOT NULL);
+    INSERT INTO checksum_spec (fingerprint) VALUES ('');
+
+    -- A store's unpublished changes, found without reading its published ones.
+    CREATE INDEX outbox_store_unpublished ON outbox (store, seq) WHERE published = 0;
+
+    -- What each terminal's latest receipt said of its catalog's verification.
+    ALTER TABLE fleet ADD COLUMN verified_seq INTEGER;
+    ALTER TABLE fleet ADD COLUMN gap TEXT;
 ",
 ];
 
@@ -337,6 +364,7 @@ fn parse_state(text: &str) -> Result<Map<String, Value>, StorageError> {
 struct Waiting {
     changes: Vec<NewChange>,
     key: Option<IdempotencyKey>,
+    checksums: ChecksumSpec,
     answer: oneshot::Sender<Result<Submitted, StorageError>>,
 }
 
@@ -382,7 +410,8 @@ impl Inner {
         for waiting in group {
             let result = match tx.savepoint() {
                 Ok(savepoint) => {
-                    let result = submit(&savepoint, waiting.changes, waiting.key);
+                    let result =
+                        submit(&savepoint, waiting.changes, waiting.key, &waiting.checksums);
                     match &result {
                         Ok(_) => savepoint.commit().map_err(&sql).and(result),
                         // Dropping the savepoint rolls this submission back alone.
@@ -409,6 +438,7 @@ fn submit(
     tx: &Connection,
     changes: Vec<NewChange>,
     key: Option<IdempotencyKey>,
+    spec: &ChecksumSpec,
 ) -> Result<Submitted, StorageError> {
     let sql = failed("cannot store the submission");
     if let Some(key) = &key {
@@ -496,8 +526,12 @@ fn submit(
             }
         }
     }
+    // A submission that writes no entity moves no checksum.
+    if changes.iter().any(|change| change.entity.is_some()) {
+        before.checksums = stored_checksums(tx, &changes, spec)?;
+    }
 
-    let plan = plan::plan(changes, before)?;
+    let plan = plan::plan(changes, before, spec)?;
     let now = unix_now_ms();
     {
         let mut stmt = tx
@@ -544,6 +578,20 @@ fn submit(
     {
         let mut stmt = tx
             .prepare_cached(
+                "INSERT INTO checksums (store, entity, digest_sum, entity_count) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (store, entity) DO UPDATE
+                 SET digest_sum = excluded.digest_sum, entity_count = excluded.entity_count",
+            )
+            .map_err(&sql)?;
+        for ((store, entity), checksum) in &plan.checksums {
+            let (sum, count) = checksums::to_row(*checksum);
+            stmt.execute(params![store, entity, sum, count])
+                .map_err(&sql)?;
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
                 "INSERT INTO stores (store, head) VALUES (?, ?)
                  ON CONFLICT (store) DO UPDATE SET head = excluded.head",
             )
@@ -578,6 +626,152 @@ fn submit(
     Ok(Submitted {
         accepted: plan.accepted,
         replayed: false,
+    })
+}
+
+/// The stored checksums a submission under `spec` may move, if they are
+/// kept under it; if not, marks them stale (see [`STALE`]) and leaves them.
+fn stored_checksums(
+    tx: &Connection,
+    changes: &[NewChange],
+    spec: &ChecksumSpec,
+) -> Result<Option<HashMap<checksums::ChecksumKey, possync_core::Checksum>>, StorageError> {
+    let sql = failed("cannot read the checksums");
+    let stored: String = tx
+        .prepare_cached("SELECT fingerprint FROM checksum_spec")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+        .map_err(&sql)?;
+    if stored != spec.fingerprint() {
+        if stored != STALE {
+            tx.prepare_cached("UPDATE checksum_spec SET fingerprint = ?")
+                .and_then(|mut stmt| stmt.execute([STALE]))
+                .map_err(&sql)?;
+        }
+        return Ok(None);
+    }
+    let mut kept = HashMap::new();
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT digest_sum, entity_count FROM checksums WHERE store = ? AND entity = ?",
+        )
+        .map_err(&sql)?;
+    for key in plan::checksum_keys(changes, spec) {
+        let row: Option<(i64, i64)> = stmt
+            .query_row(params![key.0, key.1], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+            .map_err(&sql)?;
+        if let Some((sum, count)) = row {
+            kept.insert(key, checksums::from_row(sum, count));
+        }
+    }
+    Ok(Some(kept))
+}
+
+/// Computes every checksum under `spec` again from the catalog, unless
+/// they are kept under it already.
+fn sync_checksums(
+    connection: &mut Connection,
+    spec: &ChecksumSpec,
+) -> Result<Option<Recomputed>, StorageError> {
+    let sql = failed("cannot compute the checksums again");
+    let fingerprint = spec.fingerprint();
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&sql)?;
+    let stored: String = tx
+        .query_row("SELECT fingerprint FROM checksum_spec", [], |row| {
+            row.get(0)
+        })
+        .map_err(&sql)?;
+    if stored == fingerprint {
+        return Ok(None);
+    }
+    let kinds = serde_json::to_string(&spec.kinds().collect::<Vec<_>>())
+        .map_err(|err| StorageError::Database(format!("cannot encode the kinds: {err}")))?;
+    let mut tally = Tally::new(spec);
+    {
+        let mut stmt = tx
+            .prepare(
+                "SELECT store, entity, id, state FROM entities
+                 WHERE state IS NOT NULL AND entity IN (SELECT value FROM json_each(?))",
+            )
+            .map_err(&sql)?;
+        let mut rows = stmt.query([kinds]).map_err(&sql)?;
+        while let Some(row) = rows.next().map_err(&sql)? {
+            let (store, kind, id): (String, String, String) = (
+                row.get(0).map_err(&sql)?,
+                row.get(1).map_err(&sql)?,
+                row.get(2).map_err(&sql)?,
+            );
+            let state: String = row.get(3).map_err(&sql)?;
+            tally.add(&store, &kind, &id, &parse_state(&state)?);
+        }
+    }
+    let (sums, recomputed) = tally.finish();
+    tx.execute("DELETE FROM checksums", []).map_err(&sql)?;
+    {
+        let mut stmt = tx
+            .prepare(
+                "INSERT INTO checksums (store, entity, digest_sum, entity_count)
+                 VALUES (?, ?, ?, ?)",
+            )
+            .map_err(&sql)?;
+        for ((store, kind), checksum) in &sums {
+            let (sum, count) = checksums::to_row(*checksum);
+            stmt.execute(params![store, kind, sum, count])
+                .map_err(&sql)?;
+        }
+    }
+    tx.execute("UPDATE checksum_spec SET fingerprint = ?", [fingerprint])
+        .map_err(&sql)?;
+    tx.commit().map_err(&sql)?;
+    Ok(Some(recomputed))
+}
+
+/// What a checkpoint of `store` states, in one read transaction.
+fn checkpoint(
+    connection: &mut Connection,
+    store: &str,
+    spec: &ChecksumSpec,
+) -> Result<StoreCheckpoint, StorageError> {
+    let sql = failed("cannot read the store's checkpoint");
+    // One snapshot: the head, the outbox and the checksums agree.
+    let tx = connection.transaction().map_err(&sql)?;
+    let head: i64 = tx
+        .prepare_cached("SELECT head FROM stores WHERE store = ?")
+        .and_then(|mut stmt| stmt.query_row([store], |row| row.get(0)).optional())
+        .map_err(&sql)?
+        .unwrap_or(0);
+    let highest_unpublished: Option<i64> = tx
+        .prepare_cached("SELECT max(seq) FROM outbox WHERE store = ? AND published = 0")
+        .and_then(|mut stmt| stmt.query_row([store], |row| row.get(0)))
+        .map_err(&sql)?;
+    let fingerprint: String = tx
+        .prepare_cached("SELECT fingerprint FROM checksum_spec")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+        .map_err(&sql)?;
+    let checksums = if fingerprint == spec.fingerprint() {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT entity, digest_sum, entity_count FROM checksums WHERE store = ?",
+            )
+            .map_err(&sql)?;
+        let rows: Vec<(String, i64, i64)> = stmt
+            .query_map([store], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .and_then(Iterator::collect)
+            .map_err(&sql)?;
+        Some(checksums::of_store(
+            spec,
+            rows.into_iter()
+                .map(|(kind, sum, count)| (kind, checksums::from_row(sum, count))),
+        ))
+    } else {
+        None
+    };
+    Ok(StoreCheckpoint {
+        head,
+        highest_unpublished,
+        checksums,
     })
 }
 
@@ -642,6 +836,7 @@ impl Storage for SqliteStorage {
         &self,
         changes: Vec<NewChange>,
         key: Option<IdempotencyKey>,
+        checksums: &ChecksumSpec,
     ) -> Result<Submitted, StorageError> {
         let (answer, answered) = oneshot::channel();
         self.inner
@@ -651,6 +846,7 @@ impl Storage for SqliteStorage {
             .push(Waiting {
                 changes,
                 key,
+                checksums: checksums.clone(),
                 answer,
             });
         self.run(|inner| {
@@ -661,6 +857,30 @@ impl Storage for SqliteStorage {
         answered.await.map_err(|_| {
             StorageError::Database("the submission was lost before its commit".into())
         })?
+    }
+
+    async fn sync_checksums(
+        &self,
+        spec: &ChecksumSpec,
+    ) -> Result<Option<Recomputed>, StorageError> {
+        let spec = spec.clone();
+        self.run(move |inner| {
+            let mut connection = inner
+                .durable_writer()
+                .map_err(failed("cannot compute the checksums again"))?;
+            sync_checksums(&mut connection, &spec)
+        })
+        .await
+    }
+
+    async fn checkpoint(
+        &self,
+        store: &str,
+        spec: &ChecksumSpec,
+    ) -> Result<StoreCheckpoint, StorageError> {
+        let (store, spec) = (store.to_owned(), spec.clone());
+        self.run(move |inner| checkpoint(&mut inner.reader(), &store, &spec))
+            .await
     }
 
     async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {
@@ -1024,6 +1244,8 @@ impl Storage for SqliteStorage {
                         receipt.stopping,
                         receipt.run,
                         i64::try_from(receipt.n).unwrap_or(i64::MAX),
+                        receipt.verified_seq,
+                        receipt.gap,
                     ])
                     .map_err(&sql)?;
                 }
@@ -1042,7 +1264,7 @@ impl Storage for SqliteStorage {
                 .prepare_cached(
                     "SELECT fleet.store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
                         highest_applied, quarantined, outbox, applied_changed_ms, stopping,
-                        outbox.published_at
+                        outbox.published_at, verified_seq, gap
                      FROM fleet LEFT JOIN outbox
                         ON outbox.store = fleet.store AND outbox.seq = fleet.applied_up_to + 1
                      WHERE ?1 IS NULL OR fleet.store = ?1 ORDER BY fleet.store, terminal",
@@ -1091,8 +1313,9 @@ impl Storage for SqliteStorage {
 /// The latest receipt of a run wins; another run's replaces it.
 const RECORD_RECEIPT: &str = "
     INSERT INTO fleet (store, terminal, first_seen_ms, last_seen_ms, applied_up_to,
-        highest_applied, quarantined, outbox, applied_changed_ms, stopping, run, n)
-    VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?3, ?8, ?9, ?10)
+        highest_applied, quarantined, outbox, applied_changed_ms, stopping, run, n,
+        verified_seq, gap)
+    VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?3, ?8, ?9, ?10, ?11, ?12)
     ON CONFLICT (store, terminal) DO UPDATE SET
         last_seen_ms = max(fleet.last_seen_ms, excluded.last_seen_ms),
         applied_changed_ms = CASE WHEN excluded.applied_up_to != fleet.applied_up_to
@@ -1103,7 +1326,9 @@ const RECORD_RECEIPT: &str = "
         outbox = excluded.outbox,
         stopping = excluded.stopping,
         run = excluded.run,
-        n = excluded.n
+        n = excluded.n,
+        verified_seq = excluded.verified_seq,
+        gap = excluded.gap
     WHERE excluded.run != fleet.run OR excluded.n > fleet.n";
 
 /// Upstream messages chosen by `clause` (the query's `WHERE ... LIMIT`).
@@ -1152,6 +1377,8 @@ fn terminal_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TerminalRecord
         applied_changed_ms: row.get(8)?,
         stopping: row.get(9)?,
         behind_since_ms: row.get(10)?,
+        verified_seq: row.get(11)?,
+        gap: row.get(12)?,
     })
 }
 
