@@ -355,11 +355,7 @@ async fn a_queue_made_again_while_the_terminal_was_away_is_a_gap_until_healed() 
     let queue = terminal.topology.queue.clone();
     terminal.stop().await;
     // Expired while the till was off: what came meanwhile is gone with it.
-    let channel = broker().await.create_channel().await.expect("channel");
-    channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await
-        .expect("queue deleted");
+    delete_queue(queue.as_str()).await;
     publish_raw_many(&[routed(&store, relayed(&store, 4, "A", 4.0, now))]).await;
 
     let mut terminal = RunningTerminal::start(config.clone()).await;

@@ -95,11 +95,7 @@ async fn a_terminal_whose_queue_was_made_again_heals_from_a_snapshot() {
     till.stop().await;
 
     // Its queue expires while it is off, and changes go on.
-    let channel = broker().await.create_channel().await.expect("channel");
-    channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await
-        .expect("queue deleted");
+    delete_queue(queue.as_str()).await;
     head += submit(&backend, repricing(&store, 300, PRODUCTS, 2), "missed").await;
     backend.wait_published(&store, head).await;
 
@@ -279,5 +275,50 @@ async fn a_catalog_changed_behind_possyncs_back_is_found_at_the_next_checkpoint_
         (status.applied, status.quarantined),
         (applied, 0),
         "healed by a snapshot: no change was applied twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_the_tills_plugins_cannot_restore_leaves_the_till_as_it_was() {
+    const PRODUCTS: usize = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("snap-partial");
+    let backend = backend_for("snap-partial", &store).await;
+    // A till that takes prices and categories but not whole products.
+    let mut config = terminal_config(dir.path(), &store, "till-1");
+    config
+        .plugins
+        .insert("product".into(), possync_core::PluginSetting::Toggle(false));
+    let mut till = RunningTerminal::start(config.clone()).await;
+    let head = submit(&backend, history(&store, PRODUCTS), "history").await;
+    backend.wait_published(&store, head).await;
+    wait_quiet(&mut till, head, "the till").await;
+    let held = common::catalog::terminal_catalog(&till.db());
+    assert!(!held.products.is_empty() && !held.categories.is_empty());
+    let queue = till.topology.queue.clone();
+    till.stop().await;
+
+    delete_queue(queue.as_str()).await;
+    let mut till = RunningTerminal::start(config).await;
+    assert!(
+        till.wait_for(|s| matches!(s.state, possync_core::State::Live { .. })
+            && s.sync
+                .gap
+                .is_some_and(|gap| gap.cause == possync_core::GapCause::QueueRecreated))
+            .await
+    );
+    // Time for the snapshot, which holds products this till cannot
+    // restore: it must not replace what the till holds.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        common::catalog::terminal_catalog(&till.db()),
+        held,
+        "the till holds what it held"
+    );
+    let status = till.stop().await;
+    assert_eq!(
+        status.sync.gap.map(|gap| gap.cause),
+        Some(possync_core::GapCause::QueueRecreated),
+        "the gap stays open: only a snapshot the till can restore closes it"
     );
 }

@@ -89,6 +89,8 @@ pub struct Catalog<S> {
     checksums: ChecksumSpec,
     committed: Arc<Notify>,
     max_message_bytes: usize,
+    /// When the direct consumer last took a change of each store.
+    direct: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl<S: Storage> Catalog<S> {
@@ -100,7 +102,30 @@ impl<S: Storage> Catalog<S> {
             registry,
             committed: Arc::new(Notify::new()),
             max_message_bytes: TerminalConfig::default().max_message_bytes,
+            direct: std::sync::Mutex::default(),
         }
+    }
+
+    /// The direct consumer took a change of `store` sent straight to the
+    /// exchange: terminals may hold it before the catalog does.
+    pub(crate) fn note_direct(&self, store: &str) {
+        let mut direct = self
+            .direct
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        direct.insert(store.to_owned(), std::time::Instant::now());
+    }
+
+    /// Whether the direct consumer took a change of `store` within
+    /// `within`: its checkpoint would describe a catalog that terminals
+    /// may be past.
+    pub(crate) fn direct_within(&self, store: &str, within: std::time::Duration) -> bool {
+        let mut direct = self
+            .direct
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        direct.retain(|_, at| at.elapsed() < within);
+        direct.contains_key(store)
     }
 
     /// Refuses changes whose relayed message would be larger than `bytes`

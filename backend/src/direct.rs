@@ -157,6 +157,9 @@ impl<S: Storage> Direct<S> {
         if run.len() > 1 {
             // A change recorded before is refused by its message id
             // (MessageIdUsed), so the submission needs no key of its own.
+            for (_, request, _) in run.iter() {
+                self.catalog.note_direct(&request.store);
+            }
             let requests = run.iter().map(|(_, request, _)| request.clone()).collect();
             if let Ok(submitted) = self.catalog.submit(requests, None).await {
                 for ((index, _, _), accepted) in run.iter().zip(&submitted.accepted) {
@@ -219,6 +222,7 @@ impl<S: Storage> Direct<S> {
     ) -> Option<Settle> {
         let mut attempts: u32 = 0;
         loop {
+            self.catalog.note_direct(&request.store);
             match self
                 .catalog
                 .submit(vec![request.clone()], key.clone())

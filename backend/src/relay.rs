@@ -30,8 +30,8 @@
 //! process's, on PostgreSQL) is found at the next poll
 //! (`[relay] poll_interval_ms`).
 //!
-//! Between rounds the relay publishes the checkpoints that are due (see
-//! [`checkpoints`]).
+//! After a round, and between rounds, the relay publishes the checkpoints
+//! that are due (see [`checkpoints`]).
 
 mod checkpoints;
 
@@ -284,36 +284,50 @@ impl<S: Storage> Relay<S> {
                 envelope(row, &catalog).map(|envelope| envelope.with_head(head))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // The checkpoints due for stores of this round, each placed right
+        // after the change it states the catalog at: a terminal meets it
+        // standing exactly there.
+        let placed = match schedule.as_deref() {
+            Some(schedule) => self.place_checkpoints(schedule, &rows).await?,
+            None => checkpoints::Placed::default(),
+        };
+        let sequence = placed.interleave(envelopes);
         let publisher = self.connected(publisher).await?;
-        let mut envelopes = envelopes.into_iter();
         // Marked once per round (a mark is a commit, a flush to disk), or,
         // after a refusal or failure, as far as the chunks the broker
         // confirmed: that chunk and those after go again next round from
         // each store's first unpublished row.
         let mut confirmed: Vec<(String, i64)> = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(CHUNK) {
+        let mut published_checkpoints = Vec::new();
+        for chunk in checkpoints::chunks(sequence, CHUNK) {
+            let chunk_rows: Vec<&OutboxRow> = chunk.rows.iter().map(|&i| &rows[i]).collect();
             let sent = publisher
-                .publish_envelopes(envelopes.by_ref().take(chunk.len()))
+                .publish_envelopes(chunk.envelopes)
                 .await
-                .inspect_err(|err| name_unpublishable(err, chunk));
+                .inspect_err(|err| name_unpublishable(err, &chunk_rows));
             match sent {
-                Ok(published) => {
-                    failpoint::relay_confirmed(published.len());
-                    confirmed.extend(chunk.iter().map(|r| (r.store.clone(), r.seq)));
+                Ok(_) => {
+                    failpoint::relay_confirmed(chunk_rows.len());
+                    confirmed.extend(chunk_rows.iter().map(|r| (r.store.clone(), r.seq)));
+                    published_checkpoints.extend(chunk.checkpoints);
                 }
                 Err(err) => {
                     if let Some(schedule) = schedule.as_deref_mut() {
                         schedule.published(&confirmed, Instant::now());
+                        self.checkpoints_published(schedule, &published_checkpoints)
+                            .await;
                     }
                     marker.mark(confirmed);
                     return Err(err.into());
                 }
             }
         }
+        marker.mark(confirmed.clone());
         if let Some(schedule) = schedule {
             schedule.published(&confirmed, Instant::now());
+            self.checkpoints_published(schedule, &published_checkpoints)
+                .await;
         }
-        marker.mark(confirmed);
         let stores = rows
             .iter()
             .map(|r| r.store.as_str())
@@ -580,7 +594,7 @@ pub(crate) fn relayed_envelope(
 
 /// A row the publisher refuses before sending (invalid store or type, too
 /// large) will be refused every time: named loudly, with its store and seq.
-fn name_unpublishable(err: &PublishError, rows: &[OutboxRow]) {
+fn name_unpublishable(err: &PublishError, rows: &[&OutboxRow]) {
     let routing_key = match err {
         PublishError::InvalidLicense(_)
         | PublishError::InvalidType(_)

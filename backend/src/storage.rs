@@ -167,6 +167,11 @@ pub struct StoreCheckpoint {
     pub checksums: Option<BTreeMap<String, Checksum>>,
 }
 
+/// A store's checksums at a boundary, as [`Storage::checkpoint_at`]
+/// answers: the boundary's seq, and each kind of the spec with its
+/// checksum there.
+pub(crate) type ChecksumsAt = (i64, BTreeMap<String, Checksum>);
+
 /// What [`Storage::sync_checksums`] computed again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recomputed {
@@ -377,6 +382,52 @@ pub trait Storage: Send + Sync + 'static {
         store: &str,
         spec: &ChecksumSpec,
     ) -> impl Future<Output = Result<StoreCheckpoint, StorageError>> + Send;
+
+    /// The checksums of each kind `spec` covers at a boundary at or below
+    /// `up_to`, read from the checksum log in one snapshot: the highest
+    /// seq at or below `up_to` that ends a submission which logged one of
+    /// `store`'s checksums (a submission that moved none of them leaves
+    /// no boundary: the one before states its checksums too), and each
+    /// kind's checksum there. `None` when the stored checksums are kept
+    /// under another spec, when no such boundary is left, or when the log
+    /// cannot tell some kind's checksum there (pruned below it, or reset
+    /// above it by [`Storage::sync_checksums`], which logs every kind at
+    /// each store's head): never a checksum it does not know.
+    ///
+    /// The default answers from [`Storage::checkpoint`]: the head, when it
+    /// is at or below `up_to`.
+    fn checkpoint_at(
+        &self,
+        store: &str,
+        up_to: i64,
+        spec: &ChecksumSpec,
+    ) -> impl Future<Output = Result<Option<ChecksumsAt>, StorageError>> + Send {
+        async move {
+            let state = self.checkpoint(store, spec).await?;
+            Ok(state
+                .checksums
+                .filter(|_| state.head > 0 && state.head <= up_to)
+                .map(|checksums| (state.head, checksums)))
+        }
+    }
+
+    /// Trims `store`'s checksum log below `below`: of each kind, the rows
+    /// before its latest one at or below `below`. Reads at `below` and
+    /// above answer as before; below it, they may answer `None`. The relay
+    /// calls it once a checkpoint at `below` is out. Returns how many rows
+    /// went. Without it the log is bounded still: each submission that
+    /// logs a checksum trims that checksum's rows more than 1024 seqs
+    /// below its new one (but the latest of them).
+    ///
+    /// The default keeps no log: nothing to trim.
+    fn prune_checksum_log(
+        &self,
+        store: &str,
+        below: i64,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send {
+        let _ = (store, below);
+        async { Ok(0) }
+    }
 
     /// Up to `limit` unpublished outbox rows, each store's in sequence order.
     fn unpublished(

@@ -11,9 +11,9 @@ use std::time::Duration;
 use possync_core::ChecksumSpec;
 
 use crate::storage::{
-    CatalogEntry, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord, Received,
-    Recomputed, SqliteStorage, Storage, StorageError, StoreCheckpoint, StoreHead, Submitted,
-    TerminalRecord, TokenRecord, UpstreamRecord,
+    CatalogEntry, Change, ChecksumsAt, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
+    Received, Recomputed, SqliteStorage, Storage, StorageError, StoreCheckpoint, StoreHead,
+    Submitted, TerminalRecord, TokenRecord, UpstreamRecord,
 };
 
 /// The storage; the folder lives as long as it.
@@ -85,6 +85,19 @@ impl Storage for Scripted {
         spec: &ChecksumSpec,
     ) -> Result<StoreCheckpoint, StorageError> {
         self.inner.checkpoint(store, spec).await
+    }
+
+    async fn checkpoint_at(
+        &self,
+        store: &str,
+        up_to: i64,
+        spec: &ChecksumSpec,
+    ) -> Result<Option<ChecksumsAt>, StorageError> {
+        self.inner.checkpoint_at(store, up_to, spec).await
+    }
+
+    async fn prune_checksum_log(&self, store: &str, below: i64) -> Result<u64, StorageError> {
+        self.inner.prune_checksum_log(store, below).await
     }
 
     async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {

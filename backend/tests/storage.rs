@@ -33,6 +33,8 @@ trait Harness: Sized {
     async fn raw(&self, sql: &str);
     /// Makes every idempotency key recorded so far `seconds` older.
     async fn age_keys(&self, seconds: i64);
+    /// Runs a query answering one integer on it behind the storage's back.
+    async fn count(&self, sql: &str) -> i64;
 }
 
 struct Sqlite {
@@ -78,6 +80,12 @@ impl Harness for Sqlite {
             seconds * 1000
         ))
         .await;
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        rusqlite::Connection::open(self.dir.path().join("backend.db"))
+            .and_then(|db| db.query_row(sql, [], |row| row.get(0)))
+            .expect("the query answers")
     }
 }
 
@@ -176,6 +184,18 @@ impl Harness for Postgres {
         ))
         .await;
     }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("the test database answers");
+        tokio::spawn(connection);
+        client
+            .query_one(sql, &[])
+            .await
+            .expect("the query answers")
+            .get(0)
+    }
 }
 
 impl Drop for Postgres {
@@ -259,6 +279,11 @@ on_every_storage!(
     checksums_are_computed_again_for_another_spec_and_kept_under_one_only,
     a_checkpoint_says_whether_its_store_has_unpublished_changes,
     a_receipt_records_what_its_terminal_verified_and_the_gap_it_has_open,
+    the_checksum_log_states_the_checksums_at_every_boundary,
+    computing_the_checksums_again_starts_the_log_at_each_stores_head,
+    pruning_the_checksum_log_keeps_reads_at_and_above_its_bound,
+    the_checksum_log_stays_bounded_without_pruning,
+    pruning_the_checksum_log_beside_submissions_fails_neither,
 );
 
 /// What the checksums cover in these tests: a product's price and name, a
@@ -1632,6 +1657,16 @@ async fn checksums_kept_by_every_submission_are_those_of_the_catalog<H: Harness>
             Some(expected.clone()),
             "store {store}"
         );
+        // Each store's last submission moved a checksum: the log has its
+        // head, concurrent submissions or not.
+        assert_eq!(
+            storage
+                .checkpoint_at(store, i64::MAX, &spec())
+                .await
+                .expect("read"),
+            Some((head(&**storage, store).await, expected.clone())),
+            "store {store}'s log at its head"
+        );
         assert_eq!(
             expected.keys().collect::<Vec<_>>(),
             ["category", "product"],
@@ -1786,5 +1821,426 @@ async fn a_receipt_records_what_its_terminal_verified_and_the_gap_it_has_open<H:
     assert_eq!(
         (fleet[0].verified_seq, fleet[0].gap.as_deref()),
         (Some(12), None)
+    );
+}
+
+fn delete_category(store: &str, id: &str) -> NewChange {
+    let mut change = category(store, id, "");
+    if let Some(entity) = change.entity.as_mut() {
+        entity.kind = ChangeKind::Delete;
+        entity.fields.clear();
+    }
+    change
+}
+
+/// Every kind of `spec` with no entity.
+fn zero(spec: &ChecksumSpec) -> BTreeMap<String, Checksum> {
+    spec.kinds()
+        .map(|kind| (kind.to_owned(), Checksum::default()))
+        .collect()
+}
+
+/// The checksum log's submissions: replaces, merges, deletes (one of an
+/// entity never seen), writes that change nothing, a kind without a
+/// checksum, changes without an entity, two stores, kinds some leave
+/// alone, and a store whose first submission moves no checksum.
+fn log_submissions() -> Vec<Vec<NewChange>> {
+    vec![
+        vec![
+            product(
+                "A",
+                "P1",
+                ChangeKind::Replace,
+                json!({"price": 1.5, "name": "Tea"}),
+            ),
+            product(
+                "A",
+                "P2",
+                ChangeKind::Replace,
+                json!({"price": 2, "name": "Coffee"}),
+            ),
+            note("A", None),
+        ],
+        vec![note("B", None)],
+        vec![
+            price("A", "P1", 2.0),
+            category("B", "C1", "Food"),
+            price("B", "P1", 1.0),
+        ],
+        vec![modifier("A", "M1")],
+        vec![note("A", None), note("A", None)],
+        vec![
+            delete("A", "P2"),
+            category("A", "C1", "Drinks"),
+            product("A", "P3", ChangeKind::Merge, json!({"price": 3})),
+        ],
+        vec![
+            product("A", "P1", ChangeKind::Merge, json!({"name": "Green tea"})),
+            delete("B", "P1"),
+        ],
+        vec![delete("A", "P9"), price("A", "P3", 3.0)],
+        vec![category("A", "C1", "Drinks")],
+        vec![
+            delete_category("B", "C1"),
+            product("B", "P1", ChangeKind::Replace, json!({"price": 4})),
+            note("B", None),
+        ],
+        vec![modifier("B", "M1"), note("A", None)],
+    ]
+}
+
+/// What the log's submissions left, per store: at each boundary (the end
+/// of a submission), the checksums computed from scratch from the catalog
+/// there, and whether it moved a checksum of its store (or was its first).
+type Boundaries = BTreeMap<String, BTreeMap<i64, (bool, BTreeMap<String, Checksum>)>>;
+
+/// Submits the log's submissions, one at a time, reading after each the
+/// catalog of each store it changed.
+async fn log_a_day<S: Storage>(storage: &S) -> Boundaries {
+    let spec = spec();
+    let mut boundaries = Boundaries::new();
+    for changes in log_submissions() {
+        let kinds: Vec<(String, Option<String>)> = changes
+            .iter()
+            .map(|c| (c.store.clone(), c.entity.as_ref().map(|e| e.entity.clone())))
+            .collect();
+        let seqs = submit(storage, changes).await;
+        let mut ends: BTreeMap<String, (i64, bool)> = BTreeMap::new();
+        for ((store, kind), seq) in kinds.into_iter().zip(seqs) {
+            let Some(seq) = seq else { continue };
+            let first = !boundaries.contains_key(&store);
+            let moves = kind.is_some_and(|kind| spec.fields(&kind).is_some());
+            let end = ends.entry(store).or_insert((seq, first));
+            end.0 = end.0.max(seq);
+            end.1 |= moves;
+        }
+        for (store, (end, logged)) in ends {
+            let expected = from_scratch(storage, &store, &spec).await;
+            boundaries
+                .entry(store)
+                .or_default()
+                .insert(end, (logged, expected));
+        }
+    }
+    boundaries
+}
+
+/// What the log answers for `store` at or below each seq from 0 to its
+/// head and a little beyond.
+async fn log_answers<S: Storage>(
+    storage: &S,
+    store: &str,
+    spec: &ChecksumSpec,
+) -> Vec<Option<(i64, BTreeMap<String, Checksum>)>> {
+    let mut answers = Vec::new();
+    for up_to in 0..=head(storage, store).await + 2 {
+        answers.push(
+            storage
+                .checkpoint_at(store, up_to, spec)
+                .await
+                .expect("the log is read"),
+        );
+    }
+    answers
+}
+
+async fn the_checksum_log_states_the_checksums_at_every_boundary<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage.sync_checksums(&spec()).await.expect("synced");
+    let boundaries = log_a_day(&storage).await;
+    for (store, ends) in &boundaries {
+        let answers = log_answers(&storage, store, &spec()).await;
+        for (up_to, answer) in answers.iter().enumerate() {
+            let up_to = i64::try_from(up_to).expect("small");
+            // The last boundary at or below it that moved a checksum.
+            let expected = ends
+                .range(..=up_to)
+                .rev()
+                .find(|(_, (logged, _))| *logged)
+                .map(|(end, (_, checksums))| (*end, checksums.clone()));
+            assert_eq!(answer, &expected, "store {store} up to {up_to}");
+        }
+        for (end, (_, checksums)) in ends {
+            // A boundary that moved no checksum: the one before states it.
+            let answer = answers[usize::try_from(*end).expect("small")].as_ref();
+            assert_eq!(
+                answer.map(|(_, at)| at),
+                Some(checksums),
+                "store {store} at {end}"
+            );
+        }
+        assert_eq!(
+            answers.last().cloned().flatten().map(|(_, at)| at),
+            Some(from_scratch(&storage, store, &spec()).await),
+            "store {store}: above its head, the head's"
+        );
+    }
+    // What the day covers: boundaries that log and boundaries that do not,
+    // a kind one store's submission leaves alone, both stores.
+    let a = &boundaries["A"];
+    assert_eq!(
+        a.keys().copied().collect::<Vec<_>>(),
+        [3, 4, 5, 7, 10, 11, 13, 14, 15]
+    );
+    assert_eq!(
+        a.values().map(|(logged, _)| *logged).collect::<Vec<_>>(),
+        [true, true, false, false, true, true, true, true, false]
+    );
+    assert_eq!(
+        boundaries["B"].keys().copied().collect::<Vec<_>>(),
+        [1, 3, 4, 7, 8]
+    );
+    assert_eq!(
+        log_answers(&storage, "B", &spec()).await[1],
+        Some((1, zero(&spec()))),
+        "a store's first submission logs every kind, even moving none"
+    );
+    assert_eq!(
+        storage.checkpoint_at("Z", 10, &spec()).await.expect("read"),
+        None,
+        "a store without a change has no boundary"
+    );
+    let fields = ["price".to_owned()];
+    let other = ChecksumSpec::new([("product", fields.as_slice())]);
+    assert_eq!(
+        storage.checkpoint_at("A", 10, &other).await.expect("read"),
+        None,
+        "kept under another spec"
+    );
+}
+
+async fn computing_the_checksums_again_starts_the_log_at_each_stores_head<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage.sync_checksums(&spec()).await.expect("synced");
+    log_a_day(&storage).await;
+    // A store no entity of a kind with a checksum ever reached.
+    submit(&storage, vec![note("N", None), modifier("N", "M1")]).await;
+    let fields = ["price".to_owned()];
+    let other = ChecksumSpec::new([("product", fields.as_slice())]);
+    storage
+        .sync_checksums(&other)
+        .await
+        .expect("synced")
+        .expect("computed again");
+    for store in ["A", "B", "N"] {
+        let head = head(&storage, store).await;
+        let at_head = Some((head, from_scratch(&storage, store, &other).await));
+        let answers = log_answers(&storage, store, &other).await;
+        for (up_to, answer) in answers.iter().enumerate() {
+            let up_to = i64::try_from(up_to).expect("small");
+            let expected = if up_to < head { None } else { at_head.clone() };
+            assert_eq!(answer, &expected, "store {store} up to {up_to}");
+        }
+        assert_eq!(
+            storage
+                .checkpoint_at(store, head, &spec())
+                .await
+                .expect("read"),
+            None,
+            "no longer kept under the first spec"
+        );
+    }
+    assert_eq!(
+        storage
+            .checkpoint_at("N", i64::MAX, &other)
+            .await
+            .expect("read"),
+        Some((2, zero(&other))),
+        "every kind is logged, with no entity too"
+    );
+    // A submission under the first spec (a backend process with other
+    // plugins) leaves them stale: no answer under either spec.
+    let before = head(&storage, "A").await;
+    submit(&storage, vec![price("A", "P1", 5.0)]).await;
+    for spec in [spec(), other] {
+        assert_eq!(
+            storage
+                .checkpoint_at("A", before, &spec)
+                .await
+                .expect("read"),
+            None
+        );
+        assert_eq!(
+            storage
+                .checkpoint_at("A", i64::MAX, &spec)
+                .await
+                .expect("read"),
+            None
+        );
+    }
+    // Computed again: the log starts at the head and goes on from there.
+    storage
+        .sync_checksums(&spec())
+        .await
+        .expect("synced")
+        .expect("computed again");
+    let restarted = head(&storage, "A").await;
+    let at_restart = from_scratch(&storage, "A", &spec()).await;
+    submit(&storage, vec![note("A", None)]).await;
+    submit(&storage, vec![price("A", "P3", 7.0), note("A", None)]).await;
+    let now = from_scratch(&storage, "A", &spec()).await;
+    assert_ne!(now, at_restart);
+    for (up_to, answer) in log_answers(&storage, "A", &spec()).await.iter().enumerate() {
+        let up_to = i64::try_from(up_to).expect("small");
+        let expected = if up_to < restarted {
+            None
+        } else if up_to < restarted + 3 {
+            Some((restarted, at_restart.clone()))
+        } else {
+            Some((restarted + 3, now.clone()))
+        };
+        assert_eq!(answer, &expected, "up to {up_to}");
+    }
+}
+
+async fn pruning_the_checksum_log_keeps_reads_at_and_above_its_bound<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage.sync_checksums(&spec()).await.expect("synced");
+    log_a_day(&storage).await;
+    let full = log_answers(&storage, "A", &spec()).await;
+    let other_store = log_answers(&storage, "B", &spec()).await;
+    let mut removed = 0;
+    for below in [2, 5, 9, 11, 13, 15, 40] {
+        removed += storage
+            .prune_checksum_log("A", below)
+            .await
+            .expect("pruned");
+        let answers = log_answers(&storage, "A", &spec()).await;
+        for (up_to, (answer, before)) in answers.iter().zip(&full).enumerate() {
+            let up_to = i64::try_from(up_to).expect("small");
+            if up_to >= below {
+                assert_eq!(answer, before, "below {below}, up to {up_to}");
+            } else {
+                assert!(
+                    answer.is_none() || answer == before,
+                    "below {below}, up to {up_to}: no answer rather than a wrong one"
+                );
+            }
+        }
+        assert_eq!(
+            log_answers(&storage, "B", &spec()).await,
+            other_store,
+            "another store's log is left alone"
+        );
+    }
+    assert!(removed > 0, "rows went");
+    assert_eq!(
+        db.count("SELECT count(*) FROM checksum_log WHERE store = 'A'")
+            .await,
+        2,
+        "each kind's latest row, and no other"
+    );
+    // The category's rows before 14 went: no answer at 13, though its
+    // product row is there.
+    assert_eq!(
+        storage.checkpoint_at("A", 13, &spec()).await.expect("read"),
+        None
+    );
+    assert_eq!(
+        storage.checkpoint_at("A", 14, &spec()).await.expect("read"),
+        full[14]
+    );
+    // The log goes on.
+    submit(&storage, vec![price("A", "P1", 8.0)]).await;
+    let head = head(&storage, "A").await;
+    assert_eq!(
+        storage
+            .checkpoint_at("A", head, &spec())
+            .await
+            .expect("read"),
+        Some((head, from_scratch(&storage, "A", &spec()).await))
+    );
+}
+
+async fn the_checksum_log_stays_bounded_without_pruning<H: Harness>() {
+    // As far below its newest boundary as the storages keep a checksum's
+    // log, in seqs.
+    const WINDOW: i64 = 1024;
+    const BATCH: i64 = 40;
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage.sync_checksums(&spec()).await.expect("synced");
+    submit(&storage, vec![category("A", "C1", "Drinks")]).await;
+    let mut ends = BTreeMap::new();
+    for round in 0..60 {
+        let changes = (0..BATCH)
+            .map(|i| price("A", &format!("P{}", i % 7), (round * 100 + i) as f64))
+            .collect();
+        let seqs = submit(&storage, changes).await;
+        let end = seqs.last().copied().flatten().expect("sequenced");
+        ends.insert(end, from_scratch(&storage, "A", &spec()).await);
+    }
+    let head = head(&storage, "A").await;
+    assert_eq!(head, 1 + 60 * BATCH);
+    let rows = |kind: &str| format!("SELECT count(*) FROM checksum_log WHERE entity = '{kind}'");
+    let products = db.count(&rows("product")).await;
+    assert!(
+        products <= WINDOW / BATCH + 2,
+        "{products} rows for {} submissions",
+        ends.len()
+    );
+    assert_eq!(
+        db.count(&rows("category")).await,
+        1,
+        "a kind left alone keeps its one row"
+    );
+    for (end, expected) in &ends {
+        let answer = storage
+            .checkpoint_at("A", *end, &spec())
+            .await
+            .expect("read");
+        let expected = Some((*end, expected.clone()));
+        if *end >= head - WINDOW {
+            assert_eq!(answer, expected, "at {end}");
+        } else {
+            assert!(answer.is_none() || answer == expected, "at {end}");
+        }
+    }
+    let (first, _) = ends.first_key_value().expect("ends");
+    assert_eq!(
+        storage
+            .checkpoint_at("A", *first, &spec())
+            .await
+            .expect("read"),
+        None,
+        "trimmed: no answer rather than a wrong one"
+    );
+}
+
+async fn pruning_the_checksum_log_beside_submissions_fails_neither<H: Harness>() {
+    let db = H::fresh().await;
+    let storage = Arc::new(db.open().await);
+    storage.sync_checksums(&spec()).await.expect("synced");
+    let submitter = {
+        let storage = Arc::clone(&storage);
+        tokio::spawn(async move {
+            // Batches long enough that each one trims the log too.
+            for round in 0..30 {
+                let changes = (0..100)
+                    .map(|i| price("A", &format!("P{}", i % 5), f64::from(round * 100 + i)))
+                    .collect();
+                submit(&*storage, changes).await;
+            }
+        })
+    };
+    while !submitter.is_finished() {
+        let head = head(&*storage, "A").await;
+        storage
+            .prune_checksum_log("A", head - 150)
+            .await
+            .expect("pruned beside submissions");
+        tokio::task::yield_now().await;
+    }
+    submitter.await.expect("the submitter");
+    let head = head(&*storage, "A").await;
+    assert_eq!(
+        storage
+            .checkpoint_at("A", head, &spec())
+            .await
+            .expect("read"),
+        Some((head, from_scratch(&*storage, "A", &spec()).await))
     );
 }

@@ -396,6 +396,7 @@ impl Applier {
             closed_gap,
             changes,
             checkpoint,
+            unsequenced,
         }) = self
             .dispatch
             .apply_in_transaction(&mut transaction, batch, careful)?
@@ -423,6 +424,9 @@ impl Applier {
         }
         if let Some(sync) = &sync {
             self.mark.note(sync);
+        }
+        if unsequenced {
+            self.verifier.unsequenced_applied();
         }
         let sync = match checkpoint {
             Some((checkpoint, catalog)) => self.verify(&checkpoint, catalog.as_deref()).or(sync),
@@ -711,7 +715,11 @@ mod tests {
                 sum.add(digest);
             }
         }
-        Checkpoint { seq, checksums }
+        Checkpoint {
+            seq,
+            checksums,
+            specs: BTreeMap::new(),
+        }
     }
 
     fn checkpoint_message(checkpoint: &Checkpoint) -> Inbound {
@@ -775,6 +783,61 @@ mod tests {
             Some(GapCause::ChecksumMismatch { seq: 6 })
         );
         assert_eq!(found.verified, None, "no longer verified");
+    }
+
+    #[test]
+    fn no_checkpoint_is_compared_soon_after_a_change_sent_straight_to_the_exchange() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut applier = applier(&dir.path().join("pos.db"));
+        let registry = Registry::from_config(&Default::default()).expect("built-ins");
+        let sequenced = Envelope::new(
+            "category_update",
+            "K",
+            json!({"category_id": 7, "category_name": "Drinks"}),
+        )
+        .with_seq(1)
+        .with_catalog("c");
+        // The same change from the original back office: no seq, no id.
+        let direct = Envelope::new(
+            "category_update",
+            "K",
+            json!({"category_id": 8, "category_name": "Food"}),
+        );
+        applier
+            .apply(&[inbound(&sequenced), inbound(&direct)])
+            .expect("applies");
+        let skipped = applier
+            .apply(&[checkpoint_message(&checkpoint(&registry, 1))])
+            .expect("applies");
+        assert_eq!(
+            skipped.sync, None,
+            "not compared while the backend may not have sequenced category 8 yet"
+        );
+    }
+
+    #[test]
+    fn a_kind_a_switched_off_plugin_changes_is_not_compared() {
+        let all = Registry::from_config(&Default::default()).expect("built-ins");
+        let kinds = |registry: &Registry| -> Vec<String> {
+            registry
+                .checksum_spec()
+                .kinds()
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(kinds(&all), ["category", "product"]);
+        let plugins = [(
+            "price".to_owned(),
+            crate::config::PluginSetting::Toggle(false),
+        )]
+        .into_iter()
+        .collect();
+        let without_prices = Registry::from_config(&plugins).expect("built-ins");
+        assert_eq!(
+            kinds(&without_prices),
+            ["category"],
+            "a till that takes no prices holds other products than the backend"
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! `"3"` are one value: an id may be an integer on the wire and text in a
 //! table), rounds floating-point numbers to 15 significant digits (what
 //! SQLite's JSON functions write), reads text that holds a JSON array or
-//! object as that JSON, and sorts arrays (a table holds sets, not lists).
+//! object as that JSON, and sorts arrays and drops repeats in them (a
+//! table holds sets, not lists). A field named `name{a,b}` is an array of
+//! objects (or one object) of which only the members `a` and `b` count: a
+//! table keeps those of a nested list, a payload may carry more.
 
 use std::collections::BTreeMap;
 
@@ -51,15 +54,24 @@ impl Checksum {
     }
 }
 
+/// Changes when [`digest`] computes otherwise, so that checksums kept
+/// under an earlier way are computed again.
+const DIGEST_VERSION: &str = "1";
+
 /// A checkpoint's payload: the store's catalog at `seq`, kind by kind.
+/// Fields a later version adds are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     /// Every change of the store up to this seq, and none after it.
     pub seq: i64,
     /// Each kind of entity that has a checksum; a kind not named has none
     /// (0 entities).
     pub checksums: BTreeMap<String, Checksum>,
+    /// Each kind's [`ChecksumSpec::kind_fingerprint`]: a terminal compares
+    /// only kinds it digests the same way (a plugin of another version on
+    /// one side exports other fields). A kind not named is compared.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub specs: BTreeMap<String, String>,
 }
 
 /// Which fields of each kind of entity a checksum covers, as the plugins
@@ -101,8 +113,13 @@ impl ChecksumSpec {
     /// are computed again.
     pub fn fingerprint(&self) -> String {
         let text = serde_json::to_string(&self.kinds).unwrap_or_default();
-        let hash = Sha256::digest(text.as_bytes());
-        hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        fingerprint_of(&text)
+    }
+
+    /// Tells how one kind is digested: its fields, and the way of
+    /// [`digest`].
+    pub fn kind_fingerprint(&self, entity: &str) -> Option<String> {
+        self.fields(entity).map(fields_fingerprint)
     }
 
     /// The digest of an entity's JSON state (a backend's), if its kind
@@ -114,21 +131,73 @@ impl ChecksumSpec {
             id,
             fields
                 .iter()
-                .map(|field| (field.as_str(), state.get(field))),
+                .map(|field| (field.as_str(), state.get(field_parts(field).0))),
         ))
     }
 }
 
-/// The digest of one entity: its kind, id and the named fields' values
-/// (`None`: absent), in canonical form.
+/// [`ChecksumSpec::kind_fingerprint`] of a kind digested over `fields`.
+pub(crate) fn fields_fingerprint(fields: &[String]) -> String {
+    let text = serde_json::to_string(fields).unwrap_or_default();
+    fingerprint_of(&text)
+}
+
+fn fingerprint_of(text: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(DIGEST_VERSION.as_bytes());
+    hasher.update([0]);
+    hasher.update(text.as_bytes());
+    let hash = hasher.finalize();
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A field of a spec: its name in the state, and for `name{a,b}` the
+/// members of its nested objects that count.
+fn field_parts(field: &str) -> (&str, Option<Vec<&str>>) {
+    match field.strip_suffix('}').and_then(|f| f.split_once('{')) {
+        Some((name, members)) => (name, Some(members.split(',').map(str::trim).collect())),
+        None => (field, None),
+    }
+}
+
+/// `value` with only `members` of its objects (of it, or of its array's).
+fn projected(value: &Value, members: &[&str]) -> Value {
+    match value {
+        Value::String(text) => match serde_json::from_str::<Value>(text) {
+            Ok(json @ (Value::Array(_) | Value::Object(_))) => projected(&json, members),
+            _ => value.clone(),
+        },
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|item| projected(item, members)).collect())
+        }
+        Value::Object(object) => Value::Object(
+            object
+                .iter()
+                .filter(|(name, _)| members.contains(&name.as_str()))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The digest of one entity: its kind, id and the spec's fields' values
+/// (`None`: absent), in canonical form. `fields` name them as the spec
+/// does (see [`ChecksumSpec`]): `name{a,b}` picks members of nested objects.
 pub fn digest<'a>(
     entity: &str,
     id: &str,
     fields: impl Iterator<Item = (&'a str, Option<&'a Value>)>,
 ) -> u64 {
     let mut object = BTreeMap::new();
-    for (name, value) in fields {
-        if let Some(canonical) = value.and_then(canonical) {
+    for (field, value) in fields {
+        let (name, members) = field_parts(field);
+        let value = match (value, members) {
+            (Some(value), Some(members)) => canonical(&projected(value, &members)),
+            (Some(value), None) => canonical(value),
+            (None, _) => None,
+        };
+        if let Some(canonical) = value {
             object.insert(name, canonical);
         }
     }
@@ -171,6 +240,7 @@ fn canonical(value: &Value) -> Option<Value> {
                 return None;
             }
             texts.sort_unstable();
+            texts.dedup();
             Some(Value::Array(texts.into_iter().map(Value::String).collect()))
         }
         Value::Object(members) => {
@@ -304,6 +374,38 @@ mod tests {
         let state = json!({"product_id": 42, "product_name": "Tea", "price": 3});
         let other = spec.digest("product", "43", state.as_object().expect("an object"));
         assert_ne!(Some(base), other, "another id");
+    }
+
+    #[test]
+    fn nested_objects_count_by_the_members_the_spec_names_and_lists_as_sets() {
+        let fields = [
+            "group_id",
+            "modifiers{modifier_id,price_delta}",
+            "product_ids",
+        ]
+        .map(String::from)
+        .to_vec();
+        let spec = ChecksumSpec::new([("modifier_group", fields.as_slice())]);
+        let of = |state: Value| {
+            spec.digest("modifier_group", "G", state.as_object().expect("an object"))
+                .expect("declared")
+        };
+        let wire = of(json!({"group_id": "G", "product_ids": ["P1", "P2", "P1"],
+            "modifiers": [{"modifier_id": 2, "price_delta": 0.4, "sku": "not kept"},
+                          {"modifier_id": "1", "price_delta": 0}]}));
+        let row = of(json!({"group_id": "G", "product_ids": "[\"P2\",\"P1\"]",
+            "modifiers": "[{\"modifier_id\":\"1\",\"price_delta\":0.0},{\"modifier_id\":\"2\",\"price_delta\":0.4}]"}));
+        assert_eq!(wire, row);
+        let changed = of(json!({"group_id": "G", "product_ids": ["P1", "P2"],
+            "modifiers": [{"modifier_id": 2, "price_delta": 0.5}, {"modifier_id": "1", "price_delta": 0}]}));
+        assert_ne!(wire, changed);
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_later_version_with_more_fields_is_read() {
+        let text = r#"{"seq": 4, "checksums": {}, "specs": {"product": "ab"}, "later": 1}"#;
+        let checkpoint: Checkpoint = serde_json::from_str(text).expect("read");
+        assert_eq!(checkpoint.specs["product"], "ab");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub(crate) struct Dispatched {
     /// The batch's last message, when it is a checkpoint: its payload and
     /// the catalog it names.
     pub(crate) checkpoint: Option<(Checkpoint, Option<String>)>,
+    /// A change without a `seq` (sent straight to the exchange) applied.
+    pub(crate) unsequenced: bool,
 }
 
 /// The whole batch failed: nothing of it applied, and it is held to be
@@ -149,6 +151,7 @@ impl Dispatch {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut changes = Changes::default();
         let mut checkpoint = None;
+        let mut unsequenced = false;
         for (index, (inbound, checked)) in batch.iter().zip(envelopes).enumerate() {
             transaction.begin_message();
             let outcome = match checked {
@@ -184,6 +187,7 @@ impl Dispatch {
                         self.poison.settled(transaction, inbound, &envelope)?;
                     }
                     if let Outcome::Applied { message_type } = &outcome {
+                        unsequenced |= envelope.seq.is_none();
                         let rule = self.registry.entity_rule(message_type);
                         changes.push(&envelope, rule);
                     }
@@ -206,6 +210,7 @@ impl Dispatch {
             closed_gap: marks.closed_gap(),
             changes,
             checkpoint,
+            unsequenced,
         }))
     }
 

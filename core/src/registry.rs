@@ -416,13 +416,26 @@ impl Registry {
     }
 
     /// How the enabled plugins' tables hold their entities, for checksums:
-    /// the first plugin to export a kind of entity, in handler order.
+    /// the first plugin to export a kind of entity, in handler order. A
+    /// kind that a switched-off plugin's type changes is left out: the
+    /// till holds it otherwise than the backend on purpose.
     pub fn exports(&self) -> Vec<&possync_sdk::Export> {
+        let switched_off: HashSet<String> = self
+            .routes
+            .iter()
+            .filter(|&(_, &index)| !self.entries[index].enabled)
+            .filter_map(|(message_type, &index)| {
+                let schema = self.entries[index].plugin.schema(message_type)?;
+                let rule = EntityRule::from_schema(message_type, &schema).ok()??;
+                Some(rule.entity)
+            })
+            .collect();
         let mut seen = HashSet::new();
         self.entries
             .iter()
             .filter(|entry| entry.enabled)
             .flat_map(|entry| entry.plugin.exports())
+            .filter(|export| !switched_off.contains(&export.entity))
             .filter(|export| seen.insert(export.entity.as_str()))
             .collect()
     }

@@ -777,7 +777,7 @@ fn swap_tables(
              last_change_ms = excluded.last_change_ms,
              head_seq = max(coalesce(head_seq, 0), excluded.head_seq), dead_seq = NULL,
              catalog = excluded.catalog, gap_cause = NULL, gap_low = NULL, gap_high = NULL,
-             gap_since_ms = NULL",
+             gap_since_ms = NULL, verified_seq = NULL, verified_ms = NULL",
         params![license_key, meta.seq, unix_now_ms(), meta.catalog],
     )?;
     transaction.execute(

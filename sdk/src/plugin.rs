@@ -108,7 +108,8 @@ impl Plugin {
     /// the table cannot tell from nothing (`NULL`, `''`, an empty JSON
     /// array) counts as absent, numbers and text compare by value, and a
     /// column may hold a JSON array or object (`json_group_array(...)`),
-    /// compared as a set.
+    /// compared as a set (order and repeats do not count). A field named
+    /// `name{a,b}` compares only the members `a` and `b` of its objects.
     ///
     /// ```
     /// # use possync_sdk::Plugin;

@@ -45,6 +45,15 @@ pub async fn broker() -> Connection {
     }
 }
 
+/// Deletes a queue, as its expiry does while a till is off.
+pub async fn delete_queue(queue: &str) {
+    let channel = broker().await.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.into(), Default::default())
+        .await
+        .expect("queue deleted");
+}
+
 /// A license key no other test uses.
 pub fn unique_license(label: &str) -> LicenseKey {
     let suffix = uuid::Uuid::now_v7().simple().to_string();

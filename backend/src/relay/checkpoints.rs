@@ -11,8 +11,11 @@
 //! A checkpoint goes out only once the broker confirmed every change up to
 //! its `seq`: marked published, or confirmed and waiting for the marker.
 //! It is published after them on the store's routing key, so a terminal
-//! receives it after the changes it covers. A store with changes still to
-//! publish is passed over and tried again after a later round.
+//! receives it after the changes it covers. Most go out at the end of the
+//! round that published a store's changes up to its head (its checksums
+//! read with the round's rows, at that head); a store that changes nothing
+//! gets its checkpoint between rounds. A store whose head moves on before
+//! it is read is passed over and tried again after a later round.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,11 +28,17 @@ use time::format_description::well_known::Rfc3339;
 use super::{Marker, Relay, RoundError};
 use crate::config::RelayConfig;
 use crate::events;
-use crate::storage::Storage;
+use crate::storage::{OutboxRow, Storage};
 
 /// A checkpoint that could not be read or published is tried again after
 /// this.
 const RETRY: Duration = Duration::from_secs(30);
+
+/// A store none of whose changes came straight from the exchange for this
+/// long: terminals apply such a change on arrival, before the catalog has
+/// sequenced its copy, so a checkpoint meanwhile could describe a catalog
+/// they are past.
+const DIRECT_QUIET: Duration = Duration::from_secs(60);
 
 /// Which stores' checkpoints are due.
 #[derive(Debug)]
@@ -224,6 +233,102 @@ impl<S: Storage> Relay<S> {
         }
     }
 
+    /// Places the checkpoints due for the stores of a round's `rows`: for
+    /// each, the catalog at the last boundary of a submission it publishes
+    /// (read from the checksum log), right after that change. A store
+    /// whose last boundary was published by an earlier round waits for a
+    /// later one.
+    pub(super) async fn place_checkpoints(
+        &self,
+        schedule: &Schedule,
+        rows: &[OutboxRow],
+    ) -> Result<Placed, RoundError> {
+        let due = schedule.due(Instant::now());
+        let mut placed = Placed::default();
+        if due.is_empty() {
+            return Ok(placed);
+        }
+        let spec = self.catalog.checksums();
+        let catalog = self.catalog_id().await?;
+        let timestamp = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .map_err(|err| RoundError::Checkpoint(format!("cannot format the time: {err}")))?;
+        for store in due {
+            if self.catalog.direct_within(&store, DIRECT_QUIET) {
+                continue;
+            }
+            let indices: Vec<usize> = (0..rows.len())
+                .filter(|&i| rows[i].store == store)
+                .collect();
+            let (Some(&first), Some(&last)) = (indices.first(), indices.last()) else {
+                continue;
+            };
+            let at = match self
+                .catalog
+                .storage()
+                .checkpoint_at(&store, rows[last].seq, spec)
+                .await
+            {
+                Ok(Some(at)) => at,
+                Ok(None) => continue,
+                Err(err) => {
+                    events::checkpoint_failed(&store, &err.to_string(), RETRY.as_secs());
+                    continue;
+                }
+            };
+            let (seq, checksums) = at;
+            let position = if seq == rows[first].seq - 1 {
+                Position::Before(first)
+            } else if let Some(&index) = indices.iter().find(|&&i| rows[i].seq == seq) {
+                Position::After(index)
+            } else {
+                continue;
+            };
+            let checkpoint = Checkpoint {
+                seq,
+                specs: kind_fingerprints(spec, &checksums),
+                checksums,
+            };
+            let envelope = envelope(&store, &checkpoint, &timestamp, &catalog)?;
+            let slot = match position {
+                Position::Before(index) => placed.before.entry(index).or_default(),
+                Position::After(index) => placed.after.entry(index).or_default(),
+            };
+            slot.push(Item {
+                row: None,
+                envelope,
+                checkpoint: Some(Published {
+                    store,
+                    seq,
+                    kinds: checkpoint.checksums.len(),
+                }),
+            });
+        }
+        Ok(placed)
+    }
+
+    /// Counts checkpoints the broker confirmed as done, and trims the
+    /// checksum log below them.
+    pub(super) async fn checkpoints_published(
+        &self,
+        schedule: &mut Schedule,
+        published: &[Published],
+    ) {
+        let now = Instant::now();
+        for checkpoint in published {
+            schedule.done(&checkpoint.store, now);
+            events::checkpoint_published(&checkpoint.store, checkpoint.seq, checkpoint.kinds);
+            if let Err(err) = self
+                .catalog
+                .storage()
+                .prune_checksum_log(&checkpoint.store, checkpoint.seq)
+                .await
+            {
+                events::checkpoint_failed(&checkpoint.store, &err.to_string(), RETRY.as_secs());
+            }
+        }
+    }
+
     /// `store`'s checkpoint, if every change up to its head was confirmed
     /// by the broker (`held`: per store, the highest seq confirmed and not
     /// yet marked); `None` to try again after a later round.
@@ -232,6 +337,9 @@ impl<S: Storage> Relay<S> {
         store: &str,
         held: &HashMap<String, i64>,
     ) -> Result<Option<Checkpoint>, RoundError> {
+        if self.catalog.direct_within(store, DIRECT_QUIET) {
+            return Ok(None);
+        }
         let spec = self.catalog.checksums();
         let state = self.catalog.storage().checkpoint(store, spec).await?;
         if let Some(unpublished) = state.highest_unpublished
@@ -247,6 +355,7 @@ impl<S: Storage> Relay<S> {
         };
         Ok(Some(Checkpoint {
             seq: state.head,
+            specs: kind_fingerprints(spec, &checksums),
             checksums,
         }))
     }
@@ -257,20 +366,118 @@ impl<S: Storage> Relay<S> {
         ready: &[(String, Checkpoint)],
         publisher: &mut Option<Publisher>,
     ) -> Result<(), RoundError> {
-        let catalog = self.catalog_id().await?;
-        let timestamp = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .map_err(|err| RoundError::Checkpoint(format!("cannot format the time: {err}")))?;
-        let envelopes = ready
-            .iter()
-            .map(|(store, checkpoint)| envelope(store, checkpoint, &timestamp, &catalog))
-            .collect::<Result<Vec<_>, _>>()?;
+        let envelopes = self.checkpoint_envelopes(ready).await?;
         self.connected(publisher)
             .await?
             .publish_envelopes(envelopes)
             .await?;
         Ok(())
     }
+
+    /// The envelopes of checkpoints.
+    async fn checkpoint_envelopes(
+        &self,
+        ready: &[(String, Checkpoint)],
+    ) -> Result<Vec<Envelope>, RoundError> {
+        let catalog = self.catalog_id().await?;
+        let timestamp = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .map_err(|err| RoundError::Checkpoint(format!("cannot format the time: {err}")))?;
+        ready
+            .iter()
+            .map(|(store, checkpoint)| envelope(store, checkpoint, &timestamp, &catalog))
+            .collect()
+    }
+}
+
+/// Each kind's fingerprint, for terminals to compare only kinds they
+/// digest alike.
+fn kind_fingerprints(
+    spec: &ChecksumSpec,
+    checksums: &std::collections::BTreeMap<String, possync_core::Checksum>,
+) -> std::collections::BTreeMap<String, String> {
+    checksums
+        .keys()
+        .filter_map(|kind| Some((kind.clone(), spec.kind_fingerprint(kind)?)))
+        .collect()
+}
+
+/// Where a checkpoint goes among a round's rows.
+enum Position {
+    Before(usize),
+    After(usize),
+}
+
+/// A checkpoint that went out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Published {
+    pub(super) store: String,
+    pub(super) seq: i64,
+    pub(super) kinds: usize,
+}
+
+/// One message of a round: a row's change (`row`: its index) or a
+/// checkpoint.
+#[derive(Debug)]
+pub(super) struct Item {
+    row: Option<usize>,
+    envelope: Envelope,
+    checkpoint: Option<Published>,
+}
+
+/// A round's checkpoints, by the row they go before or after.
+#[derive(Debug, Default)]
+pub(super) struct Placed {
+    before: HashMap<usize, Vec<Item>>,
+    after: HashMap<usize, Vec<Item>>,
+}
+
+impl Placed {
+    /// The round's messages in the order they go out: each row's
+    /// envelope, with the checkpoints placed around it.
+    pub(super) fn interleave(mut self, envelopes: Vec<Envelope>) -> Vec<Item> {
+        let mut items = Vec::with_capacity(envelopes.len());
+        for (index, envelope) in envelopes.into_iter().enumerate() {
+            items.extend(self.before.remove(&index).unwrap_or_default());
+            items.push(Item {
+                row: Some(index),
+                envelope,
+                checkpoint: None,
+            });
+            items.extend(self.after.remove(&index).unwrap_or_default());
+        }
+        items
+    }
+}
+
+/// Messages published and confirmed together.
+#[derive(Debug, Default)]
+pub(super) struct Chunk {
+    /// The indices of the rows among them.
+    pub(super) rows: Vec<usize>,
+    pub(super) envelopes: Vec<Envelope>,
+    pub(super) checkpoints: Vec<Published>,
+}
+
+/// `items` in chunks of at most `rows` rows each (and the checkpoints
+/// among them).
+pub(super) fn chunks(items: Vec<Item>, rows: usize) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut chunk = Chunk::default();
+    for item in items {
+        if let Some(row) = item.row {
+            if chunk.rows.len() == rows {
+                chunks.push(std::mem::take(&mut chunk));
+            }
+            chunk.rows.push(row);
+        }
+        chunk.envelopes.push(item.envelope);
+        chunk.checkpoints.extend(item.checkpoint);
+    }
+    if !chunk.envelopes.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 /// A checkpoint's envelope: it changes nothing, so it has no `seq`; its
@@ -312,6 +519,68 @@ mod tests {
 
     fn rows(store: &str, count: i64) -> Vec<(String, i64)> {
         (1..=count).map(|seq| (store.to_owned(), seq)).collect()
+    }
+
+    fn change(seq: i64) -> Envelope {
+        Envelope::new("price_update", "S", serde_json::json!({"product_id": "P"})).with_seq(seq)
+    }
+
+    fn checkpoint_item(seq: i64) -> Item {
+        Item {
+            row: None,
+            envelope: Envelope::new(CHECKPOINT_TYPE, "S", serde_json::json!({})),
+            checkpoint: Some(Published {
+                store: "S".into(),
+                seq,
+                kinds: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_goes_out_right_after_the_change_it_states_the_catalog_at() {
+        let mut placed = Placed::default();
+        placed.after.insert(1, vec![checkpoint_item(2)]);
+        placed.before.insert(0, vec![checkpoint_item(0)]);
+        let items = placed.interleave((1..=4).map(change).collect());
+        let order: Vec<String> = items
+            .iter()
+            .map(|item| match (&item.row, &item.checkpoint) {
+                (Some(row), _) => format!("row {row}"),
+                (None, Some(checkpoint)) => format!("checkpoint at {}", checkpoint.seq),
+                (None, None) => "nothing".into(),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "checkpoint at 0",
+                "row 0",
+                "row 1",
+                "checkpoint at 2",
+                "row 2",
+                "row 3"
+            ]
+        );
+        let chunks = chunks(items, 2);
+        assert_eq!(
+            chunks.iter().map(|c| c.rows.clone()).collect::<Vec<_>>(),
+            [vec![0, 1], vec![2, 3]],
+            "chunks count rows"
+        );
+        assert_eq!(
+            chunks[0].envelopes.len(),
+            4,
+            "with the checkpoints among them"
+        );
+        assert_eq!(
+            chunks[0]
+                .checkpoints
+                .iter()
+                .map(|c| c.seq)
+                .collect::<Vec<_>>(),
+            [0, 2]
+        );
     }
 
     #[test]
@@ -373,6 +642,7 @@ mod tests {
         let checkpoint = Checkpoint {
             seq: 7,
             checksums: BTreeMap::from([("product".to_owned(), Checksum { sum: 255, count: 2 })]),
+            specs: BTreeMap::from([("product".to_owned(), "f00d".to_owned())]),
         };
         let envelope =
             envelope("STORE-1", &checkpoint, "2025-11-27T10:30:00Z", "c0ffee").expect("encodes");

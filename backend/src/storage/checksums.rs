@@ -6,13 +6,26 @@
 //! Each is stored as two integers: the sum as the bits of a signed 64-bit
 //! integer (the databases have no unsigned one), and the count. New values
 //! are computed in Rust and written whole: adding in SQL would overflow.
+//!
+//! Beside them, the checksum log (`checksum_log`) keeps their past values,
+//! so that a checkpoint can state a store's checksums at the end of an
+//! earlier submission rather than only at its head. Each row is one
+//! checksum's value from a seq on: a submission that moves a checksum
+//! logs its new value at the highest seq it gave the store (its changes to
+//! one store have a contiguous range, so no other submission straddles
+//! that seq). A store's log has, for every kind of the spec, a row at or
+//! before the first seq it can answer for: computing the checksums again
+//! writes every kind's at the store's head, and a store's first
+//! submission every kind's, moved or zero. Then a kind with no row at or
+//! before a seq marks the log as unable to answer there (pruned, or reset
+//! after it), never a zero checksum.
 
 use std::collections::BTreeMap;
 
 use possync_core::{Checksum, ChecksumSpec};
 use serde_json::{Map, Value};
 
-use super::Recomputed;
+use super::{ChecksumsAt, Recomputed};
 
 /// A checksum's address: store, kind of entity.
 pub(crate) type ChecksumKey = (String, String);
@@ -21,6 +34,40 @@ pub(crate) type ChecksumKey = (String, String);
 /// made before checksums, or one a submission under another spec wrote to.
 /// No spec has it.
 pub(crate) const STALE: &str = "";
+
+/// How far below a store's newest boundary its checksum log keeps every
+/// boundary, in seqs, when nothing prunes it sooner: each submission that
+/// logs a checksum prunes that checksum's rows older than this (but the
+/// latest of them), so a log holds at most this many and one rows per
+/// store and kind even when no checkpoint is ever published.
+pub(crate) const LOG_WINDOW: i64 = 1024;
+
+/// A checksum log row: the checksum's address, the boundary seq it holds
+/// from, its value there.
+pub(crate) type LogRow = (ChecksumKey, i64, Checksum);
+
+/// A store's checksums at a boundary, from the latest log row at or before
+/// it of each kind of `spec` (`rows`: kind, seq, checksum): the boundary
+/// (the highest of those seqs) and every kind's checksum; `None` when a
+/// kind has no such row (the log cannot answer there) or `spec` has no
+/// kind.
+pub(crate) fn at_boundary(
+    spec: &ChecksumSpec,
+    rows: impl IntoIterator<Item = (String, i64, Checksum)>,
+) -> Option<ChecksumsAt> {
+    let found: BTreeMap<String, (i64, Checksum)> = rows
+        .into_iter()
+        .map(|(kind, seq, checksum)| (kind, (seq, checksum)))
+        .collect();
+    let mut boundary = None;
+    let mut checksums = BTreeMap::new();
+    for kind in spec.kinds() {
+        let (seq, checksum) = found.get(kind)?;
+        boundary = boundary.max(Some(*seq));
+        checksums.insert(kind.to_owned(), *checksum);
+    }
+    Some((boundary?, checksums))
+}
 
 /// A checksum as its row stores it: `(sum, count)`.
 pub(crate) fn to_row(checksum: Checksum) -> (i64, i64) {
@@ -118,6 +165,42 @@ mod tests {
             let (sum, count) = to_row(checksum);
             assert_eq!(from_row(sum, count), checksum);
         }
+    }
+
+    #[test]
+    fn a_boundary_is_the_latest_row_of_any_kind_and_needs_a_row_of_each() {
+        let fields = vec!["price".to_owned()];
+        let spec = ChecksumSpec::new([("product", fields.as_slice()), ("category", &fields)]);
+        let product = Checksum { sum: 7, count: 1 };
+        let category = Checksum { sum: 3, count: 2 };
+        assert_eq!(
+            at_boundary(
+                &spec,
+                [
+                    ("product".to_owned(), 9, product),
+                    ("category".to_owned(), 4, category),
+                    ("modifier".to_owned(), 12, product),
+                ]
+            ),
+            Some((
+                9,
+                BTreeMap::from([
+                    ("category".to_owned(), category),
+                    ("product".to_owned(), product),
+                ])
+            )),
+            "a kind of another spec neither counts nor shows"
+        );
+        assert_eq!(
+            at_boundary(&spec, [("product".to_owned(), 9, product)]),
+            None,
+            "a kind without a row: the log cannot answer"
+        );
+        assert_eq!(
+            at_boundary(&ChecksumSpec::default(), []),
+            None,
+            "no kind, no boundary"
+        );
     }
 
     #[test]

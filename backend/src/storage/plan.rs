@@ -1,6 +1,7 @@
 //! How a submission's changes are sequenced, decided in memory from what
 //! the database holds: which are stale, each one's sequence number, each
-//! entity's new state, each touched checksum's new value. Both
+//! entity's new state, each touched checksum's new value and the checksum
+//! log's rows (see [`super::checksums`]). Both
 //! implementations load the same inputs inside their transaction and write
 //! the same plan, so they judge alike.
 
@@ -9,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use possync_core::{Checksum, ChecksumSpec};
 use serde_json::{Map, Value};
 
-use super::checksums::ChecksumKey;
+use super::checksums::{ChecksumKey, LogRow};
 use super::{Accepted, NewChange, OutboxRow, Outcome, StorageError};
 
 /// An entity's address: store, kind, id.
@@ -56,6 +57,12 @@ pub(crate) struct Plan {
     pub(crate) type_clocks: Vec<(TypeKey, i64)>,
     /// Each checksum an entity write moved, with its new value.
     pub(crate) checksums: Vec<(ChecksumKey, Checksum)>,
+    /// The checksum log's new rows, by key: each moved checksum's new
+    /// value at its store's new head (the submission's last seq of that
+    /// store: a boundary), and for a store's first changes every kind of
+    /// the spec there (zero unless moved), so that each kind has a row
+    /// from the store's start.
+    pub(crate) log: Vec<LogRow>,
 }
 
 /// What the database holds that a submission is judged against, read
@@ -132,6 +139,14 @@ pub(crate) fn checksum_keys(changes: &[NewChange], spec: &ChecksumSpec) -> Vec<C
         .collect()
 }
 
+/// Whether a submission needs the stored checksums ([`Before::checksums`],
+/// read after [`Before::heads`]): it writes an entity, which may move one,
+/// or it may start a store, whose log takes every kind.
+pub(crate) fn reads_checksums(changes: &[NewChange], before: &Before) -> bool {
+    changes.iter().any(|change| change.entity.is_some())
+        || before.heads.values().any(|head| *head == 0)
+}
+
 /// The message ids of a submission, by store.
 pub(crate) fn message_keys(changes: &[NewChange]) -> Vec<MessageKey> {
     changes
@@ -173,6 +188,8 @@ pub(crate) fn plan(
     let mut plan = Plan::default();
     let mut written: BTreeMap<EntityKey, i64> = BTreeMap::new();
     let mut moved: BTreeSet<String> = BTreeSet::new();
+    // Stores whose first change this submission sequences.
+    let mut started: BTreeSet<String> = BTreeSet::new();
     let mut clocked: BTreeSet<TypeKey> = BTreeSet::new();
     for change in changes {
         // Terminals drop a message whose id they saw: a second change under
@@ -220,6 +237,9 @@ pub(crate) fn plan(
             continue;
         }
         let head = heads.entry(change.store.clone()).or_insert(0);
+        if *head == 0 {
+            started.insert(change.store.clone());
+        }
         *head = head.checked_add(1).ok_or_else(|| {
             StorageError::Refused(format!(
                 "store {}'s sequence is exhausted (its head is {head}); it takes no more changes",
@@ -283,8 +303,34 @@ pub(crate) fn plan(
         .collect();
     if let Some(mut checksums) = checksums {
         plan.checksums = moved_checksums(&plan.entities, &old_digests, &mut checksums, spec);
+        plan.log = log_rows(&plan, &started, spec);
     }
     Ok(plan)
+}
+
+/// The checksum log's rows for a plan whose checksums moved as
+/// `plan.checksums` says: each at its store's new head; `started`'s
+/// stores log every kind of `spec`.
+fn log_rows(plan: &Plan, started: &BTreeSet<String>, spec: &ChecksumSpec) -> Vec<LogRow> {
+    let heads: HashMap<&str, i64> = plan
+        .heads
+        .iter()
+        .map(|(store, head)| (store.as_str(), *head))
+        .collect();
+    let mut rows: BTreeMap<ChecksumKey, Checksum> = started
+        .iter()
+        .flat_map(|store| {
+            spec.kinds()
+                .map(|kind| ((store.clone(), kind.to_owned()), Checksum::default()))
+        })
+        .collect();
+    rows.extend(plan.checksums.iter().cloned());
+    rows.into_iter()
+        .filter_map(|(key, checksum)| {
+            let head = *heads.get(key.0.as_str())?;
+            Some((key, head, checksum))
+        })
+        .collect()
 }
 
 /// The new value of each checksum the writes move: each entity's old
@@ -434,6 +480,78 @@ mod tests {
         assert_eq!(
             plan.checksums,
             [(("S".to_owned(), "product".to_owned()), expected)]
+        );
+    }
+
+    #[test]
+    fn the_log_takes_each_moved_checksum_at_its_stores_last_seq() {
+        let fields = vec!["price".to_owned()];
+        let spec = ChecksumSpec::new([("product", fields.as_slice()), ("category", &fields)]);
+        let digest = |store: &str, id: &str, price: i64| {
+            let state = json!({ "price": price }).as_object().cloned();
+            let digest = spec.digest("product", id, &state.unwrap_or_default());
+            let mut checksum = Checksum::default();
+            checksum.add(digest.expect("a kind with a checksum"));
+            ((store.to_owned(), "product".to_owned()), checksum)
+        };
+        let in_store = |store: &str, mut change: NewChange| {
+            change.store = store.into();
+            change.message_id.push_str(store);
+            change
+        };
+        let mut note = in_store("T", change("N", ChangeKind::Merge, json!({}), None));
+        note.entity = None;
+        let changes = vec![
+            in_store(
+                "S",
+                change("P", ChangeKind::Merge, json!({"price": 1}), None),
+            ),
+            in_store(
+                "T",
+                change("P", ChangeKind::Merge, json!({"price": 2}), None),
+            ),
+            in_store(
+                "S",
+                change("P", ChangeKind::Merge, json!({"price": 3}), None),
+            ),
+            in_store(
+                "U",
+                change("P", ChangeKind::Merge, json!({"price": 4}), None),
+            ),
+            note,
+        ];
+        let before = Before {
+            heads: HashMap::from([("S".into(), 0), ("T".into(), 7)]),
+            checksums: Some(HashMap::new()),
+            ..Before::default()
+        };
+        let plan = plan(changes.clone(), before, &spec).expect("planned");
+        let zero = |store: &str| {
+            (
+                (store.to_owned(), "category".to_owned()),
+                Checksum::default(),
+            )
+        };
+        let row = |(key, checksum): ((String, String), Checksum), seq: i64| (key, seq, checksum);
+        assert_eq!(
+            plan.log,
+            [
+                row(zero("S"), 2),
+                row(digest("S", "P", 3), 2),
+                row(digest("T", "P", 2), 9),
+                row(zero("U"), 1),
+                row(digest("U", "P", 4), 1),
+            ],
+            "a store's first changes log every kind; T logs what moved, at its last seq"
+        );
+        let before = Before {
+            heads: HashMap::from([("S".into(), 0)]),
+            ..Before::default()
+        };
+        let plan = super::plan(changes, before, &spec).expect("planned");
+        assert!(
+            plan.log.is_empty(),
+            "checksums under another spec log nothing"
         );
     }
 

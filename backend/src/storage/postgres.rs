@@ -21,9 +21,9 @@ use tokio_postgres::{Client, Config, NoTls, Row};
 use super::checksums::{self, STALE, Tally};
 use super::plan::{self, Before, StoredEntity};
 use super::{
-    CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
-    Received, Recomputed, Storage, StorageError, StoreCheckpoint, StoreHead, Submitted,
-    TerminalRecord, TokenRecord, UpstreamRecord, answer,
+    CatalogEntry, CatalogPage, Change, ChecksumsAt, IdempotencyKey, NewChange, OutboxRow,
+    ReceiptRecord, Received, Recomputed, Storage, StorageError, StoreCheckpoint, StoreHead,
+    Submitted, TerminalRecord, TokenRecord, UpstreamRecord, answer,
 };
 
 /// Connections kept for concurrent requests.
@@ -193,6 +193,22 @@ const MIGRATIONS: &[&str] = &[
     -- What each terminal's latest receipt said of its catalog's verification.
     ALTER TABLE fleet ADD COLUMN verified_seq bigint;
     ALTER TABLE fleet ADD COLUMN gap text;
+",
+    r"
+    -- The checksums' past values: each row is a store's checksum of a kind
+    -- from seq on, seq being the end of the submission that moved it.
+    CREATE TABLE checksum_log (
+        store text NOT NULL,
+        entity text NOT NULL,
+        seq bigint NOT NULL,
+        digest_sum bigint NOT NULL,
+        entity_count bigint NOT NULL,
+        PRIMARY KEY (store, entity, seq)
+    );
+
+    -- The log starts when the checksums are computed again, at the
+    -- backend's next start: that logs every kind at each store's head.
+    UPDATE checksum_spec SET fingerprint = '';
 ",
 ];
 
@@ -568,8 +584,7 @@ impl Storage for PostgresStorage {
             }
         }
 
-        // A submission that writes no entity moves no checksum.
-        if changes.iter().any(|change| change.entity.is_some()) {
+        if plan::reads_checksums(&changes, &before) {
             before.checksums = stored_checksums(&tx, &changes, checksums).await?;
         }
 
@@ -635,6 +650,9 @@ impl Storage for PostgresStorage {
             )
             .await
             .map_err(&sql)?;
+        }
+        if !plan.log.is_empty() {
+            log_checksums(&tx, &plan.log).await?;
         }
         if !plan.heads.is_empty() {
             let (stores, heads): (Vec<&str>, Vec<i64>) = plan
@@ -736,6 +754,23 @@ impl Storage for PostgresStorage {
         )
         .await
         .map_err(&sql)?;
+        // The log starts again: every kind of every store at its head, as
+        // the checksums table now holds them (no row: zero).
+        let kinds: Vec<&str> = spec.kinds().collect();
+        tx.batch_execute("DELETE FROM checksum_log")
+            .await
+            .map_err(&sql)?;
+        tx.execute(
+            "INSERT INTO checksum_log (store, entity, seq, digest_sum, entity_count)
+             SELECT stores.store, kinds.entity, stores.head,
+                coalesce(kept.digest_sum, 0), coalesce(kept.entity_count, 0)
+             FROM stores CROSS JOIN unnest($1::text[]) AS kinds (entity)
+             LEFT JOIN checksums AS kept
+                ON kept.store = stores.store AND kept.entity = kinds.entity",
+            &[&kinds],
+        )
+        .await
+        .map_err(&sql)?;
         tx.execute("UPDATE checksum_spec SET fingerprint = $1", &[&fingerprint])
             .await
             .map_err(&sql)?;
@@ -788,6 +823,77 @@ impl Storage for PostgresStorage {
             highest_unpublished,
             checksums,
         })
+    }
+
+    async fn checkpoint_at(
+        &self,
+        store: &str,
+        up_to: i64,
+        spec: &ChecksumSpec,
+    ) -> Result<Option<ChecksumsAt>, StorageError> {
+        let client = self.client().await?;
+        let kinds: Vec<&str> = spec.kinds().collect();
+        // One statement: one snapshot. Each kind's latest row at or below
+        // `up_to`: the highest of them is the boundary, and each is its
+        // kind's latest at or below it too. One row, with NULLs, when the
+        // spec has no kind.
+        let rows = client
+            .query(
+                "SELECT spec.fingerprint, kinds.entity,
+                    latest.seq, latest.digest_sum, latest.entity_count
+                 FROM checksum_spec AS spec
+                 LEFT JOIN unnest($2::text[]) AS kinds (entity) ON true
+                 LEFT JOIN LATERAL (
+                    SELECT seq, digest_sum, entity_count FROM checksum_log AS log
+                    WHERE log.store = $1 AND log.entity = kinds.entity AND log.seq <= $3
+                    ORDER BY log.seq DESC LIMIT 1) AS latest ON true",
+                &[&store, &kinds, &up_to],
+            )
+            .await
+            .map_err(failed("cannot read the checksum log"))?;
+        let first = rows.first().ok_or_else(|| {
+            StorageError::Database(
+                "the table checksum_spec is empty; the database was changed by hand".into(),
+            )
+        })?;
+        let fingerprint: String = col(first, 0)?;
+        if fingerprint != spec.fingerprint() {
+            return Ok(None);
+        }
+        let mut found = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let kind: Option<String> = col(row, 1)?;
+            let seq: Option<i64> = col(row, 2)?;
+            if let (Some(kind), Some(seq)) = (kind, seq) {
+                let checksum = checksums::from_row(col(row, 3)?, col(row, 4)?);
+                found.push((kind, seq, checksum));
+            }
+        }
+        Ok(checksums::at_boundary(spec, found))
+    }
+
+    async fn prune_checksum_log(&self, store: &str, below: i64) -> Result<u64, StorageError> {
+        let sql = failed("cannot trim the checksum log");
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(&sql)?;
+        // The store's row, as a submission writes it first: this waits for
+        // the store's submissions under way (and a recomputing), whose
+        // trims of the same rows would otherwise deadlock with this one.
+        tx.execute("UPDATE stores SET head = head WHERE store = $1", &[&store])
+            .await
+            .map_err(&sql)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM checksum_log AS log
+                 WHERE log.store = $1 AND log.seq < $2 AND log.seq <
+                    (SELECT max(kept.seq) FROM checksum_log AS kept
+                     WHERE kept.store = $1 AND kept.entity = log.entity AND kept.seq <= $2)",
+                &[&store, &below],
+            )
+            .await
+            .map_err(&sql)?;
+        tx.commit().await.map_err(&sql)?;
+        Ok(removed)
     }
 
     async fn unpublished(&self, limit_rows: usize) -> Result<Vec<OutboxRow>, StorageError> {
@@ -1281,6 +1387,49 @@ async fn stored_checksums(
         }
     }
     Ok(Some(kept))
+}
+
+/// Writes a submission's checksum log rows, each trimmed of its rows more
+/// than [`checksums::LOG_WINDOW`] seqs older (but the latest of those). One
+/// statement: the trim sees the log as it was before the insert, which
+/// it never reaches.
+async fn log_checksums(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rows: &[checksums::LogRow],
+) -> Result<(), StorageError> {
+    let stores: Vec<&str> = rows.iter().map(|(key, _, _)| key.0.as_str()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|(key, _, _)| key.1.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|(_, seq, _)| *seq).collect();
+    let (sums, counts): (Vec<i64>, Vec<i64>) = rows
+        .iter()
+        .map(|(_, _, checksum)| checksums::to_row(*checksum))
+        .unzip();
+    tx.execute(
+        "WITH logged AS (
+            INSERT INTO checksum_log (store, entity, seq, digest_sum, entity_count)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
+            ON CONFLICT (store, entity, seq) DO UPDATE
+            SET digest_sum = excluded.digest_sum, entity_count = excluded.entity_count
+            RETURNING store, entity, seq)
+         DELETE FROM checksum_log AS log
+         USING (SELECT logged.store, logged.entity,
+                    (SELECT max(kept.seq) FROM checksum_log AS kept
+                     WHERE kept.store = logged.store AND kept.entity = logged.entity
+                       AND kept.seq <= logged.seq - $6) AS keep
+                FROM logged) AS bound
+         WHERE log.store = bound.store AND log.entity = bound.entity AND log.seq < bound.keep",
+        &[
+            &stores,
+            &kinds,
+            &seqs,
+            &sums,
+            &counts,
+            &checksums::LOG_WINDOW,
+        ],
+    )
+    .await
+    .map_err(failed("cannot log the checksums"))?;
+    Ok(())
 }
 
 /// A catalog row `(entity, id, state, seq)` as an entry.

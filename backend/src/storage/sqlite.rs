@@ -23,9 +23,9 @@ use tokio::sync::oneshot;
 use super::checksums::{self, STALE, Tally};
 use super::plan::{self, Before, StoredEntity};
 use super::{
-    CatalogEntry, CatalogPage, Change, IdempotencyKey, NewChange, OutboxRow, ReceiptRecord,
-    Received, Recomputed, Storage, StorageError, StoreCheckpoint, StoreHead, Submitted,
-    TerminalRecord, TokenRecord, UpstreamRecord, answer,
+    CatalogEntry, CatalogPage, Change, ChecksumsAt, IdempotencyKey, NewChange, OutboxRow,
+    ReceiptRecord, Received, Recomputed, Storage, StorageError, StoreCheckpoint, StoreHead,
+    Submitted, TerminalRecord, TokenRecord, UpstreamRecord, answer,
 };
 
 /// How long a statement waits for another process's write lock.
@@ -165,6 +165,22 @@ const MIGRATIONS: &[&str] = &[
     -- What each terminal's latest receipt said of its catalog's verification.
     ALTER TABLE fleet ADD COLUMN verified_seq INTEGER;
     ALTER TABLE fleet ADD COLUMN gap TEXT;
+",
+    r"
+    -- The checksums' past values: each row is a store's checksum of a kind
+    -- from seq on, seq being the end of the submission that moved it.
+    CREATE TABLE checksum_log (
+        store TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        digest_sum INTEGER NOT NULL,
+        entity_count INTEGER NOT NULL,
+        PRIMARY KEY (store, entity, seq)
+    ) WITHOUT ROWID;
+
+    -- The log starts when the checksums are computed again, at the
+    -- backend's next start: that logs every kind at each store's head.
+    UPDATE checksum_spec SET fingerprint = '';
 ",
 ];
 
@@ -526,8 +542,7 @@ fn submit(
             }
         }
     }
-    // A submission that writes no entity moves no checksum.
-    if changes.iter().any(|change| change.entity.is_some()) {
+    if plan::reads_checksums(&changes, &before) {
         before.checksums = stored_checksums(tx, &changes, spec)?;
     }
 
@@ -589,6 +604,7 @@ fn submit(
                 .map_err(&sql)?;
         }
     }
+    log_checksums(tx, &plan.log)?;
     {
         let mut stmt = tx
             .prepare_cached(
@@ -627,6 +643,40 @@ fn submit(
         accepted: plan.accepted,
         replayed: false,
     })
+}
+
+/// Writes a submission's checksum log rows, each trimmed of its rows more
+/// than [`checksums::LOG_WINDOW`] seqs older (but the latest of those).
+fn log_checksums(tx: &Connection, rows: &[checksums::LogRow]) -> Result<(), StorageError> {
+    let sql = failed("cannot log the checksums");
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO checksum_log (store, entity, seq, digest_sum, entity_count)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (store, entity, seq) DO UPDATE
+             SET digest_sum = excluded.digest_sum, entity_count = excluded.entity_count",
+        )
+        .map_err(&sql)?;
+    let mut trim = tx
+        .prepare_cached(
+            "DELETE FROM checksum_log WHERE store = ?1 AND entity = ?2 AND seq <
+                (SELECT max(seq) FROM checksum_log
+                 WHERE store = ?1 AND entity = ?2 AND seq <= ?3)",
+        )
+        .map_err(&sql)?;
+    for ((store, entity), seq, checksum) in rows {
+        let (sum, count) = checksums::to_row(*checksum);
+        insert
+            .execute(params![store, entity, seq, sum, count])
+            .map_err(&sql)?;
+        trim.execute(params![
+            store,
+            entity,
+            seq.saturating_sub(checksums::LOG_WINDOW)
+        ])
+        .map_err(&sql)?;
+    }
+    Ok(())
 }
 
 /// The stored checksums a submission under `spec` may move, if they are
@@ -696,7 +746,7 @@ fn sync_checksums(
                  WHERE state IS NOT NULL AND entity IN (SELECT value FROM json_each(?))",
             )
             .map_err(&sql)?;
-        let mut rows = stmt.query([kinds]).map_err(&sql)?;
+        let mut rows = stmt.query([&kinds]).map_err(&sql)?;
         while let Some(row) = rows.next().map_err(&sql)? {
             let (store, kind, id): (String, String, String) = (
                 row.get(0).map_err(&sql)?,
@@ -722,11 +772,23 @@ fn sync_checksums(
                 .map_err(&sql)?;
         }
     }
+    // The log starts again: every kind of every store at its head.
+    tx.execute("DELETE FROM checksum_log", []).map_err(&sql)?;
+    tx.execute(RESTART_LOG, [&kinds]).map_err(&sql)?;
     tx.execute("UPDATE checksum_spec SET fingerprint = ?", [fingerprint])
         .map_err(&sql)?;
     tx.commit().map_err(&sql)?;
     Ok(Some(recomputed))
 }
+
+/// Logs every kind (a JSON array) of every store at its head, as the
+/// checksums table holds them (no row: zero).
+const RESTART_LOG: &str = "
+    INSERT INTO checksum_log (store, entity, seq, digest_sum, entity_count)
+    SELECT stores.store, kinds.value, stores.head,
+        coalesce(kept.digest_sum, 0), coalesce(kept.entity_count, 0)
+    FROM stores CROSS JOIN json_each(?) AS kinds
+    LEFT JOIN checksums AS kept ON kept.store = stores.store AND kept.entity = kinds.value";
 
 /// What a checkpoint of `store` states, in one read transaction.
 fn checkpoint(
@@ -773,6 +835,67 @@ fn checkpoint(
         highest_unpublished,
         checksums,
     })
+}
+
+/// The checksums at `store`'s last boundary at or below `up_to`, from the
+/// checksum log, in one read transaction.
+fn checkpoint_at(
+    connection: &mut Connection,
+    store: &str,
+    up_to: i64,
+    spec: &ChecksumSpec,
+) -> Result<Option<ChecksumsAt>, StorageError> {
+    let sql = failed("cannot read the checksum log");
+    // One snapshot: the fingerprint and every kind's row agree.
+    let tx = connection.transaction().map_err(&sql)?;
+    let fingerprint: String = tx
+        .prepare_cached("SELECT fingerprint FROM checksum_spec")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+        .map_err(&sql)?;
+    if fingerprint != spec.fingerprint() {
+        return Ok(None);
+    }
+    // Each kind's latest row at or below `up_to`: the highest of them is
+    // the boundary, and each is its kind's latest at or below it too.
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT seq, digest_sum, entity_count FROM checksum_log
+             WHERE store = ? AND entity = ? AND seq <= ? ORDER BY seq DESC LIMIT 1",
+        )
+        .map_err(&sql)?;
+    let mut rows = Vec::new();
+    for kind in spec.kinds() {
+        let row: Option<(i64, i64, i64)> = stmt
+            .query_row(params![store, kind, up_to], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()
+            .map_err(&sql)?;
+        let Some((seq, sum, count)) = row else {
+            return Ok(None);
+        };
+        rows.push((kind.to_owned(), seq, checksums::from_row(sum, count)));
+    }
+    Ok(checksums::at_boundary(spec, rows))
+}
+
+/// Trims `store`'s checksum log below `below` (see
+/// [`Storage::prune_checksum_log`]).
+fn prune_checksum_log(
+    connection: &Connection,
+    store: &str,
+    below: i64,
+) -> Result<u64, StorageError> {
+    let removed = connection
+        .prepare_cached(
+            "DELETE FROM checksum_log WHERE store = ?1 AND seq < ?2 AND seq <
+                (SELECT max(seq) FROM checksum_log AS kept
+                 WHERE kept.store = ?1 AND kept.entity = checksum_log.entity
+                   AND kept.seq <= ?2)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![store, below]))
+        .map_err(failed("cannot trim the checksum log"))?;
+    Ok(removed as u64)
 }
 
 /// An outbox row from the first six columns of a query that selects
@@ -881,6 +1004,28 @@ impl Storage for SqliteStorage {
         let (store, spec) = (store.to_owned(), spec.clone());
         self.run(move |inner| checkpoint(&mut inner.reader(), &store, &spec))
             .await
+    }
+
+    async fn checkpoint_at(
+        &self,
+        store: &str,
+        up_to: i64,
+        spec: &ChecksumSpec,
+    ) -> Result<Option<ChecksumsAt>, StorageError> {
+        let (store, spec) = (store.to_owned(), spec.clone());
+        self.run(move |inner| checkpoint_at(&mut inner.reader(), &store, up_to, &spec))
+            .await
+    }
+
+    async fn prune_checksum_log(&self, store: &str, below: i64) -> Result<u64, StorageError> {
+        let store = store.to_owned();
+        self.run(move |inner| {
+            let connection = inner
+                .durable_writer()
+                .map_err(failed("cannot trim the checksum log"))?;
+            prune_checksum_log(&connection, &store, below)
+        })
+        .await
     }
 
     async fn unpublished(&self, limit: usize) -> Result<Vec<OutboxRow>, StorageError> {

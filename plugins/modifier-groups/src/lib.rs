@@ -43,7 +43,7 @@ pub fn plugin(_: &Settings) -> Result<Plugin, String> {
                 "group_name",
                 "min_select",
                 "max_select",
-                "modifiers",
+                "modifiers{modifier_id,name,price_delta}",
                 "product_ids",
             ],
             "SELECT g.id, g.name, g.min_select, g.max_select,
