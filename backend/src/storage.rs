@@ -417,7 +417,8 @@ pub trait Storage: Send + Sync + 'static {
     /// calls it once a checkpoint at `below` is out. Returns how many rows
     /// went. Without it the log is bounded still: each submission that
     /// logs a checksum trims that checksum's rows more than 1024 seqs
-    /// below its new one (but the latest of them).
+    /// below its new one and below the store's first unpublished change
+    /// (but the latest of them).
     ///
     /// The default keeps no log: nothing to trim.
     fn prune_checksum_log(

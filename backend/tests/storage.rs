@@ -283,6 +283,7 @@ on_every_storage!(
     computing_the_checksums_again_starts_the_log_at_each_stores_head,
     pruning_the_checksum_log_keeps_reads_at_and_above_its_bound,
     the_checksum_log_stays_bounded_without_pruning,
+    the_checksum_log_keeps_every_boundary_the_relay_has_yet_to_publish,
     pruning_the_checksum_log_beside_submissions_fails_neither,
 );
 
@@ -2172,6 +2173,8 @@ async fn the_checksum_log_stays_bounded_without_pruning<H: Harness>() {
         let seqs = submit(&storage, changes).await;
         let end = seqs.last().copied().flatten().expect("sequenced");
         ends.insert(end, from_scratch(&storage, "A", &spec()).await);
+        // As the relay does, with no checkpoint to prune after.
+        publish_all(&storage, "A").await;
     }
     let head = head(&storage, "A").await;
     assert_eq!(head, 1 + 60 * BATCH);
@@ -2208,6 +2211,52 @@ async fn the_checksum_log_stays_bounded_without_pruning<H: Harness>() {
         None,
         "trimmed: no answer rather than a wrong one"
     );
+}
+
+async fn the_checksum_log_keeps_every_boundary_the_relay_has_yet_to_publish<H: Harness>() {
+    const BATCH: i64 = 40;
+    let db = H::fresh().await;
+    let storage = db.open().await;
+    storage.sync_checksums(&spec()).await.expect("synced");
+    submit(&storage, vec![category("A", "C1", "Drinks")]).await;
+    publish_all(&storage, "A").await;
+    // A backlog far longer than the log's window, none of it published:
+    // the relay must find a boundary wherever it stands in it.
+    let mut ends = BTreeMap::new();
+    for round in 0..60 {
+        let changes = (0..BATCH)
+            .map(|i| price("A", &format!("P{}", i % 7), (round * 100 + i) as f64))
+            .collect();
+        let seqs = submit(&storage, changes).await;
+        let end = seqs.last().copied().flatten().expect("sequenced");
+        ends.insert(end, from_scratch(&storage, "A", &spec()).await);
+    }
+    for (end, expected) in &ends {
+        assert_eq!(
+            storage
+                .checkpoint_at("A", *end, &spec())
+                .await
+                .expect("read"),
+            Some((*end, expected.clone())),
+            "at {end}"
+        );
+    }
+    // Once it is published, the next submission trims it to the window.
+    publish_all(&storage, "A").await;
+    submit(&storage, vec![price("A", "P1", 1.0)]).await;
+    let products = db
+        .count("SELECT count(*) FROM checksum_log WHERE entity = 'product'")
+        .await;
+    assert!(products <= 1024 / BATCH + 3, "{products} rows kept");
+}
+
+/// Marks every change of `store` published, as the relay does once the
+/// broker confirmed them.
+async fn publish_all(storage: &impl Storage, store: &str) {
+    let rows: Vec<(String, i64)> = (1..=head(storage, store).await)
+        .map(|seq| (store.to_owned(), seq))
+        .collect();
+    storage.mark_published(&rows).await.expect("marked");
 }
 
 async fn pruning_the_checksum_log_beside_submissions_fails_neither<H: Harness>() {

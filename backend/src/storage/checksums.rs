@@ -37,9 +37,11 @@ pub(crate) const STALE: &str = "";
 
 /// How far below a store's newest boundary its checksum log keeps every
 /// boundary, in seqs, when nothing prunes it sooner: each submission that
-/// logs a checksum prunes that checksum's rows older than this (but the
-/// latest of them), so a log holds at most this many and one rows per
-/// store and kind even when no checkpoint is ever published.
+/// logs a checksum prunes that checksum's rows older than this and older
+/// than the store's first unpublished change (but the latest of them), so
+/// a log holds at most this many and one rows per store and kind beyond
+/// its unpublished backlog, even when no checkpoint is ever published;
+/// the relay, however far behind, finds a boundary in each round.
 pub(crate) const LOG_WINDOW: i64 = 1024;
 
 /// A checksum log row: the checksum's address, the boundary seq it holds

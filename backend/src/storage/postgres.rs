@@ -1390,7 +1390,8 @@ async fn stored_checksums(
 }
 
 /// Writes a submission's checksum log rows, each trimmed of its rows more
-/// than [`checksums::LOG_WINDOW`] seqs older (but the latest of those). One
+/// than [`checksums::LOG_WINDOW`] seqs older and below the store's
+/// unpublished changes (but the latest of those). One
 /// statement: the trim sees the log as it was before the insert, which
 /// it never reaches.
 async fn log_checksums(
@@ -1415,7 +1416,10 @@ async fn log_checksums(
          USING (SELECT logged.store, logged.entity,
                     (SELECT max(kept.seq) FROM checksum_log AS kept
                      WHERE kept.store = logged.store AND kept.entity = logged.entity
-                       AND kept.seq <= logged.seq - $6) AS keep
+                       AND kept.seq <= least(logged.seq - $6,
+                            coalesce((SELECT min(outbox.seq) FROM outbox
+                                      WHERE outbox.store = logged.store AND NOT outbox.published),
+                                     logged.seq + 1) - 1)) AS keep
                 FROM logged) AS bound
          WHERE log.store = bound.store AND log.entity = bound.entity AND log.seq < bound.keep",
         &[

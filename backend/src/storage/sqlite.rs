@@ -646,7 +646,8 @@ fn submit(
 }
 
 /// Writes a submission's checksum log rows, each trimmed of its rows more
-/// than [`checksums::LOG_WINDOW`] seqs older (but the latest of those).
+/// than [`checksums::LOG_WINDOW`] seqs older and below the store's
+/// unpublished changes (but the latest of those).
 fn log_checksums(tx: &Connection, rows: &[checksums::LogRow]) -> Result<(), StorageError> {
     let sql = failed("cannot log the checksums");
     let mut insert = tx
@@ -661,7 +662,9 @@ fn log_checksums(tx: &Connection, rows: &[checksums::LogRow]) -> Result<(), Stor
         .prepare_cached(
             "DELETE FROM checksum_log WHERE store = ?1 AND entity = ?2 AND seq <
                 (SELECT max(seq) FROM checksum_log
-                 WHERE store = ?1 AND entity = ?2 AND seq <= ?3)",
+                 WHERE store = ?1 AND entity = ?2 AND seq <= min(?3,
+                    coalesce((SELECT min(seq) FROM outbox
+                              WHERE store = ?1 AND published = 0), ?3 + 1) - 1))",
         )
         .map_err(&sql)?;
     for ((store, entity), seq, checksum) in rows {
