@@ -323,9 +323,9 @@ pub(super) struct TerminalBody {
     /// The sequence number at which its catalog last matched the backend's
     /// checksums (a checkpoint); `null` until it has.
     pub(super) verified_seq: Option<i64>,
-    /// The gap it has open (a lost queue, a checksum that differs...), as
-    /// it describes it; `null` when it has none. It converges from a
-    /// snapshot.
+    /// The cause of the gap it has open, by name (`first_start`, `jump`,
+    /// `queue_recreated`, `checksum_mismatch`...); `null` when it has
+    /// none. It converges from a snapshot.
     pub(super) gap: Option<String>,
 }
 
