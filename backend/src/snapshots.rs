@@ -145,6 +145,7 @@ impl<S: Storage> Snapshots<S> {
             store: store.to_owned(),
             catalog: String::new(),
             seq: 0,
+            settled: 0,
             entities: Vec::new(),
             next: None,
             error: None,
@@ -162,6 +163,7 @@ impl<S: Storage> Snapshots<S> {
                 chunk.catalog = catalog;
                 // The first chunk sets the snapshot's seq; later ones keep it.
                 chunk.seq = request.seq.unwrap_or(page.head);
+                chunk.settled = page.settled;
                 let mut bytes = 0;
                 for entry in page.entries {
                     // Entities with large states (pictures) fill a chunk
@@ -350,6 +352,11 @@ mod tests {
         assert_eq!(second.seq, 3, "the snapshot's seq, kept");
         let ids: Vec<&str> = second.entities.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["C", "D"]);
+        assert_eq!(
+            (first.settled, second.settled),
+            (3, 4),
+            "each chunk says up to where its states may show changes"
+        );
     }
 
     #[tokio::test]

@@ -136,6 +136,9 @@ pub struct CatalogPage {
     /// The store's head when the page was read: every change up to it is
     /// in the states.
     pub head: i64,
+    /// The store's head read after the states: none of them shows a
+    /// change after it.
+    pub settled: i64,
     /// The entities, by kind then id.
     pub entries: Vec<CatalogEntry>,
 }
@@ -471,8 +474,8 @@ pub trait Storage: Send + Sync + 'static {
 
     /// A page of a store's catalog for a snapshot: the store's head, read
     /// first, then at most `limit` entities after `(entity, id)` by kind
-    /// then id. Every change up to the head is in the entities' states
-    /// (some may show later ones).
+    /// then id, then the head again. Every change up to the first head is
+    /// in the entities' states, and none after the second.
     fn catalog_page(
         &self,
         store: &str,
@@ -480,12 +483,16 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<CatalogPage, StorageError>> + Send {
         async move {
-            let head = self
-                .heads()
-                .await?
-                .into_iter()
-                .find(|head| head.store == store)
-                .map_or(0, |head| head.head);
+            let head_of = || async {
+                Ok::<_, StorageError>(
+                    self.heads()
+                        .await?
+                        .into_iter()
+                        .find(|head| head.store == store)
+                        .map_or(0, |head| head.head),
+                )
+            };
+            let head = head_of().await?;
             let entries = self
                 .catalog(store)
                 .await?
@@ -497,7 +504,12 @@ pub trait Storage: Send + Sync + 'static {
                 })
                 .take(limit)
                 .collect();
-            Ok(CatalogPage { head, entries })
+            let settled = head_of().await?;
+            Ok(CatalogPage {
+                head,
+                settled,
+                entries,
+            })
         }
     }
 

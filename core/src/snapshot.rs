@@ -181,6 +181,8 @@ pub(crate) struct Asker {
 #[derive(Debug)]
 pub(crate) struct Fetched {
     pub(crate) seq: i64,
+    /// The highest of its chunks' `settled`, at least `seq`.
+    pub(crate) settled: i64,
     pub(crate) catalog: String,
     pub(crate) entities: u64,
 }
@@ -224,6 +226,7 @@ async fn fetch_on(
     let started = Instant::now();
     let mut said_at = Instant::now();
     let mut seq = None;
+    let mut settled = 0;
     let mut first_catalog: Option<String> = None;
     let mut entities: u64 = 0;
     let mut asked = ask(channel, asker, None, None).await?;
@@ -266,6 +269,7 @@ async fn fetch_on(
         check_catalog(&chunk, asker.follows.as_deref(), first_catalog.as_deref())?;
         first_catalog.get_or_insert_with(|| chunk.catalog.clone());
         let seq = *seq.get_or_insert(chunk.seq);
+        settled = settled.max(seq).max(chunk.settled);
         // The next chunk is on its way while this one is staged.
         if let Some(after) = chunk.next.clone() {
             asked = ask(channel, asker, Some(seq), Some(after)).await?;
@@ -293,6 +297,7 @@ async fn fetch_on(
         if last {
             return Ok(Fetched {
                 seq,
+                settled,
                 catalog,
                 entities,
             });
@@ -636,6 +641,7 @@ pub(crate) async fn take(
                 path.clone(),
                 SnapshotMeta {
                     seq: fetched.seq,
+                    settled: fetched.settled,
                     catalog: fetched.catalog.clone(),
                 },
             )
@@ -692,6 +698,9 @@ pub(crate) fn remove_database(path: &Path) {
 #[derive(Debug, Clone)]
 pub(crate) struct SnapshotMeta {
     pub(crate) seq: i64,
+    /// From this `seq` on the catalog equals the backend's: the chunks'
+    /// entities may show changes up to it, which replay after `seq`.
+    pub(crate) settled: i64,
     pub(crate) catalog: String,
 }
 
@@ -781,6 +790,10 @@ fn swap_tables(
         params![license_key, meta.seq, unix_now_ms(), meta.catalog],
     )?;
     transaction.execute(
+        "UPDATE possync_sequence SET snapshot_settled_seq = ?2 WHERE license_key = ?1",
+        params![license_key, meta.settled],
+    )?;
+    transaction.execute(
         "DELETE FROM possync_sequence_above WHERE license_key = ?1",
         [license_key],
     )?;
@@ -826,6 +839,7 @@ mod tests {
             store: "STORE".into(),
             catalog: catalog.into(),
             seq: 40,
+            settled: 40,
             entities,
             next: None,
             error: None,
@@ -939,6 +953,7 @@ mod tests {
                 store: "STORE".into(),
                 catalog: "new".into(),
                 seq: 40,
+                settled: 41,
                 entities: vec![entity("A", 12, 2.0), entity("B", 40, 3.5)],
                 next: None,
                 error: None,
@@ -951,10 +966,20 @@ mod tests {
                 "STORE",
                 &SnapshotMeta {
                     seq: 40,
+                    settled: 41,
                     catalog: "new".into(),
                 },
             )
             .expect("swapped");
+        let settled: i64 = live
+            .connection()
+            .query_row(
+                "SELECT snapshot_settled_seq FROM possync_sequence WHERE license_key = 'STORE'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("settled");
+        assert_eq!(settled, 41, "checkpoints are compared from 41 on");
 
         let products: Vec<(String, f64, i64)> = live
             .connection()

@@ -74,6 +74,7 @@ const BOOKKEEPING_MIGRATIONS: &[Migration] = &[
     crate::quarantine::MIGRATION,
     crate::gap::MIGRATION,
     crate::verify::MIGRATION,
+    crate::verify::MIGRATION_SETTLED,
 ];
 
 /// How much of a quarantined message's words (routing key, type, id) and
@@ -359,6 +360,22 @@ impl Database {
             params![license_key, cause, low, high, since],
         )?;
         self.sync_state(license_key)
+    }
+
+    /// The `seq` from which the last snapshot's catalog equals the
+    /// backend's (see [`crate::verify::MIGRATION_SETTLED`]); 0 when no
+    /// snapshot said.
+    pub(crate) fn snapshot_settled(&self, license_key: &str) -> Result<i64, DatabaseError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT snapshot_settled_seq FROM possync_sequence WHERE license_key = ?1",
+                [license_key],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .optional()?
+            .flatten()
+            .unwrap_or(0))
     }
 
     /// Records that the catalog matched the backend's at `seq` (`Some`),

@@ -148,6 +148,12 @@ pub struct SnapshotChunk {
     /// Every change up to this `seq` is in the snapshot; an entity may
     /// show a later state, which the changes after `seq` write again.
     pub seq: i64,
+    /// No entity of this chunk shows a change after this `seq` (the
+    /// store's head once the chunk was read): a terminal's catalog equals
+    /// the backend's at a `seq` only from the highest of these on. 0 from
+    /// a backend that does not say.
+    #[serde(default)]
+    pub settled: i64,
     /// The entities, ordered by kind then id.
     pub entities: Vec<SnapshotEntity>,
     /// Where the next chunk starts; `None` after the last.

@@ -30,6 +30,13 @@ pub(crate) const MIGRATION: Migration = Migration::new(
     ALTER TABLE possync_sequence ADD COLUMN verified_ms INTEGER;",
 );
 
+/// Where the last snapshot's chunks stop showing changes: the catalog
+/// equals the backend's only from that seq on.
+pub(crate) const MIGRATION_SETTLED: Migration = Migration::new(
+    "possync/snapshot-settled",
+    "ALTER TABLE possync_sequence ADD COLUMN snapshot_settled_seq INTEGER;",
+);
+
 /// A change sent straight to the exchange reaches the terminal before the
 /// backend sequences its copy: for this long after one applied the
 /// terminal may hold what the backend's checkpoints do not cover yet.
@@ -89,11 +96,13 @@ impl Verifier {
     }
 
     /// Compares `checkpoint` with the database, if the terminal stands
-    /// exactly at its `seq` in the same catalog and it is time to.
+    /// exactly at its `seq` in the same catalog, at or past where its last
+    /// snapshot `settled`, and it is time to.
     pub(crate) fn verify(
         &mut self,
         connection: &rusqlite::Connection,
         sync: &SyncState,
+        settled: i64,
         checkpoint: &Checkpoint,
         catalog: Option<&str>,
     ) -> Result<Verdict, rusqlite::Error> {
@@ -109,6 +118,11 @@ impl Verifier {
         if sync.synced_up_to != checkpoint.seq || sync.highest_applied != checkpoint.seq {
             return Ok(Verdict::Skipped(
                 "the terminal is not at the checkpoint's seq",
+            ));
+        }
+        if checkpoint.seq < settled {
+            return Ok(Verdict::Skipped(
+                "the last snapshot's entities may show later changes than this checkpoint covers",
             ));
         }
         if self

@@ -1035,7 +1035,19 @@ impl Storage for PostgresStorage {
             .iter()
             .map(catalog_entry)
             .collect::<Result<_, StorageError>>()?;
-        Ok(CatalogPage { head, entries })
+        // Read after the states: it bounds the changes they show.
+        let settled: i64 = client
+            .query_opt("SELECT head FROM stores WHERE store = $1", &[&store])
+            .await
+            .map_err(&sql)?
+            .map(|row| col(&row, 0))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(CatalogPage {
+            head,
+            settled,
+            entries,
+        })
     }
 
     async fn changes_after(

@@ -1189,7 +1189,17 @@ impl Storage for SqliteStorage {
                 .and_then(Iterator::collect)
                 .map_err(&sql)?;
             let entries = catalog_entries(rows)?;
-            Ok(CatalogPage { head, entries })
+            // Read after the states: it bounds the changes they show.
+            let settled: i64 = connection
+                .prepare_cached("SELECT head FROM stores WHERE store = ?")
+                .and_then(|mut stmt| stmt.query_row([&store], |row| row.get(0)).optional())
+                .map_err(&sql)?
+                .unwrap_or(0);
+            Ok(CatalogPage {
+                head,
+                settled,
+                entries,
+            })
         })
         .await
     }
