@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
 
+use crate::events;
 use crate::storage::{IdempotencyKey, NewChange, Storage, StorageError, Submitted};
 
 /// A change as a client asks for it.
@@ -91,7 +92,17 @@ pub struct Catalog<S> {
     max_message_bytes: usize,
     /// When the direct consumer last took a change of each store.
     direct: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The direct queue's messages still to take from those it held when
+    /// its consumer started, and when it last took some; `None` once taken
+    /// (or without a direct consumer). Until then terminals may hold
+    /// changes sent straight to the exchange while the backend was away,
+    /// which no store's catalog holds yet.
+    direct_backlog: std::sync::Mutex<Option<(i64, std::time::Instant)>>,
 }
+
+/// A direct consumer that took nothing for this long has none of the
+/// backlog left to take: other backend processes on the queue took it.
+const DIRECT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl<S: Storage> Catalog<S> {
     /// A catalog over `storage`, checking payloads with `registry`'s plugins.
@@ -103,7 +114,53 @@ impl<S: Storage> Catalog<S> {
             committed: Arc::new(Notify::new()),
             max_message_bytes: TerminalConfig::default().max_message_bytes,
             direct: std::sync::Mutex::default(),
+            direct_backlog: std::sync::Mutex::default(),
         }
+    }
+
+    /// A direct consumer will record changes sent straight to the
+    /// exchange: no checkpoint goes out before it took those that wait.
+    pub(crate) fn direct_expected(&self) {
+        *self.backlog() = Some((i64::MAX, std::time::Instant::now()));
+    }
+
+    /// The direct queue held `ready` messages as its consumer started.
+    pub(crate) fn direct_backlog(&self, ready: u32) {
+        let mut backlog = self.backlog();
+        if backlog.is_some() {
+            *backlog = Some((i64::from(ready), std::time::Instant::now()));
+        }
+        Self::caught_up(&mut backlog);
+    }
+
+    /// The direct consumer recorded `count` messages.
+    pub(crate) fn direct_taken(&self, count: usize) {
+        let mut backlog = self.backlog();
+        if let Some((left, at)) = backlog.as_mut() {
+            *left = left.saturating_sub(i64::try_from(count).unwrap_or(i64::MAX));
+            *at = std::time::Instant::now();
+        }
+        Self::caught_up(&mut backlog);
+    }
+
+    /// Whether the direct consumer has yet to take what waited for it.
+    fn direct_behind(&self) -> bool {
+        let mut backlog = self.backlog();
+        Self::caught_up(&mut backlog);
+        backlog.is_some()
+    }
+
+    fn caught_up(backlog: &mut Option<(i64, std::time::Instant)>) {
+        if backlog.is_some_and(|(left, at)| left <= 0 || at.elapsed() >= DIRECT_IDLE) {
+            *backlog = None;
+            events::direct_caught_up();
+        }
+    }
+
+    fn backlog(&self) -> std::sync::MutexGuard<'_, Option<(i64, std::time::Instant)>> {
+        self.direct_backlog
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The direct consumer took a change of `store` sent straight to the
@@ -117,9 +174,13 @@ impl<S: Storage> Catalog<S> {
     }
 
     /// Whether the direct consumer took a change of `store` within
-    /// `within`: its checkpoint would describe a catalog that terminals
-    /// may be past.
+    /// `within`, or has yet to take those that waited for it at its start:
+    /// `store`'s checkpoint would describe a catalog that terminals may be
+    /// past.
     pub(crate) fn direct_within(&self, store: &str, within: std::time::Duration) -> bool {
+        if self.direct_behind() {
+            return true;
+        }
         let mut direct = self
             .direct
             .lock()
@@ -357,6 +418,28 @@ mod tests {
         let registry =
             Registry::for_publishing(&BTreeMap::new()).expect("the built-in plugins load");
         Catalog::new(Arc::new(Scripted::new().await), Arc::new(registry))
+    }
+
+    #[tokio::test]
+    async fn no_store_is_checked_before_the_direct_queues_waiting_changes_are_recorded() {
+        let catalog = catalog().await;
+        let quiet = Duration::from_secs(60);
+        assert!(!catalog.direct_within("A", quiet), "no direct consumer");
+        catalog.direct_expected();
+        assert!(catalog.direct_within("A", quiet), "not connected yet");
+        catalog.direct_backlog(3);
+        catalog.direct_taken(2);
+        assert!(catalog.direct_within("B", quiet), "one left");
+        catalog.direct_taken(1);
+        assert!(!catalog.direct_within("B", quiet), "all recorded");
+        catalog.direct_taken(1);
+        assert!(
+            !catalog.direct_within("B", quiet),
+            "later ones count by store"
+        );
+        catalog.direct_expected();
+        catalog.direct_backlog(0);
+        assert!(!catalog.direct_within("A", quiet), "nothing waited");
     }
 
     fn price(store: &str, id: &str, price: f64) -> ChangeRequest {

@@ -137,6 +137,7 @@ impl<S: Storage> Direct<S> {
             settles.push(Some(settle));
         }
         self.record_run(batch, &mut run, &mut settles, stop).await?;
+        self.catalog.direct_taken(batch.len());
         Some(
             settles
                 .into_iter()
@@ -381,8 +382,9 @@ impl<S: Storage> queue::BatchConsumer for Direct<S> {
         self.record_batch(batch, stop)
     }
 
-    fn live(&self) {
-        events::direct_live(&self.config.queue, BINDING);
+    fn live(&self, ready: u32) {
+        events::direct_live(&self.config.queue, BINDING, ready);
+        self.catalog.direct_backlog(ready);
     }
 
     fn offline(&self, reason: &str, retry_in_ms: u128, first: bool) {

@@ -203,12 +203,20 @@ pub(crate) fn checkpoint_failed(store: &str, reason: &str, retry_in_secs: u64) {
     );
 }
 
-pub(crate) fn direct_live(queue: &str, binding: &str) {
+pub(crate) fn direct_live(queue: &str, binding: &str, ready: u32) {
     info!(
         event = "direct_live",
         %queue,
         %binding,
+        ready,
         "recording changes other publishers send straight to the exchange"
+    );
+}
+
+pub(crate) fn direct_caught_up() {
+    info!(
+        event = "direct_caught_up",
+        "the changes sent straight to the exchange while the backend was away are recorded: checkpoints may go out"
     );
 }
 

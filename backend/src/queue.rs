@@ -40,8 +40,9 @@ pub(crate) trait BatchConsumer: Sync {
         channel: &Channel,
         stop: &mut watch::Receiver<bool>,
     ) -> impl Future<Output = Option<Vec<Settle>>> + Send;
-    /// The queue is read.
-    fn live(&self);
+    /// The queue is read; it held `ready` messages when the consumer
+    /// started.
+    fn live(&self, ready: u32);
     /// The queue cannot be read; `first` of a stretch.
     fn offline(&self, reason: &str, retry_in_ms: u128, first: bool);
 }
@@ -59,7 +60,7 @@ pub(crate) async fn consume<C: BatchConsumer>(consumer: &C, mut stop: watch::Rec
             Ok(session) => {
                 attempt = 0;
                 offline_since = None;
-                consumer.live();
+                consumer.live(session.ready);
                 match session.serve(consumer, &mut stop).await {
                     None => return,
                     Some(err) => err,
@@ -135,6 +136,8 @@ struct Session {
     url: String,
     timeout_secs: u64,
     prefetch: u16,
+    /// Messages ready in the queue just before the consumer started.
+    ready: u32,
 }
 
 impl Session {
@@ -186,6 +189,21 @@ impl Session {
             dead_letters.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
+        let ready = within(
+            timeout,
+            "counting the queue's messages",
+            url,
+            channel.queue_declare(
+                spec.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await?
+        .message_count();
         // Not exclusive: backend processes sharing a database share the queue.
         let consumer = within(
             timeout,
@@ -209,6 +227,7 @@ impl Session {
             url: url.to_owned(),
             timeout_secs: timeout,
             prefetch: spec.prefetch,
+            ready,
         })
     }
 

@@ -287,7 +287,7 @@ impl<S: Storage> Relay<S> {
         // The checkpoints due for stores of this round, each placed right
         // after the change it states the catalog at: a terminal meets it
         // standing exactly there.
-        let placed = match schedule.as_deref() {
+        let placed = match schedule.as_deref_mut() {
             Some(schedule) => self.place_checkpoints(schedule, &rows).await?,
             None => checkpoints::Placed::default(),
         };

@@ -153,6 +153,11 @@ pub async fn run_with<S: Storage>(
         events::checksums_recompute_failed(&err.to_string());
     }
 
+    if config.direct.enabled {
+        // Before the relay starts: no checkpoint goes out before the
+        // changes waiting in the direct queue are recorded.
+        catalog.direct_expected();
+    }
     let (stop, stopped) = watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();
     let relay = Relay::new(

@@ -249,7 +249,7 @@ impl<S: Storage> queue::BatchConsumer for Snapshots<S> {
         Some(self.answer_batch(batch, channel).await)
     }
 
-    fn live(&self) {
+    fn live(&self, _ready: u32) {
         events::snapshots_live(&snapshot_queue(&self.config));
     }
 

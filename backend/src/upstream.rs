@@ -428,7 +428,7 @@ impl<S: Storage> queue::BatchConsumer for Upstream<S> {
         self.record_batch(batch, stop)
     }
 
-    fn live(&self) {
+    fn live(&self, _ready: u32) {
         events::upstream_live(&self.config.queue, &self.config.bindings.join(", "));
     }
 

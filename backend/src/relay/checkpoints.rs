@@ -40,6 +40,22 @@ const RETRY: Duration = Duration::from_secs(30);
 /// they are past.
 const DIRECT_QUIET: Duration = Duration::from_secs(60);
 
+/// Checksums found stale (another backend process on the database keeps
+/// them under other plugins) are computed again at most this often: each
+/// time holds every submission back while it reads the whole catalog.
+const RECOMPUTE_EVERY: Duration = Duration::from_secs(600);
+
+/// What a store's checkpoint between rounds comes to.
+enum Ready {
+    /// Goes out.
+    Checkpoint(Checkpoint),
+    /// Not yet: a change it would cover is unpublished, or one came
+    /// straight from the exchange lately.
+    Wait,
+    /// The stored checksums are kept under other plugins' exports.
+    Stale,
+}
+
 /// Which stores' checkpoints are due.
 #[derive(Debug)]
 pub(super) struct Schedule {
@@ -51,6 +67,7 @@ pub(super) struct Schedule {
     stores: HashMap<String, Due>,
     /// When to look for the stores to checkpoint by time; `None`: found.
     scan_at: Option<Instant>,
+    recomputed: Recomputed,
 }
 
 #[derive(Debug)]
@@ -62,6 +79,10 @@ struct Due {
     /// Not tried before then: its last checkpoint failed.
     not_before: Option<Instant>,
 }
+
+/// When the stale checksums were last computed again.
+#[derive(Debug, Default)]
+struct Recomputed(Option<Instant>);
 
 impl Schedule {
     /// The schedule `config` sets for a catalog whose checksums `spec`
@@ -89,6 +110,7 @@ impl Schedule {
             every,
             stores: HashMap::new(),
             scan_at: every.map(|_| now),
+            recomputed: Recomputed::default(),
         })
     }
 
@@ -147,13 +169,33 @@ impl Schedule {
         due
     }
 
-    /// `store`'s checkpoint was published.
+    /// `store`'s checkpoint was published. Its next by time keeps its
+    /// place in the interval, so that stores stay spread; one whose place
+    /// went by (the relay stalled) gets a random one in the next interval.
     pub(super) fn done(&mut self, store: &str, now: Instant) {
+        let every = self.every.unwrap_or_default();
         if let Some(due) = self.stores.get_mut(store) {
             due.changes = 0;
-            due.next = now + self.every.unwrap_or_default();
+            due.next += every;
+            if due.next <= now {
+                let spread = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+                due.next = now + Duration::from_millis(rand::random_range(0..spread));
+            }
             due.not_before = None;
         }
+    }
+
+    /// Whether stale checksums may be computed again now (see
+    /// [`RECOMPUTE_EVERY`]); if so, counts this as the time.
+    fn may_recompute(&mut self, now: Instant) -> bool {
+        let may = self
+            .recomputed
+            .0
+            .is_none_or(|at| now.duration_since(at) >= RECOMPUTE_EVERY);
+        if may {
+            self.recomputed.0 = Some(now);
+        }
+        may
     }
 
     /// `store`'s checkpoint failed: tried again after [`RETRY`].
@@ -201,8 +243,18 @@ impl<S: Storage> Relay<S> {
         let mut ready = Vec::new();
         for store in due {
             match self.ready(&store, &held).await {
-                Ok(Some(checkpoint)) => ready.push((store, checkpoint)),
-                Ok(None) => {}
+                Ok(Ready::Checkpoint(checkpoint)) => ready.push((store, checkpoint)),
+                Ok(Ready::Wait) => {}
+                Ok(Ready::Stale) => {
+                    // Another backend process with other plugins wrote to them.
+                    events::checksums_stale();
+                    if schedule.may_recompute(now)
+                        && let Err(err) = crate::service::sync_checksums(&self.catalog).await
+                    {
+                        events::checkpoint_failed(&store, &err.to_string(), RETRY.as_secs());
+                    }
+                    schedule.failed(&store, now);
+                }
                 Err(err) => {
                     events::checkpoint_failed(&store, &err.to_string(), RETRY.as_secs());
                     schedule.failed(&store, now);
@@ -240,10 +292,11 @@ impl<S: Storage> Relay<S> {
     /// later one.
     pub(super) async fn place_checkpoints(
         &self,
-        schedule: &Schedule,
+        schedule: &mut Schedule,
         rows: &[OutboxRow],
     ) -> Result<Placed, RoundError> {
-        let due = schedule.due(Instant::now());
+        let now = Instant::now();
+        let due = schedule.due(now);
         let mut placed = Placed::default();
         if due.is_empty() {
             return Ok(placed);
@@ -273,6 +326,7 @@ impl<S: Storage> Relay<S> {
                 Ok(None) => continue,
                 Err(err) => {
                     events::checkpoint_failed(&store, &err.to_string(), RETRY.as_secs());
+                    schedule.failed(&store, now);
                     continue;
                 }
             };
@@ -332,28 +386,21 @@ impl<S: Storage> Relay<S> {
     /// `store`'s checkpoint, if every change up to its head was confirmed
     /// by the broker (`held`: per store, the highest seq confirmed and not
     /// yet marked); `None` to try again after a later round.
-    async fn ready(
-        &self,
-        store: &str,
-        held: &HashMap<String, i64>,
-    ) -> Result<Option<Checkpoint>, RoundError> {
+    async fn ready(&self, store: &str, held: &HashMap<String, i64>) -> Result<Ready, RoundError> {
         if self.catalog.direct_within(store, DIRECT_QUIET) {
-            return Ok(None);
+            return Ok(Ready::Wait);
         }
         let spec = self.catalog.checksums();
         let state = self.catalog.storage().checkpoint(store, spec).await?;
         if let Some(unpublished) = state.highest_unpublished
             && held.get(store).is_none_or(|&up_to| unpublished > up_to)
         {
-            return Ok(None);
+            return Ok(Ready::Wait);
         }
         let Some(checksums) = state.checksums else {
-            // Another backend process with other plugins wrote to them.
-            events::checksums_stale();
-            crate::service::sync_checksums(&self.catalog).await?;
-            return Ok(None);
+            return Ok(Ready::Stale);
         };
-        Ok(Some(Checkpoint {
+        Ok(Ready::Checkpoint(Checkpoint {
             seq: state.head,
             specs: kind_fingerprints(spec, &checksums),
             checksums,
@@ -618,6 +665,36 @@ mod tests {
             ["B"],
             "changes alone never make it due"
         );
+    }
+
+    #[test]
+    fn stores_that_all_came_due_in_a_stall_are_spread_again_over_the_next_interval() {
+        let now = Instant::now();
+        let every = Duration::from_secs(300);
+        let mut schedule = Schedule::start(&config(0, 300), &spec(), now).expect("on");
+        let stores: Vec<String> = (0..50).map(|i| format!("S{i:02}")).collect();
+        schedule.found(stores.clone(), now);
+        // The relay stalls for three intervals; then every store goes at once.
+        let back = now + every * 3;
+        assert_eq!(schedule.due(back).len(), 50);
+        for store in &stores {
+            schedule.done(store, back);
+        }
+        let halfway = schedule.due(back + every / 2).len();
+        assert!(
+            (5..45).contains(&halfway),
+            "{halfway} of 50 due halfway through the next interval"
+        );
+        assert_eq!(schedule.due(back + every).len(), 50);
+    }
+
+    #[test]
+    fn stale_checksums_are_computed_again_at_most_every_ten_minutes() {
+        let now = Instant::now();
+        let mut schedule = Schedule::start(&config(1, 0), &spec(), now).expect("on");
+        assert!(schedule.may_recompute(now));
+        assert!(!schedule.may_recompute(now + Duration::from_secs(30)));
+        assert!(schedule.may_recompute(now + RECOMPUTE_EVERY));
     }
 
     #[test]
