@@ -728,6 +728,21 @@ mod tests {
         }
     }
 
+    /// [`changes`] as the relay sends them: seq 1, 2... of catalog `c`.
+    fn sequenced_changes() -> Vec<Inbound> {
+        changes()
+            .into_iter()
+            .zip(1..)
+            .map(|((message_type, payload), seq)| {
+                inbound(
+                    &Envelope::new(message_type, "K", payload)
+                        .with_seq(seq)
+                        .with_catalog("c"),
+                )
+            })
+            .collect()
+    }
+
     fn checkpoint_message(checkpoint: &Checkpoint) -> Inbound {
         inbound(
             &Envelope::new(
@@ -746,17 +761,7 @@ mod tests {
         let path = dir.path().join("pos.db");
         let mut applier = applier(&path);
         let registry = Registry::from_config(&Default::default()).expect("built-ins");
-        let mut batch: Vec<Inbound> = changes()
-            .into_iter()
-            .zip(1..)
-            .map(|((message_type, payload), seq)| {
-                inbound(
-                    &Envelope::new(message_type, "K", payload)
-                        .with_seq(seq)
-                        .with_catalog("c"),
-                )
-            })
-            .collect();
+        let mut batch = sequenced_changes();
         let expected = checkpoint(&registry, 6);
         assert_eq!(expected.checksums["product"].count, 2, "{expected:?}");
         batch.push(checkpoint_message(&expected));
@@ -796,17 +801,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut applier = applier(&dir.path().join("pos.db"));
         let registry = Registry::from_config(&Default::default()).expect("built-ins");
-        let batch: Vec<Inbound> = changes()
-            .into_iter()
-            .zip(1..)
-            .map(|((message_type, payload), seq)| {
-                inbound(
-                    &Envelope::new(message_type, "K", payload)
-                        .with_seq(seq)
-                        .with_catalog("c"),
-                )
-            })
-            .collect();
+        let batch = sequenced_changes();
         applier.apply(&batch).expect("applies");
         // A snapshot's pages showed changes up to 7: at 6 the till may hold
         // some of them, and differ from the backend without any damage.
