@@ -90,6 +90,11 @@ impl Limits {
 }
 
 impl Applier {
+    /// When its verifier would compare a checkpoint, for the consumer.
+    pub(crate) fn verify_turn(&self) -> crate::verify::Turn {
+        self.verifier.turn()
+    }
+
     pub(crate) fn new(
         database: Database,
         registry: Arc<Registry>,

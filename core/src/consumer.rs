@@ -57,6 +57,7 @@ pub(crate) async fn consume(
     reporter: &Reporter<'_>,
     batch_size: usize,
     snapshots: Option<&SnapshotContext>,
+    verify_turn: &crate::verify::Turn,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> SessionEnd {
     let status = reporter.status();
@@ -164,9 +165,14 @@ pub(crate) async fn consume(
                 Some(Err(err)) => return SessionEnd::Lost(err),
                 None => return SessionEnd::Lost(BrokerError::ConsumerCancelled),
             }
-            // A checkpoint ends its batch: it is compared with what the
-            // messages before it left, before any after it apply.
-            while batch.len() < batch_size && !batch.last().is_some_and(is_checkpoint) {
+            // A checkpoint the verifier would compare now ends its batch:
+            // it is compared with what the messages before it left, before
+            // any after it apply. Others ride along (each cut is a commit).
+            while batch.len() < batch_size
+                && !batch
+                    .last()
+                    .is_some_and(|inbound| is_checkpoint(inbound) && verify_turn.due())
+            {
                 match subscription.try_next() {
                     Some(Ok(inbound)) => batch.push(inbound),
                     Some(Err(err)) => {

@@ -175,13 +175,15 @@ impl Terminal {
             });
         let mut server = None;
         let feed = crate::feed::channel();
-        let applier = ApplierHandle::spawn(Applier::new(
+        let applier = Applier::new(
             database,
             registry,
             settings.license_key().clone(),
             Limits::of(&config.terminal),
             feed.clone(),
-        ))?;
+        );
+        let verify_turn = applier.verify_turn();
+        let applier = ApplierHandle::spawn(applier)?;
         if config.status.enabled {
             let address = std::net::SocketAddr::new(config.status.address, config.status.port);
             let listener = tokio::net::TcpListener::bind(address)
@@ -274,6 +276,7 @@ impl Terminal {
                         &reporter,
                         config.terminal.batch_size,
                         snapshots.as_ref(),
+                        &verify_turn,
                         &mut shutdown,
                     )
                     .await

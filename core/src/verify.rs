@@ -65,12 +65,31 @@ pub(crate) enum Verdict {
     Differs(Vec<(String, Checksum, Checksum)>),
 }
 
+/// Whether the verifier would compare a checkpoint now, for the consumer:
+/// it ends a batch at a checkpoint only then, since each batch is a
+/// commit and most checkpoints fall within the ration's wait.
+#[derive(Debug, Clone)]
+pub(crate) struct Turn(std::sync::Arc<std::sync::Mutex<Instant>>);
+
+impl Turn {
+    /// Whether the ration allows a comparison now.
+    pub(crate) fn due(&self) -> bool {
+        Instant::now() >= *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, next: Instant) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+    }
+}
+
 /// Compares checkpoints with what the terminal holds.
 #[derive(Debug)]
 pub(crate) struct Verifier {
     exports: Vec<Export>,
     /// Not before this instant: the ration.
     pub(crate) next: Instant,
+    /// `next`, shared with the consumer.
+    turn: Turn,
     /// Kinds that differed at the last comparison.
     differed: BTreeSet<String>,
     /// Kinds that differed again after a snapshot: no longer compared.
@@ -84,10 +103,16 @@ impl Verifier {
         Self {
             exports,
             next: Instant::now(),
+            turn: Turn(std::sync::Arc::new(std::sync::Mutex::new(Instant::now()))),
             differed: BTreeSet::new(),
             given_up: BTreeSet::new(),
             unsequenced_at: None,
         }
+    }
+
+    /// When the ration allows the next comparison, shared.
+    pub(crate) fn turn(&self) -> Turn {
+        self.turn.clone()
     }
 
     /// A change without a `seq` applied.
@@ -159,6 +184,7 @@ impl Verifier {
         }
         let ours = sums(connection, &exports)?;
         self.next = Instant::now() + started.elapsed() * RATION;
+        self.turn.set(self.next);
         // A kind the checkpoint does not name has no checksum on the
         // backend (no plugin there exports it): nothing to compare.
         let mut compared = 0;
