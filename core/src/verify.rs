@@ -74,11 +74,17 @@ pub(crate) struct Turn(std::sync::Arc<std::sync::Mutex<Instant>>);
 impl Turn {
     /// Whether the ration allows a comparison now.
     pub(crate) fn due(&self) -> bool {
-        Instant::now() >= *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        Instant::now() >= *self.next()
     }
 
     fn set(&self, next: Instant) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        *self.next() = next;
+    }
+
+    fn next(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
