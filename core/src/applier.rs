@@ -777,7 +777,7 @@ mod tests {
         assert_eq!(sync.verified.map(|v| v.seq), Some(6), "verified at seq 6");
 
         // A checkpoint of a seq the till is not at is not compared.
-        applier.verifier.next = std::time::Instant::now();
+        applier.verifier.turn.set(std::time::Instant::now());
         let ahead = applier
             .apply(&[checkpoint_message(&checkpoint(&registry, 7))])
             .expect("applies");
@@ -788,7 +788,7 @@ mod tests {
             .connection()
             .execute("UPDATE products SET price = 9 WHERE id = '42'", [])
             .expect("changed behind possync's back");
-        applier.verifier.next = std::time::Instant::now();
+        applier.verifier.turn.set(std::time::Instant::now());
         let found = applier
             .apply(&[checkpoint_message(&expected)])
             .expect("applies")
@@ -832,7 +832,7 @@ mod tests {
         assert_eq!(skipped.sync, None, "not compared");
 
         settle(&mut applier, 6);
-        applier.verifier.next = std::time::Instant::now();
+        applier.verifier.turn.set(std::time::Instant::now());
         let found = applier
             .apply(&[checkpoint_message(&checkpoint(&registry, 6))])
             .expect("applies")
@@ -935,7 +935,7 @@ mod tests {
             .connection()
             .execute("UPDATE possync_sequence SET gap_cause = NULL", [])
             .expect("closed");
-        applier.verifier.next = std::time::Instant::now();
+        applier.verifier.turn.set(std::time::Instant::now());
         let again = applier
             .apply(&[checkpoint_message(&other)])
             .expect("applies");

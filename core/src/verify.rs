@@ -77,7 +77,7 @@ impl Turn {
         Instant::now() >= *self.next()
     }
 
-    fn set(&self, next: Instant) {
+    pub(crate) fn set(&self, next: Instant) {
         *self.next() = next;
     }
 
@@ -92,10 +92,8 @@ impl Turn {
 #[derive(Debug)]
 pub(crate) struct Verifier {
     exports: Vec<Export>,
-    /// Not before this instant: the ration.
-    pub(crate) next: Instant,
-    /// `next`, shared with the consumer.
-    turn: Turn,
+    /// Not before then: the ration, shared with the consumer.
+    pub(crate) turn: Turn,
     /// Kinds that differed at the last comparison.
     differed: BTreeSet<String>,
     /// Kinds that differed again after a snapshot: no longer compared.
@@ -108,7 +106,6 @@ impl Verifier {
     pub(crate) fn new(exports: Vec<Export>) -> Self {
         Self {
             exports,
-            next: Instant::now(),
             turn: Turn(std::sync::Arc::new(std::sync::Mutex::new(Instant::now()))),
             differed: BTreeSet::new(),
             given_up: BTreeSet::new(),
@@ -164,7 +161,7 @@ impl Verifier {
                 "a change sent straight to the exchange applied within the last minute: the backend may not cover it yet",
             ));
         }
-        if Instant::now() < self.next {
+        if !self.turn.due() {
             return Ok(Verdict::Skipped("the last verification was too recent"));
         }
         let started = Instant::now();
@@ -189,8 +186,7 @@ impl Verifier {
             ));
         }
         let ours = sums(connection, &exports)?;
-        self.next = Instant::now() + started.elapsed() * RATION;
-        self.turn.set(self.next);
+        self.turn.set(Instant::now() + started.elapsed() * RATION);
         // A kind the checkpoint does not name has no checksum on the
         // backend (no plugin there exports it): nothing to compare.
         let mut compared = 0;

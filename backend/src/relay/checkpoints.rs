@@ -11,11 +11,11 @@
 //! A checkpoint goes out only once the broker confirmed every change up to
 //! its `seq`: marked published, or confirmed and waiting for the marker.
 //! It is published after them on the store's routing key, so a terminal
-//! receives it after the changes it covers. Most go out at the end of the
-//! round that published a store's changes up to its head (its checksums
-//! read with the round's rows, at that head); a store that changes nothing
-//! gets its checkpoint between rounds. A store whose head moves on before
-//! it is read is passed over and tried again after a later round.
+//! receives it after the changes it covers. A store that changes goes in
+//! the round that publishes its changes, right after the last one that
+//! ends a submission (its checksums there read from the checksum log); a
+//! store that changes nothing gets its checkpoint between rounds, once
+//! every change up to its head is confirmed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -67,7 +67,8 @@ pub(super) struct Schedule {
     stores: HashMap<String, Due>,
     /// When to look for the stores to checkpoint by time; `None`: found.
     scan_at: Option<Instant>,
-    recomputed: Recomputed,
+    /// When the stale checksums were last computed again.
+    recomputed_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -79,10 +80,6 @@ struct Due {
     /// Not tried before then: its last checkpoint failed.
     not_before: Option<Instant>,
 }
-
-/// When the stale checksums were last computed again.
-#[derive(Debug, Default)]
-struct Recomputed(Option<Instant>);
 
 impl Schedule {
     /// The schedule `config` sets for a catalog whose checksums `spec`
@@ -110,7 +107,7 @@ impl Schedule {
             every,
             stores: HashMap::new(),
             scan_at: every.map(|_| now),
-            recomputed: Recomputed::default(),
+            recomputed_at: None,
         })
     }
 
@@ -189,11 +186,10 @@ impl Schedule {
     /// [`RECOMPUTE_EVERY`]); if so, counts this as the time.
     fn may_recompute(&mut self, now: Instant) -> bool {
         let may = self
-            .recomputed
-            .0
+            .recomputed_at
             .is_none_or(|at| now.duration_since(at) >= RECOMPUTE_EVERY);
         if may {
-            self.recomputed.0 = Some(now);
+            self.recomputed_at = Some(now);
         }
         may
     }
