@@ -93,15 +93,17 @@ pub struct Catalog<S> {
     /// When the direct consumer last took a change of each store.
     direct: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The direct queue's messages still to take from those it held when
-    /// its consumer started, and when it last took some; `None` once taken
-    /// (or without a direct consumer). Until then terminals may hold
-    /// changes sent straight to the exchange while the backend was away,
-    /// which no store's catalog holds yet.
-    direct_backlog: std::sync::Mutex<Option<(i64, std::time::Instant)>>,
+    /// its consumer last started, and when it last took some (`None`
+    /// before it started); `None` once taken (or without a direct
+    /// consumer). Until then terminals may hold changes sent straight to
+    /// the exchange while the backend was away, which no store's catalog
+    /// holds yet.
+    direct_backlog: std::sync::Mutex<Option<(i64, Option<std::time::Instant>)>>,
 }
 
-/// A direct consumer that took nothing for this long has none of the
-/// backlog left to take: other backend processes on the queue took it.
+/// A direct consumer that started and took nothing for this long has none
+/// of the backlog left to take: other backend processes on the queue took
+/// it. Before it starts, nothing releases the hold.
 const DIRECT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl<S: Storage> Catalog<S> {
@@ -121,15 +123,14 @@ impl<S: Storage> Catalog<S> {
     /// A direct consumer will record changes sent straight to the
     /// exchange: no checkpoint goes out before it took those that wait.
     pub(crate) fn direct_expected(&self) {
-        *self.backlog() = Some((i64::MAX, std::time::Instant::now()));
+        *self.backlog() = Some((i64::MAX, None));
     }
 
-    /// The direct queue held `ready` messages as its consumer started.
+    /// The direct queue held `ready` messages as its consumer started (at
+    /// the backend's start, or again after the broker was away).
     pub(crate) fn direct_backlog(&self, ready: u32) {
         let mut backlog = self.backlog();
-        if backlog.is_some() {
-            *backlog = Some((i64::from(ready), std::time::Instant::now()));
-        }
+        *backlog = Some((i64::from(ready), Some(std::time::Instant::now())));
         Self::caught_up(&mut backlog);
     }
 
@@ -138,7 +139,7 @@ impl<S: Storage> Catalog<S> {
         let mut backlog = self.backlog();
         if let Some((left, at)) = backlog.as_mut() {
             *left = left.saturating_sub(i64::try_from(count).unwrap_or(i64::MAX));
-            *at = std::time::Instant::now();
+            *at = Some(std::time::Instant::now());
         }
         Self::caught_up(&mut backlog);
     }
@@ -150,14 +151,16 @@ impl<S: Storage> Catalog<S> {
         backlog.is_some()
     }
 
-    fn caught_up(backlog: &mut Option<(i64, std::time::Instant)>) {
-        if backlog.is_some_and(|(left, at)| left <= 0 || at.elapsed() >= DIRECT_IDLE) {
+    fn caught_up(backlog: &mut Option<(i64, Option<std::time::Instant>)>) {
+        let idle =
+            |at: Option<std::time::Instant>| at.is_some_and(|at| at.elapsed() >= DIRECT_IDLE);
+        if backlog.is_some_and(|(left, at)| left <= 0 || idle(at)) {
             *backlog = None;
             events::direct_caught_up();
         }
     }
 
-    fn backlog(&self) -> std::sync::MutexGuard<'_, Option<(i64, std::time::Instant)>> {
+    fn backlog(&self) -> std::sync::MutexGuard<'_, Option<(i64, Option<std::time::Instant>)>> {
         self.direct_backlog
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -440,6 +443,11 @@ mod tests {
         catalog.direct_expected();
         catalog.direct_backlog(0);
         assert!(!catalog.direct_within("A", quiet), "nothing waited");
+        // The broker was away and the queue filled meanwhile: held again.
+        catalog.direct_backlog(2);
+        assert!(catalog.direct_within("A", quiet), "held after a reconnect");
+        catalog.direct_taken(2);
+        assert!(!catalog.direct_within("A", quiet), "recorded");
     }
 
     fn price(store: &str, id: &str, price: f64) -> ChangeRequest {
