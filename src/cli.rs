@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use possync_core::{
     Admin, Config, Database, LicenseKey, LoadedConfig, Registry, StatusReport, Terminal,
-    TerminalId, TerminalSettings,
+    TerminalId, TerminalSettings, shutdown_signal,
 };
 
 use crate::demo::{self, DemoArgs};
@@ -229,10 +229,16 @@ pub(crate) fn main() -> ExitCode {
         },
         format,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A till runs one terminal, which waits on the broker and the disk far
+    // more than it computes: one thread runs it (its applier takes a thread
+    // of its own for SQLite), where a worker per core would each keep a
+    // stack and a malloc arena resident.
+    let mut builder = if matches!(cli.command, Command::Terminal) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -402,30 +408,6 @@ async fn token<S: possync_backend::Storage>(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
 }
 
 async fn doctor(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {

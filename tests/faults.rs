@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use possync_core::{LicenseKey, Publisher, QueueType, State};
-use possync_sdk::Payload;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -78,37 +77,6 @@ async fn connections_closed_mid_stream(queue_type: QueueType) {
     // whose id the test chose, has a record of its own.
     assert_eq!(count(&db, "SELECT count(*) FROM possync_applied"), 1);
     assert!(count(&db, "SELECT count(*) FROM possync_publishers") >= 1);
-}
-
-/// Publishes one last change, which changes nothing in `products`, and waits
-/// until the terminal has applied it. The queue delivers in order,
-/// redeliveries first, so by then every message ahead of it (redeliveries of
-/// what a lost connection left unacknowledged, messages the publisher sent
-/// again) has been delivered and handled: the counters the terminal stops
-/// with are final. Counts as one applied message.
-async fn apply_last_marker(publisher: &Publisher, terminal: &RunningTerminal, store: &LicenseKey) {
-    let id = format!("{store}-last");
-    let marker = possync_catalog::ProductDelete {
-        product_id: "LAST".into(),
-    }
-    .to_envelope(store.as_str())
-    .expect("envelope")
-    .with_message_id(id.clone());
-    publisher
-        .publish_envelopes([marker])
-        .await
-        .expect("the marker confirmed");
-    let db = terminal.db();
-    eventually("the last marker to be applied", || {
-        db.query_row(
-            "SELECT count(*) FROM possync_applied WHERE message_id = ?1",
-            [&id],
-            |row| row.get::<_, i64>(0),
-        )
-        .expect("query")
-            == 1
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,9 @@ mod backend;
 mod baseline;
 mod checkpoints;
 mod feed;
+mod footprint;
 mod possync_side;
+mod sizing;
 mod snapshot;
 mod upstream;
 mod workload;
@@ -103,9 +105,26 @@ struct Args {
     /// fanout, upstream, snapshot, checkpoints (default: all); backend-latency and backend-accept
     /// name the two halves of backend, feed-cost and feed-latency those of
     /// feed, receipts-cost, orders-up and applied-latency the three of
-    /// upstream.
+    /// upstream. `light` (a terminal process: start to Live, its memory idle
+    /// and draining) runs only when named.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// The binary the light scenario runs: `possync-terminal`, or `possync`
+    /// (run as `possync terminal`). Default: `possync-terminal` of the
+    /// `release-stripped` build of this workspace, made by `cargo build
+    /// --profile release-stripped -p possync --bin possync-terminal`.
+    #[arg(long, value_name = "PATH")]
+    possync_binary: Option<std::path::PathBuf>,
+    /// Changes in the backlog the light scenario's terminal drains.
+    #[arg(long, default_value_t = 20_000)]
+    light_changes: usize,
+    /// Products of the store those changes describe.
+    #[arg(long, default_value_t = 2_000)]
+    light_products: usize,
+    /// Seconds the light scenario's terminal is Live and idle before its
+    /// memory is read.
+    #[arg(long, default_value_t = 5)]
+    light_idle_seconds: u64,
     /// Run one side of one scenario, once, then stop: for profiling one
     /// consumer alone. The scenario is the one `--only` names: `drain`
     /// (the default) or `live` (fed by the raw publisher). The measured
@@ -517,6 +536,29 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?
         {
+            report(row, &mut rows);
+        }
+    }
+    // Broker memory and descriptors per terminal object; only when named:
+    // it needs root, and starts RabbitMQ nodes of its own.
+    if args.only.iter().any(|o| o == "sizing") {
+        sizing::run(dir.path()).await?;
+    }
+    if args.only.iter().any(|o| o == "light") {
+        let setup = footprint::Footprint {
+            url: args.url.clone(),
+            binary: args
+                .possync_binary
+                .clone()
+                .unwrap_or_else(footprint::default_binary),
+            changes: args.light_changes,
+            products: args.light_products,
+            idle: Duration::from_secs(args.light_idle_seconds),
+        };
+        let (dir, rounds) = (dir.path().to_owned(), args.rounds);
+        // Blocking: it waits on a child process and reads /proc.
+        let light = tokio::task::spawn_blocking(move || footprint::run(&setup, &dir, rounds));
+        for row in light.await?? {
             report(row, &mut rows);
         }
     }

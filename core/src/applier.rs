@@ -374,6 +374,36 @@ impl Applier {
         self.apply_recording(batch, &|_, _| Ok(()))
     }
 
+    /// [`apply`](Self::apply) if it can start at once: `None`, having
+    /// done nothing, when another program holds the database's write lock
+    /// or the bookkeeping is due to be pruned (both may take a while).
+    pub(crate) fn apply_at_once(
+        &mut self,
+        batch: &[Inbound],
+    ) -> Option<Result<Applied, BatchError>> {
+        if self.pruned_at.elapsed() >= PRUNE_EVERY {
+            return None;
+        }
+        if let Err(err) = self.database.wait_for_locks(false) {
+            return Some(Err(err.into()));
+        }
+        let applied = self.run_or_careful(batch, &|_, _| Ok(()));
+        if let Err(err) = self.database.wait_for_locks(true) {
+            return Some(Err(err.into()));
+        }
+        match applied {
+            // Another program holds the write lock (BEGIN IMMEDIATE takes
+            // it first, so the batch wrote nothing): tried again where
+            // waiting for it stalls nothing else.
+            Err(BatchError::Database(err))
+                if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) =>
+            {
+                None
+            }
+            applied => Some(applied),
+        }
+    }
+
     /// [`apply`](Self::apply), with `record` writing, in the batch's
     /// transaction, what its caller keeps of the outcomes (a back office
     /// its cursor), so that it commits or rolls back with the batch.
@@ -385,6 +415,16 @@ impl Applier {
         if self.pruned_at.elapsed() >= PRUNE_EVERY {
             self.prune();
         }
+        self.run_or_careful(batch, record)
+    }
+
+    /// The batch without a savepoint per message, and again with them if
+    /// a handler failed.
+    fn run_or_careful(
+        &mut self,
+        batch: &[Inbound],
+        record: &Record<'_>,
+    ) -> Result<Applied, BatchError> {
         if let Some(applied) = self.run(batch, false, record)? {
             return Ok(applied);
         }
@@ -497,18 +537,65 @@ pub(crate) enum Job {
     ),
 }
 
-/// The async side of an [`Applier`]. On a multi-threaded runtime the
-/// applier runs on the consumer's own worker (`block_in_place`), which
-/// spares two thread switches per batch; elsewhere it gets a thread of its
-/// own. Either way SQLite's blocking calls never stall the runtime's other
-/// tasks.
+/// The async side of an [`Applier`]. On a multi-threaded runtime a batch
+/// runs on the consumer's own worker, as long as it is quick: handing
+/// each batch to another thread costs more than a small batch itself (ten
+/// terminals in one process make many small batches). A batch that would
+/// wait for another program's lock, and every batch of a terminal whose
+/// last one held its worker too long (a slow disk), go through
+/// `block_in_place`, which gives the worker's place to another thread for
+/// the length of the batch. So one terminal's slow disk or locked database
+/// never stalls the runtime's other tasks (other terminals, the status
+/// page) for longer than [`WORKER_BATCH_BUDGET`], once. On any other
+/// runtime the applier gets a thread of its own.
 #[derive(Debug)]
 pub(crate) enum ApplierHandle {
-    Inline(Box<std::sync::Mutex<Applier>>),
+    Worker(Box<std::sync::Mutex<OnWorker>>),
     Thread {
         jobs: mpsc::Sender<Job>,
         thread: Option<std::thread::JoinHandle<()>>,
     },
+}
+
+/// The longest a batch may hold a runtime's worker: several flushes to
+/// disk, and short enough for a status page not to seem stuck.
+const WORKER_BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a terminal whose batch held its worker too long hands its
+/// batches off at first; each batch over budget after that doubles it, up
+/// to [`HAND_OFF_AT_MOST`], so that a disk that stays slow stalls a worker
+/// rarely, and one slow flush costs little.
+const HAND_OFF_AT_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const HAND_OFF_AT_MOST: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// An applier that runs on the consumer's worker while its batches are quick.
+#[derive(Debug)]
+pub(crate) struct OnWorker {
+    applier: Applier,
+    /// Until when batches go through `block_in_place`.
+    hand_off_until: Option<std::time::Instant>,
+    /// How long the next hand-off lasts.
+    hand_off_for: std::time::Duration,
+}
+
+impl OnWorker {
+    fn apply(&mut self, batch: &[Inbound]) -> Result<Applied, BatchError> {
+        let started = std::time::Instant::now();
+        if self.hand_off_until.is_none_or(|until| started >= until)
+            && let Some(applied) = self.applier.apply_at_once(batch)
+        {
+            let took = started.elapsed();
+            if took > WORKER_BATCH_BUDGET {
+                events::batches_handed_off(took.as_millis(), self.hand_off_for.as_millis());
+                self.hand_off_until = Some(std::time::Instant::now() + self.hand_off_for);
+                self.hand_off_for = (self.hand_off_for * 2).min(HAND_OFF_AT_MOST);
+            } else {
+                self.hand_off_for = HAND_OFF_AT_FIRST;
+            }
+            return applied;
+        }
+        tokio::task::block_in_place(|| self.applier.apply(batch))
+    }
 }
 
 impl ApplierHandle {
@@ -516,7 +603,11 @@ impl ApplierHandle {
         if tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread
         {
-            return Ok(Self::Inline(Box::new(std::sync::Mutex::new(applier))));
+            return Ok(Self::Worker(Box::new(std::sync::Mutex::new(OnWorker {
+                applier,
+                hand_off_until: None,
+                hand_off_for: HAND_OFF_AT_FIRST,
+            }))));
         }
         let (jobs, mut receiver) = mpsc::channel::<Job>(1);
         let thread = std::thread::Builder::new()
@@ -538,11 +629,11 @@ impl ApplierHandle {
         batch: Vec<Inbound>,
     ) -> (Vec<Inbound>, Result<Applied, BatchError>) {
         match self {
-            Self::Inline(applier) => {
-                let result = tokio::task::block_in_place(|| match applier.lock() {
+            Self::Worker(applier) => {
+                let result = match applier.lock() {
                     Ok(mut applier) => applier.apply(&batch),
                     Err(_) => unreachable_thread(),
-                });
+                };
                 (batch, result)
             }
             Self::Thread { jobs, .. } => {
@@ -598,9 +689,9 @@ impl ApplierHandle {
     /// Carries out a job that answers nothing, in order with the batches.
     async fn submit(&self, job: Job) {
         match self {
-            Self::Inline(applier) => tokio::task::block_in_place(|| {
+            Self::Worker(applier) => tokio::task::block_in_place(|| {
                 if let Ok(mut applier) = applier.lock() {
-                    applier.perform(job);
+                    applier.applier.perform(job);
                 }
             }),
             Self::Thread { jobs, .. } => {

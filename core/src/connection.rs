@@ -66,6 +66,23 @@ pub enum BrokerError {
         /// What the broker said.
         detail: String,
     },
+    /// The broker did not store a published message (a nack).
+    #[error(
+        "the broker refused {routing_key} (nack) and did not store it: a queue it goes to has no leader (a cluster node down) or is full"
+    )]
+    Nacked {
+        /// The message's routing key.
+        routing_key: String,
+    },
+    /// The cluster node that holds a classic queue is down: the queue is
+    /// back when the node is.
+    #[error(
+        "{detail}: a classic queue lives on one node of a cluster; possync tries again, and `broker.queue_type = \"quorum\"` keeps queues available while a node is down"
+    )]
+    QueueNodeDown {
+        /// What the broker said.
+        detail: String,
+    },
     /// A queue or exchange exists with settings other than the ones requested.
     #[error(
         "the broker refused to declare {what}: {detail}; it exists with other settings (an older version or another queue type?): delete it with `rabbitmqctl delete_queue NAME` or use the old settings"
@@ -136,6 +153,8 @@ impl BrokerError {
                 | Self::Protocol { .. }
                 | Self::ConsumerCancelled
                 | Self::Timeout { .. }
+                | Self::QueueNodeDown { .. }
+                | Self::Nacked { .. }
         )
     }
 
@@ -154,6 +173,12 @@ impl BrokerError {
                         what: during.into(),
                         detail,
                     },
+                    // RabbitMQ's words for a queue whose home node is away.
+                    AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+                        if detail.contains("is down or inaccessible") =>
+                    {
+                        Self::QueueNodeDown { detail }
+                    }
                     AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Self::NotFound { detail },
                     _ => Self::Protocol {
                         during,
@@ -244,18 +269,44 @@ pub async fn connect(
     url: &str,
     name: &str,
 ) -> Result<Connection, BrokerError> {
+    connect_framed(broker, url, name, None).await
+}
+
+/// The largest frame a terminal's connections take, unless its URL names
+/// one (`?frame_max=`). lapin keeps two buffers of 32 frames a
+/// connection, and fills each with zeros up to the size agreed with the
+/// broker: at RabbitMQ's 128 KiB, 8 MiB for each of a terminal's two
+/// connections, most of an idle terminal's memory. A larger message is
+/// split into frames of this size.
+pub(crate) const TERMINAL_FRAME_MAX: u32 = 16 * 1024;
+
+/// [`connect`], asking for frames of at most `frame_max` bytes when the
+/// URL does not say (`None`: the broker's size).
+pub(crate) async fn connect_framed(
+    broker: &BrokerConfig,
+    url: &str,
+    name: &str,
+    frame_max: Option<u32>,
+) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let seconds = broker.connect_timeout_secs;
     // Checked here too: a BrokerConfig made in code skips `Config::load`.
     broker.check_tls()?;
     let tls = tls_config(broker)?;
+    // Parsed as lapin parses a URL it is given, with the same error.
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|err: String| {
+        BrokerError::from_lapin("connecting", url, std::io::Error::other(err).into())
+    })?;
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = frame_max;
+    }
     let connecting = async {
         match tls {
             Some(tls) => {
                 let runtime = lapin::runtime::default_runtime()?;
-                Connection::connect_with_config(url, properties, tls, runtime).await
+                Connection::connect_uri_with_config(uri, properties, tls, runtime).await
             }
-            None => Connection::connect(url, properties).await,
+            None => Connection::connect_uri(uri, properties).await,
         }
     };
     match tokio::time::timeout(Duration::from_secs(seconds), connecting).await {

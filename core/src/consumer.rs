@@ -474,6 +474,50 @@ fn already_running_as(topology: &TerminalTopology) -> BrokerError {
     }
 }
 
+/// Consumers of this terminal's own that the queue may still count.
+///
+/// A quorum queue keeps counting the consumer of a cluster node that went
+/// down (killed, cut off) until that node is back: after losing its
+/// connection to such a node, the terminal would see itself as a twin and
+/// refuse to start. While a node it lost a session on is unreachable, that
+/// session's consumer is certainly still there, so one more is expected
+/// for each; a twin still shows as one too many. Once a node answers again
+/// the broker drops its consumer, and none is expected of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Ghosts(u32);
+
+impl Ghosts {
+    fn count(self) -> u32 {
+        self.0
+    }
+
+    /// What to expect connecting to `url` after losing sessions on the
+    /// nodes of `lost`: a quick look whether each still takes connections.
+    pub(crate) async fn after_losing(lost: &[String], url: &str) -> Self {
+        let mut ghosts = 0;
+        for lost in lost.iter().filter(|lost| lost.as_str() != url) {
+            let Some(address) = host_and_port(lost) else {
+                continue;
+            };
+            let answered = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::net::TcpStream::connect(address),
+            )
+            .await;
+            if !matches!(answered, Ok(Ok(_))) {
+                ghosts += 1;
+            }
+        }
+        Self(ghosts)
+    }
+}
+
+/// `host:port` of an AMQP URL.
+fn host_and_port(url: &str) -> Option<String> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    Some(format!("{}:{}", uri.authority.host, uri.authority.port))
+}
+
 /// The consumers of `queue`, by a passive declare on a channel of its own;
 /// `None` when the broker would not say (the exclusive consumer still
 /// guards a classic queue).
@@ -532,16 +576,21 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// Connects, declares the topology and starts consuming.
+    /// Connects, declares the topology and starts consuming. `ghosts` is
+    /// how many consumers of this very terminal a down cluster node may
+    /// still hold on a quorum queue (see [`Ghosts`]).
     pub(crate) async fn open(
         broker: &BrokerConfig,
         url: &str,
         topology: &TerminalTopology,
         prefetch: u16,
         name: &str,
+        ghosts: Ghosts,
     ) -> Result<Self, BrokerError> {
         let timeout = broker.confirm_timeout_secs;
-        let connection = connection::connect(broker, url, name).await?;
+        let connection =
+            connection::connect_framed(broker, url, name, Some(connection::TERMINAL_FRAME_MAX))
+                .await?;
         let channel = connection::within(
             timeout,
             "opening a channel",
@@ -605,7 +654,8 @@ impl Subscription {
         // exclusive consumer does that on a classic queue; a quorum queue
         // ignores exclusivity, so the consumers are also counted, before
         // (a twin already there) and after (one that started the same moment).
-        if consumers(&connection, timeout, url, &topology.queue).await > Some(0) {
+        let ghosts = ghosts.count();
+        if consumers(&connection, timeout, url, &topology.queue).await > Some(ghosts) {
             return Err(already_running_as(topology));
         }
         let consumer = connection::within(
@@ -624,7 +674,7 @@ impl Subscription {
         )
         .await
         .map_err(|err| already_running(err, topology))?;
-        if consumers(&connection, timeout, url, &topology.queue).await > Some(1) {
+        if consumers(&connection, timeout, url, &topology.queue).await > Some(1 + ghosts) {
             // Closing returns whatever was delivered here, unacknowledged.
             let _ = connection
                 .close(200, "another process runs as this terminal".into())

@@ -31,6 +31,15 @@ pub(crate) fn batch_applied(size: usize, applied: u64, elapsed_ms: u128) {
     );
 }
 
+/// A batch held its runtime worker longer than it may (a slow disk): the
+/// terminal's batches go to another thread for a while.
+pub(crate) fn batches_handed_off(elapsed_ms: u128, for_ms: u128) {
+    debug!(
+        event = "batches_handed_off",
+        elapsed_ms, for_ms, "a batch held its worker too long; handing batches off for a while"
+    );
+}
+
 pub(crate) fn message_quarantined(routing_key: &str, message_type: Option<&str>, reason: &str) {
     warn!(
         event = "message_quarantined",

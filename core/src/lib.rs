@@ -35,6 +35,7 @@ mod quarantine;
 mod redact;
 mod registry;
 mod sequence;
+mod shutdown;
 mod snapshot;
 mod status;
 mod status_server;
@@ -71,6 +72,7 @@ pub use quarantine::{QuarantineEntry, Rows};
 pub use redact::redact_url;
 pub use registry::{CheckError, Origin, PluginInfo, Registry, RegistryError};
 pub use sequence::SyncState;
+pub use shutdown::shutdown_signal;
 pub use status::{State, Status, StatusReport, moment_text};
 pub use store::{Database, DatabaseError, Quarantined, StoredStatus, unix_now_ms};
 pub use store_database::{

@@ -43,12 +43,6 @@ pub enum PublishError {
     /// The broker could not be reached or failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    /// The broker refused the message (nack): it is not stored.
-    #[error("the broker refused {routing_key} (nack); it was not stored")]
-    Refused {
-        /// The message's routing key.
-        routing_key: String,
-    },
     /// The body is larger than the terminals take: they would dead-letter it
     /// unread, so it is not sent.
     #[error(
@@ -374,11 +368,15 @@ impl Publisher {
                 Ok(())
             }
             Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => {
+                // Not stored: a queue it goes to had no leader (a cluster
+                // failing over) or refused it. Sent again with the rest, as
+                // after a lost connection; copies are skipped by the tills.
                 let routing_key = in_flight
-                    .pop_front()
-                    .map(|d| d.routing_key)
+                    .front()
+                    .map(|d| d.routing_key.clone())
                     .unwrap_or_default();
-                Err(PublishError::Refused { routing_key })
+                let err = BrokerError::Nacked { routing_key };
+                self.recover(session, in_flight, reconnects, err).await
             }
             Err(err) => self.recover(session, in_flight, reconnects, err).await,
         }

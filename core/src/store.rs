@@ -258,6 +258,16 @@ impl Database {
         Ok(self.connection.busy_timeout(BATCH_LOCK_WAIT)?)
     }
 
+    /// Whether a batch waits for another program's write lock (up to
+    /// [`BATCH_LOCK_WAIT`]) or fails at once with `SQLITE_BUSY`.
+    pub(crate) fn wait_for_locks(&self, wait: bool) -> rusqlite::Result<()> {
+        self.connection.busy_timeout(if wait {
+            BATCH_LOCK_WAIT
+        } else {
+            std::time::Duration::ZERO
+        })
+    }
+
     /// Commits without waiting for the disk (`synchronous = NORMAL`), for a
     /// database derived from a durable record that says how far it is in
     /// the same transaction: a power cut loses the last commits together

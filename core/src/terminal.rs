@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::applier::{Applier, ApplierHandle, Limits};
 use crate::config::{Config, TerminalSettings};
 use crate::connection::BrokerError;
-use crate::consumer::{Inbox, SessionEnd, Subscription, consume};
+use crate::consumer::{Ghosts, Inbox, SessionEnd, Subscription, consume};
 use crate::events;
 use crate::gap::{AppliedMark, Gap, GapCause};
 use crate::in_process::InProcessBroker;
@@ -234,6 +234,9 @@ impl Terminal {
         let mut ever_live = false;
         let mut twin_since: Option<Instant> = None;
         let mut offline_since = SystemTime::now();
+        // The URLs of sessions that were Live and got lost: each may have
+        // left a consumer on a node that is down since.
+        let mut lost: Vec<String> = Vec::new();
         let result = loop {
             let url = match transport {
                 Transport::Broker => urls[attempt as usize % urls.len()].as_str(),
@@ -241,9 +244,10 @@ impl Terminal {
             };
             attempt = attempt.wrapping_add(1);
             events::connecting(&redact_url(url), failures + 1);
+            let ghosts = Ghosts::after_losing(&lost, url).await;
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                opened = open(transport, config, url, &topology, &connection_name) => opened,
+                opened = open(transport, config, url, &topology, &connection_name, ghosts) => opened,
             };
             let reason = match opened {
                 Ok(subscription) => {
@@ -282,7 +286,12 @@ impl Terminal {
                     .await
                     {
                         SessionEnd::Stopped => break Ok(()),
-                        SessionEnd::Lost(err) => err,
+                        SessionEnd::Lost(err) => {
+                            if !lost.iter().any(|lost| lost == url) {
+                                lost.push(url.to_owned());
+                            }
+                            err
+                        }
                     }
                 }
                 Err(err @ BrokerError::AlreadyRunning { .. }) if !ever_live => {
@@ -354,13 +363,21 @@ async fn open(
     url: &str,
     topology: &TerminalTopology,
     connection_name: &str,
+    ghosts: Ghosts,
 ) -> Result<Inbox, BrokerError> {
     match transport {
         Transport::Broker => {
             let prefetch = config.terminal.prefetch;
-            Subscription::open(&config.broker, url, topology, prefetch, connection_name)
-                .await
-                .map(|subscription| Inbox::Broker(Box::new(subscription)))
+            Subscription::open(
+                &config.broker,
+                url,
+                topology,
+                prefetch,
+                connection_name,
+                ghosts,
+            )
+            .await
+            .map(|subscription| Inbox::Broker(Box::new(subscription)))
         }
         Transport::InProcess(broker) => Ok(Inbox::InProcess(broker.subscribe(topology))),
     }

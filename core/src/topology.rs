@@ -101,9 +101,16 @@ impl TerminalTopology {
     /// not pile up forever. A queue expires only when unused: a terminal
     /// renews it by declaring it (a passive declare counts) within every
     /// expiry period, as nothing consumes from it.
+    ///
+    /// Beside quorum queues it is a quorum queue too: a classic queue lives
+    /// on one node, and while that node is down no terminal could declare
+    /// it, so none could start.
     pub(crate) fn dead_letter_arguments(&self) -> Vec<(&'static str, Argument)> {
         let mut arguments = self.dead_letter_limits();
         arguments.push(("x-expires", Argument::Integer(saturate(self.expires_ms))));
+        if self.queue_type == QueueType::Quorum {
+            arguments.push(("x-queue-type", Argument::Text("quorum".into())));
+        }
         arguments
     }
 
@@ -325,6 +332,49 @@ mod tests {
                 .queue_delete(queue.as_str().into(), Default::default())
                 .await;
         }
+    }
+
+    #[test]
+    fn no_argument_that_rabbitmq_4_refuses() {
+        // RabbitMQ 4.3 refuses `x-queue-mode` and `x-queue-version=1`, and
+        // denies the master locator by default.
+        let refused = ["x-queue-mode", "x-queue-version", "x-queue-master-locator"];
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            for delivery in [Delivery::Durable, Delivery::Transient] {
+                let mut topology = topology("args");
+                topology.queue_type = queue_type;
+                topology.delivery = delivery;
+                let arguments = topology
+                    .queue_arguments()
+                    .into_iter()
+                    .chain(topology.dead_letter_arguments());
+                for (key, _) in arguments {
+                    assert!(
+                        !refused.contains(&key),
+                        "{key} on a {queue_type:?} {delivery:?} terminal"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn beside_quorum_queues_the_dead_letter_queue_is_replicated_too() {
+        let mut topology = topology("dlq");
+        topology.queue_type = QueueType::Quorum;
+        assert!(
+            topology
+                .dead_letter_arguments()
+                .contains(&("x-queue-type", Argument::Text("quorum".into()))),
+            "a classic dead-letter queue would keep terminals from starting while its node is down"
+        );
+        topology.queue_type = QueueType::Classic;
+        assert!(
+            !topology
+                .dead_letter_arguments()
+                .iter()
+                .any(|(key, _)| *key == "x-queue-type")
+        );
     }
 
     #[tokio::test]

@@ -593,7 +593,13 @@ struct Session {
 impl Session {
     async fn open(broker: &BrokerConfig, url: &str) -> Result<Self, BrokerError> {
         let timeout = broker.confirm_timeout_secs;
-        let connection = connection::connect(broker, url, "possync terminal uplink").await?;
+        let connection = connection::connect_framed(
+            broker,
+            url,
+            "possync terminal uplink",
+            Some(connection::TERMINAL_FRAME_MAX),
+        )
+        .await?;
         let channel = connection::confirming_channel(&connection, timeout, url).await?;
         Ok(Self {
             connection,

@@ -602,6 +602,42 @@ pub fn catalog_changes(
     (envelopes, model)
 }
 
+/// Publishes one last change, which changes nothing in `products`, and waits
+/// until the terminal has applied it. The queue delivers in order,
+/// redeliveries first, so by then every message ahead of it (redeliveries of
+/// what a lost connection left unacknowledged, messages the publisher sent
+/// again) has been delivered and handled: the counters the terminal stops
+/// with are final. Counts as one applied message.
+pub async fn apply_last_marker(
+    publisher: &possync_core::Publisher,
+    terminal: &RunningTerminal,
+    store: &LicenseKey,
+) {
+    let id = format!("{store}-last");
+    use possync_sdk::Payload;
+    let marker = possync_catalog::ProductDelete {
+        product_id: "LAST".into(),
+    }
+    .to_envelope(store.as_str())
+    .expect("envelope")
+    .with_message_id(id.clone());
+    publisher
+        .publish_envelopes([marker])
+        .await
+        .expect("the marker confirmed");
+    let db = terminal.db();
+    eventually("the last marker to be applied", || {
+        db.query_row(
+            "SELECT count(*) FROM possync_applied WHERE message_id = ?1",
+            [&id],
+            |row| row.get::<_, i64>(0),
+        )
+        .expect("query")
+            == 1
+    })
+    .await;
+}
+
 /// Asserts that the database holds exactly the model's products.
 pub fn assert_matches_model(db: &rusqlite::Connection, model: &Model) {
     let mut statement = db
