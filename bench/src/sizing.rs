@@ -202,7 +202,9 @@ async fn build(
         steps: Vec::new(),
         notes: Vec::new(),
     };
-    if held.is_none() {
+    // On one node only: `list_connections` on a cluster has the other
+    // nodes answer the CLI directly, which they cannot reach here.
+    if held.is_none() && nodes == 1 {
         let found = what_a_terminal_holds(cluster, dir).await?;
         progress(&format!(
             "sizing: a real terminal holds {} connection(s), {} channel(s)",
@@ -216,8 +218,9 @@ async fn build(
     let drain_url = cluster.urls("")[0].clone();
     let drains_here = nodes == 1 && plan.drain > 0;
     if drains_here {
-        drains.push(drain(plan, dir, &drain_url, "none".into(), QueueType::Classic).await?);
-        drains.push(drain(plan, dir, &drain_url, "none".into(), QueueType::Quorum).await?);
+        for drained in [QueueType::Classic, QueueType::Quorum] {
+            try_drain(plan, dir, &drain_url, "none", drained, &mut run, drains).await;
+        }
     }
     let record = |run: &mut Run,
                   label: String,
@@ -272,7 +275,7 @@ async fn build(
             Ok(channels)
         })
         .await;
-        for (footprint, channels) in footprints.iter_mut().zip(opened.into_iter()) {
+        for (footprint, channels) in footprints.iter_mut().zip(opened) {
             footprint.extra = channels.unwrap_or_default();
         }
         let took = clock.elapsed();
@@ -304,7 +307,7 @@ async fn build(
     })
     .await;
     let mut opened = 0;
-    for (footprint, uplink) in footprints.iter_mut().zip(uplinks.into_iter()) {
+    for (footprint, uplink) in footprints.iter_mut().zip(uplinks) {
         footprint.uplink = uplink;
         opened += usize::from(footprint.uplink.is_some());
     }
@@ -394,7 +397,7 @@ async fn build(
         })
         .await;
         let mut started = 0;
-        for (footprint, consumer) in footprints.iter_mut().zip(consumers.into_iter()) {
+        for (footprint, consumer) in footprints.iter_mut().zip(consumers) {
             started += usize::from(consumer.is_some());
             footprint.consumer = consumer;
         }
@@ -414,7 +417,7 @@ async fn build(
         if drains_here {
             let present = format!("{terminals} idle terminals, {kind} queues");
             for drained in [QueueType::Classic, QueueType::Quorum] {
-                drains.push(drain(plan, dir, &drain_url, present.clone(), drained).await?);
+                try_drain(plan, dir, &drain_url, &present, drained, &mut run, drains).await;
             }
         }
         if queue_type == QueueType::Classic {
@@ -738,6 +741,41 @@ async fn what_a_terminal_holds(cluster: &Arc<Cluster>, dir: &Path) -> anyhow::Re
             "connections (name, channels):\n{connections}\nchannels (name, confirm, consumers, prefetch):\n{channels}\nqueues (name, type, consumers, arguments):\n{queues}\nbindings (source, destination, key):\n{bindings}"
         ),
     })
+}
+
+/// The most a drain may take, its rounds together.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// [`drain`], bounded by [`DRAIN_TIMEOUT`]; a failure is noted in `run`
+/// and the run goes on.
+async fn try_drain(
+    plan: &Plan,
+    dir: &Path,
+    url: &str,
+    present: &str,
+    queue_type: QueueType,
+    run: &mut Run,
+    drains: &mut Vec<Drained>,
+) {
+    let outcome = tokio::time::timeout(
+        DRAIN_TIMEOUT,
+        drain(plan, dir, url, present.to_owned(), queue_type),
+    )
+    .await;
+    let failure = match outcome {
+        Ok(Ok(drained)) => {
+            drains.push(drained);
+            return;
+        }
+        Ok(Err(err)) => format!("{err:#}"),
+        Err(_) => format!("no end within {} s", DRAIN_TIMEOUT.as_secs()),
+    };
+    let note = format!(
+        "The drain into a {} queue with {present} present failed: {failure}",
+        type_name(queue_type)
+    );
+    progress(&format!("sizing: {note}"));
+    run.notes.push(note);
 }
 
 /// A backlog of `plan.drain` changes drained by one possync terminal,

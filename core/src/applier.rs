@@ -41,6 +41,9 @@ pub(crate) struct Applier {
     progress: Progress,
     feed: Feed,
     pruned_at: std::time::Instant,
+    /// Whether the batch being applied gives up at once on another
+    /// program's write lock ([`Applier::apply_at_once`]).
+    begin_at_once: bool,
     /// Beside the database: how far it was applied, to tell a restored copy.
     mark: AppliedMark,
     /// Compares the backend's checkpoints with the database.
@@ -122,6 +125,7 @@ impl Applier {
             limits,
             progress: Progress::default(),
             pruned_at: std::time::Instant::now(),
+            begin_at_once: false,
         }
     }
 
@@ -384,13 +388,9 @@ impl Applier {
         if self.pruned_at.elapsed() >= PRUNE_EVERY {
             return None;
         }
-        if let Err(err) = self.database.wait_for_locks(false) {
-            return Some(Err(err.into()));
-        }
+        self.begin_at_once = true;
         let applied = self.run_or_careful(batch, &|_, _| Ok(()));
-        if let Err(err) = self.database.wait_for_locks(true) {
-            return Some(Err(err.into()));
-        }
+        self.begin_at_once = false;
         match applied {
             // Another program holds the write lock (BEGIN IMMEDIATE takes
             // it first, so the batch wrote nothing): tried again where
@@ -439,7 +439,11 @@ impl Applier {
         careful: bool,
         record: &Record<'_>,
     ) -> Result<Option<Applied>, BatchError> {
-        let mut transaction = self.database.begin()?;
+        let mut transaction = if self.begin_at_once {
+            self.database.begin_now()?
+        } else {
+            self.database.begin()?
+        };
         let Some(Dispatched {
             outcomes,
             sync,
@@ -544,9 +548,10 @@ pub(crate) enum Job {
 /// wait for another program's lock, and every batch of a terminal whose
 /// last one held its worker too long (a slow disk), go through
 /// `block_in_place`, which gives the worker's place to another thread for
-/// the length of the batch. So one terminal's slow disk or locked database
-/// never stalls the runtime's other tasks (other terminals, the status
-/// page) for longer than [`WORKER_BATCH_BUDGET`], once. On any other
+/// the length of the batch. So another program's lock never stalls the
+/// runtime's other tasks (other terminals, the status page), and a slow
+/// disk stalls them for the length of one batch, then again at most once
+/// per hand-off period, which grows while batches stay slow. On any other
 /// runtime the applier gets a thread of its own.
 #[derive(Debug)]
 pub(crate) enum ApplierHandle {
@@ -590,7 +595,8 @@ impl OnWorker {
                 self.hand_off_until = Some(std::time::Instant::now() + self.hand_off_for);
                 self.hand_off_for = (self.hand_off_for * 2).min(HAND_OFF_AT_MOST);
             } else {
-                self.hand_off_for = HAND_OFF_AT_FIRST;
+                // Shrinks back slowly: a disk slow now and then stays handed off.
+                self.hand_off_for = (self.hand_off_for / 2).max(HAND_OFF_AT_FIRST);
             }
             return applied;
         }

@@ -148,6 +148,14 @@ pub struct BrokerConfig {
     /// Seconds a publish keeps reconnecting through a broker outage before
     /// it fails.
     pub publish_retry_secs: u64,
+    /// Seconds a RabbitMQ cluster takes to notice that one of its nodes is
+    /// gone: 1.25 times the nodes' Erlang `net_ticktime` (60 s by default),
+    /// and half a heartbeat more. A terminal on quorum queues that lost its
+    /// connection to a node that stays unreachable waits this long after
+    /// it last heard from the node before it takes the consumer the queue
+    /// still counts there for its own: until then the broker may still
+    /// deliver to it.
+    pub node_down_after_secs: u64,
     /// Whether possync declares the exchange and queues itself. `false` for
     /// users provisioned by `possync admin`, who may not: the objects exist
     /// already, and dead letters go through the queue's dead-letter exchange
@@ -173,6 +181,7 @@ impl Default for BrokerConfig {
             connect_timeout_secs: 10,
             confirm_timeout_secs: 30,
             publish_retry_secs: 60,
+            node_down_after_secs: 80,
             declare_topology: true,
             tls_ca_file: None,
             tls_client_cert_file: None,
@@ -193,6 +202,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("confirm_timeout_secs", &self.confirm_timeout_secs)
             .field("publish_retry_secs", &self.publish_retry_secs)
+            .field("node_down_after_secs", &self.node_down_after_secs)
             .field("declare_topology", &self.declare_topology)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_client_cert_file", &self.tls_client_cert_file)

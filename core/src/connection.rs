@@ -142,6 +142,13 @@ impl BrokerError {
         )
     }
 
+    /// Whether the connection was given up because the broker fell silent
+    /// (its heartbeats stopped): it was last heard two heartbeats ago.
+    pub(crate) fn is_missed_heartbeat(&self) -> bool {
+        matches!(self, Self::Protocol { source, .. }
+            if matches!(source.kind(), ErrorKind::MissingHeartbeatError))
+    }
+
     /// Whether a new connection may get past this failure.
     pub fn is_connection_failure(&self) -> bool {
         // A timeout counts: a half-open link is noticed by heartbeats only

@@ -479,37 +479,128 @@ fn already_running_as(topology: &TerminalTopology) -> BrokerError {
 /// A quorum queue keeps counting the consumer of a cluster node that went
 /// down (killed, cut off) until that node is back: after losing its
 /// connection to such a node, the terminal would see itself as a twin and
-/// refuse to start. While a node it lost a session on is unreachable, that
-/// session's consumer is certainly still there, so one more is expected
-/// for each; a twin still shows as one too many. Once a node answers again
-/// the broker drops its consumer, and none is expected of it.
+/// refuse to start. Once the cluster has noticed the node gone
+/// (`broker.node_down_after_secs` after the loss) it delivers nothing more
+/// to that consumer and has returned what it held, first in the queue; if
+/// the node is still unreachable then, its consumer is certainly still
+/// counted, so one more is expected for each such node. Before that, none
+/// is: taking the queue while the broker may still deliver to the old
+/// consumer would let later changes overtake the ones it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Ghosts(u32);
+
+/// A session that was Live and got lost: where, and when.
+#[derive(Debug, Clone)]
+pub(crate) struct LostSession {
+    /// `host:port` of the node.
+    pub(crate) address: String,
+    at: std::time::Instant,
+}
+
+impl LostSession {
+    /// A session on `url` lost now by `cause`; `None` for a URL without an
+    /// address. Its time is when the node was last heard: two heartbeats
+    /// ago when its heartbeats stopped, which is when the link may have
+    /// broken, and when the other nodes' clocks for it started.
+    pub(crate) fn now(url: &str, cause: &BrokerError) -> Option<Self> {
+        let now = std::time::Instant::now();
+        let silent = if cause.is_missed_heartbeat() {
+            // lapin gives up after two heartbeats without a frame; without
+            // `heartbeat=` in the URL the broker's 60 s applies.
+            std::time::Duration::from_secs(2 * u64::from(heartbeat_of(url).unwrap_or(60)))
+        } else {
+            std::time::Duration::ZERO
+        };
+        Some(Self {
+            address: host_and_port(url)?,
+            at: now.checked_sub(silent).unwrap_or(now),
+        })
+    }
+}
+
+/// The `heartbeat` an AMQP URL asks for.
+fn heartbeat_of(url: &str) -> Option<u16> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    uri.query.heartbeat
+}
+
+impl LostSession {
+    /// Whether `url` is the node of one of `lost`: a node that went down
+    /// under this terminal, which a failed attempt on it says nothing new
+    /// about; the next URL is tried soon instead of after the backoff.
+    pub(crate) fn is_lost_node(lost: &[Self], url: &str) -> bool {
+        host_and_port(url).is_some_and(|here| lost.iter().any(|session| session.address == here))
+    }
+
+    /// The next moment one of `lost` may count as a ghost: a terminal
+    /// refused meanwhile tries again then, not after its whole backoff.
+    pub(crate) fn next_maturing(
+        lost: &[Self],
+        node_down_after: std::time::Duration,
+    ) -> Option<std::time::Instant> {
+        let now = std::time::Instant::now();
+        lost.iter()
+            .map(|session| session.at + node_down_after)
+            .filter(|matures| *matures > now)
+            .min()
+    }
+}
 
 impl Ghosts {
     fn count(self) -> u32 {
         self.0
     }
 
-    /// What to expect connecting to `url` after losing sessions on the
-    /// nodes of `lost`: a quick look whether each still takes connections.
-    pub(crate) async fn after_losing(lost: &[String], url: &str) -> Self {
+    /// What to expect connecting to `url` after losing the sessions in
+    /// `lost`, whose nodes the cluster notices gone `node_down_after`
+    /// later. A quick look whether each node still takes connections; one
+    /// that does has dropped its consumer, or soon will, and is forgotten.
+    pub(crate) async fn after_losing(
+        lost: &mut Vec<LostSession>,
+        url: &str,
+        node_down_after: std::time::Duration,
+    ) -> Self {
+        let here = host_and_port(url);
         let mut ghosts = 0;
-        for lost in lost.iter().filter(|lost| lost.as_str() != url) {
-            let Some(address) = host_and_port(lost) else {
+        let mut answered = Vec::new();
+        for (index, session) in lost.iter().enumerate() {
+            if here.as_deref() == Some(session.address.as_str()) {
                 continue;
-            };
-            let answered = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                tokio::net::TcpStream::connect(address),
+            }
+            let probe = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::net::TcpStream::connect(session.address.as_str()),
             )
             .await;
-            if !matches!(answered, Ok(Ok(_))) {
+            if matches!(probe, Ok(Ok(_))) {
+                answered.push(index);
+            } else if session.at.elapsed() >= node_down_after {
                 ghosts += 1;
             }
         }
+        for index in answered.into_iter().rev() {
+            lost.remove(index);
+        }
         Self(ghosts)
     }
+}
+
+/// The most of a dead letter's reason its header carries: the headers
+/// travel in one frame, which a terminal's connection keeps small (16 KiB),
+/// and a frame over that closes the connection. The whole reason stays in
+/// `possync_quarantine`.
+const MAX_REASON_HEADER_BYTES: usize = 2048;
+
+/// `reason`, cut at a character boundary to fit a header.
+fn header_text(reason: &str) -> &str {
+    if reason.len() <= MAX_REASON_HEADER_BYTES {
+        return reason;
+    }
+    let mut end = MAX_REASON_HEADER_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }
 
 /// `host:port` of an AMQP URL.
@@ -890,7 +981,7 @@ impl Subscription {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-possync-reason".into(),
-            AMQPValue::LongString(reason.into()),
+            AMQPValue::LongString(header_text(reason).into()),
         );
         headers.insert(
             "x-possync-routing-key".into(),
@@ -939,5 +1030,100 @@ impl Subscription {
             self.connection.close(200, "terminal stopping".into()),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_dead_letters_reason_header_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_REASON_HEADER_BYTES);
+        let cut = header_text(&long);
+        assert!(cut.len() <= MAX_REASON_HEADER_BYTES);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(header_text("short"), "short");
+    }
+
+    fn lost(address: &str, ago: Duration) -> LostSession {
+        LostSession {
+            address: address.into(),
+            at: std::time::Instant::now()
+                .checked_sub(ago)
+                .unwrap_or_else(std::time::Instant::now),
+        }
+    }
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        drop(listener);
+        address
+    }
+
+    #[tokio::test]
+    async fn a_down_nodes_consumer_is_expected_only_once_the_cluster_noticed_it() {
+        let down = closed_port();
+        let url = "amqp://guest:guest@127.0.0.1:1/%2f";
+        let notice = Duration::from_secs(75);
+        let mut sessions = vec![lost(&down, Duration::from_secs(10))];
+        assert_eq!(
+            Ghosts::after_losing(&mut sessions, url, notice).await,
+            Ghosts(0),
+            "the broker may still deliver to it: no twin is let in"
+        );
+        let mut sessions = vec![lost(&down, Duration::from_secs(80))];
+        assert_eq!(
+            Ghosts::after_losing(&mut sessions, url, notice).await,
+            Ghosts(1)
+        );
+        assert_eq!(sessions.len(), 1, "kept while its node is down");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_answers_again_holds_no_consumer_and_is_forgotten() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let up = listener.local_addr().expect("address").to_string();
+        let mut sessions = vec![lost(&up, Duration::from_secs(80))];
+        let url = "amqp://guest:guest@127.0.0.1:1/%2f";
+        let ghosts = Ghosts::after_losing(&mut sessions, url, Duration::from_secs(75)).await;
+        assert_eq!(ghosts, Ghosts(0));
+        assert!(sessions.is_empty());
+    }
+
+    #[test]
+    fn a_node_whose_heartbeats_stopped_was_last_heard_two_heartbeats_before() {
+        let url = "amqp://guest:guest@10.0.0.1:5672/%2f?heartbeat=5";
+        let silent = BrokerError::Protocol {
+            during: "receiving",
+            source: lapin::ErrorKind::MissingHeartbeatError.into(),
+        };
+        let session = LostSession::now(url, &silent).expect("an address");
+        let ago = session.at.elapsed();
+        assert!(
+            ago >= Duration::from_secs(10) && ago < Duration::from_secs(11),
+            "{ago:?}"
+        );
+        let reset = LostSession::now(url, &BrokerError::ConnectionLost).expect("an address");
+        assert!(reset.at.elapsed() < Duration::from_secs(1));
+        assert!(LostSession::is_lost_node(
+            &[reset],
+            "amqp://u:p@10.0.0.1:5672/x"
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_node_connected_to_now_is_not_counted() {
+        let down = closed_port();
+        let url = format!("amqp://guest:guest@{down}/%2f");
+        let mut sessions = vec![lost(&down, Duration::from_secs(80))];
+        let ghosts = Ghosts::after_losing(&mut sessions, &url, Duration::from_secs(75)).await;
+        assert_eq!(ghosts, Ghosts(0));
     }
 }

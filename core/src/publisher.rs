@@ -250,7 +250,9 @@ impl Publisher {
 
     /// Publishes many envelopes, keeping up to a window of them in flight;
     /// returns once the broker confirmed them all, or at the first message
-    /// it refused (those before it are confirmed, those after it unknown).
+    /// it kept refusing (a nack is sent again a few times first, as while
+    /// a cluster elects a queue's leader; those before it are confirmed,
+    /// those after it unknown).
     ///
     /// Each message goes out with `publisher_id` and `publisher_seq`, the
     /// connection's id and the message's number on it, by which terminals
@@ -376,6 +378,10 @@ impl Publisher {
                     .map(|d| d.routing_key.clone())
                     .unwrap_or_default();
                 let err = BrokerError::Nacked { routing_key };
+                reconnects.nacks += 1;
+                if reconnects.nacks >= NACKS_AT_MOST {
+                    return Err(err.into());
+                }
                 self.recover(session, in_flight, reconnects, err).await
             }
             Err(err) => self.recover(session, in_flight, reconnects, err).await,
@@ -626,7 +632,15 @@ struct Reconnects {
     attempt: u32,
     budget: Duration,
     deadline: Instant,
+    /// Nacks since the last confirm.
+    nacks: u32,
 }
+
+/// Nacks in a row after which a publish fails: an election is over within
+/// the waits between them (about 15 s), while a queue that refuses for good
+/// (`overflow: reject-publish`) would hold every publish behind it for the
+/// whole `publish_retry_secs`.
+const NACKS_AT_MOST: u32 = 6;
 
 impl Reconnects {
     fn new(broker: &BrokerConfig) -> Self {
@@ -635,12 +649,14 @@ impl Reconnects {
             attempt: 0,
             budget,
             deadline: Instant::now() + budget,
+            nacks: 0,
         }
     }
 
     /// A confirm arrived: the next outage gets the full retry time.
     fn reset(&mut self) {
         self.attempt = 0;
+        self.nacks = 0;
         self.deadline = Instant::now() + self.budget;
     }
 

@@ -258,16 +258,6 @@ impl Database {
         Ok(self.connection.busy_timeout(BATCH_LOCK_WAIT)?)
     }
 
-    /// Whether a batch waits for another program's write lock (up to
-    /// [`BATCH_LOCK_WAIT`]) or fails at once with `SQLITE_BUSY`.
-    pub(crate) fn wait_for_locks(&self, wait: bool) -> rusqlite::Result<()> {
-        self.connection.busy_timeout(if wait {
-            BATCH_LOCK_WAIT
-        } else {
-            std::time::Duration::ZERO
-        })
-    }
-
     /// Commits without waiting for the disk (`synchronous = NORMAL`), for a
     /// database derived from a durable record that says how far it is in
     /// the same transaction: a power cut loses the last commits together
@@ -478,6 +468,22 @@ impl Database {
     /// Begins the transaction a batch applies in.
     pub(crate) fn begin(&mut self) -> Result<Transaction<'_>, rusqlite::Error> {
         Transaction::begin(&mut self.connection)
+    }
+
+    /// [`begin`](Self::begin), failing at once with `SQLITE_BUSY` while
+    /// another program holds the write lock. Once begun, everything waits
+    /// for locks as batches do: what follows the commit (a gap recorded, a
+    /// checkpoint verified) must not fail for a moment's lock.
+    pub(crate) fn begin_now(&mut self) -> Result<Transaction<'_>, rusqlite::Error> {
+        self.connection.busy_timeout(std::time::Duration::ZERO)?;
+        let begun = self.connection.execute_batch("BEGIN IMMEDIATE");
+        let waiting = self.connection.busy_timeout(BATCH_LOCK_WAIT);
+        if begun.is_ok() && waiting.is_err() {
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        begun?;
+        waiting?;
+        Ok(Transaction::begun(&mut self.connection))
     }
 
     /// Records a state change for `possync status`, without waiting for a

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::applier::{Applier, ApplierHandle, Limits};
 use crate::config::{Config, TerminalSettings};
 use crate::connection::BrokerError;
-use crate::consumer::{Ghosts, Inbox, SessionEnd, Subscription, consume};
+use crate::consumer::{Ghosts, Inbox, LostSession, SessionEnd, Subscription, consume};
 use crate::events;
 use crate::gap::{AppliedMark, Gap, GapCause};
 use crate::in_process::InProcessBroker;
@@ -62,6 +62,10 @@ const ALREADY_RUNNING_GRACE: Duration = Duration::from_secs(180);
 
 /// How long a stopping terminal waits for its uplink's last receipt.
 const UPLINK_STOP: Duration = Duration::from_secs(3);
+
+/// The wait after failing to reach a cluster node this terminal lost its
+/// session on: the other nodes are tried next, at once.
+const LOST_NODE_RETRY: Duration = Duration::from_millis(250);
 
 /// What the status shows as the broker of an in-process terminal.
 const IN_PROCESS: &str = "in-process (no broker)";
@@ -234,9 +238,10 @@ impl Terminal {
         let mut ever_live = false;
         let mut twin_since: Option<Instant> = None;
         let mut offline_since = SystemTime::now();
-        // The URLs of sessions that were Live and got lost: each may have
-        // left a consumer on a node that is down since.
-        let mut lost: Vec<String> = Vec::new();
+        // Sessions that were Live and got lost: each may have left a
+        // consumer on a node that is down since.
+        let mut lost: Vec<LostSession> = Vec::new();
+        let node_down_after = Duration::from_secs(config.broker.node_down_after_secs);
         let result = loop {
             let url = match transport {
                 Transport::Broker => urls[attempt as usize % urls.len()].as_str(),
@@ -244,7 +249,7 @@ impl Terminal {
             };
             attempt = attempt.wrapping_add(1);
             events::connecting(&redact_url(url), failures + 1);
-            let ghosts = Ghosts::after_losing(&lost, url).await;
+            let ghosts = Ghosts::after_losing(&mut lost, url, node_down_after).await;
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
                 opened = open(transport, config, url, &topology, &connection_name, ghosts) => opened,
@@ -287,8 +292,9 @@ impl Terminal {
                     {
                         SessionEnd::Stopped => break Ok(()),
                         SessionEnd::Lost(err) => {
-                            if !lost.iter().any(|lost| lost == url) {
-                                lost.push(url.to_owned());
+                            if let Some(session) = LostSession::now(url, &err) {
+                                lost.retain(|known| known.address != session.address);
+                                lost.push(session);
                             }
                             err
                         }
@@ -308,7 +314,14 @@ impl Terminal {
             };
             failures += 1;
             status.set_queue_depth(None);
-            let delay = crate::backoff::RECONNECT.delay(failures);
+            let mut delay = crate::backoff::RECONNECT.delay(failures);
+            if let Some(matures) = LostSession::next_maturing(&lost, node_down_after) {
+                let until = matures.saturating_duration_since(Instant::now());
+                delay = delay.min(until + Duration::from_millis(100));
+            }
+            if urls.len() > 1 && LostSession::is_lost_node(&lost, url) {
+                delay = delay.min(LOST_NODE_RETRY);
+            }
             let reason = reason.to_string();
             events::offline(&reason, delay.as_millis(), failures == 1);
             if failures == 1 {

@@ -56,16 +56,21 @@ impl<'c> Transaction<'c> {
     /// Begins a transaction that takes the write lock now, so a busy POS
     /// reader shows up here, not in the middle of a batch.
     pub(crate) fn begin(connection: &'c mut Connection) -> rusqlite::Result<Self> {
-        let connection: &'c Connection = connection;
         connection.execute_batch("BEGIN IMMEDIATE")?;
-        Ok(Self {
+        Ok(Self::begun(connection))
+    }
+
+    /// The transaction `BEGIN IMMEDIATE` already began on `connection`.
+    pub(crate) fn begun(connection: &'c mut Connection) -> Self {
+        let connection: &'c Connection = connection;
+        Self {
             connection,
             statements: Vec::with_capacity(KEPT_STATEMENTS),
             committed: false,
             effects: Effects::default(),
             stale: Vec::new(),
             fault: None,
-        })
+        }
     }
 
     /// Commits, then runs the handlers' after-commit effects. If the commit

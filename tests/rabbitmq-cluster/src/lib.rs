@@ -59,8 +59,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(180);
 pub struct Cluster {
     nodes: Vec<Node>,
     network: network::Network,
-    // Last: the folders outlive the processes that write to them.
+    // The folders outlive the processes that write to them.
     _folder: tempfile::TempDir,
+    // Last: the slot is taken until everything else is gone.
+    _slot_lock: std::fs::File,
 }
 
 impl Cluster {
@@ -74,6 +76,18 @@ impl Cluster {
     /// other slots run beside it) and waits until each runs. The first
     /// node starts alone; the others join it.
     pub fn start_in(slot: Slot, size: usize) -> Result<Self> {
+        // Another process's cluster in this slot is waited for, not removed
+        // as a leftover under its feet.
+        let lock_path =
+            std::env::temp_dir().join(format!("possync-rabbitmq-slot{}.lock", slot.number()));
+        let slot_lock = std::fs::File::create(&lock_path).map_err(|source| Error::Io {
+            what: format!("creating {}", lock_path.display()),
+            source,
+        })?;
+        slot_lock.lock().map_err(|source| Error::Io {
+            what: format!("taking {}", lock_path.display()),
+            source,
+        })?;
         network::Network::remove_leftovers(slot);
         let folder = tempfile::Builder::new()
             .prefix("possync-rabbitmq-cluster.")
@@ -92,6 +106,7 @@ impl Cluster {
             nodes,
             network,
             _folder: folder,
+            _slot_lock: slot_lock,
         };
         cluster.start_node(0)?;
         for index in 1..size {

@@ -19,6 +19,11 @@ impl Slot {
         Self(number % 10)
     }
 
+    /// The slot's number.
+    pub fn number(self) -> u8 {
+        self.0
+    }
+
     fn bridge(self) -> String {
         format!("possync-rmq{}", self.0)
     }
