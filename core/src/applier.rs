@@ -145,7 +145,10 @@ impl Applier {
                 // The receiver is gone only when the terminal stopped waiting; nothing to tell.
                 let _ = reply.send((batch, result));
             }
-            Job::RecordState(record) => self.record_state(&record),
+            Job::RecordState(record, done) => {
+                self.record_state(&record);
+                let _ = done.send(());
+            }
             Job::Requeue => self.requeue(),
             Job::RecordGap(gap, reply) => {
                 let _ = reply.send(self.record_gap(gap));
@@ -530,7 +533,7 @@ type Reply = oneshot::Sender<(Vec<Inbound>, Result<Applied, BatchError>)>;
 
 pub(crate) enum Job {
     Apply(Vec<Inbound>, Reply),
-    RecordState(StateRecord),
+    RecordState(StateRecord, oneshot::Sender<()>),
     FlushProgress,
     Requeue,
     RecordGap(Gap, oneshot::Sender<Option<SyncState>>),
@@ -656,8 +659,13 @@ impl ApplierHandle {
     }
 
     /// Records a state change for `possync status`, in order with the batches.
+    ///
+    /// Returns once it is recorded: `possync status` run after the state
+    /// was logged shows it.
     pub(crate) async fn record_state(&self, record: StateRecord) {
-        self.submit(Job::RecordState(record)).await;
+        let (done, recorded) = oneshot::channel();
+        self.submit(Job::RecordState(record, done)).await;
+        let _ = recorded.await;
     }
 
     /// Writes the counters `possync status` shows, when the terminal is idle.

@@ -270,7 +270,6 @@ impl Terminal {
                             status.set_sync(sync);
                         }
                     }
-                    events::live(&redact_url(url), &topology.queue, &topology.binding_key);
                     reporter
                         .set(
                             State::Live {
@@ -279,6 +278,8 @@ impl Terminal {
                             Some(url),
                         )
                         .await;
+                    // After the record: `possync status` run on this line says Live.
+                    events::live(&redact_url(url), &topology.queue, &topology.binding_key);
                     match consume(
                         subscription,
                         &applier,
