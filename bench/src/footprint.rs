@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use possync_core::{Config, LicenseKey, TerminalId, TerminalTopology};
 use serde_json::json;
 
+use crate::snapshot::{CATEGORIES, product_payload};
 use crate::workload::{self, license};
 use crate::{Row, progress};
 
@@ -24,9 +25,6 @@ use crate::{Row, progress};
 const IDLE_TARGET_KIB: u64 = 8 * 1024;
 const DRAIN_TARGET_KIB: u64 = 16 * 1024;
 const LIVE_TARGET_MS: f64 = 200.0;
-
-/// Categories and products of the store whose changes the backlog holds.
-const CATEGORIES: usize = 12;
 
 /// What the scenario is asked to do.
 pub(crate) struct Footprint {
@@ -187,18 +185,6 @@ impl Process {
 /// change names a product no other does, to see when all are applied.
 fn backlog(store: &LicenseKey, count: usize, products: usize) -> Vec<possync_sdk::Envelope> {
     let pick = workload::shuffled(products);
-    let product = |i: usize| {
-        let mut payload = json!({
-            "product_id": format!("SKU-{i:07}"),
-            "product_name": format!("Product {i} {} {}g", ["Bio", "Classic", "Family pack", "Light"][i % 4], 50 + i % 950),
-            "price": 0.49 + (i % 5000) as f64 / 100.0,
-            "category_id": format!("CAT-{:02}", i % CATEGORIES),
-        });
-        if i.is_multiple_of(4) {
-            payload["icon_name"] = json!(format!("icon-{}", i % 300));
-        }
-        payload
-    };
     let key = store.as_str();
     let catalog = (0..CATEGORIES)
         .map(|i| {
@@ -208,7 +194,7 @@ fn backlog(store: &LicenseKey, count: usize, products: usize) -> Vec<possync_sdk
                 json!({"category_id": format!("CAT-{i:02}"), "category_name": format!("Category {i}")}),
             )
         })
-        .chain((0..products).map(|i| possync_sdk::Envelope::new("product_update", key, product(i))));
+        .chain((0..products).map(|i| possync_sdk::Envelope::new("product_update", key, product_payload(i))));
     let prices = (0..).map(|i: usize| {
         possync_sdk::Envelope::new(
             "price_update",

@@ -17,9 +17,14 @@ use crate::{Stopwatch, Trial, possync_side, progress};
 /// Categories in the catalog.
 pub(crate) const CATEGORIES: usize = 12;
 
-/// A product as back offices send it: a name of a few words, a price, a
-/// category, an icon for one in four.
+/// A product as back offices send it, as a submission to the backend.
 pub(crate) fn product(store: &LicenseKey, i: usize) -> Value {
+    json!({"store": store.as_str(), "type": "product_update", "payload": product_payload(i)})
+}
+
+/// A product's payload as back offices send it: a name of a few words, a
+/// price, a category, an icon for one in four.
+pub(crate) fn product_payload(i: usize) -> Value {
     let mut payload = json!({
         "product_id": format!("SKU-{i:07}"),
         "product_name": format!("Product {i} {} {}g", ["Bio", "Classic", "Family pack", "Light"][i % 4], 50 + i % 950),
@@ -29,7 +34,7 @@ pub(crate) fn product(store: &LicenseKey, i: usize) -> Value {
     if i.is_multiple_of(4) {
         payload["icon_name"] = json!(format!("icon-{}", i % 300));
     }
-    json!({"store": store.as_str(), "type": "product_update", "payload": payload})
+    payload
 }
 
 pub(crate) fn category(store: &LicenseKey, i: usize) -> Value {
