@@ -504,12 +504,14 @@ impl LostSession {
     /// broken, and when the other nodes' clocks for it started.
     pub(crate) fn now(url: &str, cause: &BrokerError) -> Option<Self> {
         let now = std::time::Instant::now();
-        let silent = if cause.is_missed_heartbeat() {
-            // lapin gives up after two heartbeats without a frame; without
-            // `heartbeat=` in the URL the broker's 60 s applies.
-            std::time::Duration::from_secs(2 * u64::from(heartbeat_of(url).unwrap_or(60)))
-        } else {
-            std::time::Duration::ZERO
+        // lapin gives up after two heartbeats without a frame. Without
+        // `heartbeat=` in the URL the broker chose it, which this does not
+        // know: counted from now, the wait is only longer.
+        let silent = match heartbeat_of(url) {
+            Some(heartbeat) if cause.is_missed_heartbeat() => {
+                std::time::Duration::from_secs(2 * u64::from(heartbeat))
+            }
+            _ => std::time::Duration::ZERO,
         };
         Some(Self {
             address: host_and_port(url)?,
@@ -1109,6 +1111,12 @@ mod tests {
         assert!(
             ago >= Duration::from_secs(10) && ago < Duration::from_secs(11),
             "{ago:?}"
+        );
+        let unknown = "amqp://guest:guest@10.0.0.1:5672/%2f";
+        let broker_chose = LostSession::now(unknown, &silent).expect("an address");
+        assert!(
+            broker_chose.at.elapsed() < Duration::from_secs(1),
+            "a heartbeat the broker chose is not guessed: the wait counts from now"
         );
         let reset = LostSession::now(url, &BrokerError::ConnectionLost).expect("an address");
         assert!(reset.at.elapsed() < Duration::from_secs(1));
