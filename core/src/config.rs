@@ -150,11 +150,11 @@ pub struct BrokerConfig {
     pub publish_retry_secs: u64,
     /// Seconds a RabbitMQ cluster takes to notice that one of its nodes is
     /// gone: 1.25 times the nodes' Erlang `net_ticktime` (60 s by default),
-    /// and half a heartbeat more. A terminal on quorum queues that lost its
-    /// connection to a node that stays unreachable waits this long after
-    /// it last heard from the node before it takes the consumer the queue
-    /// still counts there for its own: until then the broker may still
-    /// deliver to it.
+    /// and a margin. A terminal on quorum queues that lost its connection
+    /// to a node that stays unreachable waits this long, and at least three
+    /// heartbeats, after it last heard from the node before it takes the
+    /// consumer the queue still counts there for its own: until then the
+    /// broker may still deliver to it.
     pub node_down_after_secs: u64,
     /// Whether possync declares the exchange and queues itself. `false` for
     /// users provisioned by `possync admin`, who may not: the objects exist

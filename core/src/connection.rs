@@ -102,6 +102,18 @@ pub enum BrokerError {
         /// The terminal's queue.
         queue: String,
     },
+    /// The queue still counts this terminal's consumer on a cluster node it
+    /// lost, which the broker may still deliver to: taking the queue now
+    /// could let later changes overtake the ones that consumer holds.
+    #[error(
+        "the queue still counts this terminal's consumer on cluster node {node}, which it lost; it takes the queue over in {seconds} s, once the cluster can no longer deliver to it (broker.node_down_after_secs, and three heartbeats: `?heartbeat=5` on the URLs shortens the wait)"
+    )]
+    LostNodeConsumer {
+        /// `host:port` of the node.
+        node: String,
+        /// How long until the terminal takes the queue over.
+        seconds: u64,
+    },
     /// The broker did not answer in time.
     #[error("the broker did not answer within {seconds} s while {during}")]
     Timeout {
@@ -280,12 +292,13 @@ pub async fn connect(
 }
 
 /// The largest frame a terminal's connections take, unless its URL names
-/// one (`?frame_max=`). lapin keeps two buffers of 32 frames a
-/// connection, and fills each with zeros up to the size agreed with the
-/// broker: at RabbitMQ's 128 KiB, 8 MiB for each of a terminal's two
-/// connections, most of an idle terminal's memory. A larger message is
-/// split into frames of this size.
-pub(crate) const TERMINAL_FRAME_MAX: u32 = 16 * 1024;
+/// one (`?frame_max=`): the smallest lapin allows. lapin keeps two ring
+/// buffers of 32 frames a connection, made for the smallest frame and
+/// filled with zeros up to the size agreed with the broker: at RabbitMQ's
+/// 128 KiB, 8 MiB for each of a terminal's two connections, most of an
+/// idle terminal's memory; at this size nothing is filled. A larger
+/// message is split into frames of this size.
+pub(crate) const TERMINAL_FRAME_MAX: u32 = lapin::protocol::constants::FRAME_MIN_SIZE;
 
 /// [`connect`], asking for frames of at most `frame_max` bytes when the
 /// URL does not say (`None`: the broker's size).

@@ -350,6 +350,8 @@ pub(crate) struct Subscription {
     /// channel, so it is not one anything else uses.
     probe: Probe,
     queue_created: bool,
+    alone: bool,
+    heartbeat: u16,
 }
 
 #[derive(Debug)]
@@ -375,6 +377,23 @@ impl Inbox {
         match self {
             Self::Broker(subscription) => subscription.queue_created(),
             Self::InProcess(_) => false,
+        }
+    }
+
+    /// Whether no consumer was on the queue before this one (an in-process
+    /// queue: always).
+    pub(crate) fn alone(&self) -> bool {
+        match self {
+            Self::Broker(subscription) => subscription.alone(),
+            Self::InProcess(_) => true,
+        }
+    }
+
+    /// The heartbeat agreed with the broker, in seconds (0: none).
+    pub(crate) fn heartbeat(&self) -> u16 {
+        match self {
+            Self::Broker(subscription) => subscription.heartbeat(),
+            Self::InProcess(_) => 0,
         }
     }
 
@@ -479,91 +498,95 @@ fn already_running_as(topology: &TerminalTopology) -> BrokerError {
 /// A quorum queue keeps counting the consumer of a cluster node that went
 /// down (killed, cut off) until that node is back: after losing its
 /// connection to such a node, the terminal would see itself as a twin and
-/// refuse to start. Once the cluster has noticed the node gone
-/// (`broker.node_down_after_secs` after the loss) it delivers nothing more
-/// to that consumer and has returned what it held, first in the queue; if
-/// the node is still unreachable then, its consumer is certainly still
-/// counted, so one more is expected for each such node. Before that, none
-/// is: taking the queue while the broker may still deliver to the old
-/// consumer would let later changes overtake the ones it holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Ghosts(u32);
+/// refuse to start. Once the consumer can no longer be delivered to (see
+/// [`LostSession`]) and the node still does not answer, that consumer is
+/// certainly still counted, so one more is expected for each such node.
+/// Before that, none is: taking the queue while the broker may still
+/// deliver to the old consumer would let later changes overtake the ones it
+/// holds. Those lost sessions are `waiting`, and a refusal they explain
+/// says so instead of blaming a twin.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Ghosts {
+    expected: u32,
+    waiting: Option<Waiting>,
+}
 
-/// A session that was Live and got lost: where, and when.
+/// Lost sessions whose consumer may still be delivered to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Waiting {
+    count: u32,
+    /// The node of the one that matures first, and when.
+    node: String,
+    matures: std::time::Instant,
+}
+
+/// A session that was Live and got lost: where, and from when its consumer
+/// can no longer receive anything.
 #[derive(Debug, Clone)]
 pub(crate) struct LostSession {
     /// `host:port` of the node.
     pub(crate) address: String,
-    at: std::time::Instant,
+    matures: std::time::Instant,
 }
 
 impl LostSession {
-    /// A session on `url` lost now by `cause`; `None` for a URL without an
-    /// address. Its time is when the node was last heard: two heartbeats
-    /// ago when its heartbeats stopped, which is when the link may have
-    /// broken, and when the other nodes' clocks for it started.
-    pub(crate) fn now(url: &str, cause: &BrokerError) -> Option<Self> {
+    /// A session on `url` lost now by `cause`, on a connection whose
+    /// heartbeat (agreed with the broker) was `heartbeat` seconds; `None`
+    /// for a URL without an address.
+    ///
+    /// Its consumer is gone or unused once both have happened:
+    /// - the cluster noticed its node down, `node_down_after` after the node
+    ///   was last heard: two heartbeats before a missed heartbeat (lapin's
+    ///   limit), and since the broker may stay silent a whole heartbeat, the
+    ///   node may have lived one heartbeat past that;
+    /// - a node that lives on but no longer hears this terminal (a link
+    ///   broken on the till's side) dropped the connection itself, which
+    ///   RabbitMQ does within three heartbeats of silence.
+    pub(crate) fn now(
+        url: &str,
+        cause: &BrokerError,
+        heartbeat: u16,
+        node_down_after: std::time::Duration,
+    ) -> Option<Self> {
         let now = std::time::Instant::now();
-        // lapin gives up after two heartbeats without a frame. Without
-        // `heartbeat=` in the URL the broker chose it, which this does not
-        // know: counted from now, the wait is only longer.
-        let silent = match heartbeat_of(url) {
-            Some(heartbeat) if cause.is_missed_heartbeat() => {
-                std::time::Duration::from_secs(2 * u64::from(heartbeat))
-            }
-            _ => std::time::Duration::ZERO,
+        let heartbeat = std::time::Duration::from_secs(u64::from(heartbeat));
+        let (last_heard, unsure) = if cause.is_missed_heartbeat() {
+            (now.checked_sub(2 * heartbeat).unwrap_or(now), heartbeat)
+        } else {
+            (now, std::time::Duration::ZERO)
         };
+        let wait = node_down_after.max(3 * heartbeat) + unsure;
         Some(Self {
             address: host_and_port(url)?,
-            at: now.checked_sub(silent).unwrap_or(now),
+            matures: last_heard.checked_add(wait)?,
         })
     }
-}
 
-/// The `heartbeat` an AMQP URL asks for.
-fn heartbeat_of(url: &str) -> Option<u16> {
-    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
-    uri.query.heartbeat
-}
-
-impl LostSession {
     /// Whether `url` is the node of one of `lost`: a node that went down
     /// under this terminal, which a failed attempt on it says nothing new
-    /// about; the next URL is tried soon instead of after the backoff.
+    /// about.
     pub(crate) fn is_lost_node(lost: &[Self], url: &str) -> bool {
         host_and_port(url).is_some_and(|here| lost.iter().any(|session| session.address == here))
     }
 
     /// The next moment one of `lost` may count as a ghost: a terminal
     /// refused meanwhile tries again then, not after its whole backoff.
-    pub(crate) fn next_maturing(
-        lost: &[Self],
-        node_down_after: std::time::Duration,
-    ) -> Option<std::time::Instant> {
+    pub(crate) fn next_maturing(lost: &[Self]) -> Option<std::time::Instant> {
         let now = std::time::Instant::now();
         lost.iter()
-            .map(|session| session.at + node_down_after)
+            .map(|session| session.matures)
             .filter(|matures| *matures > now)
             .min()
     }
 }
 
 impl Ghosts {
-    fn count(self) -> u32 {
-        self.0
-    }
-
     /// What to expect connecting to `url` after losing the sessions in
-    /// `lost`, whose nodes the cluster notices gone `node_down_after`
-    /// later. A quick look whether each node still takes connections; one
+    /// `lost`. A quick look whether each node still takes connections; one
     /// that does has dropped its consumer, or soon will, and is forgotten.
-    pub(crate) async fn after_losing(
-        lost: &mut Vec<LostSession>,
-        url: &str,
-        node_down_after: std::time::Duration,
-    ) -> Self {
+    pub(crate) async fn after_losing(lost: &mut Vec<LostSession>, url: &str) -> Self {
         let here = host_and_port(url);
-        let mut ghosts = 0;
+        let mut ghosts = Self::default();
         let mut answered = Vec::new();
         for (index, session) in lost.iter().enumerate() {
             if here.as_deref() == Some(session.address.as_str()) {
@@ -576,19 +599,51 @@ impl Ghosts {
             .await;
             if matches!(probe, Ok(Ok(_))) {
                 answered.push(index);
-            } else if session.at.elapsed() >= node_down_after {
-                ghosts += 1;
+            } else if session.matures <= std::time::Instant::now() {
+                ghosts.expected += 1;
+            } else {
+                let waiting = ghosts.waiting.get_or_insert_with(|| Waiting {
+                    count: 0,
+                    node: session.address.clone(),
+                    matures: session.matures,
+                });
+                waiting.count += 1;
+                if session.matures < waiting.matures {
+                    waiting.node.clone_from(&session.address);
+                    waiting.matures = session.matures;
+                }
             }
         }
         for index in answered.into_iter().rev() {
             lost.remove(index);
         }
-        Self(ghosts)
+        ghosts
+    }
+
+    /// The error for a queue with `counted` consumers where at most
+    /// `expected` were allowed: still waiting on a lost session that
+    /// explains them, or another process.
+    fn refusal(&self, counted: Option<u32>, topology: &TerminalTopology) -> BrokerError {
+        match &self.waiting {
+            Some(waiting) if counted <= Some(self.expected + waiting.count) => {
+                let seconds = waiting
+                    .matures
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs()
+                    + 1;
+                events::waiting_for_lost_node(&waiting.node, seconds);
+                BrokerError::LostNodeConsumer {
+                    node: waiting.node.clone(),
+                    seconds,
+                }
+            }
+            _ => already_running_as(topology),
+        }
     }
 }
 
 /// The most of a dead letter's reason its header carries: the headers
-/// travel in one frame, which a terminal's connection keeps small (16 KiB),
+/// travel in one frame, which a terminal's connection keeps small (8 KiB),
 /// and a frame over that closes the connection. The whole reason stays in
 /// `possync_quarantine`.
 const MAX_REASON_HEADER_BYTES: usize = 2048;
@@ -747,9 +802,9 @@ impl Subscription {
         // exclusive consumer does that on a classic queue; a quorum queue
         // ignores exclusivity, so the consumers are also counted, before
         // (a twin already there) and after (one that started the same moment).
-        let ghosts = ghosts.count();
-        if consumers(&connection, timeout, url, &topology.queue).await > Some(ghosts) {
-            return Err(already_running_as(topology));
+        let before = consumers(&connection, timeout, url, &topology.queue).await;
+        if before > Some(ghosts.expected) {
+            return Err(ghosts.refusal(before, topology));
         }
         let consumer = connection::within(
             timeout,
@@ -767,13 +822,15 @@ impl Subscription {
         )
         .await
         .map_err(|err| already_running(err, topology))?;
-        if consumers(&connection, timeout, url, &topology.queue).await > Some(1 + ghosts) {
+        let after = consumers(&connection, timeout, url, &topology.queue).await;
+        if after > Some(1 + ghosts.expected) {
             // Closing returns whatever was delivered here, unacknowledged.
             let _ = connection
                 .close(200, "another process runs as this terminal".into())
                 .await;
-            return Err(already_running_as(topology));
+            return Err(ghosts.refusal(after.map(|count| count.saturating_sub(1)), topology));
         }
+        let heartbeat = connection.configuration().heartbeat();
         Ok(Self {
             connection,
             channel,
@@ -785,6 +842,9 @@ impl Subscription {
             timeout_secs: timeout,
             probe: Probe::NotOpen,
             queue_created,
+            // No consumer at all: whatever a lost node held is gone.
+            alone: before == Some(0),
+            heartbeat,
         })
     }
 
@@ -810,6 +870,17 @@ impl Subscription {
     /// declared it.
     pub(crate) fn queue_created(&self) -> bool {
         self.queue_created
+    }
+
+    /// Whether the queue counted no consumer before this one: none of a
+    /// lost session is left (a consumer gone stays gone).
+    pub(crate) fn alone(&self) -> bool {
+        self.alone
+    }
+
+    /// The heartbeat agreed with the broker, in seconds (0: none).
+    pub(crate) fn heartbeat(&self) -> u16 {
+        self.heartbeat
     }
 
     /// The queue's ready messages.
@@ -1050,12 +1121,18 @@ mod tests {
         assert_eq!(header_text("short"), "short");
     }
 
-    fn lost(address: &str, ago: Duration) -> LostSession {
+    /// A session on `address` whose consumer stops being delivered to
+    /// `matures_in` from now (past when negative).
+    fn lost(address: &str, matures_in: i64) -> LostSession {
+        let now = std::time::Instant::now();
+        let by = Duration::from_secs(matures_in.unsigned_abs());
         LostSession {
             address: address.into(),
-            at: std::time::Instant::now()
-                .checked_sub(ago)
-                .unwrap_or_else(std::time::Instant::now),
+            matures: if matures_in >= 0 {
+                now + by
+            } else {
+                now.checked_sub(by).unwrap_or(now)
+            },
         }
     }
 
@@ -1068,22 +1145,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_down_nodes_consumer_is_expected_only_once_the_cluster_noticed_it() {
+    async fn a_down_nodes_consumer_is_expected_only_once_it_can_no_longer_be_delivered_to() {
         let down = closed_port();
         let url = "amqp://guest:guest@127.0.0.1:1/%2f";
-        let notice = Duration::from_secs(75);
-        let mut sessions = vec![lost(&down, Duration::from_secs(10))];
-        assert_eq!(
-            Ghosts::after_losing(&mut sessions, url, notice).await,
-            Ghosts(0),
-            "the broker may still deliver to it: no twin is let in"
-        );
-        let mut sessions = vec![lost(&down, Duration::from_secs(80))];
-        assert_eq!(
-            Ghosts::after_losing(&mut sessions, url, notice).await,
-            Ghosts(1)
-        );
+        let mut sessions = vec![lost(&down, 30)];
+        let ghosts = Ghosts::after_losing(&mut sessions, url).await;
+        assert_eq!(ghosts.expected, 0, "the broker may still deliver to it");
+        let waiting = ghosts.waiting.clone().expect("waiting on it");
+        assert_eq!((waiting.count, waiting.node.as_str()), (1, down.as_str()));
+        let mut sessions = vec![lost(&down, -1)];
+        let ghosts = Ghosts::after_losing(&mut sessions, url).await;
+        assert_eq!((ghosts.expected, ghosts.waiting), (1, None));
         assert_eq!(sessions.len(), 1, "kept while its node is down");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_a_lost_session_explains_says_how_long_and_one_it_does_not_blames_a_twin() {
+        let down = closed_port();
+        let url = "amqp://guest:guest@127.0.0.1:1/%2f";
+        let topology = TerminalTopology::new(
+            &crate::Config::default(),
+            &crate::LicenseKey::new("ghosts").expect("key"),
+            &crate::TerminalId::new("till-1").expect("id"),
+        );
+        let mut sessions = vec![lost(&down, 30)];
+        let ghosts = Ghosts::after_losing(&mut sessions, url).await;
+        match ghosts.refusal(Some(1), &topology) {
+            BrokerError::LostNodeConsumer { node, seconds } => {
+                assert_eq!(node, down);
+                assert!((29..=31).contains(&seconds), "{seconds}");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(matches!(
+            ghosts.refusal(Some(2), &topology),
+            BrokerError::AlreadyRunning { .. }
+        ));
     }
 
     #[tokio::test]
@@ -1092,34 +1189,50 @@ mod tests {
             .await
             .expect("bind");
         let up = listener.local_addr().expect("address").to_string();
-        let mut sessions = vec![lost(&up, Duration::from_secs(80))];
+        let mut sessions = vec![lost(&up, -1)];
         let url = "amqp://guest:guest@127.0.0.1:1/%2f";
-        let ghosts = Ghosts::after_losing(&mut sessions, url, Duration::from_secs(75)).await;
-        assert_eq!(ghosts, Ghosts(0));
+        let ghosts = Ghosts::after_losing(&mut sessions, url).await;
+        assert_eq!(ghosts, Ghosts::default());
         assert!(sessions.is_empty());
     }
 
+    fn matures_in(session: &LostSession) -> Duration {
+        session
+            .matures
+            .saturating_duration_since(std::time::Instant::now())
+    }
+
     #[test]
-    fn a_node_whose_heartbeats_stopped_was_last_heard_two_heartbeats_before() {
-        let url = "amqp://guest:guest@10.0.0.1:5672/%2f?heartbeat=5";
+    fn a_lost_consumer_is_waited_for_until_the_cluster_noticed_and_the_node_dropped_it() {
+        let url = "amqp://guest:guest@10.0.0.1:5672/%2f";
         let silent = BrokerError::Protocol {
             during: "receiving",
             source: lapin::ErrorKind::MissingHeartbeatError.into(),
         };
-        let session = LostSession::now(url, &silent).expect("an address");
-        let ago = session.at.elapsed();
+        let noticed = Duration::from_secs(15);
+        // Last heard two heartbeats ago, perhaps alive one more: 15 + 5 - 10.
+        let session = LostSession::now(url, &silent, 5, noticed).expect("an address");
         assert!(
-            ago >= Duration::from_secs(10) && ago < Duration::from_secs(11),
-            "{ago:?}"
+            (9..=10).contains(&matures_in(&session).as_secs()),
+            "{session:?}"
         );
-        let unknown = "amqp://guest:guest@10.0.0.1:5672/%2f";
-        let broker_chose = LostSession::now(unknown, &silent).expect("an address");
+        // A node alive on the other side of a broken link drops the
+        // connection three heartbeats after it last heard the till, at
+        // most a heartbeat after the till last heard it: 4 × 60 - 120.
+        let session = LostSession::now(url, &silent, 60, noticed).expect("an address");
         assert!(
-            broker_chose.at.elapsed() < Duration::from_secs(1),
-            "a heartbeat the broker chose is not guessed: the wait counts from now"
+            (119..=120).contains(&matures_in(&session).as_secs()),
+            "{session:?}"
         );
-        let reset = LostSession::now(url, &BrokerError::ConnectionLost).expect("an address");
-        assert!(reset.at.elapsed() < Duration::from_secs(1));
+        // A connection that ended now: 15, or three heartbeats.
+        let reset =
+            LostSession::now(url, &BrokerError::ConnectionLost, 5, noticed).expect("an address");
+        assert!((14..=15).contains(&matures_in(&reset).as_secs()));
+        let reset =
+            LostSession::now(url, &BrokerError::ConnectionLost, 10, noticed).expect("an address");
+        assert!((29..=30).contains(&matures_in(&reset).as_secs()));
+        let without = LostSession::now(url, &silent, 0, noticed).expect("an address");
+        assert!((14..=15).contains(&matures_in(&without).as_secs()));
         assert!(LostSession::is_lost_node(
             &[reset],
             "amqp://u:p@10.0.0.1:5672/x"
@@ -1130,8 +1243,8 @@ mod tests {
     async fn the_node_connected_to_now_is_not_counted() {
         let down = closed_port();
         let url = format!("amqp://guest:guest@{down}/%2f");
-        let mut sessions = vec![lost(&down, Duration::from_secs(80))];
-        let ghosts = Ghosts::after_losing(&mut sessions, &url, Duration::from_secs(75)).await;
-        assert_eq!(ghosts, Ghosts(0));
+        let mut sessions = vec![lost(&down, -1)];
+        let ghosts = Ghosts::after_losing(&mut sessions, &url).await;
+        assert_eq!(ghosts, Ghosts::default());
     }
 }

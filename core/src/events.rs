@@ -254,6 +254,15 @@ pub(crate) fn already_running(queue: &str) {
     error!(event = "already_running", %queue, "another process is already running as this terminal: the broker refused a second consumer on its queue");
 }
 
+pub(crate) fn waiting_for_lost_node(node: &str, seconds: u64) {
+    warn!(
+        event = "waiting_for_lost_node",
+        %node,
+        seconds,
+        "the queue still counts this terminal's consumer on a cluster node it lost: taking it over once the cluster can no longer deliver to it"
+    );
+}
+
 pub(crate) fn pruned(applied_ids: usize, quarantined: usize) {
     if applied_ids + quarantined > 0 {
         debug!(

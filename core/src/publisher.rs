@@ -378,8 +378,7 @@ impl Publisher {
                     .map(|d| d.routing_key.clone())
                     .unwrap_or_default();
                 let err = BrokerError::Nacked { routing_key };
-                reconnects.nacks += 1;
-                if reconnects.nacks >= NACKS_AT_MOST {
+                if !reconnects.may_resend_nacked() {
                     return Err(err.into());
                 }
                 self.recover(session, in_flight, reconnects, err).await
@@ -632,15 +631,21 @@ struct Reconnects {
     attempt: u32,
     budget: Duration,
     deadline: Instant,
-    /// Nacks since the last confirm.
+    /// Nacks in a row: each within [`NACKS_APART`] of the one before,
+    /// whatever was confirmed between them.
     nacks: u32,
+    last_nack: Option<Instant>,
 }
 
 /// Nacks in a row after which a publish fails: an election is over within
-/// the waits between them (about 15 s), while a queue that refuses for good
-/// (`overflow: reject-publish`) would hold every publish behind it for the
-/// whole `publish_retry_secs`.
+/// the waits between them (4 to 8 s in all), while a queue that refuses
+/// for good (`overflow: reject-publish`) would hold every publish behind it
+/// for the whole `publish_retry_secs`.
 const NACKS_AT_MOST: u32 = 6;
+
+/// Nacks further apart than this are not in a row: the broker stored
+/// messages for a while between them.
+const NACKS_APART: Duration = Duration::from_secs(30);
 
 impl Reconnects {
     fn new(broker: &BrokerConfig) -> Self {
@@ -650,14 +655,27 @@ impl Reconnects {
             budget,
             deadline: Instant::now() + budget,
             nacks: 0,
+            last_nack: None,
         }
     }
 
-    /// A confirm arrived: the next outage gets the full retry time.
+    /// A confirm arrived: the next outage gets the full retry time. Nacks
+    /// still count: a queue that refuses every other message is no outage.
     fn reset(&mut self) {
         self.attempt = 0;
-        self.nacks = 0;
         self.deadline = Instant::now() + self.budget;
+    }
+
+    /// A nack came: whether to send it again, or give up on a broker that
+    /// keeps refusing.
+    fn may_resend_nacked(&mut self) -> bool {
+        let now = Instant::now();
+        let in_a_row = self
+            .last_nack
+            .is_some_and(|last| now.duration_since(last) <= NACKS_APART);
+        self.nacks = if in_a_row { self.nacks + 1 } else { 1 };
+        self.last_nack = Some(now);
+        self.nacks < NACKS_AT_MOST
     }
 
     fn may_retry(&self) -> bool {
@@ -681,6 +699,27 @@ fn check_type(message_type: &str) -> Result<(), PublishError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nacks_in_a_row_give_up_even_with_confirms_between_them() {
+        let mut reconnects = Reconnects::new(&BrokerConfig::default());
+        for _ in 1..NACKS_AT_MOST {
+            assert!(reconnects.may_resend_nacked());
+            reconnects.reset();
+        }
+        assert!(!reconnects.may_resend_nacked(), "the sixth in a row");
+    }
+
+    #[test]
+    fn nacks_far_apart_are_not_in_a_row() {
+        let mut reconnects = Reconnects::new(&BrokerConfig::default());
+        for _ in 0..2 * NACKS_AT_MOST {
+            assert!(reconnects.may_resend_nacked());
+            reconnects.last_nack = reconnects
+                .last_nack
+                .and_then(|last| last.checked_sub(NACKS_APART + Duration::from_secs(1)));
+        }
+    }
 
     #[test]
     fn a_session_stamps_its_id_and_numbers_in_the_order_it_writes() {

@@ -249,15 +249,21 @@ impl Terminal {
             };
             attempt = attempt.wrapping_add(1);
             events::connecting(&redact_url(url), failures + 1);
-            let ghosts = Ghosts::after_losing(&mut lost, url, node_down_after).await;
             let opened = tokio::select! {
                 () = &mut shutdown => break Ok(()),
-                opened = open(transport, config, url, &topology, &connection_name, ghosts) => opened,
+                opened = async {
+                    let ghosts = Ghosts::after_losing(&mut lost, url).await;
+                    open(transport, config, url, &topology, &connection_name, ghosts).await
+                } => opened,
             };
             let reason = match opened {
                 Ok(subscription) => {
                     ever_live = true;
                     failures = 0;
+                    if subscription.alone() {
+                        lost.clear();
+                    }
+                    let heartbeat = subscription.heartbeat();
                     let sync = status.subscribe().borrow().sync.clone();
                     // Made again while this terminal had followed its store:
                     // what was published meanwhile never reached it.
@@ -293,7 +299,9 @@ impl Terminal {
                     {
                         SessionEnd::Stopped => break Ok(()),
                         SessionEnd::Lost(err) => {
-                            if let Some(session) = LostSession::now(url, &err) {
+                            if let Some(session) =
+                                LostSession::now(url, &err, heartbeat, node_down_after)
+                            {
                                 lost.retain(|known| known.address != session.address);
                                 lost.push(session);
                             }
@@ -316,11 +324,17 @@ impl Terminal {
             failures += 1;
             status.set_queue_depth(None);
             let mut delay = crate::backoff::RECONNECT.delay(failures);
-            if let Some(matures) = LostSession::next_maturing(&lost, node_down_after) {
+            if let Some(matures) = LostSession::next_maturing(&lost) {
                 let until = matures.saturating_duration_since(Instant::now());
                 delay = delay.min(until + Duration::from_millis(100));
             }
-            if urls.len() > 1 && LostSession::is_lost_node(&lost, url) {
+            // Another node may take this terminal now; with every node lost,
+            // the usual backoff.
+            if LostSession::is_lost_node(&lost, url)
+                && urls
+                    .iter()
+                    .any(|other| !LostSession::is_lost_node(&lost, other))
+            {
                 delay = delay.min(LOST_NODE_RETRY);
             }
             let reason = reason.to_string();
