@@ -217,3 +217,27 @@ fn retry_in_ms(event: &serde_json::Value) -> Option<u64> {
         .as_u64()
         .or_else(|| field.as_str().and_then(|s| s.parse().ok()))
 }
+
+/// `possync-terminal`, the program a till runs (linked with options of its
+/// own: build.rs), is the same terminal: it says what is wrong with a log
+/// filter, goes Live, and stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_till_program_goes_live_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = unique_license("tillprogram");
+    let mut child = ChildLog::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_possync-terminal"))
+            .env("POSSYNC_BROKER__URL", amqp_url())
+            .env_remove("POSSYNC_CONFIG")
+            .env("POSSYNC_TERMINAL__LICENSE_KEY", store.as_str())
+            .env("POSSYNC_TERMINAL__TERMINAL_ID", "till-1")
+            .env("POSSYNC_TERMINAL__DATABASE", dir.path().join("t.db"))
+            .env("POSSYNC_LOG", "debug=lapin"),
+    );
+    child.wait_for_line("is not a log filter").await;
+    child.wait_for_line("Live").await;
+    child.signal(Signal::SIGTERM);
+    let (exit, stderr) = child.exit().await;
+    assert!(exit.success(), "exit 0 on SIGTERM: {stderr}");
+    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+}

@@ -65,7 +65,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args.config)) {
+    // Boxed: the terminal's state lives on the heap, not copied down the
+    // main thread's stack, which then stays small for the till's lifetime.
+    match runtime.block_on(Box::pin(run(args.config))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
