@@ -42,7 +42,7 @@ const IN_FLIGHT: usize = 50;
 /// How long the broker is left alone before a reading.
 const SETTLE: Duration = Duration::from_secs(2);
 /// The frame size a terminal asks for (`connection::TERMINAL_FRAME_MAX`).
-const FRAME_MAX: &str = "frame_max=8192";
+const FRAME_MAX: &str = "frame_max=16384";
 /// Forces a full collection in every process, then reports the VM's memory.
 const COLLECT_AND_COUNT: &str = "[garbage_collect(P) || P <- processes()], erlang:memory(total).";
 

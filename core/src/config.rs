@@ -276,6 +276,12 @@ impl BrokerConfig {
                 problem: "must be at least 1",
             });
         }
+        if self.node_down_after_secs > 86_400 {
+            return Err(ConfigError::OutOfRange {
+                key: "broker.node_down_after_secs",
+                problem: "must be at most 86400 (a day): a cluster notices a node gone in seconds to minutes",
+            });
+        }
         Ok(())
     }
 

@@ -292,13 +292,18 @@ pub async fn connect(
 }
 
 /// The largest frame a terminal's connections take, unless its URL names
-/// one (`?frame_max=`): the smallest lapin allows. lapin keeps two ring
-/// buffers of 32 frames a connection, made for the smallest frame and
-/// filled with zeros up to the size agreed with the broker: at RabbitMQ's
-/// 128 KiB, 8 MiB for each of a terminal's two connections, most of an
-/// idle terminal's memory; at this size nothing is filled. A larger
-/// message is split into frames of this size.
-pub(crate) const TERMINAL_FRAME_MAX: u32 = lapin::protocol::constants::FRAME_MIN_SIZE;
+/// one (`?frame_max=`). lapin keeps two buffers of 32 frames a
+/// connection, and fills each with zeros up to the size agreed with the
+/// broker: at RabbitMQ's 128 KiB, 8 MiB for each of a terminal's two
+/// connections, most of an idle terminal's memory. A larger message is
+/// split into frames of this size; its headers are not (RabbitMQ sends them
+/// in one frame), so this is also the most of them a terminal takes.
+pub(crate) const TERMINAL_FRAME_MAX: u32 = 16 * 1024;
+
+/// The heartbeat a terminal's connections ask for when the URL names none:
+/// a broker configured without heartbeats would otherwise keep a
+/// consumer behind a broken link for good (see `LostSession`).
+pub(crate) const TERMINAL_HEARTBEAT_SECS: u16 = 60;
 
 /// [`connect`], asking for frames of at most `frame_max` bytes when the
 /// URL does not say (`None`: the broker's size).
@@ -317,8 +322,12 @@ pub(crate) async fn connect_framed(
     let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|err: String| {
         BrokerError::from_lapin("connecting", url, std::io::Error::other(err).into())
     })?;
-    if uri.query.frame_max.is_none() {
-        uri.query.frame_max = frame_max;
+    if frame_max.is_some() {
+        // A terminal's connection: never without heartbeats.
+        uri.query.heartbeat.get_or_insert(TERMINAL_HEARTBEAT_SECS);
+        if uri.query.frame_max.is_none() {
+            uri.query.frame_max = frame_max;
+        }
     }
     let connecting = async {
         match tls {

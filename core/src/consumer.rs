@@ -643,7 +643,7 @@ impl Ghosts {
 }
 
 /// The most of a dead letter's reason its header carries: the headers
-/// travel in one frame, which a terminal's connection keeps small (8 KiB),
+/// travel in one frame, which a terminal's connection keeps small (16 KiB),
 /// and a frame over that closes the connection. The whole reason stays in
 /// `possync_quarantine`.
 const MAX_REASON_HEADER_BYTES: usize = 2048;

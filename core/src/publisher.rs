@@ -675,6 +675,9 @@ impl Reconnects {
             .is_some_and(|last| now.duration_since(last) <= NACKS_APART);
         self.nacks = if in_a_row { self.nacks + 1 } else { 1 };
         self.last_nack = Some(now);
+        // The wait before sending again grows with the nacks in a row, even
+        // when confirms between them reset the reconnect count.
+        self.attempt = self.attempt.max(self.nacks - 1);
         self.nacks < NACKS_AT_MOST
     }
 
