@@ -8,7 +8,8 @@
 //! very functions the till build has.
 //!
 //! The order needs LLD, the linker Rust uses on x86_64 Linux since 1.90;
-//! `POSSYNC_PLAIN_LINK=1` links without it (another linker, an older Rust).
+//! `POSSYNC_PLAIN_LINK=1` links without it (another linker). Symbols are
+//! stripped on ELF targets only.
 
 use std::path::Path;
 
@@ -23,7 +24,11 @@ fn main() {
     if std::env::var("OPT_LEVEL").as_deref() != Ok("z") {
         return;
     }
-    if !set("POSSYNC_LINK_SYMBOLS") {
+    let elf = matches!(
+        std::env::var("CARGO_CFG_TARGET_OS").as_deref(),
+        Ok("linux" | "android" | "freebsd" | "netbsd" | "openbsd" | "dragonfly" | "illumos")
+    );
+    if elf && !set("POSSYNC_LINK_SYMBOLS") {
         println!("cargo:rustc-link-arg-bins=-Wl,--strip-all");
     }
     let lld_target = std::env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu");
@@ -31,6 +36,7 @@ fn main() {
         return;
     }
     if let Ok(order) = std::fs::canonicalize(order) {
+        warn_if_stale(&order);
         // A function the list names but the program lacks (renamed since)
         // is skipped: the list only ever places code, never changes it.
         for arg in [
@@ -39,5 +45,28 @@ fn main() {
         ] {
             println!("cargo:rustc-link-arg-bin=possync-terminal={arg}");
         }
+    }
+}
+
+/// The list names functions as one Rust version mangles them; with
+/// another, most names match nothing and the build says so.
+fn warn_if_stale(order: &Path) {
+    let listed = std::fs::read_to_string(order).unwrap_or_default();
+    let made_with = listed
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("# "))
+        .unwrap_or_default()
+        .to_owned();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let running = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if made_with != running {
+        println!(
+            "cargo:warning=link/possync-terminal.order was written with {made_with:?}, this is {running:?}: run link/order-possync-terminal again for a till that keeps less resident"
+        );
     }
 }

@@ -440,7 +440,7 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-/// Where the stripped release build of this workspace puts `possync`.
+/// Where the stripped release build of this workspace puts `possync-terminal`.
 pub(crate) fn default_binary() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release-stripped/possync-terminal")
 }

@@ -300,7 +300,8 @@ pub async fn connect(
 /// in one frame), so this is also the most of them a terminal takes.
 pub(crate) const TERMINAL_FRAME_MAX: u32 = 16 * 1024;
 
-/// The heartbeat a terminal's connections ask for when the URL names none:
+/// The heartbeat a terminal's connections ask for when the URL names none
+/// (or 0):
 /// a broker configured without heartbeats would otherwise keep a
 /// consumer behind a broken link for good (see `LostSession`).
 pub(crate) const TERMINAL_HEARTBEAT_SECS: u16 = 60;
@@ -324,7 +325,9 @@ pub(crate) async fn connect_framed(
     })?;
     if frame_max.is_some() {
         // A terminal's connection: never without heartbeats.
-        uri.query.heartbeat.get_or_insert(TERMINAL_HEARTBEAT_SECS);
+        if uri.query.heartbeat.unwrap_or(0) == 0 {
+            uri.query.heartbeat = Some(TERMINAL_HEARTBEAT_SECS);
+        }
         if uri.query.frame_max.is_none() {
             uri.query.frame_max = frame_max;
         }

@@ -555,7 +555,7 @@ impl LostSession {
         } else {
             (now, std::time::Duration::ZERO)
         };
-        let wait = node_down_after.max(3 * heartbeat) + unsure;
+        let wait = node_down_after.max(3 * heartbeat).saturating_add(unsure);
         Some(Self {
             address: host_and_port(url)?,
             matures: last_heard.checked_add(wait)?,

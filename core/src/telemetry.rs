@@ -61,6 +61,12 @@ fn parse_filter(wanted: &str) -> Result<Targets, String> {
     if directives.iter().any(|directive| directive.is_empty()) {
         return Err("an empty directive".to_owned());
     }
+    if directives
+        .iter()
+        .any(|directive| directive.contains(char::is_whitespace))
+    {
+        return Err("a space inside a directive".to_owned());
+    }
     directives
         .join(",")
         .parse::<Targets>()
