@@ -90,6 +90,7 @@ mod tests {
             "debug=lapin",
             "debug,,lapin=off",
             ",",
+            "possync_core = debug",
         ] {
             assert!(parse_filter(refused).is_err(), "{refused}");
         }
