@@ -301,8 +301,7 @@ pub async fn connect(
 pub(crate) const TERMINAL_FRAME_MAX: u32 = 16 * 1024;
 
 /// The heartbeat a terminal's connections ask for when the URL names none
-/// (or 0):
-/// a broker configured without heartbeats would otherwise keep a
+/// (or 0): a broker configured without heartbeats would otherwise keep a
 /// consumer behind a broken link for good (see `LostSession`).
 pub(crate) const TERMINAL_HEARTBEAT_SECS: u16 = 60;
 
